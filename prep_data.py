@@ -61,11 +61,16 @@ NEG, POS, UNC = 1, 2, 3
 # Dataset I/O: atomic writes, resumable shard writer, reader
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path, write_fn, mode="w"):
     """Write `path` through a temporary file in the same folder and an atomic rename: never half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)                # mkstemp makes 0600; give the file the usual permissions
     try:
         if write_fn is None:                      # caller writes to the temp path itself (e.g. safetensors)
             os.close(fd)
@@ -167,9 +172,9 @@ class ProgressLine:
     def __init__(self, total, what="images"):
         self.total, self.what, self.t0, self.last = total, what, time.time(), 0.0
 
-    def update(self, done, force=False):
+    def update(self, done):
         now = time.time()
-        if not force and now - self.last < 0.5:
+        if done < self.total and now - self.last < 0.5:
             return
         self.last = now
         rate = done / max(now - self.t0, 1e-9)
@@ -215,7 +220,6 @@ def write_sharded(out_dir, n_items, shard_size, render_shard, manifest, workers=
         for job in jobs:
             done += render_shard(job)
             progress.update(done)
-    progress.update(n_items, force=True)
     rows = []
     for s in range(n_shards):
         with open(os.path.join(out_dir, "shards", f"{s:05d}.csv"), newline="") as f:
@@ -427,3 +431,765 @@ def parse_assignment(text, sources=PHANTOM_SOURCES):
                 raise SystemExit(f"--set: {name}={value!r}; expected one of {cats}")
             out[name] = [c.upper() for c in cats].index(value.upper()) + 1
     return out
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phantom renderer: a deterministic function of (true metadata, rendered details, seed, size)
+#
+# The image is built as a projected density mu(x, y) (air 0, lung ~0.45, soft tissue ~1, heart ~1.15, bone +0.3,
+# metal +0.8) on continuous coordinates x, y in [-1, 1] (x to the image right = the patient's left in PA/AP,
+# y downwards), so the same seed gives the same patient at every size from 32 to 1024 px. Random fields come from
+# fixed-size grids and fixed draw counts per component, so turning a finding on or off never shifts the random
+# numbers of anything else: that is what makes `true_counterfactual` a counterfactual. A site-specific detector
+# curve, collimation border, side marker and quantum noise (per `dataset`) turn mu into the radiograph.
+
+MASK_NAMES = ["Lungs", "Heart", "Atelectasis", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+              "Lung Lesion", "Lung Opacity", "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax",
+              "Support Devices"]
+SITES = {"phantom-a": dict(gamma=0.85, slope=4.0, noise=0.012, border=0.02, border_value=1.0, marker="R", corner=-1),
+         "phantom-b": dict(gamma=1.25, slope=5.5, noise=0.03, border=0.06, border_value=0.0, marker="L", corner=1),
+         "phantom-c": dict(gamma=0.7, slope=3.0, noise=0.02, border=0.04, border_value=1.0, marker="R", corner=1)}
+SEVERITY_SCALE = {"mild": 0.0, "moderate": 0.5, "severe": 1.0}
+_MARKER_BITMAPS = {"L": ["10000", "10000", "10000", "10000", "10000", "10000", "11111"],
+                   "R": ["11110", "10001", "10001", "11110", "10100", "10010", "10001"]}
+
+
+def _soft(d, width):
+    """Anti-aliased inside-indicator from a signed distance d (> 0 inside) over an edge of the given width."""
+    return np.clip(0.5 + d / width, 0.0, 1.0)
+
+
+def _grid_field(grid, X, Y):
+    """Bilinear sample of a G x G random grid spanning [-1, 1]^2: a smooth field independent of image size."""
+    g = grid.shape[0] - 1
+    fx, fy = (X + 1) * 0.5 * g, (Y + 1) * 0.5 * g
+    x0, y0 = np.clip(fx.astype(np.int32), 0, g - 1), np.clip(fy.astype(np.int32), 0, g - 1)
+    tx, ty = fx - x0, fy - y0
+    return ((grid[y0, x0] * (1 - tx) + grid[y0, x0 + 1] * tx) * (1 - ty) +
+            (grid[y0 + 1, x0] * (1 - tx) + grid[y0 + 1, x0 + 1] * tx) * ty)
+
+
+def _polyline_distance(X, Y, points):
+    """Distance from every pixel to a polyline given as a list of (x, y) points."""
+    d = np.full(X.shape, np.inf, np.float32)
+    for (ax, ay), (bx, by) in zip(points[:-1], points[1:]):
+        vx, vy = bx - ax, by - ay
+        t = np.clip(((X - ax) * vx + (Y - ay) * vy) / max(vx * vx + vy * vy, 1e-12), 0, 1)
+        d = np.minimum(d, np.hypot(X - ax - t * vx, Y - ay - t * vy))
+    return d
+
+
+def _blob(X, Y, cx, cy, rx, ry, angle=0.0):
+    """1 - ellipse value (> 0 inside) of a rotated ellipse, and its pseudo signed distance."""
+    c, s = math.cos(angle), math.sin(angle)
+    u, v = (X - cx) * c + (Y - cy) * s, -(X - cx) * s + (Y - cy) * c
+    f = 1.0 - ((u / rx) ** 2 + (v / ry) ** 2)
+    return f * min(rx, ry) * 0.5
+
+
+@dataclass
+class Patient:
+    """Per-image random anatomy: habitus, positioning, inspiration, heart shape (drawn from the seed only)."""
+    a: np.ndarray            # 48 anatomy uniforms
+    f: np.ndarray            # per-finding placement uniforms [len(LABELS), 8]
+    dev: np.ndarray          # device uniforms
+    texture: np.ndarray      # 33 x 33 smooth noise grid (lung markings / mottle)
+    texture2: np.ndarray     # 17 x 17 grid (patchy opacities)
+
+
+def _patient(seed):
+    return Patient(np.random.default_rng([seed, 1]).random(48), np.random.default_rng([seed, 2]).random((14, 8)),
+                   np.random.default_rng([seed, 5]).random(32),
+                   np.random.default_rng([seed, 3]).standard_normal((33, 33)).astype(np.float32),
+                   np.random.default_rng([seed, 6]).standard_normal((17, 17)).astype(np.float32))
+
+
+def render(values, sides, severity, seed, size):
+    """Render one radiograph: uint16 [S, S] image and uint8 [K, S, S] masks (MASK_NAMES) for true `values` (codes)."""
+    S, px = size, 2.0 / size
+    lin = (np.arange(S, dtype=np.float32) + 0.5) * px - 1.0
+    X, Y = np.meshgrid(lin, lin)
+    P = _patient(seed)
+    a = P.a
+    age, male = float(values["age"]), values["sex"] == 2
+    view = CATEGORIES["view"][values["view"] - 1]
+    site = SITES[PHANTOM_SOURCES[values["dataset"] - 1]]
+    present = {lab: values[lab] >= POS for lab in LABELS}
+    sev = {lab: SEVERITY_SCALE[severity.get(lab, "mild")] for lab in LABELS}
+    masks = np.zeros((len(MASK_NAMES), S, S), np.float32)
+    edge = 1.5 * px
+    if view == "LATERAL":
+        mu, markings = _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male)
+    else:
+        mu, markings = _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
+    mu = mu + markings
+    # Detector / site: normalise, gamma, contrast curve, quantum noise, collimation, side marker.
+    d = np.clip(mu / 1.7, 0, 1) ** site["gamma"]
+    d = 1.0 / (1.0 + np.exp(-site["slope"] * (d - 0.45)))
+    noise = np.random.default_rng([seed, 4]).standard_normal((S, S)).astype(np.float32)
+    d = d + site["noise"] * np.sqrt(d + 0.05) * noise * min(1.0, 64.0 / S) ** 0.5
+    b = site["border"] * (0.6 + 0.8 * a[40])
+    inside = (np.abs(X) < 1 - b) & (Y > -1 + b * 0.7) & (Y < 1 - b * 0.5)
+    d = np.where(inside, d, site["border_value"])
+    _draw_marker(d, X, Y, site, a)
+    d = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)
+    image = np.round(d * 65535).astype(np.uint16)
+    return image, (masks > 0.5).astype(np.uint8)
+
+
+def _draw_marker(d, X, Y, site, a):
+    """A lead side marker (bright letter) near a top corner, as technologists place them."""
+    bitmap, h = _MARKER_BITMAPS[site["marker"]], 0.11
+    x0, y0 = site["corner"] * (0.78 - 0.08 * a[41]) - h * 5 / 14, -0.88 + 0.05 * a[42]
+    col, row = ((X - x0) / (h * 5 / 7) * 5), ((Y - y0) / h * 7)
+    ok = (col >= 0) & (col < 5) & (row >= 0) & (row < 7)
+    ci, ri = np.clip(col.astype(int), 0, 4), np.clip(row.astype(int), 0, 6)
+    bits = np.array([[int(ch) for ch in r] for r in bitmap], np.float32)
+    d[ok & (bits[ri, ci] > 0)] = 1.0
+
+
+def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view):
+    """Projected density of a PA or AP chest: body, lungs, heart, mediastinum, bones, devices, findings."""
+    a, f = P.a, P.f
+    M = {n: i for i, n in enumerate(MASK_NAMES)}
+    ap = view == "AP"
+    mag = 1.12 if ap else 1.0                                   # AP: heart magnified (closer to the source)
+    cx = (a[0] - 0.5) * 0.06                                    # positioning
+    W = 0.72 + 0.08 * a[1]                                      # thoracic half-width (habitus)
+    fat = 0.85 + 0.35 * a[2]                                    # soft-tissue thickness
+    y_top = -0.74 + 0.06 * a[3]                                 # lung apices
+    y_d = 0.40 + 0.08 * a[4]                                    # diaphragm (inspiration depth)
+    osteo = np.clip((age - 50) / 45, 0, 1)                      # osteopenia with age: fainter bones
+    bone = (0.32 - 0.14 * osteo) * (1.0 + 0.1 * male)
+    # Body outline: chest wall, shoulders narrowing to the neck; abdomen below the domes.
+    t = np.clip((Y + 1.05) / 0.35, 0, 1)
+    half = 0.22 + (W * 1.17 + 0.06 * fat - 0.22) * t * t * (3 - 2 * t)
+    body = _soft(half - np.abs(X - cx), 4 * edge)
+    mu = body * 0.95 * fat
+    lung_total = np.zeros_like(X)
+    dome_y = {}
+    lung_shapes = {}
+    for s in (-1, 1):                                           # s = -1: image left = patient right
+        q = s * (X - cx)
+        m, lat = 0.07, 0.93 * W
+        peak = y_d - (0.05 if s == -1 else 0.0)                 # right hemidiaphragm higher (liver)
+        dome = peak + 0.15 * ((q - 0.45 * W) / (0.5 * W)) ** 2
+        dome_y[s] = peak
+        qc, rx = (m + lat) / 2, (lat - m) / 2
+        y_bot = peak + 0.2
+        yc, ry = (y_top + y_bot) / 2, (y_bot - y_top) / 2
+        F = np.abs((q - qc) / rx) ** 2.4 + np.abs((Y - yc) / ry) ** np.where(Y < yc, 2.0, 3.0)
+        d_el = (1 - F) * min(rx, ry) / 2.4
+        lung = _soft(d_el, 2 * edge) * _soft(dome - Y, 2 * edge) * _soft(q - m, 2 * edge)
+        lung_shapes[s] = (q, qc, rx, yc, ry, dome, lung, d_el)
+        lung_total = np.maximum(lung_total, lung)
+    # Heart (CTR ~ 0.45 normal, > 0.5 with cardiomegaly), mediastinum, aortic knob.
+    ctr = (0.43 + 0.05 * a[5] + (0.12 + 0.1 * sev["Cardiomegaly"]) * present["Cardiomegaly"]) * mag
+    width = ctr * 2 * 0.93 * W
+    hr, hl = width * (0.36 + 0.06 * a[6]), width * (0.64 - 0.06 * a[6])
+    hx, hy = cx + (hl - hr) / 2, dome_y[1] - 0.2 - 0.04 * a[7]
+    heart = _soft(_blob(X, Y, hx, hy, (hl + hr) / 2, (0.3 + 0.06 * present["Cardiomegaly"]) * mag,
+                        -0.35 - 0.15 * a[8]), 3 * edge)
+    medw = 0.085 + 0.02 * a[9] + (0.05 + 0.05 * sev["Enlarged Cardiomediastinum"]) * present["Enlarged Cardiomediastinum"]
+    medi = _soft(medw + 0.1 * np.clip((Y + 0.3) / 0.4, 0, 1) - np.abs(X - cx - 0.01), 2 * edge) * _soft(hy - Y, 6 * edge) * (Y > -1.0)
+    knob = _soft(_blob(X, Y, cx + medw + 0.02, -0.3 + 0.04 * a[10], 0.06, 0.055), 2 * edge)
+    cardio = np.maximum(np.maximum(heart, medi), knob)
+    lungs = lung_total * (1 - cardio)
+    masks[M["Lungs"]] = lungs
+    masks[M["Heart"]] = heart
+    if present["Enlarged Cardiomediastinum"]:
+        masks[M["Enlarged Cardiomediastinum"]] = medi * (Y < hy - 0.05)
+    abdomen = body * _soft(Y - np.where(X < cx, dome_y[-1], dome_y[1]) - 0.02, 3 * edge)
+    mu = mu + 0.28 * abdomen - 0.55 * lungs + 0.2 * cardio * (1 - abdomen)
+    if age > 65:                                                # calcified aortic knob rim
+        mu = mu + 0.25 * np.exp(-((_blob(X, Y, cx + medw + 0.02, -0.3 + 0.04 * a[10], 0.06, 0.055) / (1.5 * edge)) ** 2))
+    gastric = _soft(_blob(X, Y, cx + 0.32, dome_y[1] + 0.1, 0.1, 0.06), 3 * edge)
+    mu = mu - 0.25 * gastric * abdomen
+    trachea = _soft(0.028 - np.abs(X - cx), 1.5 * edge) * _soft(-0.28 - Y, 2 * edge)
+    mu = mu - 0.18 * trachea
+    if not male:                                                # breast shadows over the lower lung zones
+        for s in (-1, 1):
+            br = _soft(_blob(X, Y, cx + s * (0.5 * W + 0.05), y_d - 0.05, 0.26 + 0.08 * a[11], 0.2), 6 * edge)
+            mu = mu + (0.12 + 0.06 * a[11]) * br * (Y > y_d - 0.2)
+    # Bones: spine, clavicles, ribs (posterior arcs and fainter anterior arcs), scapulae.
+    kyph = 0.04 * osteo * (a[12] - 0.3)
+    spine = _soft(0.065 - np.abs(X - cx - kyph * (Y + 1)), 1.5 * edge)
+    vert = 0.75 + 0.25 * np.cos((Y + a[13]) / 0.085 * np.pi) ** 2
+    mu = mu + bone * (0.25 + 0.6 * _soft(-0.4 - Y, 0.2)) * spine * vert
+    for s in (-1, 1):
+        pts = [(cx + s * 0.06, -0.72 + 0.03 * a[14]), (cx + s * 0.3, -0.76), (cx + s * 0.62, -0.86 + 0.04 * a[15])]
+        mu = mu + bone * 1.2 * _soft(0.028 - _polyline_distance(X, Y, pts), 1.5 * edge)
+        if ap:                                                  # AP: scapulae project over the upper lungs
+            scap = _soft(s * (X - cx) - (0.55 * W - 0.25 * (Y + 0.75)), 3 * edge) * _soft(-0.05 - Y, 3 * edge) * body
+            mu = mu + 0.12 * scap
+    ribs, fracture_mask = _ribs(X, Y, cx, W, y_top, P, present["Fracture"], sides.get("Fracture"), sev, edge)
+    mu = mu + 0.75 * bone * ribs * body
+    if present["Fracture"]:
+        masks[M["Fracture"]] = fracture_mask
+    # Lung markings: vessels radiating from the hila, tapering to the periphery, plus fine mottle.
+    k = float(np.clip((X.shape[0] / 80.0) ** 2, 1.0, 12.0))
+    markings = np.zeros_like(X)
+    for s in (-1, 1):
+        hxs, hys = cx + s * 0.17, -0.1 + 0.03 * a[16]
+        r = np.hypot(X - hxs, Y - hys)
+        th = np.arctan2(Y - hys, X - hxs)
+        warp = 2.0 * _grid_field(P.texture, X, Y)
+        ves = np.abs(np.cos(6.5 * th + warp + 4 * r)) ** k * np.clip(0.6 + 0.5 * _grid_field(P.texture2, X * 1.3, Y * 1.3), 0, 1)
+        markings = markings + (0.2 * ves * np.exp(-r / 0.45) + 0.15 * np.exp(-(r / 0.1) ** 2)) * lung_total
+    markings = markings + 0.03 * _grid_field(P.texture[::-1], X * 1.7, Y * 1.7) * lungs
+    # Findings, each from its own placement uniforms f[label index].
+    L = {lab: i for i, lab in enumerate(LABELS)}
+
+    def sides_of(lab):
+        side = sides.get(lab, "right")
+        return [-1, 1] if side == "bilateral" else [-1 if side == "right" else 1]
+
+    if present["Pneumothorax"]:
+        for s in sides_of("Pneumothorax"):
+            q, qc, rx, yc, ry, dome, lung, _ = lung_shapes[s]
+            c = 0.9 - 0.25 * sev["Pneumothorax"] - 0.05 * f[L["Pneumothorax"], 0]
+            hq, hyy = 0.12, -0.05
+            qq, yy = hq + (q - hq) / c, hyy + (Y - hyy) / c
+            Fc = np.abs((qq - qc) / rx) ** 2.4 + np.abs((yy - yc) / ry) ** np.where(yy < yc, 2.0, 3.0)
+            dc = (1 - Fc) * min(rx, ry) / 2.4 * c
+            collapsed = _soft(dc, 2 * edge) * _soft(dome - Y, 2 * edge)
+            rim = np.clip(lung - collapsed, 0, 1) * (1 - cardio)
+            markings = markings * (1 - rim)
+            mu = mu - 0.1 * rim + 0.18 * np.exp(-(dc / (1.2 * edge)) ** 2) * lung * (1 - cardio)
+            masks[M["Pneumothorax"]] = np.maximum(masks[M["Pneumothorax"]], rim)
+    if present["Pleural Effusion"]:
+        for s in sides_of("Pleural Effusion"):
+            q, qc, rx, yc, ry, dome, lung, d_el = lung_shapes[s]
+            frac = 0.1 + 0.35 * sev["Pleural Effusion"] + 0.05 * f[L["Pleural Effusion"], 0]
+            level = dome_y[s] - frac * (dome_y[s] - y_top)
+            surface = level - 0.18 * np.clip((q - 0.07) / (2 * rx), 0, 1) ** 2.5   # meniscus: higher laterally
+            fluid = _soft(Y - surface, 3 * edge) * _soft(d_el, 2 * edge) * _soft(dome + 0.08 - Y, 2 * edge) \
+                * _soft(q - 0.07, 2 * edge)
+            mu = mu + 0.55 * fluid
+            markings = markings * (1 - fluid)
+            masks[M["Pleural Effusion"]] = np.maximum(masks[M["Pleural Effusion"]], fluid)
+    if present["Edema"]:
+        haze = np.zeros_like(X)
+        for s in (-1, 1):
+            r = np.hypot((X - cx - s * 0.22) / 1.3, Y + 0.02)
+            haze = np.maximum(haze, np.exp(-(r / (0.2 + 0.12 * sev["Edema"])) ** 2))
+        haze = haze * lung_total * (1 - cardio)
+        kerley = (np.abs(np.cos((Y + f[L["Edema"], 1]) / 0.03 * np.pi)) ** 6) * (np.abs(X - cx) > 0.8 * W - 0.1) * (Y > 0.1)
+        mu = mu + (0.22 + 0.15 * sev["Edema"]) * haze + 0.08 * kerley * lungs
+        masks[M["Edema"]] = haze > 0.35
+    for lab, dens, base_r, patchy in (("Consolidation", 0.5, 0.12, False), ("Pneumonia", 0.35, 0.1, True),
+                                      ("Lung Opacity", 0.28, 0.16, True)):
+        if not present[lab]:
+            continue
+        for s in sides_of(lab):
+            u = f[L[lab]]
+            q, qc, rx, yc, ry, dome, lung, _ = lung_shapes[s]
+            bx = cx + s * (qc + (u[0] - 0.5) * rx * 0.8)
+            by = y_top + (0.45 + 0.4 * u[1]) * (dome_y[s] - y_top)
+            rad = base_r * (1 + 0.8 * sev[lab]) * (0.85 + 0.3 * u[2])
+            blob = np.exp(-np.maximum(-_blob(X, Y, bx, by, rad * 1.2, rad, u[3] * 3), 0) / (0.25 * rad) * 4)
+            blob = np.clip(_blob(X, Y, bx, by, rad * 1.2, rad, u[3] * 3) / (0.15 * rad) + 0.5, 0, 1) * 0.6 + 0.4 * blob
+            if patchy:
+                blob = blob * np.clip(0.7 + 0.6 * _grid_field(P.texture2, X * 2 + u[4], Y * 2 + u[5]), 0, 1.3)
+            region = blob * lung
+            if lab == "Consolidation":                          # air bronchograms inside the dense region
+                th = np.arctan2(Y + 0.1, X - cx - s * 0.17)
+                region = region * (1 - 0.35 * np.abs(np.cos(9 * th)) ** (2 * k) * (blob > 0.7))
+            mu = mu + dens * region
+            markings = markings * (1 - 0.5 * region)
+            masks[M[lab]] = np.maximum(masks[M[lab]], region > 0.4)
+    if present["Atelectasis"]:
+        for s in sides_of("Atelectasis"):
+            u = f[L["Atelectasis"]]
+            q, qc, rx, yc, ry, dome, lung, _ = lung_shapes[s]
+            bx, by = cx + s * (qc + (u[0] - 0.5) * 0.3 * rx), dome_y[s] - 0.1 - 0.12 * u[1]
+            band = _soft(_blob(X, Y, bx, by, 0.16 + 0.12 * sev["Atelectasis"], 0.02 + 0.025 * sev["Atelectasis"],
+                               s * (0.15 + 0.2 * u[2])), 1.5 * edge) * lung
+            mu = mu + 0.45 * band
+            masks[M["Atelectasis"]] = np.maximum(masks[M["Atelectasis"]], band)
+    if present["Lung Lesion"]:
+        s = sides_of("Lung Lesion")[0]
+        u = f[L["Lung Lesion"]]
+        q, qc, rx, yc, ry, dome, lung, _ = lung_shapes[s]
+        rad = 0.035 + 0.05 * sev["Lung Lesion"]
+        bx, by = cx + s * (qc + (u[0] - 0.5) * rx), y_top + (0.2 + 0.45 * u[1]) * (dome_y[s] - y_top)
+        nod = _soft(_blob(X, Y, bx, by, rad * (1 + 0.2 * u[2]), rad), 1.5 * edge)
+        mu = mu + 0.5 * nod
+        masks[M["Lung Lesion"]] = nod
+    if present["Pleural Other"]:
+        s = sides_of("Pleural Other")[0]
+        q, qc, rx, yc, ry, dome, lung, d_el = lung_shapes[s]
+        thick = 0.02 + 0.03 * sev["Pleural Other"]
+        band = lung * _soft(thick - d_el, 1.5 * edge) * _soft(yc + 0.1 * f[L["Pleural Other"], 0] - Y, 4 * edge)
+        mu = mu + 0.4 * band
+        masks[M["Pleural Other"]] = band
+    if present["Support Devices"]:
+        dev = _devices(X, Y, cx, W, hx, hy, dome_y, P.dev, sev["Support Devices"], edge)
+        mu = mu + 0.9 * dev
+        masks[M["Support Devices"]] = dev
+    return mu, markings
+
+
+def _ribs(X, Y, cx, W, y_top, P, fractured, side, sev, edge):
+    """Posterior rib arcs (bright cortices, rising from the spine then falling laterally) and fainter anterior arcs.
+
+    A fracture breaks one posterior rib laterally: a gap and a step displacement of the outer fragment.
+    """
+    a, u = P.a, P.f[LABELS.index("Fracture")]
+    q = np.abs(X - cx)
+    sp = 0.125 + 0.012 * a[17]
+    inside = _soft(W * 1.0 - q, 2 * edge) * _soft(q - 0.05, 2 * edge) * _soft(Y - y_top + 0.12, 2 * edge)
+    phase = (Y - (y_top - 0.12) + 0.1 * q - 0.42 * q * q + 0.01 * _grid_field(P.texture2, X, Y)) / sp
+    fracture_mask = np.zeros_like(X)
+    if fractured:
+        s = -1 if side == "right" else 1
+        k_f = 3 + int(4 * u[0])
+        q_f = W * (0.5 + 0.3 * u[1])
+        on_side = (np.sign(X - cx) == s)
+        outer = on_side & (q > q_f) & (phase > k_f - 0.6) & (phase < k_f + 1.4)
+        phase = np.where(outer, phase + 0.15 + 0.25 * sev["Fracture"], phase)
+        gap = on_side & (np.abs(q - q_f) < 0.012 + 0.01 * sev["Fracture"]) & (np.floor(phase) == k_f)
+        yq = (y_top - 0.12) - 0.1 * q_f + 0.42 * q_f * q_f + (k_f + 0.2) * sp
+        fracture_mask = (np.hypot(X - (cx + s * q_f), Y - yq) < 0.06).astype(np.float32)
+    frac_part = phase - np.floor(phase)
+    wband = 0.5
+    in_rib = _soft(np.minimum(frac_part, wband - frac_part) * sp, 1.2 * edge) * (phase > 0) * (phase < 10)
+    cortex = 0.55 + 0.45 * np.abs(2 * frac_part / wband - 1) ** 3
+    post = in_rib * cortex
+    if fractured:
+        post = post * (1 - gap)
+    aphase = (Y - (y_top + 0.05) - 0.35 * (W - q)) / (sp * 1.15)
+    afrac = aphase - np.floor(aphase)
+    ant = _soft(np.minimum(afrac, 0.35 - afrac) * sp, 1.5 * edge) * (aphase > 0) * (aphase < 6) * _soft(q - 0.3, 8 * edge)
+    return (post + 0.45 * ant) * inside, fracture_mask
+
+
+def _devices(X, Y, cx, W, hx, hy, dome_y, u, severity, edge):
+    """Support devices: endotracheal tube, central line, nasogastric tube, pacemaker with lead, ECG electrodes."""
+    n = 1 + int(round(2 * severity))
+    order = np.argsort(u[:5])[:n]
+    lw = 0.011
+    dev = np.zeros_like(X)
+    for kind in order:
+        if kind == 0:                                           # ETT: down the trachea, tip above the carina
+            pts = [(cx + 0.005, -1.0), (cx, -0.5 + 0.08 * u[5])]
+        elif kind == 1:                                         # right internal jugular line to the SVC
+            pts = [(cx - 0.3, -1.0), (cx - 0.18, -0.75), (cx - 0.06, -0.45), (cx - 0.04, -0.15 + 0.1 * u[6])]
+        elif kind == 2:                                         # NG tube: midline, past the left dome into the stomach
+            pts = [(cx + 0.01, -1.0), (cx + 0.02, 0.0), (cx + 0.12, dome_y[1] + 0.05), (cx + 0.3, dome_y[1] + 0.12)]
+        elif kind == 3:                                         # pacemaker generator under the left clavicle + lead
+            box = _soft(np.minimum(0.07 - np.abs(X - cx - 0.5 * W), 0.045 - np.abs(Y + 0.62)), edge)
+            dev = np.maximum(dev, box)
+            pts = [(cx + 0.5 * W, -0.62), (cx + 0.15, -0.5), (cx + 0.02, -0.2), (hx + 0.05, hy + 0.1)]
+        else:                                                   # ECG electrodes with short wires
+            for j in range(3):
+                ex, ey = cx + (-0.55 + 0.55 * j) * W, -0.55 + 0.5 * u[7 + j]
+                ring = np.abs(np.hypot(X - ex, Y - ey) - 0.03)
+                dev = np.maximum(dev, _soft(0.008 - ring, edge))
+            pts = [(cx - 0.55 * W, -0.55 + 0.5 * u[7]), (cx - 0.8, -1.0)]
+        dev = np.maximum(dev, _soft(lw - _polyline_distance(X, Y, pts), edge))
+    return dev
+
+
+def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
+    """Projected density of a lateral chest (anterior to the image left): body, lung field, heart, spine, sternum."""
+    a, f = P.a, P.f
+    M = {n: i for i, n in enumerate(MASK_NAMES)}
+    fat = 0.85 + 0.35 * a[2]
+    osteo = np.clip((age - 50) / 45, 0, 1)
+    bone = (0.32 - 0.14 * osteo) * (1.0 + 0.1 * male)
+    depth = 0.62 + 0.08 * a[1]
+    body = _soft(_blob(X, Y, 0.0, 0.1, depth + 0.1, 1.3), 4 * edge)
+    mu = body * 1.05 * fat
+    y_top, y_ant, y_post = -0.7 + 0.06 * a[3], 0.3 + 0.06 * a[4], 0.55 + 0.06 * a[4]
+    dome = y_ant + (y_post - y_ant) * np.clip((X + depth) / (2 * depth), 0, 1) ** 1.5
+    lx, rx = -0.5, 0.42
+    F = np.abs((X - (lx + rx) / 2) / ((rx - lx) / 2)) ** 2.6 + np.abs((Y - 0.05) / 0.78) ** np.where(Y < 0.05, 2.0, 3.0)
+    d_el = (1 - F) * 0.3
+    lung = _soft(d_el, 2 * edge) * _soft(dome - Y, 2 * edge)
+    ctr_scale = 1.0 + (0.22 + 0.12 * sev["Cardiomegaly"]) * present["Cardiomegaly"]
+    heart = _soft(_blob(X, Y, -0.2 + 0.06 * (ctr_scale - 1), y_ant - 0.2, 0.27 * ctr_scale, 0.27 * ctr_scale, 0.5), 2 * edge)
+    lungs = lung * (1 - heart)
+    masks[M["Lungs"]], masks[M["Heart"]] = lungs, heart
+    mu = mu - 0.5 * lungs + 0.15 * heart + 0.28 * body * _soft(Y - dome - 0.02, 3 * edge)
+    kyph = 0.1 * osteo * a[12]
+    sx = 0.53 - kyph * (0.4 - (Y + 0.2) ** 2)
+    spine = _soft(0.08 - np.abs(X - sx), 1.5 * edge) * (0.6 + 0.4 * (np.cos((Y + a[13]) / 0.09 * np.pi) ** 2 > 0.15))
+    sternum = _soft(0.025 - np.abs(X + depth - 0.06 + 0.05 * Y), 1.5 * edge) * (Y > -0.7) * (Y < 0.25)
+    mu = mu + bone * (1.2 * spine + sternum)
+    trachea = _soft(0.03 - np.abs(X - 0.02 - 0.15 * (Y + 1)), 1.5 * edge) * (Y < -0.25)
+    mu = mu - 0.15 * trachea
+    ribs = np.abs(np.cos((Y - 0.3 * X) / 0.1 * np.pi)) ** 8 * lung * 0.3
+    mu = mu + bone * ribs
+    r = np.hypot(X - 0.05, Y + 0.1)
+    markings = (0.08 * np.abs(np.cos(6 * np.arctan2(Y + 0.1, X - 0.05) + 0.8 * _grid_field(P.texture, X, Y)))
+                ** float(np.clip((X.shape[0] / 80.0) ** 2, 1, 12)) * np.exp(-r / 0.4) + 0.1 * np.exp(-(r / 0.1) ** 2)) * lungs
+    L = {lab: i for i, lab in enumerate(LABELS)}
+    if present["Pleural Effusion"]:                             # fluid fills the posterior costophrenic sulcus
+        level = y_post - (0.12 + 0.35 * sev["Pleural Effusion"])
+        surface = level - 0.2 * np.clip(X / depth, 0, 1) ** 2
+        fluid = _soft(Y - surface, 3 * edge) * _soft(d_el, 2 * edge) * _soft(dome + 0.06 - Y, 2 * edge)
+        mu, markings = mu + 0.5 * fluid, markings * (1 - fluid)
+        masks[M["Pleural Effusion"]] = fluid
+    if present["Pneumothorax"]:                                 # anterior-apical lucent rim with a pleural line
+        c = 0.9 - 0.25 * sev["Pneumothorax"]
+        Fc = np.abs((0.1 + (X - 0.1) / c - (lx + rx) / 2) / ((rx - lx) / 2)) ** 2.6 + np.abs((0.2 + (Y - 0.2) / c - 0.05) / 0.78) ** 2
+        dc = (1 - Fc) * 0.3 * c
+        rim = np.clip(lung - _soft(dc, 2 * edge), 0, 1) * (1 - heart)
+        mu = mu - 0.1 * rim + 0.15 * np.exp(-(dc / (1.2 * edge)) ** 2) * lung
+        markings = markings * (1 - rim)
+        masks[M["Pneumothorax"]] = rim
+    for lab, dens, base_r in (("Consolidation", 0.45, 0.12), ("Pneumonia", 0.3, 0.1), ("Lung Opacity", 0.25, 0.15),
+                              ("Lung Lesion", 0.5, 0.035), ("Atelectasis", 0.4, 0.05), ("Edema", 0.3, 0.25),
+                              ("Pleural Other", 0.3, 0.05)):
+        if not present[lab]:
+            continue
+        u = f[L[lab]]
+        rad = base_r * (1 + 0.8 * sev[lab])
+        bx, by = lx + 0.2 + 0.5 * u[6] * (rx - lx), y_top + (0.3 + 0.5 * u[1]) * (y_post - y_top)
+        if lab == "Edema":
+            bx, by = 0.0, -0.05
+        blob = _soft(_blob(X, Y, bx, by, rad * (3 if lab == "Atelectasis" else 1.2), rad), 2 * edge) * lungs
+        mu = mu + dens * blob
+        masks[M[lab]] = blob
+    if present["Support Devices"]:
+        dev = _soft(0.011 - _polyline_distance(X, Y, [(0.0, -1.0), (0.05 + 0.03 * P.dev[5], -0.45)]), edge)
+        if sev["Support Devices"] > 0:
+            dev = np.maximum(dev, _soft(0.011 - _polyline_distance(X, Y, [(0.1, -1.0), (0.1, -0.2), (-0.1, 0.1)]), edge))
+        mu = mu + 0.9 * dev
+        masks[M["Support Devices"]] = dev
+    if present["Fracture"]:                                     # a posterior rib step near the spine
+        u = f[L["Fracture"]]
+        fy = -0.3 + 0.5 * u[0]
+        brk = np.hypot(X - 0.35, Y - fy) < 0.05
+        mu = mu + bone * 0.8 * brk * (np.abs(Y - fy - 0.03 * (X > 0.35)) < 0.012)
+        masks[M["Fracture"]] = brk
+    if present["Enlarged Cardiomediastinum"]:
+        medi = _soft(0.12 + 0.04 * sev["Enlarged Cardiomediastinum"] - np.abs(X + 0.05), 2 * edge) * (Y < y_ant - 0.4) * (Y > -0.7)
+        mu = mu + 0.15 * medi
+        masks[M["Enlarged Cardiomediastinum"]] = medi
+    return mu, markings
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports, rows and the phantom / counterfactual generators
+
+FINDING_PHRASES = {   # positive phrase (with {sev} / {side}), negative phrase; shared with `describe` style rules
+    "Atelectasis": ("{sev} {side} basilar atelectasis", "No atelectasis"),
+    "Cardiomegaly": ("{sev} cardiomegaly", "Heart size is normal"),
+    "Consolidation": ("{sev} {side} consolidation", "No focal consolidation"),
+    "Edema": ("{sev} pulmonary edema", "No pulmonary edema"),
+    "Enlarged Cardiomediastinum": ("{sev} widening of the cardiomediastinal silhouette",
+                                   "Normal cardiomediastinal silhouette"),
+    "Fracture": ("{side} rib fracture", "No acute fracture"),
+    "Lung Lesion": ("{side} pulmonary nodule", "No pulmonary nodule"),
+    "Lung Opacity": ("{sev} {side} lung opacity", "No lung opacity"),
+    "Pleural Effusion": ("{sev} {side} pleural effusion", "No pleural effusion"),
+    "Pleural Other": ("{side} pleural thickening", "No pleural thickening"),
+    "Pneumonia": ("{side}-sided pneumonia", "No pneumonia"),
+    "Pneumothorax": ("{sev} {side} pneumothorax", "No pneumothorax"),
+    "Support Devices": ("support devices in place", ""),
+}
+COMMON_NEGATIVES = ["Pneumothorax", "Pleural Effusion", "Consolidation", "Edema"]
+SIDE_WORDS = {"right": "right", "left": "left", "bilateral": "bilateral"}
+
+
+def phantom_report(recorded, sides, severity):
+    """Templated impression from the recorded labels: positives with severity and laterality, hedged uncertain
+    findings, explicit negatives for common findings ("No pleural effusion.")."""
+    sentences = []
+    for lab in LABELS:
+        code = recorded[lab]
+        if lab == "No Finding" or code not in (POS, UNC):
+            continue
+        text = FINDING_PHRASES[lab][0].format(sev=severity.get(lab, "") if code == POS else "",
+                                              side=SIDE_WORDS.get(sides.get(lab, ""), ""))
+        text = " ".join(text.split())
+        sentences.append(("Possible " + text if code == UNC else text[0].upper() + text[1:]) + ".")
+    for lab in COMMON_NEGATIVES:
+        if recorded[lab] == NEG:
+            sentences.append(FINDING_PHRASES[lab][1] + ".")
+    if recorded["No Finding"] == POS and not any(recorded[l] in (POS, UNC) for l in LABELS if l != "No Finding"):
+        sentences.insert(0, "No acute cardiopulmonary process.")
+    return " ".join(sentences)
+
+
+def _code_to_csv(var, code, sources):
+    """A variable's code as the meta.csv string (DESIGN.md §4)."""
+    if var == "age":
+        return "" if np.isnan(code) else f"{code:g}"
+    if var in LABELS:
+        return LABEL_VALUES[int(code)]
+    cats = CATEGORIES.get(var) or sources
+    return "" if int(code) == 0 else cats[int(code) - 1]
+
+
+def csv_to_codes(row, sources):
+    """A meta.csv row's 19 variables as codes (labels 0-3, categorical 0..K, age float/NaN)."""
+    out = {}
+    for var in VARIABLES:
+        val = row.get(var, "")
+        if var == "age":
+            out[var] = float(val) if val not in ("", None) else float("nan")
+        elif var in LABELS:
+            out[var] = LABEL_CODES[val if val in LABEL_CODES else ""]
+        else:
+            cats = CATEGORIES.get(var) or sources
+            out[var] = cats.index(val) + 1 if val in cats else 0
+    return out
+
+
+def _bbox(mask):
+    """Normalised [x0, y0, x1, y1] of a binary mask (None when empty)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    s = mask.shape[0]
+    return [round(xs.min() / s, 4), round(ys.min() / s, 4), round((xs.max() + 1) / s, 4), round((ys.max() + 1) / s, 4)]
+
+
+def phantom_rows_and_pixels(seeds, size, intervention=None, with_masks=True):
+    """Sample, observe, describe and render phantom images for the given seeds (optionally under do()).
+
+    Returns meta rows (without shard/index), images uint16 [N,1,S,S] and masks uint8 [N,K,S,S] (or None).
+    """
+    seeds = np.asarray(seeds, dtype=np.int64)
+    true = sample_scm(seeds, intervention)
+    rec = observe(true, seeds)
+    sides, severity = finding_details(true, seeds)
+    splits = phantom_split(seeds)
+    rows, images, masks = [], np.zeros((len(seeds), 1, size, size), np.uint16), []
+    for j, seed in enumerate(seeds):
+        tv = {k: true[k][j] for k in VARIABLES}
+        img, m = render(tv, sides[j], severity[j], int(seed), size)
+        images[j, 0] = img
+        if with_masks:
+            masks.append(m)
+        rv = {k: rec[k][j] for k in VARIABLES}
+        boxes = {name: _bbox(m[i]) for i, name in enumerate(MASK_NAMES) if name not in ("Lungs", "Heart") and m[i].any()}
+        if tv["Cardiomegaly"] >= POS:
+            boxes["Cardiomegaly"] = _bbox(m[MASK_NAMES.index("Heart")])
+        report = phantom_report(rv, sides[j], severity[j])
+        view_word = _code_to_csv("view", rv["view"], PHANTOM_SOURCES) or "frontal"
+        row = {"id": f"ph{int(seed):010d}", "patient_id": f"pp{int(seed):010d}", "study_id": f"ps{int(seed):010d}",
+               "split": str(splits[j]), "report": report,
+               "findings": f"{view_word} view of the chest. " + report, "source_path": f"phantom:{int(seed)}",
+               "seed": str(int(seed)), "laterality": json.dumps(sides[j]), "severity": json.dumps(severity[j]),
+               "boxes": json.dumps(boxes)}
+        row.update({k: _code_to_csv(k, rv[k], PHANTOM_SOURCES) for k in VARIABLES})
+        rows.append(row)
+    return rows, images, (np.stack(masks) if with_masks else None)
+
+
+class PhantomShards:
+    """Picklable shard renderer (for multiprocessing): rows lo..hi of `seeds`, optionally under do(intervention).
+
+    Pixels are written first, then the shard's rows, each atomically: a shard with both files is finished.
+    `keep` optionally maps position -> original row, whose identity columns the output rows keep (counterfactuals).
+    """
+
+    def __init__(self, seeds, size, with_masks, intervention=None, keep=None):
+        self.seeds, self.size, self.with_masks, self.intervention, self.keep = seeds, size, with_masks, intervention, keep
+
+    def __call__(self, job):
+        out_dir, shard, lo, hi = job
+        rows, images, masks = phantom_rows_and_pixels(self.seeds[lo:hi], self.size, self.intervention,
+                                                      self.with_masks)
+        for i, r in enumerate(rows):
+            r["shard"], r["index"] = shard, i
+            if self.keep is not None:
+                r.update({k: self.keep[lo + i][k] for k in ("id", "patient_id", "study_id", "split", "source_path")})
+        tensors = {"images": images}
+        if self.with_masks:
+            tensors["masks"] = masks
+        save_shard(os.path.join(out_dir, "shards", f"{shard:05d}.safetensors"), tensors)
+        write_csv(os.path.join(out_dir, "shards", f"{shard:05d}.csv"), rows, META_COLUMNS + PHANTOM_COLUMNS)
+        return hi - lo
+
+
+def scm_description():
+    """The generating process as data (info.json["scm"]), so other scripts can recompute the truth from files."""
+    return {"variables": PHANTOM_SCM, "missing_rate": MISSING_RATE, "sources": PHANTOM_SOURCES,
+            "order": VARIABLES, "topological_order": topological_order(),
+            "noise": "U_v = splitmix64(seed*1024 + stream) >> 11, (x + 0.5) / 2**53; stream = index of v in `order`; "
+                     "missingness stream 32 + index; laterality 64 + index; severity 96 + index; split 127",
+            "features": "age -> (age - 60) / 20; 'sex=M' -> 1 if male; 'race=X' -> 1 if race X; finding -> "
+                        "1 positive, 0.5 uncertain, 0 negative",
+            "mechanism": "logistic: p = sigmoid(bias + sum w*g); U < p*(1-uncertain) -> positive (code 2), "
+                         "U < p -> uncertain (3), else negative (1); categorical: inverse CDF of U over the listed "
+                         "classes (codes 1..K); age: clip(round(mean + sd * Phi^-1(U)), min, max); No Finding: "
+                         "positive iff no parent except Support Devices is positive or uncertain"}
+
+
+def default_shard_size(size, n_masks):
+    """About 256 MB per shard, between 16 and 1024 images."""
+    per_image = size * size * (2 + n_masks)
+    return int(np.clip(2 ** 28 // per_image, 16, 1024))
+
+
+def make_phantom(out, n, size, seed=0, workers=1, masks=True, shard_size=None, intervention=None, source_rows=None):
+    """Write a phantom dataset (resumable) and return its rows.
+
+    With `source_rows` (phantom meta rows), the dataset holds their TRUE counterfactuals under do(intervention)
+    instead: same seeds and ids, descendants recomputed, re-rendered.
+    """
+    if not 32 <= size <= 1024:
+        raise SystemExit(f"--size {size}: expected 32 to 1024 pixels")
+    if source_rows is None and n < 1:
+        raise SystemExit(f"--n {n}: expected at least one image")
+    if source_rows is not None:
+        seeds = np.array([int(r["seed"]) for r in source_rows], np.int64)
+        n, keep = len(seeds), source_rows
+    else:
+        seeds, keep = seed * 10_000_000 + np.arange(n, dtype=np.int64), None
+    shard_size = shard_size or default_shard_size(size, len(MASK_NAMES) if masks else 0)
+    manifest = {"kind": "phantom", "n": n, "size": size, "seed": seed, "masks": masks, "shard_size": shard_size,
+                "intervention": intervention, "format_version": FORMAT_VERSION,
+                "source_ids": None if keep is None else [r["id"] for r in keep][:5] + [len(keep)]}
+    rows = write_sharded(out, n, shard_size, PhantomShards(seeds, size, masks, intervention, keep), manifest, workers)
+    info = dataset_info(rows, size, PHANTOM_SOURCES, MASK_NAMES if masks else [],
+                        {"kind": "phantom", "seed": seed, "intervention": intervention, "scm": scm_description()})
+    write_csv(os.path.join(out, "meta.csv"), rows, META_COLUMNS + PHANTOM_COLUMNS)
+    write_json(os.path.join(out, "info.json"), info)
+    return rows
+
+
+def true_counterfactual(row, intervention, size=None):
+    """The TRUE counterfactual of one phantom row under do(intervention): same exogenous noise (its `seed`),
+    intervened variables fixed, descendants recomputed through the SCM, re-rendered. Returns (row, image, masks).
+    With no intervention the image is identical to the original rendering."""
+    if "seed" not in row or row["seed"] in ("", None):
+        raise SystemExit(f"row {row.get('id')!r} has no `seed`: true counterfactuals exist only for phantom rows")
+    size = size or 64
+    rows, images, masks = phantom_rows_and_pixels([int(row["seed"])], size, intervention or None)
+    out = rows[0]
+    for k in ("id", "patient_id", "study_id", "split", "source_path"):
+        out[k] = row.get(k, out[k])
+    return out, images[0], masks[0]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contact sheet: a grid of images with their key labels underneath, masks optionally overlaid
+
+ABBREV = {"Atelectasis": "Atel", "Cardiomegaly": "CM", "Consolidation": "Cons", "Edema": "Edema",
+          "Enlarged Cardiomediastinum": "ECM", "Fracture": "Fx", "Lung Lesion": "Lesion", "Lung Opacity": "Opac",
+          "No Finding": "NoF", "Pleural Effusion": "Eff", "Pleural Other": "PlOth", "Pneumonia": "Pna",
+          "Pneumothorax": "PTX", "Support Devices": "SD"}
+MASK_COLOURS = [(255, 80, 80), (80, 200, 255), (255, 200, 60), (120, 255, 120), (255, 120, 255), (255, 160, 90),
+                (150, 150, 255), (90, 255, 220), (255, 255, 120), (200, 120, 255), (255, 90, 160), (160, 255, 90)]
+
+
+def contact_sheet(data_dir, out, n=24, cols=6, tile=160, split=None, overlay_masks=False, ids=None):
+    """Save a PNG grid of the first n images (of a split, or of the given ids), labelled under each image."""
+    rows = read_meta(data_dir)
+    if ids:
+        rows = [r for r in rows if r["id"] in set(ids)]
+    elif split:
+        rows = [r for r in rows if r["split"] == split]
+    rows = rows[:n]
+    if not rows:
+        raise SystemExit(f"{data_dir}: no rows to show (split={split!r}, ids={ids!r})")
+    images = load_pixels(data_dir, rows)
+    info = read_info(data_dir)
+    masks = load_pixels(data_dir, rows, "masks") if overlay_masks and info.get("mask_names") else None
+    text_h = 30
+    sheet = Image.new("RGB", (cols * tile, math.ceil(len(rows) / cols) * (tile + text_h)), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for i, r in enumerate(rows):
+        img = Image.fromarray((images[i, 0] >> 8).astype(np.uint8)).resize((tile, tile), Image.BILINEAR).convert("RGB")
+        if masks is not None:
+            arr = np.asarray(img).astype(np.float32)
+            for k, name in enumerate(info["mask_names"]):
+                if name in ("Lungs", "Heart"):
+                    continue
+                m = np.asarray(Image.fromarray(masks[i, k] * 255).resize((tile, tile), Image.NEAREST)) > 127
+                arr[m] = 0.55 * arr[m] + 0.45 * np.array(MASK_COLOURS[k % len(MASK_COLOURS)], np.float32)
+            img = Image.fromarray(arr.astype(np.uint8))
+        x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
+        sheet.paste(img, (x, y))
+        pos = [ABBREV[l] + ("?" if r[l] == "-1" else "") for l in LABELS if r[l] in ("1", "-1") and l != "No Finding"]
+        line1 = f"{r['view'] or '?'} {r['sex'] or '?'} {r['age'] or '?'} {r['dataset']}"
+        line2 = " ".join(pos) if pos else ("No Finding" if r["No Finding"] == "1" else "-")
+        draw.text((x + 3, y + tile + 2), line1[:tile // 6], fill=(200, 200, 200))
+        draw.text((x + 3, y + tile + 15), line2[:tile // 6], fill=(255, 220, 120) if pos else (150, 220, 150))
+    tmp = atomic_write(out, None)
+    try:
+        sheet.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main(): subcommands
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`prep_data.py phantom: error: ...`) and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def main(argv=None):
+    p = _Parser(prog="prep_data.py", description=__doc__.split("\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ph = sub.add_parser("phantom", help="render the CXR phantom dataset", formatter_class=fmt)
+    ph.add_argument("--n", type=int, default=4000, help="number of images")
+    ph.add_argument("--size", type=int, default=64, help="image size in pixels (32-1024)")
+    ph.add_argument("--out", default="data/phantom", help="output dataset folder")
+    ph.add_argument("--seed", type=int, default=0, help="dataset seed (row i has exogenous seed seed*1e7 + i)")
+    ph.add_argument("--workers", type=int, default=1, help="processes rendering shards in parallel")
+    ph.add_argument("--no-masks", action="store_true", help="do not store per-finding masks")
+    ph.add_argument("--shard-size", type=int, default=None, help="images per shard (default: ~256 MB shards)")
+    sh = sub.add_parser("sheet", help="contact sheet PNG of a dataset", formatter_class=fmt)
+    sh.add_argument("--data", default="data/phantom", help="dataset folder")
+    sh.add_argument("--out", default="sheet.png", help="output PNG")
+    sh.add_argument("--n", type=int, default=24, help="number of images")
+    sh.add_argument("--cols", type=int, default=6, help="images per row")
+    sh.add_argument("--tile", type=int, default=160, help="tile size in pixels")
+    sh.add_argument("--split", default=None, choices=SPLITS, help="only this split")
+    sh.add_argument("--ids", default=None, help="comma-separated ids to show")
+    sh.add_argument("--masks", action="store_true", help="overlay the finding masks")
+    cf = sub.add_parser("counterfactual", help="true counterfactual images of phantom rows", formatter_class=fmt)
+    cf.add_argument("--data", default="data/phantom", help="phantom dataset folder")
+    cf.add_argument("--set", required=True, help='intervention, e.g. "sex=F,age=80" or "Pleural Effusion=1"')
+    cf.add_argument("--out", required=True, help="output dataset folder (same ids, counterfactual values)")
+    cf.add_argument("--ids", default=None, help="comma-separated ids (default: all rows, or --split)")
+    cf.add_argument("--split", default=None, choices=SPLITS, help="only rows of this split")
+    cf.add_argument("--size", type=int, default=None, help="render size (default: the dataset's)")
+    cf.add_argument("--workers", type=int, default=1, help="processes")
+    cf.add_argument("--no-masks", action="store_true", help="do not store masks")
+    args = p.parse_args(argv)
+    if args.cmd == "phantom":
+        t0 = time.time()
+        rows = make_phantom(args.out, args.n, args.size, args.seed, args.workers, not args.no_masks, args.shard_size)
+        print(f"wrote {len(rows)} images ({args.size}px) to {args.out} in {time.time() - t0:.1f}s")
+    elif args.cmd == "sheet":
+        contact_sheet(args.data, args.out, args.n, args.cols, args.tile, args.split, args.masks,
+                      args.ids.split(",") if args.ids else None)
+        print(f"wrote {args.out}")
+    elif args.cmd == "counterfactual":
+        info, rows = read_info(args.data), read_meta(args.data)
+        intervention = parse_assignment(args.set, info.get("datasets", PHANTOM_SOURCES))
+        if args.ids:
+            want = args.ids.split(",")
+            by_id = {r["id"]: r for r in rows}
+            unknown = [i for i in want if i not in by_id]
+            if unknown:
+                raise SystemExit(f"--ids: {unknown[:5]} not in {args.data}/meta.csv")
+            rows = [by_id[i] for i in want]
+        elif args.split:
+            rows = [r for r in rows if r["split"] == args.split]
+        if not rows or "seed" not in rows[0]:
+            raise SystemExit(f"{args.data}/meta.csv: no phantom rows with a `seed` column; true counterfactuals "
+                             f"exist only for phantom datasets")
+        make_phantom(args.out, len(rows), args.size or int(info["size"]), info.get("seed", 0), args.workers,
+                     not args.no_masks, intervention=intervention, source_rows=rows)
+        print(f"wrote {len(rows)} counterfactual images under do({args.set}) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
