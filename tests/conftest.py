@@ -10,3 +10,24 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import pytest  # noqa: E402
+
+
+def _make_phantom(tmp_path_factory, name, n, size):
+    import prep_data
+    out = str(tmp_path_factory.mktemp(name) / "phantom")
+    prep_data.make_phantom(out, n=n, size=size, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory):
+    """A small phantom dataset (512 images, 32 px, with masks) in the DESIGN.md §4 format, made once per run."""
+    return _make_phantom(tmp_path_factory, "phantom32", 512, 32)
+
+
+@pytest.fixture(scope="session")
+def phantom64_dir(tmp_path_factory):
+    """A small phantom dataset (256 images, 64 px, with masks), made once per run."""
+    return _make_phantom(tmp_path_factory, "phantom64", 256, 64)
