@@ -25,16 +25,15 @@ Paths (the dispatch lives in kernels/__init__.py):
   accumulates dQ. Every output element has exactly one writer: no atomics, deterministic. All dot products
   accumulate in fp32 (fp32 inputs use TF32 when torch.backends.cuda.matmul.allow_tf32 is on, IEEE fp32 otherwise).
   Block sizes / warps / stages are autotuned per (length buckets, D, dtype) on the GPU; under TRITON_INTERPRET=1
-  a fixed small configuration runs instead (the interpreter executes the same kernel source on CPU tensors).
+  a fixed small configuration runs instead (the interpreter executes the same kernel source on CPU tensors; set
+  the variable before triton is first imported, since triton decorates its own helpers, tl.zeros etc., then).
 - Reference (`attention_reference`, CPU tensors or KERNELS_REFERENCE=1): torch's scaled_dot_product_attention
   with a boolean key mask; autograd gives the backward.
 
-The kernels are jitted on their first call, not at import, so importing this file needs no GPU (nor triton)
-and TRITON_INTERPRET=1 can be set any time before the first Triton call.
+Importing this file needs no GPU, nor triton (the reference path works everywhere).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -45,6 +44,10 @@ try:
     import triton.language as tl
 except ImportError:  # triton is Linux-only; the reference path still works everywhere
     triton = tl = None
+
+# TRITON_INTERPRET=1: the kernels run in triton's CPU interpreter (tests), with fixed small tiles, no autotuning.
+INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 # Debug aid used by the tests: when True, every buffer a kernel writes is allocated filled with NaN, so any element
 # a kernel fails to write shows up in the result.
@@ -102,9 +105,10 @@ def attention_reference(q, k, v, key_lengths=None, scale=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernels (plain functions here; jitted on first use by _kernels() below)
+# Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 
+@_jit
 def _attn_fwd(Q, K, V, O, LSE, KL, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -155,6 +159,7 @@ def _attn_fwd(Q, K, V, O, LSE, KL, qk_scale,
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
 
 
+@_jit
 def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
                          H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # Delta_i = sum_d dO_id * O_id (= rowsum(P * dP)), in fp32.
@@ -172,6 +177,7 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_d
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
+@_jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KL, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -226,6 +232,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KL, qk_scale, sm_scale,
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
+@_jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KL, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -273,7 +280,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KL, qk_scale, sm_scale,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Jitting and autotuning (on first use)
+# Autotuning and launches
 # ----------------------------------------------------------------------------------------------------------------
 
 # Interpreter / fallback block sizes: small tiles keep TRITON_INTERPRET=1 fast and exercise the multi-block loops.
@@ -297,22 +304,14 @@ def _bwd_configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
 
 
-def _interpreting():
-    """True under TRITON_INTERPRET=1 (read now, not at import)."""
-    return triton.knobs.runtime.interpret
-
-
-@functools.lru_cache(maxsize=2)
-def _kernels(interpret: bool):
-    """Jit (and on the GPU autotune) the kernels once per interpreter mode."""
-    jit = {f.__name__: triton.jit(f) for f in (_attn_fwd, _attn_bwd_preprocess, _attn_bwd_dkdv, _attn_bwd_dq)}
-    if not interpret:
-        # Keyed on power-of-two length buckets (not exact lengths: text lengths vary per batch), D and dtypes.
-        key = ["LQ_BUCKET", "LK_BUCKET", "D"]
-        for name, cfgs in (("_attn_fwd", _fwd_configs()), ("_attn_bwd_dkdv", _bwd_configs()),
-                           ("_attn_bwd_dq", _bwd_configs())):
-            jit[name] = triton.autotune(configs=cfgs, key=key)(jit[name])
-    return jit
+if triton is not None and not INTERPRET:
+    # Keyed on power-of-two length buckets (not exact lengths: text lengths vary per batch), D and the dtypes.
+    _KEY = ["LQ_BUCKET", "LK_BUCKET", "D"]
+    _attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY)(_attn_fwd)
+    _attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY)(_attn_bwd_dkdv)
+    _attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY)(_attn_bwd_dq)
+else:
+    _attn_fwd_tuned, _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned = _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq
 
 
 def _tl_dtypes():
@@ -338,7 +337,7 @@ def _launch_args(q, k, key_lengths, scale):
     # Under the interpreter, tl.dot on bf16 multiplies the uint16 storage (triton 3.9): dot operands are rounded
     # to bf16 and then widened to fp32 there, which is what tensor cores compute (exact products, fp32 sums).
     dot_dtype = _TL_DTYPE[q.dtype]
-    if q.dtype == torch.bfloat16 and _interpreting():
+    if q.dtype == torch.bfloat16 and INTERPRET:
         dot_dtype = tl.float32
     return kl, key_lengths is not None, scale * LOG2E, block_d, precision, buckets, dot_dtype
 
@@ -347,14 +346,12 @@ def _flash_fwd(q, k, v, key_lengths, scale):
     """Launch the forward kernel; returns (o, lse2) with lse2 [B*H, Lq] fp32 in log2 units."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    interp = _interpreting()
-    ks = _kernels(interp)
     kl, has_kl, qk_scale, block_d, precision, (lqb, lkb), dot_dtype = _launch_args(q, k, key_lengths, scale)
     o = _empty(q.shape, q.dtype, q.device)
     lse = _empty((B * H, Lq), torch.float32, q.device)
-    extra = dict(_INTERPRET_BLOCKS) if interp else {}
+    extra = dict(_INTERPRET_BLOCKS) if INTERPRET else {}
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    ks["_attn_fwd"][grid](q, k, v, o, lse, kl, qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    _attn_fwd_tuned[grid](q, k, v, o, lse, kl, qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                           *o.stride()[:3], H, Lq, Lk, D, lqb, lkb, HAS_KL=has_kl, PRECISION=precision, DOT_DTYPE=dot_dtype,
                           BLOCK_D=block_d, **extra)
     return o, lse
@@ -364,25 +361,23 @@ def _flash_bwd(do, q, k, v, o, lse, key_lengths, scale):
     """Launch preprocess, dK/dV and dQ kernels; returns (dq, dk, dv) in the input dtype."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    interp = _interpreting()
-    ks = _kernels(interp)
     kl, has_kl, qk_scale, block_d, precision, (lqb, lkb), dot_dtype = _launch_args(q, k, key_lengths, scale)
     delta = _empty((B * H, Lq), torch.float32, q.device)
     pre_m = 64 if block_d <= 64 else 32
-    ks["_attn_bwd_preprocess"][(triton.cdiv(Lq, pre_m), B * H)](
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m), B * H)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Lq, D, BLOCK_M=pre_m, BLOCK_D=block_d)
     dq = _empty(q.shape, q.dtype, q.device)       # same (contiguous) strides as q
     dk = _empty(k.shape, k.dtype, k.device)       # same strides as k (k is contiguous here)
     dv = _empty(v.shape, v.dtype, v.device)
     assert dq.stride() == q.stride() and dk.stride() == k.stride() == dv.stride()
-    extra = dict(_INTERPRET_BLOCKS) if interp else {}
+    extra = dict(_INTERPRET_BLOCKS) if INTERPRET else {}
     common = (qk_scale, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
               H, Lq, Lk, D, lqb, lkb)
     grid_n = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)  # noqa: E731
-    ks["_attn_bwd_dkdv"][grid_n](q, k, v, do, lse, delta, dk, dv, kl, *common, HAS_KL=has_kl,
+    _attn_bwd_dkdv_tuned[grid_n](q, k, v, do, lse, delta, dk, dv, kl, *common, HAS_KL=has_kl,
                                  PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_D=block_d, **extra)
     grid_m = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    ks["_attn_bwd_dq"][grid_m](q, k, v, do, lse, delta, dq, kl, *common, HAS_KL=has_kl,
+    _attn_bwd_dq_tuned[grid_m](q, k, v, do, lse, delta, dq, kl, *common, HAS_KL=has_kl,
                                PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_D=block_d, **extra)
     return dq, dk, dv
 

@@ -20,9 +20,8 @@ Paths (the dispatch lives in kernels/__init__.py):
   over programs finishes dw (never a bf16 sum).
 - Reference (`rms_norm_reference`, CPU tensors or KERNELS_REFERENCE=1): the same formula with torch ops; autograd
   gives the backward.
-
-The kernels are jitted on their first call, not at import, so importing this file needs no GPU (nor triton)
-and TRITON_INTERPRET=1 can be set any time before the first Triton call.
+Under TRITON_INTERPRET=1 (set before triton is first imported) the same kernels run on CPU tensors in triton's
+interpreter (the tests). Importing this file needs no GPU, nor triton.
 """
 from __future__ import annotations
 
@@ -35,6 +34,9 @@ try:
     import triton.language as tl
 except ImportError:  # triton is Linux-only; the reference path still works everywhere
     triton = tl = None
+
+INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 # Debug aid used by the tests: when True, every buffer a kernel writes is allocated filled with NaN, so any element
 # a kernel fails to write shows up in the result.
@@ -68,9 +70,10 @@ def rms_norm_reference(x, weight=None, eps=1e-6):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernels (plain functions here; jitted on first use by _kernels() below)
+# Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 
+@_jit
 def _rms_fwd(X, W, Y, RSTD, M, N, eps,
              HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program = ROWS rows x the whole row (BLOCK_N >= N columns): one read of x, one write of y and r.
@@ -88,6 +91,7 @@ def _rms_fwd(X, W, Y, RSTD, M, N, eps,
     tl.store(RSTD + rows, rstd, mask=rows < M)
 
 
+@_jit
 def _rms_bwd(X, W, DY, RSTD, DX, DW_PARTIAL, M, N,
              HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     # Program p handles row tiles p, p + G, p + 2G, ... (G = grid size): dx is written tile by tile; the dw
@@ -121,19 +125,8 @@ def _rms_bwd(X, W, DY, RSTD, DX, DW_PARTIAL, M, N,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launch helpers (jit on first use, tile shapes, grid cap)
+# Launch helpers (tile shapes, grid cap)
 # ----------------------------------------------------------------------------------------------------------------
-
-def _interpreting():
-    """True under TRITON_INTERPRET=1 (read now, not at import)."""
-    return triton.knobs.runtime.interpret
-
-
-@functools.lru_cache(maxsize=2)
-def _kernels(interpret: bool):
-    """Jit the kernels once per interpreter mode (no autotuning: tile shapes follow from N below)."""
-    return {f.__name__: triton.jit(f) for f in (_rms_fwd, _rms_bwd)}
-
 
 def _tile(N):
     """(BLOCK_N, ROWS, num_warps): a whole row per tile; ~4K-element tiles for small N so that programs are not tiny;
@@ -151,7 +144,7 @@ def _sm_count(device_index):
 
 def _max_programs(x):
     """Grid cap for the backward: ~2 programs per SM (4 under the interpreter, to exercise the strided walk)."""
-    if _interpreting() or not x.is_cuda:
+    if INTERPRET or not x.is_cuda:
         return 4
     return 2 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
@@ -178,8 +171,7 @@ class _RMSNorm(torch.autograd.Function):
         block_n, rows, warps = _tile(N)
         y = _empty(x2.shape, x.dtype, x.device)
         rstd = _empty((M,), torch.float32, x.device)
-        ks = _kernels(_interpreting())
-        ks["_rms_fwd"][(triton.cdiv(M, rows),)](x2, weight if weight is not None else x2, y, rstd, M, N, eps,
+        _rms_fwd[(triton.cdiv(M, rows),)](x2, weight if weight is not None else x2, y, rstd, M, N, eps,
                                                 HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n,
                                                 num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
@@ -196,8 +188,7 @@ class _RMSNorm(torch.autograd.Function):
         dx = _empty(x2.shape, x2.dtype, x2.device)
         has_w = weight is not None
         partial = _empty((n_prog, N), torch.float32, x2.device) if has_w else rstd     # rstd: unused dummy
-        ks = _kernels(_interpreting())
-        ks["_rms_bwd"][(n_prog,)](x2, weight if has_w else x2, dy, rstd, dx, partial, M, N,
+        _rms_bwd[(n_prog,)](x2, weight if has_w else x2, dy, rstd, dx, partial, M, N,
                                   HAS_W=has_w, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
         dw = partial.sum(0).to(weight.dtype) if has_w else None       # the one fp32 reduction over programs
         return dx.view(ctx.x_shape), dw, None
