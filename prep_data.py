@@ -583,11 +583,11 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
         lung_shapes[s] = (q, qc, rx, yc, ry, dome, lung, d_el)
         lung_total = np.maximum(lung_total, lung)
     # Heart (CTR ~ 0.45 normal, > 0.5 with cardiomegaly), mediastinum, aortic knob.
-    ctr = (0.43 + 0.05 * a[5] + (0.12 + 0.1 * sev["Cardiomegaly"]) * present["Cardiomegaly"]) * mag
+    ctr = (0.43 + 0.05 * a[5] + (0.1 + 0.08 * sev["Cardiomegaly"]) * present["Cardiomegaly"]) * mag
     width = ctr * 2 * 0.93 * W
     hr, hl = width * (0.36 + 0.06 * a[6]), width * (0.64 - 0.06 * a[6])
     hx, hy = cx + (hl - hr) / 2, dome_y[1] - 0.2 - 0.04 * a[7]
-    heart = _soft(_blob(X, Y, hx, hy, (hl + hr) / 2, (0.3 + 0.06 * present["Cardiomegaly"]) * mag,
+    heart = _soft(_blob(X, Y, hx, hy, (hl + hr) / 2, (0.29 + 0.04 * present["Cardiomegaly"]) * mag,
                         -0.35 - 0.15 * a[8]), 3 * edge)
     medw = 0.085 + 0.02 * a[9] + (0.05 + 0.05 * sev["Enlarged Cardiomediastinum"]) * present["Enlarged Cardiomediastinum"]
     medi = _soft(medw + 0.1 * np.clip((Y + 0.3) / 0.4, 0, 1) - np.abs(X - cx - 0.01), 2 * edge) * _soft(hy - Y, 6 * edge) * (Y > -1.0)
@@ -662,7 +662,7 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
             frac = 0.1 + 0.35 * sev["Pleural Effusion"] + 0.05 * f[L["Pleural Effusion"], 0]
             level = dome_y[s] - frac * (dome_y[s] - y_top)
             surface = level - 0.18 * np.clip((q - 0.07) / (2 * rx), 0, 1) ** 2.5   # meniscus: higher laterally
-            fluid = _soft(Y - surface, 3 * edge) * _soft(d_el, 2 * edge) * _soft(dome + 0.08 - Y, 2 * edge) \
+            fluid = _soft(Y - surface, 2 * edge) * _soft(d_el, 2 * edge) * _soft(dome + 0.08 - Y, 2 * edge) \
                 * _soft(q - 0.07, 2 * edge)
             mu = mu + 0.55 * fluid
             markings = markings * (1 - fluid)
@@ -701,9 +701,10 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
         for s in sides_of("Atelectasis"):
             u = f[L["Atelectasis"]]
             q, qc, rx, yc, ry, dome, lung, _ = lung_shapes[s]
-            bx, by = cx + s * (qc + (u[0] - 0.5) * 0.3 * rx), dome_y[s] - 0.1 - 0.12 * u[1]
-            band = _soft(_blob(X, Y, bx, by, 0.16 + 0.12 * sev["Atelectasis"], 0.02 + 0.025 * sev["Atelectasis"],
-                               s * (0.15 + 0.2 * u[2])), 1.5 * edge) * lung
+            half = 0.17 + 0.12 * sev["Atelectasis"]
+            bx, by = cx + s * (0.93 * W - 0.08 - 0.6 * half - 0.1 * u[0]), dome_y[s] - 0.12 - 0.14 * u[1]
+            band = _soft(_blob(X, Y, bx, by, half, 0.032 + 0.025 * sev["Atelectasis"],
+                               s * (0.15 + 0.2 * u[2])), 1.5 * edge) * lung * (1 - cardio)
             mu = mu + 0.45 * band
             masks[M["Atelectasis"]] = np.maximum(masks[M["Atelectasis"]], band)
     if present["Lung Lesion"]:
@@ -827,7 +828,7 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
     if present["Pleural Effusion"]:                             # fluid fills the posterior costophrenic sulcus
         level = y_post - (0.12 + 0.35 * sev["Pleural Effusion"])
         surface = level - 0.2 * np.clip(X / depth, 0, 1) ** 2
-        fluid = _soft(Y - surface, 3 * edge) * _soft(d_el, 2 * edge) * _soft(dome + 0.06 - Y, 2 * edge)
+        fluid = _soft(Y - surface, 2 * edge) * _soft(d_el, 2 * edge) * _soft(dome + 0.06 - Y, 2 * edge)
         mu, markings = mu + 0.5 * fluid, markings * (1 - fluid)
         masks[M["Pleural Effusion"]] = fluid
     if present["Pneumothorax"]:                                 # anterior-apical lucent rim with a pleural line
@@ -1054,7 +1055,8 @@ def make_phantom(out, n, size, seed=0, workers=1, masks=True, shard_size=None, i
 
 def true_counterfactual(row, intervention, size=None):
     """The TRUE counterfactual of one phantom row under do(intervention): same exogenous noise (its `seed`),
-    intervened variables fixed, descendants recomputed through the SCM, re-rendered. Returns (row, image, masks).
+    intervened variables fixed, descendants recomputed through the SCM, re-rendered. Returns (row, image [1, S, S],
+    masks [K, S, S]).
     With no intervention the image is identical to the original rendering."""
     if "seed" not in row or row["seed"] in ("", None):
         raise SystemExit(f"row {row.get('id')!r} has no `seed`: true counterfactuals exist only for phantom rows")
