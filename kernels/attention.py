@@ -18,7 +18,7 @@ Paths (the dispatch lives in kernels/__init__.py):
 - Triton (`attention_triton`, CUDA tensors): the FlashAttention-2 algorithm (Dao 2023). The forward keeps one
   query block in registers and streams key/value blocks through an online softmax in fp32: with S in log2 units
   (the scale folded into one multiply by s*log2(e), so exp becomes exp2),
-      m' = max(m, rowmax S_blk),  l = l * 2^(m - m') + rowsum 2^(S_blk - m'),  acc = acc * 2^(m - m') + 2^(S_blk - m') V,
+      m' = max(m, rowmax S_blk),  l = l 2^(m - m') + rowsum 2^(S_blk - m'),  acc = acc 2^(m - m') + 2^(S_blk - m') V,
   and stores O = acc / l and LSE2 = m + log2(l) (log2 units). The backward recomputes P = 2^(S - LSE2) blockwise
   instead of storing it: a preprocess kernel computes Delta = rowsum(dO * O); one kernel per key block walks all
   query blocks and accumulates dK, dV in registers; one kernel per query block walks all key blocks and
@@ -112,7 +112,7 @@ def attention_reference(q, k, v, key_lengths=None, scale=None):
 def _attn_fwd(Q, K, V, O, LSE, KL, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              H, Lq, Lk, D, LQ_BUCKET, LK_BUCKET,
+              H, Lq, Lk, LQ_BUCKET, LK_BUCKET, D: tl.constexpr,
               HAS_KL: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program = one block of BLOCK_M queries of one (batch, head); it streams all valid key blocks.
@@ -161,7 +161,7 @@ def _attn_fwd(Q, K, V, O, LSE, KL, qk_scale,
 
 @_jit
 def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                         H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                         H, Lq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # Delta_i = sum_d dO_id * O_id (= rowsum(P * dP)), in fp32.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -181,7 +181,7 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_d
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KL, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                   H, Lq, Lk, D, LQ_BUCKET, LK_BUCKET,
+                   H, Lq, Lk, LQ_BUCKET, LK_BUCKET, D: tl.constexpr,
                    HAS_KL: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program = one block of BLOCK_N keys of one (batch, head); it walks every query block and accumulates
@@ -236,7 +236,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KL, qk_scale, sm_scale,
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KL, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                 H, Lq, Lk, D, LQ_BUCKET, LK_BUCKET,
+                 H, Lq, Lk, LQ_BUCKET, LK_BUCKET, D: tl.constexpr,
                  HAS_KL: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program = one block of BLOCK_M queries; it walks the valid key blocks and accumulates dQ = s * dS K.
@@ -270,8 +270,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KL, qk_scale, sm_scale,
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # No key mask needed: padded keys were loaded as k = v = 0, so their dS * k terms add exactly 0 to dQ.
         p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_DTYPE), k, input_precision=PRECISION)
@@ -329,9 +329,10 @@ def _launch_args(q, k, key_lengths, scale):
     kl = key_lengths
     if kl is None:
         kl = torch.zeros(1, dtype=torch.int32, device=q.device)      # never read (HAS_KL=False)
-    precision = "ieee"
-    if q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"
+    # Only fp32 operands look at this: TF32 tensor cores when torch allows them (DESIGN.md: TF32 on), else IEEE.
+    precision = "tf32"
+    if q.dtype == torch.float32 and not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        precision = "ieee"
     block_d = max(16, triton.next_power_of_2(D))
     buckets = (triton.next_power_of_2(Lq), triton.next_power_of_2(Lk))
     # Under the interpreter, tl.dot on bf16 multiplies the uint16 storage (triton 3.9): dot operands are rounded
@@ -352,8 +353,8 @@ def _flash_fwd(q, k, v, key_lengths, scale):
     extra = dict(_INTERPRET_BLOCKS) if INTERPRET else {}
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd_tuned[grid](q, k, v, o, lse, kl, qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                          *o.stride()[:3], H, Lq, Lk, D, lqb, lkb, HAS_KL=has_kl, PRECISION=precision, DOT_DTYPE=dot_dtype,
-                          BLOCK_D=block_d, **extra)
+                          *o.stride()[:3], H, Lq, Lk, lqb, lkb, D, HAS_KL=has_kl, PRECISION=precision,
+                          DOT_DTYPE=dot_dtype, BLOCK_D=block_d, **extra)
     return o, lse
 
 
@@ -372,7 +373,7 @@ def _flash_bwd(do, q, k, v, o, lse, key_lengths, scale):
     assert dq.stride() == q.stride() and dk.stride() == k.stride() == dv.stride()
     extra = dict(_INTERPRET_BLOCKS) if INTERPRET else {}
     common = (qk_scale, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-              H, Lq, Lk, D, lqb, lkb)
+              H, Lq, Lk, lqb, lkb, D)
     grid_n = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)  # noqa: E731
     _attn_bwd_dkdv_tuned[grid_n](q, k, v, do, lse, delta, dk, dv, kl, *common, HAS_KL=has_kl,
                                  PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_D=block_d, **extra)

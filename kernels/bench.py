@@ -201,7 +201,8 @@ def bench_rms_norm(dtype, quick):
         copy = gbs(_ms(lambda: out.copy_(x)), 2)
         o, ea, co = res["ours"], res["eager"], res["compiled"]
         rows.append(f"| {N} | {M} | {o[0]:.0f} | {ea[0]:.0f} | {co[0]:.0f} | {o[1]:.0f} | {ea[1]:.0f} | {co[1]:.0f} | "
-                    f"{copy:.0f} | {o[0] / ea[0]:.2f}x / {o[1] / ea[1]:.2f}x | {o[0] / co[0]:.2f}x / {o[1] / co[1]:.2f}x |")
+                    f"{copy:.0f} | {o[0] / ea[0]:.2f}x / {o[1] / ea[1]:.2f}x | "
+                    f"{o[0] / co[0]:.2f}x / {o[1] / co[1]:.2f}x |")
     return rows
 
 

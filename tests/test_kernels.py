@@ -57,7 +57,8 @@ def _subprocess_verdicts():
                             f"--junitxml={report}", os.path.abspath(__file__)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=900)
         if not os.path.exists(report):
-            return {"": f"interpreter subprocess wrote no report (rc {r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-3000:]}"}
+            return {"": f"interpreter subprocess wrote no report (rc {r.returncode}):\n"
+                        f"{r.stdout[-3000:]}{r.stderr[-3000:]}"}
         verdicts = {}
         for case in ET.parse(report).getroot().iter("testcase"):
             bad = [c for c in case if c.tag in ("failure", "error", "skipped")]
@@ -144,7 +145,7 @@ def test_triton_attention_vs_float64_and_reference(run_here, B, H, Lq, Lk, D, dt
     v = torch.randn(B, H, Lk, D).to(dtype)
     do = torch.randn(B, H, Lq, D).to(dtype)
     key_lengths = None if kl is None else torch.tensor(kl)
-    scale = 0.3 if D == 80 else None                    # an explicit scale on some cases, the 1/sqrt(D) default on others
+    scale = 0.3 if D == 80 else None          # an explicit scale on some cases, the 1/sqrt(D) default on others
     want_scale = scale if scale is not None else D ** -0.5
 
     q64, k64, v64 = leaves(q, k, v, dtype=torch.float64)
