@@ -577,8 +577,11 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
 
 
 def ms_ssim_scales(side):
-    """Scales that fit: each must keep >= 11 px for the 11-tap window, so 5 scales need > 160 px."""
-    return max(1, min(5, int(math.floor(math.log2(side / 11))) + 1)) if side >= 11 else 0
+    """Scales that fit: each (halved, rounded up) must keep >= 11 px for the 11-tap window: 5 need > 160 px."""
+    n = 0
+    while n < 5 and side >= 11:
+        n, side = n + 1, (side + 1) // 2
+    return n
 
 
 def ms_ssim(x, y, data_range=1.0, scales=None):
@@ -589,7 +592,7 @@ def ms_ssim(x, y, data_range=1.0, scales=None):
     if n < 1:
         raise ValueError(f"MS-SSIM needs images of at least 11 px, got {tuple(x.shape[-2:])}")
     w = torch.tensor(MS_SSIM_WEIGHTS[:n], dtype=torch.float64)
-    w = w / w.sum()
+    w = w / w.sum() if n < 5 else w  # the 5 standard weights are used as published (they sum to 1.0001)
     vals = []
     for i in range(n):
         s, cs = _ssim_cs(x, y, data_range)
@@ -613,12 +616,12 @@ def nearest_neighbours(queries, bank_batches, device=None):
     """For each query row, the Euclidean distance to and index of its nearest row over an iterable of bank
     batches (streamed, so the bank never needs to fit in memory). Distances of the winners are recomputed exactly
     in float64, so a near-copy's reported distance carries no cancellation error."""
-    q = _as_tensor(queries, device).float()
-    best = torch.full((len(q),), float("inf"), device=q.device)
+    q = _as_tensor(queries, device)
+    best = torch.full((len(q),), float("inf"), dtype=q.dtype, device=q.device)
     arg = torch.full((len(q),), -1, dtype=torch.long, device=q.device)
     keep, offset = {}, 0
     for b in bank_batches:
-        b = _as_tensor(b, q.device).float()
+        b = _as_tensor(b, q.device).to(q.dtype)
         d, j = _sqdist(q, b).min(1)
         better = d < best
         best, arg = torch.where(better, d, best), torch.where(better, j + offset, arg)

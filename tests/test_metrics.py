@@ -1,0 +1,450 @@
+"""Tests of metrics.py against independent references: closed forms, scipy, float64 numpy re-implementations,
+hand-computed point sets, and the published checkpoint layouts (written out here). CPU only, offline."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.ndimage
+import torch
+from PIL import Image
+from safetensors.numpy import save_file
+
+import metrics as M
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["CXR_OFFLINE"] = "1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# published layouts
+
+
+def _conv_bn(name, cin, cout, kh, kw):
+    return {f"{name}.conv.weight": (cout, cin, kh, kw), **{f"{name}.bn.{p}": (cout,) for p in
+                                                            ("weight", "bias", "running_mean", "running_var")}}
+
+
+def expected_inception_layout():
+    """pytorch-fid pt_inception-2015-12-05-6726825d.pth: torchvision Inception3 names, 1008 classes, no AuxLogits."""
+    e = {}
+    for n, cin, cout, k in [("Conv2d_1a_3x3", 3, 32, 3), ("Conv2d_2a_3x3", 32, 32, 3), ("Conv2d_2b_3x3", 32, 64, 3),
+                            ("Conv2d_3b_1x1", 64, 80, 1), ("Conv2d_4a_3x3", 80, 192, 3)]:
+        e.update(_conv_bn(n, cin, cout, k, k))
+    for n, cin, pf in [("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)]:
+        for b, ci, co, k in [("branch1x1", cin, 64, 1), ("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5),
+                             ("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3),
+                             ("branch3x3dbl_3", 96, 96, 3), ("branch_pool", cin, pf, 1)]:
+            e.update(_conv_bn(f"{n}.{b}", ci, co, k, k))
+    for b, ci, co, k in [("branch3x3", 288, 384, 3), ("branch3x3dbl_1", 288, 64, 1), ("branch3x3dbl_2", 64, 96, 3),
+                         ("branch3x3dbl_3", 96, 96, 3)]:
+        e.update(_conv_bn(f"Mixed_6a.{b}", ci, co, k, k))
+    for n, c7 in [("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)]:
+        for b, ci, co, kh, kw in [("branch1x1", 768, 192, 1, 1), ("branch7x7_1", 768, c7, 1, 1),
+                                  ("branch7x7_2", c7, c7, 1, 7), ("branch7x7_3", c7, 192, 7, 1),
+                                  ("branch7x7dbl_1", 768, c7, 1, 1), ("branch7x7dbl_2", c7, c7, 7, 1),
+                                  ("branch7x7dbl_3", c7, c7, 1, 7), ("branch7x7dbl_4", c7, c7, 7, 1),
+                                  ("branch7x7dbl_5", c7, 192, 1, 7), ("branch_pool", 768, 192, 1, 1)]:
+            e.update(_conv_bn(f"{n}.{b}", ci, co, kh, kw))
+    for b, ci, co, kh, kw in [("branch3x3_1", 768, 192, 1, 1), ("branch3x3_2", 192, 320, 3, 3),
+                              ("branch7x7x3_1", 768, 192, 1, 1), ("branch7x7x3_2", 192, 192, 1, 7),
+                              ("branch7x7x3_3", 192, 192, 7, 1), ("branch7x7x3_4", 192, 192, 3, 3)]:
+        e.update(_conv_bn(f"Mixed_7a.{b}", ci, co, kh, kw))
+    for n, cin in [("Mixed_7b", 1280), ("Mixed_7c", 2048)]:
+        for b, ci, co, kh, kw in [("branch1x1", cin, 320, 1, 1), ("branch3x3_1", cin, 384, 1, 1),
+                                  ("branch3x3_2a", 384, 384, 1, 3), ("branch3x3_2b", 384, 384, 3, 1),
+                                  ("branch3x3dbl_1", cin, 448, 1, 1), ("branch3x3dbl_2", 448, 384, 3, 3),
+                                  ("branch3x3dbl_3a", 384, 384, 1, 3), ("branch3x3dbl_3b", 384, 384, 3, 1),
+                                  ("branch_pool", cin, 192, 1, 1)]:
+            e.update(_conv_bn(f"{n}.{b}", ci, co, kh, kw))
+    e["fc.weight"], e["fc.bias"] = (1008, 2048), (1008,)
+    return e
+
+
+def expected_xrv_layout():
+    """torchxrayvision densenet121-res224-all: features.* of DenseNet-121 with 1 input channel, 18 classes."""
+    bn = lambda n, c: {f"{n}.{p}": (c,) for p in ("weight", "bias", "running_mean", "running_var")}  # noqa: E731
+    e = {"features.conv0.weight": (64, 1, 7, 7), **bn("features.norm0", 64)}
+    c = 64
+    for i, n in enumerate((6, 12, 24, 16)):
+        for j in range(n):
+            p, cin = f"features.denseblock{i + 1}.denselayer{j + 1}", c + 32 * j
+            e.update({**bn(p + ".norm1", cin), p + ".conv1.weight": (128, cin, 1, 1), **bn(p + ".norm2", 128),
+                      p + ".conv2.weight": (32, 128, 3, 3)})
+        c += 32 * n
+        if i < 3:
+            e.update({**bn(f"features.transition{i + 1}.norm", c),
+                      f"features.transition{i + 1}.conv.weight": (c // 2, c, 1, 1)})
+            c //= 2
+    e.update({**bn("features.norm5", 1024), "classifier.weight": (18, 1024), "classifier.bias": (18,)})
+    return e
+
+
+def _layout(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def test_inception_layout_and_forward():
+    net = M.FIDInceptionV3()
+    assert _layout(net) == expected_inception_layout()
+    # torchvision inception_v3 has 27,161,264 parameters; minus AuxLogits (3,326,696) and fc 1000 -> 1008 classes
+    assert sum(p.numel() for p in net.parameters()) == 27161264 - 3326696 + 8 * 2049
+    ex = M.get_extractor("inception", allow_random_weights=True, offline=True)
+    f = ex(torch.rand(2, 1, 80, 80))  # resized to 299 inside
+    assert f.shape == (2, 2048) and ex.random_weights and torch.isfinite(f).all() and f.std() > 0
+
+
+def test_xrv_layout_forward_and_convert(tmp_path):
+    net = M.XRVDenseNet()
+    assert _layout(net) == expected_xrv_layout()
+    assert sum(p.numel() for p in net.parameters()) == 7978856 - 6272 - 1025000 + 18450  # torchvision d121: 7,978,856
+    net.eval()
+    with torch.no_grad():
+        x = torch.rand(2, 1, 64, 64) * 2048 - 1024
+        assert net.embed(x).shape == (2, 1024) and net(x).shape == (2, 18)
+    # torchxrayvision pickles the whole module object: weights_only=True refuses it; convert-xrv reads the tensors
+    pt = str(tmp_path / "xrv.pt")
+    torch.save(net, pt)
+    with pytest.raises(Exception):
+        torch.load(pt, weights_only=True)
+    dst = M.main(["convert-xrv", pt, "--dst", str(tmp_path / M.XRV_SAFE)])
+    net2 = M.load_into(M.XRVDenseNet(), M.load_state(dst), dst)
+    for (k, a), b in zip(net.state_dict().items(), net2.state_dict().values()):
+        assert torch.equal(a, b), k
+    ex = M.get_extractor("xrv", weights_dir=str(tmp_path), offline=True)  # the converted file is found by name
+    assert not ex.random_weights and ex.weights == dst
+    torch.testing.assert_close(ex(torch.rand(1, 1, 64, 64)).shape, torch.Size([1, 1024]))
+
+
+def test_resnet_reid_layout():
+    net = M.SiameseReID()
+    # torchvision resnet50: 25,557,032 parameters; fc 1000 -> 128 outputs, plus fc_end (128 -> 1)
+    assert sum(p.numel() for p in net.parameters()) == 25557032 - 2049000 + 2048 * 128 + 128 + 129
+    assert tuple(net.state_dict()["model.layer3.0.downsample.0.weight"].shape) == (1024, 512, 1, 1)
+    with torch.no_grad():
+        s = net(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64))
+    assert s.shape == (2,) and ((s > 0) & (s < 1)).all()
+
+
+def test_missing_weights_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(M.WeightsMissing, match="pt_inception-2015-12-05-6726825d.pth.*--weights-dir"):
+        M.get_extractor("inception", offline=True)
+    with pytest.raises(M.WeightsMissing, match="densenet121.*--weights-dir"):
+        M.get_extractor("xrv", offline=True)
+    with pytest.raises(M.WeightsMissing, match="microsoft/rad-dino.*--weights-dir"):
+        M.get_extractor("raddino", offline=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frechet distance, KID, PRDC
+
+
+def _fid_scipy(x, y):
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2 - 2 * covmean)
+
+
+def test_frechet_closed_form():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))  # common rotation: the covariances commute
+    a, b = rng.uniform(0.5, 3, 6), rng.uniform(0.5, 3, 6)
+    m1, m2 = rng.standard_normal(6), rng.standard_normal(6)
+    want = ((m1 - m2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = M.frechet_distance_from_stats(m1, q @ np.diag(a) @ q.T, m2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(want, rel=1e-10)
+    assert M.frechet_distance_from_stats([1.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(4 + 1)  # 1-D: (2-1)^2
+
+
+def test_frechet_vs_scipy_sqrtm_and_identity():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200, 16)) @ rng.standard_normal((16, 16))
+    y = rng.standard_normal((150, 16)) * 1.3 + 0.2
+    assert M.frechet_distance(x, y) == pytest.approx(_fid_scipy(x, y), rel=1e-6)
+    assert abs(M.frechet_distance(x, x)) < 1e-8 * np.trace(np.cov(x, rowvar=False))
+    # N < D: singular covariances, the warning is raised and scipy still agrees
+    x, y = rng.standard_normal((20, 32)), rng.standard_normal((25, 32)) + 0.1
+    with pytest.warns(UserWarning, match="N=20 < feature dim 32"):
+        got = M.frechet_distance(x, y)
+    assert got == pytest.approx(_fid_scipy(x, y), rel=1e-6)
+
+
+def _kid_numpy(x, y):
+    d, m = x.shape[1], len(x)
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    return ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+
+
+def test_kid_unbiased_and_reference():
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((60, 8)), rng.standard_normal((60, 8)) + 0.3
+    mean, std = M.kid(x, y, subsets=3, subset_size=1000)  # subset = whole set: every draw is a permutation
+    assert mean == pytest.approx(_kid_numpy(x, y), rel=1e-10) and std < 1e-12
+    vals = [M.kid(rng.standard_normal((100, 8)), rng.standard_normal((100, 8)), subsets=5, subset_size=50,
+                  seed=s)[0] for s in range(40)]
+    assert abs(np.mean(vals)) < 3 * np.std(vals) / math.sqrt(len(vals))  # unbiased: expectation 0
+    assert np.mean(vals) + 6 * np.std(vals) / math.sqrt(40) < _kid_numpy(x, y)  # a real shift is far above
+    assert M.kid(x, y, seed=5) == M.kid(x, y, seed=5)
+
+
+def _prdc_numpy(r, f, k):
+    d = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))  # noqa: E731
+    rr, ff, rf = d(r, r), d(f, f), d(r, f)
+    np.fill_diagonal(rr, np.inf), np.fill_diagonal(ff, np.inf)
+    r_r, r_f = np.sort(rr, 1)[:, k - 1], np.sort(ff, 1)[:, k - 1]
+    return {"precision": (rf < r_r[:, None]).any(0).mean(), "recall": (rf < r_f[None]).any(1).mean(),
+            "density": (rf < r_r[:, None]).sum(0).mean() / k, "coverage": (rf.min(1) < r_r).mean()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prdc_hand_computed_with_ties_and_duplicates(dtype):
+    pad = lambda v: np.stack([np.asarray(v, dtype), np.zeros(len(v), dtype)], 1)  # noqa: E731
+    # k=1. radii real 0,1,2,10 -> 1,1,1,8; fake 0.5,1,9,20 -> .5,.5,8,11; real 2 / fake 1 tie at 1 (strict <)
+    got = M.prdc(pad([0, 1, 2, 10]), pad([0.5, 1, 9, 20]), k=1)
+    assert got == pytest.approx({"precision": 0.75, "recall": 0.75, "density": 1.0, "coverage": 0.75})
+    # duplicated real point: its radius is 0, so the fake copy at 0 lies in no ball (0 < 0 is false)
+    got = M.prdc(pad([0, 0, 3, 3.5]), pad([0, 3.25]), k=1)
+    assert got == pytest.approx({"precision": 0.5, "recall": 1.0, "density": 1.0, "coverage": 0.5})
+
+
+def test_prdc_matches_numpy_and_chunking():
+    rng = np.random.default_rng(3)
+    r, f = rng.standard_normal((300, 8)), rng.standard_normal((250, 8)) * 1.2 + 0.1
+    want = _prdc_numpy(r, f, 5)
+    assert M.prdc(r, f, k=5) == pytest.approx(want, abs=1e-12)
+    assert M.prdc(r, f, k=5, mem_mb=0.01) == pytest.approx(want, abs=1e-12)  # one-row chunks
+    with pytest.raises(ValueError, match="at least 6"):
+        M.prdc(r[:5], f, k=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SSIM, MS-SSIM, PSNR
+
+
+def _ssim_ref(x, y, L=1.0):
+    """float64 SSIM with scipy: separable Gaussian (11, 1.5), 'valid' region, K1=.01, K2=.03."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
+    g /= g.sum()
+
+    def filt(a):
+        a = scipy.ndimage.correlate1d(scipy.ndimage.correlate1d(a, g, axis=0), g, axis=1)
+        return a[5:-5, 5:-5]
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    mx, my = filt(x), filt(y)
+    vx, vy, cxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
+    cs = (2 * cxy + c2) / (vx + vy + c2)
+    return ((2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1) * cs).mean(), cs.mean()
+
+
+def _ms_ssim_ref(x, y):
+    w = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    out = 1.0
+    for i in range(5):
+        s, cs = _ssim_ref(x, y)
+        out *= (cs if i < 4 else s) ** w[i]
+        x = x.reshape(x.shape[0] // 2, 2, -1, 2).mean((1, 3))
+        y = y.reshape(y.shape[0] // 2, 2, -1, 2).mean((1, 3))
+    return out
+
+
+def test_ssim_msssim_psnr_hand_checked():
+    rng = np.random.default_rng(4)
+    x = rng.random((192, 192))
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1)
+    assert float(M.ssim(torch.from_numpy(x), torch.from_numpy(y))) == pytest.approx(_ssim_ref(x, y)[0], rel=1e-9)
+    assert float(M.ms_ssim(torch.from_numpy(x), torch.from_numpy(y))) == pytest.approx(_ms_ssim_ref(x, y), rel=1e-9)
+    t = torch.from_numpy(x)
+    assert float(M.ssim(t, t)) == pytest.approx(1.0, abs=1e-12) and float(M.ms_ssim(t, t)) == pytest.approx(1.0)
+    assert math.isinf(float(M.psnr(t, t)))
+    a, b = torch.full((1, 1, 176, 176), 0.2, dtype=torch.float64), torch.full((1, 1, 176, 176), 0.5, dtype=torch.float64)
+    lum = (2 * 0.2 * 0.5 + 1e-4) / (0.2 ** 2 + 0.5 ** 2 + 1e-4)  # constant images: contrast-structure term is 1
+    assert float(M.ssim(a, b)) == pytest.approx(lum, rel=1e-12)
+    assert float(M.ms_ssim(a, b)) == pytest.approx(lum ** 0.1333, rel=1e-12)  # only the coarsest scale's l counts
+    assert float(M.psnr(torch.zeros(8, 8), torch.full((8, 8), 0.1))) == pytest.approx(20.0)
+    assert float(M.psnr(torch.zeros(8, 8), torch.full((8, 8), 6553.5), data_range=65535.0)) == pytest.approx(20.0)
+    assert M.ms_ssim_scales(161) == 5 and M.ms_ssim_scales(160) == 4 and M.ms_ssim_scales(64) == 3
+    small = torch.rand(2, 1, 64, 64, dtype=torch.float64)
+    assert M.ms_ssim(small, small).shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data, privacy, per-condition, CLI
+
+
+def _write_dataset(root, imgs, rows):
+    """A DESIGN.md §4 dataset: meta.csv + shards/00000.safetensors (uint16 [N,1,S,S])."""
+    os.makedirs(os.path.join(root, "shards"), exist_ok=True)
+    save_file({"images": imgs}, os.path.join(root, "shards", "00000.safetensors"))
+    cols = ["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + M.LABELS + [
+        "report", "findings", "shard", "index", "source_path"]
+    with open(os.path.join(root, "meta.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for i, r in enumerate(rows):
+            w.writerow({c: "" for c in cols} | {"shard": 0, "index": i} | r)
+
+
+def _labels(pos):
+    return {lab: ("1" if lab in pos else "0") for lab in M.LABELS}
+
+
+def test_condition_groups():
+    meta = [_labels(["Edema"]), _labels(["No Finding"]), _labels(["Edema", "Fracture"]), {}, _labels([])]
+    g = M.condition_groups(meta)
+    assert g["Edema"] == [0, 2] and g["Fracture"] == [2] and g["No Finding"] == [1] and g["Finding"] == [0, 2]
+    assert g["Pneumonia"] == [] and M.condition_groups([{"id": "x"}]) is None
+
+
+def test_loading_formats_and_bad_input(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "Sub").mkdir(parents=True)
+    a16 = (np.arange(40 * 60).reshape(40, 60) * 27).astype(np.uint16)
+    Image.fromarray(a16).save(d / "Sub" / "b.PNG")
+    Image.fromarray((a16 >> 8).astype(np.uint8)).convert("RGB").save(d / "a.JpG", quality=100)
+    (d / "c.png").write_bytes(b"not an image")
+    s = M.ImageSet(str(d))
+    assert s.ids == ["Sub/b", "a", "c"]  # recursive, sorted, case-insensitive extensions
+    assert np.allclose(s.load(0), a16 / 65535.0, atol=1e-7)  # 16-bit precision kept
+    assert np.abs(s.load(1) - (a16 >> 8) / 255.0).max() < 0.05 and s.load(2) is None
+    sq = M.prepare(s.load(0), 20)
+    assert sq.shape == (20, 20)
+    assert np.allclose(M.square(s.load(0))[:, 0], s.load(0)[:, 10])  # centre crop keeps the aspect ratio
+    assert M.prepare(s.load(0), 0, compat=True).shape == (299, 299)
+    with pytest.raises(SystemExit, match="unreadable image .*c.png"):
+        list(M.iter_images(s, [0, 1, 2], 16, strict=True))
+    batches = list(M.iter_images(s, [0, 1, 2], 16))
+    assert [k for k, _ in batches] == [[0, 1]] and s.skipped == {2}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images in .*empty"):
+        M.ImageSet(str(tmp_path / "empty"))
+    bad = tmp_path / "bad"
+    (bad / "shards").mkdir(parents=True)
+    (bad / "meta.csv").write_text("id,split\nx,test\n")
+    with pytest.raises(SystemExit, match=r"meta.csv lacks the column\(s\) \['shard', 'index'\]"):
+        M.ImageSet(str(bad))
+
+
+def test_dataset_split_rows(tmp_path):
+    imgs = np.arange(6 * 16 * 16, dtype=np.uint16).reshape(6, 1, 16, 16) * 11
+    _write_dataset(str(tmp_path), imgs, [{"id": f"i{i}", "split": "test" if i % 2 else "train"} for i in range(6)])
+    s = M.ImageSet(str(tmp_path), split="test")
+    assert s.ids == ["i1", "i3", "i5"]
+    assert np.allclose(s.load(2), imgs[5, 0] / 65535.0, rtol=0, atol=1e-7)
+
+
+def test_nearest_neighbours_and_planted_duplicate(tmp_path):
+    rng = np.random.default_rng(5)
+    q, bank = rng.random((7, 30)), rng.random((50, 30))
+    d, j = M.nearest_neighbours(q, [bank[:13], bank[13:40], bank[40:]])
+    full = np.sqrt(((q[:, None] - bank[None]) ** 2).sum(-1))
+    assert np.array_equal(j, full.argmin(1)) and np.allclose(d, full.min(1), rtol=1e-12)
+    train, fake = tmp_path / "train", tmp_path / "fake"
+    train.mkdir(), fake.mkdir()
+    imgs = (rng.random((30, 40, 48)) * 65535).astype(np.uint16)
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(train / f"t{i:02d}.png")
+    for i in range(5):
+        Image.fromarray((rng.random((40, 48)) * 65535).astype(np.uint16)).save(fake / f"f{i}.png")
+    near = np.clip(imgs[17].astype(np.int64) + rng.integers(-300, 300, imgs[17].shape), 0, 65535).astype(np.uint16)
+    Image.fromarray(near).save(fake / "f9_copy.png")
+    cfg = M.Config(privacy_size=32, grid=str(tmp_path / "grid.png"), grid_pairs=3, workers=1)
+    res = M.privacy(M.ImageSet(str(fake)), M.ImageSet(str(train)), cfg)["pixel"]
+    assert res["closest"][0]["fake"] == "f9_copy" and res["closest"][0]["train"] == "t17"
+    assert res["count_under_threshold"] == 1 and res["rms_min"] < 0.005 < 0.1 < res["closest"][1]["rms"]
+    assert Image.open(tmp_path / "grid.png").size == (68, 96)
+
+
+def _tiny_hf(root):
+    """A tiny Dinov2 saved locally (random weights) with its image processor: a fast offline feature space."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             patch_size=8, image_size=32)).save_pretrained(root)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
+    return root
+
+
+def test_hf_extractor_clip_and_cache(tmp_path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    clip = str(tmp_path / "clip")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    ex = M.get_extractor(clip)
+    assert ex(torch.rand(3, 1, 40, 50)).shape == (3, 32)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        Image.fromarray((np.random.default_rng(i).random((36, 36)) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    cache = str(tmp_path / "cache")
+    f1, k1, s1 = M.extract_features(M.ImageSet(str(d)), ex, cache_dir=cache, progress=False)
+    f2, k2, s2 = M.extract_features(M.ImageSet(str(d)), ex, cache_dir=cache, progress=False)
+    assert (s1, s2) == ("miss", "hit") and np.array_equal(f1, f2) and k1 == k2 == [0, 1, 2, 3]
+    os.utime(d / "2.png", (1, 1))  # a changed mtime invalidates the entry
+    assert M.extract_features(M.ImageSet(str(d)), ex, cache_dir=cache, progress=False)[2] == "miss"
+
+
+def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rng = np.random.default_rng(6)
+    n = 24
+    imgs = (rng.random((n, 1, 48, 48)) * 65535).astype(np.uint16)
+    pos = [["Edema"] if i % 3 == 0 else (["No Finding"] if i % 3 == 1 else ["Edema", "Fracture"]) for i in range(n)]
+    _write_dataset(str(tmp_path / "real"), imgs, [{"id": f"x{i:02d}", "split": "test", **_labels(pos[i])}
+                                                  for i in range(n)])
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    rows = []
+    for i in range(n):  # half reconstructions of the real images (paired by id), 4 images per prompt
+        a = imgs[i, 0] if i % 2 == 0 else (rng.random((48, 48)) * 65535).astype(np.uint16)
+        Image.fromarray(a).save(fake / f"x{i:02d}.png")
+        rows.append({"id": f"x{i:02d}", "prompt": f"p{i // 4}", **_labels(pos[(i + 1) % n])})
+    with open(fake / "meta.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    hf = _tiny_hf(str(tmp_path / "tinydino"))
+    out = str(tmp_path / "res.json")
+    M.main(["--real", str(tmp_path / "real"), "--fake", str(fake), "--train", str(tmp_path / "real"),
+            "--train-split", "", "--features", f"inception,{hf}", "--offline", "--out", out, "--kid-subsets", "5",
+            "--pixel-size", "48", "--privacy-size", "24", "--cache-dir", str(tmp_path / "c"), "--workers", "1"])
+    text = capsys.readouterr()
+    res = json.load(open(out))
+    assert "pt_inception-2015-12-05-6726825d.pth" in res["skipped_features"]["inception"]
+    assert "skipping inception" in text.err and "paired (N=24)" in text.out
+    f = res["features"][hf]
+    assert f["n_real"] == f["n_fake"] == n and f["dim"] == 32 and f["kid_subset_size"] == n
+    assert {"fd", "kid_mean", "precision", "recall", "density", "coverage"} <= set(f)
+    cond = res["conditions"][hf]
+    assert (cond["Edema"]["n_real"], cond["Edema"]["n_fake"]) == (16, 16)  # labels of real i, of fake i+1
+    assert (cond["Fracture"]["n_real"], cond["No Finding"]["n_fake"], cond["Finding"]["n_real"]) == (8, 8, 16)
+    assert "fd" not in cond["Pneumonia"]  # empty group: reported with N, metrics skipped
+    assert res["paired"]["n_identical"] == 12 and res["diversity"]["groups"] == 6
+    assert res["diversity"]["scales"] == 3 and "not comparable" in res["diversity"]["note"]
+    p = res["privacy"]["pixel"]
+    assert p["n_train"] == n and p["count_under_threshold"] == 12 and p["rms_min"] == 0.0
+    assert res["privacy"]["latent"]["count_under_threshold"] >= 12 and os.path.isfile(p["grid"])
+    assert {"torch", "numpy", "metrics.py"} <= set(res["versions"])
+
+
+def test_cli_on_phantom(phantom64_dir, tmp_path, capsys):
+    hf = _tiny_hf(str(tmp_path / "tinydino"))
+    out = str(tmp_path / "r.json")
+    M.main(["--real", phantom64_dir, "--split", "test", "--fake", phantom64_dir, "--fake-split", "val",
+            "--features", hf, "--metrics", "fd,kid,prdc,conditions", "--offline", "--no-cache", "--out", out,
+            "--kid-subsets", "5"])
+    res = json.load(open(out))
+    f = res["features"][hf]
+    rows = list(csv.DictReader(open(os.path.join(phantom64_dir, "meta.csv"))))
+    assert f["n_real"] == sum(r["split"] == "test" for r in rows) and f["n_fake"] == sum(r["split"] == "val"
+                                                                                        for r in rows)
+    nf = sum(r["split"] == "test" and r["No Finding"] == "1" for r in rows)
+    assert res["conditions"][hf]["No Finding"]["n_real"] == nf
+    assert f["fd"] > 0 and 0 <= f["coverage"] <= 1
+    assert hf in capsys.readouterr().out
