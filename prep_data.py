@@ -458,14 +458,21 @@ def _soft(d, width):
     return np.clip(0.5 + d / width, 0.0, 1.0)
 
 
-def _grid_field(grid, X, Y):
-    """Bilinear sample of a G x G random grid spanning [-1, 1]^2: a smooth field independent of image size."""
+def _interp_matrix(coords, g):
+    """[len(coords), g + 1] bilinear weights of positions in [-1, 1] on a grid of g + 1 nodes spanning [-1, 1]."""
+    f = np.clip((coords + 1) * 0.5 * g, 0, g - 1e-6)
+    i = f.astype(np.int64)
+    w = np.zeros((len(coords), g + 1), np.float32)
+    w[np.arange(len(coords)), i] = 1 - (f - i)
+    w[np.arange(len(coords)), i + 1] = f - i
+    return w
+
+
+def _grid_field(grid, xs, ys):
+    """Bilinear upsampling of a G x G random grid spanning [-1, 1]^2 to the pixel centres xs (columns), ys (rows):
+    a smooth random field that is the same at every image size. Separable: Wy @ grid @ Wx^T."""
     g = grid.shape[0] - 1
-    fx, fy = (X + 1) * 0.5 * g, (Y + 1) * 0.5 * g
-    x0, y0 = np.clip(fx.astype(np.int32), 0, g - 1), np.clip(fy.astype(np.int32), 0, g - 1)
-    tx, ty = fx - x0, fy - y0
-    return ((grid[y0, x0] * (1 - tx) + grid[y0, x0 + 1] * tx) * (1 - ty) +
-            (grid[y0 + 1, x0] * (1 - tx) + grid[y0 + 1, x0 + 1] * tx) * ty)
+    return _interp_matrix(ys, g) @ grid @ _interp_matrix(xs, g).T
 
 
 def _polyline_distance(X, Y, points):
@@ -550,6 +557,7 @@ def _draw_marker(d, X, Y, site, a):
 def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view):
     """Projected density of a PA or AP chest: body, lungs, heart, mediastinum, bones, devices, findings."""
     a, f = P.a, P.f
+    lin = X[0]                                                  # pixel-centre coordinates (separable grid)
     M = {n: i for i, n in enumerate(MASK_NAMES)}
     ap = view == "AP"
     mag = 1.12 if ap else 1.0                                   # AP: heart magnified (closer to the source)
@@ -564,7 +572,13 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
     t = np.clip((Y + 1.05) / 0.35, 0, 1)
     half = 0.22 + (W * 1.17 + 0.06 * fat - 0.22) * t * t * (3 - 2 * t)
     body = _soft(half - np.abs(X - cx), 4 * edge)
-    mu = body * 0.95 * fat
+    # Path length through the torso: thickest in the middle, thinning to the skin edge (an elliptic profile).
+    thickness = np.sqrt(np.clip(1 - ((X - cx) / (half + 1e-3)) ** 2, 0, 1)) ** 0.6
+    mu = body * 0.95 * fat * (0.55 + 0.45 * thickness)
+    for s in (-1, 1):                                           # shoulders: humeral heads and upper arms
+        arm = _soft(_blob(X, Y, cx + s * (half.max() + 0.1), -0.7, 0.18, 0.34), 6 * edge)
+        head = _soft(_blob(X, Y, cx + s * (half.max() + 0.06), -0.86, 0.09, 0.09), 2 * edge)
+        mu = mu + 0.35 * fat * arm + bone * 0.9 * head
     lung_total = np.zeros_like(X)
     dome_y = {}
     lung_shapes = {}
@@ -572,7 +586,7 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
         q = s * (X - cx)
         m, lat = 0.07, 0.93 * W
         peak = y_d - (0.05 if s == -1 else 0.0)                 # right hemidiaphragm higher (liver)
-        dome = peak + 0.15 * ((q - 0.45 * W) / (0.5 * W)) ** 2
+        dome = peak + 0.2 * ((q - 0.45 * W) / (0.5 * W)) ** 2
         dome_y[s] = peak
         qc, rx = (m + lat) / 2, (lat - m) / 2
         y_bot = peak + 0.2
@@ -599,7 +613,9 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
     if present["Enlarged Cardiomediastinum"]:
         masks[M["Enlarged Cardiomediastinum"]] = medi * (Y < hy - 0.05)
     abdomen = body * _soft(Y - np.where(X < cx, dome_y[-1], dome_y[1]) - 0.02, 3 * edge)
-    mu = mu + 0.28 * abdomen - 0.55 * lungs + 0.2 * cardio * (1 - abdomen)
+    basal = np.clip((Y - y_top) / (y_d - y_top), 0, 1)          # more soft tissue over the bases and medially
+    mu = mu + 0.28 * abdomen - lungs * (0.62 - 0.16 * basal - 0.1 * _soft(0.3 - np.abs(X - cx), 0.3)) \
+        + 0.2 * cardio * (1 - abdomen)
     if age > 65:                                                # calcified aortic knob rim
         mu = mu + 0.25 * np.exp(-((_blob(X, Y, cx + medw + 0.02, -0.3 + 0.04 * a[10], 0.06, 0.055) / (1.5 * edge)) ** 2))
     gastric = _soft(_blob(X, Y, cx + 0.32, dome_y[1] + 0.1, 0.1, 0.06), 3 * edge)
@@ -616,26 +632,28 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
     vert = 0.75 + 0.25 * np.cos((Y + a[13]) / 0.085 * np.pi) ** 2
     mu = mu + bone * (0.25 + 0.6 * _soft(-0.4 - Y, 0.2)) * spine * vert
     for s in (-1, 1):
-        pts = [(cx + s * 0.06, -0.72 + 0.03 * a[14]), (cx + s * 0.3, -0.76), (cx + s * 0.62, -0.86 + 0.04 * a[15])]
-        mu = mu + bone * 1.2 * _soft(0.028 - _polyline_distance(X, Y, pts), 1.5 * edge)
+        pts = [(cx + s * 0.06, -0.7 + 0.03 * a[14]), (cx + s * 0.2, -0.74), (cx + s * 0.42, -0.75),
+               (cx + s * 0.66, -0.86 + 0.04 * a[15])]
+        mu = mu + bone * 0.9 * _soft(0.026 - _polyline_distance(X, Y, pts), 1.5 * edge)
         if ap:                                                  # AP: scapulae project over the upper lungs
             scap = _soft(s * (X - cx) - (0.55 * W - 0.25 * (Y + 0.75)), 3 * edge) * _soft(-0.05 - Y, 3 * edge) * body
             mu = mu + 0.12 * scap
     ribs, fracture_mask = _ribs(X, Y, cx, W, y_top, P, present["Fracture"], sides.get("Fracture"), sev, edge)
-    mu = mu + 0.75 * bone * ribs * body
+    mu = mu + 0.6 * bone * ribs * body
     if present["Fracture"]:
         masks[M["Fracture"]] = fracture_mask
     # Lung markings: vessels radiating from the hila, tapering to the periphery, plus fine mottle.
     k = float(np.clip((X.shape[0] / 80.0) ** 2, 1.0, 12.0))
     markings = np.zeros_like(X)
+    warp = 2.0 * _grid_field(P.texture, lin, lin)
+    patchy = np.clip(0.6 + 0.5 * _grid_field(P.texture2, lin * 1.3, lin * 1.3), 0, 1)
     for s in (-1, 1):
         hxs, hys = cx + s * 0.17, -0.1 + 0.03 * a[16]
         r = np.hypot(X - hxs, Y - hys)
         th = np.arctan2(Y - hys, X - hxs)
-        warp = 2.0 * _grid_field(P.texture, X, Y)
-        ves = np.abs(np.cos(6.5 * th + warp + 4 * r)) ** k * np.clip(0.6 + 0.5 * _grid_field(P.texture2, X * 1.3, Y * 1.3), 0, 1)
+        ves = np.abs(np.cos(6.5 * th + warp + 4 * r)) ** k * patchy
         markings = markings + (0.2 * ves * np.exp(-r / 0.45) + 0.15 * np.exp(-(r / 0.1) ** 2)) * lung_total
-    markings = markings + 0.03 * _grid_field(P.texture[::-1], X * 1.7, Y * 1.7) * lungs
+    markings = markings + 0.03 * _grid_field(P.texture[::-1], lin * 1.7, lin * 1.7) * lungs
     # Findings, each from its own placement uniforms f[label index].
     L = {lab: i for i, lab in enumerate(LABELS)}
 
@@ -689,7 +707,7 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
             blob = np.exp(-np.maximum(-_blob(X, Y, bx, by, rad * 1.2, rad, u[3] * 3), 0) / (0.25 * rad) * 4)
             blob = np.clip(_blob(X, Y, bx, by, rad * 1.2, rad, u[3] * 3) / (0.15 * rad) + 0.5, 0, 1) * 0.6 + 0.4 * blob
             if patchy:
-                blob = blob * np.clip(0.7 + 0.6 * _grid_field(P.texture2, X * 2 + u[4], Y * 2 + u[5]), 0, 1.3)
+                blob = blob * np.clip(0.7 + 0.6 * _grid_field(P.texture2, lin * 2 + u[4], lin * 2 + u[5]), 0, 1.3)
             region = blob * lung
             if lab == "Consolidation":                          # air bronchograms inside the dense region
                 th = np.arctan2(Y + 0.1, X - cx - s * 0.17)
@@ -739,7 +757,7 @@ def _ribs(X, Y, cx, W, y_top, P, fractured, side, sev, edge):
     q = np.abs(X - cx)
     sp = 0.125 + 0.012 * a[17]
     inside = _soft(W * 1.0 - q, 2 * edge) * _soft(q - 0.05, 2 * edge) * _soft(Y - y_top + 0.12, 2 * edge)
-    phase = (Y - (y_top - 0.12) + 0.1 * q - 0.42 * q * q + 0.01 * _grid_field(P.texture2, X, Y)) / sp
+    phase = (Y - (y_top - 0.12) + 0.1 * q - 0.6 * q * q + 0.01 * _grid_field(P.texture2, X[0], X[0])) / sp
     fracture_mask = np.zeros_like(X)
     if fractured:
         s = -1 if side == "right" else 1
@@ -749,7 +767,7 @@ def _ribs(X, Y, cx, W, y_top, P, fractured, side, sev, edge):
         outer = on_side & (q > q_f) & (phase > k_f - 0.6) & (phase < k_f + 1.4)
         phase = np.where(outer, phase + 0.15 + 0.25 * sev["Fracture"], phase)
         gap = on_side & (np.abs(q - q_f) < 0.012 + 0.01 * sev["Fracture"]) & (np.floor(phase) == k_f)
-        yq = (y_top - 0.12) - 0.1 * q_f + 0.42 * q_f * q_f + (k_f + 0.2) * sp
+        yq = (y_top - 0.12) - 0.1 * q_f + 0.6 * q_f * q_f + (k_f + 0.2) * sp
         fracture_mask = (np.hypot(X - (cx + s * q_f), Y - yq) < 0.06).astype(np.float32)
     frac_part = phase - np.floor(phase)
     wband = 0.5
@@ -822,7 +840,7 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
     ribs = np.abs(np.cos((Y - 0.3 * X) / 0.1 * np.pi)) ** 8 * lung * 0.3
     mu = mu + bone * ribs
     r = np.hypot(X - 0.05, Y + 0.1)
-    markings = (0.08 * np.abs(np.cos(6 * np.arctan2(Y + 0.1, X - 0.05) + 0.8 * _grid_field(P.texture, X, Y)))
+    markings = (0.08 * np.abs(np.cos(6 * np.arctan2(Y + 0.1, X - 0.05) + 0.8 * _grid_field(P.texture, X[0], X[0])))
                 ** float(np.clip((X.shape[0] / 80.0) ** 2, 1, 12)) * np.exp(-r / 0.4) + 0.1 * np.exp(-(r / 0.1) ** 2)) * lungs
     L = {lab: i for i, lab in enumerate(LABELS)}
     if present["Pleural Effusion"]:                             # fluid fills the posterior costophrenic sulcus
