@@ -453,6 +453,9 @@ _MARKER_BITMAPS = {"L": ["10000", "10000", "10000", "10000", "10000", "10000", "
                    "R": ["11110", "10001", "10001", "11110", "10100", "10010", "10001"]}
 
 
+_F0, _F1, _F2, _F3 = (np.float32(v) for v in range(4))                   # float32 exponents keep images in float32
+
+
 def _soft(d, width):
     """Anti-aliased inside-indicator from a signed distance d (> 0 inside) over an edge of the given width."""
     return np.clip(0.5 + d / width, 0.0, 1.0)
@@ -504,8 +507,10 @@ class Patient:
 
 
 def _patient(seed):
-    return Patient(np.random.default_rng([seed, 1]).random(48), np.random.default_rng([seed, 2]).random((14, 8)),
-                   np.random.default_rng([seed, 5]).random(32),
+    # float32 scalars keep every array in float32 (a float64 scalar would promote the whole image to float64)
+    return Patient(np.random.default_rng([seed, 1]).random(48, np.float32),
+                   np.random.default_rng([seed, 2]).random((14, 8), np.float32),
+                   np.random.default_rng([seed, 5]).random(32, np.float32),
                    np.random.default_rng([seed, 3]).standard_normal((33, 33)).astype(np.float32),
                    np.random.default_rng([seed, 6]).standard_normal((17, 17)).astype(np.float32))
 
@@ -517,10 +522,10 @@ def render(values, sides, severity, seed, size):
     X, Y = np.meshgrid(lin, lin)
     P = _patient(seed)
     a = P.a
-    age, male = float(values["age"]), values["sex"] == 2
+    age, male = float(values["age"]), bool(values["sex"] == 2)
     view = CATEGORIES["view"][values["view"] - 1]
     site = SITES[PHANTOM_SOURCES[values["dataset"] - 1]]
-    present = {lab: values[lab] >= POS for lab in LABELS}
+    present = {lab: bool(values[lab] >= POS) for lab in LABELS}
     sev = {lab: SEVERITY_SCALE[severity.get(lab, "mild")] for lab in LABELS}
     masks = np.zeros((len(MASK_NAMES), S, S), np.float32)
     edge = 1.5 * px
@@ -566,7 +571,7 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
     fat = 0.85 + 0.35 * a[2]                                    # soft-tissue thickness
     y_top = -0.74 + 0.06 * a[3]                                 # lung apices
     y_d = 0.40 + 0.08 * a[4]                                    # diaphragm (inspiration depth)
-    osteo = np.clip((age - 50) / 45, 0, 1)                      # osteopenia with age: fainter bones
+    osteo = min(max((age - 50) / 45, 0.0), 1.0)                    # osteopenia with age: fainter bones
     bone = (0.32 - 0.14 * osteo) * (1.0 + 0.1 * male)
     # Body outline: chest wall, shoulders narrowing to the neck; abdomen below the domes.
     t = np.clip((Y + 1.05) / 0.35, 0, 1)
@@ -591,7 +596,7 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
         qc, rx = (m + lat) / 2, (lat - m) / 2
         y_bot = peak + 0.2
         yc, ry = (y_top + y_bot) / 2, (y_bot - y_top) / 2
-        F = np.abs((q - qc) / rx) ** 2.4 + np.abs((Y - yc) / ry) ** np.where(Y < yc, 2.0, 3.0)
+        F = np.abs((q - qc) / rx) ** 2.4 + np.abs((Y - yc) / ry) ** np.where(Y < yc, _F2, _F3)
         d_el = (1 - F) * min(rx, ry) / 2.4
         lung = _soft(d_el, 2 * edge) * _soft(dome - Y, 2 * edge) * _soft(q - m, 2 * edge)
         lung_shapes[s] = (q, qc, rx, yc, ry, dome, lung, d_el)
@@ -667,7 +672,7 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
             c = 0.9 - 0.25 * sev["Pneumothorax"] - 0.05 * f[L["Pneumothorax"], 0]
             hq, hyy = 0.12, -0.05
             qq, yy = hq + (q - hq) / c, hyy + (Y - hyy) / c
-            Fc = np.abs((qq - qc) / rx) ** 2.4 + np.abs((yy - yc) / ry) ** np.where(yy < yc, 2.0, 3.0)
+            Fc = np.abs((qq - qc) / rx) ** 2.4 + np.abs((yy - yc) / ry) ** np.where(yy < yc, _F2, _F3)
             dc = (1 - Fc) * min(rx, ry) / 2.4 * c
             collapsed = _soft(dc, 2 * edge) * _soft(dome - Y, 2 * edge)
             rim = np.clip(lung - collapsed, 0, 1) * (1 - cardio)
@@ -775,7 +780,7 @@ def _ribs(X, Y, cx, W, y_top, P, fractured, side, sev, edge):
     cortex = 0.55 + 0.45 * np.abs(2 * frac_part / wband - 1) ** 3
     post = in_rib * cortex
     if fractured:
-        post = post * (1 - gap)
+        post = np.where(gap, np.float32(0), post)
     aphase = (Y - (y_top + 0.05) - 0.35 * (W - q)) / (sp * 1.15)
     afrac = aphase - np.floor(aphase)
     ant = _soft(np.minimum(afrac, 0.35 - afrac) * sp, 1.5 * edge) * (aphase > 0) * (aphase < 6) * _soft(q - 0.3, 8 * edge)
@@ -814,7 +819,7 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
     a, f = P.a, P.f
     M = {n: i for i, n in enumerate(MASK_NAMES)}
     fat = 0.85 + 0.35 * a[2]
-    osteo = np.clip((age - 50) / 45, 0, 1)
+    osteo = min(max((age - 50) / 45, 0.0), 1.0)
     bone = (0.32 - 0.14 * osteo) * (1.0 + 0.1 * male)
     depth = 0.62 + 0.08 * a[1]
     body = _soft(_blob(X, Y, 0.0, 0.1, depth + 0.1, 1.3), 4 * edge)
@@ -822,7 +827,7 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
     y_top, y_ant, y_post = -0.7 + 0.06 * a[3], 0.3 + 0.06 * a[4], 0.55 + 0.06 * a[4]
     dome = y_ant + (y_post - y_ant) * np.clip((X + depth) / (2 * depth), 0, 1) ** 1.5
     lx, rx = -0.5, 0.42
-    F = np.abs((X - (lx + rx) / 2) / ((rx - lx) / 2)) ** 2.6 + np.abs((Y - 0.05) / 0.78) ** np.where(Y < 0.05, 2.0, 3.0)
+    F = np.abs((X - (lx + rx) / 2) / ((rx - lx) / 2)) ** 2.6 + np.abs((Y - 0.05) / 0.78) ** np.where(Y < 0.05, _F2, _F3)
     d_el = (1 - F) * 0.3
     lung = _soft(d_el, 2 * edge) * _soft(dome - Y, 2 * edge)
     ctr_scale = 1.0 + (0.22 + 0.12 * sev["Cardiomegaly"]) * present["Cardiomegaly"]
@@ -832,7 +837,7 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
     mu = mu - 0.5 * lungs + 0.15 * heart + 0.28 * body * _soft(Y - dome - 0.02, 3 * edge)
     kyph = 0.1 * osteo * a[12]
     sx = 0.53 - kyph * (0.4 - (Y + 0.2) ** 2)
-    spine = _soft(0.08 - np.abs(X - sx), 1.5 * edge) * (0.6 + 0.4 * (np.cos((Y + a[13]) / 0.09 * np.pi) ** 2 > 0.15))
+    spine = _soft(0.08 - np.abs(X - sx), 1.5 * edge) * np.where(np.cos((Y + a[13]) / 0.09 * np.pi) ** 2 > 0.15, _F1, np.float32(0.6))
     sternum = _soft(0.025 - np.abs(X + depth - 0.06 + 0.05 * Y), 1.5 * edge) * (Y > -0.7) * (Y < 0.25)
     mu = mu + bone * (1.2 * spine + sternum)
     trachea = _soft(0.03 - np.abs(X - 0.02 - 0.15 * (Y + 1)), 1.5 * edge) * (Y < -0.25)
@@ -880,7 +885,7 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
         u = f[L["Fracture"]]
         fy = -0.3 + 0.5 * u[0]
         brk = np.hypot(X - 0.35, Y - fy) < 0.05
-        mu = mu + bone * 0.8 * brk * (np.abs(Y - fy - 0.03 * (X > 0.35)) < 0.012)
+        mu = mu + np.where(brk & (np.abs(Y - fy - 0.03 * (X > 0.35)) < 0.012), np.float32(bone * 0.8), _F0)
         masks[M["Fracture"]] = brk
     if present["Enlarged Cardiomediastinum"]:
         medi = _soft(0.12 + 0.04 * sev["Enlarged Cardiomediastinum"] - np.abs(X + 0.05), 2 * edge) * (Y < y_ant - 0.4) * (Y > -0.7)
@@ -1184,9 +1189,11 @@ def main(argv=None):
     cf.add_argument("--no-masks", action="store_true", help="do not store masks")
     args = p.parse_args(argv)
     if args.cmd == "phantom":
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         rows = make_phantom(args.out, args.n, args.size, args.seed, args.workers, not args.no_masks, args.shard_size)
-        print(f"wrote {len(rows)} images ({args.size}px) to {args.out} in {time.time() - t0:.1f}s")
+        cpu = time.process_time() - c0
+        print(f"wrote {len(rows)} images ({args.size}px) to {args.out} in {time.time() - t0:.1f}s"
+              + (f" ({len(rows) / cpu:.0f} images per CPU-second)" if args.workers == 1 and cpu > 0.5 else ""))
     elif args.cmd == "sheet":
         contact_sheet(args.data, args.out, args.n, args.cols, args.tile, args.split, args.masks,
                       args.ids.split(",") if args.ids else None)

@@ -284,10 +284,17 @@ def test_writer_reader_round_trip(tmp_path):
     assert rows == P.make_phantom(out, n=50, size=32, seed=3, shard_size=16)   # re-run: everything skipped
 
 
+def test_workers_give_the_same_dataset(tmp_path):
+    one = P.make_phantom(str(tmp_path / "one"), n=40, size=32, seed=5, shard_size=10, workers=1)
+    two = P.make_phantom(str(tmp_path / "two"), n=40, size=32, seed=5, shard_size=10, workers=2)
+    assert one == two
+    assert np.array_equal(P.load_pixels(str(tmp_path / "one"), one), P.load_pixels(str(tmp_path / "two"), two))
+
+
 def test_resume_after_killed_run(tmp_path):
     out, ref = str(tmp_path / "killed"), str(tmp_path / "clean")
-    cmd = [sys.executable, os.path.join(ROOT, "prep_data.py"), "phantom", "--n", "600", "--size", "64",
-           "--shard-size", "20", "--seed", "7"]
+    cmd = [sys.executable, os.path.join(ROOT, "prep_data.py"), "phantom", "--n", "300", "--size", "64",
+           "--shard-size", "10", "--seed", "7"]
     proc = subprocess.Popen(cmd + ["--out", out], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     shards = os.path.join(out, "shards")
     deadline = time.time() + 60
@@ -341,12 +348,12 @@ def test_contact_sheet(phantom64_dir, tmp_path):
 def test_small_cnn_sees_cardiomegaly_and_effusion(tmp_path):
     """A small CNN trained for a few seconds separates the findings on held-out phantoms (AUC > 0.9)."""
     torch.manual_seed(0)
-    seeds = np.arange(2400) + 900_000_000
+    seeds = np.arange(1800) + 900_000_000
     rows, images, _ = P.phantom_rows_and_pixels(seeds, 32, with_masks=False)
     x = torch.from_numpy(images.astype(np.float32) / 65535.0 * 2 - 1)
     names = ["Cardiomegaly", "Pleural Effusion"]
     y = torch.tensor([[{"1": 1.0, "0": 0.0}.get(r[n], float("nan")) for n in names] for r in rows])
-    n_train = 2000
+    n_train = 1400
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -354,7 +361,7 @@ def test_small_cnn_sees_cardiomegaly_and_effusion(tmp_path):
         torch.nn.Flatten(), torch.nn.Linear(256, 2))
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     g = torch.Generator().manual_seed(0)
-    for step in range(500):
+    for step in range(250):
         idx = torch.randint(0, n_train, (64,), generator=g)
         logits, target = net(x[idx]), y[idx]
         ok = ~torch.isnan(target)
@@ -369,4 +376,5 @@ def test_small_cnn_sees_cardiomegaly_and_effusion(tmp_path):
         ok = ~np.isnan(t)
         pos, neg = scores[ok][t[ok] == 1, j], scores[ok][t[ok] == 0, j]
         auc = stats.mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg))
+        print(name, auc)
         assert auc > 0.9, (name, auc, len(pos))
