@@ -2,6 +2,8 @@
 
     python kernels/bench.py                  # full table (markdown), bf16
     python kernels/bench.py --quick          # fewer sizes, for a smoke run
+    python kernels/bench.py --compile-only 90   # no GPU needed: compile every kernel x config for sm_90 and report
+                                                # shared memory / registers / spills (triton ahead-of-time compile)
 
 Attention: forward, backward and forward+backward TFLOP/s for D in {64, 128}, L = Lq = Lk in {256, 1024, 4096},
 non-causal, B*L = 16384 tokens and H*D = 2048, against torch.nn.functional.scaled_dot_product_attention with
@@ -69,6 +71,93 @@ def cpu_self_check():
         if not err < 1e-5:
             failures.append(f"rms_norm {name}: relative error {err:.2e}")
     return failures
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compile-only report (no GPU): does every kernel x autotune config build for a target, and does it fit?
+# ----------------------------------------------------------------------------------------------------------------
+
+# Max dynamic shared memory per block (bytes) by compute capability; configs above it are dropped by the autotuner.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+
+
+def _compile(fn, types, consts, target, num_warps, num_stages):
+    """Ahead-of-time compile of one kernel specialisation; returns (shared bytes, registers, spill bytes)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.compiler import ASTSource
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    # What the JIT assumes at run time for 16-divisible pointers and strides (it is what enables cp.async / TMA).
+    aligned = [i for i, n in enumerate(fn.arg_names) if sig[n].startswith("*") or n.startswith("stride")]
+    src = ASTSource(fn, sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    k = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    regs = spill = -1
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(k.asm["cubin"])
+            out = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+        fields = dict(kv.split(":") for kv in out.split() if ":" in kv and kv.split(":")[0] in ("REG", "LOCAL"))
+        regs, spill = int(fields.get("REG", -1)), int(fields.get("LOCAL", -1))
+    return k.metadata.shared, regs, spill
+
+
+def compile_report(arch, dtype_name, quick):
+    """Compile the attention kernels (every autotune config, D in {64, 128}) and the RMSNorm kernels (hidden sizes of
+    the bench) for sm_<arch>; print resources; returns 1 if a kernel fails to build or has no config that fits."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    A, R = sys.modules["kernels.attention"], sys.modules["kernels.rmsnorm"]
+    if A.INTERPRET:
+        print("--compile-only needs TRITON_INTERPRET unset")
+        return 1
+    target = GPUTarget("cuda", arch, 32)
+    limit = SHARED_LIMIT.get(arch, 101376)
+    t, tl_dtype = f"*{dtype_name}", {"bf16": tl.bfloat16, "fp16": tl.float16}[dtype_name]
+    types = dict(Q=t, K=t, V=t, O=t, DO=t, DQ=t, DK=t, DV=t, LSE="*fp32", DELTA="*fp32", KL="*i32",
+                 qk_scale="fp32", sm_scale="fp32", X=t, Y=t, DY=t, DX=t, W="*fp32", RSTD="*fp32", DW_PARTIAL="*fp32",
+                 eps="fp32")
+    print(f"compile-only report for sm_{arch} ({dtype_name}; shared-memory limit {limit // 1024} KiB per block), "
+          f"triton {triton.__version__}\n")
+    print("| kernel | shape | config | shared KiB | registers | spill bytes | fits |\n|---|---|---|---|---|---|---|")
+    failed = 0
+    for D in ((64,) if quick else (64, 128)):
+        for name, fn, cfgs in (("attn fwd", A._attn_fwd, A._fwd_configs()), ("attn dK/dV", A._attn_bwd_dkdv,
+                               A._bwd_configs()), ("attn dQ", A._attn_bwd_dq, A._bwd_configs())):
+            fits = 0
+            for cfg in (cfgs[:1] if quick else cfgs):
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                consts = dict(D=D, HAS_KL=True, PRECISION="tf32", DOT_DTYPE=tl_dtype, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D)
+                desc = f"| {name} | D={D} | {bm}x{bn}, {cfg.num_warps} warps, {cfg.num_stages} stages |"
+                try:
+                    sh, regs, spill = _compile(fn, types, consts, target, cfg.num_warps, cfg.num_stages)
+                except Exception as e:  # noqa: BLE001  (report every failing config, then fail)
+                    print(f"{desc} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | no |")
+                    continue
+                fits += sh <= limit
+                print(f"{desc} {sh / 1024:.0f} | {regs} | {spill} | {'yes' if sh <= limit else 'no'} |")
+            if not fits:
+                print(f"no {name} config builds and fits for D={D}")
+                failed = 1
+    pre = (R._rms_fwd, R._rms_bwd)
+    for N in ((1536,) if quick else (16, 64, 1536, 4096, 8192, 16384)):
+        block_n, rows, warps = R._tile(N)
+        for name, fn in zip(("rmsnorm fwd", "rmsnorm bwd"), pre):
+            try:
+                sh, regs, spill = _compile(fn, types, dict(HAS_W=True, ROWS=rows, BLOCK_N=block_n), target, warps, 3)
+            except Exception as e:  # noqa: BLE001
+                print(f"| {name} | N={N} | FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | no |")
+                failed = 1
+                continue
+            print(f"| {name} | N={N} | {rows} rows x {block_n}, {warps} warps | {sh / 1024:.0f} | {regs} | {spill} | "
+                  f"{'yes' if sh <= limit else 'no'} |")
+    print("\ncompile-only: " + ("FAILED" if failed else "every kernel builds, with at least one fitting config"))
+    return failed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +304,13 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="input dtype of the timed kernels")
     p.add_argument("--quick", action="store_true", help="one size per table (smoke run)")
     p.add_argument("--skip-check", action="store_true", help="skip the GPU correctness re-check (not recommended)")
+    p.add_argument("--compile-only", type=int, default=None, metavar="SM",
+                   help="no GPU needed: compile all kernels for compute capability SM (e.g. 90, 80) and report "
+                        "shared memory, registers and spills instead of timing")
     args = p.parse_args(argv)
+
+    if args.compile_only is not None:
+        return compile_report(args.compile_only, args.dtype, args.quick)
 
     if not torch.cuda.is_available():
         print("kernels/bench.py: no CUDA device here, so nothing is timed. "

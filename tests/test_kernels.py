@@ -293,3 +293,15 @@ def test_bench_without_cuda_runs_self_check():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no CUDA" in r.stdout and "self-check passed" in r.stdout
+
+
+def test_kernels_compile_for_hopper_without_gpu():
+    """The interpreter cannot catch what only the GPU compiler rejects: build each kernel for sm_90 (triton's
+    ahead-of-time path with its bundled ptxas, no GPU needed) and check it fits in shared memory."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "kernels", "bench.py"), "--compile-only", "90", "--quick"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("| yes |") == 5 and "FAILED" not in r.stdout
