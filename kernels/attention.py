@@ -409,14 +409,20 @@ def attention_triton(q, k, v, key_lengths=None, scale=None):
     """Triton FlashAttention-2 (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)."""
     if triton is None:
         raise RuntimeError("attention_triton: triton is not installed (use attention_reference)")
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        # Same contract as SDPA under autocast (DESIGN.md: bf16 autocast): run in the autocast dtype.
+        dt = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     scale = _check(q, k, v, key_lengths, scale)
     D = q.shape[-1]
     if D > 128:
         raise ValueError(f"attention_triton: head dim D={D} > 128 is not supported (use attention_reference)")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"attention_triton: dtype {q.dtype} not supported (float32, float16, bfloat16)")
-    B, H, Lq, _ = q.shape
+    B, H = q.shape[:2]
     Lk = k.shape[2]
+    if B * H > 65535:
+        raise ValueError(f"attention_triton: B*H = {B * H} exceeds the 65535 grid limit (use attention_reference)")
     if q.numel() == 0:                      # nothing to launch
         return attention_reference(q, k, v, key_lengths, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -2,7 +2,7 @@
 
     y = rms_norm(x, weight=None, eps=1e-6)                 # from kernels import rms_norm
 
-Normalises over the last dimension (N = x.shape[-1], 16 <= N <= 16384 on the Triton path, any N on the
+Normalises over the last dimension (N = x.shape[-1], N <= 16384 on the Triton path, any N on the
 reference path), for any leading shape; math in fp32 (fp64 inputs stay fp64 on the reference path), output in
 x's dtype. RadiT normalises queries and keys with it over the head dim (QK-RMSNorm, radit App. B.2).
 
@@ -172,8 +172,7 @@ class _RMSNorm(torch.autograd.Function):
         y = _empty(x2.shape, x.dtype, x.device)
         rstd = _empty((M,), torch.float32, x.device)
         _rms_fwd[(triton.cdiv(M, rows),)](x2, weight if weight is not None else x2, y, rstd, M, N, eps,
-                                                HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n,
-                                                num_warps=warps)
+                                          HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -189,7 +188,7 @@ class _RMSNorm(torch.autograd.Function):
         has_w = weight is not None
         partial = _empty((n_prog, N), torch.float32, x2.device) if has_w else rstd     # rstd: unused dummy
         _rms_bwd[(n_prog,)](x2, weight if has_w else x2, dy, rstd, dx, partial, M, N,
-                                  HAS_W=has_w, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+                            HAS_W=has_w, ROWS=rows, BLOCK_N=block_n, num_warps=warps)
         dw = partial.sum(0).to(weight.dtype) if has_w else None       # the one fp32 reduction over programs
         return dx.view(ctx.x_shape), dw, None
 
