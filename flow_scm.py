@@ -253,7 +253,7 @@ class MPFourier(nn.Module):
         self.register_buffer("phases", 2 * math.pi * torch.rand(channels, generator=g))
 
     def forward(self, x):
-        return (x.float()[:, None] * self.freqs + self.phases).cos() * math.sqrt(2)
+        return (x.to(self.freqs.dtype)[:, None] * self.freqs + self.phases).cos() * math.sqrt(2)   # fp32
 
 
 class GroupedLinear(nn.Module):
@@ -279,7 +279,8 @@ class GroupedLayerNorm(nn.Module):
 
     def forward(self, x, idx=None):
         w, b = (self.weight, self.bias) if idx is None else (self.weight[idx], self.bias[idx])
-        return F.layer_norm(x.float(), x.shape[-1:]).to(x.dtype) * w.to(x.dtype) + b.to(x.dtype)
+        y = F.layer_norm(x.to(torch.promote_types(x.dtype, torch.float32)), x.shape[-1:])   # norms in >= fp32
+        return y.to(x.dtype) * w.to(x.dtype) + b.to(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -366,13 +367,13 @@ class FlowSCM(nn.Module):
         """Magnitude-preserving scaled sum of the parents' embeddings (radit Eq. 6-7): sum_p e_p / sqrt(|pa|)."""
         ps = self.parents[var]
         if not ps:                                                   # roots: a flow with no conditioning
-            return torch.zeros(n, self.emb_dim, device=self.age_stats.device)
+            return self.age_stats.new_zeros(n, self.emb_dim)
         return sum(self.embed(p, values[p]) for p in ps) / math.sqrt(len(ps))
 
     def condition_all(self, values, n):
         """`condition` of all 19 flows at once: [19, B, emb_dim]."""
         if not self.used:
-            return torch.zeros(len(VARIABLES), n, self.emb_dim, device=self.age_stats.device)
+            return self.age_stats.new_zeros(len(VARIABLES), n, self.emb_dim)
         e = torch.stack([self.embed(p, values[p]) for p in self.used])              # [P, B, d]
         return torch.einsum("vp,pbd->vbd", self.mix.to(e.dtype), e)
 
@@ -577,7 +578,7 @@ def dataset_names(data_dir, rows):
             names = json.load(f).get("datasets")
         if names:
             return list(names)
-    return sorted({r["dataset"] for r in rows if r["dataset"]})
+    return sorted({r["dataset"] for r in rows if r["dataset"]}) or ["unknown"]
 
 
 def encode_rows(rows, datasets, where):
