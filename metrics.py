@@ -47,6 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import load_file as load_np, save_file as save_np
+from safetensors.torch import load_file as load_pt, save_file as save_pt
 
 VERSION = "1.0"
 PREP_VERSION = "1"  # bump when preprocessing changes: it is part of the feature-cache key
@@ -99,7 +102,6 @@ class Config:
     cache_dir: str = ""  # feature cache ('' = ~/.cache/cxr-gen/metrics)
     no_cache: bool = False
     strict: bool = False  # an unreadable image is fatal instead of skipped and counted
-    limit: int = 0  # use at most this many images per set (0 = all), for quick looks
 
 
 def build_parser(cls=Config, **kw):
@@ -117,17 +119,13 @@ def build_parser(cls=Config, **kw):
 
 def _field_comments(cls):
     """Help strings are the trailing comments of the dataclass fields (one source of truth)."""
-    out = {}
     try:
         with open(__file__, encoding="utf-8") as fh:
-            src = fh.read().split(f"class {cls.__name__}", 1)[1].split("\n\n\n", 1)[0]
-        for line in src.splitlines():
-            line = line.strip()
-            if ":" in line and "#" in line and not line.startswith(("#", '"')):
-                out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip().replace("%", "%%")
+            src = fh.read().split(f"class {cls.__name__}", 1)[1].split("\n\n\n", 1)[0].splitlines()
     except (OSError, IndexError):
-        pass
-    return out
+        return {}
+    return {ln.split(":", 1)[0].strip(): ln.split("#", 1)[1].strip().replace("%", "%%") for ln in src
+            if ":" in ln and "#" in ln and not ln.strip().startswith(("#", '"'))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,107 +149,95 @@ def _tf_avg_pool(x):
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-class FIDInceptionA(nn.Module):
+class _Block(nn.Module):
+    """An Inception block's named BasicConv2d branches, built from (name, cin, cout, kernel, padding, stride) rows."""
+
+    def __init__(self, spec):
+        super().__init__()
+        for name, cin, cout, k, pad, stride in spec:
+            self.add_module(name, BasicConv2d(cin, cout, kernel_size=k, padding=pad, stride=stride))
+
+    def seq(self, x, *names):
+        for n in names:
+            x = getattr(self, n)(x)
+        return x
+
+
+class FIDInceptionA(_Block):
     """Inception-A block of the TF FID graph (Mixed_5b/c/d)."""
 
     def __init__(self, cin, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+        super().__init__([("branch1x1", cin, 64, 1, 0, 1), ("branch5x5_1", cin, 48, 1, 0, 1),
+                          ("branch5x5_2", 48, 64, 5, 2, 1), ("branch3x3dbl_1", cin, 64, 1, 0, 1),
+                          ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 1, 1),
+                          ("branch_pool", cin, pool_features, 1, 0, 1)])
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([b1, b5, b3, self.branch_pool(_tf_avg_pool(x))], 1)
+        return torch.cat([self.branch1x1(x), self.seq(x, "branch5x5_1", "branch5x5_2"),
+                          self.seq(x, "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"),
+                          self.branch_pool(_tf_avg_pool(x))], 1)
 
 
-class InceptionB(nn.Module):
+class InceptionB(_Block):
     """Grid-reduction block Mixed_6a."""
 
     def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+        super().__init__([("branch3x3", cin, 384, 3, 0, 2), ("branch3x3dbl_1", cin, 64, 1, 0, 1),
+                          ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 0, 2)])
 
     def forward(self, x):
-        b3 = self.branch3x3(x)
-        bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([b3, bd, F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([self.branch3x3(x), self.seq(x, "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"),
+                          F.max_pool2d(x, 3, stride=2)], 1)
 
 
-class FIDInceptionC(nn.Module):
+class FIDInceptionC(_Block):
     """Inception-C block with factorised 7x7 convolutions (Mixed_6b..6e)."""
 
     def __init__(self, cin, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        h, v = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of the 1x7 and 7x1 factors
+        super().__init__([("branch1x1", cin, 192, 1, 0, 1), ("branch7x7_1", cin, c7, 1, 0, 1),
+                          ("branch7x7_2", c7, c7, *h, 1), ("branch7x7_3", c7, 192, *v, 1),
+                          ("branch7x7dbl_1", cin, c7, 1, 0, 1), ("branch7x7dbl_2", c7, c7, *v, 1),
+                          ("branch7x7dbl_3", c7, c7, *h, 1), ("branch7x7dbl_4", c7, c7, *v, 1),
+                          ("branch7x7dbl_5", c7, 192, *h, 1), ("branch_pool", cin, 192, 1, 0, 1)])
 
     def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for i in range(1, 6):
-            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
-        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_tf_avg_pool(x))], 1)
+        return torch.cat([self.branch1x1(x), self.seq(x, *(f"branch7x7_{i}" for i in (1, 2, 3))),
+                          self.seq(x, *(f"branch7x7dbl_{i}" for i in range(1, 6))),
+                          self.branch_pool(_tf_avg_pool(x))], 1)
 
 
-class InceptionD(nn.Module):
+class InceptionD(_Block):
     """Grid-reduction block Mixed_7a."""
 
     def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+        super().__init__([("branch3x3_1", cin, 192, 1, 0, 1), ("branch3x3_2", 192, 320, 3, 0, 2),
+                          ("branch7x7x3_1", cin, 192, 1, 0, 1), ("branch7x7x3_2", 192, 192, (1, 7), (0, 3), 1),
+                          ("branch7x7x3_3", 192, 192, (7, 1), (3, 0), 1), ("branch7x7x3_4", 192, 192, 3, 0, 2)])
 
     def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([self.seq(x, "branch3x3_1", "branch3x3_2"),
+                          self.seq(x, *(f"branch7x7x3_{i}" for i in range(1, 5))), F.max_pool2d(x, 3, stride=2)], 1)
 
 
-class FIDInceptionE(nn.Module):
+class FIDInceptionE(_Block):
     """Inception-E block; the FID graph's second one (Mixed_7c, 'E_2') pools with max instead of average."""
 
     def __init__(self, cin, max_pool=False):
-        super().__init__()
+        h, v = ((1, 3), (0, 1)), ((3, 1), (1, 0))
+        super().__init__([("branch1x1", cin, 320, 1, 0, 1), ("branch3x3_1", cin, 384, 1, 0, 1),
+                          ("branch3x3_2a", 384, 384, *h, 1), ("branch3x3_2b", 384, 384, *v, 1),
+                          ("branch3x3dbl_1", cin, 448, 1, 0, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
+                          ("branch3x3dbl_3a", 384, 384, *h, 1), ("branch3x3dbl_3b", 384, 384, *v, 1),
+                          ("branch_pool", cin, 192, 1, 0, 1)])
         self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
     def forward(self, x):
         b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        bd = self.seq(x, "branch3x3dbl_1", "branch3x3dbl_2")
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
-        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pool)], 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(bd),
+                          self.branch3x3dbl_3b(bd), self.branch_pool(pool)], 1)
 
 
 class FIDInceptionV3(nn.Module):
@@ -401,8 +387,7 @@ def feature_stats(x):
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"features must be [N>=2, D], got shape {x.shape}")
-    mu = x.mean(0)
-    xc = x - mu
+    mu, xc = x.mean(0), x - x.mean(0)
     return mu, (xc.T @ xc) / (len(x) - 1)
 
 
@@ -438,8 +423,7 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6):
         tr, imag = _trace_sqrt_product(s1 + off, s2 + off)
         if not np.isfinite(tr) or imag > 1e-3 * max(tr, 1.0):
             raise ValueError(f"Frechet distance: imaginary component {imag:.3g} in the matrix square root")
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr)
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2.0 * tr)
 
 
 def frechet_distance(x, y, eps=1e-6):
@@ -491,19 +475,13 @@ def _sqdist(a, b):
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min_(0)
 
 
-def _chunk_rows(n_cols, mem_mb, itemsize):
-    return max(1, int(mem_mb * 2 ** 20 // (max(n_cols, 1) * itemsize * 3)))
-
-
 def knn_radii(x, k=5, mem_mb=256):
     """Squared distance of every row of x to its k-th nearest other row (itself excluded by index, so duplicates
     count as neighbours at distance 0); computed in row chunks so memory stays bounded."""
-    n = len(x)
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    step = _chunk_rows(n, mem_mb, x.element_size())
+    n, out = len(x), torch.empty(len(x), dtype=x.dtype, device=x.device)
+    step = max(1, int(mem_mb * 2 ** 20 // (n * x.element_size() * 3)))  # ~3 chunk-sized temporaries
     for s in range(0, n, step):
-        d = _sqdist(x[s:s + step], x)
-        rows = torch.arange(d.shape[0], device=x.device)
+        d, rows = _sqdist(x[s:s + step], x), torch.arange(min(step, n - s), device=x.device)
         d[rows, rows + s] = float("inf")
         out[s:s + step] = torch.topk(d, k, dim=1, largest=False).values[:, -1]
     return out
@@ -523,7 +501,7 @@ def prdc(real, fake, k=5, device=None, mem_mb=256):
     balls_per_fake = torch.zeros(m, dtype=torch.float64, device=real.device)
     covered = torch.zeros(n, dtype=torch.bool, device=real.device)
     recalled = torch.zeros(n, dtype=torch.bool, device=real.device)
-    step = _chunk_rows(m, mem_mb, real.element_size())
+    step = max(1, int(mem_mb * 2 ** 20 // (m * real.element_size() * 3)))
     for s in range(0, n, step):
         d = _sqdist(real[s:s + step], fake)
         inside = d < r_real[s:s + step, None]
@@ -565,7 +543,7 @@ def _ssim_cs(x, y, data_range, win=11, sigma=1.5):
 
 
 def ssim(x, y, data_range=1.0):
-    """SSIM per image; x, y: [H, W], [C, H, W] or [N, C, H, W]; `data_range` explicit (1 for [0,1], 65535 for uint16)."""
+    """SSIM per image; x, y: [H, W], [C, H, W] or [N, C, H, W]; data_range explicit (1 for [0,1], 65535 uint16)."""
     x, y = _as_images(x), _as_images(y).to(_as_images(x).dtype)
     if min(x.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11 px, got {tuple(x.shape[-2:])}")
@@ -606,9 +584,7 @@ def ms_ssim(x, y, data_range=1.0, scales=None):
 
 def psnr(x, y, data_range=1.0):
     """PSNR in dB per image, 10 log10(range^2 / MSE); identical images give inf."""
-    x, y = _as_images(x).double(), _as_images(y).double()
-    mse = ((x - y) ** 2).mean((1, 2, 3))
-    out = 10 * torch.log10(data_range ** 2 / mse)
+    out = 10 * torch.log10(data_range ** 2 / ((_as_images(x).double() - _as_images(y).double()) ** 2).mean((1, 2, 3)))
     return out if len(out) > 1 else out[0]
 
 
@@ -634,7 +610,7 @@ def nearest_neighbours(queries, bank_batches, device=None):
 
 def pearson(a, b):
     """Pearson correlation of two equal-shaped arrays (flattened), float64."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    a, b = (np.asarray(v, np.float64).ravel() for v in (a, b))
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 0 else float("nan")
@@ -648,16 +624,15 @@ def _read_meta(path, need=()):
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     cols = set(rows[0].keys()) if rows else set()
-    missing = [c for c in need if c not in cols]
-    if missing:
+    if missing := [c for c in need if c not in cols]:
         raise SystemExit(f"metrics: {path} lacks the column(s) {missing} (expected the DESIGN.md §4 columns)")
     return rows
 
 
 class ImageSet:
-    """A list of images: a folder (recursive, sorted, case-insensitive extensions) or a §4 dataset (meta.csv+shards)."""
+    """Images of a folder (recursive, sorted, case-insensitive extensions) or a §4 dataset (meta.csv + shards)."""
 
-    def __init__(self, root, split="", limit=0):
+    def __init__(self, root, split=""):
         self.root = root = os.path.abspath(root)
         if not os.path.isdir(root):
             raise SystemExit(f"metrics: {root} is not a folder (expected images or a dataset with meta.csv)")
@@ -669,41 +644,29 @@ class ImageSet:
             rows = [r for r in rows if not split or r["split"] == split]
             if not rows:
                 raise SystemExit(f"metrics: {meta_path} has no rows with split={split!r}")
-            self.items = [(int(r["shard"]), int(r["index"])) for r in rows]
-            self.ids = [r["id"] for r in rows]
+            self.items, self.ids = [(int(r["shard"]), int(r["index"])) for r in rows], [r["id"] for r in rows]
             self.meta = rows
         else:
-            files = []
-            for d, subdirs, names in os.walk(root):
-                subdirs.sort()
-                files += [os.path.join(d, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
-            files.sort()
+            files = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+                           if n.lower().endswith(IMAGE_EXTS))
             if not files:
                 raise SystemExit(f"metrics: no images in {root} (looked recursively for {', '.join(IMAGE_EXTS)})")
             self.items = files
             self.ids = [os.path.splitext(os.path.relpath(f, root))[0].replace(os.sep, "/") for f in files]
             if os.path.isfile(meta_path):
                 self.meta = self._match_meta(_read_meta(meta_path), meta_path)
-        if limit:
-            self.items, self.ids = self.items[:limit], self.ids[:limit]
-            self.meta = self.meta[:limit] if self.meta else self.meta
         self._shards = {}
 
     def _match_meta(self, rows, path):
         """Rows of a folder's meta.csv belong to images by `id` (relative path or file stem) or by `file`/`path`."""
-        key = next((c for c in ("id", "file", "path", "filename") if rows and c in rows[0]), None)
-        if key is None:
-            warnings.warn(f"{path} has none of the columns id/file/path/filename; ignoring it")
-            return None
-        by = {}
-        for r in rows:
+        key, by = next((c for c in ("id", "file", "path", "filename") if rows and c in rows[0]), None), {}
+        for r in rows if key else []:
             v = os.path.splitext(r[key].replace("\\", "/"))[0]
             by[v] = by[v.rsplit("/", 1)[-1]] = r
         meta = [by.get(i, by.get(i.rsplit("/", 1)[-1], {})) for i in self.ids]
         if not any(meta):
-            warnings.warn(f"{path}: no row matches an image of {self.root}; ignoring it")
-            return None
-        return meta
+            warnings.warn(f"{path}: no row matches an image of {self.root} by id/file/path/filename; ignoring it")
+        return meta if any(meta) else None
 
     def __len__(self):
         return len(self.items)
@@ -729,7 +692,6 @@ class ImageSet:
                 shard, idx = self.items[i]
                 path = os.path.join(self.root, "shards", f"{shard:05d}.safetensors")
                 if path not in self._shards:
-                    from safetensors import safe_open
                     self._shards[path] = safe_open(path, framework="np")
                 a = self._shards[path].get_slice("images")[idx:idx + 1]
                 return (np.asarray(a, np.float32)[0, 0] / 65535.0)
@@ -780,8 +742,8 @@ def prepare(img, size, fit="crop", compat=False):
     return resize(square(img, fit), size) if size else square(img, fit)
 
 
-def _online(cfg_offline=False):
-    return not (cfg_offline or os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1")
+def _online(offline=False):
+    return not (offline or os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1")
 
 
 class WeightsMissing(Exception):
@@ -817,8 +779,7 @@ def find_weights(filenames, url, weights_dir="", extra_dirs=(), offline=False):
 def load_state(path):
     """State dict from safetensors, or from a tensor-only pickle with torch.load(weights_only=True)."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
+        return load_pt(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
@@ -860,13 +821,9 @@ def safe_load_pickled_module(path, max_rounds=200):
             with torch.serialization.safe_globals(stubs):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
             break
-        except pickle.UnpicklingError as e:
-            msg = str(e)
-            marker = "GLOBAL "
-            if marker not in msg:
-                raise
-            name = msg.split(marker, 1)[1].split()[0].rstrip(".,")
-            if any(f"{s.__module__}.{s.__qualname__}" == name for s in stubs):
+        except pickle.UnpicklingError as e:  # "... GLOBAL module.Name was not an allowed global ..."
+            name = str(e).split("GLOBAL ", 1)[1].split()[0].rstrip(".,") if "GLOBAL " in str(e) else ""
+            if not name or any(f"{s.__module__}.{s.__qualname__}" == name for s in stubs):
                 raise
             stubs.append(_stub_class(name))
     else:
@@ -877,16 +834,13 @@ def safe_load_pickled_module(path, max_rounds=200):
 
     def walk(o, prefix):
         st = getattr(o, "_state", None) or getattr(o, "__dict__", {})
-        st = st[1] if isinstance(st, tuple) and len(st) == 2 else st  # (dict, slotstate) form
-        if not isinstance(st, dict):
-            return
-        for kind in ("_parameters", "_buffers"):
-            for k, v in (st.get(kind) or {}).items():
-                if torch.is_tensor(v):
-                    out[prefix + k] = v.detach().clone()
-        for k, child in (st.get("_modules") or {}).items():
-            if child is not None:
-                walk(child, prefix + k + ".")
+        st = st[0] if isinstance(st, tuple) and len(st) == 2 else st  # (dict, slotstate) form
+        if isinstance(st, dict):
+            out.update({prefix + k: v.detach().clone() for kind in ("_parameters", "_buffers")
+                        for k, v in (st.get(kind) or {}).items() if torch.is_tensor(v)})
+            for k, child in (st.get("_modules") or {}).items():
+                if child is not None:
+                    walk(child, prefix + k + ".")
 
     walk(obj, "")
     if not out:
@@ -905,12 +859,11 @@ HF_ALIASES = {"raddino": "microsoft/rad-dino", "dinov2": "facebook/dinov2-base",
 
 def convert_xrv(src, dst):
     """Pickled torchxrayvision model -> safetensors with the DenseNet's parameter names (atomic write)."""
-    from safetensors.torch import save_file
     sd = safe_load_pickled_module(src)
     sd = {k: v.contiguous() for k, v in sd.items() if k.startswith(("features.", "classifier."))}
     load_into(XRVDenseNet(num_classes=sd["classifier.weight"].shape[0]), sd, src)  # validates the layout
     tmp = dst + ".tmp"
-    save_file(sd, tmp, metadata={"source": os.path.basename(src), "converted_by": f"metrics.py {VERSION}"})
+    save_pt(sd, tmp, metadata={"source": os.path.basename(src), "converted_by": f"metrics.py {VERSION}"})
     os.replace(tmp, dst)
     return dst
 
@@ -963,12 +916,16 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
     """Build a feature extractor by name ('inception', 'xrv', 'raddino', 'dinov2', 'clip', or a transformers
     model id / local path). Missing weights raise WeightsMissing unless allow_random_weights."""
     device = torch.device(device)
-    rnd = False
-    if name == "inception":
-        net, src = FIDInceptionV3(), "random"
+    if name in ("inception", "xrv"):
+        inc = name == "inception"
+        net, src, rnd = (FIDInceptionV3() if inc else XRVDenseNet()), "random", False
+        files, url, cache = ((["pt_inception-2015-12-05.safetensors", FID_FILE], FID_URL,
+                              "~/.cache/torch/hub/checkpoints") if inc else
+                             ([XRV_SAFE, XRV_FILE], XRV_URL, "~/.torchxrayvision/models_data"))
         try:
-            src = find_weights(["pt_inception-2015-12-05.safetensors", FID_FILE], FID_URL, weights_dir,
-                               ["~/.cache/torch/hub/checkpoints"], offline)
+            src = find_weights(files, url, weights_dir, [cache], offline)
+            if src.endswith(".pt"):  # torchxrayvision pickles the whole model: converted once, read without its code
+                src = convert_xrv(src, os.path.join(os.path.dirname(src), XRV_SAFE))
             load_into(net, load_state(src), src)
         except WeightsMissing:
             if not allow_random_weights:
@@ -977,23 +934,10 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
             for m in net.modules():  # variance-preserving init, so random features do not vanish with depth
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight)
-        return Extractor(name, net, 299, 2048, "gray->RGB, square by crop/pad, bilinear+antialias to 299, "
-                         "scaled to [-1,1] (pytorch-fid convention)", src, rnd, device)
-    if name == "xrv":
-        net, src = XRVDenseNet(), "random"
-        try:
-            try:
-                src = find_weights([XRV_SAFE], "", weights_dir, ["~/.cache/cxr-gen/weights"], True)
-            except WeightsMissing:
-                pt = find_weights([XRV_FILE], XRV_URL, weights_dir, ["~/.torchxrayvision/models_data"], offline)
-                src = convert_xrv(pt, os.path.splitext(pt)[0] + ".safetensors")
-            load_into(net, load_state(src), src)
-        except WeightsMissing:
-            if not allow_random_weights:
-                raise
-            rnd = True
-        return Extractor(name, net, 224, 1024, "1 channel, square by crop/pad, bilinear+antialias to 224, "
-                         "[0,1] -> [-1024,1024] (xrv normalize); ReLU + global average pool", src, rnd, device)
+        prep = ("gray->RGB, square by crop/pad, bilinear+antialias to 299, [0,1] -> [-1,1] (pytorch-fid); pool3"
+                if inc else "1 channel, square by crop/pad, bilinear+antialias to 224, [0,1] -> [-1024,1024] "
+                "(xrv normalize); ReLU + global average pool")
+        return Extractor(name, net, 299 if inc else 224, 2048 if inc else 1024, prep, src, rnd, device)
     return _hf_extractor(name, weights_dir, allow_random_weights, device, offline)
 
 
@@ -1002,11 +946,8 @@ def _hf_extractor(name, weights_dir, allow_random_weights, device, offline):
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModel
     transformers.logging.set_verbosity_error()
     repo = HF_ALIASES.get(name, name)
-    cands = [repo] if os.path.isdir(repo) else []
-    if weights_dir:
-        cands += [os.path.join(weights_dir, repo.replace("/", "--")), os.path.join(weights_dir, repo.split("/")[-1])]
-    cands = [c for c in cands if os.path.isdir(c)] + ([] if os.path.isdir(repo) else [repo])
-    err = None
+    wd = [os.path.join(weights_dir, repo.replace("/", "--")), os.path.join(weights_dir, repo.split("/")[-1])]
+    cands, err = [c for c in [repo] + (wd if weights_dir else []) if os.path.isdir(c)] + [repo], None
     for c in cands:
         try:
             local = os.path.isdir(c) or not _online(offline)
@@ -1024,12 +965,10 @@ def _hf_extractor(name, weights_dir, allow_random_weights, device, offline):
                              f"save it with save_pretrained into --weights-dir DIR/{repo.replace('/', '--')}")
     # Random weights with the published architecture defaults (ViT-B): smoke tests only.
     from transformers import BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, Dinov2Config, Dinov2Model
-    if name == "clip":
-        net, proc = CLIPVisionModel(CLIPVisionConfig()), CLIPImageProcessor()
-    else:
-        net = Dinov2Model(Dinov2Config())
-        proc = BitImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    net, proc = ((CLIPVisionModel(CLIPVisionConfig()), CLIPImageProcessor()) if name == "clip" else (
+        Dinov2Model(Dinov2Config()), BitImageProcessor(size={"shortest_edge": 224}, image_mean=[.485, .456, .406],
+                                                       crop_size={"height": 224, "width": 224},
+                                                       image_std=[.229, .224, .225])))
     return Extractor(name, net, None, 768, f"random ViT-B, {type(proc).__name__} 224", "random", True, device, proc)
 
 
@@ -1040,11 +979,9 @@ class Progress:
         self.total, self.what, self.t0, self.last, self.done = total, what, time.time(), 0.0, 0
 
     def update(self, n):
-        self.done += n
-        now = time.time()
+        self.done, now = self.done + n, time.time()
         if now - self.last > 2 or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
+            self.last, rate = now, self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
             print(f"  {self.what}: {self.done}/{self.total} {rate:.1f} img/s ETA {eta:.0f}s", file=sys.stderr)
 
@@ -1090,8 +1027,7 @@ def extract_features(images, extractor="inception", batch_size=64, device=None, 
     key = images.fingerprint(f"{ex.name}|{ex.weights}|{ex.preprocessing}|{fit}|{compat}|{PREP_VERSION}")
     cache = os.path.join(cache_dir, f"{ex.name.replace('/', '--')}-{key[:24]}.safetensors") if cache_dir else None
     if cache and os.path.isfile(cache):
-        from safetensors.numpy import load_file
-        d = load_file(cache)
+        d = load_np(cache)
         return d["features"], d["indices"].tolist(), "hit"
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -1115,9 +1051,8 @@ def extract_features(images, extractor="inception", batch_size=64, device=None, 
         order = np.argsort(kept)
         kept, f = [kept[i] for i in order], f[order]
     if cache and rank == 0:
-        from safetensors.numpy import save_file
         os.makedirs(cache_dir, exist_ok=True)
-        save_file({"features": np.ascontiguousarray(f), "indices": np.asarray(kept, np.int64)}, cache + ".tmp")
+        save_np({"features": np.ascontiguousarray(f), "indices": np.asarray(kept, np.int64)}, cache + ".tmp")
         os.replace(cache + ".tmp", cache)
     return f, kept, ("miss" if cache else "off")
 
@@ -1140,22 +1075,16 @@ def condition_groups(meta):
     return groups
 
 
-def _catch(fn, *a, **kw):
-    """Run fn; return (value, warnings as strings)."""
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        v = fn(*a, **kw)
-    return v, [str(x.message) for x in w]
-
-
 def distribution_metrics(fr, ff, cfg, chosen, device):
     """FD, KID and PRDC between two feature sets, with N, skipping (with the reason) what the sizes do not allow."""
     out = {"n_real": int(len(fr)), "n_fake": int(len(ff))}
     notes = []
     if "fd" in chosen:
         if min(len(fr), len(ff)) >= 2:
-            out["fd"], w = _catch(frechet_distance, fr, ff)
-            notes += w
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                out["fd"] = frechet_distance(fr, ff)
+            notes += [str(x.message) for x in w]
         else:
             notes.append("fd skipped: fewer than 2 images")
     if "kid" in chosen:
@@ -1182,10 +1111,14 @@ def _rows(kept, wanted):
     return [pos[i] for i in wanted if i in pos]
 
 
+def _iter(images, indices, size, cfg, batch_size=None):
+    return iter_images(images, indices, size, cfg.fit, cfg.chexgenbench_compat, cfg.workers,
+                       batch_size or cfg.batch_size, cfg.strict)
+
+
 def _pixels(images, indices, size, cfg):
     out, kept = [], []
-    for keep, batch in iter_images(images, indices, size, cfg.fit, cfg.chexgenbench_compat, cfg.workers,
-                                   cfg.batch_size, cfg.strict):
+    for keep, batch in _iter(images, indices, size, cfg):
         kept += keep
         out += batch
     return kept, (np.stack(out) if out else np.zeros((0, size, size), np.float32))
@@ -1228,7 +1161,7 @@ def diversity(fake, cfg):
         pairs = [(row[a], row[b]) for a, b in pairs if a in row and b in row]
         if not pairs:
             continue
-        a, b = torch.from_numpy(px[[p[0] for p in pairs]])[:, None], torch.from_numpy(px[[p[1] for p in pairs]])[:, None]
+        a, b = (torch.from_numpy(px[[p[i] for p in pairs]])[:, None] for i in (0, 1))
         means.append(float(torch.atleast_1d(ms_ssim(a, b, 1.0)).mean()))
         npairs += len(pairs)
     scales = ms_ssim_scales(cfg.pixel_size)
@@ -1264,22 +1197,14 @@ def paired(real, fake, pairs, cfg):
             "size": cfg.pixel_size, "data_range": 1.0}
 
 
-def _save_png(path, arr):
-    tmp = path + ".tmp.png"
-    Image.fromarray((np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
-
-
 def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
     """Memorisation (chexgenbench §2.3, done over the whole training set): each synthetic image's nearest
     training image by pixel L2 (same crop/resize, float) and by distance of unit-normalised features."""
     out = {}
-    fk, q = _pixels(fake, list(range(len(fake))), cfg.privacy_size, cfg)
-    bank_kept = []
+    (fk, q), bank_kept = _pixels(fake, list(range(len(fake))), cfg.privacy_size, cfg), []
 
     def bank():
-        for keep, batch in iter_images(train, list(range(len(train))), cfg.privacy_size, cfg.fit,
-                                       cfg.chexgenbench_compat, cfg.workers, 256, cfg.strict):
+        for keep, batch in _iter(train, list(range(len(train))), cfg.privacy_size, cfg, 256):
             bank_kept.extend(keep)
             if batch:
                 yield np.stack(batch).reshape(len(batch), -1)
@@ -1298,12 +1223,14 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
         for r in np.argsort(d)[:cfg.grid_pairs]:
             t = prepare(train.load(bank_kept[j[r]]), cfg.privacy_size, cfg.fit, cfg.chexgenbench_compat)
             rows.append(np.concatenate([q[r], np.ones((cfg.privacy_size, 4), np.float32), t], 1))
-        _save_png(grid, np.concatenate(rows, 0))
+        Image.fromarray((np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8)).save(grid + ".tmp.png")
+        os.replace(grid + ".tmp.png", grid)
         out["pixel"]["grid"] = grid
     if fake_feats is not None and train_feats is not None:
         name, (ff, fkept), (tf, tkept) = fake_feats[0], fake_feats[1], train_feats
         unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
-        dl, _ = nearest_neighbours(unit(ff), [unit(tf)], device)
+        tf = unit(tf)
+        dl, _ = nearest_neighbours(unit(ff), (tf[s:s + 4096] for s in range(0, len(tf), 4096)), device)
         out["latent"] = {"features": name, "n_fake": len(fkept), "n_train": len(tkept), "mean": float(dl.mean()),
                          "min": float(dl.min()), "threshold": cfg.feat_threshold,
                          "count_under_threshold": int((dl < cfg.feat_threshold).sum())}
@@ -1317,14 +1244,12 @@ def reid_scores(fake, train, cfg, device):
     al. 2022; chexgenbench §2.3 Avg / Max Re-ID score, Count[s > delta]). Input assumed 256 px, gray replicated
     to RGB, ImageNet mean/std (torchvision pretrained ResNet-50 convention)."""
     net = load_into(SiameseReID(), load_state(cfg.reid_weights), cfg.reid_weights).eval().to(device)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in ([.485, .456, .406], [.229, .224, .225]))
 
     @torch.no_grad()
     def embed(images):
         es = []
-        for _, batch in iter_images(images, list(range(len(images))), 256, cfg.fit, cfg.chexgenbench_compat,
-                                    cfg.workers, cfg.batch_size, cfg.strict):
+        for _, batch in _iter(images, list(range(len(images))), 256, cfg):
             if batch:
                 x = torch.from_numpy(np.stack(batch))[:, None].to(device).expand(-1, 3, -1, -1)
                 es.append(net.embed((x - mean) / std))
@@ -1348,17 +1273,15 @@ def factual(real, fake, pairs, cfg, device):
         ex = get_extractor("xrv", cfg.weights_dir, cfg.allow_random_weights, device, cfg.offline)
         net, rnd, src = ex.net, ex.random_weights, ex.weights
     else:
-        sd = load_state(cfg.classifier)
+        sd, rnd, src = load_state(cfg.classifier), False, cfg.classifier
         if "classifier.weight" not in sd:
-            raise SystemExit(f"metrics: {cfg.classifier} is not an xrv-layout DenseNet-121 (no classifier.weight)")
-        net = load_into(XRVDenseNet(sd["classifier.weight"].shape[0]), sd, cfg.classifier).eval().to(device)
-        rnd, src = False, cfg.classifier
+            raise SystemExit(f"metrics: {src} is not an xrv-layout DenseNet-121 (no classifier.weight)")
+        net = load_into(XRVDenseNet(sd["classifier.weight"].shape[0]), sd, src).eval().to(device)
 
     @torch.no_grad()
     def predict(images, idx):
         ps, kept = [], []
-        for keep, batch in iter_images(images, idx, 224, cfg.fit, cfg.chexgenbench_compat, cfg.workers,
-                                       cfg.batch_size, cfg.strict):
+        for keep, batch in _iter(images, idx, 224, cfg):
             if batch:
                 x = torch.from_numpy(np.stack(batch))[:, None].to(device)
                 ps.append(torch.sigmoid(net(x * 2048 - 1024)).float().cpu())
@@ -1374,8 +1297,7 @@ def factual(real, fake, pairs, cfg, device):
 
 
 def _versions():
-    import scipy
-    import transformers
+    import scipy, transformers  # noqa: E401
     return {"metrics.py": VERSION, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__, "transformers": transformers.__version__}
 
@@ -1385,21 +1307,18 @@ def evaluate(cfg):
     if not cfg.fake:
         raise SystemExit("metrics: --fake is required (a folder of synthetic images)")
     chosen = ALL_METRICS if cfg.metrics == "all" else tuple(m.strip() for m in cfg.metrics.split(","))
-    bad = [m for m in chosen if m not in ALL_METRICS]
-    if bad:
+    if bad := [m for m in chosen if m not in ALL_METRICS]:
         raise SystemExit(f"metrics: unknown --metrics {bad}; expected some of {','.join(ALL_METRICS)}")
     if cfg.fit not in ("crop", "pad"):
         raise SystemExit(f"metrics: --fit {cfg.fit!r}; expected crop or pad")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    real = ImageSet(cfg.real, cfg.split, cfg.limit)
-    fake = ImageSet(cfg.fake, cfg.fake_split, cfg.limit)
-    train = ImageSet(cfg.train, cfg.train_split, cfg.limit) if cfg.train and "privacy" in chosen else None
+    real, fake = ImageSet(cfg.real, cfg.split), ImageSet(cfg.fake, cfg.fake_split)
+    train = ImageSet(cfg.train, cfg.train_split) if cfg.train and "privacy" in chosen else None
     cache_dir = None if cfg.no_cache else (cfg.cache_dir or os.path.expanduser("~/.cache/cxr-gen/metrics"))
     res = {"versions": _versions(), "device": str(device), "config": dataclasses.asdict(cfg),
            "real": {"path": real.root, "n": len(real), "split": cfg.split if real.is_dataset else None},
            "fake": {"path": fake.root, "n": len(fake)}, "features": {}, "skipped_features": {}}
-    spaces = [s.strip() for s in cfg.features.split(",") if s.strip()]
-    feats = {}
+    spaces, feats = [s.strip() for s in cfg.features.split(",") if s.strip()], {}
     rgroups, fgroups = condition_groups(real.meta), condition_groups(fake.meta)
     kw = dict(batch_size=cfg.batch_size, device=device, fit=cfg.fit, compat=cfg.chexgenbench_compat,
               workers=cfg.workers, strict=cfg.strict, cache_dir=cache_dir)
@@ -1414,18 +1333,16 @@ def evaluate(cfg):
         fr, kr, cr = extract_features(real, ex, **kw)
         ff, kf, cf = extract_features(fake, ex, **kw)
         feats[name] = (ex, fr, kr, ff, kf)
-        entry = dict(ex.info(), cache={"real": cr, "fake": cf})
-        entry.update(distribution_metrics(fr, ff, cfg, chosen, device))
-        res["features"][name] = entry
+        res["features"][name] = dict(ex.info(), cache={"real": cr, "fake": cf},
+                                     **distribution_metrics(fr, ff, cfg, chosen, device))
         if "conditions" in chosen and rgroups and fgroups:
             res.setdefault("conditions", {})[name] = {
                 g: distribution_metrics(fr[_rows(kr, rgroups[g])], ff[_rows(kf, fgroups[g])], cfg, chosen, device)
                 for g in rgroups}
-    for s in (real, fake):
+    for key, s in (("real", real), ("fake", fake)):
         if getattr(s, "skipped", None):
-            res["real" if s is real else "fake"]["unreadable_skipped"] = len(s.skipped)
-            print(f"metrics: skipped {len(s.skipped)} unreadable image(s) in {s.root}, e.g. {s.last_error}",
-                  file=sys.stderr)
+            res[key]["unreadable_skipped"] = len(s.skipped)
+            print(f"metrics: skipped {len(s.skipped)} unreadable image(s), e.g. {s.last_error}", file=sys.stderr)
     if "conditions" in chosen and not (rgroups and fgroups):
         res["conditions_skipped"] = "per-condition metrics need label columns in the meta.csv of both real and fake"
     if "diversity" in chosen:
@@ -1453,54 +1370,33 @@ def evaluate(cfg):
 
 
 def format_table(res):
-    """The readable stdout summary of a results dict."""
-    lines = [f"real {res['real']['path']} (N={res['real']['n']})   fake {res['fake']['path']} (N={res['fake']['n']})"]
-    lines.append(f"{'feature space':<14}{'FD':>12}{'KID (x1e3)':>18}{'prec':>7}{'rec':>7}{'dens':>7}{'cov':>7}"
-                 f"{'N real/fake':>14}")
-
-    def num(d, k, fmt="{:.3f}"):
-        return fmt.format(d[k]) if k in d else "-"
+    """The readable stdout summary of a results dict (every number is also in results.json)."""
+    lines = [f"real {res['real']['path']} (N={res['real']['n']})   fake {res['fake']['path']} (N={res['fake']['n']})",
+             f"{'feature space':<16}{'FD':>11}{'KID x1e3':>17}{'prec':>7}{'rec':>7}{'dens':>7}{'cov':>7}{'N r/f':>10}"]
+    rnd = "   random weights, not comparable"
 
     def row(label, d):
+        f = lambda k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
         kid_s = f"{d['kid_mean'] * 1e3:.2f}+-{d['kid_std'] * 1e3:.2f}" if "kid_mean" in d else "-"
-        return (f"{label:<14}{num(d, 'fd', '{:.3f}'):>12}{kid_s:>18}{num(d, 'precision'):>7}{num(d, 'recall'):>7}"
-                f"{num(d, 'density'):>7}{num(d, 'coverage'):>7}{str(d['n_real']) + '/' + str(d['n_fake']):>14}")
+        return (f"{label[:15]:<16}{f('fd'):>11}{kid_s:>17}{f('precision'):>7}{f('recall'):>7}{f('density'):>7}"
+                f"{f('coverage'):>7}{str(d['n_real']) + '/' + str(d['n_fake']):>10}")
 
     for name, d in res["features"].items():
-        lines.append(row(name, d) + ("   random weights, not comparable" if d.get("random_weights") else ""))
-    for name, msg in res.get("skipped_features", {}).items():
-        lines.append(f"{name:<14}skipped: {msg}")
+        lines.append(row(name.rsplit("/", 1)[-1], d) + (rnd if d.get("random_weights") else ""))
+    lines += [f"{name:<16}skipped: {msg}" for name, msg in res.get("skipped_features", {}).items()]
     for name, groups in res.get("conditions", {}).items():
-        rnd = res["features"][name].get("random_weights")
-        lines.append(f"per condition, {name}" + (" (random weights, not comparable)" if rnd else "") + ":")
-        for g, d in groups.items():
-            lines.append(row("  " + g[:12], d))
-    if "diversity" in res:
-        d = res["diversity"]
-        lines.append("diversity: " + (d["skipped"] if "skipped" in d else
-                     f"MS-SSIM {d['ms_ssim_mean']:.4f}+-{d['ms_ssim_std']:.4f} over {d['groups']} groups "
-                     f"({d['pairs']} pairs, by {d['group_by']}, {d['size']} px, {d['scales']} scales)"))
-    if "paired" in res:
-        d = res["paired"]
-        lines.append(f"paired (N={d['n']}): SSIM {d['ssim_mean']:.4f}+-{d['ssim_std']:.4f}  PSNR {d['psnr_mean']:.2f}"
-                     f"+-{d['psnr_std']:.2f} dB  identical {d['n_identical']}")
-    if "factual" in res:
-        d = res["factual"]
-        lines.append("factual correctness: " + (d["skipped"] if "skipped" in d else
-                     f"Pearson {d['pearson']:.4f} (per-class mean {d['pearson_per_class_mean']:.4f}, N={d['n']})"
-                     + ("  random weights, not comparable" if d["random_weights"] else "")))
-    if "privacy" in res:
-        p = res["privacy"]["pixel"]
-        lines.append(f"privacy, pixel ({p['size']} px, N train={p['n_train']}): RMS to nearest mean {p['rms_mean']:.4f} "
-                     f"min {p['rms_min']:.4f}; {p['count_under_threshold']} under {p['threshold_rms']}")
-        if "latent" in res["privacy"]:
-            p = res["privacy"]["latent"]
-            lines.append(f"privacy, {p['features']} features: distance to nearest mean {p['mean']:.4f} min "
-                         f"{p['min']:.4f}; {p['count_under_threshold']} under {p['threshold']}")
-        if "reid" in res["privacy"]:
-            p = res["privacy"]["reid"]
-            lines.append(f"privacy, re-id: mean {p['mean']:.4f} max {p['max']:.4f}; {p['count_over_threshold']} "
-                         f"over {p['threshold']}")
+        lines.append(f"per condition, {name}:" + (rnd if res["features"][name].get("random_weights") else ""))
+        lines += [row("  " + g, d) for g, d in groups.items()]
+
+    def flat(d):
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
+                         if not isinstance(v, (list, dict)))
+
+    for sec in ("diversity", "paired", "factual"):
+        if sec in res:
+            lines.append(f"{sec}: {flat(res[sec])}" + (rnd if res[sec].get("random_weights") else ""))
+    for sec, d in res.get("privacy", {}).items():
+        lines.append(f"privacy, {sec}: {flat(d)}")
     return "\n".join(lines)
 
 
@@ -1509,13 +1405,12 @@ def format_table(res):
 
 
 def _mem_mb(field):
+    """VmRSS / VmHWM of this process in MB; _mem_mb('reset') zeroes the peak (Linux clear_refs "5")."""
+    if field == "reset":
+        with open("/proc/self/clear_refs", "w") as fh:
+            return fh.write("5")
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith(field)) / 1024
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as fh:  # "5" resets VmHWM (Linux), so each stage has its own peak
-        fh.write("5")
 
 
 def _prdc_full_matrix(real, fake, k):
@@ -1547,32 +1442,25 @@ def _fid_sqrtm(x, y):
 def bench(argv):
     """CPU ratios measured in one run: Frechet distance vs scipy sqrtm; PRDC vs full pairwise matrices."""
     p = argparse.ArgumentParser(prog="metrics.py bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n", type=int, default=10000, help="features per set")
-    p.add_argument("--dim", type=int, default=2048, help="feature dimension")
-    p.add_argument("--k", type=int, default=5, help="PRDC k")
-    p.add_argument("--seed", type=int, default=0, help="feature generator seed")
-    p.add_argument("--device", default="cpu", help="device for prdc()")
+    for flag, default, hlp in (("--n", 10000, "features per set"), ("--dim", 2048, "feature dimension"),
+                               ("--k", 5, "PRDC k"), ("--seed", 0, "feature generator seed"),
+                               ("--device", "cpu", "device for prdc()")):
+        p.add_argument(flag, type=type(default), default=default, help=hlp)
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
     mix = rng.standard_normal((a.dim, a.dim)).astype(np.float32) / np.sqrt(a.dim)  # correlated, non-negative
     real = np.maximum(rng.standard_normal((a.n, a.dim)).astype(np.float32) @ mix, 0)
-    fake = np.maximum((rng.standard_normal((a.n, a.dim)).astype(np.float32) * 1.1 + 0.05) @ mix, 0)
+    fake = np.maximum((rng.standard_normal((a.n, a.dim)).astype(np.float32) * 1.02 + 0.01) @ mix, 0)
     out = {"n": a.n, "dim": a.dim, "k": a.k, "torch_threads": torch.get_num_threads(), **_versions()}
-    t = time.perf_counter()
-    fd = frechet_distance(real, fake)
-    out["fd_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    fd_ref = _fid_sqrtm(real, fake)
-    out["fd_sqrtm_s"] = time.perf_counter() - t
-    out.update(fd=fd, fd_sqrtm=fd_ref, fd_rel_diff=abs(fd - fd_ref) / abs(fd_ref), fd_speedup=out["fd_sqrtm_s"] / out["fd_s"])
-    for name, fn in (("prdc", lambda: prdc(real, fake, a.k, a.device)),
+    for name, fn in (("fd", lambda: frechet_distance(real, fake)), ("fd_sqrtm", lambda: _fid_sqrtm(real, fake)),
+                     ("prdc", lambda: prdc(real, fake, a.k, a.device)),
                      ("prdc_full_matrix", lambda: _prdc_full_matrix(real, fake, a.k))):
-        _reset_peak()
-        base = _mem_mb("VmRSS")
-        t = time.perf_counter()
+        _mem_mb("reset")
+        base, t = _mem_mb("VmRSS"), time.perf_counter()
         out[name] = fn()
-        out[name + "_s"] = time.perf_counter() - t
-        out[name + "_peak_mb"] = _mem_mb("VmHWM") - base
+        out[name + "_s"], out[name + "_peak_mb"] = time.perf_counter() - t, _mem_mb("VmHWM") - base
+    out["fd_rel_diff"] = abs(out["fd"] - out["fd_sqrtm"]) / abs(out["fd_sqrtm"])
+    out["fd_speedup"] = out["fd_sqrtm_s"] / out["fd_s"]
     out["prdc_speedup"] = out["prdc_full_matrix_s"] / out["prdc_s"]
     out["prdc_max_abs_diff"] = max(abs(out["prdc"][m] - out["prdc_full_matrix"][m]) for m in out["prdc"])
     print(json.dumps(out, indent=1))

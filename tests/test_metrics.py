@@ -417,7 +417,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr()
     res = json.load(open(out))
     assert "pt_inception-2015-12-05-6726825d.pth" in res["skipped_features"]["inception"]
-    assert "skipping inception" in text.err and "paired (N=24)" in text.out
+    assert "skipping inception" in text.err and "paired: n 24" in text.out
     f = res["features"][hf]
     assert f["n_real"] == f["n_fake"] == n and f["dim"] == 32 and f["kid_subset_size"] == n
     assert {"fd", "kid_mean", "precision", "recall", "density", "coverage"} <= set(f)
@@ -448,3 +448,25 @@ def test_cli_on_phantom(phantom64_dir, tmp_path, capsys):
     assert res["conditions"][hf]["No Finding"]["n_real"] == nf
     assert f["fd"] > 0 and 0 <= f["coverage"] <= 1
     assert hf in capsys.readouterr().out
+
+
+def test_reid_and_factual_correctness(tmp_path):
+    from safetensors.torch import save_file as save_pt
+    rng = np.random.default_rng(7)
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    real.mkdir(), fake.mkdir()
+    for i in range(3):  # synthetic images identical to their paired real ones
+        a = (rng.random((40, 40)) * 255).astype(np.uint8)
+        Image.fromarray(a).save(real / f"{i}.png"), Image.fromarray(a).save(fake / f"{i}.png")
+    net = M.SiameseReID()
+    with torch.no_grad():  # |e1 - e2| weighted negatively: an identical pair scores highest, sigmoid(bias)
+        net.fc_end.weight.fill_(-10.0), net.fc_end.bias.fill_(2.0)
+    save_pt({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "reid.safetensors"))
+    top = 1 / (1 + math.exp(-2.0))
+    cfg = M.Config(reid_weights=str(tmp_path / "reid.safetensors"), reid_threshold=top - 1e-4, workers=1)
+    r = M.reid_scores(M.ImageSet(str(fake)), M.ImageSet(str(real)), cfg, torch.device("cpu"))
+    assert r["max"] == pytest.approx(top, abs=1e-6) and r["count_over_threshold"] == 3 and r["n_train"] == 3
+    cfg = M.Config(classifier="xrv", allow_random_weights=True, offline=True, workers=1)
+    rs, fs = M.ImageSet(str(real)), M.ImageSet(str(fake))
+    f = M.factual(rs, fs, M.paired_ids(rs, fs), cfg, torch.device("cpu"))
+    assert f["n"] == 3 and f["random_weights"] and f["pearson"] == pytest.approx(1.0, abs=1e-9)
