@@ -1,0 +1,1097 @@
+"""rectified_flow.py: RadiT, rectified-flow transformers for chest radiographs (radit §4, §4.2, App. B.2, C.3).
+
+A SiT/DiT transformer with adaLN-Zero, QK-RMSNorm and SwiGLU (radit App. B.2, Table 5), conditioned on the 19
+metadata variables of DESIGN.md §4 (radit §4.2 Eq. 3), trained with the rectified-flow objective (radit Eq. 1:
+x_t = (1 - t) x_0 + t eps, target v = eps - x_0, logit-normal t with the shift of radit Table 11), sampled with
+Euler, Heun or adaptive Dormand-Prince 5(4) ODE solvers with classifier-free guidance, and used for
+counterfactual editing by abduction (ODE to noise) / action (new metadata) / prediction (ODE back) (radit §5.3).
+
+Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jsonl, config.json, grids/):
+    python rectified_flow.py --size tiny --max-steps 3000            # CPU, minutes, on data/phantom
+    torchrun --nproc_per_node=8 rectified_flow.py --size xl --data D --out runs/xl    # RadiT XL, 1.3B
+    python rectified_flow.py --size xl --dry-run                     # parameter count on the meta device
+    python rectified_flow.py --size xl --bench --batch-size 64       # tokens/s, MFU, memory; kernels vs SDPA
+Sample (EMA weights; PNGs + meta.csv in the DESIGN.md §4 schema; resumable; sharded under torchrun):
+    python rectified_flow.py sample --ckpt runs/rf --n 1000 --cond "Cardiomegaly=1,sex=F,age=70,view=PA" \
+        --solver euler --steps 50 --cfg 4.0 --out fake/ --seed 0
+    python rectified_flow.py sample --ckpt runs/rf --cond data/phantom/meta.csv --out fake/   # one image a row
+Counterfactual edit (radit §5.3; --profile takes the full profiles computed by flow_scm.py):
+    python rectified_flow.py edit --ckpt runs/rf --data data/phantom --ids p000001,p000002 --set "sex=F" --out edits/
+
+Space. Pixel space reads DATA/shards/*.safetensors (`images` uint16 [N, 1, S, S] -> [-1, 1], uniformly
+dequantised in training, radit Table 11). Latent space reads DATA/latents/<vae>/, the folder vae.py `encode`
+writes, laid out as:
+    info.json   {"format_version": 1, "shape": [C, h, w], "mean": [C floats], "std": [C floats],
+                 "decoder": "decoder.pt2"}             (decoder path relative to this folder, or absolute)
+    shards/{shard:05d}.safetensors   `latents` float32/float16/bfloat16 [N, C, h, w]: row `index` of shard
+                 `shard` is the image of the meta.csv row with the same shard and index
+The model sees (latent - mean) / std per channel. The decoder is a `torch.export` program (torch.export.save)
+mapping raw latents [B, C, h, w] float32 (dynamic B) to images [B, 1, S, S] in [-1, 1]; sampling loads it with
+torch.export.load (no import of vae.py). A .pt2 program is code: load only decoders you wrote or trust.
+`--space auto` trains on latents when DATA/latents/ holds one (or --vae NAME), else on pixels.
+
+Checkpoint: one safetensors file, written atomically: `model.*`, `ema.*` and `optim.*` tensors, and in its
+metadata the resolved config, step and samples seen. There is no RNG state to store: every random draw is a
+function of (seed, step) (training) or (seed, image index) (sampling), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels import attention, rms_norm
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass, size presets, CLI generated from the fields
+
+
+def arg(default, help, only=None):
+    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
+    return field(default=default, metadata={"help": help, "only": only})
+
+
+CXR7 = "MIMIC-CXR,CheXpert-Plus,ReXGradient-160K,PadChest,VinDr-CXR,ChestX-ray14,BRAX"   # radit §3
+
+
+@dataclass
+class Config:
+    """Model and training configuration; stored in every checkpoint."""
+    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    out: str = arg("runs/rf", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
+    space: str = arg("auto", "pixel | latent | auto (latent when DATA/latents/<vae>/ exists)")
+    vae: str = arg("", "latent folder DATA/latents/<vae> to train on (default: the only one)")
+    size: str = arg("tiny", "preset: tiny | S | B | L | XL (radit Table 5: B 0.3B, XL 1.3B)")
+    hidden: int = arg(128, "transformer width")
+    depth: int = arg(4, "number of transformer blocks")
+    heads: int = arg(4, "attention heads (radit Table 5: head dim 64)")
+    patch: int = arg(0, "patch size; 0: 2 in latent space, 16 at 512 px, and at least an 8x8 token grid")
+    in_channels: int = arg(0, "input channels; 0: from the data (32 without data, radit Table 5)")
+    image_size: int = arg(0, "input side in pixels or latent cells; 0: from the data (64 without data)")
+    datasets: str = arg(CXR7, "dataset names for codes 1..K; replaced by the data's info.json when training")
+    attn: str = arg("kernels", "attention: kernels (kernels.attention) | sdpa (PyTorch)")
+    shift: float = arg(0.0, "timestep shift s; 0: 3.0 in pixel space, 1.0 in latent space (radit Table 11)")
+    p_drop_var: float = arg(0.1, "CFG training: probability of nulling each variable independently")
+    p_drop_all: float = arg(0.1, "CFG training: probability of nulling all 19 variables")
+    batch_size: int = arg(32, "global batch size (radit Table 11: 72 for B, 512 for XL)")
+    micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
+    max_steps: int = arg(3000, "optimizer steps")
+    lr: float = arg(1e-3, "Adam learning rate, constant, no warm-up (radit Table 11 and App. C.3: 1e-4)")
+    beta1: float = arg(0.9, "Adam beta1 (radit Table 11)")
+    beta2: float = arg(0.999, "Adam beta2 (radit Table 11)")
+    weight_decay: float = arg(0.0, "weight decay (radit Table 11: 0)")
+    clip: float = arg(1.0, "gradient-norm clipping (radit Table 11)")
+    ema: float = arg(0.999, "EMA decay (radit Table 11: 0.9999)")
+    seed: int = arg(0, "seed of the initialisation, data order and noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+    compile: bool = arg(False, "torch.compile the model")
+    grad_ckpt: bool = arg(False, "activation checkpointing, block by block")
+    resume: bool = arg(True, "continue from OUT/ckpt.safetensors when it exists (--no-resume starts over)")
+    log_every: int = arg(50, "steps between log lines")
+    ckpt_every: int = arg(500, "steps between checkpoints")
+    sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise and conditions); 0: none")
+    bench: bool = arg(False, "time training steps on random tensors (kernels.attention vs SDPA) and exit")
+    bench_steps: int = arg(10, "timed steps per --bench variant")
+    dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
+
+
+# radit Table 5 (B, XL) and Table 11; S and L follow DiT's widths. tiny is for tests and the CPU demo.
+PRESETS = {
+    "tiny": dict(hidden=128, depth=4, heads=4, batch_size=32, lr=1e-3, ema=0.999, max_steps=3000),
+    "S": dict(hidden=384, depth=12, heads=6, batch_size=72, lr=1e-4, ema=0.9999, max_steps=1_000_000),
+    "B": dict(hidden=1024, depth=16, heads=16, batch_size=72, lr=1e-4, ema=0.9999, max_steps=1_000_000),
+    "L": dict(hidden=1024, depth=24, heads=16, batch_size=72, lr=1e-4, ema=0.9999, max_steps=1_000_000),
+    "XL": dict(hidden=1536, depth=32, heads=24, batch_size=512, lr=1e-4, ema=0.9999, max_steps=3_000_000),
+}
+for _p in ("S", "B", "L", "XL"):
+    PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
+ARCH = ("hidden", "depth", "heads", "patch", "in_channels", "image_size", "datasets")   # must match to resume
+
+
+@dataclass
+class InferConfig:
+    """Options of the `sample` and `edit` subcommands (the model's own config comes from the checkpoint)."""
+    ckpt: str = arg("runs/rf", "run folder or checkpoint file (EMA weights are used)")
+    out: str = arg("fake", "output folder: PNGs and meta.csv")
+    n: int = arg(0, "number of images; 0: one per --cond CSV row, else 16 (edit: 16 test rows when no --ids)")
+    cond: str = arg("", "conditions: a meta.csv, or 'Var=value,...' (e.g. 'Cardiomegaly=1,sex=F'); '': none",
+                    only="sample")
+    data: str = arg("", "dataset to edit (default: the checkpoint's training data)", only="edit")
+    ids: str = arg("", "comma-separated meta.csv ids to edit", only="edit")
+    set: str = arg("", "intervention 'Var=value,...' applied to each image's metadata", only="edit")
+    profile: str = arg("", "CSV of full counterfactual profiles (id + variable columns, e.g. from flow_scm.py)",
+                       only="edit")
+    solver: str = arg("dopri5", "euler | heun | dopri5 (radit App. C.3: dopri5, rtol = atol = 1e-5)")
+    steps: int = arg(50, "steps of euler / heun")
+    rtol: float = arg(1e-5, "dopri5 relative tolerance")
+    atol: float = arg(1e-5, "dopri5 absolute tolerance")
+    cfg: float = arg(1.0, "classifier-free guidance scale w: v_u + w (v_c - v_u); 1 = no guidance")
+    guide: str = arg("", "comma-separated variables to guide on (the unconditional branch nulls only those); "
+                         "'': all 19")
+    batch_size: int = arg(16, "images per forward pass, per process")
+    seed: int = arg(0, "noise seed: image i always gets the same noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        if f.metadata["only"] not in (None, only):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]")
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+    return p
+
+
+def parse_config(argv):
+    """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
+    given = vars(build_parser(Config, "rectified_flow.py [train]", __doc__).parse_args(argv))
+    size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
+    if size is None:
+        raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
+    return Config(**{**PRESETS[size], **given, "size": size})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metadata: the 19 conditioning variables and their integer codes (DESIGN.md §4, radit §4.2)
+
+LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+          "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+          "Pneumothorax", "Support Devices"]
+VARIABLES = LABELS + ["sex", "race", "view", "dataset", "age"]                # cond[:, i] is VARIABLES[i]
+VALUES = {**{lab: ["0", "1", "-1"] for lab in LABELS},                       # csv value -> code: index + 1
+          "sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}
+NULL = [0.0] * 18 + [float("nan")]                                            # code 0 = missing; age NaN
+META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + LABELS +
+                ["report", "findings", "shard", "index", "source_path"])
+
+
+def encode_row(row, datasets, where):
+    """A meta.csv-style dict (values as in DESIGN.md §4) -> the 19 codes; missing keys are missing values."""
+    out = []
+    for var in VARIABLES:
+        s = str(row.get(var) or "").strip()
+        if var == "age":
+            try:
+                out.append(float(s) if s else float("nan"))
+            except ValueError:
+                raise SystemExit(f"{where}: age={s!r}; expected years as a number or empty") from None
+            continue
+        choices = datasets if var == "dataset" else VALUES[var]
+        if var in LABELS and s:
+            s = {"1.0": "1", "0.0": "0", "-1.0": "-1"}.get(s, s)
+        if s and s not in choices:
+            raise SystemExit(f"{where}: {var}={s!r}; expected one of {choices} or empty")
+        out.append(float(choices.index(s) + 1) if s else 0.0)
+    return out
+
+
+def decode_row(codes, datasets):
+    """The 19 codes -> meta.csv values (inverse of encode_row)."""
+    row = {}
+    for var, c in zip(VARIABLES, codes):
+        if var == "age":
+            row[var] = "" if math.isnan(c) else f"{c:g}"
+        else:
+            choices = datasets if var == "dataset" else VALUES[var]
+            row[var] = choices[int(c) - 1] if int(c) > 0 else ""
+    return row
+
+
+def parse_assignments(text, where):
+    """'Cardiomegaly=1, sex=F' -> {'Cardiomegaly': '1', 'sex': 'F'}; variable names case-insensitive."""
+    names, out = {v.lower(): v for v in VARIABLES}, {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip().lower() not in names:
+            raise SystemExit(f"{where}: {part!r}; expected Variable=value with Variable one of {VARIABLES}")
+        out[names[key.strip().lower()]] = value.strip()
+    return out
+
+
+def null_cond(cond, variables=None):
+    """Replace the given variables (all 19 by default) by their null value: the unconditional branch of CFG."""
+    mask = torch.ones(19, dtype=torch.bool, device=cond.device) if variables is None else variables
+    return torch.where(mask, torch.tensor(NULL, device=cond.device), cond)
+
+
+def variable_mask(names, device="cpu"):
+    """Comma-separated variable names -> a [19] bool mask ('' -> None: all variables)."""
+    if not names.strip():
+        return None
+    picked = parse_assignments(",".join(n + "=" for n in names.split(",")), "--guide")
+    return torch.tensor([v in picked for v in VARIABLES], device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: SiT/DiT with adaLN-Zero, QK-RMSNorm, SwiGLU and metadata conditioning (radit §4.2, App. B.2, Table 5)
+
+
+def fourier(x, dim=256, max_period=10_000):
+    """Sinusoidal features of a scalar per row (DiT's timestep embedding; x in [0, 1] is scaled by 1000)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = 1000 * x.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(dim, gh, gw, base, device):
+    """Fixed 2D sin-cos positions; a grid other than `base` x `base` is stretched onto it (interpolation)."""
+    omega = 1.0 / 10_000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    def axis(n):
+        pos = torch.arange(n, device=device, dtype=torch.float32) * (base / n)
+        return torch.cat([torch.sin(pos[:, None] * omega), torch.cos(pos[:, None] * omega)], dim=1)
+    eh, ew = axis(gh), axis(gw)
+    return torch.cat([eh[:, None].expand(gh, gw, -1), ew[None].expand(gh, gw, -1)], dim=-1).reshape(gh * gw, dim)
+
+
+class ScalarEmbedder(nn.Module):
+    """Fourier features -> MLP, for the time t and for age / 100 (radit §4.2: the same parameterisation)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return self.mlp(fourier(x, self.mlp[0].in_features))
+
+
+class MetadataEmbedder(nn.Module):
+    """The 19 variables -> one vector: c = sum_i e_i(y_i) / sqrt(19), magnitude-preserving (radit §4.2 Eq. 3)."""
+
+    def __init__(self, dim, n_datasets):
+        super().__init__()
+        sizes = [4] * 14 + [3, 4, 4, n_datasets + 1]                 # class 0 of every table is null / missing
+        self.register_buffer("offsets", torch.tensor([0] + sizes[:-1]).cumsum(0), persistent=False)
+        self.table = nn.Embedding(sum(sizes), dim)                   # the 18 tables stacked: one lookup
+        self.age = ScalarEmbedder(dim)
+        self.age_null = nn.Parameter(torch.zeros(dim))               # learned embedding of a missing age
+
+    def forward(self, cond):
+        cat = self.table(cond[:, :18].long() + self.offsets)         # [B, 18, D]
+        age = cond[:, 18]
+        e_age = torch.where(age.isnan()[:, None], self.age_null, self.age(age.nan_to_num() / 100))
+        return (cat.sum(1) + e_age) / math.sqrt(19)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP, hidden = 8/3 x width rounded up to a multiple of 64 (radit Table 5)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = 64 * math.ceil(8 * dim / 3 / 64)
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Transformer block: adaLN-Zero, attention with QK-RMSNorm (radit App. B.2), SwiGLU MLP."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.attn_impl = heads, "kernels"
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.Parameter(torch.ones(dim // heads)), nn.Parameter(torch.ones(dim // heads))
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = SwiGLU(dim)
+        self.ada = nn.Linear(dim, 6 * dim)                           # zero-initialised: the block starts as identity
+
+    def attend(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = rms_norm(q, self.q_norm), rms_norm(k, self.k_norm)    # QK-RMSNorm (radit §4.2, Esser et al. 2024)
+        if self.attn_impl == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v.to(q.dtype))
+        else:
+            o = attention(q, k, v.to(q.dtype))
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))
+
+    def forward(self, x, c):
+        s1, g1, a1, s2, g2, a2 = self.ada(F.silu(c))[:, None].chunk(6, dim=-1)
+        x = x + a1 * self.attend(modulate(self.norm1(x), s1, g1))
+        return x + a2 * self.mlp(modulate(self.norm2(x), s2, g2))
+
+
+class RadiT(nn.Module):
+    """Rectified-flow transformer v(x_t, t, y) over patches of pixels or latents (radit §4.2, Table 5)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, p, C = cfg.hidden, cfg.patch, cfg.in_channels
+        assert D % cfg.heads == 0 and D % 4 == 0, f"hidden {D} must divide by heads {cfg.heads} and by 4"
+        self.patch, self.channels, self.base_grid, self.grad_ckpt = p, C, cfg.image_size // p, cfg.grad_ckpt
+        self.x_embed = nn.Conv2d(C, D, p, stride=p)
+        self.t_embed = ScalarEmbedder(D)
+        self.y_embed = MetadataEmbedder(D, len(cfg.datasets.split(",")))
+        self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ada_out, self.out = nn.Linear(D, 2 * D), nn.Linear(D, p * p * C)
+        self.set_attention(cfg.attn)
+        self.init_weights()
+
+    def init_weights(self):
+        """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zeros for adaLN and the output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.x_embed.weight.view(self.x_embed.weight.shape[0], -1))
+        nn.init.zeros_(self.x_embed.bias)
+        for emb in (self.t_embed, self.y_embed.age):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        nn.init.normal_(self.y_embed.age_null, std=0.02)
+        for lin in [b.ada for b in self.blocks] + [self.ada_out, self.out]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def set_attention(self, impl):
+        if impl not in ("kernels", "sdpa"):
+            raise SystemExit(f"--attn {impl!r}: expected kernels or sdpa")
+        for b in self.blocks:
+            b.attn_impl = impl
+
+    def forward(self, x, t, cond):
+        """x [B, C, H, W], t [B] in [0, 1] (0 data, 1 noise), cond [B, 19] codes -> velocity [B, C, H, W]."""
+        B, C, H, W = x.shape
+        p, gh, gw = self.patch, H // self.patch, W // self.patch
+        h = self.x_embed(x).flatten(2).transpose(1, 2)
+        h = h + sincos_2d(h.shape[-1], gh, gw, self.base_grid, x.device).to(h.dtype)
+        with torch.autocast(x.device.type, enabled=False):           # time / metadata embeddings in fp32
+            c = self.t_embed(t) + self.y_embed(cond)
+        for blk in self.blocks:
+            if self.grad_ckpt and self.training:
+                h = torch.utils.checkpoint.checkpoint(blk, h, c, use_reentrant=False)
+            else:
+                h = blk(h, c)
+        shift, scale = self.ada_out(F.silu(c))[:, None].chunk(2, dim=-1)
+        h = self.out(modulate(self.norm_out(h), shift, scale))       # [B, L, p * p * C]
+        return h.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+
+def train_flops(n_params, cfg, tokens_per_image, images):
+    """Analytic training FLOPs: 6 x params x tokens (matmuls, fwd + bwd) + attention scores (12 L^2 D per layer)."""
+    return images * (6 * n_params * tokens_per_image + 12 * cfg.depth * tokens_per_image ** 2 * cfg.hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Method: rectified-flow path, timestep density, loss, guidance, ODE solvers (radit Eq. 1, §4.2, App. C.3)
+
+
+def shift_time(t, s):
+    """t' = s t / (1 + (s - 1) t): s > 1 moves time towards noise, for high resolutions (radit §4.2, Table 11)."""
+    return s * t / (1 + (s - 1) * t)
+
+
+def sample_time(n, shift, generator, device):
+    """Logit-normal(0, 1) t (Esser et al. 2024), then shifted (radit Table 11)."""
+    return shift_time(torch.sigmoid(torch.randn(n, generator=generator, device=device)), shift)
+
+
+def flow_loss(model, x0, eps, t, cond):
+    """Per-sample MSE to the rectified-flow target: x_t = (1 - t) x_0 + t eps, v = eps - x_0 (radit Eq. 1)."""
+    tb = t.view(-1, 1, 1, 1)
+    pred = model((1 - tb) * x0 + tb * eps, t, cond)
+    return (pred.float() - (eps - x0)).pow(2).mean(dim=(1, 2, 3))
+
+
+def guided_velocity(model, x, t, cond, scale=1.0, guide=None):
+    """Classifier-free guidance v_u + w (v_c - v_u) on every output channel; v_u nulls `guide` (default all 19)."""
+    tt = torch.full((x.shape[0],), float(t), device=x.device)
+    if scale == 1.0:                                             # no guidance: skip the unconditional branch
+        return model(x, tt, cond).float()
+    v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null_cond(cond, guide)])).float()
+    v_c, v_u = v.chunk(2)
+    return v_u + scale * (v_c - v_u)
+
+
+def fixed_step(f, x, ts, heun=False):
+    """Euler (first order) or Heun (second order) along the time grid ts; returns (x, model evaluations)."""
+    nfe = 0
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        k1 = f(t0, x)
+        if heun:
+            k2 = f(t1, x + (t1 - t0) * k1)
+            x = x + (t1 - t0) * (k1 + k2) / 2
+        else:
+            x = x + (t1 - t0) * k1
+        nfe += 2 if heun else 1
+    return x, nfe
+
+
+# Dormand & Prince (1980) 5(4) tableau; the 5th-order weights are the 7th stage's row (first same as last).
+DP_C = [0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1]
+DP_A = [[], [1 / 5], [3 / 40, 9 / 40], [44 / 45, -56 / 15, 32 / 9],
+        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]]
+DP_B = [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]
+DP_B4 = [5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
+DP_E = [b5 - b4 for b5, b4 in zip(DP_B + [0], DP_B4)]
+
+
+def dopri5(f, x, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100_000):
+    """Adaptive Dormand-Prince 5(4) from t0 to t1 (either direction): embedded error estimate, RMS error norm
+    over the whole batch with tolerance atol + rtol |x| (as torchdiffeq, which radit App. C.3 used), Hairer's
+    first-step heuristic, step factor 0.9 err^(-1/5) in [0.2, 10]. Returns (x, model evaluations)."""
+    def rms(v):
+        return float(v.double().pow(2).mean().sqrt())
+
+    direction, span = (1.0 if t1 > t0 else -1.0), abs(t1 - t0)
+    k1, nfe = f(t0, x), 1
+    scale = atol + rtol * x.abs()                    # first step: Hairer, Norsett & Wanner (1993) II.4
+    d0, d1 = rms(x / scale), rms(k1 / scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = rms((f(t0 + direction * h0, x + direction * h0 * k1) - k1) / scale) / h0
+    nfe += 1
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
+    h, t, done = min(100 * h0, h1, span), t0, 0.0
+    for _ in range(max_steps):
+        if span - done <= 1e-12 * max(1.0, span):
+            return x, nfe
+        last = h >= span - done
+        h = min(h, span - done)
+        dt, ks = direction * h, [k1]
+        for c, a in zip(DP_C[1:], DP_A[1:]):
+            ks.append(f(t + c * dt, x + dt * sum(ai * ki for ai, ki in zip(a, ks) if ai)))
+        x5 = x + dt * sum(b * k for b, k in zip(DP_B, ks) if b)
+        k7 = f(t + dt, x5)
+        nfe += 6
+        err = dt * sum(e * k for e, k in zip(DP_E, ks + [k7]) if e)
+        en = rms(err / (atol + rtol * torch.maximum(x.abs(), x5.abs())))
+        if en <= 1.0:                                # accept
+            done = span if last else done + h
+            t, x, k1 = (t1 if last else t + dt), x5, k7
+        h *= min(10.0, max(0.2, 0.9 * en ** -0.2)) if en > 0 else 10.0
+    raise RuntimeError(f"dopri5: no convergence in {max_steps} steps (rtol {rtol}, atol {atol})")
+
+
+def solve(f, x, t0, t1, solver="dopri5", steps=50, rtol=1e-5, atol=1e-5, shift=1.0):
+    """Integrate dx/dt = f(t, x) from t0 to t1; fixed-step grids are shifted like the training times."""
+    if solver == "dopri5":
+        return dopri5(f, x, t0, t1, rtol, atol)
+    if solver not in ("euler", "heun"):
+        raise SystemExit(f"--solver {solver!r}: expected euler, heun or dopri5")
+    ts = [shift_time(t0 + (t1 - t0) * i / steps, shift) for i in range(steps + 1)]
+    return fixed_step(f, x, ts, heun=solver == "heun")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: DESIGN.md §4 datasets (pixel shards or latents/<vae>/); per-rank slices of a seeded permutation
+
+
+def generator(*keys, device="cpu"):
+    """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def latent_folder(root, vae=""):
+    """DATA/latents/<vae> (the only one when vae is ''), or None when the dataset has no latents."""
+    base = os.path.join(root, "latents")
+    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
+    if vae:
+        if vae not in names:
+            raise SystemExit(f"{os.path.join(base, vae)}: no such latent folder; found {names}")
+        return os.path.join(base, vae)
+    if len(names) > 1:
+        raise SystemExit(f"{base}: several latent folders {names}; choose one with --vae")
+    return os.path.join(base, names[0]) if names else None
+
+
+def latent_info(folder):
+    """The latent folder's info.json: shape, per-channel mean / std, decoder path (made absolute)."""
+    li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
+    dec = li.get("decoder", "")
+    return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
+                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1),
+                decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
+
+
+class CXRData:
+    """One split of a DESIGN.md §4 dataset: 19 codes per row in memory, pixels or latents read on demand."""
+
+    def __init__(self, root, space="auto", vae="", split="train"):
+        path = os.path.join(root, "meta.csv")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
+                             f"e.g. from `python prep_data.py phantom --out {root}`")
+        self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
+        self.datasets = list(self.info.get("datasets") or [])
+        with open(path, newline="") as f:
+            self.rows = [r for r in csv.DictReader(f) if split is None or r.get("split", split) == split]
+        if not self.rows:
+            raise SystemExit(f"{path}: no rows with split={split!r}")
+        self.cond = torch.tensor([encode_row(r, self.datasets, f"{path} row id={r.get('id')}") for r in self.rows])
+        lat = latent_folder(root, vae) if space in ("auto", "latent") else None
+        if space == "latent" and lat is None:
+            raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use --space pixel")
+        self.space, self.root, self.folder = ("latent" if lat else "pixel"), root, lat or root
+        if self.space == "latent":
+            li = latent_info(lat)
+            self.shape, self.mean, self.std, self.decoder = li["shape"], li["mean"], li["std"], li["decoder"]
+        else:
+            self.shape, self.decoder = (1, int(self.info["size"]), int(self.info["size"])), None
+        self.key = "latents" if self.space == "latent" else "images"
+        first = self.shard_path(int(self.rows[0]["shard"]))
+        with safe_open(first, "pt") as f:
+            got = tuple(f.get_slice(self.key).get_shape()[1:])
+        if got != self.shape:
+            raise SystemExit(f"{first}: `{self.key}` rows have shape {list(got)}; expected {list(self.shape)} "
+                             f"from {'its info.json' if lat else 'info.json size'}")
+        self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
+
+    def shard_path(self, shard):
+        path = os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such shard")
+        return path
+
+    def __len__(self):
+        return len(self.rows)
+
+    def load(self, idx):
+        """Rows idx -> float32 [n, C, S, S] in model units: pixels (v + 0.5) / 2^16 in [-1, 1], latents normalised."""
+        xs = []
+        for i in idx:
+            r = self.rows[int(i)]
+            xs.append(self._open(self.shard_path(int(r["shard"]))).get_slice(self.key)[int(r["index"]):int(r["index"]) + 1])
+        x = torch.cat(xs).float()
+        return (x + 0.5) / 32768 - 1 if self.space == "pixel" else (x - self.mean) / self.std
+
+
+def batch_rows(step, n, batch, lo, hi, seed):
+    """Dataset rows at global positions [step B + lo, step B + hi) of an endless stream of seeded permutations:
+    ranks take disjoint slices of each global batch, and a resumed run continues from the same sample."""
+    pos = torch.arange(step * batch + lo, step * batch + hi)
+    return torch.stack([permutation(n, seed, int(e))[o] for e, o in zip(pos // n, pos % n)])
+
+
+@lru_cache(maxsize=4)
+def permutation(n, seed, epoch):
+    return torch.randperm(n, generator=generator(seed, 1, epoch))
+
+
+def to_uint16(x):
+    """[-1, 1] -> uint16 numpy (the inverse of CXRData.load's pixel mapping)."""
+    return ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
+
+
+def atomic_save(path, save_fn):
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(path, rows, columns=META_COLUMNS):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_json(path, obj):
+    def fn(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_save(path, fn)
+
+
+def save_png16(path, x):
+    """One image [1, S, S] in [-1, 1] -> a 16-bit greyscale PNG, atomically."""
+    atomic_save(path, lambda tmp: Image.fromarray(to_uint16(x[0])).save(tmp, format="PNG"))
+
+
+def save_grid(path, images, ncol, labels=()):
+    """Images [N, 1, S, S] in [-1, 1] -> an 8-bit grid PNG, >= 128 px cells, column labels on top."""
+    x = ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    cell = max(128, x.shape[-1])
+    x = F.interpolate(x[:, None].float(), size=(cell, cell), mode="nearest")[:, 0].to(torch.uint8)
+    nrow, top = math.ceil(len(x) / ncol), (14 if labels else 0)
+    grid = Image.new("L", (ncol * cell, nrow * cell + top), 0)
+    for i, img in enumerate(x):
+        grid.paste(Image.fromarray(img.numpy()), ((i % ncol) * cell, top + (i // ncol) * cell))
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(labels):
+        draw.text((j * cell + 2, 1), text[: cell // 6], fill=255)
+    atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def load_decoder(folder, device):
+    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space)."""
+    if folder is None:
+        return None
+    li = latent_info(folder)
+    if not li["decoder"] or not os.path.isfile(li["decoder"]):
+        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found; expected the torch.export "
+                         f"program written by vae.py encode")
+    dec = torch.export.load(li["decoder"]).module().to(device)
+    mean, std = li["mean"].to(device), li["std"].to(device)
+    return lambda z: dec(z.float() * std + mean).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: DDP, bf16 autocast, grad accumulation, clipping, EMA, atomic checkpoints, resume, logging
+
+GRID_CONDS = ["", "No Finding=1", "Cardiomegaly=1", "Pleural Effusion=1", "Pneumothorax=1", "Support Devices=1",
+              "sex=F", "view=LATERAL"]                           # columns of the training sample grids
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
+
+
+def setup_distributed(device_flag):
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def resolve(cfg, data=None):
+    """Fill what the data decides: channels, resolution, dataset names, patch, shift (radit Table 5, 11)."""
+    space = data.space if data else ("pixel" if cfg.space == "pixel" else "latent")
+    c, s = (data.shape[0], data.shape[-1]) if data else (cfg.in_channels or (1 if space == "pixel" else 32), cfg.image_size or 64)
+    if data and cfg.image_size and cfg.image_size != s:
+        raise SystemExit(f"{data.folder}: images are {s} x {s}; expected --image-size {cfg.image_size}")
+    patch = cfg.patch or (2 if space == "latent" else max(1, min(16, s // 8)))
+    if s % patch:
+        raise SystemExit(f"--patch {patch}: must divide the input size {s}")
+    return Config(**{**asdict(cfg), "space": space, "in_channels": c, "image_size": s, "patch": patch,
+                     "datasets": ",".join(data.datasets) if data else cfg.datasets,
+                     "vae": os.path.basename(data.folder) if data and space == "latent" else cfg.vae,
+                     "shift": cfg.shift or (3.0 if space == "pixel" else 1.0)})
+
+
+def save_checkpoint(path, raw, ema, opt, cfg, step):
+    """model.*, ema.*, optim.* tensors + config/step metadata in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    osd = opt.state_dict()
+    for i, st in osd["state"].items():
+        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
+            "param_groups": json.dumps(osd["param_groups"]), "format": "rectified_flow/1"}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
+    """-> (config dict, step, {prefix: {name: tensor}}, param_groups); a run folder means RUN/ckpt.safetensors."""
+    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file from training")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "rectified_flow/1":
+            raise SystemExit(f"{path}: not a rectified_flow.py checkpoint (metadata format {meta.get('format')!r})")
+        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    return json.loads(meta["config"]), int(meta["step"]), parts, json.loads(meta["param_groups"]), path
+
+
+def check_compatible(cfg, saved, path):
+    for k in ARCH:
+        if getattr(cfg, k) != saved.get(k):
+            raise SystemExit(f"{path}: checkpoint has {k}={saved.get(k)!r} but this run has {k}={getattr(cfg, k)!r} "
+                             f"(another preset or dataset); use another --out or --no-resume")
+
+
+def load_optimizer(opt, optim, groups):
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def sample_grid(ema, cfg, noise, conds, device, path, decode=None):
+    """EMA samples of the fixed grid noise and conditions (Euler, 16 steps), one column per condition."""
+    f = lambda t, x: guided_velocity(ema, x, t, conds, scale=1.0)
+    with torch.no_grad(), autocast(device):
+        x, _ = solve(f, noise, 1.0, 0.0, "euler", steps=16, shift=cfg.shift)
+        x = decode(x) if decode else x[:, :1]                    # no decoder: latent channel 0
+    save_grid(path, x, ncol=len(GRID_CONDS), labels=[c or "unconditional" for c in GRID_CONDS])
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg.device)
+    data = CXRData(cfg.data, cfg.space, cfg.vae)
+    cfg = resolve(cfg, data)
+    ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
+    saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
+    if saved:
+        check_compatible(cfg, saved[0], ckpt_path)
+    micro = cfg.micro_batch or cfg.batch_size // world
+    assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
+    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+
+    torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
+    raw = RadiT(cfg).to(device)
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()       # fp32 EMA (radit Table 11)
+    opt = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                           weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    step = 0
+    if saved:
+        _, step, parts, groups, _ = saved
+        raw.load_state_dict(parts["model."])
+        ema.load_state_dict(parts["ema."])
+        load_optimizer(opt, parts["optim."], groups)
+        for g in opt.param_groups:                               # the flags of this run win over the saved ones
+            g.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    n_params = sum(p.numel() for p in raw.parameters())
+    tokens = (cfg.image_size // cfg.patch) ** 2
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
+    if rank == 0:
+        os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
+        write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        write_json(os.path.join(cfg.out, "env.json"), env)
+        print(json.dumps(asdict(cfg)))
+        print(f"RadiT-{cfg.size}: {n_params / 1e6:.2f}M parameters, {tokens} tokens/image, {cfg.space} space, "
+              f"{len(data)} training images, {world} process(es) x {accum} micro-batch(es) of {micro}"
+              + (f", resuming at step {step}" if step else ""), flush=True)
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
+    noise_grid = torch.randn((4 * len(GRID_CONDS), *data.shape), generator=generator(cfg.seed, 3)).to(device)
+    cond_grid = torch.tensor([encode_row(parse_assignments(c, "grid"), data.datasets, "grid") for c in GRID_CONDS])
+    cond_grid = cond_grid.repeat(4, 1).to(device)
+    null = torch.tensor(NULL, device=device)
+    lo = rank * per_rank
+    pool = ThreadPoolExecutor(1)                                 # reads the next batch while this one trains
+    def fetch(s):
+        rows = batch_rows(s, len(data), cfg.batch_size, lo, lo + per_rank, cfg.seed)
+        return rows, pool.submit(lambda: data.load(rows).to(device, non_blocking=True))
+    nxt = fetch(step)
+    acc = torch.zeros(3 + 8, device=device)                      # loss sum, count, grad-norm sum, 4 bins: sum, count
+    bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
+    t_log, t_start, step0, last_log = time.time(), time.time(), step, step
+    while step < cfg.max_steps:
+        rows, x0 = nxt[0], nxt[1].result()
+        nxt = fetch(step + 1)
+        # Every rank draws the whole global batch's randomness from one (seed, step) generator and keeps its
+        # slice: the run is the same for any number of processes and any accumulation.
+        g = generator(cfg.seed, 0, step, device=device)
+        eps = torch.randn((cfg.batch_size, *data.shape), generator=g, device=device)[lo:lo + per_rank]
+        t = sample_time(cfg.batch_size, cfg.shift, g, device)[lo:lo + per_rank]
+        drop = torch.rand((cfg.batch_size, 19), generator=g, device=device) < cfg.p_drop_var
+        drop |= torch.rand((cfg.batch_size, 1), generator=g, device=device) < cfg.p_drop_all
+        cond = torch.where(drop[lo:lo + per_rank], null, data.cond[rows].to(device))
+        if data.space == "pixel":                                # uniform dequantisation (radit Table 11)
+            x0 = x0 + (torch.rand((cfg.batch_size, *data.shape), generator=g, device=device)[lo:lo + per_rank] - 0.5) / 32768
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            sync = nullcontext() if world == 1 or m == accum - 1 else model.no_sync()
+            with sync:
+                with autocast(device):
+                    losses = flow_loss(model, x0[sl], eps[sl], t[sl], cond[sl])
+                (losses.mean() / accum).backward()
+            b = (t[sl] * 4).long().clamp(max=3)
+            acc[3:7].index_add_(0, b, losses.detach())
+            acc[7:11].index_add_(0, b, torch.ones_like(losses))
+            acc[0] += losses.detach().sum()
+            acc[1] += len(losses)
+            bad = torch.where((bad < 0) & ~losses.isfinite().all(), step + 1, bad)
+        gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip)
+        acc[2] += gnorm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg.ema)
+        step += 1
+
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(stop)), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            if flags[0] >= 0:
+                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
+                                 f"{ckpt_path} is intact")
+            ckpt_now |= bool(flags[1])
+        if log_now:
+            if world > 1:
+                dist.all_reduce(acc)
+            a, dt = acc.tolist(), time.time() - t_log
+            n_steps, last_log = step - last_log, step
+            rec = {"step": step, "loss": a[0] / max(a[1], 1), "loss_t": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],
+                   "grad_norm": a[2] / max(n_steps * world, 1), "lr": opt.param_groups[0]["lr"],
+                   "img_s": n_steps * cfg.batch_size / dt, "tok_s": n_steps * cfg.batch_size * tokens / dt,
+                   "mfu": train_flops(n_params, cfg, tokens, n_steps * cfg.batch_size) / dt / (peak * world) if peak else None,
+                   "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
+            if rank == 0:
+                print(f"step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} | t-bins "
+                      + "/".join("-" if v is None else f"{v:.3f}" for v in rec["loss_t"])
+                      + f" | gnorm {rec['grad_norm']:.3f} | lr {rec['lr']:.1e} | {rec['img_s']:.1f} img/s "
+                      f"| {rec['tok_s']:.0f} tok/s" + (f" | MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
+                      + (f" | mem {rec['mem_gb']:.1f} GB" if rec["mem_gb"] else "") + f" | eta {rec['eta_s'] / 60:.1f} min",
+                      flush=True)
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            acc.zero_()
+            t_log = time.time()
+        if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            grid_path = os.path.join(cfg.out, "grids", f"{step:07d}.png")
+            sample_grid(ema, cfg, noise_grid, cond_grid, device, grid_path, decode if data.space == "latent" else None)
+        if ckpt_now and rank == 0:
+            save_checkpoint(ckpt_path, raw, ema, opt, cfg, step)
+        if stop:
+            break
+    pool.shutdown()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"{'stopped by SIGTERM' if stop else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
+    return cfg
+
+
+def bench(cfg):
+    """Training steps on random tensors: tokens/s, MFU, peak memory, with kernels.attention and with SDPA."""
+    _, _, device = setup_distributed(cfg.device)
+    cfg = resolve(cfg)
+    model = RadiT(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    B, n_params, tokens = cfg.micro_batch or cfg.batch_size, sum(p.numel() for p in model.parameters()), (cfg.image_size // cfg.patch) ** 2
+    x = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    cond = torch.cat([torch.randint(0, 3, (B, 18)).float(), 100 * torch.rand(B, 1)], 1).to(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    print(f"bench RadiT-{cfg.size}: {n_params / 1e6:.1f}M params, batch {B}, {cfg.in_channels}x{cfg.image_size}^2 "
+          f"input, patch {cfg.patch}, {tokens} tokens/image, {device}" + (", torch.compile" if cfg.compile else ""))
+    results = {}
+    for impl in ("kernels", "sdpa"):
+        model.set_attention(impl)
+        fwd = torch.compile(model) if cfg.compile else model
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps (compilation, autotuning)
+            if i == 2:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.time()
+            with autocast(device):
+                loss = flow_loss(fwd, x, torch.randn_like(x), torch.rand(B, device=device), cond).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = (time.time() - t0) / cfg.bench_steps
+        results[impl] = B * tokens / dt
+        mfu = train_flops(n_params, cfg, tokens, B) / dt / peak if peak else None
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        print(f"  attention={impl:8s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
+              + (f"MFU {mfu:.1%}  " if mfu else "MFU n/a (no GPU peak known)  ")
+              + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"), flush=True)
+    print(f"  kernels / sdpa throughput ratio: {results['kernels'] / results['sdpa']:.3f}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and counterfactual editing subcommands
+
+
+def load_for_inference(icfg):
+    """EMA model and config from a checkpoint; validates the guidance options."""
+    if icfg.cfg < 0:
+        raise SystemExit(f"--cfg {icfg.cfg}: expected a guidance scale >= 0")
+    rank, world, device = setup_distributed(icfg.device)
+    saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.",))
+    cfg = Config(**saved)
+    model = RadiT(cfg)
+    try:
+        model.load_state_dict(parts["ema."])
+    except RuntimeError as e:
+        raise SystemExit(f"{path}: EMA weights do not fit its own config ({str(e).splitlines()[0]})") from None
+    return cfg, model.to(device).eval().requires_grad_(False), rank, world, device
+
+
+def velocity_fn(model, cond, icfg, device):
+    guide = variable_mask(icfg.guide, device)
+    def f(t, x):
+        with torch.no_grad(), autocast(device):
+            return guided_velocity(model, x, t, cond, icfg.cfg, guide)
+    return f
+
+
+def sample(icfg):
+    """Images from noise under given conditions; PNG i from noise (seed, i); skips images already written."""
+    cfg, model, rank, world, device = load_for_inference(icfg)
+    datasets = cfg.datasets.split(",")
+    if icfg.cond.endswith(".csv"):
+        if not os.path.isfile(icfg.cond):
+            raise SystemExit(f"--cond {icfg.cond}: no such file; expected a meta.csv or 'Var=value,...'")
+        with open(icfg.cond, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise SystemExit(f"--cond {icfg.cond}: no rows")
+        n = icfg.n or len(rows)
+        codes = [encode_row(rows[i % len(rows)], datasets, f"{icfg.cond} row {i % len(rows) + 2}") for i in range(n)]
+    else:
+        n = icfg.n or 16
+        codes = [encode_row(parse_assignments(icfg.cond, "--cond"), datasets, "--cond")] * n
+    decode = load_decoder(latent_folder(cfg.data, cfg.vae) if cfg.space == "latent" else None, device)
+    os.makedirs(icfg.out, exist_ok=True)
+    names = [f"{i:06d}.png" for i in range(n)]
+    if rank == 0:                                                # conditions of every image, known up front
+        meta = [{**{c: "" for c in META_COLUMNS}, **decode_row(c, datasets), "id": nm[:-4], "split": "test",
+                 "source_path": nm} for nm, c in zip(names, codes)]
+        atomic_save(os.path.join(icfg.out, "meta.csv"), lambda tmp: write_csv(tmp, meta))
+    todo = [i for i in range(rank, n, world) if not os.path.exists(os.path.join(icfg.out, names[i]))]
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    t0, nfe = time.time(), 0
+    for k in range(0, len(todo), icfg.batch_size):
+        idx = todo[k:k + icfg.batch_size]
+        x = torch.stack([torch.randn(shape, generator=generator(icfg.seed, 2, i)) for i in idx]).to(device)
+        cond = torch.tensor([codes[i] for i in idx], device=device)
+        x, used = solve(velocity_fn(model, cond, icfg, device), x, 1.0, 0.0, icfg.solver, icfg.steps,
+                        icfg.rtol, icfg.atol, cfg.shift)
+        nfe += used
+        with torch.no_grad():
+            x = decode(x) if decode else x
+        for i, img in zip(idx, x):
+            save_png16(os.path.join(icfg.out, names[i]), img)
+        print(f"rank {rank}: {k + len(idx)}/{len(todo)} images, {nfe} model evaluations, "
+              f"{(k + len(idx)) / (time.time() - t0):.2f} img/s", flush=True)
+    if world > 1:
+        dist.barrier()
+    return len(todo)
+
+
+def edit(icfg):
+    """Counterfactual editing (radit §5.3): abduction (ODE data -> noise under the observed metadata), action
+    (set the intervened variables or the full --profile), prediction (ODE noise -> data under the new metadata)."""
+    cfg, model, rank, world, device = load_for_inference(icfg)
+    data = CXRData(icfg.data or cfg.data, cfg.space, cfg.vae, split=None)
+    datasets = cfg.datasets.split(",")
+    if data.datasets != datasets or data.shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
+        raise SystemExit(f"{data.folder}: data of shape {list(data.shape)} with datasets {data.datasets}; the "
+                         f"checkpoint expects {[cfg.in_channels, cfg.image_size, cfg.image_size]} and {datasets}")
+    by_id = {r["id"]: i for i, r in enumerate(data.rows)}
+    profiles = {}
+    if icfg.profile:
+        if not os.path.isfile(icfg.profile):
+            raise SystemExit(f"--profile {icfg.profile}: no such file; expected a CSV with id + variable columns")
+        with open(icfg.profile, newline="") as f:
+            profiles = {r["id"]: r for r in csv.DictReader(f)}
+    ids = [s.strip() for s in icfg.ids.split(",") if s.strip()] or list(profiles) or \
+        [r["id"] for r in data.rows if r.get("split") == "test"][: icfg.n or 16]
+    for i in ids:
+        if i not in by_id:
+            raise SystemExit(f"{data.root}/meta.csv: no row with id {i!r}")
+    change = parse_assignments(icfg.set, "--set")
+    decode = load_decoder(data.folder if data.space == "latent" else None, device)
+    os.makedirs(icfg.out, exist_ok=True)
+    out_rows = []
+    for k in range(0, len(ids), icfg.batch_size):
+        chunk = ids[k:k + icfg.batch_size]
+        rows = [data.rows[by_id[i]] for i in chunk]
+        x0 = data.load([by_id[i] for i in chunk]).to(device)
+        obs = data.cond[[by_id[i] for i in chunk]].to(device)
+        new = torch.tensor([encode_row({**r, **profiles.get(r["id"], {}), **change}, datasets, f"--set/--profile for {r['id']}")
+                            for r in rows], device=device)
+        z, n1 = solve(velocity_fn(model, obs, icfg, device), x0, 0.0, 1.0, icfg.solver, icfg.steps, icfg.rtol,
+                      icfg.atol, cfg.shift)              # abduction: the sampling grid, reversed
+        x1, n2 = solve(velocity_fn(model, new, icfg, device), z, 1.0, 0.0, icfg.solver, icfg.steps, icfg.rtol,
+                       icfg.atol, cfg.shift)             # prediction under the intervened metadata
+        with torch.no_grad():
+            a, b = (decode(x0), decode(x1)) if decode else (x0, x1)
+        for r, xa, xb, c in zip(rows, a, b, new.tolist()):
+            save_png16(os.path.join(icfg.out, f"{r['id']}.png"), xb)
+            save_grid(os.path.join(icfg.out, f"{r['id']}_grid.png"), torch.stack([xa, xb, (xb - xa).abs() * 2 - 1]),
+                      ncol=3, labels=["original", "edit", "|difference|"])
+            out_rows.append({**{c: "" for c in META_COLUMNS}, **{k: r.get(k, "") for k in META_COLUMNS},
+                             **decode_row(c, datasets), "source_path": f"{r['id']}.png"})
+        print(f"edited {k + len(chunk)}/{len(ids)} ({n1} + {n2} model evaluations)", flush=True)
+    atomic_save(os.path.join(icfg.out, "meta.csv"), lambda tmp: write_csv(tmp, out_rows))
+    return out_rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: subcommand dispatch (train is the default)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "edit") else "train"
+    if cmd in ("sample", "edit"):
+        parser = build_parser(InferConfig, f"rectified_flow.py {cmd}", (sample if cmd == "sample" else edit).__doc__, cmd)
+        icfg = InferConfig(**vars(parser.parse_args(argv)))
+        return sample(icfg) if cmd == "sample" else edit(icfg)
+    cfg = parse_config(argv)
+    if cfg.dry_run:
+        data = CXRData(cfg.data, cfg.space, cfg.vae) if os.path.isfile(os.path.join(cfg.data, "meta.csv")) else None
+        cfg = resolve(cfg, data)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in RadiT(cfg).parameters())
+        print(json.dumps(asdict(cfg)))
+        print(f"RadiT-{cfg.size}: {n:,} parameters ({n / 1e9:.3f}B) at {cfg.in_channels}x{cfg.image_size}x"
+              f"{cfg.image_size}, patch {cfg.patch}" + ("" if data else " (no dataset found: radit Table 5 latent shape)"))
+        return n
+    return bench(cfg) if cfg.bench else train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""Tests of rectified_flow.py (RadiT): CPU, a reduced tiny preset, the 32 px phantom of conftest.py."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import rectified_flow as rf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--hidden", "64", "--depth", "2", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9"]
+
+
+def train(data, out, *extra):
+    return rf.main(["--data", data, "--out", out, *SMALL, "--log-every", "1", "--sample-every", "0", *extra])
+
+
+def log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out, prefix="model."):
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def small_model(channels=1, size=32, patch=4, seed=0, random_init=True):
+    cfg = rf.Config(hidden=64, depth=2, heads=2, in_channels=channels, image_size=size, patch=patch,
+                    datasets="a,b,c")
+    torch.manual_seed(seed)
+    model = rf.RadiT(cfg).eval()
+    if random_init:                                   # adaLN-Zero makes v = 0 at init; make the field non-trivial
+        for lin in [b.ada for b in model.blocks] + [model.ada_out, model.out]:
+            torch.nn.init.normal_(lin.weight, std=0.05)
+    return model
+
+
+def random_cond(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randint(0, 4, (n, 14), generator=g), torch.randint(0, 3, (n, 4), generator=g),
+                      100 * torch.rand(n, 1, generator=g)], 1).float()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, phantom_dir):
+    """A reduced tiny model trained 40 steps on the phantom: the checkpoint the inference tests use."""
+    out = str(tmp_path_factory.mktemp("rf") / "run")
+    train(phantom_dir, out, "--max-steps", "40")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------- model
+
+
+def test_shapes_zero_init_and_position_interpolation():
+    for c, s, p in ((1, 32, 4), (4, 8, 2)):
+        model = small_model(c, s, p, random_init=False)
+        x = torch.randn(3, c, s, s)
+        v = model(x, torch.rand(3), random_cond(3))
+        assert v.shape == x.shape
+        assert torch.count_nonzero(v) == 0            # adaLN-Zero + zero output layer: the identity at init
+        model = small_model(c, s, p)
+        assert model(torch.randn(2, c, 2 * s, s), torch.rand(2), random_cond(2)).shape == (2, c, 2 * s, s)
+    # positions of a grid twice as fine interpolate the base grid: every other row/column is the base embedding
+    base, fine = rf.sincos_2d(64, 4, 4, 4, "cpu"), rf.sincos_2d(64, 8, 8, 4, "cpu")
+    assert torch.allclose(fine.view(8, 8, 64)[::2, ::2].reshape(16, 64), base, atol=1e-6)
+
+
+def test_metadata_codes_and_null_age():
+    datasets = ["A", "B"]
+    row = {"Cardiomegaly": "1", "Edema": "-1", "Fracture": "0", "sex": "M", "race": "BLACK", "view": "LATERAL",
+           "dataset": "B", "age": "70"}
+    codes = rf.encode_row(row, datasets, "test")
+    assert codes[rf.VARIABLES.index("Cardiomegaly")] == 2 and codes[rf.VARIABLES.index("Edema")] == 3
+    assert codes[rf.VARIABLES.index("Fracture")] == 1 and codes[rf.VARIABLES.index("Atelectasis")] == 0
+    assert codes[14:18] == [2, 2, 3, 2] and codes[18] == 70
+    assert np.isnan(rf.encode_row({}, datasets, "test")[18])
+    assert {k: v for k, v in rf.decode_row(codes, datasets).items() if v} == row
+    emb = small_model().y_embed
+    a = torch.tensor([codes, codes]).float()
+    a[1, 18] = float("nan")                          # a missing age uses the learned null embedding
+    e = emb(a)
+    assert torch.allclose(e[1] - e[0], (emb.age_null - emb.age(torch.tensor([0.7]))[0]) / 19 ** 0.5, atol=1e-6)
+
+
+def test_preset_parameter_counts():
+    counts = {}
+    for size in rf.PRESETS:                           # radit Table 5 shape: 32 x 64 x 64 latents, patch 2
+        cfg = rf.resolve(rf.Config(**{**rf.PRESETS[size], "size": size, "space": "latent"}))
+        assert (cfg.in_channels, cfg.image_size, cfg.patch) == (32, 64, 2)
+        with torch.device("meta"):
+            counts[size] = sum(p.numel() for p in rf.RadiT(cfg).parameters())
+    assert 1.2e9 <= counts["XL"] <= 1.4e9             # radit Table 5: RadiT XL 1.3B
+    assert 0.25e9 <= counts["B"] <= 0.35e9            # radit Table 5: RadiT B 0.3B
+    assert counts["tiny"] < counts["S"] < counts["B"] < counts["L"] < counts["XL"]
+    n = rf.main(["--size", "xl", "--dry-run", "--data", "/nonexistent", "--space", "latent"])
+    assert n == counts["XL"]
+
+
+# ---------------------------------------------------------------------------------------------------------------- method
+
+
+def test_dopri5_meets_tolerance_on_closed_form():
+    # dx/dt = cos(t) * a * x  ->  x(t) = x0 exp(a (sin t - sin t0)), per element, forwards and backwards
+    a = torch.linspace(-2, 2, 7, dtype=torch.float64)
+    x0 = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)
+    calls = []
+    def f(t, x):
+        calls.append(t)
+        return np.cos(t) * a * x
+    for t0, t1 in ((0.0, 1.0), (1.0, 0.0), (0.0, 3.0)):
+        for tol in (1e-4, 1e-7):
+            calls.clear()
+            x, nfe = rf.dopri5(f, x0, t0, t1, rtol=tol, atol=tol)
+            exact = x0 * torch.exp(a * (np.sin(t1) - np.sin(t0)))
+            err = ((x - exact).abs() / (tol + tol * exact.abs())).max()
+            assert err < 10, (t0, t1, tol, err)          # global error within a small multiple of the tolerance
+            assert nfe == len(calls) and nfe < 400
+    # a looser tolerance needs fewer evaluations
+    assert rf.dopri5(f, x0, 0.0, 3.0, 1e-3, 1e-3)[1] < rf.dopri5(f, x0, 0.0, 3.0, 1e-8, 1e-8)[1]
+
+
+def test_euler_and_heun_converge_to_dopri5():
+    model = small_model()
+    torch.nn.init.zeros_(model.t_embed.mlp[2].weight)     # an autonomous field: smooth in t, so the orders show
+    torch.nn.init.zeros_(model.t_embed.mlp[2].bias)
+    x1 = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    cond = random_cond(2)
+    f = lambda t, x: rf.guided_velocity(model, x, t, cond, 1.0)
+    with torch.no_grad():
+        ref, _ = rf.solve(f, x1, 1.0, 0.0, "dopri5", rtol=1e-6, atol=1e-6)
+        err = {(s, n): (rf.solve(f, x1, 1.0, 0.0, s, n, shift=3.0)[0] - ref).abs().max().item()
+               for s in ("euler", "heun") for n in (8, 16, 32)}
+    assert err[("euler", 8)] > 1e-2                       # the field is not trivially straight
+    for n in (8, 16):                                     # first order: error halves; second order: quarters
+        assert 1.6 < err[("euler", n)] / err[("euler", 2 * n)] < 2.6
+        assert 3.0 < err[("heun", n)] / err[("heun", 2 * n)] < 5.0
+    assert err[("heun", 32)] < err[("euler", 32)] / 10
+    assert rf.solve(f, x1, 1.0, 0.0, "heun", 8)[1] == 16 and rf.solve(f, x1, 1.0, 0.0, "euler", 8)[1] == 8
+
+
+def test_cfg_scale_one_is_conditional_and_guidance_hits_every_channel():
+    model = small_model(channels=4, size=8, patch=2)
+    x, t, cond = torch.randn(3, 4, 8, 8), 0.6, random_cond(3)
+    tt = torch.full((3,), t)
+    with torch.no_grad():
+        v_c = model(x, tt, cond)
+        null = torch.tensor([0.0] * 18 + [float("nan")]).expand(3, 19)
+        v_u = model(x, tt, null)
+        assert torch.allclose(rf.guided_velocity(model, x, t, cond, 1.0), v_c, atol=1e-5)
+        assert torch.allclose(rf.guided_velocity(model, x, t, cond, 0.0), v_u, atol=1e-5)
+        g = rf.guided_velocity(model, x, t, cond, 4.0)
+        assert torch.allclose(g, v_u + 4.0 * (v_c - v_u), atol=1e-4)
+        for ch in range(4):                               # DiT's released code guided only 3 of 4 channels
+            assert (g[:, ch] - v_c[:, ch]).abs().max() > 1e-3
+        # guiding on a subset nulls only those variables in the unconditional branch
+        mask = rf.variable_mask("Cardiomegaly,sex")
+        part = cond.clone()
+        part[:, rf.VARIABLES.index("Cardiomegaly")] = 0
+        part[:, rf.VARIABLES.index("sex")] = 0
+        v_p = model(x, tt, part)
+        assert torch.allclose(rf.guided_velocity(model, x, t, cond, 3.0, mask), v_p + 3.0 * (v_c - v_p), atol=1e-4)
+
+
+def test_time_density_and_shift():
+    t = rf.sample_time(200_000, 1.0, torch.Generator().manual_seed(0), "cpu")
+    logit = torch.log(t / (1 - t))                        # logit-normal(0, 1)
+    assert abs(logit.mean()) < 0.01 and abs(logit.std() - 1) < 0.01
+    s = torch.rand(1000, dtype=torch.float64)
+    assert torch.allclose(rf.shift_time(s, 3.0), 3 * s / (1 + 2 * s))
+    assert (rf.shift_time(s, 3.0) >= s).all()            # s > 1 moves time towards noise
+
+
+# ---------------------------------------------------------------------------------------------------------------- training
+
+
+def test_loss_falls_on_phantom(tmp_path, phantom_dir):
+    out = str(tmp_path / "run")
+    train(phantom_dir, out, "--max-steps", "150", "--ckpt-every", "1000", "--sample-every", "150")
+    losses = [r["loss"] for r in log(out)]
+    assert len(losses) == 150 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:5]), np.mean(losses[-20:])
+    assert last < 0.5 * first, (first, last)
+    assert os.path.exists(os.path.join(out, "grids", "0000150.png"))
+    assert json.load(open(os.path.join(out, "config.json")))["shift"] == 3.0   # pixel space (radit Table 11)
+
+
+def test_resume_reproduces_straight_run(tmp_path, phantom_dir):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(phantom_dir, a, "--max-steps", "30", "--ckpt-every", "100")
+    train(phantom_dir, b, "--max-steps", "20", "--ckpt-every", "100")
+    train(phantom_dir, b, "--max-steps", "30", "--ckpt-every", "100")
+    la, lb = [r["loss"] for r in log(a)], [r["loss"] for r in log(b)]
+    assert [r["step"] for r in log(b)] == list(range(1, 31))
+    assert np.allclose(la, lb, rtol=1e-6, atol=0), (la[20:], lb[20:])
+    wa, wb = weights(a, ""), weights(b, "")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)   # model, EMA and Adam state
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, phantom_dir):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--max-steps", "3", "--ckpt-every", "100", "--p-drop-var", "0.3"]
+    train(phantom_dir, one, *args, "--micro-batch", "4")           # 1 process, 2 accumulated micro-batches
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(ROOT, "rectified_flow.py"), "--data", phantom_dir, "--out", two, *SMALL,
+           "--log-every", "1", "--sample-every", "0", *args]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w1, w2 = weights(one), weights(two)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(log(one), log(two))) < 1e-5
+    assert not torch.equal(w1["model.out.weight"], torch.zeros_like(w1["model.out.weight"]))
+
+
+def test_latent_space_training_and_decoding(tmp_path, phantom_dir):
+    # a latent folder as vae.py encode writes it: 4 x 8 x 8 latents (4 x 4 mean pooling, 4 scaled copies),
+    # per-channel mean/std, and a torch.export decoder (nearest upsampling of the channel mean)
+    lat = tmp_path / "data"
+    shutil.copytree(phantom_dir, lat, ignore=shutil.ignore_patterns("*.safetensors"))
+    os.makedirs(lat / "latents" / "toy" / "shards")
+    scales = np.array([1.0, 2.0, -1.0, 0.5], np.float32)
+    all_lat = []
+    for name in sorted(os.listdir(os.path.join(phantom_dir, "shards"))):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(phantom_dir, "shards", name), "numpy") as f:
+                img = f.get_tensor("images").astype(np.float32) / 32768 - 1
+            z = img.reshape(len(img), 1, 8, 4, 8, 4).mean((3, 5)) * scales[None, :, None, None]
+            save_file({"latents": z.astype(np.float16)}, str(lat / "latents" / "toy" / "shards" / name))
+            all_lat.append(z.astype(np.float16).astype(np.float32))
+    z = np.concatenate(all_lat)
+    mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3))
+
+    class Decoder(torch.nn.Module):
+        def forward(self, z):
+            x = (z / torch.tensor([1.0, 2.0, -1.0, 0.5]).view(1, 4, 1, 1)).mean(1, keepdim=True)
+            return torch.nn.functional.interpolate(x, scale_factor=4.0, mode="nearest")
+    ep = torch.export.export(Decoder(), (torch.randn(2, 4, 8, 8),), dynamic_shapes={"z": {0: torch.export.Dim("b")}})
+    torch.export.save(ep, str(lat / "latents" / "toy" / "decoder.pt2"))
+    json.dump({"format_version": 1, "shape": [4, 8, 8], "mean": mean.tolist(), "std": std.tolist(),
+               "decoder": "decoder.pt2"}, open(lat / "latents" / "toy" / "info.json", "w"))
+
+    data = rf.CXRData(str(lat))                           # space "auto" finds the latents
+    assert data.space == "latent" and data.shape == (4, 8, 8)
+    r = data.rows[5]
+    with safe_open(str(lat / "latents" / "toy" / "shards" / f"{int(r['shard']):05d}.safetensors"), "numpy") as f:
+        want = (f.get_tensor("latents")[int(r["index"])].astype(np.float32) - mean[:, None, None]) / std[:, None, None]
+    assert np.allclose(data.load([5])[0].numpy(), want, atol=1e-5)
+    out = str(tmp_path / "run")
+    train(str(lat), out, "--max-steps", "3", "--sample-every", "3")
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["space"], cfg["patch"], cfg["in_channels"], cfg["shift"], cfg["vae"]) == ("latent", 2, 4, 1.0, "toy")
+    fake = str(tmp_path / "fake")
+    assert rf.main(["sample", "--ckpt", out, "--n", "2", "--solver", "euler", "--steps", "2", "--out", fake]) == 2
+    assert np.asarray(Image.open(os.path.join(fake, "000001.png"))).shape == (32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------- inference
+
+
+def test_sample_cli_writes_deterministic_resumable_images(tmp_path, run):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["sample", "--ckpt", run, "--n", "5", "--cond", "Cardiomegaly=1,sex=F,age=70,view=PA", "--solver",
+            "euler", "--steps", "4", "--cfg", "2.0", "--batch-size", "2", "--seed", "3"]
+    assert rf.main(args + ["--out", a]) == 5
+    names = sorted(n for n in os.listdir(a) if n.endswith(".png"))
+    assert names == [f"{i:06d}.png" for i in range(5)]
+    img = Image.open(os.path.join(a, names[0]))
+    assert img.mode.startswith("I") and img.size == (32, 32)      # 16-bit greyscale
+    assert np.asarray(img).max() > 255                            # uses the 16-bit range
+    meta = rows(os.path.join(a, "meta.csv"))
+    assert len(meta) == 5 and set(meta[0]) >= set(rf.META_COLUMNS)
+    assert all((m["Cardiomegaly"], m["sex"], m["age"], m["view"], m["Edema"]) == ("1", "F", "70", "PA", "") for m in meta)
+    read = lambda d, n: open(os.path.join(d, n), "rb").read()
+    pixels = lambda d, n: np.asarray(Image.open(os.path.join(d, n))).astype(np.int64)
+    assert rf.main(args + ["--out", b]) == 5                       # deterministic by seed: the same bytes
+    assert all(read(a, n) == read(b, n) for n in names)
+    os.remove(os.path.join(b, names[1]))
+    os.remove(os.path.join(b, names[4]))
+    before = os.path.getmtime(os.path.join(b, names[0]))
+    assert rf.main(args + ["--out", b]) == 2                       # only the missing images are redone
+    assert os.path.getmtime(os.path.join(b, names[0])) == before
+    # the noise of image i depends on (seed, i) only; other batch neighbours change float rounding at most
+    assert all(np.abs(pixels(a, n) - pixels(b, n)).max() <= 8 for n in names)
+    c = str(tmp_path / "c")                                        # a different seed gives different images
+    rf.main(args[:-1] + ["4", "--out", c, "--n", "1"])
+    assert read(a, names[0]) != read(c, names[0])
+
+
+def test_sample_conditions_from_meta_csv(tmp_path, run, phantom_dir):
+    cond = [r for r in rows(os.path.join(phantom_dir, "meta.csv")) if r["split"] == "test"][:3]
+    path = str(tmp_path / "cond.csv")
+    rf.write_csv(path, cond, list(cond[0]))
+    out = str(tmp_path / "out")
+    assert rf.main(["sample", "--ckpt", run, "--cond", path, "--solver", "euler", "--steps", "2", "--out", out]) == 3
+    for want, got in zip(cond, rows(os.path.join(out, "meta.csv"))):
+        assert all(want[v] == got[v] for v in rf.VARIABLES if v != "age")
+        assert (want["age"] == got["age"] == "") or float(want["age"]) == float(got["age"])
+
+
+def test_edit_without_change_reconstructs_input(tmp_path, run, phantom_dir):
+    meta = rows(os.path.join(phantom_dir, "meta.csv"))
+    ids = [r["id"] for r in meta if r["split"] == "test"][:3]
+    out = str(tmp_path / "edit")
+    rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--ids", ",".join(ids), "--out", out,
+             "--solver", "dopri5", "--rtol", "1e-5", "--atol", "1e-5"])
+    data = rf.CXRData(phantom_dir, split=None)
+    idx = [next(i for i, r in enumerate(data.rows) if r["id"] == k) for k in ids]
+    x = data.load(idx)
+    y = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(out, f"{k}.png"))).astype(np.float32))
+                     for k in ids])[:, None] / 32768 - 1
+    assert ((x - y) ** 2).mean() < 1e-6                             # abduction then prediction is the identity
+    # ... and the trained flow is not: the abducted noise is far from the image
+    model, _ = rf.load_for_inference(rf.InferConfig(ckpt=run))[1:3]
+    f = lambda t, z: rf.guided_velocity(model, z, t, data.cond[idx], 1.0)
+    with torch.no_grad():
+        z, _ = rf.solve(f, x, 0.0, 1.0, "dopri5", rtol=1e-4, atol=1e-4)
+    assert ((z - x) ** 2).mean() > 0.1
+    assert [(r["id"], r["sex"]) for r in rows(os.path.join(out, "meta.csv"))] == [(r["id"], r["sex"]) for r in
+                                                                                   (data.rows[i] for i in idx)]
+    assert os.path.exists(os.path.join(out, f"{ids[0]}_grid.png"))
+
+
+def test_edit_intervention_and_profile(tmp_path, run, phantom_dir):
+    test_rows = [r for r in rows(os.path.join(phantom_dir, "meta.csv")) if r["split"] == "test"][:2]
+    prof = str(tmp_path / "profile.csv")
+    rf.write_csv(prof, [{**test_rows[0], "Pneumonia": "1", "sex": "M"}], list(test_rows[0]))
+    out = str(tmp_path / "edit")
+    got = rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--profile", prof, "--set", "view=AP",
+                   "--out", out, "--solver", "euler", "--steps", "4"])
+    assert [(r["id"], r["Pneumonia"], r["sex"], r["view"]) for r in got] == [(test_rows[0]["id"], "1", "M", "AP")]
+
+
+# ---------------------------------------------------------------------------------------------------------------- bad input, bench
+
+
+def test_bad_input_is_one_line_error(tmp_path, run, phantom_dir):
+    def fails(argv, *words):
+        with pytest.raises(SystemExit) as e:
+            rf.main(argv)
+        msg = str(e.value)
+        assert "\n" not in msg and all(w in msg for w in words), msg
+    fails(["--data", str(tmp_path), "--out", str(tmp_path / "x")], "meta.csv")
+    fails(["sample", "--ckpt", run, "--cond", "Cardiomegally=1", "--out", str(tmp_path / "s")], "Cardiomegally")
+    fails(["sample", "--ckpt", run, "--cond", "sex=X", "--out", str(tmp_path / "s")], "sex", "'X'")
+    fails(["sample", "--ckpt", run, "--cfg", "-1", "--out", str(tmp_path / "s")], "--cfg")
+    fails(["sample", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "s")], "checkpoint")
+    fails(["edit", "--ckpt", run, "--data", phantom_dir, "--set", "age=old", "--ids", "x", "--out", str(tmp_path / "e")],
+          "x")
+    fails(["--size", "huge"], "--size")
+    # a checkpoint of another architecture is refused and left untouched
+    before = open(os.path.join(run, "ckpt.safetensors"), "rb").read()
+    fails(["--data", phantom_dir, "--out", run, "--hidden", "32", "--heads", "2", "--depth", "2"], "hidden", run)
+    assert open(os.path.join(run, "ckpt.safetensors"), "rb").read() == before
+    # shards of another size than info.json
+    bad = tmp_path / "bad"
+    shutil.copytree(phantom_dir, bad)
+    info = json.load(open(bad / "info.json"))
+    json.dump({**info, "size": 64}, open(bad / "info.json", "w"))
+    fails(["--data", str(bad), "--out", str(tmp_path / "y")], "00000.safetensors", "[1, 64, 64]")
+    assert not os.path.exists(tmp_path / "y")
+
+
+def test_bench_runs_on_cpu(capsys):
+    res = rf.main(["--bench", "--bench-steps", "1", "--hidden", "64", "--depth", "1", "--heads", "2", "--batch-size",
+                   "2", "--in-channels", "4", "--image-size", "8"])
+    assert set(res) == {"kernels", "sdpa"} and all(v > 0 for v in res.values())
+    assert "tokens/s" in capsys.readouterr().out
