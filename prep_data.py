@@ -25,14 +25,21 @@ numpy.random.default_rng([seed, component]). The SCM's parameters are written to
 scripts (flow_scm.py evaluate) can recompute the truth from files alone.
 """
 import argparse
+import ast
 import csv
+import glob
+import gzip
+import hashlib
 import json
 import math
 import multiprocessing as mp
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -1145,6 +1152,847 @@ def contact_sheet(data_dir, out, n=24, cols=6, tile=160, split=None, overlay_mas
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Real datasets: image pipeline (radit §3): DICOM with modality/VOI transforms and photometric interpretation,
+# 8/16-bit JPEG/PNG; normalised to the full 16-bit range, aspect-preserving anti-aliased resize, centre padding
+
+DICOM_MAGIC_OFFSET = 128                                             # "DICM" follows a 128-byte preamble (PS3.10 7.1)
+
+
+class Skip(Exception):
+    """A row that cannot be used; `reason` is counted in the summary table instead of stopping the run."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _pydicom():
+    """pydicom, imported only when a source holds DICOM files (DESIGN.md §2: optional dependency)."""
+    try:
+        import pydicom
+    except ImportError:
+        raise SystemExit("reading DICOM files needs pydicom: pip install pydicom") from None
+    return pydicom
+
+
+def voi_window(x, center, width, function="LINEAR"):
+    """DICOM VOI window (PS3.3 C.11.2.1.2) mapping values to [0, 1]: LINEAR, LINEAR_EXACT or SIGMOID."""
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    width = max(width, 1.0)                                          # LINEAR requires width >= 1
+    return np.clip((x - (center - 0.5)) / max(width - 1.0, 1e-12) + 0.5, 0.0, 1.0)
+
+
+def _first(value):
+    """The first value of a possibly multi-valued DICOM element, as float."""
+    return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+
+
+def read_dicom(path):
+    """Display-ready float64 pixels of a DICOM file (brighter = denser) and the header fields rows may lack.
+
+    Order as the standard's grayscale pipeline: modality LUT (rescale slope/intercept) -> VOI LUT or the first
+    window centre/width -> MONOCHROME1 inverted (higher stored values are darker there).
+    """
+    pydicom = _pydicom()
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array
+    if raw.ndim != 2:
+        raise Skip("not a single greyscale frame")
+    try:                                                             # pydicom >= 3, then 2.x
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    if "ModalityLUTSequence" in ds:
+        x = np.asarray(apply_modality_lut(raw, ds), np.float64)
+    else:
+        x = raw.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    if "VOILUTSequence" in ds:
+        x = np.asarray(apply_voi_lut(np.round(x).astype(np.int64), ds, index=0), np.float64)
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        x = voi_window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), ds.get("VOILUTFunction", "LINEAR"))
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        x = -x
+    return x, {"age": str(ds.get("PatientAge", "") or ""), "sex": str(ds.get("PatientSex", "") or "")}
+
+
+def read_raster(path):
+    """Pixels of an 8/16-bit greyscale (or colour, converted to luminance) JPEG/PNG as float64."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F", "1"):
+            im = im.convert("L")
+        x = np.asarray(im).astype(np.float64)
+    if x.ndim != 2:
+        raise Skip("not a single greyscale frame")
+    return x, {}
+
+
+def load_source_image(paths):
+    """Read the first existing of the candidate paths; missing/unreadable files raise Skip (counted, not fatal)."""
+    path = next((p for p in paths if p and os.path.isfile(p)), None)
+    if path is None:
+        raise Skip("missing image")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(DICOM_MAGIC_OFFSET + 4)
+        if head[DICOM_MAGIC_OFFSET:] == b"DICM" or path.lower().endswith((".dcm", ".dicom")):
+            return read_dicom(path)
+        return read_raster(path)
+    except Skip:
+        raise
+    except Exception:                                                # corrupt file, unsupported codec, truncation
+        raise Skip("unreadable image") from None
+
+
+def to_unit_range(x):
+    """Min-max normalise to [0, 1] (radit §3: intensities normalised to the full range before resampling)."""
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        raise Skip("blank image")
+    return (x - lo) / (hi - lo)
+
+
+def resize_pad(unit, size):
+    """Aspect-preserving anti-aliased (Lanczos) resize of a [0, 1] image to fit size x size, centred on a black
+    square, quantised to the full uint16 range."""
+    h, w = unit.shape
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    im = Image.fromarray(unit.astype(np.float32), mode="F")
+    small = np.asarray(im.resize((nw, nh), Image.LANCZOS, reducing_gap=3.0 if scale < 1 / 3 else None))
+    out = np.zeros((size, size), np.uint16)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = np.round(np.clip(small, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    return out
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real datasets: harmonisation to the schema (radit §3.1): CheXpert-14 labels, age, sex, race, view, split
+
+AGE_RANGE = (0.0, 120.0)          # radit §3.1 (i): implausible ages -> missing (bounds not given there; ours)
+VIEW_WORDS = {"PA": "PA", "POSTERO ANTERIOR": "PA", "POSTEROANTERIOR": "PA", "AP": "AP", "ANTERO POSTERIOR": "AP",
+              "ANTEROPOSTERIOR": "AP", "AP AXIAL": "AP", "AP HORIZONTAL": "AP", "AP SUPINE": "AP", "LATERAL": "LATERAL",
+              "LL": "LATERAL", "RL": "LATERAL", "L": "LATERAL", "LAT": "LATERAL", "XTABLE LATERAL": "LATERAL",
+              "LEFT LATERAL": "LATERAL", "RIGHT LATERAL": "LATERAL"}   # decubitus / oblique / others -> missing
+SEX_WORDS = {"F": "F", "FEMALE": "F", "M": "M", "MALE": "M"}           # radit §3.1 (ii): others -> missing
+RACE_WORDS = ("ASIAN", "BLACK", "WHITE")                             # radit §3.1 (iii)
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
+               "validation": "val", "test": "test"}
+
+
+def norm_label(value):
+    """A source label cell as '1' / '0' / '-1' / '' (missing); anything else raises Skip('unknown label value')."""
+    s = str(value if value is not None else "").strip()
+    if s.lower() in ("", "nan", "none", "null"):
+        return ""
+    try:
+        v = float(s)
+    except ValueError:
+        raise Skip("unknown label value") from None
+    if v not in (1.0, 0.0, -1.0):
+        raise Skip("unknown label value")
+    return str(int(v))
+
+
+def norm_view(value):
+    return VIEW_WORDS.get(" ".join(str(value or "").upper().replace("_", " ").replace("-", " ").split()), "")
+
+
+def norm_sex(value):
+    return SEX_WORDS.get(str(value or "").strip().upper(), "")
+
+
+def norm_race(value):
+    """ASIAN / BLACK / WHITE when exactly one of them is named ('BLACK/AFRICAN AMERICAN', 'Asian, non-Hispanic',
+    'WHITE - RUSSIAN'), else missing ('MULTIPLE RACE', 'OTHER', 'UNKNOWN', 'Native Hawaiian ...')."""
+    words = set(re.findall(r"[A-Z]+", str(value or "").upper()))
+    hits = [r for r in RACE_WORDS if r in words]
+    return hits[0] if len(hits) == 1 else ""
+
+
+def parse_age(value):
+    """Age in years from '58', '58.0', '058Y', '018M', '003W', '010D', '40-44' (midpoint), '85 or more'; None when
+    absent or outside AGE_RANGE."""
+    s = str(value if value is not None else "").strip().upper()
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([YMWD]?)", s)
+    if m:
+        years = float(m[1]) / {"": 1.0, "Y": 1.0, "M": 12.0, "W": 365.25 / 7, "D": 365.25}[m[2]]
+    elif (m := re.fullmatch(r"(\d+)\s*-\s*(\d+)\s*(?:Y|YEARS)?", s)):
+        years = (float(m[1]) + float(m[2]) + 1.0) / 2.0               # 5-year bin "40-44" covers [40, 45)
+    elif (m := re.fullmatch(r"(\d+)\s*(?:\+|OR MORE|OR OLDER|AND OVER)(?: YEARS)?", s)):
+        years = float(m[1])
+    else:
+        return None
+    return years if AGE_RANGE[0] <= years <= AGE_RANGE[1] else None
+
+
+def years_between(birth, date):
+    """Whole years from a birth year/date to a study date (YYYYMMDD or YYYY[-MM-DD]); None when unparsable."""
+    def ymd(v):
+        digits = re.sub(r"\D", "", str(v or "").split(".")[0])
+        return (int(digits[:4]), int(digits[4:6] or 0), int(digits[6:8] or 0)) if len(digits) >= 4 else None
+    b, d = ymd(birth), ymd(date)
+    if b is None or d is None:
+        return None                                                  # a birth year alone: the year difference
+    return float(d[0] - b[0] - (b[1] > 0 and (d[1], d[2]) < (b[1], b[2])))
+
+
+def hash_split(key, val_frac, test_frac):
+    """Deterministic patient-level split from a hash of 'dataset/patient' (same patient -> same split, always)."""
+    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0 ** 64
+    return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+
+def map_findings(found, table, nofinding_words=("no finding", "normal"), ignore=()):
+    """CheXpert-14 labels from a source's finding list and a {source finding: CheXpert label} table.
+
+    The source annotation is taken as exhaustive over its own vocabulary: a CheXpert label that some source finding
+    maps to is 1 when one of them is present and 0 otherwise; labels no source finding covers stay missing
+    (radit §3.1: unmatched -> NaN). No Finding is 1 when nothing but a no-finding word is listed, else 0.
+    """
+    found = {f.strip().lower() for f in found if f and f.strip()} - set(ignore)
+    table = {k.lower(): v for k, v in table.items()}
+    labels = {lab: "" for lab in LABELS}
+    for target in set(table.values()):
+        labels[target] = "0"
+    for f in found:
+        if f in table:
+            labels[table[f]] = "1"
+    if found:
+        labels["No Finding"] = "1" if found <= set(nofinding_words) else "0"
+    return labels
+
+
+def harmonise(raw, dataset, args, notes):
+    """One source record -> a meta.csv row (DESIGN.md §4) plus `_paths` (candidate image files). Raises Skip."""
+    labels = {lab: norm_label(raw.get("labels", {}).get(lab, "")) for lab in LABELS}
+    age = sex = None                                                 # None: read from the DICOM header later
+    if not raw.get("from_header"):
+        a = raw.get("age")
+        years = a if isinstance(a, float) else parse_age(a)
+        if years is not None and not AGE_RANGE[0] <= years <= AGE_RANGE[1]:
+            years = None
+        if years is None and str(a if a is not None else "").strip().lower() not in ("", "nan", "none"):
+            notes["age unparsable or implausible -> missing"] += 1
+        age, sex = ("" if years is None else f"{round(years, 2):g}"), norm_sex(raw.get("sex"))
+    pid = str(raw.get("patient_id") or raw["id"])
+    split = SPLIT_WORDS.get(str(raw.get("split") or "").strip().lower(), "")
+    if not split or args.split_mode == "hash":
+        split = hash_split(f"{dataset}/{pid}", args.val_frac, args.test_frac)
+    elif split == "train" and raw.get("carve_val"):                  # official train+val pool: carve val by patient
+        split = "val" if hash_split(f"{dataset}/{pid}", args.val_frac, 0.0) == "val" else "train"
+    row = {"id": str(raw["id"]), "patient_id": pid, "study_id": str(raw.get("study_id") or ""), "split": split,
+           "dataset": dataset, "view": norm_view(raw.get("view")),
+           "sex": sex, "age": age,
+           "race": norm_race(raw.get("race")), "report": " ".join(str(raw.get("report") or "").split()),
+           "findings": " ".join(str(raw.get("findings") or "").split()), "source_path": raw.get("source_path", ""),
+           "_paths": list(raw["paths"])}
+    row.update(labels)
+    return row
+
+
+def unify_patient_splits(rows, key=lambda r: (r["dataset"], r["patient_id"] or r["id"])):
+    """Never one patient in two splits: a patient seen in several goes to the most held-out one (test > val >
+    train), so test sets only grow. Returns the number of rows moved."""
+    rank = {"train": 0, "val": 1, "test": 2}
+    best = {}
+    for r in rows:
+        k = key(r)
+        if rank[r["split"]] > rank[best.get(k, "train")]:
+            best[k] = r["split"]
+    moved = 0
+    for r in rows:
+        s = best.get(key(r), "train")
+        if r["split"] != s:
+            r["split"], moved = s, moved + 1
+    return moved
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real datasets: source adapters (each yields raw records: id, patient_id, study_id, split, view, sex, age, race,
+# labels {CheXpert name: value}, report, findings, paths [candidates], source_path)
+
+
+def read_table(path, required=(), delimiter=","):
+    """Rows of a CSV (.csv or .csv.gz) as dicts; a missing required column is a one-line error naming both."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            for col in required:
+                if col not in header:
+                    raise SystemExit(f"{path}: missing column {col!r} (found {header[:10]}{'...' if len(header) > 10 else ''})")
+            return list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error, EOFError) as e:
+        raise SystemExit(f"{path}: cannot read as CSV ({e})") from None
+
+
+def find_file(folders, names, what):
+    """The first existing file among folders x names (each also tried with .gz, and as a glob pattern)."""
+    for folder in folders:
+        if not folder:
+            continue
+        for name in names:
+            pattern = os.path.join(glob.escape(folder), name)
+            for cand in sorted(glob.glob(pattern)) + sorted(glob.glob(pattern + ".gz")):
+                if os.path.isfile(cand):
+                    return cand
+    raise SystemExit(f"{next(f for f in folders if f)}: no {what} found (looked for {names} in {[f for f in folders if f]})")
+
+
+def _rel(path, root):
+    return os.path.relpath(path, root) if path else ""
+
+
+def report_sections(text):
+    """Upper-case `HEADING:` sections of a free-text report (MIMIC-CXR style) -> {heading: one-line text}."""
+    heads = list(re.finditer(r"^[ \t]*([A-Z][A-Z &/()-]{2,}?)[ \t]*:", text, re.M))
+    return {m[1].strip(): " ".join(text[m.end():(heads[i + 1].start() if i + 1 < len(heads) else len(text))].split())
+            for i, m in enumerate(heads)}
+
+
+def impression_findings(text):
+    """(impression, findings) of a report; ChexGen Methods / RoentGen §3 condition on the impression."""
+    s = report_sections(text)
+    imp = s.get("IMPRESSION") or s.get("CONCLUSION") or s.get("FINDINGS AND IMPRESSION") or ""
+    return imp, s.get("FINDINGS") or s.get("FINDINGS AND IMPRESSION") or ""
+
+
+def _mimic_demographics(path):
+    """{subject_id: (gender, anchor_age, anchor_year, race)} from MIMIC-IV patients.csv (+ admissions.csv race, the
+    most frequent harmonised value over the patient's admissions)."""
+    folders = [path, os.path.join(path, "hosp"), os.path.join(path, "core")]
+    pats = read_table(find_file(folders, ["patients.csv"], "MIMIC-IV patients.csv"),
+                      ["subject_id", "gender", "anchor_age", "anchor_year"])
+    races = {}
+    try:
+        adm_path = find_file(folders, ["admissions.csv"], "MIMIC-IV admissions.csv")
+    except SystemExit:
+        adm_path = None
+    if adm_path:
+        adm = read_table(adm_path, ["subject_id"])
+        col = "race" if adm and "race" in adm[0] else "ethnicity"   # MIMIC-IV v2 `race`, v1 `ethnicity`
+        for a in adm:
+            r = norm_race(a.get(col))
+            if r:
+                races.setdefault(a["subject_id"], Counter())[r] += 1
+    race = {k: (c.most_common(2)[0][0] if len(c) == 1 or c.most_common(2)[0][1] > c.most_common(2)[1][1] else "")
+            for k, c in races.items()}
+    return {p["subject_id"]: (p["gender"], p["anchor_age"], p["anchor_year"], race.get(p["subject_id"], ""))
+            for p in pats}
+
+
+def _mimic(args, ext):
+    root = args.root
+    folders = [args.meta_dir, root]
+    meta = read_table(find_file(folders, ["mimic-cxr-2.0.0-metadata.csv"], "metadata CSV"),
+                      ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"])
+    labels = {r["study_id"]: r for r in read_table(find_file(folders, ["mimic-cxr-2.0.0-chexpert.csv"], "chexpert CSV"),
+                                                   ["subject_id", "study_id"] + LABELS)}
+    split = {r["dicom_id"]: r["split"] for r in read_table(find_file(folders, ["mimic-cxr-2.0.0-split.csv"], "split CSV"),
+                                                          ["dicom_id", "split"])}
+    demo = _mimic_demographics(args.mimic_iv) if args.mimic_iv else {}
+    report_roots = [args.reports, os.path.join(root, "mimic-cxr-reports"), root]
+    for r in meta:
+        sub, stu = r["subject_id"], r["study_id"]
+        rel = os.path.join("files", f"p{sub[:2]}", f"p{sub}", f"s{stu}")
+        path = os.path.join(root, rel, r["dicom_id"] + ext)
+        imp = fnd = ""
+        for rr in report_roots:
+            rp = rr and os.path.join(rr, rel + ".txt")
+            if rp and os.path.isfile(rp):
+                with open(rp, errors="replace") as f:
+                    imp, fnd = impression_findings(f.read())
+                break
+        age = sex = race = ""
+        if sub in demo:
+            sex, anchor_age, anchor_year, race = demo[sub]
+            try:                                 # MIMIC-IV: age = anchor_age + (study year - anchor_year)
+                age = float(anchor_age) + int(str(r["StudyDate"])[:4]) - int(anchor_year)
+            except ValueError:
+                age = ""
+        yield {"id": r["dicom_id"], "patient_id": sub, "study_id": stu, "split": split.get(r["dicom_id"], ""),
+               "view": r["ViewPosition"], "sex": sex, "age": age, "race": race, "labels": labels.get(stu, {}),
+               "report": imp, "findings": fnd, "paths": [path], "source_path": _rel(path, root)}
+
+
+def src_mimic_cxr_jpg(args):
+    """MIMIC-CXR-JPG 2.x (PhysioNet). --root holds:
+      files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.jpg
+      mimic-cxr-2.0.0-metadata.csv(.gz): dicom_id, subject_id, study_id, ViewPosition, StudyDate, ...
+      mimic-cxr-2.0.0-chexpert.csv(.gz): subject_id, study_id, the 14 CheXpert labels (1.0 / 0.0 / -1.0 / empty)
+      mimic-cxr-2.0.0-split.csv(.gz):    dicom_id, study_id, subject_id, split (train / validate / test)
+    Reports (MIMIC-CXR mimic-cxr-reports): files/pXX/pNNNNNNNN/sNNNNNNNN.txt under --reports, ROOT/mimic-cxr-reports
+    or ROOT; IMPRESSION -> report, FINDINGS -> findings. --mimic-iv PATH (MIMIC-IV hosp/ folder or its parent):
+    patients.csv(.gz) subject_id, gender, anchor_age, anchor_year; admissions.csv(.gz) subject_id, race
+    (ethnicity in v1); age = anchor_age + StudyDate year - anchor_year. Official split."""
+    return _mimic(args, ".jpg")
+
+
+def src_mimic_cxr(args):
+    """MIMIC-CXR 2.x DICOM release (PhysioNet). --root holds files/pXX/pNNNNNNNN/sNNNNNNNN/<dicom_id>.dcm (and the
+    unzipped reports sNNNNNNNN.txt beside the study folders). The DICOM release has no label/view tables: the
+    MIMIC-CXR-JPG CSVs (mimic-cxr-2.0.0-metadata / -chexpert / -split .csv(.gz)) are read from --meta-dir or ROOT.
+    Otherwise as mimic-cxr-jpg (reports, --mimic-iv, official split). Needs pydicom."""
+    _pydicom()
+    return _mimic(args, ".dcm")
+
+
+CHEXPERT_PLUS_COLUMNS = ["path_to_image", "section_impression", "section_findings", "age", "sex", "race"]
+
+
+def src_chexpert(args):
+    """CheXpert v1.0 (Stanford AIMI). --root holds train.csv, valid.csv (and test.csv if you have the test labels):
+      Path (CheXpert-v1.0/train/patientNNNNN/studyN/viewN_frontal.jpg), Sex (Female/Male/Unknown), Age,
+      Frontal/Lateral, AP/PA, the 14 CheXpert labels (1.0 / 0.0 / -1.0 / empty)
+    and the image folders train/, valid/ (Path resolved against ROOT, with or without its first component).
+    CheXpert-Plus (--plus, default ROOT/df_chexpert_plus*.csv): path_to_image, section_impression -> report,
+    section_findings -> findings, race, age, sex (these fill values the v1.0 CSV lacks). Official split
+    (train, valid -> val, test); no official test rows unless test.csv is given: use --split-mode hash."""
+    root = args.root
+    plus = {}
+    plus_path = args.plus or next(iter(sorted(glob.glob(os.path.join(root, "df_chexpert_plus*.csv*")))), None)
+    if plus_path:
+        for p in read_table(plus_path, CHEXPERT_PLUS_COLUMNS):
+            plus[p["path_to_image"].split("CheXpert-v1.0/")[-1].replace(".png", ".jpg")] = p
+    for name, split in (("train.csv", "train"), ("valid.csv", "val"), ("test.csv", "test")):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            if name == "test.csv":
+                continue
+            raise SystemExit(f"{path}: no such file (expected CheXpert-v1.0 {name})")
+        for r in read_table(path, ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + LABELS):
+            parts = r["Path"].replace("\\", "/").split("/")
+            inner = "/".join(parts[1:]) if parts[0].lower().startswith("chexpert") else "/".join(parts)
+            pid = next((p for p in parts if p.startswith("patient")), parts[-3] if len(parts) >= 3 else r["Path"])
+            study = next((p for p in parts if p.startswith("study")), "")
+            p = plus.get(inner, {})
+            age = r["Age"] if r["Age"] not in ("", "0") else p.get("age", "")
+            yield {"id": os.path.splitext(inner)[0].replace("/", "_"), "patient_id": pid, "study_id": f"{pid}_{study}",
+                   "split": split, "view": "LATERAL" if r["Frontal/Lateral"].lower() == "lateral" else r["AP/PA"],
+                   "sex": r["Sex"] if norm_sex(r["Sex"]) else p.get("sex", ""), "age": age, "race": p.get("race", ""),
+                   "labels": r, "report": p.get("section_impression", ""), "findings": p.get("section_findings", ""),
+                   "paths": [os.path.join(root, inner), os.path.join(root, r["Path"])], "source_path": r["Path"]}
+
+
+NIH_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+                   "Edema": "Edema", "Effusion": "Pleural Effusion", "Infiltration": "Lung Opacity",
+                   "Mass": "Lung Lesion", "Nodule": "Lung Lesion", "Pleural_Thickening": "Pleural Other",
+                   "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax"}
+NIH_UNMAPPED = ["Emphysema", "Fibrosis", "Hernia"]                  # no CheXpert-14 counterpart
+
+
+def _index_images(root, exts=(".png", ".jpg", ".jpeg", ".dcm", ".dicom")):
+    """{file name: path} of every image under root (NIH ships its PNGs split over images_001/images ...)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.lower().endswith(exts):
+                out.setdefault(f, os.path.join(folder, f))
+    return out
+
+
+def src_nih_cxr14(args):
+    """NIH ChestX-ray14 (NIH Clinical Center). --root holds Data_Entry_2017_v2020.csv (or Data_Entry_2017.csv):
+      Image Index, Finding Labels ('|'-joined, or 'No Finding'), Follow-up #, Patient ID, Patient Age ('58' or
+      '058Y'), Patient Gender (M/F), View Position (PA/AP), ...
+    train_val_list.txt / test_list.txt (official patient-level split; val carved from train_val by patient hash,
+    --val-frac), and the PNGs anywhere below ROOT (images/ or images_001/images/ ...). Labels mapped with
+    NIH_TO_CHEXPERT; Emphysema, Fibrosis, Hernia have no counterpart; an unknown finding name skips the row."""
+    root = args.root
+    table = read_table(find_file([root], ["Data_Entry_2017_v2020.csv", "Data_Entry_2017*.csv"], "Data_Entry_2017 CSV"),
+                       ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"])
+    split = {}
+    for name, s in (("train_val_list.txt", "train"), ("test_list.txt", "test")):
+        if os.path.isfile(os.path.join(root, name)):
+            with open(os.path.join(root, name)) as f:
+                split.update({line.strip(): s for line in f if line.strip()})
+    images = _index_images(root, (".png",))
+    known = {k.lower() for k in list(NIH_TO_CHEXPERT) + NIH_UNMAPPED + ["No Finding"]}
+    for r in table:
+        found = [f for f in r["Finding Labels"].split("|") if f.strip()]
+        if any(f.strip().lower() not in known for f in found):
+            yield Skip("unknown label value")
+            continue
+        name = r["Image Index"]
+        yield {"id": os.path.splitext(name)[0], "patient_id": r["Patient ID"].lstrip("0") or "0",
+               "study_id": os.path.splitext(name)[0], "split": split.get(name, ""), "carve_val": True,
+               "view": r["View Position"], "sex": r["Patient Gender"], "age": r["Patient Age"],
+               "labels": map_findings(found, NIH_TO_CHEXPERT), "paths": [images.get(name)],
+               "source_path": _rel(images.get(name), root) or name}
+
+
+# PadChest's 193 findings (radiographic findings + differential diagnoses, lower case, as in its `Labels` column)
+# that have a CheXpert-14 counterpart; every other label is unmatched (radit §3.1: unmatched -> missing).
+PADCHEST_TO_CHEXPERT = {
+    **dict.fromkeys(["atelectasis", "laminar atelectasis", "lobar atelectasis", "segmental atelectasis",
+                     "round atelectasis", "total atelectasis", "atelectasis basal"], "Atelectasis"),
+    **dict.fromkeys(["cardiomegaly"], "Cardiomegaly"),
+    **dict.fromkeys(["consolidation", "air bronchogram"], "Consolidation"),
+    **dict.fromkeys(["pulmonary edema", "kerley lines"], "Edema"),
+    **dict.fromkeys(["mediastinal enlargement", "superior mediastinal enlargement", "mediastinic lipomatosis"],
+                    "Enlarged Cardiomediastinum"),
+    **dict.fromkeys(["fracture", "rib fracture", "clavicle fracture", "humeral fracture", "vertebral fracture",
+                     "callus rib fracture", "vertebral compression", "vertebral anterior compression"], "Fracture"),
+    **dict.fromkeys(["nodule", "multiple nodules", "mass", "pulmonary mass", "lung metastasis", "cavitation",
+                     "cyst", "pseudonodule"], "Lung Lesion"),
+    **dict.fromkeys(["infiltrates", "alveolar pattern", "interstitial pattern", "ground glass pattern",
+                     "reticular interstitial pattern", "reticulonodular interstitial pattern", "increased density",
+                     "miliary opacities"], "Lung Opacity"),
+    **dict.fromkeys(["pleural effusion", "loculated pleural effusion", "loculated fissural effusion",
+                     "hydropneumothorax"], "Pleural Effusion"),
+    **dict.fromkeys(["pleural thickening", "apical pleural thickening", "calcified pleural thickening",
+                     "pleural plaques", "calcified pleural plaques", "asbestosis signs"], "Pleural Other"),
+    **dict.fromkeys(["pneumonia", "atypical pneumonia"], "Pneumonia"),
+    **dict.fromkeys(["pneumothorax"], "Pneumothorax"),
+    **dict.fromkeys(["pacemaker", "dual chamber device", "single chamber device", "electrical device",
+                     "nsg tube", "endotracheal tube", "tracheostomy tube", "chest drain tube", "catheter",
+                     "central venous catheter", "central venous catheter via jugular vein",
+                     "central venous catheter via subclavian vein", "central venous catheter via umbilical vein",
+                     "reservoir central venous catheter", "ventriculoperitoneal drain tube", "artificial heart valve",
+                     "artificial aortic heart valve", "artificial mitral heart valve"], "Support Devices"),
+}
+
+
+def src_padchest(args):
+    """PadChest (BIMCV, Universidad de Alicante). --root holds PADCHEST_chest_x_ray_images_labels_160K*.csv(.gz):
+      ImageID, ImageDir, StudyDate_DICOM (YYYYMMDD), StudyID, PatientID, PatientBirth (year), PatientSex_DICOM,
+      Projection (PA / L / AP / AP_horizontal / COSTAL / EXCLUDE / UNK), Labels (a Python list literal), ...
+    and the 16-bit PNGs as ROOT/<ImageDir>/<ImageID>. Age = StudyDate year - PatientBirth (birth month unknown:
+    +-1 year). Labels mapped with PADCHEST_TO_CHEXPERT ('normal' -> No Finding); rows labelled 'exclude' or with
+    Projection EXCLUDE are skipped. No official split (patient hash); its Spanish report text is not kept."""
+    root = args.root
+    path = find_file([root], ["PADCHEST_chest_x_ray_images_labels_160K*.csv"], "PadChest labels CSV")
+    for r in read_table(path, ["ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
+                               "PatientSex_DICOM", "Projection", "Labels"]):
+        text = r["Labels"].strip()
+        try:
+            found = [str(x) for x in ast.literal_eval(text)] if text and text.lower() != "nan" else []
+        except (ValueError, SyntaxError):
+            yield Skip("unknown label value")
+            continue
+        if "exclude" in {f.strip().lower() for f in found} or r["Projection"].strip().upper() == "EXCLUDE":
+            yield Skip("excluded by the source")
+            continue
+        labels = map_findings(found, PADCHEST_TO_CHEXPERT, ignore=("unchanged", "suboptimal study"))
+        if not found:
+            labels = {}
+        img = os.path.join(root, str(r["ImageDir"]).split(".")[0], r["ImageID"])
+        yield {"id": os.path.splitext(r["ImageID"])[0], "patient_id": r["PatientID"], "study_id": r["StudyID"],
+               "view": r["Projection"], "sex": r["PatientSex_DICOM"],
+               "age": years_between(r["PatientBirth"], r["StudyDate_DICOM"]), "labels": labels,
+               "paths": [img, os.path.join(root, r["ImageID"])], "source_path": _rel(img, root)}
+
+
+VINDR_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+                     "Edema": "Edema", "Aortic enlargement": "Enlarged Cardiomediastinum",
+                     "Rib fracture": "Fracture", "Clavicle fracture": "Fracture", "Nodule/Mass": "Lung Lesion",
+                     "Lung tumor": "Lung Lesion", "Lung cavity": "Lung Lesion", "Lung cyst": "Lung Lesion",
+                     "Lung Opacity": "Lung Opacity", "Infiltration": "Lung Opacity", "ILD": "Lung Opacity",
+                     "Pleural effusion": "Pleural Effusion", "Pleural thickening": "Pleural Other",
+                     "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax"}
+
+
+def src_vindr_cxr(args):
+    """VinDr-CXR 1.0 (PhysioNet / VinBigData). --root holds train/<image_id>.dicom, test/<image_id>.dicom and
+    annotations/ (or ROOT) image_labels_train.csv: image_id, rad_id, one 0/1 column per finding ('Aortic
+    enlargement', ..., 'No finding'), one row per radiologist (3 per image) -> majority vote; image_labels_test.csv:
+    image_id, the same columns (5-radiologist consensus). Findings mapped with VINDR_TO_CHEXPERT. Age and sex from
+    the DICOM header (PatientAge '058Y', PatientSex). View PA (the release is postero-anterior scans only). Split:
+    train (val carved by hash, --val-frac) / test. No patient ids are released: one image = one patient. Needs
+    pydicom."""
+    _pydicom()
+    root = args.root
+    for part, split in (("train", "train"), ("test", "test")):
+        path = find_file([os.path.join(root, "annotations"), root], [f"image_labels_{part}.csv"], f"{part} labels")
+        votes = {}
+        for r in read_table(path, ["image_id"] + (["rad_id"] if part == "train" else [])):
+            votes.setdefault(r["image_id"], []).append(r)
+        for image_id, rs in votes.items():
+            names = [k for k in rs[0] if k not in ("image_id", "rad_id")]
+            found = []
+            for k in names:
+                vals = [norm_label(r.get(k, "")) for r in rs]
+                if sum(v == "1" for v in vals) * 2 > len(vals):     # strict majority of the radiologists
+                    found.append(k)
+            img = os.path.join(root, part, image_id)
+            yield {"id": image_id, "patient_id": image_id, "study_id": image_id, "split": split, "carve_val": True,
+                   "view": "PA", "from_header": True,
+                   "labels": map_findings(found, VINDR_TO_CHEXPERT, nofinding_words=("no finding",)),
+                   "paths": [img + ".dicom", img + ".dcm", img], "source_path": f"{part}/{image_id}.dicom"}
+
+
+def src_brax(args):
+    """BRAX 1.1 (PhysioNet). --root holds master_spreadsheet_update.csv (or master_spreadsheet.csv):
+      DicomPath (Anonymized_DICOMs/id_<PatientID>/Study_<uid>/Series_<uid>/image-<uid>.dcm), PngPath (images/...),
+      PatientID, PatientSex (M/F/O), PatientAge (5-year groups, '85 or more'), AccessionNumber, StudyDate,
+      ViewPosition (PA / AP / LL / RL / ...), the 14 CheXpert labels (1 / 0 / -1 / empty)
+    Layout as documented by the PhysioNet release and public loaders; not checked against the file itself (no
+    access here). Pixels from the DICOM when present (radit §3), else the PNG. Age = centre of the 5-year group.
+    No reports, no official split (patient hash)."""
+    root = args.root
+    path = find_file([root], ["master_spreadsheet_update.csv", "master_spreadsheet.csv"], "BRAX master spreadsheet")
+    for r in read_table(path, ["PatientID", "PatientSex", "PatientAge", "ViewPosition"] + LABELS):
+        dcm, png = r.get("DicomPath", ""), r.get("PngPath", "")
+        if not (dcm or png):
+            raise SystemExit(f"{path}: missing column 'DicomPath' or 'PngPath'")
+        rel = dcm or png
+        paths = [os.path.join(root, p) for p in (dcm, png) if p]
+        yield {"id": os.path.splitext(os.path.basename(rel))[0], "patient_id": r["PatientID"],
+               "study_id": r.get("AccessionNumber", ""), "view": r["ViewPosition"], "sex": r["PatientSex"],
+               "age": r["PatientAge"], "labels": r, "paths": paths, "source_path": rel}
+
+
+def src_rexgradient(args):
+    """ReXGradient-160K (Hugging Face rajpurkarlab/ReXGradient-160K). --root holds metadata/ with
+    {train,valid,test}_metadata_view_position.json: {study key: {PatientID, StudyInstanceUid, AccessionNumber,
+    PatientSex, PatientAge, StudyDate, Indication, Comparison, Findings, Impression, ImagePath [list, paths like
+    '../deid_png/...png' relative to metadata/], ImageViewPosition [list]}} and the extracted deid_png/ tree.
+    Layout from the public dataset card and loaders (not checked against the files here). Impression -> report,
+    Findings -> findings; CheXpert-14 labels are read from the study entry when it carries keys with the CheXpert
+    names (e.g. merged CheXbert output), else missing; age from PatientAge, or PatientBirthDate and StudyDate.
+    Official split."""
+    root = args.root
+    meta = os.path.join(root, "metadata")
+    for part, split in (("train", "train"), ("valid", "val"), ("test", "test")):
+        path = os.path.join(meta, f"{part}_metadata_view_position.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                entries = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: cannot read as JSON ({e})") from None
+        for key, e in (entries.items() if isinstance(entries, dict) else enumerate(entries)):
+            if "ImagePath" not in e:
+                raise SystemExit(f"{path}: entry {key!r} has no 'ImagePath' list")
+            views = list(e.get("ImageViewPosition") or [])
+            age = e.get("PatientAge")
+            if (age in (None, "") or parse_age(age) is None) and e.get("PatientBirthDate"):
+                age = years_between(e["PatientBirthDate"], e.get("StudyDate"))
+            for i, p in enumerate(e["ImagePath"]):
+                full = os.path.normpath(os.path.join(meta, p))
+                yield {"id": os.path.splitext(os.path.basename(p))[0], "patient_id": e.get("PatientID", ""),
+                       "study_id": e.get("StudyInstanceUid", key), "split": split,
+                       "view": views[i] if i < len(views) else "", "sex": e.get("PatientSex", ""), "age": age,
+                       "labels": {k: e[k] for k in LABELS if k in e}, "report": e.get("Impression") or "",
+                       "findings": e.get("Findings") or "", "paths": [full, os.path.join(root, p.lstrip("./"))],
+                       "source_path": _rel(full, root)}
+    if not any(os.path.isfile(os.path.join(meta, f"{p}_metadata_view_position.json")) for p in ("train", "valid", "test")):
+        raise SystemExit(f"{meta}: no {{train,valid,test}}_metadata_view_position.json (expected ReXGradient-160K)")
+
+
+def src_generic(args):
+    """Any other dataset: --root is the image folder, --csv (default ROOT/meta.csv) has a `path` column (relative
+    to ROOT) and any of the schema columns (DESIGN.md §4: id, patient_id, study_id, split, view, sex, age, race,
+    the 14 CheXpert labels, report, findings); the same harmonisation applies. Missing id -> file name; missing
+    patient_id -> id; missing split -> patient hash. Dataset name: --dataset-name (default: the folder name)."""
+    path = args.csv or os.path.join(args.root, "meta.csv")
+    for r in read_table(path, ["path"]):
+        rid = r.get("id") or os.path.splitext(os.path.basename(r["path"]))[0]
+        yield {**{k: r.get(k, "") for k in ("study_id", "split", "view", "race", "report", "findings")},
+               "id": rid, "patient_id": r.get("patient_id") or rid, "sex": r.get("sex", ""), "age": r.get("age", ""),
+               "labels": r, "paths": [os.path.join(args.root, r["path"])], "source_path": r["path"]}
+
+
+SOURCES = {  # subcommand: (adapter, dataset name in meta.csv, extra flags)
+    "mimic-cxr-jpg": (src_mimic_cxr_jpg, "MIMIC-CXR", ["mimic_iv", "reports", "meta_dir"]),
+    "mimic-cxr": (src_mimic_cxr, "MIMIC-CXR", ["mimic_iv", "reports", "meta_dir"]),
+    "chexpert": (src_chexpert, "CheXpert", ["plus"]),
+    "nih-cxr14": (src_nih_cxr14, "NIH-CXR14", []),
+    "padchest": (src_padchest, "PadChest", []),
+    "vindr-cxr": (src_vindr_cxr, "VinDr-CXR", []),
+    "brax": (src_brax, "BRAX", []),
+    "rexgradient": (src_rexgradient, "ReXGradient", []),
+    "generic": (src_generic, None, ["csv", "dataset_name"]),
+}
+EXTRA_FLAGS = {"mimic_iv": "MIMIC-IV folder (hosp/ or its parent) with patients.csv(.gz), admissions.csv(.gz)",
+               "reports": "folder holding files/pXX/pNNNNNNNN/sNNNNNNNN.txt (mimic-cxr-reports)",
+               "meta_dir": "folder with the MIMIC-CXR-JPG CSVs (metadata, chexpert, split), if not in --root",
+               "plus": "CheXpert-Plus report/demographics CSV (default: ROOT/df_chexpert_plus*.csv)",
+               "csv": "CSV with a `path` column and schema columns (default: ROOT/meta.csv)",
+               "dataset_name": "value of the dataset column (default: the --root folder name)"}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real datasets: resumable writer, summary, merge
+
+_RECORDS_CACHE = {}
+
+
+class RealShards:
+    """Picklable shard writer for real images: rows lo..hi of the harmonised records (pixels first, then the
+    per-shard skip counts, then the rows, each atomically). Workers re-load the records from a file, so the
+    (possibly 300k-row) list is not pickled with every job."""
+
+    def __init__(self, records, records_path, size, png16):
+        self.records, self.records_path, self.size, self.png16 = records, records_path, size, png16
+
+    def __getstate__(self):
+        return {**self.__dict__, "records": None}
+
+    def __call__(self, job):
+        out_dir, shard, lo, hi = job
+        if self.records is None:
+            if self.records_path not in _RECORDS_CACHE:
+                with open(self.records_path) as f:
+                    _RECORDS_CACHE[self.records_path] = json.load(f)
+            self.records = _RECORDS_CACHE[self.records_path]
+        rows, images, skipped = [], [], Counter()
+        for rec in self.records[lo:hi]:
+            try:
+                x, header = load_source_image(rec["_paths"])
+                img = resize_pad(to_unit_range(x), self.size)
+            except Skip as e:
+                skipped[e.reason] += 1
+                continue
+            row = {k: v for k, v in rec.items() if not k.startswith("_")}
+            if row["age"] is None:                                   # fields the source keeps in the DICOM header
+                years = parse_age(header.get("age"))
+                row["age"] = "" if years is None else f"{round(years, 2):g}"
+            if row["sex"] is None:
+                row["sex"] = norm_sex(header.get("sex"))
+            row["shard"], row["index"] = shard, len(rows)
+            if self.png16:
+                png = os.path.join(out_dir, "png", f"{row['id']}.png")
+                tmp = atomic_write(png, None)
+                Image.fromarray(img).save(tmp, format="PNG")
+                os.replace(tmp, png)
+            rows.append(row)
+            images.append(img[None])
+        arr = np.stack(images) if images else np.zeros((0, 1, self.size, self.size), np.uint16)
+        save_shard(os.path.join(out_dir, "shards", f"{shard:05d}.safetensors"), {"images": arr})
+        write_json(os.path.join(out_dir, "shards", f"{shard:05d}.skips.json"), dict(skipped))
+        write_csv(os.path.join(out_dir, "shards", f"{shard:05d}.csv"), rows, META_COLUMNS)
+        return hi - lo
+
+
+def summary_table(read, written, skipped, notes):
+    """The end-of-run table: rows read, written, skipped by reason, and values set to missing."""
+    lines = [f"{'rows read':<40}{read:>10}", f"{'rows written':<40}{written:>10}"]
+    lines += [f"{'skipped: ' + k:<40}{v:>10}" for k, v in sorted(skipped.items())]
+    lines += [f"{'note: ' + k:<40}{v:>10}" for k, v in sorted(notes.items())]
+    return "\n".join(lines)
+
+
+def prepare_real(args):
+    """List, harmonise and write one source (resumable); returns (rows, info)."""
+    adapter, dataset, _ = SOURCES[args.cmd]
+    dataset = dataset or getattr(args, "dataset_name", None) or os.path.basename(os.path.normpath(args.root))
+    if not os.path.isdir(args.root):
+        raise SystemExit(f"--root {args.root}: no such folder")
+    if not 32 <= args.size <= 4096:
+        raise SystemExit(f"--size {args.size}: expected 32 to 4096 pixels")
+    if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
+        raise SystemExit(f"--val-frac {args.val_frac} --test-frac {args.test_frac}: expected fractions summing below 1")
+    views = [v.strip().upper() for v in args.views.split(",") if v.strip()] if args.views else []
+    if any(v not in CATEGORIES["view"] for v in views):
+        raise SystemExit(f"--views {args.views}: expected a comma-separated subset of {CATEGORIES['view']}")
+    records, skipped, notes, read = [], Counter(), Counter(), 0
+    for raw in adapter(args):
+        if args.limit and len(records) >= args.limit:
+            break
+        read += 1
+        try:
+            if isinstance(raw, Skip):                               # adapters yield (not raise) row-level skips
+                raise raw
+            rec = harmonise(raw, dataset, args, notes)
+        except Skip as e:
+            skipped[e.reason] += 1
+            continue
+        if views and rec["view"] not in views:
+            skipped["view not selected"] += 1
+            continue
+        records.append(rec)
+    moved = unify_patient_splits(records)
+    if moved:
+        notes["rows moved to keep a patient in one split"] += moved
+    if not records:
+        raise SystemExit(f"{args.root}: no usable rows for {args.cmd} ({dict(skipped)})")
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise SystemExit(f"{args.root}: image id {dup!r} occurs twice; ids must be unique within a dataset")
+    shard_size = args.shard_size or default_shard_size(args.size, 0)
+    manifest = {"kind": "real", "source": args.cmd, "root": os.path.abspath(args.root), "size": args.size,
+                "views": views, "limit": args.limit, "split_mode": args.split_mode, "val_frac": args.val_frac,
+                "test_frac": args.test_frac, "png16": args.png16, "shard_size": shard_size, "n": len(records),
+                "ids_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest(), "format_version": FORMAT_VERSION}
+    rec_path = os.path.join(args.out, f".records-{manifest['ids_sha1'][:12]}.json")
+    if args.workers > 1:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(rec_path, records)
+    rows = write_sharded(args.out, len(records), shard_size, RealShards(records, rec_path, args.size, args.png16),
+                         manifest, args.workers)
+    for s in range(max(1, math.ceil(len(records) / shard_size))):
+        with open(os.path.join(args.out, "shards", f"{s:05d}.skips.json")) as f:
+            skipped.update(json.load(f))
+    summary = {"read": read, "written": len(rows), "skipped": dict(skipped), "notes": dict(notes)}
+    info = dataset_info(rows, args.size, [dataset], [], {"kind": "real", "source": args.cmd, "summary": summary})
+    write_csv(os.path.join(args.out, "meta.csv"), rows, META_COLUMNS)
+    write_json(os.path.join(args.out, "info.json"), info)
+    if os.path.exists(rec_path):
+        os.remove(rec_path)
+    return rows, info
+
+
+def _link_or_copy(src, dst):
+    """Hard-link a shard into the merged dataset (no copy on the same file system), else copy it atomically."""
+    if os.path.exists(dst):
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        tmp = atomic_write(dst, None)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def merge_datasets(inputs, out):
+    """Merge prepared datasets into one (CXR7-1M style, radit §3): shards renumbered (hard links), ids checked
+    unique, patient-level splits re-checked across sources, info.json with the datasets in input order."""
+    if len(inputs) < 2:
+        raise SystemExit("--inputs: expected at least two dataset folders")
+    if os.path.exists(os.path.join(out, "meta.csv")):
+        raise SystemExit(f"{out}: already holds a dataset; choose another --out or delete it")
+    infos = [read_info(d) for d in inputs]
+    sizes = {int(i["size"]) for i in infos}
+    if len(sizes) != 1:
+        raise SystemExit(f"--inputs: image sizes differ ({[i['size'] for i in infos]}); prepare them with one --size")
+    datasets, columns, rows, seen, shard_no = [], list(META_COLUMNS), [], set(), 0
+    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    for d, info in zip(inputs, infos):
+        datasets += [n for n in info.get("datasets", []) if n not in datasets]
+        part = read_meta(d)
+        columns += [c for c in (part[0] if part else {}) if c not in columns]
+        renumber = {}
+        for s in sorted({int(r["shard"]) for r in part}):
+            renumber[s] = shard_no
+            _link_or_copy(os.path.join(d, "shards", f"{s:05d}.safetensors"),
+                          os.path.join(out, "shards", f"{shard_no:05d}.safetensors"))
+            shard_no += 1
+        for r in part:
+            if r["id"] in seen:
+                raise SystemExit(f"{d}/meta.csv: id {r['id']!r} is already in an earlier input (same images twice?)")
+            seen.add(r["id"])
+            r["shard"] = renumber[int(r["shard"])]
+            rows.append(r)
+    moved = unify_patient_splits(rows)
+    masks = infos[0].get("mask_names", [])
+    masks = masks if all(i.get("mask_names", []) == masks for i in infos) else []
+    extra = {"kind": "merged", "inputs": [os.path.abspath(d) for d in inputs], "rows_moved_for_patient_split": moved,
+             "counts_by_dataset": {n: sum(r["dataset"] == n for r in rows) for n in datasets},
+             "prevalence_by_dataset": {n: label_prevalence([r for r in rows if r["dataset"] == n]) for n in datasets}}
+    write_csv(os.path.join(out, "meta.csv"), rows, columns)
+    info = dataset_info(rows, sizes.pop(), datasets, masks, extra)
+    write_json(os.path.join(out, "info.json"), info)
+    return rows, info
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main(): subcommands
 
 
@@ -1187,8 +2035,41 @@ def main(argv=None):
     cf.add_argument("--size", type=int, default=None, help="render size (default: the dataset's)")
     cf.add_argument("--workers", type=int, default=1, help="processes")
     cf.add_argument("--no-masks", action="store_true", help="do not store masks")
+    rfmt = type("_Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    for name, (adapter, _, extras) in SOURCES.items():
+        rp = sub.add_parser(name, help=f"prepare {name} (real dataset)", description=adapter.__doc__, formatter_class=rfmt)
+        rp.add_argument("--root", required=True, help="the dataset folder as distributed (see the layout above)")
+        rp.add_argument("--out", default=f"data/{name}", help="output dataset folder")
+        rp.add_argument("--size", type=int, default=512, help="square image size in pixels (radit §3: 512)")
+        rp.add_argument("--views", default="", help="keep only these views, e.g. PA,AP (default: all, incl. missing)")
+        rp.add_argument("--limit", type=int, default=0, help="stop after N usable rows (0: all)")
+        rp.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+        rp.add_argument("--shard-size", type=int, default=None, help="images per shard (default: ~256 MB shards)")
+        rp.add_argument("--png16", action="store_true", help="also write OUT/png/<id>.png (16-bit)")
+        rp.add_argument("--split-mode", default="official", choices=["official", "hash"],
+                        help="official split where the source has one, else a patient-id hash; `hash` everywhere")
+        rp.add_argument("--val-frac", type=float, default=0.05, help="val fraction of patients for hashed splits")
+        rp.add_argument("--test-frac", type=float, default=0.1, help="test fraction of patients for hashed splits")
+        for extra in extras:
+            rp.add_argument("--" + extra.replace("_", "-"), default=None, help=EXTRA_FLAGS[extra])
+    mg = sub.add_parser("merge", help="merge prepared datasets into one (CXR7-1M style)", formatter_class=fmt)
+    mg.add_argument("--inputs", nargs="+", required=True, help="dataset folders, in the order of the dataset codes")
+    mg.add_argument("--out", required=True, help="output dataset folder")
     args = p.parse_args(argv)
-    if args.cmd == "phantom":
+    if args.cmd in SOURCES:
+        t0 = time.time()
+        try:
+            rows, info = prepare_real(args)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: finished shards in {args.out} are kept; run the same command to resume")
+        sm = info["summary"]
+        print(summary_table(sm["read"], sm["written"], Counter(sm["skipped"]), Counter(sm["notes"])))
+        print(f"wrote {len(rows)} images ({args.size}px, {info['counts']}) to {args.out} in {time.time() - t0:.1f}s")
+    elif args.cmd == "merge":
+        rows, info = merge_datasets(args.inputs, args.out)
+        print(f"merged {len(rows)} images from {info['datasets']} into {args.out} ({info['counts']}; "
+              f"{info['rows_moved_for_patient_split']} rows moved to keep patients in one split)")
+    elif args.cmd == "phantom":
         t0, c0 = time.time(), time.process_time()
         rows = make_phantom(args.out, args.n, args.size, args.seed, args.workers, not args.no_masks, args.shard_size)
         cpu = time.process_time() - c0
