@@ -19,6 +19,12 @@ Commands:
     python prep_data.py sheet --data data/phantom --out sheet.png [--masks]
     python prep_data.py counterfactual --data data/phantom --set "sex=F" --out data/phantom_sexF [--ids a,b]
 
+Real datasets (as distributed; `python prep_data.py SOURCE --help` documents each expected layout):
+    python prep_data.py SOURCE --root PATH --out DIR --size 512 [--views PA,AP] [--limit N] [--workers N] [--png16]
+        SOURCE: mimic-cxr-jpg [--mimic-iv PATH], mimic-cxr, chexpert, nih-cxr14, padchest, vindr-cxr, brax,
+                rexgradient, generic [--csv FILE]
+    python prep_data.py merge --inputs data/mimic data/chexpert data/nih --out data/cxr-merged
+
 The exogenous noise of a phantom row is its integer `seed`: variable v's noise is U_v = splitmix64(seed*1024 + k)
 mapped to (0, 1) for a documented stream k (see `exogenous_uniform`), and the renderer draws from
 numpy.random.default_rng([seed, component]). The SCM's parameters are written to info.json["scm"], so other
@@ -1199,7 +1205,13 @@ def read_dicom(path):
     """
     pydicom = _pydicom()
     ds = pydicom.dcmread(path)
-    raw = ds.pixel_array
+    try:
+        raw = ds.pixel_array
+    except Exception:                           # e.g. JPEG 2000 without pylibjpeg-openjpeg / gdcm installed
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if getattr(syntax, "is_compressed", False):
+            raise Skip(f"undecodable DICOM pixels ({syntax.name})") from None
+        raise Skip("unreadable image") from None
     if raw.ndim != 2:
         raise Skip("not a single greyscale frame")
     try:                                                             # pydicom >= 3, then 2.x
@@ -1496,18 +1508,17 @@ def _mimic(args, ext):
     split = {r["dicom_id"]: r["split"] for r in read_table(find_file(folders, ["mimic-cxr-2.0.0-split.csv"], "split CSV"),
                                                           ["dicom_id", "split"])}
     demo = _mimic_demographics(args.mimic_iv) if args.mimic_iv else {}
-    report_roots = [args.reports, os.path.join(root, "mimic-cxr-reports"), root]
+    report_roots, reports = [args.reports, os.path.join(root, "mimic-cxr-reports"), root], {}
     for r in meta:
         sub, stu = r["subject_id"], r["study_id"]
         rel = os.path.join("files", f"p{sub[:2]}", f"p{sub}", f"s{stu}")
         path = os.path.join(root, rel, r["dicom_id"] + ext)
-        imp = fnd = ""
-        for rr in report_roots:
-            rp = rr and os.path.join(rr, rel + ".txt")
-            if rp and os.path.isfile(rp):
-                with open(rp, errors="replace") as f:
-                    imp, fnd = impression_findings(f.read())
-                break
+        if stu not in reports:                                      # one report per study, read once
+            rp = next((p for p in (rr and os.path.join(rr, rel + ".txt") for rr in report_roots)
+                       if p and os.path.isfile(p)), None)
+            with open(rp or os.devnull, errors="replace") as f:
+                reports[stu] = impression_findings(f.read())
+        imp, fnd = reports[stu]
         age = sex = race = ""
         if sub in demo:
             sex, anchor_age, anchor_year, race = demo[sub]

@@ -195,6 +195,16 @@ def test_corrupt_and_missing_are_skips(tmp_path):
     for name, reason in [("t.png", "unreadable image"), ("t.dcm", "unreadable image"), ("nope.png", "missing image")]:
         with pytest.raises(P.Skip, match=reason):
             P.load_source_image([str(tmp_path / name)])
+    if pydicom is not None:        # a compressed syntax pydicom cannot decode is counted under its own name
+        from pydicom.encaps import encapsulate
+        from pydicom.uid import JPEG2000Lossless
+        write_dicom(str(tmp_path / "j.dcm"), np.zeros((4, 4), np.int64))
+        ds = pydicom.dcmread(str(tmp_path / "j.dcm"))
+        ds.file_meta.TransferSyntaxUID, ds.PixelData = JPEG2000Lossless, encapsulate([b"\xff\x4f\xff\x51broken"])
+        ds["PixelData"].is_undefined_length = True
+        ds.save_as(str(tmp_path / "j.dcm"))
+        with pytest.raises(P.Skip, match=r"undecodable DICOM pixels \(JPEG 2000"):
+            P.load_source_image([str(tmp_path / "j.dcm")])
     with pytest.raises(P.Skip, match="blank image"):
         P.to_unit_range(P.load_source_image([str(tmp_path / "flat.png")])[0])
 
@@ -549,12 +559,14 @@ def test_generic_resume_and_bad_column(tmp_path):
     rows = [{"path": f"img/{i}.png", "patient_id": f"p{i // 2}", "sex": "female" if i % 2 else "M", "age": str(20 + i),
              "view": "PA", "Cardiomegaly": "1" if i == 0 else "0", "race": "white"} for i in range(6)]
     rows[5]["split"] = "test"                                # patient p2 also has row 4 (no split): both -> test
+    rows.append({**rows[0], "path": "img/x.png", "patient_id": "px", "Cardiomegaly": "yes"})   # unknown value
     generic_tree(root, rows)
     run("generic", "--root", root, "--out", out, "--size", S, "--shard-size", 2, "--dataset-name", "Custom")
     m = meta(out)
     assert len(m) == 6 and m["0"]["Cardiomegaly"] == "1" and m["1"]["sex"] == "F" and m["1"]["race"] == "WHITE"
     assert m["4"]["split"] == m["5"]["split"] == "test" and m["0"]["dataset"] == "Custom"
     assert summary(out)["notes"] == {"rows moved to keep a patient in one split": 1}
+    assert summary(out)["skipped"] == {"unknown label value": 1}
     assert_no_leak(m.values())
     # resume: shards 0 and 2 finished, shard 1 lost its rows (as after a kill): only shard 1 is rewritten
     t0 = os.stat(os.path.join(out, "shards", "00000.safetensors")).st_mtime_ns
@@ -623,3 +635,16 @@ def test_merge_renumbers_shards_and_keeps_patients_in_one_split(tmp_path):
     assert info2["datasets"] == ["Same", "Other"] and info2["counts_by_dataset"] == {"Same": 5, "Other": 3}
     assert info2["rows_moved_for_patient_split"] == 0                  # same patient ids, different datasets
     assert P.csv_to_codes(meta(out2)["b0"], info2["datasets"])["dataset"] == 2
+
+
+def test_workers_and_png16_give_the_same_dataset(tmp_path):
+    root = str(tmp_path / "gen")
+    generic_tree(root, [{"path": f"i/{i}.png", "sex": "F", "Edema": str(i % 2)} for i in range(5)])
+    outs = [str(tmp_path / f"o{w}") for w in (1, 2)]
+    for w, out in zip((1, 2), outs):
+        run("generic", "--root", root, "--out", out, "--size", S, "--shard-size", 2, "--workers", w, "--png16")
+    m1, m2 = meta(outs[0]), meta(outs[1])
+    assert m1 == m2 and len(m1) == 5 and not any(f.startswith(".records") for f in os.listdir(outs[1]))
+    for k, r in m1.items():
+        png = np.asarray(Image.open(os.path.join(outs[1], "png", k + ".png")), np.float64)
+        assert np.array_equal(pixels(outs[0], r), pixels(outs[1], m2[k])) and np.array_equal(png, pixels(outs[0], r))
