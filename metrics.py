@@ -470,18 +470,19 @@ def kid(x, y, subsets=100, subset_size=1000, seed=0, device=None):
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def _sqdist(a, b):
-    """Squared Euclidean distances [len(a), len(b)], clamped at 0."""
-    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min_(0)
+def _sqdist(a, b, bb=None):
+    """Squared Euclidean distances [len(a), len(b)] as |a|^2 + |b|^2 - 2 a.b (one fused GEMM), clamped at 0."""
+    bb = (b * b).sum(1) if bb is None else bb
+    return torch.addmm((a * a).sum(1)[:, None] + bb[None, :], a, b.T, alpha=-2).clamp_min_(0)
 
 
 def knn_radii(x, k=5, mem_mb=256):
     """Squared distance of every row of x to its k-th nearest other row (itself excluded by index, so duplicates
     count as neighbours at distance 0); computed in row chunks so memory stays bounded."""
-    n, out = len(x), torch.empty(len(x), dtype=x.dtype, device=x.device)
+    n, out, xx = len(x), torch.empty(len(x), dtype=x.dtype, device=x.device), (x * x).sum(1)
     step = max(1, int(mem_mb * 2 ** 20 // (n * x.element_size() * 3)))  # ~3 chunk-sized temporaries
     for s in range(0, n, step):
-        d, rows = _sqdist(x[s:s + step], x), torch.arange(min(step, n - s), device=x.device)
+        d, rows = _sqdist(x[s:s + step], x, xx), torch.arange(min(step, n - s), device=x.device)
         d[rows, rows + s] = float("inf")
         out[s:s + step] = torch.topk(d, k, dim=1, largest=False).values[:, -1]
     return out
@@ -501,9 +502,9 @@ def prdc(real, fake, k=5, device=None, mem_mb=256):
     balls_per_fake = torch.zeros(m, dtype=torch.float64, device=real.device)
     covered = torch.zeros(n, dtype=torch.bool, device=real.device)
     recalled = torch.zeros(n, dtype=torch.bool, device=real.device)
-    step = max(1, int(mem_mb * 2 ** 20 // (m * real.element_size() * 3)))
+    step, ff = max(1, int(mem_mb * 2 ** 20 // (m * real.element_size() * 3))), (fake * fake).sum(1)
     for s in range(0, n, step):
-        d = _sqdist(real[s:s + step], fake)
+        d = _sqdist(real[s:s + step], fake, ff)
         inside = d < r_real[s:s + step, None]
         balls_per_fake += inside.sum(0)
         covered[s:s + step] = inside.any(1)
@@ -901,8 +902,7 @@ class Extractor:
         elif not torch.is_tensor(batch):
             x = torch.from_numpy(np.stack(batch))[:, None]
         x = x.to(self.device)
-        cuda = self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # bf16 on GPU, fp32 on CPU
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):  # bf16 GPU, fp32 CPU
             if self.name == "inception":
                 f = self.net((2 * x - 1).expand(-1, 3, -1, -1))  # [0,1] -> [-1,1], gray replicated to RGB
             elif self.name == "xrv":
@@ -1173,25 +1173,27 @@ def diversity(fake, cfg):
 
 def paired_ids(real, fake):
     """(real index, fake index) for images sharing an id (exact, else by file stem)."""
-    rid = {i: n for n, i in enumerate(real.ids)}
-    pairs = [(rid[i], n) for n, i in enumerate(fake.ids) if i in rid]
-    if not pairs:
-        stem = {i.rsplit("/", 1)[-1]: n for n, i in enumerate(real.ids)}
-        pairs = [(stem[i.rsplit("/", 1)[-1]], n) for n, i in enumerate(fake.ids) if i.rsplit("/", 1)[-1] in stem]
-    return pairs
+    for key in (lambda i: i, lambda i: i.rsplit("/", 1)[-1]):
+        rid = {key(i): n for n, i in enumerate(real.ids)}
+        if pairs := [(rid[key(i)], n) for n, i in enumerate(fake.ids) if key(i) in rid]:
+            return pairs
+    return []
 
 
 def paired(real, fake, pairs, cfg):
-    """SSIM / PSNR between paired real and synthetic images (reconstructions, edits; radit App. C.1)."""
-    ri, fi = _pixels(real, [p[0] for p in pairs], cfg.pixel_size, cfg), _pixels(fake, [p[1] for p in pairs],
-                                                                                 cfg.pixel_size, cfg)
-    rr, fr = {i: r for r, i in enumerate(ri[0])}, {i: r for r, i in enumerate(fi[0])}
-    ok = [(rr[a], fr[b]) for a, b in pairs if a in rr and b in fr]
-    a = torch.from_numpy(ri[1][[p[0] for p in ok]])[:, None]
-    b = torch.from_numpy(fi[1][[p[1] for p in ok]])[:, None]
-    s, p = torch.atleast_1d(ssim(a, b, 1.0)).double().numpy(), torch.atleast_1d(psnr(a, b, 1.0)).numpy()
+    """SSIM / PSNR between paired real and synthetic images (reconstructions, edits; radit App. C.1), streamed."""
+    s, p = [], []
+    for c in range(0, len(pairs), 256):
+        (kr, xr), (kf, xf) = (_pixels(im, [q[i] for q in pairs[c:c + 256]], cfg.pixel_size, cfg)
+                              for i, im in ((0, real), (1, fake)))
+        rr, fr = {i: r for r, i in enumerate(kr)}, {i: r for r, i in enumerate(kf)}
+        ok = [(rr[a], fr[b]) for a, b in pairs[c:c + 256] if a in rr and b in fr]
+        a, b = (torch.from_numpy(x[[o[i] for o in ok]])[:, None] for i, x in ((0, xr), (1, xf)))
+        s.append(torch.atleast_1d(ssim(a, b, 1.0)).double().numpy())
+        p.append(torch.atleast_1d(psnr(a, b, 1.0)).numpy())
+    s, p = np.concatenate(s), np.concatenate(p)
     fin = p[np.isfinite(p)]
-    return {"n": len(ok), "ssim_mean": float(s.mean()), "ssim_std": float(s.std()),
+    return {"n": len(s), "ssim_mean": float(s.mean()), "ssim_std": float(s.std()),
             "psnr_mean": float(fin.mean()) if len(fin) else float("inf"),
             "psnr_std": float(fin.std()) if len(fin) else 0.0, "n_identical": int((~np.isfinite(p)).sum()),
             "size": cfg.pixel_size, "data_range": 1.0}
@@ -1200,7 +1202,6 @@ def paired(real, fake, pairs, cfg):
 def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
     """Memorisation (chexgenbench §2.3, done over the whole training set): each synthetic image's nearest
     training image by pixel L2 (same crop/resize, float) and by distance of unit-normalised features."""
-    out = {}
     (fk, q), bank_kept = _pixels(fake, list(range(len(fake))), cfg.privacy_size, cfg), []
 
     def bank():
@@ -1210,7 +1211,7 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
                 yield np.stack(batch).reshape(len(batch), -1)
 
     d, j = nearest_neighbours(q.reshape(len(q), -1), bank(), device)
-    rms = d / cfg.privacy_size
+    rms, out = d / cfg.privacy_size, {}
     out["pixel"] = {"n_fake": len(fk), "n_train": len(bank_kept), "size": cfg.privacy_size,
                     "l2_mean": float(d.mean()), "l2_min": float(d.min()), "rms_mean": float(rms.mean()),
                     "rms_min": float(rms.min()), "threshold_rms": cfg.pix_threshold,
@@ -1322,8 +1323,7 @@ def evaluate(cfg):
     rgroups, fgroups = condition_groups(real.meta), condition_groups(fake.meta)
     kw = dict(batch_size=cfg.batch_size, device=device, fit=cfg.fit, compat=cfg.chexgenbench_compat,
               workers=cfg.workers, strict=cfg.strict, cache_dir=cache_dir)
-    need_feats = any(m in chosen for m in ("fd", "kid", "prdc", "conditions", "privacy"))
-    for name in spaces if need_feats else []:
+    for name in spaces if set(chosen) & {"fd", "kid", "prdc", "conditions", "privacy"} else []:
         try:
             ex = get_extractor(name, cfg.weights_dir, cfg.allow_random_weights, device, cfg.offline)
         except WeightsMissing as e:
@@ -1361,7 +1361,7 @@ def evaluate(cfg):
             fake_f, train_f = (pf, (ff, kf)), (tf, kt)
         res["privacy"] = privacy(fake, train, cfg, fake_f, train_f, device)
         res["train"] = {"path": train.root, "n": len(train)}
-    if cfg.out:
+    if cfg.out and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         with open(cfg.out + ".tmp", "w") as fh:
             json.dump(res, fh, indent=1, default=float)
