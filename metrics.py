@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import pickle
 import platform
