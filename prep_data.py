@@ -1813,12 +1813,12 @@ def src_generic(args):
 SOURCES = {  # subcommand: (adapter, dataset name in meta.csv, extra flags)
     "mimic-cxr-jpg": (src_mimic_cxr_jpg, "MIMIC-CXR", ["mimic_iv", "reports", "meta_dir"]),
     "mimic-cxr": (src_mimic_cxr, "MIMIC-CXR", ["mimic_iv", "reports", "meta_dir"]),
-    "chexpert": (src_chexpert, "CheXpert", ["plus"]),
-    "nih-cxr14": (src_nih_cxr14, "NIH-CXR14", []),
+    "chexpert": (src_chexpert, "CheXpert-Plus", ["plus"]),              # names as radit §3 lists the 7 sources
+    "rexgradient": (src_rexgradient, "ReXGradient-160K", []),
     "padchest": (src_padchest, "PadChest", []),
     "vindr-cxr": (src_vindr_cxr, "VinDr-CXR", []),
+    "nih-cxr14": (src_nih_cxr14, "ChestX-ray14", []),
     "brax": (src_brax, "BRAX", []),
-    "rexgradient": (src_rexgradient, "ReXGradient", []),
     "generic": (src_generic, None, ["csv", "dataset_name"]),
 }
 EXTRA_FLAGS = {"mimic_iv": "MIMIC-IV folder (hosp/ or its parent) with patients.csv(.gz), admissions.csv(.gz)",

@@ -344,7 +344,7 @@ def test_chexpert_with_plus(tmp_path):
     assert labels(a) == {"Cardiomegaly": "1", "Pleural Effusion": "-1"} and lat["view"] == "LATERAL"
     assert (b["sex"], b["age"], b["race"], b["view"]) == ("M", "41", "WHITE", "PA")   # CheXpert-Plus fills gaps
     assert labels(b) == {"No Finding": "1", "Support Devices": "0"}
-    assert (v["split"], v["patient_id"], a["split"]) == ("val", "patient64541", "train")
+    assert (v["split"], v["patient_id"], a["split"], a["dataset"]) == ("val", "patient64541", "train", "CheXpert-Plus")
     # 40 x 32 source -> 32 x 26 content: 3 black columns left and right
     px = pixels(out, a)
     assert np.all(px[:, :3] == 0) and np.all(px[:, -3:] == 0) and px[:, 4:-4].min() >= 0
@@ -393,7 +393,8 @@ def test_nih_cxr14_real_pngs_mapping_and_corrupt(tmp_path):
     assert labels(nf) == {**{k: "0" for k in mapped}, "No Finding": "1"}
     assert labels(e) == {**{k: "0" for k in mapped}, "Pleural Effusion": "1", "Lung Lesion": "1", "No Finding": "0"}
     assert labels(i)["Lung Opacity"] == "1" and labels(h) == {**{k: "0" for k in mapped}, "No Finding": "0"}
-    assert (a["age"], a["sex"], a["view"], nf["age"], nf["split"], h["age"]) == ("58", "M", "PA", "45", "test", "")
+    assert (a["age"], a["sex"], a["view"], nf["age"], nf["split"], h["age"], a["dataset"]) == \
+        ("58", "M", "PA", "45", "test", "", "ChestX-ray14")
     assert e["split"] == i["split"] and e["split"] in ("train", "val") and a["split"] in ("train", "val")
     assert all(labels(r).get(k) is None for r in m.values() for k in ("Fracture", "Support Devices",
                                                                        "Enlarged Cardiomediastinum"))
