@@ -1883,9 +1883,9 @@ class RealShards:
 
 def summary_table(read, written, skipped, notes):
     """The end-of-run table: rows read, written, skipped by reason, and values set to missing."""
-    lines = [f"{'rows read':<40}{read:>10}", f"{'rows written':<40}{written:>10}"]
-    lines += [f"{'skipped: ' + k:<40}{v:>10}" for k, v in sorted(skipped.items())]
-    lines += [f"{'note: ' + k:<40}{v:>10}" for k, v in sorted(notes.items())]
+    lines = [f"{'rows read':<50}{read:>10}", f"{'rows written':<50}{written:>10}"]
+    lines += [f"{'skipped: ' + k:<50}{v:>10}" for k, v in sorted(skipped.items())]
+    lines += [f"{'note: ' + k:<50}{v:>10}" for k, v in sorted(notes.items())]
     return "\n".join(lines)
 
 
@@ -1931,8 +1931,9 @@ def prepare_real(args):
     manifest = {"kind": "real", "source": args.cmd, "root": os.path.abspath(args.root), "size": args.size,
                 "views": views, "limit": args.limit, "split_mode": args.split_mode, "val_frac": args.val_frac,
                 "test_frac": args.test_frac, "png16": args.png16, "shard_size": shard_size, "n": len(records),
-                "ids_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest(), "format_version": FORMAT_VERSION}
-    rec_path = os.path.join(args.out, f".records-{manifest['ids_sha1'][:12]}.json")
+                "dataset": dataset, "format_version": FORMAT_VERSION,      # any change in any harmonised value:
+                "records_sha1": hashlib.sha1(json.dumps(records, sort_keys=True).encode()).hexdigest()}  # a new run
+    rec_path = os.path.join(args.out, f".records-{manifest['records_sha1'][:12]}.json")
     if args.workers > 1:
         os.makedirs(args.out, exist_ok=True)
         write_json(rec_path, records)
