@@ -188,6 +188,24 @@ def test_dicom_pipeline_16bit_monochrome2_and_raster(tmp_path):
     assert np.abs(P.resize_pad(P.to_unit_range(x), S) - ref_uint16(s8)).max() <= 1
 
 
+@needs_dicom
+def test_dicom_voi_lut_sequence_wins_over_window(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    stored = ramp(S, S, 0, 4095, seed=4)
+    path = str(tmp_path / "lut.dcm")
+    write_dicom(path, stored, bits=12, window=(100, 10))
+    ds = pydicom.dcmread(path)
+    lut = np.round(np.sqrt(np.arange(4096) / 4095) * 255).astype(np.int64)       # a gamma-like VOI LUT
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 16])                                # LUT Descriptor
+    item.add_new(0x00283006, "US", lut.tolist())                                 # LUT Data
+    ds.VOILUTSequence = Sequence([item])
+    ds.save_as(path)
+    x, _ = P.load_source_image([path])
+    assert np.array_equal(x, lut[stored].astype(np.float64))
+
+
 def test_corrupt_and_missing_are_skips(tmp_path):
     (tmp_path / "t.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (tmp_path / "t.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
