@@ -206,6 +206,13 @@ def test_dicom_voi_lut_sequence_wins_over_window(tmp_path):
     assert np.array_equal(x, lut[stored].astype(np.float64))
 
 
+def test_missing_pydicom_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pydicom", None)               # `import pydicom` now raises ImportError
+    with pytest.raises(SystemExit, match="pip install pydicom"):
+        run("vindr-cxr", "--root", tmp_path, "--out", tmp_path / "o")
+
+
 def test_corrupt_and_missing_are_skips(tmp_path):
     (tmp_path / "t.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (tmp_path / "t.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
@@ -335,7 +342,6 @@ def test_chexpert_with_plus(tmp_path):
     for k, f in enumerate(files):
         os.makedirs(os.path.dirname(os.path.join(root, f)), exist_ok=True)
         Image.fromarray(ramp(40, S, 0, 255, seed=k).astype(np.uint8)).save(os.path.join(root, f))
-    lab = [""] * 14
     row = lambda f, sex, age, fl, ap, **kw: [f"CheXpert-v1.0/{f}", sex, age, fl, ap] + \
         [kw.get(c.replace(" ", "_"), "") for c in CHEXPERT_HEADER[5:]]
     write_csv(os.path.join(root, "train.csv"), CHEXPERT_HEADER,
@@ -352,7 +358,6 @@ def test_chexpert_with_plus(tmp_path):
                 "Black or African American", "", "train"],
                [files[2], "", "Frontal", "PA", "patient00002", "r", "", "Normal chest.", "41", "Male", "White", "",
                 "train"]])
-    del lab
     run("chexpert", "--root", root, "--out", out, "--size", S)
     m = meta(out)
     a, lat, b, v = (m["train_patient00001_study1_view1_frontal"], m["train_patient00001_study1_view2_lateral"],
