@@ -1409,18 +1409,13 @@ def harmonise(raw, dataset, args, notes):
 def unify_patient_splits(rows, key=lambda r: (r["dataset"], r["patient_id"] or r["id"])):
     """Never one patient in two splits: a patient seen in several goes to the most held-out one (test > val >
     train), so test sets only grow. Returns the number of rows moved."""
-    rank = {"train": 0, "val": 1, "test": 2}
     best = {}
     for r in rows:
-        k = key(r)
-        if rank[r["split"]] > rank[best.get(k, "train")]:
-            best[k] = r["split"]
-    moved = 0
-    for r in rows:
-        s = best.get(key(r), "train")
-        if r["split"] != s:
-            r["split"], moved = s, moved + 1
-    return moved
+        best[key(r)] = max(best.get(key(r), "train"), r["split"], key=SPLITS.index)   # SPLITS: train, val, test
+    moved = [r for r in rows if r["split"] != best[key(r)]]
+    for r in moved:
+        r["split"] = best[key(r)]
+    return len(moved)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Real datasets: source adapters (each yields raw records: id, patient_id, study_id, split, view, sex, age, race,
@@ -1639,34 +1634,29 @@ def src_nih_cxr14(args):
 
 # PadChest's 193 findings (radiographic findings + differential diagnoses, lower case, as in its `Labels` column)
 # that have a CheXpert-14 counterpart; every other label is unmatched (radit §3.1: unmatched -> missing).
-PADCHEST_TO_CHEXPERT = {
-    **dict.fromkeys(["atelectasis", "laminar atelectasis", "lobar atelectasis", "segmental atelectasis",
-                     "round atelectasis", "total atelectasis", "atelectasis basal"], "Atelectasis"),
-    **dict.fromkeys(["cardiomegaly"], "Cardiomegaly"),
-    **dict.fromkeys(["consolidation", "air bronchogram"], "Consolidation"),
-    **dict.fromkeys(["pulmonary edema", "kerley lines"], "Edema"),
-    **dict.fromkeys(["mediastinal enlargement", "superior mediastinal enlargement", "mediastinic lipomatosis"],
-                    "Enlarged Cardiomediastinum"),
-    **dict.fromkeys(["fracture", "rib fracture", "clavicle fracture", "humeral fracture", "vertebral fracture",
-                     "callus rib fracture", "vertebral compression", "vertebral anterior compression"], "Fracture"),
-    **dict.fromkeys(["nodule", "multiple nodules", "mass", "pulmonary mass", "lung metastasis", "cavitation",
-                     "cyst", "pseudonodule"], "Lung Lesion"),
-    **dict.fromkeys(["infiltrates", "alveolar pattern", "interstitial pattern", "ground glass pattern",
-                     "reticular interstitial pattern", "reticulonodular interstitial pattern", "increased density",
-                     "miliary opacities"], "Lung Opacity"),
-    **dict.fromkeys(["pleural effusion", "loculated pleural effusion", "loculated fissural effusion",
-                     "hydropneumothorax"], "Pleural Effusion"),
-    **dict.fromkeys(["pleural thickening", "apical pleural thickening", "calcified pleural thickening",
-                     "pleural plaques", "calcified pleural plaques", "asbestosis signs"], "Pleural Other"),
-    **dict.fromkeys(["pneumonia", "atypical pneumonia"], "Pneumonia"),
-    **dict.fromkeys(["pneumothorax"], "Pneumothorax"),
-    **dict.fromkeys(["pacemaker", "dual chamber device", "single chamber device", "electrical device",
-                     "nsg tube", "endotracheal tube", "tracheostomy tube", "chest drain tube", "catheter",
-                     "central venous catheter", "central venous catheter via jugular vein",
-                     "central venous catheter via subclavian vein", "central venous catheter via umbilical vein",
-                     "reservoir central venous catheter", "ventriculoperitoneal drain tube", "artificial heart valve",
-                     "artificial aortic heart valve", "artificial mitral heart valve"], "Support Devices"),
-}
+PADCHEST_TO_CHEXPERT = {name: target for target, names in {
+    "Atelectasis": "atelectasis|laminar atelectasis|lobar atelectasis|segmental atelectasis|round atelectasis|"
+                   "total atelectasis|atelectasis basal",
+    "Cardiomegaly": "cardiomegaly",
+    "Consolidation": "consolidation|air bronchogram",
+    "Edema": "pulmonary edema|kerley lines",
+    "Enlarged Cardiomediastinum": "mediastinal enlargement|superior mediastinal enlargement|mediastinic lipomatosis",
+    "Fracture": "fracture|rib fracture|clavicle fracture|humeral fracture|vertebral fracture|callus rib fracture|"
+                "vertebral compression|vertebral anterior compression",
+    "Lung Lesion": "nodule|multiple nodules|mass|pulmonary mass|lung metastasis|cavitation|cyst|pseudonodule",
+    "Lung Opacity": "infiltrates|alveolar pattern|interstitial pattern|ground glass pattern|reticular interstitial "
+                    "pattern|reticulonodular interstitial pattern|increased density|miliary opacities",
+    "Pleural Effusion": "pleural effusion|loculated pleural effusion|loculated fissural effusion|hydropneumothorax",
+    "Pleural Other": "pleural thickening|apical pleural thickening|calcified pleural thickening|pleural plaques|"
+                     "calcified pleural plaques|asbestosis signs",
+    "Pneumonia": "pneumonia|atypical pneumonia",
+    "Pneumothorax": "pneumothorax",
+    "Support Devices": "pacemaker|dual chamber device|single chamber device|electrical device|nsg tube|endotracheal "
+                       "tube|tracheostomy tube|chest drain tube|catheter|central venous catheter|central venous "
+                       "catheter via jugular vein|central venous catheter via subclavian vein|central venous catheter "
+                       "via umbilical vein|reservoir central venous catheter|ventriculoperitoneal drain tube|"
+                       "artificial heart valve|artificial aortic heart valve|artificial mitral heart valve",
+}.items() for name in names.split("|")}
 
 
 def src_padchest(args):
