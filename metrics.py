@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import platform
+import socket
 import sys
 import time
 import urllib.request
@@ -435,10 +436,9 @@ def frechet_distance(x, y, eps=1e-6):
 
 
 def _as_tensor(x, device=None):
-    t = torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t.to(device) if device is not None else t
+    t = x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
+    t = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return t if device is None else t.to(device)
 
 
 def kid(x, y, subsets=100, subset_size=1000, seed=0, device=None):
@@ -451,10 +451,8 @@ def kid(x, y, subsets=100, subset_size=1000, seed=0, device=None):
     if m < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {n1} and {n2}")
     rng = np.random.default_rng(seed)
-    gram = None
-    if n1 + n2 <= 4096:  # small sets: one Gram matrix, subsets index into it
-        z = torch.cat([x, y])
-        gram = ((z @ z.T).double() / d + 1) ** 3
+    z = torch.cat([x, y]) if n1 + n2 <= 4096 else None  # small sets: one Gram matrix, subsets index into it
+    gram = None if z is None else ((z @ z.T).double() / d + 1) ** 3
     vals = []
     for _ in range(subsets):
         ix = torch.as_tensor(rng.choice(n1, m, replace=False), device=x.device)
@@ -519,8 +517,6 @@ def _gauss_1d(size=11, sigma=1.5, dtype=torch.float32, device=None):
 
 def _as_images(x):
     x = _as_tensor(x)
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
     return x.reshape(1, 1, *x.shape) if x.ndim == 2 else (x[None] if x.ndim == 3 else x)
 
 
@@ -742,8 +738,14 @@ def prepare(img, size, fit="crop", compat=False):
     return resize(square(img, fit), size) if size else square(img, fit)
 
 
-def _online(offline=False):
-    return not (offline or os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1")
+def _online(offline=False, host="github.com"):
+    """False under --offline / HF_HUB_OFFLINE=1 / CXR_OFFLINE=1, or when `host` does not resolve (fail fast)."""
+    if offline or os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1":
+        return False
+    try:
+        return bool(socket.getaddrinfo(host, 443))
+    except OSError:
+        return False
 
 
 class WeightsMissing(Exception):
@@ -877,10 +879,6 @@ class Extractor:
         self.processor, self.device = processor, device
         self.net.eval().requires_grad_(False).to(device)
 
-    def info(self):
-        return {"extractor": self.name, "dim": self.dim, "preprocessing": self.preprocessing,
-                "weights": self.weights, "random_weights": self.random_weights}
-
     def prepare(self, img, fit="crop", compat=False):
         if self.processor is not None:  # transformers processors resize/crop themselves: hand over a square RGB
             sq = prepare(img, 0, fit, compat)
@@ -949,7 +947,7 @@ def _hf_extractor(name, weights_dir, allow_random_weights, device, offline):
     cands, err = [c for c in [repo] + (wd if weights_dir else []) if os.path.isdir(c)] + [repo], None
     for c in cands:
         try:
-            local = os.path.isdir(c) or not _online(offline)
+            local = os.path.isdir(c) or not _online(offline, "huggingface.co")
             cfg = AutoConfig.from_pretrained(c, local_files_only=local)
             cls = CLIPVisionModel if cfg.model_type in ("clip", "clip_vision_model") else AutoModel
             net = cls.from_pretrained(c, local_files_only=local)
@@ -1332,7 +1330,8 @@ def evaluate(cfg):
         fr, kr, cr = extract_features(real, ex, **kw)
         ff, kf, cf = extract_features(fake, ex, **kw)
         feats[name] = (ex, fr, kr, ff, kf)
-        res["features"][name] = dict(ex.info(), cache={"real": cr, "fake": cf},
+        res["features"][name] = dict(extractor=ex.name, dim=ex.dim, preprocessing=ex.preprocessing, weights=ex.weights,
+                                     random_weights=ex.random_weights, cache={"real": cr, "fake": cf},
                                      **distribution_metrics(fr, ff, cfg, chosen, device))
         if "conditions" in chosen and rgroups and fgroups:
             res.setdefault("conditions", {})[name] = {
