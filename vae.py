@@ -1,0 +1,1170 @@
+"""vae.py: RadVAE, a chest X-ray autoencoder with EDM2 magnitude-preserving blocks (radit §4.1, App. B.1, C.2).
+
+An encoder / decoder built from EDM2's magnitude-preserving layers (Karras et al. 2024: MP convolutions with forced
+weight normalisation, mp_silu, mp_sum residuals, pixel norm), 1 image channel, 16 latent channels, f = 8 (64 x 64
+latents at 512 px), attention at the bottleneck of both encoder and decoder, MP 1x1 convolutions into and out of the
+bottleneck, no encoder-decoder skips (radit App. B.1, Table 4). A diagonal-Gaussian posterior with a KL weight
+(0 in radit Table 7). Trained with L1 (or L2) reconstruction plus a perceptual loss in the token space of a frozen
+Rad-DINO / DINOv2 (radit Eq. 2, §4.1), AdamW 1e-4, 4000 warm-up steps, EMA 0.9999 (radit Table 7).
+
+Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jsonl, config.json, grids/):
+    python vae.py --size tiny --perceptual none --max-steps 2000           # CPU demo on data/phantom
+    torchrun --nproc_per_node=8 vae.py --size radvae --data D --out runs/radvae   # radit Table 7 (needs Rad-DINO)
+    python vae.py --size radvae --dry-run                                  # parameter count (~88M, radit B.1)
+    python vae.py --size radvae --bench --batch-size 8 --image-size 512    # img/s, MFU, encode/decode throughput
+Evaluate (EMA weights; PSNR, SSIM, reconstruction FD as in radit Table 2, with the bicubic x8 baseline):
+    python vae.py evaluate --ckpt runs/vae --data data/phantom --split test --fd-features raddino
+Encode a whole dataset for the latent models, decode any latent file:
+    python vae.py encode --ckpt runs/vae --data data/phantom --name radvae       # -> data/phantom/latents/radvae/
+    python vae.py decode --latents samples.safetensors --decoder data/phantom/latents/radvae --out pngs/
+
+Latent folder (DESIGN.md §4), D/latents/<name>/, read by rectified_flow.py, dit_text2img.py, controlnet.py,
+ldm_multicond.py:
+    info.json   {"format_version": 1, "vae": name, "vae_id": fingerprint of the weights, "shape": [C, h, w],
+                 "mean": [C], "std": [C] (per channel, over the train-split rows), "image_size": S,
+                 "decoder": "decoder.pt2", "decoder_safetensors": "decoder.safetensors", ...}
+    shards/{k:05d}.safetensors   `latents` float32 [N, C, h, w]: row i is the posterior mean of image row i of the
+                 dataset's shards/{k:05d}.safetensors, i.e. of the meta.csv row with shard = k, index = i.
+Both decoder files map RAW latents [B, C, h, w] (not normalised by mean / std) to images [B, 1, 8h, 8w] in [-1, 1]:
+- decoder.safetensors: the decoder's weights with the magnitude-preserving normalisations and gains baked in, and
+  a JSON spec in the file's metadata. `load_radvae_decoder` below (between the >>> / <<< markers) reads it with
+  torch + safetensors only: copy that block into any script. Nothing is unpickled: safe for files from others.
+- decoder.pt2: the same decoder as a `torch.export` program (dynamic batch), loaded with torch.export.load, as
+  rectified_flow.py does today. torch.export.load can unpickle: load only .pt2 files you made or trust.
+Any other autoencoder works with the latent models if its latents are written in this layout.
+
+Checkpoint: one safetensors file written atomically: `model.*`, `ema.*`, `optim.*` tensors, and in its metadata the
+resolved config and step. Every random draw is a function of (seed, step), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels import attention
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass, size presets, CLI generated from the fields
+
+
+def arg(default, help, only=None):
+    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
+    return field(default=default, metadata={"help": help, "only": only})
+
+
+@dataclass
+class Config:
+    """Model and training configuration; stored in every checkpoint."""
+    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    out: str = arg("runs/vae", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
+    size: str = arg("tiny", "preset: tiny | radvae (radit Table 4: 128 x [1,2,3,4], 3 blocks, ~88M)")
+    channels: int = arg(16, "model channels of the first stage (radit Table 4: 128)")
+    mults: str = arg("1,2,2,4", "channel multiplier per stage; stages - 1 halvings (radit Table 4: 1,2,3,4 -> f8)")
+    blocks: int = arg(1, "residual blocks per stage (radit Table 4: 3)")
+    latent_channels: int = arg(16, "latent channels (radit B.1: 16)")
+    head_channels: int = arg(32, "channels per attention head at the bottleneck (radit Table 4: 64)")
+    res_balance: float = arg(0.3, "mp_sum balance of the residual branches (radit Table 4)")
+    attn_balance: float = arg(0.3, "mp_sum balance of the attention branches (radit Table 4)")
+    logvar_init: float = arg(-8.0, "initial posterior log-variance (a learned per-channel offset)")
+    image_size: int = arg(0, "training image side in pixels; 0: the dataset's size (centre crop when smaller)")
+    rec: str = arg("l1", "reconstruction loss: l1 | l2")
+    kl_weight: float = arg(0.0, "KL weight beta (radit Table 7: 0)")
+    perceptual: str = arg("raddino", "perceptual network: raddino | dinov2 | <transformers id or folder> | none")
+    perceptual_weight: float = arg(250.0, "perceptual loss weight (radit Table 7: Rad-LPIPS weight 250)")
+    perceptual_size: int = arg(0, "side the perceptual network sees; 0: its processor's crop size, else 224")
+    perceptual_layers: str = arg("", "comma-separated hidden-state indices used (1 = first block); '': all blocks")
+    batch_size: int = arg(16, "global batch size (radit Table 7: 192)")
+    micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
+    max_steps: int = arg(2000, "optimizer steps (radit C.2: 630K)")
+    lr: float = arg(2e-3, "AdamW learning rate after warm-up (radit Table 7: 1e-4)")
+    warmup: int = arg(50, "linear learning-rate warm-up steps (radit Table 7: 4000)")
+    beta1: float = arg(0.9, "AdamW beta1 (radit Table 7)")
+    beta2: float = arg(0.999, "AdamW beta2 (radit Table 7)")
+    weight_decay: float = arg(1e-4, "AdamW weight decay (radit Table 7)")
+    clip: float = arg(1.0, "gradient-norm clipping")
+    ema: float = arg(0.99, "EMA decay (radit Table 7: 0.9999)")
+    seed: int = arg(0, "seed of the initialisation, data order and posterior noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+    compile: bool = arg(False, "torch.compile the model")
+    grad_ckpt: bool = arg(False, "activation checkpointing, block by block")
+    resume: bool = arg(True, "continue from OUT/ckpt.safetensors when it exists (--no-resume starts over)")
+    log_every: int = arg(50, "steps between log lines")
+    ckpt_every: int = arg(500, "steps between checkpoints")
+    sample_every: int = arg(500, "steps between reconstruction grids (EMA, fixed validation images)")
+    bench: bool = arg(False, "time training, encoding and decoding on random tensors and exit")
+    bench_steps: int = arg(5, "timed steps per --bench measurement")
+    dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
+
+
+# radit Table 4 (architecture) and Table 7 (training). tiny is for tests and the CPU demo.
+PRESETS = {
+    "tiny": dict(channels=16, mults="1,2,2,4", blocks=1, head_channels=32, batch_size=16, lr=2e-3, warmup=50,
+                 ema=0.99, max_steps=2000),
+    "radvae": dict(channels=128, mults="1,2,3,4", blocks=3, head_channels=64, batch_size=192, lr=1e-4, warmup=4000,
+                   ema=0.9999, max_steps=630_000, log_every=100, ckpt_every=5000, sample_every=5000),
+}
+ARCH = ("channels", "mults", "blocks", "latent_channels", "head_channels", "res_balance", "attn_balance")
+
+
+@dataclass
+class InferConfig:
+    """Options of the `evaluate`, `encode` and `decode` subcommands (the model's config comes from the checkpoint)."""
+    ckpt: str = arg("runs/vae", "run folder or checkpoint file (EMA weights are used)", only="evaluate,encode")
+    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)", only="evaluate,encode")
+    split: str = arg("test", "meta.csv split to evaluate ('' = all rows)", only="evaluate")
+    n: int = arg(0, "evaluate at most this many images (0: all of the split)", only="evaluate")
+    fd_features: str = arg("raddino", "feature space of the reconstruction FD (metrics.py name; 'none' skips it)",
+                           only="evaluate")
+    weights_dir: str = arg("", "folder searched first for feature-network weights (metrics.py)", only="evaluate")
+    name: str = arg("radvae", "latent folder name: DATA/latents/<name>/", only="encode")
+    latents: str = arg("", "safetensors file with `latents` [N, C, h, w] to decode", only="decode")
+    decoder: str = arg("", "latent folder or decoder.safetensors (default: found next to --latents)", only="decode")
+    normalised: bool = arg(False, "the latents are (z - mean) / std (as the latent models sample them)", only="decode")
+    out: str = arg("", "output: evaluate -> results JSON folder ('' = none); decode -> PNG folder",
+                   only="evaluate,decode")
+    batch_size: int = arg(16, "images per forward pass, per process")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        if f.metadata["only"] is not None and only not in f.metadata["only"].split(","):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]")
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+    return p
+
+
+def parse_config(argv):
+    """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
+    given = vars(build_parser(Config, "vae.py [train]", __doc__).parse_args(argv))
+    size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
+    if size is None:
+        raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
+    return Config(**{**PRESETS[size], **given, "size": size})
+
+
+def mults_of(cfg):
+    try:
+        m = [int(s) for s in str(cfg.mults).split(",")]
+    except ValueError:
+        raise SystemExit(f"--mults {cfg.mults!r}: expected comma-separated integers, e.g. 1,2,3,4") from None
+    if not m or min(m) < 1:
+        raise SystemExit(f"--mults {cfg.mults!r}: expected positive integers")
+    return m
+
+
+def factor_of(cfg):
+    """Spatial down-sampling factor: one halving between consecutive stages (radit B.1: 4 stages -> f = 8)."""
+    return 2 ** (len(mults_of(cfg)) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: EDM2 magnitude-preserving encoder / decoder (Karras et al. 2024; radit App. B.1, Table 4)
+
+
+def normalize(x, dim=None, eps=1e-4):
+    """x scaled to unit RMS over `dim` (all but dim 0 by default): EDM2's normalize, computed in fp32."""
+    dim = list(range(1, x.ndim)) if dim is None else [dim] if isinstance(dim, int) else dim
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    norm = torch.add(eps, norm, alpha=1 / math.sqrt(math.prod(x.shape[d] for d in dim)))   # RMS, not L2
+    return x / norm.to(x.dtype)
+
+
+def mp_silu(x):
+    """SiLU divided by its output RMS under unit-Gaussian input (EDM2 Eq. 81: 0.596)."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a, b, t=0.5):
+    """((1 - t) a + t b) / sqrt((1 - t)^2 + t^2): a blend that keeps unit magnitude (EDM2 Eq. 88)."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, dim=1, t=0.5):
+    """Concatenation weighted so that each part contributes (1 - t) / t of the total and the magnitude stays 1."""
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=dim)
+
+
+class MPConv(nn.Module):
+    """Magnitude-preserving convolution: weights normalised to unit norm per output channel at every forward."""
+
+    def __init__(self, cin, cout, kernel):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, kernel, kernel))
+
+    def effective_weight(self, gain=1.0):
+        w = normalize(self.weight.float())                       # EDM2 "traditional" weight normalisation
+        return w * (gain / math.sqrt(w[0].numel()))               # unit norm per output channel: fan-in scaling
+
+    @torch.no_grad()
+    def renormalize_(self):
+        """Forced weight normalisation (EDM2 §2.3): rescale the stored weights in place, called after every
+        optimizer step, so the raw weights never grow and the effective learning rate does not decay."""
+        self.weight.copy_(normalize(self.weight.float()))
+
+    def forward(self, x, gain=1.0):
+        w = self.effective_weight(gain).to(x.dtype)
+        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+class Block(nn.Module):
+    """EDM2 residual block without the noise embedding: resample, MP 3x3 convs, mp_sum, optional attention."""
+
+    def __init__(self, cin, cout, flavor, resample="keep", heads=0, res_balance=0.3, attn_balance=0.3, clip_act=256):
+        super().__init__()
+        self.flavor, self.resample, self.heads = flavor, resample, heads
+        self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
+        self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, 3)
+        self.conv_res1 = MPConv(cout, cout, 3)
+        self.conv_skip = MPConv(cin, cout, 1) if cin != cout else None
+        self.attn_qkv = MPConv(cout, cout * 3, 1) if heads else None
+        self.attn_proj = MPConv(cout, cout, 1) if heads else None
+
+    def spec(self):
+        return dict(cin=self.conv_skip.weight.shape[1] if self.conv_skip is not None else self.conv_res1.weight.shape[0],
+                    cout=self.conv_res1.weight.shape[0], flavor=self.flavor, resample=self.resample, heads=self.heads)
+
+    def forward(self, x):
+        if self.resample == "down":                               # EDM2 resample filter [1, 1]: box / nearest
+            x = F.avg_pool2d(x, 2)
+        elif self.resample == "up":
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)                               # pixel norm (EDM2 encoder blocks)
+        y = self.conv_res1(mp_silu(self.conv_res0(mp_silu(x))))
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, self.res_balance)
+        if self.heads:
+            B, C, H, W = x.shape
+            qkv = normalize(self.attn_qkv(x).reshape(B, self.heads, C // self.heads, 3, H * W), dim=2)
+            q, k, v = (t.transpose(-1, -2).contiguous() for t in qkv.unbind(3))   # [B, heads, L, D]
+            o = attention(q, k, v)                                # cosine attention: q, k pixel-normed (EDM2)
+            x = mp_sum(x, self.attn_proj(o.transpose(-1, -2).reshape(B, C, H, W)), self.attn_balance)
+        return x.clamp(-self.clip_act, self.clip_act)            # EDM2 activation clipping
+
+
+def run_blocks(blocks, x, ckpt=False):
+    for b in blocks:
+        x = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False) if ckpt and x.requires_grad else b(x)
+    return x
+
+
+class Encoder(nn.Module):
+    """Image [B, 1, S, S] -> posterior mean and log-variance [B, C, S/f, S/f]; attention at the bottleneck."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch = [cfg.channels * m for m in mults_of(cfg)]
+        kw = dict(res_balance=cfg.res_balance, attn_balance=cfg.attn_balance)
+        self.conv_in = MPConv(2, ch[0], 3)                        # image + a constant channel (EDM2's bias stand-in)
+        self.blocks, cout = nn.ModuleList(), ch[0]
+        for level, c in enumerate(ch):
+            if level > 0:
+                self.blocks.append(Block(cout, cout, "enc", "down", **kw))
+            for _ in range(cfg.blocks):
+                self.blocks.append(Block(cout, c, "enc", **kw))
+                cout = c
+        # radit B.1: bottleneck attention in the encoder too (EDM2 has it only in the decoder's first blocks)
+        self.blocks.append(Block(cout, cout, "enc", heads=max(1, cout // cfg.head_channels), **kw))
+        self.blocks.append(Block(cout, cout, "enc", **kw))
+        self.conv_out = MPConv(cout, 2 * cfg.latent_channels, 1)   # radit B.1: MP 1x1 into the bottleneck
+        self.logvar_offset = nn.Parameter(torch.full((cfg.latent_channels,), float(cfg.logvar_init)))
+        self.grad_ckpt = cfg.grad_ckpt
+
+    def forward(self, img):
+        x = self.conv_in(mp_cat(img, torch.ones_like(img)))
+        x = self.conv_out(run_blocks(self.blocks, x, self.grad_ckpt and self.training))
+        mean, logvar = x.float().chunk(2, dim=1)
+        return mean, (logvar + self.logvar_offset.view(1, -1, 1, 1)).clamp(-30.0, 20.0)
+
+
+class Decoder(nn.Module):
+    """Latents [B, C, h, w] -> image [B, 1, f h, f w]; attention at the bottleneck, no skips from the encoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch = [cfg.channels * m for m in mults_of(cfg)]
+        kw = dict(res_balance=cfg.res_balance, attn_balance=cfg.attn_balance)
+        cout = ch[-1]
+        self.conv_in = MPConv(cfg.latent_channels + 1, cout, 1)  # radit B.1: MP 1x1 out of the bottleneck
+        self.blocks = nn.ModuleList([Block(cout, cout, "dec", heads=max(1, cout // cfg.head_channels), **kw),
+                                     Block(cout, cout, "dec", **kw)])            # EDM2 decoder in0 / in1
+        for level in reversed(range(len(ch))):
+            if level < len(ch) - 1:
+                self.blocks.append(Block(cout, cout, "dec", "up", **kw))
+            for _ in range(cfg.blocks):
+                self.blocks.append(Block(cout, ch[level], "dec", **kw))
+                cout = ch[level]
+        self.conv_out = MPConv(cout, 1, 3)
+        self.out_gain = nn.Parameter(torch.zeros([]))            # EDM2: learned output gain, zero at init
+        self.grad_ckpt = cfg.grad_ckpt
+
+    def forward(self, z):
+        x = self.conv_in(mp_cat(z, torch.ones_like(z[:, :1])))
+        x = run_blocks(self.blocks, x, self.grad_ckpt and self.training)
+        return self.conv_out(x, gain=self.out_gain)
+
+
+class RadVAE(nn.Module):
+    """Encoder + decoder with a diagonal-Gaussian posterior (radit §4.1, App. B.1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+
+    def forward(self, img, noise=None):
+        """-> reconstruction, posterior mean, log-variance; z = mean + std * noise (noise None: z = mean)."""
+        mean, logvar = self.encoder(img)
+        z = mean if noise is None else mean + (0.5 * logvar).exp() * noise
+        return self.decoder(z.to(img.dtype)), mean, logvar
+
+    @torch.no_grad()
+    def renormalize_(self):
+        for m in self.modules():
+            if isinstance(m, MPConv):
+                m.renormalize_()
+
+
+def vae_id(model):
+    """A fingerprint of the weights, written into every latent file and decoder file to catch mix-ups."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The method: reconstruction + perceptual loss in a frozen ViT's token space + KL (radit Eq. 2, Table 7)
+
+HF_ALIASES = {"raddino": "microsoft/rad-dino", "dinov2": "facebook/dinov2-base"}
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+class Perceptual(nn.Module):
+    """LPIPS-style distance between token features of a frozen ViT (radit Eq. 2 with Rad-DINO; Hansen-Estruch 2025)."""
+
+    def __init__(self, net, mean, std, size, layers):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.size, self.layers = size, layers
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, img):
+        """[-1, 1] radiographs [B, 1, S, S] -> unit-normalised token features of the chosen layers."""
+        x = ((img.float() + 1) / 2).expand(-1, 3, -1, -1)        # greyscale repeated to RGB (radit §5.1)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        hs = self.net(pixel_values=(x - self.mean) / self.std, output_hidden_states=True).hidden_states
+        return [normalize(hs[i].float(), dim=-1) for i in self.layers]   # LPIPS: unit length per token
+
+    def forward(self, rec, img):
+        """Per-image distance: mean over layers, tokens and channels of squared differences of unit features."""
+        with torch.no_grad():
+            target = self.features(img)
+        return sum(((a - b) ** 2).mean((1, 2)) for a, b in zip(self.features(rec), target)) / len(self.layers)
+
+
+def load_perceptual(cfg, device):
+    """The frozen perceptual network through transformers, or None for --perceptual none."""
+    if cfg.perceptual == "none" or cfg.perceptual_weight == 0:
+        return None
+    repo = HF_ALIASES.get(cfg.perceptual, cfg.perceptual)
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    transformers.logging.set_verbosity_error()
+    offline = os.path.isdir(repo) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    try:
+        net = AutoModel.from_pretrained(repo, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--perceptual {cfg.perceptual}: transformers model {repo!r} not found locally and not "
+                         f"downloadable ({type(e).__name__}); save it with save_pretrained and pass --perceptual "
+                         f"DIR, or train without it: --perceptual none") from None
+    mean, std, size = *IMAGENET, 224
+    try:                                                          # the network's own normalisation and input size
+        proc = AutoImageProcessor.from_pretrained(repo, local_files_only=True)
+        mean, std = list(proc.image_mean), list(proc.image_std)
+        crop = getattr(proc, "crop_size", None) or {}
+        size = int(crop.get("height", size)) if isinstance(crop, dict) else size
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    n = AutoConfig.from_pretrained(repo, local_files_only=True).num_hidden_layers
+    layers = [int(s) for s in cfg.perceptual_layers.split(",")] if cfg.perceptual_layers else list(range(1, n + 1))
+    if not all(0 <= i <= n for i in layers):
+        raise SystemExit(f"--perceptual-layers {cfg.perceptual_layers!r}: expected indices in 0..{n} for {repo}")
+    return Perceptual(net, mean, std, cfg.perceptual_size or size, layers).to(device)
+
+
+def vae_loss(model, img, noise, cfg, perceptual=None):
+    """Per-image losses [B, 4]: total, reconstruction, perceptual, KL (reductions in fp32)."""
+    rec, mean, logvar = model(img, noise)
+    diff = rec.float() - img.float()
+    l_rec = (diff.abs() if cfg.rec == "l1" else diff ** 2).mean((1, 2, 3))
+    l_per = perceptual(rec, img) if perceptual is not None else torch.zeros_like(l_rec)
+    l_kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean((1, 2, 3))   # KL(q(z|x) || N(0, I)) per element
+    total = l_rec + cfg.perceptual_weight * l_per + cfg.kl_weight * l_kl
+    return torch.stack([total, l_rec, l_per, l_kl], 1)
+
+
+def bicubic_baseline(img, f):
+    """The benchmark baseline: bicubic down-sampling by f and back (1 value per f^2 pixels)."""
+    small = F.interpolate(img.float(), scale_factor=1 / f, mode="bicubic", align_corners=False, antialias=True)
+    return F.interpolate(small, size=img.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: DESIGN.md §4 datasets (uint16 image shards); per-rank slices of a seeded permutation
+
+
+def generator(*keys, device="cpu"):
+    """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+class CXRData:
+    """One split of a DESIGN.md §4 dataset: meta.csv rows in memory, uint16 pixels read on demand."""
+
+    def __init__(self, root, split="train", factor=8):
+        path = os.path.join(root, "meta.csv")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
+                             f"e.g. from `python prep_data.py phantom --out {root}`")
+        self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
+        with open(path, newline="") as f:
+            self.rows = [r for r in csv.DictReader(f) if not split or r.get("split", split) == split]
+        if not self.rows:
+            raise SystemExit(f"{path}: no rows with split={split!r}")
+        self.root, self.folder, self.key = root, root, "images"
+        size = int(self.info.get("size", 0))
+        if size <= 0 or size % factor:
+            raise SystemExit(f"{root}/info.json: images are {size} px; expected a side divisible by {factor} "
+                             f"(the VAE down-samples by {factor})")
+        self.shape = (1, size, size)
+        first = self.shard_path(int(self.rows[0]["shard"]))
+        with safe_open(first, "pt") as f:
+            got = tuple(f.get_slice(self.key).get_shape()[1:])
+        if got != self.shape:
+            raise SystemExit(f"{first}: `{self.key}` rows have shape {list(got)}; expected {list(self.shape)} "
+                             f"from info.json size")
+        self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
+
+    def shard_path(self, shard):
+        path = os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such shard")
+        return path
+
+    def __len__(self):
+        return len(self.rows)
+
+    def load(self, idx):
+        """Rows idx -> float32 [n, 1, S, S] in [-1, 1]: (v + 0.5) / 2^15 - 1 for uint16 v."""
+        xs = []
+        for i in idx:
+            r = self.rows[int(i)]
+            xs.append(self._open(self.shard_path(int(r["shard"]))).get_slice(self.key)[int(r["index"]):int(r["index"]) + 1])
+        return to_float(torch.cat(xs))
+
+
+def to_float(x):
+    """uint16 pixels -> [-1, 1] (the mapping rectified_flow.py uses)."""
+    return (x.float() + 0.5) / 32768 - 1
+
+
+def batch_rows(step, n, batch, lo, hi, seed):
+    """Dataset rows at global positions [step B + lo, step B + hi) of an endless stream of seeded permutations:
+    ranks take disjoint slices of each global batch, and a resumed run continues from the same sample."""
+    pos = torch.arange(step * batch + lo, step * batch + hi)
+    return torch.stack([permutation(n, seed, int(e))[o] for e, o in zip(pos // n, pos % n)])
+
+
+@lru_cache(maxsize=4)
+def permutation(n, seed, epoch):
+    return torch.randperm(n, generator=generator(seed, 1, epoch))
+
+
+def crop(x, size):
+    """Centre crop to size x size (training at a lower side than the data's)."""
+    if not size or size == x.shape[-1]:
+        return x
+    o = (x.shape[-1] - size) // 2
+    return x[..., o:o + size, o:o + size]
+
+
+def to_uint16(x):
+    """[-1, 1] -> uint16 numpy (the inverse of to_float)."""
+    return ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
+
+
+def atomic_save(path, save_fn):
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def fn(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_save(path, fn)
+
+
+def save_png16(path, x):
+    """One image [1, S, S] in [-1, 1] -> a 16-bit greyscale PNG, atomically."""
+    atomic_save(path, lambda tmp: Image.fromarray(to_uint16(x[0])).save(tmp, format="PNG"))
+
+
+def save_grid(path, images, ncol, labels=()):
+    """Images [N, 1, S, S] in [-1, 1] -> an 8-bit grid PNG, >= 128 px cells, column labels on top."""
+    x = ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    cell = max(128, x.shape[-1])
+    x = F.interpolate(x[:, None].float(), size=(cell, cell), mode="nearest")[:, 0].to(torch.uint8)
+    nrow, top = math.ceil(len(x) / ncol), (14 if labels else 0)
+    grid = Image.new("L", (ncol * cell, nrow * cell + top), 0)
+    for i, img in enumerate(x):
+        grid.paste(Image.fromarray(img.numpy()), ((i % ncol) * cell, top + (i // ncol) * cell))
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(labels):
+        draw.text((j * cell + 2, 1), text[: cell // 6], fill=255)
+    atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: DDP, bf16 autocast, grad accumulation, clipping, EMA, atomic checkpoints, resume, logging
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
+
+
+def setup_distributed(device_flag):
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def resolve(cfg, data=None):
+    """Fill what the data decides (the training side) and check the shapes fit the down-sampling factor."""
+    f, s = factor_of(cfg), cfg.image_size or (data.shape[-1] if data else 256)
+    if s % f or (data and s > data.shape[-1]):
+        raise SystemExit(f"--image-size {s}: expected a multiple of {f}" + (f" of at most the data's {data.shape[-1]} px" if data else ""))
+    if cfg.rec not in ("l1", "l2"):
+        raise SystemExit(f"--rec {cfg.rec!r}: expected l1 or l2")
+    return Config(**{**asdict(cfg), "image_size": s})
+
+
+def save_checkpoint(path, raw, ema, opt, cfg, step):
+    """model.*, ema.*, optim.* tensors + config/step metadata in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    osd = opt.state_dict()
+    for i, st in osd["state"].items():
+        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
+            "param_groups": json.dumps(osd["param_groups"]), "format": "vae/1"}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
+    """-> (config dict, step, {prefix: {name: tensor}}, param_groups); a run folder means RUN/ckpt.safetensors."""
+    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file from training")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "vae/1":
+            raise SystemExit(f"{path}: not a vae.py checkpoint (metadata format {meta.get('format')!r})")
+        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    return json.loads(meta["config"]), int(meta["step"]), parts, json.loads(meta["param_groups"]), path
+
+
+def check_compatible(cfg, saved, path):
+    for k in ARCH:
+        if getattr(cfg, k) != saved.get(k):
+            raise SystemExit(f"{path}: checkpoint has {k}={saved.get(k)!r} but this run has {k}={getattr(cfg, k)!r} "
+                             f"(another preset); use another --out or --no-resume")
+
+
+def load_optimizer(opt, optim, groups):
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def sample_grid(ema, images, device, path):
+    """EMA reconstructions of fixed validation images: rows of original | reconstruction | |difference|."""
+    with torch.no_grad(), autocast(device):
+        rec = ema(images)[0].float().clamp(-1, 1)
+    grid = torch.stack([images, rec, (rec - images).abs() * 2 - 1], 1).flatten(0, 1)
+    save_grid(path, grid, ncol=3, labels=["original", "reconstruction", "|difference|"])
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_flops(model, image_size, device):
+    """Training FLOPs per image (3 x forward, counted by torch's FlopCounterMode on one image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 1, image_size, image_size, device=device))
+    return 3 * counter.get_total_flops()
+
+
+def lr_at(cfg, step):
+    """Linear warm-up to --lr over --warmup steps, then constant (radit Table 7)."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg.device)
+    data = CXRData(cfg.data, "train", factor_of(cfg))
+    cfg = resolve(cfg, data)
+    ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
+    saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
+    if saved:
+        check_compatible(cfg, saved[0], ckpt_path)
+    micro = cfg.micro_batch or cfg.batch_size // world
+    assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
+    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+
+    torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
+    raw = RadVAE(cfg).to(device)
+    raw.renormalize_()
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()       # fp32 EMA (radit Table 7)
+    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    step = 0
+    if saved:
+        _, step, parts, groups, _ = saved
+        raw.load_state_dict(parts["model."])
+        ema.load_state_dict(parts["ema."])
+        load_optimizer(opt, parts["optim."], groups)
+        for g in opt.param_groups:                               # the flags of this run win over the saved ones
+            g.update(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    perceptual = load_perceptual(cfg, device)
+    model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    n_params = sum(p.numel() for p in raw.parameters())
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    flops = train_flops(raw, cfg.image_size, device) if peak else None
+    if rank == 0:
+        os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
+        write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        write_json(os.path.join(cfg.out, "env.json"), env)
+        print(json.dumps(asdict(cfg)))
+        print(f"RadVAE-{cfg.size}: {n_params / 1e6:.2f}M parameters, f = {factor_of(cfg)}, {cfg.latent_channels} latent "
+              f"channels, {cfg.image_size} px, perceptual {cfg.perceptual if perceptual else 'none'}, {len(data)} "
+              f"training images, {world} process(es) x {accum} micro-batch(es) of {micro}"
+              + (f", resuming at step {step}" if step else ""), flush=True)
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
+    val = CXRData(cfg.data, "", factor_of(cfg))                  # fixed grid images: the first 8 non-train rows
+    grid_rows = [i for i, r in enumerate(val.rows) if r.get("split") != "train"][:8] or list(range(min(8, len(val))))
+    grid_images = crop(val.load(grid_rows), cfg.image_size).to(device)
+    lo = rank * per_rank
+    pool = ThreadPoolExecutor(1)                                 # reads the next batch while this one trains
+    def fetch(s):
+        rows = batch_rows(s, len(data), cfg.batch_size, lo, lo + per_rank, cfg.seed)
+        return rows, pool.submit(lambda: crop(data.load(rows), cfg.image_size).to(device, non_blocking=True))
+    nxt = fetch(step)
+    acc = torch.zeros(6, device=device)                          # loss, rec, perceptual, kl sums, count, grad norm
+    bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
+    zshape = (cfg.latent_channels, cfg.image_size // factor_of(cfg), cfg.image_size // factor_of(cfg))
+    t_log, t_start, step0, last_log = time.time(), time.time(), step, step
+    while step < cfg.max_steps:
+        rows, x0 = nxt[0], nxt[1].result()
+        nxt = fetch(step + 1)
+        # Every rank draws the whole global batch's posterior noise from one (seed, step) generator and keeps its
+        # slice: the run is the same for any number of processes and any accumulation.
+        g = generator(cfg.seed, 0, step, device=device)
+        noise = torch.randn((cfg.batch_size, *zshape), generator=g, device=device)[lo:lo + per_rank]
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(cfg, step)
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            sync = nullcontext() if world == 1 or m == accum - 1 else model.no_sync()
+            with sync:
+                with autocast(device):
+                    losses = vae_loss(model, x0[sl], noise[sl], cfg, perceptual)
+                (losses[:, 0].mean() / accum).backward()
+            acc[:4] += losses.detach().sum(0)
+            acc[4] += len(losses)
+            bad = torch.where((bad < 0) & ~losses.isfinite().all(), step + 1, bad)
+        gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip)
+        acc[5] += gnorm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        raw.renormalize_()                                       # forced weight normalisation (EDM2 §2.3)
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg.ema)
+        step += 1
+
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(stop)), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            if flags[0] >= 0:
+                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
+                                 f"{ckpt_path} is intact")
+            ckpt_now |= bool(flags[1])
+        if log_now:
+            if world > 1:
+                dist.all_reduce(acc)
+            a, dt = acc.tolist(), time.time() - t_log
+            n_steps, last_log, cnt = step - last_log, step, max(a[4], 1)
+            rec = {"step": step, "loss": a[0] / cnt, "rec": a[1] / cnt, "perceptual": a[2] / cnt, "kl": a[3] / cnt,
+                   "grad_norm": a[5] / max(n_steps * world, 1), "lr": opt.param_groups[0]["lr"],
+                   "img_s": n_steps * cfg.batch_size / dt, "px_s": n_steps * cfg.batch_size * cfg.image_size ** 2 / dt,
+                   "mfu": flops * n_steps * cfg.batch_size / dt / (peak * world) if peak else None,
+                   "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
+            if rank == 0:
+                print(f"step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} | rec {rec['rec']:.4f} | perc "
+                      f"{rec['perceptual']:.5f} | kl {rec['kl']:.3f} | gnorm {rec['grad_norm']:.3f} | lr {rec['lr']:.1e} "
+                      f"| {rec['img_s']:.1f} img/s" + (f" | MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
+                      + (f" | mem {rec['mem_gb']:.1f} GB" if rec["mem_gb"] else "") + f" | eta {rec['eta_s'] / 60:.1f} min",
+                      flush=True)
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            acc.zero_()
+            t_log = time.time()
+        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            sample_grid(ema, grid_images, device, os.path.join(cfg.out, "grids", f"{step:07d}.png"))
+        if ckpt_now and rank == 0:
+            save_checkpoint(ckpt_path, raw, ema, opt, cfg, step)
+        if stop:
+            break
+    pool.shutdown()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"{'stopped by SIGTERM' if stop else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
+    return cfg
+
+
+def bench(cfg):
+    """Training steps, encoding and decoding on random tensors: img/s, MFU, peak memory."""
+    _, _, device = setup_distributed(cfg.device)
+    cfg = resolve(cfg)
+    model = RadVAE(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    B, n_params, s = cfg.micro_batch or cfg.batch_size, sum(p.numel() for p in model.parameters()), cfg.image_size
+    x = torch.rand(B, 1, s, s, device=device) * 2 - 1
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    flops = train_flops(model, s, device)
+    fwd = torch.compile(model) if cfg.compile else model
+    print(f"bench RadVAE-{cfg.size}: {n_params / 1e6:.1f}M params, batch {B}, {s} px, {device}"
+          + (", torch.compile" if cfg.compile else "") + " (perceptual loss not included)")
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps (compilation, autotuning)
+            if i == 2:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.time()
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.time() - t0) / cfg.bench_steps, (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+
+    def step():
+        with autocast(device):
+            loss = vae_loss(fwd, x, torch.randn(B, cfg.latent_channels, s // factor_of(cfg), s // factor_of(cfg), device=device), cfg)
+        loss[:, 0].mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.renormalize_()
+    results = {}
+    dt, mem = timed(step)
+    results["train_img_s"] = B / dt
+    print(f"  train  {B / dt:10.2f} img/s  " + (f"MFU {flops * B / dt / peak:.1%}  " if peak else "MFU n/a  ")
+          + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"), flush=True)
+    model.eval()
+    with torch.no_grad(), autocast(device):
+        z = model.encoder(x)[0]
+        for name, fn in (("encode", lambda: model.encoder(x)), ("decode", lambda: model.decoder(z))):
+            dt, mem = timed(fn)
+            results[f"{name}_img_s"] = B / dt
+            print(f"  {name} {B / dt:10.2f} img/s  " + (f"peak mem {mem:.2f} GB" if mem else ""), flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference: evaluate (radit Table 2), encode datasets to latent shards, the standalone decoder, decode
+
+
+def load_for_inference(icfg):
+    """EMA model and config from a checkpoint."""
+    rank, world, device = setup_distributed(icfg.device)
+    saved, step, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.",))
+    cfg = Config(**saved)
+    model = RadVAE(cfg)
+    try:
+        model.load_state_dict(parts["ema."])
+    except RuntimeError as e:
+        raise SystemExit(f"{path}: EMA weights do not fit its own config ({str(e).splitlines()[0]})") from None
+    return cfg, model.to(device).eval().requires_grad_(False), rank, world, device, step
+
+
+def reconstruct(model, x, device):
+    with torch.no_grad(), autocast(device):
+        return model(x.to(device))[0].float().clamp(-1, 1)
+
+
+def fmt_fd(v):
+    return "-" if v is None else f"{v:.4f}"
+
+
+def evaluate(icfg):
+    """PSNR, SSIM and reconstruction FD of EMA reconstructions vs the originals, and the bicubic x f baseline."""
+    import metrics                                               # evaluation only: psnr / ssim / FD from metrics.py
+    cfg, model, rank, world, device, step = load_for_inference(icfg)
+    f = factor_of(cfg)
+    data = CXRData(icfg.data, icfg.split, f)
+    n = min(icfg.n or len(data), len(data))
+    res = {"model": {"psnr": [], "ssim": [], "fake": []}, f"bicubic x{f}": {"psnr": [], "ssim": [], "fake": []}}
+    real = []
+    for k in range(0, n, icfg.batch_size):
+        x = data.load(range(k, min(n, k + icfg.batch_size)))
+        outs = {"model": reconstruct(model, x, device).cpu(), f"bicubic x{f}": bicubic_baseline(x, f)}
+        x01 = (x + 1) / 2
+        real.append(x01)
+        for name, y in outs.items():                             # metrics on [0, 1] images, data_range 1
+            y01 = (y + 1) / 2
+            res[name]["psnr"].append(torch.atleast_1d(metrics.psnr(x01, y01)))
+            res[name]["ssim"].append(torch.atleast_1d(metrics.ssim(x01, y01)) if x.shape[-1] >= 11 else torch.full((len(x),), float("nan")))
+            res[name]["fake"].append(y01)
+    rows, fd_note = {}, ""
+    ex = None
+    if icfg.fd_features != "none":
+        try:
+            ex = metrics.get_extractor(icfg.fd_features, icfg.weights_dir, device=device)
+        except metrics.WeightsMissing as e:
+            fd_note = f"rFD skipped: {e}"
+    if ex is not None:
+        fr = metrics.extract_features(torch.cat(real), ex, batch_size=icfg.batch_size)
+    for name, r in res.items():
+        fd = None
+        if ex is not None:
+            fd = float(metrics.frechet_distance(fr, metrics.extract_features(torch.cat(r["fake"]), ex, batch_size=icfg.batch_size)))
+        rows[name] = {"psnr": float(torch.cat(r["psnr"]).double().mean()), "ssim": float(torch.cat(r["ssim"]).double().mean()),
+                      "rfd": fd}
+    out = {"ckpt": icfg.ckpt, "step": step, "data": icfg.data, "split": icfg.split, "n": n, "image_size": data.shape[-1],
+           "fd_features": icfg.fd_features if ex is not None else None, "rows": rows}
+    print(f"| Model | rFD ({icfg.fd_features}) | PSNR | SSIM |   [{n} {icfg.split or 'all'} images, {data.shape[-1]} px, step {step}]")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        label = f"RadVAE-{cfg.size}" if name == "model" else name
+        print(f"| {label} | {fmt_fd(r['rfd'])} | {r['psnr']:.3f} | {r['ssim']:.4f} |")
+    if fd_note:
+        print(fd_note)
+    if icfg.out and rank == 0:
+        write_json(os.path.join(icfg.out, "vae_eval.json"), out)
+    return out
+
+
+# >>> standalone decoder loader: copy this block into any script (needs torch and safetensors only) ------------
+def load_radvae_decoder(path, device="cpu"):
+    """decoder.safetensors written by vae.py encode -> (decode, spec); decode(z): raw latents [B, C, h, w] ->
+    images [B, 1, f h, f w] in [-1, 1]. The weights have the magnitude-preserving normalisations baked in."""
+    import json
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors import safe_open
+
+    with safe_open(path, "pt", device=str(device)) as fh:
+        spec = json.loads((fh.metadata() or {}).get("spec", "{}"))
+        w = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    if spec.get("format") != "radvae-decoder/1":
+        raise ValueError(f"{path}: decoder format {spec.get('format')!r}; expected 'radvae-decoder/1' (vae.py encode)")
+
+    def conv(x, name):
+        return F.conv2d(x, w[name], padding=w[name].shape[-1] // 2)
+
+    def mp_silu(x):
+        return F.silu(x) / 0.596
+
+    def mp_sum(a, b, t):
+        return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+    def pixel_norm(x, dim):
+        return x / (1e-4 + torch.linalg.vector_norm(x, dim=dim, keepdim=True) / math.sqrt(x.shape[dim]))
+
+    def decode(z):
+        x = conv(torch.cat([z.float(), torch.ones_like(z[:, :1], dtype=torch.float32)], 1), "conv_in")
+        for i, b in enumerate(spec["blocks"]):
+            p = f"blocks.{i}."
+            if b["resample"] == "up":
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            y = conv(mp_silu(conv(mp_silu(x), p + "conv_res0")), p + "conv_res1")
+            x = mp_sum(conv(x, p + "conv_skip") if b["cin"] != b["cout"] else x, y, spec["res_balance"])
+            if b["heads"]:
+                B, C, H, W = x.shape
+                q, k, v = pixel_norm(conv(x, p + "attn_qkv").reshape(B, b["heads"], C // b["heads"], 3, H * W), 2).unbind(3)
+                o = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+                x = mp_sum(x, conv(o.transpose(-1, -2).reshape(B, C, H, W), p + "attn_proj"), spec["attn_balance"])
+            x = x.clamp(-spec["clip_act"], spec["clip_act"])
+        return conv(x, "conv_out").clamp(-1, 1)
+    return decode, spec
+# <<< standalone decoder loader ---------------------------------------------------------------------------------
+
+
+def decoder_spec(cfg, model, name):
+    return {"format": "radvae-decoder/1", "vae": name, "vae_id": vae_id(model), "latent_channels": cfg.latent_channels,
+            "factor": factor_of(cfg), "res_balance": cfg.res_balance, "attn_balance": cfg.attn_balance, "clip_act": 256,
+            "blocks": [b.spec() for b in model.decoder.blocks], "config": asdict(cfg)}
+
+
+def baked_decoder_weights(dec):
+    """Effective weights of every MPConv of the decoder: normalised, fan-in scaled, gains and mp_cat folded in."""
+    out = {}
+    for name, m in dec.named_modules():
+        if isinstance(m, MPConv):
+            out[name] = m.effective_weight(dec.out_gain.float() if name == "conv_out" else 1.0).detach().float()
+    c = dec.conv_in.weight.shape[1] - 1                          # mp_cat(z, ones) = cat(wa z, wb 1): fold wa, wb
+    s = math.sqrt((c + 1) / 0.5)
+    out["conv_in"] = torch.cat([out["conv_in"][:, :c] * (s / math.sqrt(c) * 0.5), out["conv_in"][:, c:] * (s * 0.5)], 1)
+    return {k: v.cpu().contiguous() for k, v in out.items()}
+
+
+class ExportDecoder(nn.Module):
+    """The decoder as torch.export sees it: raw latents -> images in [-1, 1] (fp32, reference attention on CPU)."""
+
+    def __init__(self, dec):
+        super().__init__()
+        self.dec = dec
+
+    def forward(self, z):
+        return self.dec(z.float()).clamp(-1, 1)
+
+
+def write_decoders(folder, cfg, model, name):
+    """decoder.safetensors (baked weights + spec; safe to load) and decoder.pt2 (torch.export) in the folder."""
+    spec = decoder_spec(cfg, model, name)
+    weights = baked_decoder_weights(model.decoder)
+    atomic_save(os.path.join(folder, "decoder.safetensors"),
+                lambda tmp: save_file(weights, tmp, metadata={"spec": json.dumps(spec)}))
+    dec = ExportDecoder(copy.deepcopy(model.decoder).cpu().float().eval())
+    z = torch.zeros(2, cfg.latent_channels, 4, 4)
+    prog = torch.export.export(dec, (z,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    atomic_save(os.path.join(folder, "decoder.pt2"),
+                lambda tmp: torch.export.save(prog, tmp, extra_files={"radvae_decoder.json": json.dumps(spec)}))
+    return spec
+
+
+def encode(icfg):
+    """Posterior means of every meta.csv row -> DATA/latents/<name>/ (DESIGN.md §4); resumable, shards per rank."""
+    cfg, model, rank, world, device, step = load_for_inference(icfg)
+    f = factor_of(cfg)
+    data = CXRData(icfg.data, "", f)
+    folder = os.path.join(icfg.data, "latents", icfg.name)
+    vid = vae_id(model)
+    info_path = os.path.join(folder, "info.json")
+    if os.path.isfile(info_path) and read_json(info_path, "").get("vae_id") != vid:
+        raise SystemExit(f"{info_path}: holds latents of another VAE (vae_id {read_json(info_path, '').get('vae_id')}, "
+                         f"this checkpoint {vid}); use another --name or delete the folder")
+    s = data.shape[-1]
+    shape = [cfg.latent_channels, s // f, s // f]
+    if rank == 0:
+        write_decoders(folder, cfg, model, icfg.name)
+    shards = sorted({int(r["shard"]) for r in data.rows})
+    meta = {"format": "vae.py-latents/1", "vae": icfg.name, "vae_id": vid}
+    t0, done = time.time(), 0
+    for shard in shards[rank::world]:
+        path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
+        if os.path.isfile(path):
+            with safe_open(path, "pt") as fh:
+                if (fh.metadata() or {}).get("vae_id") == vid:
+                    continue                                     # written by an earlier run of this encode
+        with safe_open(data.shard_path(shard), "pt") as fh:
+            imgs = fh.get_slice("images")
+            n = imgs.get_shape()[0]
+            zs = []
+            for k in range(0, n, icfg.batch_size):
+                x = to_float(imgs[k:min(n, k + icfg.batch_size)]).to(device)
+                with torch.no_grad(), autocast(device):
+                    zs.append(model.encoder(x)[0].float().cpu())
+        z = torch.cat(zs).contiguous()
+        atomic_save(path, lambda tmp: save_file({"latents": z}, tmp, metadata=meta))
+        done += n
+        print(f"rank {rank}: shard {shard:05d} ({n} images) -> {path}; {done / (time.time() - t0):.1f} img/s", flush=True)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:                                                # stats from the shards themselves (float64)
+        by_shard = {}
+        train_rows = [r for r in data.rows if r.get("split") == "train"] or data.rows
+        for r in train_rows:
+            by_shard.setdefault(int(r["shard"]), []).append(int(r["index"]))
+        s1 = torch.zeros(shape[0], dtype=torch.float64)
+        s2, cnt = s1.clone(), 0
+        for shard, idx in by_shard.items():
+            with safe_open(os.path.join(folder, "shards", f"{shard:05d}.safetensors"), "pt") as fh:
+                z = fh.get_tensor("latents")[torch.tensor(idx)].double()
+            s1 += z.sum((0, 2, 3))
+            s2 += (z ** 2).sum((0, 2, 3))
+            cnt += z.shape[0] * z.shape[2] * z.shape[3]
+        mean = s1 / cnt
+        std = (s2 / cnt - mean ** 2).clamp_min(0).sqrt()
+        write_json(info_path, {"format_version": 1, "vae": icfg.name, "vae_id": vid, "shape": shape,
+                               "mean": mean.tolist(), "std": std.tolist(), "stats_rows": "train" if train_rows is not data.rows else "all",
+                               "image_size": s, "factor": f, "n": len(data), "decoder": "decoder.pt2",
+                               "decoder_safetensors": "decoder.safetensors", "ckpt": os.path.abspath(icfg.ckpt),
+                               "step": step, "dtype": "float32", "posterior": "mean"})
+        print(f"wrote {folder}: {len(data)} latents of shape {shape}, per-channel mean/std over {cnt // (shape[1] * shape[2])} "
+              f"train rows, decoders decoder.safetensors + decoder.pt2", flush=True)
+    return folder
+
+
+def find_decoder(icfg):
+    """--decoder (a latent folder or decoder.safetensors), else the latent folder the --latents file lives in."""
+    cands = [icfg.decoder] if icfg.decoder else [os.path.dirname(os.path.abspath(icfg.latents)),
+                                                  os.path.dirname(os.path.dirname(os.path.abspath(icfg.latents)))]
+    for c in cands:
+        p = os.path.join(c, "decoder.safetensors") if os.path.isdir(c) else c
+        if os.path.isfile(p):
+            return p
+    raise SystemExit(f"--decoder {icfg.decoder or '(not given)'}: no decoder.safetensors found in {cands}; "
+                     f"expected a latent folder written by vae.py encode")
+
+
+def decode(icfg):
+    """Latent file -> 16-bit PNGs through decoder.safetensors; rows split across ranks, existing PNGs skipped."""
+    if not icfg.latents or not os.path.isfile(icfg.latents):
+        raise SystemExit(f"--latents {icfg.latents!r}: no such file; expected a safetensors file with `latents` [N, C, h, w]")
+    if not icfg.out:
+        raise SystemExit("--out: expected the output folder for the PNGs")
+    rank, world, device = setup_distributed(icfg.device)
+    path = find_decoder(icfg)
+    try:
+        dec, spec = load_radvae_decoder(path, device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    with safe_open(icfg.latents, "pt") as fh:
+        meta, keys = fh.metadata() or {}, list(fh.keys())
+        key = "latents" if "latents" in keys else (keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise SystemExit(f"{icfg.latents}: tensors {keys}; expected one named `latents`")
+        z = fh.get_tensor(key).float()
+    if meta.get("vae_id") and meta["vae_id"] != spec["vae_id"]:
+        raise SystemExit(f"{icfg.latents}: latents of another VAE (vae_id {meta['vae_id']}, {meta.get('vae')!r}); "
+                         f"the decoder {path} is vae_id {spec['vae_id']} ({spec['vae']!r})")
+    if z.ndim != 4 or z.shape[1] != spec["latent_channels"]:
+        raise SystemExit(f"{icfg.latents}: `{key}` has shape {list(z.shape)}; expected [N, {spec['latent_channels']}, h, w]")
+    if icfg.normalised:
+        info = read_json(os.path.join(os.path.dirname(path), "info.json"), "the latent folder's info.json (mean, std)")
+        z = z * torch.tensor(info["std"]).view(1, -1, 1, 1) + torch.tensor(info["mean"]).view(1, -1, 1, 1)
+    os.makedirs(icfg.out, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(icfg.latents))[0]
+    todo = [i for i in range(rank, len(z), world) if not os.path.exists(os.path.join(icfg.out, f"{stem}_{i:06d}.png"))]
+    for k in range(0, len(todo), icfg.batch_size):
+        idx = todo[k:k + icfg.batch_size]
+        with torch.no_grad():
+            x = dec(z[idx].to(device)).cpu()
+        for i, img in zip(idx, x):
+            save_png16(os.path.join(icfg.out, f"{stem}_{i:06d}.png"), img)
+    if world > 1:
+        dist.barrier()
+    print(f"rank {rank}: decoded {len(todo)} latents to {icfg.out}", flush=True)
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: subcommand dispatch (train is the default)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and argv[0] in ("train", "evaluate", "encode", "decode") else "train"
+    if cmd != "train":
+        fn = {"evaluate": evaluate, "encode": encode, "decode": decode}[cmd]
+        icfg = InferConfig(**vars(build_parser(InferConfig, f"vae.py {cmd}", fn.__doc__, cmd).parse_args(argv)))
+        return fn(icfg)
+    cfg = parse_config(argv)
+    if cfg.dry_run:
+        cfg = resolve(cfg)
+        with torch.device("meta"):
+            model = RadVAE(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        print(json.dumps(asdict(cfg)))
+        print(f"RadVAE-{cfg.size}: {n:,} parameters ({n / 1e6:.1f}M: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f}M, "
+              f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M), f = {factor_of(cfg)}, "
+              f"{cfg.latent_channels} latent channels")
+        return n
+    return bench(cfg) if cfg.bench else train(cfg)
+
+
+if __name__ == "__main__":
+    main()
