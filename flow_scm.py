@@ -1,4 +1,4 @@
-"""flow_scm.py: a continuous-time flow structural causal model over the 19 CXR metadata variables (radit §4.3, App. B.3).
+"""flow_scm.py: continuous-time flow structural causal model over the 19 CXR metadata variables (radit §4.3, B.3).
 
 Each of the 19 variables (14 CheXpert findings, sex, race, view, dataset, age) is one rectified flow (radit Eq. 4-5):
 categorical variables flow in one-hot space over their non-missing classes, age flows on its standardised value.
@@ -12,18 +12,28 @@ Flow convention (the paper's equation bodies are missing from our copy; we use t
     target velocity v = x1 - x0; sampling integrates t: 0 -> 1, abduction integrates t: 1 -> 0 (radit Eq. 11).
 
 Commands:
-    python flow_scm.py --size small --max-steps 3000 --out runs/scm                # train on data/phantom (CPU: minutes)
+    python flow_scm.py --size small --max-steps 3000 --out runs/scm      # train on data/phantom (CPU: ~15-30 min)
     torchrun --nproc_per_node=8 flow_scm.py --data data/cxr --out runs/scm           # the paper's width (512)
     python flow_scm.py sample --ckpt runs/scm --n 10000 --out cohort.csv
     python flow_scm.py intervene --ckpt runs/scm --set "age=80" --n 10000 --out old.csv
     python flow_scm.py counterfactual --ckpt runs/scm --data data/phantom --set "sex=F" --out profiles.csv
     python flow_scm.py evaluate --ckpt runs/scm --data data/phantom                   # vs the phantom's true SCM
 The counterfactual CSV has the rows of meta.csv (same ids, DESIGN.md §4 schema) with the counterfactual profile, ready
-for `rectified_flow.py edit --profile profiles.csv`.
+for `rectified_flow.py edit --profile profiles.csv`. A missing value has no noise to abduct: it stays missing in the
+counterfactual and reaches its children as the null embedding, as in training.
+
+`evaluate` needs a phantom (prep_data.py): it re-implements the phantom's true SCM from info.json["scm"] (mechanisms
+and noise streams, see "The phantom's true SCM" below) and the `seed` column of meta.csv, and reports TV distances of
+marginals, of child | parents conditionals and of interventional distributions, and counterfactual accuracy against
+the true counterfactual (same seed, do() applied), beside a no-abduction baseline.
+
+Implementation notes: the 19 MLPs are independent but stored stacked ([19, in, out] weights) so that one batched
+matmul runs them all in training; on a CPU the small flows run fastest with OMP_NUM_THREADS=1.
 """
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -320,6 +330,7 @@ class FlowMLPs(nn.Module):
 
 
 def key(var):
+    """Module name of a variable (no spaces)."""
     return var.replace(" ", "_")
 
 
@@ -587,14 +598,19 @@ def encode_rows(rows, datasets, where):
                         np.float64) for v in VARIABLES}
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+
+
 def batch_positions(step, batch, n, seed):
     """Row indices of global batch `step`: consecutive slices of per-epoch permutations (resume continues exactly)."""
-    start, out = step * batch, []
-    while len(out) < batch:
-        epoch, off = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
-        out.extend(perm[off:off + batch - len(out)].tolist())
-    return torch.tensor(out)
+    start, parts, got = step * batch, [], 0
+    while got < batch:
+        epoch, off = divmod(start + got, n)
+        parts.append(epoch_permutation(n, seed, epoch)[off:off + batch - got])
+        got += len(parts[-1])
+    return torch.cat(parts)
 
 
 def batch_noise(dims, batch, seed, step):
@@ -624,7 +640,8 @@ def save_checkpoint(out, step, model, ema, opt, cfg, meta):
     """ckpt-STEP.safetensors (weights, EMA, config) + ckpt-STEP.pt (optimizer, RNG), then latest.json points at them."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()})
-    md = {"config": json.dumps(dataclasses.asdict(cfg)), "step": str(step), **{k: json.dumps(v) for k, v in meta.items()}}
+    md = {"config": json.dumps(dataclasses.asdict(cfg)), "step": str(step),
+          **{k: json.dumps(v) for k, v in meta.items()}}
     name = f"ckpt-{step:07d}"
     atomic_save(os.path.join(out, name + ".safetensors"), lambda p: save_file(tensors, p, metadata=md))
     state = {"step": step, "opt": opt.state_dict(), "rng": torch.get_rng_state()}
@@ -668,7 +685,8 @@ def setup_ddp(cfg):
     """torchrun sets RANK/WORLD_SIZE: nccl on CUDA, gloo on CPU; otherwise one process."""
     dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
         if dev == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if dev == "cuda" else "gloo")
@@ -714,6 +732,14 @@ def train(cfg):
     if cfg.resume and os.path.isfile(os.path.join(out, "latest.json")):    # load, then compile, then wrap in DDP
         wpath = checkpoint_path(out)
         with safe_open(wpath, "pt") as f:
+            md, saved = f.metadata(), json.loads(f.metadata()["config"])
+            for k in ("width", "depth", "emb_dim", "fourier"):
+                if saved[k] != getattr(cfg, k):
+                    raise SystemExit(f"{wpath}: checkpoint has {k}={saved[k]} but this run has {k}={getattr(cfg, k)} "
+                                     f"(another preset); use another --out or --no-resume")
+            if json.loads(md["parents"]) != parents or json.loads(md["datasets"]) != datasets:
+                raise SystemExit(f"{wpath}: checkpoint was trained with another graph or dataset list; use another "
+                                 f"--out or --no-resume")
             model.load_state_dict({k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})
             ema = {k[4:]: f.get_tensor(k).to(device) for k in f.keys() if k.startswith("ema.")}
         state = torch.load(wpath[:-len(".safetensors")] + ".pt", map_location="cpu", weights_only=True)
@@ -813,7 +839,7 @@ def train(cfg):
             gap = np.mean([abs((s[v] == 2).float().mean().item() - (all_vals[v] == 2).float().sum().item() /
                                max(1, (all_vals[v] > 0).sum().item())) for v in LABELS])
             log_f.write(json.dumps({"step": step, "sample_positive_rate_gap": gap}) + "\n")
-        if master and (step % cfg.ckpt_every == 0 or last):
+        if master and not cfg.bench and (step % cfg.ckpt_every == 0 or last):
             save_checkpoint(out, step, raw, ema, opt, cfg, meta)
         if stop["sigterm"]:
             if master:
@@ -904,7 +930,8 @@ def cmd_counterfactual(args):
 # P = sigmoid(bias + sum_p w_p g_p) and is positive if U < P(1 - r_unc), uncertain if U < P, else negative, with
 # g(age) = (age - 60) / 20, g("sex=M") = [sex is M], g(finding) = 1 / 0.5 / 0 for positive / uncertain / negative;
 # "No Finding" is positive iff no parent other than the ignored ones (Support Devices) is positive or uncertain.
-# U_v = splitmix64(seed * 1024 + index of v in VARIABLES), top 53 bits + 0.5, / 2^53.
+# U_v = splitmix64(seed * 1024 + index of v in info.json["scm"]["order"] (VARIABLES, the same order, if absent)),
+# top 53 bits + 0.5, / 2^53. Truth for counterfactual accuracy: the same seeds under do(), computed here.
 
 
 def exogenous_uniform(seeds, stream):
@@ -917,15 +944,17 @@ def exogenous_uniform(seeds, stream):
     return ((z >> np.uint64(11)).astype(np.float64) + 0.5) / float(2 ** 53)
 
 
-def true_scm_sample(spec, seeds, intervention=None, datasets=None):
-    """True values {var: codes in this file's coding, age in years} of the phantom for each seed, under do()."""
+def true_scm_sample(spec, seeds, intervention=None, datasets=None, streams=None):
+    """True values {var: codes in this file's coding, age in years} of the phantom for each seed, under do().
+    `streams`: info.json["scm"]["order"], the variable order that numbers the noise streams (default VARIABLES)."""
+    streams = list(streams or VARIABLES)
     from scipy.special import ndtri
     intervention, values = intervention or {}, {}
     levels = lambda v: list(spec[v]["probs"])                        # the SCM's own level order per root
     parents = {v: (sorted({k.split("=")[0] for k in s["weights"]}) if s["type"] == "logistic" else
                    list(s.get("parents", []))) for v, s in spec.items()}
     for var in topological_order({v: parents.get(v, []) for v in VARIABLES}, "info.json scm"):
-        s, u = spec[var], exogenous_uniform(seeds, VARIABLES.index(var))
+        s, u = spec[var], exogenous_uniform(seeds, streams.index(var))
         if var in intervention:
             values[var] = np.full(len(seeds), float(intervention[var]))
         elif s["type"] == "age":
@@ -984,13 +1013,13 @@ def cmd_evaluate(args):
     model, cfg, step = load_model(args.ckpt, args.device, not args.no_ema)
     info_path = os.path.join(args.data, "info.json")
     info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
-    spec = (info.get("scm") or {}).get("variables")
+    spec, streams = (info.get("scm") or {}).get("variables"), (info.get("scm") or {}).get("order")
     if not spec:
         raise SystemExit(f"{info_path}: no 'scm' with 'variables'; evaluate needs a phantom dataset from prep_data.py")
     ds, solver, dev = model.datasets, solver_of(args), args.device
     t0 = time.time()
     truth_seeds = np.arange(10 ** 12, 10 ** 12 + args.n_truth)      # fresh units of the true SCM
-    truth = true_scm_sample(spec, truth_seeds, datasets=ds)
+    truth = true_scm_sample(spec, truth_seeds, datasets=ds, streams=streams)
     report = {"ckpt": checkpoint_path(args.ckpt), "step": step, "solver": dataclasses.asdict(solver)}
 
     # 1. marginals: learned ancestral samples vs the true SCM (age in decade bins)
@@ -1033,7 +1062,7 @@ def cmd_evaluate(args):
         do = parse_set(text, ds)
         lv = {v: x.cpu().numpy() for v, x in chunked(lambda a, b: sample_values(
             model, b - a, solver, args.seed + a, do, device=dev), args.n, args.chunk).items()}
-        tv_ = true_scm_sample(spec, truth_seeds, do, ds)
+        tv_ = true_scm_sample(spec, truth_seeds, do, ds, streams)
         desc = descendants(model.parents, do)
         tvs = {v: tv(histogram(v, lv[v], ds), histogram(v, tv_[v], ds)) for v in VARIABLES if v not in do}
         report["interventional"][text] = {
@@ -1049,7 +1078,7 @@ def cmd_evaluate(args):
         raise SystemExit(f"{args.data}/meta.csv: no rows with a 'seed' in split {args.split!r}")
     seeds = np.array([int(r["seed"]) for r in rows])
     obs_np = encode_rows(rows, ds, f"{args.data}/meta.csv")
-    fact = true_scm_sample(spec, seeds, datasets=ds)
+    fact = true_scm_sample(spec, seeds, datasets=ds, streams=streams)
     agree = [float(np.mean(fact[v][m] == obs_np[v][m])) for v in VARIABLES
              for m in [(obs_np[v] > 0) if v != "age" else np.isfinite(obs_np[v])] if m.any()]
     report["truth_check_agreement"] = float(np.mean(agree))         # the re-implemented SCM reproduces meta.csv
@@ -1065,7 +1094,7 @@ def cmd_evaluate(args):
         keep = np.ones(len(rows), bool)
         for v, x in do.items():                                      # units whose value the intervention changes
             keep &= ~np.isclose(obs_np[v], x) if v == "age" else obs_np[v] != x
-        true_cf = true_scm_sample(spec, seeds, do, ds)
+        true_cf = true_scm_sample(spec, seeds, do, ds, streams)
         ours = chunked(lambda a, b: counterfactual_values(model, {v: x[a:b] for v, x in obs.items()}, do, solver),
                        len(rows), args.chunk)
         fixed = {v: obs[v] for v in VARIABLES if v not in desc and v not in do}
@@ -1101,9 +1130,9 @@ def print_report(r):
         print(f"do({text}): mean TV descendants {d if d is not None else float('nan'):.4f}, "
               f"others {x['mean_tv_others']:.4f}")
     for text, x in r["counterfactual"].items():
-        a, b = x["mean_abduction"], x["mean_baseline"]
-        print(f"counterfactual do({text}) on {x['units']} units: accuracy abduction {a if a is not None else float('nan'):.4f} "
-              f"vs no-abduction baseline {b if b is not None else float('nan'):.4f}")
+        a, b = (float("nan") if y is None else y for y in (x["mean_abduction"], x["mean_baseline"]))
+        print(f"counterfactual do({text}) on {x['units']} units: accuracy abduction {a:.4f} "
+              f"vs no-abduction baseline {b:.4f}")
     print(f"round trip (abduction + prediction, no intervention) exact: {r['roundtrip_exact']:.4f}; "
           f"true SCM reproduces meta.csv: {r['truth_check_agreement']:.4f}")
 

@@ -329,6 +329,9 @@ def test_bad_input(phantom, tmp_path):
     (tmp_path / "d" / "meta.csv").write_text("id,split,sex,age\n1,train,F,50\n")
     with pytest.raises(SystemExit, match=r"meta.csv: missing column\(s\) \['Atelectasis'"):
         fs.main(["--size", "tiny", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--max-steps", "1"])
+    fs.main(["--size", "tiny", "--data", data, "--out", str(tmp_path / "r1"), "--max-steps", "1"])
+    with pytest.raises(SystemExit, match="checkpoint has width=32 but this run has width=64"):
+        fs.main(["--size", "tiny", "--width", "64", "--data", data, "--out", str(tmp_path / "r1"), "--max-steps", "2"])
     with pytest.raises(SystemExit, match="--cycle 'both'"):
         fs.resolve_graph(cycle="both")
     with pytest.raises(SystemExit, match="no latest.json"):
