@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -334,10 +336,7 @@ class Block(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k = rms_norm(q, self.q_norm), rms_norm(k, self.k_norm)    # QK-RMSNorm (radit §4.2, Esser et al. 2024)
-        if self.attn_impl == "sdpa":
-            o = F.scaled_dot_product_attention(q, k, v.to(q.dtype))
-        else:
-            o = attention(q, k, v.to(q.dtype))
+        o = F.scaled_dot_product_attention(q, k, v) if self.attn_impl == "sdpa" else attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(B, L, D))
 
     def forward(self, x, c):
@@ -390,8 +389,8 @@ class RadiT(nn.Module):
         """x [B, C, H, W], t [B] in [0, 1] (0 data, 1 noise), cond [B, 19] codes -> velocity [B, C, H, W]."""
         B, C, H, W = x.shape
         p, gh, gw = self.patch, H // self.patch, W // self.patch
-        h = self.x_embed(x).flatten(2).transpose(1, 2)
-        h = h + sincos_2d(h.shape[-1], gh, gw, self.base_grid, x.device).to(h.dtype)
+        h = self.x_embed(x).flatten(2).transpose(1, 2).float()      # the residual stream stays fp32 under autocast
+        h = h + sincos_2d(h.shape[-1], gh, gw, self.base_grid, x.device)
         with torch.autocast(x.device.type, enabled=False):           # time / metadata embeddings in fp32
             c = self.t_embed(t) + self.y_embed(cond)
         for blk in self.blocks:
@@ -566,7 +565,8 @@ class CXRData:
         self.cond = torch.tensor([encode_row(r, self.datasets, f"{path} row id={r.get('id')}") for r in self.rows])
         lat = latent_folder(root, vae) if space in ("auto", "latent") else None
         if space == "latent" and lat is None:
-            raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use --space pixel")
+            raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use "
+                             f"--space pixel")
         self.space, self.root, self.folder = ("latent" if lat else "pixel"), root, lat or root
         if self.space == "latent":
             li = latent_info(lat)
@@ -595,8 +595,8 @@ class CXRData:
         """Rows idx -> float32 [n, C, S, S] in model units: pixels (v + 0.5) / 2^16 in [-1, 1], latents normalised."""
         xs = []
         for i in idx:
-            r = self.rows[int(i)]
-            xs.append(self._open(self.shard_path(int(r["shard"]))).get_slice(self.key)[int(r["index"]):int(r["index"]) + 1])
+            shard, j = int(self.rows[int(i)]["shard"]), int(self.rows[int(i)]["index"])
+            xs.append(self._open(self.shard_path(shard)).get_slice(self.key)[j:j + 1])
         x = torch.cat(xs).float()
         return (x + 0.5) / 32768 - 1 if self.space == "pixel" else (x - self.mean) / self.std
 
@@ -615,13 +615,15 @@ def permutation(n, seed, epoch):
 
 def to_uint16(x):
     """[-1, 1] -> uint16 numpy (the inverse of CXRData.load's pixel mapping)."""
-    return ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
+    v = ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535)
+    return v.to(torch.int32).cpu().numpy().astype(np.uint16)
 
 
 def atomic_save(path, save_fn):
     """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         save_fn(tmp)
@@ -687,10 +689,16 @@ GRID_CONDS = ["", "No Finding=1", "Cardiomegaly=1", "Pleural Effusion=1", "Pneum
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
 
 
+def peak_flops(device):
+    """Dense bf16 peak of a known GPU (for MFU), else None."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def setup_distributed(device_flag):
     """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
     cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
@@ -702,7 +710,10 @@ def setup_distributed(device_flag):
 def resolve(cfg, data=None):
     """Fill what the data decides: channels, resolution, dataset names, patch, shift (radit Table 5, 11)."""
     space = data.space if data else ("pixel" if cfg.space == "pixel" else "latent")
-    c, s = (data.shape[0], data.shape[-1]) if data else (cfg.in_channels or (1 if space == "pixel" else 32), cfg.image_size or 64)
+    if data:
+        c, s = data.shape[0], data.shape[-1]
+    else:                                                        # no data: radit Table 5's 32 x 64 x 64 latents
+        c, s = cfg.in_channels or (1 if space == "pixel" else 32), cfg.image_size or 64
     if data and cfg.image_size and cfg.image_size != s:
         raise SystemExit(f"{data.folder}: images are {s} x {s}; expected --image-size {cfg.image_size}")
     patch = cfg.patch or (2 if space == "latent" else max(1, min(16, s // 8)))
@@ -769,6 +780,14 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def log_line(r, max_steps):
+    bins = "/".join("-" if v is None else f"{v:.3f}" for v in r["loss_t"])
+    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | t-bins {bins} | gnorm {r['grad_norm']:.3f} | "
+            f"lr {r['lr']:.1e} | {r['img_s']:.1f} img/s | {r['tok_s']:.0f} tok/s"
+            + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | mem {r['mem_gb']:.1f} GB" if r["mem_gb"] else "")
+            + f" | eta {r['eta_s'] / 60:.1f} min")
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg.device)
     data = CXRData(cfg.data, cfg.space, cfg.vae)
@@ -799,12 +818,14 @@ def train(cfg):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in raw.parameters())
     tokens = (cfg.image_size // cfg.patch) ** 2
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = peak_flops(device)
     decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
-        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
+        env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+               "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"),
+               "device": str(device), "world": world, "argv": sys.argv,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         write_json(os.path.join(cfg.out, "env.json"), env)
         print(json.dumps(asdict(cfg)))
@@ -839,7 +860,8 @@ def train(cfg):
         drop |= torch.rand((cfg.batch_size, 1), generator=g, device=device) < cfg.p_drop_all
         cond = torch.where(drop[lo:lo + per_rank], null, data.cond[rows].to(device))
         if data.space == "pixel":                                # uniform dequantisation (radit Table 11)
-            x0 = x0 + (torch.rand((cfg.batch_size, *data.shape), generator=g, device=device)[lo:lo + per_rank] - 0.5) / 32768
+            u = torch.rand((cfg.batch_size, *data.shape), generator=g, device=device)[lo:lo + per_rank]
+            x0 = x0 + (u - 0.5) / 32768
         for m in range(accum):
             sl = slice(m * micro, (m + 1) * micro)
             sync = nullcontext() if world == 1 or m == accum - 1 else model.no_sync()
@@ -857,7 +879,8 @@ def train(cfg):
         acc[2] += gnorm
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg.ema)
+        decay = min(cfg.ema, (1 + step) / (10 + step))           # warm-up: early grids are not the init
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - decay)
         step += 1
 
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
@@ -875,19 +898,16 @@ def train(cfg):
                 dist.all_reduce(acc)
             a, dt = acc.tolist(), time.time() - t_log
             n_steps, last_log = step - last_log, step
-            rec = {"step": step, "loss": a[0] / max(a[1], 1), "loss_t": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],
+            images = n_steps * cfg.batch_size
+            rec = {"step": step, "loss": a[0] / max(a[1], 1),
+                   "loss_t": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],     # t in quarters of [0, 1]
                    "grad_norm": a[2] / max(n_steps * world, 1), "lr": opt.param_groups[0]["lr"],
-                   "img_s": n_steps * cfg.batch_size / dt, "tok_s": n_steps * cfg.batch_size * tokens / dt,
-                   "mfu": train_flops(n_params, cfg, tokens, n_steps * cfg.batch_size) / dt / (peak * world) if peak else None,
+                   "img_s": images / dt, "tok_s": images * tokens / dt,
+                   "mfu": train_flops(n_params, cfg, tokens, images) / dt / (peak * world) if peak else None,
                    "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
             if rank == 0:
-                print(f"step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} | t-bins "
-                      + "/".join("-" if v is None else f"{v:.3f}" for v in rec["loss_t"])
-                      + f" | gnorm {rec['grad_norm']:.3f} | lr {rec['lr']:.1e} | {rec['img_s']:.1f} img/s "
-                      f"| {rec['tok_s']:.0f} tok/s" + (f" | MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
-                      + (f" | mem {rec['mem_gb']:.1f} GB" if rec["mem_gb"] else "") + f" | eta {rec['eta_s'] / 60:.1f} min",
-                      flush=True)
+                print(log_line(rec, cfg.max_steps), flush=True)
                 with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
             acc.zero_()
@@ -909,43 +929,45 @@ def train(cfg):
 
 
 def bench(cfg):
-    """Training steps on random tensors: tokens/s, MFU, peak memory, with kernels.attention and with SDPA."""
+    """Training steps on random tensors: tokens/s, MFU, peak memory; kernels.attention vs SDPA in the same run,
+    each eager and (with --compile) compiled."""
     _, _, device = setup_distributed(cfg.device)
     cfg = resolve(cfg)
     model = RadiT(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    B, n_params, tokens = cfg.micro_batch or cfg.batch_size, sum(p.numel() for p in model.parameters()), (cfg.image_size // cfg.patch) ** 2
+    B, tokens = cfg.micro_batch or cfg.batch_size, (cfg.image_size // cfg.patch) ** 2
+    n_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device)
     x = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     cond = torch.cat([torch.randint(0, 3, (B, 18)).float(), 100 * torch.rand(B, 1)], 1).to(device)
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     print(f"bench RadiT-{cfg.size}: {n_params / 1e6:.1f}M params, batch {B}, {cfg.in_channels}x{cfg.image_size}^2 "
-          f"input, patch {cfg.patch}, {tokens} tokens/image, {device}" + (", torch.compile" if cfg.compile else ""))
-    results = {}
-    for impl in ("kernels", "sdpa"):
-        model.set_attention(impl)
-        fwd = torch.compile(model) if cfg.compile else model
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps (compilation, autotuning)
-            if i == 2:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.time()
-            with autocast(device):
-                loss = flow_loss(fwd, x, torch.randn_like(x), torch.rand(B, device=device), cond).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = (time.time() - t0) / cfg.bench_steps
-        results[impl] = B * tokens / dt
-        mfu = train_flops(n_params, cfg, tokens, B) / dt / peak if peak else None
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        print(f"  attention={impl:8s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
-              + (f"MFU {mfu:.1%}  " if mfu else "MFU n/a (no GPU peak known)  ")
-              + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"), flush=True)
-    print(f"  kernels / sdpa throughput ratio: {results['kernels'] / results['sdpa']:.3f}")
+          f"input, patch {cfg.patch}, {tokens} tokens/image, {device}, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    results, sync = {}, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for compiled in (False, True) if cfg.compile else (False,):
+        for impl in ("kernels", "sdpa"):
+            model.set_attention(impl)
+            fwd = torch.compile(model) if compiled else model
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for i in range(cfg.bench_steps + 2):                 # 2 warm-up steps (compilation, autotuning)
+                if i == 2:
+                    sync()
+                    t0 = time.time()
+                with autocast(device):
+                    loss = flow_loss(fwd, x, torch.randn_like(x), torch.rand(B, device=device), cond).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+            dt = (time.time() - t0) / cfg.bench_steps
+            name = impl + ("+compile" if compiled else "")
+            results[name] = B * tokens / dt
+            mfu = train_flops(n_params, cfg, tokens, B) / dt / peak if peak else None
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            print(f"  {name:16s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
+                  + (f"MFU {mfu:.1%}  " if mfu else "MFU n/a (no GPU peak known)  ")
+                  + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"), flush=True)
+    print(f"  kernels / sdpa throughput: {results['kernels'] / results['sdpa']:.3f}")
     return results
 
 
@@ -957,6 +979,8 @@ def load_for_inference(icfg):
     """EMA model and config from a checkpoint; validates the guidance options."""
     if icfg.cfg < 0:
         raise SystemExit(f"--cfg {icfg.cfg}: expected a guidance scale >= 0")
+    if icfg.solver not in ("euler", "heun", "dopri5"):
+        raise SystemExit(f"--solver {icfg.solver!r}: expected euler, heun or dopri5")
     rank, world, device = setup_distributed(icfg.device)
     saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.",))
     cfg = Config(**saved)
@@ -1050,8 +1074,8 @@ def edit(icfg):
         rows = [data.rows[by_id[i]] for i in chunk]
         x0 = data.load([by_id[i] for i in chunk]).to(device)
         obs = data.cond[[by_id[i] for i in chunk]].to(device)
-        new = torch.tensor([encode_row({**r, **profiles.get(r["id"], {}), **change}, datasets, f"--set/--profile for {r['id']}")
-                            for r in rows], device=device)
+        new = torch.tensor([encode_row({**r, **profiles.get(r["id"], {}), **change}, datasets,
+                                       f"--set/--profile for {r['id']}") for r in rows], device=device)
         z, n1 = solve(velocity_fn(model, obs, icfg, device), x0, 0.0, 1.0, icfg.solver, icfg.steps, icfg.rtol,
                       icfg.atol, cfg.shift)              # abduction: the sampling grid, reversed
         x1, n2 = solve(velocity_fn(model, new, icfg, device), z, 1.0, 0.0, icfg.solver, icfg.steps, icfg.rtol,
@@ -1077,9 +1101,9 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "edit") else "train"
     if cmd in ("sample", "edit"):
-        parser = build_parser(InferConfig, f"rectified_flow.py {cmd}", (sample if cmd == "sample" else edit).__doc__, cmd)
-        icfg = InferConfig(**vars(parser.parse_args(argv)))
-        return sample(icfg) if cmd == "sample" else edit(icfg)
+        fn = sample if cmd == "sample" else edit
+        parser = build_parser(InferConfig, f"rectified_flow.py {cmd}", fn.__doc__, cmd)
+        return fn(InferConfig(**vars(parser.parse_args(argv))))
     cfg = parse_config(argv)
     if cfg.dry_run:
         data = CXRData(cfg.data, cfg.space, cfg.vae) if os.path.isfile(os.path.join(cfg.data, "meta.csv")) else None
@@ -1088,7 +1112,7 @@ def main(argv=None):
             n = sum(p.numel() for p in RadiT(cfg).parameters())
         print(json.dumps(asdict(cfg)))
         print(f"RadiT-{cfg.size}: {n:,} parameters ({n / 1e9:.3f}B) at {cfg.in_channels}x{cfg.image_size}x"
-              f"{cfg.image_size}, patch {cfg.patch}" + ("" if data else " (no dataset found: radit Table 5 latent shape)"))
+              f"{cfg.image_size}, patch {cfg.patch}" + ("" if data else " (no dataset: radit Table 5 latents)"))
         return n
     return bench(cfg) if cfg.bench else train(cfg)
 

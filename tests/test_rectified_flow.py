@@ -211,6 +211,36 @@ def test_resume_reproduces_straight_run(tmp_path, phantom_dir):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)   # model, EMA and Adam state
 
 
+def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, phantom_dir):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:              # lr 1e30: Adam's first step makes the weights overflow
+        train(phantom_dir, out, "--max-steps", "5", "--ckpt-every", "1", "--lr", "1e30")
+    assert "non-finite loss at step 2" in str(e.value)
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "1"
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_sigterm_saves_and_exits(tmp_path, phantom_dir):
+    import signal
+    import time
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "rectified_flow.py"), "--data", phantom_dir, "--out", out, *SMALL,
+           "--max-steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(600):
+        if os.path.exists(os.path.join(out, "log.jsonl")) and len(log(out)) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped by SIGTERM" in text, text[-2000:]
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        step = int(f.metadata()["step"])
+    assert 3 <= step <= 12 and step == log(out)[-1]["step"]     # saved within 10 steps of the signal
+
+
 def test_torchrun_two_processes_equal_one(tmp_path, phantom_dir):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = ["--max-steps", "3", "--ckpt-every", "100", "--p-drop-var", "0.3"]
@@ -359,8 +389,11 @@ def test_bad_input_is_one_line_error(tmp_path, run, phantom_dir):
     fails(["sample", "--ckpt", run, "--cond", "sex=X", "--out", str(tmp_path / "s")], "sex", "'X'")
     fails(["sample", "--ckpt", run, "--cfg", "-1", "--out", str(tmp_path / "s")], "--cfg")
     fails(["sample", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "s")], "checkpoint")
-    fails(["edit", "--ckpt", run, "--data", phantom_dir, "--set", "age=old", "--ids", "x", "--out", str(tmp_path / "e")],
-          "x")
+    some_id = rows(os.path.join(phantom_dir, "meta.csv"))[0]["id"]
+    fails(["edit", "--ckpt", run, "--data", phantom_dir, "--set", "age=old", "--ids", some_id, "--out",
+           str(tmp_path / "e")], "age", "'old'")
+    fails(["edit", "--ckpt", run, "--data", phantom_dir, "--ids", "nope", "--out", str(tmp_path / "e")], "'nope'")
+    fails(["sample", "--ckpt", run, "--solver", "rk4", "--out", str(tmp_path / "s")], "rk4")
     fails(["--size", "huge"], "--size")
     # a checkpoint of another architecture is refused and left untouched
     before = open(os.path.join(run, "ckpt.safetensors"), "rb").read()
