@@ -1095,7 +1095,8 @@ def train(cfg):
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        enc = nn.parallel.DistributedDataParallel(text_enc, device_ids=ids) if text_enc is not None else None
+        if text_enc is not None:                                 # (BERT's pooler is not used: unused parameters)
+            enc = nn.parallel.DistributedDataParallel(text_enc, device_ids=ids, find_unused_parameters=True)
     sched = Schedule()
     n_params = sum(p.numel() for p in raw.parameters())
     tokens = (cfg.image_size // cfg.patch) ** 2
