@@ -475,14 +475,20 @@ def _sqdist(a, b, bb=None):
 
 def knn_radii(x, k=5, mem_mb=256):
     """Squared distance of every row of x to its k-th nearest other row (itself excluded by index, so duplicates
-    count as neighbours at distance 0); computed in row chunks so memory stays bounded."""
-    n, out, xx = len(x), torch.empty(len(x), dtype=x.dtype, device=x.device), (x * x).sum(1)
-    step = max(1, int(mem_mb * 2 ** 20 // (n * x.element_size() * 3)))  # ~3 chunk-sized temporaries
+    count as neighbours at distance 0). Each square block of the symmetric distance matrix is computed once and
+    serves its row and its column chunk (about 40% fewer matrix products); memory stays bounded by mem_mb."""
+    n, xx, inf = len(x), (x * x).sum(1), float("inf")
+    step = max(1, min(int((mem_mb * 2 ** 20 / (x.element_size() * 3)) ** 0.5), max(1024, -(-n // 4))))
+    best = torch.full((n, k), inf, dtype=x.dtype, device=x.device)
     for s in range(0, n, step):
-        d, rows = _sqdist(x[s:s + step], x, xx), torch.arange(min(step, n - s), device=x.device)
-        d[rows, rows + s] = float("inf")
-        out[s:s + step] = torch.topk(d, k, dim=1, largest=False).values[:, -1]
-    return out
+        for t in range(s, n, step):
+            d = _sqdist(x[s:s + step], x[t:t + step], xx[t:t + step])
+            if s == t:
+                d.fill_diagonal_(inf)
+            for a, blk in ((s, d),) + (((t, d.T.contiguous()),) if t != s else ()):
+                top = torch.cat([best[a:a + step], blk.topk(min(k, blk.shape[1]), 1, largest=False).values], 1)
+                best[a:a + step] = top.topk(k, 1, largest=False).values
+    return best[:, -1]
 
 
 def prdc(real, fake, k=5, device=None, mem_mb=256):
@@ -619,8 +625,7 @@ def pearson(a, b):
 def _read_meta(path, need=()):
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    cols = set(rows[0].keys()) if rows else set()
-    if missing := [c for c in need if c not in cols]:
+    if missing := [c for c in need if not rows or c not in rows[0]]:
         raise SystemExit(f"metrics: {path} lacks the column(s) {missing} (expected the DESIGN.md §4 columns)")
     return rows
 
@@ -874,9 +879,8 @@ class Extractor:
     """A feature space: preprocessing, network, and the facts that go into results.json."""
 
     def __init__(self, name, net, size, dim, preprocessing, weights, random_weights, device, processor=None):
-        self.name, self.net, self.size, self.dim = name, net, size, dim
+        self.name, self.net, self.size, self.dim, self.processor, self.device = name, net, size, dim, processor, device
         self.preprocessing, self.weights, self.random_weights = preprocessing, weights, random_weights
-        self.processor, self.device = processor, device
         self.net.eval().requires_grad_(False).to(device)
 
     def prepare(self, img, fit="crop", compat=False):
@@ -1217,10 +1221,9 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
                                 for r in np.argsort(d)[:cfg.grid_pairs]]}
     grid = cfg.grid or (os.path.splitext(cfg.out)[0] + "_closest_pairs.png" if cfg.out else "")
     if grid:
-        rows = []
-        for r in np.argsort(d)[:cfg.grid_pairs]:
-            t = prepare(train.load(bank_kept[j[r]]), cfg.privacy_size, cfg.fit, cfg.chexgenbench_compat)
-            rows.append(np.concatenate([q[r], np.ones((cfg.privacy_size, 4), np.float32), t], 1))
+        rows = [np.concatenate([q[r], np.ones((cfg.privacy_size, 4), np.float32), prepare(
+            train.load(bank_kept[j[r]]), cfg.privacy_size, cfg.fit, cfg.chexgenbench_compat)], 1)
+            for r in np.argsort(d)[:cfg.grid_pairs]]
         Image.fromarray((np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8)).save(grid + ".tmp.png")
         os.replace(grid + ".tmp.png", grid)
         out["pixel"]["grid"] = grid
@@ -1253,8 +1256,7 @@ def reid_scores(fake, train, cfg, device):
                 es.append(net.embed((x - mean) / std))
         return torch.cat(es)
 
-    ef, et = embed(fake), embed(train)
-    best = []
+    ef, et, best = embed(fake), embed(train), []
     step = max(1, 2 ** 22 // (len(et) * 128))
     with torch.no_grad():
         for s in range(0, len(ef), step):
