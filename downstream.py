@@ -1,0 +1,1583 @@
+"""downstream.py: the utility of synthetic chest radiographs, measured by the models trained on them.
+
+The experiments of the papers, on any prepared dataset and any folder the samplers write:
+- classify: a multi-label classifier over the 14 CheXpert labels (or a subset) trained on real, synthetic or mixed
+  data; per-label AUROC and macro AUROC with 95% bootstrap CIs on each test set, mean +- std over --runs seeds,
+  accuracy and F1 at thresholds chosen on validation (multicond §3.3, §4, Tables 1 and 3; chexgenbench §2.4,
+  Table 4, App. A.7; chexgen Methods "Downstream tasks").
+- pretrain-finetune: pretrain on synthetic data, finetune on 1..100% of the real data (chexgen Fig. 4, Methods
+  "Supervised pretraining experiments").
+- fairness: per-subgroup metrics (sex, race, age 19-40 / 41-65 / 66+, intersections), worst group, best-worst gap,
+  Pearson r of the subgroup metrics between a real and a synthetic test cohort; --balance adds synthetic images
+  to under-represented groups until parity (chexgen Fig. 5c-d, Methods "Model bias detection and mitigation").
+- segment: a U-Net on dataset masks; Dice, positive Dice and negative Dice (chexgen Fig. 3d, Methods).
+
+Networks are written here with torchvision's parameter names (DenseNet-121, ResNet-50), so ImageNet checkpoints
+load unchanged: --init imagenet:densenet121-a639ec97.pth (or a .safetensors of that state_dict); the first
+convolution becomes 1-channel by summing its RGB weights, the classifier head is replaced.
+
+Commands (no --task means classify; the first word may also be the task):
+    python downstream.py --train real=data/phantom:train --test data/phantom:test          # CPU, minutes (tiny)
+    python downstream.py --train "real=data/mimic:train; syn=runs/rf/samples; real=data/mimic:train,syn=runs/rf/samples" \
+        --mix 1:1 --test "mimic=data/mimic:test,chexpert=data/chexpert:test" --size densenet121 --runs 5 \
+        --init imagenet:densenet121-a639ec97.pth --out runs/utility                        # multicond Tables 1, 3
+    python downstream.py pretrain-finetune --train syn=runs/rf/samples --finetune real=data/mimic:train \
+        --fractions 0.01,0.1,0.3,0.5,1 --size densenet121 --finetune-lr 1e-5               # chexgen Fig. 4
+    python downstream.py fairness --train real=data/mimic:train --test data/mimic:test --syn-test runs/rf/cohort \
+        --balance runs/rf/minority                                                         # chexgen Fig. 5c-d
+    python downstream.py segment --train real=data/phantom:train --mask "Pleural Effusion"
+    python downstream.py --eval --ckpt runs/downstream/real/run0 --test data/phantom:test --roc-plot roc.png
+    torchrun --nproc_per_node=8 downstream.py --size densenet121 ...                       # DDP, bf16
+
+Training data: `;` separates experiments (the rows of the table); within one, `,` joins sources `name=folder[:split]`.
+A source is a DESIGN.md §4 dataset folder (meta.csv, shards/, info.json; `:split` picks train / val / test) or a
+folder of generated images: `<folder>/meta.csv` (columns id + the 14 labels + sex / age / race / view, as the
+samplers write) and one PNG per row, `<folder>/<id>.png`, greyscale 8- or 16-bit (segmentation: the mask of a
+row is `<folder>/<id>_mask.png`, non-zero = foreground). Sources named `syn...` are synthetic: --syn-ratio R uses
+R x (number of real images) of them; --mix 1:1 fixes the share of each source in every batch.
+
+Outputs in --out: one folder per experiment and run (ckpt.safetensors for resume, best.safetensors for the
+early-stopped weights, log.jsonl), results.json with every number, results.md with the tables also printed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import re
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass, size presets, CLI generated from the fields
+
+
+def arg(default, help, only=None):
+    """A dataclass field with its CLI help string (`only`: the one task that uses it)."""
+    return field(default=default, metadata={"help": help, "only": only})
+
+
+@dataclass
+class Config:
+    """Experiment, model and training configuration; stored in every checkpoint."""
+    task: str = arg("classify", "classify | pretrain-finetune | fairness | segment")
+    train: str = arg("real=data/phantom:train", "training data: experiments separated by ';', sources "
+                     "name=folder[:split] joined by ','")
+    val: str = arg("", "validation source (early stopping, thresholds); '': the first source's val split, "
+                   "else 10%% of its training rows")
+    test: str = arg("", "test sets name=folder[:split], ','-separated; '': the first source's test split")
+    out: str = arg("runs/downstream", "output folder: one run folder per experiment and seed, results.json/.md")
+    size: str = arg("tiny", "preset: tiny | densenet121 | resnet50 | unet")
+    arch: str = arg("tiny", "network: tiny | densenet121 | resnet50 | unet (segment always uses unet)")
+    width: int = arg(16, "base width of the tiny CNN and of the U-Net")
+    init: str = arg("", "'': random; imagenet:FILE (.pth or .safetensors torchvision state_dict); or a run "
+                    "folder / checkpoint of this script (pretrain -> finetune)")
+    labels: str = arg("", "comma-separated labels to classify; '': the 14 CheXpert labels")
+    uncertain: str = arg("ignore", "uncertain (-1) labels: ignore (masked like missing) | ones | zeros")
+    views: str = arg("", "keep only these views, e.g. PA,AP (multicond §4: frontal only); '': all")
+    mix: str = arg("", "share of each source in every batch, e.g. 1:1; '': sources concatenated")
+    syn_ratio: float = arg(0.0, "use R x n_real images of the synthetic (syn...) sources (chexgen: 1x, 2x); 0: all")
+    weighted_sampling: bool = arg(False, "sample rows so every label is equally represented (chexgen Methods)")
+    img_size: int = arg(0, "input side in pixels (papers: 224 or 256); 0: the first source's size")
+    batch_size: int = arg(64, "global batch size (chexgen: 128)")
+    micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
+    max_steps: int = arg(400, "optimizer steps")
+    lr: float = arg(3e-3, "AdamW learning rate (chexgenbench Table 12: 1e-4 ResNet-50, 5e-5 U-Net)")
+    weight_decay: float = arg(1e-4, "AdamW weight decay")
+    schedule: str = arg("cosine", "learning-rate schedule: cosine (chexgen Methods) | constant")
+    clip: float = arg(1.0, "gradient-norm clipping")
+    rotate: float = arg(10.0, "augmentation: random rotation in +-degrees (chexgen Methods: 10)")
+    intensity: float = arg(0.1, "augmentation: random brightness / contrast / gamma amplitude")
+    flip: float = arg(0.0, "augmentation: horizontal-flip probability (0: CXR laterality matters)")
+    eval_every: int = arg(100, "steps between validation evaluations (early stopping)")
+    patience: int = arg(4, "stop after this many evaluations without a better validation score; 0: never")
+    runs: int = arg(1, "independent runs with seeds seed..seed+N-1 (papers: 5); tables show mean +- std")
+    seed: int = arg(0, "seed of the initialisation, data order and augmentation")
+    n_boot: int = arg(1000, "bootstrap resamples of the test set for the 95%% CIs")
+    finetune: str = arg("", "real data to finetune on", only="pretrain-finetune")
+    fractions: str = arg("0.01,0.1,0.3,0.5,1", "fractions of --finetune data (chexgen Fig. 4)", only="pretrain-finetune")
+    finetune_lr: float = arg(0.0, "finetuning learning rate (chexgen: 1e-5); 0: --lr", only="pretrain-finetune")
+    finetune_steps: int = arg(0, "finetuning steps; 0: --max-steps", only="pretrain-finetune")
+    syn_test: str = arg("", "synthetic test cohort (matched to --test) for bias detection", only="fairness")
+    balance: str = arg("", "synthetic folder whose images top up under-represented groups", only="fairness")
+    balance_by: str = arg("sex,race,age", "attributes whose intersections are balanced", only="fairness")
+    fair_metric: str = arg("f1", "subgroup metric for worst / gap / Pearson: f1 (chexgen: weighted F1) | auroc",
+                           only="fairness")
+    min_group: int = arg(10, "subgroups with fewer test images are listed but not ranked", only="fairness")
+    mask: str = arg("Pleural Effusion", "mask to segment (a name in the dataset's info.json mask_names)",
+                    only="segment")
+    eval: bool = arg(False, "evaluate --ckpt on --test only, no training")
+    ckpt: str = arg("", "run folder or checkpoint for --eval")
+    roc_plot: str = arg("", "PNG with the ROC curves of the first run on the first test set")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+    compile: bool = arg(False, "torch.compile the model")
+    resume: bool = arg(True, "continue runs from their ckpt.safetensors (--no-resume starts over)")
+    log_every: int = arg(50, "steps between log lines")
+    ckpt_every: int = arg(200, "steps between checkpoints")
+    cache_gb: float = arg(4.0, "hold a source's pixels in memory when they take less than this")
+    dry_run: bool = arg(False, "build the model, print config and parameter count, exit")
+
+
+# chexgen Methods: DenseNet-121, batch 128, AdamW, 256 px; chexgenbench Table 12: ResNet-50 lr 1e-4, U-Net lr 5e-5;
+# chexgen segmentation: batch 32, lr 1e-3. tiny is for tests and the CPU demo.
+PRESETS = {
+    "tiny": dict(arch="tiny", width=16, img_size=0, batch_size=64, lr=3e-3, max_steps=400, eval_every=100),
+    "densenet121": dict(arch="densenet121", img_size=224, batch_size=128, lr=1e-4, max_steps=20000, eval_every=1000,
+                        log_every=100, ckpt_every=1000),
+    "resnet50": dict(arch="resnet50", img_size=224, batch_size=128, lr=1e-4, max_steps=20000, eval_every=1000,
+                     log_every=100, ckpt_every=1000),
+    "unet": dict(arch="unet", width=32, img_size=256, batch_size=32, lr=1e-3, max_steps=10000, eval_every=500,
+                 log_every=100, ckpt_every=1000),
+}
+TASKS = ("classify", "pretrain-finetune", "fairness", "segment")   # issue 14 adds predict-metadata, edit-eval
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        if f.metadata["only"] not in (None, only) and only is not None:
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) else ""
+        task = f" [{f.metadata['only']} only]" if f.metadata["only"] else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']}{task} [default: {f.default}{preset}]")
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+    return p
+
+
+def parse_config(argv):
+    """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
+    argv = list(argv)
+    if argv and argv[0] in TASKS:                                # `downstream.py segment ...` = `--task segment`
+        argv = ["--task", argv.pop(0)] + argv
+    given = vars(build_parser(Config, "downstream.py", __doc__).parse_args(argv))
+    size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
+    if size is None:
+        raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
+    cfg = Config(**{**PRESETS[size], **given, "size": size})
+    if cfg.task not in TASKS:
+        raise SystemExit(f"--task {cfg.task!r}: expected one of {list(TASKS)}")
+    if cfg.uncertain not in ("ignore", "ones", "zeros"):
+        raise SystemExit(f"--uncertain {cfg.uncertain!r}: expected ignore, ones or zeros")
+    if cfg.arch not in ARCHS:
+        raise SystemExit(f"--arch {cfg.arch!r}: expected one of {list(ARCHS)}")
+    if cfg.task == "segment":
+        cfg.arch = "unet"
+    elif cfg.arch == "unet":
+        raise SystemExit(f"--arch unet: only for --task segment; expected tiny, densenet121 or resnet50")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metadata: labels, their values and abbreviations, demographic subgroups (DESIGN.md §4, chexgen Fig. 5)
+
+LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+          "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+          "Pneumothorax", "Support Devices"]
+ABBR = dict(zip(LABELS, ["Atl", "Crm", "Cns", "Edm", "Ecm", "Frc", "Lls", "Lop", "Nfd", "Ple", "Plo", "Pnm",
+                         "Ptx", "Sdv"]))                         # multicond Table 1's abbreviations, extended to 14
+AGE_BINS = [("19-40", 41.0), ("41-65", 66.0), ("66+", math.inf)]   # chexgen Fig. 5 (ages < 19 join the first bin)
+ATTRIBUTES = ("sex", "race", "age")
+
+
+def label_value(s, policy, where):
+    """A meta.csv label cell -> 1.0 / 0.0 / NaN (masked): '1' positive, '0' negative, '-1' uncertain, '' missing."""
+    s = (s or "").strip()
+    v = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": math.nan}.get(s)
+    if v is None:
+        raise SystemExit(f"{where}: label value {s!r}; expected 1, 0, -1 or empty")
+    if v == -1.0:                                                # CheXpert's U-Ignore / U-Ones / U-Zeros
+        return {"ignore": math.nan, "ones": 1.0, "zeros": 0.0}[policy]
+    return v
+
+
+def age_bin(s):
+    try:
+        a = float(s)
+    except (TypeError, ValueError):
+        return ""
+    return next(name for name, hi in AGE_BINS if a < hi) if a == a else ""
+
+
+def group_of(row, attrs):
+    """The subgroup of a row under attributes like ('sex', 'race'): 'F/BLACK'; '' when any value is missing."""
+    vals = [age_bin(row.get("age")) if a == "age" else (row.get(a) or "").strip() for a in attrs]
+    return "/".join(vals) if all(vals) else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: DenseNet-121 and ResNet-50 with torchvision's parameter names, a tiny CNN, a U-Net
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1 (4k channels) - BN-ReLU-Conv3x3 (k channels), concatenated to its input (DenseNet-BC)."""
+
+    def __init__(self, cin, growth, bn_size):
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(bn_size * growth), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))], 1)
+
+
+class DenseNet121(nn.Module):
+    """DenseNet-121 (Huang et al. 2017), torchvision layout: features.{conv0,norm0,denseblockN,transitionN,norm5},
+    classifier; growth 32, blocks (6, 12, 24, 16), 64 initial features, bottleneck 4 (multicond §4, chexgen)."""
+
+    def __init__(self, n_out, in_ch=1, growth=32, blocks=(6, 12, 24, 16), init=64, bn_size=4):
+        super().__init__()
+        f = nn.Sequential()
+        f.add_module("conv0", nn.Conv2d(in_ch, init, 7, stride=2, padding=3, bias=False))
+        f.add_module("norm0", nn.BatchNorm2d(init))
+        f.add_module("relu0", nn.ReLU(inplace=True))
+        f.add_module("pool0", nn.MaxPool2d(3, stride=2, padding=1))
+        c = init
+        for i, n in enumerate(blocks):
+            block = nn.Sequential()
+            for j in range(n):
+                block.add_module(f"denselayer{j + 1}", DenseLayer(c + j * growth, growth, bn_size))
+            f.add_module(f"denseblock{i + 1}", block)
+            c += n * growth
+            if i < len(blocks) - 1:
+                t = nn.Sequential()
+                t.add_module("norm", nn.BatchNorm2d(c))
+                t.add_module("relu", nn.ReLU(inplace=True))
+                t.add_module("conv", nn.Conv2d(c, c // 2, 1, bias=False))
+                t.add_module("pool", nn.AvgPool2d(2, stride=2))
+                f.add_module(f"transition{i + 1}", t)
+                c //= 2
+        f.add_module("norm5", nn.BatchNorm2d(c))
+        self.features, self.classifier = f, nn.Linear(c, n_out)
+        init_weights(self)
+
+    def forward(self, x):
+        return self.classifier(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1))
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 bottleneck, stride on the 3x3 convolution (torchvision's 'v1.5')."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, width * 4, 1, bias=False), nn.BatchNorm2d(width * 4)
+        self.downsample = None
+        if stride != 1 or cin != width * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(width * 4))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        return F.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 (He et al. 2016), torchvision layout: conv1, bn1, layer1..4 ([3, 4, 6, 3] bottlenecks), fc
+    (chexgenbench §2.4)."""
+
+    def __init__(self, n_out, in_ch=1, layers=(3, 4, 6, 3)):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_ch, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        c = 64
+        for i, n in enumerate(layers):
+            width, blocks = 64 * 2 ** i, []
+            for j in range(n):
+                blocks.append(Bottleneck(c, width, 2 if j == 0 and i > 0 else 1))
+                c = width * 4
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(c, n_out)
+        init_weights(self)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def conv_bn(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class TinyCNN(nn.Module):
+    """Three conv-BN-ReLU-pool stages and a head on [average, max] pooled features: for tests and the CPU demo
+    (max pooling keeps small findings such as a pneumothorax rim visible)."""
+
+    def __init__(self, n_out, in_ch=1, width=16):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(*conv_bn(in_ch, w), nn.MaxPool2d(2), *conv_bn(w, 2 * w), nn.MaxPool2d(2),
+                                      *conv_bn(2 * w, 4 * w), *conv_bn(4 * w, 4 * w))
+        self.classifier = nn.Linear(8 * w, n_out)
+        init_weights(self)
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.classifier(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015; chexgenbench §2.4, chexgen Methods): 4 levels of double conv-BN-ReLU,
+    max-pool down, transposed-conv up, skip concatenations; logits per mask."""
+
+    def __init__(self, n_out, in_ch=1, width=32, levels=4):
+        super().__init__()
+        ws = [width * 2 ** i for i in range(levels)]
+        self.down = nn.ModuleList(nn.Sequential(*conv_bn(c, w), *conv_bn(w, w)) for c, w in zip([in_ch] + ws, ws))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, stride=2) for w in ws[:0:-1])
+        self.dec = nn.ModuleList(nn.Sequential(*conv_bn(w, w // 2), *conv_bn(w // 2, w // 2)) for w in ws[:0:-1])
+        self.head = nn.Conv2d(width, n_out, 1)
+        init_weights(self)
+
+    def forward(self, x):
+        skips = []
+        for i, blk in enumerate(self.down):
+            x = blk(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for up, dec, skip in zip(self.up, self.dec, skips[-2::-1]):
+            x = dec(torch.cat([up(x), skip], 1))
+        return self.head(x)
+
+
+def init_weights(model):
+    """torchvision's initialisation: Kaiming-normal convolutions, BN weight 1 / bias 0, zero linear bias."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+ARCHS = {"tiny": TinyCNN, "densenet121": DenseNet121, "resnet50": ResNet50, "unet": UNet}
+HEADS = ("classifier.", "fc.", "head.")                           # replaced when the label set differs
+
+
+def build_model(cfg, n_out):
+    kw = {"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}
+    return ARCHS[cfg.arch](n_out, **kw)
+
+
+# Old torchvision DenseNet checkpoints (densenet121-a639ec97.pth) spell 'norm.1' for 'norm1' (torchvision's remap).
+LEGACY_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def load_imagenet(model, path):
+    """A torchvision ImageNet state_dict (.pth read with weights_only=True, or .safetensors) into `model`: legacy
+    DenseNet keys remapped, the first convolution summed over RGB (a grey image replicated on 3 channels gives
+    the same response), the 1000-class head dropped."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--init imagenet:{path}: no such file; expected torchvision's ImageNet weights, e.g. "
+                         f"https://download.pytorch.org/models/densenet121-a639ec97.pth or resnet50-0676ba61.pth")
+    sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    sd = {LEGACY_DENSE.sub(r"\1\2", k): v for k, v in sd.items()}
+    own = model.state_dict()
+    for k in ("features.conv0.weight", "conv1.weight"):
+        if k in sd and k in own and sd[k].shape[1] == 3 and own[k].shape[1] == 1:
+            sd[k] = sd[k].sum(1, keepdim=True)
+    sd = {k: v for k, v in sd.items() if not k.startswith(HEADS)}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(HEADS) and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise SystemExit(f"{path}: not a torchvision {type(model).__name__} state_dict (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+
+
+def load_init(model, init):
+    """--init: imagenet:FILE, or a run folder / checkpoint of this script (the head is kept when it fits)."""
+    if not init:
+        return
+    if init.startswith("imagenet:"):
+        return load_imagenet(model, init[len("imagenet:"):])
+    _, parts, path = read_checkpoint(init, prefixes=("model.",))
+    sd, own = parts["model."], model.state_dict()
+    bad = [k for k in sd if k in own and sd[k].shape != own[k].shape and not k.startswith(HEADS)]
+    if bad or set(own) - set(sd):
+        raise SystemExit(f"{path}: weights of another network (e.g. {(bad or sorted(set(own) - set(sd)))[:2]}); "
+                         f"expected a checkpoint of --arch {type(model).__name__}")
+    model.load_state_dict({k: v for k, v in sd.items() if own[k].shape == v.shape}, strict=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Method: losses, AUROC with bootstrap CIs, thresholds and F1, Dice, subgroup metrics
+
+
+def masked_bce(logits, target):
+    """Binary cross-entropy over the known labels only: NaN targets (missing, ignored uncertain) add nothing."""
+    known = ~torch.isnan(target)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target.nan_to_num(0.0), reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def seg_loss(logits, target):
+    """BCE + soft Dice (over the batch), the usual pair for thin, rare foreground."""
+    p = torch.sigmoid(logits.float())
+    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    return F.binary_cross_entropy_with_logits(logits.float(), target) + dice
+
+
+def weighted_auroc(y, s, w):
+    """AUROC of scores s for binary y under row weights w [B, N] (bootstrap counts; ones: the plain AUROC).
+    AUC = P(s_pos > s_neg) + P(s_pos = s_neg) / 2, the Mann-Whitney statistic, ties grouped exactly."""
+    y = np.asarray(y, bool)
+    _, inv = np.unique(np.asarray(s, np.float64), return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0])
+    w = np.atleast_2d(w)[:, order]
+    pos = np.add.reduceat(w * y[order], starts, axis=1)          # weight of positives per distinct score
+    neg = np.add.reduceat(w * ~y[order], starts, axis=1)
+    below = np.cumsum(neg, 1) - neg
+    denom = pos.sum(1) * neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (pos * (below + 0.5 * neg)).sum(1) / denom, np.nan)
+
+
+def auroc(y, s):
+    return float(weighted_auroc(y, s, np.ones(len(y)))[0])
+
+
+def bootstrap_counts(n, n_boot, seed):
+    """Row multiplicities of n_boot resamples with replacement: rows rng.integers(0, n, (n_boot, n)) with
+    rng = np.random.default_rng(seed) (documented, so a reference can redraw the same resamples)."""
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    return np.stack([np.bincount(r, minlength=n) for r in idx]).astype(np.float64)
+
+
+def auroc_table(y, s, n_boot=1000, seed=0):
+    """Per-label and macro AUROC with 95% percentile-bootstrap CIs. y [N, L] with NaN unknown, s [N, L]. The
+    same resampled rows serve every label, so the macro CI is the spread of the macro over resamples."""
+    counts = bootstrap_counts(len(y), n_boot, seed) if n_boot else np.zeros((0, len(y)))
+    point, boots = [], []
+    for j in range(y.shape[1]):
+        k = ~np.isnan(y[:, j])
+        point.append(auroc(y[k, j], s[k, j]) if k.any() else math.nan)
+        boots.append(weighted_auroc(y[k, j], s[k, j], counts[:, k]) if k.any() and n_boot else np.full(n_boot, np.nan))
+    point, boots = np.array(point), np.stack(boots, 1)           # [L], [B, L]
+    with np.errstate(invalid="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+        macro_b = np.nanmean(np.where(np.isnan(point), np.nan, boots), 1)
+        ci = lambda v: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] if np.isfinite(v).any() else [None, None]
+        out = {"auroc": [None if math.isnan(p) else p for p in point],
+               "auroc_ci": [ci(boots[:, j]) for j in range(len(point))],
+               "macro": float(np.nanmean(point)) if np.isfinite(point).any() else None, "macro_ci": ci(macro_b)}
+    return out
+
+
+def best_thresholds(y, s):
+    """Per label, the score threshold that maximises F1 on validation (predict positive when s >= t)."""
+    ts = []
+    for j in range(y.shape[1]):
+        k = ~np.isnan(y[:, j])
+        yy, ss = y[k, j] == 1, s[k, j]
+        if not yy.any() or yy.all():
+            ts.append(0.5)
+            continue
+        order = np.argsort(-ss, kind="stable")
+        tp, ss_sorted = np.cumsum(yy[order]), ss[order]
+        last = np.r_[ss_sorted[1:] != ss_sorted[:-1], True]      # threshold = each distinct score
+        f1 = 2 * tp / (np.arange(1, len(ss) + 1) + yy.sum())
+        ts.append(float(ss_sorted[last][np.argmax(f1[last])]))
+    return np.array(ts)
+
+
+def threshold_metrics(y, s, t):
+    """Accuracy and F1 per label at thresholds t; macro F1 and support-weighted F1 (chexgen's fairness metric)."""
+    acc, f1, support = [], [], []
+    for j in range(y.shape[1]):
+        k = ~np.isnan(y[:, j])
+        yy, pp = y[k, j] == 1, s[k, j] >= t[j]
+        tp = (yy & pp).sum()
+        acc.append(float((yy == pp).mean()) if k.any() else math.nan)
+        f1.append(float(2 * tp / (yy.sum() + pp.sum())) if yy.sum() + pp.sum() else math.nan)
+        support.append(int(yy.sum()))
+    f1a, sup = np.array(f1), np.array(support, float)
+    ok = ~np.isnan(f1a) & (sup > 0)
+    return {"accuracy": acc, "f1": f1, "macro_f1": float(np.nanmean(f1a)) if ok.any() else None,
+            "weighted_f1": float((f1a[ok] * sup[ok]).sum() / sup[ok].sum()) if ok.any() else None}
+
+
+def dice_scores(pred, target):
+    """Per-image Dice of binary masks [N, H, W]; 1 when both are empty (the SIIM-ACR convention)."""
+    p, g = pred.reshape(len(pred), -1).astype(bool), target.reshape(len(target), -1).astype(bool)
+    inter, tot = (p & g).sum(1), p.sum(1) + g.sum(1)
+    return np.where(tot > 0, 2 * inter / np.maximum(tot, 1), 1.0)
+
+
+def dice_summary(pred, target):
+    """Dice over all images, positive Dice (images with foreground) and negative Dice (images without: 1 when
+    nothing is predicted), as chexgen reports for pneumothorax (Fig. 3d, Methods)."""
+    d, has = dice_scores(pred, target), target.reshape(len(target), -1).any(1)
+    mean = lambda v: float(v.mean()) if len(v) else None
+    return {"dice": mean(d), "positive_dice": mean(d[has]), "negative_dice": mean(d[~has]),
+            "n_positive": int(has.sum()), "n_negative": int((~has).sum())}
+
+
+def subgroup_metrics(rows, y, s, t, min_group):
+    """Macro AUROC and weighted F1 per subgroup of sex, race, age bins and their intersections (chexgen Fig. 5c)."""
+    families = {"sex": ("sex",), "race": ("race",), "age": ("age",), "sex x race": ("sex", "race"),
+                "sex x age": ("sex", "age"), "race x age": ("race", "age"), "sex x race x age": ATTRIBUTES}
+    out = {}
+    for fam, attrs in families.items():
+        groups = {}
+        for i, r in enumerate(rows):
+            g = group_of(r, attrs)
+            if g:
+                groups.setdefault(g, []).append(i)
+        out[fam] = {}
+        for g, idx in sorted(groups.items()):
+            idx = np.array(idx)
+            a = auroc_table(y[idx], s[idx], n_boot=0)["macro"]
+            out[fam][g] = {"n": len(idx), "auroc": a, "f1": threshold_metrics(y[idx], s[idx], t)["weighted_f1"],
+                           "ranked": len(idx) >= min_group}
+    return out
+
+
+def worst_and_gap(groups, metric):
+    """Worst subgroup and best-minus-worst gap over the ranked groups with a defined metric."""
+    vals = {g: v[metric] for g, v in groups.items() if v["ranked"] and v[metric] is not None}
+    if len(vals) < 2:
+        return {"worst": None, "worst_value": None, "best": None, "gap": None}
+    worst, best = min(vals, key=vals.get), max(vals, key=vals.get)
+    return {"worst": worst, "worst_value": vals[worst], "best": best, "gap": vals[best] - vals[worst]}
+
+
+def pearson(a, b):
+    """Pearson r and its two-sided p-value (scipy, as chexgen's statistical analysis); None below 3 pairs."""
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return {"r": None, "p": None, "n": len(a)}
+    from scipy.stats import pearsonr
+    r = pearsonr(a, b)
+    return {"r": float(r.statistic), "p": float(r.pvalue), "n": len(a)}
+
+
+def roc_points(y, s):
+    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1)."""
+    order = np.argsort(-s, kind="stable")
+    yy, ss = y[order] == 1, s[order]
+    last = np.r_[ss[1:] != ss[:-1], True]
+    tp, fp = np.cumsum(yy)[last], np.cumsum(~yy)[last]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: dataset folders (DESIGN.md §4) and sampler folders (PNG + meta.csv); specs; batches; augmentation
+
+
+def generator(*keys, device="cpu"):
+    """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_png(path, size):
+    """A greyscale PNG (8- or 16-bit) -> float32 [1, size, size] in [0, 1]; centre-padded to square first."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such image; expected one PNG per meta.csv row named <id>.png")
+    with Image.open(path) as im:
+        wide, a = im.mode.startswith("I"), np.asarray(im)          # I;16 / I: 16-bit greyscale
+    if a.ndim == 3:
+        a = a[..., :3].mean(-1)
+    a = a.astype(np.float32) / (65535.0 if wide else 255.0)
+    h, w = a.shape
+    if h != w:                                                   # aspect-preserving, as DESIGN.md §4
+        s = max(h, w)
+        a = np.pad(a, (((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)))
+    x = torch.from_numpy(np.ascontiguousarray(a))[None, None]
+    return (F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+            if size and x.shape[-1] != size else x[0])
+
+
+class Source:
+    """One `name=folder[:split]` source: its meta rows in memory, pixels (and masks) in memory or read per batch."""
+
+    def __init__(self, spec, cfg, default_split=""):
+        name, eq, rest = spec.strip().partition("=")
+        if not eq:
+            name, rest = "", spec.strip()
+        folder, split = rest, default_split
+        if ":" in rest and rest.rsplit(":", 1)[1] in ("train", "val", "test", "all"):
+            folder, split = rest.rsplit(":", 1)
+        self.folder, self.split = folder.rstrip("/"), "" if split == "all" else split
+        self.name = name.strip() or os.path.basename(self.folder) or self.folder
+        self.synthetic = self.name.lower().startswith("syn")
+        meta = os.path.join(self.folder, "meta.csv")
+        if not os.path.isfile(meta):
+            raise SystemExit(f"{meta}: no such file; expected a dataset folder (prep_data.py) or a folder of "
+                             f"generated images with a meta.csv (id, labels, sex, age, race, view)")
+        with open(meta, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "id" not in rows[0]:
+            raise SystemExit(f"{meta}: {'no rows' if not rows else 'no id column'}; expected one row per image")
+        self.columns = set(rows[0])
+        self.kind = "dataset" if os.path.isdir(os.path.join(self.folder, "shards")) else "png"
+        if self.split and "split" in self.columns:
+            rows = [r for r in rows if r["split"] == self.split]
+        views = [v.strip().upper() for v in cfg.views.split(",") if v.strip()]
+        if views:
+            rows = [r for r in rows if (r.get("view") or "").upper() in views]
+        self.rows = rows
+        self.masks = None
+        if self.kind == "dataset":
+            self.info = read_json(os.path.join(self.folder, "info.json"), "the dataset's info.json")
+            self.size = int(self.info["size"])
+        else:
+            self.info, self.size = {}, 0
+        self.cache_gb, self._pix = cfg.cache_gb, None
+        self._open = lru_cache(maxsize=16)(lambda p: safe_open(p, "pt"))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def describe(self):
+        return f"{self.name}={self.folder}" + (f":{self.split}" if self.split else "")
+
+    def subset(self, idx):
+        new = copy.copy(self)
+        new.rows = [self.rows[int(i)] for i in idx]
+        new._pix = self._pix[torch.as_tensor(np.asarray(idx, np.int64))] if self._pix is not None else None
+        new.masks = self.masks[torch.as_tensor(np.asarray(idx, np.int64))] if self.masks is not None else None
+        return new
+
+    def _shard(self, shard):
+        path = os.path.join(self.folder, "shards", f"{int(shard):05d}.safetensors")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such shard")
+        return self._open(path)
+
+    def _read(self, key, idx, channel=None):
+        """Rows idx of a shard tensor (`images` or one channel of `masks`), grouped by shard."""
+        out = [None] * len(idx)
+        for i, r in zip(range(len(idx)), (self.rows[int(j)] for j in idx)):
+            sl = self._shard(r["shard"]).get_slice(key)
+            k = int(r["index"])
+            out[i] = sl[k:k + 1] if channel is None else sl[k:k + 1, channel:channel + 1]
+        return torch.cat(out)
+
+    def preload(self, size):
+        """Hold all pixels in memory (uint16 for datasets, float for PNGs) when they fit in --cache-gb."""
+        if self._pix is not None or not self.rows:
+            return
+        n = len(self.rows)
+        if self.kind == "png":
+            self.size = self.size or size
+            if n * self.size ** 2 * 4 > self.cache_gb * 2**30:
+                return
+            self._pix = torch.stack([read_png(os.path.join(self.folder, f"{r['id']}.png"), self.size) for r in self.rows])
+        elif n * self.size ** 2 * 2 <= self.cache_gb * 2**30:
+            by_shard, pix = {}, torch.zeros((n, 1, self.size, self.size), dtype=torch.int32)
+            for i, r in enumerate(self.rows):
+                by_shard.setdefault(int(r["shard"]), []).append((i, int(r["index"])))
+            for shard, items in by_shard.items():
+                arr = self._shard(shard).get_tensor("images")
+                dst, src = zip(*items)
+                pix[list(dst)] = arr[list(src)].to(torch.int32)
+            self._pix = pix
+
+    def images(self, idx):
+        """Rows idx -> float32 [n, 1, S, S] in [0, 1] at the source's own size."""
+        if self._pix is not None:
+            x = self._pix[torch.as_tensor(np.asarray(idx, np.int64))]
+        elif self.kind == "png":
+            x = torch.stack([read_png(os.path.join(self.folder, f"{self.rows[int(i)]['id']}.png"), self.size) for i in idx])
+        else:
+            x = self._read("images", idx).to(torch.int32)
+        return x.float() / 65535.0 if x.dtype == torch.int32 else x
+
+    def load_masks(self, mask_name):
+        """All rows' masks for one name -> uint8 [n, 1, S, S] (held in memory: one bit of information a pixel)."""
+        if self.kind == "dataset":
+            names = self.info.get("mask_names") or []
+            if mask_name not in names:
+                raise SystemExit(f"{self.folder}/info.json: no mask {mask_name!r}; mask_names are {names}")
+            self.masks = self._read("masks", range(len(self.rows)), names.index(mask_name)).to(torch.uint8)
+        else:
+            self.masks = torch.stack([(read_png(os.path.join(self.folder, f"{r['id']}_mask.png"), self.size) > 0)
+                                      .to(torch.uint8) for r in self.rows])
+
+    def targets(self, labels, policy):
+        """[n, L] float targets with NaN for unknown; a clear error when the folder lacks a requested label."""
+        absent = [lab for lab in labels if lab not in self.columns]
+        if absent:
+            raise SystemExit(f"{self.folder}/meta.csv: no column(s) {absent}; the requested labels must be in "
+                             f"every training and test set (choose others with --labels)")
+        y = np.array([[label_value(r.get(lab), policy, f"{self.folder}/meta.csv row {r['id']} {lab}") for lab in labels]
+                      for r in self.rows], np.float64).reshape(len(self.rows), len(labels))
+        return y
+
+
+def parse_sources(text, cfg, default_split="", what="--train"):
+    srcs = [Source(s, cfg, default_split) for s in text.split(",") if s.strip()]
+    if not srcs:
+        raise SystemExit(f"{what} {text!r}: expected name=folder[:split] entries")
+    for s in srcs:
+        if not len(s):
+            raise SystemExit(f"{s.describe()}: no rows (check the split and --views)")
+    return srcs
+
+
+class Pool:
+    """Sources resized to one side, with targets: what training and evaluation draw from."""
+
+    def __init__(self, sources, cfg, labels, size, masks=False):
+        self.sources, self.size, self.labels = sources, size, labels
+        self.y = np.concatenate([s.targets(labels, cfg.uncertain) for s in sources]) if labels else None
+        for s in sources:                                        # labels checked first: bad input fails fast
+            s.preload(size)
+            if masks and s.masks is None:
+                s.load_masks(cfg.mask)
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+        self.rows = [r for s in sources for r in s.rows]
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def fetch(self, idx, masks=False):
+        """Global rows idx -> images [n, 1, S, S] in [0, 1] (and masks), every source resized to `size`."""
+        idx = np.asarray(idx, np.int64)
+        xs, ms, order = [], [], []
+        for k, s in enumerate(self.sources):
+            sel = np.flatnonzero((idx >= self.offsets[k]) & (idx < self.offsets[k + 1]))
+            if not len(sel):
+                continue
+            local = idx[sel] - self.offsets[k]
+            x = s.images(local)
+            if x.shape[-1] != self.size:
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            xs.append(x)
+            if masks:
+                m = s.masks[torch.as_tensor(local)].float()
+                ms.append(F.interpolate(m, size=(self.size, self.size), mode="nearest") if m.shape[-1] != self.size else m)
+            order.append(sel)
+        inv = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
+        x = torch.cat(xs)[inv]
+        return (x, torch.cat(ms)[inv]) if masks else x
+
+
+@lru_cache(maxsize=16)
+def permutation(n, seed, epoch):
+    return torch.randperm(n, generator=generator(seed, 1, epoch))
+
+
+def stream_rows(step, n, count, seed, weights=None):
+    """`count` rows of step `step` from an endless stream over n rows: seeded permutations epoch after epoch
+    (a resumed run continues from the same sample), or weighted draws with replacement."""
+    if weights is not None:
+        return torch.multinomial(weights, count, replacement=True, generator=generator(seed, 4, step))
+    pos = torch.arange(step * count, (step + 1) * count)
+    return torch.stack([permutation(n, seed, int(e))[o] for e, o in zip(pos // n, pos % n)])
+
+
+class TrainStream:
+    """Global batches over a Pool: one stream over all rows, or one per source with --mix shares per batch."""
+
+    def __init__(self, pool, cfg, seed):
+        self.pool, self.seed, self.B = pool, seed, cfg.batch_size
+        sizes = [len(s) for s in pool.sources]
+        if cfg.mix:
+            try:
+                w = [float(v) for v in cfg.mix.split(":")]
+            except ValueError:
+                w = []
+            if len(w) != len(sizes) or min(w) < 0 or sum(w) <= 0:
+                raise SystemExit(f"--mix {cfg.mix!r}: expected {len(sizes)} non-negative shares like 1:1 for sources "
+                                 f"{[s.name for s in pool.sources]}")
+            raw = np.array(w) / sum(w) * self.B                  # largest remainder: counts sum to the batch
+            counts = np.floor(raw).astype(int)
+            counts[np.argsort(-(raw - counts))[: self.B - counts.sum()]] += 1
+            self.parts = [(int(pool.offsets[k]), sizes[k], int(c)) for k, c in enumerate(counts) if c > 0]
+        else:
+            self.parts = [(0, len(pool), self.B)]
+        self.weights = None
+        if cfg.weighted_sampling and pool.y is not None:         # chexgen Methods: every class equally represented
+            pos = np.nan_to_num(pool.y) == 1
+            n_pos, none = pos.sum(0), ~pos.any(1)
+            w = np.where(none, 1.0 / max(none.sum(), 1), 0.0)
+            w = np.maximum(w, np.max(np.where(pos, 1.0 / np.maximum(n_pos, 1), 0.0), 1))
+            self.weights = torch.as_tensor(w, dtype=torch.float64)
+
+    def rows(self, step):
+        out = []
+        for k, (off, n, c) in enumerate(self.parts):
+            w = self.weights[off:off + n] if self.weights is not None else None
+            out.append(stream_rows(step, n, c, self.seed * 1000 + k, w) + off)
+        return torch.cat(out)
+
+
+def augment(x, g, cfg, m=None):
+    """Random rotation (+-cfg.rotate degrees, also applied to masks), optional flip, brightness / contrast /
+    gamma jitter; all draws from generator g, so a step's augmentation is a function of (seed, step)."""
+    B = x.shape[0]
+    ang = (torch.rand(B, generator=g) * 2 - 1) * math.radians(cfg.rotate)
+    flip = torch.where(torch.rand(B, generator=g) < cfg.flip, -1.0, 1.0)
+    a = cfg.intensity
+    bright, contrast, gamma = [(torch.rand(B, generator=g) * 2 - 1) * a for _ in range(3)]
+    if cfg.rotate or cfg.flip:
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        theta = torch.stack([torch.stack([cos * flip, -sin, torch.zeros(B)], 1),
+                             torch.stack([sin * flip, cos, torch.zeros(B)], 1)], 1)
+        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if m is not None:
+            m = F.grid_sample(m, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if a:
+        v = lambda t: t.view(B, 1, 1, 1).to(x.device)
+        x = x.clamp(0, 1) ** torch.exp(v(gamma))
+        x = ((x - 0.5) * (1 + v(contrast)) + 0.5 + v(bright)).clamp(0, 1)
+    return x, m
+
+
+def normalize(x):
+    """[0, 1] grey -> ImageNet statistics averaged over RGB (matching the summed first convolution)."""
+    return (x - 0.449) / 0.226
+
+
+def atomic_save(path, save_fn):
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def fn(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_save(path, fn)
+
+
+def write_text(path, text):
+    def fn(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_save(path, fn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: DDP, bf16 autocast, grad accumulation, clipping, atomic checkpoints, resume, early stopping
+
+
+def setup_distributed(device_flag):
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def save_checkpoint(path, raw, opt, cfg, step, state):
+    """model.* (+ optim.*) tensors and config / step / early-stopping state as metadata, written atomically."""
+    tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
+    groups = []
+    if opt is not None:
+        osd = opt.state_dict()
+        groups = osd["param_groups"]
+        for i, st in osd["state"].items():
+            tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "state": json.dumps(state),
+            "param_groups": json.dumps(groups), "format": "downstream/1"}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_checkpoint(path, prefixes=("model.", "optim.")):
+    """-> (metadata, {prefix: {name: tensor}}, path); a run folder means RUN/best.safetensors, else ckpt."""
+    if os.path.isdir(path):
+        path = next((os.path.join(path, f) for f in ("best.safetensors", "ckpt.safetensors")
+                     if os.path.isfile(os.path.join(path, f))), os.path.join(path, "best.safetensors"))
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file of downstream.py")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "downstream/1":
+            raise SystemExit(f"{path}: not a downstream.py checkpoint (metadata format {meta.get('format')!r})")
+        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    meta = {"config": json.loads(meta["config"]), "step": int(meta["step"]), "state": json.loads(meta["state"]),
+            "param_groups": json.loads(meta["param_groups"])}
+    return meta, parts, path
+
+
+def load_optimizer(opt, optim, groups):
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def lr_at(cfg, step, base):
+    return base * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps)) if cfg.schedule == "cosine" else base
+
+
+@torch.no_grad()
+def predict(model, pool, cfg, device, masks=False, batch=128):
+    """Sigmoid outputs over a pool, in order, without augmentation (eval-mode BatchNorm)."""
+    was = model.training
+    model.eval()
+    outs = []
+    for i in range(0, len(pool), batch):
+        x = pool.fetch(range(i, min(i + batch, len(pool))))
+        with autocast(device):
+            outs.append(torch.sigmoid(model(normalize(x.to(device))).float()).cpu())
+    model.train(was)
+    return torch.cat(outs).numpy().astype(np.float64)
+
+
+def val_score(model, pool, cfg, device):
+    """Early-stopping score: macro AUROC (classification) or mean Dice (segmentation) on validation."""
+    p = predict(model, pool, cfg, device)
+    if cfg.task == "segment":
+        return dice_summary(p[:, 0] > 0.5, np.concatenate([s.masks.numpy()[:, 0] for s in pool.sources]))["dice"]
+    return auroc_table(pool.y, p, n_boot=0)["macro"] or 0.0
+
+
+def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None):
+    """Train one model on a Pool; returns the raw module holding the best validation weights. Resumes from
+    RUN/ckpt.safetensors; a finished run (step = max_steps or early-stopped) is loaded, not retrained."""
+    rank, world, device = setup_distributed(cfg.device)
+    cfg = Config(**{**asdict(cfg), "max_steps": max_steps or cfg.max_steps, "lr": lr or cfg.lr, "seed": seed,
+                    "init": init})
+    ckpt_path, best_path = os.path.join(run_dir, "ckpt.safetensors"), os.path.join(run_dir, "best.safetensors")
+    micro = cfg.micro_batch or cfg.batch_size // world
+    assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
+    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+
+    torch.manual_seed(seed)                                      # the same initial weights on every rank
+    raw = build_model(cfg, n_out)
+    load_init(raw, init)
+    raw = raw.to(device)
+    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)   # chexgen Methods
+    step, state = 0, {"best": None, "best_step": 0, "bad": 0, "stopped": False}
+    if cfg.resume and os.path.isfile(ckpt_path):
+        meta, parts, _ = read_checkpoint(ckpt_path)
+        raw.load_state_dict(parts["model."])
+        load_optimizer(opt, parts["optim."], meta["param_groups"])
+        step, state = meta["step"], meta["state"]
+    if step >= cfg.max_steps or state["stopped"]:
+        if os.path.isfile(best_path):
+            raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
+        if rank == 0:
+            print(f"{run_dir}: finished at step {step}; loaded {'best' if os.path.isfile(best_path) else 'last'} weights")
+        return raw
+    model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    n_params = sum(p.numel() for p in raw.parameters())
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
+        write_json(os.path.join(run_dir, "config.json"), asdict(cfg))
+        write_json(os.path.join(run_dir, "env.json"), env)
+        print(f"{run_dir}: {cfg.arch} {n_params / 1e6:.2f}M parameters, {len(pool)} training images "
+              f"({', '.join(f'{s.name} {len(s)}' for s in pool.sources)}), {len(val)} validation, {world} process(es) "
+              f"x {accum} micro-batch(es) of {micro}" + (f", resuming at step {step}" if step else ""), flush=True)
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
+    stream = TrainStream(pool, cfg, seed)
+    lo = rank * per_rank
+    seg = cfg.task == "segment"
+    acc = torch.zeros(3, device=device)                          # loss sum, count, grad-norm sum
+    bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
+    t_log, t_start, step0 = time.time(), time.time(), step
+    while step < cfg.max_steps:
+        rows = stream.rows(step)[lo:lo + per_rank]
+        g = generator(seed, 2, step)
+        if seg:
+            x, m = pool.fetch(rows.numpy(), masks=True)
+            x, m = augment(x, g, cfg, m)
+            target = m
+        else:
+            x, _ = augment(pool.fetch(rows.numpy()), g, cfg)
+            target = torch.as_tensor(pool.y[rows.numpy()], dtype=torch.float32)
+        x, target = normalize(x).to(device), target.to(device)
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(cfg, step, cfg.lr)
+        for k in range(accum):
+            sl = slice(k * micro, (k + 1) * micro)
+            sync = nullcontext() if world == 1 or k == accum - 1 else model.no_sync()
+            with sync:
+                with autocast(device):
+                    out = model(x[sl])
+                loss = seg_loss(out, target[sl]) if seg else masked_bce(out, target[sl])
+                (loss / accum).backward()
+            acc[0] += loss.detach()
+            acc[1] += 1
+            bad = torch.where((bad < 0) & ~loss.detach().isfinite(), step + 1, bad)
+        acc[2] += nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        eval_now = step % cfg.eval_every == 0 or step == cfg.max_steps
+        log_now = step % cfg.log_every == 0 or eval_now
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(stop)), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            if flags[0] >= 0:
+                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
+                                 f"{ckpt_path} is intact")
+            ckpt_now |= bool(flags[1])
+        rec = None
+        if log_now:
+            if world > 1:
+                dist.all_reduce(acc)
+            a, dt = acc.tolist(), time.time() - t_log
+            rec = {"step": step, "loss": a[0] / max(a[1], 1), "grad_norm": a[2] / max(a[1] / accum, 1),
+                   "lr": opt.param_groups[0]["lr"], "img_s": (a[1] / accum) / world * cfg.batch_size / dt,
+                   "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
+            acc.zero_()
+            t_log = time.time()
+        if eval_now:                                             # early stopping on validation (rank 0 decides)
+            score = torch.zeros(2, device=device)
+            if rank == 0:
+                v = val_score(raw, val, cfg, device)
+                if state["best"] is None or v > state["best"]:
+                    state.update(best=v, best_step=step, bad=0)
+                    save_checkpoint(best_path, raw, None, cfg, step, state)
+                else:
+                    state["bad"] += 1
+                score[0], score[1] = v, float(cfg.patience and state["bad"] >= cfg.patience)
+            if world > 1:
+                dist.broadcast(score, 0)
+            state["stopped"] = bool(score[1])
+            rec["val"] = float(score[0])
+            ckpt_now |= state["stopped"]
+        if rec and rank == 0:
+            print(f"step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} | gnorm {rec['grad_norm']:.3f} | lr "
+                  f"{rec['lr']:.1e} | {rec['img_s']:.1f} img/s" + (f" | mem {rec['mem_gb']:.1f} GB" if rec["mem_gb"] else "")
+                  + (f" | val {'Dice' if seg else 'macro AUROC'} {rec['val']:.4f}" if "val" in rec else "")
+                  + f" | eta {rec['eta_s'] / 60:.1f} min", flush=True)
+            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if ckpt_now and rank == 0:
+            save_checkpoint(ckpt_path, raw, opt, cfg, step, state)
+        if stop or state["stopped"]:
+            break
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        why = "stopped by SIGTERM" if stop else f"early-stopped (best step {state['best_step']})" if state["stopped"] else "done"
+        print(f"{run_dir}: {why} at step {step}; best validation {state['best']}", flush=True)
+    if stop:
+        raise SystemExit(f"SIGTERM: checkpoint {ckpt_path} saved at step {step}; rerun the command to resume")
+    if os.path.isfile(best_path):
+        raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks: classify, pretrain-finetune, fairness, segment (evaluation, tables, ROC plot)
+
+
+def resolve_labels(cfg):
+    if not cfg.labels.strip():
+        return list(LABELS)
+    by_lower = {lab.lower(): lab for lab in LABELS}
+    out = []
+    for name in (n.strip() for n in cfg.labels.split(",") if n.strip()):
+        if name.lower() not in by_lower:
+            raise SystemExit(f"--labels: {name!r} is not a CheXpert label; expected some of {LABELS}")
+        out.append(by_lower[name.lower()])
+    return out
+
+
+def experiments(cfg):
+    """--train -> [(row name, [Source])]: ';' separates experiments, ',' the sources of one."""
+    exps = []
+    for text in (t for t in cfg.train.split(";") if t.strip()):
+        srcs = parse_sources(text, cfg)
+        real = sum(len(s) for s in srcs if not s.synthetic)
+        if cfg.syn_ratio > 0:
+            if not real:
+                raise SystemExit(f"--syn-ratio {cfg.syn_ratio}: experiment {text.strip()!r} has no real source")
+            for k, s in enumerate(srcs):
+                want = round(cfg.syn_ratio * real)
+                if s.synthetic:
+                    if want > len(s):
+                        raise SystemExit(f"{s.describe()}: {len(s)} images; --syn-ratio {cfg.syn_ratio} needs {want}")
+                    srcs[k] = s.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(s))[:want]))
+        exps.append(("+".join(s.name for s in srcs), srcs))
+    if not exps:
+        raise SystemExit(f"--train {cfg.train!r}: expected at least one name=folder[:split] source")
+    return exps
+
+
+def validation(cfg, srcs):
+    """--val, or the first dataset source's val split, or 10% of the first source's rows held out (seeded)."""
+    if cfg.val:
+        return parse_sources(cfg.val, cfg, "val", "--val"), srcs
+    first = srcs[0]
+    if first.kind == "dataset" and first.split == "train":
+        v = Source(f"val={first.folder}:val", cfg)
+        if len(v):
+            return [v], srcs
+    perm = np.random.default_rng(cfg.seed).permutation(len(first))
+    k = max(1, len(first) // 10)
+    return [first.subset(np.sort(perm[:k]))], [first.subset(np.sort(perm[k:]))] + srcs[1:]
+
+
+def test_sets(cfg, srcs, text=None):
+    text = cfg.test if text is None else text
+    if text:
+        return parse_sources(text, cfg, "test", "--test")
+    ds = next((s for s in srcs if s.kind == "dataset"), None)
+    if ds is None:
+        raise SystemExit("--test: no default (no training source is a dataset folder); give name=folder[:split]")
+    return [Source(f"{os.path.basename(ds.folder)}={ds.folder}:test", cfg)]
+
+
+def evaluate_classifier(model, pools, val_pool, cfg, device, labels):
+    """Per test set: AUROC table with CIs, accuracy / F1 at validation thresholds; predictions kept for plots."""
+    t = best_thresholds(val_pool.y, predict(model, val_pool, cfg, device))
+    res = {}
+    for name, pool in pools.items():
+        p = predict(model, pool, cfg, device)
+        r = auroc_table(pool.y, p, cfg.n_boot, cfg.seed)
+        r.update(threshold_metrics(pool.y, p, t), thresholds=t.tolist(), n=len(pool),
+                 positives=[int(np.nansum(pool.y[:, j] == 1)) for j in range(len(labels))])
+        res[name] = r
+        res[name]["_scores"] = p
+    return res
+
+
+def mean_std(values):
+    v = np.array([x for x in values if x is not None], float)
+    return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (None, None)
+
+
+def fmt(v, nd=3):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def summarize(runs, labels):
+    """Runs of one experiment on one test set -> per-label and macro mean / std (and the CI of one run)."""
+    per = [mean_std([r["auroc"][j] for r in runs]) for j in range(len(labels))]
+    macro = mean_std([r["macro"] for r in runs])
+    return {"auroc_mean": [m for m, _ in per], "auroc_std": [s for _, s in per], "macro_mean": macro[0],
+            "macro_std": macro[1], "macro_ci": runs[0]["macro_ci"] if len(runs) == 1 else None,
+            "macro_f1_mean": mean_std([r["macro_f1"] for r in runs])[0],
+            "accuracy_mean": mean_std([float(np.nanmean(np.array(r["accuracy"], float))) for r in runs])[0]}
+
+
+def classify_tables(results, labels, test_names, n_runs):
+    """Markdown in the papers' layout: per test set, rows = training data, columns = labels + Avg (multicond
+    Table 1, chexgenbench Table 4); then Avg per test set with the difference to the first row (multicond Table 3)."""
+    out = []
+    for t in test_names:
+        out.append(f"\nAUROC on {t}" + (f" (mean +- std over {n_runs} runs)" if n_runs > 1 else " (Avg with 95% bootstrap CI)")
+                   + "\n\n| Training data | " + " | ".join(ABBR[lab] for lab in labels) + " | Avg | F1 | Acc |")
+        out.append("|---" * (len(labels) + 4) + "|")
+        for row, res in results.items():
+            s = res["summary"][t]
+            avg = fmt(s["macro_mean"]) + (f" +- {fmt(s['macro_std'])}" if n_runs > 1 else
+                                          f" [{fmt(s['macro_ci'][0])}, {fmt(s['macro_ci'][1])}]" if s["macro_ci"] else "")
+            out.append(f"| {row} | " + " | ".join(fmt(v) for v in s["auroc_mean"]) + f" | {avg} | "
+                       f"{fmt(s['macro_f1_mean'])} | {fmt(s['accuracy_mean'])} |")
+    if len(results) > 1 or len(test_names) > 1:
+        out.append("\nAverage AUROC by test set (difference to the first row)\n\n| Data | " + " | ".join(test_names) + " |")
+        out.append("|---" * (len(test_names) + 1) + "|")
+        base = next(iter(results.values()))["summary"]
+        for k, (row, res) in enumerate(results.items()):
+            cells = []
+            for t in test_names:
+                m, b = res["summary"][t]["macro_mean"], base[t]["macro_mean"]
+                cells.append(fmt(m) + (f" ({m - b:+.3f})" if k and m is not None and b is not None else ""))
+            out.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def roc_plot(path, y, s, labels, title):
+    """ROC curves, one per label with its AUROC in the legend, drawn with pillow (500 x 500 axes)."""
+    W, pad = 500, 50
+    img = Image.new("RGB", (W + 2 * pad + 190, W + 2 * pad), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([pad, pad, pad + W, pad + W], outline="black")
+    d.line([pad, pad + W, pad + W, pad], fill=(180, 180, 180))
+    for i in range(6):
+        v = i / 5
+        d.text((pad + v * W - 8, pad + W + 6), f"{v:.1f}", fill="black")
+        d.text((pad - 30, pad + W - v * W - 6), f"{v:.1f}", fill="black")
+    d.text((pad + W // 2 - 60, pad + W + 24), "false positive rate", fill="black")
+    d.text((4, pad - 20), "true positive rate", fill="black")
+    d.text((pad, 10), title[:90], fill="black")
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
+              (0, 128, 0), (0, 0, 0)]
+    k = 0
+    for j, lab in enumerate(labels):
+        ok = ~np.isnan(y[:, j])
+        if not ok.any() or len(set(y[ok, j])) < 2:
+            continue
+        fpr, tpr = roc_points(y[ok, j], s[ok, j])
+        c = colors[j % len(colors)]
+        d.line([(pad + a * W, pad + W - b * W) for a, b in zip(fpr, tpr)], fill=c, width=2)
+        d.text((pad + W + 12, pad + 16 * k), f"{ABBR[lab]} {lab[:14]} {auroc(y[ok, j], s[ok, j]):.3f}", fill=c)
+        k += 1
+    atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def write_predictions(path, pool, scores, labels):
+    """id, demographics, the targets as used (1 / 0 / empty) and one score column per label: every number."""
+    cols = ["id", "sex", "age", "race", "view"] + labels + [f"score:{lab}" for lab in labels]
+    lines = [",".join(f'"{c}"' if "," in c else c for c in cols)]
+    for r, y, p in zip(pool.rows, pool.y, scores):
+        cells = [r.get(c, "") for c in cols[:5]] + ["" if np.isnan(v) else str(int(v)) for v in y] + [f"{v:.6g}" for v in p]
+        lines.append(",".join(cells))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def finish(cfg, rank, results, md, extra=None):
+    """Print the tables; write results.json (every number) and results.md."""
+    if rank != 0:
+        return results
+    print(md, flush=True)
+    clean = json.loads(json.dumps({"config": asdict(cfg), **(extra or {}), "results": results},
+                                  default=lambda o: o.tolist() if isinstance(o, np.ndarray) else None))
+    write_json(os.path.join(cfg.out, "results.json"), clean)
+    write_text(os.path.join(cfg.out, "results.md"), md.strip() + "\n")
+    return results
+
+
+def setup(cfg, masks=False):
+    """Common set-up: devices, labels, experiments, validation and test pools at one input size."""
+    rank, world, device = setup_distributed(cfg.device)
+    labels = [] if masks else resolve_labels(cfg)
+    exps = experiments(cfg)
+    cfg.img_size = size = cfg.img_size or exps[0][1][0].size or 256   # stored resolved in the checkpoints
+    return rank, device, labels, exps, size
+
+
+def task_classify(cfg):
+    """Train on each experiment (--runs seeds), evaluate on every test set; tables in the papers' layout."""
+    rank, device, labels, exps, size = setup(cfg)
+    results, first = {}, None
+    for row, srcs in exps:
+        val_srcs, srcs = validation(cfg, srcs)
+        pool, val = Pool(srcs, cfg, labels, size), Pool(val_srcs, cfg, labels, size)
+        tests = {s.name: Pool([s], cfg, labels, size) for s in test_sets(cfg, srcs)}
+        runs = []
+        for k in range(cfg.runs):
+            model = train(cfg, pool, val, os.path.join(cfg.out, safe_name(row), f"run{k}"), cfg.seed + k, len(labels),
+                          init=cfg.init).to(device)
+            ev = evaluate_classifier(model, tests, val, cfg, device, labels)
+            for t, pool_t in tests.items():
+                if rank == 0:
+                    write_predictions(os.path.join(cfg.out, "predictions", f"{safe_name(row)}_run{k}_{safe_name(t)}.csv"),
+                                      pool_t, ev[t]["_scores"], labels)
+            if first is None:
+                first = (next(iter(tests.values())).y, next(iter(ev.values()))["_scores"], f"{row} on {next(iter(ev))}")
+            runs.append({t: {k2: v for k2, v in r.items() if k2 != "_scores"} for t, r in ev.items()})
+        results[row] = {"sources": [s.describe() for s in srcs], "runs": runs,
+                        "summary": {t: summarize([r[t] for r in runs], labels) for t in tests}}
+        test_names = list(tests)
+    if cfg.roc_plot and rank == 0:
+        roc_plot(cfg.roc_plot, first[0], first[1], labels, first[2])
+    return finish(cfg, rank, results, classify_tables(results, labels, test_names, cfg.runs), {"labels": labels})
+
+
+def load_classifier(ckpt, labels=None):
+    """A trained classifier and its config from a run folder or checkpoint; its labels must be those asked for."""
+    meta, parts, path = read_checkpoint(ckpt, ("model.",))
+    saved = Config(**{k: v for k, v in meta["config"].items() if k in {f.name for f in fields(Config)}})
+    if saved.task == "segment":
+        raise SystemExit(f"{path}: a U-Net; --eval takes classifiers (segment evaluates its test sets after training)")
+    have = resolve_labels(saved)
+    if labels is not None and labels != have:
+        raise SystemExit(f"{path}: trained on labels {have}; --labels asks for {labels}")
+    model = build_model(saved, len(have))
+    model.load_state_dict(parts["model."])
+    return model, saved, path
+
+
+def task_eval(cfg):
+    """--eval --ckpt: a trained classifier (or U-Net) on --test; thresholds from --val when given (else 0.5)."""
+    rank, world, device = setup_distributed(cfg.device)
+    model, saved, path = load_classifier(cfg.ckpt)
+    model, labels, size = model.to(device), resolve_labels(saved), saved.img_size
+    ev_cfg = Config(**{**asdict(cfg), "labels": saved.labels, "uncertain": saved.uncertain})
+    if not cfg.test:
+        raise SystemExit("--eval: give the test sets with --test name=folder[:split]")
+    tests = {s.name: Pool([s], ev_cfg, labels, size) for s in parse_sources(cfg.test, ev_cfg, "test", "--test")}
+    val = Pool(parse_sources(cfg.val, ev_cfg, "val", "--val"), ev_cfg, labels, size) if cfg.val else None
+    t = best_thresholds(val.y, predict(model, val, ev_cfg, device)) if val else np.full(len(labels), 0.5)
+    res, scores = {}, {}
+    for name, pool in tests.items():
+        p = predict(model, pool, ev_cfg, device)
+        res[name] = {**auroc_table(pool.y, p, cfg.n_boot, cfg.seed), **threshold_metrics(pool.y, p, t), "n": len(pool)}
+        scores[name] = (pool.y, p)
+    row = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    results = {row: {"sources": [path], "runs": [res], "summary": {k: summarize([v], labels) for k, v in res.items()}}}
+    if cfg.roc_plot and rank == 0:
+        name = next(iter(scores))
+        roc_plot(cfg.roc_plot, *scores[name], labels, f"{row} on {name}")
+    return finish(cfg, rank, results, classify_tables(results, labels, list(tests), 1), {"labels": labels})
+
+
+def task_pretrain_finetune(cfg):
+    """Pretrain on --train (synthetic), finetune on fractions of --finetune (real); baseline: the same fractions
+    from --init (ImageNet or random) without the synthetic pretraining (chexgen Fig. 4)."""
+    try:
+        fractions = [float(f) for f in cfg.fractions.split(",") if f.strip()]
+    except ValueError:
+        raise SystemExit(f"--fractions {cfg.fractions!r}: expected comma-separated numbers in (0, 1]") from None
+    for f in fractions:
+        if not 0 < f <= 1:
+            raise SystemExit(f"--fractions: {f} is outside (0, 1]; expected fractions of the real training data")
+    if not cfg.finetune:
+        raise SystemExit("--finetune: expected the real data to finetune on, e.g. real=data/mimic:train")
+    rank, device, labels, exps, size = setup(cfg)
+    row, srcs = exps[0]
+    val_srcs, srcs = validation(cfg, srcs)
+    real = parse_sources(cfg.finetune, cfg, "train", "--finetune")
+    rval, real = validation(Config(**{**asdict(cfg), "val": ""}), real)
+    pool, val = Pool(srcs, cfg, labels, size), Pool(val_srcs, cfg, labels, size)
+    rval_pool, real_pool = Pool(rval, cfg, labels, size), Pool(real, cfg, labels, size)
+    tests = {s.name: Pool([s], cfg, labels, size) for s in test_sets(cfg, real)}
+    ft_lr, ft_steps = cfg.finetune_lr or cfg.lr, cfg.finetune_steps or cfg.max_steps
+    results = {"pretrained": {}, "baseline": {}}
+    for k in range(cfg.runs):
+        pre_dir = os.path.join(cfg.out, "pretrain", f"run{k}")
+        train(cfg, pool, val, pre_dir, cfg.seed + k, len(labels), init=cfg.init)
+        for f in fractions:
+            n_all = len(real_pool)
+            keep = np.sort(np.random.default_rng([cfg.seed + k, int(f * 1e6)]).permutation(n_all)[:max(1, round(f * n_all))])
+            sub = Pool(split_pool_sources(real_pool, keep), cfg, labels, size)
+            for arm, init in (("pretrained", pre_dir), ("baseline", cfg.init)):
+                model = train(cfg, sub, rval_pool, os.path.join(cfg.out, f"{arm}-{f:g}", f"run{k}"), cfg.seed + k,
+                              len(labels), init=init, lr=ft_lr, max_steps=ft_steps).to(device)
+                ev = evaluate_classifier(model, tests, rval_pool, cfg, device, labels)
+                for t, r in ev.items():
+                    results[arm].setdefault(t, {}).setdefault(f"{f:g}", []).append(r["macro"])
+    md = []
+    for t in tests:
+        md.append(f"\nMacro AUROC on {t} vs fraction of real training data (finetuning)\n\n| Initialisation | "
+                  + " | ".join(f"{f:g}" for f in fractions) + " |")
+        md.append("|---" * (len(fractions) + 1) + "|")
+        for arm, name in (("pretrained", f"pretrained on {row}"), ("baseline", cfg.init.split(':')[0] or "random")):
+            cells = [mean_std(results[arm][t][f"{f:g}"]) for f in fractions]
+            md.append(f"| {name} | " + " | ".join(fmt(m) + (f" +- {fmt(s)}" if cfg.runs > 1 else "") for m, s in cells) + " |")
+    return finish(cfg, rank, results, "\n".join(md), {"labels": labels, "fractions": fractions})
+
+
+def split_pool_sources(pool, keep):
+    """The sources of a pool restricted to global rows `keep`."""
+    out = []
+    for k, s in enumerate(pool.sources):
+        local = [int(i - pool.offsets[k]) for i in keep if pool.offsets[k] <= i < pool.offsets[k + 1]]
+        if local:
+            out.append(s.subset(local))
+    return out
+
+
+def balance_sources(cfg, srcs):
+    """Top up each under-represented subgroup (intersection of --balance-by) with synthetic images of that group
+    from --balance, until it matches the largest group or the folder runs out (chexgen Fig. 5d)."""
+    attrs = tuple(a.strip() for a in cfg.balance_by.split(",") if a.strip())
+    if not attrs or any(a not in ATTRIBUTES for a in attrs):
+        raise SystemExit(f"--balance-by {cfg.balance_by!r}: expected some of {list(ATTRIBUTES)}")
+    syn = Source(f"syn-balance={cfg.balance}", cfg)
+    count = {}
+    for r in (r for s in srcs for r in s.rows):
+        g = group_of(r, attrs)
+        if g:
+            count[g] = count.get(g, 0) + 1
+    target, pick, added = max(count.values()), [], {}
+    by_group = {}
+    for i, r in enumerate(syn.rows):
+        by_group.setdefault(group_of(r, attrs), []).append(i)
+    for g, n in count.items():
+        take = by_group.get(g, [])[: target - n]
+        pick += take
+        added[g] = len(take)
+    return (srcs + [syn.subset(sorted(pick))] if pick else srcs), {"target": target, "real": count, "added": added}
+
+
+def task_fairness(cfg):
+    """Subgroup metrics on a real and a synthetic cohort, their Pearson r (bias detection); optionally a second
+    model on the balanced training data (bias mitigation), both evaluated on the same real cohort."""
+    if cfg.fair_metric not in ("f1", "auroc"):
+        raise SystemExit(f"--fair-metric {cfg.fair_metric!r}: expected f1 or auroc")
+    if cfg.eval:                                                 # bias detection of an existing model
+        if not (cfg.val and cfg.test):
+            raise SystemExit("fairness --eval: expected --test (the real cohort) and --val (for the F1 thresholds)")
+        rank, _, device = setup_distributed(cfg.device)
+        labels = resolve_labels(cfg)
+        trained, saved, _ = load_classifier(cfg.ckpt, labels)
+        size, srcs, val_srcs = saved.img_size, [], parse_sources(cfg.val, cfg, "val", "--val")
+    else:
+        rank, device, labels, exps, size = setup(cfg)
+        val_srcs, srcs = validation(cfg, exps[0][1])
+    val = Pool(val_srcs, cfg, labels, size)
+    cohorts = {"real": test_sets(cfg, srcs)}
+    if cfg.syn_test:
+        cohorts["synthetic"] = parse_sources(cfg.syn_test, cfg, "", "--syn-test")
+    arms, extra = {"original": srcs}, {}
+    if cfg.balance:
+        if cfg.eval:
+            raise SystemExit("fairness: --balance trains a new model; it does not combine with --eval")
+        arms["balanced"], extra["balance"] = balance_sources(cfg, srcs)
+    results = {}
+    for arm, arm_srcs in arms.items():
+        if cfg.eval:
+            model = trained.to(device)
+        else:
+            model = train(cfg, Pool(arm_srcs, cfg, labels, size), val, os.path.join(cfg.out, arm, "run0"), cfg.seed,
+                          len(labels), init=cfg.init).to(device)
+        t = best_thresholds(val.y, predict(model, val, cfg, device))
+        results[arm] = {}
+        for name, src in cohorts.items():
+            pool = Pool(src, cfg, labels, size)
+            p = predict(model, pool, cfg, device)
+            if rank == 0:
+                write_predictions(os.path.join(cfg.out, "predictions", f"{arm}_{name}.csv"), pool, p, labels)
+            groups = subgroup_metrics(pool.rows, pool.y, p, t, cfg.min_group)
+            overall = {"auroc": auroc_table(pool.y, p, n_boot=0)["macro"], "f1": threshold_metrics(pool.y, p, t)["weighted_f1"]}
+            results[arm][name] = {"overall": overall, "groups": groups,
+                                  "summary": {fam: worst_and_gap(g, cfg.fair_metric) for fam, g in groups.items()}}
+        if "synthetic" in results[arm]:                          # bias detection: do both cohorts rank groups alike?
+            corr = {}
+            for fam in results[arm]["real"]["groups"]:
+                a, b = results[arm]["real"]["groups"][fam], results[arm]["synthetic"]["groups"][fam]
+                common = [g for g in a if g in b and a[g]["ranked"] and b[g]["ranked"]
+                          and a[g][cfg.fair_metric] is not None and b[g][cfg.fair_metric] is not None]
+                corr[fam] = pearson([a[g][cfg.fair_metric] for g in common], [b[g][cfg.fair_metric] for g in common])
+            results[arm]["pearson"] = corr
+    return finish(cfg, rank, results, fairness_tables(results, cfg.fair_metric), {"labels": labels, **extra})
+
+
+def fairness_tables(results, metric):
+    out = []
+    for arm, res in results.items():
+        cohorts = [c for c in res if c != "pearson"]
+        out.append(f"\nSubgroups, model trained on {arm} data (metric for worst / gap / r: {metric})\n\n| Group | "
+                   + " | ".join(f"{c} n | {c} AUROC | {c} F1" for c in cohorts) + " |")
+        out.append("|---" * (1 + 3 * len(cohorts)) + "|")
+        for fam, groups in res["real"]["groups"].items():
+            for g in groups:
+                cells = []
+                for c in cohorts:
+                    v = res[c]["groups"][fam].get(g, {"n": 0, "auroc": None, "f1": None})
+                    cells.append(f"{v['n']} | {fmt(v['auroc'])} | {fmt(v['f1'])}")
+                out.append(f"| {fam}: {g} | " + " | ".join(cells) + " |")
+        out.append("\n| Attribute | " + " | ".join(f"{c} worst | {c} gap" for c in cohorts)
+                   + (" | Pearson r (real vs synthetic) |" if "pearson" in res else " |"))
+        out.append("|---" * (1 + 2 * len(cohorts) + ("pearson" in res)) + "|")
+        for fam in res["real"]["summary"]:
+            cells = [f"{res[c]['summary'][fam]['worst'] or '-'} {fmt(res[c]['summary'][fam]['worst_value'])} | "
+                     f"{fmt(res[c]['summary'][fam]['gap'])}" for c in cohorts]
+            r = res.get("pearson", {}).get(fam)
+            out.append(f"| {fam} | " + " | ".join(cells) + (f" | {fmt(r['r'])} (n={r['n']}) |" if r else " |"))
+    return "\n".join(out)
+
+
+def task_segment(cfg):
+    """U-Net on one mask per experiment; Dice, positive and negative Dice on every test set (chexgen Fig. 3d)."""
+    rank, device, _, exps, size = setup(cfg, masks=True)
+    results = {}
+    for row, srcs in exps:
+        val_srcs, srcs = validation(cfg, srcs)
+        pool, val = Pool(srcs, cfg, [], size, masks=True), Pool(val_srcs, cfg, [], size, masks=True)
+        tests = {s.name: Pool([s], cfg, [], size, masks=True) for s in test_sets(cfg, srcs)}
+        runs = []
+        for k in range(cfg.runs):
+            model = train(cfg, pool, val, os.path.join(cfg.out, safe_name(row), f"run{k}"), cfg.seed + k, 1,
+                          init=cfg.init).to(device)
+            runs.append({t: dice_summary(predict(model, p, cfg, device)[:, 0] > 0.5,
+                                         np.concatenate([s.masks.numpy()[:, 0] for s in p.sources]))
+                         for t, p in tests.items()})
+        results[row] = {"runs": runs, "summary": {t: {m: mean_std([r[t][m] for r in runs])
+                                                      for m in ("dice", "positive_dice", "negative_dice")} for t in tests}}
+    md = []
+    for t in tests:
+        md.append(f"\nSegmentation of {cfg.mask!r} on {t}\n\n| Training data | Dice | positive Dice | negative Dice |")
+        md.append("|---|---|---|---|")
+        for row, res in results.items():
+            s = res["summary"][t]
+            md.append(f"| {row} | " + " | ".join(fmt(s[m][0]) + (f" +- {fmt(s[m][1])}" if cfg.runs > 1 else "")
+                                                  for m in ("dice", "positive_dice", "negative_dice")) + " |")
+    return finish(cfg, rank, results, "\n".join(md), {"mask": cfg.mask})
+
+
+def safe_name(row):
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: task dispatch (classify is the default; issue 14 adds predict-metadata and edit-eval here)
+
+RUNNERS = {"classify": task_classify, "pretrain-finetune": task_pretrain_finetune, "fairness": task_fairness,
+           "segment": task_segment}
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    if cfg.dry_run:
+        n_out = 1 if cfg.task == "segment" else len(resolve_labels(cfg))
+        with torch.device("meta"):
+            n = sum(p.numel() for p in build_model(cfg, n_out).parameters())
+        print(json.dumps(asdict(cfg)))
+        print(f"{cfg.arch}: {n:,} parameters, {n_out} output(s)")
+        return n
+    if cfg.eval:
+        if not cfg.ckpt:
+            raise SystemExit("--eval: expected --ckpt RUN (a run folder or checkpoint of downstream.py)")
+        return task_fairness(cfg) if cfg.task == "fairness" else task_eval(cfg)
+    return RUNNERS[cfg.task](cfg)
+
+
+if __name__ == "__main__":
+    main()
