@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -205,11 +206,13 @@ def parse_config(argv):
         raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
     cfg = Config(**{**PRESETS[size], **given, "size": size})
     for flag, val, ok in (("--pred", cfg.pred, ("eps", "v")), ("--pos-embed", cfg.pos_embed, ("interp", "reinit")),
-                          ("--space", cfg.space, ("auto", "pixel", "latent")), ("--attn", cfg.attn, ("kernels", "sdpa"))):
+                          ("--space", cfg.space, ("auto", "pixel", "latent")),
+                          ("--attn", cfg.attn, ("kernels", "sdpa"))):
         if val not in ok:
             raise SystemExit(f"{flag} {val!r}: expected one of {list(ok)}")
     if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.cap_no_finding <= 1:
-        raise SystemExit(f"--p-uncond {cfg.p_uncond} / --cap-no-finding {cfg.cap_no_finding}: expected fractions in [0, 1)")
+        raise SystemExit(f"--p-uncond {cfg.p_uncond} / --cap-no-finding {cfg.cap_no_finding}: expected fractions "
+                         f"in [0, 1)")
     return cfg
 
 
@@ -288,7 +291,8 @@ class CaptionEmbedder(nn.Module):
         """text [B, L, C], lengths [B] valid tokens, drop [B] bool -> tokens [B, L, D], key lengths [B]."""
         if drop is not None:
             if text.shape[1] != self.y_embedding.shape[0]:
-                raise ValueError(f"captions of {text.shape[1]} tokens; the null caption has {self.y_embedding.shape[0]}")
+                raise ValueError(f"captions of {text.shape[1]} tokens; the null caption has "
+                                 f"{self.y_embedding.shape[0]}")
             text = torch.where(drop[:, None, None], self.y_embedding.to(text.dtype), text)
             lengths = torch.where(drop, text.shape[1], lengths)   # the null caption: every token valid
         return self.y_proj(text), lengths
@@ -413,8 +417,8 @@ class DiT(nn.Module):
         tokens, drop [B] bool (use the null caption) -> eps (or v) [B, C, H, W]."""
         B, C, H, W = x.shape
         p, gh, gw = self.patch, H // self.patch, W // self.patch
-        h = self.x_embedder(x)
-        h = h + sincos_2d(h.shape[-1], gh, gw, self.pe_base or gh, x.device).to(h.dtype)
+        h = self.x_embedder(x).float()                                  # the residual stream stays fp32 under autocast
+        h = h + sincos_2d(h.shape[-1], gh, gw, self.pe_base or gh, x.device)
         with torch.autocast(x.device.type, enabled=False):              # timestep embedding in fp32
             temb = self.t_embedder(t)
             t6 = self.t_block(temb)
@@ -656,7 +660,8 @@ def embed_text(ecfg):
     if os.path.isfile(info_path):
         old = read_json(info_path, "")
         if (old.get("encoder"), old.get("max_length"), old.get("column")) != (key, ecfg.max_length, ecfg.column):
-            raise SystemExit(f"{info_path}: cache of encoder {old.get('encoder')!r} (max length {old.get('max_length')}, "
+            raise SystemExit(f"{info_path}: cache of encoder {old.get('encoder')!r} (max length "
+                             f"{old.get('max_length')}, "
                              f"column {old.get('column')!r}); choose another --name or delete it")
     tok, enc = load_text_encoder(ecfg.text_encoder, device)
     shards = {}
@@ -769,7 +774,8 @@ class TextImageData:
             raise SystemExit(f"{path}: no 'report' column; expected the impression text of each image")
         lat = latent_folder(root, cfg.vae) if cfg.space in ("auto", "latent") else None
         if cfg.space == "latent" and lat is None:
-            raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use --space pixel")
+            raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use "
+                             f"--space pixel")
         self.space, self.root, self.folder = ("latent" if lat else "pixel"), root, lat or root
         if self.space == "latent":
             li = latent_info(lat)
@@ -788,8 +794,9 @@ class TextImageData:
         if tokenizer is None:
             self.text = text_folder(root, cfg.text)
             if self.text is None:
-                raise SystemExit(f"{os.path.join(root, 'text')}: no cached text embeddings; run `python dit_text2img.py "
-                                 f"embed-text --data {root} --text-encoder {cfg.text_encoder}` or use --train-text-encoder")
+                raise SystemExit(f"{os.path.join(root, 'text')}: no cached text embeddings; run `python "
+                                 f"dit_text2img.py embed-text --data {root} --text-encoder {cfg.text_encoder}` "
+                                 f"or use --train-text-encoder")
             ti = read_json(os.path.join(self.text, "info.json"), "the text cache's info.json (from embed-text)")
             self.encoder, self.text_dim = ti["encoder"], int(ti["hidden_size"])
             if int(ti["max_length"]) != cfg.max_length:
@@ -814,7 +821,8 @@ class TextImageData:
         nf = [i for i in keep if rows[i].get("No Finding", "").strip() in ("1", "1.0")]
         if cfg.cap_no_finding:
             other = len(keep) - len(nf)
-            cap = min(len(nf), int(cfg.cap_no_finding * other / (1 - cfg.cap_no_finding)) if cfg.cap_no_finding < 1 else len(nf))
+            frac = cfg.cap_no_finding                            # NF / (NF + other) = frac
+            cap = min(len(nf), int(frac * other / (1 - frac)) if frac < 1 else len(nf))
             chosen = set(nf[j] for j in torch.randperm(len(nf), generator=generator(cfg.seed, 4))[:cap].tolist())
             keep = [i for i in keep if i not in set(nf) or i in chosen]
         if not keep:
@@ -836,7 +844,7 @@ class TextImageData:
         return len(self.rows)
 
     def load(self, idx):
-        """Rows idx -> float32 [n, C, S, S] in model units: pixels (v + 0.5) / 2^15 - 1 in [-1, 1], latents normalised."""
+        """Rows idx -> float32 [n, C, S, S]: pixels (v + 0.5) / 2^15 - 1 in [-1, 1], or normalised latents."""
         xs = []
         for i in idx:
             r = self.rows[int(i)]
@@ -885,13 +893,15 @@ def draw_step(cfg, sched, step, shape, device):
 
 def to_uint16(x):
     """[-1, 1] -> uint16 numpy (the inverse of the pixel mapping of TextImageData.load)."""
-    return ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
+    v = ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535)
+    return v.to(torch.int32).cpu().numpy().astype(np.uint16)
 
 
 def atomic_save(path, save_fn):
     """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         save_fn(tmp)
@@ -956,10 +966,16 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "
 GRID_PROMPTS = 8                                                 # grid columns: 8 fixed training captions
 
 
+def peak_flops(device):
+    """Dense bf16 peak of a known GPU (for MFU), else None."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def setup_distributed(device_flag):
     """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
     cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
@@ -1033,6 +1049,14 @@ def load_optimizer(opt, optim, groups):
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def log_line(r, max_steps):
+    bins = "/".join("-" if v is None else f"{v:.3f}" for v in r["loss_t"])
+    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | t-bins {bins} | gnorm {r['grad_norm']:.3f} | "
+            f"lr {r['lr']:.1e} | {r['img_s']:.1f} img/s | {r['tok_s']:.0f} tok/s"
+            + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | mem {r['mem_gb']:.1f} GB" if r["mem_gb"] else "")
+            + f" | eta {r['eta_s'] / 60:.1f} min")
+
+
 def autocast(device):
     """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -1066,7 +1090,9 @@ def train(cfg):
     if init:
         check_compatible(cfg, init[0], init[4], ARCH + ("text_encoder", "max_length"))
     micro = cfg.micro_batch or cfg.batch_size // world
-    assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
+    if cfg.batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {cfg.batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
     accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
@@ -1100,12 +1126,15 @@ def train(cfg):
     sched = Schedule()
     n_params = sum(p.numel() for p in raw.parameters())
     tokens = (cfg.image_size // cfg.patch) ** 2
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = peak_flops(device)
     decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
-        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
+        env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+               "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"),
+               "transformers": importlib.util.find_spec("transformers") and importlib.metadata.version("transformers"),
+               "device": str(device), "world": world, "argv": sys.argv,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         write_json(os.path.join(cfg.out, "env.json"), env)
         print(json.dumps(asdict(cfg)))
@@ -1125,8 +1154,8 @@ def train(cfg):
         with nullcontext() if train else torch.no_grad():
             return encode_text(enc if train else text_enc, ids, n), n.to(device)
 
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
+    term, stopping = [], False
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
     grid_rows = torch.randperm(len(data), generator=generator(cfg.seed, 3))[:GRID_PROMPTS]
     grid_labels = [data.rows[int(i)]["report"] for i in grid_rows]
     noise_grid = torch.randn((2 * len(grid_labels), *data.shape), generator=generator(cfg.seed, 3)).to(device)
@@ -1169,37 +1198,37 @@ def train(cfg):
         acc[2] += gnorm
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg.ema)
+        decay = min(cfg.ema, (1 + step) / (10 + step))           # warm-up: early grids are not the init
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - decay)
         step += 1
 
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([bad.float(), torch.tensor(float(bool(stop)), device=device)])
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
             if world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             if flags[0] >= 0:
+                signal.signal(signal.SIGTERM, old_handler)
                 raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
                                  f"{ckpt_path} is intact")
-            ckpt_now |= bool(flags[1])
+            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            ckpt_now |= stopping
         if log_now:
             if world > 1:
                 dist.all_reduce(acc)
             a, dt = acc.tolist(), time.time() - t_log
             n_steps, last_log = step - last_log, step
-            rec = {"step": step, "loss": a[0] / max(a[1], 1), "loss_t": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],
+            images = n_steps * cfg.batch_size
+            rec = {"step": step, "loss": a[0] / max(a[1], 1),
+                   "loss_t": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],     # t in quarters of [0, T)
                    "grad_norm": a[2] / max(n_steps * world, 1), "lr": opt.param_groups[0]["lr"],
-                   "img_s": n_steps * cfg.batch_size / dt, "tok_s": n_steps * cfg.batch_size * tokens / dt,
-                   "mfu": train_flops(n_params, cfg, tokens, n_steps * cfg.batch_size) / dt / (peak * world) if peak else None,
+                   "img_s": images / dt, "tok_s": images * tokens / dt,
+                   "mfu": train_flops(n_params, cfg, tokens, images) / dt / (peak * world) if peak else None,
                    "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
             if rank == 0:
-                print(f"step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} | t-bins "
-                      + "/".join("-" if v is None else f"{v:.3f}" for v in rec["loss_t"])
-                      + f" | gnorm {rec['grad_norm']:.3f} | lr {rec['lr']:.1e} | {rec['img_s']:.1f} img/s "
-                      f"| {rec['tok_s']:.0f} tok/s" + (f" | MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
-                      + (f" | mem {rec['mem_gb']:.1f} GB" if rec["mem_gb"] else "") + f" | eta {rec['eta_s'] / 60:.1f} min",
-                      flush=True)
+                print(log_line(rec, cfg.max_steps), flush=True)
                 with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
             acc.zero_()
@@ -1211,14 +1240,15 @@ def train(cfg):
                         [s[:40] for s in grid_labels], decode)
         if ckpt_now and rank == 0:
             save_checkpoint(ckpt_path, raw, ema, opt, cfg, step, text_enc)
-        if stop:
+        if stopping:
             break
     pool.shutdown()
+    signal.signal(signal.SIGTERM, old_handler)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        print(f"{'stopped by SIGTERM' if stop else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
+        print(f"{'stopped by SIGTERM' if stopping else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
     return cfg
 
 
@@ -1230,42 +1260,43 @@ def bench(cfg):
     model = DiT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     sched = Schedule()
-    B, n_params, tokens = cfg.micro_batch or cfg.batch_size, sum(p.numel() for p in model.parameters()), (cfg.image_size // cfg.patch) ** 2
+    B, tokens = cfg.micro_batch or cfg.batch_size, (cfg.image_size // cfg.patch) ** 2
+    n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
     text = torch.randn(B, cfg.max_length, cfg.text_dim, generator=g).to(device)
     lengths = torch.randint(1, cfg.max_length + 1, (B,), generator=g).to(device)
     t = torch.randint(0, sched.T, (B,), generator=g).to(device)
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = peak_flops(device)
     print(f"bench DiT-{cfg.size}: {n_params / 1e6:.1f}M params, batch {B}, {cfg.in_channels}x{cfg.image_size}^2 input, "
           f"patch {cfg.patch}, {tokens} tokens/image, text {cfg.max_length}x{cfg.text_dim}, {device}"
           + (", torch.compile" if cfg.compile else ""))
-    results = {}
-    for impl in ("kernels", "sdpa"):
-        model.set_attention(impl)
-        fwd = torch.compile(model) if cfg.compile else model
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps (compilation, autotuning)
-            if i == 2:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.time()
-            with autocast(device):
-                loss = diffusion_loss(fwd, sched, x, torch.randn_like(x), t, text, lengths, None, cfg.pred).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = (time.time() - t0) / cfg.bench_steps
-        results[impl] = B * tokens / dt
-        mfu = train_flops(n_params, cfg, tokens, B) / dt / peak if peak else None
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        print(f"  attention={impl:8s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
-              + (f"MFU {mfu:.1%}  " if mfu else "MFU n/a (no GPU peak known)  ")
-              + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"), flush=True)
-    print(f"  kernels / sdpa throughput ratio: {results['kernels'] / results['sdpa']:.3f}")
+    results, sync = {}, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for compiled in (False, True) if cfg.compile else (False,):
+        for impl in ("kernels", "sdpa"):
+            model.set_attention(impl)
+            fwd = torch.compile(model) if compiled else model
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for i in range(cfg.bench_steps + 2):                 # 2 warm-up steps (compilation, autotuning)
+                if i == 2:
+                    sync()
+                    t0 = time.time()
+                with autocast(device):
+                    loss = diffusion_loss(fwd, sched, x, torch.randn_like(x), t, text, lengths, None, cfg.pred).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+            dt = (time.time() - t0) / cfg.bench_steps
+            name = impl + ("+compile" if compiled else "")
+            results[name] = B * tokens / dt
+            mfu = train_flops(n_params, cfg, tokens, B) / dt / peak if peak else None
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            print(f"  {name:16s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
+                  + (f"MFU {mfu:.1%}  " if mfu else "MFU n/a (no GPU peak known)  ")
+                  + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"), flush=True)
+    print(f"  kernels / sdpa throughput: {results['kernels'] / results['sdpa']:.3f}")
     return results
 
 
@@ -1329,7 +1360,8 @@ def sample(icfg):
     K = icfg.n_per_prompt
     names = [f"{pid}.png" if K == 1 else f"{pid}_s{k}.png" for pid, _, _ in items for k in range(K)]
     if rank == 0:                                                # the caption and labels of every image, up front
-        keep = [c for c in META_COLUMNS if c not in ("id", "split", "report", "findings", "shard", "index", "source_path")]
+        keep = [c for c in META_COLUMNS if c not in ("id", "split", "report", "findings", "shard", "index",
+                                                      "source_path")]
         meta = [{**{c: "" for c in SAMPLE_COLUMNS}, **{c: src.get(c, "") for c in keep}, "id": names[i][:-4],
                  "split": "test", "report": p, "source_path": names[i], "prompt_id": pid, "sample": i % K,
                  "prompt": p, "source_id": src.get("id", "")}
@@ -1366,7 +1398,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "embed-text") else "train"
     if cmd == "sample":
-        return sample(InferConfig(**vars(build_parser(InferConfig, "dit_text2img.py sample", sample.__doc__).parse_args(argv))))
+        parser = build_parser(InferConfig, "dit_text2img.py sample", sample.__doc__)
+        return sample(InferConfig(**vars(parser.parse_args(argv))))
     if cmd == "embed-text":
         return embed_text(EmbedConfig(**vars(build_parser(EmbedConfig, "dit_text2img.py embed-text",
                                                           embed_text.__doc__).parse_args(argv))))
