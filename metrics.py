@@ -81,26 +81,26 @@ class Config:
     fit: str = "crop"  # crop | pad: how a non-square image becomes square (aspect ratio is never squashed)
     pixel_size: int = 256  # side for pixel-space metrics (SSIM, PSNR, MS-SSIM)
     privacy_size: int = 128  # side for the pixel nearest-neighbour search
-    batch_size: int = 64
+    batch_size: int = 64  # images per extractor forward
     workers: int = 4  # image decoding threads
     device: str = "auto"  # auto | cpu | cuda
     k: int = 5  # PRDC nearest neighbours (Naeem et al. 2020 default)
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    seed: int = 0
+    kid_subsets: int = 100  # KID random subsets (Binkowski et al. 2018)
+    kid_subset_size: int = 1000  # KID subset size; min(this, N) is used and reported
+    seed: int = 0  # KID subsets and MS-SSIM pair sampling
     group_by: str = "auto"  # fake meta.csv column grouping images of one prompt/condition for MS-SSIM diversity
     max_pairs: int = 50  # MS-SSIM pairs sampled per group at most
     pix_threshold: float = 0.02  # per-pixel RMS distance under which a synthetic image counts as a near-copy
     feat_threshold: float = 0.1  # distance between unit-normalised features under which it counts as a copy
     privacy_features: str = ""  # feature space for the latent distance ('' = raddino if run, else the first one)
     reid_weights: str = ""  # Packhaeuser Siamese ResNet-50 weights (safetensors) for the re-identification score
-    reid_threshold: float = 0.5
+    reid_threshold: float = 0.5  # re-id probability above which a synthetic image counts as re-identified
     classifier: str = ""  # 'xrv' or an xrv-layout DenseNet safetensors, for factual correctness (Pearson)
     grid: str = ""  # PNG of the closest (synthetic, training) pairs ('' = next to --out)
-    grid_pairs: int = 8
+    grid_pairs: int = 8  # closest pairs listed in results.json and drawn in the grid
     out: str = ""  # results.json path
     cache_dir: str = ""  # feature cache ('' = ~/.cache/cxr-gen/metrics)
-    no_cache: bool = False
+    no_cache: bool = False  # neither read nor write the feature cache
     strict: bool = False  # an unreadable image is fatal instead of skipped and counted
 
 
@@ -996,8 +996,8 @@ def iter_images(images, indices, size, fit="crop", compat=False, workers=4, batc
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for s in range(0, len(indices), batch_size):
             idx = indices[s:s + batch_size]
-            loaded = list(pool.map(lambda i: images.load(i), idx))
-            keep, out = [], []
+            loaded = list(pool.map(lambda i: (lambda a: None if a is None else fn(a))(images.load(i)), idx))
+            keep, out = [], []  # decoding and resizing both run in the threads (PIL and torch release the GIL)
             for i, a in zip(idx, loaded):
                 if a is None:
                     if strict:
@@ -1005,7 +1005,7 @@ def iter_images(images, indices, size, fit="crop", compat=False, workers=4, batc
                     images.skipped.add(i)
                     continue
                 keep.append(i)
-                out.append(fn(a))
+                out.append(a)
             yield keep, out
 
 
@@ -1485,7 +1485,7 @@ def main(argv=None):
         dst = convert_xrv(a.src, a.dst or os.path.join(os.path.dirname(os.path.abspath(a.src)), XRV_SAFE))
         print(f"wrote {dst}")
         return dst
-    p = build_parser(description=__doc__.split("\n\n")[0])
+    p = build_parser(description=__doc__.split("\n\n")[0], epilog="subcommands: convert-xrv SRC [--dst DST], bench")
     cfg = Config(**vars(p.parse_args(argv)))
     if torch.distributed.is_available() and "RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
