@@ -7,16 +7,18 @@ Euler, Heun or adaptive Dormand-Prince 5(4) ODE solvers with classifier-free gui
 counterfactual editing by abduction (ODE to noise) / action (new metadata) / prediction (ODE back) (radit §5.3).
 
 Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jsonl, config.json, grids/):
-    python rectified_flow.py --size tiny --max-steps 3000            # CPU, minutes, on data/phantom
-    torchrun --nproc_per_node=8 rectified_flow.py --size xl --data D --out runs/xl    # RadiT XL, 1.3B
+    python rectified_flow.py --size tiny --max-steps 1500            # CPU, minutes, on data/phantom
+    torchrun --nproc_per_node=8 rectified_flow.py --size xl --micro-batch 16 --data D --out runs/xl   # 1.3B
     python rectified_flow.py --size xl --dry-run                     # parameter count on the meta device
-    python rectified_flow.py --size xl --bench --batch-size 64       # tokens/s, MFU, memory; kernels vs SDPA
+    python rectified_flow.py --size xl --bench --batch-size 16 --compile   # tokens/s, MFU, memory per GPU;
+                                       # kernels.attention vs SDPA, eager and compiled (16 = 512 / 32 GPUs)
 Sample (EMA weights; PNGs + meta.csv in the DESIGN.md §4 schema; resumable; sharded under torchrun):
     python rectified_flow.py sample --ckpt runs/rf --n 1000 --cond "Cardiomegaly=1,sex=F,age=70,view=PA" \
         --solver euler --steps 50 --cfg 4.0 --out fake/ --seed 0
     python rectified_flow.py sample --ckpt runs/rf --cond data/phantom/meta.csv --out fake/   # one image a row
 Counterfactual edit (radit §5.3; --profile takes the full profiles computed by flow_scm.py):
-    python rectified_flow.py edit --ckpt runs/rf --data data/phantom --ids p000001,p000002 --set "sex=F" --out edits/
+    python rectified_flow.py edit --ckpt runs/rf --set "Cardiomegaly=1" --n 8 --out edits/    # 8 test images
+    python rectified_flow.py edit --ckpt runs/rf --data D --ids ID1,ID2 --profile scm_profiles.csv --out edits/
 
 Space. Pixel space reads DATA/shards/*.safetensors (`images` uint16 [N, 1, S, S] -> [-1, 1], uniformly
 dequantised in training, radit Table 11). Latent space reads DATA/latents/<vae>/, the folder vae.py `encode`
@@ -552,6 +554,8 @@ class CXRData:
     """One split of a DESIGN.md §4 dataset: 19 codes per row in memory, pixels or latents read on demand."""
 
     def __init__(self, root, space="auto", vae="", split="train"):
+        if space not in ("auto", "pixel", "latent"):
+            raise SystemExit(f"--space {space!r}: expected auto, pixel or latent")
         path = os.path.join(root, "meta.csv")
         if not os.path.isfile(path):
             raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
@@ -686,6 +690,7 @@ def load_decoder(folder, device):
 
 GRID_CONDS = ["", "No Finding=1", "Cardiomegaly=1", "Pleural Effusion=1", "Pneumothorax=1", "Support Devices=1",
               "sex=F", "view=LATERAL"]                           # columns of the training sample grids
+GRID_CFG = 2.0                                                   # mild guidance: columns show their condition
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
 
 
@@ -767,8 +772,8 @@ def load_optimizer(opt, optim, groups):
 
 
 def sample_grid(ema, cfg, noise, conds, device, path, decode=None):
-    """EMA samples of the fixed grid noise and conditions (Euler, 16 steps), one column per condition."""
-    f = lambda t, x: guided_velocity(ema, x, t, conds, scale=1.0)
+    """EMA samples of the fixed grid noise and conditions (Euler, 16 steps, CFG 2), one column per condition."""
+    f = lambda t, x: guided_velocity(ema, x, t, conds, GRID_CFG)
     with torch.no_grad(), autocast(device):
         x, _ = solve(f, noise, 1.0, 0.0, "euler", steps=16, shift=cfg.shift)
         x = decode(x) if decode else x[:, :1]                    # no decoder: latent channel 0
@@ -797,7 +802,9 @@ def train(cfg):
     if saved:
         check_compatible(cfg, saved[0], ckpt_path)
     micro = cfg.micro_batch or cfg.batch_size // world
-    assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
+    if cfg.batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {cfg.batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
     accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
@@ -833,8 +840,8 @@ def train(cfg):
               f"{len(data)} training images, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
+    term, stopping = [], False
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
     noise_grid = torch.randn((4 * len(GRID_CONDS), *data.shape), generator=generator(cfg.seed, 3)).to(device)
     cond_grid = torch.tensor([encode_row(parse_assignments(c, "grid"), data.datasets, "grid") for c in GRID_CONDS])
     cond_grid = cond_grid.repeat(4, 1).to(device)
@@ -886,13 +893,15 @@ def train(cfg):
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([bad.float(), torch.tensor(float(bool(stop)), device=device)])
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
             if world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             if flags[0] >= 0:
+                signal.signal(signal.SIGTERM, old_handler)
                 raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
                                  f"{ckpt_path} is intact")
-            ckpt_now |= bool(flags[1])
+            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            ckpt_now |= stopping
         if log_now:
             if world > 1:
                 dist.all_reduce(acc)
@@ -917,14 +926,15 @@ def train(cfg):
             sample_grid(ema, cfg, noise_grid, cond_grid, device, grid_path, decode if data.space == "latent" else None)
         if ckpt_now and rank == 0:
             save_checkpoint(ckpt_path, raw, ema, opt, cfg, step)
-        if stop:
+        if stopping:
             break
     pool.shutdown()
+    signal.signal(signal.SIGTERM, old_handler)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        print(f"{'stopped by SIGTERM' if stop else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
+        print(f"{'stopped by SIGTERM' if stopping else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
     return cfg
 
 

@@ -353,7 +353,7 @@ def test_edit_without_change_reconstructs_input(tmp_path, run, phantom_dir):
     x = data.load(idx)
     y = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(out, f"{k}.png"))).astype(np.float32))
                      for k in ids])[:, None] / 32768 - 1
-    assert ((x - y) ** 2).mean() < 1e-6                             # abduction then prediction is the identity
+    assert ((x - y) ** 2).mean() < 1e-5                             # abduction then prediction is the identity
     # ... and the trained flow is not: the abducted noise is far from the image
     model, _ = rf.load_for_inference(rf.InferConfig(ckpt=run))[1:3]
     f = lambda t, z: rf.guided_velocity(model, z, t, data.cond[idx], 1.0)
