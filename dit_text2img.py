@@ -54,6 +54,7 @@ import math
 import os
 import platform
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -568,6 +569,16 @@ def encoder_key(name):
     return os.path.abspath(name) if os.path.isdir(name) and name != MINILM else name
 
 
+def hub_online(host="huggingface.co"):
+    """False under HF_HUB_OFFLINE=1 / CXR_OFFLINE=1 or when the hub does not resolve: fail fast, no retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1":
+        return False
+    try:
+        return bool(socket.getaddrinfo(host, 443))
+    except OSError:
+        return False
+
+
 def load_text_encoder(name, device="cpu"):
     """(tokenizer, encoder) from transformers; T5-family checkpoints load their encoder stack only. Offline, a hub
     id that is not in the local cache fails with one line naming it and the flag."""
@@ -576,7 +587,7 @@ def load_text_encoder(name, device="cpu"):
         import transformers
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         transformers.utils.logging.disable_progress_bar()
-        kw = {} if os.path.isdir(src) else {"local_files_only": os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")}
+        kw = {} if os.path.isdir(src) else {"local_files_only": not hub_online()}
         conf = AutoConfig.from_pretrained(src, **kw)
         tok = AutoTokenizer.from_pretrained(src, **kw)
         cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}.get(conf.model_type)

@@ -289,6 +289,24 @@ def test_embed_text_cache_matches_the_encoder(data32, bert):
         assert torch.count_nonzero(h[n:]) == 0
 
 
+def test_t5_checkpoint_loads_its_encoder_stack(tmp_path, bert):
+    from transformers import T5Config, T5ForConditionalGeneration
+    d = str(tmp_path / "t5")
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(WORDS) + 5, d_model=24, d_kv=12, d_ff=48, num_layers=2,
+                                        num_heads=2, decoder_start_token_id=0)).save_pretrained(d)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):   # a WordPiece tokenizer for the test
+        shutil.copy(os.path.join(bert, f), d)
+    tok, enc = dt.load_text_encoder(d)
+    assert type(enc).__name__ == "T5EncoderModel" and dt.text_width(enc) == 24   # d_model, no decoder
+    ids, lengths, _ = dt.tokenize(tok, ["Mild right lung opacity.", "No pneumothorax."], 120)
+    with torch.no_grad():
+        full = dt.encode_text(enc, ids, lengths)
+        short = dt.encode_text(enc, ids[:, :int(lengths.max())], lengths)   # padding is masked: same features
+    for i, n in enumerate(lengths.tolist()):
+        assert torch.allclose(full[i, :n], short[i, :n], atol=1e-5)
+
+
 def test_report_filters_as_roentgen(data32, bert):
     from transformers import AutoTokenizer
     train_rows = [r for r in rows(os.path.join(data32, "meta.csv")) if r["split"] == "train"]
@@ -374,6 +392,8 @@ def test_stage_two_init_from_with_interpolated_or_reinitialised_positions(tmp_pa
     train(d64, s2r, "--init-from", run, "--resolution", "64", "--patch", "4", "--max-steps", "1",
           "--pos-embed", "reinit")
     assert json.load(open(os.path.join(s2r, "config.json")))["pe_base"] == 16
+    with pytest.raises(SystemExit, match="image_size=32.*another input shape"):   # resume at another shape
+        train(d64, run, "--patch", "4", "--max-steps", "151")
     with pytest.raises(SystemExit, match="--resolution 128"):
         train(d64, str(tmp_path / "x"), "--init-from", run, "--resolution", "128")
     with pytest.raises(SystemExit, match="patch"):               # another patch size cannot load stage I
@@ -499,6 +519,8 @@ def test_bad_input_is_one_line_error(tmp_path, run, data32, bert, capsys):
     fails(["sample", "--ckpt", run, "--prompts", str(empty), "--sampler", "plms"], "--sampler")
     fails(["embed-text", "--data", data32, "--text-encoder", str(tmp_path / "no_encoder")], "no_encoder",
           "--text-encoder")
+    fails(["embed-text", "--data", data32, "--text-encoder", "cxr-gen-test/no-such-encoder"],   # a hub id, offline
+          "cxr-gen-test/no-such-encoder", "--text-encoder PATH")
     fails(["--data", data32, "--out", str(tmp_path / "x"), "--size", "huge"], "--size")
     fails(["--data", str(tmp_path), "--out", str(tmp_path / "x")], "meta.csv")
     # a prompt longer than the 120-token window: truncated, with one warning stating how many
