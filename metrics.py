@@ -987,8 +987,7 @@ class Progress:
             print(f"  {self.what}: {self.done}/{self.total} {rate:.1f} img/s ETA {eta:.0f}s", file=sys.stderr)
 
 
-def iter_images(images, indices, size, fit="crop", compat=False, workers=4, batch_size=64, strict=False,
-                fn=None):
+def iter_images(images, indices, size, fit="crop", compat=False, workers=4, batch_size=64, strict=False, fn=None):
     """Yield (indices kept, list of prepared images) in batches, decoding in threads; unreadable images are
     skipped (counted in images.skipped) or fatal when strict."""
     fn = fn or (lambda a: prepare(a, size, fit, compat))
@@ -1382,7 +1381,8 @@ def format_table(res):
                 f"{f('coverage'):>7}{str(d['n_real']) + '/' + str(d['n_fake']):>10}")
 
     for name, d in res["features"].items():
-        lines.append(row(name.rsplit("/", 1)[-1], d) + (rnd if d.get("random_weights") else ""))
+        lines += [row(name.rsplit("/", 1)[-1], d) + (rnd if d.get("random_weights") else "")]
+        lines += ["  note: " + n for n in d.get("notes", [])]
     lines += [f"{name:<16}skipped: {msg}" for name, msg in res.get("skipped_features", {}).items()]
     for name, groups in res.get("conditions", {}).items():
         lines.append(f"per condition, {name}:" + (rnd if res["features"][name].get("random_weights") else ""))
