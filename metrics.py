@@ -596,18 +596,17 @@ def nearest_neighbours(queries, bank_batches, device=None):
     in float64, so a near-copy's reported distance carries no cancellation error."""
     q = _as_tensor(queries, device)
     best = torch.full((len(q),), float("inf"), dtype=q.dtype, device=q.device)
-    arg = torch.full((len(q),), -1, dtype=torch.long, device=q.device)
-    keep, offset = {}, 0
+    arg, win, offset = torch.full((len(q),), -1, dtype=torch.long, device=q.device), torch.zeros_like(q), 0
     for b in bank_batches:
         b = _as_tensor(b, q.device).to(q.dtype)
         d, j = _sqdist(q, b).min(1)
         better = d < best
         best, arg = torch.where(better, d, best), torch.where(better, j + offset, arg)
-        for i in better.nonzero().flatten().tolist():  # keep the current winner rows for the exact recomputation
-            keep[i] = b[j[i]].double()
+        win[better] = b[j[better]]  # the current winner rows, for the exact recomputation
         offset += len(b)
-    exact = torch.stack([(q[i].double() - keep[i]).norm() for i in range(len(q))]) if keep else best.sqrt().double()
-    return exact.cpu().numpy(), arg.cpu().numpy()
+    if offset == 0:
+        raise ValueError("nearest_neighbours: the bank is empty")
+    return (q.double() - win.double()).norm(dim=1).cpu().numpy(), arg.cpu().numpy()
 
 
 def pearson(a, b):
