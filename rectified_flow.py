@@ -7,7 +7,7 @@ Euler, Heun or adaptive Dormand-Prince 5(4) ODE solvers with classifier-free gui
 counterfactual editing by abduction (ODE to noise) / action (new metadata) / prediction (ODE back) (radit §5.3).
 
 Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jsonl, config.json, grids/):
-    python rectified_flow.py --size tiny --max-steps 1500            # CPU, minutes, on data/phantom
+    python rectified_flow.py --size tiny --max-steps 1000            # CPU, ~10 min, on data/phantom
     torchrun --nproc_per_node=8 rectified_flow.py --size xl --micro-batch 16 --data D --out runs/xl   # 1.3B
     python rectified_flow.py --size xl --dry-run                     # parameter count on the meta device
     python rectified_flow.py --size xl --bench --batch-size 16 --compile   # tokens/s, MFU, memory per GPU;
@@ -100,7 +100,7 @@ class Config:
     p_drop_all: float = arg(0.1, "CFG training: probability of nulling all 19 variables")
     batch_size: int = arg(32, "global batch size (radit Table 11: 72 for B, 512 for XL)")
     micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
-    max_steps: int = arg(3000, "optimizer steps")
+    max_steps: int = arg(1000, "optimizer steps")
     lr: float = arg(1e-3, "Adam learning rate, constant, no warm-up (radit Table 11 and App. C.3: 1e-4)")
     beta1: float = arg(0.9, "Adam beta1 (radit Table 11)")
     beta2: float = arg(0.999, "Adam beta2 (radit Table 11)")
@@ -122,7 +122,7 @@ class Config:
 
 # radit Table 5 (B, XL) and Table 11; S and L follow DiT's widths. tiny is for tests and the CPU demo.
 PRESETS = {
-    "tiny": dict(hidden=128, depth=4, heads=4, batch_size=32, lr=1e-3, ema=0.999, max_steps=3000),
+    "tiny": dict(hidden=128, depth=4, heads=4, batch_size=32, lr=1e-3, ema=0.999, max_steps=1000),
     "S": dict(hidden=384, depth=12, heads=6, batch_size=72, lr=1e-4, ema=0.9999, max_steps=1_000_000),
     "B": dict(hidden=1024, depth=16, heads=16, batch_size=72, lr=1e-4, ema=0.9999, max_steps=1_000_000),
     "L": dict(hidden=1024, depth=24, heads=16, batch_size=72, lr=1e-4, ema=0.9999, max_steps=1_000_000),
@@ -1076,30 +1076,32 @@ def edit(icfg):
         if i not in by_id:
             raise SystemExit(f"{data.root}/meta.csv: no row with id {i!r}")
     change = parse_assignments(icfg.set, "--set")
+    new = [encode_row({**data.rows[by_id[i]], **profiles.get(i, {}), **change}, datasets, f"--set/--profile for {i}")
+           for i in ids]                                         # all checked before any ODE is solved
+    out_rows = [{**{k: data.rows[by_id[i]].get(k, "") for k in META_COLUMNS}, **decode_row(c, datasets),
+                 "source_path": f"{i}.png"} for i, c in zip(ids, new)]
     decode = load_decoder(data.folder if data.space == "latent" else None, device)
-    os.makedirs(icfg.out, exist_ok=True)
-    out_rows = []
-    for k in range(0, len(ids), icfg.batch_size):
-        chunk = ids[k:k + icfg.batch_size]
-        rows = [data.rows[by_id[i]] for i in chunk]
-        x0 = data.load([by_id[i] for i in chunk]).to(device)
-        obs = data.cond[[by_id[i] for i in chunk]].to(device)
-        new = torch.tensor([encode_row({**r, **profiles.get(r["id"], {}), **change}, datasets,
-                                       f"--set/--profile for {r['id']}") for r in rows], device=device)
+    if rank == 0:
+        atomic_save(os.path.join(icfg.out, "meta.csv"), lambda tmp: write_csv(tmp, out_rows))
+    mine = list(range(rank, len(ids), world))                    # under torchrun each rank edits its share
+    for k in range(0, len(mine), icfg.batch_size):
+        chunk = mine[k:k + icfg.batch_size]
+        rows = [by_id[ids[j]] for j in chunk]
+        x0, obs = data.load(rows).to(device), data.cond[rows].to(device)
         z, n1 = solve(velocity_fn(model, obs, icfg, device), x0, 0.0, 1.0, icfg.solver, icfg.steps, icfg.rtol,
                       icfg.atol, cfg.shift)              # abduction: the sampling grid, reversed
-        x1, n2 = solve(velocity_fn(model, new, icfg, device), z, 1.0, 0.0, icfg.solver, icfg.steps, icfg.rtol,
+        cf = torch.tensor([new[j] for j in chunk], device=device)
+        x1, n2 = solve(velocity_fn(model, cf, icfg, device), z, 1.0, 0.0, icfg.solver, icfg.steps, icfg.rtol,
                        icfg.atol, cfg.shift)             # prediction under the intervened metadata
         with torch.no_grad():
             a, b = (decode(x0), decode(x1)) if decode else (x0, x1)
-        for r, xa, xb, c in zip(rows, a, b, new.tolist()):
-            save_png16(os.path.join(icfg.out, f"{r['id']}.png"), xb)
-            save_grid(os.path.join(icfg.out, f"{r['id']}_grid.png"), torch.stack([xa, xb, (xb - xa).abs() * 2 - 1]),
+        for j, xa, xb in zip(chunk, a, b):
+            save_png16(os.path.join(icfg.out, f"{ids[j]}.png"), xb)
+            save_grid(os.path.join(icfg.out, f"{ids[j]}_grid.png"), torch.stack([xa, xb, (xb - xa).abs() * 2 - 1]),
                       ncol=3, labels=["original", "edit", "|difference|"])
-            out_rows.append({**{c: "" for c in META_COLUMNS}, **{k: r.get(k, "") for k in META_COLUMNS},
-                             **decode_row(c, datasets), "source_path": f"{r['id']}.png"})
-        print(f"edited {k + len(chunk)}/{len(ids)} ({n1} + {n2} model evaluations)", flush=True)
-    atomic_save(os.path.join(icfg.out, "meta.csv"), lambda tmp: write_csv(tmp, out_rows))
+        print(f"rank {rank}: edited {k + len(chunk)}/{len(mine)} ({n1} + {n2} model evaluations)", flush=True)
+    if world > 1:
+        dist.barrier()
     return out_rows
 
 
