@@ -89,7 +89,7 @@ class Config:
     res_balance: float = arg(0.3, "mp_sum balance of the residual branches (radit Table 4)")
     attn_balance: float = arg(0.3, "mp_sum balance of the attention branches (radit Table 4)")
     logvar_init: float = arg(-8.0, "initial posterior log-variance (a learned per-channel offset)")
-    image_size: int = arg(0, "training image side in pixels; 0: the dataset's size (centre crop when smaller)")
+    image_size: int = arg(0, "training side in pixels; 0: the dataset's side; smaller: random crops (patches)")
     rec: str = arg("l1", "reconstruction loss: l1 | l2")
     kl_weight: float = arg(0.0, "KL weight beta (radit Table 7: 0)")
     perceptual: str = arg("raddino", "perceptual network: raddino | dinov2 | <transformers id or folder> | none")
@@ -527,12 +527,14 @@ def permutation(n, seed, epoch):
     return torch.randperm(n, generator=generator(seed, 1, epoch))
 
 
-def crop(x, size):
-    """Centre crop to size x size (training at a lower side than the data's)."""
+def crop(x, size, offsets=None):
+    """size x size crops: at the given per-image (row, col) offsets (patch training), else centred."""
     if not size or size == x.shape[-1]:
         return x
-    o = (x.shape[-1] - size) // 2
-    return x[..., o:o + size, o:o + size]
+    if offsets is None:
+        o = (x.shape[-1] - size) // 2
+        return x[..., o:o + size, o:o + size]
+    return torch.stack([im[..., r:r + size, c:c + size] for im, (r, c) in zip(x, offsets.tolist())])
 
 
 def to_uint16(x):
@@ -731,7 +733,10 @@ def train(cfg):
     pool = ThreadPoolExecutor(1)                                 # reads the next batch while this one trains
     def fetch(s):
         rows = batch_rows(s, len(data), cfg.batch_size, lo, lo + per_rank, cfg.seed)
-        return rows, pool.submit(lambda: crop(data.load(rows), cfg.image_size).to(device, non_blocking=True))
+        # Patch training when --image-size is below the data's side: random crops, a function of (seed, step).
+        offsets = torch.randint(0, data.shape[-1] - cfg.image_size + 1, (cfg.batch_size, 2),
+                                generator=generator(cfg.seed, 2, s))[lo:lo + per_rank]
+        return rows, pool.submit(lambda: crop(data.load(rows), cfg.image_size, offsets).to(device, non_blocking=True))
     nxt = fetch(step)
     acc = torch.zeros(6, device=device)                          # loss, rec, perceptual, kl sums, count, grad norm
     bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
