@@ -124,6 +124,7 @@ class Config:
     min_group: int = arg(10, "subgroups with fewer test images are listed but not ranked", only="fairness")
     mask: str = arg("Pleural Effusion", "mask to segment (a name in the dataset's info.json mask_names)",
                     only="segment")
+    pos_weight: float = arg(10.0, "weight of foreground pixels in the BCE", only="segment")
     eval: bool = arg(False, "evaluate --ckpt on --test only, no training")
     ckpt: str = arg("", "run folder or checkpoint for --eval")
     roc_plot: str = arg("", "PNG with the ROC curves of the first run on the first test set")
@@ -353,6 +354,8 @@ class UNet(nn.Module):
         self.dec = nn.ModuleList(nn.Sequential(*conv_bn(w, w // 2), *conv_bn(w // 2, w // 2)) for w in ws[:0:-1])
         self.head = nn.Conv2d(width, n_out, 1)
         init_weights(self)
+        nn.init.normal_(self.head.weight, std=0.01)              # start near p = sigmoid(-3): foreground is rare
+        nn.init.constant_(self.head.bias, -3.0)
 
     def forward(self, x):
         skips = []
@@ -436,11 +439,13 @@ def masked_bce(logits, target):
     return (loss * known).sum() / known.sum().clamp(min=1)
 
 
-def seg_loss(logits, target):
-    """BCE + soft Dice (over the batch), the usual pair for thin, rare foreground."""
+def seg_loss(logits, target, pos_weight=10.0):
+    """Foreground-weighted BCE + soft Dice over the batch: without the weight, a small U-Net learns to predict
+    nothing first (findings cover ~2% of the pixels) and stays there for hundreds of steps."""
     p = torch.sigmoid(logits.float())
     dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
-    return F.binary_cross_entropy_with_logits(logits.float(), target) + dice
+    w = torch.tensor(pos_weight, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=w) + dice
 
 
 def weighted_auroc(y, s, w):
@@ -654,6 +659,12 @@ class Source:
         if self.kind == "dataset":
             self.info = read_json(os.path.join(self.folder, "info.json"), "the dataset's info.json")
             self.size = int(self.info["size"])
+        elif rows:                                               # the samplers' folders: the first image's side
+            first = os.path.join(self.folder, f"{rows[0]['id']}.png")
+            if not os.path.isfile(first):
+                raise SystemExit(f"{first}: no such image; expected one PNG per meta.csv row named <id>.png")
+            with Image.open(first) as im:
+                self.info, self.size = {}, max(im.size)
         else:
             self.info, self.size = {}, 0
         self.cache_gb, self._pix = cfg.cache_gb, None
@@ -693,7 +704,6 @@ class Source:
             return
         n = len(self.rows)
         if self.kind == "png":
-            self.size = self.size or size
             if n * self.size ** 2 * 4 > self.cache_gb * 2**30:
                 return
             self._pix = torch.stack([read_png(os.path.join(self.folder, f"{r['id']}.png"), self.size) for r in self.rows])
@@ -973,10 +983,12 @@ def predict(model, pool, cfg, device, masks=False, batch=128):
 
 
 def val_score(model, pool, cfg, device):
-    """Early-stopping score: macro AUROC (classification) or mean Dice (segmentation) on validation."""
+    """Early-stopping score: macro AUROC (classification), or for segmentation the mean of positive and negative
+    Dice (plain Dice would prefer a model that predicts nothing when most images have no finding)."""
     p = predict(model, pool, cfg, device)
     if cfg.task == "segment":
-        return dice_summary(p[:, 0] > 0.5, np.concatenate([s.masks.numpy()[:, 0] for s in pool.sources]))["dice"]
+        d = dice_summary(p[:, 0] > 0.5, np.concatenate([s.masks.numpy()[:, 0] for s in pool.sources]))
+        return float(np.mean([v for v in (d["positive_dice"], d["negative_dice"]) if v is not None]))
     return auroc_table(pool.y, p, n_boot=0)["macro"] or 0.0
 
 
@@ -1049,7 +1061,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
             with sync:
                 with autocast(device):
                     out = model(x[sl])
-                loss = seg_loss(out, target[sl]) if seg else masked_bce(out, target[sl])
+                loss = seg_loss(out, target[sl], cfg.pos_weight) if seg else masked_bce(out, target[sl])
                 (loss / accum).backward()
             acc[0] += loss.detach()
             acc[1] += 1

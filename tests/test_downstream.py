@@ -264,7 +264,8 @@ def big_phantom(tmp_path_factory):
 def classify_run(big_phantom, phantom_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("classify"))
     argv = ["--train", f"real={big_phantom}:all", "--val", f"{phantom_dir}:val", "--test", f"ph={phantom_dir}:all",
-            "--labels", LABELS3, "--out", out, "--batch-size", "32", "--max-steps", "300", "--eval-every", "100",
+            "--labels", LABELS3, "--views", "PA,AP", "--out", out, "--batch-size", "32", "--max-steps", "300",
+            "--eval-every", "100",
             "--weighted-sampling", "--n-boot", "200", "--roc-plot", os.path.join(out, "roc.png")]
     return out, D.main(argv)
 
@@ -279,7 +280,7 @@ def test_classify_reaches_auroc_on_phantom(classify_run, capsys):
     md = open(os.path.join(out, "results.md")).read()
     assert "| Training data | Crm | Ple | Ptx | Avg | F1 | Acc |" in md and "| real |" in md
     with Image.open(os.path.join(out, "roc.png")) as im:
-        assert im.size[0] > 500 and len(set(im.convert("RGB").getdata())) > 3
+        assert im.size[0] > 500 and len(im.convert("RGB").getcolors(1 << 20)) > 3
 
 
 def test_fairness_reports_planted_gap(classify_run, phantom_dir, tmp_path):
@@ -329,7 +330,7 @@ def test_fairness_reports_planted_gap(classify_run, phantom_dir, tmp_path):
 
 def test_eval_mode_reproduces_training_evaluation(classify_run, phantom_dir, tmp_path):
     out, results = classify_run
-    res = D.main(["--eval", "--ckpt", os.path.join(out, "real", "run0"), "--test", f"ph={phantom_dir}:all",
+    res = D.main(["--eval", "--ckpt", os.path.join(out, "real", "run0"), "--test", f"ph={phantom_dir}:all", "--views", "PA,AP",
                   "--val", f"{phantom_dir}:val", "--n-boot", "200", "--out", str(tmp_path)])
     a, b = res["run0"]["runs"][0]["ph"], results["real"]["runs"][0]["ph"]
     assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-9) and a["macro_ci"] == pytest.approx(b["macro_ci"], abs=1e-9)
@@ -378,7 +379,7 @@ def test_pretrain_finetune_curve(phantom_dir, tmp_path):
 def test_segment_effusion_dice(phantom_dir, tmp_path):
     out = str(tmp_path / "seg")
     res = D.main(["segment", "--train", f"real={phantom_dir}:train", "--mask", "Pleural Effusion", "--width", "8",
-                  "--batch-size", "16", "--max-steps", "150", "--eval-every", "50", "--lr", "5e-3", "--out", out])
+                  "--batch-size", "16", "--max-steps", "120", "--eval-every", "40", "--lr", "5e-3", "--out", out])
     s = res["real"]["runs"][0][os.path.basename(phantom_dir)]
     assert s["positive_dice"] > 0.5 and s["negative_dice"] > 0.5 and s["n_positive"] > 5, s
 
@@ -402,6 +403,7 @@ def test_bad_input(phantom_dir, tmp_path):
     os.makedirs(tmp_path / "nolabels")
     with open(tmp_path / "nolabels" / "meta.csv", "w") as f:
         f.write("id,sex,age\na,F,40\n")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "nolabels" / "a.png")
     for argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             D.main(argv + ["--out", str(tmp_path / "o")])
