@@ -1151,9 +1151,10 @@ def diversity(fake, cfg):
     rng = np.random.default_rng(cfg.seed)
     means, npairs = [], 0
     for g in groups:
-        pairs = [(a, b) for ai, a in enumerate(g) for b in g[ai + 1:]]
-        if len(pairs) > cfg.max_pairs:
-            pairs = [pairs[j] for j in rng.choice(len(pairs), cfg.max_pairs, replace=False)]
+        if len(g) * (len(g) - 1) // 2 <= cfg.max_pairs:
+            pairs = [(a, b) for ai, a in enumerate(g) for b in g[ai + 1:]]
+        else:  # large group: random distinct pairs, never the full list of n^2/2
+            pairs = sorted({tuple(sorted(rng.choice(g, 2, replace=False).tolist())) for _ in range(cfg.max_pairs)})
         need = sorted({i for p in pairs for i in p})
         kept, px = _pixels(fake, need, cfg.pixel_size, cfg)
         row = {i: r for r, i in enumerate(kept)}
