@@ -16,6 +16,7 @@ Sample (EMA weights; PNGs + meta.csv in the DESIGN.md §4 schema; resumable; sha
     python rectified_flow.py sample --ckpt runs/rf --n 1000 --cond "Cardiomegaly=1,sex=F,age=70,view=PA" \
         --solver euler --steps 50 --cfg 4.0 --out fake/ --seed 0
     python rectified_flow.py sample --ckpt runs/rf --cond data/phantom/meta.csv --out fake/   # one image a row
+    torchrun --nproc_per_node=8 rectified_flow.py sample --ckpt runs/xl --num-images 50000 --out fake/  # (not --n)
 Counterfactual edit (radit §5.3; --profile takes the full profiles computed by flow_scm.py):
     python rectified_flow.py edit --ckpt runs/rf --set "Cardiomegaly=1" --n 8 --out edits/    # 8 test images
     python rectified_flow.py edit --ckpt runs/rf --data D --ids ID1,ID2 --profile scm_profiles.csv --out edits/
@@ -71,9 +72,9 @@ from kernels import attention, rms_norm
 # Config: one dataclass, size presets, CLI generated from the fields
 
 
-def arg(default, help, only=None):
-    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
-    return field(default=default, metadata={"help": help, "only": only})
+def arg(default, help, only=None, alias=None):
+    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it; `alias`: 2nd flag)."""
+    return field(default=default, metadata={"help": help, "only": only, "alias": alias})
 
 
 CXR7 = "MIMIC-CXR,CheXpert-Plus,ReXGradient-160K,PadChest,VinDr-CXR,ChestX-ray14,BRAX"   # radit §3
@@ -138,7 +139,8 @@ class InferConfig:
     """Options of the `sample` and `edit` subcommands (the model's own config comes from the checkpoint)."""
     ckpt: str = arg("runs/rf", "run folder or checkpoint file (EMA weights are used)")
     out: str = arg("fake", "output folder: PNGs and meta.csv")
-    n: int = arg(0, "number of images; 0: one per --cond CSV row, else 16 (edit: 16 test rows when no --ids)")
+    n: int = arg(0, "number of images; 0: one per --cond CSV row, else 16 (edit: 16 test rows when no --ids); "
+                    "under torchrun spell it --num-images (torchrun's parser claims --n)", alias="--num-images")
     cond: str = arg("", "conditions: a meta.csv, or 'Var=value,...' (e.g. 'Cardiomegaly=1,sex=F'); '': none",
                     only="sample")
     data: str = arg("", "dataset to edit (default: the checkpoint's training data)", only="edit")
@@ -165,11 +167,12 @@ def build_parser(cls, prog, doc, only=None):
         if f.metadata["only"] not in (None, only):
             continue
         preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]")
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]", dest=f.name)
+        flags = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata["alias"] else [])
         if isinstance(f.default, bool):
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+            p.add_argument(*flags, type=type(f.default), **kw)
     return p
 
 
