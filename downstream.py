@@ -1,22 +1,18 @@
 """downstream.py: the utility of synthetic chest radiographs, measured by the models trained on them.
 
-The experiments of the papers, on any prepared dataset and any folder the samplers write:
-- classify: a multi-label classifier over the 14 CheXpert labels (or a subset) trained on real, synthetic or mixed
-  data; per-label AUROC and macro AUROC with 95% bootstrap CIs on each test set, mean +- std over --runs seeds,
-  accuracy and F1 at thresholds chosen on validation (multicond §3.3, §4, Tables 1 and 3; chexgenbench §2.4,
-  Table 4, App. A.7; chexgen Methods "Downstream tasks").
-- pretrain-finetune: pretrain on synthetic data, finetune on 1..100% of the real data (chexgen Fig. 4, Methods
-  "Supervised pretraining experiments").
-- fairness: per-subgroup metrics (sex, race, age 19-40 / 41-65 / 66+, intersections), worst group, best-worst gap,
-  Pearson r of the subgroup metrics between a real and a synthetic test cohort; --balance adds synthetic images
-  to under-represented groups until parity (chexgen Fig. 5c-d, Methods "Model bias detection and mitigation").
-- segment: a U-Net on dataset masks; Dice, positive Dice and negative Dice (chexgen Fig. 3d, Methods).
+The papers' experiments, on any prepared dataset and any folder the samplers write (--task, default classify):
+- classify: multi-label classifier over the 14 CheXpert labels (or --labels) trained on real, synthetic or mixed
+  data; per-label and macro AUROC with 95% bootstrap CIs on each test set, mean +- std over --runs seeds, accuracy
+  and F1 at thresholds chosen on validation (multicond §3.3, §4, Tables 1, 3; chexgenbench §2.4, Table 4, A.7).
+- pretrain-finetune: pretrain on synthetic data, finetune on 1..100% of the real data (chexgen Fig. 4, Methods).
+- fairness: metrics by sex, race, age (19-40 / 41-65 / 66+) and intersections, worst group, best-worst gap, Pearson
+  r of the subgroup metrics between a real and a synthetic test cohort; --balance tops up under-represented groups
+  with synthetic images until parity (chexgen Fig. 5c-d, Methods "Model bias detection and mitigation").
+- segment: U-Net on dataset masks; Dice, positive and negative Dice (chexgen Fig. 3d, Methods).
+DenseNet-121 and ResNet-50 carry torchvision's parameter names: --init imagenet:densenet121-a639ec97.pth (or a
+.safetensors of it) loads unchanged, the first convolution summed over RGB, the head replaced.
 
-Networks are written here with torchvision's parameter names (DenseNet-121, ResNet-50), so ImageNet checkpoints
-load unchanged: --init imagenet:densenet121-a639ec97.pth (or a .safetensors of that state_dict); the first
-convolution becomes 1-channel by summing its RGB weights, the classifier head is replaced.
-
-Commands (no --task means classify; the first word may also be the task):
+Commands (the first word may also be the task):
     python downstream.py --train real=data/phantom:train --test data/phantom:test          # CPU, minutes (tiny)
     python downstream.py --train "real=data/mimic:train; syn=runs/rf/samples; real=data/mimic:train,syn=runs/rf/samples" \
         --mix 1:1 --test "mimic=data/mimic:test,chexpert=data/chexpert:test" --size densenet121 --runs 5 \
@@ -26,18 +22,16 @@ Commands (no --task means classify; the first word may also be the task):
     python downstream.py fairness --train real=data/mimic:train --test data/mimic:test --syn-test runs/rf/cohort \
         --balance runs/rf/minority                                                         # chexgen Fig. 5c-d
     python downstream.py segment --train real=data/phantom:train --mask "Pleural Effusion"
-    python downstream.py --eval --ckpt runs/downstream/real/run0 --test data/phantom:test --roc-plot roc.png
+    python downstream.py --eval --ckpt runs/downstream/real/run0 --test data/phantom:test --val data/phantom:val
     torchrun --nproc_per_node=8 downstream.py --size densenet121 ...                       # DDP, bf16
 
 Training data: `;` separates experiments (the rows of the table); within one, `,` joins sources `name=folder[:split]`.
-A source is a DESIGN.md §4 dataset folder (meta.csv, shards/, info.json; `:split` picks train / val / test) or a
-folder of generated images: `<folder>/meta.csv` (columns id + the 14 labels + sex / age / race / view, as the
-samplers write) and one PNG per row, `<folder>/<id>.png`, greyscale 8- or 16-bit (segmentation: the mask of a
-row is `<folder>/<id>_mask.png`, non-zero = foreground). Sources named `syn...` are synthetic: --syn-ratio R uses
-R x (number of real images) of them; --mix 1:1 fixes the share of each source in every batch.
-
-Outputs in --out: one folder per experiment and run (ckpt.safetensors for resume, best.safetensors for the
-early-stopped weights, log.jsonl), results.json with every number, results.md with the tables also printed.
+A source is a DESIGN.md §4 dataset folder (`:split` picks train / val / test / all) or a folder of generated images:
+`<folder>/meta.csv` (id + the 14 labels + sex / age / race / view, as the samplers write) and one greyscale 8- or
+16-bit PNG per row, `<folder>/<id>.png` (segmentation: its mask `<folder>/<id>_mask.png`, non-zero = foreground).
+Sources named `syn...` are synthetic: --syn-ratio R keeps R x (real images) of each; --mix 1:1 fixes the share of
+each source in every batch. --out gets one folder per experiment and run (ckpt.safetensors to resume,
+best.safetensors: early-stopped weights, log.jsonl), predictions/*.csv, results.json (every number), results.md.
 """
 from __future__ import annotations
 
@@ -53,6 +47,8 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -65,6 +61,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from scipy.stats import pearsonr
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass, size presets, CLI generated from the fields
@@ -79,22 +76,19 @@ def arg(default, help, only=None):
 class Config:
     """Experiment, model and training configuration; stored in every checkpoint."""
     task: str = arg("classify", "classify | pretrain-finetune | fairness | segment")
-    train: str = arg("real=data/phantom:train", "training data: experiments separated by ';', sources "
-                     "name=folder[:split] joined by ','")
-    val: str = arg("", "validation source (early stopping, thresholds); '': the first source's val split, "
-                   "else 10%% of its training rows")
+    train: str = arg("real=data/phantom:train", "experiments separated by ';', each name=folder[:split] sources by ','")
+    val: str = arg("", "validation set (early stopping, thresholds); '': the first source's val split, or 10%% of it")
     test: str = arg("", "test sets name=folder[:split], ','-separated; '': the first source's test split")
     out: str = arg("runs/downstream", "output folder: one run folder per experiment and seed, results.json/.md")
     size: str = arg("tiny", "preset: tiny | densenet121 | resnet50 | unet")
     arch: str = arg("tiny", "network: tiny | densenet121 | resnet50 | unet (segment always uses unet)")
     width: int = arg(16, "base width of the tiny CNN and of the U-Net")
-    init: str = arg("", "'': random; imagenet:FILE (.pth or .safetensors torchvision state_dict); or a run "
-                    "folder / checkpoint of this script (pretrain -> finetune)")
+    init: str = arg("", "'': random; imagenet:FILE (torchvision .pth / .safetensors); or a run folder of this script")
     labels: str = arg("", "comma-separated labels to classify; '': the 14 CheXpert labels")
     uncertain: str = arg("ignore", "uncertain (-1) labels: ignore (masked like missing) | ones | zeros")
     views: str = arg("", "keep only these views, e.g. PA,AP (multicond §4: frontal only); '': all")
     mix: str = arg("", "share of each source in every batch, e.g. 1:1; '': sources concatenated")
-    syn_ratio: float = arg(0.0, "use R x n_real images of the synthetic (syn...) sources (chexgen: 1x, 2x); 0: all")
+    syn_ratio: float = arg(0.0, "use R x n_real images of each synthetic (syn...) source (chexgen: 1x, 2x); 0: all")
     weighted_sampling: bool = arg(False, "sample rows so every label is equally represented (chexgen Methods)")
     img_size: int = arg(0, "input side in pixels (papers: 224 or 256); 0: the first source's size")
     batch_size: int = arg(64, "global batch size (chexgen: 128)")
@@ -119,11 +113,9 @@ class Config:
     syn_test: str = arg("", "synthetic test cohort (matched to --test) for bias detection", only="fairness")
     balance: str = arg("", "synthetic folder whose images top up under-represented groups", only="fairness")
     balance_by: str = arg("sex,race,age", "attributes whose intersections are balanced", only="fairness")
-    fair_metric: str = arg("f1", "subgroup metric for worst / gap / Pearson: f1 (chexgen: weighted F1) | auroc",
-                           only="fairness")
+    fair_metric: str = arg("f1", "worst / gap / Pearson metric: f1 (chexgen: weighted F1) | auroc", only="fairness")
     min_group: int = arg(10, "subgroups with fewer test images are listed but not ranked", only="fairness")
-    mask: str = arg("Pleural Effusion", "mask to segment (a name in the dataset's info.json mask_names)",
-                    only="segment")
+    mask: str = arg("Pleural Effusion", "mask to segment (a name in info.json mask_names)", only="segment")
     pos_weight: float = arg(10.0, "weight of foreground pixels in the BCE", only="segment")
     eval: bool = arg(False, "evaluate --ckpt on --test only, no training")
     ckpt: str = arg("", "run folder or checkpoint for --eval")
@@ -139,24 +131,18 @@ class Config:
 
 # chexgen Methods: DenseNet-121, batch 128, AdamW, 256 px; chexgenbench Table 12: ResNet-50 lr 1e-4, U-Net lr 5e-5;
 # chexgen segmentation: batch 32, lr 1e-3. tiny is for tests and the CPU demo.
-PRESETS = {
-    "tiny": dict(arch="tiny", width=16, img_size=0, batch_size=64, lr=3e-3, max_steps=400, eval_every=100),
-    "densenet121": dict(arch="densenet121", img_size=224, batch_size=128, lr=1e-4, max_steps=20000, eval_every=1000,
-                        log_every=100, ckpt_every=1000),
-    "resnet50": dict(arch="resnet50", img_size=224, batch_size=128, lr=1e-4, max_steps=20000, eval_every=1000,
-                     log_every=100, ckpt_every=1000),
-    "unet": dict(arch="unet", width=32, img_size=256, batch_size=32, lr=1e-3, max_steps=10000, eval_every=500,
-                 log_every=100, ckpt_every=1000),
-}
+_BIG = dict(img_size=224, batch_size=128, lr=1e-4, max_steps=20000, eval_every=1000, log_every=100, ckpt_every=1000)
+PRESETS = {"tiny": dict(arch="tiny", width=16, img_size=0, batch_size=64, lr=3e-3, max_steps=400, eval_every=100),
+           "densenet121": dict(_BIG, arch="densenet121"), "resnet50": dict(_BIG, arch="resnet50"),
+           "unet": dict(_BIG, arch="unet", width=32, img_size=256, batch_size=32, lr=1e-3, max_steps=10000)}
+SAFE = re.compile(r"[^A-Za-z0-9_.+-]")                          # run-folder names from row names
 TASKS = ("classify", "pretrain-finetune", "fairness", "segment")   # issue 14 adds predict-metadata, edit-eval
 
 
-def build_parser(cls, prog, doc, only=None):
+def build_parser(cls, prog, doc):
     """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
-        if f.metadata["only"] not in (None, only) and only is not None:
-            continue
         preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) else ""
         task = f" [{f.metadata['only']} only]" if f.metadata["only"] else ""
         kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']}{task} [default: {f.default}{preset}]")
@@ -251,25 +237,18 @@ class DenseNet121(nn.Module):
 
     def __init__(self, n_out, in_ch=1, growth=32, blocks=(6, 12, 24, 16), init=64, bn_size=4):
         super().__init__()
-        f = nn.Sequential()
-        f.add_module("conv0", nn.Conv2d(in_ch, init, 7, stride=2, padding=3, bias=False))
-        f.add_module("norm0", nn.BatchNorm2d(init))
-        f.add_module("relu0", nn.ReLU(inplace=True))
-        f.add_module("pool0", nn.MaxPool2d(3, stride=2, padding=1))
+        f = nn.Sequential(OrderedDict(conv0=nn.Conv2d(in_ch, init, 7, stride=2, padding=3, bias=False),
+                                      norm0=nn.BatchNorm2d(init), relu0=nn.ReLU(inplace=True),
+                                      pool0=nn.MaxPool2d(3, stride=2, padding=1)))
         c = init
         for i, n in enumerate(blocks):
-            block = nn.Sequential()
-            for j in range(n):
-                block.add_module(f"denselayer{j + 1}", DenseLayer(c + j * growth, growth, bn_size))
-            f.add_module(f"denseblock{i + 1}", block)
+            f.add_module(f"denseblock{i + 1}", nn.Sequential(OrderedDict(
+                (f"denselayer{j + 1}", DenseLayer(c + j * growth, growth, bn_size)) for j in range(n))))
             c += n * growth
             if i < len(blocks) - 1:
-                t = nn.Sequential()
-                t.add_module("norm", nn.BatchNorm2d(c))
-                t.add_module("relu", nn.ReLU(inplace=True))
-                t.add_module("conv", nn.Conv2d(c, c // 2, 1, bias=False))
-                t.add_module("pool", nn.AvgPool2d(2, stride=2))
-                f.add_module(f"transition{i + 1}", t)
+                f.add_module(f"transition{i + 1}", nn.Sequential(OrderedDict(
+                    norm=nn.BatchNorm2d(c), relu=nn.ReLU(inplace=True), conv=nn.Conv2d(c, c // 2, 1, bias=False),
+                    pool=nn.AvgPool2d(2, stride=2))))
                 c //= 2
         f.add_module("norm5", nn.BatchNorm2d(c))
         self.features, self.classifier = f, nn.Linear(c, n_out)
@@ -411,21 +390,21 @@ def load_imagenet(model, path):
     if missing or unexpected:
         raise SystemExit(f"{path}: not a torchvision {type(model).__name__} state_dict (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    return model
 
 
 def load_init(model, init):
     """--init: imagenet:FILE, or a run folder / checkpoint of this script (the head is kept when it fits)."""
-    if not init:
-        return
-    if init.startswith("imagenet:"):
-        return load_imagenet(model, init[len("imagenet:"):])
+    if not init or init.startswith("imagenet:"):
+        return load_imagenet(model, init[len("imagenet:"):]) if init else model
     _, parts, path = read_checkpoint(init, prefixes=("model.",))
     sd, own = parts["model."], model.state_dict()
     bad = [k for k in sd if k in own and sd[k].shape != own[k].shape and not k.startswith(HEADS)]
     if bad or set(own) - set(sd):
         raise SystemExit(f"{path}: weights of another network (e.g. {(bad or sorted(set(own) - set(sd)))[:2]}); "
                          f"expected a checkpoint of --arch {type(model).__name__}")
-    model.load_state_dict({k: v for k, v in sd.items() if own[k].shape == v.shape}, strict=False)
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}, strict=False)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,8 +464,8 @@ def auroc_table(y, s, n_boot=1000, seed=0):
         point.append(auroc(y[k, j], s[k, j]) if k.any() else math.nan)
         boots.append(weighted_auroc(y[k, j], s[k, j], counts[:, k]) if k.any() and n_boot else np.full(n_boot, np.nan))
     point, boots = np.array(point), np.stack(boots, 1)           # [L], [B, L]
-    with np.errstate(invalid="ignore"), __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings():                              # all-NaN slices (labels absent) are expected
+        warnings.simplefilter("ignore", RuntimeWarning)
         macro_b = np.nanmean(np.where(np.isnan(point), np.nan, boots), 1)
         ci = lambda v: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] if np.isfinite(v).any() else [None, None]
         out = {"auroc": [None if math.isnan(p) else p for p in point],
@@ -528,17 +507,13 @@ def threshold_metrics(y, s, t):
             "weighted_f1": float((f1a[ok] * sup[ok]).sum() / sup[ok].sum()) if ok.any() else None}
 
 
-def dice_scores(pred, target):
-    """Per-image Dice of binary masks [N, H, W]; 1 when both are empty (the SIIM-ACR convention)."""
-    p, g = pred.reshape(len(pred), -1).astype(bool), target.reshape(len(target), -1).astype(bool)
-    inter, tot = (p & g).sum(1), p.sum(1) + g.sum(1)
-    return np.where(tot > 0, 2 * inter / np.maximum(tot, 1), 1.0)
-
-
 def dice_summary(pred, target):
-    """Dice over all images, positive Dice (images with foreground) and negative Dice (images without: 1 when
-    nothing is predicted), as chexgen reports for pneumothorax (Fig. 3d, Methods)."""
-    d, has = dice_scores(pred, target), target.reshape(len(target), -1).any(1)
+    """Per-image Dice of binary masks [N, H, W] (1 when both are empty, the SIIM-ACR convention), averaged over all
+    images, over images with foreground (positive Dice) and without (negative Dice: 1 when nothing is predicted),
+    as chexgen reports for pneumothorax (Fig. 3d, Methods)."""
+    p, g = pred.reshape(len(pred), -1).astype(bool), target.reshape(len(target), -1).astype(bool)
+    inter, tot, has = (p & g).sum(1), p.sum(1) + g.sum(1), g.any(1)
+    d = np.where(tot > 0, 2 * inter / np.maximum(tot, 1), 1.0)
     mean = lambda v: float(v.mean()) if len(v) else None
     return {"dice": mean(d), "positive_dice": mean(d[has]), "negative_dice": mean(d[~has]),
             "n_positive": int(has.sum()), "n_negative": int((~has).sum())}
@@ -550,17 +525,12 @@ def subgroup_metrics(rows, y, s, t, min_group):
                 "sex x age": ("sex", "age"), "race x age": ("race", "age"), "sex x race x age": ATTRIBUTES}
     out = {}
     for fam, attrs in families.items():
-        groups = {}
-        for i, r in enumerate(rows):
-            g = group_of(r, attrs)
-            if g:
-                groups.setdefault(g, []).append(i)
-        out[fam] = {}
-        for g, idx in sorted(groups.items()):
-            idx = np.array(idx)
-            a = auroc_table(y[idx], s[idx], n_boot=0)["macro"]
-            out[fam][g] = {"n": len(idx), "auroc": a, "f1": threshold_metrics(y[idx], s[idx], t)["weighted_f1"],
-                           "ranked": len(idx) >= min_group}
+        groups, out[fam] = {}, {}
+        for i, g in enumerate(group_of(r, attrs) for r in rows):
+            groups.setdefault(g, []).append(i)
+        for g, idx in sorted((g, np.array(idx)) for g, idx in groups.items() if g):
+            out[fam][g] = {"n": len(idx), "auroc": auroc_table(y[idx], s[idx], n_boot=0)["macro"],
+                           "f1": threshold_metrics(y[idx], s[idx], t)["weighted_f1"], "ranked": len(idx) >= min_group}
     return out
 
 
@@ -573,11 +543,13 @@ def worst_and_gap(groups, metric):
     return {"worst": worst, "worst_value": vals[worst], "best": best, "gap": vals[best] - vals[worst]}
 
 
-def pearson(a, b):
-    """Pearson r and its two-sided p-value (scipy, as chexgen's statistical analysis); None below 3 pairs."""
+def pearson(ga, gb, metric):
+    """Pearson r (two-sided p, scipy, as chexgen's statistics) of a metric over the ranked subgroups that two
+    cohorts share (chexgen Fig. 5c: real vs synthetic test cohort); None below 3 groups."""
+    common = [g for g in ga if g in gb and ga[g]["ranked"] and gb[g]["ranked"] and None not in (ga[g][metric], gb[g][metric])]
+    a, b = [ga[g][metric] for g in common], [gb[g][metric] for g in common]
     if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
         return {"r": None, "p": None, "n": len(a)}
-    from scipy.stats import pearsonr
     r = pearsonr(a, b)
     return {"r": float(r.statistic), "p": float(r.pvalue), "n": len(a)}
 
@@ -601,13 +573,6 @@ def generator(*keys, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
-def read_json(path, what):
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file; expected {what}")
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_png(path, size):
     """A greyscale PNG (8- or 16-bit) -> float32 [1, size, size] in [0, 1]; centre-padded to square first."""
     if not os.path.isfile(path):
@@ -621,9 +586,14 @@ def read_png(path, size):
     if h != w:                                                   # aspect-preserving, as DESIGN.md §4
         s = max(h, w)
         a = np.pad(a, (((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)))
-    x = torch.from_numpy(np.ascontiguousarray(a))[None, None]
-    return (F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-            if size and x.shape[-1] != size else x[0])
+    return fit(torch.from_numpy(np.ascontiguousarray(a))[None, None], size)[0]
+
+
+def fit(x, size, mode="bilinear"):
+    """[n, C, s, s] -> [n, C, size, size] (antialiased when shrinking; masks: nearest); size 0 keeps s."""
+    if not size or x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode=mode, **({"antialias": True, "align_corners": False} if mode == "bilinear" else {}))
 
 
 class Source:
@@ -631,8 +601,7 @@ class Source:
 
     def __init__(self, spec, cfg, default_split=""):
         name, eq, rest = spec.strip().partition("=")
-        if not eq:
-            name, rest = "", spec.strip()
+        name, rest = (name, rest) if eq else ("", spec.strip())
         folder, split = rest, default_split
         if ":" in rest and rest.rsplit(":", 1)[1] in ("train", "val", "test", "all"):
             folder, split = rest.rsplit(":", 1)
@@ -652,13 +621,18 @@ class Source:
         if self.split and "split" in self.columns:
             rows = [r for r in rows if r["split"] == self.split]
         views = [v.strip().upper() for v in cfg.views.split(",") if v.strip()]
-        if views:
-            rows = [r for r in rows if (r.get("view") or "").upper() in views]
-        self.rows = rows
-        self.masks = None
+        rows = [r for r in rows if (r.get("view") or "").upper() in views] if views else rows
+        self.rows, self.masks = rows, None
         if self.kind == "dataset":
-            self.info = read_json(os.path.join(self.folder, "info.json"), "the dataset's info.json")
+            path = os.path.join(self.folder, "info.json")
+            if not os.path.isfile(path):
+                raise SystemExit(f"{path}: no such file; expected the dataset's info.json (prep_data.py)")
+            with open(path) as f:
+                self.info = json.load(f)
             self.size = int(self.info["size"])
+            for shard in sorted({int(r["shard"]) for r in rows}):
+                if not os.path.isfile(p := os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")):
+                    raise SystemExit(f"{p}: no such shard; expected the shards/ named by meta.csv's shard column")
         elif rows:                                               # the samplers' folders: the first image's side
             first = os.path.join(self.folder, f"{rows[0]['id']}.png")
             if not os.path.isfile(first):
@@ -673,9 +647,6 @@ class Source:
     def __len__(self):
         return len(self.rows)
 
-    def describe(self):
-        return f"{self.name}={self.folder}" + (f":{self.split}" if self.split else "")
-
     def subset(self, idx):
         new = copy.copy(self)
         new.rows = [self.rows[int(i)] for i in idx]
@@ -683,20 +654,14 @@ class Source:
         new.masks = self.masks[torch.as_tensor(np.asarray(idx, np.int64))] if self.masks is not None else None
         return new
 
-    def _shard(self, shard):
-        path = os.path.join(self.folder, "shards", f"{int(shard):05d}.safetensors")
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path}: no such shard")
-        return self._open(path)
+    def _shard(self, shard):                                     # (shard files checked to exist in __init__)
+        return self._open(os.path.join(self.folder, "shards", f"{int(shard):05d}.safetensors"))
 
     def _read(self, key, idx, channel=None):
         """Rows idx of a shard tensor (`images` or one channel of `masks`), grouped by shard."""
-        out = [None] * len(idx)
-        for i, r in zip(range(len(idx)), (self.rows[int(j)] for j in idx)):
-            sl = self._shard(r["shard"]).get_slice(key)
-            k = int(r["index"])
-            out[i] = sl[k:k + 1] if channel is None else sl[k:k + 1, channel:channel + 1]
-        return torch.cat(out)
+        rows = [self.rows[int(j)] for j in idx]
+        sl = [(self._shard(r["shard"]).get_slice(key), int(r["index"])) for r in rows]
+        return torch.cat([s[k:k + 1] if channel is None else s[k:k + 1, channel:channel + 1] for s, k in sl])
 
     def preload(self, size):
         """Hold all pixels in memory (uint16 for datasets, float for PNGs) when they fit in --cache-gb."""
@@ -744,9 +709,8 @@ class Source:
         if absent:
             raise SystemExit(f"{self.folder}/meta.csv: no column(s) {absent}; the requested labels must be in "
                              f"every training and test set (choose others with --labels)")
-        y = np.array([[label_value(r.get(lab), policy, f"{self.folder}/meta.csv row {r['id']} {lab}") for lab in labels]
-                      for r in self.rows], np.float64).reshape(len(self.rows), len(labels))
-        return y
+        return np.array([[label_value(r.get(lab), policy, f"{self.folder}/meta.csv row {r['id']} {lab}") for lab in labels]
+                         for r in self.rows], np.float64).reshape(len(self.rows), len(labels))
 
 
 def parse_sources(text, cfg, default_split="", what="--train"):
@@ -755,7 +719,7 @@ def parse_sources(text, cfg, default_split="", what="--train"):
         raise SystemExit(f"{what} {text!r}: expected name=folder[:split] entries")
     for s in srcs:
         if not len(s):
-            raise SystemExit(f"{s.describe()}: no rows (check the split and --views)")
+            raise SystemExit(f"{s.name}: no rows (check the split and --views)")
     return srcs
 
 
@@ -784,13 +748,9 @@ class Pool:
             if not len(sel):
                 continue
             local = idx[sel] - self.offsets[k]
-            x = s.images(local)
-            if x.shape[-1] != self.size:
-                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-            xs.append(x)
+            xs.append(fit(s.images(local), self.size))
             if masks:
-                m = s.masks[torch.as_tensor(local)].float()
-                ms.append(F.interpolate(m, size=(self.size, self.size), mode="nearest") if m.shape[-1] != self.size else m)
+                ms.append(fit(s.masks[torch.as_tensor(local)].float(), self.size, "nearest"))
             order.append(sel)
         inv = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
         x = torch.cat(xs)[inv]
@@ -818,10 +778,7 @@ class TrainStream:
         self.pool, self.seed, self.B = pool, seed, cfg.batch_size
         sizes = [len(s) for s in pool.sources]
         if cfg.mix:
-            try:
-                w = [float(v) for v in cfg.mix.split(":")]
-            except ValueError:
-                w = []
+            w = [float(v) for v in cfg.mix.split(":")] if re.fullmatch(r"\d*\.?\d+(:\d*\.?\d+)*", cfg.mix) else []
             if len(w) != len(sizes) or min(w) < 0 or sum(w) <= 0:
                 raise SystemExit(f"--mix {cfg.mix!r}: expected {len(sizes)} non-negative shares like 1:1 for sources "
                                  f"{[s.name for s in pool.sources]}")
@@ -840,11 +797,10 @@ class TrainStream:
             self.weights = torch.as_tensor(w, dtype=torch.float64)
 
     def rows(self, step):
-        out = []
-        for k, (off, n, c) in enumerate(self.parts):
-            w = self.weights[off:off + n] if self.weights is not None else None
-            out.append(stream_rows(step, n, c, self.seed * 1000 + k, w) + off)
-        return torch.cat(out)
+        """The global batch of a step, shuffled so that every rank's slice mixes the sources."""
+        out = [stream_rows(step, n, c, self.seed * 1000 + k, None if self.weights is None else self.weights[off:off + n])
+               + off for k, (off, n, c) in enumerate(self.parts)]
+        return torch.cat(out)[torch.randperm(self.B, generator=generator(self.seed, 5, step))]
 
 
 def augment(x, g, cfg, m=None):
@@ -890,10 +846,7 @@ def atomic_save(path, save_fn):
 
 
 def write_json(path, obj):
-    def fn(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_save(path, fn)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def write_text(path, text):
@@ -1004,9 +957,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
     accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
 
     torch.manual_seed(seed)                                      # the same initial weights on every rank
-    raw = build_model(cfg, n_out)
-    load_init(raw, init)
-    raw = raw.to(device)
+    raw = load_init(build_model(cfg, n_out), init).to(device)
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)   # chexgen Methods
     step, state = 0, {"best": None, "best_step": 0, "bad": 0, "stopped": False}
     if cfg.resume and os.path.isfile(ckpt_path):
@@ -1014,23 +965,20 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         raw.load_state_dict(parts["model."])
         load_optimizer(opt, parts["optim."], meta["param_groups"])
         step, state = meta["step"], meta["state"]
-    if step >= cfg.max_steps or state["stopped"]:
-        if os.path.isfile(best_path):
-            raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
+    if step >= cfg.max_steps or state["stopped"]:                # a finished run: its best weights, no training
         if rank == 0:
-            print(f"{run_dir}: finished at step {step}; loaded {'best' if os.path.isfile(best_path) else 'last'} weights")
-        return raw
+            print(f"{run_dir}: finished at step {step}", flush=True)
+        return load_best(raw, best_path)
     model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    n_params = sum(p.numel() for p in raw.parameters())
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
         write_json(os.path.join(run_dir, "config.json"), asdict(cfg))
         write_json(os.path.join(run_dir, "env.json"), env)
-        print(f"{run_dir}: {cfg.arch} {n_params / 1e6:.2f}M parameters, {len(pool)} training images "
+        print(f"{run_dir}: {cfg.arch} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(pool)} training images "
               f"({', '.join(f'{s.name} {len(s)}' for s in pool.sources)}), {len(val)} validation, {world} process(es) "
               f"x {accum} micro-batch(es) of {micro}" + (f", resuming at step {step}" if step else ""), flush=True)
 
@@ -1047,8 +995,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         g = generator(seed, 2, step)
         if seg:
             x, m = pool.fetch(rows.numpy(), masks=True)
-            x, m = augment(x, g, cfg, m)
-            target = m
+            x, target = augment(x, g, cfg, m)
         else:
             x, _ = augment(pool.fetch(rows.numpy()), g, cfg)
             target = torch.as_tensor(pool.y[rows.numpy()], dtype=torch.float32)
@@ -1126,7 +1073,11 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         print(f"{run_dir}: {why} at step {step}; best validation {state['best']}", flush=True)
     if stop:
         raise SystemExit(f"SIGTERM: checkpoint {ckpt_path} saved at step {step}; rerun the command to resume")
-    if os.path.isfile(best_path):
+    return load_best(raw, best_path)
+
+
+def load_best(raw, best_path):
+    if os.path.isfile(best_path):                                # the early-stopped weights
         raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
     return raw
 
@@ -1152,16 +1103,12 @@ def experiments(cfg):
     exps = []
     for text in (t for t in cfg.train.split(";") if t.strip()):
         srcs = parse_sources(text, cfg)
-        real = sum(len(s) for s in srcs if not s.synthetic)
-        if cfg.syn_ratio > 0:
-            if not real:
-                raise SystemExit(f"--syn-ratio {cfg.syn_ratio}: experiment {text.strip()!r} has no real source")
-            for k, s in enumerate(srcs):
-                want = round(cfg.syn_ratio * real)
-                if s.synthetic:
-                    if want > len(s):
-                        raise SystemExit(f"{s.describe()}: {len(s)} images; --syn-ratio {cfg.syn_ratio} needs {want}")
-                    srcs[k] = s.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(s))[:want]))
+        want = round(cfg.syn_ratio * sum(len(s) for s in srcs if not s.synthetic))
+        for k, s in enumerate(srcs):                             # --syn-ratio: experiments with a real source
+            if s.synthetic and want:
+                if want > len(s):
+                    raise SystemExit(f"{s.name}: {len(s)} images; --syn-ratio {cfg.syn_ratio} needs {want}")
+                srcs[k] = s.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(s))[:want]))
         exps.append(("+".join(s.name for s in srcs), srcs))
     if not exps:
         raise SystemExit(f"--train {cfg.train!r}: expected at least one name=folder[:split] source")
@@ -1201,8 +1148,7 @@ def evaluate_classifier(model, pools, val_pool, cfg, device, labels):
         r = auroc_table(pool.y, p, cfg.n_boot, cfg.seed)
         r.update(threshold_metrics(pool.y, p, t), thresholds=t.tolist(), n=len(pool),
                  positives=[int(np.nansum(pool.y[:, j] == 1)) for j in range(len(labels))])
-        res[name] = r
-        res[name]["_scores"] = p
+        res[name] = {**r, "_scores": p}
     return res
 
 
@@ -1230,9 +1176,9 @@ def classify_tables(results, labels, test_names, n_runs):
     Table 1, chexgenbench Table 4); then Avg per test set with the difference to the first row (multicond Table 3)."""
     out = []
     for t in test_names:
-        out.append(f"\nAUROC on {t}" + (f" (mean +- std over {n_runs} runs)" if n_runs > 1 else " (Avg with 95% bootstrap CI)")
-                   + "\n\n| Training data | " + " | ".join(ABBR[lab] for lab in labels) + " | Avg | F1 | Acc |")
-        out.append("|---" * (len(labels) + 4) + "|")
+        out += [f"\nAUROC on {t}" + (f" (mean +- std over {n_runs} runs)" if n_runs > 1 else " (Avg with 95% bootstrap CI)")
+                + "\n\n| Training data | " + " | ".join(ABBR[lab] for lab in labels) + " | Avg | F1 | Acc |",
+                "|---" * (len(labels) + 4) + "|"]
         for row, res in results.items():
             s = res["summary"][t]
             avg = fmt(s["macro_mean"]) + (f" +- {fmt(s['macro_std'])}" if n_runs > 1 else
@@ -1240,15 +1186,13 @@ def classify_tables(results, labels, test_names, n_runs):
             out.append(f"| {row} | " + " | ".join(fmt(v) for v in s["auroc_mean"]) + f" | {avg} | "
                        f"{fmt(s['macro_f1_mean'])} | {fmt(s['accuracy_mean'])} |")
     if len(results) > 1 or len(test_names) > 1:
-        out.append("\nAverage AUROC by test set (difference to the first row)\n\n| Data | " + " | ".join(test_names) + " |")
-        out.append("|---" * (len(test_names) + 1) + "|")
+        out += ["\nAverage AUROC by test set (difference to the first row)\n\n| Data | " + " | ".join(test_names) + " |",
+                "|---" * (len(test_names) + 1) + "|"]
         base = next(iter(results.values()))["summary"]
         for k, (row, res) in enumerate(results.items()):
-            cells = []
-            for t in test_names:
-                m, b = res["summary"][t]["macro_mean"], base[t]["macro_mean"]
-                cells.append(fmt(m) + (f" ({m - b:+.3f})" if k and m is not None and b is not None else ""))
-            out.append(f"| {row} | " + " | ".join(cells) + " |")
+            mb = [(res["summary"][t]["macro_mean"], base[t]["macro_mean"]) for t in test_names]
+            out.append(f"| {row} | " + " | ".join(fmt(m) + (f" ({m - b:+.3f})" if k and None not in (m, b) else "")
+                                                  for m, b in mb) + " |")
     return "\n".join(out)
 
 
@@ -1259,26 +1203,20 @@ def roc_plot(path, y, s, labels, title):
     d = ImageDraw.Draw(img)
     d.rectangle([pad, pad, pad + W, pad + W], outline="black")
     d.line([pad, pad + W, pad + W, pad], fill=(180, 180, 180))
-    for i in range(6):
-        v = i / 5
+    for v in np.linspace(0, 1, 6):
         d.text((pad + v * W - 8, pad + W + 6), f"{v:.1f}", fill="black")
         d.text((pad - 30, pad + W - v * W - 6), f"{v:.1f}", fill="black")
-    d.text((pad + W // 2 - 60, pad + W + 24), "false positive rate", fill="black")
-    d.text((4, pad - 20), "true positive rate", fill="black")
-    d.text((pad, 10), title[:90], fill="black")
+    for xy, text in (((pad + W // 2 - 60, pad + W + 24), "false positive rate"), ((4, pad - 20), "true positive rate"),
+                     ((pad, 10), title[:90])):
+        d.text(xy, text, fill="black")
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
-              (0, 128, 0), (0, 0, 0)]
-    k = 0
-    for j, lab in enumerate(labels):
-        ok = ~np.isnan(y[:, j])
-        if not ok.any() or len(set(y[ok, j])) < 2:
-            continue
+              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0)]
+    drawn = [j for j in range(len(labels)) if len(set(y[~np.isnan(y[:, j]), j])) == 2]
+    for k, j in enumerate(drawn):
+        ok, c = ~np.isnan(y[:, j]), colors[j % len(colors)]
         fpr, tpr = roc_points(y[ok, j], s[ok, j])
-        c = colors[j % len(colors)]
         d.line([(pad + a * W, pad + W - b * W) for a, b in zip(fpr, tpr)], fill=c, width=2)
-        d.text((pad + W + 12, pad + 16 * k), f"{ABBR[lab]} {lab[:14]} {auroc(y[ok, j], s[ok, j]):.3f}", fill=c)
-        k += 1
+        d.text((pad + W + 12, pad + 16 * k), f"{ABBR[labels[j]]} {labels[j][:14]} {auroc(y[ok, j], s[ok, j]):.3f}", fill=c)
     atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
@@ -1297,8 +1235,14 @@ def finish(cfg, rank, results, md, extra=None):
     if rank != 0:
         return results
     print(md, flush=True)
-    clean = json.loads(json.dumps({"config": asdict(cfg), **(extra or {}), "results": results},
-                                  default=lambda o: o.tolist() if isinstance(o, np.ndarray) else None))
+    def clean(o):                                                # numpy -> Python; NaN -> null (strict JSON)
+        o = o.item() if isinstance(o, np.generic) else o
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple, np.ndarray)):
+            return [clean(v) for v in o]
+        return None if isinstance(o, float) and math.isnan(o) else o
+    clean = clean({"config": asdict(cfg), **(extra or {}), "results": results})
     write_json(os.path.join(cfg.out, "results.json"), clean)
     write_text(os.path.join(cfg.out, "results.md"), md.strip() + "\n")
     return results
@@ -1316,29 +1260,31 @@ def setup(cfg, masks=False):
 def task_classify(cfg):
     """Train on each experiment (--runs seeds), evaluate on every test set; tables in the papers' layout."""
     rank, device, labels, exps, size = setup(cfg)
-    results, first = {}, None
+    evals = {}
     for row, srcs in exps:
         val_srcs, srcs = validation(cfg, srcs)
         pool, val = Pool(srcs, cfg, labels, size), Pool(val_srcs, cfg, labels, size)
         tests = {s.name: Pool([s], cfg, labels, size) for s in test_sets(cfg, srcs)}
-        runs = []
-        for k in range(cfg.runs):
-            model = train(cfg, pool, val, os.path.join(cfg.out, safe_name(row), f"run{k}"), cfg.seed + k, len(labels),
-                          init=cfg.init).to(device)
-            ev = evaluate_classifier(model, tests, val, cfg, device, labels)
-            for t, pool_t in tests.items():
+        evals[row] = [evaluate_classifier(train(cfg, pool, val, os.path.join(cfg.out, SAFE.sub("_", row), f"run{k}"),
+                                                cfg.seed + k, len(labels), init=cfg.init).to(device),
+                                          tests, val, cfg, device, labels) for k in range(cfg.runs)]
+    return report_classify(cfg, rank, evals, tests, labels)
+
+
+def report_classify(cfg, rank, evals, tests, labels):
+    """Predictions CSVs, the ROC plot of the first run on the first test set, tables, results.json."""
+    results = {}
+    for row, runs in evals.items():
+        for k, ev in enumerate(runs):
+            for t, r in ev.items():
+                scores = r.pop("_scores")
                 if rank == 0:
-                    write_predictions(os.path.join(cfg.out, "predictions", f"{safe_name(row)}_run{k}_{safe_name(t)}.csv"),
-                                      pool_t, ev[t]["_scores"], labels)
-            if first is None:
-                first = (next(iter(tests.values())).y, next(iter(ev.values()))["_scores"], f"{row} on {next(iter(ev))}")
-            runs.append({t: {k2: v for k2, v in r.items() if k2 != "_scores"} for t, r in ev.items()})
-        results[row] = {"sources": [s.describe() for s in srcs], "runs": runs,
-                        "summary": {t: summarize([r[t] for r in runs], labels) for t in tests}}
-        test_names = list(tests)
-    if cfg.roc_plot and rank == 0:
-        roc_plot(cfg.roc_plot, first[0], first[1], labels, first[2])
-    return finish(cfg, rank, results, classify_tables(results, labels, test_names, cfg.runs), {"labels": labels})
+                    write_predictions(os.path.join(cfg.out, "predictions", SAFE.sub("_", f"{row}_run{k}_{t}.csv")),
+                                      tests[t], scores, labels)
+                    if cfg.roc_plot and not results and k == 0 and t == next(iter(tests)):
+                        roc_plot(cfg.roc_plot, tests[t].y, scores, labels, f"{row} on {t}")
+        results[row] = {"runs": runs, "summary": {t: summarize([r[t] for r in runs], labels) for t in tests}}
+    return finish(cfg, rank, results, classify_tables(results, labels, list(tests), len(runs)), {"labels": labels})
 
 
 def load_classifier(ckpt, labels=None):
@@ -1356,39 +1302,26 @@ def load_classifier(ckpt, labels=None):
 
 
 def task_eval(cfg):
-    """--eval --ckpt: a trained classifier (or U-Net) on --test; thresholds from --val when given (else 0.5)."""
-    rank, world, device = setup_distributed(cfg.device)
+    """--eval --ckpt: a trained classifier on --test, F1 thresholds from --val; labels and size from the checkpoint."""
+    if not (cfg.test and cfg.val):
+        raise SystemExit("--eval: expected --test name=folder[:split] and --val (F1 thresholds) besides --ckpt")
+    rank, _, device = setup_distributed(cfg.device)
     model, saved, path = load_classifier(cfg.ckpt)
-    model, labels, size = model.to(device), resolve_labels(saved), saved.img_size
-    ev_cfg = Config(**{**asdict(cfg), "labels": saved.labels, "uncertain": saved.uncertain})
-    if not cfg.test:
-        raise SystemExit("--eval: give the test sets with --test name=folder[:split]")
-    tests = {s.name: Pool([s], ev_cfg, labels, size) for s in parse_sources(cfg.test, ev_cfg, "test", "--test")}
-    val = Pool(parse_sources(cfg.val, ev_cfg, "val", "--val"), ev_cfg, labels, size) if cfg.val else None
-    t = best_thresholds(val.y, predict(model, val, ev_cfg, device)) if val else np.full(len(labels), 0.5)
-    res, scores = {}, {}
-    for name, pool in tests.items():
-        p = predict(model, pool, ev_cfg, device)
-        res[name] = {**auroc_table(pool.y, p, cfg.n_boot, cfg.seed), **threshold_metrics(pool.y, p, t), "n": len(pool)}
-        scores[name] = (pool.y, p)
+    cfg.labels, cfg.uncertain, cfg.img_size, labels = saved.labels, saved.uncertain, saved.img_size, resolve_labels(saved)
+    val = Pool(parse_sources(cfg.val, cfg, "val", "--val"), cfg, labels, cfg.img_size)
+    tests = {s.name: Pool([s], cfg, labels, cfg.img_size) for s in parse_sources(cfg.test, cfg, "test", "--test")}
     row = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    results = {row: {"sources": [path], "runs": [res], "summary": {k: summarize([v], labels) for k, v in res.items()}}}
-    if cfg.roc_plot and rank == 0:
-        name = next(iter(scores))
-        roc_plot(cfg.roc_plot, *scores[name], labels, f"{row} on {name}")
-    return finish(cfg, rank, results, classify_tables(results, labels, list(tests), 1), {"labels": labels})
+    return report_classify(cfg, rank, {row: [evaluate_classifier(model.to(device), tests, val, cfg, device, labels)]},
+                           tests, labels)
 
 
 def task_pretrain_finetune(cfg):
     """Pretrain on --train (synthetic), finetune on fractions of --finetune (real); baseline: the same fractions
     from --init (ImageNet or random) without the synthetic pretraining (chexgen Fig. 4)."""
-    try:
-        fractions = [float(f) for f in cfg.fractions.split(",") if f.strip()]
-    except ValueError:
-        raise SystemExit(f"--fractions {cfg.fractions!r}: expected comma-separated numbers in (0, 1]") from None
-    for f in fractions:
+    fractions = [float(f) if re.fullmatch(r"\d*\.?\d+([eE][-+]?\d+)?", f.strip()) else math.nan for f in cfg.fractions.split(",")]
+    for f in fractions:                                          # (NaN, from a non-number, fails the test too)
         if not 0 < f <= 1:
-            raise SystemExit(f"--fractions: {f} is outside (0, 1]; expected fractions of the real training data")
+            raise SystemExit(f"--fractions {cfg.fractions!r}: {f} is outside (0, 1]; expected fractions of the real data")
     if not cfg.finetune:
         raise SystemExit("--finetune: expected the real data to finetune on, e.g. real=data/mimic:train")
     rank, device, labels, exps, size = setup(cfg)
@@ -1416,9 +1349,8 @@ def task_pretrain_finetune(cfg):
                     results[arm].setdefault(t, {}).setdefault(f"{f:g}", []).append(r["macro"])
     md = []
     for t in tests:
-        md.append(f"\nMacro AUROC on {t} vs fraction of real training data (finetuning)\n\n| Initialisation | "
-                  + " | ".join(f"{f:g}" for f in fractions) + " |")
-        md.append("|---" * (len(fractions) + 1) + "|")
+        md += [f"\nMacro AUROC on {t} vs fraction of real training data (finetuning)\n\n| Initialisation | "
+               + " | ".join(f"{f:g}" for f in fractions) + " |", "|---" * (len(fractions) + 1) + "|"]
         for arm, name in (("pretrained", f"pretrained on {row}"), ("baseline", cfg.init.split(':')[0] or "random")):
             cells = [mean_std(results[arm][t][f"{f:g}"]) for f in fractions]
             md.append(f"| {name} | " + " | ".join(fmt(m) + (f" +- {fmt(s)}" if cfg.runs > 1 else "") for m, s in cells) + " |")
@@ -1427,12 +1359,9 @@ def task_pretrain_finetune(cfg):
 
 def split_pool_sources(pool, keep):
     """The sources of a pool restricted to global rows `keep`."""
-    out = []
-    for k, s in enumerate(pool.sources):
-        local = [int(i - pool.offsets[k]) for i in keep if pool.offsets[k] <= i < pool.offsets[k + 1]]
-        if local:
-            out.append(s.subset(local))
-    return out
+    parts = [(s, [int(i - pool.offsets[k]) for i in keep if pool.offsets[k] <= i < pool.offsets[k + 1]])
+             for k, s in enumerate(pool.sources)]
+    return [s.subset(local) for s, local in parts if local]
 
 
 def balance_sources(cfg, srcs):
@@ -1442,13 +1371,10 @@ def balance_sources(cfg, srcs):
     if not attrs or any(a not in ATTRIBUTES for a in attrs):
         raise SystemExit(f"--balance-by {cfg.balance_by!r}: expected some of {list(ATTRIBUTES)}")
     syn = Source(f"syn-balance={cfg.balance}", cfg)
-    count = {}
-    for r in (r for s in srcs for r in s.rows):
-        g = group_of(r, attrs)
-        if g:
-            count[g] = count.get(g, 0) + 1
+    count, by_group = {}, {}
+    for g in filter(None, (group_of(r, attrs) for s in srcs for r in s.rows)):
+        count[g] = count.get(g, 0) + 1
     target, pick, added = max(count.values()), [], {}
-    by_group = {}
     for i, r in enumerate(syn.rows):
         by_group.setdefault(group_of(r, attrs), []).append(i)
     for g, n in count.items():
@@ -1484,11 +1410,8 @@ def task_fairness(cfg):
         arms["balanced"], extra["balance"] = balance_sources(cfg, srcs)
     results = {}
     for arm, arm_srcs in arms.items():
-        if cfg.eval:
-            model = trained.to(device)
-        else:
-            model = train(cfg, Pool(arm_srcs, cfg, labels, size), val, os.path.join(cfg.out, arm, "run0"), cfg.seed,
-                          len(labels), init=cfg.init).to(device)
+        model = (trained if cfg.eval else train(cfg, Pool(arm_srcs, cfg, labels, size), val, os.path.join(
+            cfg.out, arm, "run0"), cfg.seed, len(labels), init=cfg.init)).to(device)
         t = best_thresholds(val.y, predict(model, val, cfg, device))
         results[arm] = {}
         for name, src in cohorts.items():
@@ -1501,38 +1424,28 @@ def task_fairness(cfg):
             results[arm][name] = {"overall": overall, "groups": groups,
                                   "summary": {fam: worst_and_gap(g, cfg.fair_metric) for fam, g in groups.items()}}
         if "synthetic" in results[arm]:                          # bias detection: do both cohorts rank groups alike?
-            corr = {}
-            for fam in results[arm]["real"]["groups"]:
-                a, b = results[arm]["real"]["groups"][fam], results[arm]["synthetic"]["groups"][fam]
-                common = [g for g in a if g in b and a[g]["ranked"] and b[g]["ranked"]
-                          and a[g][cfg.fair_metric] is not None and b[g][cfg.fair_metric] is not None]
-                corr[fam] = pearson([a[g][cfg.fair_metric] for g in common], [b[g][cfg.fair_metric] for g in common])
-            results[arm]["pearson"] = corr
+            real, syn = results[arm]["real"]["groups"], results[arm]["synthetic"]["groups"]
+            results[arm]["pearson"] = {fam: pearson(real[fam], syn[fam], cfg.fair_metric) for fam in real}
     return finish(cfg, rank, results, fairness_tables(results, cfg.fair_metric), {"labels": labels, **extra})
 
 
 def fairness_tables(results, metric):
+    """Per arm: every subgroup's n / AUROC / F1 in each cohort, then worst group, gap and Pearson r by attribute."""
     out = []
     for arm, res in results.items():
         cohorts = [c for c in res if c != "pearson"]
-        out.append(f"\nSubgroups, model trained on {arm} data (metric for worst / gap / r: {metric})\n\n| Group | "
-                   + " | ".join(f"{c} n | {c} AUROC | {c} F1" for c in cohorts) + " |")
-        out.append("|---" * (1 + 3 * len(cohorts)) + "|")
+        out += [f"\nSubgroups, model trained on {arm} data (worst / gap / r use {metric})\n\n| Group | "
+                + " | ".join(f"{c} n | {c} AUROC | {c} F1" for c in cohorts) + " |", "|---" * (1 + 3 * len(cohorts)) + "|"]
         for fam, groups in res["real"]["groups"].items():
-            for g in groups:
-                cells = []
-                for c in cohorts:
-                    v = res[c]["groups"][fam].get(g, {"n": 0, "auroc": None, "f1": None})
-                    cells.append(f"{v['n']} | {fmt(v['auroc'])} | {fmt(v['f1'])}")
-                out.append(f"| {fam}: {g} | " + " | ".join(cells) + " |")
-        out.append("\n| Attribute | " + " | ".join(f"{c} worst | {c} gap" for c in cohorts)
-                   + (" | Pearson r (real vs synthetic) |" if "pearson" in res else " |"))
-        out.append("|---" * (1 + 2 * len(cohorts) + ("pearson" in res)) + "|")
+            out += [f"| {fam}: {g} | " + " | ".join(f"{v['n']} | {fmt(v['auroc'])} | {fmt(v['f1'])}" for v in
+                    (res[c]["groups"][fam].get(g, {"n": 0, "auroc": None, "f1": None}) for c in cohorts)) + " |" for g in groups]
+        out += ["\n| Attribute | " + " | ".join(f"{c} worst | {c} gap" for c in cohorts) + " | Pearson r (real vs syn) |",
+                "|---" * (2 + 2 * len(cohorts)) + "|"]
         for fam in res["real"]["summary"]:
-            cells = [f"{res[c]['summary'][fam]['worst'] or '-'} {fmt(res[c]['summary'][fam]['worst_value'])} | "
-                     f"{fmt(res[c]['summary'][fam]['gap'])}" for c in cohorts]
             r = res.get("pearson", {}).get(fam)
-            out.append(f"| {fam} | " + " | ".join(cells) + (f" | {fmt(r['r'])} (n={r['n']}) |" if r else " |"))
+            out.append(f"| {fam} | " + " | ".join(f"{res[c]['summary'][fam]['worst'] or '-'} {fmt(res[c]['summary'][fam]['worst_value'])}"
+                                                 f" | {fmt(res[c]['summary'][fam]['gap'])}" for c in cohorts)
+                       + (f" | {fmt(r['r'])} (n={r['n']}) |" if r else " | - |"))
     return "\n".join(out)
 
 
@@ -1546,7 +1459,7 @@ def task_segment(cfg):
         tests = {s.name: Pool([s], cfg, [], size, masks=True) for s in test_sets(cfg, srcs)}
         runs = []
         for k in range(cfg.runs):
-            model = train(cfg, pool, val, os.path.join(cfg.out, safe_name(row), f"run{k}"), cfg.seed + k, 1,
+            model = train(cfg, pool, val, os.path.join(cfg.out, SAFE.sub("_", row), f"run{k}"), cfg.seed + k, 1,
                           init=cfg.init).to(device)
             runs.append({t: dice_summary(predict(model, p, cfg, device)[:, 0] > 0.5,
                                          np.concatenate([s.masks.numpy()[:, 0] for s in p.sources]))
@@ -1555,17 +1468,10 @@ def task_segment(cfg):
                                                       for m in ("dice", "positive_dice", "negative_dice")} for t in tests}}
     md = []
     for t in tests:
-        md.append(f"\nSegmentation of {cfg.mask!r} on {t}\n\n| Training data | Dice | positive Dice | negative Dice |")
-        md.append("|---|---|---|---|")
-        for row, res in results.items():
-            s = res["summary"][t]
-            md.append(f"| {row} | " + " | ".join(fmt(s[m][0]) + (f" +- {fmt(s[m][1])}" if cfg.runs > 1 else "")
-                                                  for m in ("dice", "positive_dice", "negative_dice")) + " |")
+        md += [f"\nSegmentation of {cfg.mask!r} on {t}\n\n| Training data | Dice | positive Dice | negative Dice |",
+               "|---|---|---|---|"] + [f"| {row} | " + " | ".join(fmt(m) + (f" +- {fmt(sd)}" if cfg.runs > 1 else "") for m, sd in
+                                        res["summary"][t].values()) + " |" for row, res in results.items()]
     return finish(cfg, rank, results, "\n".join(md), {"mask": cfg.mask})
-
-
-def safe_name(row):
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", row)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1581,8 +1487,7 @@ def main(argv=None):
         n_out = 1 if cfg.task == "segment" else len(resolve_labels(cfg))
         with torch.device("meta"):
             n = sum(p.numel() for p in build_model(cfg, n_out).parameters())
-        print(json.dumps(asdict(cfg)))
-        print(f"{cfg.arch}: {n:,} parameters, {n_out} output(s)")
+        print(json.dumps(asdict(cfg)) + f"\n{cfg.arch}: {n:,} parameters, {n_out} output(s)")
         return n
     if cfg.eval:
         if not cfg.ckpt:

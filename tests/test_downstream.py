@@ -398,7 +398,10 @@ def test_bad_input(phantom_dir, tmp_path):
         (["--train", f"real={phantom_dir}:train", "--mix", "1:1"], "--mix '1:1': expected 1"),
         (["--train", f"real={phantom_dir}:train", "--labels", "Cardiomegaly,Flu"], "'Flu' is not a CheXpert label"),
         (["--uncertain", "maybe"], "--uncertain 'maybe'"),
-        (["--eval", "--ckpt", str(tmp_path)], "no such checkpoint"),
+        (["--eval", "--ckpt", str(tmp_path), "--test", f"{phantom_dir}:test", "--val", f"{phantom_dir}:val"],
+         "no such checkpoint"),
+        (["--eval", "--ckpt", str(tmp_path)], "expected --test"),
+        (["--train", f"real={phantom_dir}:train", "--mix", "1:x"], "--mix '1:x'"),
     ]
     os.makedirs(tmp_path / "nolabels")
     with open(tmp_path / "nolabels" / "meta.csv", "w") as f:
