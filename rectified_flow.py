@@ -37,8 +37,6 @@ Checkpoint: one safetensors file, written atomically: `model.*`, `ema.*` and `op
 metadata the resolved config, step and samples seen. There is no RNG state to store: every random draw is a
 function of (seed, step) (training) or (seed, image index) (sampling), so a resumed run continues exactly.
 """
-from __future__ import annotations
-
 import argparse
 import copy
 import csv
@@ -924,11 +922,13 @@ def train(cfg):
                     f.write(json.dumps(rec) + "\n")
             acc.zero_()
             t_log = time.time()
+        t_io = time.time()                                       # grids and checkpoints do not count in img/s
         if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             grid_path = os.path.join(cfg.out, "grids", f"{step:07d}.png")
             sample_grid(ema, cfg, noise_grid, cond_grid, device, grid_path, decode if data.space == "latent" else None)
         if ckpt_now and rank == 0:
             save_checkpoint(ckpt_path, raw, ema, opt, cfg, step)
+        t_log += time.time() - t_io
         if stopping:
             break
     pool.shutdown()
