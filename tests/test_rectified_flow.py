@@ -3,8 +3,11 @@ import csv
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -222,8 +225,6 @@ def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, phantom_dir):
 
 
 def test_sigterm_saves_and_exits(tmp_path, phantom_dir):
-    import signal
-    import time
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "rectified_flow.py"), "--data", phantom_dir, "--out", out, *SMALL,
            "--max-steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0"]
@@ -246,7 +247,10 @@ def test_torchrun_two_processes_equal_one(tmp_path, phantom_dir):
     args = ["--max-steps", "3", "--ckpt-every", "100", "--p-drop-var", "0.3"]
     train(phantom_dir, one, *args, "--micro-batch", "4")           # 1 process, 2 accumulated micro-batches
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as sock:                                  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            os.path.join(ROOT, "rectified_flow.py"), "--data", phantom_dir, "--out", two, *SMALL,
            "--log-every", "1", "--sample-every", "0", *args]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
