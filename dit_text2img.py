@@ -132,7 +132,7 @@ class Config:
     resume: bool = arg(True, "continue from OUT/ckpt.safetensors when it exists (--no-resume starts over)")
     log_every: int = arg(50, "steps between log lines")
     ckpt_every: int = arg(500, "steps between checkpoints")
-    sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise and prompts)")
+    sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise and prompts); 0: none")
     bench: bool = arg(False, "time training steps on random tensors (kernels.attention vs SDPA) and exit")
     bench_steps: int = arg(10, "timed steps per --bench variant")
     dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
@@ -498,14 +498,23 @@ def step_noise(gens, shape, device, n=None):
     return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
 
 
-def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None):
+def predict_x0(x, e, ab, clip):
+    """x0_hat = (x_t - sqrt(1 - ab) e) / sqrt(ab); in pixel space clipped to [-1, 1] (Ho et al. 2020): near t = T
+    the division by sqrt(ab) ~ 0.006 amplifies any error of e. Returns (x0_hat, e consistent with it)."""
+    x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+    if not clip:
+        return x0, e
+    x0 = x0.clamp(-1, 1)
+    return x0, (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+
+
+def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None, clip=False):
     """DDIM (Song et al. 2021; chexgen Eq. 2 is eta = 0): x_prev = sqrt(ab') x0_hat + sqrt(1 - ab' - s^2) e + s z,
     s = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab'), along the respaced timesteps, in float64 coefficients."""
     ts = respace(sched.T, steps)
     for i in reversed(range(len(ts))):
         ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
-        e = eps_fn(x, ts[i])
-        x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+        x0, e = predict_x0(x, eps_fn(x, ts[i]), ab, clip)
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
         x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * e
         if sigma > 0:
@@ -513,7 +522,7 @@ def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None):
     return x
 
 
-def ddpm_sample(eps_fn, sched, x, steps=100, gens=None):
+def ddpm_sample(eps_fn, sched, x, steps=100, gens=None, clip=False):
     """Ancestral DDPM (Ho et al. 2020) on respaced timesteps (Nichol & Dhariwal 2021): betas b_i = 1 - ab_i / ab_{i-1}
     of the subsequence, posterior mean of x0_hat and x_t, variance b_i (1 - ab_{i-1}) / (1 - ab_i) ('fixed small');
     the sampler the released ChexGen code runs."""
@@ -521,8 +530,7 @@ def ddpm_sample(eps_fn, sched, x, steps=100, gens=None):
     for i in reversed(range(len(ts))):
         ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
         beta = 1 - ab / ab_prev
-        e = eps_fn(x, ts[i])
-        x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+        x0, _ = predict_x0(x, eps_fn(x, ts[i]), ab, clip)
         mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
         var = beta * (1 - ab_prev) / (1 - ab)
         x = mean + math.sqrt(var) * step_noise(gens, x.shape[1:], x.device, len(x)) if i else mean
@@ -530,15 +538,15 @@ def ddpm_sample(eps_fn, sched, x, steps=100, gens=None):
 
 
 def sample_latents(model, sched, noise, text, lengths, sampler="ddim", steps=100, eta=0.0, scale=4.0, pred="eps",
-                   gens=None):
+                   gens=None, clip=False):
     """Noise [B, C, H, W] -> samples under the captions, with guidance; `gens` give the per-sample step noise."""
     def eps_fn(x, t):
         with torch.no_grad(), autocast(x.device):
             return guided_eps(model, sched, x, t, text, lengths, scale, pred)
     if sampler == "ddim":
-        return ddim_sample(eps_fn, sched, noise, steps, eta, gens)
+        return ddim_sample(eps_fn, sched, noise, steps, eta, gens, clip)
     if sampler == "ddpm":
-        return ddpm_sample(eps_fn, sched, noise, steps, gens)
+        return ddpm_sample(eps_fn, sched, noise, steps, gens, clip)
     raise SystemExit(f"--sampler {sampler!r}: expected ddim or ddpm")
 
 
@@ -1075,7 +1083,7 @@ def autocast(device):
 
 def sample_grid(ema, cfg, sched, noise, text, lengths, device, path, labels, decode=None):
     """EMA samples of fixed noise and fixed captions (DDIM 25 steps, guidance 4), one column per caption."""
-    x = sample_latents(ema, sched, noise, text, lengths, "ddim", 25, 0.0, 4.0, cfg.pred)
+    x = sample_latents(ema, sched, noise, text, lengths, "ddim", 25, 0.0, 4.0, cfg.pred, clip=cfg.space == "pixel")
     with torch.no_grad():
         x = decode(x) if decode else x[:, :1]                    # no decoder: latent channel 0
     save_grid(path, x, ncol=len(labels), labels=labels)
@@ -1169,6 +1177,7 @@ def train(cfg):
     old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
     grid_rows = torch.randperm(len(data), generator=generator(cfg.seed, 3))[:GRID_PROMPTS]
     grid_labels = [data.rows[int(i)]["report"] for i in grid_rows]
+    grid_text = text_of(grid_rows, train=False) if text_enc is None else None   # read now, not beside the loader
     noise_grid = torch.randn((2 * len(grid_labels), *data.shape), generator=generator(cfg.seed, 3)).to(device)
     lo = rank * per_rank
     pool = ThreadPoolExecutor(1)                                 # reads the next batch while this one trains
@@ -1244,8 +1253,8 @@ def train(cfg):
                     f.write(json.dumps(rec) + "\n")
             acc.zero_()
             t_log = time.time()
-        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            text, lengths = text_of(grid_rows, train=False)
+        if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            text, lengths = grid_text if grid_text else text_of(grid_rows, train=False)
             grid_path = os.path.join(cfg.out, "grids", f"{step:07d}.png")
             sample_grid(ema, cfg, sched, noise_grid, text.repeat(2, 1, 1), lengths.repeat(2), device, grid_path,
                         [s[:40] for s in grid_labels], decode)
@@ -1389,7 +1398,7 @@ def sample(icfg):
         with torch.no_grad(), autocast(device):
             text = encode_text(enc, ids[js], lengths[js])
         x = sample_latents(model, sched, noise, text, lengths[js].to(device), icfg.sampler, icfg.steps, icfg.eta,
-                           icfg.cfg, cfg.pred, gens)
+                           icfg.cfg, cfg.pred, gens, clip=cfg.space == "pixel")
         with torch.no_grad():
             x = decode(x) if decode else x
         for i, img in zip(idx, x):
