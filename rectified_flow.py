@@ -184,77 +184,6 @@ def parse_config(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metadata: the 19 conditioning variables and their integer codes (DESIGN.md §4, radit §4.2)
-
-LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-          "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-          "Pneumothorax", "Support Devices"]
-VARIABLES = LABELS + ["sex", "race", "view", "dataset", "age"]                # cond[:, i] is VARIABLES[i]
-VALUES = {**{lab: ["0", "1", "-1"] for lab in LABELS},                       # csv value -> code: index + 1
-          "sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}
-NULL = [0.0] * 18 + [float("nan")]                                            # code 0 = missing; age NaN
-META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + LABELS +
-                ["report", "findings", "shard", "index", "source_path"])
-
-
-def encode_row(row, datasets, where):
-    """A meta.csv-style dict (values as in DESIGN.md §4) -> the 19 codes; missing keys are missing values."""
-    out = []
-    for var in VARIABLES:
-        s = str(row.get(var) or "").strip()
-        if var == "age":
-            try:
-                out.append(float(s) if s else float("nan"))
-            except ValueError:
-                raise SystemExit(f"{where}: age={s!r}; expected years as a number or empty") from None
-            continue
-        choices = datasets if var == "dataset" else VALUES[var]
-        if var in LABELS and s:
-            s = {"1.0": "1", "0.0": "0", "-1.0": "-1"}.get(s, s)
-        if s and s not in choices:
-            raise SystemExit(f"{where}: {var}={s!r}; expected one of {choices} or empty")
-        out.append(float(choices.index(s) + 1) if s else 0.0)
-    return out
-
-
-def decode_row(codes, datasets):
-    """The 19 codes -> meta.csv values (inverse of encode_row)."""
-    row = {}
-    for var, c in zip(VARIABLES, codes):
-        if var == "age":
-            row[var] = "" if math.isnan(c) else f"{c:g}"
-        else:
-            choices = datasets if var == "dataset" else VALUES[var]
-            row[var] = choices[int(c) - 1] if int(c) > 0 else ""
-    return row
-
-
-def parse_assignments(text, where):
-    """'Cardiomegaly=1, sex=F' -> {'Cardiomegaly': '1', 'sex': 'F'}; variable names case-insensitive."""
-    names, out = {v.lower(): v for v in VARIABLES}, {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or key.strip().lower() not in names:
-            raise SystemExit(f"{where}: {part!r}; expected Variable=value with Variable one of {VARIABLES}")
-        out[names[key.strip().lower()]] = value.strip()
-    return out
-
-
-def null_cond(cond, variables=None):
-    """Replace the given variables (all 19 by default) by their null value: the unconditional branch of CFG."""
-    mask = torch.ones(19, dtype=torch.bool, device=cond.device) if variables is None else variables
-    return torch.where(mask, torch.tensor(NULL, device=cond.device), cond)
-
-
-def variable_mask(names, device="cpu"):
-    """Comma-separated variable names -> a [19] bool mask ('' -> None: all variables)."""
-    if not names.strip():
-        return None
-    picked = parse_assignments(",".join(n + "=" for n in names.split(",")), "--guide")
-    return torch.tensor([v in picked for v in VARIABLES], device=device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Model: SiT/DiT with adaLN-Zero, QK-RMSNorm, SwiGLU and metadata conditioning (radit §4.2, App. B.2, Table 5)
 
 
@@ -513,7 +442,76 @@ def solve(f, x, t0, t1, solver="dopri5", steps=50, rtol=1e-5, atol=1e-5, shift=1
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: DESIGN.md §4 datasets (pixel shards or latents/<vae>/); per-rank slices of a seeded permutation
+# Data: the 19 metadata codes (DESIGN.md §4, radit §4.2), pixel or latent datasets, per-rank batches
+
+LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+          "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+          "Pneumothorax", "Support Devices"]
+VARIABLES = LABELS + ["sex", "race", "view", "dataset", "age"]                # cond[:, i] is VARIABLES[i]
+VALUES = {**{lab: ["0", "1", "-1"] for lab in LABELS},                       # csv value -> code: index + 1
+          "sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}
+NULL = [0.0] * 18 + [float("nan")]                                            # code 0 = missing; age NaN
+META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + LABELS +
+                ["report", "findings", "shard", "index", "source_path"])
+
+
+def encode_row(row, datasets, where):
+    """A meta.csv-style dict (values as in DESIGN.md §4) -> the 19 codes; missing keys are missing values."""
+    out = []
+    for var in VARIABLES:
+        s = str(row.get(var) or "").strip()
+        if var == "age":
+            try:
+                out.append(float(s) if s else float("nan"))
+            except ValueError:
+                raise SystemExit(f"{where}: age={s!r}; expected years as a number or empty") from None
+            continue
+        choices = datasets if var == "dataset" else VALUES[var]
+        if var in LABELS and s:
+            s = {"1.0": "1", "0.0": "0", "-1.0": "-1"}.get(s, s)
+        if s and s not in choices:
+            raise SystemExit(f"{where}: {var}={s!r}; expected one of {choices} or empty")
+        out.append(float(choices.index(s) + 1) if s else 0.0)
+    return out
+
+
+def decode_row(codes, datasets):
+    """The 19 codes -> meta.csv values (inverse of encode_row)."""
+    row = {}
+    for var, c in zip(VARIABLES, codes):
+        if var == "age":
+            row[var] = "" if math.isnan(c) else f"{c:g}"
+        else:
+            choices = datasets if var == "dataset" else VALUES[var]
+            row[var] = choices[int(c) - 1] if int(c) > 0 else ""
+    return row
+
+
+def parse_assignments(text, where):
+    """'Cardiomegaly=1, sex=F' -> {'Cardiomegaly': '1', 'sex': 'F'}; variable names case-insensitive."""
+    names, out = {v.lower(): v for v in VARIABLES}, {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip().lower() not in names:
+            raise SystemExit(f"{where}: {part!r}; expected Variable=value with Variable one of {VARIABLES}")
+        out[names[key.strip().lower()]] = value.strip()
+    return out
+
+
+def null_cond(cond, variables=None):
+    """Replace the given variables (all 19 by default) by their null value: the unconditional branch of CFG."""
+    mask = torch.ones(19, dtype=torch.bool, device=cond.device) if variables is None else variables
+    return torch.where(mask, torch.tensor(NULL, device=cond.device), cond)
+
+
+def variable_mask(names, device="cpu"):
+    """Comma-separated variable names -> a [19] bool mask ('' -> None: all variables)."""
+    if not names.strip():
+        return None
+    picked = parse_assignments(",".join(n + "=" for n in names.split(",")), "--guide")
+    return torch.tensor([v in picked for v in VARIABLES], device=device)
+
+
 
 
 def generator(*keys, device="cpu"):
