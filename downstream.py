@@ -36,6 +36,7 @@ best.safetensors: early-stopped weights, log.jsonl), predictions/*.csv, results.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import copy
 import csv
 import json
@@ -1209,8 +1210,7 @@ def roc_plot(path, y, s, labels, title):
     for xy, text in (((pad + W // 2 - 60, pad + W + 24), "false positive rate"), ((4, pad - 20), "true positive rate"),
                      ((pad, 10), title[:90])):
         d.text(xy, text, fill="black")
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0)]
+    colors = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(j / len(labels), 0.9, 0.75)) for j in range(len(labels))]
     drawn = [j for j in range(len(labels)) if len(set(y[~np.isnan(y[:, j]), j])) == 2]
     for k, j in enumerate(drawn):
         ok, c = ~np.isnan(y[:, j]), colors[j % len(colors)]

@@ -411,3 +411,20 @@ def test_bad_input(phantom_dir, tmp_path):
         with pytest.raises(SystemExit) as e:
             D.main(argv + ["--out", str(tmp_path / "o")])
         assert msg in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+
+
+def test_fairness_balance_trains_both_arms(phantom_dir, tmp_path):
+    """Bias mitigation end to end: the original and the balanced model, both on the same real cohort."""
+    syn = str(tmp_path / "minority")
+    export_png_folder(phantom_dir, syn, "train")
+    out = str(tmp_path / "fb")
+    res = D.main(["fairness", "--train", f"real={phantom_dir}:val", "--val", f"{phantom_dir}:test", "--test",
+                  f"{phantom_dir}:test", "--balance", syn, "--balance-by", "race", "--labels", LABELS3, "--width", "8",
+                  "--batch-size", "16", "--max-steps", "10", "--eval-every", "5", "--out", out])
+    info = json.load(open(os.path.join(out, "results.json")))["balance"]
+    assert set(res) == {"original", "balanced"} and sum(info["added"].values()) > 0
+    for race, n in info["real"].items():                         # parity, or the folder ran out of that group
+        assert n + info["added"][race] == info["target"] or info["added"][race] == sum(
+            r["race"] == race for r in csv.DictReader(open(os.path.join(syn, "meta.csv"))))
+    for arm in res.values():
+        assert arm["real"]["summary"]["race"]["gap"] is not None and set(arm["real"]["groups"]["sex"]) == {"F", "M"}
