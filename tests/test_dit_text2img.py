@@ -203,6 +203,9 @@ def test_ddim_deterministic_and_eta_one_is_ddpm():
     c = dt.ddim_sample(f, s, x, 50, 1.0, torch.Generator().manual_seed(3))
     d = dt.ddpm_sample(f, s, x, 50, torch.Generator().manual_seed(3))
     assert torch.allclose(c, d, atol=1e-4)                       # DDIM eta = 1 is the ancestral DDPM posterior
+    c = dt.ddim_sample(f, s, x, 50, 1.0, torch.Generator().manual_seed(3), clip=True)
+    d = dt.ddpm_sample(f, s, x, 50, torch.Generator().manual_seed(3), clip=True)
+    assert torch.allclose(c, d, atol=1e-4) and c.abs().max() <= 1   # also with x0_hat clipped (pixel space)
     assert not torch.allclose(a, c, atol=1e-2)
     ts = dt.respace(1000, 100)                                   # 100 steps over [0, 999], both ends included
     assert ts[:3] == [0, 10, 20] and ts[-1] == 999 and len(ts) == 100
