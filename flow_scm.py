@@ -1026,6 +1026,8 @@ def cmd_evaluate(args):
     learned = {v: x.cpu().numpy() for v, x in chunked(lambda a, b: sample_values(
         model, b - a, solver, args.seed + a, device=dev), args.n, args.chunk).items()}
     report["marginal_tv"] = {v: tv(histogram(v, learned[v], ds), histogram(v, truth[v], ds)) for v in VARIABLES}
+    progress = lambda what: print(f"evaluate: {what} done ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+    progress("marginals")
 
     # 2. conditionals child | parents: on rows of the true SCM grouped by parent configuration (age in 20-year
     # bins), the learned child flow is solved given each row's true parents; TV against the true rows' child values
@@ -1054,6 +1056,7 @@ def cmd_evaluate(args):
         cond[var] = {"tv": float(np.average(tvs, weights=w)), "max_tv": float(max(tvs)), "groups": len(big),
                      "coverage": float(sum(w) / args.n_truth)}
     report["conditional_tv"] = cond
+    progress("conditionals")
 
     # 3. interventional distributions under a few do(): learned vs true marginals of every variable
     interventions = [s for s in args.interventions.split(";") if s.strip()]
@@ -1068,6 +1071,7 @@ def cmd_evaluate(args):
         report["interventional"][text] = {
             "tv": tvs, "mean_tv_descendants": float(np.mean([tvs[v] for v in desc])) if desc else None,
             "mean_tv_others": float(np.mean([x for v, x in tvs.items() if v not in desc]))}
+    progress("interventions")
 
     # 4. counterfactual accuracy on the dataset's units with seeds: the true counterfactual is the phantom's SCM
     # with the same seed (same U) under do(); abduction-action-prediction vs the no-abduction baseline, which

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -305,7 +306,10 @@ def test_ddp_two_processes_equal_one(phantom, tmp_path):
     args = ["--size", "tiny", "--data", data, "--max-steps", "3", "--batch-size", "64", "--log-every", "1",
             "--ckpt-every", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    with socket.socket() as sock:                                      # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                     os.path.join(ROOT, "flow_scm.py")] + args + ["--out", str(tmp_path / "ddp")],
                    check=True, env=env, capture_output=True, timeout=120)
     fs.main(args + ["--out", str(tmp_path / "one")])
