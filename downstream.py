@@ -778,7 +778,7 @@ class TrainStream:
     def __init__(self, pool, cfg, seed):
         self.pool, self.seed, self.B = pool, seed, cfg.batch_size
         sizes = [len(s) for s in pool.sources]
-        if cfg.mix:
+        if cfg.mix and len(sizes) > 1:                           # single-source experiments ignore --mix
             w = [float(v) for v in cfg.mix.split(":")] if re.fullmatch(r"\d*\.?\d+(:\d*\.?\d+)*", cfg.mix) else []
             if len(w) != len(sizes) or min(w) < 0 or sum(w) <= 0:
                 raise SystemExit(f"--mix {cfg.mix!r}: expected {len(sizes)} non-negative shares like 1:1 for sources "

@@ -395,13 +395,13 @@ def test_bad_input(phantom_dir, tmp_path):
         (["--train", f"real={phantom_dir}:train", "--test", f"{tmp_path / 'nolabels'}"], "no column"),
         (["pretrain-finetune", "--train", f"real={phantom_dir}:train", "--finetune", f"{phantom_dir}:train",
           "--fractions", "0.5,1.5"], "1.5 is outside (0, 1]"),
-        (["--train", f"real={phantom_dir}:train", "--mix", "1:1"], "--mix '1:1': expected 1"),
+        (["--train", f"real={phantom_dir}:train,syn={phantom_dir}:val", "--mix", "1:1:1"], "--mix '1:1:1': expected 2"),
         (["--train", f"real={phantom_dir}:train", "--labels", "Cardiomegaly,Flu"], "'Flu' is not a CheXpert label"),
         (["--uncertain", "maybe"], "--uncertain 'maybe'"),
         (["--eval", "--ckpt", str(tmp_path), "--test", f"{phantom_dir}:test", "--val", f"{phantom_dir}:val"],
          "no such checkpoint"),
         (["--eval", "--ckpt", str(tmp_path)], "expected --test"),
-        (["--train", f"real={phantom_dir}:train", "--mix", "1:x"], "--mix '1:x'"),
+        (["--train", f"real={phantom_dir}:train,syn={phantom_dir}:val", "--mix", "1:x"], "--mix '1:x'"),
     ]
     os.makedirs(tmp_path / "nolabels")
     with open(tmp_path / "nolabels" / "meta.csv", "w") as f:
