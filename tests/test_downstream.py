@@ -209,6 +209,16 @@ def test_png_folder_source_equals_dataset_pixels(phantom_dir, tmp_path):
     torch.testing.assert_close(s16.images(idx), real.images(idx), rtol=0, atol=0)
     assert (s8.images(idx) - real.images(idx)).abs().max() < 1 / 255
     np.testing.assert_array_equal(s16.targets(D.LABELS, "ignore"), real.targets(D.LABELS, "ignore"))
+    real.load_masks("Pleural Effusion")                          # segmentation pairs: <id>_mask.png beside <id>.png
+    k = json.load(open(os.path.join(phantom_dir, "info.json")))["mask_names"].index("Pleural Effusion")
+    for r, m in zip(real.rows, real.masks):
+        Image.fromarray(m[0].numpy() * 255).save(tmp_path / "syn16" / f"{r['id']}_mask.png")
+    s16.load_masks("Pleural Effusion")
+    assert torch.equal(s16.masks, real.masks) and real.masks.sum() > 0
+    with safe_open(os.path.join(phantom_dir, "shards", "00000.safetensors"), "numpy") as f:
+        raw = f.get_tensor("masks")[:, k]
+    first = [(int(r["index"]), i) for i, r in enumerate(real.rows) if r["shard"] == "0"][:5]
+    assert all((raw[j] == real.masks[i, 0].numpy()).all() for j, i in first)
 
 
 def test_mix_shares_and_syn_ratio(phantom_dir, tmp_path):
