@@ -173,7 +173,7 @@ def parse_config(argv):
     if cfg.task == "segment":
         cfg.arch = "unet"
     elif cfg.arch == "unet":
-        raise SystemExit(f"--arch unet: only for --task segment; expected tiny, densenet121 or resnet50")
+        raise SystemExit("--arch unet: only for --task segment; expected tiny, densenet121 or resnet50")
     return cfg
 
 

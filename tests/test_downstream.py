@@ -4,7 +4,6 @@ phantom, fairness on a planted bias, segmentation, pretrain-finetune, resume and
 import csv
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
