@@ -5,8 +5,11 @@ import json
 import math
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -367,12 +370,43 @@ def test_resume_reproduces_straight_run(tmp_path, data32):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)   # model, EMA and AdamW state
 
 
+def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, data32):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:                         # lr 1e30: AdamW's first step overflows the weights
+        train(data32, out, "--max-steps", "5", "--ckpt-every", "1", "--lr", "1e30")
+    assert "non-finite loss at step 2" in str(e.value)
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "1"
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_sigterm_saves_and_exits(tmp_path, data32):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "dit_text2img.py"), "--data", data32, "--out", out, *SMALL,
+           "--max-steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(600):
+        if os.path.exists(os.path.join(out, "log.jsonl")) and len(log(out)) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped by SIGTERM" in text, text[-2000:]
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        step = int(f.metadata()["step"])
+    assert 3 <= step <= 12 and step == log(out)[-1]["step"]     # saved at the next health check
+
+
 def test_torchrun_two_processes_equal_one(tmp_path, data32):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = ["--max-steps", "3", "--ckpt-every", "100", "--p-uncond", "0.3"]
     train(data32, one, *args, "--micro-batch", "4")             # 1 process, 2 accumulated micro-batches
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+    with socket.socket() as sock:                                # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            os.path.join(ROOT, "dit_text2img.py"), "--data", data32, "--out", two, *SMALL,
            "--log-every", "1", "--sample-every", "0", *args]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
