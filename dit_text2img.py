@@ -1407,6 +1407,7 @@ def sample(icfg):
               flush=True)
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()
     return len(todo)
 
 
