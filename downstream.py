@@ -9,8 +9,6 @@ The papers' experiments, on any prepared dataset and any folder the samplers wri
   r of the subgroup metrics between a real and a synthetic test cohort; --balance tops up under-represented groups
   with synthetic images until parity (chexgen Fig. 5c-d, Methods "Model bias detection and mitigation").
 - segment: U-Net on dataset masks; Dice, positive and negative Dice (chexgen Fig. 3d, Methods).
-DenseNet-121 and ResNet-50 carry torchvision's parameter names: --init imagenet:densenet121-a639ec97.pth (or a
-.safetensors of it) loads unchanged, the first convolution summed over RGB, the head replaced.
 
 Commands (the first word may also be the task):
     python downstream.py --train real=data/phantom:train --test data/phantom:test          # CPU, minutes (tiny)
@@ -128,6 +126,7 @@ class Config:
     ckpt_every: int = arg(200, "steps between checkpoints")
     cache_gb: float = arg(4.0, "hold a source's pixels in memory when they take less than this")
     dry_run: bool = arg(False, "build the model, print config and parameter count, exit")
+    bench: bool = arg(False, "time 10 training steps of the network on random --img-size images (img/s, memory)")
 
 
 # chexgen Methods: DenseNet-121, batch 128, AdamW, 256 px; chexgenbench Table 12: ResNet-50 lr 1e-4, U-Net lr 5e-5;
@@ -201,10 +200,7 @@ def label_value(s, policy, where):
 
 
 def age_bin(s):
-    try:
-        a = float(s)
-    except (TypeError, ValueError):
-        return ""
+    a = float(s) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", str(s or "")) else math.nan      # '' / junk: no age group
     return next(name for name, hi in AGE_BINS if a < hi) if a == a else ""
 
 
@@ -279,8 +275,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """ResNet-50 (He et al. 2016), torchvision layout: conv1, bn1, layer1..4 ([3, 4, 6, 3] bottlenecks), fc
-    (chexgenbench §2.4)."""
+    """ResNet-50 (chexgenbench §2.4), torchvision layout: conv1, bn1, layer1..4 ([3, 4, 6, 3] bottlenecks), fc."""
 
     def __init__(self, n_out, in_ch=1, layers=(3, 4, 6, 3)):
         super().__init__()
@@ -306,8 +301,7 @@ def conv_bn(cin, cout):
 
 
 class TinyCNN(nn.Module):
-    """Three conv-BN-ReLU-pool stages and a head on [average, max] pooled features: for tests and the CPU demo
-    (max pooling keeps small findings such as a pneumothorax rim visible)."""
+    """Conv-BN-ReLU stages, head on [mean, max] pooled features (max keeps a thin pneumothorax rim): tests, CPU demo."""
 
     def __init__(self, n_out, in_ch=1, width=16):
         super().__init__()
@@ -323,8 +317,7 @@ class TinyCNN(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net (Ronneberger et al. 2015; chexgenbench §2.4, chexgen Methods): 4 levels of double conv-BN-ReLU,
-    max-pool down, transposed-conv up, skip concatenations; logits per mask."""
+    """U-Net (chexgenbench §2.4, chexgen Methods): 4 levels of double conv-BN-ReLU, transposed-conv up, skips."""
 
     def __init__(self, n_out, in_ch=1, width=32, levels=4):
         super().__init__()
@@ -373,9 +366,8 @@ LEGACY_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(
 
 
 def load_imagenet(model, path):
-    """A torchvision ImageNet state_dict (.pth read with weights_only=True, or .safetensors) into `model`: legacy
-    DenseNet keys remapped, the first convolution summed over RGB (a grey image replicated on 3 channels gives
-    the same response), the 1000-class head dropped."""
+    """A torchvision ImageNet state_dict (.pth, weights_only=True, or .safetensors) into `model`: legacy DenseNet keys
+    remapped, the stem summed over RGB (same response to a grey image copied to 3 channels), the 1000-class head dropped."""
     if not os.path.isfile(path):
         raise SystemExit(f"--init imagenet:{path}: no such file; expected torchvision's ImageNet weights, e.g. "
                          f"https://download.pytorch.org/models/densenet121-a639ec97.pth or resnet50-0676ba61.pth")
@@ -509,9 +501,8 @@ def threshold_metrics(y, s, t):
 
 
 def dice_summary(pred, target):
-    """Per-image Dice of binary masks [N, H, W] (1 when both are empty, the SIIM-ACR convention), averaged over all
-    images, over images with foreground (positive Dice) and without (negative Dice: 1 when nothing is predicted),
-    as chexgen reports for pneumothorax (Fig. 3d, Methods)."""
+    """Per-image Dice of bool masks [N, H, W] (1 when both are empty, SIIM-ACR) averaged over all images, over those with
+    foreground (positive Dice) and without (negative Dice), as chexgen reports for pneumothorax (Fig. 3d, Methods)."""
     p, g = pred.reshape(len(pred), -1).astype(bool), target.reshape(len(target), -1).astype(bool)
     inter, tot, has = (p & g).sum(1), p.sum(1) + g.sum(1), g.any(1)
     d = np.where(tot > 0, 2 * inter / np.maximum(tot, 1), 1.0)
@@ -545,8 +536,7 @@ def worst_and_gap(groups, metric):
 
 
 def pearson(ga, gb, metric):
-    """Pearson r (two-sided p, scipy, as chexgen's statistics) of a metric over the ranked subgroups that two
-    cohorts share (chexgen Fig. 5c: real vs synthetic test cohort); None below 3 groups."""
+    """Pearson r, two-sided p (scipy) of a metric over two cohorts' shared subgroups (chexgen Fig. 5c); < 3: None."""
     common = [g for g in ga if g in gb and ga[g]["ranked"] and gb[g]["ranked"] and None not in (ga[g][metric], gb[g][metric])]
     a, b = [ga[g][metric] for g in common], [gb[g][metric] for g in common]
     if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
@@ -740,6 +730,10 @@ class Pool:
     def __len__(self):
         return int(self.offsets[-1])
 
+    def mask_array(self):
+        """Every row's mask at the pool's side, bool [N, S, S] (the ground truth of the Dice scores)."""
+        return np.concatenate([fit(s.masks.float(), self.size, "nearest")[:, 0].numpy() > 0 for s in self.sources])
+
     def fetch(self, idx, masks=False):
         """Global rows idx -> images [n, 1, S, S] in [0, 1] (and masks), every source resized to `size`."""
         idx = np.asarray(idx, np.int64)
@@ -764,8 +758,7 @@ def permutation(n, seed, epoch):
 
 
 def stream_rows(step, n, count, seed, weights=None):
-    """`count` rows of step `step` from an endless stream over n rows: seeded permutations epoch after epoch
-    (a resumed run continues from the same sample), or weighted draws with replacement."""
+    """`count` rows of step `step`: seeded permutations epoch after epoch (resume-exact), or weighted draws."""
     if weights is not None:
         return torch.multinomial(weights, count, replacement=True, generator=generator(seed, 4, step))
     pos = torch.arange(step * count, (step + 1) * count)
@@ -805,8 +798,7 @@ class TrainStream:
 
 
 def augment(x, g, cfg, m=None):
-    """Random rotation (+-cfg.rotate degrees, also applied to masks), optional flip, brightness / contrast /
-    gamma jitter; all draws from generator g, so a step's augmentation is a function of (seed, step)."""
+    """Rotation (masks too), optional flip, brightness / contrast / gamma jitter; draws from g = f(seed, step)."""
     B = x.shape[0]
     ang = (torch.rand(B, generator=g) * 2 - 1) * math.radians(cfg.rotate)
     flip = torch.where(torch.rand(B, generator=g) < cfg.flip, -1.0, 1.0)
@@ -844,10 +836,6 @@ def atomic_save(path, save_fn):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
 
 
 def write_text(path, text):
@@ -918,12 +906,8 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def lr_at(cfg, step, base):
-    return base * 0.5 * (1 + math.cos(math.pi * step / cfg.max_steps)) if cfg.schedule == "cosine" else base
-
-
 @torch.no_grad()
-def predict(model, pool, cfg, device, masks=False, batch=128):
+def predict(model, pool, cfg, device, batch=128):
     """Sigmoid outputs over a pool, in order, without augmentation (eval-mode BatchNorm)."""
     was = model.training
     model.eval()
@@ -933,22 +917,21 @@ def predict(model, pool, cfg, device, masks=False, batch=128):
         with autocast(device):
             outs.append(torch.sigmoid(model(normalize(x.to(device))).float()).cpu())
     model.train(was)
-    return torch.cat(outs).numpy().astype(np.float64)
+    out = torch.cat(outs).numpy()
+    return out.astype(np.float64) if out.ndim == 2 else out     # (segmentation maps stay float32)
 
 
 def val_score(model, pool, cfg, device):
-    """Early-stopping score: macro AUROC (classification), or for segmentation the mean of positive and negative
-    Dice (plain Dice would prefer a model that predicts nothing when most images have no finding)."""
+    """Early stopping: macro AUROC, or mean of positive and negative Dice (plain Dice favours predicting nothing)."""
     p = predict(model, pool, cfg, device)
     if cfg.task == "segment":
-        d = dice_summary(p[:, 0] > 0.5, np.concatenate([s.masks.numpy()[:, 0] for s in pool.sources]))
+        d = dice_summary(p[:, 0] > 0.5, pool.mask_array())
         return float(np.mean([v for v in (d["positive_dice"], d["negative_dice"]) if v is not None]))
     return auroc_table(pool.y, p, n_boot=0)["macro"] or 0.0
 
 
 def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None):
-    """Train one model on a Pool; returns the raw module holding the best validation weights. Resumes from
-    RUN/ckpt.safetensors; a finished run (step = max_steps or early-stopped) is loaded, not retrained."""
+    """Train one model on a Pool (resuming RUN/ckpt.safetensors; a finished run is only loaded); best-val weights."""
     rank, world, device = setup_distributed(cfg.device)
     cfg = Config(**{**asdict(cfg), "max_steps": max_steps or cfg.max_steps, "lr": lr or cfg.lr, "seed": seed,
                     "init": init})
@@ -977,8 +960,8 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         os.makedirs(run_dir, exist_ok=True)
         env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
-        write_json(os.path.join(run_dir, "config.json"), asdict(cfg))
-        write_json(os.path.join(run_dir, "env.json"), env)
+        write_text(os.path.join(run_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
+        write_text(os.path.join(run_dir, "env.json"), json.dumps(env, indent=1))
         print(f"{run_dir}: {cfg.arch} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(pool)} training images "
               f"({', '.join(f'{s.name} {len(s)}' for s in pool.sources)}), {len(val)} validation, {world} process(es) "
               f"x {accum} micro-batch(es) of {micro}" + (f", resuming at step {step}" if step else ""), flush=True)
@@ -1002,7 +985,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
             target = torch.as_tensor(pool.y[rows.numpy()], dtype=torch.float32)
         x, target = normalize(x).to(device), target.to(device)
         for gr in opt.param_groups:
-            gr["lr"] = lr_at(cfg, step, cfg.lr)
+            gr["lr"] = cfg.lr * (0.5 + 0.5 * math.cos(math.pi * step / cfg.max_steps) if cfg.schedule == "cosine" else 1)
         for k in range(accum):
             sl = slice(k * micro, (k + 1) * micro)
             sync = nullcontext() if world == 1 or k == accum - 1 else model.no_sync()
@@ -1077,6 +1060,26 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
     return load_best(raw, best_path)
 
 
+def bench(cfg):
+    """10 training steps (after 2 warm-up steps) on random --img-size images: images/s and peak memory."""
+    _, _, device = setup_distributed(cfg.device)
+    S, B, seg = cfg.img_size or 224, cfg.micro_batch or cfg.batch_size, cfg.task == "segment"
+    model = build_model(cfg, 1 if seg else len(resolve_labels(cfg))).to(device)
+    opt, x, times = torch.optim.AdamW(model.parameters(), lr=cfg.lr), torch.randn(B, 1, S, S, device=device), []
+    for _ in range(12):
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        times.append(time.time())
+        with autocast(device):
+            out = model(x).float()
+        F.binary_cross_entropy_with_logits(out, torch.zeros_like(out)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    ips, mem = 10 * B / (time.time() - times[2]), torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
+    print(f"bench {cfg.arch} at {S} px, batch {B}, {device}: {ips:.1f} img/s" + (f", peak mem {mem:.2f} GB" if mem else ""))
+    return ips
+
+
 def load_best(raw, best_path):
     if os.path.isfile(best_path):                                # the early-stopped weights
         raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
@@ -1102,7 +1105,7 @@ def resolve_labels(cfg):
 def experiments(cfg):
     """--train -> [(row name, [Source])]: ';' separates experiments, ',' the sources of one."""
     exps = []
-    for text in (t for t in cfg.train.split(";") if t.strip()):
+    for text in [t for t in cfg.train.split(";") if t.strip()] or [cfg.train]:   # (empty: parse_sources says so)
         srcs = parse_sources(text, cfg)
         want = round(cfg.syn_ratio * sum(len(s) for s in srcs if not s.synthetic))
         for k, s in enumerate(srcs):                             # --syn-ratio: experiments with a real source
@@ -1111,8 +1114,6 @@ def experiments(cfg):
                     raise SystemExit(f"{s.name}: {len(s)} images; --syn-ratio {cfg.syn_ratio} needs {want}")
                 srcs[k] = s.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(s))[:want]))
         exps.append(("+".join(s.name for s in srcs), srcs))
-    if not exps:
-        raise SystemExit(f"--train {cfg.train!r}: expected at least one name=folder[:split] source")
     return exps
 
 
@@ -1173,8 +1174,8 @@ def summarize(runs, labels):
 
 
 def classify_tables(results, labels, test_names, n_runs):
-    """Markdown in the papers' layout: per test set, rows = training data, columns = labels + Avg (multicond
-    Table 1, chexgenbench Table 4); then Avg per test set with the difference to the first row (multicond Table 3)."""
+    """Per test set: rows = training data, columns = labels + Avg (multicond Table 1, chexgenbench Table 4); then Avg by
+    test set with the difference to the first row (multicond Table 3)."""
     out = []
     for t in test_names:
         out += [f"\nAUROC on {t}" + (f" (mean +- std over {n_runs} runs)" if n_runs > 1 else " (Avg with 95% bootstrap CI)")
@@ -1243,7 +1244,7 @@ def finish(cfg, rank, results, md, extra=None):
             return [clean(v) for v in o]
         return None if isinstance(o, float) and math.isnan(o) else o
     clean = clean({"config": asdict(cfg), **(extra or {}), "results": results})
-    write_json(os.path.join(cfg.out, "results.json"), clean)
+    write_text(os.path.join(cfg.out, "results.json"), json.dumps(clean, indent=1))
     write_text(os.path.join(cfg.out, "results.md"), md.strip() + "\n")
     return results
 
@@ -1316,8 +1317,7 @@ def task_eval(cfg):
 
 
 def task_pretrain_finetune(cfg):
-    """Pretrain on --train (synthetic), finetune on fractions of --finetune (real); baseline: the same fractions
-    from --init (ImageNet or random) without the synthetic pretraining (chexgen Fig. 4)."""
+    """Pretrain on --train, finetune on --fractions of --finetune; baseline: the same from --init (chexgen Fig. 4)."""
     fractions = [float(f) if re.fullmatch(r"\d*\.?\d+([eE][-+]?\d+)?", f.strip()) else math.nan for f in cfg.fractions.split(",")]
     for f in fractions:                                          # (NaN, from a non-number, fails the test too)
         if not 0 < f <= 1:
@@ -1365,8 +1365,7 @@ def split_pool_sources(pool, keep):
 
 
 def balance_sources(cfg, srcs):
-    """Top up each under-represented subgroup (intersection of --balance-by) with synthetic images of that group
-    from --balance, until it matches the largest group or the folder runs out (chexgen Fig. 5d)."""
+    """Top up each --balance-by group with its --balance images to the largest group's size (chexgen Fig. 5d)."""
     attrs = tuple(a.strip() for a in cfg.balance_by.split(",") if a.strip())
     if not attrs or any(a not in ATTRIBUTES for a in attrs):
         raise SystemExit(f"--balance-by {cfg.balance_by!r}: expected some of {list(ATTRIBUTES)}")
@@ -1385,8 +1384,7 @@ def balance_sources(cfg, srcs):
 
 
 def task_fairness(cfg):
-    """Subgroup metrics on a real and a synthetic cohort, their Pearson r (bias detection); optionally a second
-    model on the balanced training data (bias mitigation), both evaluated on the same real cohort."""
+    """Subgroup metrics on real and synthetic cohorts, their Pearson r; --balance: a second, debiased model."""
     if cfg.fair_metric not in ("f1", "auroc"):
         raise SystemExit(f"--fair-metric {cfg.fair_metric!r}: expected f1 or auroc")
     if cfg.eval:                                                 # bias detection of an existing model
@@ -1461,9 +1459,7 @@ def task_segment(cfg):
         for k in range(cfg.runs):
             model = train(cfg, pool, val, os.path.join(cfg.out, SAFE.sub("_", row), f"run{k}"), cfg.seed + k, 1,
                           init=cfg.init).to(device)
-            runs.append({t: dice_summary(predict(model, p, cfg, device)[:, 0] > 0.5,
-                                         np.concatenate([s.masks.numpy()[:, 0] for s in p.sources]))
-                         for t, p in tests.items()})
+            runs.append({t: dice_summary(predict(model, p, cfg, device)[:, 0] > 0.5, p.mask_array()) for t, p in tests.items()})
         results[row] = {"runs": runs, "summary": {t: {m: mean_std([r[t][m] for r in runs])
                                                       for m in ("dice", "positive_dice", "negative_dice")} for t in tests}}
     md = []
@@ -1489,6 +1485,8 @@ def main(argv=None):
             n = sum(p.numel() for p in build_model(cfg, n_out).parameters())
         print(json.dumps(asdict(cfg)) + f"\n{cfg.arch}: {n:,} parameters, {n_out} output(s)")
         return n
+    if cfg.bench:
+        return bench(cfg)
     if cfg.eval:
         if not cfg.ckpt:
             raise SystemExit("--eval: expected --ckpt RUN (a run folder or checkpoint of downstream.py)")

@@ -437,3 +437,10 @@ def test_fairness_balance_trains_both_arms(phantom_dir, tmp_path):
             r["race"] == race for r in csv.DictReader(open(os.path.join(syn, "meta.csv"))))
     for arm in res.values():
         assert arm["real"]["summary"]["race"]["gap"] is not None and set(arm["real"]["groups"]["sex"]) == {"F", "M"}
+
+
+def test_dry_run_and_bench():
+    """--dry-run counts DenseNet-121's parameters for 14 labels and one channel (torchvision's 7,978,856 minus the
+    1000-class head and two of three stem input channels); --bench times training steps."""
+    assert D.main(["--dry-run", "--size", "densenet121"]) == 7_978_856 - (1024 * 1000 + 1000) + (1024 * 14 + 14) - 2 * 64 * 49
+    assert D.main(["--bench", "--img-size", "32", "--batch-size", "4", "--width", "8"]) > 0
