@@ -1373,8 +1373,12 @@ def sample(icfg):
     if rank == 0:
         warn_truncated(n_tok, cfg.max_length, "prompts")
     decode = None
-    if cfg.space == "latent":
+    if cfg.space == "latent":                                    # the training data's decoder, for its latents only
         lat = latent_folder(cfg.data, cfg.vae)
+        if lat is None or latent_info(lat)["shape"] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise SystemExit(f"{lat or os.path.join(cfg.data, 'latents')}: latents of shape "
+                             f"{list(latent_info(lat)['shape']) if lat else None}; the checkpoint generates "
+                             f"{[cfg.in_channels, cfg.image_size, cfg.image_size]}")
         decode = load_decoder(lat, device)
     os.makedirs(icfg.out, exist_ok=True)
     K = icfg.n_per_prompt

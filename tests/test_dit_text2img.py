@@ -472,6 +472,11 @@ def test_latent_space_training_and_decoding(tmp_path, data32):
     assert dt.main(["sample", "--ckpt", out, "--prompts", str(prompts), "--n-per-prompt", "1", "--steps", "2",
                     "--out", fake]) == 1
     assert np.asarray(Image.open(os.path.join(fake, "prompt00000.png"))).shape == (32, 32)   # decoded to pixels
+    info = json.load(open(lat / "latents" / "toy" / "info.json"))   # latents re-encoded at another shape
+    json.dump({**info, "shape": [4, 16, 16]}, open(lat / "latents" / "toy" / "info.json", "w"))
+    with pytest.raises(SystemExit, match=r"\[4, 16, 16\]; the checkpoint generates \[4, 8, 8\]"):
+        dt.main(["sample", "--ckpt", out, "--prompts", str(prompts), "--out", fake])
+    json.dump(info, open(lat / "latents" / "toy" / "info.json", "w"))
     with pytest.raises(SystemExit, match="image-size"):          # a latent shape that does not match
         train(str(lat), str(tmp_path / "bad"), "--image-size", "16", "--max-steps", "1")
 
