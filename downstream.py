@@ -177,40 +177,6 @@ def parse_config(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metadata: labels, their values and abbreviations, demographic subgroups (DESIGN.md §4, chexgen Fig. 5)
-
-LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-          "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-          "Pneumothorax", "Support Devices"]
-ABBR = dict(zip(LABELS, ["Atl", "Crm", "Cns", "Edm", "Ecm", "Frc", "Lls", "Lop", "Nfd", "Ple", "Plo", "Pnm",
-                         "Ptx", "Sdv"]))                         # multicond Table 1's abbreviations, extended to 14
-AGE_BINS = [("19-40", 41.0), ("41-65", 66.0), ("66+", math.inf)]   # chexgen Fig. 5 (ages < 19 join the first bin)
-ATTRIBUTES = ("sex", "race", "age")
-
-
-def label_value(s, policy, where):
-    """A meta.csv label cell -> 1.0 / 0.0 / NaN (masked): '1' positive, '0' negative, '-1' uncertain, '' missing."""
-    s = (s or "").strip()
-    v = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": math.nan}.get(s)
-    if v is None:
-        raise SystemExit(f"{where}: label value {s!r}; expected 1, 0, -1 or empty")
-    if v == -1.0:                                                # CheXpert's U-Ignore / U-Ones / U-Zeros
-        return {"ignore": math.nan, "ones": 1.0, "zeros": 0.0}[policy]
-    return v
-
-
-def age_bin(s):
-    a = float(s) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", str(s or "")) else math.nan      # '' / junk: no age group
-    return next(name for name, hi in AGE_BINS if a < hi) if a == a else ""
-
-
-def group_of(row, attrs):
-    """The subgroup of a row under attributes like ('sex', 'race'): 'F/BLACK'; '' when any value is missing."""
-    vals = [age_bin(row.get("age")) if a == "age" else (row.get(a) or "").strip() for a in attrs]
-    return "/".join(vals) if all(vals) else ""
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Model: DenseNet-121 and ResNet-50 with torchvision's parameter names, a tiny CNN, a U-Net
 
 
@@ -555,7 +521,38 @@ def roc_points(y, s):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: dataset folders (DESIGN.md §4) and sampler folders (PNG + meta.csv); specs; batches; augmentation
+# Data: labels and subgroups (DESIGN.md §4, chexgen Fig. 5), dataset and sampler folders, batches, augmentation
+
+LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+          "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+          "Pneumothorax", "Support Devices"]
+ABBR = dict(zip(LABELS, ["Atl", "Crm", "Cns", "Edm", "Ecm", "Frc", "Lls", "Lop", "Nfd", "Ple", "Plo", "Pnm",
+                         "Ptx", "Sdv"]))                         # multicond Table 1's abbreviations, extended to 14
+AGE_BINS = [("19-40", 41.0), ("41-65", 66.0), ("66+", math.inf)]   # chexgen Fig. 5 (ages < 19 join the first bin)
+ATTRIBUTES = ("sex", "race", "age")
+
+
+def label_value(s, policy, where):
+    """A meta.csv label cell -> 1.0 / 0.0 / NaN (masked): '1' positive, '0' negative, '-1' uncertain, '' missing."""
+    s = (s or "").strip()
+    v = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": math.nan}.get(s)
+    if v is None:
+        raise SystemExit(f"{where}: label value {s!r}; expected 1, 0, -1 or empty")
+    if v == -1.0:                                                # CheXpert's U-Ignore / U-Ones / U-Zeros
+        return {"ignore": math.nan, "ones": 1.0, "zeros": 0.0}[policy]
+    return v
+
+
+def age_bin(s):
+    a = float(s) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", str(s or "")) else math.nan      # '' / junk: no age group
+    return next(name for name, hi in AGE_BINS if a < hi) if a == a else ""
+
+
+def group_of(row, attrs):
+    """The subgroup of a row under attributes like ('sex', 'race'): 'F/BLACK'; '' when any value is missing."""
+    vals = [age_bin(row.get("age")) if a == "age" else (row.get(a) or "").strip() for a in attrs]
+    return "/".join(vals) if all(vals) else ""
+
 
 
 def generator(*keys, device="cpu"):
