@@ -1,10 +1,11 @@
 """Tests of flow_scm.py (radit §4.3, App. B.3) against independent references: the graph of DESIGN.md §4 written out
 here by hand, closed-form ODE solutions, float64 re-computations, and the phantom's ground-truth SCM in prep_data.py
-(tests may import it; flow_scm.py may not). Tiny widths, a few hundred steps, CPU; about 2 minutes on 2 cores."""
+(tests may import it; flow_scm.py may not). Tiny widths, a few hundred steps, CPU; about 1 minute on 2 idle cores."""
 import csv
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -315,6 +316,28 @@ def test_ddp_two_processes_equal_one(phantom, tmp_path):
     fs.main(args + ["--out", str(tmp_path / "one")])
     w2, w1 = weights(str(tmp_path / "ddp")), weights(str(tmp_path / "one"))
     assert all(torch.allclose(w2[k], w1[k], atol=1e-6) for k in w1)
+
+
+def test_sigterm_saves_and_nan_stops(phantom, tmp_path):
+    data = phantom[0]
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "flow_scm.py"), "--size", "tiny", "--data", data,
+                             "--out", str(out), "--max-steps", "100000", "--log-every", "5", "--ckpt-every", "100000"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:                                           # wait for training to run, then SIGTERM
+        if line.startswith('{"step"'):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "SIGTERM: checkpoint saved" in rest
+    step = json.load(open(out / "latest.json"))["step"]
+    assert step >= 5 and fs.load_model(str(out))[2] == step
+    bad = ["--size", "tiny", "--data", data, "--out", str(tmp_path / "nan"), "--lr", "1e8", "--warmup", "1",
+           "--log-every", "2", "--ckpt-every", "2", "--max-steps", "8"]
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at step"):
+        fs.main(bad)
+    assert not os.path.exists(tmp_path / "nan" / "latest.json") or \
+        all(torch.isfinite(w).all() for w in weights(str(tmp_path / "nan")).values())
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------
