@@ -421,27 +421,27 @@ def phantom_split(seeds):
                     np.where(u < SPLIT_FRACTIONS["train"] + SPLIT_FRACTIONS["val"], "val", "test"))
 
 
-def parse_assignment(text, sources=PHANTOM_SOURCES):
+def parse_assignment(text, sources=PHANTOM_SOURCES, what="--set"):
     """Parse "sex=F,age=70,Cardiomegaly=1" into {variable: code or age}; one-line errors on anything unknown."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, value = part.partition("=")
         name, value = name.strip(), value.strip()
         if not eq or name not in VARIABLES:
-            raise SystemExit(f"--set: unknown variable {name!r} in {part!r}; expected one of {VARIABLES}")
+            raise SystemExit(f"{what}: unknown variable {name!r} in {part!r}; expected one of {VARIABLES}")
         if name == "age":
             try:
                 out[name] = float(value)
             except ValueError:
-                raise SystemExit(f"--set: age={value!r} is not a number of years") from None
+                raise SystemExit(f"{what}: age={value!r} is not a number of years") from None
         elif name in LABELS:
             if value not in ("1", "0", "-1"):
-                raise SystemExit(f"--set: {name}={value!r}; expected 1, 0 or -1")
+                raise SystemExit(f"{what}: {name}={value!r}; expected 1, 0 or -1")
             out[name] = LABEL_CODES[value]
         else:
             cats = CATEGORIES.get(name) or sources
             if value.upper() not in [c.upper() for c in cats]:
-                raise SystemExit(f"--set: {name}={value!r}; expected one of {cats}")
+                raise SystemExit(f"{what}: {name}={value!r}; expected one of {cats}")
             out[name] = [c.upper() for c in cats].index(value.upper()) + 1
     return out
 
@@ -909,44 +909,169 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
 # ----------------------------------------------------------------------------------------------------------------
 # Reports, rows and the phantom / counterfactual generators
 
-FINDING_PHRASES = {   # positive phrase (with {sev} / {side}), negative phrase; shared with `describe` style rules
-    "Atelectasis": ("{sev} {side} basilar atelectasis", "No atelectasis"),
-    "Cardiomegaly": ("{sev} cardiomegaly", "Heart size is normal"),
-    "Consolidation": ("{sev} {side} consolidation", "No focal consolidation"),
-    "Edema": ("{sev} pulmonary edema", "No pulmonary edema"),
-    "Enlarged Cardiomediastinum": ("{sev} widening of the cardiomediastinal silhouette",
-                                   "Normal cardiomediastinal silhouette"),
-    "Fracture": ("{side} rib fracture", "No acute fracture"),
-    "Lung Lesion": ("{side} pulmonary nodule", "No pulmonary nodule"),
-    "Lung Opacity": ("{sev} {side} lung opacity", "No lung opacity"),
-    "Pleural Effusion": ("{sev} {side} pleural effusion", "No pleural effusion"),
-    "Pleural Other": ("{side} pleural thickening", "No pleural thickening"),
-    "Pneumonia": ("{side}-sided pneumonia", "No pneumonia"),
-    "Pneumothorax": ("{sev} {side} pneumothorax", "No pneumothorax"),
-    "Support Devices": ("support devices in place", ""),
+# Phrasing shared by the phantom's report generator and `describe` (chexgen Methods "Dataset Curation", Ext. Data
+# Table 5: positives with their typical radiographic appearance, uncertain findings hedged, negatives for common
+# findings). Per label: positive phrasings with {sev}/{side} slots (the first is the phantom's; {site} is filled
+# only for the phantom, whose renderer puts the finding there), the typical appearance (never
+# a word that `extract_labels` reads as another finding), negative phrasings (the first is the phantom's).
+FINDING_PHRASES = {
+    "Atelectasis": (["{sev} {side} {site} atelectasis"], "seen as linear or plate-like densities with volume loss",
+                    ["No atelectasis"]),
+    "Cardiomegaly": (["{sev} cardiomegaly", "{sev} enlargement of the cardiac silhouette"],
+                     "with a cardiothoracic ratio above 0.5", ["Heart size is normal", "Normal heart size"]),
+    "Consolidation": (["{sev} {side} consolidation", "{sev} {side} airspace consolidation"],
+                      "seen as homogeneous airspace filling with air bronchograms", ["No focal consolidation"]),
+    "Edema": (["{sev} pulmonary edema"], "with interstitial markings and peribronchial cuffing",
+              ["No pulmonary edema", "No edema"]),
+    "Enlarged Cardiomediastinum": (["{sev} widening of the cardiomediastinal silhouette", "{sev} enlarged "
+                                    "cardiomediastinum"], "seen as a widened mediastinal contour",
+                                   ["Normal cardiomediastinal silhouette"]),
+    "Fracture": (["{side} {site} fracture"], "seen as a cortical discontinuity", ["No acute fracture", "No fracture"]),
+    "Lung Lesion": (["{side} pulmonary nodule", "{side} lung lesion"], "seen as a focal rounded density",
+                    ["No pulmonary nodule", "No lung lesion"]),
+    "Lung Opacity": (["{sev} {side} lung opacity", "{sev} {side} airspace opacity"],
+                     "seen as an area of increased pulmonary attenuation", ["No lung opacity"]),
+    "Pleural Effusion": (["{sev} {side} pleural effusion"], "with blunting of the costophrenic angle",
+                         ["No pleural effusion", "No effusion"]),
+    "Pleural Other": (["{side} pleural thickening"], "seen along the pleural surface", ["No pleural thickening"]),
+    "Pneumonia": (["{side}-sided pneumonia", "{side} pneumonia"], "typically with patchy airspace involvement",
+                  ["No pneumonia"]),
+    "Pneumothorax": (["{sev} {side} pneumothorax"], "seen as a visceral pleural line with absent peripheral lung "
+                     "markings", ["No pneumothorax"]),
+    "Support Devices": (["support devices in place", "lines and tubes in place"], "projecting over the chest", [""]),
 }
-COMMON_NEGATIVES = ["Pneumothorax", "Pleural Effusion", "Consolidation", "Edema"]
-SIDE_WORDS = {"right": "right", "left": "left", "bilateral": "bilateral"}
+PHANTOM_SITES = {"Atelectasis": "basilar", "Fracture": "rib"}                    # where the phantom draws them
+COMMON_NEGATIVES = ["Pneumothorax", "Pleural Effusion", "Consolidation", "Edema"]   # the phantom lists these four
+DESCRIBE_NEGATIVES = COMMON_NEGATIVES + ["Cardiomegaly", "Pneumonia"]              # describe samples from these
+HEDGES = ["Possible {}.", "{} cannot be excluded.", "Findings may represent {}.", "Questionable {}."]
+NORMAL_PHRASES = ["No acute cardiopulmonary process", "No acute cardiopulmonary abnormality",
+                  "Normal chest radiograph"]
+ABNORMAL_PHRASE = "Abnormal chest radiograph, findings not further specified"       # No Finding = 0, nothing else
+
+
+def _cap(text):
+    return text[:1].upper() + text[1:]
+
+
+def finding_phrase(lab, code, sides, severity, rng=None):
+    """One positive (code 2) or hedged (code 3) phrase for `lab`: severity and laterality only where given."""
+    phrases = FINDING_PHRASES[lab][0]
+    text = phrases[0] if rng is None else rng.choice(phrases)
+    text = text.format(sev=severity.get(lab, "") if code == POS else "", side=sides.get(lab, ""),
+                       site=PHANTOM_SITES.get(lab, "") if rng is None else "")
+    return " ".join(re.sub(r"(^| )-sided", " ", text).split())
+
+
+def report_sentences(codes, sides=None, severity=None, rng=None, appearance=False):
+    """Sentences describing 14 label codes: positives, hedged uncertain findings, negatives of common findings.
+
+    rng=None gives the phantom's fixed phrasing (first variants, all of COMMON_NEGATIVES); a random.Random gives
+    `describe`'s varied phrasing with a sample of DESCRIBE_NEGATIVES. With `appearance`, positives carry their
+    typical radiographic appearance (chexgen Ext. Data Table 5, "Findings")."""
+    sides, severity, out = sides or {}, severity or {}, []
+    found = [lab for lab in LABELS if lab != "No Finding" and codes[lab] in (POS, UNC)]
+    if codes["No Finding"] == POS and (rng is not None or not found):   # the phantom: only when nothing is found
+        out.append((NORMAL_PHRASES[0] if rng is None else rng.choice(NORMAL_PHRASES)) + ".")
+    elif codes["No Finding"] == UNC and rng is not None:               # not a CheXpert value, but rows may hold it
+        out.append("Possibly " + NORMAL_PHRASES[2].lower() + ".")
+    elif codes["No Finding"] == NEG and not found and rng is not None:
+        out.append(ABNORMAL_PHRASE + ".")
+    for lab in found:
+        text = finding_phrase(lab, codes[lab], sides, severity, rng)
+        if codes[lab] == UNC:
+            out.append((HEDGES[0] if rng is None else rng.choice(HEDGES)).format(text))
+            out[-1] = _cap(out[-1])
+        else:
+            out.append(_cap(text) + (", " + FINDING_PHRASES[lab][1] if appearance else "") + ".")
+    negs = [lab for lab in (COMMON_NEGATIVES if rng is None else DESCRIBE_NEGATIVES) if codes[lab] == NEG]
+    if rng is None:
+        return out + [FINDING_PHRASES[lab][2][0] + "." for lab in negs]
+    negs = [lab for lab in negs if rng.random() < 0.6]
+    rng.shuffle(negs)
+    phrases = [rng.choice(FINDING_PHRASES[lab][2]) for lab in negs]
+    listed = [p[3:] for p in phrases if p.startswith("No ")]          # "No A, B or C." in one sentence
+    if len(listed) > 1 and rng.random() < 0.5:
+        phrases = [p for p in phrases if not p.startswith("No ")]
+        phrases.append("No " + ", ".join(listed[:-1]) + " or " + listed[-1])
+    return out + [p + "." for p in phrases]
 
 
 def phantom_report(recorded, sides, severity):
     """Templated impression from the recorded labels: positives with severity and laterality, hedged uncertain
     findings, explicit negatives for common findings ("No pleural effusion.")."""
-    sentences = []
-    for lab in LABELS:
-        code = recorded[lab]
-        if lab == "No Finding" or code not in (POS, UNC):
-            continue
-        text = FINDING_PHRASES[lab][0].format(sev=severity.get(lab, "") if code == POS else "",
-                                              side=SIDE_WORDS.get(sides.get(lab, ""), ""))
-        text = " ".join(text.split())
-        sentences.append(("Possible " + text if code == UNC else text[0].upper() + text[1:]) + ".")
-    for lab in COMMON_NEGATIVES:
-        if recorded[lab] == NEG:
-            sentences.append(FINDING_PHRASES[lab][1] + ".")
-    if recorded["No Finding"] == POS and not any(recorded[l] in (POS, UNC) for l in LABELS if l != "No Finding"):
-        sentences.insert(0, "No acute cardiopulmonary process.")
-    return " ".join(sentences)
+    return " ".join(report_sentences(recorded, sides, severity))
+
+
+# Rule-based CheXpert-14 mention extraction (after the CheXpert labeler, Irvin et al. 2019: mention, then
+# uncertainty and negation cues; a label's mentions aggregate positive > uncertain > negative). Phrases whose
+# polarity is fixed ("heart size is normal", "no acute cardiopulmonary process") are read first and blanked.
+_HEART = r"(?:heart|heart size|cardiac silhouette|cardiac size)"
+_MEDI = r"(?:cardio)?mediastin(?:al|um)(?: silhouette| contours?)?"
+FIXED_MENTIONS = [   # (regex, label, code)
+    (rf"{_HEART} (?:is |are |appears |remains )?(?:normal|within normal limits|not enlarged)|\bnormal {_HEART}",
+     "Cardiomegaly", NEG),
+    (rf"{_MEDI} (?:is |are |appears |remains )?(?:normal|within normal limits|unremarkable)|\b(?:normal|unremarkable) "
+     rf"{_MEDI}", "Enlarged Cardiomediastinum", NEG),
+    (r"\bno acute (?:cardiopulmonary |intrathoracic )?(?:process|abnormality|disease|findings?)|\bnormal (?:chest )?"
+     r"(?:radiograph|study|examination|chest)|\bno (?:radiographic )?(?:findings?|abnormalit(?:y|ies))\b"
+     r"(?! (?:of|to|for|in)\b)", "No Finding", POS),
+    (r"\babnormal (?:chest )?(?:radiograph|study|examination)", "No Finding", NEG),
+]
+MENTIONS = {
+    "Atelectasis": r"atelecta\w*",
+    "Cardiomegaly": rf"cardiomegaly|(?:enlarged|enlargement of the) {_HEART}|{_HEART} (?:is |are |appears |remains )?"
+                    r"(?:\w+ )?(?:enlarged|large)\b",
+    "Consolidation": r"consolidat\w*",
+    "Edema": r"o?edema|vascular congestion|pulmonary congestion",
+    "Enlarged Cardiomediastinum": rf"(?:enlarged|widened|widening of the|enlargement of the) {_MEDI}|mediastinal "
+                                  r"widening",
+    "Fracture": r"fractur\w*",
+    "Lung Lesion": r"nodul(?:e|es|ar opacity)\b|\bmass(?:es)?\b|\blesions?\b",
+    "Lung Opacity": r"opacit(?:y|ies)|opacification|infiltrat\w*|airspace disease",
+    "Pleural Effusion": r"(?<!pericardial )effusions?|blunting of the (?:\w+ )?costophrenic angles?",
+    "Pleural Other": r"pleural (?:other|thickening|plaques?|scarring)|fibrothorax",
+    "Pneumonia": r"pneumoni\w*",
+    "Pneumothorax": r"pneumothora(?:x|ces)",
+    "Support Devices": r"support devices?|medical devices?|lines and tubes|\btubes?\b|catheters?|pacemakers?|"
+                       r"\bpicc\b|endotracheal|sternotomy wires",
+}
+UNCERTAIN_PRE = (r"\b(?:possible|possibly|probable|probably|may|might|could|questionable|suspicious for|suspected|"
+                 r"suggestive of|concerning for|cannot exclude|can not exclude|likely|versus|borderline|equivocal)\b")
+UNCERTAIN_POST = (r"\b(?:cannot|can not|could not|not) be (?:excluded|ruled out)\b|\bnot excluded\b|"
+                  r"\b(?:is|are) (?:possible|suspected|questionable)\b")
+NEGATION_PRE = r"\b(?:no|not|without|negative for|free of|clear of|absence of|resolution of|resolved|nor)\b"
+NEGATION_POST = r"\b(?:is|are|was|were) (?:not seen|absent|not present|not identified|not visualized|resolved)\b|" \
+                r"\bhas resolved\b"
+CLAUSE_BREAK = r"\b(?:but|however|although|except|which|whereas)\b"
+
+
+def extract_labels(text):
+    """CheXpert-14 labels mentioned in free text -> {label: 2 positive, 1 negative, 3 uncertain}; labels not
+    mentioned are absent. "No pleural effusion" -> 1; "may represent pneumonia" -> 3; "cardiac silhouette is
+    enlarged" -> Cardiomegaly 2."""
+    found = {}
+    for sentence in re.split(r"[.;:\n]+|\?|!", (text or "").lower()):
+        for clause in re.split(CLAUSE_BREAK, sentence):
+            unc_pre = [m.end() for m in re.finditer(UNCERTAIN_PRE, clause)]
+            for pattern, lab, code in FIXED_MENTIONS:
+                for m in re.finditer(pattern, clause):
+                    found.setdefault(lab, []).append(UNC if any(p <= m.start() for p in unc_pre) else code)
+                clause = re.sub(pattern, lambda m: " " * len(m[0]), clause)
+            unc_post = [m.start() for m in re.finditer(UNCERTAIN_POST, clause)]
+            blanked = re.sub(UNCERTAIN_POST, lambda m: " " * len(m[0]), clause)
+            unc_pre = [m.end() for m in re.finditer(UNCERTAIN_PRE, blanked)]
+            neg_pre = [m.end() for m in re.finditer(NEGATION_PRE, blanked)]
+            neg_post = [m.start() for m in re.finditer(NEGATION_POST, blanked)]
+            for lab, pattern in MENTIONS.items():
+                for m in re.finditer(pattern, blanked):
+                    if any(p <= m.start() for p in unc_pre) or any(p >= m.end() for p in unc_post):
+                        code = UNC
+                    elif any(p <= m.start() for p in neg_pre) or any(p >= m.end() for p in neg_post):
+                        code = NEG
+                    else:
+                        code = POS
+                    found.setdefault(lab, []).append(code)
+    return {lab: (POS if POS in c else UNC if UNC in c else NEG) for lab, c in found.items()}
 
 
 def _code_to_csv(var, code, sources):
@@ -983,13 +1108,26 @@ def _bbox(mask):
     return [round(xs.min() / s, 4), round(ys.min() / s, 4), round((xs.max() + 1) / s, 4), round((ys.max() + 1) / s, 4)]
 
 
+def sample_scm_each(seeds, interventions):
+    """sample_scm with one intervention per seed (a list of dicts), grouping seeds that share one."""
+    groups, true = {}, {v: np.zeros(len(seeds), np.float64 if v == "age" else np.int64) for v in VARIABLES}
+    for j, iv in enumerate(interventions):
+        groups.setdefault(json.dumps(iv or {}, sort_keys=True), []).append(j)
+    for key, idx in groups.items():
+        part = sample_scm(seeds[idx], json.loads(key) or None)
+        for v in VARIABLES:
+            true[v][idx] = part[v]
+    return true
+
+
 def phantom_rows_and_pixels(seeds, size, intervention=None, with_masks=True):
-    """Sample, observe, describe and render phantom images for the given seeds (optionally under do()).
+    """Sample, observe, describe and render phantom images for the given seeds (optionally under do(); a list
+    gives one intervention per seed).
 
     Returns meta rows (without shard/index), images uint16 [N,1,S,S] and masks uint8 [N,K,S,S] (or None).
     """
     seeds = np.asarray(seeds, dtype=np.int64)
-    true = sample_scm(seeds, intervention)
+    true = sample_scm_each(seeds, intervention) if isinstance(intervention, list) else sample_scm(seeds, intervention)
     rec = observe(true, seeds)
     sides, severity = finding_details(true, seeds)
     splits = phantom_split(seeds)
@@ -1020,25 +1158,28 @@ class PhantomShards:
     """Picklable shard renderer (for multiprocessing): rows lo..hi of `seeds`, optionally under do(intervention).
 
     Pixels are written first, then the shard's rows, each atomically: a shard with both files is finished.
-    `keep` optionally maps position -> original row, whose identity columns the output rows keep (counterfactuals).
+    `keep` optionally maps position -> original row, whose identity columns the output rows keep (counterfactuals);
+    `intervention` may be a list (one per seed); `extra` names further columns copied from `keep`.
     """
 
-    def __init__(self, seeds, size, with_masks, intervention=None, keep=None):
+    def __init__(self, seeds, size, with_masks, intervention=None, keep=None, extra=()):
         self.seeds, self.size, self.with_masks, self.intervention, self.keep = seeds, size, with_masks, intervention, keep
+        self.extra = list(extra)
 
     def __call__(self, job):
         out_dir, shard, lo, hi = job
-        rows, images, masks = phantom_rows_and_pixels(self.seeds[lo:hi], self.size, self.intervention,
-                                                      self.with_masks)
+        iv = self.intervention[lo:hi] if isinstance(self.intervention, list) else self.intervention
+        rows, images, masks = phantom_rows_and_pixels(self.seeds[lo:hi], self.size, iv, self.with_masks)
         for i, r in enumerate(rows):
             r["shard"], r["index"] = shard, i
             if self.keep is not None:
-                r.update({k: self.keep[lo + i][k] for k in ("id", "patient_id", "study_id", "split", "source_path")})
+                r.update({k: self.keep[lo + i][k] for k in ["id", "patient_id", "study_id", "split", "source_path"]
+                          + self.extra})
         tensors = {"images": images}
         if self.with_masks:
             tensors["masks"] = masks
         save_shard(os.path.join(out_dir, "shards", f"{shard:05d}.safetensors"), tensors)
-        write_csv(os.path.join(out_dir, "shards", f"{shard:05d}.csv"), rows, META_COLUMNS + PHANTOM_COLUMNS)
+        write_csv(os.path.join(out_dir, "shards", f"{shard:05d}.csv"), rows, META_COLUMNS + PHANTOM_COLUMNS + self.extra)
         return hi - lo
 
 
@@ -1062,11 +1203,12 @@ def default_shard_size(size, n_masks):
     return int(np.clip(2 ** 28 // per_image, 16, 1024))
 
 
-def make_phantom(out, n, size, seed=0, workers=1, masks=True, shard_size=None, intervention=None, source_rows=None):
+def make_phantom(out, n, size, seed=0, workers=1, masks=True, shard_size=None, intervention=None, source_rows=None,
+                 extra_columns=()):
     """Write a phantom dataset (resumable) and return its rows.
 
     With `source_rows` (phantom meta rows), the dataset holds their TRUE counterfactuals under do(intervention)
-    instead: same seeds and ids, descendants recomputed, re-rendered.
+    (one dict, or a list with one per row) instead: same seeds and ids, descendants recomputed, re-rendered.
     """
     if not 32 <= size <= 1024:
         raise SystemExit(f"--size {size}: expected 32 to 1024 pixels")
@@ -1081,12 +1223,38 @@ def make_phantom(out, n, size, seed=0, workers=1, masks=True, shard_size=None, i
     manifest = {"kind": "phantom", "n": n, "size": size, "seed": seed, "masks": masks, "shard_size": shard_size,
                 "intervention": intervention, "format_version": FORMAT_VERSION,
                 "source_ids": None if keep is None else [r["id"] for r in keep][:5] + [len(keep)]}
-    rows = write_sharded(out, n, shard_size, PhantomShards(seeds, size, masks, intervention, keep), manifest, workers)
+    rows = write_sharded(out, n, shard_size, PhantomShards(seeds, size, masks, intervention, keep, extra_columns),
+                         manifest, workers)
     info = dataset_info(rows, size, PHANTOM_SOURCES, MASK_NAMES if masks else [],
-                        {"kind": "phantom", "seed": seed, "intervention": intervention, "scm": scm_description()})
-    write_csv(os.path.join(out, "meta.csv"), rows, META_COLUMNS + PHANTOM_COLUMNS)
+                        {"kind": "phantom", "seed": seed, "scm": scm_description(), "intervention": intervention
+                         if not isinstance(intervention, list) else "one per row: meta.csv `intervention`"})
+    write_csv(os.path.join(out, "meta.csv"), rows, META_COLUMNS + PHANTOM_COLUMNS + list(extra_columns))
     write_json(os.path.join(out, "info.json"), info)
     return rows
+
+
+def counterfactual_pairs(data, interventions_csv, out, size=None, workers=1, masks=True):
+    """The TRUE counterfactuals of the rows of an edit table (rectified_flow.py edit's E/meta.csv: `id`,
+    `source_id` (a row of `data`), `intervention` ("sex=F", "Pleural Effusion=1")): do(intervention) on the
+    phantom's SCM with the source row's exogenous noise; output ids are the edit table's ids."""
+    info, by_id = read_info(data), {r["id"]: r for r in read_meta(data)}
+    edits = read_table(interventions_csv, required=["id", "source_id", "intervention"])
+    if len({e["id"] for e in edits}) != len(edits):
+        raise SystemExit(f"{interventions_csv}: duplicate ids; each edit needs its own id")
+    rows, ivs = [], []
+    for e in edits:
+        src = by_id.get(e["source_id"])
+        if src is None:
+            raise SystemExit(f"{interventions_csv}: source_id {e['source_id']!r} (edit {e['id']!r}) is not in "
+                             f"{data}/meta.csv")
+        if not src.get("seed"):
+            raise SystemExit(f"{data}/meta.csv: row {src['id']!r} has no `seed`; true counterfactuals exist only for "
+                             f"phantom datasets")
+        ivs.append(parse_assignment(e["intervention"], info.get("datasets", PHANTOM_SOURCES),
+                                    f"{interventions_csv} (edit {e['id']!r})"))
+        rows.append({**src, "id": e["id"], "source_id": src["id"], "intervention": e["intervention"]})
+    return make_phantom(out, len(rows), size or int(info["size"]), info.get("seed", 0), workers, masks,
+                        intervention=ivs, source_rows=rows, extra_columns=("source_id", "intervention"))
 
 
 def true_counterfactual(row, intervention, size=None):
@@ -1995,6 +2163,208 @@ def merge_datasets(inputs, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# describe: radiology-style descriptions from structured metadata (chexgen Methods "Dataset Curation", OpenChest):
+# a deterministic template generator, or a local transformers causal LM with the prompts of chexgen Ext. Data
+# Table 5 (generation, then quality control), every LLM output checked by a rule-based verifier before acceptance.
+
+GENERATION_PROMPT = (   # chexgen Ext. Data Table 5, "Curation Query", verbatim
+    "Please generate a comprehensive radiology report based on the provided patient information. Your report should "
+    "follow the standard radiology report format with the following sections: 1. Patient Information: Include all "
+    "relevant patient demographic information (age, gender, race). 2. Technique: Describe the imaging modality and "
+    "protocol used. 3. Findings: Present the findings as a cohesive paragraph, not a list; Include all abnormalities "
+    "exactly as provided in the metadata (e.g., \"Pneumonia\"); For each abnormality, include its typical appearance "
+    "using standard terminology; Do not infer additional information such as severity, distribution, or location "
+    "unless explicitly mentioned in metadata; Avoid any speculative interpretation or clinical correlation beyond "
+    "what is stated. 4. Impression: Provide a brief summary restating the key abnormalities in metadata. 5. Ensure "
+    "information is accurately represented without speculation beyond the provided data.")
+QC_PROMPT = (           # chexgen Ext. Data Table 5, "Quality Control Query", verbatim
+    "Please review the generated report against the patient meta information and provide a corrected version that: "
+    "1. Identifies and corrects any discrepancies; 2. Removes redundant information; 3. Supplements missing details; "
+    "4. Ensures medical accuracy and completeness; 5. Please output the revised report directly.")
+NO_LABELS = "No structured findings available."
+LLM_SOURCES = ("llm", "llm-qc", "llm-rejected")                     # report_source values of rows the LLM has seen
+VIEW_NAMES = {"PA": "PA", "AP": "AP", "LATERAL": "lateral"}
+
+
+def row_codes(row):
+    """The 14 label codes of a meta row (0 missing, 1 negative, 2 positive, 3 uncertain)."""
+    return {lab: LABEL_CODES.get(row.get(lab) or "", 0) for lab in LABELS}
+
+
+def _json_field(row, key):
+    try:
+        value = json.loads(row.get(key) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def technique_line(row, rng):
+    """Demographics and view as one sentence (chexgen Ext. Data Table 5, "Patient Information" / "Technique")."""
+    age, race = parse_age(row.get("age", "")), (row.get("race") or "").lower().replace("asian", "Asian")
+    parts = [f"{age:g}-year-old" if age is not None else "", race]
+    noun = {"F": "female", "M": "male"}.get(row.get("sex")) or ("patient" if any(parts) else "")
+    who = " ".join(filter(None, parts + [noun]))
+    view = VIEW_NAMES.get(row.get("view", ""), "")
+    if rng.random() < 0.5:
+        text = f"{view} chest radiograph" if view else "chest radiograph"
+        text += f" of {'an' if who[:1] in 'aeiouAEIO8' or who.startswith(('11-', '18-')) else 'a'} {who}" if who else ""
+    else:
+        text = (f"{view} view of the chest" if view else "view of the chest not recorded") + (
+            f"; patient: {who}" if who else "")
+    return _cap(" ".join(text.split())) + "."
+
+
+def describe_row(row, rng, style="impression"):
+    """(report, findings or "") of one meta row from its 19 variables; severity and laterality only where the row
+    holds them (phantom rows: `severity`, `laterality`). A row without any label gets NO_LABELS."""
+    codes = row_codes(row)
+    tech = technique_line(row, rng)
+    if not any(codes.values()):
+        return f"{tech} {NO_LABELS}", (f"{tech} {NO_LABELS}" if style == "full" else "")
+    sides, severity = _json_field(row, "laterality"), _json_field(row, "severity")
+    state = rng.getstate()
+    report = " ".join([tech] + report_sentences(codes, sides, severity, rng))
+    if style != "full":
+        return report, ""
+    rng.setstate(state)                                             # the same phrasing, with appearances added
+    return report, " ".join([tech, "Findings:"] + report_sentences(codes, sides, severity, rng, appearance=True))
+
+
+def verify_report(text, codes):
+    """Problems of a description against the row's label codes (empty list: accepted): every positive / uncertain
+    label mentioned as such, no negated positive, no finding the row lacks, and at least one recorded label named."""
+    got, problems = extract_labels(text), []
+    for lab in LABELS:
+        want, have = codes[lab], got.get(lab, 0)
+        if want in (POS, UNC) and have != want:
+            problems.append(f"{lab}: {'not mentioned' if not have else 'negated' if have == NEG else 'hedging'}")
+        elif want not in (POS, UNC) and have in (POS, UNC):
+            problems.append(f"{lab}: not in the row")
+    if not problems and not any(got.get(lab, 0) and codes[lab] for lab in LABELS):
+        problems.append("no recorded finding mentioned")
+    return problems
+
+
+def llm_meta_text(row):
+    """The "Patient Meta Information" block of chexgen Ext. Data Table 5 for one row."""
+    codes, age = row_codes(row), parse_age(row.get("age", ""))
+    pick = lambda code: ", ".join(lab for lab in LABELS if codes[lab] == code) or "none"
+    return (f"Age: {f'{age:g} years' if age is not None else 'unknown'}; Gender: "
+            f"{ {'F': 'Female', 'M': 'Male'}.get(row.get('sex'), 'unknown')}; Race: "
+            f"{(row.get('race') or 'unknown').title()}; X-ray View: {row.get('view') or 'unknown'}\n"
+            f"Diagnosis: {pick(POS)}; Uncertain: {pick(UNC)}; Negative: {pick(NEG)}")
+
+
+def load_llm(name, what="--llm", max_new_tokens=256, trust_remote_code=False):
+    """A batched greedy text generator from a local transformers causal LM (or a hub id when online)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    offline = os.path.exists(name) or os.environ.get("HF_HUB_OFFLINE") == "1" or \
+        os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    err = None
+    for local in ((True,) if offline else (True, False)):
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=local, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local, trust_remote_code=trust_remote_code)
+            break
+        except Exception as e:                                       # transformers raises OSError, ValueError, ...
+            err = e
+    else:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"{what} {name}: cannot load a transformers causal LM{' offline' if offline else ''} "
+                         f"({msg[:200]}); pass a local folder with config.json, tokenizer and weights")
+    model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    tok.padding_side = "left"                                       # decoder-only models continue on the right
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+
+    def generate(prompts):
+        if getattr(tok, "chat_template", None):
+            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True) for p in prompts]
+        else:
+            texts = [p + "\n\nReport:\n" for p in prompts]
+        enc = tok(texts, return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        return [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return generate
+
+
+def llm_fields(text, style):
+    """(report, findings) from an LLM report: the Impression section as `report` when it has one."""
+    flat = " ".join(text.replace("*", " ").split())
+    m = re.search(r"impression\s*:\s*(.+)", flat, re.I)
+    return (m[1] if m else flat), (flat if style == "full" else "")
+
+
+def describe_dataset(data, style="impression", seed=0, only_missing=False, generate=None, qc_generate=None,
+                     batch_size=8, limit=0, save_every=256):
+    """Write `report` (and `findings` with style full) for the rows of DATA/meta.csv, in place and atomically.
+
+    With `generate` (a batched LLM), rows go through the generation prompt, then `qc_generate` with the
+    quality-control prompt; the first output that passes `verify_report` is kept, otherwise the template's
+    description is (and counted). Rows the LLM has already seen (report_source) are skipped: a rerun resumes.
+    """
+    import random
+    rows = read_meta(data)
+    with open(os.path.join(data, "meta.csv"), newline="") as f:
+        columns = next(csv.reader(f))
+    columns += [c for c in ("report", "findings", "report_source") if c not in columns]
+    todo = [r for r in rows if not (only_missing and r.get("report") and not r.get("report_source"))
+            and not (generate and r.get("report_source") in LLM_SOURCES)]
+    todo = todo[:limit] if limit else todo
+    stats = Counter(rows=len(rows), todo=len(todo))
+    save = lambda: write_csv(os.path.join(data, "meta.csv"), rows, columns)
+    progress = ProgressLine(len(todo), "rows")
+    try:
+        for start in range(0, len(todo), batch_size if generate else len(todo) or 1):
+            batch = todo[start:start + (batch_size if generate else len(todo))]
+            for r in batch:
+                r["report"], r["findings"] = describe_row(r, random.Random(f"{seed}:{r['id']}"), style)
+                r["report_source"] = "template"
+                stats["no_labels"] += not any(row_codes(r).values())
+            ask = [r for r in batch if generate and any(row_codes(r).values())]
+            if ask:
+                prompts = [f"Patient Meta Information:\n{llm_meta_text(r)}\n\n{GENERATION_PROMPT}" for r in ask]
+                drafts = generate(prompts)
+                finals = (qc_generate or generate)([f"{p}\n\nGenerated Report:\n{d}\n\n{QC_PROMPT}"
+                                                    for p, d in zip(prompts, drafts)]) if qc_generate is not False \
+                    else [None] * len(ask)
+                for r, draft, final in zip(ask, drafts, finals):
+                    codes, r["report_source"] = row_codes(r), "llm-rejected"
+                    for text, source in ((final, "llm-qc"), (draft, "llm")):
+                        if text is None:
+                            continue
+                        fields = llm_fields(text, style)
+                        problems = [p for t in fields if t for p in verify_report(t, codes)] if fields[0] else ["empty"]
+                        if not problems:
+                            (r["report"], r["findings"]), r["report_source"] = fields, source
+                            break
+                        stats.update(f"reject: {p}" for p in problems[:1])
+                    stats[r["report_source"]] += 1
+            stats["described"] += len(batch)
+            progress.update(stats["described"])
+            if generate and stats["described"] % save_every < len(batch):
+                save()
+    finally:
+        save()
+    write_json(os.path.join(data, "describe.json"), {"style": style, "seed": seed, "stats": dict(stats)})
+    return stats
+
+
+def extract_labels_csv(path, column, out):
+    """Labels extracted from one text column of a CSV, written as the 14 CheXpert columns (1 / 0 / -1 / empty)."""
+    rows = read_table(path, required=[column])
+    code_csv = {POS: "1", NEG: "0", UNC: "-1"}
+    table = [{"id": r.get("id", str(i)), **{lab: code_csv.get(c, "") for lab, c in extract_labels(r[column]).items()}}
+             for i, r in enumerate(rows)]
+    write_csv(out, table, ["id"] + LABELS)
+    return table
+
+# ----------------------------------------------------------------------------------------------------------------
 # main(): subcommands
 
 
@@ -2030,7 +2400,9 @@ def main(argv=None):
     sh.add_argument("--masks", action="store_true", help="overlay the finding masks")
     cf = sub.add_parser("counterfactual", help="true counterfactual images of phantom rows", formatter_class=fmt)
     cf.add_argument("--data", default="data/phantom", help="phantom dataset folder")
-    cf.add_argument("--set", required=True, help='intervention, e.g. "sex=F,age=80" or "Pleural Effusion=1"')
+    cf.add_argument("--set", default=None, help='intervention, e.g. "sex=F,age=80" or "Pleural Effusion=1"')
+    cf.add_argument("--interventions", default=None, help="edit table (csv: id, source_id, intervention), e.g. "
+                    "rectified_flow.py edit's E/meta.csv: one true counterfactual per row, with its id")
     cf.add_argument("--out", required=True, help="output dataset folder (same ids, counterfactual values)")
     cf.add_argument("--ids", default=None, help="comma-separated ids (default: all rows, or --split)")
     cf.add_argument("--split", default=None, choices=SPLITS, help="only rows of this split")
@@ -2054,6 +2426,25 @@ def main(argv=None):
         rp.add_argument("--test-frac", type=float, default=0.1, help="test fraction of patients for hashed splits")
         for extra in extras:
             rp.add_argument("--" + extra.replace("_", "-"), default=None, help=EXTRA_FLAGS[extra])
+    de = sub.add_parser("describe", help="write reports from structured metadata (chexgen OpenChest curation)",
+                        formatter_class=fmt)
+    de.add_argument("--data", default="data/phantom", help="dataset folder (meta.csv is rewritten in place)")
+    de.add_argument("--style", default="impression", choices=["impression", "full"],
+                    help="`report` only, or also a `findings` paragraph with typical appearances")
+    de.add_argument("--seed", type=int, default=0, help="phrasing seed (the output is a function of seed and row id)")
+    de.add_argument("--only-missing", action="store_true", help="skip rows that came with a report")
+    de.add_argument("--llm", default=None, help="local transformers causal LM (folder or hub id) for the generation "
+                    "prompt of chexgen Ext. Data Table 5 (default: the template generator)")
+    de.add_argument("--qc-llm", default=None, help="LM for the quality-control prompt (default: --llm; `none`: skip)")
+    de.add_argument("--batch-size", type=int, default=8, help="rows per LLM batch")
+    de.add_argument("--max-new-tokens", type=int, default=256, help="LLM output length")
+    de.add_argument("--limit", type=int, default=0, help="describe at most N rows this run (0: all)")
+    de.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model's own code")
+    ex = sub.add_parser("extract-labels", help="CheXpert-14 labels from a text column (rule-based)",
+                        formatter_class=fmt)
+    ex.add_argument("--csv", required=True, help="input csv (e.g. a dataset's meta.csv or a prompts file)")
+    ex.add_argument("--column", default="report", help="text column")
+    ex.add_argument("--out", required=True, help="output csv: id + the 14 labels (1 / 0 / -1 / empty)")
     mg = sub.add_parser("merge", help="merge prepared datasets into one (CXR7-1M style)", formatter_class=fmt)
     mg.add_argument("--inputs", nargs="+", required=True, help="dataset folders, in the order of the dataset codes")
     mg.add_argument("--out", required=True, help="output dataset folder")
@@ -2081,7 +2472,32 @@ def main(argv=None):
         contact_sheet(args.data, args.out, args.n, args.cols, args.tile, args.split, args.masks,
                       args.ids.split(",") if args.ids else None)
         print(f"wrote {args.out}")
+    elif args.cmd == "describe":
+        if not os.path.isdir(args.data):
+            raise SystemExit(f"--data {args.data}: no such folder")
+        gen = load_llm(args.llm, "--llm", args.max_new_tokens, args.trust_remote_code) if args.llm else None
+        qc = None if not gen or args.qc_llm in (None, args.llm) else False if args.qc_llm.lower() == "none" else \
+            load_llm(args.qc_llm, "--qc-llm", args.max_new_tokens, args.trust_remote_code)
+        t0 = time.time()
+        try:
+            st = describe_dataset(args.data, args.style, args.seed, args.only_missing, gen, qc, args.batch_size,
+                                  args.limit)
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted: described rows are saved in {args.data}/meta.csv; rerun to resume")
+        print(f"described {st['described']} of {st['rows']} rows in {time.time() - t0:.1f}s ({st['no_labels']} "
+              f"without labels: '{NO_LABELS}')" + (f"; LLM accepted {st['llm-qc']} after QC, {st['llm']} before QC, "
+                                                   f"rejected {st['llm-rejected']} (template kept)" if gen else ""))
+    elif args.cmd == "extract-labels":
+        table = extract_labels_csv(args.csv, args.column, args.out)
+        print(f"wrote labels of {len(table)} rows to {args.out}")
+    elif args.cmd == "counterfactual" and args.interventions:
+        if args.set:
+            raise SystemExit("--set and --interventions: give one (--interventions holds one intervention per row)")
+        rows = counterfactual_pairs(args.data, args.interventions, args.out, args.size, args.workers, not args.no_masks)
+        print(f"wrote {len(rows)} true counterfactual images of {args.interventions} to {args.out}")
     elif args.cmd == "counterfactual":
+        if not args.set:
+            raise SystemExit("counterfactual: give --set ASSIGNMENT or --interventions E/meta.csv")
         info, rows = read_info(args.data), read_meta(args.data)
         intervention = parse_assignment(args.set, info.get("datasets", PHANTOM_SOURCES))
         if args.ids:
