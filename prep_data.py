@@ -40,6 +40,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import random
 import re
 import shutil
 import sys
@@ -79,17 +80,19 @@ os.umask(_UMASK)
 
 
 def atomic_write(path, write_fn, mode="w"):
-    """Write `path` through a temporary file in the same folder and an atomic rename: never half a file."""
+    """Write `path` through a temporary file in the same folder and an atomic rename: never half a file.
+    mode=None: write_fn gets the temporary path (for writers that open files themselves: safetensors, PIL)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_UMASK)                # mkstemp makes 0600; give the file the usual permissions
     try:
-        if write_fn is None:                      # caller writes to the temp path itself (e.g. safetensors)
+        if mode is None:
             os.close(fd)
-            return tmp
-        with os.fdopen(fd, mode, newline="" if "b" not in mode else None) as f:
-            write_fn(f)
+            write_fn(tmp)
+        else:
+            with os.fdopen(fd, mode, newline="" if "b" not in mode else None) as f:
+                write_fn(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -112,14 +115,7 @@ def write_json(path, obj):
 
 def save_shard(path, tensors):
     """Save numpy arrays as one safetensors shard, atomically."""
-    tmp = atomic_write(path, None)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp), None)
 
 
 def read_meta(data_dir):
@@ -1315,13 +1311,7 @@ def contact_sheet(data_dir, out, n=24, cols=6, tile=160, split=None, overlay_mas
         line2 = " ".join(pos) if pos else ("No Finding" if r["No Finding"] == "1" else "-")
         draw.text((x + 3, y + tile + 2), line1[:tile // 6], fill=(200, 200, 200))
         draw.text((x + 3, y + tile + 15), line2[:tile // 6], fill=(255, 220, 120) if pos else (150, 220, 150))
-    tmp = atomic_write(out, None)
-    try:
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"), None)
     return out
 
 
@@ -2027,9 +2017,7 @@ class RealShards:
             row["shard"], row["index"] = shard, len(rows)
             if self.png16:
                 png = os.path.join(out_dir, "png", f"{row['id']}.png")
-                tmp = atomic_write(png, None)
-                Image.fromarray(img).save(tmp, format="PNG")
-                os.replace(tmp, png)
+                atomic_write(png, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"), None)
             rows.append(row)
             images.append(img[None])
         arr = np.stack(images) if images else np.zeros((0, 1, self.size, self.size), np.uint16)
@@ -2116,9 +2104,7 @@ def _link_or_copy(src, dst):
     try:
         os.link(src, dst)
     except OSError:
-        tmp = atomic_write(dst, None)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp), None)
 
 
 def merge_datasets(inputs, out):
@@ -2308,7 +2294,6 @@ def describe_dataset(data, style="impression", seed=0, only_missing=False, gener
     quality-control prompt; the first output that passes `verify_report` is kept, otherwise the template's
     description is (and counted). Rows the LLM has already seen (report_source) are skipped: a rerun resumes.
     """
-    import random
     rows = read_meta(data)
     with open(os.path.join(data, "meta.csv"), newline="") as f:
         columns = next(csv.reader(f))
@@ -2323,8 +2308,8 @@ def describe_dataset(data, style="impression", seed=0, only_missing=False, gener
         for start in range(0, len(todo), batch_size if generate else len(todo) or 1):
             batch = todo[start:start + (batch_size if generate else len(todo))]
             for r in batch:
-                r["report"], r["findings"] = describe_row(r, random.Random(f"{seed}:{r['id']}"), style)
-                r["report_source"] = "template"
+                r["report"], findings = describe_row(r, random.Random(f"{seed}:{r['id']}"), style)
+                r["findings"], r["report_source"] = findings if style == "full" else r.get("findings", ""), "template"
                 stats["no_labels"] += not any(row_codes(r).values())
             ask = [r for r in batch if generate and any(row_codes(r).values())]
             if ask:
@@ -2341,7 +2326,8 @@ def describe_dataset(data, style="impression", seed=0, only_missing=False, gener
                         fields = llm_fields(text, style)
                         problems = [p for t in fields if t for p in verify_report(t, codes)] if fields[0] else ["empty"]
                         if not problems:
-                            (r["report"], r["findings"]), r["report_source"] = fields, source
+                            r["report"], r["report_source"] = fields[0], source
+                            r["findings"] = fields[1] if style == "full" else r.get("findings", "")
                             break
                         stats.update(f"reject: {p}" for p in problems[:1])
                     stats[r["report_source"]] += 1
@@ -2490,14 +2476,12 @@ def main(argv=None):
     elif args.cmd == "extract-labels":
         table = extract_labels_csv(args.csv, args.column, args.out)
         print(f"wrote labels of {len(table)} rows to {args.out}")
+    elif args.cmd == "counterfactual" and bool(args.set) == bool(args.interventions):
+        raise SystemExit("counterfactual: give one of --set ASSIGNMENT or --interventions E/meta.csv")
     elif args.cmd == "counterfactual" and args.interventions:
-        if args.set:
-            raise SystemExit("--set and --interventions: give one (--interventions holds one intervention per row)")
         rows = counterfactual_pairs(args.data, args.interventions, args.out, args.size, args.workers, not args.no_masks)
         print(f"wrote {len(rows)} true counterfactual images of {args.interventions} to {args.out}")
     elif args.cmd == "counterfactual":
-        if not args.set:
-            raise SystemExit("counterfactual: give --set ASSIGNMENT or --interventions E/meta.csv")
         info, rows = read_info(args.data), read_meta(args.data)
         intervention = parse_assignment(args.set, info.get("datasets", PHANTOM_SOURCES))
         if args.ids:
