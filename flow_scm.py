@@ -17,10 +17,14 @@ Commands:
     python flow_scm.py sample --ckpt runs/scm --n 10000 --out cohort.csv
     python flow_scm.py intervene --ckpt runs/scm --set "age=80" --n 10000 --out old.csv
     python flow_scm.py counterfactual --ckpt runs/scm --data data/phantom --set "sex=F" --out profiles.csv
+    python flow_scm.py counterfactual --ckpt runs/scm --data data/phantom --interventions E/meta.csv --out cf.csv
     python flow_scm.py evaluate --ckpt runs/scm --data data/phantom                   # vs the phantom's true SCM
 The counterfactual CSV has the rows of meta.csv (same ids, DESIGN.md §4 schema) with the counterfactual profile, ready
-for `rectified_flow.py edit --profile profiles.csv`. A missing value has no noise to abduct: it stays missing in the
-counterfactual and reaches its children as the null embedding, as in training.
+for `rectified_flow.py edit --profile profiles.csv`. With --interventions (an edit plan: `id, source_id,
+intervention` per row, as `rectified_flow.py edit --random-edit sex --plan-only --out E/` writes E/meta.csv) each row
+gets the counterfactual of its own intervention, keyed by the plan's id, with `source_id` and `intervention` columns.
+A missing value has no noise to abduct: it stays missing in the counterfactual and reaches its children as the null
+embedding, as in training.
 
 `evaluate` needs a phantom (prep_data.py): it re-implements the phantom's true SCM from info.json["scm"] (mechanisms
 and noise streams, see "The phantom's true SCM" below) and the `seed` column of meta.csv, and reports TV distances of
@@ -907,21 +911,62 @@ def select_rows(rows, ids, split):
     return [r for r in rows if split == "all" or r.get("split") == split]
 
 
+def read_interventions(path, rows):
+    """An edit plan (rectified_flow.py edit --plan-only writes it as E/meta.csv): one row per edit with `id`,
+    `source_id` (a row of --data) and `intervention` ("sex=F", "Pleural Effusion=1"). -> [(id, source row, text)]."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--interventions {path}: no such file; expected a CSV with id, source_id, intervention")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        plan, cols = list(reader), reader.fieldnames or []
+    missing = [c for c in ("id", "source_id", "intervention") if c not in cols]
+    if missing or not plan:
+        raise SystemExit(f"--interventions {path}: " + (f"missing column(s) {missing}" if missing else "no rows") +
+                         "; expected rectified_flow.py edit --plan-only's meta.csv")
+    by_id = {r["id"]: r for r in rows}
+    if len({e["id"] for e in plan}) != len(plan):
+        raise SystemExit(f"--interventions {path}: duplicate ids; each edit needs its own id")
+    for e in plan:
+        if e["source_id"] not in by_id:
+            raise SystemExit(f"--interventions {path}: source_id {e['source_id']!r} (edit {e['id']!r}) is not in "
+                             f"the --data meta.csv")
+    return [(e["id"], by_id[e["source_id"]], e["intervention"]) for e in plan]
+
+
 def cmd_counterfactual(args):
+    """Counterfactual profiles under one do(--set) for every selected row, or under each row's own intervention
+    of an edit plan (--interventions), grouped by intervention so that each group is one batched solve."""
     model, cfg, _ = load_model(args.ckpt, args.device, not args.no_ema)
     rows, columns = read_rows(args.data)
-    rows = select_rows(rows, args.ids, args.split)
-    intervention = parse_set(args.set, model.datasets)
-    obs = {v: torch.from_numpy(a).float().to(args.device)
-           for v, a in encode_rows(rows, model.datasets, f"{args.data}/meta.csv").items()}
-    cf = chunked(lambda a, b: counterfactual_values(model, {v: x[a:b] for v, x in obs.items()}, intervention,
-                                                    solver_of(args)), len(rows), args.chunk)
-    out = []
-    for i, r in enumerate(rows):
-        out.append({**r, **{v: decode(v, cf[v][i].item(), model.datasets) for v in VARIABLES}})
+    if bool(args.set) == bool(args.interventions):
+        raise SystemExit("counterfactual: give exactly one of --set (one intervention for all rows) and "
+                         "--interventions (an edit plan, one intervention per row)")
+    if args.interventions:
+        plan = read_interventions(args.interventions, rows)
+        columns = columns + [c for c in ("source_id", "intervention") if c not in columns]
+    else:
+        plan = [(r["id"], r, args.set) for r in select_rows(rows, args.ids, args.split)]
+    groups = {}
+    for k, (_, _, text) in enumerate(plan):
+        groups.setdefault(text, []).append(k)
+    cf = {v: [None] * len(plan) for v in VARIABLES}
+    for text, ks in groups.items():
+        intervention = parse_set(text, model.datasets)
+        obs = {v: torch.from_numpy(a).float().to(args.device) for v, a in
+               encode_rows([plan[k][1] for k in ks], model.datasets, f"{args.data}/meta.csv").items()}
+        got = chunked(lambda a, b: counterfactual_values(model, {v: x[a:b] for v, x in obs.items()}, intervention,
+                                                         solver_of(args)), len(ks), args.chunk)
+        for v in VARIABLES:
+            for k, value in zip(ks, got[v].tolist()):
+                cf[v][k] = decode(v, value, model.datasets)
+    out = [{**r, **{v: cf[v][k] for v in VARIABLES}, "id": i} for k, (i, r, _) in enumerate(plan)]
+    if args.interventions:
+        for o, (_, r, text) in zip(out, plan):
+            o.update(source_id=r["id"], intervention=text)
     write_rows(args.out, out, columns)
-    changed = sum(any(o[v] != r[v] for v in VARIABLES) for o, r in zip(out, rows))
-    print(f"wrote {len(out)} counterfactual profiles under do({args.set}) to {args.out} ({changed} changed)")
+    changed = sum(any(o[v] != r[v] for v in VARIABLES) for o, (_, r, _) in zip(out, plan))
+    what = f"the {len(groups)} interventions of {args.interventions}" if args.interventions else f"do({args.set})"
+    print(f"wrote {len(out)} counterfactual profiles under {what} to {args.out} ({changed} changed)")
 
 
 # The phantom's true SCM, re-implemented from info.json["scm"] (prep_data.py writes it; this file never imports
@@ -1180,7 +1225,9 @@ def main(argv=None):
     p.add_argument("--out", default="cohort.csv", help="output CSV")
     p = inference_parser(sub, "counterfactual", "abduction-action-prediction profiles of real rows (radit Eq. 11)")
     p.add_argument("--data", default="data/phantom", help="dataset folder with meta.csv")
-    p.add_argument("--set", required=True, help='intervention, e.g. "sex=F"')
+    p.add_argument("--set", default="", help='intervention for every selected row, e.g. "sex=F"')
+    p.add_argument("--interventions", default="", help="edit plan CSV (id, source_id, intervention per row), e.g. "
+                   "E/meta.csv of rectified_flow.py edit --plan-only: one counterfactual per row, same ids")
     p.add_argument("--ids", default="", help="comma-separated ids or @file (default: the rows of --split)")
     p.add_argument("--split", default="test", help='split to use without --ids ("all": every row)')
     p.add_argument("--out", default="profiles.csv", help="output CSV (same columns and ids as meta.csv)")

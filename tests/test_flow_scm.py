@@ -264,6 +264,47 @@ def test_counterfactual_cli_rows(phantom, tmp_path):
     assert [r["sex"] for r in read_csv(out)] == ["F", "F"]
 
 
+def test_counterfactual_per_row_interventions_of_an_edit_plan(phantom, tmp_path):
+    """--interventions (rectified_flow.py edit --plan-only's meta.csv): each row gets the counterfactual of its own
+    intervention, equal to the one-intervention --set run on the same source rows, under the plan's ids."""
+    data, run, _ = phantom
+    src = [r for r in read_csv(os.path.join(data, "meta.csv")) if r["split"] == "test"][:40]
+    texts = ["sex=F", "Pneumonia=1", "age=85", "sex=F"]
+    plan = [{"id": f"e{k}", "source_id": r["id"], "intervention": texts[k % 4]} for k, r in enumerate(src)]
+    path = str(tmp_path / "plan.csv")
+    pd.write_csv(path, plan, ["id", "source_id", "intervention"])
+    out = str(tmp_path / "cf.csv")
+    args = ["--ckpt", run, "--data", data, "--rtol", "1e-5", "--atol", "1e-5"]
+    fs.main(["counterfactual", *args, "--interventions", path, "--out", out])
+    got = read_csv(out)
+    assert [(g["id"], g["source_id"], g["intervention"]) for g in got] == [tuple(e.values()) for e in plan]
+    assert list(got[0]) == list(src[0]) + ["source_id", "intervention"]
+    for text in set(texts):                                       # the independent route: one --set per group
+        ks = [k for k, e in enumerate(plan) if e["intervention"] == text]
+        ref = str(tmp_path / "ref.csv")
+        fs.main(["counterfactual", *args, "--set", text, "--ids", ",".join(src[k]["id"] for k in ks), "--out", ref])
+        for k, r in zip(ks, read_csv(ref)):
+            assert all(got[k][v] == r[v] for v in fs.VARIABLES), (text, k)
+            var, value = text.split("=")
+            assert float(got[k][var]) == float(value) if var == "age" else got[k][var] == value
+            desc = fs.descendants(fs.resolve_graph(), [var])
+            assert all(got[k][v] == src[k][v] for v in fs.LABELS + ["sex", "race", "view", "dataset"]
+                       if v not in desc and v != var)
+            if var != "age" and src[k]["age"]:                    # age is a root: abducted and re-solved
+                assert abs(float(got[k]["age"]) - float(src[k]["age"])) < 0.5
+    assert sum(any(g[v] != s[v] for v in fs.VARIABLES if v != "age") for g, s in zip(got, src)) > 10
+    with pytest.raises(SystemExit, match="exactly one of --set"):
+        fs.main(["counterfactual", *args, "--interventions", path, "--set", "sex=F", "--out", out])
+    with pytest.raises(SystemExit, match="exactly one of --set"):
+        fs.main(["counterfactual", *args, "--out", out])
+    pd.write_csv(path, [{**plan[0], "source_id": "nope"}], ["id", "source_id", "intervention"])
+    with pytest.raises(SystemExit, match="source_id 'nope'"):
+        fs.main(["counterfactual", *args, "--interventions", path, "--out", out])
+    pd.write_csv(path, [{**plan[0], "intervention": "height=2"}], ["id", "source_id", "intervention"])
+    with pytest.raises(SystemExit, match="unknown variable 'height'"):
+        fs.main(["counterfactual", *args, "--interventions", path, "--out", out])
+
+
 def test_evaluate_counterfactual_accuracy_beats_baseline(phantom, tmp_path):
     data, run, _ = phantom
     out = str(tmp_path / "eval.json")
