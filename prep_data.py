@@ -930,7 +930,7 @@ FINDING_PHRASES = {
     "Pleural Effusion": (["{sev} {side} pleural effusion"], "with blunting of the costophrenic angle",
                          ["No pleural effusion", "No effusion"]),
     "Pleural Other": (["{side} pleural thickening"], "seen along the pleural surface", ["No pleural thickening"]),
-    "Pneumonia": (["{side}-sided pneumonia", "{side} pneumonia"], "typically with patchy airspace involvement",
+    "Pneumonia": (["{side}-sided pneumonia", "{sev} {side}-sided pneumonia"], "typically with patchy airspace involvement",
                   ["No pneumonia"]),
     "Pneumothorax": (["{sev} {side} pneumothorax"], "seen as a visceral pleural line with absent peripheral lung "
                      "markings", ["No pneumothorax"]),
@@ -2214,7 +2214,7 @@ def describe_row(row, rng, style="impression"):
     if style != "full":
         return report, ""
     rng.setstate(state)                                             # the same phrasing, with appearances added
-    return report, " ".join([tech, "Findings:"] + report_sentences(codes, sides, severity, rng, appearance=True))
+    return report, " ".join([tech] + report_sentences(codes, sides, severity, rng, appearance=True))
 
 
 def verify_report(text, codes):
@@ -2362,78 +2362,83 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+R = dict(required=True)
+SHARDS = ("--shard-size", int, "images per shard (default: ~256 MB shards)")
+COMMANDS = {  # subcommand: (help, [(flag, default (a type: None of that type; False: a switch), help, kwargs)])
+    "phantom": ("render the CXR phantom dataset", [
+        ("--n", 4000, "number of images"), ("--size", 64, "image size in pixels (32-1024)"),
+        ("--out", "data/phantom", "output dataset folder"),
+        ("--seed", 0, "dataset seed (row i has exogenous seed seed*1e7 + i)"),
+        ("--workers", 1, "processes rendering shards in parallel"),
+        ("--no-masks", False, "do not store per-finding masks"), SHARDS]),
+    "sheet": ("contact sheet PNG of a dataset", [
+        ("--data", "data/phantom", "dataset folder"), ("--out", "sheet.png", "output PNG"),
+        ("--n", 24, "number of images"), ("--cols", 6, "images per row"), ("--tile", 160, "tile size in pixels"),
+        ("--split", str, "only this split", dict(choices=SPLITS)), ("--ids", str, "comma-separated ids to show"),
+        ("--masks", False, "overlay the finding masks")]),
+    "counterfactual": ("true counterfactual images of phantom rows", [
+        ("--data", "data/phantom", "phantom dataset folder"),
+        ("--set", str, 'intervention, e.g. "sex=F,age=80" or "Pleural Effusion=1"'),
+        ("--interventions", str, "edit table (csv: id, source_id, intervention), e.g. rectified_flow.py edit's "
+                                 "E/meta.csv: one true counterfactual per row, with its id"),
+        ("--out", str, "output dataset folder (same ids, counterfactual values)", R),
+        ("--ids", str, "comma-separated ids (default: all rows, or --split)"),
+        ("--split", str, "only rows of this split", dict(choices=SPLITS)),
+        ("--size", int, "render size (default: the dataset's)"), ("--workers", 1, "processes"),
+        ("--no-masks", False, "do not store masks")]),
+    "describe": ("write reports from structured metadata (chexgen OpenChest curation)", [
+        ("--data", "data/phantom", "dataset folder (meta.csv is rewritten in place)"),
+        ("--style", "impression", "`report` only, or also a `findings` paragraph with typical appearances",
+         dict(choices=["impression", "full"])),
+        ("--seed", 0, "phrasing seed (the output is a function of seed and row id)"),
+        ("--only-missing", False, "skip rows that came with a report"),
+        ("--llm", str, "local transformers causal LM (folder or hub id) for the generation prompt of chexgen Ext. "
+                       "Data Table 5 (default: the template generator)"),
+        ("--qc-llm", str, "LM for the quality-control prompt (default: --llm; `none`: skip)"),
+        ("--batch-size", 8, "rows per LLM batch"), ("--max-new-tokens", 256, "LLM output length"),
+        ("--limit", 0, "describe at most N rows this run (0: all)"),
+        ("--trust-remote-code", False, "let transformers run the model's own code")]),
+    "extract-labels": ("CheXpert-14 labels from a text column (rule-based)", [
+        ("--csv", str, "input csv (e.g. a dataset's meta.csv or a prompts file)", R),
+        ("--column", "report", "text column"),
+        ("--out", str, "output csv: id + the 14 labels (1 / 0 / -1 / empty)", R)]),
+    "merge": ("merge prepared datasets into one (CXR7-1M style)", [
+        ("--inputs", str, "dataset folders, in the order of the dataset codes", dict(nargs="+", required=True)),
+        ("--out", str, "output dataset folder", R)]),
+}
+REAL_FLAGS = [
+    ("--root", str, "the dataset folder as distributed (see the layout above)", R),
+    ("--size", 512, "square image size in pixels (radit §3: 512)"),
+    ("--views", "", "keep only these views, e.g. PA,AP (default: all, incl. missing)"),
+    ("--limit", 0, "stop after N usable rows (0: all)"), ("--workers", 1, "processes writing shards in parallel"),
+    SHARDS, ("--png16", False, "also write OUT/png/<id>.png (16-bit)"),
+    ("--split-mode", "official", "official split where the source has one, else a patient-id hash; `hash` "
+                                 "everywhere", dict(choices=["official", "hash"])),
+    ("--val-frac", 0.05, "val fraction of patients for hashed splits"),
+    ("--test-frac", 0.1, "test fraction of patients for hashed splits")]
+
+
+def _add_flags(parser, flags):
+    """argparse flags from COMMANDS-style tuples: the type follows the default; a type means default None."""
+    for name, default, text, *kw in flags:
+        kw = dict(kw[0]) if kw else {}
+        if default is False:
+            parser.add_argument(name, action="store_true", help=text, **kw)
+        else:
+            typ = default if isinstance(default, type) else type(default)
+            parser.add_argument(name, type=typ, default=None if isinstance(default, type) else default, help=text, **kw)
+
+
 def main(argv=None):
-    p = _Parser(prog="prep_data.py", description=__doc__.split("\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    ph = sub.add_parser("phantom", help="render the CXR phantom dataset", formatter_class=fmt)
-    ph.add_argument("--n", type=int, default=4000, help="number of images")
-    ph.add_argument("--size", type=int, default=64, help="image size in pixels (32-1024)")
-    ph.add_argument("--out", default="data/phantom", help="output dataset folder")
-    ph.add_argument("--seed", type=int, default=0, help="dataset seed (row i has exogenous seed seed*1e7 + i)")
-    ph.add_argument("--workers", type=int, default=1, help="processes rendering shards in parallel")
-    ph.add_argument("--no-masks", action="store_true", help="do not store per-finding masks")
-    ph.add_argument("--shard-size", type=int, default=None, help="images per shard (default: ~256 MB shards)")
-    sh = sub.add_parser("sheet", help="contact sheet PNG of a dataset", formatter_class=fmt)
-    sh.add_argument("--data", default="data/phantom", help="dataset folder")
-    sh.add_argument("--out", default="sheet.png", help="output PNG")
-    sh.add_argument("--n", type=int, default=24, help="number of images")
-    sh.add_argument("--cols", type=int, default=6, help="images per row")
-    sh.add_argument("--tile", type=int, default=160, help="tile size in pixels")
-    sh.add_argument("--split", default=None, choices=SPLITS, help="only this split")
-    sh.add_argument("--ids", default=None, help="comma-separated ids to show")
-    sh.add_argument("--masks", action="store_true", help="overlay the finding masks")
-    cf = sub.add_parser("counterfactual", help="true counterfactual images of phantom rows", formatter_class=fmt)
-    cf.add_argument("--data", default="data/phantom", help="phantom dataset folder")
-    cf.add_argument("--set", default=None, help='intervention, e.g. "sex=F,age=80" or "Pleural Effusion=1"')
-    cf.add_argument("--interventions", default=None, help="edit table (csv: id, source_id, intervention), e.g. "
-                    "rectified_flow.py edit's E/meta.csv: one true counterfactual per row, with its id")
-    cf.add_argument("--out", required=True, help="output dataset folder (same ids, counterfactual values)")
-    cf.add_argument("--ids", default=None, help="comma-separated ids (default: all rows, or --split)")
-    cf.add_argument("--split", default=None, choices=SPLITS, help="only rows of this split")
-    cf.add_argument("--size", type=int, default=None, help="render size (default: the dataset's)")
-    cf.add_argument("--workers", type=int, default=1, help="processes")
-    cf.add_argument("--no-masks", action="store_true", help="do not store masks")
+    p = _Parser(prog="prep_data.py", description=__doc__.split("\n")[0], formatter_class=fmt)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    for name, (text, flags) in COMMANDS.items():
+        _add_flags(sub.add_parser(name, help=text, formatter_class=fmt), flags)
     rfmt = type("_Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     for name, (adapter, _, extras) in SOURCES.items():
         rp = sub.add_parser(name, help=f"prepare {name} (real dataset)", description=adapter.__doc__, formatter_class=rfmt)
-        rp.add_argument("--root", required=True, help="the dataset folder as distributed (see the layout above)")
-        rp.add_argument("--out", default=f"data/{name}", help="output dataset folder")
-        rp.add_argument("--size", type=int, default=512, help="square image size in pixels (radit §3: 512)")
-        rp.add_argument("--views", default="", help="keep only these views, e.g. PA,AP (default: all, incl. missing)")
-        rp.add_argument("--limit", type=int, default=0, help="stop after N usable rows (0: all)")
-        rp.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
-        rp.add_argument("--shard-size", type=int, default=None, help="images per shard (default: ~256 MB shards)")
-        rp.add_argument("--png16", action="store_true", help="also write OUT/png/<id>.png (16-bit)")
-        rp.add_argument("--split-mode", default="official", choices=["official", "hash"],
-                        help="official split where the source has one, else a patient-id hash; `hash` everywhere")
-        rp.add_argument("--val-frac", type=float, default=0.05, help="val fraction of patients for hashed splits")
-        rp.add_argument("--test-frac", type=float, default=0.1, help="test fraction of patients for hashed splits")
-        for extra in extras:
-            rp.add_argument("--" + extra.replace("_", "-"), default=None, help=EXTRA_FLAGS[extra])
-    de = sub.add_parser("describe", help="write reports from structured metadata (chexgen OpenChest curation)",
-                        formatter_class=fmt)
-    de.add_argument("--data", default="data/phantom", help="dataset folder (meta.csv is rewritten in place)")
-    de.add_argument("--style", default="impression", choices=["impression", "full"],
-                    help="`report` only, or also a `findings` paragraph with typical appearances")
-    de.add_argument("--seed", type=int, default=0, help="phrasing seed (the output is a function of seed and row id)")
-    de.add_argument("--only-missing", action="store_true", help="skip rows that came with a report")
-    de.add_argument("--llm", default=None, help="local transformers causal LM (folder or hub id) for the generation "
-                    "prompt of chexgen Ext. Data Table 5 (default: the template generator)")
-    de.add_argument("--qc-llm", default=None, help="LM for the quality-control prompt (default: --llm; `none`: skip)")
-    de.add_argument("--batch-size", type=int, default=8, help="rows per LLM batch")
-    de.add_argument("--max-new-tokens", type=int, default=256, help="LLM output length")
-    de.add_argument("--limit", type=int, default=0, help="describe at most N rows this run (0: all)")
-    de.add_argument("--trust-remote-code", action="store_true", help="let transformers run the model's own code")
-    ex = sub.add_parser("extract-labels", help="CheXpert-14 labels from a text column (rule-based)",
-                        formatter_class=fmt)
-    ex.add_argument("--csv", required=True, help="input csv (e.g. a dataset's meta.csv or a prompts file)")
-    ex.add_argument("--column", default="report", help="text column")
-    ex.add_argument("--out", required=True, help="output csv: id + the 14 labels (1 / 0 / -1 / empty)")
-    mg = sub.add_parser("merge", help="merge prepared datasets into one (CXR7-1M style)", formatter_class=fmt)
-    mg.add_argument("--inputs", nargs="+", required=True, help="dataset folders, in the order of the dataset codes")
-    mg.add_argument("--out", required=True, help="output dataset folder")
+        _add_flags(rp, REAL_FLAGS + [("--" + e.replace("_", "-"), str, EXTRA_FLAGS[e]) for e in extras])
     args = p.parse_args(argv)
     if args.cmd in SOURCES:
         t0 = time.time()
