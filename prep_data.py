@@ -1229,25 +1229,23 @@ def make_phantom(out, n, size, seed=0, workers=1, masks=True, shard_size=None, i
     return rows
 
 
-def counterfactual_pairs(data, interventions_csv, out, size=None, workers=1, masks=True):
+def counterfactual_pairs(data, edits, out, size=None, workers=1, masks=True, what="--set"):
     """The TRUE counterfactuals of the rows of an edit table (rectified_flow.py edit's E/meta.csv: `id`,
     `source_id` (a row of `data`), `intervention` ("sex=F", "Pleural Effusion=1")): do(intervention) on the
     phantom's SCM with the source row's exogenous noise; output ids are the edit table's ids."""
     info, by_id = read_info(data), {r["id"]: r for r in read_meta(data)}
-    edits = read_table(interventions_csv, required=["id", "source_id", "intervention"])
-    if len({e["id"] for e in edits}) != len(edits):
-        raise SystemExit(f"{interventions_csv}: duplicate ids; each edit needs its own id")
+    if not edits or len({e["id"] for e in edits}) != len(edits):
+        raise SystemExit(f"{what}: {'duplicate ids' if edits else 'no rows'}; expected one row per edit, unique ids")
     rows, ivs = [], []
     for e in edits:
         src = by_id.get(e["source_id"])
         if src is None:
-            raise SystemExit(f"{interventions_csv}: source_id {e['source_id']!r} (edit {e['id']!r}) is not in "
-                             f"{data}/meta.csv")
+            raise SystemExit(f"{what}: source_id {e['source_id']!r} (edit {e['id']!r}) is not in {data}/meta.csv")
         if not src.get("seed"):
             raise SystemExit(f"{data}/meta.csv: row {src['id']!r} has no `seed`; true counterfactuals exist only for "
                              f"phantom datasets")
         ivs.append(parse_assignment(e["intervention"], info.get("datasets", PHANTOM_SOURCES),
-                                    f"{interventions_csv} (edit {e['id']!r})"))
+                                    f"{what} (edit {e['id']!r})" if what != "--set" else what))
         rows.append({**src, "id": e["id"], "source_id": src["id"], "intervention": e["intervention"]})
     return make_phantom(out, len(rows), size or int(info["size"]), info.get("seed", 0), workers, masks,
                         intervention=ivs, source_rows=rows, extra_columns=("source_id", "intervention"))
@@ -2438,7 +2436,8 @@ def main(argv=None):
     rfmt = type("_Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     for name, (adapter, _, extras) in SOURCES.items():
         rp = sub.add_parser(name, help=f"prepare {name} (real dataset)", description=adapter.__doc__, formatter_class=rfmt)
-        _add_flags(rp, REAL_FLAGS + [("--" + e.replace("_", "-"), str, EXTRA_FLAGS[e]) for e in extras])
+        _add_flags(rp, REAL_FLAGS + [("--out", f"data/{name}", "output dataset folder")]
+                   + [("--" + e.replace("_", "-"), str, EXTRA_FLAGS[e]) for e in extras])
     args = p.parse_args(argv)
     if args.cmd in SOURCES:
         t0 = time.time()
@@ -2483,27 +2482,17 @@ def main(argv=None):
         print(f"wrote labels of {len(table)} rows to {args.out}")
     elif args.cmd == "counterfactual" and bool(args.set) == bool(args.interventions):
         raise SystemExit("counterfactual: give one of --set ASSIGNMENT or --interventions E/meta.csv")
-    elif args.cmd == "counterfactual" and args.interventions:
-        rows = counterfactual_pairs(args.data, args.interventions, args.out, args.size, args.workers, not args.no_masks)
-        print(f"wrote {len(rows)} true counterfactual images of {args.interventions} to {args.out}")
     elif args.cmd == "counterfactual":
-        info, rows = read_info(args.data), read_meta(args.data)
-        intervention = parse_assignment(args.set, info.get("datasets", PHANTOM_SOURCES))
-        if args.ids:
-            want = args.ids.split(",")
-            by_id = {r["id"]: r for r in rows}
-            unknown = [i for i in want if i not in by_id]
-            if unknown:
-                raise SystemExit(f"--ids: {unknown[:5]} not in {args.data}/meta.csv")
-            rows = [by_id[i] for i in want]
-        elif args.split:
-            rows = [r for r in rows if r["split"] == args.split]
-        if not rows or "seed" not in rows[0]:
-            raise SystemExit(f"{args.data}/meta.csv: no phantom rows with a `seed` column; true counterfactuals "
-                             f"exist only for phantom datasets")
-        make_phantom(args.out, len(rows), args.size or int(info["size"]), info.get("seed", 0), args.workers,
-                     not args.no_masks, intervention=intervention, source_rows=rows)
-        print(f"wrote {len(rows)} counterfactual images under do({args.set}) to {args.out}")
+        if args.interventions:
+            edits = read_table(args.interventions, required=["id", "source_id", "intervention"])
+        else:
+            rows = read_meta(args.data)
+            ids = args.ids.split(",") if args.ids else [r["id"] for r in rows if args.split in (None, r["split"])]
+            edits = [{"id": i, "source_id": i, "intervention": args.set} for i in ids]
+        rows = counterfactual_pairs(args.data, edits, args.out, args.size, args.workers, not args.no_masks,
+                                    args.interventions or "--set")
+        print(f"wrote {len(rows)} true counterfactual images ({args.interventions or 'do(' + args.set + ')'}) to "
+              f"{args.out}")
 
 
 if __name__ == "__main__":
