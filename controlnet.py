@@ -1,60 +1,42 @@
 """controlnet.py: spatial control of the ChexGen text-to-radiograph DiT with masks and bounding boxes (chexgen Methods
 "Annotation-to-Image Generation", Ext. Data Fig. 3b/3d, Ext. Data Figs. 8-10, Ext. Data Tables 2 and 4).
 
-A ControlNet adapter (Zhang et al. 2023, in PixArt-alpha's transformer form) on a frozen dit_text2img.py backbone:
-trainable copies of the first N backbone blocks (chexgen: 13 of 28), initialised from the backbone; the condition
-map is patch-embedded and added through a zero-initialised linear (`before_proj`) to the image tokens entering the
-first copy; every copy's output goes through a zero-initialised linear (`after_proj`) and is added to the hidden
-state of the matching backbone block. At initialisation the output equals the backbone's exactly; only adapter
-parameters are trained (AdamW 1e-4, weight decay 0.01, clip 1.0, bf16: chexgen Ext. Data Table 4).
+A ControlNet adapter (Zhang et al. 2023; PixArt-alpha's transformer form) on a frozen dit_text2img.py backbone:
+trainable copies of its first N blocks (chexgen: 13 of 28), initialised from it; the condition map, patch-embedded,
+enters the first copy through a zero-initialised linear (`before_proj`); each copy's output goes through a
+zero-initialised linear (`after_proj`) into the hidden state of the matching backbone block, so at initialisation
+the output is the backbone's exactly. Only the adapter trains (AdamW 1e-4, wd 0.01, clip 1.0, bf16: chexgen Ext.
+Data Table 4). Conditions (`--cond-type`): `mask`, any of the dataset's masks (info.json mask_names), one channel
+each; `box`, per-class boxes (meta.csv `boxes` JSON {class: [x0, y0, x1, y1] fractions or a list of them}) drawn as
+filled rectangles, one channel per class, class names kept in the checkpoint (the paper's box control, never
+released). Maps are drawn at the image's pixel size in [-1, 1]; in latent space they are folded onto the latent grid
+by space-to-depth (f x f pixels -> f^2 channels, lossless), not VAE-encoded as in the released ChexGen code (vae.py
+writes no encoder file). Captions drop to the null caption (p 0.1) and, independently, the condition drops (adapter
+residuals zeroed), for e = e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C)).
 
-Conditions (`--cond-type`):
-  mask  any of the dataset's masks (info.json mask_names; phantom: anatomy and per-finding masks), one channel each;
-  box   per-class boxes (meta.csv `boxes` JSON {class: [x0, y0, x1, y1] fractions, or a list of them}) rasterised
-        into filled rectangles, one channel per class; the class names are kept in the checkpoint (the box control
-        the paper describes; its code was never released).
-The map is rendered at the image's pixel size in [-1, 1]. In pixel space it is the model input's size. In latent
-space it is folded onto the latent grid by space-to-depth (f x f pixels -> f^2 channels a cell, lossless): vae.py
-writes decoders only, so this file does not VAE-encode the map as the released ChexGen code does (see README).
-Captions are dropped to the learned null caption (p = 0.1, as dit_text2img.py) and, independently, the condition
-is dropped (its residuals zeroed: the frozen text-to-image model), so sampling can guide on both:
-    e = e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C))      (--cfg w, --cfg-cond w_c)
-
-Train (text embeddings cached by `dit_text2img.py embed-text`; the backbone is a dit_text2img.py run or checkpoint):
-    python dit_text2img.py embed-text --data data/phantom --text-encoder minilm
+Train (captions cached by `dit_text2img.py embed-text`; --backbone: a dit_text2img.py run or checkpoint):
     python dit_text2img.py --data data/phantom --out runs/dit --space pixel --max-steps 3000          # backbone
-    python controlnet.py --backbone runs/dit --cond-type mask --cond-masks "Lungs,Heart,Pleural Effusion" \
-        --out runs/cn_mask --max-steps 2000                                                            # CPU demo
+    python controlnet.py --backbone runs/dit --cond-masks "Lungs,Heart,Pleural Effusion" --out runs/cn_mask
     python controlnet.py --backbone runs/dit --cond-type box --out runs/cn_box
     torchrun --nproc_per_node=8 controlnet.py --backbone runs/s2 --size chexgen --data D512 --out runs/cn
-    python controlnet.py --backbone runs/dit --dry-run          # parameter counts (adapter / frozen backbone)
-    python controlnet.py --backbone runs/dit --bench --batch-size 32
-Sample (EMA adapter; image / annotation pairs ready for `downstream.py segment`, and a grid condition | samples):
+    python controlnet.py --backbone runs/dit --dry-run            # (--bench: tokens/s, MFU, peak memory)
+Sample (EMA adapter; image / annotation pairs for `downstream.py segment`; grid.png: condition | samples):
     python controlnet.py sample --ckpt runs/cn_mask --masks masks/ --prompts prompts.txt --n-per-cond 3 --out fake/
-    python controlnet.py sample --ckpt runs/cn_box --boxes boxes.json --prompts prompts.txt --out fake_box/
-    python downstream.py segment --train "syn=fake/" --test data/phantom:test --mask "Pleural Effusion"
-Evaluate control fidelity on a dataset split (Dice / box IoU > 0.5 through a downstream.py segmenter, and FID):
+    python controlnet.py sample --ckpt runs/cn_box --boxes boxes.json --prompt "right pleural effusion" --out fb/
+Evaluate control fidelity (Dice / box IoU > 0.5 through a downstream.py U-Net; FID with metrics.py):
     python downstream.py segment --train real=data/phantom:train --mask "Pleural Effusion" --out runs/seg
     python controlnet.py evaluate --ckpt runs/cn_mask --seg-ckpt runs/seg/real/run0 --n 256 --out runs/cn_eval
-
-Mask folders (`sample --masks DIR`): one greyscale PNG per condition `<cid>.png` when the checkpoint has one mask
-channel, else `<cid>_<k>.png` for each channel k (its name order: `cond_names` in the checkpoint's config); any
-size (resized, with a warning), non-zero = foreground (values other than 0 / 1 or 0 / 255 are thresholded at half
-the range, stated). Box files (`sample --boxes FILE`): JSON {cid: {class: box or [boxes]}} or a list of such
-{class: ...} dicts; boxes are [x0, y0, x1, y1] fractions of the image side (clipped to [0, 1], with a warning).
-Output folder: `<id>.png` (16-bit), `<id>_mask.png` (the condition channel `--mask-out`, 0 / 255), for several
-mask channels also `<id>_mask_<k>.png`, for boxes `<id>_boxes.json`; meta.csv (id, prompt, report, cond_id, boxes),
-grid.png. Checkpoint: one safetensors file, written atomically: `controlnet.*` (adapter), `ema.*` (its EMA),
-`base.*` (the frozen backbone, so a run folder samples alone), `optim.*`, with the config, the backbone's config
-and the step in its metadata. Every random draw is a function of (seed, step) in training and of (seed, condition,
-sample) in sampling.
+Files: `--masks DIR` holds <cid>.png (one channel) or <cid>_<k>.png (channel k of the checkpoint's cond_names),
+non-zero = foreground; `--boxes FILE` is JSON {cid: {class: box or [boxes]}}. Outputs: <id>.png (16-bit),
+<id>_mask.png (channel --mask-out; all: <id>_mask_<k>.png), <id>_boxes.json, meta.csv, grid.png. Checkpoint (one
+safetensors file, atomic): controlnet.* (adapter), ema.*, base.* (the frozen backbone: a run samples alone),
+optim.*, config / backbone config / step in its metadata. Draws are functions of (seed, step) / (seed, cond, k).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -66,10 +48,9 @@ import socket
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -97,8 +78,7 @@ class Config:
     """Adapter and training configuration; stored in every checkpoint (the backbone's own config beside it)."""
     data: str = arg("data/phantom", "dataset folder (DESIGN.md §4) with masks / boxes and a text cache")
     out: str = arg("runs/controlnet", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
-    backbone: str = arg("runs/dit", "dit_text2img.py run folder or checkpoint: the frozen backbone")
-    backbone_weights: str = arg("ema", "which backbone weights to freeze: ema | model")
+    backbone: str = arg("runs/dit", "dit_text2img.py run folder or checkpoint: the frozen backbone (its EMA weights)")
     cond_type: str = arg("mask", "mask | box")
     cond_masks: str = arg("", "comma-separated mask names (info.json mask_names) for --cond-type mask; '': all")
     box_classes: str = arg("", "comma-separated box classes for --cond-type box; '': those in the training rows")
@@ -145,27 +125,11 @@ for _p in ("B", "XL", "chexgen"):
 DIT_SIZES = {"tiny": (128, 4, 4), "B": (768, 12, 12), "XL": (1152, 28, 16), "chexgen": (2048, 28, 32)}
 
 
-@dataclass
-class DiTConfig:
-    """The backbone's architecture and data fields (a dit_text2img.py checkpoint's config, the fields used here)."""
-    size: str = "tiny"
-    hidden: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    patch: int = 2
-    in_channels: int = 4
-    image_size: int = 32
-    text_dim: int = 4096
-    max_length: int = 120
-    pred: str = "eps"
-    pe_base: int = 16
-    space: str = "latent"
-    vae: str = ""
-    data: str = ""
-    text_encoder: str = "minilm"
-    attn: str = "kernels"
-    grad_ckpt: bool = False
+# The backbone's architecture and data fields (those of a dit_text2img.py checkpoint's config that are used here).
+DiTConfig = make_dataclass("DiTConfig", [(k, type(v), field(default=v)) for k, v in dict(
+    size="tiny", hidden=128, depth=4, heads=4, mlp_ratio=4.0, patch=2, in_channels=4, image_size=32, text_dim=4096,
+    max_length=120, pred="eps", pe_base=16, space="latent", vae="", data="", text_encoder="minilm", attn="kernels",
+    grad_ckpt=False).items()])
 
 
 @dataclass
@@ -173,28 +137,21 @@ class InferConfig:
     """Options of the `sample` and `evaluate` subcommands (the model's config comes from the checkpoint)."""
     ckpt: str = arg("runs/controlnet", "run folder or checkpoint file of this script (EMA adapter weights)")
     out: str = arg("fake", "output folder: image / annotation pairs, meta.csv, grid.png (evaluate: results.json)")
-    masks: str = arg("", "folder of mask PNGs, one condition per <cid>.png (or <cid>_<k>.png per channel)",
-                     only="sample")
+    masks: str = arg("", "folder of mask PNGs: <cid>.png (or <cid>_<k>.png per channel)", only="sample")
     boxes: str = arg("", "JSON file of box conditions {cid: {class: [x0, y0, x1, y1] or [boxes]}}", only="sample")
-    prompts: str = arg("", "text file, one prompt a line: one for all conditions, or one per condition (sorted by "
-                           "cid)", only="sample")
+    prompts: str = arg("", "text file: one prompt for all conditions, or one a line per condition", only="sample")
     prompt: str = arg("", "one prompt for every condition (instead of --prompts)", only="sample")
     n_per_cond: int = arg(3, "images per condition")
     mask_out: str = arg("", "condition channel written as <id>_mask.png (downstream.py segment); '': the first")
-    data: str = arg("data/phantom", "dataset whose split gives conditions, captions and real images",
-                    only="evaluate")
+    data: str = arg("data/phantom", "dataset: conditions, captions, real images", only="evaluate")
     split: str = arg("test", "split of --data to evaluate on", only="evaluate")
     n: int = arg(0, "use only the first n conditions; 0: all")
-    seg_ckpt: str = arg("", "downstream.py segment run folder or checkpoint (its U-Net predicts the finding mask)",
-                        only="evaluate")
-    fid_features: str = arg("inception", "metrics.py feature space for the FID against the real images; none: "
-                                         "skip", only="evaluate")
+    seg_ckpt: str = arg("", "downstream.py segment run or checkpoint (its U-Net)", only="evaluate")
+    fid_features: str = arg("inception", "metrics.py features for the FID; none: skip", only="evaluate")
     weights_dir: str = arg("", "folder with the feature extractor's weights (metrics.py)", only="evaluate")
-    allow_random_weights: bool = arg(False, "FID with random extractor weights when the real ones are missing "
-                                            "(labelled, not comparable)", only="evaluate")
-    sampler: str = arg("ddim", "ddim (chexgen Eq. 2) | ddpm (respaced ancestral, the released ChexGen code)")
+    allow_random_weights: bool = arg(False, "FID with random extractor weights (labelled)", only="evaluate")
     steps: int = arg(100, "sampling steps, respaced from T = 1000 (chexgen Methods: 100)")
-    eta: float = arg(0.0, "DDIM stochasticity: 0 deterministic, 1 = ancestral DDPM")
+    eta: float = arg(0.0, "DDIM stochasticity: 0 deterministic (chexgen Eq. 2), 1 = ancestral DDPM")
     cfg: float = arg(4.0, "text guidance w (chexgen: 4.0), every channel, the condition kept in both branches")
     cfg_cond: float = arg(0.0, "condition guidance w_c: + w_c (e(text, C) - e(text, no C)); 0: two branches only")
     text_encoder: str = arg("", "local copy of the backbone's text encoder (default: the name it was trained with)")
@@ -236,8 +193,7 @@ def parse_config(argv):
     if size is None:
         raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
     cfg = Config(**{**PRESETS[size], **given, "size": size})
-    for flag, val, ok in (("--cond-type", cfg.cond_type, ("mask", "box")), ("--attn", cfg.attn, ("kernels", "sdpa")),
-                          ("--backbone-weights", cfg.backbone_weights, ("ema", "model"))):
+    for flag, val, ok in (("--cond-type", cfg.cond_type, ("mask", "box")), ("--attn", cfg.attn, ("kernels", "sdpa"))):
         if val not in ok:
             raise SystemExit(f"{flag} {val!r}: expected one of {list(ok)}")
     if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.p_drop_cond < 1:
@@ -412,25 +368,7 @@ class DiT(nn.Module):
         self.y_embedder = CaptionEmbedder(cfg.text_dim, D, cfg.max_length)
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, C)
-        self.set_attention(cfg.attn)
-        self.init_weights()
-
-    def init_weights(self):
-        """PixArt-alpha's initialisation: xavier linears, N(0, 0.02) embedders, zero cross-attention outputs and
-        zero final layer (the model starts as eps = 0 and each block's text path as the identity)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
-                    self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
-            nn.init.normal_(lin.weight, std=0.02)
-        for lin in [b.cross_attn.proj for b in self.blocks] + [self.final_layer.linear]:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        self.set_attention(cfg.attn)                    # (no init_weights: the weights come from dit_text2img.py)
 
     def set_attention(self, impl):
         if impl not in ("kernels", "sdpa"):
@@ -478,10 +416,8 @@ class ControlBlock(nn.Module):
         self.copied_block = copy.deepcopy(block)
         self.before_proj = nn.Linear(dim, dim) if first else None
         self.after_proj = nn.Linear(dim, dim)
-        for lin in (self.before_proj, self.after_proj):
-            if lin is not None:
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+        for p in [*self.after_proj.parameters(), *(self.before_proj.parameters() if first else ())]:
+            nn.init.zeros_(p)
 
 
 class ControlNet(nn.Module):
@@ -498,11 +434,6 @@ class ControlNet(nn.Module):
         nn.init.zeros_(self.cond_embedder.proj.bias)
         self.controlnet = nn.ModuleList(ControlBlock(base.blocks[i], D, i == 0) for i in range(n_blocks))
         self.requires_grad_(True)                                 # the copies of a frozen backbone are trainable
-
-    def copy_from(self, base):
-        """(Re-)initialise every copy from the backbone's block (after the backbone's weights are loaded)."""
-        for i, cb in enumerate(self.controlnet):
-            cb.copied_block.load_state_dict(base.blocks[i].state_dict())
 
 
 class ControlDiT(nn.Module):
@@ -555,8 +486,6 @@ class Schedule:
         return self.alphas_cumprod[t.cpu()].float().to(device).view(-1, 1, 1, 1)
 
 
-
-
 def diffusion_loss(model, sched, x0, eps, t, text, lengths, drop, cond, keep, pred="eps"):
     """Per-sample MSE of the eps (chexgen Eq. 1) or v target at z_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, with the
     condition map `cond` (dropped where keep is False) and the caption (dropped to the null caption where drop)."""
@@ -573,12 +502,9 @@ def guided_eps(model, sched, x, t, text, lengths, cond, scale=4.0, cond_scale=0.
     B = x.shape[0]
     tt = torch.full((B,), int(t), device=x.device, dtype=torch.long)
     n = 1 + (scale != 1.0) + (cond_scale != 0.0)
-    drop = torch.zeros(n * B, dtype=torch.bool, device=x.device)
-    keep = torch.ones(n * B, dtype=torch.bool, device=x.device)
-    if scale != 1.0:
-        drop[B:2 * B] = True                                     # branch 2: the null caption, the condition kept
-    if cond_scale != 0.0:
-        keep[(n - 1) * B:] = False                               # last branch: the caption, the condition dropped
+    branch = torch.arange(n * B, device=x.device) // B
+    drop = (branch == 1) & (scale != 1.0)                        # branch 1: the null caption, the condition kept
+    keep = (branch < n - 1) | (cond_scale == 0.0)                # last branch when w_c != 0: the condition dropped
     rep = lambda v: torch.cat([v] * n)
     out = model(rep(x), rep(tt), rep(text), rep(lengths), drop, rep(cond), keep).float().chunk(n)
     e = out[0] if scale == 1.0 else out[1] + scale * (out[0] - out[1])
@@ -588,13 +514,6 @@ def guided_eps(model, sched, x, t, text, lengths, cond, scale=4.0, cond_scale=0.
         ab = sched.ab(tt, x.device)
         e = (1 - ab).sqrt() * x + ab.sqrt() * e
     return e
-
-
-def respace(T, steps):
-    """`steps` timesteps spread evenly over [0, T - 1], both ends included (improved-DDPM respacing)."""
-    if not 1 <= steps <= T:
-        raise SystemExit(f"--steps {steps}: expected 1..{T}")
-    return sorted(set(np.round(np.linspace(0, T - 1, steps)).astype(int).tolist()))
 
 
 def step_noise(gens, shape, device, n=None):
@@ -618,7 +537,9 @@ def predict_x0(x, e, ab, clip):
 def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None, clip=False):
     """DDIM (Song et al. 2021; chexgen Eq. 2 is eta = 0): x_prev = sqrt(ab') x0_hat + sqrt(1 - ab' - s^2) e + s z,
     s = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab'), along the respaced timesteps, in float64 coefficients."""
-    ts = respace(sched.T, steps)
+    if not 1 <= steps <= sched.T:                                # improved-DDPM respacing, both ends included
+        raise SystemExit(f"--steps {steps}: expected 1..{sched.T}")
+    ts = sorted(set(np.round(np.linspace(0, sched.T - 1, steps)).astype(int).tolist()))
     for i in reversed(range(len(ts))):
         ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
         x0, e = predict_x0(x, eps_fn(x, ts[i]), ab, clip)
@@ -629,34 +550,14 @@ def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None, clip=False):
     return x
 
 
-def ddpm_sample(eps_fn, sched, x, steps=100, gens=None, clip=False):
-    """Ancestral DDPM (Ho et al. 2020) on respaced timesteps (Nichol & Dhariwal 2021): betas b_i = 1 - ab_i / ab_{i-1}
-    of the subsequence, posterior mean of x0_hat and x_t, variance b_i (1 - ab_{i-1}) / (1 - ab_i) ('fixed small');
-    the sampler the released ChexGen code runs."""
-    ts = respace(sched.T, steps)
-    for i in reversed(range(len(ts))):
-        ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
-        beta = 1 - ab / ab_prev
-        x0, _ = predict_x0(x, eps_fn(x, ts[i]), ab, clip)
-        mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x
-        var = beta * (1 - ab_prev) / (1 - ab)
-        x = mean + math.sqrt(var) * step_noise(gens, x.shape[1:], x.device, len(x)) if i else mean
-    return x
-
-
-
-
-def sample_latents(model, sched, noise, text, lengths, cond, sampler="ddim", steps=100, eta=0.0, scale=4.0,
-                   cond_scale=0.0, pred="eps", gens=None, clip=False):
-    """Noise [B, C, H, W] -> samples under the captions and condition maps, with guidance."""
+def sample_latents(model, sched, noise, text, lengths, cond, steps=100, eta=0.0, scale=4.0, cond_scale=0.0,
+                   pred="eps", gens=None, clip=False):
+    """Noise [B, C, H, W] -> samples under the captions and condition maps, with guidance (DDIM; eta = 1 is the
+    respaced ancestral DDPM the released ChexGen code runs, as dit_text2img.py's tests check)."""
     def eps_fn(x, t):
         with torch.no_grad(), autocast(x.device):
             return guided_eps(model, sched, x, t, text, lengths, cond, scale, cond_scale, pred)
-    if sampler == "ddim":
-        return ddim_sample(eps_fn, sched, noise, steps, eta, gens, clip)
-    if sampler == "ddpm":
-        return ddpm_sample(eps_fn, sched, noise, steps, gens, clip)
-    raise SystemExit(f"--sampler {sampler!r}: expected ddim or ddpm")
+    return ddim_sample(eps_fn, sched, noise, steps, eta, gens, clip)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -681,21 +582,6 @@ def encoder_source(name):
     return name
 
 
-def encoder_key(name):
-    """The name a checkpoint and a cache record: local folders absolute, hub ids and 'minilm' as given."""
-    return os.path.abspath(name) if os.path.isdir(name) and name != MINILM else name
-
-
-def hub_online(host="huggingface.co"):
-    """False under HF_HUB_OFFLINE=1 / CXR_OFFLINE=1 or when the hub does not resolve: fail fast, no retries."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1":
-        return False
-    try:
-        return bool(socket.getaddrinfo(host, 443))
-    except OSError:
-        return False
-
-
 def load_text_encoder(name, device="cpu"):
     """(tokenizer, encoder) from transformers; T5-family checkpoints load their encoder stack only. Offline, a hub
     id that is not in the local cache fails with one line naming it and the flag."""
@@ -704,7 +590,12 @@ def load_text_encoder(name, device="cpu"):
         import transformers
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         transformers.utils.logging.disable_progress_bar()
-        kw = {} if os.path.isdir(src) else {"local_files_only": not hub_online()}
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1"
+        try:                                                     # offline or unresolvable hub: fail fast, no retries
+            offline = offline or not socket.getaddrinfo("huggingface.co", 443)
+        except OSError:
+            offline = True
+        kw = {} if os.path.isdir(src) else {"local_files_only": offline}
         conf = AutoConfig.from_pretrained(src, **kw)
         tok = AutoTokenizer.from_pretrained(src, **kw)
         cls = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}.get(conf.model_type)
@@ -719,22 +610,14 @@ def load_text_encoder(name, device="cpu"):
     return tok, enc.to(device).eval()
 
 
-def text_width(enc):
-    return int(getattr(enc.config, "d_model", None) or enc.config.hidden_size)
-
-
 def tokenize(tok, texts, max_length):
-    """-> input ids [n, max_length], valid lengths [n] (after truncation), token counts [n] before truncation."""
-    limit = getattr(tok, "model_max_length", None)
-    if limit and limit < 10**6 and max_length > limit:
-        raise SystemExit(f"--max-length {max_length}: the tokenizer allows at most {limit} tokens")
-    n_tokens = torch.tensor([len(ids) for ids in tok(list(texts), truncation=False)["input_ids"]])
+    """-> input ids [n, max_length], valid lengths [n] (after truncation; right padding checked)."""
     b = tok(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     mask = b["attention_mask"].bool()
     lengths = mask.sum(1)
     if not torch.equal(mask, torch.arange(max_length)[None] < lengths[:, None]):
         raise SystemExit("tokenizer: padding is not on the right; key lengths need right padding")
-    return b["input_ids"], lengths, n_tokens
+    return b["input_ids"], lengths
 
 
 def encode_text(enc, ids, lengths):
@@ -796,7 +679,6 @@ def latent_info(folder):
                 decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
 
 
-
 def warn(msg):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -806,44 +688,35 @@ def parse_boxes(obj, where):
     if not isinstance(obj, dict):
         raise SystemExit(f"{where}: boxes {str(obj)[:80]!r}; expected a JSON object {{class: [x0, y0, x1, y1]}}")
     out = {}
-    for name, v in obj.items():
-        if v is None:
-            continue
-        boxes = [v] if isinstance(v, (list, tuple)) and len(v) == 4 and all(
-            isinstance(a, (int, float)) for a in v) else v
+    for name, v in ((k, v) for k, v in obj.items() if v is not None):
+        one = isinstance(v, (list, tuple)) and len(v) == 4 and all(isinstance(a, (int, float)) for a in v)
         try:
-            boxes = [[float(a) for a in b] for b in boxes]
+            out[str(name)] = [[float(a) for a in b] for b in ([v] if one else v)]
+            if not all(len(b) == 4 and all(math.isfinite(a) for a in b) for b in out[str(name)]):
+                raise ValueError
         except (TypeError, ValueError):
-            boxes = None
-        if boxes is None or any(len(b) != 4 or not all(math.isfinite(a) for a in b) for b in boxes):
-            raise SystemExit(f"{where}: box of {name!r} is {v!r}; expected [x0, y0, x1, y1] fractions or a list of them")
-        out[str(name)] = boxes
+            raise SystemExit(f"{where}: box of {name!r} is {v!r}; expected [x0, y0, x1, y1] fractions or a list of "
+                             f"them") from None
     return out
 
 
 def rasterize_boxes(boxes, classes, size, where="", strict=True):
     """Filled rectangles, one channel per class -> uint8 [K, size, size]. A pixel is inside when its centre is:
     column j for x0 S <= j + 1/2 < x1 S (a box of whole-pixel edges, as the phantom's, covers exactly its pixels).
-    Boxes outside the image are clipped (warned); unknown classes fail (strict) or are returned for one note."""
-    m = np.zeros((len(classes), size, size), np.uint8)
-    index, unknown = {c: k for k, c in enumerate(classes)}, set()
+    Boxes outside the image are clipped (warned); unknown classes fail (strict) or are skipped."""
+    m, index = np.zeros((len(classes), size, size), np.uint8), {c: k for k, c in enumerate(classes)}
     for name, bs in parse_boxes(boxes, where).items():
-        if name not in index:
-            if strict:
-                raise SystemExit(f"{where}: unknown box class {name!r}; this model knows {list(classes)}")
-            unknown.add(name)
-            continue
-        for b in bs:
-            x0, y0, x1, y1 = b
-            if x1 <= x0 or y1 <= y0:
+        if name not in index and strict:
+            raise SystemExit(f"{where}: unknown box class {name!r}; this model knows {list(classes)}")
+        for b in bs if name in index else ():
+            if b[2] <= b[0] or b[3] <= b[1]:
                 raise SystemExit(f"{where}: box {b} of {name!r}: expected x0 < x1 and y0 < y1")
             c = [min(max(v, 0.0), 1.0) for v in b]
-            if c != list(b):
+            if c != b:
                 warn(f"{where}: box {b} of {name!r} lies partly outside the image; clipped to {c}")
-            c0, c1 = math.ceil(c[0] * size - 0.5), math.ceil(c[2] * size - 0.5)
-            r0, r1 = math.ceil(c[1] * size - 0.5), math.ceil(c[3] * size - 0.5)
+            c0, r0, c1, r1 = (math.ceil(v * size - 0.5) for v in c)
             m[index[name], r0:r1, c0:c1] = 1
-    return (m, unknown) if not strict else m
+    return m
 
 
 def read_mask_png(path, size):
@@ -853,19 +726,15 @@ def read_mask_png(path, size):
         raise SystemExit(f"{path}: no such mask PNG")
     with Image.open(path) as im:
         top = 65535 if im.mode.startswith("I") else 1 if im.mode == "1" else 255
-        a = np.asarray(im.convert("L") if im.mode not in ("L", "1") and not im.mode.startswith("I") else im)
-    a = a.astype(np.float64)
-    if a.ndim != 2:
-        raise SystemExit(f"{path}: {a.shape} array; expected a greyscale mask")
+        a = np.asarray(im if im.mode in ("L", "1") or im.mode.startswith("I") else im.convert("L")).astype(np.float64)
     vals = set(np.unique(a).tolist())
     if not (vals <= {0.0, 1.0} or vals <= {0.0, float(top)}):
         warn(f"{path}: values other than 0/1 or 0/{top} ({len(vals)} distinct); thresholded at {top / 2}")
-    m = (a > (0.5 if vals <= {0.0, 1.0} else top / 2)).astype(np.uint8)
+    m = torch.from_numpy((a > (0.5 if vals <= {0.0, 1.0} else top / 2)).astype(np.uint8))
     if m.shape != (size, size):
         warn(f"{path}: mask of {m.shape[1]}x{m.shape[0]} px; resized (nearest) to the model's {size}x{size}")
-        m = F.interpolate(torch.from_numpy(m)[None, None].float(), size=(size, size), mode="nearest")[0, 0]
-        m = m.numpy().astype(np.uint8)
-    return m
+        m = F.interpolate(m[None, None].float(), size=(size, size), mode="nearest")[0, 0].to(torch.uint8)
+    return m.numpy()
 
 
 def cond_input(m, image_size):
@@ -876,56 +745,42 @@ def cond_input(m, image_size):
     return F.pixel_unshuffle(x, f) if f > 1 else x
 
 
-def cond_preview(m, size):
-    """Condition maps [n, K, S, S] -> one image each in [-1, 1] (the union of the channels), at `size`."""
-    x = m.float().amax(1, keepdim=True) * 2 - 1
-    return F.interpolate(x, size=(size, size), mode="nearest") if x.shape[-1] != size else x
+def cond_grid(path, maps, x, labels):
+    """Condition | samples: row 1 the union of each column's condition channels, the rows below samples x [-1, 1]."""
+    c = F.interpolate(maps.float().amax(1, keepdim=True), size=x.shape[-2:], mode="nearest") * 2 - 1
+    save_grid(path, torch.cat([c.to(x.device), x.float()]), ncol=len(labels), labels=labels)
 
 
 class ControlData:
-    """The training split of a DESIGN.md §4 dataset, in the backbone's space, with its cached captions and one
-    condition map a row (dataset masks or meta.csv boxes)."""
+    """A split of a DESIGN.md §4 dataset in the backbone's space (pixels, or latents/<vae>/), its cached captions
+    (text/<name>/ of the backbone's encoder), and one condition map a row (dataset masks or meta.csv boxes)."""
 
     def __init__(self, cfg, dcfg, split="train"):
-        root = cfg.data
-        path = os.path.join(root, "meta.csv")
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
-                             f"e.g. from `python prep_data.py phantom --out {root}`")
-        self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
+        root, path = cfg.data, os.path.join(cfg.data, "meta.csv")
+        self.info = read_json(os.path.join(root, "info.json"), "a dataset folder (meta.csv, shards/, info.json)")
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("split", split) == split]
         if not rows or "report" not in rows[0]:
             raise SystemExit(f"{path}: no rows with split={split!r} or no 'report' column")
-        self.root, self.cond_size = root, int(self.info["size"])
-        self.space = dcfg.space
-        if self.space == "latent":
-            lat = latent_folder(root, dcfg.vae)
-            if lat is None:
-                raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder {dcfg.vae!r}; the backbone was "
-                                 f"trained on latents (run vae.py encode)")
-            li = latent_info(lat)
-            self.folder, self.shape, self.mean, self.std = lat, li["shape"], li["mean"], li["std"]
-        else:
-            self.folder, self.shape = root, (1, self.cond_size, self.cond_size)
-        want = (dcfg.in_channels, dcfg.image_size, dcfg.image_size)
-        if tuple(self.shape) != want:
-            raise SystemExit(f"{self.folder}: {self.space} inputs of shape {list(self.shape)}; the backbone takes "
-                             f"{list(want)}")
-        if self.cond_size % dcfg.image_size:
-            raise SystemExit(f"{root}: {self.cond_size} px images do not fold onto a {dcfg.image_size} grid")
-        self.key = "latents" if self.space == "latent" else "images"
+        self.root, self.cond_size, self.space = root, int(self.info["size"]), dcfg.space
+        lat = latent_folder(root, dcfg.vae) if self.space == "latent" else None
+        if self.space == "latent" and lat is None:
+            raise SystemExit(f"{root}/latents: no latent folder {dcfg.vae!r}, which the backbone was trained on")
+        li = latent_info(lat) if lat else dict(shape=(1, self.cond_size, self.cond_size), mean=None, std=None)
+        self.folder, self.shape, self.mean, self.std = lat or root, li["shape"], li["mean"], li["std"]
+        if tuple(self.shape) != (dcfg.in_channels, dcfg.image_size, dcfg.image_size) or self.cond_size % dcfg.image_size:
+            raise SystemExit(f"{self.folder}: {self.space} inputs of shape {list(self.shape)} ({self.cond_size} px); "
+                             f"the backbone takes {[dcfg.in_channels, dcfg.image_size, dcfg.image_size]}")
+        self.key = "latents" if lat else "images"
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
         self.text = text_folder(root, cfg.text)
-        if self.text is None:
-            raise SystemExit(f"{os.path.join(root, 'text')}: no cached text embeddings; run `python dit_text2img.py "
-                             f"embed-text --data {root} --text-encoder {dcfg.text_encoder}`")
-        ti = read_json(os.path.join(self.text, "info.json"), "the text cache's info.json (from embed-text)")
-        if (ti["encoder"], int(ti["max_length"]), int(ti["hidden_size"])) != (dcfg.text_encoder, dcfg.max_length,
-                                                                              dcfg.text_dim):
+        ti = read_json(os.path.join(self.text or os.path.join(root, "text", "?"), "info.json"),
+                       f"a text cache: python dit_text2img.py embed-text --data {root} --text-encoder "
+                       f"{dcfg.text_encoder}")
+        if (ti["encoder"], ti["max_length"], ti["hidden_size"]) != (dcfg.text_encoder, dcfg.max_length, dcfg.text_dim):
             raise SystemExit(f"{self.text}/info.json: text of {ti['encoder']!r} ({ti['hidden_size']} wide, "
-                             f"{ti['max_length']} tokens); the backbone reads {dcfg.text_encoder!r} ({dcfg.text_dim} "
-                             f"wide, {dcfg.max_length} tokens)")
+                             f"{ti['max_length']} tokens); the backbone reads {dcfg.text_encoder!r} "
+                             f"({dcfg.text_dim} wide, {dcfg.max_length} tokens)")
         self.max_length, self.text_dim = dcfg.max_length, dcfg.text_dim
         rows = [r for r in rows if len(r["report"].strip()) >= cfg.min_chars]     # roentgen §3, as the backbone
         if cfg.cond_type == "mask":
@@ -939,58 +794,48 @@ class ControlData:
             if "boxes" not in rows[0]:
                 raise SystemExit(f"{path}: no 'boxes' column; expected JSON {{class: [x0, y0, x1, y1]}} per row")
             self.boxes = [parse_boxes(json.loads(r["boxes"] or "{}"), f"{path} row {r['id']}") for r in rows]
-            names = [s.strip() for s in cfg.box_classes.split(",") if s.strip()] or sorted(
-                {c for b in self.boxes for c in b})
-            if not names:
-                raise SystemExit(f"{path}: no boxes in the {split} rows; expected a 'boxes' column with some boxes")
-            other = sorted({c for b in self.boxes for c in b} - set(names))
-            if other:
-                warn(f"{path}: boxes of classes {other} are not in --box-classes and are ignored")
+            seen = sorted({c for b in self.boxes for c in b})
+            names = [s.strip() for s in cfg.box_classes.split(",") if s.strip()] or seen
+            if set(seen) - set(names):
+                warn(f"{path}: boxes of classes {sorted(set(seen) - set(names))} are ignored (not in --box-classes)")
+        if not names:
+            raise SystemExit(f"{path}: no condition channels (no masks / boxes)")
         self.rows, self.cond_names = rows, names
-        f = self.cond_size // dcfg.image_size
-        self.cond_channels = len(names) * f * f
-
-    def shard_path(self, folder, shard):
-        path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path}: no such shard")
-        return path
+        self.cond_channels = len(names) * (self.cond_size // dcfg.image_size) ** 2
 
     def __len__(self):
         return len(self.rows)
 
     def _rows(self, folder, key, idx):
+        """Rows idx of `key` in folder/shards/, one slice a row (safetensors reads only those bytes)."""
         xs = []
         for i in idx:
             r = self.rows[int(i)]
-            xs.append(self._open(self.shard_path(folder, int(r["shard"]))).get_slice(key)[int(r["index"]):
-                                                                                       int(r["index"]) + 1])
-        return torch.cat(xs)
+            path = os.path.join(folder, "shards", f"{int(r['shard']):05d}.safetensors")
+            if not os.path.isfile(path):
+                raise SystemExit(f"{path}: no such shard (meta.csv row {r['id']})")
+            xs.append(self._open(path).get_slice(key)[int(r["index"]):int(r["index"]) + 1])
+        return xs
 
     def load(self, idx):
         """Rows idx -> float32 [n, C, S, S]: pixels (v + 0.5) / 2^15 - 1 in [-1, 1], or normalised latents."""
-        x = self._rows(self.folder, self.key, idx).float()
+        x = torch.cat(self._rows(self.folder, self.key, idx)).float()
         return (x + 0.5) / 32768 - 1 if self.space == "pixel" else (x - self.mean) / self.std
 
     def load_text(self, idx):
-        """Rows idx -> cached features [n, max_length, C] (zero padded) and valid lengths [n]."""
+        """Rows idx -> cached features [n, max_length, C] (zero padded: shards differ in length) and lengths [n]."""
         out = torch.zeros(len(idx), self.max_length, self.text_dim)
-        lengths = torch.zeros(len(idx), dtype=torch.long)
-        for j, i in enumerate(idx):
-            r = self.rows[int(i)]
-            f, k = self._open(self.shard_path(self.text, int(r["shard"]))), int(r["index"])
-            h = f.get_slice("hidden")[k:k + 1][0]
-            lengths[j] = int(f.get_slice("lengths")[k:k + 1][0])
-            out[j, :h.shape[0]] = h.float()
-        return out, lengths
+        for j, h in enumerate(self._rows(self.text, "hidden", idx)):
+            out[j, :h.shape[1]] = h[0].float()
+        return out, torch.cat(self._rows(self.text, "lengths", idx)).long()
 
     def load_cond(self, idx):
         """Rows idx -> {0, 1} condition maps uint8 [n, K, S, S] at the image's pixel size."""
         if hasattr(self, "channels"):
-            m = self._rows(self.root, "masks", idx)[:, self.channels]
-            return (m > 0).to(torch.uint8)
+            return (torch.cat(self._rows(self.root, "masks", idx))[:, self.channels] > 0).to(torch.uint8)
         return torch.from_numpy(np.stack([rasterize_boxes(self.boxes[int(i)], self.cond_names, self.cond_size,
-                                                          strict=False)[0] for i in idx]))
+                                                          strict=False) for i in idx]))
+
 
 def batch_rows(step, n, batch, lo, hi, seed):
     """Dataset rows at global positions [step B + lo, step B + hi) of an endless stream of seeded permutations:
@@ -1016,12 +861,6 @@ def draw_step(cfg, sched, step, shape, device):
     return eps, t, drop, keep
 
 
-def to_uint16(x):
-    """[-1, 1] -> uint16 numpy (the inverse of the pixel mapping of ControlData.load)."""
-    v = ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535)
-    return v.to(torch.int32).cpu().numpy().astype(np.uint16)
-
-
 def atomic_save(path, save_fn):
     """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -1037,13 +876,6 @@ def atomic_save(path, save_fn):
             os.remove(tmp)
 
 
-def write_csv(path, rows, columns):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
 def write_json(path, obj):
     def fn(tmp):
         with open(tmp, "w") as f:
@@ -1053,7 +885,8 @@ def write_json(path, obj):
 
 def save_png16(path, x):
     """One image [1, S, S] in [-1, 1] -> a 16-bit greyscale PNG, atomically."""
-    atomic_save(path, lambda tmp: Image.fromarray(to_uint16(x[0])).save(tmp, format="PNG"))
+    v = ((x[0].float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535).to(torch.int32).cpu().numpy()
+    atomic_save(path, lambda tmp: Image.fromarray(v.astype(np.uint16)).save(tmp, format="PNG"))
 
 
 def save_grid(path, images, ncol, labels=()):
@@ -1084,8 +917,6 @@ def load_decoder(folder, device):
     return lambda z: dec(z.float() * std + mean).float()
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop: DDP, bf16 autocast, grad accumulation, clipping, EMA of the adapter, atomic checkpoints, resume
 
@@ -1111,28 +942,23 @@ def setup_distributed(device_flag):
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-
-
-def fingerprint(state):
-    """A cheap identity of a set of weights (names, shapes, float64 sums), recorded in env.json."""
-    text = "\n".join(f"{k}:{list(v.shape)}:{float(v.double().sum()):.10e}" for k, v in sorted(state.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def open_checkpoint(path, fmt, what, prefixes):
+    """-> (metadata, {prefix: {name: tensor}}) of a safetensors checkpoint whose metadata format is `fmt`."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected {what}")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != fmt:
+            raise SystemExit(f"{path}: not {what} (metadata format {meta.get('format')!r})")
+        return meta, {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
 
 
 def load_backbone(path, which="ema"):
     """A dit_text2img.py checkpoint -> (DiTConfig, state dict of `which` weights); clear errors otherwise."""
-    path = backbone_path(path)
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such backbone checkpoint; expected a dit_text2img.py run folder or "
-                         f"ckpt.safetensors (--backbone)")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "dit_text2img/1":
-            raise SystemExit(f"{path}: not a dit_text2img.py checkpoint (metadata format {meta.get('format')!r})")
-        state = {k[len(which) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(which + ".")}
-    saved = json.loads(meta["config"])
-    names = {f.name for f in fields(DiTConfig)}
-    return DiTConfig(**{k: v for k, v in saved.items() if k in names}), state
+    meta, parts = open_checkpoint(backbone_path(path), "dit_text2img/1", "a dit_text2img.py checkpoint (--backbone)",
+                                  (which + ".",))
+    saved, names = json.loads(meta["config"]), {f.name for f in fields(DiTConfig)}
+    return DiTConfig(**{k: v for k, v in saved.items() if k in names}), parts[which + "."]
 
 
 def build_model(dcfg, cond_channels, n_blocks, base_state=None, where=""):
@@ -1163,13 +989,7 @@ def save_checkpoint(path, model, ema, opt, cfg, dcfg, step):
 def read_checkpoint(path, prefixes=("controlnet.", "ema.", "base.", "optim.")):
     """-> (config, DiTConfig, step, {prefix: {name: tensor}}, param_groups, path); a run folder: RUN/ckpt.safetensors."""
     path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file of controlnet.py")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "controlnet/1":
-            raise SystemExit(f"{path}: not a controlnet.py checkpoint (metadata format {meta.get('format')!r})")
-        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    meta, parts = open_checkpoint(path, "controlnet/1", "a controlnet.py run folder or checkpoint", prefixes)
     return (Config(**json.loads(meta["config"])), DiTConfig(**json.loads(meta["backbone_config"])),
             int(meta["step"]), parts, json.loads(meta["param_groups"]), path)
 
@@ -1204,38 +1024,31 @@ def sample_grid(model, dcfg, sched, noise, text, lengths, cond_maps, device, pat
     reps = len(noise) // n
     cond = cond_input(cond_maps, dcfg.image_size).to(device)
     x = sample_latents(model, sched, noise, text.repeat(reps, 1, 1), lengths.repeat(reps), cond.repeat(reps, 1, 1, 1),
-                       "ddim", 25, 0.0, 4.0, 0.0, dcfg.pred, clip=dcfg.space == "pixel")
+                       25, 0.0, 4.0, 0.0, dcfg.pred, clip=dcfg.space == "pixel")
     with torch.no_grad():
         x = decode(x) if decode else x[:, :1]                    # no decoder: latent channel 0
-    save_grid(path, torch.cat([cond_preview(cond_maps, x.shape[-1]).to(x.device), x.float()]), ncol=n, labels=labels)
+    cond_grid(path, cond_maps, x, labels)
 
 
 def train(cfg):
     rank, world, device = setup_distributed(cfg.device)
     ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
     saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
-    if saved:                                                    # the checkpoint holds the frozen backbone too
-        dcfg, base_state, where = saved[1], saved[3]["base."], ckpt_path
-    else:
-        dcfg, base_state = load_backbone(cfg.backbone, cfg.backbone_weights)
-        where = backbone_path(cfg.backbone)
+    (dcfg, base_state), where = ((saved[1], saved[3]["base."]), ckpt_path) if saved else (   # the ckpt holds it too
+        load_backbone(cfg.backbone), backbone_path(cfg.backbone))
     if dcfg.size != cfg.size:
         raise SystemExit(f"{where}: backbone checkpoint of preset {dcfg.size!r} (hidden {dcfg.hidden}, depth "
-                         f"{dcfg.depth}); this run has --size {cfg.size!r}: pass --size {dcfg.size} or another "
-                         f"--backbone")
+                         f"{dcfg.depth}); this run has --size {cfg.size!r}: pass --size {dcfg.size} or another --backbone")
     dcfg = DiTConfig(**{**asdict(dcfg), "attn": cfg.attn, "grad_ckpt": cfg.grad_ckpt})
     data = ControlData(cfg, dcfg)
     cfg = Config(**{**asdict(cfg), "cond_names": ",".join(data.cond_names), "cond_size": data.cond_size})
-    fp = fingerprint(base_state)
-    if saved:
-        for k in ("cond_type", "cond_names", "cond_size", "control_blocks"):
-            if getattr(cfg, k) != getattr(saved[0], k):
-                raise SystemExit(f"{ckpt_path}: checkpoint has {k}={getattr(saved[0], k)!r} but this run has "
-                                 f"{k}={getattr(cfg, k)!r}; use another --out, --no-resume or matching flags")
+    for k in ("cond_type", "cond_names", "cond_size", "control_blocks") if saved else ():
+        if getattr(cfg, k) != getattr(saved[0], k):
+            raise SystemExit(f"{ckpt_path}: checkpoint has {k}={getattr(saved[0], k)!r} but this run has "
+                             f"{k}={getattr(cfg, k)!r}; use another --out, --no-resume or matching flags")
     micro = cfg.micro_batch or cfg.batch_size // world
     if cfg.batch_size % (world * micro):
-        raise SystemExit(f"--batch-size {cfg.batch_size}: expected a multiple of {world} process(es) x --micro-batch "
-                         f"{micro}")
+        raise SystemExit(f"--batch-size {cfg.batch_size}: expected a multiple of {world} process(es) x {micro}")
     accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
@@ -1258,21 +1071,17 @@ def train(cfg):
     fwd = torch.compile(model) if cfg.compile else model        # load, then compile, then wrap in DDP
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    sched = Schedule()
-    n_train = sum(p.numel() for p in params)
+    sched, n_train, tokens, peak = Schedule(), sum(p.numel() for p in params), (dcfg.image_size // dcfg.patch) ** 2, \
+        peak_flops(device)
     n_params = n_train + sum(p.numel() for p in model.base.parameters())
-    tokens = (dcfg.image_size // dcfg.patch) ** 2
-    peak = peak_flops(device)
-    decode = load_decoder(data.folder, device) if data.space == "latent" and os.path.isfile(
-        latent_info(data.folder)["decoder"]) else None
+    decode = load_decoder(data.folder, device) if data.space == "latent" else None
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
-        env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-               "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"),
-               "device": str(device), "world": world, "argv": sys.argv, "backbone_fingerprint": fp,
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
         write_json(os.path.join(cfg.out, "config.json"), {**asdict(cfg), "backbone_config": asdict(dcfg)})
-        write_json(os.path.join(cfg.out, "env.json"), env)
+        write_json(os.path.join(cfg.out, "env.json"), {
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"), "device": str(device),
+            "world": world, "argv": sys.argv, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
         print(json.dumps(asdict(cfg)))
         print(f"ControlNet on DiT-{dcfg.size}: {n_train / 1e6:.2f}M trainable adapter parameters ({cfg.control_blocks} "
               f"of {dcfg.depth} blocks copied), {(n_params - n_train) / 1e6:.2f}M frozen; {cfg.cond_type} condition "
@@ -1377,7 +1186,7 @@ def dry_model(cfg, device="meta"):
     """The backbone (from --backbone when it exists, else the --size preset at 256 px latents) and the adapter."""
     path = backbone_path(cfg.backbone)
     if os.path.isfile(path):
-        dcfg, _ = load_backbone(path, cfg.backbone_weights)
+        dcfg, _ = load_backbone(path)
     else:
         hidden, depth, heads = DIT_SIZES[cfg.size]
         dcfg = DiTConfig(size=cfg.size, hidden=hidden, depth=depth, heads=heads)
@@ -1390,55 +1199,45 @@ def dry_model(cfg, device="meta"):
 
 
 def bench(cfg):
-    """Adapter training steps on random tensors (condition maps, 120 text tokens): tokens/s, MFU, peak memory, against
-    the backbone's forward alone (the cost the frozen part adds)."""
+    """Adapter training steps on random tensors (condition maps, 120 text tokens): tokens/s, MFU, peak memory; and
+    the frozen backbone's forward alone, for the ratio of the two (a CPU figure too)."""
     _, _, device = setup_distributed(cfg.device)
     dcfg, model, ck = dry_model(cfg, "cpu")
-    model = model.to(device)
-    params = list(model.adapter.parameters())
+    model, S, B, g = model.to(device), dcfg.image_size, cfg.micro_batch or cfg.batch_size, torch.Generator().manual_seed(0)
+    fwd, params = torch.compile(model) if cfg.compile else model, list(model.adapter.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    sched, B, tokens = Schedule(), cfg.micro_batch or cfg.batch_size, (dcfg.image_size // dcfg.patch) ** 2
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, dcfg.in_channels, dcfg.image_size, dcfg.image_size, generator=g).to(device)
-    cond = torch.randn(B, ck, dcfg.image_size, dcfg.image_size, generator=g).to(device)
+    sched, tokens, peak = Schedule(), (S // dcfg.patch) ** 2, peak_flops(device)
+    x, cond = torch.randn(B, dcfg.in_channels, S, S, generator=g).to(device), torch.randn(B, ck, S, S).to(device)
     text = torch.randn(B, dcfg.max_length, dcfg.text_dim, generator=g).to(device)
-    lengths = torch.randint(1, dcfg.max_length + 1, (B,), generator=g).to(device)
-    t = torch.randint(0, sched.T, (B,), generator=g).to(device)
-    keep = torch.ones(B, dtype=torch.bool, device=device)
-    n_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device)
+    lengths, t = torch.randint(1, dcfg.max_length + 1, (B,)).to(device), torch.randint(0, sched.T, (B,)).to(device)
+    n_params, res = sum(p.numel() for p in model.parameters()), {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
     print(f"bench ControlNet on DiT-{dcfg.size}: {sum(p.numel() for p in params) / 1e6:.1f}M adapter + "
-          f"{sum(p.numel() for p in model.base.parameters()) / 1e6:.1f}M frozen params, batch {B}, {tokens} "
-          f"tokens/image, {device}")
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    results = {}
+          f"{(n_params - sum(p.numel() for p in params)) / 1e6:.1f}M frozen params, batch {B}, {tokens} tokens/image")
     for name in ("adapter-train", "backbone-forward"):
-        fwd = torch.compile(model) if cfg.compile else model
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps
+        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps (compilation, autotuning)
             if i == 2:
-                sync()
+                sync(device)
                 t0 = time.time()
-            if name == "adapter-train":
-                with autocast(device):
-                    loss = diffusion_loss(fwd, sched, x, torch.randn_like(x), t, text, lengths, None, cond, keep,
-                                          dcfg.pred).mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            else:
-                with torch.no_grad(), autocast(device):
+            with autocast(device), torch.set_grad_enabled(name == "adapter-train"):
+                if name == "backbone-forward":
                     model.base(x, t, text, lengths)
-        sync()
+                    continue
+                loss = diffusion_loss(fwd, sched, x, torch.randn_like(x), t, text, lengths, None, cond, None, dcfg.pred)
+            loss.mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
         dt = (time.time() - t0) / cfg.bench_steps
-        results[name] = B * tokens / dt
-        mfu = train_flops(n_params, dcfg, tokens, B, cfg.control_blocks) / dt / peak if peak and name[0] == "a" else None
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        print(f"  {name:18s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
-              + (f"MFU {mfu:.1%}  " if mfu else "") + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"),
-              flush=True)
-    print(f"  adapter training step / backbone forward time: {results['backbone-forward'] / results['adapter-train']:.2f}")
-    return results
+        res[name] = dt
+        mfu = train_flops(n_params, dcfg, tokens, B, cfg.control_blocks) / dt / peak if peak and name[0] == "a" else 0
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
+        print(f"  {name:18s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s" + (f"  MFU {mfu:.1%}" if mfu else "")
+              + (f"  peak mem {mem:.2f} GB" if mem else ""), flush=True)
+    print(f"  adapter training step / backbone forward, time: {res['adapter-train'] / res['backbone-forward']:.2f}")
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1461,23 +1260,17 @@ def load_model(path, device):
 
 
 def read_mask_conditions(folder, names, size):
-    """<cid>.png (one channel) or <cid>_<k>.png (several) -> [(cid, uint8 [K, S, S])] sorted by cid."""
+    """<cid>.png (one channel) or <cid>_<k>.png for each channel k -> [(cid, uint8 [K, S, S], None)] sorted by cid."""
     if not os.path.isdir(folder):
         raise SystemExit(f"--masks {folder}: no such folder; expected mask PNGs named <cid>.png")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
-    if len(names) == 1:
-        cids = [f[:-4] for f in files]
-    else:
-        cids = sorted({f[:-4].rsplit("_", 1)[0] for f in files if f[:-4].rsplit("_", 1)[-1].isdigit()})
-    if not cids:
-        raise SystemExit(f"--masks {folder}: no mask PNGs; expected " + ("<cid>.png" if len(names) == 1 else
-                         f"<cid>_<k>.png for the {len(names)} channels {names}"))
-    out = []
-    for cid in cids:
-        paths = [os.path.join(folder, f"{cid}.png")] if len(names) == 1 else [
-            os.path.join(folder, f"{cid}_{k}.png") for k in range(len(names))]
-        out.append((cid, np.stack([read_mask_png(p, size) for p in paths])))
-    return out
+    stems = sorted(f[:-4] for f in os.listdir(folder) if f.lower().endswith(".png"))
+    if len(names) > 1:
+        stems = sorted({s.rsplit("_", 1)[0] for s in stems if s.rsplit("_", 1)[-1].isdigit()})
+    if not stems:
+        raise SystemExit(f"--masks {folder}: no mask PNGs; expected <cid>.png, or <cid>_<k>.png for channels {names}")
+    suffix = [""] if len(names) == 1 else [f"_{k}" for k in range(len(names))]
+    return [(c, np.stack([read_mask_png(os.path.join(folder, c + x + ".png"), size) for x in suffix]), None)
+            for c in stems]
 
 
 def read_box_conditions(path, names, size):
@@ -1490,17 +1283,9 @@ def read_box_conditions(path, names, size):
     except json.JSONDecodeError as e:
         raise SystemExit(f"--boxes {path}: not JSON ({e})") from None
     items = list(obj.items()) if isinstance(obj, dict) else [(f"box{j:05d}", b) for j, b in enumerate(obj)]
-    out = []
-    for cid, b in items:
-        boxes = parse_boxes(b, f"{path} [{cid}]")
-        out.append((str(cid), rasterize_boxes(boxes, names, size, f"{path} [{cid}]"), boxes))
-    if not out:
+    if not items:
         raise SystemExit(f"--boxes {path}: no conditions")
-    return out
-
-
-def save_mask_png(path, m):
-    atomic_save(path, lambda tmp: Image.fromarray((np.asarray(m) > 0).astype(np.uint8) * 255).save(tmp, format="PNG"))
+    return [(str(c), rasterize_boxes(b, names, size, f"{path} [{c}]"), parse_boxes(b, f"{path} [{c}]")) for c, b in items]
 
 
 def read_png01(path):
@@ -1518,6 +1303,8 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
     ch = names.index(icfg.mask_out) if icfg.mask_out else 0
     ids = [it["cid"] if K == 1 else f"{it['cid']}_s{k}" for it in items for k in range(K)]
     os.makedirs(out, exist_ok=True)
+    def save_mask_png(path, m):
+        atomic_save(path, lambda tmp: Image.fromarray((np.asarray(m) > 0).astype(np.uint8) * 255).save(tmp, "PNG"))
     if rank == 0:                                                # annotations and meta.csv first: cheap, complete
         meta = []
         for i, name in enumerate(ids):
@@ -1530,18 +1317,19 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
             meta.append({"id": name, "split": "test", "report": it["prompt"], "prompt": it["prompt"],
                          "cond_id": it["cid"], "sample": i % K, "mask": names[ch], "source_id": it.get("source_id", ""),
                          "boxes": json.dumps(it["boxes"]) if it["boxes"] is not None else ""})
-        atomic_save(os.path.join(out, "meta.csv"), lambda tmp: write_csv(tmp, meta, PAIR_COLUMNS))
+        def write_meta(tmp):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=PAIR_COLUMNS)
+                w.writeheader()
+                w.writerows(meta)
+        atomic_save(os.path.join(out, "meta.csv"), write_meta)
     tok, enc = load_text_encoder(icfg.text_encoder or dcfg.text_encoder, device)
-    if text_width(enc) != dcfg.text_dim:
-        raise SystemExit(f"--text-encoder {icfg.text_encoder or dcfg.text_encoder}: {text_width(enc)}-wide features; "
+    width = int(getattr(enc.config, "d_model", None) or enc.config.hidden_size)
+    if width != dcfg.text_dim:
+        raise SystemExit(f"--text-encoder {icfg.text_encoder or dcfg.text_encoder}: {width}-wide features; "
                          f"the backbone was trained on {dcfg.text_dim}-wide ones ({dcfg.text_encoder})")
-    tids, tlen, _ = tokenize(tok, [it["prompt"] for it in items], dcfg.max_length)
-    decode = None
-    if dcfg.space == "latent":                                   # the training data's decoder, for its latents only
-        lat = latent_folder(cfg.data, dcfg.vae)
-        if lat is None:
-            raise SystemExit(f"{os.path.join(cfg.data, 'latents')}: no latent folder {dcfg.vae!r} with the decoder")
-        decode = load_decoder(lat, device)
+    tids, tlen = tokenize(tok, [it["prompt"] for it in items], dcfg.max_length)
+    decode = load_decoder(latent_folder(cfg.data, dcfg.vae), device) if dcfg.space == "latent" else None
     todo = [i for i in range(rank, len(ids), world) if not os.path.exists(os.path.join(out, f"{ids[i]}.png"))]
     sched, shape, t0 = Schedule(), (dcfg.in_channels, dcfg.image_size, dcfg.image_size), time.time()
     for b in range(0, len(todo), icfg.batch_size):
@@ -1552,8 +1340,7 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
             text = encode_text(enc, tids[js], tlen[js])
         cond = cond_input(torch.from_numpy(np.stack([items[j]["maps"] for j in js.tolist()])), dcfg.image_size)
         x = sample_latents(model, sched, step_noise(gens, shape, device), text, tlen[js].to(device), cond.to(device),
-                           icfg.sampler, icfg.steps, icfg.eta, icfg.cfg, icfg.cfg_cond, dcfg.pred, gens,
-                           clip=dcfg.space == "pixel")
+                           icfg.steps, icfg.eta, icfg.cfg, icfg.cfg_cond, dcfg.pred, gens, dcfg.space == "pixel")
         with torch.no_grad():
             x = decode(x) if decode else x
         for i, img in zip(idx, x):
@@ -1566,20 +1353,15 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
         G = min(8, len(items))
         imgs = torch.stack([read_png01(os.path.join(out, f"{ids[j * K + k]}.png")) for k in range(K)
                             for j in range(G)]) * 2 - 1
-        maps = torch.from_numpy(np.stack([items[j]["maps"] for j in range(G)]))
-        save_grid(os.path.join(out, "grid.png"), torch.cat([cond_preview(maps, imgs.shape[-1]), imgs]), ncol=G,
-                  labels=[items[j]["cid"][:20] for j in range(G)])
+        cond_grid(os.path.join(out, "grid.png"), torch.from_numpy(np.stack([items[j]["maps"] for j in range(G)])), imgs,
+                  [items[j]["cid"][:20] for j in range(G)])
     return ids
 
 
 def read_prompts(icfg, n):
-    if bool(icfg.prompts) == bool(icfg.prompt):
-        raise SystemExit("sample: give exactly one of --prompts FILE and --prompt TEXT")
-    if icfg.prompt:
-        return [icfg.prompt] * n
-    if not os.path.isfile(icfg.prompts):
-        raise SystemExit(f"--prompts {icfg.prompts}: no such file")
-    with open(icfg.prompts) as f:
+    if bool(icfg.prompts) == bool(icfg.prompt) or icfg.prompts and not os.path.isfile(icfg.prompts):
+        raise SystemExit(f"sample: give exactly one of --prompts FILE (an existing file) and --prompt TEXT")
+    with open(icfg.prompts) if icfg.prompts else nullcontext([icfg.prompt]) as f:
         lines = [x.strip() for x in f if x.strip()]
     if len(lines) not in (1, n):
         raise SystemExit(f"--prompts {icfg.prompts}: {len(lines)} prompts for {n} conditions; expected 1 or {n}")
@@ -1590,8 +1372,6 @@ def check_sampling(icfg):
     if icfg.cfg < 0 or icfg.n_per_cond < 1 or icfg.eta < 0:
         raise SystemExit(f"--cfg {icfg.cfg} / --n-per-cond {icfg.n_per_cond} / --eta {icfg.eta}: expected cfg >= 0, "
                          f"n-per-cond >= 1, eta >= 0")
-    if icfg.sampler not in ("ddim", "ddpm"):
-        raise SystemExit(f"--sampler {icfg.sampler!r}: expected ddim or ddpm")
 
 
 def sample(icfg):
@@ -1608,8 +1388,7 @@ def sample(icfg):
     conds = (read_mask_conditions(icfg.masks, names, cfg.cond_size) if icfg.masks else
              read_box_conditions(icfg.boxes, names, cfg.cond_size))[: icfg.n or None]
     prompts = read_prompts(icfg, len(conds))
-    items = [{"cid": c[0], "maps": c[1], "boxes": c[2] if len(c) > 2 else None, "prompt": p}
-             for c, p in zip(conds, prompts)]
+    items = [{"cid": c, "maps": m, "boxes": b, "prompt": p} for (c, m, b), p in zip(conds, prompts)]
     ids = generate(model, cfg, dcfg, items, icfg, icfg.out, device, rank, world)
     if world > 1:
         dist.destroy_process_group()
@@ -1644,23 +1423,16 @@ class UNet(nn.Module):
 
 
 def load_segmenter(path, device):
-    """A downstream.py segment checkpoint (best.safetensors of a run folder, else ckpt) -> (U-Net, its config)."""
-    if os.path.isdir(path):
-        path = next((os.path.join(path, f) for f in ("best.safetensors", "ckpt.safetensors")
-                     if os.path.isfile(os.path.join(path, f))), os.path.join(path, "best.safetensors"))
-    if not os.path.isfile(path):
-        raise SystemExit(f"--seg-ckpt {path}: no such checkpoint; expected a downstream.py segment run folder")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "downstream/1":
-            raise SystemExit(f"--seg-ckpt {path}: not a downstream.py checkpoint (format {meta.get('format')!r})")
-        state = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+    """A downstream.py segment checkpoint (a run folder's best.safetensors, else ckpt) -> (U-Net, its config)."""
+    path = next((os.path.join(path, f) for f in ("best.safetensors", "ckpt.safetensors")
+                 if os.path.isfile(os.path.join(path, f))), path) if os.path.isdir(path) else path
+    meta, parts = open_checkpoint(path, "downstream/1", "a downstream.py checkpoint (--seg-ckpt)", ("model.",))
     scfg = json.loads(meta["config"])
     if scfg.get("task") != "segment":
         raise SystemExit(f"--seg-ckpt {path}: a downstream.py {scfg.get('task')!r} model; expected --task segment")
     net = UNet(1, width=int(scfg["width"]))
     try:
-        net.load_state_dict(state)
+        net.load_state_dict(parts["model."])
     except RuntimeError as e:
         raise SystemExit(f"--seg-ckpt {path}: weights do not fit a U-Net ({str(e).splitlines()[0]})") from None
     return net.to(device).eval(), scfg
@@ -1679,33 +1451,18 @@ def segment(net, x01, size, device, batch=64):
     return torch.cat(out).numpy()
 
 
-def dice(p, g):
-    """Dice of two bool masks; 1 when both are empty."""
-    s = p.sum() + g.sum()
-    return 1.0 if s == 0 else float(2 * (p & g).sum() / s)
-
-
-def box_iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def predicted_boxes(m):
-    """Fractional boxes of a predicted mask: every connected component's, and that of all its pixels."""
-    from scipy import ndimage
-    s = m.shape[-1]
-    lab, n = ndimage.label(m)
-    sl = ndimage.find_objects(lab) + ([(slice(*np.nonzero(m.any(1))[0][[0, -1]] + [0, 1]),
-                                        slice(*np.nonzero(m.any(0))[0][[0, -1]] + [0, 1]))] if n else [])
-    return [[c.start / s, r.start / s, c.stop / s, r.stop / s] for r, c in sl]
-
-
 def fidelity(kind, names, mask, items, pred):
     """Mask: Dice of the conditioning mask and the prediction (mean, and over non-empty masks); box: the share of
-    requested boxes of the segmenter's class matched by a predicted box with IoU > 0.5."""
+    requested boxes of the segmenter's class matched by a predicted box with IoU > 0.5 (the box of a connected
+    component of the predicted mask, or of all its pixels)."""
+    from scipy import ndimage
+
+    def dice(p, g):
+        return 1.0 if p.sum() + g.sum() == 0 else float(2 * (p & g).sum() / (p.sum() + g.sum()))
+
+    def iou(a, b):
+        inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
     if kind == "mask":
         k = names.index(mask)
         d = [dice(p, it["target"][k]) for p, it in zip(pred, items)]
@@ -1714,55 +1471,44 @@ def fidelity(kind, names, mask, items, pred):
                 "n_positive": len(pos)}
     hits = []
     for p, it in zip(pred, items):
-        cands = predicted_boxes(p)
+        sl = ndimage.find_objects(ndimage.label(p)[0]) + ([ndimage.find_objects(p.astype(np.int32))[0]] if p.any() else [])
+        cands = [[c.start / p.shape[1], r.start / p.shape[0], c.stop / p.shape[1], r.stop / p.shape[0]] for r, c in sl]
         for b in it["boxes"].get(mask, []):
             b = [min(max(v, 0.0), 1.0) for v in b]
-            hits.append(max((box_iou(b, c) for c in cands), default=0.0) > 0.5)
+            hits.append(max((iou(b, c) for c in cands), default=0.0) > 0.5)
     return {"box_hit_rate": float(np.mean(hits)) if hits else None, "n_boxes": len(hits)}
 
 
 def evaluate(icfg):
-    """Control fidelity on a dataset split: generate one image set from its conditions and captions, segment it with
-    a downstream.py U-Net, score against the conditions (the same for the real images: the segmenter's ceiling),
-    and the FID of the generated against the real images of those conditions (metrics.py)."""
+    """Control fidelity on a dataset split: images from its conditions and captions, segmented by a downstream.py
+    U-Net and scored against the conditions (the real images too: the segmenter's ceiling); the FID of generated
+    against real images of those conditions (metrics.py)."""
     check_sampling(icfg)
-    if not icfg.seg_ckpt:
-        raise SystemExit("evaluate: expected --seg-ckpt RUN (a downstream.py segment run folder)")
     rank, world, device = setup_distributed(icfg.device)
     cfg, dcfg, model = load_model(icfg.ckpt, device)
-    net, scfg = load_segmenter(icfg.seg_ckpt, device)
-    names, mask, size = cfg.cond_names.split(","), scfg["mask"], int(scfg["img_size"])
+    net, scfg = load_segmenter(icfg.seg_ckpt or "(--seg-ckpt not given)", device)
+    names, mask, size, K = cfg.cond_names.split(","), scfg["mask"], int(scfg["img_size"]), icfg.n_per_cond
     if mask not in names:
-        raise SystemExit(f"--seg-ckpt {icfg.seg_ckpt}: segments {mask!r}, which is not a condition channel of "
-                         f"{icfg.ckpt} ({names})")
-    dc = Config(**{**asdict(cfg), "data": icfg.data})
-    data = ControlData(dc, dcfg, icfg.split)
+        raise SystemExit(f"--seg-ckpt {icfg.seg_ckpt}: segments {mask!r}, not a condition channel of {icfg.ckpt} {names}")
+    data = ControlData(Config(**{**asdict(cfg), "data": icfg.data}), dcfg, icfg.split)
     if data.cond_size != cfg.cond_size:
         raise SystemExit(f"{icfg.data}: {data.cond_size} px images; the model was trained on {cfg.cond_size} px")
-    if cfg.cond_type == "box":
-        data.cond_names = names
-    rows = list(range(len(data)))[: icfg.n or None]
+    data.cond_names, rows = names, list(range(len(data)))[: icfg.n or None]
     maps = data.load_cond(rows).numpy()
-    items = [{"cid": data.rows[i]["id"], "maps": maps[j], "prompt": data.rows[i]["report"],
+    targets = F.interpolate(torch.from_numpy(maps).float(), size=(size, size), mode="nearest").numpy() > 0.5
+    items = [{"cid": data.rows[i]["id"], "maps": maps[j], "prompt": data.rows[i]["report"], "target": targets[j],
               "boxes": data.boxes[i] if cfg.cond_type == "box" else None, "source_id": data.rows[i]["id"]}
              for j, i in enumerate(rows)]
-    fake_dir = os.path.join(icfg.out, "fake")
-    ids = generate(model, cfg, dcfg, items, icfg, fake_dir, device, rank, world)
+    ids = generate(model, cfg, dcfg, items, icfg, os.path.join(icfg.out, "fake"), device, rank, world)
     if rank:
         return None
-    K = icfg.n_per_cond
-    fake = torch.stack([read_png01(os.path.join(fake_dir, f"{i}.png")) for i in ids])
-    real = ((data._rows(data.root, "images", rows).float() + 0.5) / 65536)
-    nearest = lambda m: F.interpolate(torch.from_numpy(m).float(), size=(size, size), mode="nearest").numpy() > 0.5
-    targets = nearest(maps)
-    res = {"ckpt": icfg.ckpt, "seg_ckpt": icfg.seg_ckpt, "mask": mask, "cond_type": cfg.cond_type,
-           "n_conditions": len(items), "n_per_cond": K, "split": icfg.split, "cfg": icfg.cfg, "cfg_cond": icfg.cfg_cond}
-    for it, tg in zip(items, targets):
-        it["target"] = tg
-    res["generated"] = fidelity(cfg.cond_type, names, mask, [it for it in items for _ in range(K)],
-                                segment(net, fake, size, device))
-    res["real"] = fidelity(cfg.cond_type, names, mask, items, segment(net, real, size, device))
-    res["fid"] = None
+    fake = torch.stack([read_png01(os.path.join(icfg.out, "fake", f"{i}.png")) for i in ids])
+    real = (torch.cat(data._rows(data.root, "images", rows)).float() + 0.5) / 65536
+    res = {"ckpt": icfg.ckpt, "seg_ckpt": icfg.seg_ckpt, "mask": mask, "cond_type": cfg.cond_type, "split": icfg.split,
+           "n_conditions": len(items), "n_per_cond": K, "cfg": icfg.cfg, "cfg_cond": icfg.cfg_cond, "fid": None,
+           "generated": fidelity(cfg.cond_type, names, mask, [it for it in items for _ in range(K)],
+                                 segment(net, fake, size, device)),
+           "real": fidelity(cfg.cond_type, names, mask, items, segment(net, real, size, device))}
     if icfg.fid_features != "none":
         import metrics
         try:
@@ -1774,11 +1520,9 @@ def evaluate(icfg):
             res["fid"] = {"features": icfg.fid_features, "skipped": str(e)}
             warn(f"FID skipped: {e}")
     write_json(os.path.join(icfg.out, "results.json"), res)
-    g, r = res["generated"], res["real"]
     key = "dice" if cfg.cond_type == "mask" else "box_hit_rate"
-    print(f"control fidelity ({mask!r}, {cfg.cond_type}): generated {key} {g[key]}, real images {r[key]}"
-          + (f", positive Dice {g['positive_dice']} (real {r['positive_dice']})" if key == "dice" else "")
-          + (f"; FD_{icfg.fid_features} {res['fid'].get('value')}" if res["fid"] else ""), flush=True)
+    print(f"control fidelity ({mask!r}, {cfg.cond_type}): generated {key} {res['generated'][key]}, real images "
+          f"{res['real'][key]}" + (f"; FD_{icfg.fid_features} {res['fid'].get('value')}" if res["fid"] else ""))
     return res
 
 
