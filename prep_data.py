@@ -18,6 +18,12 @@ Commands:
     python prep_data.py phantom --n 20000 --size 256 --out data/phantom256 --workers 2
     python prep_data.py sheet --data data/phantom --out sheet.png [--masks]
     python prep_data.py counterfactual --data data/phantom --set "sex=F" --out data/phantom_sexF [--ids a,b]
+    python prep_data.py counterfactual --data data/phantom --interventions E/meta.csv --out T/   # edit-table rows
+
+Reports from structured metadata (chexgen Methods "Dataset Curation"; rows rewritten in place):
+    python prep_data.py describe --data data/nih [--only-missing] [--style impression|full] [--seed 0]
+    python prep_data.py describe --data data/nih --llm /models/Qwen2.5-7B-Instruct [--qc-llm none] [--limit N]
+    python prep_data.py extract-labels --csv data/nih/meta.csv --column report --out labels.csv
 
 Real datasets (as distributed; `python prep_data.py SOURCE --help` documents each expected layout):
     python prep_data.py SOURCE --root PATH --out DIR --size 512 [--views PA,AP] [--limit N] [--workers N] [--png16]
@@ -66,7 +72,7 @@ META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "se
 PHANTOM_COLUMNS = ["seed", "laterality", "severity", "boxes"]
 SPLITS = ("train", "val", "test")
 VARIABLES = LABELS + ["sex", "race", "view", "dataset", "age"]        # the 19 variables of radit §4.2
-LABEL_CODES = {"": 0, "0": 1, "1": 2, "-1": 3}                        # csv value -> code (0 missing, 1 neg, 2 pos, 3 unc)
+LABEL_CODES = {"": 0, "0": 1, "1": 2, "-1": 3}            # csv value -> code (0 missing, 1 neg, 2 pos, 3 unc)
 LABEL_VALUES = {code: value for value, code in LABEL_CODES.items()}
 CATEGORIES = {"sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}
 NEG, POS, UNC = 1, 2, 3
@@ -617,8 +623,10 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
     hx, hy = cx + (hl - hr) / 2, dome_y[1] - 0.2 - 0.04 * a[7]
     heart = _soft(_blob(X, Y, hx, hy, (hl + hr) / 2, (0.29 + 0.04 * present["Cardiomegaly"]) * mag,
                         -0.35 - 0.15 * a[8]), 3 * edge)
-    medw = 0.085 + 0.02 * a[9] + (0.05 + 0.05 * sev["Enlarged Cardiomediastinum"]) * present["Enlarged Cardiomediastinum"]
-    medi = _soft(medw + 0.1 * np.clip((Y + 0.3) / 0.4, 0, 1) - np.abs(X - cx - 0.01), 2 * edge) * _soft(hy - Y, 6 * edge) * (Y > -1.0)
+    ecm = "Enlarged Cardiomediastinum"
+    medw = 0.085 + 0.02 * a[9] + (0.05 + 0.05 * sev[ecm]) * present[ecm]
+    medi = _soft(medw + 0.1 * np.clip((Y + 0.3) / 0.4, 0, 1) - np.abs(X - cx - 0.01), 2 * edge) \
+        * _soft(hy - Y, 6 * edge) * (Y > -1.0)
     knob = _soft(_blob(X, Y, cx + medw + 0.02, -0.3 + 0.04 * a[10], 0.06, 0.055), 2 * edge)
     cardio = np.maximum(np.maximum(heart, medi), knob)
     lungs = lung_total * (1 - cardio)
@@ -631,7 +639,8 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
     mu = mu + 0.28 * abdomen - lungs * (0.62 - 0.16 * basal - 0.1 * _soft(0.3 - np.abs(X - cx), 0.3)) \
         + 0.2 * cardio * (1 - abdomen)
     if age > 65:                                                # calcified aortic knob rim
-        mu = mu + 0.25 * np.exp(-((_blob(X, Y, cx + medw + 0.02, -0.3 + 0.04 * a[10], 0.06, 0.055) / (1.5 * edge)) ** 2))
+        knob_d = _blob(X, Y, cx + medw + 0.02, -0.3 + 0.04 * a[10], 0.06, 0.055)
+        mu = mu + 0.25 * np.exp(-((knob_d / (1.5 * edge)) ** 2))
     gastric = _soft(_blob(X, Y, cx + 0.32, dome_y[1] + 0.1, 0.1, 0.06), 3 * edge)
     mu = mu - 0.25 * gastric * abdomen
     trachea = _soft(0.028 - np.abs(X - cx), 1.5 * edge) * _soft(-0.28 - Y, 2 * edge)
@@ -705,7 +714,8 @@ def _frontal(X, Y, P, values, present, sev, sides, masks, edge, age, male, view)
             r = np.hypot((X - cx - s * 0.22) / 1.3, Y + 0.02)
             haze = np.maximum(haze, np.exp(-(r / (0.2 + 0.12 * sev["Edema"])) ** 2))
         haze = haze * lung_total * (1 - cardio)
-        kerley = (np.abs(np.cos((Y + f[L["Edema"], 1]) / 0.03 * np.pi)) ** 6) * (np.abs(X - cx) > 0.8 * W - 0.1) * (Y > 0.1)
+        kerley = (np.abs(np.cos((Y + f[L["Edema"], 1]) / 0.03 * np.pi)) ** 6) * (np.abs(X - cx) > 0.8 * W - 0.1) \
+            * (Y > 0.1)
         mu = mu + (0.22 + 0.15 * sev["Edema"]) * haze + 0.08 * kerley * lungs
         masks[M["Edema"]] = haze > 0.35
     for lab, dens, base_r, patchy in (("Consolidation", 0.5, 0.12, False), ("Pneumonia", 0.35, 0.1, True),
@@ -792,7 +802,8 @@ def _ribs(X, Y, cx, W, y_top, P, fractured, side, sev, edge):
         post = np.where(gap, np.float32(0), post)
     aphase = (Y - (y_top + 0.05) - 0.35 * (W - q)) / (sp * 1.15)
     afrac = aphase - np.floor(aphase)
-    ant = _soft(np.minimum(afrac, 0.35 - afrac) * sp, 1.5 * edge) * (aphase > 0) * (aphase < 6) * _soft(q - 0.3, 8 * edge)
+    ant = _soft(np.minimum(afrac, 0.35 - afrac) * sp, 1.5 * edge) * (aphase > 0) * (aphase < 6) \
+        * _soft(q - 0.3, 8 * edge)
     return (post + 0.45 * ant) * inside, fracture_mask
 
 
@@ -840,13 +851,15 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
     d_el = (1 - F) * 0.3
     lung = _soft(d_el, 2 * edge) * _soft(dome - Y, 2 * edge)
     ctr_scale = 1.0 + (0.22 + 0.12 * sev["Cardiomegaly"]) * present["Cardiomegaly"]
-    heart = _soft(_blob(X, Y, -0.2 + 0.06 * (ctr_scale - 1), y_ant - 0.2, 0.27 * ctr_scale, 0.27 * ctr_scale, 0.5), 2 * edge)
+    heart = _soft(_blob(X, Y, -0.2 + 0.06 * (ctr_scale - 1), y_ant - 0.2, 0.27 * ctr_scale, 0.27 * ctr_scale, 0.5),
+                  2 * edge)
     lungs = lung * (1 - heart)
     masks[M["Lungs"]], masks[M["Heart"]] = lungs, heart
     mu = mu - 0.5 * lungs + 0.15 * heart + 0.28 * body * _soft(Y - dome - 0.02, 3 * edge)
     kyph = 0.1 * osteo * a[12]
     sx = 0.53 - kyph * (0.4 - (Y + 0.2) ** 2)
-    spine = _soft(0.08 - np.abs(X - sx), 1.5 * edge) * np.where(np.cos((Y + a[13]) / 0.09 * np.pi) ** 2 > 0.15, _F1, np.float32(0.6))
+    spine = _soft(0.08 - np.abs(X - sx), 1.5 * edge) \
+        * np.where(np.cos((Y + a[13]) / 0.09 * np.pi) ** 2 > 0.15, _F1, np.float32(0.6))
     sternum = _soft(0.025 - np.abs(X + depth - 0.06 + 0.05 * Y), 1.5 * edge) * (Y > -0.7) * (Y < 0.25)
     mu = mu + bone * (1.2 * spine + sternum)
     trachea = _soft(0.03 - np.abs(X - 0.02 - 0.15 * (Y + 1)), 1.5 * edge) * (Y < -0.25)
@@ -855,7 +868,8 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
     mu = mu + bone * ribs
     r = np.hypot(X - 0.05, Y + 0.1)
     markings = (0.08 * np.abs(np.cos(6 * np.arctan2(Y + 0.1, X - 0.05) + 0.8 * _grid_field(P.texture, X[0], X[0])))
-                ** float(np.clip((X.shape[0] / 80.0) ** 2, 1, 12)) * np.exp(-r / 0.4) + 0.1 * np.exp(-(r / 0.1) ** 2)) * lungs
+                ** float(np.clip((X.shape[0] / 80.0) ** 2, 1, 12)) * np.exp(-r / 0.4)
+                + 0.1 * np.exp(-(r / 0.1) ** 2)) * lungs
     L = {lab: i for i, lab in enumerate(LABELS)}
     if present["Pleural Effusion"]:                             # fluid fills the posterior costophrenic sulcus
         level = y_post - (0.12 + 0.35 * sev["Pleural Effusion"])
@@ -865,7 +879,8 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
         masks[M["Pleural Effusion"]] = fluid
     if present["Pneumothorax"]:                                 # anterior-apical lucent rim with a pleural line
         c = 0.9 - 0.25 * sev["Pneumothorax"]
-        Fc = np.abs((0.1 + (X - 0.1) / c - (lx + rx) / 2) / ((rx - lx) / 2)) ** 2.6 + np.abs((0.2 + (Y - 0.2) / c - 0.05) / 0.78) ** 2
+        Fc = np.abs((0.1 + (X - 0.1) / c - (lx + rx) / 2) / ((rx - lx) / 2)) ** 2.6 \
+            + np.abs((0.2 + (Y - 0.2) / c - 0.05) / 0.78) ** 2
         dc = (1 - Fc) * 0.3 * c
         rim = np.clip(lung - _soft(dc, 2 * edge), 0, 1) * (1 - heart)
         mu = mu - 0.1 * rim + 0.15 * np.exp(-(dc / (1.2 * edge)) ** 2) * lung
@@ -887,7 +902,8 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
     if present["Support Devices"]:
         dev = _soft(0.011 - _polyline_distance(X, Y, [(0.0, -1.0), (0.05 + 0.03 * P.dev[5], -0.45)]), edge)
         if sev["Support Devices"] > 0:
-            dev = np.maximum(dev, _soft(0.011 - _polyline_distance(X, Y, [(0.1, -1.0), (0.1, -0.2), (-0.1, 0.1)]), edge))
+            line = [(0.1, -1.0), (0.1, -0.2), (-0.1, 0.1)]
+            dev = np.maximum(dev, _soft(0.011 - _polyline_distance(X, Y, line), edge))
         mu = mu + 0.9 * dev
         masks[M["Support Devices"]] = dev
     if present["Fracture"]:                                     # a posterior rib step near the spine
@@ -897,7 +913,8 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
         mu = mu + np.where(brk & (np.abs(Y - fy - 0.03 * (X > 0.35)) < 0.012), np.float32(bone * 0.8), _F0)
         masks[M["Fracture"]] = brk
     if present["Enlarged Cardiomediastinum"]:
-        medi = _soft(0.12 + 0.04 * sev["Enlarged Cardiomediastinum"] - np.abs(X + 0.05), 2 * edge) * (Y < y_ant - 0.4) * (Y > -0.7)
+        medi = _soft(0.12 + 0.04 * sev["Enlarged Cardiomediastinum"] - np.abs(X + 0.05), 2 * edge) \
+            * (Y < y_ant - 0.4) * (Y > -0.7)
         mu = mu + 0.15 * medi
         masks[M["Enlarged Cardiomediastinum"]] = medi
     return mu, markings
@@ -930,8 +947,8 @@ FINDING_PHRASES = {
     "Pleural Effusion": (["{sev} {side} pleural effusion"], "with blunting of the costophrenic angle",
                          ["No pleural effusion", "No effusion"]),
     "Pleural Other": (["{side} pleural thickening"], "seen along the pleural surface", ["No pleural thickening"]),
-    "Pneumonia": (["{side}-sided pneumonia", "{sev} {side}-sided pneumonia"], "typically with patchy airspace involvement",
-                  ["No pneumonia"]),
+    "Pneumonia": (["{side}-sided pneumonia", "{sev} {side}-sided pneumonia"],
+                  "typically with patchy airspace involvement", ["No pneumonia"]),
     "Pneumothorax": (["{sev} {side} pneumothorax"], "seen as a visceral pleural line with absent peripheral lung "
                      "markings", ["No pneumothorax"]),
     "Support Devices": (["support devices in place", "lines and tubes in place"], "projecting over the chest", [""]),
@@ -1135,7 +1152,8 @@ def phantom_rows_and_pixels(seeds, size, intervention=None, with_masks=True):
         if with_masks:
             masks.append(m)
         rv = {k: rec[k][j] for k in VARIABLES}
-        boxes = {name: _bbox(m[i]) for i, name in enumerate(MASK_NAMES) if name not in ("Lungs", "Heart") and m[i].any()}
+        boxes = {name: _bbox(m[i]) for i, name in enumerate(MASK_NAMES)
+                 if name not in ("Lungs", "Heart") and m[i].any()}
         if tv["Cardiomegaly"] >= POS:
             boxes["Cardiomegaly"] = _bbox(m[MASK_NAMES.index("Heart")])
         report = phantom_report(rv, sides[j], severity[j])
@@ -1159,8 +1177,8 @@ class PhantomShards:
     """
 
     def __init__(self, seeds, size, with_masks, intervention=None, keep=None, extra=()):
-        self.seeds, self.size, self.with_masks, self.intervention, self.keep = seeds, size, with_masks, intervention, keep
-        self.extra = list(extra)
+        self.seeds, self.size, self.with_masks, self.intervention = seeds, size, with_masks, intervention
+        self.keep, self.extra = keep, list(extra)
 
     def __call__(self, job):
         out_dir, shard, lo, hi = job
@@ -1175,7 +1193,8 @@ class PhantomShards:
         if self.with_masks:
             tensors["masks"] = masks
         save_shard(os.path.join(out_dir, "shards", f"{shard:05d}.safetensors"), tensors)
-        write_csv(os.path.join(out_dir, "shards", f"{shard:05d}.csv"), rows, META_COLUMNS + PHANTOM_COLUMNS + self.extra)
+        write_csv(os.path.join(out_dir, "shards", f"{shard:05d}.csv"), rows,
+                  META_COLUMNS + PHANTOM_COLUMNS + self.extra)
         return hi - lo
 
 
@@ -1588,7 +1607,8 @@ def read_table(path, required=(), delimiter=","):
             reader.fieldnames = header
             for col in required:
                 if col not in header:
-                    raise SystemExit(f"{path}: missing column {col!r} (found {header[:10]}{'...' if len(header) > 10 else ''})")
+                    raise SystemExit(f"{path}: missing column {col!r} (found {header[:10]}"
+                                     f"{'...' if len(header) > 10 else ''})")
             return list(reader)
     except (OSError, UnicodeDecodeError, csv.Error, EOFError) as e:
         raise SystemExit(f"{path}: cannot read as CSV ({e})") from None
@@ -1604,7 +1624,8 @@ def find_file(folders, names, what):
             for cand in sorted(glob.glob(pattern)) + sorted(glob.glob(pattern + ".gz")):
                 if os.path.isfile(cand):
                     return cand
-    raise SystemExit(f"{next(f for f in folders if f)}: no {what} found (looked for {names} in {[f for f in folders if f]})")
+    folders = [f for f in folders if f]
+    raise SystemExit(f"{folders[0]}: no {what} found (looked for {names} in {folders})")
 
 
 def _rel(path, root):
@@ -1656,8 +1677,8 @@ def _mimic(args, ext):
                       ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"])
     labels = {r["study_id"]: r for r in read_table(find_file(folders, ["mimic-cxr-2.0.0-chexpert.csv"], "chexpert CSV"),
                                                    ["subject_id", "study_id"] + LABELS)}
-    split = {r["dicom_id"]: r["split"] for r in read_table(find_file(folders, ["mimic-cxr-2.0.0-split.csv"], "split CSV"),
-                                                          ["dicom_id", "split"])}
+    split = {r["dicom_id"]: r["split"] for r in
+             read_table(find_file(folders, ["mimic-cxr-2.0.0-split.csv"], "split CSV"), ["dicom_id", "split"])}
     demo = _mimic_demographics(args.mimic_iv) if args.mimic_iv else {}
     report_roots, reports = [args.reports, os.path.join(root, "mimic-cxr-reports"), root], {}
     for r in meta:
@@ -1767,7 +1788,8 @@ def src_nih_cxr14(args):
     NIH_TO_CHEXPERT; Emphysema, Fibrosis, Hernia have no counterpart; an unknown finding name skips the row."""
     root = args.root
     table = read_table(find_file([root], ["Data_Entry_2017_v2020.csv", "Data_Entry_2017*.csv"], "Data_Entry_2017 CSV"),
-                       ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"])
+                       ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
+                        "View Position"])
     split = {}
     for name, s in (("train_val_list.txt", "train"), ("test_list.txt", "test")):
         if os.path.isfile(os.path.join(root, name)):
@@ -1939,7 +1961,8 @@ def src_rexgradient(args):
                        "labels": {k: e[k] for k in LABELS if k in e}, "report": e.get("Impression") or "",
                        "findings": e.get("Findings") or "", "paths": [full, os.path.join(root, p.lstrip("./"))],
                        "source_path": _rel(full, root)}
-    if not any(os.path.isfile(os.path.join(meta, f"{p}_metadata_view_position.json")) for p in ("train", "valid", "test")):
+    if not any(os.path.isfile(os.path.join(meta, f"{p}_metadata_view_position.json")) for p in ("train", "valid",
+                                                                                              "test")):
         raise SystemExit(f"{meta}: no {{train,valid,test}}_metadata_view_position.json (expected ReXGradient-160K)")
 
 
@@ -2251,7 +2274,8 @@ def load_llm(name, what="--llm", max_new_tokens=256, trust_remote_code=False):
     for local in ((True,) if offline else (True, False)):
         try:
             tok = AutoTokenizer.from_pretrained(name, local_files_only=local, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local,
+                                                         trust_remote_code=trust_remote_code)
             break
         except Exception as e:                                       # transformers raises OSError, ValueError, ...
             err = e
@@ -2435,7 +2459,8 @@ def main(argv=None):
         _add_flags(sub.add_parser(name, help=text, formatter_class=fmt), flags)
     rfmt = type("_Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     for name, (adapter, _, extras) in SOURCES.items():
-        rp = sub.add_parser(name, help=f"prepare {name} (real dataset)", description=adapter.__doc__, formatter_class=rfmt)
+        rp = sub.add_parser(name, help=f"prepare {name} (real dataset)", description=adapter.__doc__,
+                            formatter_class=rfmt)
         _add_flags(rp, REAL_FLAGS + [("--out", f"data/{name}", "output dataset folder")]
                    + [("--" + e.replace("_", "-"), str, EXTRA_FLAGS[e]) for e in extras])
     args = p.parse_args(argv)
