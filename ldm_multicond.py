@@ -1,0 +1,1470 @@
+"""ldm_multicond.py: latent diffusion with the multi-conditional unit (multicond-ldm §3.1-3.2, Fig. 1, App. A.1-A.2).
+
+A U-Net denoiser in the LDM design (Rombach et al. 2022: residual blocks with a timestep embedding, spatial
+transformers with self- and cross-attention, down / up paths with skips) predicts the noise (multicond Eq. 2) under
+a conditioning sequence C from the multi-conditional unit (multicond §3.2 Eq. 3, App. A.1):
+    L: a trainable MLP from the 17-d label vector to one token;
+    I: a frozen transformers vision model (ELIXR-C in the paper, not public; e.g. microsoft/rad-dino), its pooled
+       feature cached by `embed-images`, then a trainable MLP to one token;
+    T: a frozen BERT-style encoder (Bio_ClinicalBERT), the report truncated to 128 tokens, all final hidden states
+       cached by `embed-text`;
+    each output replaced by its fixed null token with p_L = 0.4, p_I = 0.5, p_T = 0.4, independently (App. A.2);
+    tau: a transformer (3 layers, 8 heads, 768 wide, FF 2048) over [L; I; T] -> C of 1 + 1 + 128 = 130 tokens.
+DDPM with T = 1000 and betas 0.0015 -> 0.0295 (App. A.2), DDIM sampling, 75 steps, guidance 4 (App. A.2) under any
+subset of the three conditions (Table 1), the unconditional branch all three nulls (or a chosen subset).
+
+Embeddings (run once per dataset; training never runs the frozen encoders):
+    python ldm_multicond.py embed-text --data data/phantom --text-encoder emilyalsentzer/Bio_ClinicalBERT
+    python ldm_multicond.py embed-images --data data/phantom --image-encoder microsoft/rad-dino
+Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jsonl, config.json, grids/):
+    python ldm_multicond.py --size tiny --max-steps 2000                     # CPU demo on data/phantom
+    torchrun --nproc_per_node=8 ldm_multicond.py --size paper --data D --out runs/ldm   # 64x64 latents of vae.py
+    python ldm_multicond.py --size tiny --modalities L,T                      # a model without the image encoder
+    python ldm_multicond.py --size paper --dry-run                            # parameter count, meta device
+    python ldm_multicond.py --size paper --bench --batch-size 16              # img/s, tokens/s, MFU, peak memory
+Sample (EMA weights; 16-bit PNGs + meta.csv with the subset used; resumable; sharded under torchrun):
+    python ldm_multicond.py sample --ckpt runs/ldm --cond data/phantom/meta.csv --split train --use L,I,T \
+        --cfg 4 --steps 75 --out fake/                          # multicond Table 1: L,I,T | L | I | T | L,T | L,I
+    python ldm_multicond.py sample --ckpt runs/ldm --cond D/meta.csv --use L,I,T --guide-against I --out fake/
+
+The 17-d label vector (App. A.1; this file's encoding): the 14 labels in DESIGN.md §4 order as 1 positive,
+0 negative, -1 uncertain, a missing label 0 (as "absent", the paper's coding has no separate missing value);
+age / 100 (missing -> 0); sex F -1, M +1 (missing 0); race ASIAN 1/3, BLACK 2/3, WHITE 1 (missing 0).
+Conditioning image (App. A.1 leaves it open): `--cond-image same-study` takes another image of the same study,
+else of the same patient, else the image itself (the phantom has one image per patient: the image itself);
+`same-image` always the image itself.
+Caches, rows aligned with meta.csv by (shard, index):
+    DATA/text/<name>/    info.json {encoder, max_length, hidden_size, column}; shards/*.safetensors `hidden`
+                         [n, L_s, C] (zero beyond each text), `lengths` [n], `n_tokens` [n] (dit_text2img.py's layout)
+    DATA/images/<name>/  info.json {encoder, dim, size}; shards/*.safetensors `features` float32 [n, F]
+Latents DATA/latents/<vae>/ are the ones vae.py `encode` writes; sampling decodes with their torch.export program
+(a .pt2 program is code: load only decoders you wrote or trust). Checkpoint: one safetensors file, written
+atomically: model.*, ema.*, optim.* and the config; every random draw is a function of (seed, step) in training
+and of (seed, image index) in sampling, so resumes and sharding change nothing.
+"""
+import argparse
+import copy
+import csv
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels import attention
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass, size presets, CLI generated from the fields
+
+
+def arg(default, help, only=None):
+    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
+    return field(default=default, metadata={"help": help, "only": only})
+
+
+BIOCLINICALBERT = "emilyalsentzer/Bio_ClinicalBERT"          # multicond App. A.1 text encoder
+RAD_DINO = "microsoft/rad-dino"                              # stands in for ELIXR-C (not public)
+
+
+@dataclass
+class Config:
+    """Model and training configuration; stored in every checkpoint."""
+    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    out: str = arg("runs/ldm", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
+    space: str = arg("auto", "pixel | latent | auto (latent when DATA/latents/<vae>/ exists)")
+    vae: str = arg("", "latent folder DATA/latents/<vae> to train on (default: the only one)")
+    size: str = arg("tiny", "preset: tiny | paper (the LDM/SD-1 U-Net of Rombach et al., multicond App. A.1)")
+    channels: int = arg(32, "U-Net base channels")
+    channel_mult: str = arg("1,2", "channel multiplier per resolution level")
+    res_blocks: int = arg(1, "residual blocks per level")
+    attn_levels: str = arg("1", "levels (0 = full resolution) with spatial transformers")
+    heads: int = arg(4, "attention heads in the U-Net's spatial transformers")
+    dim: int = arg(64, "width of the condition tokens and of tau (multicond App. A.1: 768)")
+    tau_layers: int = arg(2, "integration transformer layers (multicond App. A.1: 3)")
+    tau_heads: int = arg(4, "integration transformer heads (multicond App. A.1: 8)")
+    tau_ff: int = arg(128, "integration transformer feed-forward width (multicond App. A.1: 2048)")
+    modalities: str = arg("L,I,T", "conditions the model is trained with (a subset of L,I,T); absent ones stay null")
+    text: str = arg("", "text cache DATA/text/<name> (default: the only one)")
+    images: str = arg("", "image-feature cache DATA/images/<name> (default: the only one)")
+    text_encoder: str = arg("", "expected encoder of the text cache ('': whatever it holds; recorded)")
+    image_encoder: str = arg("", "expected encoder of the image cache ('': whatever it holds; recorded)")
+    text_dim: int = arg(0, "text encoder width; 0: from the cache (Bio_ClinicalBERT: 768)")
+    image_dim: int = arg(0, "image feature width; 0: from the cache (ELIXR-C: 1376, rad-dino: 768)")
+    max_length: int = arg(128, "report tokens (multicond App. A.1: the first 128)")
+    cond_image: str = arg("same-study", "conditioning image: same-study (another image of the study) | same-image")
+    p_l: float = arg(0.4, "probability of the null label token (multicond App. A.2)")
+    p_i: float = arg(0.5, "probability of the null image token (multicond App. A.2)")
+    p_t: float = arg(0.4, "probability of the null text tokens (multicond App. A.2)")
+    schedule: str = arg("sqrt-linear", "betas: sqrt-linear (LDM's 'linear') | linear (the literal reading)")
+    beta_start: float = arg(0.0015, "first beta (multicond App. A.2)")
+    beta_end: float = arg(0.0295, "last beta (multicond App. A.2)")
+    timesteps: int = arg(1000, "diffusion steps T (multicond App. A.2)")
+    in_channels: int = arg(0, "input channels; 0: from the data (3 without data, multicond App. A.2)")
+    image_size: int = arg(0, "input side in pixels or latent cells; 0: from the data (64 without data)")
+    attn: str = arg("kernels", "attention: kernels (kernels.attention) | sdpa (PyTorch)")
+    batch_size: int = arg(32, "global batch size")
+    micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
+    max_steps: int = arg(1000, "optimizer steps")
+    lr: float = arg(5e-4, "AdamW learning rate, constant (multicond App. A.2: 5e-5)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.999, "AdamW beta2")
+    weight_decay: float = arg(0.0, "weight decay")
+    clip: float = arg(1.0, "gradient-norm clipping")
+    ema: float = arg(0.999, "EMA decay")
+    seed: int = arg(0, "seed of the initialisation, data order and noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+    compile: bool = arg(False, "torch.compile the model")
+    grad_ckpt: bool = arg(False, "activation checkpointing, block by block")
+    resume: bool = arg(True, "continue from OUT/ckpt.safetensors when it exists (--no-resume starts over)")
+    log_every: int = arg(50, "steps between log lines")
+    ckpt_every: int = arg(500, "steps between checkpoints")
+    sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise and conditions); 0: none")
+    bench: bool = arg(False, "time training steps on random tensors (kernels.attention vs SDPA) and exit")
+    bench_steps: int = arg(10, "timed steps per --bench variant")
+    dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
+
+
+# multicond App. A.1: "the same design as Rombach et al." -- the SD-1 / LDM text-to-image U-Net (320 channels,
+# multipliers 1,2,4,4, 2 res blocks, attention at the three finest levels, 8 heads, 768-wide context), tau of
+# App. A.1, lr 5e-5 (App. A.2). tiny is for tests and the CPU demo.
+PRESETS = {
+    "tiny": dict(channels=32, channel_mult="1,2", res_blocks=1, attn_levels="1", heads=4, dim=64, tau_layers=2,
+                 tau_heads=4, tau_ff=128, batch_size=32, lr=5e-4, ema=0.999, max_steps=1000),
+    "paper": dict(channels=320, channel_mult="1,2,4,4", res_blocks=2, attn_levels="0,1,2", heads=8, dim=768,
+                  tau_layers=3, tau_heads=8, tau_ff=2048, batch_size=256, lr=5e-5, ema=0.9999, max_steps=500_000,
+                  log_every=100, ckpt_every=5000, sample_every=5000),
+}
+ARCH = ("channels", "channel_mult", "res_blocks", "attn_levels", "heads", "dim", "tau_layers", "tau_heads", "tau_ff",
+        "modalities", "text_dim", "image_dim", "max_length", "in_channels", "image_size", "schedule", "beta_start",
+        "beta_end", "timesteps")                                 # must match to resume
+
+
+@dataclass
+class InferConfig:
+    """Options of the `sample` subcommand (the model's own config comes from the checkpoint)."""
+    ckpt: str = arg("runs/ldm", "run folder or checkpoint file (EMA weights are used)")
+    out: str = arg("fake", "output folder: PNGs and meta.csv")
+    cond: str = arg("", "meta.csv of the conditions (one image a row; its folder holds the caches); '': none")
+    split: str = arg("", "use only the --cond rows of this split ('': all rows)")
+    n: int = arg(0, "number of images; 0: one per --cond row (else 16); rows are cycled")
+    use: str = arg("L,I,T", "conditions used: a subset of L,I,T (multicond Table 1); the others are null")
+    guide_against: str = arg("", "conditions kept in the unconditional branch of CFG ('': all null)")
+    cfg: float = arg(4.0, "classifier-free guidance scale w: e_u + w (e_c - e_u) (multicond App. A.2: 4)")
+    steps: int = arg(75, "DDIM steps (multicond App. A.2: 75)")
+    eta: float = arg(0.0, "DDIM eta (0: deterministic)")
+    batch_size: int = arg(16, "images per forward pass, per process")
+    seed: int = arg(0, "noise seed: image i always gets the same noise")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+
+
+@dataclass
+class EmbedConfig:
+    """Options of `embed-text` and `embed-images`: cache frozen-encoder outputs for every meta.csv row."""
+    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    text_encoder: str = arg(BIOCLINICALBERT, "transformers text encoder: hub id or local folder", only="embed-text")
+    image_encoder: str = arg(RAD_DINO, "transformers vision model: hub id or local folder", only="embed-images")
+    name: str = arg("", "cache name under DATA/text/ or DATA/images/ (default: from the encoder)")
+    max_length: int = arg(128, "tokens kept (multicond App. A.1: 128)", only="embed-text")
+    column: str = arg("report", "meta.csv text column", only="embed-text")
+    batch_size: int = arg(64, "rows per encoder call")
+    device: str = arg("", "cpu | cuda (default: cuda when available)")
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        if f.metadata["only"] not in (None, only):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]", dest=f.name)
+        if isinstance(f.default, bool):
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+    return p
+
+
+def parse_config(argv):
+    """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
+    given = vars(build_parser(Config, "ldm_multicond.py [train]", __doc__).parse_args(argv))
+    size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
+    if size is None:
+        raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
+    return Config(**{**PRESETS[size], **given, "size": size})
+
+
+def modality_mask(text, where, allowed="L,I,T"):
+    """'L,T' -> [True, False, True]; every name must be one of `allowed`."""
+    names = [s.strip().upper() for s in text.split(",") if s.strip()]
+    ok = [s.strip() for s in allowed.split(",") if s.strip()]
+    for s in names:
+        if s not in ok:
+            raise SystemExit(f"{where} {text!r}: {s!r} is not one of {ok}" + (
+                " (the checkpoint was trained without it)" if s in "LIT" else ""))
+    return [m in names for m in "LIT"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: the multi-conditional unit (multicond §3.2, App. A.1) and the LDM U-Net (Rombach et al. 2022)
+
+
+def timestep_features(t, dim, max_period=10_000):
+    """Sinusoidal features of integer timesteps (LDM's timestep_embedding: cos then sin)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def attend(q, k, v, key_lengths, impl):
+    """softmax(q k^T / sqrt(d)) v over [B, H, L, d] with keys past key_lengths masked: kernels.attention or SDPA."""
+    if impl == "sdpa":
+        mask = None if key_lengths is None else \
+            (torch.arange(k.shape[2], device=k.device)[None] < key_lengths[:, None])[:, None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attention(q, k, v, key_lengths=key_lengths)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x over ctx (x itself when ctx is None), LDM's CrossAttention (no q/k/v bias)."""
+
+    def __init__(self, dim, ctx_dim, heads):
+        super().__init__()
+        self.heads, self.impl = heads, "kernels"
+        self.q, self.k, self.v = (nn.Linear(d, dim, bias=False) for d in (dim, ctx_dim, ctx_dim))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx=None, key_lengths=None):
+        ctx = x if ctx is None else ctx
+        B, L, D = x.shape
+        split = lambda t: t.view(B, t.shape[1], self.heads, D // self.heads).transpose(1, 2)
+        o = attend(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)), key_lengths, self.impl)
+        return self.out(o.transpose(1, 2).reshape(B, L, D))
+
+
+class TauBlock(nn.Module):
+    """Pre-LN transformer layer of the integration transformer tau (multicond App. A.1: 8 heads, FF 2048)."""
+
+    def __init__(self, dim, heads, ff):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff), nn.GELU(), nn.Linear(ff, dim))
+
+    def forward(self, x, key_lengths):
+        x = x + self.attn(self.norm1(x), key_lengths=key_lengths)
+        return x + self.ff(self.norm2(x))
+
+
+class MultiCondUnit(nn.Module):
+    """[L(l); I(i); T(r)] with fixed null tokens -> tau -> C [B, 1 + 1 + n_T, dim] (multicond §3.2 Eq. 3)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, self.n_text = cfg.dim, cfg.max_length
+        self.use = modality_mask(cfg.modalities, "--modalities")
+        self.label = nn.Sequential(nn.Linear(17, D), nn.SiLU(), nn.Linear(D, D))          # L_theta, 17-d -> 1 token
+        self.image = nn.Sequential(nn.Linear(cfg.image_dim or 1, D), nn.SiLU(), nn.Linear(D, D)) if self.use[1] \
+            else None                                                                      # MLP after frozen I
+        # the frozen T's states enter tau as they are when they are dim wide (Bio_ClinicalBERT: 768); another
+        # encoder's width gets a trainable linear map (not in the paper, which has no width mismatch)
+        self.text = (nn.Identity() if cfg.text_dim == D else nn.Linear(cfg.text_dim, D)) if self.use[2] else None
+        # fixed-value null tokens (multicond §3.2): zeros, not trained; tau's position embedding tells them apart
+        self.register_buffer("null_l", torch.zeros(1, D))
+        self.register_buffer("null_i", torch.zeros(1, D))
+        self.register_buffer("null_t", torch.zeros(self.n_text, D))
+        self.pos = nn.Parameter(torch.randn(2 + self.n_text, D) * 0.02)
+        self.tau = nn.ModuleList(TauBlock(D, cfg.tau_heads, cfg.tau_ff) for _ in range(cfg.tau_layers))
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, labels, img, text, lengths, drop):
+        """labels [B, 17], img [B, F] or None, text [B, n_T, C] or None, lengths [B], drop [B, 3] bool (True: null).
+        -> C [B, 2 + n_T, dim] fp32 and its valid key count [B] (text padding masked, a null text all valid)."""
+        B, n = drop.shape[0], self.n_text
+        drop = drop | ~torch.tensor(self.use, device=drop.device)       # a modality the model lacks is always null
+        tokens, valid = [], torch.full((B,), n, device=drop.device, dtype=torch.long)
+        for j, (enc, null, x) in enumerate(((self.label, self.null_l, labels), (self.image, self.null_i, img))):
+            e = null.expand(B, 1, -1) if enc is None or x is None else enc(x.float())[:, None]
+            tokens.append(torch.where(drop[:, j, None, None], null, e))
+        if self.text is None or text is None:
+            tokens.append(self.null_t.expand(B, n, -1))
+        else:
+            pad = torch.arange(n, device=text.device)[None] < lengths[:, None]
+            e = self.text(text.float()) * pad[..., None]
+            tokens.append(torch.where(drop[:, 2, None, None], self.null_t, e))
+            valid = torch.where(drop[:, 2], valid, lengths.long())
+        h, key_lengths = torch.cat(tokens, 1) + self.pos, valid + 2
+        for blk in self.tau:
+            h = blk(h, key_lengths)
+        return self.norm(h), key_lengths
+
+
+def group_norm(ch):
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-5)             # LDM's GroupNorm32 (fewer groups when narrow)
+
+
+class ResBlock(nn.Module):
+    """LDM ResBlock: GN-SiLU-conv, + the timestep embedding, GN-SiLU-conv (zero-initialised), 1x1 skip."""
+
+    def __init__(self, cin, cout, tdim):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(tdim, cout))
+        self.out_layers = nn.Sequential(group_norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        nn.init.zeros_(self.out_layers[-1].weight)
+        nn.init.zeros_(self.out_layers[-1].bias)
+
+    def forward(self, x, temb):
+        h = self.in_layers(x) + self.emb_layers(temb)[:, :, None, None].to(x.dtype)
+        return self.skip(x) + self.out_layers(h)
+
+
+class SpatialTransformer(nn.Module):
+    """LDM SpatialTransformer: GN, proj_in, [self-attn, cross-attn to C, GEGLU FF], proj_out (zero), residual."""
+
+    def __init__(self, ch, heads, ctx_dim):
+        super().__init__()
+        self.norm, self.proj_in = group_norm(ch), nn.Linear(ch, ch)
+        self.norm1, self.attn1 = nn.LayerNorm(ch), Attention(ch, ch, heads)
+        self.norm2, self.attn2 = nn.LayerNorm(ch), Attention(ch, ctx_dim, heads)
+        self.norm3, self.ff_in, self.ff_out = nn.LayerNorm(ch), nn.Linear(ch, 8 * ch), nn.Linear(4 * ch, ch)
+        self.proj_out = nn.Linear(ch, ch)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, ctx, key_lengths):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        h = h + self.attn1(self.norm1(h))
+        h = h + self.attn2(self.norm2(h), ctx.to(h.dtype), key_lengths)
+        a, g = self.ff_in(self.norm3(h)).chunk(2, dim=-1)
+        h = h + self.ff_out(a * F.gelu(g))                               # GEGLU (LDM's FeedForward)
+        return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class Downsample(nn.Conv2d):
+    """Strided 3x3 convolution (LDM Downsample)."""
+
+    def __init__(self, ch):
+        super().__init__(ch, ch, 3, stride=2, padding=1)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 convolution (LDM Upsample)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def run_layers(layers, h, temb, ctx, key_lengths):
+    for layer in layers:
+        if isinstance(layer, ResBlock):
+            h = layer(h, temb)
+        elif isinstance(layer, SpatialTransformer):
+            h = layer(h, ctx, key_lengths)
+        else:
+            h = layer(h)
+    return h
+
+
+class UNet(nn.Module):
+    """LDM U-Net eps_theta(z_t, t, C): down path, middle (res, transformer, res), up path with skips."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, mult = cfg.channels, [int(m) for m in cfg.channel_mult.split(",")]
+        attn_levels = {int(a) for a in cfg.attn_levels.split(",") if a.strip()}
+        tdim, self.ch, self.grad_ckpt = 4 * ch, ch, cfg.grad_ckpt
+        st = lambda c: SpatialTransformer(c, cfg.heads, cfg.dim)
+        self.time_embed = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.input_conv = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.down, chans, cur = nn.ModuleList(), [ch], ch
+        for lvl, m in enumerate(mult):
+            for _ in range(cfg.res_blocks):
+                layers = [ResBlock(cur, m * ch, tdim)] + ([st(m * ch)] if lvl in attn_levels else [])
+                cur = m * ch
+                self.down.append(nn.ModuleList(layers))
+                chans.append(cur)
+            if lvl < len(mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(cur)]))
+                chans.append(cur)
+        self.mid = nn.ModuleList([ResBlock(cur, cur, tdim), st(cur), ResBlock(cur, cur, tdim)])
+        self.up = nn.ModuleList()
+        for lvl, m in reversed(list(enumerate(mult))):
+            for j in range(cfg.res_blocks + 1):
+                layers = [ResBlock(cur + chans.pop(), m * ch, tdim)] + ([st(m * ch)] if lvl in attn_levels else [])
+                cur = m * ch
+                if lvl and j == cfg.res_blocks:
+                    layers.append(Upsample(cur))
+                self.up.append(nn.ModuleList(layers))
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, ctx, key_lengths):
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):      # timestep embedding in fp32
+            temb = self.time_embed(timestep_features(t, self.ch))
+        def block(layers, h):
+            if self.grad_ckpt and self.training:
+                return torch.utils.checkpoint.checkpoint(run_layers, layers, h, temb, ctx, key_lengths,
+                                                         use_reentrant=False)
+            return run_layers(layers, h, temb, ctx, key_lengths)
+        h = self.input_conv(x)
+        hs = [h]
+        for layers in self.down:
+            h = block(layers, h)
+            hs.append(h)
+        h = block(self.mid, h)
+        for layers in self.up:
+            h = block(layers, torch.cat([h, hs.pop()], 1))
+        return self.out(h)
+
+
+class MultiCondLDM(nn.Module):
+    """The U-Net denoiser and the multi-conditional unit trained together (multicond App. A.1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cond, self.unet = MultiCondUnit(cfg), UNet(cfg)
+        self.set_attention(cfg.attn)
+
+    def set_attention(self, impl):
+        if impl not in ("kernels", "sdpa"):
+            raise SystemExit(f"--attn {impl!r}: expected kernels or sdpa")
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.impl = impl
+
+    def forward(self, x, t, labels, img, text, lengths, drop):
+        """x [B, C, H, W], integer t [B], conditions (see MultiCondUnit) -> predicted noise [B, C, H, W]."""
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):
+            ctx, key_lengths = self.cond(labels, img, text, lengths, drop)
+        return self.unet(x, t, ctx, key_lengths)
+
+
+def train_flops(cfg, shape, inputs):
+    """Training FLOPs of one image, counted once on the meta device: 3 x the forward (fwd + bwd)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        m = MultiCondLDM(cfg)
+        m.set_attention("sdpa")
+        one = [None if a is None else torch.zeros_like(a[:1], device="meta") for a in inputs]
+        with FlopCounterMode(display=False) as fc:
+            m(torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long), *one, torch.zeros(1, 3, dtype=torch.bool))
+    return 3 * fc.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Method: DDPM schedule and loss (multicond Eq. 1-2, App. A.2), null assignment, guidance, DDIM
+
+
+class Schedule:
+    """T = 1000 betas from 0.0015 to 0.0295 (multicond App. A.2), alpha-bar in float64. 'linear' in the LDM codebase
+    (make_beta_schedule) is linear in sqrt(beta) -- diffusers calls it scaled_linear -- and is the default here;
+    `--schedule linear` is the literal reading, linear in beta."""
+
+    def __init__(self, T=1000, beta_start=0.0015, beta_end=0.0295, kind="sqrt-linear"):
+        if kind == "sqrt-linear":
+            self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        elif kind == "linear":
+            self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        else:
+            raise SystemExit(f"--schedule {kind!r}: expected sqrt-linear or linear")
+        self.T, self.alphas_cumprod = T, torch.cumprod(1 - self.betas, 0)
+
+    def ab(self, t, device):
+        """alpha-bar at integer timesteps t, as float32 [B, 1, 1, 1] on device."""
+        return self.alphas_cumprod[t.cpu()].float().to(device).view(-1, 1, 1, 1)
+
+
+def schedule_of(cfg):
+    return Schedule(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule)
+
+
+def draw_step(cfg, sched, step, shape, device):
+    """The global batch's randomness of one step from one (seed, step) generator: noise, t ~ U{0..T-1}, and the null
+    assignment of each modality, independent Bernoulli(p_L), (p_I), (p_T) (multicond §3.2, App. A.2). Ranks slice
+    it: any world size and accumulation give one run."""
+    g = generator(cfg.seed, 0, step, device=device)
+    eps = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
+    t = torch.randint(0, sched.T, (cfg.batch_size,), generator=g, device=device)
+    p = torch.tensor([cfg.p_l, cfg.p_i, cfg.p_t], device=device)
+    drop = torch.rand((cfg.batch_size, 3), generator=g, device=device) < p
+    return eps, t, drop, g
+
+
+def diffusion_loss(model, sched, x0, eps, t, inputs, drop):
+    """Per-sample ||eps - eps_theta(z_t, t, C)||^2 (multicond Eq. 2) at z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps."""
+    ab = sched.ab(t, x0.device)
+    out = model(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, *inputs, drop)
+    return (out.float() - eps).pow(2).mean(dim=(1, 2, 3))
+
+
+def guided_eps(model, x, t, inputs, use, against, scale):
+    """e_u + w (e_c - e_u) on every channel; e_c nulls the modalities outside `use`, e_u those outside `against`
+    (all three by default: the unconditional model)."""
+    B = x.shape[0]
+    tt = torch.full((B,), int(t), device=x.device, dtype=torch.long)
+    keep_c = torch.tensor(use, device=x.device).expand(B, 3)
+    if scale == 1.0:
+        return model(x, tt, *inputs, ~keep_c).float()
+    keep_u = torch.tensor(against, device=x.device).expand(B, 3)
+    both = [None if a is None else torch.cat([a, a]) for a in inputs]
+    out = model(torch.cat([x, x]), torch.cat([tt, tt]), *both, ~torch.cat([keep_c, keep_u])).float()
+    c, u = out.chunk(2)
+    return u + scale * (c - u)
+
+
+def respace(T, steps):
+    """`steps` timesteps spread evenly over [0, T - 1], both ends included."""
+    if not 1 <= steps <= T:
+        raise SystemExit(f"--steps {steps}: expected 1..{T}")
+    return sorted(set(np.round(np.linspace(0, T - 1, steps)).astype(int).tolist()))
+
+
+def ddim_sample(eps_fn, sched, x, steps=75, eta=0.0, gens=None, clip=False):
+    """DDIM (Song et al. 2021): x' = sqrt(ab') x0_hat + sqrt(1 - ab' - s^2) e + s z, s = eta sqrt((1 - ab') /
+    (1 - ab)) sqrt(1 - ab / ab'), float64 coefficients; x0_hat clipped to [-1, 1] in pixel space (Ho et al. 2020)."""
+    ts = respace(sched.T, steps)
+    for i in reversed(range(len(ts))):
+        ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0
+        e = eps_fn(x, ts[i])
+        x0 = (x - math.sqrt(1 - ab) * e) / math.sqrt(ab)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            e = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * e
+        if sigma > 0:
+            x = x + sigma * torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+    return x
+
+
+def sample_batch(model, sched, noise, inputs, use, against, scale=4.0, steps=75, eta=0.0, gens=None, clip=False):
+    """Noise -> samples under the given conditions, with guidance (multicond App. A.2: DDIM 75 steps, w = 4)."""
+    def eps_fn(x, t):
+        with torch.no_grad(), autocast(x.device):
+            return guided_eps(model, x, t, inputs, use, against, scale)
+    return ddim_sample(eps_fn, sched, noise, steps, eta, gens, clip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoders: frozen transformers text and vision models, and the DATA/text/<name>/, DATA/images/<name>/ caches
+
+
+def encoder_source(name, flag):
+    """A local folder (made absolute) or a hub id; a path that does not exist is a one-line error."""
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SystemExit(f"{flag} {name}: no such folder; expected a transformers model folder (config.json, weights)")
+    return name
+
+
+def hub_online(host="huggingface.co"):
+    """False under HF_HUB_OFFLINE=1 / CXR_OFFLINE=1 or when the hub does not resolve: fail fast, no retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CXR_OFFLINE") == "1":
+        return False
+    try:
+        return bool(socket.getaddrinfo(host, 443))
+    except OSError:
+        return False
+
+
+def load_encoder(name, flag, vision=False, device="cpu"):
+    """(tokenizer or image preprocessing, frozen encoder) from transformers; safetensors or the library's own
+    loader, trust_remote_code off. Offline, a hub id missing from the local cache is a one-line error."""
+    src = encoder_source(name, flag)
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        transformers.utils.logging.disable_progress_bar()
+        kw = {} if os.path.isdir(src) else {"local_files_only": not hub_online()}
+        conf = AutoConfig.from_pretrained(src, **kw)
+        if vision:
+            conf = getattr(conf, "vision_config", None) or conf
+            enc = AutoModel.from_pretrained(src, **kw)
+            enc = getattr(enc, "vision_model", enc)                    # CLIP-style: the vision tower only
+            size, mean, std = getattr(conf, "image_size", 224), [0.5] * 3, [0.5] * 3
+            try:                                                       # the model's own normalisation when shipped
+                from transformers import AutoImageProcessor
+                proc = AutoImageProcessor.from_pretrained(src, **kw)
+                mean, std = list(proc.image_mean), list(proc.image_std)
+                s = getattr(proc, "crop_size", None) or proc.size
+                size = int(s.get("height") or s.get("shortest_edge")) if isinstance(s, dict) else int(s)
+            except (OSError, ValueError, AttributeError, TypeError, KeyError):
+                pass
+            pre = dict(size=size, mean=mean, std=std, channels=int(getattr(conf, "num_channels", 3)))
+        else:
+            pre = AutoTokenizer.from_pretrained(src, **kw)
+            pre.padding_side = "right"
+            enc = AutoModel.from_pretrained(src, **kw)
+            enc = enc.get_encoder() if getattr(enc.config, "is_encoder_decoder", False) else enc
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag} {name}: cannot load it ({str(e).splitlines()[0][:200]}); offline, download it "
+                         f"where you are online and pass the local folder with {flag} PATH") from None
+    return pre, enc.to(device).eval().requires_grad_(False)
+
+
+def encoder_width(enc):
+    return int(getattr(enc.config, "d_model", None) or enc.config.hidden_size)
+
+
+def tokenize(tok, texts, max_length):
+    """-> input ids [n, max_length], valid lengths [n] after truncation, token counts [n] before truncation."""
+    n_tokens = torch.tensor([len(ids) for ids in tok(list(texts), truncation=False)["input_ids"]])
+    b = tok(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return b["input_ids"], b["attention_mask"].sum(1), n_tokens
+
+
+def encode_text(enc, ids, lengths):
+    """All final hidden states [n, L, C] float32 with the padding zeroed (multicond App. A.1)."""
+    dev = next(enc.parameters()).device
+    mask = (torch.arange(ids.shape[1], device=dev)[None] < lengths.to(dev)[:, None])
+    h = enc(input_ids=ids.to(dev), attention_mask=mask.long()).last_hidden_state.float()
+    return h * mask[..., None]
+
+
+def preprocess_images(x, pre):
+    """Model units [n, 1, S, S] in [-1, 1] -> the vision model's input: resized, channels repeated, normalised."""
+    x = (x.float() + 1) / 2
+    x = F.interpolate(x, size=(pre["size"], pre["size"]), mode="bilinear", antialias=True, align_corners=False)
+    x = x.expand(-1, pre["channels"], -1, -1)
+    mean = torch.tensor(pre["mean"][:pre["channels"]], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre["std"][:pre["channels"]], device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def encode_images(enc, x):
+    """The pooled feature (pooler_output, else the CLS state) [n, F] float32 (multicond App. A.1)."""
+    out = enc(pixel_values=x)
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        pooled = out.last_hidden_state[:, 0]
+    return pooled.flatten(1).float()
+
+
+def cache_folder(root, kind, name=""):
+    """DATA/<kind>/<name> (the only one when name is ''), or None when the dataset has no such cache."""
+    base = os.path.join(root, kind)
+    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
+    if name:
+        if name not in names:
+            raise SystemExit(f"{os.path.join(base, name)}: no such cache; found {names} (run embed-{kind})")
+        return os.path.join(base, name)
+    if len(names) > 1:
+        raise SystemExit(f"{base}: several caches {names}; choose one with --{kind}")
+    return os.path.join(base, names[0]) if names else None
+
+
+def embed(ecfg, kind):
+    """Cache a frozen encoder's outputs for every meta.csv row in DATA/<kind>/<name>/, aligned by shard and index;
+    resumable (finished shards are kept), sharded over processes under torchrun."""
+    rank, world, device = setup_distributed(ecfg.device)
+    path = os.path.join(ecfg.data, "meta.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    vision = kind == "images"
+    if not rows or (not vision and ecfg.column not in rows[0]):
+        raise SystemExit(f"{path}: no rows or no {ecfg.column!r} column")
+    name_in = ecfg.image_encoder if vision else ecfg.text_encoder
+    key = os.path.abspath(name_in) if os.path.isdir(name_in) else name_in
+    name = ecfg.name or (os.path.basename(key) if os.path.isdir(name_in) else name_in.replace("/", "--"))
+    folder = os.path.join(ecfg.data, kind, name)
+    info_path = os.path.join(folder, "info.json")
+    want = {"encoder": key} if vision else {"encoder": key, "max_length": ecfg.max_length, "column": ecfg.column}
+    if os.path.isfile(info_path):
+        old = read_json(info_path, "")
+        if any(old.get(k) != v for k, v in want.items()):
+            raise SystemExit(f"{info_path}: a cache of {[old.get(k) for k in want]}, not {list(want.values())}; "
+                             f"choose another --name or delete it")
+    pre, enc = load_encoder(name_in, "--image-encoder" if vision else "--text-encoder", vision, device)
+    shards = {}
+    for r in rows:
+        shards.setdefault(int(r["shard"]), []).append((int(r["index"]), r.get(ecfg.column) or ""))
+    t0, done = time.time(), 0
+    for s in sorted(shards)[rank::world]:
+        out = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+        if os.path.exists(out):
+            continue
+        items = sorted(shards[s])
+        n, at = items[-1][0] + 1, torch.tensor([i for i, _ in items])
+        if vision:
+            with safe_open(os.path.join(ecfg.data, "shards", f"{s:05d}.safetensors"), "pt") as f:
+                imgs = f.get_tensor("images")[at]
+            feats = []
+            for k in range(0, len(items), ecfg.batch_size):
+                x = preprocess_images((imgs[k:k + ecfg.batch_size].float() + 0.5) / 32768 - 1, pre).to(device)
+                with torch.no_grad(), autocast(device):
+                    feats.append(encode_images(enc, x).cpu())
+            feats = torch.cat(feats)
+            table = torch.zeros(n, feats.shape[1])
+            table[at] = feats
+            tensors = {"features": table}
+        else:
+            ids, lengths, n_tok = tokenize(pre, [t for _, t in items], ecfg.max_length)
+            L = max(int(lengths.max()), 1)                         # the shard's longest text: the rest is padding
+            feats = []
+            for k in range(0, len(items), ecfg.batch_size):
+                with torch.no_grad(), autocast(device):
+                    feats.append(encode_text(enc, ids[k:k + ecfg.batch_size, :L],
+                                             lengths[k:k + ecfg.batch_size]).cpu())
+            hidden = torch.zeros(n, L, encoder_width(enc), dtype=torch.bfloat16)
+            full_len, full_tok = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+            hidden[at], full_len[at], full_tok[at] = torch.cat(feats).to(torch.bfloat16), lengths.int(), n_tok.int()
+            tensors = {"hidden": hidden, "lengths": full_len, "n_tokens": full_tok}
+        atomic_save(out, lambda tmp: save_file(tensors, tmp))
+        done += len(items)
+        print(f"rank {rank}: shard {s}: {len(items)} rows, {done / (time.time() - t0):.1f} rows/s", flush=True)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if vision:
+            meta = {"format_version": 1, **want, "dim": int(tensors["features"].shape[1]) if done else None,
+                    "size": pre["size"], "n": len(rows)}
+            if meta["dim"] is None:
+                with safe_open(os.path.join(folder, "shards", f"{min(shards):05d}.safetensors"), "pt") as f:
+                    meta["dim"] = int(f.get_slice("features").get_shape()[1])
+        else:
+            meta = {"format_version": 1, **want, "hidden_size": encoder_width(enc), "dtype": "bfloat16",
+                    "n": len(rows)}
+        write_json(info_path, meta)
+        print(f"wrote {folder}: {len(rows)} rows", flush=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: DESIGN.md §4 datasets (pixels or latents/<vae>/), the 17-d label vector, cached text and image features
+
+LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+          "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+          "Pneumothorax", "Support Devices"]
+META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + LABELS +
+                ["report", "findings", "shard", "index", "source_path"])
+SAMPLE_COLUMNS = META_COLUMNS + ["cond_use", "guide_against", "source_id"]
+SEX, RACE = {"F": -1.0, "M": 1.0}, {"ASIAN": 1 / 3, "BLACK": 2 / 3, "WHITE": 1.0}
+
+
+def label_vector(row, where):
+    """A meta.csv row -> the 17-d vector of multicond App. A.1 (encoding in the module docstring)."""
+    out = []
+    for lab in LABELS:
+        s = str(row.get(lab) or "").strip()
+        s = {"1.0": "1", "0.0": "0", "-1.0": "-1"}.get(s, s)
+        if s not in ("", "0", "1", "-1"):
+            raise SystemExit(f"{where}: {lab}={s!r}; expected 1, 0, -1 or empty")
+        out.append(float(s) if s else 0.0)
+    age, sex, race = (str(row.get(k) or "").strip() for k in ("age", "sex", "race"))
+    try:
+        out.append(float(age) / 100 if age else 0.0)
+    except ValueError:
+        raise SystemExit(f"{where}: age={age!r}; expected years as a number or empty") from None
+    for var, s, table in (("sex", sex, SEX), ("race", race, RACE)):
+        if s and s not in table:
+            raise SystemExit(f"{where}: {var}={s!r}; expected one of {list(table)} or empty")
+        out.append(table.get(s, 0.0))
+    return out
+
+
+def generator(*keys, device="cpu"):
+    """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def latent_info(folder):
+    """The latent folder's info.json: shape, per-channel mean / std, decoder path (made absolute)."""
+    li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
+    dec = li.get("decoder", "")
+    return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
+                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1),
+                decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
+
+
+def shard_path(folder, shard):
+    path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such shard")
+    return path
+
+
+class CondSource:
+    """The conditions of meta.csv rows: 17-d labels, cached image features of each row's conditioning image and
+    cached (or freshly encoded) report states, checked against the encoders a model expects."""
+
+    def __init__(self, root, rows, cfg, need, cond_image="same-study", all_rows=None):
+        self.root, self.rows, self.max_length = root, rows, cfg.max_length
+        where = os.path.join(root, "meta.csv")
+        self.labels = torch.tensor([label_vector(r, f"{where} row id={r.get('id')}") for r in rows])
+        self.img = self.text = None
+        self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
+        if need[1]:
+            self.img = self.image_features(cfg, cond_image, all_rows or rows)
+        if need[2]:
+            self.text_setup(cfg)
+
+    def image_features(self, cfg, cond_image, all_rows):
+        folder = cache_folder(self.root, "images", cfg.images)
+        if folder is None:
+            raise SystemExit(f"{os.path.join(self.root, 'images')}: no cached image features; run `python "
+                             f"ldm_multicond.py embed-images --data {self.root}` (or leave I out)")
+        info = read_json(os.path.join(folder, "info.json"), "the image cache's info.json (from embed-images)")
+        if cfg.image_encoder and info["encoder"] != cfg.image_encoder or cfg.image_dim and info["dim"] != cfg.image_dim:
+            raise SystemExit(f"{folder}: features of {info['encoder']!r} ({info['dim']} wide); expected "
+                             f"{cfg.image_encoder!r} ({cfg.image_dim} wide): embed with that encoder")
+        self.image_info = info
+        if cond_image not in ("same-study", "same-image"):
+            raise SystemExit(f"--cond-image {cond_image!r}: expected same-study or same-image")
+        groups = {}
+        for r in all_rows:                                       # another image of the study, else of the patient
+            groups.setdefault(("s", r.get("study_id")) if r.get("study_id") else ("p", r.get("patient_id")),
+                              []).append(r)
+        feats = []
+        for r in self.rows:
+            c = r
+            if cond_image == "same-study":
+                g = groups.get(("s", r.get("study_id")) if r.get("study_id") else ("p", r.get("patient_id")), [r])
+                others = sorted((o for o in g if o["id"] != r["id"]), key=lambda o: o["id"])
+                c = others[0] if others else r
+            f = self._open(shard_path(folder, int(c["shard"])))
+            feats.append(f.get_slice("features")[int(c["index"]):int(c["index"]) + 1])
+        return torch.cat(feats).float()
+
+    def text_setup(self, cfg):
+        folder = cache_folder(self.root, "text", cfg.text)
+        if folder is None:                                       # no cache: encode the reports now
+            if not self.rows or "report" not in self.rows[0]:
+                raise SystemExit(f"{self.root}/meta.csv: no 'report' column, and T (the report) was requested")
+            empty = [r.get("id") for r in self.rows if not (r.get("report") or "").strip()]
+            if empty:
+                raise SystemExit(f"{self.root}/meta.csv: row id={empty[0]} has no report text, and T was requested "
+                                 f"({len(empty)} such rows); leave T out (--use) or fill the report column")
+            if not cfg.text_encoder:
+                raise SystemExit(f"{self.root}: no text cache and no --text-encoder to encode the reports with")
+            tok, enc = load_encoder(cfg.text_encoder, "--text-encoder")
+            ids, lengths, _ = tokenize(tok, [r["report"] for r in self.rows], cfg.max_length)
+            with torch.no_grad():
+                self.text = encode_text(enc, ids, lengths)
+            self.lengths, self.text_info = lengths, {"encoder": cfg.text_encoder, "hidden_size": encoder_width(enc)}
+            return
+        info = read_json(os.path.join(folder, "info.json"), "the text cache's info.json (from embed-text)")
+        if cfg.text_encoder and info["encoder"] != cfg.text_encoder or cfg.text_dim and info["hidden_size"] != \
+                cfg.text_dim or int(info["max_length"]) != cfg.max_length:
+            raise SystemExit(f"{folder}: states of {info['encoder']!r} ({info['hidden_size']} wide, "
+                             f"{info['max_length']} tokens); expected {cfg.text_encoder!r} ({cfg.text_dim} wide, "
+                             f"{cfg.max_length} tokens)")
+        self.text, self.text_folder, self.text_info = "cache", folder, info
+        self.lengths = torch.tensor([int(self._open(shard_path(folder, int(r["shard"]))).get_slice("lengths")
+                                         [int(r["index"]):int(r["index"]) + 1][0]) for r in self.rows])
+
+    def inputs(self, idx, device):
+        """Rows idx -> (labels [n, 17], image features [n, F] | None, text [n, max_length, C] | None, lengths [n])."""
+        idx = [int(i) for i in idx]
+        img = None if self.img is None else self.img[idx].to(device)
+        text = lengths = None
+        if isinstance(self.text, torch.Tensor):
+            text, lengths = self.text[idx], self.lengths[idx]
+        elif self.text == "cache":
+            text = torch.zeros(len(idx), self.max_length, int(self.text_info["hidden_size"]))
+            for j, i in enumerate(idx):
+                r = self.rows[i]
+                h = self._open(shard_path(self.text_folder, int(r["shard"]))).get_slice("hidden")
+                h = h[int(r["index"]):int(r["index"]) + 1][0][:self.max_length]
+                text[j, :h.shape[0]] = h.float()
+            lengths = self.lengths[idx]
+        if text is None:
+            lengths = torch.zeros(len(idx), dtype=torch.long)
+        return (self.labels[idx].to(device), img, None if text is None else text.to(device), lengths.to(device))
+
+
+class MultiCondData:
+    """The training split of a DESIGN.md §4 dataset: images or latents read on demand, and their conditions."""
+
+    def __init__(self, cfg, split="train"):
+        root = cfg.data
+        path = os.path.join(root, "meta.csv")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
+                             f"e.g. from `python prep_data.py phantom --out {root}`")
+        self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
+        with open(path, newline="") as f:
+            all_rows = list(csv.DictReader(f))
+        self.rows = [r for r in all_rows if r.get("split", split) == split]
+        if not self.rows:
+            raise SystemExit(f"{path}: no rows with split={split!r}")
+        if cfg.space not in ("auto", "pixel", "latent"):
+            raise SystemExit(f"--space {cfg.space!r}: expected auto, pixel or latent")
+        lat = None
+        if cfg.space in ("auto", "latent"):
+            base = os.path.join(root, "latents")
+            names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+            if cfg.vae and cfg.vae not in names:
+                raise SystemExit(f"{os.path.join(base, cfg.vae)}: no such latent folder; found {names}")
+            if not cfg.vae and len(names) > 1:
+                raise SystemExit(f"{base}: several latent folders {names}; choose one with --vae")
+            lat = os.path.join(base, cfg.vae or names[0]) if names else None
+        if cfg.space == "latent" and lat is None:
+            raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use "
+                             f"--space pixel")
+        self.space, self.root, self.folder = ("latent" if lat else "pixel"), root, lat or root
+        if self.space == "latent":
+            li = latent_info(lat)
+            self.shape, self.mean, self.std, self.decoder = li["shape"], li["mean"], li["std"], li["decoder"]
+        else:
+            self.shape, self.decoder = (1, int(self.info["size"]), int(self.info["size"])), None
+        self.key = "latents" if self.space == "latent" else "images"
+        self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
+        first = shard_path(self.folder, int(self.rows[0]["shard"]))
+        got = tuple(self._open(first).get_slice(self.key).get_shape()[1:])
+        if got != self.shape:
+            raise SystemExit(f"{first}: `{self.key}` rows have shape {list(got)}; expected {list(self.shape)}")
+        self.use = modality_mask(cfg.modalities, "--modalities")
+        self.cond = CondSource(root, self.rows, cfg, self.use, cfg.cond_image, all_rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def load(self, idx):
+        """Rows idx -> float32 [n, C, S, S]: pixels (v + 0.5) / 2^15 - 1 in [-1, 1], or normalised latents."""
+        xs = []
+        for i in idx:
+            r = self.rows[int(i)]
+            f = self._open(shard_path(self.folder, int(r["shard"])))
+            xs.append(f.get_slice(self.key)[int(r["index"]):int(r["index"]) + 1])
+        x = torch.cat(xs).float()
+        return (x + 0.5) / 32768 - 1 if self.space == "pixel" else (x - self.mean) / self.std
+
+
+def batch_rows(step, n, batch, lo, hi, seed):
+    """Dataset rows at global positions [step B + lo, step B + hi) of an endless stream of seeded permutations:
+    ranks take disjoint slices of each global batch, and a resumed run continues from the same sample."""
+    pos = torch.arange(step * batch + lo, step * batch + hi)
+    return torch.stack([permutation(n, seed, int(e))[o] for e, o in zip(pos // n, pos % n)])
+
+
+@lru_cache(maxsize=4)
+def permutation(n, seed, epoch):
+    return torch.randperm(n, generator=generator(seed, 1, epoch))
+
+
+def to_uint16(x):
+    """[-1, 1] -> uint16 numpy (the inverse of the pixel mapping of MultiCondData.load)."""
+    v = ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535)
+    return v.to(torch.int32).cpu().numpy().astype(np.uint16)
+
+
+def atomic_save(path, save_fn):
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        save_fn(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(path, rows, columns=META_COLUMNS):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_json(path, obj):
+    def fn(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_save(path, fn)
+
+
+def save_png16(path, x):
+    """One image [1, S, S] in [-1, 1] -> a 16-bit greyscale PNG, atomically."""
+    atomic_save(path, lambda tmp: Image.fromarray(to_uint16(x[0])).save(tmp, format="PNG"))
+
+
+def save_grid(path, images, ncol, labels=()):
+    """Images [N, 1, S, S] in [-1, 1] -> an 8-bit grid PNG, >= 128 px cells, column labels on top."""
+    x = ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    cell = max(128, x.shape[-1])
+    x = F.interpolate(x[:, None].float(), size=(cell, cell), mode="nearest")[:, 0].to(torch.uint8)
+    nrow, top = math.ceil(len(x) / ncol), (14 if labels else 0)
+    grid = Image.new("L", (ncol * cell, nrow * cell + top), 0)
+    for i, img in enumerate(x):
+        grid.paste(Image.fromarray(img.numpy()), ((i % ncol) * cell, top + (i // ncol) * cell))
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(labels):
+        draw.text((j * cell + 2, 1), text[: cell // 6], fill=255)
+    atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def load_decoder(folder, device):
+    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space)."""
+    if folder is None:
+        return None
+    li = latent_info(folder)
+    if not li["decoder"] or not os.path.isfile(li["decoder"]):
+        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found; expected the torch.export "
+                         f"program written by vae.py encode")
+    dec = torch.export.load(li["decoder"]).module().to(device)
+    mean, std = li["mean"].to(device), li["std"].to(device)
+    return lambda z: dec(z.float() * std + mean).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: DDP, bf16 autocast, grad accumulation, clipping, EMA, atomic checkpoints, resume, logging
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
+GRID_USES = ["L,I,T", "L", "I", "T", ""]                          # grid columns: the subsets of multicond Table 1
+GRID_ROWS = 4
+
+
+def peak_flops(device):
+    """Dense bf16 peak of a known GPU (for MFU), else None."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def setup_distributed(device_flag):
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def resolve(cfg, data=None):
+    """Fill what the data decides: channels, resolution, latent folder, encoder names and widths."""
+    use = modality_mask(cfg.modalities, "--modalities")
+    if data is None:                                             # no data: multicond App. A.2's 64 x 64 x 3 latents
+        return Config(**{**asdict(cfg), "space": "latent" if cfg.space == "auto" else cfg.space,
+                         "in_channels": cfg.in_channels or 3, "image_size": cfg.image_size or 64,
+                         "text_dim": cfg.text_dim or 768, "image_dim": cfg.image_dim or 1376})
+    c, s = data.shape[0], data.shape[-1]
+    if cfg.image_size and cfg.image_size != s:
+        raise SystemExit(f"{data.folder}: inputs are {s} x {s}; expected --image-size {cfg.image_size}")
+    if s % 2 ** (len(cfg.channel_mult.split(",")) - 1):
+        raise SystemExit(f"{data.folder}: side {s} does not halve {len(cfg.channel_mult.split(',')) - 1} times")
+    ti, ii = getattr(data.cond, "text_info", {}), getattr(data.cond, "image_info", {})
+    return Config(**{**asdict(cfg), "space": data.space, "in_channels": c, "image_size": s,
+                     "vae": os.path.basename(data.folder) if data.space == "latent" else cfg.vae,
+                     "text_encoder": ti.get("encoder", cfg.text_encoder) if use[2] else "",
+                     "text_dim": int(ti.get("hidden_size", cfg.text_dim)) if use[2] else 0,
+                     "image_encoder": ii.get("encoder", cfg.image_encoder) if use[1] else "",
+                     "image_dim": int(ii.get("dim", cfg.image_dim)) if use[1] else 0})
+
+
+def save_checkpoint(path, raw, ema, opt, cfg, step):
+    """model.*, ema.*, optim.* tensors + config/step metadata in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    osd = opt.state_dict()
+    for i, st in osd["state"].items():
+        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
+            "param_groups": json.dumps(osd["param_groups"]), "format": "ldm_multicond/1"}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
+    """-> (config dict, step, {prefix: {name: tensor}}, param_groups, path); a run folder means RUN/ckpt.safetensors."""
+    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file from training")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "ldm_multicond/1":
+            raise SystemExit(f"{path}: not an ldm_multicond.py checkpoint (metadata format {meta.get('format')!r})")
+        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    return json.loads(meta["config"]), int(meta["step"]), parts, json.loads(meta["param_groups"]), path
+
+
+def check_compatible(cfg, saved, path):
+    for k in ARCH:
+        if getattr(cfg, k) != saved.get(k):
+            raise SystemExit(f"{path}: checkpoint has {k}={saved.get(k)!r} but this run has {k}={getattr(cfg, k)!r} "
+                             f"(another preset or dataset); use another --out or --no-resume")
+
+
+def load_optimizer(opt, optim, groups):
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def sample_grid(ema, sched, cfg, noise, inputs, device, path, decode=None):
+    """EMA samples of fixed noise and training conditions, one column per condition subset (DDIM 25 steps, w = 4)."""
+    cols = []
+    for use in GRID_USES:
+        x = sample_batch(ema, sched, noise, inputs, modality_mask(use, "grid"), [False] * 3, 4.0, 25,
+                         clip=decode is None)
+        cols.append(decode(x) if decode else x[:, :1])
+    x = torch.stack(cols, 1).flatten(0, 1)                       # row-major: one row per condition set
+    save_grid(path, x, ncol=len(GRID_USES), labels=[f"C({u or 'none'})" for u in GRID_USES])
+
+
+def log_line(r, max_steps):
+    bins = "/".join("-" if v is None else f"{v:.3f}" for v in r["loss_t"])
+    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | t-bins {bins} | gnorm {r['grad_norm']:.3f} | "
+            f"lr {r['lr']:.1e} | {r['img_s']:.1f} img/s | {r['tok_s']:.0f} tok/s"
+            + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | mem {r['mem_gb']:.1f} GB" if r["mem_gb"] else "")
+            + f" | eta {r['eta_s'] / 60:.1f} min")
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg.device)
+    data = MultiCondData(cfg)
+    cfg = resolve(cfg, data)
+    sched = schedule_of(cfg)
+    ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
+    saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
+    if saved:
+        check_compatible(cfg, saved[0], ckpt_path)
+    micro = cfg.micro_batch or cfg.batch_size // world
+    if cfg.batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {cfg.batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
+    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+
+    torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
+    raw = MultiCondLDM(cfg).to(device)
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()       # fp32 EMA
+    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    step = 0
+    if saved:
+        _, step, parts, groups, _ = saved
+        raw.load_state_dict(parts["model."])
+        ema.load_state_dict(parts["ema."])
+        load_optimizer(opt, parts["optim."], groups)
+        for g in opt.param_groups:                               # the flags of this run win over the saved ones
+            g.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    n_params = sum(p.numel() for p in raw.parameters())
+    tokens, peak = cfg.image_size ** 2, peak_flops(device)      # tokens: input positions of one image
+    decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
+    if rank == 0:
+        os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+        env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+               "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"),
+               "device": str(device), "world": world, "argv": sys.argv,
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+        write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        write_json(os.path.join(cfg.out, "env.json"), env)
+        print(json.dumps(asdict(cfg)))
+        print(f"MultiCondLDM-{cfg.size}: {n_params / 1e6:.2f}M trainable parameters, {cfg.space} space "
+              f"{cfg.in_channels}x{cfg.image_size}^2, conditions {cfg.modalities}, {len(data)} training images, "
+              f"{world} process(es) x {accum} micro-batch(es) of {micro}" + (f", resuming at step {step}" if step
+                                                                              else ""), flush=True)
+
+    term, stopping = [], False
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
+    grid_idx = list(range(min(GRID_ROWS, len(data))))
+    noise_grid = torch.randn((len(grid_idx), *data.shape), generator=generator(cfg.seed, 3)).to(device)
+    inputs_grid = data.cond.inputs(grid_idx, device)
+    lo = rank * per_rank
+    pool = ThreadPoolExecutor(1)                                 # reads the next batch while this one trains
+    def fetch(s):
+        rows = batch_rows(s, len(data), cfg.batch_size, lo, lo + per_rank, cfg.seed)
+        return rows, pool.submit(lambda: (data.load(rows).to(device), data.cond.inputs(rows, device)))
+    nxt = fetch(step)
+    flops = train_flops(cfg, data.shape, inputs_grid) if peak else None
+    acc = torch.zeros(3 + 8, device=device)                      # loss sum, count, grad-norm sum, 4 bins: sum, count
+    bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
+    t_log, t_start, step0, last_log = time.time(), time.time(), step, step
+    while step < cfg.max_steps:
+        rows, (x0, inputs) = nxt[0], nxt[1].result()
+        nxt = fetch(step + 1)
+        # Every rank draws the whole global batch's randomness from one (seed, step) generator and keeps its
+        # slice: the run is the same for any number of processes and any accumulation.
+        eps, t, drop, g = draw_step(cfg, sched, step, data.shape, device)
+        eps, t, drop = eps[lo:lo + per_rank], t[lo:lo + per_rank], drop[lo:lo + per_rank]
+        if data.space == "pixel":                                # uniform dequantisation of the 16-bit pixels
+            u = torch.rand((cfg.batch_size, *data.shape), generator=g, device=device)[lo:lo + per_rank]
+            x0 = x0 + (u - 0.5) / 32768
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            sync = nullcontext() if world == 1 or m == accum - 1 else model.no_sync()
+            with sync:
+                with autocast(device):
+                    losses = diffusion_loss(model, sched, x0[sl], eps[sl], t[sl],
+                                            [None if a is None else a[sl] for a in inputs], drop[sl])
+                (losses.mean() / accum).backward()
+            b = (t[sl] * 4 // sched.T).long()
+            acc[3:7].index_add_(0, b, losses.detach())
+            acc[7:11].index_add_(0, b, torch.ones_like(losses))
+            acc[0] += losses.detach().sum()
+            acc[1] += len(losses)
+            bad = torch.where((bad < 0) & ~losses.isfinite().all(), step + 1, bad)
+        gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip)
+        acc[2] += gnorm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        decay = min(cfg.ema, (1 + step) / (10 + step))           # warm-up: early grids are not the init
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - decay)
+        step += 1
+
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            if flags[0] >= 0:
+                signal.signal(signal.SIGTERM, old_handler)
+                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
+                                 f"{ckpt_path} is intact")
+            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            ckpt_now |= stopping
+        if log_now:
+            if world > 1:
+                dist.all_reduce(acc)
+            a, dt = acc.tolist(), time.time() - t_log
+            n_steps, last_log = step - last_log, step
+            images = n_steps * cfg.batch_size
+            rec = {"step": step, "loss": a[0] / max(a[1], 1),
+                   "loss_t": [s / c if c else None for s, c in zip(a[3:7], a[7:11])],     # t in quarters of [0, T)
+                   "grad_norm": a[2] / max(n_steps * world, 1), "lr": opt.param_groups[0]["lr"],
+                   "img_s": images / dt, "tok_s": images * tokens / dt,
+                   "mfu": flops * images / dt / (peak * world) if peak else None,
+                   "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                   "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
+            if rank == 0:
+                print(log_line(rec, cfg.max_steps), flush=True)
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            acc.zero_()
+            t_log = time.time()
+        t_io = time.time()                                       # grids and checkpoints do not count in img/s
+        if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            sample_grid(ema, sched, cfg, noise_grid, inputs_grid, device,
+                        os.path.join(cfg.out, "grids", f"{step:07d}.png"), decode if data.space == "latent" else None)
+        if ckpt_now and rank == 0:
+            save_checkpoint(ckpt_path, raw, ema, opt, cfg, step)
+        t_log += time.time() - t_io
+        if stopping:
+            break
+    pool.shutdown()
+    signal.signal(signal.SIGTERM, old_handler)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"{'stopped by SIGTERM' if stopping else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
+    return cfg
+
+
+def bench(cfg):
+    """Training steps on random tensors: img/s, tokens/s, MFU, peak memory; kernels.attention vs SDPA in the same
+    run, each eager and (with --compile) compiled."""
+    _, _, device = setup_distributed(cfg.device)
+    cfg = resolve(cfg)
+    model = MultiCondLDM(cfg).to(device)
+    sched = schedule_of(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    B, S, tokens = cfg.micro_batch or cfg.batch_size, cfg.image_size, cfg.image_size ** 2
+    n_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device)
+    x = torch.randn(B, cfg.in_channels, S, S, device=device)
+    inputs = (torch.randn(B, 17, device=device), torch.randn(B, cfg.image_dim, device=device),
+              torch.randn(B, cfg.max_length, cfg.text_dim, device=device),
+              torch.randint(1, cfg.max_length + 1, (B,), device=device))
+    flops = train_flops(cfg, x.shape[1:], inputs)
+    print(f"bench MultiCondLDM-{cfg.size}: {n_params / 1e6:.1f}M params, batch {B}, {cfg.in_channels}x{S}^2 input, "
+          f"{flops / 1e9:.1f} GFLOP/image (fwd + bwd), {device}, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    results, sync = {}, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for compiled in (False, True) if cfg.compile else (False,):
+        for impl in ("kernels", "sdpa"):
+            model.set_attention(impl)
+            fwd = torch.compile(model) if compiled else model
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for i in range(cfg.bench_steps + 2):                 # 2 warm-up steps (compilation, autotuning)
+                if i == 2:
+                    sync()
+                    t0 = time.time()
+                eps, t, drop, _ = draw_step(cfg, sched, i, x.shape[1:], device)
+                with autocast(device):
+                    loss = diffusion_loss(fwd, sched, x, eps[:B], t[:B], inputs, drop[:B]).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+            dt = (time.time() - t0) / cfg.bench_steps
+            name = impl + ("+compile" if compiled else "")
+            results[name] = B / dt
+            mfu = flops * B / dt / peak if peak else None
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            print(f"  {name:16s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s  "
+                  + (f"MFU {mfu:.1%}  " if mfu else "MFU n/a (no GPU peak known)  ")
+                  + (f"peak mem {mem:.2f} GB" if mem else "peak mem n/a (CPU)"), flush=True)
+    print(f"  kernels / sdpa throughput: {results['kernels'] / results['sdpa']:.3f}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling subcommand: any subset of the three conditions (multicond Table 1)
+
+
+def load_for_inference(icfg):
+    """EMA model and config from a checkpoint; validates the condition subsets against what it was trained with."""
+    if icfg.cfg < 0:
+        raise SystemExit(f"--cfg {icfg.cfg}: expected a guidance scale >= 0")
+    rank, world, device = setup_distributed(icfg.device)
+    saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.",))
+    cfg = Config(**saved)
+    use = modality_mask(icfg.use, f"{path}: --use", cfg.modalities)
+    against = modality_mask(icfg.guide_against, f"{path}: --guide-against", cfg.modalities)
+    if any(a and not u for a, u in zip(against, use)):
+        raise SystemExit(f"--guide-against {icfg.guide_against!r}: expected a subset of --use {icfg.use!r}")
+    model = MultiCondLDM(cfg)
+    try:
+        model.load_state_dict(parts["ema."])
+    except RuntimeError as e:
+        raise SystemExit(f"{path}: EMA weights do not fit its own config ({str(e).splitlines()[0]})") from None
+    return cfg, model.to(device).eval().requires_grad_(False), use, against, rank, world, device
+
+
+def sample(icfg):
+    """Images from noise under a subset of the conditions of --cond rows; PNG i from noise (seed, i); skips images
+    already written. meta.csv copies each condition row's labels / demographics / report and records the subset."""
+    cfg, model, use, against, rank, world, device = load_for_inference(icfg)
+    if icfg.cond:
+        if not os.path.isfile(icfg.cond):
+            raise SystemExit(f"--cond {icfg.cond}: no such file; expected a meta.csv")
+        with open(icfg.cond, newline="") as f:
+            all_rows = list(csv.DictReader(f))
+        rows = [r for r in all_rows if not icfg.split or r.get("split") == icfg.split]
+        if not rows:
+            raise SystemExit(f"--cond {icfg.cond}: no rows" + (f" with split={icfg.split!r}" if icfg.split else ""))
+        root = os.path.dirname(os.path.abspath(icfg.cond))
+        if use[1] and not all(r.get("shard", "") != "" for r in rows):
+            raise SystemExit(f"--cond {icfg.cond}: rows without shard/index; I needs the dataset's cached features")
+        src = CondSource(root, rows, Config(**{**asdict(cfg), "text": "", "images": ""}), use, cfg.cond_image,
+                         all_rows)
+    elif any(use):
+        raise SystemExit(f"--use {icfg.use!r} without --cond: give a meta.csv of conditions, or --use ''")
+    else:
+        rows, src = [{}], None
+    n = icfg.n or (len(rows) if icfg.cond else 16)
+    sched, decode = schedule_of(cfg), None
+    if cfg.space == "latent":
+        decode = load_decoder(os.path.join(cfg.data, "latents", cfg.vae), device)
+    os.makedirs(icfg.out, exist_ok=True)
+    names = [f"{i:06d}.png" for i in range(n)]
+    tag_use = ",".join(m for m, u in zip("LIT", use) if u)
+    tag_against = ",".join(m for m, u in zip("LIT", against) if u)
+    if rank == 0:
+        meta = [{**{c: "" for c in SAMPLE_COLUMNS}, **{k: v for k, v in rows[i % len(rows)].items()
+                                                       if k in META_COLUMNS},
+                 "id": nm[:-4], "split": "test", "shard": "", "index": "", "source_path": nm, "cond_use": tag_use,
+                 "guide_against": tag_against, "source_id": rows[i % len(rows)].get("id", "")}
+                for i, nm in enumerate(names)]
+        atomic_save(os.path.join(icfg.out, "meta.csv"), lambda tmp: write_csv(tmp, meta, SAMPLE_COLUMNS))
+    todo = [i for i in range(rank, n, world) if not os.path.exists(os.path.join(icfg.out, names[i]))]
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    t0 = time.time()
+    for k in range(0, len(todo), icfg.batch_size):
+        idx = todo[k:k + icfg.batch_size]
+        x = torch.stack([torch.randn(shape, generator=generator(icfg.seed, 2, i)) for i in idx]).to(device)
+        gens = [generator(icfg.seed, 4, i) for i in idx]
+        if src is None:
+            inputs = (torch.zeros(len(idx), 17, device=device), None, None, torch.zeros(len(idx), dtype=torch.long))
+        else:
+            inputs = src.inputs([i % len(rows) for i in idx], device)
+        x = sample_batch(model, sched, x, inputs, use, against, icfg.cfg, icfg.steps, icfg.eta, gens,
+                         clip=cfg.space == "pixel")
+        with torch.no_grad():
+            x = decode(x) if decode else x
+        for i, img in zip(idx, x):
+            save_png16(os.path.join(icfg.out, names[i]), img)
+        print(f"rank {rank}: {k + len(idx)}/{len(todo)} images under C({tag_use or 'none'}), "
+              f"{(k + len(idx)) / (time.time() - t0):.2f} img/s", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: subcommand dispatch (train is the default)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "embed-text", "embed-images") else "train"
+    if cmd == "sample":
+        parser = build_parser(InferConfig, "ldm_multicond.py sample", sample.__doc__)
+        return sample(InferConfig(**vars(parser.parse_args(argv))))
+    if cmd.startswith("embed-"):
+        parser = build_parser(EmbedConfig, f"ldm_multicond.py {cmd}", embed.__doc__, cmd)
+        return embed(EmbedConfig(**vars(parser.parse_args(argv))), cmd[len("embed-"):])
+    cfg = parse_config(argv)
+    if cfg.dry_run:
+        data = MultiCondData(cfg) if os.path.isfile(os.path.join(cfg.data, "meta.csv")) else None
+        cfg = resolve(cfg, data)
+        with torch.device("meta"):
+            model = MultiCondLDM(cfg)
+        n, n_unit = (sum(p.numel() for p in m.parameters()) for m in (model, model.cond))
+        print(json.dumps(asdict(cfg)))
+        print(f"MultiCondLDM-{cfg.size}: {n:,} trainable parameters ({n / 1e6:.1f}M; multi-conditional unit "
+              f"{n_unit / 1e6:.1f}M) at {cfg.in_channels}x{cfg.image_size}x{cfg.image_size}"
+              + ("" if data else " (no dataset: multicond App. A.2's 64x64x3 latents)"))
+        return n
+    return bench(cfg) if cfg.bench else train(cfg)
+
+
+if __name__ == "__main__":
+    main()
