@@ -20,6 +20,17 @@ Sample (EMA weights; PNGs + meta.csv in the DESIGN.md §4 schema; resumable; sha
 Counterfactual edit (radit §5.3; --profile takes the full profiles computed by flow_scm.py):
     python rectified_flow.py edit --ckpt runs/rf --set "Cardiomegaly=1" --n 8 --out edits/    # 8 test images
     python rectified_flow.py edit --ckpt runs/rf --data D --ids ID1,ID2 --profile scm_profiles.csv --out edits/
+The editing protocol of radit App. C.4 (per test image one attribute set to a random different value, the rest of the
+profile from the flow SCM's counterfactual), as a pipeline of files; the plan comes first because the SCM's
+counterfactual depends on each row's intervention:
+    python rectified_flow.py edit --ckpt runs/rf --data D --n 500 --random-edit sex --plan-only --out E/  # E/meta.csv
+    python flow_scm.py counterfactual --ckpt runs/scm --data D --interventions E/meta.csv --out cf.csv
+    python rectified_flow.py edit --ckpt runs/rf --data D --interventions E/meta.csv --profile cf.csv --out E/
+(`edit --random-edit sex --out E/` alone edits with the rest of the profile unchanged.) --random-edit is one of sex,
+race, age, view, dataset, finding (rules in `random_edit`); the N test rows and their edits are a function of --seed.
+E/ holds <id>.png (16-bit), <id>_grid.png and meta.csv: the DESIGN.md §4 columns with the full new profile, id = the
+source id, plus `source_id` and `intervention` ("sex=F", "Pleural Effusion=1": the --set syntax), which
+`prep_data.py counterfactual --interventions E/meta.csv` and `downstream.py --task edit-eval --edited E` read.
 
 Space. Pixel space reads DATA/shards/*.safetensors (`images` uint16 [N, 1, S, S] -> [-1, 1], uniformly
 dequantised in training, radit Table 11). Latent space reads DATA/latents/<vae>/, the folder vae.py `encode`
@@ -146,6 +157,12 @@ class InferConfig:
     set: str = arg("", "intervention 'Var=value,...' applied to each image's metadata", only="edit")
     profile: str = arg("", "CSV of full counterfactual profiles (id + variable columns, e.g. from flow_scm.py)",
                        only="edit")
+    random_edit: str = arg("", "sex | race | age | view | dataset | finding: each image gets one random different "
+                                "value, deterministic in --seed (radit App. C.4; rules in random_edit)", only="edit")
+    interventions: str = arg("", "edit plan CSV (id, source_id, intervention), e.g. OUT/meta.csv of --plan-only: "
+                                  "edit exactly those", only="edit")
+    plan_only: bool = arg(False, "write OUT/meta.csv (edits and new profiles) and stop before any ODE solve",
+                          only="edit")
     solver: str = arg("dopri5", "euler | heun | dopri5 (radit App. C.3: dopri5, rtol = atol = 1e-5)")
     steps: int = arg(50, "steps of euler / heun")
     rtol: float = arg(1e-5, "dopri5 relative tolerance")
@@ -154,7 +171,7 @@ class InferConfig:
     guide: str = arg("", "comma-separated variables to guide on (the unconditional branch nulls only those); "
                          "'': all 19")
     batch_size: int = arg(16, "images per forward pass, per process")
-    seed: int = arg(0, "noise seed: image i always gets the same noise")
+    seed: int = arg(0, "noise seed: image i always gets the same noise (edit: seed of --random-edit)")
     device: str = arg("", "cpu | cuda (default: cuda when available)")
 
 
@@ -1055,39 +1072,141 @@ def sample(icfg):
     return len(todo)
 
 
+EDITS = ("sex", "race", "age", "view", "dataset", "finding")     # radit §5.3 / App. C.4: the six edit experiments
+AGE_GAP = 10                                   # years between old and new age (our choice; radit: "different")
+
+
+def random_edit(row, kind, rng, choices, ages):
+    """One random edit of a meta.csv row (radit App. C.4: "a random value that is different from the initial one")
+    -> 'Var=value'. sex: the other one; race / view / dataset: uniform over the other values in `choices`; age: a
+    uniform integer in `ages` (lo, hi) at least AGE_GAP years from the old age (any other integer when none is);
+    finding: a uniform one of the 14 labels, positive -> negative, anything else (negative, uncertain, missing) ->
+    positive. A missing sex / race / view / dataset / age draws from all values."""
+    if kind == "finding":
+        lab = LABELS[int(rng.integers(len(LABELS)))]
+        return f"{lab}={'0' if str(row.get(lab) or '').strip() in ('1', '1.0') else '1'}"
+    old = str(row.get(kind) or "").strip()
+    if kind == "age":
+        pool = list(range(ages[0], ages[1] + 1))
+        if old:
+            pool = [a for a in pool if abs(a - float(old)) >= AGE_GAP] or [a for a in pool if a != float(old)]
+    else:
+        pool = [c for c in choices[kind] if c != old]
+    if not pool:
+        raise SystemExit(f"--random-edit {kind}: row {row.get('id')!r} has {kind}={old!r} and the data holds no "
+                         f"other value ({choices.get(kind, ages)})")
+    return f"{kind}={pool[int(rng.integers(len(pool)))]}"
+
+
+def edit_plan(icfg, data, datasets):
+    """[(output id, source row index, intervention text)]: from --interventions, or --random-edit, or --set."""
+    by_id = {r["id"]: i for i, r in enumerate(data.rows)}
+    if icfg.interventions:
+        if icfg.random_edit or icfg.set or icfg.ids:
+            raise SystemExit("--interventions: the plan names the edits; drop --random-edit, --set and --ids")
+        if not os.path.isfile(icfg.interventions):
+            raise SystemExit(f"--interventions {icfg.interventions}: no such file; expected an edit plan CSV (id, "
+                             f"source_id, intervention), e.g. from `edit --random-edit sex --plan-only`")
+        with open(icfg.interventions, newline="") as f:
+            plan = list(csv.DictReader(f))
+        missing = [c for c in ("id", "source_id", "intervention") if not plan or c not in plan[0]]
+        if missing:
+            raise SystemExit(f"--interventions {icfg.interventions}: no rows or missing column(s) {missing}; expected "
+                             f"id, source_id, intervention")
+        if len({e["id"] for e in plan}) != len(plan):
+            raise SystemExit(f"--interventions {icfg.interventions}: duplicate ids; each edit needs its own id")
+        for e in plan:
+            if e["source_id"] not in by_id:
+                raise SystemExit(f"--interventions {icfg.interventions}: source_id {e['source_id']!r} (edit "
+                                 f"{e['id']!r}) is not in {data.root}/meta.csv")
+        return [(e["id"], by_id[e["source_id"]], e["intervention"]) for e in plan]
+    ids = [s.strip() for s in icfg.ids.split(",") if s.strip()]
+    for i in ids:
+        if i not in by_id:
+            raise SystemExit(f"{data.root}/meta.csv: no row with id {i!r}")
+    if not icfg.random_edit:
+        if not ids and icfg.profile:
+            with open(icfg.profile, newline="") as f:
+                ids = [r["id"] for r in csv.DictReader(f)]
+            for i in ids:
+                if i not in by_id:
+                    raise SystemExit(f"--profile {icfg.profile}: id {i!r} is not in {data.root}/meta.csv")
+        ids = ids or [r["id"] for r in data.rows if r.get("split") == "test"][: icfg.n or 16]
+        return [(i, by_id[i], icfg.set) for i in ids]
+    if icfg.random_edit not in EDITS:
+        raise SystemExit(f"--random-edit {icfg.random_edit!r}: expected one of {', '.join(EDITS)}")
+    if icfg.set:
+        raise SystemExit("--random-edit draws the intervention; drop --set")
+    rows = [by_id[i] for i in ids]
+    if not rows:                                  # a random subset of the test split (radit App. C.4), in file order
+        test = [k for k, r in enumerate(data.rows) if r.get("split") == "test"]
+        n = icfg.n or 16
+        if n > len(test):
+            print(f"--n {n}: the test split holds {len(test)} rows; editing all of them")
+        pick = np.random.default_rng([icfg.seed, 15]).permutation(len(test))[:n]
+        rows = [test[k] for k in sorted(pick)]
+    choices = {v: [c for c in (datasets if v == "dataset" else VALUES[v]) if any(r.get(v) == c for r in data.rows)]
+               for v in ("sex", "race", "view", "dataset")}
+    years = [float(r["age"]) for r in data.rows if str(r.get("age") or "").strip()]
+    ages = (math.floor(min(years)), math.ceil(max(years))) if years else (18, 90)
+    # each source row draws from its own stream (seed, row index): the same image gets the same edit for any --n
+    return [(data.rows[k]["id"], k, random_edit(data.rows[k], icfg.random_edit,
+                                                np.random.default_rng([icfg.seed, 14, k]), choices, ages))
+            for k in rows]
+
+
 def edit(icfg):
     """Counterfactual editing (radit §5.3): abduction (ODE data -> noise under the observed metadata), action
-    (set the intervened variables or the full --profile), prediction (ODE noise -> data under the new metadata)."""
+    (set the intervened variables or the full --profile), prediction (ODE noise -> data under the new metadata).
+    OUT/meta.csv: per edit the full new profile, id, source_id and intervention; OUT/<id>.png, OUT/<id>_grid.png."""
     cfg, model, rank, world, device = load_for_inference(icfg)
     data = CXRData(icfg.data or cfg.data, cfg.space, cfg.vae, split=None)
     datasets = cfg.datasets.split(",")
     if data.datasets != datasets or data.shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise SystemExit(f"{data.folder}: data of shape {list(data.shape)} with datasets {data.datasets}; the "
                          f"checkpoint expects {[cfg.in_channels, cfg.image_size, cfg.image_size]} and {datasets}")
-    by_id = {r["id"]: i for i, r in enumerate(data.rows)}
+    if icfg.profile and not os.path.isfile(icfg.profile):
+        raise SystemExit(f"--profile {icfg.profile}: no such file; expected a CSV with id + variable columns")
+    plan = edit_plan(icfg, data, datasets)
     profiles = {}
     if icfg.profile:
-        if not os.path.isfile(icfg.profile):
-            raise SystemExit(f"--profile {icfg.profile}: no such file; expected a CSV with id + variable columns")
         with open(icfg.profile, newline="") as f:
             profiles = {r["id"]: r for r in csv.DictReader(f)}
-    ids = [s.strip() for s in icfg.ids.split(",") if s.strip()] or list(profiles) or \
-        [r["id"] for r in data.rows if r.get("split") == "test"][: icfg.n or 16]
-    for i in ids:
-        if i not in by_id:
-            raise SystemExit(f"{data.root}/meta.csv: no row with id {i!r}")
-    change = parse_assignments(icfg.set, "--set")
-    new = [encode_row({**data.rows[by_id[i]], **profiles.get(i, {}), **change}, datasets, f"--set/--profile for {i}")
-           for i in ids]                                         # all checked before any ODE is solved
-    out_rows = [{**{k: data.rows[by_id[i]].get(k, "") for k in META_COLUMNS}, **decode_row(c, datasets),
-                 "source_path": f"{i}.png"} for i, c in zip(ids, new)]
-    decode = load_decoder(data.folder if data.space == "latent" else None, device)
+    new = []
+    for i, k, text in plan:                                      # all checked before any ODE is solved
+        src, change, where = data.rows[k], parse_assignments(text, f"intervention of {i}"), f"edit {i}"
+        prof = {v: p for v, p in profiles.get(i, {}).items() if v in VARIABLES}
+        if icfg.profile and i not in profiles:
+            raise SystemExit(f"--profile {icfg.profile}: no row with id {i!r}; expected one profile per edit")
+        said = (profiles.get(i, {}).get("intervention") or "").strip()
+        if said and said != text.strip():
+            raise SystemExit(f"--profile {icfg.profile}: id {i!r} is the counterfactual of {said!r}, the edit is "
+                             f"{text!r}; compute it with flow_scm.py counterfactual --interventions OUT/meta.csv")
+        codes = encode_row({**src, **prof, **change}, datasets, f"--set/--profile for {i}")
+        if prof and (icfg.random_edit or icfg.interventions):    # (--set on top of --profile overrides it)
+            before = encode_row({**src, **prof}, datasets, f"--profile for {i}")
+            for v in change:
+                a, b = before[VARIABLES.index(v)], codes[VARIABLES.index(v)]
+                if not (a == b or (math.isnan(a) and math.isnan(b))):
+                    raise SystemExit(f"--profile {icfg.profile}: id {i!r} has {v}={prof.get(v)!r} but the edit sets "
+                                     f"{v}={change[v]!r}; compute the profiles of this plan with flow_scm.py "
+                                     f"counterfactual --interventions OUT/meta.csv")
+        new.append(codes)
+    ids, src_rows = [i for i, _, _ in plan], [k for _, k, _ in plan]
+    out_rows = [{**{c: data.rows[k].get(c, "") for c in META_COLUMNS}, **decode_row(c, datasets), "id": i,
+                 "shard": "", "index": "", "source_path": f"{i}.png", "source_id": data.rows[k]["id"],
+                 "intervention": text} for (i, k, text), c in zip(plan, new)]
     if rank == 0:
-        atomic_save(os.path.join(icfg.out, "meta.csv"), lambda tmp: write_csv(tmp, out_rows))
+        atomic_save(os.path.join(icfg.out, "meta.csv"),
+                    lambda tmp: write_csv(tmp, out_rows, META_COLUMNS + ["source_id", "intervention"]))
+        print(f"{len(plan)} edits planned in {os.path.join(icfg.out, 'meta.csv')}")
+    if icfg.plan_only:
+        return out_rows
+    decode = load_decoder(data.folder if data.space == "latent" else None, device)
     mine = list(range(rank, len(ids), world))                    # under torchrun each rank edits its share
     for k in range(0, len(mine), icfg.batch_size):
         chunk = mine[k:k + icfg.batch_size]
-        rows = [by_id[ids[j]] for j in chunk]
+        rows = [src_rows[j] for j in chunk]
         x0, obs = data.load(rows).to(device), data.cond[rows].to(device)
         z, n1 = solve(velocity_fn(model, obs, icfg, device), x0, 0.0, 1.0, icfg.solver, icfg.steps, icfg.rtol,
                       icfg.atol, cfg.shift)              # abduction: the sampling grid, reversed

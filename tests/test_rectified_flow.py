@@ -411,6 +411,93 @@ def test_edit_intervention_and_profile(tmp_path, run, phantom_dir):
     assert [(r["id"], r["Pneumonia"], r["sex"], r["view"]) for r in got] == [(test_rows[0]["id"], "1", "M", "AP")]
 
 
+def test_random_edit_rules_and_uniformity():
+    """radit App. C.4 random edits: always a different value, uniform over the allowed ones (chi-square vs uniform)."""
+    from scipy.stats import chisquare
+    choices = {"sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"],
+               "dataset": ["a", "b", "c", "d"]}
+    row = {"id": "x", "sex": "F", "race": "WHITE", "view": "", "dataset": "b", "age": "47.5",
+           **{lab: ["1", "0", "-1", ""][k % 4] for k, lab in enumerate(rf.LABELS)}}
+    rng = np.random.default_rng(0)
+    draw = lambda kind, r=row: [rf.random_edit(r, kind, rng, choices, (20, 90)).split("=") for _ in range(2800)]
+    assert all(d == ["sex", "M"] for d in draw("sex"))
+    for kind, allowed in (("race", ["ASIAN", "BLACK"]), ("view", ["PA", "AP", "LATERAL"]), ("dataset", "acd")):
+        got = [v for _, v in draw(kind)]
+        counts = [got.count(a) for a in allowed]
+        assert sum(counts) == len(got) and chisquare(counts).pvalue > 1e-3, (kind, counts)
+    ages = [int(v) for _, v in draw("age")]                      # integers in [20, 90], >= 10 years from 47.5
+    allowed = [a for a in range(20, 91) if abs(a - 47.5) >= 10]
+    assert set(ages) == set(allowed) and chisquare([ages.count(a) for a in allowed]).pvalue > 1e-3
+    assert {v for _, v in draw("age", {**row, "age": ""})} == {str(a) for a in range(20, 91)}
+    got = draw("finding")
+    labs = [k for k, _ in got]
+    assert chisquare([labs.count(lab) for lab in rf.LABELS]).pvalue > 1e-3
+    assert all(v == ("0" if row[k] == "1" else "1") for k, v in got)   # positive -> 0; 0, -1, missing -> 1
+    with pytest.raises(SystemExit, match="no other value"):
+        rf.random_edit(row, "dataset", rng, {**choices, "dataset": ["b"]}, (20, 90))
+
+
+def test_edit_plan_profile_and_edit_pipeline(tmp_path, run, phantom_dir):
+    """--random-edit --plan-only writes the plan; --interventions + --profile edits exactly it (radit App. C.4)."""
+    meta = rows(os.path.join(phantom_dir, "meta.csv"))
+    src = {r["id"]: r for r in meta}
+    test_ids = [r["id"] for r in meta if r["split"] == "test"]
+    views = {r["view"] for r in meta} - {""}
+    E = str(tmp_path / "E")
+    plan = rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--random-edit", "view", "--n", "10", "--seed",
+                    "3", "--plan-only", "--out", E])
+    got = rows(os.path.join(E, "meta.csv"))
+    assert os.listdir(E) == ["meta.csv"] and len(got) == 10 and len({g["id"] for g in got}) == 10
+    assert list(got[0]) == rf.META_COLUMNS + ["source_id", "intervention"]
+    for g in got:
+        s = src[g["source_id"]]
+        assert g["id"] == g["source_id"] in test_ids and g["split"] == "test"
+        var, value = g["intervention"].split("=")
+        assert var == "view" and value != s["view"] and value in views and g["view"] == value
+        assert all(g[v] == s[v] for v in rf.VARIABLES if v != "view")    # the rest of the profile unchanged
+    again = str(tmp_path / "again")                               # deterministic in --seed; per row, not per --n
+    rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--random-edit", "view", "--n", "5", "--seed", "3",
+             "--plan-only", "--out", again])
+    five = rows(os.path.join(again, "meta.csv"))
+    assert all(f == next(g for g in got if g["id"] == f["id"]) for f in five)
+    rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--random-edit", "view", "--n", "10", "--seed", "4",
+             "--plan-only", "--out", again])
+    assert [r["id"] for r in rows(os.path.join(again, "meta.csv"))] != [g["id"] for g in got]
+    # profiles as flow_scm.py counterfactual --interventions writes them: intervention kept, a descendant changed
+    prof = str(tmp_path / "cf.csv")
+    cf = [{**src[g["id"]], "view": g["view"], "Support Devices": "1", "source_id": g["id"],
+           "intervention": g["intervention"]} for g in got]
+    rf.write_csv(prof, cf, list(cf[0]))
+    out = rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--interventions", os.path.join(E, "meta.csv"),
+                   "--profile", prof, "--out", E, "--solver", "euler", "--steps", "2", "--batch-size", "4"])
+    final = rows(os.path.join(E, "meta.csv"))
+    assert [(f["id"], f["source_id"], f["intervention"], f["view"]) for f in final] == \
+        [(g["id"], g["source_id"], g["intervention"], g["view"]) for g in got] and len(out) == 10
+    assert all(f["Support Devices"] == "1" for f in final)
+    for f in final:
+        img = Image.open(os.path.join(E, f"{f['id']}.png"))
+        assert img.mode.startswith("I") and img.size == (32, 32) and np.asarray(img).max() > 255
+        assert os.path.exists(os.path.join(E, f"{f['id']}_grid.png"))
+
+    def fails(argv, *words):
+        with pytest.raises(SystemExit) as e:
+            rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--out", str(tmp_path / "x"), *argv])
+        assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+    fails(["--random-edit", "height"], "--random-edit", "'height'", "finding")
+    plan_csv = os.path.join(E, "meta.csv")
+    rf.write_csv(prof, [{**c, "view": src[c["id"]]["view"]} for c in cf], list(cf[0]))
+    fails(["--interventions", plan_csv, "--profile", prof], "view=", "flow_scm.py counterfactual --interventions")
+    rf.write_csv(prof, [{**c, "intervention": "sex=F"} for c in cf], list(cf[0]))
+    fails(["--interventions", plan_csv, "--profile", prof], "'sex=F'")
+    rf.write_csv(prof, cf[1:], list(cf[0]))
+    fails(["--interventions", plan_csv, "--profile", prof], "no row with id", cf[0]["id"])
+    bad = str(tmp_path / "bad.csv")
+    rf.write_csv(bad, [{**got[0], "source_id": "nope"}], list(got[0]))
+    fails(["--interventions", bad], "source_id 'nope'")
+    fails(["--interventions", plan_csv, "--random-edit", "sex"], "--interventions")
+    fails(["--random-edit", "sex", "--set", "sex=F"], "--set")
+
+
 # ---------------------------------------------------------------------------------------------------------------- bad input, bench
 
 
