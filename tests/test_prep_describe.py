@@ -327,7 +327,8 @@ def test_counterfactual_of_an_edit_table(tmp_path):
     P.main(["counterfactual", "--data", data, "--interventions", str(e_dir / "meta.csv"), "--out", out])
     t = P.read_meta(out)
     assert [r["id"] for r in t] == [e[0] for e in edits]
-    assert [(r["source_id"], r["intervention"], r["seed"]) for r in t] == [(s["id"], iv, s["seed"]) for _, s, iv in edits]
+    assert [(r["source_id"], r["intervention"], r["seed"]) for r in t] == \
+        [(s["id"], iv, s["seed"]) for _, s, iv in edits]
     imgs, orig = P.load_pixels(out, t), P.load_pixels(data, src)
     assert np.array_equal(imgs[2], orig[2])                         # the empty intervention is the original image
     assert not np.array_equal(imgs[1], orig[1]) and not np.array_equal(imgs[4], orig[3])
