@@ -6,9 +6,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -376,6 +378,48 @@ def test_subsets_change_the_image_and_sampling_is_deterministic(tmp_path, run, d
     assert rows(os.path.join(outs["d"], "meta.csv"))[0]["guide_against"] == "I"
 
 
+def test_latent_space_training_and_decoding(tmp_path, data32):
+    # a latent folder as vae.py encode writes it: 3 x 8 x 8 latents (4 x 4 mean pooling, 3 scaled copies; multicond
+    # App. A.2's latents have 3 channels), per-channel mean/std, and a torch.export decoder
+    from safetensors.numpy import save_file
+    lat = tmp_path / "data"
+    shutil.copytree(data32, lat)
+    os.makedirs(lat / "latents" / "toy" / "shards")
+    scales = np.array([1.0, 2.0, -1.0], np.float32)
+    zs = []
+    for name in sorted(n for n in os.listdir(os.path.join(data32, "shards")) if n.endswith(".safetensors")):
+        with safe_open(os.path.join(data32, "shards", name), "numpy") as f:
+            img = f.get_tensor("images").astype(np.float32) / 32768 - 1
+        z = (img.reshape(len(img), 1, 8, 4, 8, 4).mean((3, 5)) * scales[None, :, None, None]).astype(np.float16)
+        save_file({"latents": z}, str(lat / "latents" / "toy" / "shards" / name))
+        zs.append(z.astype(np.float32))
+    z = np.concatenate(zs)
+
+    class Decoder(torch.nn.Module):
+        def forward(self, z):
+            x = (z / torch.tensor([1.0, 2.0, -1.0]).view(1, 3, 1, 1)).mean(1, keepdim=True)
+            return torch.nn.functional.interpolate(x, scale_factor=4.0, mode="nearest")
+    ep = torch.export.export(Decoder(), (torch.randn(2, 3, 8, 8),), dynamic_shapes={"z": {0: torch.export.Dim("b")}})
+    torch.export.save(ep, str(lat / "latents" / "toy" / "decoder.pt2"))
+    json.dump({"format_version": 1, "shape": [3, 8, 8], "mean": z.mean((0, 2, 3)).tolist(),
+               "std": z.std((0, 2, 3)).tolist(), "decoder": "decoder.pt2"},
+              open(lat / "latents" / "toy" / "info.json", "w"))
+    data = lm.MultiCondData(lm.Config(data=str(lat), max_length=24))
+    x = data.load(range(len(data)))                              # normalised per channel by the folder's statistics
+    assert data.space == "latent" and x.shape[1:] == (3, 8, 8) and abs(x.mean().item()) < 0.1
+    out = str(tmp_path / "run")
+    train(str(lat), out, "--max-steps", "2", "--sample-every", "2")
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg["space"], cfg["in_channels"], cfg["image_size"], cfg["vae"]) == ("latent", 3, 8, "toy")
+    assert np.asarray(Image.open(os.path.join(out, "grids", "0000002.png"))).shape[1] == 5 * 128
+    fake = str(tmp_path / "fake")
+    assert lm.main(["sample", "--ckpt", out, "--cond", str(lat / "meta.csv"), "--n", "1", "--steps", "2",
+                    "--out", fake]) == 1
+    assert png(os.path.join(fake, "000000.png")).shape == (32, 32)   # decoded to pixels
+    with pytest.raises(SystemExit, match="image-size"):          # a latent shape that does not match
+        train(str(lat), str(tmp_path / "bad"), "--image-size", "16", "--max-steps", "1")
+
+
 def test_resume_reproduces_straight_run(tmp_path, data32):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(data32, a, "--max-steps", "10", "--ckpt-every", "100")
@@ -396,6 +440,24 @@ def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, data32):
     with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
         assert f.metadata()["step"] == "1"
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+
+def test_sigterm_saves_and_exits(tmp_path, data32):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "ldm_multicond.py"), "--data", data32, "--out", out, *SMALL,
+           "--max-steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(1200):
+        if os.path.exists(os.path.join(out, "log.jsonl")) and len(log(out)) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "stopped by SIGTERM" in text, text[-2000:]
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        step = int(f.metadata()["step"])
+    assert 2 <= step <= 20 and step == log(out)[-1]["step"]     # saved at the next health check
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, data32):
