@@ -182,14 +182,11 @@ def backbone_path(path):
 def parse_config(argv):
     """Config = dataclass defaults, then the --size preset (the backbone's when not given), then explicit flags."""
     given = vars(build_parser(Config, "controlnet.py [train]", __doc__).parse_args(argv))
-    size = given.get("size", "")
-    if not size:                                                 # the backbone's preset, read from its metadata
-        path = backbone_path(given.get("backbone", Config.backbone))
-        if os.path.isfile(path):
-            with safe_open(path, "pt") as f:
-                size = json.loads((f.metadata() or {}).get("config", "{}")).get("size", "tiny")
-        size = size or "tiny"
-    size = {k.lower(): k for k in PRESETS}.get(size.lower())
+    size, path = given.get("size", ""), backbone_path(given.get("backbone", Config.backbone))
+    if not size and os.path.isfile(path):                        # the backbone's preset, read from its metadata
+        with safe_open(path, "pt") as f:
+            size = json.loads((f.metadata() or {}).get("config", "{}")).get("size", "")
+    size = {k.lower(): k for k in PRESETS}.get((size or "tiny").lower())
     if size is None:
         raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
     cfg = Config(**{**PRESETS[size], **given, "size": size})
@@ -202,10 +199,7 @@ def parse_config(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: the DiT of dit_text2img.py (same parameter names, so its checkpoints load unchanged) and the adapter
-#
-# Copied from dit_text2img.py on purpose (DESIGN.md §2: scripts exchange files, not code). adaLN-single
-# (PixArt-alpha) DiT blocks with self-attention, cross-attention to the text tokens and an MLP.
+# Model: dit_text2img.py's DiT (copied on purpose, same parameter names: its checkpoints load unchanged); the adapter
 
 
 def timestep_features(t, dim=256, max_period=10_000):
@@ -271,10 +265,7 @@ class CaptionEmbedder(nn.Module):
 
     def forward(self, text, lengths, drop=None):
         """text [B, L, C], lengths [B] valid tokens, drop [B] bool -> tokens [B, L, D], key lengths [B]."""
-        if drop is not None:
-            if text.shape[1] != self.y_embedding.shape[0]:
-                raise ValueError(f"captions of {text.shape[1]} tokens; the null caption has "
-                                 f"{self.y_embedding.shape[0]}")
+        if drop is not None:                                       # (captions are padded to max_length tokens)
             text = torch.where(drop[:, None, None], self.y_embedding.to(text.dtype), text)
             lengths = torch.where(drop, text.shape[1], lengths)   # the null caption: every token valid
         return self.y_proj(text), lengths
@@ -408,8 +399,7 @@ class DiT(nn.Module):
 
 
 class ControlBlock(nn.Module):
-    """A trainable copy of one backbone block with a zero-initialised output linear (`after_proj`), and for the first
-    copy a zero-initialised input linear (`before_proj`) for the embedded condition (PixArt-alpha ControlNet names)."""
+    """A trainable copy of a backbone block, zero-initialised after_proj (and before_proj: first copy; PixArt names)."""
 
     def __init__(self, block, dim, first):
         super().__init__()
@@ -428,10 +418,7 @@ class ControlNet(nn.Module):
         D = base.x_embedder.proj.out_channels
         if not 1 <= n_blocks <= len(base.blocks):
             raise SystemExit(f"--control-blocks {n_blocks}: expected 1..{len(base.blocks)} (the backbone's depth)")
-        self.cond_embedder = PatchEmbed(cond_channels, D, base.patch)
-        w = self.cond_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.cond_embedder.proj.bias)
+        self.cond_embedder = PatchEmbed(cond_channels, D, base.patch)         # (PyTorch's init: before_proj is 0)
         self.controlnet = nn.ModuleList(ControlBlock(base.blocks[i], D, i == 0) for i in range(n_blocks))
         self.requires_grad_(True)                                 # the copies of a frozen backbone are trainable
 
@@ -463,8 +450,7 @@ class ControlDiT(nn.Module):
 
 
 def train_flops(n_params, cfg, tokens, images, n_copies):
-    """Analytic training FLOPs: 6 x (backbone + adapter) params x tokens (every block needs its backward up to the
-    first copy's input; an upper bound) + attention scores and sums, 12 L Lk D per block, Lk = L and text tokens."""
+    """Training FLOPs, an upper bound: 6 x all params x tokens + attention, 12 L Lk D a block (Lk = L, text)."""
     att = 12 * (cfg.depth + n_copies) * tokens * (tokens + cfg.max_length) * cfg.hidden
     return images * (6 * n_params * tokens + att)
 
@@ -477,9 +463,8 @@ class Schedule:
     """Linear betas 1e-4 -> 0.02 over T = 1000 steps (chexgen Methods), alpha-bar in float64."""
 
     def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02):
-        self.T = T
-        self.betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
+        self.T, betas = T, torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
 
     def ab(self, t, device):
         """alpha-bar at integer timesteps t, as float32 [B, 1, 1, 1] on device."""
@@ -583,8 +568,7 @@ def encoder_source(name):
 
 
 def load_text_encoder(name, device="cpu"):
-    """(tokenizer, encoder) from transformers; T5-family checkpoints load their encoder stack only. Offline, a hub
-    id that is not in the local cache fails with one line naming it and the flag."""
+    """(tokenizer, encoder) from transformers (T5: the encoder stack); offline, a missing hub id fails in one line."""
     src = encoder_source(name)
     try:
         import transformers
@@ -629,7 +613,7 @@ def encode_text(enc, ids, lengths):
 
 def text_folder(root, name=""):
     """DATA/text/<name> (the only one when name is ''), or None when the dataset has no text cache."""
-    base = os.path.join(root, "text")
+    base = os.path.join(root, "text")                           # (as dit_text2img.py)
     names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
     if name:
         if name not in names:
@@ -657,17 +641,12 @@ def read_json(path, what):
         return json.load(f)
 
 
-def latent_folder(root, vae=""):
-    """DATA/latents/<vae> (the only one when vae is ''), or None when the dataset has no latents."""
-    base = os.path.join(root, "latents")
-    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
-    if vae:
-        if vae not in names:
-            raise SystemExit(f"{os.path.join(base, vae)}: no such latent folder; found {names}")
-        return os.path.join(base, vae)
-    if len(names) > 1:
-        raise SystemExit(f"{base}: several latent folders {names}; choose one with --vae")
-    return os.path.join(base, names[0]) if names else None
+def latent_folder(root, vae):
+    """DATA/latents/<vae>, the latents the backbone was trained on (vae.py encode)."""
+    if not os.path.isfile(os.path.join(root, "latents", vae, "info.json")):
+        raise SystemExit(f"{os.path.join(root, 'latents', vae)}: no latent folder (info.json); the backbone was "
+                         f"trained on latents {vae!r} (vae.py encode)")
+    return os.path.join(root, "latents", vae)
 
 
 def latent_info(folder):
@@ -720,8 +699,7 @@ def rasterize_boxes(boxes, classes, size, where="", strict=True):
 
 
 def read_mask_png(path, size):
-    """A greyscale mask PNG -> uint8 {0, 1} [size, size]: resized (nearest) when of another size, thresholded at
-    half its range when its values are not 0 / 1 or 0 / max (both warned)."""
+    """A mask PNG -> uint8 {0, 1} [size, size]; resized (nearest) / thresholded at half its range, both warned."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such mask PNG")
     with Image.open(path) as im:
@@ -764,11 +742,9 @@ class ControlData:
             raise SystemExit(f"{path}: no rows with split={split!r} or no 'report' column")
         self.root, self.cond_size, self.space = root, int(self.info["size"]), dcfg.space
         lat = latent_folder(root, dcfg.vae) if self.space == "latent" else None
-        if self.space == "latent" and lat is None:
-            raise SystemExit(f"{root}/latents: no latent folder {dcfg.vae!r}, which the backbone was trained on")
         li = latent_info(lat) if lat else dict(shape=(1, self.cond_size, self.cond_size), mean=None, std=None)
         self.folder, self.shape, self.mean, self.std = lat or root, li["shape"], li["mean"], li["std"]
-        if tuple(self.shape) != (dcfg.in_channels, dcfg.image_size, dcfg.image_size) or self.cond_size % dcfg.image_size:
+        if list(self.shape) != [dcfg.in_channels, dcfg.image_size, dcfg.image_size] or self.cond_size % dcfg.image_size:
             raise SystemExit(f"{self.folder}: {self.space} inputs of shape {list(self.shape)} ({self.cond_size} px); "
                              f"the backbone takes {[dcfg.in_channels, dcfg.image_size, dcfg.image_size]}")
         self.key = "latents" if lat else "images"
@@ -850,9 +826,8 @@ def permutation(n, seed, epoch):
 
 
 def draw_step(cfg, sched, step, shape, device):
-    """The global batch's randomness of one step, from one (seed, step) generator: noise, timesteps t ~ U{0..T-1}
-    (chexgen Eq. 1), caption dropout (p_uncond) and condition dropout (p_drop_cond; keep = not dropped), drawn
-    independently. Ranks slice it: any world size gives one run."""
+    """One (seed, step) generator: noise, t ~ U{0..T-1} (chexgen Eq. 1), caption dropout, and independently condition
+    dropout (keep = not dropped), for the global batch; ranks slice it, so any world size gives one run."""
     g = generator(cfg.seed, 0, step, device=device)
     eps = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
     t = torch.randint(0, sched.T, (cfg.batch_size,), generator=g, device=device)
@@ -905,13 +880,10 @@ def save_grid(path, images, ncol, labels=()):
 
 
 def load_decoder(folder, device):
-    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space)."""
-    if folder is None:
-        return None
+    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images."""
     li = latent_info(folder)
     if not li["decoder"] or not os.path.isfile(li["decoder"]):
-        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found; expected the torch.export "
-                         f"program written by vae.py encode")
+        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found (vae.py encode writes it)")
     dec = torch.export.load(li["decoder"]).module().to(device)
     mean, std = li["mean"].to(device), li["std"].to(device)
     return lambda z: dec(z.float() * std + mean).float()
@@ -987,7 +959,7 @@ def save_checkpoint(path, model, ema, opt, cfg, dcfg, step):
 
 
 def read_checkpoint(path, prefixes=("controlnet.", "ema.", "base.", "optim.")):
-    """-> (config, DiTConfig, step, {prefix: {name: tensor}}, param_groups, path); a run folder: RUN/ckpt.safetensors."""
+    """-> (config, DiTConfig, step, {prefix: {name: tensor}}, param_groups, path) of a run folder or file."""
     path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
     meta, parts = open_checkpoint(path, "controlnet/1", "a controlnet.py run folder or checkpoint", prefixes)
     return (Config(**json.loads(meta["config"])), DiTConfig(**json.loads(meta["backbone_config"])),
@@ -1015,11 +987,8 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-
-
 def sample_grid(model, dcfg, sched, noise, text, lengths, cond_maps, device, path, labels, decode=None):
-    """Condition | samples: the first row shows each column's condition, the rows below EMA samples of fixed noise
-    (DDIM 25 steps, guidance 4)."""
+    """Condition | EMA samples of fixed noise (DDIM 25 steps, guidance 4)."""
     n = len(labels)
     reps = len(noise) // n
     cond = cond_input(cond_maps, dcfg.image_size).to(device)
@@ -1038,7 +1007,7 @@ def train(cfg):
         load_backbone(cfg.backbone), backbone_path(cfg.backbone))
     if dcfg.size != cfg.size:
         raise SystemExit(f"{where}: backbone checkpoint of preset {dcfg.size!r} (hidden {dcfg.hidden}, depth "
-                         f"{dcfg.depth}); this run has --size {cfg.size!r}: pass --size {dcfg.size} or another --backbone")
+                         f"{dcfg.depth}); this run has --size {cfg.size!r}: use --size {dcfg.size} or another backbone")
     dcfg = DiTConfig(**{**asdict(dcfg), "attn": cfg.attn, "grad_ckpt": cfg.grad_ckpt})
     data = ControlData(cfg, dcfg)
     cfg = Config(**{**asdict(cfg), "cond_names": ",".join(data.cond_names), "cond_size": data.cond_size})
@@ -1074,14 +1043,15 @@ def train(cfg):
     sched, n_train, tokens, peak = Schedule(), sum(p.numel() for p in params), (dcfg.image_size // dcfg.patch) ** 2, \
         peak_flops(device)
     n_params = n_train + sum(p.numel() for p in model.base.parameters())
-    decode = load_decoder(data.folder, device) if data.space == "latent" else None
+    decode = load_decoder(data.folder, device) if data.space == "latent" and os.path.isfile(
+        latent_info(data.folder)["decoder"]) else None                  # no decoder: grids of latent channel 0
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), {**asdict(cfg), "backbone_config": asdict(dcfg)})
         write_json(os.path.join(cfg.out, "env.json"), {
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"), "device": str(device),
-            "world": world, "argv": sys.argv, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None})
+            "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"), "world": world,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "argv": sys.argv})
         print(json.dumps(asdict(cfg)))
         print(f"ControlNet on DiT-{dcfg.size}: {n_train / 1e6:.2f}M trainable adapter parameters ({cfg.control_blocks} "
               f"of {dcfg.depth} blocks copied), {(n_params - n_train) / 1e6:.2f}M frozen; {cfg.cond_type} condition "
@@ -1184,60 +1154,46 @@ def train(cfg):
 
 def dry_model(cfg, device="meta"):
     """The backbone (from --backbone when it exists, else the --size preset at 256 px latents) and the adapter."""
-    path = backbone_path(cfg.backbone)
-    if os.path.isfile(path):
-        dcfg, _ = load_backbone(path)
-    else:
-        hidden, depth, heads = DIT_SIZES[cfg.size]
-        dcfg = DiTConfig(size=cfg.size, hidden=hidden, depth=depth, heads=heads)
+    path, (hidden, depth, heads) = backbone_path(cfg.backbone), DIT_SIZES[cfg.size]
+    dcfg = load_backbone(path)[0] if os.path.isfile(path) else DiTConfig(size=cfg.size, hidden=hidden, depth=depth,
+                                                                         heads=heads)
     dcfg = DiTConfig(**{**asdict(dcfg), "attn": cfg.attn, "grad_ckpt": cfg.grad_ckpt})
-    f = 8 if dcfg.space == "latent" else 1
     k = len([s for s in (cfg.cond_masks or cfg.box_classes).split(",") if s.strip()]) or 14
+    ck = k * (cfg.cond_size // dcfg.image_size if cfg.cond_size else 8 if dcfg.space == "latent" else 1) ** 2
     with torch.device(device):
-        model = build_model(dcfg, k * f * f, min(cfg.control_blocks, dcfg.depth))
-    return dcfg, model, k * f * f
+        return dcfg, build_model(dcfg, ck, min(cfg.control_blocks, dcfg.depth)), ck
 
 
 def bench(cfg):
-    """Adapter training steps on random tensors (condition maps, 120 text tokens): tokens/s, MFU, peak memory; and
-    the frozen backbone's forward alone, for the ratio of the two (a CPU figure too)."""
+    """Adapter training steps on random tensors (condition maps, 120 text tokens): tokens/s, MFU, peak memory."""
     _, _, device = setup_distributed(cfg.device)
     dcfg, model, ck = dry_model(cfg, "cpu")
-    model, S, B, g = model.to(device), dcfg.image_size, cfg.micro_batch or cfg.batch_size, torch.Generator().manual_seed(0)
+    model, S, B, g = model.to(device), dcfg.image_size, cfg.micro_batch or cfg.batch_size, torch.Generator()
     fwd, params = torch.compile(model) if cfg.compile else model, list(model.adapter.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     sched, tokens, peak = Schedule(), (S // dcfg.patch) ** 2, peak_flops(device)
     x, cond = torch.randn(B, dcfg.in_channels, S, S, generator=g).to(device), torch.randn(B, ck, S, S).to(device)
     text = torch.randn(B, dcfg.max_length, dcfg.text_dim, generator=g).to(device)
     lengths, t = torch.randint(1, dcfg.max_length + 1, (B,)).to(device), torch.randint(0, sched.T, (B,)).to(device)
-    n_params, res = sum(p.numel() for p in model.parameters()), {}
+    n_params, n_adapter = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
-    print(f"bench ControlNet on DiT-{dcfg.size}: {sum(p.numel() for p in params) / 1e6:.1f}M adapter + "
-          f"{(n_params - sum(p.numel() for p in params)) / 1e6:.1f}M frozen params, batch {B}, {tokens} tokens/image")
-    for name in ("adapter-train", "backbone-forward"):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in range(cfg.bench_steps + 2):                     # 2 warm-up steps (compilation, autotuning)
-            if i == 2:
-                sync(device)
-                t0 = time.time()
-            with autocast(device), torch.set_grad_enabled(name == "adapter-train"):
-                if name == "backbone-forward":
-                    model.base(x, t, text, lengths)
-                    continue
-                loss = diffusion_loss(fwd, sched, x, torch.randn_like(x), t, text, lengths, None, cond, None, dcfg.pred)
-            loss.mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync(device)
-        dt = (time.time() - t0) / cfg.bench_steps
-        res[name] = dt
-        mfu = train_flops(n_params, dcfg, tokens, B, cfg.control_blocks) / dt / peak if peak and name[0] == "a" else 0
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
-        print(f"  {name:18s} {B * tokens / dt:12.0f} tokens/s  {B / dt:8.2f} img/s" + (f"  MFU {mfu:.1%}" if mfu else "")
-              + (f"  peak mem {mem:.2f} GB" if mem else ""), flush=True)
-    print(f"  adapter training step / backbone forward, time: {res['adapter-train'] / res['backbone-forward']:.2f}")
-    return res
+    for i in range(cfg.bench_steps + 2):                         # 2 warm-up steps (compilation, autotuning)
+        if i == 2:
+            sync(device)
+            t0 = time.time()
+        with autocast(device):
+            loss = diffusion_loss(fwd, sched, x, torch.randn_like(x), t, text, lengths, None, cond, None, dcfg.pred)
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    dt = (time.time() - t0) / cfg.bench_steps
+    mfu = train_flops(n_params, dcfg, tokens, B, cfg.control_blocks) / dt / peak if peak else 0
+    print(f"bench ControlNet on DiT-{dcfg.size}: {n_adapter / 1e6:.1f}M adapter + {(n_params - n_adapter) / 1e6:.1f}M "
+          f"frozen params, batch {B}, {tokens} tokens/image: {B * tokens / dt:.0f} tokens/s, {B / dt:.2f} img/s"
+          + (f", MFU {mfu:.1%}" * bool(mfu))
+          + (f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB" if device.type == "cuda" else ""))
+    return B * tokens / dt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1249,9 +1205,8 @@ PAIR_COLUMNS = ["id", "split", "report", "prompt", "cond_id", "sample", "boxes",
 def load_model(path, device):
     """A controlnet.py checkpoint -> (config, DiTConfig, model with the EMA adapter, in eval mode)."""
     cfg, dcfg, _, parts, _, path = read_checkpoint(path, ("ema.", "base."))
-    f = cfg.cond_size // dcfg.image_size
-    names = cfg.cond_names.split(",")
-    model = build_model(dcfg, len(names) * f * f, cfg.control_blocks, parts["base."], path)
+    channels = len(cfg.cond_names.split(",")) * (cfg.cond_size // dcfg.image_size) ** 2
+    model = build_model(dcfg, channels, cfg.control_blocks, parts["base."], path)
     try:
         model.adapter.load_state_dict(parts["ema."])
     except RuntimeError as e:
@@ -1277,15 +1232,15 @@ def read_box_conditions(path, names, size):
     """{cid: {class: boxes}} or [{class: boxes}, ...] -> [(cid, uint8 [K, S, S], boxes)] (unknown classes fail)."""
     if not os.path.isfile(path):
         raise SystemExit(f"--boxes {path}: no such file; expected JSON {{cid: {{class: [x0, y0, x1, y1]}}}}")
-    try:
-        with open(path) as f:
+    with open(path) as f:
+        try:
             obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--boxes {path}: not JSON ({e})") from None
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--boxes {path}: not JSON ({e})") from None
     items = list(obj.items()) if isinstance(obj, dict) else [(f"box{j:05d}", b) for j, b in enumerate(obj)]
     if not items:
         raise SystemExit(f"--boxes {path}: no conditions")
-    return [(str(c), rasterize_boxes(b, names, size, f"{path} [{c}]"), parse_boxes(b, f"{path} [{c}]")) for c, b in items]
+    return [(str(c), rasterize_boxes(b, names, size, f"{path} [{c}]"), parse_boxes(b, path)) for c, b in items]
 
 
 def read_png01(path):
@@ -1297,6 +1252,8 @@ def read_png01(path):
 def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
     """items: dicts (cid, maps uint8 [K, S, S], boxes or None, prompt, source_id) -> for each of n_per_cond samples
     <id>.png, <id>_mask.png (+ <id>_mask_<k>.png, <id>_boxes.json), meta.csv and grid.png; existing images kept."""
+    if icfg.cfg < 0 or icfg.n_per_cond < 1 or icfg.eta < 0:
+        raise SystemExit(f"--cfg {icfg.cfg} / --n-per-cond {icfg.n_per_cond} / --eta {icfg.eta}: expected >=0/>=1/>=0")
     names, K = cfg.cond_names.split(","), icfg.n_per_cond
     if icfg.mask_out and icfg.mask_out not in names:
         raise SystemExit(f"--mask-out {icfg.mask_out!r}: expected one of the checkpoint's condition names {names}")
@@ -1358,35 +1315,26 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
     return ids
 
 
-def read_prompts(icfg, n):
+def read_prompts(icfg, n):                                       # one prompt for all, or one per condition
     if bool(icfg.prompts) == bool(icfg.prompt) or icfg.prompts and not os.path.isfile(icfg.prompts):
         raise SystemExit(f"sample: give exactly one of --prompts FILE (an existing file) and --prompt TEXT")
     with open(icfg.prompts) if icfg.prompts else nullcontext([icfg.prompt]) as f:
-        lines = [x.strip() for x in f if x.strip()]
-    if len(lines) not in (1, n):
-        raise SystemExit(f"--prompts {icfg.prompts}: {len(lines)} prompts for {n} conditions; expected 1 or {n}")
+        if len(lines := [x.strip() for x in f if x.strip()]) not in (1, n):
+            raise SystemExit(f"--prompts {icfg.prompts}: {len(lines)} prompts for {n} conditions; expected 1 or {n}")
     return lines * n if len(lines) == 1 else lines
-
-
-def check_sampling(icfg):
-    if icfg.cfg < 0 or icfg.n_per_cond < 1 or icfg.eta < 0:
-        raise SystemExit(f"--cfg {icfg.cfg} / --n-per-cond {icfg.n_per_cond} / --eta {icfg.eta}: expected cfg >= 0, "
-                         f"n-per-cond >= 1, eta >= 0")
 
 
 def sample(icfg):
     """Image / annotation pairs from mask PNGs or box JSON under text prompts (EMA adapter); resumable, sharded."""
-    check_sampling(icfg)
     if bool(icfg.masks) == bool(icfg.boxes):
         raise SystemExit("sample: give exactly one of --masks DIR and --boxes FILE")
     rank, world, device = setup_distributed(icfg.device)
     cfg, dcfg, model = load_model(icfg.ckpt, device)
-    names = cfg.cond_names.split(",")
     if icfg.masks and cfg.cond_type != "mask" or icfg.boxes and cfg.cond_type != "box":
-        raise SystemExit(f"{icfg.ckpt}: a {cfg.cond_type} model; give "
-                         f"{'--masks DIR' if cfg.cond_type == 'mask' else '--boxes FILE'}")
-    conds = (read_mask_conditions(icfg.masks, names, cfg.cond_size) if icfg.masks else
-             read_box_conditions(icfg.boxes, names, cfg.cond_size))[: icfg.n or None]
+        raise SystemExit(f"{icfg.ckpt}: a {cfg.cond_type} model; give {'--masks' if icfg.boxes else '--boxes'} instead")
+    conds = (read_mask_conditions if icfg.masks else read_box_conditions)(icfg.masks or icfg.boxes,
+                                                                         cfg.cond_names.split(","), cfg.cond_size)
+    conds = conds[: icfg.n or None]
     prompts = read_prompts(icfg, len(conds))
     items = [{"cid": c, "maps": m, "boxes": b, "prompt": p} for (c, m, b), p in zip(conds, prompts)]
     ids = generate(model, cfg, dcfg, items, icfg, icfg.out, device, rank, world)
@@ -1440,13 +1388,11 @@ def load_segmenter(path, device):
 
 @torch.no_grad()
 def segment(net, x01, size, device, batch=64):
-    """Images [n, 1, S, S] in [0, 1] -> bool masks [n, size, size] (downstream.py: antialiased resize, ImageNet grey
-    normalisation, sigmoid > 0.5)."""
+    """Images [n, 1, S, S] in [0, 1] -> bool masks [n, size, size] as downstream.py predicts them (antialiased
+    resize, ImageNet grey normalisation, sigmoid > 0.5)."""
     out = []
     for i in range(0, len(x01), batch):
-        x = x01[i:i + batch].float()
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x01[i:i + batch].float(), size=(size, size), mode="bilinear", antialias=True)
         out.append((torch.sigmoid(net(((x - 0.449) / 0.226).to(device)).float()) > 0.5)[:, 0].cpu())
     return torch.cat(out).numpy()
 
@@ -1471,7 +1417,7 @@ def fidelity(kind, names, mask, items, pred):
                 "n_positive": len(pos)}
     hits = []
     for p, it in zip(pred, items):
-        sl = ndimage.find_objects(ndimage.label(p)[0]) + ([ndimage.find_objects(p.astype(np.int32))[0]] if p.any() else [])
+        sl = ndimage.find_objects(ndimage.label(p)[0]) + ndimage.find_objects(p.astype(np.int32))
         cands = [[c.start / p.shape[1], r.start / p.shape[0], c.stop / p.shape[1], r.stop / p.shape[0]] for r, c in sl]
         for b in it["boxes"].get(mask, []):
             b = [min(max(v, 0.0), 1.0) for v in b]
@@ -1480,16 +1426,14 @@ def fidelity(kind, names, mask, items, pred):
 
 
 def evaluate(icfg):
-    """Control fidelity on a dataset split: images from its conditions and captions, segmented by a downstream.py
-    U-Net and scored against the conditions (the real images too: the segmenter's ceiling); the FID of generated
-    against real images of those conditions (metrics.py)."""
-    check_sampling(icfg)
+    """Control fidelity on a split: images from its conditions and captions, a downstream.py U-Net's masks scored
+    against the conditions (the real images too: the segmenter's ceiling); FID against those real images."""
     rank, world, device = setup_distributed(icfg.device)
     cfg, dcfg, model = load_model(icfg.ckpt, device)
     net, scfg = load_segmenter(icfg.seg_ckpt or "(--seg-ckpt not given)", device)
     names, mask, size, K = cfg.cond_names.split(","), scfg["mask"], int(scfg["img_size"]), icfg.n_per_cond
     if mask not in names:
-        raise SystemExit(f"--seg-ckpt {icfg.seg_ckpt}: segments {mask!r}, not a condition channel of {icfg.ckpt} {names}")
+        raise SystemExit(f"--seg-ckpt {icfg.seg_ckpt}: segments {mask!r}, not a condition of {icfg.ckpt} {names}")
     data = ControlData(Config(**{**asdict(cfg), "data": icfg.data}), dcfg, icfg.split)
     if data.cond_size != cfg.cond_size:
         raise SystemExit(f"{icfg.data}: {data.cond_size} px images; the model was trained on {cfg.cond_size} px")

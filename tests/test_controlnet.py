@@ -336,5 +336,5 @@ def test_sample_cli_writes_image_annotation_pairs(tmp_path, run, data32, bert):
                      "--n-per-cond", "2", "--steps", "5", "--out", str(tmp_path / "again"), "--text-encoder", bert])
     assert np.array_equal(np.asarray(Image.open(os.path.join(tmp_path / "again", "c1_s1.png"))),
                           np.asarray(Image.open(os.path.join(out, "c1_s1.png"))))     # deterministic by seed
-    with pytest.raises(SystemExit, match="give --masks DIR"):
+    with pytest.raises(SystemExit, match="a mask model; give --masks instead"):
         cn.main(["sample", "--ckpt", run, "--boxes", str(tmp_path / "b.json"), "--prompt", "x", "--out", out])
