@@ -9,6 +9,10 @@ The papers' experiments, on any prepared dataset and any folder the samplers wri
   r of the subgroup metrics between a real and a synthetic test cohort; --balance tops up under-represented groups
   with synthetic images until parity (chexgen Fig. 5c-d, Methods "Model bias detection and mitigation").
 - segment: U-Net on dataset masks; Dice, positive and negative Dice (chexgen Fig. 3d, Methods).
+- predict-metadata: one predictor of the 19 variables (CE per categorical, MSE for age; CNN or frozen Rad-DINO /
+  DINOv2 with linear / MLP / attention-pooling heads), per-variable ROC-AUC and age MAE (radit §5.3, App. C.4).
+- edit-eval: counterfactual edits scored by that predictor (radit Table 16) and by identity metrics, SSIM, LPIPS,
+  rLPIPS, attribute cosine (Table 14, App. C.1 Eq. 13-15); --truth: against the phantom's true counterfactuals.
 
 Commands (the first word may also be the task):
     python downstream.py --train real=data/phantom:train --test data/phantom:test          # CPU, minutes (tiny)
@@ -21,6 +25,9 @@ Commands (the first word may also be the task):
         --balance runs/rf/minority                                                         # chexgen Fig. 5c-d
     python downstream.py segment --train real=data/phantom:train --mask "Pleural Effusion"
     python downstream.py --eval --ckpt runs/downstream/real/run0 --test data/phantom:test --val data/phantom:val
+    python downstream.py predict-metadata --train real=data/phantom:train --out runs/pred       # --encoder raddino
+    python downstream.py edit-eval --original data/phantom --edited runs/rf/edits --truth data/cf \
+        --predictor runs/pred/real/run0 --lpips raddino,dinov2 --out runs/edit-eval          # radit Tables 14, 16
     torchrun --nproc_per_node=8 downstream.py --size densenet121 ...                       # DDP, bf16
 
 Training data: `;` separates experiments (the rows of the table); within one, `,` joins sources `name=folder[:split]`.
@@ -47,10 +54,11 @@ import sys
 import tempfile
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,16 +73,16 @@ from scipy.stats import pearsonr
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass, size presets, CLI generated from the fields
 
-
 def arg(default, help, only=None):
     """A dataclass field with its CLI help string (`only`: the one task that uses it)."""
     return field(default=default, metadata={"help": help, "only": only})
 
+PM, EE = "predict-metadata", "edit-eval"
 
 @dataclass
 class Config:
     """Experiment, model and training configuration; stored in every checkpoint."""
-    task: str = arg("classify", "classify | pretrain-finetune | fairness | segment")
+    task: str = arg("classify", "classify | pretrain-finetune | fairness | segment | predict-metadata | edit-eval")
     train: str = arg("real=data/phantom:train", "experiments separated by ';', each name=folder[:split] sources by ','")
     val: str = arg("", "validation set (early stopping, thresholds); '': the first source's val split, or 10%% of it")
     test: str = arg("", "test sets name=folder[:split], ','-separated; '': the first source's test split")
@@ -116,6 +124,20 @@ class Config:
     min_group: int = arg(10, "subgroups with fewer test images are listed but not ranked", only="fairness")
     mask: str = arg("Pleural Effusion", "mask to segment (a name in info.json mask_names)", only="segment")
     pos_weight: float = arg(10.0, "weight of foreground pixels in the BCE", only="segment")
+    encoder: str = arg("", "frozen transformers encoder (raddino | dinov2 | id | path) instead of --arch", only=PM)
+    head: str = arg("attn", "linear | mlp | attn (attention pooling, a query per variable; radit Table 15)", only=PM)
+    enc_layers: str = arg("3,6,9,12", "encoder layers whose tokens the head reads (radit Table 15)", only=PM)
+    hidden: int = arg(1024, "mlp head width (radit Table 15: 1024, dropout 0.1)", only=PM)
+    warmup: int = arg(0, "linear learning-rate warm-up steps (radit Table 15: 100)")
+    datasets: str = arg("", "dataset names, codes 1..K; '': info.json's datasets (stored in the checkpoint)")
+    original: str = arg("", "dataset of the source images (matched by id)", only=EE)
+    edited: str = arg("", "folder of edited images: <id>.png, meta.csv with intervention + new profile", only=EE)
+    truth: str = arg("", "dataset of the true counterfactuals (prep_data.py counterfactual)", only=EE)
+    predictor: str = arg("", "run folder of predict-metadata", only=EE)
+    lpips: str = arg("raddino", "feature spaces of the LPIPS-style distance (radit Eq. 13); '': none", only=EE)
+    weights_dir: str = arg("", "local folder of pretrained transformers weights (offline use)")
+    allow_random_weights: bool = arg(False, "random encoder weights when none are found (smoke tests only)")
+    n_pairs: int = arg(1000, "random pairs of originals for the reference rows (radit Eq. 14)", only=EE)
     eval: bool = arg(False, "evaluate --ckpt on --test only, no training")
     ckpt: str = arg("", "run folder or checkpoint for --eval")
     roc_plot: str = arg("", "PNG with the ROC curves of the first run on the first test set")
@@ -128,7 +150,6 @@ class Config:
     dry_run: bool = arg(False, "build the model, print config and parameter count, exit")
     bench: bool = arg(False, "time 10 training steps of the network on random --img-size images (img/s, memory)")
 
-
 # chexgen Methods: DenseNet-121, batch 128, AdamW, 256 px; chexgenbench Table 12: ResNet-50 lr 1e-4, U-Net lr 5e-5;
 # chexgen segmentation: batch 32, lr 1e-3. tiny is for tests and the CPU demo.
 _BIG = dict(img_size=224, batch_size=128, lr=1e-4, max_steps=20000, eval_every=1000, log_every=100, ckpt_every=1000)
@@ -136,8 +157,8 @@ PRESETS = {"tiny": dict(arch="tiny", width=16, img_size=0, batch_size=64, lr=3e-
            "densenet121": dict(_BIG, arch="densenet121"), "resnet50": dict(_BIG, arch="resnet50"),
            "unet": dict(_BIG, arch="unet", width=32, img_size=256, batch_size=32, lr=1e-3, max_steps=10000)}
 SAFE = re.compile(r"[^A-Za-z0-9_.+-]")                          # run-folder names from row names
-TASKS = ("classify", "pretrain-finetune", "fairness", "segment")   # issue 14 adds predict-metadata, edit-eval
-
+TASKS = ("classify", "pretrain-finetune", "fairness", "segment", "predict-metadata", "edit-eval")
+NO_AUG = dict(rotate=0.0, intensity=0.0, warmup=100)     # radit App. C.4: predictors trained without augmentation
 
 def build_parser(cls, prog, doc):
     """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
@@ -145,13 +166,10 @@ def build_parser(cls, prog, doc):
     for f in fields(cls):
         preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) else ""
         task = f" [{f.metadata['only']} only]" if f.metadata["only"] else ""
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']}{task} [default: {f.default}{preset}]")
-        if isinstance(f.default, bool):
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
+                       help=f"{f.metadata['help']}{task} [default: {f.default}{preset}]")
     return p
-
 
 def parse_config(argv):
     """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
@@ -160,29 +178,23 @@ def parse_config(argv):
         argv = ["--task", argv.pop(0)] + argv
     given = vars(build_parser(Config, "downstream.py", __doc__).parse_args(argv))
     size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
-    if size is None:
-        raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
-    cfg = Config(**{**PRESETS[size], **given, "size": size})
-    if cfg.task not in TASKS:
-        raise SystemExit(f"--task {cfg.task!r}: expected one of {list(TASKS)}")
-    if cfg.uncertain not in ("ignore", "ones", "zeros"):
-        raise SystemExit(f"--uncertain {cfg.uncertain!r}: expected ignore, ones or zeros")
-    if cfg.arch not in ARCHS:
-        raise SystemExit(f"--arch {cfg.arch!r}: expected one of {list(ARCHS)}")
+    cfg = Config(**{**PRESETS.get(size, {}), **(NO_AUG if given.get("task") == "predict-metadata" else {}), **given,
+                    "size": size or given.get("size")})
+    for flag, ok in (("size", PRESETS), ("task", TASKS), ("uncertain", ("ignore", "ones", "zeros")), ("arch", ARCHS),
+                     ("head", ("linear", "mlp", "attn")), ("fair_metric", ("f1", "auroc"))):
+        if getattr(cfg, flag) not in ok:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: expected one of {list(ok)}")
     if cfg.task == "segment":
         cfg.arch = "unet"
     elif cfg.arch == "unet":
         raise SystemExit("--arch unet: only for --task segment; expected tiny, densenet121 or resnet50")
     return cfg
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Model: DenseNet-121 and ResNet-50 with torchvision's parameter names, a tiny CNN, a U-Net
 
-
 class DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1 (4k channels) - BN-ReLU-Conv3x3 (k channels), concatenated to its input (DenseNet-BC)."""
-
     def __init__(self, cin, growth, bn_size):
         super().__init__()
         self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU(inplace=True)
@@ -193,11 +205,9 @@ class DenseLayer(nn.Module):
     def forward(self, x):
         return torch.cat([x, self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))], 1)
 
-
 class DenseNet121(nn.Module):
     """DenseNet-121 (Huang et al. 2017), torchvision layout: features.{conv0,norm0,denseblockN,transitionN,norm5},
     classifier; growth 32, blocks (6, 12, 24, 16), 64 initial features, bottleneck 4 (multicond §4, chexgen)."""
-
     def __init__(self, n_out, in_ch=1, growth=32, blocks=(6, 12, 24, 16), init=64, bn_size=4):
         super().__init__()
         f = nn.Sequential(OrderedDict(conv0=nn.Conv2d(in_ch, init, 7, stride=2, padding=3, bias=False),
@@ -220,71 +230,56 @@ class DenseNet121(nn.Module):
     def forward(self, x):
         return self.classifier(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1))
 
-
 class Bottleneck(nn.Module):
     """ResNet-50 bottleneck, stride on the 3x3 convolution (torchvision's 'v1.5')."""
-
     def __init__(self, cin, width, stride):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
         self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
         self.conv3, self.bn3 = nn.Conv2d(width, width * 4, 1, bias=False), nn.BatchNorm2d(width * 4)
-        self.downsample = None
-        if stride != 1 or cin != width * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(width * 4))
+        self.downsample = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(
+            width * 4)) if stride != 1 or cin != width * 4 else None
 
     def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = F.relu(self.bn2(self.conv2(h)))
-        h = self.bn3(self.conv3(h))
+        h = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))))
         return F.relu(h + (x if self.downsample is None else self.downsample(x)))
-
 
 class ResNet50(nn.Module):
     """ResNet-50 (chexgenbench §2.4), torchvision layout: conv1, bn1, layer1..4 ([3, 4, 6, 3] bottlenecks), fc."""
-
     def __init__(self, n_out, in_ch=1, layers=(3, 4, 6, 3)):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(in_ch, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
-        c = 64
-        for i, n in enumerate(layers):
-            width, blocks = 64 * 2 ** i, []
-            for j in range(n):
-                blocks.append(Bottleneck(c, width, 2 if j == 0 and i > 0 else 1))
-                c = width * 4
+        for i, n in enumerate(layers):                           # stride 2 in the first block of layers 2-4
+            blocks = [Bottleneck(256 * 2 ** i if j else 128 * 2 ** i if i else 64, 64 * 2 ** i, 2 if i and not j else 1)
+                      for j in range(n)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.fc = nn.Linear(c, n_out)
+        self.fc = nn.Linear(256 * 2 ** (len(layers) - 1), n_out)
         init_weights(self)
 
-    def forward(self, x):
+    def trunk(self, x):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.trunk(x), 1).flatten(1))
 
 def conv_bn(cin, cout):
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-
 class TinyCNN(nn.Module):
     """Conv-BN-ReLU stages, head on [mean, max] pooled features (max keeps a thin pneumothorax rim): tests, CPU demo."""
-
     def __init__(self, n_out, in_ch=1, width=16):
         super().__init__()
-        w = width
-        self.features = nn.Sequential(*conv_bn(in_ch, w), nn.MaxPool2d(2), *conv_bn(w, 2 * w), nn.MaxPool2d(2),
+        self.features = nn.Sequential(*conv_bn(in_ch, w := width), nn.MaxPool2d(2), *conv_bn(w, 2 * w), nn.MaxPool2d(2),
                                       *conv_bn(2 * w, 4 * w), *conv_bn(4 * w, 4 * w))
         self.classifier = nn.Linear(8 * w, n_out)
         init_weights(self)
 
     def forward(self, x):
-        h = self.features(x)
-        return self.classifier(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
-
+        return self.classifier(torch.cat([(h := self.features(x)).mean((2, 3)), h.amax((2, 3))], 1))
 
 class UNet(nn.Module):
     """U-Net (chexgenbench §2.4, chexgen Methods): 4 levels of double conv-BN-ReLU, transposed-conv up, skips."""
-
     def __init__(self, n_out, in_ch=1, width=32, levels=4):
         super().__init__()
         ws = [width * 2 ** i for i in range(levels)]
@@ -293,8 +288,7 @@ class UNet(nn.Module):
         self.dec = nn.ModuleList(nn.Sequential(*conv_bn(w, w // 2), *conv_bn(w // 2, w // 2)) for w in ws[:0:-1])
         self.head = nn.Conv2d(width, n_out, 1)
         init_weights(self)
-        nn.init.normal_(self.head.weight, std=0.01)              # start near p = sigmoid(-3): foreground is rare
-        nn.init.constant_(self.head.bias, -3.0)
+        nn.init.normal_(self.head.weight, std=0.01), nn.init.constant_(self.head.bias, -3.0)   # p ~ sigmoid(-3): rare
 
     def forward(self, x):
         skips = []
@@ -305,31 +299,78 @@ class UNet(nn.Module):
             x = dec(torch.cat([up(x), skip], 1))
         return self.head(x)
 
-
 def init_weights(model):
     """torchvision's initialisation: Kaiming-normal convolutions, BN weight 1 / bias 0, zero linear bias."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
+AGE_MU, AGE_SD = 60.0, 20.0                                      # age regressed as (years - 60) / 20
+
+class MetadataPredictor(nn.Module):
+    """radit §5.3, App. C.4: one head per variable on a shared backbone (a CNN of --arch, or a frozen transformers
+    encoder whose layers' tokens are concatenated: Table 15's layers 3, 6, 9, 12 -> 4 x 768); linear / MLP heads on
+    mean-pooled tokens, or attention pooling with a learned query per variable. embed(): the heads' inputs (Eq. 15)."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.variables, names = resolve_labels(cfg), [v for v in cfg.datasets.split(",") if v]
+        self.sizes = [1 if v == "age" else len(CATS.get(v, names)) or 1 for v in self.variables]
+        if cfg.encoder:
+            import metrics                                       # its loader: local folder, hub when online, random
+            try:
+                with torch.random.fork_rng():                    # (random weights seeded: the same on every reload)
+                    torch.manual_seed(0)
+                    enc = metrics.get_extractor(cfg.encoder, cfg.weights_dir, cfg.allow_random_weights).net
+            except metrics.WeightsMissing as e:
+                raise SystemExit(f"--encoder {cfg.encoder}: {e}") from None
+            object.__setattr__(self, "encoder", enc.eval().requires_grad_(False))   # not a submodule: never saved
+            self.layers = [int(v) for v in cfg.enc_layers.split(",")]
+            dim = enc.config.hidden_size * len(self.layers)
+        else:
+            self.backbone = ARCHS[cfg.arch](1, **({"width": cfg.width} if cfg.arch == "tiny" else {}))
+            self.backbone.classifier = self.backbone.fc = nn.Identity()          # its head: unused
+            dim = {"tiny": 4 * cfg.width, "densenet121": 1024, "resnet50": 2048}[cfg.arch]
+        V, self.kind = len(self.variables), cfg.head
+        if cfg.head == "attn":
+            self.norm, self.query = nn.LayerNorm(dim), nn.Parameter(torch.randn(V, dim) / dim ** 0.5)
+        if cfg.head == "mlp":                                    # radit Table 15: hidden 1024, dropout 0.1
+            self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(dim, cfg.hidden), nn.GELU(), nn.Dropout(0.1))
+                                     for _ in range(V))
+        self.heads = nn.ModuleList(nn.Linear(cfg.hidden if cfg.head == "mlp" else dim, k) for k in self.sizes)
+
+    def embed(self, x):
+        """[B, 1, S, S] -> [B, variables, E]: the per-variable embeddings the heads read."""
+        if hasattr(self, "encoder"):
+            with torch.no_grad():
+                hs = self.encoder.to(x.device)(pixel_values=x.expand(-1, 3, -1, -1), output_hidden_states=True)
+            t = torch.cat([hs.hidden_states[k] for k in self.layers], -1)
+        else:                                                    # CNN maps -> [B, h*w, C] tokens
+            b = self.backbone
+            t = (b.trunk(x) if hasattr(b, "trunk") else F.relu(b.features(x))).flatten(2).transpose(1, 2)
+        if self.kind == "attn":
+            t = self.norm(t.float())
+            return torch.softmax(torch.einsum("btd,vd->bvt", t, self.query) / t.shape[-1] ** 0.5, -1) @ t
+        t = t.float().mean(1)                                    # linear: one shared embedding for every head
+        return torch.stack([m(t) for m in self.mlp] if self.kind == "mlp" else [t] * len(self.sizes), 1)
+
+    def forward(self, x):
+        e = self.embed(x)
+        return torch.cat([h(e[:, i]) for i, h in enumerate(self.heads)], 1)
 
 ARCHS = {"tiny": TinyCNN, "densenet121": DenseNet121, "resnet50": ResNet50, "unet": UNet}
 HEADS = ("classifier.", "fc.", "head.")                           # replaced when the label set differs
 
-
 def build_model(cfg, n_out):
-    kw = {"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}
-    return ARCHS[cfg.arch](n_out, **kw)
-
+    if cfg.task in ("predict-metadata", "edit-eval"):
+        return MetadataPredictor(cfg)
+    return ARCHS[cfg.arch](n_out, **({"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}))
 
 # Old torchvision DenseNet checkpoints (densenet121-a639ec97.pth) spell 'norm.1' for 'norm1' (torchvision's remap).
 LEGACY_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-
 
 def load_imagenet(model, path):
     """A torchvision ImageNet state_dict (.pth, weights_only=True, or .safetensors) into `model`: legacy DenseNet keys
@@ -351,11 +392,10 @@ def load_imagenet(model, path):
                          f"unexpected {unexpected[:3]})")
     return model
 
-
 def load_init(model, init):
     """--init: imagenet:FILE, or a run folder / checkpoint of this script (the head is kept when it fits)."""
     if not init or init.startswith("imagenet:"):
-        return load_imagenet(model, init[len("imagenet:"):]) if init else model
+        return load_imagenet(getattr(model, "backbone", model), init[len("imagenet:"):]) if init else model
     _, parts, path = read_checkpoint(init, prefixes=("model.",))
     sd, own = parts["model."], model.state_dict()
     bad = [k for k in sd if k in own and sd[k].shape != own[k].shape and not k.startswith(HEADS)]
@@ -365,10 +405,8 @@ def load_init(model, init):
     model.load_state_dict({k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}, strict=False)
     return model
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Method: losses, AUROC with bootstrap CIs, thresholds and F1, Dice, subgroup metrics
-
 
 def masked_bce(logits, target):
     """Binary cross-entropy over the known labels only: NaN targets (missing, ignored uncertain) add nothing."""
@@ -376,15 +414,52 @@ def masked_bce(logits, target):
     loss = F.binary_cross_entropy_with_logits(logits.float(), target.nan_to_num(0.0), reduction="none")
     return (loss * known).sum() / known.sum().clamp(min=1)
 
-
 def seg_loss(logits, target, pos_weight=10.0):
     """Foreground-weighted BCE + soft Dice over the batch: without the weight, a small U-Net learns to predict
     nothing first (findings cover ~2% of the pixels) and stays there for hundreds of steps."""
-    p = torch.sigmoid(logits.float())
+    p, w = torch.sigmoid(logits.float()), torch.tensor(pos_weight, device=logits.device)
     dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
-    w = torch.tensor(pos_weight, device=logits.device)
     return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=w) + dice
 
+def metadata_loss(out, target, sizes):
+    """radit App. C.4: cross-entropy per categorical variable, MSE for age, missing (NaN) targets skipped; the mean
+    over variables of each one's mean over its known rows."""
+    losses, o = [], 0
+    for j, k in enumerate(sizes):
+        z, t, o = out[:, o:o + k].float(), target[:, j], o + k
+        known = ~torch.isnan(t)
+        per = (F.mse_loss(z[:, 0], (t.nan_to_num(AGE_MU) - AGE_MU) / AGE_SD, reduction="none") if k == 1 else
+               F.cross_entropy(z, t.nan_to_num(0).long(), reduction="none"))
+        losses.append((per * known).sum() / known.sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+def activate(model, out):
+    """Outputs -> scores: sigmoid per label; predictor heads: softmax per variable, age in years."""
+    if not isinstance(model, MetadataPredictor):
+        return torch.sigmoid(out.float())
+    parts = out.float().split(model.sizes, 1)
+    return torch.cat([z * AGE_SD + AGE_MU if k == 1 else z.softmax(1) for z, k in zip(parts, model.sizes)], 1)
+
+def metadata_metrics(y, p, variables, sizes):
+    """Per variable: ROC-AUC (multi-class: one-vs-rest, the mean over classes present) or age MAE in years; and the
+    predicted class / age of every row ([N, V], what the edit hit rates count)."""
+    res, pred, o = {}, np.zeros(y.shape), 0
+    for j, (v, k) in enumerate(zip(variables, sizes)):
+        t, s, o = y[:, j], p[:, o:o + k], o + k
+        ok = ~np.isnan(t)
+        pred[:, j] = s[:, 0] if k == 1 else s.argmax(1)
+        aucs = [a for a in (auroc(t[ok] == c, s[ok, c]) for c in range(k)) if a == a] if k > 1 and ok.any() else []
+        res[v] = float(np.abs(s[ok, 0] - t[ok]).mean()) if k == 1 and ok.any() else np.mean(aucs) if aucs else None
+    return res, pred
+
+def attribute_cosine(ea, eb, variables, edited):
+    """radit Eq. 15: per image pair, the mean over the attributes (sex, race, age, view, dataset) that its edit left
+    unchanged of the cosine similarity of the two images' embeddings from that attribute's head. ea, eb [N, V, E]."""
+    a, b = torch.as_tensor(ea, dtype=torch.float64), torch.as_tensor(eb, dtype=torch.float64)
+    cos = F.cosine_similarity(a, b, dim=-1).numpy()
+    keep = np.array([[v in META and v not in e for v in variables] for e in edited], bool).reshape(cos.shape)
+    with np.errstate(invalid="ignore"):
+        return (cos * keep).sum(1) / keep.sum(1)                 # NaN where nothing stayed unchanged
 
 def weighted_auroc(y, s, w):
     """AUROC of scores s for binary y under row weights w [B, N] (bootstrap counts; ones: the plain AUROC).
@@ -401,17 +476,14 @@ def weighted_auroc(y, s, w):
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (pos * (below + 0.5 * neg)).sum(1) / denom, np.nan)
 
-
 def auroc(y, s):
     return float(weighted_auroc(y, s, np.ones(len(y)))[0])
-
 
 def bootstrap_counts(n, n_boot, seed):
     """Row multiplicities of n_boot resamples with replacement: rows rng.integers(0, n, (n_boot, n)) with
     rng = np.random.default_rng(seed) (documented, so a reference can redraw the same resamples)."""
     idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
     return np.stack([np.bincount(r, minlength=n) for r in idx]).astype(np.float64)
-
 
 def auroc_table(y, s, n_boot=1000, seed=0):
     """Per-label and macro AUROC with 95% percentile-bootstrap CIs. y [N, L] with NaN unknown, s [N, L]. The
@@ -427,44 +499,29 @@ def auroc_table(y, s, n_boot=1000, seed=0):
         warnings.simplefilter("ignore", RuntimeWarning)
         macro_b = np.nanmean(np.where(np.isnan(point), np.nan, boots), 1)
         ci = lambda v: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] if np.isfinite(v).any() else [None, None]
-        out = {"auroc": [None if math.isnan(p) else p for p in point],
-               "auroc_ci": [ci(boots[:, j]) for j in range(len(point))],
-               "macro": float(np.nanmean(point)) if np.isfinite(point).any() else None, "macro_ci": ci(macro_b)}
-    return out
-
+        return {"auroc": [None if math.isnan(p) else p for p in point],
+                "auroc_ci": [ci(boots[:, j]) for j in range(len(point))],
+                "macro": float(np.nanmean(point)) if np.isfinite(point).any() else None, "macro_ci": ci(macro_b)}
 
 def best_thresholds(y, s):
     """Per label, the score threshold that maximises F1 on validation (predict positive when s >= t)."""
     ts = []
     for j in range(y.shape[1]):
         k = ~np.isnan(y[:, j])
-        yy, ss = y[k, j] == 1, s[k, j]
-        if not yy.any() or yy.all():
-            ts.append(0.5)
-            continue
-        order = np.argsort(-ss, kind="stable")
-        tp, ss_sorted = np.cumsum(yy[order]), ss[order]
-        last = np.r_[ss_sorted[1:] != ss_sorted[:-1], True]      # threshold = each distinct score
-        f1 = 2 * tp / (np.arange(1, len(ss) + 1) + yy.sum())
-        ts.append(float(ss_sorted[last][np.argmax(f1[last])]))
+        tp, fp, cut = cut_counts(y[k, j], s[k, j]) if 0 < (y[k, j] == 1).sum() < k.sum() else (None, None, None)
+        ts.append(0.5 if tp is None else float(cut[np.argmax(2 * tp / (tp + fp + tp[-1]))]))   # F1 at each cut
     return np.array(ts)
-
 
 def threshold_metrics(y, s, t):
     """Accuracy and F1 per label at thresholds t; macro F1 and support-weighted F1 (chexgen's fairness metric)."""
-    acc, f1, support = [], [], []
-    for j in range(y.shape[1]):
-        k = ~np.isnan(y[:, j])
-        yy, pp = y[k, j] == 1, s[k, j] >= t[j]
-        tp = (yy & pp).sum()
-        acc.append(float((yy == pp).mean()) if k.any() else math.nan)
-        f1.append(float(2 * tp / (yy.sum() + pp.sum())) if yy.sum() + pp.sum() else math.nan)
-        support.append(int(yy.sum()))
-    f1a, sup = np.array(f1), np.array(support, float)
+    k = ~np.isnan(y)                                             # known labels only
+    yy, pp = (y == 1) & k, (s >= t) & k
+    with np.errstate(invalid="ignore", divide="ignore"):         # 0 / 0: NaN (no known label / no positive at all)
+        acc, f1a = ((yy == pp) & k).sum(0) / k.sum(0), 2 * (yy & pp).sum(0) / (yy.sum(0) + pp.sum(0))
+    sup = yy.sum(0).astype(float)
     ok = ~np.isnan(f1a) & (sup > 0)
-    return {"accuracy": acc, "f1": f1, "macro_f1": float(np.nanmean(f1a)) if ok.any() else None,
+    return {"accuracy": acc.tolist(), "f1": f1a.tolist(), "macro_f1": float(np.nanmean(f1a)) if ok.any() else None,
             "weighted_f1": float((f1a[ok] * sup[ok]).sum() / sup[ok].sum()) if ok.any() else None}
-
 
 def dice_summary(pred, target):
     """Per-image Dice of bool masks [N, H, W] (1 when both are empty, SIIM-ACR) averaged over all images, over those with
@@ -476,21 +533,17 @@ def dice_summary(pred, target):
     return {"dice": mean(d), "positive_dice": mean(d[has]), "negative_dice": mean(d[~has]),
             "n_positive": int(has.sum()), "n_negative": int((~has).sum())}
 
-
 def subgroup_metrics(rows, y, s, t, min_group):
     """Macro AUROC and weighted F1 per subgroup of sex, race, age bins and their intersections (chexgen Fig. 5c)."""
     families = {"sex": ("sex",), "race": ("race",), "age": ("age",), "sex x race": ("sex", "race"),
                 "sex x age": ("sex", "age"), "race x age": ("race", "age"), "sex x race x age": ATTRIBUTES}
     out = {}
     for fam, attrs in families.items():
-        groups, out[fam] = {}, {}
-        for i, g in enumerate(group_of(r, attrs) for r in rows):
-            groups.setdefault(g, []).append(i)
-        for g, idx in sorted((g, np.array(idx)) for g, idx in groups.items() if g):
-            out[fam][g] = {"n": len(idx), "auroc": auroc_table(y[idx], s[idx], n_boot=0)["macro"],
-                           "f1": threshold_metrics(y[idx], s[idx], t)["weighted_f1"], "ranked": len(idx) >= min_group}
+        keys = np.array([group_of(r, attrs) for r in rows])
+        out[fam] = {g: {"n": len(idx), "auroc": auroc_table(y[idx], s[idx], n_boot=0)["macro"],
+                        "f1": threshold_metrics(y[idx], s[idx], t)["weighted_f1"], "ranked": len(idx) >= min_group}
+                    for g, idx in ((g, np.flatnonzero(keys == g)) for g in sorted(set(keys) - {""}))}
     return out
-
 
 def worst_and_gap(groups, metric):
     """Worst subgroup and best-minus-worst gap over the ranked groups with a defined metric."""
@@ -499,7 +552,6 @@ def worst_and_gap(groups, metric):
         return {"worst": None, "worst_value": None, "best": None, "gap": None}
     worst, best = min(vals, key=vals.get), max(vals, key=vals.get)
     return {"worst": worst, "worst_value": vals[worst], "best": best, "gap": vals[best] - vals[worst]}
-
 
 def pearson(ga, gb, metric):
     """Pearson r, two-sided p (scipy) of a metric over two cohorts' shared subgroups (chexgen Fig. 5c); < 3: None."""
@@ -510,15 +562,17 @@ def pearson(ga, gb, metric):
     r = pearsonr(a, b)
     return {"r": float(r.statistic), "p": float(r.pvalue), "n": len(a)}
 
-
-def roc_points(y, s):
-    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1)."""
+def cut_counts(y, s):
+    """True and false positives when predicting s >= t, at every distinct score t (descending), and those t."""
     order = np.argsort(-s, kind="stable")
     yy, ss = y[order] == 1, s[order]
     last = np.r_[ss[1:] != ss[:-1], True]
-    tp, fp = np.cumsum(yy)[last], np.cumsum(~yy)[last]
-    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+    return np.cumsum(yy)[last], np.cumsum(~yy)[last], ss[last]
 
+def roc_points(y, s):
+    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1)."""
+    tp, fp, _ = cut_counts(y, s)
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: labels and subgroups (DESIGN.md §4, chexgen Fig. 5), dataset and sampler folders, batches, augmentation
@@ -530,36 +584,41 @@ ABBR = dict(zip(LABELS, ["Atl", "Crm", "Cns", "Edm", "Ecm", "Frc", "Lls", "Lop",
                          "Ptx", "Sdv"]))                         # multicond Table 1's abbreviations, extended to 14
 AGE_BINS = [("19-40", 41.0), ("41-65", 66.0), ("66+", math.inf)]   # chexgen Fig. 5 (ages < 19 join the first bin)
 ATTRIBUTES = ("sex", "race", "age")
+META = ["sex", "race", "view", "dataset", "age"]                 # + the 14 labels: the 19 variables (radit §4.2)
+CATS = {"sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}   # DESIGN.md §4
 
-
-def label_value(s, policy, where):
-    """A meta.csv label cell -> 1.0 / 0.0 / NaN (masked): '1' positive, '0' negative, '-1' uncertain, '' missing."""
-    s = (s or "").strip()
-    v = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": math.nan}.get(s)
-    if v is None:
-        raise SystemExit(f"{where}: label value {s!r}; expected 1, 0, -1 or empty")
-    if v == -1.0:                                                # CheXpert's U-Ignore / U-Ones / U-Zeros
-        return {"ignore": math.nan, "ones": 1.0, "zeros": 0.0}[policy]
+def var_value(var, s, policy, where, datasets=()):
+    """A meta.csv cell -> target, '' missing (NaN, masked): a label '1' 1.0, '0' 0.0, '-1' uncertain as --uncertain
+    says (CheXpert's U-Ignore NaN / U-Ones / U-Zeros); sex / race / view / dataset the class index; age in years."""
+    s, cats = (s or "").strip(), [c.upper() for c in CATS.get(var, datasets)]
+    if var in LABELS:
+        v = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": math.nan}.get(s, "?")
+        v = {"ignore": math.nan, "ones": 1.0, "zeros": 0.0}[policy] if v == -1.0 else v
+    elif var == "age":
+        v = age_years(s) if not s or age_years(s) == age_years(s) else "?"
+    else:
+        v = float(cats.index(s.upper())) if s.upper() in cats else "?" if s else math.nan
+    if v == "?":
+        raise SystemExit(f"{where}: {var} {s!r}; expected " + ("1, 0, -1" if var in LABELS else "years" if var == "age"
+                         else f"one of {cats}" + " (--datasets names them)" * (var == "dataset")) + " or empty")
     return v
 
+def age_years(s):
+    return float(s) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", str(s or "")) else math.nan      # '' / junk: NaN
 
 def age_bin(s):
-    a = float(s) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", str(s or "")) else math.nan      # '' / junk: no age group
+    a = age_years(s)
     return next(name for name, hi in AGE_BINS if a < hi) if a == a else ""
-
 
 def group_of(row, attrs):
     """The subgroup of a row under attributes like ('sex', 'race'): 'F/BLACK'; '' when any value is missing."""
     vals = [age_bin(row.get("age")) if a == "age" else (row.get(a) or "").strip() for a in attrs]
     return "/".join(vals) if all(vals) else ""
 
-
-
 def generator(*keys, device="cpu"):
     """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-
 
 def read_png(path, size):
     """A greyscale PNG (8- or 16-bit) -> float32 [1, size, size] in [0, 1]; centre-padded to square first."""
@@ -567,15 +626,12 @@ def read_png(path, size):
         raise SystemExit(f"{path}: no such image; expected one PNG per meta.csv row named <id>.png")
     with Image.open(path) as im:
         wide, a = im.mode.startswith("I"), np.asarray(im)          # I;16 / I: 16-bit greyscale
-    if a.ndim == 3:
-        a = a[..., :3].mean(-1)
-    a = a.astype(np.float32) / (65535.0 if wide else 255.0)
+    a = (a[..., :3].mean(-1) if a.ndim == 3 else a).astype(np.float32) / (65535.0 if wide else 255.0)
     h, w = a.shape
     if h != w:                                                   # aspect-preserving, as DESIGN.md §4
         s = max(h, w)
         a = np.pad(a, (((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)))
     return fit(torch.from_numpy(np.ascontiguousarray(a))[None, None], size)[0]
-
 
 def fit(x, size, mode="bilinear"):
     """[n, C, s, s] -> [n, C, size, size] (antialiased when shrinking; masks: nearest); size 0 keeps s."""
@@ -583,16 +639,13 @@ def fit(x, size, mode="bilinear"):
         return x
     return F.interpolate(x, size=(size, size), mode=mode, **({"antialias": True, "align_corners": False} if mode == "bilinear" else {}))
 
-
 class Source:
     """One `name=folder[:split]` source: its meta rows in memory, pixels (and masks) in memory or read per batch."""
-
     def __init__(self, spec, cfg, default_split=""):
-        name, eq, rest = spec.strip().partition("=")
-        name, rest = (name, rest) if eq else ("", spec.strip())
-        folder, split = rest, default_split
-        if ":" in rest and rest.rsplit(":", 1)[1] in ("train", "val", "test", "all"):
-            folder, split = rest.rsplit(":", 1)
+        name, _, rest = spec.strip().partition("=") if "=" in spec else ("", "", spec.strip())
+        folder, _, split = rest.rpartition(":")                  # a split only when it is one of the four
+        if not (folder and split in ("train", "val", "test", "all")):
+            folder, split = rest, default_split
         self.folder, self.split = folder.rstrip("/"), "" if split == "all" else split
         self.name = name.strip() or os.path.basename(self.folder) or self.folder
         self.synthetic = self.name.lower().startswith("syn")
@@ -610,10 +663,9 @@ class Source:
             rows = [r for r in rows if r["split"] == self.split]
         views = [v.strip().upper() for v in cfg.views.split(",") if v.strip()]
         rows = [r for r in rows if (r.get("view") or "").upper() in views] if views else rows
-        self.rows, self.masks = rows, None
+        self.rows, self.masks, self.info, self.size = rows, None, {}, 0
         if self.kind == "dataset":
-            path = os.path.join(self.folder, "info.json")
-            if not os.path.isfile(path):
+            if not os.path.isfile(path := os.path.join(self.folder, "info.json")):
                 raise SystemExit(f"{path}: no such file; expected the dataset's info.json (prep_data.py)")
             with open(path) as f:
                 self.info = json.load(f)
@@ -622,13 +674,7 @@ class Source:
                 if not os.path.isfile(p := os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")):
                     raise SystemExit(f"{p}: no such shard; expected the shards/ named by meta.csv's shard column")
         elif rows:                                               # the samplers' folders: the first image's side
-            first = os.path.join(self.folder, f"{rows[0]['id']}.png")
-            if not os.path.isfile(first):
-                raise SystemExit(f"{first}: no such image; expected one PNG per meta.csv row named <id>.png")
-            with Image.open(first) as im:
-                self.info, self.size = {}, max(im.size)
-        else:
-            self.info, self.size = {}, 0
+            self.size = read_png(os.path.join(self.folder, f"{rows[0]['id']}.png"), 0).shape[-1]
         self.cache_gb, self._pix = cfg.cache_gb, None
         self._open = lru_cache(maxsize=16)(lambda p: safe_open(p, "pt"))
 
@@ -636,10 +682,9 @@ class Source:
         return len(self.rows)
 
     def subset(self, idx):
-        new = copy.copy(self)
+        new, t = copy.copy(self), torch.as_tensor(np.asarray(idx, np.int64))
         new.rows = [self.rows[int(i)] for i in idx]
-        new._pix = self._pix[torch.as_tensor(np.asarray(idx, np.int64))] if self._pix is not None else None
-        new.masks = self.masks[torch.as_tensor(np.asarray(idx, np.int64))] if self.masks is not None else None
+        new._pix, new.masks = (v if v is None else v[t] for v in (self._pix, self.masks))
         return new
 
     def _shard(self, shard):                                     # (shard files checked to exist in __init__)
@@ -653,22 +698,14 @@ class Source:
 
     def preload(self, size):
         """Hold all pixels in memory (uint16 for datasets, float for PNGs) when they fit in --cache-gb."""
-        if self._pix is not None or not self.rows:
+        n, png = len(self.rows), self.kind == "png"
+        if self._pix is not None or not n or n * self.size ** 2 * (4 if png else 2) > self.cache_gb * 2**30:
             return
-        n = len(self.rows)
-        if self.kind == "png":
-            if n * self.size ** 2 * 4 > self.cache_gb * 2**30:
-                return
-            self._pix = torch.stack([read_png(os.path.join(self.folder, f"{r['id']}.png"), self.size) for r in self.rows])
-        elif n * self.size ** 2 * 2 <= self.cache_gb * 2**30:
-            by_shard, pix = {}, torch.zeros((n, 1, self.size, self.size), dtype=torch.int32)
-            for i, r in enumerate(self.rows):
-                by_shard.setdefault(int(r["shard"]), []).append((i, int(r["index"])))
-            for shard, items in by_shard.items():
-                arr = self._shard(shard).get_tensor("images")
-                dst, src = zip(*items)
-                pix[list(dst)] = arr[list(src)].to(torch.int32)
-            self._pix = pix
+        pix = self.images(range(n)) if png else torch.zeros((n, 1, self.size, self.size), dtype=torch.int32)
+        for shard in [] if png else {r["shard"] for r in self.rows}:             # datasets: one read per shard
+            i = [k for k, r in enumerate(self.rows) if r["shard"] == shard]
+            pix[i] = self._shard(shard).get_tensor("images")[[int(self.rows[k]["index"]) for k in i]].to(torch.int32)
+        self._pix = pix
 
     def images(self, idx):
         """Rows idx -> float32 [n, 1, S, S] in [0, 1] at the source's own size."""
@@ -691,32 +728,30 @@ class Source:
             self.masks = torch.stack([(read_png(os.path.join(self.folder, f"{r['id']}_mask.png"), self.size) > 0)
                                       .to(torch.uint8) for r in self.rows])
 
-    def targets(self, labels, policy):
+    def targets(self, labels, policy, datasets=()):
         """[n, L] float targets with NaN for unknown; a clear error when the folder lacks a requested label."""
         absent = [lab for lab in labels if lab not in self.columns]
         if absent:
             raise SystemExit(f"{self.folder}/meta.csv: no column(s) {absent}; the requested labels must be in "
                              f"every training and test set (choose others with --labels)")
-        return np.array([[label_value(r.get(lab), policy, f"{self.folder}/meta.csv row {r['id']} {lab}") for lab in labels]
+        return np.array([[var_value(v, r.get(v), policy, f"{self.folder}/meta.csv row {r['id']} {v}", datasets)
+                          for v in labels]
                          for r in self.rows], np.float64).reshape(len(self.rows), len(labels))
-
 
 def parse_sources(text, cfg, default_split="", what="--train"):
     srcs = [Source(s, cfg, default_split) for s in text.split(",") if s.strip()]
     if not srcs:
         raise SystemExit(f"{what} {text!r}: expected name=folder[:split] entries")
-    for s in srcs:
-        if not len(s):
-            raise SystemExit(f"{s.name}: no rows (check the split and --views)")
+    for s in (s for s in srcs if not len(s)):
+        raise SystemExit(f"{s.name}: no rows (check the split and --views)")
     return srcs
-
 
 class Pool:
     """Sources resized to one side, with targets: what training and evaluation draw from."""
-
     def __init__(self, sources, cfg, labels, size, masks=False):
         self.sources, self.size, self.labels = sources, size, labels
-        self.y = np.concatenate([s.targets(labels, cfg.uncertain) for s in sources]) if labels else None
+        self.y = np.concatenate([s.targets(labels, cfg.uncertain, cfg.datasets.split(",")) for s in sources]) \
+            if labels else None
         for s in sources:                                        # labels checked first: bad input fails fast
             s.preload(size)
             if masks and s.masks is None:
@@ -734,25 +769,18 @@ class Pool:
     def fetch(self, idx, masks=False):
         """Global rows idx -> images [n, 1, S, S] in [0, 1] (and masks), every source resized to `size`."""
         idx = np.asarray(idx, np.int64)
-        xs, ms, order = [], [], []
-        for k, s in enumerate(self.sources):
-            sel = np.flatnonzero((idx >= self.offsets[k]) & (idx < self.offsets[k + 1]))
-            if not len(sel):
-                continue
-            local = idx[sel] - self.offsets[k]
-            xs.append(fit(s.images(local), self.size))
+        src = np.searchsorted(self.offsets, idx, side="right") - 1    # the source of every row
+        x, m = (torch.zeros(len(idx), 1, self.size, self.size) for _ in range(2))
+        for k in np.unique(src):
+            sel, local = torch.as_tensor(np.flatnonzero(src == k)), torch.as_tensor(idx[src == k] - self.offsets[k])
+            x[sel] = fit(self.sources[k].images(local.numpy()), self.size)
             if masks:
-                ms.append(fit(s.masks[torch.as_tensor(local)].float(), self.size, "nearest"))
-            order.append(sel)
-        inv = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
-        x = torch.cat(xs)[inv]
-        return (x, torch.cat(ms)[inv]) if masks else x
-
+                m[sel] = fit(self.sources[k].masks[local].float(), self.size, "nearest")
+        return (x, m) if masks else x
 
 @lru_cache(maxsize=16)
 def permutation(n, seed, epoch):
     return torch.randperm(n, generator=generator(seed, 1, epoch))
-
 
 def stream_rows(step, n, count, seed, weights=None):
     """`count` rows of step `step`: seeded permutations epoch after epoch (resume-exact), or weighted draws."""
@@ -761,10 +789,8 @@ def stream_rows(step, n, count, seed, weights=None):
     pos = torch.arange(step * count, (step + 1) * count)
     return torch.stack([permutation(n, seed, int(e))[o] for e, o in zip(pos // n, pos % n)])
 
-
 class TrainStream:
     """Global batches over a Pool: one stream over all rows, or one per source with --mix shares per batch."""
-
     def __init__(self, pool, cfg, seed):
         self.pool, self.seed, self.B = pool, seed, cfg.batch_size
         sizes = [len(s) for s in pool.sources]
@@ -793,13 +819,11 @@ class TrainStream:
                + off for k, (off, n, c) in enumerate(self.parts)]
         return torch.cat(out)[torch.randperm(self.B, generator=generator(self.seed, 5, step))]
 
-
 def augment(x, g, cfg, m=None):
     """Rotation (masks too), optional flip, brightness / contrast / gamma jitter; draws from g = f(seed, step)."""
-    B = x.shape[0]
+    B, a = x.shape[0], cfg.intensity
     ang = (torch.rand(B, generator=g) * 2 - 1) * math.radians(cfg.rotate)
     flip = torch.where(torch.rand(B, generator=g) < cfg.flip, -1.0, 1.0)
-    a = cfg.intensity
     bright, contrast, gamma = [(torch.rand(B, generator=g) * 2 - 1) * a for _ in range(3)]
     if cfg.rotate or cfg.flip:
         cos, sin = torch.cos(ang), torch.sin(ang)
@@ -815,11 +839,9 @@ def augment(x, g, cfg, m=None):
         x = ((x - 0.5) * (1 + v(contrast)) + 0.5 + v(bright)).clamp(0, 1)
     return x, m
 
-
 def normalize(x):
     """[0, 1] grey -> ImageNet statistics averaged over RGB (matching the summed first convolution)."""
     return (x - 0.449) / 0.226
-
 
 def atomic_save(path, save_fn):
     """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
@@ -834,17 +856,11 @@ def atomic_save(path, save_fn):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def write_text(path, text):
-    def fn(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_save(path, fn)
-
+    atomic_save(path, lambda tmp: Path(tmp).write_text(text))
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop: DDP, bf16 autocast, grad accumulation, clipping, atomic checkpoints, resume, early stopping
-
 
 def setup_distributed(device_flag):
     """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
@@ -857,21 +873,16 @@ def setup_distributed(device_flag):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
-
 def save_checkpoint(path, raw, opt, cfg, step, state):
     """model.* (+ optim.*) tensors and config / step / early-stopping state as metadata, written atomically."""
-    tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
-    groups = []
-    if opt is not None:
-        osd = opt.state_dict()
-        groups = osd["param_groups"]
-        for i, st in osd["state"].items():
-            tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors, osd = {f"model.{k}": v for k, v in raw.state_dict().items()}, opt.state_dict() if opt else {}
+    groups = osd.get("param_groups", [])
+    for i, st in osd.get("state", {}).items():
+        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "state": json.dumps(state),
             "param_groups": json.dumps(groups), "format": "downstream/1"}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
 
 def read_checkpoint(path, prefixes=("model.", "optim.")):
     """-> (metadata, {prefix: {name: tensor}}, path); a run folder means RUN/best.safetensors, else ckpt."""
@@ -889,34 +900,28 @@ def read_checkpoint(path, prefixes=("model.", "optim.")):
             "param_groups": json.loads(meta["param_groups"])}
     return meta, parts, path
 
-
 def load_optimizer(opt, optim, groups):
     state = {}
-    for k, v in optim.items():
-        i, name = k.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
+    for k, v in optim.items():                                   # 'optim.<param index>.<name>'
+        state.setdefault(int(k.split(".", 1)[0]), {})[k.split(".", 1)[1]] = v
     opt.load_state_dict({"state": state, "param_groups": groups})
-
 
 def autocast(device):
     """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-
 @torch.no_grad()
-def predict(model, pool, cfg, device, batch=128):
-    """Sigmoid outputs over a pool, in order, without augmentation (eval-mode BatchNorm)."""
-    was = model.training
+def predict(model, pool, cfg, device, batch=128, fn=None):
+    """Scores (activate) or fn(x) over a pool, in order, without augmentation (eval-mode BatchNorm)."""
+    was, outs = model.training, []
     model.eval()
-    outs = []
     for i in range(0, len(pool), batch):
-        x = pool.fetch(range(i, min(i + batch, len(pool))))
         with autocast(device):
-            outs.append(torch.sigmoid(model(normalize(x.to(device))).float()).cpu())
+            x = normalize(pool.fetch(range(i, min(i + batch, len(pool)))).to(device))
+            outs.append((fn(x) if fn else activate(model, model(x))).float().cpu())
     model.train(was)
     out = torch.cat(outs).numpy()
     return out.astype(np.float64) if out.ndim == 2 else out     # (segmentation maps stay float32)
-
 
 def val_score(model, pool, cfg, device):
     """Early stopping: macro AUROC, or mean of positive and negative Dice (plain Dice favours predicting nothing)."""
@@ -924,8 +929,10 @@ def val_score(model, pool, cfg, device):
     if cfg.task == "segment":
         d = dice_summary(p[:, 0] > 0.5, pool.mask_array())
         return float(np.mean([v for v in (d["positive_dice"], d["negative_dice"]) if v is not None]))
+    if cfg.task == "predict-metadata":                         # mean ROC-AUC of the categorical variables
+        return float(np.nanmean([v for k, v in metadata_metrics(pool.y, p, model.variables, model.sizes)[0].items()
+                                 if k != "age" and v is not None] or [0.0]))
     return auroc_table(pool.y, p, n_boot=0)["macro"] or 0.0
-
 
 def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None):
     """Train one model on a Pool (resuming RUN/ckpt.safetensors; a finished run is only loaded); best-val weights."""
@@ -936,7 +943,6 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
     micro = cfg.micro_batch or cfg.batch_size // world
     assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
     accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
-
     torch.manual_seed(seed)                                      # the same initial weights on every rank
     raw = load_init(build_model(cfg, n_out), init).to(device)
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)   # chexgen Methods
@@ -947,8 +953,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         load_optimizer(opt, parts["optim."], meta["param_groups"])
         step, state = meta["step"], meta["state"]
     if step >= cfg.max_steps or state["stopped"]:                # a finished run: its best weights, no training
-        if rank == 0:
-            print(f"{run_dir}: finished at step {step}", flush=True)
+        print(f"{run_dir}: finished at step {step}", flush=True) if rank == 0 else None
         return load_best(raw, best_path)
     model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
     if world > 1:
@@ -959,46 +964,39 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
         write_text(os.path.join(run_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
         write_text(os.path.join(run_dir, "env.json"), json.dumps(env, indent=1))
-        print(f"{run_dir}: {cfg.arch} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(pool)} training images "
-              f"({', '.join(f'{s.name} {len(s)}' for s in pool.sources)}), {len(val)} validation, {world} process(es) "
-              f"x {accum} micro-batch(es) of {micro}" + (f", resuming at step {step}" if step else ""), flush=True)
-
-    stop = []
+        print(f"{run_dir}: {cfg.encoder or cfg.arch} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M trained "
+              f"parameters, {len(pool)} training images ({', '.join(f'{s.name} {len(s)}' for s in pool.sources)}), "
+              f"{len(val)} validation, {world} process(es) x {accum} micro-batch(es) of {micro}"
+              + (f", resuming at step {step}" if step else ""), flush=True)
+    stop, stream, lo, seg = [], TrainStream(pool, cfg, seed), rank * per_rank, cfg.task == "segment"
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
-    stream = TrainStream(pool, cfg, seed)
-    lo = rank * per_rank
-    seg = cfg.task == "segment"
     acc = torch.zeros(3, device=device)                          # loss sum, count, grad-norm sum
     bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
     t_log, t_start, step0 = time.time(), time.time(), step
     while step < cfg.max_steps:
         rows = stream.rows(step)[lo:lo + per_rank]
         g = generator(seed, 2, step)
-        if seg:
-            x, m = pool.fetch(rows.numpy(), masks=True)
-            x, target = augment(x, g, cfg, m)
-        else:
-            x, _ = augment(pool.fetch(rows.numpy()), g, cfg)
-            target = torch.as_tensor(pool.y[rows.numpy()], dtype=torch.float32)
+        x, m = pool.fetch(rows.numpy(), masks=True) if seg else (pool.fetch(rows.numpy()), None)
+        x, target = augment(x, g, cfg, m)
+        target = target if seg else torch.as_tensor(pool.y[rows.numpy()], dtype=torch.float32)
         x, target = normalize(x).to(device), target.to(device)
         for gr in opt.param_groups:
-            gr["lr"] = cfg.lr * (0.5 + 0.5 * math.cos(math.pi * step / cfg.max_steps) if cfg.schedule == "cosine" else 1)
+            gr["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (       # warm-up, then cosine / constant
+                0.5 + 0.5 * math.cos(math.pi * step / cfg.max_steps) if cfg.schedule == "cosine" else 1)
         for k in range(accum):
             sl = slice(k * micro, (k + 1) * micro)
-            sync = nullcontext() if world == 1 or k == accum - 1 else model.no_sync()
-            with sync:
+            with nullcontext() if world == 1 or k == accum - 1 else model.no_sync():
                 with autocast(device):
                     out = model(x[sl])
-                loss = seg_loss(out, target[sl], cfg.pos_weight) if seg else masked_bce(out, target[sl])
+                loss = (seg_loss(out, target[sl], cfg.pos_weight) if seg else metadata_loss(out, target[sl], raw.sizes)
+                        if cfg.task == "predict-metadata" else masked_bce(out, target[sl]))
                 (loss / accum).backward()
-            acc[0] += loss.detach()
-            acc[1] += 1
+            acc[:2] += torch.stack([loss.detach(), torch.ones((), device=device)])
             bad = torch.where((bad < 0) & ~loss.detach().isfinite(), step + 1, bad)
         acc[2] += nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-
         eval_now = step % cfg.eval_every == 0 or step == cfg.max_steps
         log_now = step % cfg.log_every == 0 or eval_now
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
@@ -1019,8 +1017,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
                    "lr": opt.param_groups[0]["lr"], "img_s": (a[1] / accum) / world * cfg.batch_size / dt,
                    "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
-            acc.zero_()
-            t_log = time.time()
+            acc, t_log = acc.zero_(), time.time()
         if eval_now:                                             # early stopping on validation (rank 0 decides)
             score = torch.zeros(2, device=device)
             if rank == 0:
@@ -1043,8 +1040,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
                   + f" | eta {rec['eta_s'] / 60:.1f} min", flush=True)
             with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if ckpt_now and rank == 0:
-            save_checkpoint(ckpt_path, raw, opt, cfg, step, state)
+        save_checkpoint(ckpt_path, raw, opt, cfg, step, state) if ckpt_now and rank == 0 else None
         if stop or state["stopped"]:
             break
     if world > 1:
@@ -1055,7 +1051,6 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
     if stop:
         raise SystemExit(f"SIGTERM: checkpoint {ckpt_path} saved at step {step}; rerun the command to resume")
     return load_best(raw, best_path)
-
 
 def bench(cfg):
     """10 training steps (after 2 warm-up steps) on random --img-size images: images/s and peak memory."""
@@ -1076,28 +1071,24 @@ def bench(cfg):
     print(f"bench {cfg.arch} at {S} px, batch {B}, {device}: {ips:.1f} img/s" + (f", peak mem {mem:.2f} GB" if mem else ""))
     return ips
 
-
 def load_best(raw, best_path):
     if os.path.isfile(best_path):                                # the early-stopped weights
         raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
     return raw
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks: classify, pretrain-finetune, fairness, segment (evaluation, tables, ROC plot)
 
-
 def resolve_labels(cfg):
-    if not cfg.labels.strip():
-        return list(LABELS)
-    by_lower = {lab.lower(): lab for lab in LABELS}
-    out = []
+    """--labels: CheXpert labels; for predict-metadata any of the 19 variables ('': all, radit Table 16's order)."""
+    allowed = META + LABELS if cfg.task in ("predict-metadata", "edit-eval") else LABELS
+    by_lower, out = {lab.lower(): lab for lab in allowed}, []
     for name in (n.strip() for n in cfg.labels.split(",") if n.strip()):
         if name.lower() not in by_lower:
-            raise SystemExit(f"--labels: {name!r} is not a CheXpert label; expected some of {LABELS}")
+            raise SystemExit(f"--labels: {name!r} is not a {'variable' if len(allowed) > 14 else 'CheXpert label'}; "
+                             f"expected some of {allowed}")
         out.append(by_lower[name.lower()])
-    return out
-
+    return out or list(allowed)
 
 def experiments(cfg):
     """--train -> [(row name, [Source])]: ';' separates experiments, ',' the sources of one."""
@@ -1113,32 +1104,25 @@ def experiments(cfg):
         exps.append(("+".join(s.name for s in srcs), srcs))
     return exps
 
-
 def validation(cfg, srcs):
     """--val, or the first dataset source's val split, or 10% of the first source's rows held out (seeded)."""
     if cfg.val:
         return parse_sources(cfg.val, cfg, "val", "--val"), srcs
     first = srcs[0]
-    if first.kind == "dataset" and first.split == "train":
-        v = Source(f"val={first.folder}:val", cfg)
-        if len(v):
-            return [v], srcs
+    if first.kind == "dataset" and first.split == "train" and len(v := Source(f"val={first.folder}:val", cfg)):
+        return [v], srcs
     perm = np.random.default_rng(cfg.seed).permutation(len(first))
     k = max(1, len(first) // 10)
     return [first.subset(np.sort(perm[:k]))], [first.subset(np.sort(perm[k:]))] + srcs[1:]
 
-
-def test_sets(cfg, srcs, text=None):
-    text = cfg.test if text is None else text
-    if text:
-        return parse_sources(text, cfg, "test", "--test")
-    ds = next((s for s in srcs if s.kind == "dataset"), None)
-    if ds is None:
+def test_sets(cfg, srcs):
+    if cfg.test:
+        return parse_sources(cfg.test, cfg, "test", "--test")
+    if (ds := next((s for s in srcs if s.kind == "dataset"), None)) is None:
         raise SystemExit("--test: no default (no training source is a dataset folder); give name=folder[:split]")
     return [Source(f"{os.path.basename(ds.folder)}={ds.folder}:test", cfg)]
 
-
-def evaluate_classifier(model, pools, val_pool, cfg, device, labels):
+def evaluate_classifier(model, pools, val_pool, cfg, device):
     """Per test set: AUROC table with CIs, accuracy / F1 at validation thresholds; predictions kept for plots."""
     t = best_thresholds(val_pool.y, predict(model, val_pool, cfg, device))
     res = {}
@@ -1146,19 +1130,20 @@ def evaluate_classifier(model, pools, val_pool, cfg, device, labels):
         p = predict(model, pool, cfg, device)
         r = auroc_table(pool.y, p, cfg.n_boot, cfg.seed)
         r.update(threshold_metrics(pool.y, p, t), thresholds=t.tolist(), n=len(pool),
-                 positives=[int(np.nansum(pool.y[:, j] == 1)) for j in range(len(labels))])
+                 positives=(pool.y == 1).sum(0).tolist())
         res[name] = {**r, "_scores": p}
     return res
-
 
 def mean_std(values):
     v = np.array([x for x in values if x is not None], float)
     return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (None, None)
 
-
 def fmt(v, nd=3):
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+    return "-" if v is None or v != v else str(v) if isinstance(v, (int, str)) else f"{v:.{nd}f}"
 
+def pm(mean, std, runs):
+    """'mean +- std' over several runs, the mean alone for one."""
+    return fmt(mean) + (f" +- {fmt(std)}" if runs > 1 else "")
 
 def summarize(runs, labels):
     """Runs of one experiment on one test set -> per-label and macro mean / std (and the CI of one run)."""
@@ -1169,31 +1154,24 @@ def summarize(runs, labels):
             "macro_f1_mean": mean_std([r["macro_f1"] for r in runs])[0],
             "accuracy_mean": mean_std([float(np.nanmean(np.array(r["accuracy"], float))) for r in runs])[0]}
 
-
 def classify_tables(results, labels, test_names, n_runs):
     """Per test set: rows = training data, columns = labels + Avg (multicond Table 1, chexgenbench Table 4); then Avg by
     test set with the difference to the first row (multicond Table 3)."""
-    out = []
+    out, base, cols = [], next(iter(results.values()))["summary"], labels + ["Avg", "F1", "Acc"]
     for t in test_names:
-        out += [f"\nAUROC on {t}" + (f" (mean +- std over {n_runs} runs)" if n_runs > 1 else " (Avg with 95% bootstrap CI)")
-                + "\n\n| Training data | " + " | ".join(ABBR[lab] for lab in labels) + " | Avg | F1 | Acc |",
-                "|---" * (len(labels) + 4) + "|"]
-        for row, res in results.items():
-            s = res["summary"][t]
-            avg = fmt(s["macro_mean"]) + (f" +- {fmt(s['macro_std'])}" if n_runs > 1 else
-                                          f" [{fmt(s['macro_ci'][0])}, {fmt(s['macro_ci'][1])}]" if s["macro_ci"] else "")
-            out.append(f"| {row} | " + " | ".join(fmt(v) for v in s["auroc_mean"]) + f" | {avg} | "
-                       f"{fmt(s['macro_f1_mean'])} | {fmt(s['accuracy_mean'])} |")
+        ci = lambda s: f" [{fmt(s['macro_ci'][0])}, {fmt(s['macro_ci'][1])}]" if s["macro_ci"] and n_runs == 1 else ""
+        rows = {row: {**dict(zip(labels, s["auroc_mean"])), "F1": s["macro_f1_mean"], "Acc": s["accuracy_mean"],
+                      "Avg": pm(s["macro_mean"], s["macro_std"], n_runs) + ci(s)}
+                for row, s in ((row, res["summary"][t]) for row, res in results.items())}
+        how = f"mean +- std over {n_runs} runs" if n_runs > 1 else "Avg with 95% bootstrap CI"
+        out.append(md_table(f"AUROC on {t} ({how})", rows, cols, [ABBR.get(c, c) for c in cols],
+                            corner="Training data"))
     if len(results) > 1 or len(test_names) > 1:
-        out += ["\nAverage AUROC by test set (difference to the first row)\n\n| Data | " + " | ".join(test_names) + " |",
-                "|---" * (len(test_names) + 1) + "|"]
-        base = next(iter(results.values()))["summary"]
-        for k, (row, res) in enumerate(results.items()):
-            mb = [(res["summary"][t]["macro_mean"], base[t]["macro_mean"]) for t in test_names]
-            out.append(f"| {row} | " + " | ".join(fmt(m) + (f" ({m - b:+.3f})" if k and None not in (m, b) else "")
-                                                  for m, b in mb) + " |")
+        diff = lambda k, m, b: fmt(m) + (f" ({m - b:+.3f})" if k and None not in (m, b) else "")
+        rows = {row: {t: diff(k, res["summary"][t]["macro_mean"], base[t]["macro_mean"]) for t in test_names}
+                for k, (row, res) in enumerate(results.items())}
+        out.append(md_table("Average AUROC by test set (difference to the first row)", rows, test_names, corner="Data"))
     return "\n".join(out)
-
 
 def roc_plot(path, y, s, labels, title):
     """ROC curves, one per label with its AUROC in the legend, drawn with pillow (500 x 500 axes)."""
@@ -1208,43 +1186,38 @@ def roc_plot(path, y, s, labels, title):
     for xy, text in (((pad + W // 2 - 60, pad + W + 24), "false positive rate"), ((4, pad - 20), "true positive rate"),
                      ((pad, 10), title[:90])):
         d.text(xy, text, fill="black")
-    colors = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(j / len(labels), 0.9, 0.75)) for j in range(len(labels))]
-    drawn = [j for j in range(len(labels)) if len(set(y[~np.isnan(y[:, j]), j])) == 2]
-    for k, j in enumerate(drawn):
-        ok, c = ~np.isnan(y[:, j]), colors[j % len(colors)]
+    for k, j in enumerate(j for j in range(len(labels)) if len(set(y[~np.isnan(y[:, j]), j])) == 2):
+        ok, c = ~np.isnan(y[:, j]), tuple(int(255 * v) for v in colorsys.hsv_to_rgb(j / len(labels), 0.9, 0.75))
         fpr, tpr = roc_points(y[ok, j], s[ok, j])
         d.line([(pad + a * W, pad + W - b * W) for a, b in zip(fpr, tpr)], fill=c, width=2)
         d.text((pad + W + 12, pad + 16 * k), f"{ABBR[labels[j]]} {labels[j][:14]} {auroc(y[ok, j], s[ok, j]):.3f}", fill=c)
     atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
 
-
 def write_predictions(path, pool, scores, labels):
     """id, demographics, the targets as used (1 / 0 / empty) and one score column per label: every number."""
     cols = ["id", "sex", "age", "race", "view"] + labels + [f"score:{lab}" for lab in labels]
-    lines = [",".join(f'"{c}"' if "," in c else c for c in cols)]
-    for r, y, p in zip(pool.rows, pool.y, scores):
-        cells = [r.get(c, "") for c in cols[:5]] + ["" if np.isnan(v) else str(int(v)) for v in y] + [f"{v:.6g}" for v in p]
-        lines.append(",".join(cells))
-    write_text(path, "\n".join(lines) + "\n")
+    lines = [cols] + [[r.get(c, "") for c in cols[:5]] + ["" if np.isnan(v) else str(int(v)) for v in y] +
+                      [f"{v:.6g}" for v in p] for r, y, p in zip(pool.rows, pool.y, scores)]
+    write_text(path, "".join(",".join(f'"{c}"' if "," in c else c for c in line) + "\n" for line in lines))
 
+def clean(o):
+    """numpy -> Python, NaN -> null (strict JSON), recursively."""
+    o = o.item() if isinstance(o, np.generic) else o
+    if isinstance(o, dict):
+        return {k: clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, np.ndarray)):
+        return [clean(v) for v in o]
+    return None if isinstance(o, float) and o != o else o
 
 def finish(cfg, rank, results, md, extra=None):
     """Print the tables; write results.json (every number) and results.md."""
     if rank != 0:
         return results
     print(md, flush=True)
-    def clean(o):                                                # numpy -> Python; NaN -> null (strict JSON)
-        o = o.item() if isinstance(o, np.generic) else o
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple, np.ndarray)):
-            return [clean(v) for v in o]
-        return None if isinstance(o, float) and math.isnan(o) else o
-    clean = clean({"config": asdict(cfg), **(extra or {}), "results": results})
-    write_text(os.path.join(cfg.out, "results.json"), json.dumps(clean, indent=1))
+    write_text(os.path.join(cfg.out, "results.json"), json.dumps(clean({"config": asdict(cfg), **(extra or {}),
+                                                                         "results": results}), indent=1))
     write_text(os.path.join(cfg.out, "results.md"), md.strip() + "\n")
     return results
-
 
 def setup(cfg, masks=False):
     """Common set-up: devices, labels, experiments, validation and test pools at one input size."""
@@ -1252,22 +1225,29 @@ def setup(cfg, masks=False):
     labels = [] if masks else resolve_labels(cfg)
     exps = experiments(cfg)
     cfg.img_size = size = cfg.img_size or exps[0][1][0].size or 256   # stored resolved in the checkpoints
+    if "dataset" in labels and not cfg.datasets:                # predictors: codes 1..K in info.json's order
+        cfg.datasets = ",".join(next((s.info["datasets"] for s in exps[0][1] if s.info.get("datasets")), []))
+        if not cfg.datasets:
+            raise SystemExit("--datasets: no info.json lists the datasets; expected their names, e.g. mimic,chexpert")
     return rank, device, labels, exps, size
 
-
-def task_classify(cfg):
-    """Train on each experiment (--runs seeds), evaluate on every test set; tables in the papers' layout."""
-    rank, device, labels, exps, size = setup(cfg)
+def run_experiments(cfg, evaluate, masks=False):
+    """Each --train experiment x --runs seeds: train (or resume), then evaluate(model, test pools, val pool, device)."""
+    rank, device, labels, exps, size = setup(cfg, masks)
     evals = {}
     for row, srcs in exps:
         val_srcs, srcs = validation(cfg, srcs)
-        pool, val = Pool(srcs, cfg, labels, size), Pool(val_srcs, cfg, labels, size)
-        tests = {s.name: Pool([s], cfg, labels, size) for s in test_sets(cfg, srcs)}
-        evals[row] = [evaluate_classifier(train(cfg, pool, val, os.path.join(cfg.out, SAFE.sub("_", row), f"run{k}"),
-                                                cfg.seed + k, len(labels), init=cfg.init).to(device),
-                                          tests, val, cfg, device, labels) for k in range(cfg.runs)]
-    return report_classify(cfg, rank, evals, tests, labels)
+        pool, val = Pool(srcs, cfg, labels, size, masks), Pool(val_srcs, cfg, labels, size, masks)
+        tests = {s.name: Pool([s], cfg, labels, size, masks) for s in test_sets(cfg, srcs)}
+        evals[row] = [evaluate(train(cfg, pool, val, os.path.join(cfg.out, SAFE.sub("_", row), f"run{k}"), cfg.seed + k,
+                                     len(labels) or 1, init=cfg.init).to(device), tests, val, device)
+                      for k in range(cfg.runs)]
+    return rank, labels, evals, tests
 
+def task_classify(cfg):
+    """Train on each experiment (--runs seeds), evaluate on every test set; tables in the papers' layout."""
+    rank, labels, evals, tests = run_experiments(cfg, lambda m, ts, val, dev: evaluate_classifier(m, ts, val, cfg, dev))
+    return report_classify(cfg, rank, evals, tests, labels)
 
 def report_classify(cfg, rank, evals, tests, labels):
     """Predictions CSVs, the ROC plot of the first run on the first test set, tables, results.json."""
@@ -1284,20 +1264,19 @@ def report_classify(cfg, rank, evals, tests, labels):
         results[row] = {"runs": runs, "summary": {t: summarize([r[t] for r in runs], labels) for t in tests}}
     return finish(cfg, rank, results, classify_tables(results, labels, list(tests), len(runs)), {"labels": labels})
 
-
 def load_classifier(ckpt, labels=None):
-    """A trained classifier and its config from a run folder or checkpoint; its labels must be those asked for."""
+    """A trained model and its config from a run folder or checkpoint: a classifier (trained on `labels` when they
+    are given), or with labels='predictor' a predict-metadata run."""
     meta, parts, path = read_checkpoint(ckpt, ("model.",))
     saved = Config(**{k: v for k, v in meta["config"].items() if k in {f.name for f in fields(Config)}})
-    if saved.task == "segment":
-        raise SystemExit(f"{path}: a U-Net; --eval takes classifiers (segment evaluates its test sets after training)")
-    have = resolve_labels(saved)
-    if labels is not None and labels != have:
+    if saved.task == "segment" or (saved.task == PM) != (labels == "predictor"):
+        raise SystemExit(f"{path}: a {saved.task} run; expected " + ("a predict-metadata run" if labels == "predictor"
+                         else "a classifier (segment evaluates its test sets after training)"))
+    if labels not in (None, "predictor") and labels != (have := resolve_labels(saved)):
         raise SystemExit(f"{path}: trained on labels {have}; --labels asks for {labels}")
-    model = build_model(saved, len(have))
+    model = build_model(saved, len(resolve_labels(saved)))
     model.load_state_dict(parts["model."])
     return model, saved, path
-
 
 def task_eval(cfg):
     """--eval --ckpt: a trained classifier on --test, F1 thresholds from --val; labels and size from the checkpoint."""
@@ -1309,20 +1288,17 @@ def task_eval(cfg):
     val = Pool(parse_sources(cfg.val, cfg, "val", "--val"), cfg, labels, cfg.img_size)
     tests = {s.name: Pool([s], cfg, labels, cfg.img_size) for s in parse_sources(cfg.test, cfg, "test", "--test")}
     row = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return report_classify(cfg, rank, {row: [evaluate_classifier(model.to(device), tests, val, cfg, device, labels)]},
+    return report_classify(cfg, rank, {row: [evaluate_classifier(model.to(device), tests, val, cfg, device)]},
                            tests, labels)
-
 
 def task_pretrain_finetune(cfg):
     """Pretrain on --train, finetune on --fractions of --finetune; baseline: the same from --init (chexgen Fig. 4)."""
     fractions = [float(f) if re.fullmatch(r"\d*\.?\d+([eE][-+]?\d+)?", f.strip()) else math.nan for f in cfg.fractions.split(",")]
-    for f in fractions:                                          # (NaN, from a non-number, fails the test too)
-        if not 0 < f <= 1:
-            raise SystemExit(f"--fractions {cfg.fractions!r}: {f} is outside (0, 1]; expected fractions of the real data")
+    for f in (f for f in fractions if not 0 < f <= 1):           # (NaN, from a non-number, fails the test too)
+        raise SystemExit(f"--fractions {cfg.fractions!r}: {f} is outside (0, 1]; expected fractions of the real data")
     if not cfg.finetune:
         raise SystemExit("--finetune: expected the real data to finetune on, e.g. real=data/mimic:train")
-    rank, device, labels, exps, size = setup(cfg)
-    row, srcs = exps[0]
+    rank, device, labels, ((row, srcs), *_), size = setup(cfg)
     val_srcs, srcs = validation(cfg, srcs)
     real = parse_sources(cfg.finetune, cfg, "train", "--finetune")
     rval, real = validation(Config(**{**asdict(cfg), "val": ""}), real)
@@ -1334,25 +1310,20 @@ def task_pretrain_finetune(cfg):
     for k in range(cfg.runs):
         pre_dir = os.path.join(cfg.out, "pretrain", f"run{k}")
         train(cfg, pool, val, pre_dir, cfg.seed + k, len(labels), init=cfg.init)
-        for f in fractions:
-            n_all = len(real_pool)
+        for f, n_all in ((f, len(real_pool)) for f in fractions):
             keep = np.sort(np.random.default_rng([cfg.seed + k, int(f * 1e6)]).permutation(n_all)[:max(1, round(f * n_all))])
             sub = Pool(split_pool_sources(real_pool, keep), cfg, labels, size)
             for arm, init in (("pretrained", pre_dir), ("baseline", cfg.init)):
                 model = train(cfg, sub, rval_pool, os.path.join(cfg.out, f"{arm}-{f:g}", f"run{k}"), cfg.seed + k,
                               len(labels), init=init, lr=ft_lr, max_steps=ft_steps).to(device)
-                ev = evaluate_classifier(model, tests, rval_pool, cfg, device, labels)
-                for t, r in ev.items():
+                for t, r in evaluate_classifier(model, tests, rval_pool, cfg, device).items():
                     results[arm].setdefault(t, {}).setdefault(f"{f:g}", []).append(r["macro"])
-    md = []
-    for t in tests:
-        md += [f"\nMacro AUROC on {t} vs fraction of real training data (finetuning)\n\n| Initialisation | "
-               + " | ".join(f"{f:g}" for f in fractions) + " |", "|---" * (len(fractions) + 1) + "|"]
-        for arm, name in (("pretrained", f"pretrained on {row}"), ("baseline", cfg.init.split(':')[0] or "random")):
-            cells = [mean_std(results[arm][t][f"{f:g}"]) for f in fractions]
-            md.append(f"| {name} | " + " | ".join(fmt(m) + (f" +- {fmt(s)}" if cfg.runs > 1 else "") for m, s in cells) + " |")
+    cols, arms = [f"{f:g}" for f in fractions], {"pretrained": f"pretrained on {row}",
+                                                 "baseline": cfg.init.split(":")[0] or "random"}
+    md = [md_table(f"Macro AUROC on {t} vs fraction of real training data (finetuning)",
+                   {name: {c: pm(*mean_std(results[arm][t][c]), cfg.runs) for c in cols} for arm, name in arms.items()},
+                   cols, corner="Initialisation") for t in tests]
     return finish(cfg, rank, results, "\n".join(md), {"labels": labels, "fractions": fractions})
-
 
 def split_pool_sources(pool, keep):
     """The sources of a pool restricted to global rows `keep`."""
@@ -1360,48 +1331,38 @@ def split_pool_sources(pool, keep):
              for k, s in enumerate(pool.sources)]
     return [s.subset(local) for s, local in parts if local]
 
-
 def balance_sources(cfg, srcs):
     """Top up each --balance-by group with its --balance images to the largest group's size (chexgen Fig. 5d)."""
     attrs = tuple(a.strip() for a in cfg.balance_by.split(",") if a.strip())
     if not attrs or any(a not in ATTRIBUTES for a in attrs):
         raise SystemExit(f"--balance-by {cfg.balance_by!r}: expected some of {list(ATTRIBUTES)}")
-    syn = Source(f"syn-balance={cfg.balance}", cfg)
-    count, by_group = {}, {}
-    for g in filter(None, (group_of(r, attrs) for s in srcs for r in s.rows)):
-        count[g] = count.get(g, 0) + 1
-    target, pick, added = max(count.values()), [], {}
+    syn, by_group = Source(f"syn-balance={cfg.balance}", cfg), {}
+    count = Counter(filter(None, (group_of(r, attrs) for s in srcs for r in s.rows)))
     for i, r in enumerate(syn.rows):
         by_group.setdefault(group_of(r, attrs), []).append(i)
-    for g, n in count.items():
-        take = by_group.get(g, [])[: target - n]
-        pick += take
-        added[g] = len(take)
-    return (srcs + [syn.subset(sorted(pick))] if pick else srcs), {"target": target, "real": count, "added": added}
-
+    target = max(count.values())
+    take = {g: by_group.get(g, [])[: target - n] for g, n in count.items()}
+    pick = sorted(i for t in take.values() for i in t)
+    return (srcs + [syn.subset(pick)] if pick else srcs), {"target": target, "real": dict(count),
+                                                          "added": {g: len(t) for g, t in take.items()}}
 
 def task_fairness(cfg):
     """Subgroup metrics on real and synthetic cohorts, their Pearson r; --balance: a second, debiased model."""
-    if cfg.fair_metric not in ("f1", "auroc"):
-        raise SystemExit(f"--fair-metric {cfg.fair_metric!r}: expected f1 or auroc")
+    if cfg.eval and not (cfg.val and cfg.test) or cfg.eval and cfg.balance:
+        raise SystemExit("fairness --eval: expected --test (the real cohort) and --val (for the F1 thresholds); "
+                         "--balance trains a new model, it does not combine with --eval")
     if cfg.eval:                                                 # bias detection of an existing model
-        if not (cfg.val and cfg.test):
-            raise SystemExit("fairness --eval: expected --test (the real cohort) and --val (for the F1 thresholds)")
         rank, _, device = setup_distributed(cfg.device)
-        labels = resolve_labels(cfg)
-        trained, saved, _ = load_classifier(cfg.ckpt, labels)
+        trained, saved, _ = load_classifier(cfg.ckpt, labels := resolve_labels(cfg))
         size, srcs, val_srcs = saved.img_size, [], parse_sources(cfg.val, cfg, "val", "--val")
     else:
         rank, device, labels, exps, size = setup(cfg)
         val_srcs, srcs = validation(cfg, exps[0][1])
-    val = Pool(val_srcs, cfg, labels, size)
+    val, arms, extra = Pool(val_srcs, cfg, labels, size), {"original": srcs}, {}
     cohorts = {"real": test_sets(cfg, srcs)}
     if cfg.syn_test:
         cohorts["synthetic"] = parse_sources(cfg.syn_test, cfg, "", "--syn-test")
-    arms, extra = {"original": srcs}, {}
     if cfg.balance:
-        if cfg.eval:
-            raise SystemExit("fairness: --balance trains a new model; it does not combine with --eval")
         arms["balanced"], extra["balance"] = balance_sources(cfg, srcs)
     results = {}
     for arm, arm_srcs in arms.items():
@@ -1423,7 +1384,6 @@ def task_fairness(cfg):
             results[arm]["pearson"] = {fam: pearson(real[fam], syn[fam], cfg.fair_metric) for fam in real}
     return finish(cfg, rank, results, fairness_tables(results, cfg.fair_metric), {"labels": labels, **extra})
 
-
 def fairness_tables(results, metric):
     """Per arm: every subgroup's n / AUROC / F1 in each cohort, then worst group, gap and Pearson r by attribute."""
     out = []
@@ -1443,36 +1403,114 @@ def fairness_tables(results, metric):
                        + (f" | {fmt(r['r'])} (n={r['n']}) |" if r else " | - |"))
     return "\n".join(out)
 
-
 def task_segment(cfg):
     """U-Net on one mask per experiment; Dice, positive and negative Dice on every test set (chexgen Fig. 3d)."""
-    rank, device, _, exps, size = setup(cfg, masks=True)
-    results = {}
-    for row, srcs in exps:
-        val_srcs, srcs = validation(cfg, srcs)
-        pool, val = Pool(srcs, cfg, [], size, masks=True), Pool(val_srcs, cfg, [], size, masks=True)
-        tests = {s.name: Pool([s], cfg, [], size, masks=True) for s in test_sets(cfg, srcs)}
-        runs = []
-        for k in range(cfg.runs):
-            model = train(cfg, pool, val, os.path.join(cfg.out, SAFE.sub("_", row), f"run{k}"), cfg.seed + k, 1,
-                          init=cfg.init).to(device)
-            runs.append({t: dice_summary(predict(model, p, cfg, device)[:, 0] > 0.5, p.mask_array()) for t, p in tests.items()})
-        results[row] = {"runs": runs, "summary": {t: {m: mean_std([r[t][m] for r in runs])
-                                                      for m in ("dice", "positive_dice", "negative_dice")} for t in tests}}
-    md = []
-    for t in tests:
-        md += [f"\nSegmentation of {cfg.mask!r} on {t}\n\n| Training data | Dice | positive Dice | negative Dice |",
-               "|---|---|---|---|"] + [f"| {row} | " + " | ".join(fmt(m) + (f" +- {fmt(sd)}" if cfg.runs > 1 else "") for m, sd in
-                                        res["summary"][t].values()) + " |" for row, res in results.items()]
+    rank, _, evals, tests = run_experiments(cfg, lambda m, tests, val, dev: {
+        t: dice_summary(predict(m, p, cfg, dev)[:, 0] > 0.5, p.mask_array()) for t, p in tests.items()}, masks=True)
+    dice = ["dice", "positive_dice", "negative_dice"]
+    results = {row: {"runs": runs, "summary": {t: {m: mean_std([r[t][m] for r in runs]) for m in dice} for t in tests}}
+               for row, runs in evals.items()}
+    md = [md_table(f"Segmentation of {cfg.mask!r} on {t}", {row: {m: pm(*res["summary"][t][m], cfg.runs) for m in dice}
+                                                             for row, res in results.items()}, dice,
+                   ["Dice", "positive Dice", "negative Dice"], corner="Training data") for t in tests]
     return finish(cfg, rank, results, "\n".join(md), {"mask": cfg.mask})
 
+def md_table(title, rows, cols, head=None, nd=3, corner=""):
+    """A markdown table, one line per {name: {column: value}} (numbers to nd decimals, counts and text as they are)."""
+    return "\n".join([f"\n{title}\n\n| {corner} | " + " | ".join(head or cols) + " |", "|---" * (len(cols) + 1) + "|"] +
+                     [f"| {name} | " + " | ".join(fmt(r.get(c), nd) for c in cols) + " |" for name, r in rows.items()])
+
+def metadata_table(title, rows, variables, extra=()):
+    """radit Table 16's layout: metadata ROC-AUC, age MAE, then the findings."""
+    cols = [v for v in META if v in variables] + [v for v in variables if v in LABELS] + list(extra)
+    return md_table(title, rows, cols, [c.capitalize() if c in META[:4] else "Age MAE" if c == "age" else ABBR.get(c, c)
+                                        for c in cols])
+
+def task_predict_metadata(cfg):
+    """radit App. C.4: the multi-task predictor of the 19 variables; per-variable ROC-AUC / age MAE per test set."""
+    rank, labels, evals, tests = run_experiments(cfg, lambda m, tests, val, dev: {
+        t: metadata_metrics(p.y, predict(m, p, cfg, dev), m.variables, m.sizes)[0] for t, p in tests.items()})
+    summary = {f"{row} on {t}": {v: pm(*mean_std([r[t][v] for r in runs]), cfg.runs) for v in labels}
+               for row, runs in evals.items() for t in tests}
+    return finish(cfg, rank, {row: {"runs": runs} for row, runs in evals.items()}, metadata_table(
+        "Predictor ROC-AUC / age MAE (years) by training data and test set", summary, labels),
+        {"variables": labels, "datasets": cfg.datasets})
+
+def matched(spec, ids, cfg, flag):
+    """The rows of a folder in the order of `ids` (the edited images' ids); every id must be there."""
+    src = Source(f"{flag[2:]}={spec}", cfg)
+    where = {r["id"]: i for i, r in enumerate(src.rows)}
+    if missing := [i for i in ids if i not in where]:
+        raise SystemExit(f"{src.folder}/meta.csv: no rows with ids {missing[:3]} ({len(missing)} of --edited's "
+                         f"{len(ids)}); expected {flag} and --edited to share ids (one edit per source image)")
+    return src.subset([where[i] for i in ids])
+
+def task_edit_eval(cfg):
+    """radit App. C.4, Tables 14 and 16: edit effectiveness (the predictor on the edited images against their new
+    profile; hit: the intervened variable predicted as set) and identity preservation (SSIM, LPIPS, rLPIPS, attribute
+    cosine) with random-pair reference rows; --truth: the same against the true counterfactual images and labels."""
+    if not (cfg.original and cfg.edited and cfg.predictor):
+        raise SystemExit("edit-eval: expected --original D --edited E --predictor PRED_RUN (and optionally --truth T)")
+    import metrics                                               # (scripts import metrics where they evaluate)
+    rank, _, device = setup_distributed(cfg.device)
+    model, saved, path = load_classifier(cfg.predictor, "predictor")
+    model, V = model.to(device), model.variables
+    cfg.labels, cfg.datasets, cfg.uncertain = saved.labels, saved.datasets, saved.uncertain
+    E = Source(f"edited={cfg.edited}", cfg)
+    edits = [[p.partition("=")[0].strip() for p in (r.get("intervention") or "").split(",") if p.strip()]
+             for r in E.rows]
+    for r, e in ((r, e) for r, e in zip(E.rows, edits) if not e or not set(e) <= set(META + LABELS)):
+        raise SystemExit(f"{E.folder}/meta.csv row {r['id']}: intervention {r.get('intervention')!r}; expected "
+                         f"variable=value with variables from {META + LABELS}")
+    if lacking := sorted({v for e in edits for v in e} - set(V)):
+        raise SystemExit(f"{path}: the predictor lacks {lacking}; expected a predict-metadata run trained on them")
+    ids, n = [r["id"] for r in E.rows], len(E)
+    sets = {"original": matched(cfg.original, ids, cfg, "--original"), "edited": E,
+            **({"truth": matched(cfg.truth, ids, cfg, "--truth")} if cfg.truth else {})}
+    kinds = [e[0] if e[0] in META else "finding" for e in edits]
+    groups = {k: np.array([i for i, g in enumerate(kinds) if g == k]) for k in dict.fromkeys(kinds)}
+    pix = {k: Pool([s], cfg, [], E.size).fetch(range(n)) for k, s in sets.items()}    # identity: at E's side
+    pools = {k: Pool([s], cfg, V, saved.img_size) for k, s in sets.items()}
+    p = {k: predict(model, q, cfg, device) for k, q in pools.items()}
+    emb = {k: predict(model, q, cfg, device, fn=model.embed) for k, q in pools.items()}
+    effect = {"observed": metadata_metrics(pools["original"].y, p["original"], V, model.sizes)[0]}
+    for img, lab in [("edited", "edited")] + [("edited", "truth"), ("truth", "truth")] * bool(cfg.truth):
+        y, pred = pools[lab].y, metadata_metrics(pools[lab].y, p[img], V, model.sizes)[1]
+        for k, idx in groups.items():
+            hit = [abs(pred[i, j] - y[i, j]) if V[j] == "age" else pred[i, j] == y[i, j]
+                   for i in idx for j in map(V.index, edits[i]) if y[i, j] == y[i, j]]
+            effect[f"{img} images, {lab} labels: {k}"] = {**metadata_metrics(y[idx], p[img][idx], V, model.sizes)[0],
+                                                         "n": len(idx), "hit": float(np.mean(hit)) if hit else None}
+    rng = np.random.default_rng(cfg.seed)                        # random pairs of distinct originals (radit Eq. 14)
+    a, b = rng.integers(0, n, cfg.n_pairs), rng.integers(1, max(n, 2), cfg.n_pairs)
+    b = (a + b) % n
+    x0, e0 = pix["original"], emb["original"]
+    ident = {"random pairs": {"n": cfg.n_pairs, "SSIM": float(metrics.ssim(x0[a], x0[b]).mean()),
+                              "cosine": float(np.nanmean(attribute_cosine(e0[a], e0[b], V, [[]] * len(a))))}}
+    pairs = [("original", "edited")] + [("truth", "edited"), ("original", "truth")] * bool(cfg.truth)
+    per = {q: {"SSIM": metrics.ssim(pix[q[0]], pix[q[1]]).reshape(-1).numpy(),
+               "cosine": attribute_cosine(emb[q[0]], emb[q[1]], V, edits)} for q in pairs}
+    for name in filter(None, map(str.strip, cfg.lpips.split(","))):          # radit Eq. 13, 14 through metrics.py
+        lp = metrics.FeatureLPIPS(name, None, cfg.weights_dir, cfg.allow_random_weights, str(device))
+        d0, key = float(metrics.random_pair_distance(lp, x0, cfg.n_pairs, cfg.seed)), os.path.basename(name.rstrip("/"))
+        ident["random pairs"].update({f"LPIPS {key}": d0, f"rLPIPS {key}": 1.0})
+        for q in pairs:
+            d = lp.distance(pix[q[0]], pix[q[1]]).double()
+            per[q].update({f"LPIPS {key}": d.numpy(), f"rLPIPS {key}": np.asarray(metrics.relative_lpips(d, d0))})
+    for q in pairs:
+        ident.update({f"{q[0]} vs {q[1]}: {k}": {"n": len(idx), **{m: np.nanmean(v[idx]) for m, v in per[q].items()}}
+                      for k, idx in groups.items()})
+    md = md_table("Identity preservation (radit Table 14; cosine: the attribute heads' embeddings, Eq. 15)", ident,
+                  ["n"] + list(per[pairs[0]]), nd=4)
+    md += "\n" + metadata_table("Edit effectiveness: predictor ROC-AUC / age MAE (radit Table 16); hit: the intervened "
+                                "variable predicted as set (age: MAE)", effect, V, ("hit", "n"))
+    return finish(cfg, rank, {"identity": ident, "effectiveness": effect}, md, {"variables": V, "predictor": path})
 
 # ----------------------------------------------------------------------------------------------------------------
-# main: task dispatch (classify is the default; issue 14 adds predict-metadata and edit-eval here)
+# main: task dispatch (classify is the default)
 
 RUNNERS = {"classify": task_classify, "pretrain-finetune": task_pretrain_finetune, "fairness": task_fairness,
-           "segment": task_segment}
-
+           "segment": task_segment, "predict-metadata": task_predict_metadata, "edit-eval": task_edit_eval}
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
@@ -1484,12 +1522,9 @@ def main(argv=None):
         return n
     if cfg.bench:
         return bench(cfg)
-    if cfg.eval:
-        if not cfg.ckpt:
-            raise SystemExit("--eval: expected --ckpt RUN (a run folder or checkpoint of downstream.py)")
-        return task_fairness(cfg) if cfg.task == "fairness" else task_eval(cfg)
-    return RUNNERS[cfg.task](cfg)
-
+    if cfg.eval and not cfg.ckpt:
+        raise SystemExit("--eval: expected --ckpt RUN (a run folder or checkpoint of downstream.py)")
+    return (task_eval if cfg.eval and cfg.task != "fairness" else RUNNERS[cfg.task])(cfg)
 
 if __name__ == "__main__":
     main()
