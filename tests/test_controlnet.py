@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.numpy import save_file as save_np
 
 import controlnet as cn
 import dit_text2img as dt
@@ -111,7 +112,8 @@ def as_backbone(cfg, model):
 
 def inputs(B=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, 1, 16, 16, generator=g), torch.tensor([10, 500, 990][:B]), torch.randn(B, 12, 16, generator=g),
+    return (torch.randn(B, 1, 16, 16, generator=g), torch.tensor([10, 500, 990][:B]),
+            torch.randn(B, 12, 16, generator=g),
             torch.tensor([3, 7, 12][:B]), (torch.rand(B, 3, 16, 16, generator=g) > 0.5).float() * 2 - 1)
 
 
@@ -338,3 +340,105 @@ def test_sample_cli_writes_image_annotation_pairs(tmp_path, run, data32, bert):
                           np.asarray(Image.open(os.path.join(out, "c1_s1.png"))))     # deterministic by seed
     with pytest.raises(SystemExit, match="a mask model; give --masks instead"):
         cn.main(["sample", "--ckpt", run, "--boxes", str(tmp_path / "b.json"), "--prompt", "x", "--out", out])
+
+
+def test_sample_boxes_writes_box_pairs_and_refuses_unknown_classes(tmp_path, data32, backbone, bert, capsys):
+    out = str(tmp_path / "box")
+    train(data32, backbone, out, "--cond-type", "box", "--max-steps", "3", "--control-blocks", "1")
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        names = json.loads(f.metadata()["config"])["cond_names"].split(",")
+    assert "Pleural Effusion" in names and names == sorted(names)
+    boxes = {"a": {"Pleural Effusion": [0.5, 0.5, 1.2, 0.9]}, "b": {"Pleural Effusion": [[0, 0, 0.25, 0.5]],
+                                                                      "Cardiomegaly": [0.3, 0.4, 0.7, 0.8]}}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    fake = str(tmp_path / "fake")
+    ids = cn.main(["sample", "--ckpt", out, "--boxes", str(tmp_path / "boxes.json"), "--prompt", "cardiomegaly",
+                   "--n-per-cond", "1", "--steps", "3", "--out", fake, "--mask-out", "Pleural Effusion",
+                   "--text-encoder", bert])
+    assert ids == ["a", "b"] and "clipped to [0.5, 0.5, 1.0, 0.9]" in capsys.readouterr().err
+    assert json.load(open(os.path.join(fake, "b_boxes.json"))) == {"Pleural Effusion": [[0, 0, 0.25, 0.5]],
+                                                                   "Cardiomegaly": [[0.3, 0.4, 0.7, 0.8]]}
+    want = np.zeros((32, 32), np.uint8)            # hand-drawn: pixel centres 16.5 .. 28.5 < 0.9 x 32 = 28.8, cols 16..
+    want[16:29, 16:] = 255
+    assert np.array_equal(np.asarray(Image.open(os.path.join(fake, "a_mask.png"))), want)
+    assert {r["id"]: json.loads(r["boxes"]) for r in rows(os.path.join(fake, "meta.csv"))}["a"] == {
+        "Pleural Effusion": [[0.5, 0.5, 1.2, 0.9]]}
+    (tmp_path / "bad.json").write_text(json.dumps({"x": {"Spleen": [0, 0, 1, 1]}}))
+    with pytest.raises(SystemExit, match="unknown box class 'Spleen'"):
+        cn.main(["sample", "--ckpt", out, "--boxes", str(tmp_path / "bad.json"), "--prompt", "x", "--out", fake])
+
+
+def test_evaluate_scores_with_the_downstream_segmenter(tmp_path, run, data32, phantom_dir, bert):
+    import downstream as ds
+    seg = str(tmp_path / "seg")
+    ds.main(["segment", "--train", f"real={phantom_dir}:train", "--mask", "Pleural Effusion", "--width", "8",
+             "--batch-size", "16", "--max-steps", "40", "--eval-every", "40", "--lr", "5e-3", "--out", seg])
+    seg_run = os.path.join(seg, "real", "run0")
+    net, scfg = cn.load_segmenter(seg_run, "cpu")                 # the U-Net here predicts what downstream's does
+    meta, parts, _ = ds.read_checkpoint(seg_run)
+    ref = ds.UNet(1, width=8).eval()
+    ref.load_state_dict(parts["model."])
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        want = (torch.sigmoid(ref(ds.normalize(x))) > 0.5)[:, 0].numpy()
+    assert np.array_equal(cn.segment(net, x, 32, "cpu"), want)
+    out = str(tmp_path / "eval")
+    res = cn.main(["evaluate", "--ckpt", run, "--seg-ckpt", seg_run, "--data", data32, "--n", "12", "--n-per-cond", "1",
+                   "--steps", "4", "--out", out, "--text-encoder", bert, "--allow-random-weights"])
+    assert res == json.load(open(os.path.join(out, "results.json")))
+    assert res["n_conditions"] == 12 and len(rows(os.path.join(out, "fake", "meta.csv"))) == 12
+    # the real images' Dice, recomputed here from the dataset's own masks and downstream's U-Net
+    test = [r for r in rows(os.path.join(data32, "meta.csv")) if r["split"] == "test"][:12]
+    info = json.load(open(os.path.join(data32, "info.json")))
+    k = info["mask_names"].index("Pleural Effusion")
+    imgs, masks = [], []
+    for r in test:
+        with safe_open(os.path.join(data32, "shards", f"{int(r['shard']):05d}.safetensors"), "pt") as f:
+            imgs.append((f.get_slice("images")[int(r["index"]):int(r["index"]) + 1].float() + 0.5) / 65536)
+            masks.append(f.get_slice("masks")[int(r["index"]):int(r["index"]) + 1][0, k].numpy() > 0)
+    with torch.no_grad():
+        pred = (torch.sigmoid(ref(ds.normalize(torch.cat(imgs)))) > 0.5)[:, 0].numpy()
+    d = [1.0 if p.sum() + g.sum() == 0 else 2 * (p & g).sum() / (p.sum() + g.sum()) for p, g in zip(pred, masks)]
+    assert res["real"]["dice"] == pytest.approx(np.mean(d), abs=1e-9)
+    assert 0 <= res["generated"]["dice"] <= 1 and res["generated"]["n"] == 12
+    fid = res["fid"]
+    assert fid["random_weights"] and fid["n_real"] == fid["n_fake"] == 12 and np.isfinite(fid["value"])
+    with pytest.raises(SystemExit, match="not a checkpoint of `downstream.py segment`|not a downstream.py"):
+        cn.main(["evaluate", "--ckpt", run, "--seg-ckpt", run, "--data", data32, "--out", out])
+
+
+def test_latent_space_conditions_fold_onto_the_latent_grid(tmp_path, data32, bert):
+    """A toy latent folder (4 x 8 x 8, f = 4, a torch.export decoder) as vae.py writes: backbone, adapter, sample."""
+    lat = tmp_path / "data"
+    shutil.copytree(data32, lat)
+    os.makedirs(lat / "latents" / "toy" / "shards")
+    zs = []
+    for name in sorted(n for n in os.listdir(os.path.join(data32, "shards")) if n.endswith(".safetensors")):
+        with safe_open(os.path.join(data32, "shards", name), "numpy") as f:
+            img = f.get_tensor("images").astype(np.float32) / 32768 - 1
+        z = np.repeat(img.reshape(len(img), 1, 8, 4, 8, 4).mean((3, 5)), 4, 1)
+        save_np({"latents": z}, str(lat / "latents" / "toy" / "shards" / name))
+        zs.append(z)
+    z = np.concatenate(zs)
+
+    class Decoder(torch.nn.Module):
+        def forward(self, z):
+            return torch.nn.functional.interpolate(z.mean(1, keepdim=True), scale_factor=4.0, mode="nearest")
+    ep = torch.export.export(Decoder(), (torch.randn(2, 4, 8, 8),), dynamic_shapes={"z": {0: torch.export.Dim("b")}})
+    torch.export.save(ep, str(lat / "latents" / "toy" / "decoder.pt2"))
+    json.dump({"format_version": 1, "shape": [4, 8, 8], "mean": z.mean((0, 2, 3)).tolist(),
+               "std": z.std((0, 2, 3)).tolist(), "decoder": "decoder.pt2"},
+              open(lat / "latents" / "toy" / "info.json", "w"))
+    dit = str(tmp_path / "dit")
+    dt.main(["--data", str(lat), "--out", dit, *SMALL, "--max-steps", "2", "--sample-every", "0"])
+    out = str(tmp_path / "cn")
+    train(str(lat), dit, out, "--cond-masks", MASKS, "--max-steps", "3", "--sample-every", "3")
+    ctrl = tensors(out, "controlnet.")
+    assert ctrl["cond_embedder.proj.weight"].shape == (32, 2 * 16, 2, 2)        # 2 masks x 4 x 4 pixels a cell
+    masks = tmp_path / "m"
+    masks.mkdir()
+    for k in range(2):
+        Image.fromarray(np.full((32, 32), 255 * k, np.uint8)).save(masks / f"c_{k}.png")
+    cn.main(["sample", "--ckpt", out, "--masks", str(masks), "--prompt", "no acute process", "--n-per-cond", "1",
+             "--steps", "2", "--out", str(tmp_path / "fake"), "--text-encoder", bert])
+    assert np.asarray(Image.open(tmp_path / "fake" / "c.png")).shape == (32, 32)        # decoded to pixels
