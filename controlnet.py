@@ -379,7 +379,7 @@ class DiT(nn.Module):
         return h, temb, t6, y, lengths
 
     def run_block(self, blk, h, y, lengths, t6):
-        if self.grad_ckpt and self.training:
+        if self.grad_ckpt and torch.is_grad_enabled():                # (the frozen backbone stays in eval mode)
             return torch.utils.checkpoint.checkpoint(blk, h, y, lengths, t6, use_reentrant=False)
         return blk(h, y, lengths, t6)
 

@@ -162,6 +162,11 @@ def test_only_adapter_parameters_get_gradients():
     assert all(p.grad is None and not p.requires_grad for p in model.base.parameters())
     assert all(p.grad is not None for p in model.adapter.parameters())
     assert model.adapter.controlnet[1].after_proj.weight.grad.abs().sum() > 0
+    grads = [p.grad.clone() for p in model.adapter.parameters()]
+    model.adapter.zero_grad()
+    model.base.grad_ckpt = True                                   # activation checkpointing: the same gradients
+    model(x, t, text, n, cond=cond).pow(2).mean().backward()
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.adapter.parameters(), grads))
 
 
 # ---------------------------------------------------------------------------------------------------- conditions
@@ -284,6 +289,16 @@ def test_trained_adapter_uses_the_condition(run, data32):
             true_l.append(cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, cond, None).mean())
             wrong_l.append(cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, wrong, None).mean())
     assert sum(true_l) < 0.97 * sum(wrong_l), (true_l, wrong_l)
+
+
+def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, data32, backbone):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:                         # lr 1e30: AdamW's first step overflows the adapter
+        train(data32, backbone, out, "--max-steps", "5", "--ckpt-every", "1", "--lr", "1e30", "--control-blocks", "1")
+    assert "non-finite loss at step 2" in str(e.value)
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "1"
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
 
 
 def test_resume_reproduces_straight_run(tmp_path, data32, backbone):
