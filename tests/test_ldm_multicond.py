@@ -97,9 +97,9 @@ def png(path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data32):
-    """The reduced tiny model trained 40 steps on the phantom: the loss test and the sampling tests use it."""
+    """The reduced tiny model trained 30 steps on the phantom: the loss test and the sampling tests use it."""
     out = str(tmp_path_factory.mktemp("ldm") / "run")
-    train(data32, out, "--max-steps", "40", "--ckpt-every", "1000", "--sample-every", "40")
+    train(data32, out, "--max-steps", "30", "--ckpt-every", "1000", "--sample-every", "30")
     return out
 
 
@@ -191,6 +191,20 @@ def test_model_without_a_modality_keeps_it_null():
         C1, _ = model.cond(lab, torch.randn(2, 5), text[..., :16], lengths, drop)
         C2, _ = model.cond(lab, None, text[..., :16], lengths, drop)
     assert torch.equal(C1, C2)
+
+
+def test_activation_checkpointing_and_sdpa_give_the_same_gradients():
+    cfg = small_cfg()
+    grads = []
+    for ckpt, impl in ((False, "kernels"), (True, "kernels"), (False, "sdpa")):
+        torch.manual_seed(0)
+        model = randomise(lm.MultiCondLDM(lm.Config(**{**lm.asdict(cfg), "grad_ckpt": ckpt}))).train()
+        model.set_attention(impl)
+        x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 900])
+        model(x, t, *cond_inputs(2, cfg, seed=5), torch.zeros(2, 3, dtype=torch.bool)).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grads[0], grads[2], rtol=1e-4, atol=1e-6)
 
 
 def test_label_vector_encoding():
@@ -336,10 +350,10 @@ def test_conditioning_image_is_another_of_the_same_study(data32):
 
 def test_loss_falls_on_phantom(run):
     losses = [r["loss"] for r in log(run)]
-    assert len(losses) == 40 and all(np.isfinite(losses))
-    first, last = np.mean(losses[:3]), np.mean(losses[-15:])
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:3]), np.mean(losses[-10:])
     assert first > 0.7 and last < 0.5 * first, (first, last)    # zero-initialised output: loss starts at E eps^2 = 1
-    assert os.path.exists(os.path.join(run, "grids", "0000040.png"))
+    assert os.path.exists(os.path.join(run, "grids", "0000030.png"))
     cfg = json.load(open(os.path.join(run, "config.json")))
     assert (cfg["space"], cfg["text_dim"], cfg["image_dim"], cfg["max_length"]) == ("pixel", 32, 24, 24)
 
@@ -348,10 +362,12 @@ def test_loss_falls_on_phantom(run):
 def test_every_subset_samples(tmp_path, run, data32, use):
     out = str(tmp_path / "fake")
     cond = ["--cond", os.path.join(data32, "meta.csv"), "--split", "train"] if use else []
-    lm.main(["sample", "--ckpt", run, *cond, "--use", use, "--n", "3", "--steps", "4", "--out", out])
+    against = ["--guide-against", "L"] if use.startswith("L,") else []
+    lm.main(["sample", "--ckpt", run, *cond, "--use", use, *against, "--n", "3", "--steps", "4", "--out", out])
     meta = rows(os.path.join(out, "meta.csv"))
     src = {r["id"]: r for r in rows(os.path.join(data32, "meta.csv"))}
-    assert len(meta) == 3 and all(r["cond_use"] == use for r in meta)
+    assert len(meta) == 3 and all(r["cond_use"] == use and r["guide_against"] == ("L" if against else "")
+                                  for r in meta)
     for r in meta:
         x = png(os.path.join(out, r["id"] + ".png"))
         assert x.shape == (32, 32) and x.std() > 0
@@ -360,22 +376,18 @@ def test_every_subset_samples(tmp_path, run, data32, use):
             assert s["split"] == "train" and all(r[k] == s[k] for k in lm.LABELS + ["sex", "age", "race", "report"])
 
 
-def test_subsets_change_the_image_and_sampling_is_deterministic(tmp_path, run, data32):
-    cond = ["--cond", os.path.join(data32, "meta.csv"), "--split", "train"]
-    outs = {}
-    for name, use, extra in (("a", "L,I,T", ["--n", "2"]), ("b", "L,I,T", ["--n", "2", "--batch-size", "1"]),
-                             ("c", "L", ["--n", "1"]), ("d", "L,I,T", ["--n", "1", "--guide-against", "I"])):
-        outs[name] = str(tmp_path / name)
-        lm.main(["sample", "--ckpt", run, *cond, "--use", use, "--steps", "75", "--out", outs[name], *extra])
-    img = lambda k, i: png(os.path.join(outs[k], f"{i:06d}.png"))
+def test_ddim_75_step_sampling_is_deterministic_and_resumable(tmp_path, run, data32):
+    cond = ["--cond", os.path.join(data32, "meta.csv"), "--split", "train", "--n", "2", "--use", "L,I,T"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    lm.main(["sample", "--ckpt", run, *cond, "--steps", "75", "--out", a])
+    lm.main(["sample", "--ckpt", run, *cond, "--steps", "75", "--out", b, "--batch-size", "1"])
+    img = lambda k, i: png(os.path.join(k, f"{i:06d}.png"))
     for i in range(2):                                           # batch composition: float rounding only
-        assert np.abs(img("a", i) - img("b", i)).max() <= 256, np.abs(img("a", i) - img("b", i)).max()
-    assert np.abs(img("a", 0) - img("c", 0)).mean() > 1000 and not np.array_equal(img("a", 0), img("d", 0))
-    os.remove(os.path.join(outs["a"], "000001.png"))
-    assert lm.main(["sample", "--ckpt", run, *cond, "--n", "2", "--use", "L,I,T", "--steps", "75", "--out",
-                    outs["a"]]) == 1
-    assert np.array_equal(img("a", 1), img("b", 1))              # resumed alone, as in b: the same image
-    assert rows(os.path.join(outs["d"], "meta.csv"))[0]["guide_against"] == "I"
+        assert np.abs(img(a, i) - img(b, i)).max() <= 256, np.abs(img(a, i) - img(b, i)).max()
+    assert np.abs(img(a, 0) - img(a, 1)).mean() > 1000           # image i has its own noise
+    os.remove(os.path.join(a, "000001.png"))
+    assert lm.main(["sample", "--ckpt", run, *cond, "--steps", "75", "--out", a]) == 1
+    assert np.array_equal(img(a, 1), img(b, 1))                  # resumed alone, as in b: the same image
 
 
 def test_latent_space_training_and_decoding(tmp_path, data32):
@@ -517,7 +529,7 @@ def test_bad_input_is_one_line_error(tmp_path, run, data32, encoders):
     fails(["embed-images", "--data", data32, "--image-encoder", str(tmp_path / "vit2"), "--name", "vit"],
           "images/vit/info.json", "another --name")
     fails(["--data", data32, "--out", str(tmp_path / "o"), "--size", "huge"], "--size 'huge'")
-    fails(["--data", data32, "--out", run, *SMALL, "--channels", "8", "--max-steps", "41"], "channels=16")
+    fails(["--data", data32, "--out", run, *SMALL, "--channels", "8", "--max-steps", "31"], "channels=16")
     fails(["embed-text", "--data", data32, "--text-encoder", "./nowhere/bert", "--name", "t2"], "./nowhere/bert")
 
 
