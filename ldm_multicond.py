@@ -849,17 +849,21 @@ class CondSource:
         self.image_info = info
         if cond_image not in ("same-study", "same-image"):
             raise SystemExit(f"--cond-image {cond_image!r}: expected same-study or same-image")
-        groups = {}
+        studies, patients = {}, {}
         for r in all_rows:                                       # another image of the study, else of the patient
-            groups.setdefault(("s", r.get("study_id")) if r.get("study_id") else ("p", r.get("patient_id")),
-                              []).append(r)
+            if r.get("study_id"):
+                studies.setdefault(r["study_id"], []).append(r)
+            if r.get("patient_id"):
+                patients.setdefault(r["patient_id"], []).append(r)
         feats = []
         for r in self.rows:
             c = r
             if cond_image == "same-study":
-                g = groups.get(("s", r.get("study_id")) if r.get("study_id") else ("p", r.get("patient_id")), [r])
-                others = sorted((o for o in g if o["id"] != r["id"]), key=lambda o: o["id"])
-                c = others[0] if others else r
+                for g in (studies.get(r.get("study_id"), []), patients.get(r.get("patient_id"), [])):
+                    others = sorted((o for o in g if o["id"] != r["id"]), key=lambda o: o["id"])
+                    if others:
+                        c = others[0]
+                        break
             f = self._open(shard_path(folder, int(c["shard"])))
             feats.append(f.get_slice("features")[int(c["index"]):int(c["index"]) + 1])
         return torch.cat(feats).float()

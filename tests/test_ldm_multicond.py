@@ -333,15 +333,16 @@ def test_embed_caches_match_the_encoders(data32, encoders):
     assert info["encoder"] == os.path.abspath(encoders[1]) and info["dim"] == 24
 
 
-def test_conditioning_image_is_another_of_the_same_study(data32):
+def test_conditioning_image_is_another_of_the_same_study_else_patient(data32):
     meta = rows(os.path.join(data32, "meta.csv"))
-    a, b, c = [dict(r) for r in meta[:3]]
-    b["study_id"] = a["study_id"]                                # a and b: one study; c alone
+    a, b, c, d, e = [dict(r) for r in meta[:5]]
+    b["study_id"] = a["study_id"]                                # a, b: one study; c, d: one patient; e alone
+    d["patient_id"] = c["patient_id"]
     cfg = lm.Config(data=data32, modalities="L,I", max_length=24)
-    feats = lm.CondSource(data32, [a, b, c], cfg, [True, True, False], "same-study").img
-    own = lm.CondSource(data32, [a, b, c], cfg, [True, True, False], "same-image").img
-    assert torch.equal(feats[0], own[1]) and torch.equal(feats[1], own[0]) and torch.equal(feats[2], own[2])
-    assert not torch.equal(own[0], own[1])
+    feats = lm.CondSource(data32, [a, b, c, d, e], cfg, [True, True, False], "same-study").img
+    own = lm.CondSource(data32, [a, b, c, d, e], cfg, [True, True, False], "same-image").img
+    assert [int(torch.nonzero((own == f).all(1))[0]) for f in feats] == [1, 0, 3, 2, 4]
+    assert len({tuple(f.tolist()) for f in own}) == 5
 
 
 # ---------------------------------------------------------------------------------------------------------------
