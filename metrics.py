@@ -2,7 +2,7 @@
 
 One file, usable alone or imported by the training scripts for in-loop evaluation:
 
-    from metrics import frechet_distance, kid, prdc, extract_features, ms_ssim, ssim, psnr
+    from metrics import frechet_distance, kid, prdc, extract_features, ms_ssim, ssim, psnr, FeatureLPIPS
 
 What it computes (papers in ../shared/papers):
 - Frechet distance (FID with Inception-v3, FD_x in other feature spaces), float64, ddof=1 covariances
@@ -10,7 +10,8 @@ What it computes (papers in ../shared/papers):
 - KID / KD_x: unbiased MMD^2 with the cubic polynomial kernel (radit App. C.1, chexgenbench Table 7);
 - precision, recall, density, coverage (Naeem et al. 2020; chexgenbench §2.2, multicond App. A.3);
 - diversity: mean pairwise MS-SSIM among images generated for one condition (chexgen, roentgen §5: window 11,
-  sigma 1.5); paired SSIM / PSNR for reconstructions and edits (radit App. C.1);
+  sigma 1.5); paired SSIM / PSNR for reconstructions and edits, LPIPS-style distances in a transformers
+  feature space and their relative version against random real pairs (radit App. C.1 Eq. 13-14);
 - every distribution metric per pathology and for Finding / No Finding (chexgenbench §2.2, multicond Table 2);
 - memorisation / privacy: nearest training image over the whole training set by pixel L2 and by feature
   distance, and an optional Siamese re-identification score (chexgenbench §2.3, Packhaeuser et al. 2022);
@@ -20,6 +21,7 @@ Commands:
     python metrics.py --real data/phantom --split test --fake samples/ --out results.json
     python metrics.py --real real/ --fake fake/ --features inception,xrv --metrics fd,kid,prdc
     python metrics.py --real data/phantom --fake samples/ --train data/phantom --out r.json   # + privacy
+    python metrics.py --paired --real originals/ --fake edited/ --lpips raddino,dinov2 --out id.json  # Table 14
     python metrics.py convert-xrv ~/.torchxrayvision/models_data/<file>.pt --dst xrv.safetensors
     python metrics.py bench --n 10000 --dim 2048      # CPU: FD vs scipy.linalg.sqrtm, PRDC vs full matrices
 Offline, an extractor whose weights are not found is skipped with a message naming the file and --weights-dir;
@@ -102,46 +104,41 @@ class Config:
     cache_dir: str = ""  # feature cache ('' = ~/.cache/cxr-gen/metrics)
     no_cache: bool = False  # neither read nor write the feature cache
     strict: bool = False  # an unreadable image is fatal instead of skipped and counted
+    paired: bool = False  # identity metrics only, for (original=--real, edited=--fake) images matched by id
+    lpips: str = ""  # feature spaces of the LPIPS-style paired distance (radit Eq. 13) ('' = raddino with --paired)
+    lpips_layers: str = ""  # hidden layers for LPIPS, e.g. 3,6,9,12 ('' = 4 evenly spaced, radit Table 15)
+    random_pairs: int = 256  # random pairs of distinct real images: the SSIM / LPIPS reference row (radit Eq. 14)
 
 
 def build_parser(cls=Config, **kw):
+    """CLI from the dataclass; help strings are the fields' trailing comments (one source of truth)."""
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
-    comments = _field_comments(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=comments.get(f.name, ""))
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(flag, type=typ, default=f.default, help=comments.get(f.name, " "))
-    return p
-
-
-def _field_comments(cls):
-    """Help strings are the trailing comments of the dataclass fields (one source of truth)."""
     try:
         with open(__file__, encoding="utf-8") as fh:
             src = fh.read().split(f"class {cls.__name__}", 1)[1].split("\n\n\n", 1)[0].splitlines()
     except (OSError, IndexError):
-        return {}
-    return {ln.split(":", 1)[0].strip(): ln.split("#", 1)[1].strip().replace("%", "%%") for ln in src
-            if ":" in ln and "#" in ln and not ln.strip().startswith(("#", '"'))}
+        src = []
+    helps = {ln.split(":", 1)[0].strip(): ln.split("#", 1)[1].strip().replace("%", "%%") for ln in src
+             if ":" in ln and "#" in ln and not ln.strip().startswith(("#", '"'))}
+    for f in dataclasses.fields(cls):
+        flag, typ = "--" + f.name.replace("_", "-"), {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        if typ in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=helps.get(f.name, ""))
+        else:
+            p.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name, " "))
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: the networks transformers lacks, with the parameter names of their published checkpoints
 
 
-class BasicConv2d(nn.Module):
+class BasicConv2d(nn.Sequential):
     """Conv (no bias) + BatchNorm(eps=1e-3) + ReLU, named conv/bn as in torchvision and pytorch-fid."""
 
     def __init__(self, cin, cout, **kw):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
-        self.bn = nn.BatchNorm2d(cout, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        super().__init__(OrderedDict(conv=nn.Conv2d(cin, cout, bias=False, **kw), bn=nn.BatchNorm2d(cout, eps=0.001),
+                                     relu=nn.ReLU()))
 
 
 def _tf_avg_pool(x):
@@ -150,17 +147,27 @@ def _tf_avg_pool(x):
 
 
 class _Block(nn.Module):
-    """An Inception block's named BasicConv2d branches, built from (name, cin, cout, kernel, padding, stride) rows."""
+    """An Inception block: named BasicConv2d layers from (name, cin, cout, kernel, padding, stride) rows; the output
+    concatenates each path (a chain of layer names whose last entry may fork into several) and the pool branch:
+    'avg' / 'max' (3x3 stride 1, then branch_pool) or 'reduce' (3x3 max pool, stride 2, no conv)."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, paths, pool):
         super().__init__()
         for name, cin, cout, k, pad, stride in spec:
             self.add_module(name, BasicConv2d(cin, cout, kernel_size=k, padding=pad, stride=stride))
+        self.paths, self.pool = paths, pool
 
-    def seq(self, x, *names):
-        for n in names:
-            x = getattr(self, n)(x)
-        return x
+    def forward(self, x):
+        out = []
+        for path in self.paths:
+            y = x
+            for name in path[:-1]:
+                y = getattr(self, name)(y)
+            out += [getattr(self, n)(y) for n in (path[-1] if isinstance(path[-1], tuple) else (path[-1],))]
+        if self.pool == "reduce":
+            return torch.cat(out + [F.max_pool2d(x, 3, stride=2)], 1)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else _tf_avg_pool(x)
+        return torch.cat(out + [self.branch_pool(pooled)], 1)
 
 
 class FIDInceptionA(_Block):
@@ -170,12 +177,9 @@ class FIDInceptionA(_Block):
         super().__init__([("branch1x1", cin, 64, 1, 0, 1), ("branch5x5_1", cin, 48, 1, 0, 1),
                           ("branch5x5_2", 48, 64, 5, 2, 1), ("branch3x3dbl_1", cin, 64, 1, 0, 1),
                           ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 1, 1),
-                          ("branch_pool", cin, pool_features, 1, 0, 1)])
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.seq(x, "branch5x5_1", "branch5x5_2"),
-                          self.seq(x, "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"),
-                          self.branch_pool(_tf_avg_pool(x))], 1)
+                          ("branch_pool", cin, pool_features, 1, 0, 1)],
+                         [("branch1x1",), ("branch5x5_1", "branch5x5_2"),
+                          ("branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3")], "avg")
 
 
 class InceptionB(_Block):
@@ -183,11 +187,8 @@ class InceptionB(_Block):
 
     def __init__(self, cin):
         super().__init__([("branch3x3", cin, 384, 3, 0, 2), ("branch3x3dbl_1", cin, 64, 1, 0, 1),
-                          ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 0, 2)])
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.seq(x, "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+                          ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 0, 2)],
+                         [("branch3x3",), ("branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3")], "reduce")
 
 
 class FIDInceptionC(_Block):
@@ -199,12 +200,9 @@ class FIDInceptionC(_Block):
                           ("branch7x7_2", c7, c7, *h, 1), ("branch7x7_3", c7, 192, *v, 1),
                           ("branch7x7dbl_1", cin, c7, 1, 0, 1), ("branch7x7dbl_2", c7, c7, *v, 1),
                           ("branch7x7dbl_3", c7, c7, *h, 1), ("branch7x7dbl_4", c7, c7, *v, 1),
-                          ("branch7x7dbl_5", c7, 192, *h, 1), ("branch_pool", cin, 192, 1, 0, 1)])
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.seq(x, *(f"branch7x7_{i}" for i in (1, 2, 3))),
-                          self.seq(x, *(f"branch7x7dbl_{i}" for i in range(1, 6))),
-                          self.branch_pool(_tf_avg_pool(x))], 1)
+                          ("branch7x7dbl_5", c7, 192, *h, 1), ("branch_pool", cin, 192, 1, 0, 1)],
+                         [("branch1x1",), tuple(f"branch7x7_{i}" for i in (1, 2, 3)),
+                          tuple(f"branch7x7dbl_{i}" for i in range(1, 6))], "avg")
 
 
 class InceptionD(_Block):
@@ -213,11 +211,8 @@ class InceptionD(_Block):
     def __init__(self, cin):
         super().__init__([("branch3x3_1", cin, 192, 1, 0, 1), ("branch3x3_2", 192, 320, 3, 0, 2),
                           ("branch7x7x3_1", cin, 192, 1, 0, 1), ("branch7x7x3_2", 192, 192, (1, 7), (0, 3), 1),
-                          ("branch7x7x3_3", 192, 192, (7, 1), (3, 0), 1), ("branch7x7x3_4", 192, 192, 3, 0, 2)])
-
-    def forward(self, x):
-        return torch.cat([self.seq(x, "branch3x3_1", "branch3x3_2"),
-                          self.seq(x, *(f"branch7x7x3_{i}" for i in range(1, 5))), F.max_pool2d(x, 3, stride=2)], 1)
+                          ("branch7x7x3_3", 192, 192, (7, 1), (3, 0), 1), ("branch7x7x3_4", 192, 192, 3, 0, 2)],
+                         [("branch3x3_1", "branch3x3_2"), tuple(f"branch7x7x3_{i}" for i in range(1, 5))], "reduce")
 
 
 class FIDInceptionE(_Block):
@@ -229,38 +224,28 @@ class FIDInceptionE(_Block):
                           ("branch3x3_2a", 384, 384, *h, 1), ("branch3x3_2b", 384, 384, *v, 1),
                           ("branch3x3dbl_1", cin, 448, 1, 0, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
                           ("branch3x3dbl_3a", 384, 384, *h, 1), ("branch3x3dbl_3b", 384, 384, *v, 1),
-                          ("branch_pool", cin, 192, 1, 0, 1)])
-        self.max_pool = max_pool
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        bd = self.seq(x, "branch3x3dbl_1", "branch3x3dbl_2")
-        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(bd),
-                          self.branch3x3dbl_3b(bd), self.branch_pool(pool)], 1)
+                          ("branch_pool", cin, 192, 1, 0, 1)],
+                         [("branch1x1",), ("branch3x3_1", ("branch3x3_2a", "branch3x3_2b")),
+                          ("branch3x3dbl_1", "branch3x3dbl_2", ("branch3x3dbl_3a", "branch3x3dbl_3b"))],
+                         "max" if max_pool else "avg")
 
 
 class FIDInceptionV3(nn.Module):
     """TF 2015-12-05 Inception-v3 of FID (Heusel et al. 2017), names of pytorch-fid's pt_inception checkpoint."""
 
+    MIXED = ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c")
+
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = FIDInceptionA(192, 32)
-        self.Mixed_5c = FIDInceptionA(256, 64)
-        self.Mixed_5d = FIDInceptionA(288, 64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, 128)
-        self.Mixed_6c = FIDInceptionC(768, 160)
-        self.Mixed_6d = FIDInceptionC(768, 160)
-        self.Mixed_6e = FIDInceptionC(768, 192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280)
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        for name, cin, cout, k, stride, pad in (("Conv2d_1a_3x3", 3, 32, 3, 2, 0), ("Conv2d_2a_3x3", 32, 32, 3, 1, 0),
+                                                ("Conv2d_2b_3x3", 32, 64, 3, 1, 1), ("Conv2d_3b_1x1", 64, 80, 1, 1, 0),
+                                                ("Conv2d_4a_3x3", 80, 192, 3, 1, 0)):
+            self.add_module(name, BasicConv2d(cin, cout, kernel_size=k, stride=stride, padding=pad))
+        for name, block in zip(self.MIXED, [FIDInceptionA(192, 32), FIDInceptionA(256, 64), FIDInceptionA(288, 64),
+                                            InceptionB(288), FIDInceptionC(768, 128), FIDInceptionC(768, 160),
+                                            FIDInceptionC(768, 160), FIDInceptionC(768, 192), InceptionD(768),
+                                            FIDInceptionE(1280), FIDInceptionE(2048, max_pool=True)]):
+            self.add_module("Mixed_" + name, block)
         self.fc = nn.Linear(2048, 1008)  # 1008 TF classes; unused for FID, present in the checkpoint
 
     def forward(self, x):
@@ -268,7 +253,7 @@ class FIDInceptionV3(nn.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+        for name in self.MIXED:
             x = getattr(self, "Mixed_" + name)(x)
         return x.mean((2, 3))
 
@@ -277,21 +262,17 @@ class _DenseLayer(nn.Sequential):
     """DenseNet-BC layer: BN-ReLU-conv1x1-BN-ReLU-conv3x3, output concatenated to the input."""
 
     def __init__(self, cin, growth=32, bn_size=4):
-        super().__init__(OrderedDict([
-            ("norm1", nn.BatchNorm2d(cin)), ("relu1", nn.ReLU()),
-            ("conv1", nn.Conv2d(cin, bn_size * growth, 1, bias=False)),
-            ("norm2", nn.BatchNorm2d(bn_size * growth)), ("relu2", nn.ReLU()),
-            ("conv2", nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False))]))
+        super().__init__(OrderedDict(norm1=nn.BatchNorm2d(cin), relu1=nn.ReLU(), conv1=nn.Conv2d(
+            cin, bn_size * growth, 1, bias=False), norm2=nn.BatchNorm2d(bn_size * growth), relu2=nn.ReLU(),
+            conv2=nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)))
 
     def forward(self, x):
         return torch.cat([x, super().forward(x)], 1)
 
 
 class XRVDenseNet(nn.Module):
-    """torchxrayvision DenseNet-121 (densenet121-res224-all): 1 channel, 224 px, input range [-1024, 1024]."""
-    PATHOLOGIES = ["Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
-                   "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia",
-                   "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum"]  # xrv default_pathologies
+    """torchxrayvision DenseNet-121 (densenet121-res224-all): 1 channel, 224 px, input range [-1024, 1024]; its 18
+    outputs follow xrv's default_pathologies order."""
 
     def __init__(self, num_classes=18, blocks=(6, 12, 24, 16)):
         super().__init__()
@@ -299,13 +280,12 @@ class XRVDenseNet(nn.Module):
                   ("relu0", nn.ReLU()), ("pool0", nn.MaxPool2d(3, stride=2, padding=1))]
         c = 64
         for i, n in enumerate(blocks):
-            block = nn.Sequential(OrderedDict((f"denselayer{j + 1}", _DenseLayer(c + j * 32)) for j in range(n)))
-            layers.append((f"denseblock{i + 1}", block))
+            layers.append((f"denseblock{i + 1}", nn.Sequential(OrderedDict((f"denselayer{j + 1}", _DenseLayer(
+                c + j * 32)) for j in range(n)))))
             c += n * 32
             if i < len(blocks) - 1:
-                layers.append((f"transition{i + 1}", nn.Sequential(OrderedDict([
-                    ("norm", nn.BatchNorm2d(c)), ("relu", nn.ReLU()), ("conv", nn.Conv2d(c, c // 2, 1, bias=False)),
-                    ("pool", nn.AvgPool2d(2, stride=2))]))))
+                layers.append((f"transition{i + 1}", nn.Sequential(OrderedDict(norm=nn.BatchNorm2d(c), relu=nn.ReLU(),
+                               conv=nn.Conv2d(c, c // 2, 1, bias=False), pool=nn.AvgPool2d(2, stride=2)))))
                 c //= 2
         layers.append(("norm5", nn.BatchNorm2d(c)))
         self.features = nn.Sequential(OrderedDict(layers))
@@ -324,17 +304,15 @@ class _Bottleneck(nn.Module):
 
     def __init__(self, cin, width, stride=1):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, width * 4, 1, bias=False), nn.BatchNorm2d(width * 4)
-        self.downsample = None
-        if stride != 1 or cin != width * 4:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(width * 4))
+        for i, (a, b, kw) in enumerate([(cin, width, {}), (width, width, dict(kernel_size=3, stride=stride, padding=1)),
+                                        (width, width * 4, {})]):
+            self.add_module(f"conv{i + 1}", nn.Conv2d(a, b, bias=False, **({"kernel_size": 1} | kw)))
+            self.add_module(f"bn{i + 1}", nn.BatchNorm2d(b))
+        self.downsample = None if stride == 1 and cin == width * 4 else nn.Sequential(
+            nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(width * 4))
 
     def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
+        y = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))))
         return F.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
@@ -344,13 +322,10 @@ class ResNet50(nn.Module):
     def __init__(self, num_classes=1000):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
-        cin = 64
         for i, (n, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
-            blocks = []
-            for j in range(n):
-                blocks.append(_Bottleneck(cin, width, stride=2 if (j == 0 and i > 0) else 1))
-                cin = width * 4
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            setattr(self, f"layer{i + 1}", nn.Sequential(*[_Bottleneck(width * (2 if i else 1) if j == 0 else width * 4,
+                                                                       width, 2 if j == 0 and i else 1)
+                                                           for j in range(n)]))
         self.fc = nn.Linear(2048, num_classes)
 
     def forward(self, x):
@@ -392,11 +367,9 @@ def feature_stats(x):
 
 
 def _trace_sqrt_product(s1, s2):
-    """tr sqrt(S1 S2) and the size of its imaginary part, from symmetric eigenvalue problems only.
-
-    With S1 = L L^T, L^T S2 L is similar to S1 S2 and symmetric PSD, so tr sqrt(S1 S2) = sum sqrt(eig(L^T S2 L)):
-    one Cholesky and one eigvalsh instead of scipy.linalg.sqrtm's complex Schur form (5-15x faster at d=2048).
-    """
+    """tr sqrt(S1 S2) and the size of its imaginary part, from symmetric eigenvalue problems only: with S1 = L L^T,
+    L^T S2 L is similar to S1 S2 and symmetric PSD, so tr sqrt(S1 S2) = sum sqrt(eig(L^T S2 L)); one Cholesky and
+    one eigvalsh instead of scipy.linalg.sqrtm's complex Schur form (5-15x faster at d=2048)."""
     try:
         lo = np.linalg.cholesky(s1)
     except np.linalg.LinAlgError:  # singular S1 (N <= D): symmetric square root via eigh, negative round-off clipped
@@ -446,17 +419,15 @@ def kid(x, y, subsets=100, subset_size=1000, seed=0, device=None):
     `subsets` random subsets of min(subset_size, N) drawn without replacement (seeded). Matrix products run in the
     input's precision on `device`; kernel sums in float64."""
     x, y = _as_tensor(x, device), _as_tensor(y, device)
-    n1, n2, d = len(x), len(y), x.shape[1]
-    m = min(subset_size, n1, n2)
+    n1, n2, d, m = len(x), len(y), x.shape[1], min(subset_size, len(x), len(y))
     if m < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {n1} and {n2}")
     rng = np.random.default_rng(seed)
-    z = torch.cat([x, y]) if n1 + n2 <= 4096 else None  # small sets: one Gram matrix, subsets index into it
-    gram = None if z is None else ((z @ z.T).double() / d + 1) ** 3
+    z = torch.cat([x, y])
+    gram = ((z @ z.T).double() / d + 1) ** 3 if n1 + n2 <= 4096 else None  # small sets: one Gram matrix, indexed
     vals = []
     for _ in range(subsets):
-        ix = torch.as_tensor(rng.choice(n1, m, replace=False), device=x.device)
-        iy = torch.as_tensor(rng.choice(n2, m, replace=False), device=x.device)
+        ix, iy = (torch.as_tensor(rng.choice(n, m, replace=False), device=x.device) for n in (n1, n2))
         if gram is not None:
             kxx, kyy, kxy = gram[ix][:, ix], gram[n1 + iy][:, n1 + iy], gram[ix][:, n1 + iy]
         else:
@@ -467,58 +438,58 @@ def kid(x, y, subsets=100, subset_size=1000, seed=0, device=None):
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def _sqdist(a, b, bb=None):
-    """Squared Euclidean distances [len(a), len(b)] as |a|^2 + |b|^2 - 2 a.b (one fused GEMM), clamped at 0."""
-    bb = (b * b).sum(1) if bb is None else bb
-    return torch.addmm((a * a).sum(1)[:, None] + bb[None, :], a, b.T, alpha=-2).clamp_min_(0)
+def _augment(x, bank=False):
+    """Rows [x, |x|^2, 1] (queries) or [-2x, 1, |x|^2] (bank): their one GEMM is |a|^2 + |b|^2 - 2 a.b, squared."""
+    xx, one = (x * x).sum(1, keepdim=True), torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
+    return torch.cat([-2 * x, one, xx] if bank else [x, xx, one], 1)
 
 
-def knn_radii(x, k=5, mem_mb=256):
+def _knn_pass(x, k, extra=None, visit=None, mem_mb=256):
     """Squared distance of every row of x to its k-th nearest other row (itself excluded by index, so duplicates
-    count as neighbours at distance 0). Each square block of the symmetric distance matrix is computed once and
-    serves its row and its column chunk (about 40% fewer matrix products); memory stays bounded by mem_mb."""
-    n, xx, inf = len(x), (x * x).sum(1), float("inf")
-    step = max(1, min(int((mem_mb * 2 ** 20 / (x.element_size() * 3)) ** 0.5), max(1024, -(-n // 4))))
-    best = torch.full((n, k), inf, dtype=x.dtype, device=x.device)
+    count at distance 0). Row chunks of x meet x[s:] only (the upper triangle: each block of the symmetric matrix
+    once, serving its rows by a row top-k and its columns by a column top-k) plus, in the same GEMM, the rows of
+    `extra`; once chunk s is done its radii are final and visit(s, radii, distances to extra) consumes them."""
+    n, m, inf = len(x), 0 if extra is None else len(extra), float("inf")
+    q, bank = _augment(x), _augment(x if extra is None else torch.cat([x, extra]), bank=True)
+    step = max(1, min(n, 512, int(mem_mb * 2 ** 20 / (x.element_size() * (n + m + 2 * k)))))
+    buf, radii = torch.empty(step * (n + m), dtype=x.dtype, device=x.device), x.new_empty(n)
+    best = x.new_full((n, k), inf)
     for s in range(0, n, step):
-        for t in range(s, n, step):
-            d = _sqdist(x[s:s + step], x[t:t + step], xx[t:t + step])
-            if s == t:
-                d.fill_diagonal_(inf)
-            for a, blk in ((s, d),) + (((t, d.T.contiguous()),) if t != s else ()):
-                top = torch.cat([best[a:a + step], blk.topk(min(k, blk.shape[1]), 1, largest=False).values], 1)
-                best[a:a + step] = top.topk(k, 1, largest=False).values
-    return best[:, -1]
+        b = min(step, n - s)
+        d = torch.mm(q[s:s + b], bank[s:].T, out=buf[:b * (n + m - s)].view(b, n + m - s)).clamp_min_(0)
+        d[:, :b].diagonal().fill_(inf)
+        top = torch.cat([best[s:s + b], d[:, :n - s].topk(min(k, n - s), 1, largest=False).values], 1)
+        radii[s:s + b] = top.topk(k, 1, largest=False).values[:, -1]
+        if s + b < n:  # later rows: this block's columns, merged into their running k smallest
+            col = d[:, b:n - s].topk(min(k, b), 0, largest=False).values.T
+            best[s + b:] = torch.cat([best[s + b:], col], 1).topk(k, 1, largest=False).values
+        if visit is not None:
+            visit(s, radii[s:s + b], d[:, n - s:])
+    return radii
 
 
 def prdc(real, fake, k=5, device=None, mem_mb=256):
     """Precision, recall, density, coverage (Naeem et al. 2020): k-NN balls with strict '<', real radii for
-    precision / density / coverage, fake radii for recall. Chunked over real rows; runs on `device`."""
-    real, fake = _as_tensor(real, device), _as_tensor(fake, device)
-    fake = fake.to(real.dtype)
-    n, m = len(real), len(fake)
+    precision / density / coverage, fake radii for recall. Two passes, GEMMs in the input's precision: fake radii,
+    then one over real row chunks whose GEMM against [real; fake] gives the real radii and the real x fake block."""
+    real = _as_tensor(real, device)
+    fake, n, m = _as_tensor(fake, device).to(real.dtype), len(real), len(fake)
     if n < k + 1 or m < k + 1:
         raise ValueError(f"PRDC with k={k} needs at least {k + 1} images per set, got {n} real and {m} fake")
     center = real.mean(0, keepdim=True)  # distances are shift-invariant; centring reduces cancellation
     real, fake = real - center, fake - center
-    r_real, r_fake = knn_radii(real, k, mem_mb), knn_radii(fake, k, mem_mb)
-    balls_per_fake = torch.zeros(m, dtype=torch.float64, device=real.device)
-    covered = torch.zeros(n, dtype=torch.bool, device=real.device)
-    recalled = torch.zeros(n, dtype=torch.bool, device=real.device)
-    step, ff = max(1, int(mem_mb * 2 ** 20 // (m * real.element_size() * 3))), (fake * fake).sum(1)
-    for s in range(0, n, step):
-        d = _sqdist(real[s:s + step], fake, ff)
-        inside = d < r_real[s:s + step, None]
-        balls_per_fake += inside.sum(0)
-        covered[s:s + step] = inside.any(1)
-        recalled[s:s + step] = (d < r_fake[None, :]).any(1)
+    r_fake = _knn_pass(fake, k, mem_mb=mem_mb)
+    balls_per_fake = torch.zeros(m, dtype=torch.int64, device=real.device)
+    covered, recalled = (torch.zeros(n, dtype=torch.bool, device=real.device) for _ in range(2))
+
+    def visit(s, r, d):  # d: [chunk, m] squared real-fake distances, r: the chunk's final real radii
+        balls_per_fake.add_((d < r[:, None]).view(torch.uint8).sum(0, dtype=torch.int32))
+        covered[s:s + len(r)] = d.amin(1) < r
+        recalled[s:s + len(r)] = (d < r_fake[None, :]).any(1)
+
+    _knn_pass(real, k, fake, visit, mem_mb)
     return {"precision": float((balls_per_fake > 0).double().mean()), "recall": float(recalled.double().mean()),
-            "density": float(balls_per_fake.sum() / (k * m)), "coverage": float(covered.double().mean())}
-
-
-def _gauss_1d(size=11, sigma=1.5, dtype=torch.float32, device=None):
-    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
-    return (g / g.sum()).to(dtype=dtype, device=device)
+            "density": int(balls_per_fake.sum()) / (k * m), "coverage": float(covered.double().mean())}
 
 
 def _as_images(x):
@@ -529,13 +500,10 @@ def _as_images(x):
 def _ssim_cs(x, y, data_range, win=11, sigma=1.5):
     """Per-image SSIM and contrast-structure terms (Wang et al. 2004: Gaussian 11 / 1.5, K1=0.01, K2=0.03),
     'valid' filtering as in the reference MS-SSIM code."""
-    c = x.shape[1]
-    g = _gauss_1d(win, sigma, x.dtype, x.device)
+    c, g = x.shape[1], torch.exp(-((torch.arange(win, dtype=torch.float64) - (win - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = (g / g.sum()).to(x.dtype).to(x.device)
     wh, ww = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-
-    def filt(t):
-        return F.conv2d(F.conv2d(t, wh, groups=c), ww, groups=c)
-
+    filt = lambda t: F.conv2d(F.conv2d(t, wh, groups=c), ww, groups=c)  # noqa: E731 - separable, 'valid'
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = filt(x), filt(y)
     sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
@@ -595,11 +563,11 @@ def nearest_neighbours(queries, bank_batches, device=None):
     batches (streamed, so the bank never needs to fit in memory). Distances of the winners are recomputed exactly
     in float64, so a near-copy's reported distance carries no cancellation error."""
     q = _as_tensor(queries, device)
-    best = torch.full((len(q),), float("inf"), dtype=q.dtype, device=q.device)
+    qa, best = _augment(q), torch.full((len(q),), float("inf"), dtype=q.dtype, device=q.device)
     arg, win, offset = torch.full((len(q),), -1, dtype=torch.long, device=q.device), torch.zeros_like(q), 0
     for b in bank_batches:
         b = _as_tensor(b, q.device).to(q.dtype)
-        d, j = _sqdist(q, b).min(1)
+        d, j = (qa @ _augment(b, bank=True).T).min(1)
         better = d < best
         best, arg = torch.where(better, d, best), torch.where(better, j + offset, arg)
         win[better] = b[j[better]]  # the current winner rows, for the exact recomputation
@@ -615,6 +583,83 @@ def pearson(a, b):
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+class FeatureLPIPS:
+    """LPIPS-style distance in a transformers ViT's feature space (radit App. C.1 Eq. 13; Zhang et al. 2018 without
+    learned weights): patch-token hidden states at `layers` (1-based; default 4 evenly spaced, radit Table 15's
+    [3, 6, 9, 12] for 12 layers), each unit-normalised along channels, squared distance averaged over positions,
+    then over layers. Images float [N, 1, H, W] in [0, 1]; preprocessing is the model's image processor (resize,
+    centre crop, mean / std) done on float tensors, so 16-bit detail is kept and gradients flow when asked for."""
+
+    def __init__(self, name, layers=None, weights_dir="", allow_random_weights=False, device="cpu", offline=False,
+                 batch_size=16):
+        self.ex = ex = _hf_extractor(name, weights_dir, allow_random_weights, torch.device(device), offline)
+        self.name, self.weights, self.random_weights, self.batch_size = name, ex.weights, ex.random_weights, batch_size
+        c, p = getattr(ex.net.config, "vision_config", ex.net.config), ex.processor
+        n = c.num_hidden_layers  # radit Table 15 (attention pooling over [3, 6, 9, 12] of Rad-DINO's 12)
+        self.layers = tuple(int(v) for v in layers or sorted({max(1, round(n * q / 4)) for q in (1, 2, 3, 4)}))
+        if bad := [v for v in self.layers if not 1 <= v <= n]:
+            raise ValueError(f"FeatureLPIPS: layers {bad} outside 1..{n} of {name}")
+        self.skip = 1 + int(getattr(c, "num_register_tokens", 0) or 0)  # CLS (+ registers) are not positions
+        crop, size = getattr(p, "crop_size", None), getattr(p, "size", None) or {}
+        self.crop = (crop["height"], crop["width"]) if crop and getattr(p, "do_center_crop", False) else None
+        self.short, self.resize = size.get("shortest_edge"), None if size.get("shortest_edge") else (size["height"],
+                                                                                                    size["width"])
+        self.size = self.crop[0] if self.crop else (self.short or self.resize[0])  # side to load images at
+        self.mode = "bicubic" if int(getattr(p, "resample", 2)) == 3 else "bilinear"
+        self.mean, self.std = (torch.tensor(v, device=ex.device).view(1, 3, 1, 1) for v in (p.image_mean, p.image_std))
+
+    def pixel_values(self, x):
+        """The image processor on float tensors: resize (shortest edge), centre crop, gray -> RGB, mean / std."""
+        h, w = x.shape[-2:]
+        hw = self.resize or (round(h * self.short / min(h, w)), round(w * self.short / min(h, w)))
+        if hw != (h, w):
+            x = F.interpolate(x, size=hw, mode=self.mode, antialias=True, align_corners=False).clamp(0, 1)
+        if self.crop:
+            t, s = (hw[0] - self.crop[0]) // 2, (hw[1] - self.crop[1]) // 2
+            x = x[..., t:t + self.crop[0], s:s + self.crop[1]]
+        return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    def distance(self, x, y):
+        """Eq. 13 per pair: Tensor [N] (float64, CPU) for paired batches x, y [N, 1, H, W] in [0, 1]."""
+        if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"FeatureLPIPS: expected two [N, 1, H, W] batches, got {[*x.shape]}, {[*y.shape]}")
+        out, dev = [], self.ex.device
+        with torch.set_grad_enabled(x.requires_grad or y.requires_grad):
+            for s in range(0, len(x), self.batch_size):
+                z = self.pixel_values(torch.cat([x[s:s + self.batch_size], y[s:s + self.batch_size]]).float().to(dev))
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    hs = self.ex.net(pixel_values=z, output_hidden_states=True).hidden_states
+                d = 0
+                for layer in self.layers:  # hidden_states[0] is the embedding output, [l] the l-th block's
+                    f = hs[layer][:, self.skip:].float()
+                    a, b = (f / (f.norm(dim=-1, keepdim=True) + 1e-10)).chunk(2)  # unit norm along channels
+                    d = d + ((a - b) ** 2).sum(-1).mean(-1) / len(self.layers)
+                out.append(d.double().cpu())
+        return torch.cat(out)
+
+
+def random_pairs(n, n_pairs=256, seed=0):
+    """Indices (i, j) of n_pairs random ordered pairs of distinct items among n (seeded; radit Eq. 14's set P)."""
+    if n < 2:
+        raise ValueError(f"random pairs need at least 2 images, got {n}")
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, n, n_pairs)
+    return i, (i + rng.integers(1, n, n_pairs)) % n  # uniform over j != i
+
+
+def random_pair_distance(lp, x, n_pairs=256, seed=0):
+    """Mean FeatureLPIPS distance of random pairs of distinct real images x [N, 1, H, W] (Eq. 14's denominator)."""
+    i, j = random_pairs(len(x), n_pairs, seed)
+    return float(lp.distance(x[torch.as_tensor(i)], x[torch.as_tensor(j)]).mean())
+
+
+def relative_lpips(d, d_random):
+    """rLPIPS (radit App. C.1 Eq. 14): an edit's distance as a fraction of the mean random-pair distance."""
+    if not float(d_random) > 0:
+        raise ValueError(f"relative_lpips: the random-pair distance must be > 0, got {float(d_random)}")
+    return d / float(d_random)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -638,24 +683,21 @@ class ImageSet:
             raise SystemExit(f"metrics: {root} is not a folder (expected images or a dataset with meta.csv)")
         meta_path = os.path.join(root, "meta.csv")
         self.is_dataset = os.path.isdir(os.path.join(root, "shards")) and os.path.isfile(meta_path)
-        self.meta = None
+        self.meta, self._shards = None, {}
         if self.is_dataset:
             rows = _read_meta(meta_path, ["id", "shard", "index"] + (["split"] if split else []))
-            rows = [r for r in rows if not split or r["split"] == split]
-            if not rows:
+            if not (rows := [r for r in rows if not split or r["split"] == split]):
                 raise SystemExit(f"metrics: {meta_path} has no rows with split={split!r}")
-            self.items, self.ids = [(int(r["shard"]), int(r["index"])) for r in rows], [r["id"] for r in rows]
-            self.meta = rows
+            self.items, self.meta = [(int(r["shard"]), int(r["index"])) for r in rows], rows
+            self.ids = [r["id"] for r in rows]
         else:
-            files = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
-                           if n.lower().endswith(IMAGE_EXTS))
-            if not files:
+            self.items = sorted(os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+                                if n.lower().endswith(IMAGE_EXTS))
+            if not self.items:
                 raise SystemExit(f"metrics: no images in {root} (looked recursively for {', '.join(IMAGE_EXTS)})")
-            self.items = files
-            self.ids = [os.path.splitext(os.path.relpath(f, root))[0].replace(os.sep, "/") for f in files]
+            self.ids = [os.path.splitext(os.path.relpath(f, root))[0].replace(os.sep, "/") for f in self.items]
             if os.path.isfile(meta_path):
                 self.meta = self._match_meta(_read_meta(meta_path), meta_path)
-        self._shards = {}
 
     def _match_meta(self, rows, path):
         """Rows of a folder's meta.csv belong to images by `id` (relative path or file stem) or by `file`/`path`."""
@@ -663,8 +705,7 @@ class ImageSet:
         for r in rows if key else []:
             v = os.path.splitext(r[key].replace("\\", "/"))[0]
             by[v] = by[v.rsplit("/", 1)[-1]] = r
-        meta = [by.get(i, by.get(i.rsplit("/", 1)[-1], {})) for i in self.ids]
-        if not any(meta):
+        if not any(meta := [by.get(i, by.get(i.rsplit("/", 1)[-1], {})) for i in self.ids]):
             warnings.warn(f"{path}: no row matches an image of {self.root} by id/file/path/filename; ignoring it")
         return meta if any(meta) else None
 
@@ -680,8 +721,7 @@ class ImageSet:
             h.update("\0".join(f"{s}:{i}" for s, i in self.items).encode())
         else:
             files = self.items
-        for f in files:
-            st = os.stat(f)
+        for f, st in ((f, os.stat(f)) for f in files):
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
@@ -693,8 +733,7 @@ class ImageSet:
                 path = os.path.join(self.root, "shards", f"{shard:05d}.safetensors")
                 if path not in self._shards:
                     self._shards[path] = safe_open(path, framework="np")
-                a = self._shards[path].get_slice("images")[idx:idx + 1]
-                return (np.asarray(a, np.float32)[0, 0] / 65535.0)
+                return np.asarray(self._shards[path].get_slice("images")[idx:idx + 1], np.float32)[0, 0] / 65535.0
             return read_image(self.items[i])
         except Exception as e:  # noqa: BLE001 - an unreadable file is counted, or fatal under --strict
             self.last_error = f"{self.items[i]}: {e}"
@@ -704,10 +743,8 @@ class ImageSet:
 def read_image(path):
     """PNG 8/16-bit, JPEG, TIFF; gray or RGB(A) -> float32 gray [H, W] in [0, 1]."""
     with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            a = np.asarray(im, dtype=np.float32) / 65535.0  # 16-bit PNGs open as I;16 (or I in older Pillow)
-        elif im.mode == "F":
-            a = np.asarray(im, dtype=np.float32)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit PNGs open as I;16 (I in older Pillow)
+            a = np.asarray(im, dtype=np.float32) / (1.0 if im.mode == "F" else 65535.0)
         else:
             a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0  # RGB -> ITU-R 601 luma
     return np.clip(a, 0.0, 1.0)
@@ -716,15 +753,12 @@ def read_image(path):
 def square(img, fit="crop"):
     """Centre-crop (or zero-pad) to a square: the aspect ratio is never squashed."""
     h, w = img.shape
-    if h == w:
-        return img
-    if fit == "pad":
-        s = max(h, w)
-        out = np.zeros((s, s), np.float32)
-        out[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = img
-        return out
-    s = min(h, w)
-    return img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    s = max(h, w) if fit == "pad" else min(h, w)
+    if h == w or fit != "pad":
+        return img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    out = np.zeros((s, s), np.float32)
+    out[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = img
+    return out
 
 
 def resize(img, size):
@@ -759,22 +793,17 @@ class WeightsMissing(Exception):
 def find_weights(filenames, url, weights_dir="", extra_dirs=(), offline=False):
     """First existing file among `filenames` in --weights-dir and the standard caches; else download `url` when
     online; else WeightsMissing naming the file, its source and the flag."""
-    dirs = [weights_dir] if weights_dir else []
-    dirs += [os.path.expanduser(d) for d in extra_dirs]
-    for d in dirs:
-        for f in filenames:
-            if os.path.isfile(os.path.join(d, f)):
-                return os.path.join(d, f)
+    dirs = ([weights_dir] if weights_dir else []) + [os.path.expanduser(d) for d in extra_dirs]
+    if found := [os.path.join(d, f) for d in dirs for f in filenames if os.path.isfile(os.path.join(d, f))]:
+        return found[0]
     if url and _online(offline):
         dst = os.path.join(os.path.expanduser(extra_dirs[0]) if extra_dirs else weights_dir, os.path.basename(url))
         try:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             print(f"metrics: downloading {url}", file=sys.stderr)
-            tmp = dst + ".part"
-            with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as fh:
+            with urllib.request.urlopen(url, timeout=30) as r, open(dst + ".part", "wb") as fh:
                 fh.write(r.read())
-            os.replace(tmp, dst)
-            return dst
+            return os.replace(dst + ".part", dst) or dst
         except OSError as e:
             raise WeightsMissing(f"could not download {filenames[-1]} from {url} ({e}); put it in a folder "
                                  f"given by --weights-dir") from e
@@ -794,10 +823,8 @@ def load_into(model, sd, name):
     """Strict load ignoring BatchNorm's num_batches_tracked (absent from old checkpoints); errors name the keys."""
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    missing, extra = sorted(own - set(sd)), sorted(set(sd) - own)
-    if missing or extra:
-        raise SystemExit(f"metrics: {name} does not match the expected layout: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}")
+    if (missing := sorted(own - set(sd))) + (extra := sorted(set(sd) - own)):
+        raise SystemExit(f"metrics: {name} does not match the layout: missing {missing[:5]}, unexpected {extra[:5]}")
     model.load_state_dict(sd, strict=False)
     return model
 
@@ -812,16 +839,11 @@ class _Stub:
         self.__dict__["_state"] = state
 
 
-def _stub_class(qualified):
-    mod, _, name = qualified.rpartition(".")
-    return type(name, (_Stub,), {"__module__": mod, "__qualname__": name})
-
-
 def safe_load_pickled_module(path, max_rounds=200):
     """Tensors of a whole pickled nn.Module (torchxrayvision saves the model object, not a state dict) without
     running its code: torch.load(weights_only=True), retried with an inert stub for each class the unpickler
     refuses (torch.serialization.safe_globals), then parameters and buffers are read from the stubs' state."""
-    stubs = []
+    stubs, obj = [], None
     for _ in range(max_rounds):
         try:
             with torch.serialization.safe_globals(stubs):
@@ -831,26 +853,21 @@ def safe_load_pickled_module(path, max_rounds=200):
             name = str(e).split("GLOBAL ", 1)[1].split()[0].rstrip(".,") if "GLOBAL " in str(e) else ""
             if not name or any(f"{s.__module__}.{s.__qualname__}" == name for s in stubs):
                 raise
-            stubs.append(_stub_class(name))
-    else:
-        raise SystemExit(f"metrics: {path}: too many unknown classes in the pickle")
+            mod, _, cls = name.rpartition(".")
+            stubs.append(type(cls, (_Stub,), {"__module__": mod, "__qualname__": cls}))
     if isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
         return dict(obj)
-    out = {}
-
-    def walk(o, prefix):
+    out, todo = {}, [(obj, "")]
+    while todo:  # walk the module tree through the stubs' recorded state
+        o, prefix = todo.pop()
         st = getattr(o, "_state", None) or getattr(o, "__dict__", {})
         st = st[0] if isinstance(st, tuple) and len(st) == 2 else st  # (dict, slotstate) form
         if isinstance(st, dict):
             out.update({prefix + k: v.detach().clone() for kind in ("_parameters", "_buffers")
                         for k, v in (st.get(kind) or {}).items() if torch.is_tensor(v)})
-            for k, child in (st.get("_modules") or {}).items():
-                if child is not None:
-                    walk(child, prefix + k + ".")
-
-    walk(obj, "")
+            todo += [(c, prefix + k + ".") for k, c in (st.get("_modules") or {}).items() if c is not None]
     if not out:
-        raise SystemExit(f"metrics: {path} holds no module parameters that could be read")
+        raise SystemExit(f"metrics: {path} holds no module parameters that could be read (or too many unknown classes)")
     return out
 
 
@@ -865,13 +882,11 @@ HF_ALIASES = {"raddino": "microsoft/rad-dino", "dinov2": "facebook/dinov2-base",
 
 def convert_xrv(src, dst):
     """Pickled torchxrayvision model -> safetensors with the DenseNet's parameter names (atomic write)."""
-    sd = safe_load_pickled_module(src)
-    sd = {k: v.contiguous() for k, v in sd.items() if k.startswith(("features.", "classifier."))}
+    sd = {k: v.contiguous() for k, v in safe_load_pickled_module(src).items() if k.startswith(("features.",
+                                                                                              "classifier."))}
     load_into(XRVDenseNet(num_classes=sd["classifier.weight"].shape[0]), sd, src)  # validates the layout
-    tmp = dst + ".tmp"
-    save_pt(sd, tmp, metadata={"source": os.path.basename(src), "converted_by": f"metrics.py {VERSION}"})
-    os.replace(tmp, dst)
-    return dst
+    save_pt(sd, dst + ".tmp", metadata={"source": os.path.basename(src), "converted_by": f"metrics.py {VERSION}"})
+    return os.replace(dst + ".tmp", dst) or dst
 
 
 class Extractor:
@@ -884,23 +899,19 @@ class Extractor:
 
     def prepare(self, img, fit="crop", compat=False):
         if self.processor is not None:  # transformers processors resize/crop themselves: hand over a square RGB
-            sq = prepare(img, 0, fit, compat)
-            return np.repeat((sq * 255 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
+            return np.repeat((prepare(img, 0, fit, compat) * 255 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
         return prepare(img, self.size, fit, compat)
 
     @torch.no_grad()
     def __call__(self, batch):
         """batch: list of prepare() outputs, or a float tensor [B, C, H, W] in [0, 1] -> float32 [B, dim]."""
         if torch.is_tensor(batch):
-            x = batch.float().mean(1, keepdim=True) if batch.shape[1] != 1 else batch.float()
-            if self.processor is not None:
-                batch = [np.repeat((im[0].cpu().numpy() * 255 + 0.5).astype(np.uint8)[:, :, None], 3, 2) for im in x]
-            else:
-                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        if self.processor is not None:
-            x = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
-        elif not torch.is_tensor(batch):
-            x = torch.from_numpy(np.stack(batch))[:, None]
+            x = batch.float().mean(1, keepdim=True)
+            batch = [np.repeat((im[0].cpu().numpy() * 255 + 0.5).astype(np.uint8)[:, :, None], 3, 2) for im in x] \
+                if self.processor is not None else F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                                                  antialias=True, align_corners=False)
+        x = self.processor(images=list(batch), return_tensors="pt")["pixel_values"] if self.processor is not None \
+            else batch if torch.is_tensor(batch) else torch.from_numpy(np.stack(batch))[:, None]
         x = x.to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):  # bf16 GPU, fp32 CPU
             if self.name == "inception":
@@ -930,10 +941,9 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
         except WeightsMissing:
             if not allow_random_weights:
                 raise
-            rnd = True
-            for m in net.modules():  # variance-preserving init, so random features do not vanish with depth
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight)
+            rnd = True  # variance-preserving init below, so random features do not vanish with depth
+            for m in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight)
         prep = ("gray->RGB, square by crop/pad, bilinear+antialias to 299, [0,1] -> [-1,1] (pytorch-fid); pool3"
                 if inc else "1 channel, square by crop/pad, bilinear+antialias to 224, [0,1] -> [-1024,1024] "
                 "(xrv normalize); ReLU + global average pool")
@@ -965,25 +975,24 @@ def _hf_extractor(name, weights_dir, allow_random_weights, device, offline):
                              f"save it with save_pretrained into --weights-dir DIR/{repo.replace('/', '--')}")
     # Random weights with the published architecture defaults (ViT-B): smoke tests only.
     from transformers import BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, Dinov2Config, Dinov2Model
+    sq = {"height": 224, "width": 224}
     net, proc = ((CLIPVisionModel(CLIPVisionConfig()), CLIPImageProcessor()) if name == "clip" else (
-        Dinov2Model(Dinov2Config()), BitImageProcessor(size={"shortest_edge": 224}, image_mean=[.485, .456, .406],
-                                                       crop_size={"height": 224, "width": 224},
-                                                       image_std=[.229, .224, .225])))
+        Dinov2Model(Dinov2Config()), BitImageProcessor(size={"shortest_edge": 224}, crop_size=sq,
+                                                       image_mean=[.485, .456, .406], image_std=[.229, .224, .225])))
     return Extractor(name, net, None, 768, f"random ViT-B, {type(proc).__name__} 224", "random", True, device, proc)
 
 
-class Progress:
-    """Rate / ETA line on stderr, at most every 2 s."""
+def _progress(total, what):
+    """update(n) prints a rate / ETA line on stderr, at most every 2 s."""
+    st = {"t0": time.time(), "last": 0.0, "done": 0}
 
-    def __init__(self, total, what):
-        self.total, self.what, self.t0, self.last, self.done = total, what, time.time(), 0.0, 0
-
-    def update(self, n):
-        self.done, now = self.done + n, time.time()
-        if now - self.last > 2 or self.done >= self.total:
-            self.last, rate = now, self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"  {self.what}: {self.done}/{self.total} {rate:.1f} img/s ETA {eta:.0f}s", file=sys.stderr)
+    def update(n):
+        st["done"], now = st["done"] + n, time.time()
+        if now - st["last"] > 2 or st["done"] >= total:
+            st["last"], rate = now, st["done"] / max(now - st["t0"], 1e-9)
+            print(f"  {what}: {st['done']}/{total} {rate:.1f} img/s ETA {(total - st['done']) / max(rate, 1e-9):.0f}s",
+                  file=sys.stderr)
+    return update
 
 
 def iter_images(images, indices, size, fit="crop", compat=False, workers=4, batch_size=64, strict=False, fn=None):
@@ -995,60 +1004,45 @@ def iter_images(images, indices, size, fit="crop", compat=False, workers=4, batc
         for s in range(0, len(indices), batch_size):
             idx = indices[s:s + batch_size]
             loaded = list(pool.map(lambda i: (lambda a: None if a is None else fn(a))(images.load(i)), idx))
-            keep, out = [], []  # decoding and resizing both run in the threads (PIL and torch release the GIL)
-            for i, a in zip(idx, loaded):
-                if a is None:
-                    if strict:
-                        raise SystemExit(f"metrics: unreadable image {images.last_error}")
-                    images.skipped.add(i)
-                    continue
-                keep.append(i)
-                out.append(a)
-            yield keep, out
+            keep = [i for i, a in zip(idx, loaded) if a is not None]  # decoded and resized in the threads
+            if strict and len(keep) < len(idx):
+                raise SystemExit(f"metrics: unreadable image {images.last_error}")
+            images.skipped.update(set(idx) - set(keep))
+            yield keep, [a for a in loaded if a is not None]
 
 
 def extract_features(images, extractor="inception", batch_size=64, device=None, fit="crop", compat=False,
                      workers=4, strict=False, cache_dir=None, weights_dir="", allow_random_weights=False,
                      progress=True):
-    """Features [N, D] float32 of an ImageSet / folder path / tensor [N, C, H, W] in [0, 1].
-
-    With an ImageSet and cache_dir, features are cached under a key of the sorted file list, sizes, mtimes,
-    extractor, weights and preprocessing version. Under torchrun each rank extracts a disjoint share.
+    """Features [N, D] float32 of an ImageSet / folder path / tensor [N, C, H, W] in [0, 1]. With an ImageSet and
+    cache_dir, features are cached under a key of the sorted file list, sizes, mtimes, extractor, weights and
+    preprocessing version. Under torchrun each rank extracts a disjoint share.
     Returns (features, kept indices, cache_status) for ImageSets, features alone for tensors."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ex = extractor if isinstance(extractor, Extractor) else get_extractor(
-        extractor, weights_dir, allow_random_weights, device)
+    ex = extractor if isinstance(extractor, Extractor) else get_extractor(extractor, weights_dir,
+                                                                          allow_random_weights, device)
     if torch.is_tensor(images) or isinstance(images, np.ndarray):
-        t = torch.as_tensor(images)
-        return torch.cat([ex(t[s:s + batch_size]) for s in range(0, len(t), batch_size)]).numpy()
-    if isinstance(images, str):
-        images = ImageSet(images)
+        return torch.cat([ex(t) for t in torch.as_tensor(images).split(batch_size)]).numpy()
+    images = ImageSet(images) if isinstance(images, str) else images
     key = images.fingerprint(f"{ex.name}|{ex.weights}|{ex.preprocessing}|{fit}|{compat}|{PREP_VERSION}")
     cache = os.path.join(cache_dir, f"{ex.name.replace('/', '--')}-{key[:24]}.safetensors") if cache_dir else None
     if cache and os.path.isfile(cache):
-        d = load_np(cache)
-        return d["features"], d["indices"].tolist(), "hit"
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return (d := load_np(cache))["features"], d["indices"].tolist(), "hit"
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     idx = list(range(rank, len(images), world))
-    prog = Progress(len(idx), f"{ex.name} {os.path.basename(images.root)}") if progress else None
+    prog = _progress(len(idx), f"{ex.name} {os.path.basename(images.root)}") if progress else None
     feats, kept = [], []
     for keep, batch in iter_images(images, idx, None, workers=workers, batch_size=batch_size, strict=strict,
                                    fn=lambda a: ex.prepare(a, fit, compat)):
-        if batch:
-            feats.append(ex(batch))
-            kept += keep
-        if prog:
-            prog.update(len(keep))
+        feats, kept = feats + ([ex(batch)] if batch else []), kept + keep
+        prog and prog(len(keep))
     f = torch.cat(feats).numpy() if feats else np.zeros((0, ex.dim), np.float32)
     if world > 1:  # gather every rank's share, restore file order
         parts = [None] * world
         torch.distributed.all_gather_object(parts, (kept, f))
-        kept = sum((p[0] for p in parts), [])
-        f = np.concatenate([p[1] for p in parts])
-        order = np.argsort(kept)
-        kept, f = [kept[i] for i in order], f[order]
+        kept, f = sum((p[0] for p in parts), []), np.concatenate([p[1] for p in parts])
+        kept, f = sorted(kept), f[np.argsort(kept)]
     if cache and rank == 0:
         os.makedirs(cache_dir, exist_ok=True)
         save_np({"features": np.ascontiguousarray(f), "indices": np.asarray(kept, np.int64)}, cache + ".tmp")
@@ -1076,33 +1070,24 @@ def condition_groups(meta):
 
 def distribution_metrics(fr, ff, cfg, chosen, device):
     """FD, KID and PRDC between two feature sets, with N, skipping (with the reason) what the sizes do not allow."""
-    out = {"n_real": int(len(fr)), "n_fake": int(len(ff))}
-    notes = []
-    if "fd" in chosen:
-        if min(len(fr), len(ff)) >= 2:
+    n, m = min(len(fr), len(ff)), min(cfg.kid_subset_size, len(fr), len(ff))
+    out, notes = {"n_real": int(len(fr)), "n_fake": int(len(ff))}, []
+    for name, need in [(q, v) for q, v in (("fd", 2), ("kid", 2), ("prdc", cfg.k + 1)) if q in chosen]:
+        if n < need:
+            notes.append(f"{name} skipped: fewer than {need} images")
+        elif name == "fd":
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
                 out["fd"] = frechet_distance(fr, ff)
             notes += [str(x.message) for x in w]
-        else:
-            notes.append("fd skipped: fewer than 2 images")
-    if "kid" in chosen:
-        m = min(cfg.kid_subset_size, len(fr), len(ff))
-        if m >= 2:
+        elif name == "kid":
             out["kid_mean"], out["kid_std"] = kid(fr, ff, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed, device)
             out["kid_subset_size"] = m
-            if m < cfg.kid_subset_size:
-                notes.append(f"kid subsets of {m} < {cfg.kid_subset_size} (fewer images than a subset)")
+            notes += [f"kid subsets of {m} < {cfg.kid_subset_size} (fewer images than a subset)"] * (
+                m < cfg.kid_subset_size)
         else:
-            notes.append("kid skipped: fewer than 2 images")
-    if "prdc" in chosen:
-        if min(len(fr), len(ff)) >= cfg.k + 1:
             out.update(prdc(fr, ff, cfg.k, device))
-        else:
-            notes.append(f"prdc skipped: fewer than k+1={cfg.k + 1} images")
-    if notes:
-        out["notes"] = notes
-    return out
+    return out | ({"notes": notes} if notes else {})
 
 
 def _rows(kept, wanted):
@@ -1116,11 +1101,18 @@ def _iter(images, indices, size, cfg, batch_size=None):
 
 
 def _pixels(images, indices, size, cfg):
-    out, kept = [], []
-    for keep, batch in _iter(images, indices, size, cfg):
-        kept += keep
-        out += batch
-    return kept, (np.stack(out) if out else np.zeros((0, size, size), np.float32))
+    got = list(_iter(images, indices, size, cfg))
+    out = [a for _, batch in got for a in batch]
+    return sum((k for k, _ in got), []), (np.stack(out) if out else np.zeros((0, size, size), np.float32))
+
+
+@torch.no_grad()
+def _apply(fn, images, indices, size, cfg, device):
+    """{index: fn(image batch [B, 1, size, size] on device)[row] on the CPU} over the images that load."""
+    out = {}
+    for keep, batch in _iter(images, list(indices), size, cfg):
+        out.update(zip(keep, fn(torch.from_numpy(np.stack(batch))[:, None].to(device)).float().cpu()) if batch else [])
+    return out
 
 
 def _group_column(meta, group_by):
@@ -1141,10 +1133,8 @@ def diversity(fake, cfg):
     if col is None:
         return {"skipped": "the fake folder has no meta.csv with a group/prompt/report or label column"}
     groups = {}
-    for i, r in enumerate(fake.meta):
-        if r:
-            key = tuple(r.get(lab, "") for lab in LABELS) if col == "labels" else r.get(col, "")
-            groups.setdefault(key, []).append(i)
+    for i, r in ((i, r) for i, r in enumerate(fake.meta) if r):
+        groups.setdefault(tuple(r.get(lab, "") for lab in LABELS) if col == "labels" else r.get(col, ""), []).append(i)
     groups = [g for g in groups.values() if len(g) >= 2]
     if not groups:
         return {"skipped": f"no group of >= 2 images by column {col!r}"}
@@ -1155,15 +1145,10 @@ def diversity(fake, cfg):
             pairs = [(a, b) for ai, a in enumerate(g) for b in g[ai + 1:]]
         else:  # large group: random distinct pairs, never the full list of n^2/2
             pairs = sorted({tuple(sorted(rng.choice(g, 2, replace=False).tolist())) for _ in range(cfg.max_pairs)})
-        need = sorted({i for p in pairs for i in p})
-        kept, px = _pixels(fake, need, cfg.pixel_size, cfg)
-        row = {i: r for r, i in enumerate(kept)}
-        pairs = [(row[a], row[b]) for a, b in pairs if a in row and b in row]
-        if not pairs:
-            continue
-        a, b = (torch.from_numpy(px[[p[i] for p in pairs]])[:, None] for i in (0, 1))
-        means.append(float(torch.atleast_1d(ms_ssim(a, b, 1.0)).mean()))
-        npairs += len(pairs)
+        a, b = _pair_pixels(fake, fake, pairs, cfg.pixel_size, cfg)
+        if len(a):
+            means.append(float(torch.atleast_1d(ms_ssim(a, b, 1.0)).mean()))
+            npairs += len(a)
     scales = ms_ssim_scales(cfg.pixel_size)
     return {"ms_ssim_mean": float(np.mean(means)), "ms_ssim_std": float(np.std(means)), "groups": len(means),
             "pairs": npairs, "group_by": col, "size": cfg.pixel_size, "scales": scales,
@@ -1180,23 +1165,53 @@ def paired_ids(real, fake):
     return []
 
 
-def paired(real, fake, pairs, cfg):
-    """SSIM / PSNR between paired real and synthetic images (reconstructions, edits; radit App. C.1), streamed."""
-    s, p = [], []
-    for c in range(0, len(pairs), 256):
-        (kr, xr), (kf, xf) = (_pixels(im, [q[i] for q in pairs[c:c + 256]], cfg.pixel_size, cfg)
-                              for i, im in ((0, real), (1, fake)))
-        rr, fr = {i: r for r, i in enumerate(kr)}, {i: r for r, i in enumerate(kf)}
-        ok = [(rr[a], fr[b]) for a, b in pairs[c:c + 256] if a in rr and b in fr]
-        a, b = (torch.from_numpy(x[[o[i] for o in ok]])[:, None] for i, x in ((0, xr), (1, xf)))
-        s.append(torch.atleast_1d(ssim(a, b, 1.0)).double().numpy())
-        p.append(torch.atleast_1d(psnr(a, b, 1.0)).numpy())
-    s, p = np.concatenate(s), np.concatenate(p)
-    fin = p[np.isfinite(p)]
-    return {"n": len(s), "ssim_mean": float(s.mean()), "ssim_std": float(s.std()),
-            "psnr_mean": float(fin.mean()) if len(fin) else float("inf"),
-            "psnr_std": float(fin.std()) if len(fin) else 0.0, "n_identical": int((~np.isfinite(p)).sum()),
-            "size": cfg.pixel_size, "data_range": 1.0}
+def _pair_pixels(ims_a, ims_b, pairs, size, cfg):
+    """Tensors [n, 1, size, size] of the pairs (index in ims_a, index in ims_b) whose two images both load."""
+    (ka, xa), (kb, xb) = (_pixels(im, [q[i] for q in pairs], size, cfg) for i, im in ((0, ims_a), (1, ims_b)))
+    ra, rb = {i: r for r, i in enumerate(ka)}, {i: r for r, i in enumerate(kb)}
+    ok = [(ra[a], rb[b]) for a, b in pairs if a in ra and b in rb]
+    return [torch.from_numpy(x[[o[i] for o in ok]])[:, None] for i, x in ((0, xa), (1, xb))]
+
+
+def _pair_scores(ims_a, ims_b, pairs, cfg, lps):
+    """SSIM, PSNR (at cfg.pixel_size) and each FeatureLPIPS's distance (at its input size) of image pairs."""
+    out = {"ssim": [], "psnr": [], **{name: [] for name in lps}}
+    for c in range(0, len(pairs), 64):  # streamed: 64 pairs in memory at a time
+        a, b = _pair_pixels(ims_a, ims_b, pairs[c:c + 64], cfg.pixel_size, cfg)
+        out["ssim"].append(ssim(a, b, 1.0).double().view(-1))
+        out["psnr"].append(psnr(a, b, 1.0).view(-1))
+        for name, lp in lps.items():
+            out[name].append(lp.distance(*_pair_pixels(ims_a, ims_b, pairs[c:c + 64], lp.size, cfg)))
+    return {key: torch.cat(v).numpy() for key, v in out.items()}
+
+
+def paired(real, fake, pairs, cfg, device="cpu"):
+    """Paired identity metrics (reconstructions, edits; radit App. C.1): SSIM / PSNR and, for the --lpips feature
+    spaces, the LPIPS-style distance (Eq. 13) and rLPIPS (Eq. 14) against random pairs of distinct real images,
+    whose SSIM and distances form the 'Random Pairs' reference row of radit Table 14."""
+    lps, skipped, layers = {}, {}, [int(v) for v in cfg.lpips_layers.split(",") if v.strip()] or None
+    for name in [v.strip() for v in (cfg.lpips or ("raddino" if cfg.paired else "")).split(",") if v.strip()]:
+        try:
+            lps[name] = FeatureLPIPS(name, layers, cfg.weights_dir, cfg.allow_random_weights, device, cfg.offline)
+        except WeightsMissing as e:
+            print(f"metrics: skipping LPIPS in {name}: {e}", file=sys.stderr)
+            skipped[name] = str(e)
+    sc = _pair_scores(real, fake, pairs, cfg, lps)
+    s, p = sc["ssim"], sc["psnr"]
+    fin = p[np.isfinite(p)] if np.isfinite(p).any() else np.array([np.inf])
+    out = {"n": len(s), "ssim_mean": float(s.mean()), "ssim_std": float(s.std()), "psnr_mean": float(fin.mean()),
+           "psnr_std": float(fin.std()) if np.isfinite(fin).all() else 0.0, "n_identical": int((~np.isfinite(p)).sum()),
+           "size": cfg.pixel_size, "data_range": 1.0}
+    if lps or cfg.paired:
+        ref = _pair_scores(real, real, list(zip(*random_pairs(len(real), cfg.random_pairs, cfg.seed))), cfg, lps)
+        out["random_pairs"] = {"n": len(ref["ssim"]), "seed": cfg.seed, "ssim_mean": float(ref["ssim"].mean()),
+                               **{f"lpips_{k}": float(ref[k].mean()) for k in lps}}
+        out["lpips"] = {k: {"mean": float(sc[k].mean()), "std": float(sc[k].std()), "random_pairs_mean":
+                            float(ref[k].mean()), "rlpips_mean": float(relative_lpips(sc[k], ref[k].mean()).mean()),
+                            "rlpips_std": float(relative_lpips(sc[k], ref[k].mean()).std()), "layers": list(lp.layers),
+                            "weights": lp.weights, "random_weights": lp.random_weights} for k, lp in lps.items()}
+        out |= {"lpips_skipped": skipped} if skipped else {}
+    return out
 
 
 def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
@@ -1204,13 +1219,9 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
     training image by pixel L2 (same crop/resize, float) and by distance of unit-normalised features."""
     (fk, q), bank_kept = _pixels(fake, list(range(len(fake))), cfg.privacy_size, cfg), []
 
-    def bank():
-        for keep, batch in _iter(train, list(range(len(train))), cfg.privacy_size, cfg, 256):
-            bank_kept.extend(keep)
-            if batch:
-                yield np.stack(batch).reshape(len(batch), -1)
-
-    d, j = nearest_neighbours(q.reshape(len(q), -1), bank(), device)
+    bank = (np.stack(b).reshape(len(b), -1) for k, b in _iter(train, list(range(len(train))), cfg.privacy_size,
+                                                               cfg, 256) if not bank_kept.extend(k) and b)
+    d, j = nearest_neighbours(q.reshape(len(q), -1), bank, device)
     rms, out = d / cfg.privacy_size, {}
     out["pixel"] = {"n_fake": len(fk), "n_train": len(bank_kept), "size": cfg.privacy_size,
                     "l2_mean": float(d.mean()), "l2_min": float(d.min()), "rms_mean": float(rms.mean()),
@@ -1229,8 +1240,7 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
     if fake_feats is not None and train_feats is not None:
         name, (ff, fkept), (tf, tkept) = fake_feats[0], fake_feats[1], train_feats
         unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
-        tf = unit(tf)
-        dl, _ = nearest_neighbours(unit(ff), (tf[s:s + 4096] for s in range(0, len(tf), 4096)), device)
+        dl, _ = nearest_neighbours(unit(ff), torch.from_numpy(unit(tf)).split(4096), device)
         out["latent"] = {"features": name, "n_fake": len(fkept), "n_train": len(tkept), "mean": float(dl.mean()),
                          "min": float(dl.min()), "threshold": cfg.feat_threshold,
                          "count_under_threshold": int((dl < cfg.feat_threshold).sum())}
@@ -1245,18 +1255,9 @@ def reid_scores(fake, train, cfg, device):
     to RGB, ImageNet mean/std (torchvision pretrained ResNet-50 convention)."""
     net = load_into(SiameseReID(), load_state(cfg.reid_weights), cfg.reid_weights).eval().to(device)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in ([.485, .456, .406], [.229, .224, .225]))
-
-    @torch.no_grad()
-    def embed(images):
-        es = []
-        for _, batch in _iter(images, list(range(len(images))), 256, cfg):
-            if batch:
-                x = torch.from_numpy(np.stack(batch))[:, None].to(device).expand(-1, 3, -1, -1)
-                es.append(net.embed((x - mean) / std))
-        return torch.cat(es)
-
-    ef, et, best = embed(fake), embed(train), []
-    step = max(1, 2 ** 22 // (len(et) * 128))
+    ef, et = (torch.stack(list(_apply(lambda x: net.embed((x.expand(-1, 3, -1, -1) - mean) / std), im,
+                                      range(len(im)), 256, cfg, device).values())).to(device) for im in (fake, train))
+    best, step = [], max(1, 2 ** 22 // (len(et) * 128))
     with torch.no_grad():
         for s in range(0, len(ef), step):
             best.append(net.score(ef[s:s + step, None], et[None]).max(1).values)
@@ -1277,19 +1278,10 @@ def factual(real, fake, pairs, cfg, device):
             raise SystemExit(f"metrics: {src} is not an xrv-layout DenseNet-121 (no classifier.weight)")
         net = load_into(XRVDenseNet(sd["classifier.weight"].shape[0]), sd, src).eval().to(device)
 
-    @torch.no_grad()
-    def predict(images, idx):
-        ps, kept = [], []
-        for keep, batch in _iter(images, idx, 224, cfg):
-            if batch:
-                x = torch.from_numpy(np.stack(batch))[:, None].to(device)
-                ps.append(torch.sigmoid(net(x * 2048 - 1024)).float().cpu())
-                kept += keep
-        return dict(zip(kept, torch.cat(ps).numpy()))
-
-    pr, pf = predict(real, [p[0] for p in pairs]), predict(fake, [p[1] for p in pairs])
+    pr, pf = (_apply(lambda x: torch.sigmoid(net(x * 2048 - 1024)), im, [p[i] for p in pairs], 224, cfg, device)
+              for i, im in ((0, real), (1, fake)))
     ok = [(pr[a], pf[b]) for a, b in pairs if a in pr and b in pf]
-    a, b = np.stack([o[0] for o in ok]), np.stack([o[1] for o in ok])
+    a, b = np.stack([o[0].numpy() for o in ok]), np.stack([o[1].numpy() for o in ok])
     per = [pearson(a[:, c], b[:, c]) for c in range(a.shape[1])]
     return {"n": len(ok), "pearson": pearson(a, b), "pearson_per_class_mean": float(np.nanmean(per)),
             "classifier": src, "random_weights": rnd}
@@ -1306,6 +1298,7 @@ def evaluate(cfg):
     if not cfg.fake:
         raise SystemExit("metrics: --fake is required (a folder of synthetic images)")
     chosen = ALL_METRICS if cfg.metrics == "all" else tuple(m.strip() for m in cfg.metrics.split(","))
+    chosen = ("paired", "factual") if cfg.paired else chosen  # identity metrics only
     if bad := [m for m in chosen if m not in ALL_METRICS]:
         raise SystemExit(f"metrics: unknown --metrics {bad}; expected some of {','.join(ALL_METRICS)}")
     if cfg.fit not in ("crop", "pad"):
@@ -1328,8 +1321,7 @@ def evaluate(cfg):
             print(f"metrics: skipping {name}: {e}", file=sys.stderr)
             res["skipped_features"][name] = str(e)
             continue
-        fr, kr, cr = extract_features(real, ex, **kw)
-        ff, kf, cf = extract_features(fake, ex, **kw)
+        (fr, kr, cr), (ff, kf, cf) = (extract_features(im, ex, **kw) for im in (real, fake))
         feats[name] = (ex, fr, kr, ff, kf)
         res["features"][name] = dict(extractor=ex.name, dim=ex.dim, preprocessing=ex.preprocessing, weights=ex.weights,
                                      random_weights=ex.random_weights, cache={"real": cr, "fake": cf},
@@ -1338,28 +1330,31 @@ def evaluate(cfg):
             res.setdefault("conditions", {})[name] = {
                 g: distribution_metrics(fr[_rows(kr, rgroups[g])], ff[_rows(kf, fgroups[g])], cfg, chosen, device)
                 for g in rgroups}
-    for key, s in (("real", real), ("fake", fake)):
-        if getattr(s, "skipped", None):
-            res[key]["unreadable_skipped"] = len(s.skipped)
-            print(f"metrics: skipped {len(s.skipped)} unreadable image(s), e.g. {s.last_error}", file=sys.stderr)
     if "conditions" in chosen and not (rgroups and fgroups):
         res["conditions_skipped"] = "per-condition metrics need label columns in the meta.csv of both real and fake"
     if "diversity" in chosen:
         res["diversity"] = diversity(fake, cfg) if fake.meta else {"skipped": "the fake folder has no meta.csv"}
     pairs = paired_ids(real, fake)
+    if cfg.paired and (miss := sorted(set(fake.ids) - {fake.ids[b] for _, b in pairs})):
+        msg = f"{len(miss)} of {len(fake)} images of {fake.root} have no id in {real.root}, e.g. {miss[:3]}"
+        if not pairs:
+            raise SystemExit(f"metrics: --paired: {msg} (expected edited images named by their original's id)")
+        print(f"metrics: --paired: {msg}; they are left out", file=sys.stderr)
+        res["fake"]["unpaired"] = len(miss)
     if "paired" in chosen and pairs:
-        res["paired"] = paired(real, fake, pairs, cfg)
+        res["paired"] = paired(real, fake, pairs, cfg, device)
     if "factual" in chosen and cfg.classifier:
         res["factual"] = factual(real, fake, pairs, cfg, device) if pairs else {"skipped": "no paired ids"}
     if train is not None:
         pf = cfg.privacy_features or ("raddino" if "raddino" in feats else next(iter(feats), ""))
-        fake_f = train_f = None
-        if pf in feats:
-            ex, _, _, ff, kf = feats[pf]
-            tf, kt, _ = extract_features(train, ex, **kw)
-            fake_f, train_f = (pf, (ff, kf)), (tf, kt)
-        res["privacy"] = privacy(fake, train, cfg, fake_f, train_f, device)
+        ex, _, _, ff, kf = feats.get(pf, (None,) * 5)
+        tr = extract_features(train, ex, **kw)[:2] if ex else None
+        res["privacy"] = privacy(fake, train, cfg, (pf, (ff, kf)) if ex else None, tr, device)
         res["train"] = {"path": train.root, "n": len(train)}
+    for key, s in (("real", real), ("fake", fake), ("train", train)):
+        if getattr(s, "skipped", None):
+            res[key]["unreadable_skipped"] = len(s.skipped)
+            print(f"metrics: skipped {len(s.skipped)} unreadable image(s), e.g. {s.last_error}", file=sys.stderr)
     if cfg.out and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
         with open(cfg.out + ".tmp", "w") as fh:
@@ -1381,23 +1376,27 @@ def format_table(res):
                 f"{f('coverage'):>7}{str(d['n_real']) + '/' + str(d['n_fake']):>10}")
 
     for name, d in res["features"].items():
-        lines += [row(name.rsplit("/", 1)[-1], d) + (rnd if d.get("random_weights") else "")]
-        lines += ["  note: " + n for n in d.get("notes", [])]
+        lines += [row(name.rsplit("/", 1)[-1], d) + (rnd if d.get("random_weights") else "")] + [
+            "  note: " + n for n in d.get("notes", [])]
     lines += [f"{name:<16}skipped: {msg}" for name, msg in res.get("skipped_features", {}).items()]
     for name, groups in res.get("conditions", {}).items():
         lines.append(f"per condition, {name}:" + (rnd if res["features"][name].get("random_weights") else ""))
         lines += [row("  " + g, d) for g, d in groups.items()]
 
-    def flat(d):
-        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()
-                         if not isinstance(v, (list, dict)))
-
+    flat = lambda d: ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()  # noqa
+                               if not isinstance(v, (list, dict)))
     for sec in ("diversity", "paired", "factual"):
         if sec in res:
             lines.append(f"{sec}: {flat(res[sec])}" + (rnd if res[sec].get("random_weights") else ""))
-    for sec, d in res.get("privacy", {}).items():
-        lines.append(f"privacy, {sec}: {flat(d)}")
-    return "\n".join(lines)
+    if "random_pairs" in (pr := res.get("paired", {})):  # radit Table 14 layout: random-pair row, then the edits
+        rp, lp = pr["random_pairs"], pr["lpips"]
+        lines += ["", "| pairs | N | SSIM | PSNR | " + "".join(f"LPIPS ({k}) | rLPIPS ({k}) | " for k in lp),
+                  "|---" * (4 + 2 * len(lp)) + "|", f"| random real pairs | {rp['n']} | {rp['ssim_mean']:.4f} | - | " +
+                  "".join(f"{v['random_pairs_mean']:.5f} | 1.0 | " for v in lp.values()),
+                  f"| paired (real, fake) | {pr['n']} | {pr['ssim_mean']:.4f} | {pr['psnr_mean']:.2f} | " +
+                  "".join(f"{v['mean']:.5f} | {v['rlpips_mean']:.4f} | " for v in lp.values())]
+        lines += [f"LPIPS ({k}): {rnd.strip()}" for k, v in lp.items() if v["random_weights"]]
+    return "\n".join(lines + [f"privacy, {sec}: {flat(d)}" for sec, d in res.get("privacy", {}).items()])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1433,18 +1432,17 @@ def _fid_sqrtm(x, y):
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
-        off = np.eye(len(s1)) * 1e-6
-        covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
-    covmean = covmean.real
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+        covmean = scipy.linalg.sqrtm((s1 + np.eye(len(s1)) * 1e-6) @ (s2 + np.eye(len(s1)) * 1e-6))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
 def bench(argv):
-    """CPU ratios measured in one run: Frechet distance vs scipy sqrtm; PRDC vs full pairwise matrices."""
+    """CPU ratios measured in one run: Frechet distance vs scipy sqrtm; PRDC vs full pairwise matrices. Wall and
+    process-CPU seconds are both recorded: on a machine shared with other jobs the CPU-time ratio is the fair one."""
     p = argparse.ArgumentParser(prog="metrics.py bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for flag, default, hlp in (("--n", 10000, "features per set"), ("--dim", 2048, "feature dimension"),
                                ("--k", 5, "PRDC k"), ("--seed", 0, "feature generator seed"),
-                               ("--device", "cpu", "device for prdc()")):
+                               ("--device", "cpu", "device for prdc()"), ("--only", "fd,prdc", "what to time")):
         p.add_argument(flag, type=type(default), default=default, help=hlp)
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
@@ -1452,17 +1450,20 @@ def bench(argv):
     real = np.maximum(rng.standard_normal((a.n, a.dim)).astype(np.float32) @ mix, 0)
     fake = np.maximum((rng.standard_normal((a.n, a.dim)).astype(np.float32) * 1.02 + 0.01) @ mix, 0)
     out = {"n": a.n, "dim": a.dim, "k": a.k, "torch_threads": torch.get_num_threads(), **_versions()}
-    for name, fn in (("fd", lambda: frechet_distance(real, fake)), ("fd_sqrtm", lambda: _fid_sqrtm(real, fake)),
-                     ("prdc", lambda: prdc(real, fake, a.k, a.device)),
-                     ("prdc_full_matrix", lambda: _prdc_full_matrix(real, fake, a.k))):
-        _mem_mb("reset")
-        base, t = _mem_mb("VmRSS"), time.perf_counter()
-        out[name] = fn()
-        out[name + "_s"], out[name + "_peak_mb"] = time.perf_counter() - t, _mem_mb("VmHWM") - base
-    out["fd_rel_diff"] = abs(out["fd"] - out["fd_sqrtm"]) / abs(out["fd_sqrtm"])
-    out["fd_speedup"] = out["fd_sqrtm_s"] / out["fd_s"]
-    out["prdc_speedup"] = out["prdc_full_matrix_s"] / out["prdc_s"]
-    out["prdc_max_abs_diff"] = max(abs(out["prdc"][m] - out["prdc_full_matrix"][m]) for m in out["prdc"])
+    runs = {"fd": (lambda: frechet_distance(real, fake), "fd_sqrtm", lambda: _fid_sqrtm(real, fake)),
+            "prdc": (lambda: prdc(real, fake, a.k, a.device), "prdc_full_matrix",
+                     lambda: _prdc_full_matrix(real, fake, a.k))}
+    for m in a.only.split(","):
+        ours, base, ref = runs[m]
+        for name, fn in ((m, ours), (base, ref)):
+            _mem_mb("reset")
+            mem, t, c = _mem_mb("VmRSS"), time.perf_counter(), time.process_time()
+            out[name] = fn()
+            out.update({name + "_s": time.perf_counter() - t, name + "_cpu_s": time.process_time() - c,
+                        name + "_peak_mb": _mem_mb("VmHWM") - mem})
+        out.update({f"{m}_speedup{x}": out[f"{base}{x}_s"] / out[f"{m}{x}_s"] for x in ("", "_cpu")})
+        out[m + "_max_abs_diff"] = (abs(out["fd"] - out["fd_sqrtm"]) / abs(out["fd_sqrtm"]) if m == "fd" else  # rel.
+                                    max(abs(out["prdc"][q] - out["prdc_full_matrix"][q]) for q in out["prdc"]))
     print(json.dumps(out, indent=1))
     return out
 
@@ -1483,8 +1484,7 @@ def main(argv=None):
         if not os.path.isfile(a.src):
             raise SystemExit(f"metrics: {a.src} not found (expected the pickled torchxrayvision model, {XRV_URL})")
         dst = convert_xrv(a.src, a.dst or os.path.join(os.path.dirname(os.path.abspath(a.src)), XRV_SAFE))
-        print(f"wrote {dst}")
-        return dst
+        return print(f"wrote {dst}") or dst
     p = build_parser(description=__doc__.split("\n\n")[0], epilog="subcommands: convert-xrv SRC [--dst DST], bench")
     cfg = Config(**vars(p.parse_args(argv)))
     if torch.distributed.is_available() and "RANK" in os.environ and not torch.distributed.is_initialized():

@@ -262,7 +262,7 @@ def test_ssim_msssim_psnr_hand_checked():
     t = torch.from_numpy(x)
     assert float(M.ssim(t, t)) == pytest.approx(1.0, abs=1e-12) and float(M.ms_ssim(t, t)) == pytest.approx(1.0)
     assert math.isinf(float(M.psnr(t, t)))
-    a, b = torch.full((1, 1, 176, 176), 0.2, dtype=torch.float64), torch.full((1, 1, 176, 176), 0.5, dtype=torch.float64)
+    a, b = (torch.full((1, 1, 176, 176), v, dtype=torch.float64) for v in (0.2, 0.5))
     lum = (2 * 0.2 * 0.5 + 1e-4) / (0.2 ** 2 + 0.5 ** 2 + 1e-4)  # constant images: contrast-structure term is 1
     assert float(M.ssim(a, b)) == pytest.approx(lum, rel=1e-12)
     assert float(M.ms_ssim(a, b)) == pytest.approx(lum ** 0.1333, rel=1e-12)  # only the coarsest scale's l counts
@@ -470,3 +470,134 @@ def test_reid_and_factual_correctness(tmp_path):
     rs, fs = M.ImageSet(str(real)), M.ImageSet(str(fake))
     f = M.factual(rs, fs, M.paired_ids(rs, fs), cfg, torch.device("cpu"))
     assert f["n"] == 3 and f["random_weights"] and f["pearson"] == pytest.approx(1.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LPIPS-style feature distance (radit App. C.1 Eq. 13-14), --paired identity metrics
+
+
+def _tiny_dino(root, layers=4, short=32):
+    """A tiny random Dinov2 (the Rad-DINO / DINOv2 layout) with a processor resizing to `short`, cropping 32."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                             patch_size=8, image_size=32)).save_pretrained(root)
+    BitImageProcessor(size={"shortest_edge": short}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
+    return root
+
+
+def _eq13_float64(root, x, y, layers):
+    """Eq. 13 from scratch in float64: processor normalisation by hand, hidden states of the float64 model,
+    patch tokens unit-normalised, squared distance summed over channels, mean over positions, mean over layers."""
+    from transformers import AutoImageProcessor, Dinov2Model
+    proc, net = AutoImageProcessor.from_pretrained(root), Dinov2Model.from_pretrained(root).double().eval()
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (proc.image_mean, proc.image_std))
+    with torch.no_grad():
+        hx, hy = (net(pixel_values=(t.double().expand(-1, 3, -1, -1) - mean) / std, output_hidden_states=True)
+                  .hidden_states for t in (x, y))
+    out = np.zeros(len(x))
+    for layer in layers:
+        a, b = hx[layer][:, 1:].numpy(), hy[layer][:, 1:].numpy()
+        a, b = a / np.linalg.norm(a, axis=-1, keepdims=True), b / np.linalg.norm(b, axis=-1, keepdims=True)
+        out += ((a - b) ** 2).sum(-1).mean(-1) / len(layers)
+    return out
+
+
+def test_feature_lpips_eq13_identity_noise_and_layers(tmp_path):
+    root = _tiny_dino(str(tmp_path / "dino"))
+    lp = M.FeatureLPIPS(root, offline=True)
+    assert lp.layers == (1, 2, 3, 4) and lp.size == 32 and not lp.random_weights
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 32, 32, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    d = lp.distance(x, y)
+    assert d.shape == (6,) and d.dtype == torch.float64
+    np.testing.assert_allclose(d.numpy(), _eq13_float64(root, x, y, (1, 2, 3, 4)), rtol=2e-4)
+    np.testing.assert_allclose(M.FeatureLPIPS(root, layers=[2], offline=True).distance(x, y).numpy(),
+                               _eq13_float64(root, x, y, (2,)), rtol=2e-4)
+    assert torch.equal(lp.distance(x, x), torch.zeros(6, dtype=torch.float64))  # identical images: exactly 0
+    e = torch.randn(x.shape, generator=g)
+    means = [float(lp.distance(x, (x + s * e).clamp(0, 1)).mean()) for s in (0.01, 0.03, 0.1, 0.3)]
+    assert all(a < b for a, b in zip(means, means[1:])) and means[0] > 0, means  # grows with the noise
+    xg = x.clone().requires_grad_(True)  # differentiable when asked (e.g. as a perceptual loss)
+    lp.distance(xg, y).sum().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    assert M.FeatureLPIPS(_tiny_dino(str(tmp_path / "d12"), layers=12), offline=True).layers == (3, 6, 9, 12)
+    with pytest.raises(ValueError, match=r"layers \[5\] outside 1..4"):
+        M.FeatureLPIPS(root, layers=[5], offline=True)
+    with pytest.raises(ValueError, match=r"\[N, 1, H, W\]"):
+        lp.distance(x, y[:3])
+
+
+def test_feature_lpips_processor_twin_and_missing_weights(tmp_path, monkeypatch):
+    from transformers import AutoImageProcessor
+    root = _tiny_dino(str(tmp_path / "dino"), short=40)  # resize shortest edge to 40, centre crop 32
+    lp = M.FeatureLPIPS(root, offline=True)
+    u8 = (np.random.default_rng(1).random((3, 48, 60)) * 255).astype(np.uint8)
+    want = AutoImageProcessor.from_pretrained(root)(images=[np.repeat(a[:, :, None], 3, 2) for a in u8],
+                                                    return_tensors="pt")["pixel_values"]
+    got = lp.pixel_values(torch.from_numpy(u8 / 255.0).float()[:, None])
+    assert got.shape == want.shape == (3, 3, 32, 32)
+    assert (got - want).abs().mean() < 0.02  # PIL bicubic vs torch antialiased bicubic: same up to interpolation
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(M.WeightsMissing, match="microsoft/rad-dino.*--weights-dir"):
+        M.FeatureLPIPS("raddino", offline=True)
+
+
+def test_relative_lpips_of_random_pairs_is_one(tmp_path):
+    lp = M.FeatureLPIPS(_tiny_dino(str(tmp_path / "dino")), offline=True)
+    x = torch.rand(24, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    i, j = M.random_pairs(24, 200, seed=0)
+    assert (i != j).all() and i.min() >= 0 and max(i.max(), j.max()) < 24 and len(set(zip(i, j))) > 150
+    d0 = M.random_pair_distance(lp, x, 200, seed=0)
+    assert d0 == pytest.approx(float(lp.distance(x[i], x[j]).mean()), rel=1e-12)
+    # Eq. 14 by construction: the reference pairs themselves average exactly 1, fresh random pairs about 1
+    assert float(M.relative_lpips(lp.distance(x[i], x[j]), d0).mean()) == pytest.approx(1.0, rel=1e-12)
+    i2, j2 = M.random_pairs(24, 200, seed=1)
+    assert float(M.relative_lpips(lp.distance(x[i2], x[j2]), d0).mean()) == pytest.approx(1.0, abs=0.1)
+    assert float(M.relative_lpips(lp.distance(x, x), d0).max()) == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        M.random_pairs(1)
+    with pytest.raises(ValueError, match="> 0"):
+        M.relative_lpips(torch.ones(2), 0.0)
+
+
+def test_paired_cli_identity_table(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    orig, edit = tmp_path / "orig", tmp_path / "edit"
+    orig.mkdir(), edit.mkdir()
+    imgs = (rng.random((10, 48, 48)) * 65535).astype(np.uint16)
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(orig / f"p{i}.png")
+        b = a if i < 5 else np.clip(a + rng.normal(0, 3000, a.shape), 0, 65535).astype(np.uint16)
+        Image.fromarray(b).save(edit / f"p{i}.png")  # 5 untouched, 5 edited by noise
+    Image.fromarray(imgs[0]).save(edit / "stray.png")  # an id the originals lack: left out, counted
+    root = _tiny_dino(str(tmp_path / "dino"))
+    out = str(tmp_path / "id.json")
+    M.main(["--paired", "--real", str(orig), "--fake", str(edit), "--lpips", root, "--random-pairs", "40",
+            "--pixel-size", "48", "--workers", "1", "--out", out])
+    text = capsys.readouterr()
+    res = json.load(open(out))
+    p, lpd = res["paired"], res["paired"]["lpips"][root]
+    assert p["n"] == 10 and p["n_identical"] == 5 and res["fake"]["unpaired"] == 1 and "stray" in text.err
+    assert res["features"] == {} and "diversity" not in res  # identity metrics only
+    # independent recomputation with the library functions on the same preprocessed pixels
+    lp = M.FeatureLPIPS(root, offline=True)
+    load = lambda d: torch.from_numpy(np.stack([M.prepare(M.read_image(str(d / f"p{i}.png")), 32)  # noqa: E731
+                                                for i in range(10)]))[:, None]
+    xo, xe = load(orig), load(edit)
+    d = lp.distance(xo, xe).numpy()
+    d0 = M.random_pair_distance(lp, xo, 40, seed=0)
+    assert np.all(d[:5] == 0) and np.all(d[5:] > 0)
+    assert lpd["mean"] == pytest.approx(d.mean(), rel=1e-6)
+    assert lpd["random_pairs_mean"] == pytest.approx(d0, rel=1e-6)
+    assert lpd["rlpips_mean"] == pytest.approx((d / d0).mean(), rel=1e-6) and lpd["layers"] == [1, 2, 3, 4]
+    i, j = M.random_pairs(10, 40, 0)
+    po = torch.from_numpy(np.stack([M.read_image(str(orig / f"p{k}.png")) for k in range(10)]))[:, None].double()
+    assert p["random_pairs"]["ssim_mean"] == pytest.approx(float(M.ssim(po[i], po[j]).mean()), abs=1e-6)  # fp32
+    assert "| random real pairs | 40 |" in text.out and "| paired (real, fake) | 10 |" in text.out
+    with pytest.raises(SystemExit, match="have no id in"):
+        other = tmp_path / "other"
+        other.mkdir()
+        Image.fromarray(imgs[0]).save(other / "zzz.png")
+        M.main(["--paired", "--real", str(orig), "--fake", str(other), "--lpips", root, "--workers", "1"])
