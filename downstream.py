@@ -365,9 +365,8 @@ ARCHS = {"tiny": TinyCNN, "densenet121": DenseNet121, "resnet50": ResNet50, "une
 HEADS = ("classifier.", "fc.", "head.")                           # replaced when the label set differs
 
 def build_model(cfg, n_out):
-    if cfg.task in ("predict-metadata", "edit-eval"):
-        return MetadataPredictor(cfg)
-    return ARCHS[cfg.arch](n_out, **({"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}))
+    return MetadataPredictor(cfg) if cfg.task in (PM, EE) else ARCHS[cfg.arch](
+        n_out, **({"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}))
 
 # Old torchvision DenseNet checkpoints (densenet121-a639ec97.pth) spell 'norm.1' for 'norm1' (torchvision's remap).
 LEGACY_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
@@ -437,8 +436,8 @@ def activate(model, out):
     """Outputs -> scores: sigmoid per label; predictor heads: softmax per variable, age in years."""
     if not isinstance(model, MetadataPredictor):
         return torch.sigmoid(out.float())
-    parts = out.float().split(model.sizes, 1)
-    return torch.cat([z * AGE_SD + AGE_MU if k == 1 else z.softmax(1) for z, k in zip(parts, model.sizes)], 1)
+    return torch.cat([z * AGE_SD + AGE_MU if k == 1 else z.softmax(1)
+                      for z, k in zip(out.float().split(model.sizes, 1), model.sizes)], 1)
 
 def metadata_metrics(y, p, variables, sizes):
     """Per variable: ROC-AUC (multi-class: one-vs-rest, the mean over classes present) or age MAE in years; and the
@@ -455,8 +454,7 @@ def metadata_metrics(y, p, variables, sizes):
 def attribute_cosine(ea, eb, variables, edited):
     """radit Eq. 15: per image pair, the mean over the attributes (sex, race, age, view, dataset) that its edit left
     unchanged of the cosine similarity of the two images' embeddings from that attribute's head. ea, eb [N, V, E]."""
-    a, b = torch.as_tensor(ea, dtype=torch.float64), torch.as_tensor(eb, dtype=torch.float64)
-    cos = F.cosine_similarity(a, b, dim=-1).numpy()
+    cos = F.cosine_similarity(*(torch.as_tensor(e, dtype=torch.float64) for e in (ea, eb)), dim=-1).numpy()
     keep = np.array([[v in META and v not in e for v in variables] for e in edited], bool).reshape(cos.shape)
     with np.errstate(invalid="ignore"):
         return (cos * keep).sum(1) / keep.sum(1)                 # NaN where nothing stayed unchanged
@@ -479,16 +477,12 @@ def weighted_auroc(y, s, w):
 def auroc(y, s):
     return float(weighted_auroc(y, s, np.ones(len(y)))[0])
 
-def bootstrap_counts(n, n_boot, seed):
-    """Row multiplicities of n_boot resamples with replacement: rows rng.integers(0, n, (n_boot, n)) with
-    rng = np.random.default_rng(seed) (documented, so a reference can redraw the same resamples)."""
-    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
-    return np.stack([np.bincount(r, minlength=n) for r in idx]).astype(np.float64)
-
 def auroc_table(y, s, n_boot=1000, seed=0):
     """Per-label and macro AUROC with 95% percentile-bootstrap CIs. y [N, L] with NaN unknown, s [N, L]. The
-    same resampled rows serve every label, so the macro CI is the spread of the macro over resamples."""
-    counts = bootstrap_counts(len(y), n_boot, seed) if n_boot else np.zeros((0, len(y)))
+    same resampled rows serve every label, so the macro CI is the spread of the macro over resamples: rows
+    np.random.default_rng(seed).integers(0, N, (n_boot, N)) (documented, so a reference can redraw them)."""
+    idx, n = np.random.default_rng(seed).integers(0, len(y), (n_boot, len(y))), len(y)
+    counts = np.stack([np.bincount(r, minlength=n) for r in idx]).astype(np.float64) if n_boot else np.zeros((0, n))
     point, boots = [], []
     for j in range(y.shape[1]):
         k = ~np.isnan(y[:, j])
@@ -607,8 +601,7 @@ def age_years(s):
     return float(s) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", str(s or "")) else math.nan      # '' / junk: NaN
 
 def age_bin(s):
-    a = age_years(s)
-    return next(name for name, hi in AGE_BINS if a < hi) if a == a else ""
+    return next(name for name, hi in AGE_BINS if a < hi) if (a := age_years(s)) == a else ""
 
 def group_of(row, attrs):
     """The subgroup of a row under attributes like ('sex', 'race'): 'F/BLACK'; '' when any value is missing."""
@@ -627,17 +620,14 @@ def read_png(path, size):
     with Image.open(path) as im:
         wide, a = im.mode.startswith("I"), np.asarray(im)          # I;16 / I: 16-bit greyscale
     a = (a[..., :3].mean(-1) if a.ndim == 3 else a).astype(np.float32) / (65535.0 if wide else 255.0)
-    h, w = a.shape
-    if h != w:                                                   # aspect-preserving, as DESIGN.md §4
-        s = max(h, w)
-        a = np.pad(a, (((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)))
+    (h, w), s = a.shape, max(a.shape)                            # aspect-preserving pad to square, as DESIGN.md §4
+    a = np.pad(a, (((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)))
     return fit(torch.from_numpy(np.ascontiguousarray(a))[None, None], size)[0]
 
 def fit(x, size, mode="bilinear"):
     """[n, C, s, s] -> [n, C, size, size] (antialiased when shrinking; masks: nearest); size 0 keeps s."""
-    if not size or x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode=mode, **({"antialias": True, "align_corners": False} if mode == "bilinear" else {}))
+    kw = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
+    return x if not size or x.shape[-1] == size else F.interpolate(x, size=(size, size), mode=mode, **kw)
 
 class Source:
     """One `name=folder[:split]` source: its meta rows in memory, pixels (and masks) in memory or read per batch."""
@@ -649,16 +639,14 @@ class Source:
         self.folder, self.split = folder.rstrip("/"), "" if split == "all" else split
         self.name = name.strip() or os.path.basename(self.folder) or self.folder
         self.synthetic = self.name.lower().startswith("syn")
-        meta = os.path.join(self.folder, "meta.csv")
-        if not os.path.isfile(meta):
+        if not os.path.isfile(meta := os.path.join(self.folder, "meta.csv")):
             raise SystemExit(f"{meta}: no such file; expected a dataset folder (prep_data.py) or a folder of "
                              f"generated images with a meta.csv (id, labels, sex, age, race, view)")
         with open(meta, newline="") as f:
             rows = list(csv.DictReader(f))
         if not rows or "id" not in rows[0]:
             raise SystemExit(f"{meta}: {'no rows' if not rows else 'no id column'}; expected one row per image")
-        self.columns = set(rows[0])
-        self.kind = "dataset" if os.path.isdir(os.path.join(self.folder, "shards")) else "png"
+        self.columns, self.kind = set(rows[0]), "dataset" if os.path.isdir(f"{self.folder}/shards") else "png"
         if self.split and "split" in self.columns:
             rows = [r for r in rows if r["split"] == self.split]
         views = [v.strip().upper() for v in cfg.views.split(",") if v.strip()]
@@ -730,12 +718,11 @@ class Source:
 
     def targets(self, labels, policy, datasets=()):
         """[n, L] float targets with NaN for unknown; a clear error when the folder lacks a requested label."""
-        absent = [lab for lab in labels if lab not in self.columns]
-        if absent:
+        if absent := [lab for lab in labels if lab not in self.columns]:
             raise SystemExit(f"{self.folder}/meta.csv: no column(s) {absent}; the requested labels must be in "
                              f"every training and test set (choose others with --labels)")
-        return np.array([[var_value(v, r.get(v), policy, f"{self.folder}/meta.csv row {r['id']} {v}", datasets)
-                          for v in labels]
+        where = f"{self.folder}/meta.csv row"
+        return np.array([[var_value(v, r.get(v), policy, f"{where} {r['id']} {v}", datasets) for v in labels]
                          for r in self.rows], np.float64).reshape(len(self.rows), len(labels))
 
 def parse_sources(text, cfg, default_split="", what="--train"):
@@ -749,15 +736,13 @@ def parse_sources(text, cfg, default_split="", what="--train"):
 class Pool:
     """Sources resized to one side, with targets: what training and evaluation draw from."""
     def __init__(self, sources, cfg, labels, size, masks=False):
-        self.sources, self.size, self.labels = sources, size, labels
-        self.y = np.concatenate([s.targets(labels, cfg.uncertain, cfg.datasets.split(",")) for s in sources]) \
-            if labels else None
+        self.sources, self.size, names = sources, size, cfg.datasets.split(",")
+        self.y = np.concatenate([s.targets(labels, cfg.uncertain, names) for s in sources]) if labels else None
         for s in sources:                                        # labels checked first: bad input fails fast
             s.preload(size)
             if masks and s.masks is None:
                 s.load_masks(cfg.mask)
-        self.offsets = np.cumsum([0] + [len(s) for s in sources])
-        self.rows = [r for s in sources for r in s.rows]
+        self.offsets, self.rows = np.cumsum([0] + [len(s) for s in sources]), [r for s in sources for r in s.rows]
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -876,12 +861,11 @@ def setup_distributed(device_flag):
 def save_checkpoint(path, raw, opt, cfg, step, state):
     """model.* (+ optim.*) tensors and config / step / early-stopping state as metadata, written atomically."""
     tensors, osd = {f"model.{k}": v for k, v in raw.state_dict().items()}, opt.state_dict() if opt else {}
-    groups = osd.get("param_groups", [])
     for i, st in osd.get("state", {}).items():
         tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "state": json.dumps(state),
-            "param_groups": json.dumps(groups), "format": "downstream/1"}
+            "param_groups": json.dumps(osd.get("param_groups", [])), "format": "downstream/1"}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 def read_checkpoint(path, prefixes=("model.", "optim.")):
@@ -896,15 +880,8 @@ def read_checkpoint(path, prefixes=("model.", "optim.")):
         if meta.get("format") != "downstream/1":
             raise SystemExit(f"{path}: not a downstream.py checkpoint (metadata format {meta.get('format')!r})")
         parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
-    meta = {"config": json.loads(meta["config"]), "step": int(meta["step"]), "state": json.loads(meta["state"]),
-            "param_groups": json.loads(meta["param_groups"])}
+    meta = {k: json.loads(v) for k, v in meta.items() if k != "format"}     # config, step, state, param_groups
     return meta, parts, path
-
-def load_optimizer(opt, optim, groups):
-    state = {}
-    for k, v in optim.items():                                   # 'optim.<param index>.<name>'
-        state.setdefault(int(k.split(".", 1)[0]), {})[k.split(".", 1)[1]] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 def autocast(device):
     """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
@@ -950,8 +927,10 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
     if cfg.resume and os.path.isfile(ckpt_path):
         meta, parts, _ = read_checkpoint(ckpt_path)
         raw.load_state_dict(parts["model."])
-        load_optimizer(opt, parts["optim."], meta["param_groups"])
-        step, state = meta["step"], meta["state"]
+        step, state, ost = meta["step"], meta["state"], {}
+        for k, v in parts["optim."].items():                     # 'optim.<param index>.<name>'
+            ost.setdefault(int(k.split(".", 1)[0]), {})[k.split(".", 1)[1]] = v
+        opt.load_state_dict({"state": ost, "param_groups": meta["param_groups"]})
     if step >= cfg.max_steps or state["stopped"]:                # a finished run: its best weights, no training
         print(f"{run_dir}: finished at step {step}", flush=True) if rank == 0 else None
         return load_best(raw, best_path)
@@ -1052,6 +1031,11 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         raise SystemExit(f"SIGTERM: checkpoint {ckpt_path} saved at step {step}; rerun the command to resume")
     return load_best(raw, best_path)
 
+def load_best(raw, best_path):
+    if os.path.isfile(best_path):                                # the early-stopped weights
+        raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
+    return raw
+
 def bench(cfg):
     """10 training steps (after 2 warm-up steps) on random --img-size images: images/s and peak memory."""
     _, _, device = setup_distributed(cfg.device)
@@ -1070,11 +1054,6 @@ def bench(cfg):
     ips, mem = 10 * B / (time.time() - times[2]), torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
     print(f"bench {cfg.arch} at {S} px, batch {B}, {device}: {ips:.1f} img/s" + (f", peak mem {mem:.2f} GB" if mem else ""))
     return ips
-
-def load_best(raw, best_path):
-    if os.path.isfile(best_path):                                # the early-stopped weights
-        raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
-    return raw
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks: classify, pretrain-finetune, fairness, segment (evaluation, tables, ROC plot)
@@ -1111,8 +1090,7 @@ def validation(cfg, srcs):
     first = srcs[0]
     if first.kind == "dataset" and first.split == "train" and len(v := Source(f"val={first.folder}:val", cfg)):
         return [v], srcs
-    perm = np.random.default_rng(cfg.seed).permutation(len(first))
-    k = max(1, len(first) // 10)
+    perm, k = np.random.default_rng(cfg.seed).permutation(len(first)), max(1, len(first) // 10)
     return [first.subset(np.sort(perm[:k]))], [first.subset(np.sort(perm[k:]))] + srcs[1:]
 
 def test_sets(cfg, srcs):
@@ -1124,14 +1102,11 @@ def test_sets(cfg, srcs):
 
 def evaluate_classifier(model, pools, val_pool, cfg, device):
     """Per test set: AUROC table with CIs, accuracy / F1 at validation thresholds; predictions kept for plots."""
-    t = best_thresholds(val_pool.y, predict(model, val_pool, cfg, device))
-    res = {}
+    t, res = best_thresholds(val_pool.y, predict(model, val_pool, cfg, device)), {}
     for name, pool in pools.items():
         p = predict(model, pool, cfg, device)
-        r = auroc_table(pool.y, p, cfg.n_boot, cfg.seed)
-        r.update(threshold_metrics(pool.y, p, t), thresholds=t.tolist(), n=len(pool),
-                 positives=(pool.y == 1).sum(0).tolist())
-        res[name] = {**r, "_scores": p}
+        res[name] = {**auroc_table(pool.y, p, cfg.n_boot, cfg.seed), **threshold_metrics(pool.y, p, t), "_scores": p,
+                     "thresholds": t.tolist(), "n": len(pool), "positives": (pool.y == 1).sum(0).tolist()}
     return res
 
 def mean_std(values):
@@ -1176,8 +1151,7 @@ def classify_tables(results, labels, test_names, n_runs):
 def roc_plot(path, y, s, labels, title):
     """ROC curves, one per label with its AUROC in the legend, drawn with pillow (500 x 500 axes)."""
     W, pad = 500, 50
-    img = Image.new("RGB", (W + 2 * pad + 190, W + 2 * pad), "white")
-    d = ImageDraw.Draw(img)
+    d = ImageDraw.Draw(img := Image.new("RGB", (W + 2 * pad + 190, W + 2 * pad), "white"))
     d.rectangle([pad, pad, pad + W, pad + W], outline="black")
     d.line([pad, pad + W, pad + W, pad], fill=(180, 180, 180))
     for v in np.linspace(0, 1, 6):
@@ -1222,8 +1196,7 @@ def finish(cfg, rank, results, md, extra=None):
 def setup(cfg, masks=False):
     """Common set-up: devices, labels, experiments, validation and test pools at one input size."""
     rank, world, device = setup_distributed(cfg.device)
-    labels = [] if masks else resolve_labels(cfg)
-    exps = experiments(cfg)
+    labels, exps = [] if masks else resolve_labels(cfg), experiments(cfg)
     cfg.img_size = size = cfg.img_size or exps[0][1][0].size or 256   # stored resolved in the checkpoints
     if "dataset" in labels and not cfg.datasets:                # predictors: codes 1..K in info.json's order
         cfg.datasets = ",".join(next((s.info["datasets"] for s in exps[0][1] if s.info.get("datasets")), []))
@@ -1287,9 +1260,8 @@ def task_eval(cfg):
     cfg.labels, cfg.uncertain, cfg.img_size, labels = saved.labels, saved.uncertain, saved.img_size, resolve_labels(saved)
     val = Pool(parse_sources(cfg.val, cfg, "val", "--val"), cfg, labels, cfg.img_size)
     tests = {s.name: Pool([s], cfg, labels, cfg.img_size) for s in parse_sources(cfg.test, cfg, "test", "--test")}
-    row = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return report_classify(cfg, rank, {row: [evaluate_classifier(model.to(device), tests, val, cfg, device)]},
-                           tests, labels)
+    return report_classify(cfg, rank, {os.path.basename(os.path.dirname(os.path.abspath(path))): [
+        evaluate_classifier(model.to(device), tests, val, cfg, device)]}, tests, labels)
 
 def task_pretrain_finetune(cfg):
     """Pretrain on --train, finetune on --fractions of --finetune; baseline: the same from --init (chexgen Fig. 4)."""
@@ -1386,21 +1358,20 @@ def task_fairness(cfg):
 
 def fairness_tables(results, metric):
     """Per arm: every subgroup's n / AUROC / F1 in each cohort, then worst group, gap and Pearson r by attribute."""
-    out = []
+    out, ms = [], ("n", "auroc", "f1")
     for arm, res in results.items():
-        cohorts = [c for c in res if c != "pearson"]
-        out += [f"\nSubgroups, model trained on {arm} data (worst / gap / r use {metric})\n\n| Group | "
-                + " | ".join(f"{c} n | {c} AUROC | {c} F1" for c in cohorts) + " |", "|---" * (1 + 3 * len(cohorts)) + "|"]
-        for fam, groups in res["real"]["groups"].items():
-            out += [f"| {fam}: {g} | " + " | ".join(f"{v['n']} | {fmt(v['auroc'])} | {fmt(v['f1'])}" for v in
-                    (res[c]["groups"][fam].get(g, {"n": 0, "auroc": None, "f1": None}) for c in cohorts)) + " |" for g in groups]
-        out += ["\n| Attribute | " + " | ".join(f"{c} worst | {c} gap" for c in cohorts) + " | Pearson r (real vs syn) |",
-                "|---" * (2 + 2 * len(cohorts)) + "|"]
+        cs, none = [c for c in res if c != "pearson"], dict.fromkeys(ms)
+        rows = {f"{fam}: {g}": {f"{c} {m}": res[c]["groups"][fam].get(g, none)[m] for c in cs for m in ms}
+                for fam, groups in res["real"]["groups"].items() for g in groups}
+        out.append(md_table(f"Subgroups, model trained on {arm} data (worst / gap / r use {metric})", rows,
+                            list(rows[next(iter(rows))]) if rows else [], corner="Group"))
+        cols, summary = [f"{c} {m}" for c in cs for m in ("worst", "gap")] + ["Pearson r (real vs syn)"], {}
         for fam in res["real"]["summary"]:
-            r = res.get("pearson", {}).get(fam)
-            out.append(f"| {fam} | " + " | ".join(f"{res[c]['summary'][fam]['worst'] or '-'} {fmt(res[c]['summary'][fam]['worst_value'])}"
-                                                 f" | {fmt(res[c]['summary'][fam]['gap'])}" for c in cohorts)
-                       + (f" | {fmt(r['r'])} (n={r['n']}) |" if r else " | - |"))
+            r, sm = res.get("pearson", {}).get(fam), {c: res[c]["summary"][fam] for c in cs}
+            summary[fam] = {**{f"{c} worst": f"{sm[c]['worst'] or '-'} {fmt(sm[c]['worst_value'])}" for c in cs},
+                            **{f"{c} gap": sm[c]["gap"] for c in cs},
+                            cols[-1]: f"{fmt(r['r'])} (n={r['n']})" if r else None}
+        out.append(md_table(f"Worst group and best-worst gap by attribute ({arm})", summary, cols, corner="Attribute"))
     return "\n".join(out)
 
 def task_segment(cfg):
@@ -1481,10 +1452,9 @@ def task_edit_eval(cfg):
                    for i in idx for j in map(V.index, edits[i]) if y[i, j] == y[i, j]]
             effect[f"{img} images, {lab} labels: {k}"] = {**metadata_metrics(y[idx], p[img][idx], V, model.sizes)[0],
                                                          "n": len(idx), "hit": float(np.mean(hit)) if hit else None}
-    rng = np.random.default_rng(cfg.seed)                        # random pairs of distinct originals (radit Eq. 14)
-    a, b = rng.integers(0, n, cfg.n_pairs), rng.integers(1, max(n, 2), cfg.n_pairs)
-    b = (a + b) % n
-    x0, e0 = pix["original"], emb["original"]
+    a = (rng := np.random.default_rng(cfg.seed)).integers(0, n, cfg.n_pairs)    # random pairs of distinct originals
+    b = (a + rng.integers(1, max(n, 2), cfg.n_pairs)) % n                      # (radit Eq. 14)
+    x0, e0 = pix["original"], emb["original"]                    # (all attributes unchanged in a random pair)
     ident = {"random pairs": {"n": cfg.n_pairs, "SSIM": float(metrics.ssim(x0[a], x0[b]).mean()),
                               "cosine": float(np.nanmean(attribute_cosine(e0[a], e0[b], V, [[]] * len(a))))}}
     pairs = [("original", "edited")] + [("truth", "edited"), ("original", "truth")] * bool(cfg.truth)
