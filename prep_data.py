@@ -119,9 +119,24 @@ def write_json(path, obj):
     atomic_write(path, lambda f: json.dump(obj, f, indent=1))
 
 
-def save_shard(path, tensors):
-    """Save numpy arrays as one safetensors shard, atomically."""
-    atomic_write(path, lambda tmp: save_file(tensors, tmp), None)
+def shard_file(folder, shard, ext="safetensors"):
+    """DIR/shards/XXXXX.<ext>: a shard's pixels (safetensors), its rows (csv) or its skip counts (skips.json)."""
+    return os.path.join(folder, "shards", f"{shard:05d}.{ext}")
+
+
+def write_shard(out_dir, shard, tensors, rows, columns, skipped=None):
+    """One shard: pixels, then the skip counts (real data), then the rows, each atomically; a shard whose rows file
+    exists is finished (see write_sharded)."""
+    atomic_write(shard_file(out_dir, shard), lambda tmp: save_file(tensors, tmp), None)
+    if skipped is not None:
+        write_json(shard_file(out_dir, shard, "skips.json"), dict(skipped))
+    write_csv(shard_file(out_dir, shard, "csv"), rows, columns)
+
+
+def write_dataset(out, rows, columns, info):
+    """The dataset's meta.csv and info.json, written once all its shards are."""
+    write_csv(os.path.join(out, "meta.csv"), rows, columns)
+    write_json(os.path.join(out, "info.json"), info)
 
 
 def read_meta(data_dir):
@@ -152,7 +167,7 @@ def load_pixels(data_dir, rows, key="images"):
     for i, r in enumerate(rows):
         by_shard.setdefault(int(r["shard"]), []).append((i, int(r["index"])))
     for shard, items in by_shard.items():
-        with safe_open(os.path.join(data_dir, "shards", f"{shard:05d}.safetensors"), "numpy") as f:
+        with safe_open(shard_file(data_dir, shard), "numpy") as f:
             arr = f.get_tensor(key)
         for i, j in items:
             out[i] = arr[j]
@@ -221,8 +236,8 @@ def write_sharded(out_dir, n_items, shard_size, render_shard, manifest, workers=
     else:
         write_json(man_path, manifest)
     n_shards = max(1, math.ceil(n_items / shard_size))
-    todo = [s for s in range(n_shards) if not (os.path.exists(os.path.join(out_dir, "shards", f"{s:05d}.safetensors"))
-                                               and os.path.exists(os.path.join(out_dir, "shards", f"{s:05d}.csv")))]
+    todo = [s for s in range(n_shards) if not (os.path.exists(shard_file(out_dir, s))
+                                               and os.path.exists(shard_file(out_dir, s, "csv")))]
     jobs = [(out_dir, s, s * shard_size, min(n_items, (s + 1) * shard_size)) for s in todo]
     progress = ProgressLine(n_items, what)
     done = n_items - sum(b - a for _, _, a, b in jobs)
@@ -237,7 +252,7 @@ def write_sharded(out_dir, n_items, shard_size, render_shard, manifest, workers=
             progress.update(done)
     rows = []
     for s in range(n_shards):
-        with open(os.path.join(out_dir, "shards", f"{s:05d}.csv"), newline="") as f:
+        with open(shard_file(out_dir, s, "csv"), newline="") as f:
             rows.extend(csv.DictReader(f))
     return rows
 
@@ -1189,12 +1204,8 @@ class PhantomShards:
             if self.keep is not None:
                 r.update({k: self.keep[lo + i][k] for k in ["id", "patient_id", "study_id", "split", "source_path"]
                           + self.extra})
-        tensors = {"images": images}
-        if self.with_masks:
-            tensors["masks"] = masks
-        save_shard(os.path.join(out_dir, "shards", f"{shard:05d}.safetensors"), tensors)
-        write_csv(os.path.join(out_dir, "shards", f"{shard:05d}.csv"), rows,
-                  META_COLUMNS + PHANTOM_COLUMNS + self.extra)
+        write_shard(out_dir, shard, {"images": images, **({"masks": masks} if self.with_masks else {})}, rows,
+                    META_COLUMNS + PHANTOM_COLUMNS + self.extra)
         return hi - lo
 
 
@@ -1243,8 +1254,7 @@ def make_phantom(out, n, size, seed=0, workers=1, masks=True, shard_size=None, i
     info = dataset_info(rows, size, PHANTOM_SOURCES, MASK_NAMES if masks else [],
                         {"kind": "phantom", "seed": seed, "scm": scm_description(), "intervention": intervention
                          if not isinstance(intervention, list) else "one per row: meta.csv `intervention`"})
-    write_csv(os.path.join(out, "meta.csv"), rows, META_COLUMNS + PHANTOM_COLUMNS + list(extra_columns))
-    write_json(os.path.join(out, "info.json"), info)
+    write_dataset(out, rows, META_COLUMNS + PHANTOM_COLUMNS + list(extra_columns), info)
     return rows
 
 
@@ -2042,9 +2052,7 @@ class RealShards:
             rows.append(row)
             images.append(img[None])
         arr = np.stack(images) if images else np.zeros((0, 1, self.size, self.size), np.uint16)
-        save_shard(os.path.join(out_dir, "shards", f"{shard:05d}.safetensors"), {"images": arr})
-        write_json(os.path.join(out_dir, "shards", f"{shard:05d}.skips.json"), dict(skipped))
-        write_csv(os.path.join(out_dir, "shards", f"{shard:05d}.csv"), rows, META_COLUMNS)
+        write_shard(out_dir, shard, {"images": arr}, rows, META_COLUMNS, skipped)
         return hi - lo
 
 
@@ -2107,12 +2115,11 @@ def prepare_real(args):
     rows = write_sharded(args.out, len(records), shard_size, RealShards(records, rec_path, args.size, args.png16),
                          manifest, args.workers)
     for s in range(max(1, math.ceil(len(records) / shard_size))):
-        with open(os.path.join(args.out, "shards", f"{s:05d}.skips.json")) as f:
+        with open(shard_file(args.out, s, "skips.json")) as f:
             skipped.update(json.load(f))
     summary = {"read": read, "written": len(rows), "skipped": dict(skipped), "notes": dict(notes)}
     info = dataset_info(rows, args.size, [dataset], [], {"kind": "real", "source": args.cmd, "summary": summary})
-    write_csv(os.path.join(args.out, "meta.csv"), rows, META_COLUMNS)
-    write_json(os.path.join(args.out, "info.json"), info)
+    write_dataset(args.out, rows, META_COLUMNS, info)
     if os.path.exists(rec_path):
         os.remove(rec_path)
     return rows, info
@@ -2148,8 +2155,7 @@ def merge_datasets(inputs, out):
         renumber = {}
         for s in sorted({int(r["shard"]) for r in part}):
             renumber[s] = shard_no
-            _link_or_copy(os.path.join(d, "shards", f"{s:05d}.safetensors"),
-                          os.path.join(out, "shards", f"{shard_no:05d}.safetensors"))
+            _link_or_copy(shard_file(d, s), shard_file(out, shard_no))
             shard_no += 1
         for r in part:
             if r["id"] in seen:
@@ -2163,9 +2169,8 @@ def merge_datasets(inputs, out):
     extra = {"kind": "merged", "inputs": [os.path.abspath(d) for d in inputs], "rows_moved_for_patient_split": moved,
              "counts_by_dataset": {n: sum(r["dataset"] == n for r in rows) for n in datasets},
              "prevalence_by_dataset": {n: label_prevalence([r for r in rows if r["dataset"] == n]) for n in datasets}}
-    write_csv(os.path.join(out, "meta.csv"), rows, columns)
     info = dataset_info(rows, sizes.pop(), datasets, masks, extra)
-    write_json(os.path.join(out, "info.json"), info)
+    write_dataset(out, rows, columns, info)
     return rows, info
 
 
