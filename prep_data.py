@@ -377,9 +377,19 @@ def sample_scm(seeds, intervention=None, scm=PHANTOM_SCM):
     """True values of the 19 variables for each seed (codes as DESIGN.md §4, age in years), under do(intervention).
 
     `intervention` maps variable -> code (or age in years); intervened variables ignore their mechanism and noise,
-    every other variable is recomputed from its (possibly intervened) parents and its own unchanged noise.
+    every other variable is recomputed from its (possibly intervened) parents and its own unchanged noise. A list
+    gives one intervention per seed (seeds sharing one are sampled together).
     """
     seeds = np.asarray(seeds, dtype=np.int64)
+    if isinstance(intervention, list):
+        groups, values = {}, {v: np.zeros(len(seeds), np.float64 if v == "age" else np.int64) for v in VARIABLES}
+        for j, iv in enumerate(intervention):
+            groups.setdefault(json.dumps(iv or {}, sort_keys=True), []).append(j)
+        for key, idx in groups.items():
+            part = sample_scm(seeds[idx], json.loads(key), scm)
+            for v in VARIABLES:
+                values[v][idx] = part[v]
+        return values
     intervention = intervention or {}
     values = {}
     for var in topological_order(scm):
@@ -1136,18 +1146,6 @@ def _bbox(mask):
     return [round(xs.min() / s, 4), round(ys.min() / s, 4), round((xs.max() + 1) / s, 4), round((ys.max() + 1) / s, 4)]
 
 
-def sample_scm_each(seeds, interventions):
-    """sample_scm with one intervention per seed (a list of dicts), grouping seeds that share one."""
-    groups, true = {}, {v: np.zeros(len(seeds), np.float64 if v == "age" else np.int64) for v in VARIABLES}
-    for j, iv in enumerate(interventions):
-        groups.setdefault(json.dumps(iv or {}, sort_keys=True), []).append(j)
-    for key, idx in groups.items():
-        part = sample_scm(seeds[idx], json.loads(key) or None)
-        for v in VARIABLES:
-            true[v][idx] = part[v]
-    return true
-
-
 def phantom_rows_and_pixels(seeds, size, intervention=None, with_masks=True):
     """Sample, observe, describe and render phantom images for the given seeds (optionally under do(); a list
     gives one intervention per seed).
@@ -1155,7 +1153,7 @@ def phantom_rows_and_pixels(seeds, size, intervention=None, with_masks=True):
     Returns meta rows (without shard/index), images uint16 [N,1,S,S] and masks uint8 [N,K,S,S] (or None).
     """
     seeds = np.asarray(seeds, dtype=np.int64)
-    true = sample_scm_each(seeds, intervention) if isinstance(intervention, list) else sample_scm(seeds, intervention)
+    true = sample_scm(seeds, intervention)
     rec = observe(true, seeds)
     sides, severity = finding_details(true, seeds)
     splits = phantom_split(seeds)
@@ -1624,8 +1622,9 @@ def read_table(path, required=(), delimiter=","):
         raise SystemExit(f"{path}: cannot read as CSV ({e})") from None
 
 
-def find_file(folders, names, what):
-    """The first existing file among folders x names (each also tried with .gz, and as a glob pattern)."""
+def find_file(folders, names, what, optional=False):
+    """The first existing file among folders x names (each also tried with .gz, and as a glob pattern); none: an
+    error naming what was looked for, or None when optional."""
     for folder in folders:
         if not folder:
             continue
@@ -1635,6 +1634,8 @@ def find_file(folders, names, what):
                 if os.path.isfile(cand):
                     return cand
     folders = [f for f in folders if f]
+    if optional:
+        return None
     raise SystemExit(f"{folders[0]}: no {what} found (looked for {names} in {folders})")
 
 
@@ -1662,11 +1663,7 @@ def _mimic_demographics(path):
     folders = [path, os.path.join(path, "hosp"), os.path.join(path, "core")]
     pats = read_table(find_file(folders, ["patients.csv"], "MIMIC-IV patients.csv"),
                       ["subject_id", "gender", "anchor_age", "anchor_year"])
-    races = {}
-    try:
-        adm_path = find_file(folders, ["admissions.csv"], "MIMIC-IV admissions.csv")
-    except SystemExit:
-        adm_path = None
+    races, adm_path = {}, find_file(folders, ["admissions.csv"], "MIMIC-IV admissions.csv", optional=True)
     if adm_path:
         adm = read_table(adm_path, ["subject_id"])
         col = "race" if adm and "race" in adm[0] else "ethnicity"   # MIMIC-IV v2 `race`, v1 `ethnicity`
@@ -1947,8 +1944,11 @@ def src_rexgradient(args):
     Official split."""
     root = args.root
     meta = os.path.join(root, "metadata")
-    for part, split in (("train", "train"), ("valid", "val"), ("test", "test")):
-        path = os.path.join(meta, f"{part}_metadata_view_position.json")
+    parts = [(os.path.join(meta, f"{part}_metadata_view_position.json"), SPLIT_WORDS[part])
+             for part in ("train", "valid", "test")]
+    if not any(os.path.isfile(path) for path, _ in parts):
+        raise SystemExit(f"{meta}: no {{train,valid,test}}_metadata_view_position.json (expected ReXGradient-160K)")
+    for path, split in parts:
         if not os.path.isfile(path):
             continue
         try:
@@ -1971,9 +1971,6 @@ def src_rexgradient(args):
                        "labels": {k: e[k] for k in LABELS if k in e}, "report": e.get("Impression") or "",
                        "findings": e.get("Findings") or "", "paths": [full, os.path.join(root, p.lstrip("./"))],
                        "source_path": _rel(full, root)}
-    if not any(os.path.isfile(os.path.join(meta, f"{p}_metadata_view_position.json")) for p in ("train", "valid",
-                                                                                              "test")):
-        raise SystemExit(f"{meta}: no {{train,valid,test}}_metadata_view_position.json (expected ReXGradient-160K)")
 
 
 def src_generic(args):
