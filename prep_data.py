@@ -1040,78 +1040,6 @@ def phantom_report(recorded, sides, severity):
     return " ".join(report_sentences(recorded, sides, severity))
 
 
-# Rule-based CheXpert-14 mention extraction (after the CheXpert labeler, Irvin et al. 2019: mention, then
-# uncertainty and negation cues; a label's mentions aggregate positive > uncertain > negative). Phrases whose
-# polarity is fixed ("heart size is normal", "no acute cardiopulmonary process") are read first and blanked.
-_HEART = r"(?:heart|heart size|cardiac silhouette|cardiac size)"
-_MEDI = r"(?:cardio)?mediastin(?:al|um)(?: silhouette| contours?)?"
-FIXED_MENTIONS = [   # (regex, label, code)
-    (rf"{_HEART} (?:is |are |appears |remains )?(?:normal|within normal limits|not enlarged)|\bnormal {_HEART}",
-     "Cardiomegaly", NEG),
-    (rf"{_MEDI} (?:is |are |appears |remains )?(?:normal|within normal limits|unremarkable)|\b(?:normal|unremarkable) "
-     rf"{_MEDI}", "Enlarged Cardiomediastinum", NEG),
-    (r"\bno acute (?:cardiopulmonary |intrathoracic )?(?:process|abnormality|disease|findings?)|\bnormal (?:chest )?"
-     r"(?:radiograph|study|examination|chest)|\bno (?:radiographic )?(?:findings?|abnormalit(?:y|ies))\b"
-     r"(?! (?:of|to|for|in)\b)", "No Finding", POS),
-    (r"\babnormal (?:chest )?(?:radiograph|study|examination)", "No Finding", NEG),
-]
-MENTIONS = {
-    "Atelectasis": r"atelecta\w*",
-    "Cardiomegaly": rf"cardiomegaly|(?:enlarged|enlargement of the) {_HEART}|{_HEART} (?:is |are |appears |remains )?"
-                    r"(?:\w+ )?(?:enlarged|large)\b",
-    "Consolidation": r"consolidat\w*",
-    "Edema": r"o?edema|vascular congestion|pulmonary congestion",
-    "Enlarged Cardiomediastinum": rf"(?:enlarged|widened|widening of the|enlargement of the) {_MEDI}|mediastinal "
-                                  r"widening",
-    "Fracture": r"fractur\w*",
-    "Lung Lesion": r"nodul(?:e|es|ar opacity)\b|\bmass(?:es)?\b|\blesions?\b",
-    "Lung Opacity": r"opacit(?:y|ies)|opacification|infiltrat\w*|airspace disease",
-    "Pleural Effusion": r"(?<!pericardial )effusions?|blunting of the (?:\w+ )?costophrenic angles?",
-    "Pleural Other": r"pleural (?:other|thickening|plaques?|scarring)|fibrothorax",
-    "Pneumonia": r"pneumoni\w*",
-    "Pneumothorax": r"pneumothora(?:x|ces)",
-    "Support Devices": r"support devices?|medical devices?|lines and tubes|\btubes?\b|catheters?|pacemakers?|"
-                       r"\bpicc\b|endotracheal|sternotomy wires",
-}
-UNCERTAIN_PRE = (r"\b(?:possible|possibly|probable|probably|may|might|could|questionable|suspicious for|suspected|"
-                 r"suggestive of|concerning for|cannot exclude|can not exclude|likely|versus|borderline|equivocal)\b")
-UNCERTAIN_POST = (r"\b(?:cannot|can not|could not|not) be (?:excluded|ruled out)\b|\bnot excluded\b|"
-                  r"\b(?:is|are) (?:possible|suspected|questionable)\b")
-NEGATION_PRE = r"\b(?:no|not|without|negative for|free of|clear of|absence of|resolution of|resolved|nor)\b"
-NEGATION_POST = r"\b(?:is|are|was|were) (?:not seen|absent|not present|not identified|not visualized|resolved)\b|" \
-                r"\bhas resolved\b"
-CLAUSE_BREAK = r"\b(?:but|however|although|except|which|whereas)\b"
-
-
-def extract_labels(text):
-    """CheXpert-14 labels mentioned in free text -> {label: 2 positive, 1 negative, 3 uncertain}; labels not
-    mentioned are absent. "No pleural effusion" -> 1; "may represent pneumonia" -> 3; "cardiac silhouette is
-    enlarged" -> Cardiomegaly 2."""
-    found = {}
-    for sentence in re.split(r"[.;:\n]+|\?|!", (text or "").lower()):
-        for clause in re.split(CLAUSE_BREAK, sentence):
-            unc_pre = [m.end() for m in re.finditer(UNCERTAIN_PRE, clause)]
-            for pattern, lab, code in FIXED_MENTIONS:
-                for m in re.finditer(pattern, clause):
-                    found.setdefault(lab, []).append(UNC if any(p <= m.start() for p in unc_pre) else code)
-                clause = re.sub(pattern, lambda m: " " * len(m[0]), clause)
-            unc_post = [m.start() for m in re.finditer(UNCERTAIN_POST, clause)]
-            blanked = re.sub(UNCERTAIN_POST, lambda m: " " * len(m[0]), clause)
-            unc_pre = [m.end() for m in re.finditer(UNCERTAIN_PRE, blanked)]
-            neg_pre = [m.end() for m in re.finditer(NEGATION_PRE, blanked)]
-            neg_post = [m.start() for m in re.finditer(NEGATION_POST, blanked)]
-            for lab, pattern in MENTIONS.items():
-                for m in re.finditer(pattern, blanked):
-                    if any(p <= m.start() for p in unc_pre) or any(p >= m.end() for p in unc_post):
-                        code = UNC
-                    elif any(p <= m.start() for p in neg_pre) or any(p >= m.end() for p in neg_post):
-                        code = NEG
-                    else:
-                        code = POS
-                    found.setdefault(lab, []).append(code)
-    return {lab: (POS if POS in c else UNC if UNC in c else NEG) for lab, c in found.items()}
-
-
 def _code_to_csv(var, code, sources):
     """A variable's code as the meta.csv string (DESIGN.md §4)."""
     if var == "age":
@@ -2238,6 +2166,78 @@ def describe_row(row, rng, style="impression"):
         return report, ""
     rng.setstate(state)                                             # the same phrasing, with appearances added
     return report, " ".join([tech] + report_sentences(codes, sides, severity, rng, appearance=True))
+
+
+# Rule-based CheXpert-14 mention extraction (after the CheXpert labeler, Irvin et al. 2019: mention, then
+# uncertainty and negation cues; a label's mentions aggregate positive > uncertain > negative). Phrases whose
+# polarity is fixed ("heart size is normal", "no acute cardiopulmonary process") are read first and blanked.
+_HEART = r"(?:heart|heart size|cardiac silhouette|cardiac size)"
+_MEDI = r"(?:cardio)?mediastin(?:al|um)(?: silhouette| contours?)?"
+FIXED_MENTIONS = [   # (regex, label, code)
+    (rf"{_HEART} (?:is |are |appears |remains )?(?:normal|within normal limits|not enlarged)|\bnormal {_HEART}",
+     "Cardiomegaly", NEG),
+    (rf"{_MEDI} (?:is |are |appears |remains )?(?:normal|within normal limits|unremarkable)|\b(?:normal|unremarkable) "
+     rf"{_MEDI}", "Enlarged Cardiomediastinum", NEG),
+    (r"\bno acute (?:cardiopulmonary |intrathoracic )?(?:process|abnormality|disease|findings?)|\bnormal (?:chest )?"
+     r"(?:radiograph|study|examination|chest)|\bno (?:radiographic )?(?:findings?|abnormalit(?:y|ies))\b"
+     r"(?! (?:of|to|for|in)\b)", "No Finding", POS),
+    (r"\babnormal (?:chest )?(?:radiograph|study|examination)", "No Finding", NEG),
+]
+MENTIONS = {
+    "Atelectasis": r"atelecta\w*",
+    "Cardiomegaly": rf"cardiomegaly|(?:enlarged|enlargement of the) {_HEART}|{_HEART} (?:is |are |appears |remains )?"
+                    r"(?:\w+ )?(?:enlarged|large)\b",
+    "Consolidation": r"consolidat\w*",
+    "Edema": r"o?edema|vascular congestion|pulmonary congestion",
+    "Enlarged Cardiomediastinum": rf"(?:enlarged|widened|widening of the|enlargement of the) {_MEDI}|mediastinal "
+                                  r"widening",
+    "Fracture": r"fractur\w*",
+    "Lung Lesion": r"nodul(?:e|es|ar opacity)\b|\bmass(?:es)?\b|\blesions?\b",
+    "Lung Opacity": r"opacit(?:y|ies)|opacification|infiltrat\w*|airspace disease",
+    "Pleural Effusion": r"(?<!pericardial )effusions?|blunting of the (?:\w+ )?costophrenic angles?",
+    "Pleural Other": r"pleural (?:other|thickening|plaques?|scarring)|fibrothorax",
+    "Pneumonia": r"pneumoni\w*",
+    "Pneumothorax": r"pneumothora(?:x|ces)",
+    "Support Devices": r"support devices?|medical devices?|lines and tubes|\btubes?\b|catheters?|pacemakers?|"
+                       r"\bpicc\b|endotracheal|sternotomy wires",
+}
+UNCERTAIN_PRE = (r"\b(?:possible|possibly|probable|probably|may|might|could|questionable|suspicious for|suspected|"
+                 r"suggestive of|concerning for|cannot exclude|can not exclude|likely|versus|borderline|equivocal)\b")
+UNCERTAIN_POST = (r"\b(?:cannot|can not|could not|not) be (?:excluded|ruled out)\b|\bnot excluded\b|"
+                  r"\b(?:is|are) (?:possible|suspected|questionable)\b")
+NEGATION_PRE = r"\b(?:no|not|without|negative for|free of|clear of|absence of|resolution of|resolved|nor)\b"
+NEGATION_POST = r"\b(?:is|are|was|were) (?:not seen|absent|not present|not identified|not visualized|resolved)\b|" \
+                r"\bhas resolved\b"
+CLAUSE_BREAK = r"\b(?:but|however|although|except|which|whereas)\b"
+
+
+def extract_labels(text):
+    """CheXpert-14 labels mentioned in free text -> {label: 2 positive, 1 negative, 3 uncertain}; labels not
+    mentioned are absent. "No pleural effusion" -> 1; "may represent pneumonia" -> 3; "cardiac silhouette is
+    enlarged" -> Cardiomegaly 2."""
+    found = {}
+    for sentence in re.split(r"[.;:\n]+|\?|!", (text or "").lower()):
+        for clause in re.split(CLAUSE_BREAK, sentence):
+            unc_pre = [m.end() for m in re.finditer(UNCERTAIN_PRE, clause)]
+            for pattern, lab, code in FIXED_MENTIONS:
+                for m in re.finditer(pattern, clause):
+                    found.setdefault(lab, []).append(UNC if any(p <= m.start() for p in unc_pre) else code)
+                clause = re.sub(pattern, lambda m: " " * len(m[0]), clause)
+            unc_post = [m.start() for m in re.finditer(UNCERTAIN_POST, clause)]
+            blanked = re.sub(UNCERTAIN_POST, lambda m: " " * len(m[0]), clause)
+            unc_pre = [m.end() for m in re.finditer(UNCERTAIN_PRE, blanked)]
+            neg_pre = [m.end() for m in re.finditer(NEGATION_PRE, blanked)]
+            neg_post = [m.start() for m in re.finditer(NEGATION_POST, blanked)]
+            for lab, pattern in MENTIONS.items():
+                for m in re.finditer(pattern, blanked):
+                    if any(p <= m.start() for p in unc_pre) or any(p >= m.end() for p in unc_post):
+                        code = UNC
+                    elif any(p <= m.start() for p in neg_pre) or any(p >= m.end() for p in neg_post):
+                        code = NEG
+                    else:
+                        code = POS
+                    found.setdefault(lab, []).append(code)
+    return {lab: (POS if POS in c else UNC if UNC in c else NEG) for lab, c in found.items()}
 
 
 def verify_report(text, codes):
