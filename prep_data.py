@@ -70,6 +70,7 @@ LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Car
 META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + LABELS +
                 ["report", "findings", "shard", "index", "source_path"])
 PHANTOM_COLUMNS = ["seed", "laterality", "severity", "boxes"]
+IDENTITY_COLUMNS = ["id", "patient_id", "study_id", "split", "source_path"]   # a counterfactual keeps its source's
 SPLITS = ("train", "val", "test")
 VARIABLES = LABELS + ["sex", "race", "view", "dataset", "age"]        # the 19 variables of radit §4.2
 LABEL_CODES = {"": 0, "0": 1, "1": 2, "-1": 3}            # csv value -> code (0 missing, 1 neg, 2 pos, 3 unc)
@@ -1128,8 +1129,7 @@ class PhantomShards:
         for i, r in enumerate(rows):
             r["shard"], r["index"] = shard, i
             if self.keep is not None:
-                r.update({k: self.keep[lo + i][k] for k in ["id", "patient_id", "study_id", "split", "source_path"]
-                          + self.extra})
+                r.update({k: self.keep[lo + i][k] for k in IDENTITY_COLUMNS + self.extra})
         write_shard(out_dir, shard, {"images": images, **({"masks": masks} if self.with_masks else {})}, rows,
                     META_COLUMNS + PHANTOM_COLUMNS + self.extra)
         return hi - lo
@@ -1215,10 +1215,7 @@ def true_counterfactual(row, intervention, size=None):
         raise SystemExit(f"row {row.get('id')!r} has no `seed`: true counterfactuals exist only for phantom rows")
     size = size or 64
     rows, images, masks = phantom_rows_and_pixels([int(row["seed"])], size, intervention or None)
-    out = rows[0]
-    for k in ("id", "patient_id", "study_id", "split", "source_path"):
-        out[k] = row.get(k, out[k])
-    return out, images[0], masks[0]
+    return {**rows[0], **{k: row[k] for k in IDENTITY_COLUMNS if k in row}}, images[0], masks[0]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Contact sheet: a grid of images with their key labels underneath, masks optionally overlaid
