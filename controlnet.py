@@ -1040,8 +1040,8 @@ def train(cfg):
     fwd = torch.compile(model) if cfg.compile else model        # load, then compile, then wrap in DDP
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    sched, n_train, tokens, peak = Schedule(), sum(p.numel() for p in params), (dcfg.image_size // dcfg.patch) ** 2, \
-        peak_flops(device)
+    sched, tokens, peak = Schedule(), (dcfg.image_size // dcfg.patch) ** 2, peak_flops(device)
+    n_train = sum(p.numel() for p in params)
     n_params = n_train + sum(p.numel() for p in model.base.parameters())
     decode = load_decoder(data.folder, device) if data.space == "latent" and os.path.isfile(
         latent_info(data.folder)["decoder"]) else None                  # no decoder: grids of latent channel 0
@@ -1191,7 +1191,7 @@ def bench(cfg):
     mfu = train_flops(n_params, dcfg, tokens, B, cfg.control_blocks) / dt / peak if peak else 0
     print(f"bench ControlNet on DiT-{dcfg.size}: {n_adapter / 1e6:.1f}M adapter + {(n_params - n_adapter) / 1e6:.1f}M "
           f"frozen params, batch {B}, {tokens} tokens/image: {B * tokens / dt:.0f} tokens/s, {B / dt:.2f} img/s"
-          + (f", MFU {mfu:.1%}" * bool(mfu))
+          + (f", MFU {mfu:.1%}" if mfu else "")
           + (f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB" if device.type == "cuda" else ""))
     return B * tokens / dt
 
