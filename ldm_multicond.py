@@ -669,14 +669,18 @@ def encode_images(enc, x):
     return pooled.flatten(1).float()
 
 
-def cache_folder(root, kind, name=""):
-    """DATA/<kind>/<name> (the only one when name is ''), or None when the dataset has no such cache."""
+def cache_folder(root, kind, name="", encoder=""):
+    """DATA/<kind>/<name> (when name is '': the only one, or the only one of `encoder`), or None when the dataset
+    has no such cache."""
     base = os.path.join(root, kind)
     names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
     if name:
         if name not in names:
             raise SystemExit(f"{os.path.join(base, name)}: no such cache; found {names} (run embed-{kind})")
         return os.path.join(base, name)
+    if len(names) > 1 and encoder:
+        info = lambda d: os.path.join(base, d, "info.json")
+        names = [d for d in names if os.path.isfile(info(d)) and read_json(info(d), "")["encoder"] == encoder] or names
     if len(names) > 1:
         raise SystemExit(f"{base}: several caches {names}; choose one with --{kind}")
     return os.path.join(base, names[0]) if names else None
@@ -838,7 +842,7 @@ class CondSource:
             self.text_setup(cfg)
 
     def image_features(self, cfg, cond_image, all_rows):
-        folder = cache_folder(self.root, "images", cfg.images)
+        folder = cache_folder(self.root, "images", cfg.images, cfg.image_encoder)
         if folder is None:
             raise SystemExit(f"{os.path.join(self.root, 'images')}: no cached image features; run `python "
                              f"ldm_multicond.py embed-images --data {self.root}` (or leave I out)")
@@ -869,7 +873,7 @@ class CondSource:
         return torch.cat(feats).float()
 
     def text_setup(self, cfg):
-        folder = cache_folder(self.root, "text", cfg.text)
+        folder = cache_folder(self.root, "text", cfg.text, cfg.text_encoder)
         if folder is None:                                       # no cache: encode the reports now
             if not self.rows or "report" not in self.rows[0]:
                 raise SystemExit(f"{self.root}/meta.csv: no 'report' column, and T (the report) was requested")

@@ -518,6 +518,9 @@ def test_bad_input_is_one_line_error(tmp_path, run, data32, encoders):
     lm.main(["embed-images", "--data", other, "--image-encoder", str(tmp_path / "vit2"), "--name", "vit"])
     fails(["sample", "--ckpt", run, "--cond", os.path.join(other, "meta.csv"), "--n", "1", "--use", "I",
            "--out", str(tmp_path / "y")], "vit2", "embed with that encoder")
+    lm.main(["embed-images", "--data", other, "--image-encoder", encoders[1], "--name", "vit-b"])
+    assert lm.main(["sample", "--ckpt", run, "--cond", os.path.join(other, "meta.csv"), "--n", "1", "--use", "I",
+                    "--steps", "2", "--out", str(tmp_path / "y")]) == 1   # of two caches, the checkpoint's encoder's
     noreport = str(tmp_path / "noreport")                        # a condition CSV without reports, T requested
     os.makedirs(noreport)
     with open(os.path.join(noreport, "meta.csv"), "w", newline="") as f:
