@@ -1317,7 +1317,7 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
 
 def read_prompts(icfg, n):                                       # one prompt for all, or one per condition
     if bool(icfg.prompts) == bool(icfg.prompt) or icfg.prompts and not os.path.isfile(icfg.prompts):
-        raise SystemExit(f"sample: give exactly one of --prompts FILE (an existing file) and --prompt TEXT")
+        raise SystemExit("sample: give exactly one of --prompts FILE (an existing file) and --prompt TEXT")
     with open(icfg.prompts) if icfg.prompts else nullcontext([icfg.prompt]) as f:
         if len(lines := [x.strip() for x in f if x.strip()]) not in (1, n):
             raise SystemExit(f"--prompts {icfg.prompts}: {len(lines)} prompts for {n} conditions; expected 1 or {n}")
