@@ -141,8 +141,7 @@ class BasicConv2d(nn.Sequential):
                                      relu=nn.ReLU()))
 
 
-def _tf_avg_pool(x):
-    # TF's average pool ignores the zero padding (count_include_pad=False): the FID graph's behaviour.
+def _tf_avg_pool(x):  # TF's average pool ignores the zero padding (count_include_pad=False), as the FID graph
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -251,8 +250,7 @@ class FIDInceptionV3(nn.Module):
     def forward(self, x):
         """x: [B, 3, 299, 299] in [-1, 1] -> [B, 2048] pool3 features."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
-        x = F.max_pool2d(x, 3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2))), 3, stride=2)
         for name in self.MIXED:
             x = getattr(self, "Mixed_" + name)(x)
         return x.mean((2, 3))
@@ -330,8 +328,7 @@ class ResNet50(nn.Module):
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(x.mean((2, 3)))
+        return self.fc(self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3)))
 
 
 class SiameseReID(nn.Module):
@@ -438,33 +435,37 @@ def kid(x, y, subsets=100, subset_size=1000, seed=0, device=None):
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def _augment(x, bank=False):
-    """Rows [x, |x|^2, 1] (queries) or [-2x, 1, |x|^2] (bank): their one GEMM is |a|^2 + |b|^2 - 2 a.b, squared."""
-    xx, one = (x * x).sum(1, keepdim=True), torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
-    return torch.cat([-2 * x, one, xx] if bank else [x, xx, one], 1)
+def _augment(x, center=0.0, bank=None):
+    """Queries [x - c, |x - c|^2, 1]; with `bank`, bank rows [-2 (x - c), 1, |x - c|^2] written into it. One GEMM of
+    the two is |a|^2 + |b|^2 - 2 a.b, the squared distances, with no further pass over the result."""
+    d, q = x.shape[1], x.new_empty(len(x), x.shape[1] + 2)
+    torch.sub(x, center, out=q[:, :d])
+    q[:, d], q[:, d + 1] = torch.linalg.vector_norm(q[:, :d], dim=1) ** 2, 1
+    if bank is not None:
+        torch.mul(q[:, :d], -2, out=bank[:, :d])
+        bank[:, d], bank[:, d + 1] = 1, q[:, d]
+    return q
 
 
-def _knn_pass(x, k, extra=None, visit=None, mem_mb=256):
-    """Squared distance of every row of x to its k-th nearest other row (itself excluded by index, so duplicates
-    count at distance 0). Row chunks of x meet x[s:] only (the upper triangle: each block of the symmetric matrix
-    once, serving its rows by a row top-k and its columns by a column top-k) plus, in the same GEMM, the rows of
-    `extra`; once chunk s is done its radii are final and visit(s, radii, distances to extra) consumes them."""
-    n, m, inf = len(x), 0 if extra is None else len(extra), float("inf")
-    q, bank = _augment(x), _augment(x if extra is None else torch.cat([x, extra]), bank=True)
-    step = max(1, min(n, 512, int(mem_mb * 2 ** 20 / (x.element_size() * (n + m + 2 * k)))))
-    buf, radii = torch.empty(step * (n + m), dtype=x.dtype, device=x.device), x.new_empty(n)
-    best = x.new_full((n, k), inf)
+def _knn_pass(q, bank, k, visit=None, mem_mb=256):
+    """Squared distance of each row of q = _augment(x) to its k-th nearest other row of x (self excluded by index:
+    duplicates count at 0); bank[:len(q)] are x's bank rows. Chunk s meets bank[s:] only (each block of the
+    symmetric matrix once: a row top-k for its rows, a column top-k for later rows) and, in the same GEMM, the
+    extra rows bank[len(q):]: its radii are then final and visit(s, radii, distances to the extra rows) uses them."""
+    n, m, inf = len(q), len(bank) - len(q), float("inf")
+    step = max(1, min(n, 512, int(mem_mb * 2 ** 20 / (q.element_size() * (n + m + 2 * k)))))
+    buf, radii, best = q.new_empty(step * (n + m)), q.new_empty(n), q.new_full((n, k), inf)
     for s in range(0, n, step):
         b = min(step, n - s)
-        d = torch.mm(q[s:s + b], bank[s:].T, out=buf[:b * (n + m - s)].view(b, n + m - s)).clamp_min_(0)
+        d = torch.mm(q[s:s + b], bank[s:].T, out=buf[:b * (n + m - s)].view(b, n + m - s))
         d[:, :b].diagonal().fill_(inf)
         top = torch.cat([best[s:s + b], d[:, :n - s].topk(min(k, n - s), 1, largest=False).values], 1)
-        radii[s:s + b] = top.topk(k, 1, largest=False).values[:, -1]
+        radii[s:s + b] = top.topk(k, 1, largest=False).values[:, -1].clamp_min_(0)  # clamp commutes with top-k
         if s + b < n:  # later rows: this block's columns, merged into their running k smallest
             col = d[:, b:n - s].topk(min(k, b), 0, largest=False).values.T
             best[s + b:] = torch.cat([best[s + b:], col], 1).topk(k, 1, largest=False).values
         if visit is not None:
-            visit(s, radii[s:s + b], d[:, n - s:])
+            visit(s, radii[s:s + b], d[:, n - s:].clamp_min_(0))
     return radii
 
 
@@ -476,9 +477,9 @@ def prdc(real, fake, k=5, device=None, mem_mb=256):
     fake, n, m = _as_tensor(fake, device).to(real.dtype), len(real), len(fake)
     if n < k + 1 or m < k + 1:
         raise ValueError(f"PRDC with k={k} needs at least {k + 1} images per set, got {n} real and {m} fake")
-    center = real.mean(0, keepdim=True)  # distances are shift-invariant; centring reduces cancellation
-    real, fake = real - center, fake - center
-    r_fake = _knn_pass(fake, k, mem_mb=mem_mb)
+    center = real.mean(0)  # distances are shift-invariant; centring reduces cancellation
+    bank = real.new_empty(n + m, real.shape[1] + 2)
+    r_fake = _knn_pass(_augment(fake, center, bank[n:]), bank[n:], k, mem_mb=mem_mb)
     balls_per_fake = torch.zeros(m, dtype=torch.int64, device=real.device)
     covered, recalled = (torch.zeros(n, dtype=torch.bool, device=real.device) for _ in range(2))
 
@@ -487,7 +488,7 @@ def prdc(real, fake, k=5, device=None, mem_mb=256):
         covered[s:s + len(r)] = d.amin(1) < r
         recalled[s:s + len(r)] = (d < r_fake[None, :]).any(1)
 
-    _knn_pass(real, k, fake, visit, mem_mb)
+    _knn_pass(_augment(real, center, bank[:n]), bank, k, visit, mem_mb)
     return {"precision": float((balls_per_fake > 0).double().mean()), "recall": float(recalled.double().mean()),
             "density": int(balls_per_fake.sum()) / (k * m), "coverage": float(covered.double().mean())}
 
@@ -567,7 +568,8 @@ def nearest_neighbours(queries, bank_batches, device=None):
     arg, win, offset = torch.full((len(q),), -1, dtype=torch.long, device=q.device), torch.zeros_like(q), 0
     for b in bank_batches:
         b = _as_tensor(b, q.device).to(q.dtype)
-        d, j = (qa @ _augment(b, bank=True).T).min(1)
+        _augment(b, bank=(bb := b.new_empty(len(b), b.shape[1] + 2)))
+        d, j = (qa @ bb.T).min(1)
         better = d < best
         best, arg = torch.where(better, d, best), torch.where(better, j + offset, arg)
         win[better] = b[j[better]]  # the current winner rows, for the exact recomputation
@@ -1196,8 +1198,7 @@ def paired(real, fake, pairs, cfg, device="cpu"):
         except WeightsMissing as e:
             print(f"metrics: skipping LPIPS in {name}: {e}", file=sys.stderr)
             skipped[name] = str(e)
-    sc = _pair_scores(real, fake, pairs, cfg, lps)
-    s, p = sc["ssim"], sc["psnr"]
+    s, p = (sc := _pair_scores(real, fake, pairs, cfg, lps))["ssim"], sc["psnr"]
     fin = p[np.isfinite(p)] if np.isfinite(p).any() else np.array([np.inf])
     out = {"n": len(s), "ssim_mean": float(s.mean()), "ssim_std": float(s.std()), "psnr_mean": float(fin.mean()),
            "psnr_std": float(fin.std()) if np.isfinite(fin).all() else 0.0, "n_identical": int((~np.isfinite(p)).sum()),
@@ -1418,8 +1419,7 @@ def _prdc_full_matrix(real, fake, k):
     def pdist(a, b):
         a, b = a.astype(np.float64), b.astype(np.float64)
         return np.sqrt(np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0))
-    r_real = np.partition(pdist(real, real), k, axis=1)[:, k]  # k+1-th smallest includes self
-    r_fake = np.partition(pdist(fake, fake), k, axis=1)[:, k]
+    r_real, r_fake = (np.partition(pdist(a, a), k, axis=1)[:, k] for a in (real, fake))  # k+1-th includes self
     d = pdist(real, fake)
     return {"precision": float((d < r_real[:, None]).any(0).mean()), "recall": float((d < r_fake[None]).any(1).mean()),
             "density": float((d < r_real[:, None]).sum(0).mean() / k), "coverage": float((d.min(1) < r_real).mean())}
@@ -1446,7 +1446,7 @@ def bench(argv):
         p.add_argument(flag, type=type(default), default=default, help=hlp)
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
-    mix = rng.standard_normal((a.dim, a.dim)).astype(np.float32) / np.sqrt(a.dim)  # correlated, non-negative
+    mix = (rng.standard_normal((a.dim, a.dim)) / np.sqrt(a.dim)).astype(np.float32)  # float32 features, as extracted
     real = np.maximum(rng.standard_normal((a.n, a.dim)).astype(np.float32) @ mix, 0)
     fake = np.maximum((rng.standard_normal((a.n, a.dim)).astype(np.float32) * 1.02 + 0.01) @ mix, 0)
     out = {"n": a.n, "dim": a.dim, "k": a.k, "torch_threads": torch.get_num_threads(), **_versions()}

@@ -223,6 +223,20 @@ def test_prdc_matches_numpy_and_chunking():
         M.prdc(r[:5], f, k=5)
 
 
+def test_prdc_float32_equals_full_matrix_baseline():
+    """float32 features (as extractors give them), GEMM in float32, chunked several ways: the same four numbers as
+    the bench's baseline (float64 full matrices, np.partition), k = 3 and 5, duplicates included."""
+    rng = np.random.default_rng(9)
+    mix = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    r = np.maximum(rng.standard_normal((400, 64)).astype(np.float32) @ mix, 0)
+    f = np.maximum((rng.standard_normal((350, 64)).astype(np.float32) * 1.1 + 0.05) @ mix, 0)
+    f[:20] = r[:20]  # exact copies: distance 0 to a real point
+    for k in (3, 5):
+        want = M._prdc_full_matrix(r, f, k)
+        for mem in (256, 0.3, 0.02):  # one chunk, chunks of ~100 rows, of ~6 rows
+            assert M.prdc(r, f, k=k, mem_mb=mem) == want, (k, mem)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SSIM, MS-SSIM, PSNR
 
