@@ -1462,8 +1462,8 @@ def bench(argv):
             out.update({name + "_s": time.perf_counter() - t, name + "_cpu_s": time.process_time() - c,
                         name + "_peak_mb": _mem_mb("VmHWM") - mem})
         out.update({f"{m}_speedup{x}": out[f"{base}{x}_s"] / out[f"{m}{x}_s"] for x in ("", "_cpu")})
-        out[m + "_max_abs_diff"] = (abs(out["fd"] - out["fd_sqrtm"]) / abs(out["fd_sqrtm"]) if m == "fd" else  # rel.
-                                    max(abs(out["prdc"][q] - out["prdc_full_matrix"][q]) for q in out["prdc"]))
+        out["fd_rel_diff" if m == "fd" else "prdc_max_abs_diff"] = abs(out[m] - out[base]) / abs(out[base]) \
+            if m == "fd" else max(abs(out[m][q] - out[base][q]) for q in out[m])
     print(json.dumps(out, indent=1))
     return out
 
