@@ -1013,9 +1013,8 @@ def iter_images(images, indices, size, fit="crop", compat=False, workers=4, batc
             yield keep, [a for a in loaded if a is not None]
 
 
-def extract_features(images, extractor="inception", batch_size=64, device=None, fit="crop", compat=False,
-                     workers=4, strict=False, cache_dir=None, weights_dir="", allow_random_weights=False,
-                     progress=True):
+def extract_features(images, extractor="inception", batch_size=64, device=None, fit="crop", compat=False, workers=4,
+                     strict=False, cache_dir=None, weights_dir="", allow_random_weights=False, progress=True):
     """Features [N, D] float32 of an ImageSet / folder path / tensor [N, C, H, W] in [0, 1]. With an ImageSet and
     cache_dir, features are cached under a key of the sorted file list, sizes, mtimes, extractor, weights and
     preprocessing version. Under torchrun each rank extracts a disjoint share.
@@ -1033,12 +1032,12 @@ def extract_features(images, extractor="inception", batch_size=64, device=None, 
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     idx = list(range(rank, len(images), world))
-    prog = _progress(len(idx), f"{ex.name} {os.path.basename(images.root)}") if progress else None
+    prog = _progress(len(idx), f"{ex.name} {os.path.basename(images.root)}") if progress else (lambda n: None)
     feats, kept = [], []
     for keep, batch in iter_images(images, idx, None, workers=workers, batch_size=batch_size, strict=strict,
                                    fn=lambda a: ex.prepare(a, fit, compat)):
         feats, kept = feats + ([ex(batch)] if batch else []), kept + keep
-        prog and prog(len(keep))
+        prog(len(keep))
     f = torch.cat(feats).numpy() if feats else np.zeros((0, ex.dim), np.float32)
     if world > 1:  # gather every rank's share, restore file order
         parts = [None] * world
@@ -1220,8 +1219,8 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
     training image by pixel L2 (same crop/resize, float) and by distance of unit-normalised features."""
     (fk, q), bank_kept = _pixels(fake, list(range(len(fake))), cfg.privacy_size, cfg), []
 
-    bank = (np.stack(b).reshape(len(b), -1) for k, b in _iter(train, list(range(len(train))), cfg.privacy_size,
-                                                               cfg, 256) if not bank_kept.extend(k) and b)
+    batches = _iter(train, list(range(len(train))), cfg.privacy_size, cfg, 256)  # streamed; kept indices recorded
+    bank = (np.stack(b).reshape(len(b), -1) for k, b in batches if bank_kept.extend(k) or b)
     d, j = nearest_neighbours(q.reshape(len(q), -1), bank, device)
     rms, out = d / cfg.privacy_size, {}
     out["pixel"] = {"n_fake": len(fk), "n_train": len(bank_kept), "size": cfg.privacy_size,
@@ -1366,8 +1365,9 @@ def evaluate(cfg):
 
 def format_table(res):
     """The readable stdout summary of a results dict (every number is also in results.json)."""
-    lines = [f"real {res['real']['path']} (N={res['real']['n']})   fake {res['fake']['path']} (N={res['fake']['n']})",
-             f"{'feature space':<16}{'FD':>11}{'KID x1e3':>17}{'prec':>7}{'rec':>7}{'dens':>7}{'cov':>7}{'N r/f':>10}"]
+    lines = [f"real {res['real']['path']} (N={res['real']['n']})   fake {res['fake']['path']} (N={res['fake']['n']})"]
+    lines += [f"{'feature space':<16}{'FD':>11}{'KID x1e3':>17}{'prec':>7}{'rec':>7}{'dens':>7}{'cov':>7}{'N r/f':>10}"
+              ] if res["features"] or res["skipped_features"] else []
     rnd = "   random weights, not comparable"
 
     def row(label, d):
