@@ -1371,8 +1371,8 @@ def format_table(res):
     rnd = "   random weights, not comparable"
 
     def row(label, d):
-        f = lambda k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
-        kid_s = f"{d['kid_mean'] * 1e3:.2f}+-{d['kid_std'] * 1e3:.2f}" if "kid_mean" in d else "-"
+        f = lambda k: "-" if k not in d else f"{d[k]:.3f}" if abs(d[k]) < 1e4 else f"{d[k]:.3g}"  # noqa: E731
+        kid_s = f"{d['kid_mean'] * 1e3:.3g}+-{d['kid_std'] * 1e3:.2g}" if "kid_mean" in d else "-"
         return (f"{label[:15]:<16}{f('fd'):>11}{kid_s:>17}{f('precision'):>7}{f('recall'):>7}{f('density'):>7}"
                 f"{f('coverage'):>7}{str(d['n_real']) + '/' + str(d['n_fake']):>10}")
 
