@@ -811,7 +811,8 @@ def train(cfg):
                 ema[k].lerp_(v.float(), 1 - decay)
         acc[27] += gnorm.detach().float()
         step, since_log = step + 1, since_log + 1
-        last = step == cfg.max_steps or stop["sigterm"]
+        sigterm = stop["sigterm"]                    # read once: a signal arriving later waits for the next step
+        last = step == cfg.max_steps or sigterm
         if (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last) and first_bad.item() >= 0:
             raise SystemExit(f"flow_scm: non-finite loss or gradient at step {first_bad.item()}; stopped, the last "
                              f"good checkpoint in {out} is intact")
@@ -845,7 +846,7 @@ def train(cfg):
             log_f.write(json.dumps({"step": step, "sample_positive_rate_gap": gap}) + "\n")
         if master and not cfg.bench and (step % cfg.ckpt_every == 0 or last):
             save_checkpoint(out, step, raw, ema, opt, cfg, meta)
-        if stop["sigterm"]:
+        if sigterm:
             if master:
                 print(f"SIGTERM: checkpoint saved at step {step}; exiting", flush=True)
             break
