@@ -556,6 +556,10 @@ def test_feature_lpips_processor_twin_and_missing_weights(tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(M.WeightsMissing, match="microsoft/rad-dino.*--weights-dir"):
         M.FeatureLPIPS("raddino", offline=True)
+    rad = M.FeatureLPIPS("raddino", allow_random_weights=True, offline=True)  # Rad-DINO's ViT-B/14 layout, random
+    assert rad.random_weights and rad.layers == (3, 6, 9, 12) and rad.size == 224 and rad.skip == 1
+    x = torch.rand(1, 1, 64, 64)
+    assert float(rad.distance(x, x)[0]) == 0.0 and float(rad.distance(x, 1 - x)[0]) > 0
 
 
 def test_relative_lpips_of_random_pairs_is_one(tmp_path):
