@@ -471,6 +471,9 @@ def test_edit_plan_profile_and_edit_pipeline(tmp_path, run, phantom_dir):
     out = rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--interventions", os.path.join(E, "meta.csv"),
                    "--profile", prof, "--out", E, "--solver", "euler", "--steps", "2", "--batch-size", "4"])
     final = rows(os.path.join(E, "meta.csv"))
+    same = rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--random-edit", "view", "--n", "10", "--seed", "3",
+                    "--profile", prof, "--plan-only", "--out", again])     # the same draws agree with the profiles
+    assert [(r["id"], r["view"], r["Support Devices"]) for r in same] == [(f["id"], f["view"], "1") for f in final]
     assert [(f["id"], f["source_id"], f["intervention"], f["view"]) for f in final] == \
         [(g["id"], g["source_id"], g["intervention"], g["view"]) for g in got] and len(out) == 10
     assert all(f["Support Devices"] == "1" for f in final)
