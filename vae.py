@@ -1016,14 +1016,15 @@ class ExportDecoder(nn.Module):
         return self.dec(z.float()).clamp(-1, 1)
 
 
-def write_decoders(folder, cfg, model, name):
-    """decoder.safetensors (baked weights + spec; safe to load) and decoder.pt2 (torch.export) in the folder."""
+def write_decoders(folder, cfg, model, name, side):
+    """decoder.safetensors (baked weights + spec; safe to load) and decoder.pt2 (torch.export) in the folder. The
+    .pt2 program is exported for the folder's latent side (`side` x `side`) with a dynamic batch size."""
     spec = decoder_spec(cfg, model, name)
     weights = baked_decoder_weights(model.decoder)
     atomic_save(os.path.join(folder, "decoder.safetensors"),
                 lambda tmp: save_file(weights, tmp, metadata={"spec": json.dumps(spec)}))
     dec = ExportDecoder(copy.deepcopy(model.decoder).cpu().float().eval())
-    z = torch.zeros(2, cfg.latent_channels, 4, 4)
+    z = torch.zeros(2, cfg.latent_channels, side, side)
     prog = torch.export.export(dec, (z,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     atomic_save(os.path.join(folder, "decoder.pt2"),
                 lambda tmp: torch.export.save(prog, tmp, extra_files={"radvae_decoder.json": json.dumps(spec)}))
@@ -1044,7 +1045,7 @@ def encode(icfg):
     s = data.shape[-1]
     shape = [cfg.latent_channels, s // f, s // f]
     if rank == 0:
-        write_decoders(folder, cfg, model, icfg.name)
+        write_decoders(folder, cfg, model, icfg.name, shape[-1])
     shards = sorted({int(r["shard"]) for r in data.rows})
     meta = {"format": "vae.py-latents/1", "vae": icfg.name, "vae_id": vid}
     t0, done = time.time(), 0

@@ -233,6 +233,18 @@ def test_decoders_load_in_a_fresh_process_and_match_the_in_script_decoder(traine
     assert info["decoder"] == "decoder.pt2" and info["decoder_safetensors"] == "decoder.safetensors"
 
 
+def test_exported_decoder_takes_the_latent_side_of_its_folder(trained, tmp_path):
+    """64 px data has 8x8 latents: the .pt2 program written beside them must decode 8x8 (it once was fixed at 4x4)."""
+    cfg, model = in_script(trained)
+    vae.write_decoders(str(tmp_path), cfg, model, "t", 8)
+    z = torch.randn(3, cfg.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.decoder(z).clamp(-1, 1)
+        out = torch.export.load(str(tmp_path / "decoder.pt2")).module()(z)
+    assert out.shape == (3, 1, 64, 64)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_decode_cli_writes_pngs_and_rejects_bad_input(trained, encoded, tmp_path):
     from PIL import Image
     cfg, model = in_script(trained)
