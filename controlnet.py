@@ -9,10 +9,11 @@ the output is the backbone's exactly. Only the adapter trains (AdamW 1e-4, wd 0.
 Data Table 4). Conditions (`--cond-type`): `mask`, any of the dataset's masks (info.json mask_names), one channel
 each; `box`, per-class boxes (meta.csv `boxes` JSON {class: [x0, y0, x1, y1] fractions or a list of them}) drawn as
 filled rectangles, one channel per class, class names kept in the checkpoint (the paper's box control, never
-released). Maps are drawn at the image's pixel size in [-1, 1]; in latent space they are folded onto the latent grid
-by space-to-depth (f x f pixels -> f^2 channels, lossless), not VAE-encoded as in the released ChexGen code (vae.py
-writes no encoder file). Captions drop to the null caption (p 0.1) and, independently, the condition drops (adapter
-residuals zeroed), for e = e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C)).
+released). Maps are drawn at the image's pixel size in [-1, 1]; in latent space each channel is encoded as a
+1-channel image (0 -> -1, 1 -> +1) by the latent folder's encoder.pt2 (vae.py encode: the images' VAE, as released
+ChexGen encodes masks), normalised by the latents' mean / std: K x C channels. Captions drop to the null caption
+(p 0.1) and, independently, the condition drops (adapter residuals zeroed), for e = e(null, C) + w (e(text, C) -
+e(null, C)) + w_c (e(text, C) - e(text, no C)).
 
 Train (captions cached by `dit_text2img.py embed-text`; --backbone: a dit_text2img.py run or checkpoint):
     python dit_text2img.py --data data/phantom --out runs/dit --space pixel --max-steps 3000          # backbone
@@ -650,12 +651,12 @@ def latent_folder(root, vae):
 
 
 def latent_info(folder):
-    """The latent folder's info.json: shape, per-channel mean / std, decoder path (made absolute)."""
+    """The latent folder's info.json: shape, per-channel mean / std, decoder / encoder paths (made absolute)."""
     li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
-    dec = li.get("decoder", "")
+    path = lambda k: li.get(k) and os.path.join(folder, li[k])             # an absolute path is kept as it is
     return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
-                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1),
-                decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
+                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1), decoder=path("decoder") or "",
+                encoder=path("encoder") or "")
 
 
 def warn(msg):
@@ -715,12 +716,18 @@ def read_mask_png(path, size):
     return m.numpy()
 
 
-def cond_input(m, image_size):
-    """{0, 1} maps [n, K, S, S] -> model input in [-1, 1] on the model's grid: as is in pixel space, folded by
-    space-to-depth (f x f pixels -> f^2 channels a cell) onto the latent grid when S = f x image_size."""
-    x = m.float() * 2 - 1
-    f = x.shape[-1] // image_size
-    return F.pixel_unshuffle(x, f) if f > 1 else x
+def cond_encoder(folder, device):
+    """-> fn: {0, 1} maps [n, K, S, S] -> 2 m - 1 (pixels), or [n, K C, h, w] (each map via encoder.pt2, normalised)."""
+    if folder is None:
+        return lambda m: (m.float() * 2 - 1).to(device)
+    li = latent_info(folder)
+    if not li["encoder"] or not os.path.isfile(li["encoder"]):
+        raise SystemExit(f"{folder}: no encoder.pt2 for the condition maps; re-run vae.py encode to write encoder.pt2")
+    enc, mean, std = torch.export.load(li["encoder"]).module().to(device), li["mean"].to(device), li["std"].to(device)
+    def fn(m):
+        z = torch.cat([enc(c.to(device).float() * 2 - 1).float() for c in m.reshape(-1, 1, *m.shape[2:]).split(64)])
+        return ((z - mean) / std).reshape(len(m), -1, *z.shape[2:])
+    return torch.no_grad()(fn)
 
 
 def cond_grid(path, maps, x, labels):
@@ -776,8 +783,7 @@ class ControlData:
                 warn(f"{path}: boxes of classes {sorted(set(seen) - set(names))} are ignored (not in --box-classes)")
         if not names:
             raise SystemExit(f"{path}: no condition channels (no masks / boxes)")
-        self.rows, self.cond_names = rows, names
-        self.cond_channels = len(names) * (self.cond_size // dcfg.image_size) ** 2
+        self.rows, self.cond_names, self.cond_channels = rows, names, len(names) * dcfg.in_channels   # latent: K C
 
     def __len__(self):
         return len(self.rows)
@@ -884,9 +890,8 @@ def load_decoder(folder, device):
     li = latent_info(folder)
     if not li["decoder"] or not os.path.isfile(li["decoder"]):
         raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found (vae.py encode writes it)")
-    dec = torch.export.load(li["decoder"]).module().to(device)
-    mean, std = li["mean"].to(device), li["std"].to(device)
-    return lambda z: dec(z.float() * std + mean).float()
+    dec, mean, std = torch.export.load(li["decoder"]).module().to(device), li["mean"].to(device), li["std"].to(device)
+    return torch.no_grad()(lambda z: dec(z.float() * std + mean).float())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -987,15 +992,12 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def sample_grid(model, dcfg, sched, noise, text, lengths, cond_maps, device, path, labels, decode=None):
+def sample_grid(model, dcfg, sched, noise, text, lengths, cond_maps, encode_cond, path, labels, decode=None):
     """Condition | EMA samples of fixed noise (DDIM 25 steps, guidance 4)."""
-    n = len(labels)
-    reps = len(noise) // n
-    cond = cond_input(cond_maps, dcfg.image_size).to(device)
+    reps, cond = len(noise) // len(labels), encode_cond(cond_maps)
     x = sample_latents(model, sched, noise, text.repeat(reps, 1, 1), lengths.repeat(reps), cond.repeat(reps, 1, 1, 1),
                        25, 0.0, 4.0, 0.0, dcfg.pred, clip=dcfg.space == "pixel")
-    with torch.no_grad():
-        x = decode(x) if decode else x[:, :1]                    # no decoder: latent channel 0
+    x = decode(x) if decode else x[:, :1]                        # no decoder: latent channel 0
     cond_grid(path, cond_maps, x, labels)
 
 
@@ -1010,6 +1012,7 @@ def train(cfg):
                          f"{dcfg.depth}); this run has --size {cfg.size!r}: use --size {dcfg.size} or another backbone")
     dcfg = DiTConfig(**{**asdict(dcfg), "attn": cfg.attn, "grad_ckpt": cfg.grad_ckpt})
     data = ControlData(cfg, dcfg)
+    encode_cond = cond_encoder(data.folder if data.space == "latent" else None, device)   # latent: encoder.pt2
     cfg = Config(**{**asdict(cfg), "cond_names": ",".join(data.cond_names), "cond_size": data.cond_size})
     for k in ("cond_type", "cond_names", "cond_size", "control_blocks") if saved else ():
         if getattr(cfg, k) != getattr(saved[0], k):
@@ -1077,7 +1080,7 @@ def train(cfg):
     while step < cfg.max_steps:
         x0, (text, lengths), maps = nxt.result()
         x0, text, lengths = x0.to(device), text.to(device), lengths.to(device)
-        cond = cond_input(maps, dcfg.image_size).to(device)
+        cond = encode_cond(maps)
         nxt = fetch(step + 1)
         eps, t, drop, keep = (v[lo:lo + per_rank] for v in draw_step(cfg, sched, step, data.shape, device))
         for m in range(accum):
@@ -1137,7 +1140,7 @@ def train(cfg):
             t_log = time.time()
         if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             sample_grid(ema_model, dcfg, sched, noise_grid, grid_text[0].to(device), grid_text[1].to(device),
-                        grid_cond, device, os.path.join(cfg.out, "grids", f"{step:07d}.png"), grid_labels, decode)
+                        grid_cond, encode_cond, os.path.join(cfg.out, "grids", f"{step:07d}.png"), grid_labels, decode)
         if ckpt_now and rank == 0:
             save_checkpoint(ckpt_path, model, ema, opt, cfg, dcfg, step)
         if stopping:
@@ -1158,8 +1161,7 @@ def dry_model(cfg, device="meta"):
     dcfg = load_backbone(path)[0] if os.path.isfile(path) else DiTConfig(size=cfg.size, hidden=hidden, depth=depth,
                                                                          heads=heads)
     dcfg = DiTConfig(**{**asdict(dcfg), "attn": cfg.attn, "grad_ckpt": cfg.grad_ckpt})
-    k = len([s for s in (cfg.cond_masks or cfg.box_classes).split(",") if s.strip()]) or 14
-    ck = k * (cfg.cond_size // dcfg.image_size if cfg.cond_size else 8 if dcfg.space == "latent" else 1) ** 2
+    ck = (len([s for s in (cfg.cond_masks or cfg.box_classes).split(",") if s.strip()]) or 14) * dcfg.in_channels
     with torch.device(device):
         return dcfg, build_model(dcfg, ck, min(cfg.control_blocks, dcfg.depth)), ck
 
@@ -1205,8 +1207,8 @@ PAIR_COLUMNS = ["id", "split", "report", "prompt", "cond_id", "sample", "boxes",
 def load_model(path, device):
     """A controlnet.py checkpoint -> (config, DiTConfig, model with the EMA adapter, in eval mode)."""
     cfg, dcfg, _, parts, _, path = read_checkpoint(path, ("ema.", "base."))
-    channels = len(cfg.cond_names.split(",")) * (cfg.cond_size // dcfg.image_size) ** 2
-    model = build_model(dcfg, channels, cfg.control_blocks, parts["base."], path)
+    model = build_model(dcfg, len(cfg.cond_names.split(",")) * dcfg.in_channels, cfg.control_blocks, parts["base."],
+                        path)
     try:
         model.adapter.load_state_dict(parts["ema."])
     except RuntimeError as e:
@@ -1287,6 +1289,7 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
                          f"the backbone was trained on {dcfg.text_dim}-wide ones ({dcfg.text_encoder})")
     tids, tlen = tokenize(tok, [it["prompt"] for it in items], dcfg.max_length)
     decode = load_decoder(latent_folder(cfg.data, dcfg.vae), device) if dcfg.space == "latent" else None
+    encode_cond = cond_encoder(latent_folder(cfg.data, dcfg.vae) if dcfg.space == "latent" else None, device)
     todo = [i for i in range(rank, len(ids), world) if not os.path.exists(os.path.join(out, f"{ids[i]}.png"))]
     sched, shape, t0 = Schedule(), (dcfg.in_channels, dcfg.image_size, dcfg.image_size), time.time()
     for b in range(0, len(todo), icfg.batch_size):
@@ -1295,11 +1298,10 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
         js = torch.tensor([i // K for i in idx])
         with torch.no_grad(), autocast(device):
             text = encode_text(enc, tids[js], tlen[js])
-        cond = cond_input(torch.from_numpy(np.stack([items[j]["maps"] for j in js.tolist()])), dcfg.image_size)
-        x = sample_latents(model, sched, step_noise(gens, shape, device), text, tlen[js].to(device), cond.to(device),
+        cond = encode_cond(torch.from_numpy(np.stack([items[j]["maps"] for j in js.tolist()])))
+        x = sample_latents(model, sched, step_noise(gens, shape, device), text, tlen[js].to(device), cond,
                            icfg.steps, icfg.eta, icfg.cfg, icfg.cfg_cond, dcfg.pred, gens, dcfg.space == "pixel")
-        with torch.no_grad():
-            x = decode(x) if decode else x
+        x = decode(x) if decode else x
         for i, img in zip(idx, x):
             save_png16(os.path.join(out, f"{ids[i]}.png"), img)
         print(f"rank {rank}: {b + len(idx)}/{len(todo)} images, {(b + len(idx)) / (time.time() - t0):.2f} img/s",

@@ -22,7 +22,8 @@ Latent folder (DESIGN.md §4), D/latents/<name>/, read by rectified_flow.py, dit
 ldm_multicond.py:
     info.json   {"format_version": 1, "vae": name, "vae_id": fingerprint of the weights, "shape": [C, h, w],
                  "mean": [C], "std": [C] (per channel, over the train-split rows), "image_size": S,
-                 "decoder": "decoder.pt2", "decoder_safetensors": "decoder.safetensors", ...}
+                 "decoder": "decoder.pt2", "decoder_safetensors": "decoder.safetensors", "encoder": "encoder.pt2",
+                 ...}
     shards/{k:05d}.safetensors   `latents` float32 [N, C, h, w]: row i is the posterior mean of image row i of the
                  dataset's shards/{k:05d}.safetensors, i.e. of the meta.csv row with shard = k, index = i.
 Both decoder files map RAW latents [B, C, h, w] (not normalised by mean / std) to images [B, 1, 8h, 8w] in [-1, 1]:
@@ -31,6 +32,8 @@ Both decoder files map RAW latents [B, C, h, w] (not normalised by mean / std) t
   torch + safetensors only: copy that block into any script. Nothing is unpickled: safe for files from others.
 - decoder.pt2: the same decoder as a `torch.export` program (dynamic batch), loaded with torch.export.load, as
   rectified_flow.py does today. torch.export.load can unpickle: load only .pt2 files you made or trust.
+encoder.pt2 maps images [B, 1, S, S] in [-1, 1] to RAW posterior-mean latents [B, C, h, w] (torch.export, dynamic
+batch, fp32): controlnet.py encodes its condition maps with it, as ChexGen encodes masks with the images' VAE.
 Any other autoencoder works with the latent models if its latents are written in this layout.
 
 Checkpoint: one safetensors file written atomically: `model.*`, `ema.*`, `optim.*` tensors, and in its metadata the
@@ -1016,6 +1019,26 @@ class ExportDecoder(nn.Module):
         return self.dec(z.float()).clamp(-1, 1)
 
 
+class ExportEncoder(nn.Module):
+    """The encoder as torch.export sees it: images in [-1, 1] -> raw posterior-mean latents (fp32)."""
+
+    def __init__(self, enc):
+        super().__init__()
+        self.enc = enc
+
+    def forward(self, img):
+        return self.enc(img.float())[0]
+
+
+def write_encoder(folder, cfg, model, side):
+    """encoder.pt2 (torch.export, dynamic batch) in the folder: images [B, 1, side, side] -> raw latents, as
+    controlnet.py encodes its condition maps (ChexGen encodes masks with the images' VAE)."""
+    enc = ExportEncoder(copy.deepcopy(model.encoder).cpu().float().eval())
+    x = torch.zeros(2, 1, side, side)
+    prog = torch.export.export(enc, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    atomic_save(os.path.join(folder, "encoder.pt2"), lambda tmp: torch.export.save(prog, tmp))
+
+
 def write_decoders(folder, cfg, model, name, side):
     """decoder.safetensors (baked weights + spec; safe to load) and decoder.pt2 (torch.export) in the folder. The
     .pt2 program is exported for the folder's latent side (`side` x `side`) with a dynamic batch size."""
@@ -1046,6 +1069,7 @@ def encode(icfg):
     shape = [cfg.latent_channels, s // f, s // f]
     if rank == 0:
         write_decoders(folder, cfg, model, icfg.name, shape[-1])
+        write_encoder(folder, cfg, model, s)
     shards = sorted({int(r["shard"]) for r in data.rows})
     meta = {"format": "vae.py-latents/1", "vae": icfg.name, "vae_id": vid}
     t0, done = time.time(), 0
@@ -1087,10 +1111,11 @@ def encode(icfg):
         write_json(info_path, {"format_version": 1, "vae": icfg.name, "vae_id": vid, "shape": shape,
                                "mean": mean.tolist(), "std": std.tolist(), "stats_rows": "train" if train_rows is not data.rows else "all",
                                "image_size": s, "factor": f, "n": len(data), "decoder": "decoder.pt2",
-                               "decoder_safetensors": "decoder.safetensors", "ckpt": os.path.abspath(icfg.ckpt),
+                               "encoder": "encoder.pt2", "decoder_safetensors": "decoder.safetensors",
+                               "ckpt": os.path.abspath(icfg.ckpt),
                                "step": step, "dtype": "float32", "posterior": "mean"})
         print(f"wrote {folder}: {len(data)} latents of shape {shape}, per-channel mean/std over {cnt // (shape[1] * shape[2])} "
-              f"train rows, decoders decoder.safetensors + decoder.pt2", flush=True)
+              f"train rows, decoders decoder.safetensors + decoder.pt2, encoder encoder.pt2", flush=True)
     return folder
 
 

@@ -216,10 +216,9 @@ def test_mask_png_resized_and_thresholded(tmp_path, capsys):
     assert np.array_equal(cn.read_mask_png(str(tmp_path / "g.png"), 8), a // 255)
     err = capsys.readouterr().err
     assert "thresholded at 127.5" in err and "resized" in err
-    m = torch.zeros(1, 2, 16, 16)
+    m = torch.zeros(1, 2, 16, 16, dtype=torch.uint8)
     m[0, 1, :8] = 1
-    x = cn.cond_input(m, 4)                                        # latent grid f = 4: space-to-depth, lossless
-    assert x.shape == (1, 32, 4, 4) and torch.equal(torch.nn.functional.pixel_shuffle(x, 4), m * 2 - 1)
+    assert torch.equal(cn.cond_encoder(None, "cpu")(m), m.float() * 2 - 1)   # pixel space: the maps in [-1, 1]
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -280,7 +279,7 @@ def test_trained_adapter_uses_the_condition(run, data32):
     data = cn.ControlData(cn.Config(**{**cn.asdict(cfg), "data": data32}), dcfg, "test")
     idx = torch.arange(len(data))
     x0, (text, n), maps = data.load(idx), data.load_text(idx), data.load_cond(idx)
-    cond = cn.cond_input(maps, 32)
+    cond = cn.cond_encoder(None, "cpu")(maps)                       # pixel space: maps in [-1, 1]
     g = torch.Generator().manual_seed(0)
     sched, wrong, diff = cn.Schedule(), cond.roll(1, 0), []
     with torch.no_grad():
@@ -424,34 +423,70 @@ def test_evaluate_scores_with_the_downstream_segmenter(tmp_path, run, data32, ph
         cn.main(["evaluate", "--ckpt", run, "--seg-ckpt", run, "--data", data32, "--out", out])
 
 
-def test_latent_space_conditions_fold_onto_the_latent_grid(tmp_path, data32, bert):
-    """A toy latent folder (4 x 8 x 8, f = 4, a torch.export decoder) as vae.py writes: backbone, adapter, sample."""
+class ToyEncoder(torch.nn.Module):
+    """Image [B, 1, 32, 32] -> 4 x 8 x 8 latents: 4 x 4 means, channel c scaled by c + 1 and shifted by c / 10."""
+    def forward(self, x):
+        p = torch.nn.functional.avg_pool2d(x, 4)
+        return torch.cat([p * (c + 1) + c / 10 for c in range(4)], 1)
+
+
+def test_latent_space_conditions_are_encoded_by_the_folders_vae(tmp_path, data32, bert):
+    """A toy latent folder (4 x 8 x 8, f = 4, torch.export encoder.pt2 + decoder.pt2) as vae.py writes: the condition
+    maps go channel by channel through encoder.pt2, normalised; backbone, adapter and sampling run end to end."""
     lat = tmp_path / "data"
     shutil.copytree(data32, lat)
-    os.makedirs(lat / "latents" / "toy" / "shards")
+    folder = lat / "latents" / "toy"
+    os.makedirs(folder / "shards")
     zs = []
     for name in sorted(n for n in os.listdir(os.path.join(data32, "shards")) if n.endswith(".safetensors")):
         with safe_open(os.path.join(data32, "shards", name), "numpy") as f:
             img = f.get_tensor("images").astype(np.float32) / 32768 - 1
-        z = np.repeat(img.reshape(len(img), 1, 8, 4, 8, 4).mean((3, 5)), 4, 1)
-        save_np({"latents": z}, str(lat / "latents" / "toy" / "shards" / name))
+        with torch.no_grad():
+            z = ToyEncoder()(torch.from_numpy(img)).numpy()
+        save_np({"latents": z}, str(folder / "shards" / name))
         zs.append(z)
-    z = np.concatenate(zs)
+    z = np.concatenate(zs).astype(np.float64)
+    mean, std = z.mean((0, 2, 3)), z.std((0, 2, 3))
 
     class Decoder(torch.nn.Module):
         def forward(self, z):
-            return torch.nn.functional.interpolate(z.mean(1, keepdim=True), scale_factor=4.0, mode="nearest")
-    ep = torch.export.export(Decoder(), (torch.randn(2, 4, 8, 8),), dynamic_shapes={"z": {0: torch.export.Dim("b")}})
-    torch.export.save(ep, str(lat / "latents" / "toy" / "decoder.pt2"))
-    json.dump({"format_version": 1, "shape": [4, 8, 8], "mean": z.mean((0, 2, 3)).tolist(),
-               "std": z.std((0, 2, 3)).tolist(), "decoder": "decoder.pt2"},
-              open(lat / "latents" / "toy" / "info.json", "w"))
+            return torch.nn.functional.interpolate(z[:, :1], scale_factor=4.0, mode="nearest")
+    batch = {0: torch.export.Dim("b")}
+    ep = torch.export.export(Decoder(), (torch.randn(2, 4, 8, 8),), dynamic_shapes={"z": batch})
+    torch.export.save(ep, str(folder / "decoder.pt2"))
+    info = {"format_version": 1, "shape": [4, 8, 8], "mean": mean.tolist(), "std": std.tolist(),
+            "decoder": "decoder.pt2"}
+    json.dump(info, open(folder / "info.json", "w"))
     dit = str(tmp_path / "dit")
     dt.main(["--data", str(lat), "--out", dit, *SMALL, "--max-steps", "2", "--sample-every", "0"])
     out = str(tmp_path / "cn")
+    with pytest.raises(SystemExit, match="re-run vae.py encode to write encoder.pt2"):    # no encoder yet
+        train(str(lat), dit, out, "--cond-masks", MASKS, "--max-steps", "1")
+    ep = torch.export.export(ToyEncoder(), (torch.randn(2, 1, 32, 32),), dynamic_shapes={"x": batch})
+    torch.export.save(ep, str(folder / "encoder.pt2"))
+    json.dump({**info, "encoder": "encoder.pt2"}, open(folder / "info.json", "w"))
+
+    # the condition latents: channel k*C + c is latent channel c of mask k as an image (0 -> -1, 1 -> +1), normalised
+    names = json.load(open(lat / "info.json"))["mask_names"]
+    with safe_open(str(lat / "shards" / "00000.safetensors"), "numpy") as f:
+        maps = (f.get_tensor("masks")[:5, [names.index(n) for n in MASKS.split(",")]] > 0).astype(np.uint8)
+    got = cn.cond_encoder(str(folder), "cpu")(torch.from_numpy(maps))
+    x = maps.astype(np.float64) * 2 - 1                                       # float64 closed form of ToyEncoder
+    pooled = x.reshape(5, 2, 8, 4, 8, 4).mean((3, 5))
+    ref = np.stack([(pooled * (c + 1) + c / 10 - mean[c]) / std[c] for c in range(4)], 2).reshape(5, 8, 8, 8)
+    assert got.shape == (5, 8, 8, 8) and maps[:, 0].any() and not maps[:, 0].all()
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
+    prog = torch.export.load(str(folder / "encoder.pt2")).module()           # and encoder.pt2 applied per channel
+    for k in range(2):
+        with torch.no_grad():
+            zk = prog(torch.from_numpy(x[:, k:k + 1]).float())
+        torch.testing.assert_close(got[:, 4 * k:4 * k + 4], (zk - torch.tensor(mean).float().view(-1, 1, 1))
+                                   / torch.tensor(std).float().view(-1, 1, 1), rtol=1e-5, atol=1e-5)
+
     train(str(lat), dit, out, "--cond-masks", MASKS, "--max-steps", "3", "--sample-every", "3")
     ctrl = tensors(out, "controlnet.")
-    assert ctrl["cond_embedder.proj.weight"].shape == (32, 2 * 16, 2, 2)        # 2 masks x 4 x 4 pixels a cell
+    assert ctrl["cond_embedder.proj.weight"].shape == (32, 2 * 4, 2, 2)         # 2 masks x 4 latent channels
+    assert all(np.isfinite(r["loss"]) for r in log(out)) and os.path.isfile(os.path.join(out, "grids", "0000003.png"))
     masks = tmp_path / "m"
     masks.mkdir()
     for k in range(2):

@@ -233,6 +233,30 @@ def test_decoders_load_in_a_fresh_process_and_match_the_in_script_decoder(traine
     assert info["decoder"] == "decoder.pt2" and info["decoder_safetensors"] == "decoder.safetensors"
 
 
+def test_exported_encoder_equals_the_posterior_mean_on_the_encoded_data(trained, data32, encoded):
+    """encoder.pt2 (controlnet.py encodes condition maps with it): images -> raw posterior means, dynamic batch."""
+    cfg, model = in_script(trained)
+    info = json.load(open(os.path.join(encoded, "info.json")))
+    assert info["encoder"] == "encoder.pt2"
+    prog = torch.export.load(os.path.join(encoded, info["encoder"])).module()
+    with safe_open(os.path.join(data32, "shards", "00000.safetensors"), "pt") as f:
+        img = f.get_slice("images")[:7]
+    x = ((img.double() + 0.5) / 32768 - 1).float()                   # uint16 -> [-1, 1], written out here
+    stored = load_file(os.path.join(encoded, "shards", "00000.safetensors"))["latents"][:7]
+    with torch.no_grad():
+        mu = model.encoder(x)[0]
+        out, one = prog(x), prog(x[:1])
+    assert out.shape == (7, 16, 4, 4) and mu.std() > 1e-2
+    torch.testing.assert_close(out, mu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, stored, rtol=1e-4, atol=1e-5)   # the latents encode wrote for these rows
+    torch.testing.assert_close(one, mu[:1], rtol=1e-4, atol=1e-5)   # dynamic batch
+    # a masks-like input (two levels, -1 / +1) as controlnet.py feeds it
+    m = torch.zeros(3, 1, 32, 32)
+    m[:, :, 8:20, 4:28] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(prog(m * 2 - 1), model.encoder(m * 2 - 1)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_exported_decoder_takes_the_latent_side_of_its_folder(trained, tmp_path):
     """64 px data has 8x8 latents: the .pt2 program written beside them must decode 8x8 (it once was fixed at 4x4)."""
     cfg, model = in_script(trained)
