@@ -116,7 +116,7 @@ class Config:
     resume: bool = arg(True, "continue from OUT/ckpt.safetensors when it exists (--no-resume starts over)")
     log_every: int = arg(50, "steps between log lines")
     ckpt_every: int = arg(500, "steps between checkpoints")
-    sample_every: int = arg(500, "steps between reconstruction grids (EMA, fixed validation images)")
+    sample_every: int = arg(500, "steps between reconstruction grids (EMA, fixed validation images; 0: none)")
     bench: bool = arg(False, "time training, encoding and decoding on random tensors and exit")
     bench_steps: int = arg(5, "timed steps per --bench measurement")
     dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
@@ -803,7 +803,7 @@ def train(cfg):
                     f.write(json.dumps(rec) + "\n")
             acc.zero_()
             t_log = time.time()
-        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+        if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):   # 0: never
             sample_grid(ema, grid_images, device, os.path.join(cfg.out, "grids", f"{step:07d}.png"))
         if ckpt_now and rank == 0:
             save_checkpoint(ckpt_path, raw, ema, opt, cfg, step)
