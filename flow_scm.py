@@ -1197,7 +1197,7 @@ def solver_of(args):
 def inference_parser(sub, name, help_):
     p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="runs/flow_scm", help="run folder or ckpt-*.safetensors")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", default="", help="cpu | cuda (default: cuda when available, as in training)")
     p.add_argument("--seed", type=int, default=0, help="seed of the exogenous noise")
     p.add_argument("--solver", default="dopri5", choices=["dopri5", "euler"], help="ODE solver")
     p.add_argument("--rtol", type=float, default=1e-6, help="dopri5 relative tolerance (radit App. C.4)")
@@ -1248,6 +1248,7 @@ def main(argv=None):
     if args.cmd in (None, "train"):
         cfg = config_from_args(args)
         return train(cfg)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     if args.cmd in ("sample", "intervene"):
