@@ -4,6 +4,11 @@ import csv
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +19,8 @@ from safetensors.numpy import save_file as save_np
 
 import controlnet as cn
 import dit_text2img as dt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = ["--hidden", "32", "--depth", "2", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9"]
 CN = ["--batch-size", "8", "--lr", "2e-3", "--ema", "0.9", "--log-every", "1", "--sample-every", "0"]
@@ -314,6 +321,56 @@ def test_resume_reproduces_straight_run(tmp_path, data32, backbone):
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     with pytest.raises(SystemExit, match="checkpoint has cond_names="):
         train(data32, backbone, b, "--cond-type", "box", "--box-classes", "Edema", "--max-steps", "9")
+
+
+
+def test_sigterm_saves_and_exits(tmp_path, data32, backbone):
+    out = str(tmp_path / "run")
+    common = ["--data", data32, "--backbone", backbone, "--out", out, *CN, "--control-blocks", "1",
+              "--ckpt-every", "100000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "controlnet.py"), *common, "--max-steps", "100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(1200):                                    # wait for the third log line (or an early exit)
+            if proc.poll() is not None or (os.path.exists(os.path.join(out, "log.jsonl")) and len(log(out)) >= 3):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "stopped by SIGTERM" in text, text[-2000:]
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        step = int(f.metadata()["step"])
+    assert 3 <= step <= 12 and step == log(out)[-1]["step"], (step, log(out)[-1])   # saved at the next health check
+    cn.main([*common, "--max-steps", str(step + 2)])            # resumes from the saved step
+    assert [r["step"] for r in log(out)] == list(range(1, step + 3))
+    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
+        assert int(f.metadata()["step"]) == step + 2
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, data32, backbone):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--control-blocks", "1", "--max-steps", "3", "--ckpt-every", "100", "--p-uncond", "0.3"]
+    train(data32, backbone, one, *args, "--micro-batch", "4")   # 1 process, 2 accumulated micro-batches of 4
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as sock:                                # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           os.path.join(ROOT, "controlnet.py"), "--data", data32, "--backbone", backbone, "--out", two, *CN, *args]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    w1, w2 = tensors(one, "controlnet."), tensors(two, "controlnet.")
+    assert w1.keys() == w2.keys() and len(w1) > 0
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(log(one), log(two))) < 1e-5
+    assert [r["step"] for r in log(two)] == [1, 2, 3]
+    after = [k for k in w1 if k.endswith("after_proj.weight")]   # zero-initialised: 3 steps moved them
+    assert after and all(torch.count_nonzero(w1[k]) > 0 for k in after), after
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
