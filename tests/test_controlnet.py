@@ -410,7 +410,11 @@ def test_sample_cli_writes_image_annotation_pairs(tmp_path, run, data32, bert):
     os.remove(os.path.join(out, "c1_s1.png"))                    # resumable: only the missing image is made again,
     cn.main(["sample", "--ckpt", run, "--masks", str(masks), "--prompt", "left pleural effusion", "--n-per-cond", "2",
              "--steps", "5", "--out", out, "--text-encoder", bert, "--batch-size", "1"])
-    assert np.array_equal(np.asarray(Image.open(os.path.join(out, "c1_s1.png"))), before)   # alone, the same image
+    # Alone (batch 1 instead of 4), the same image: the noise is drawn per image id, but a batch of 1 takes another
+    # GEMM blocking than a batch of 4, so float sums differ in the last bits and a pixel may land one uint16 level
+    # (out of 65535) away. Bit-identity across batch sizes is not something the computation guarantees.
+    again = np.asarray(Image.open(os.path.join(out, "c1_s1.png"))).astype(np.int64)
+    assert np.abs(again - before.astype(np.int64)).max() <= 64          # <= 0.1 % of the range; a wrong image: ~1e4
     with pytest.raises(SystemExit, match="a mask model; give --masks instead"):
         cn.main(["sample", "--ckpt", run, "--boxes", str(tmp_path / "b.json"), "--prompt", "x", "--out", out])
 
