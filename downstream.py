@@ -947,8 +947,9 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
               f"parameters, {len(pool)} training images ({', '.join(f'{s.name} {len(s)}' for s in pool.sources)}), "
               f"{len(val)} validation, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
-    stop, stream, lo, seg = [], TrainStream(pool, cfg, seed), rank * per_rank, cfg.task == "segment"
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
+    stream, lo, seg = TrainStream(pool, cfg, seed), rank * per_rank, cfg.task == "segment"
+    term, stopping = [], False
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
     acc = torch.zeros(3, device=device)                          # loss sum, count, grad-norm sum
     bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
     t_log, t_start, step0 = time.time(), time.time(), step
@@ -980,13 +981,15 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         log_now = step % cfg.log_every == 0 or eval_now
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([bad.float(), torch.tensor(float(bool(stop)), device=device)])
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
             if world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             if flags[0] >= 0:
+                signal.signal(signal.SIGTERM, old_handler)
                 raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
                                  f"{ckpt_path} is intact")
-            ckpt_now |= bool(flags[1])
+            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            ckpt_now |= stopping
         rec = None
         if log_now:
             if world > 1:
@@ -1020,15 +1023,18 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
             with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
         save_checkpoint(ckpt_path, raw, opt, cfg, step, state) if ckpt_now and rank == 0 else None
-        if stop or state["stopped"]:
+        if stopping or state["stopped"]:                         # the all-reduced flag: the one the save used
             break
+    signal.signal(signal.SIGTERM, old_handler)
     if world > 1:
         dist.barrier()
     if rank == 0:
-        why = "stopped by SIGTERM" if stop else f"early-stopped (best step {state['best_step']})" if state["stopped"] else "done"
+        why = "stopped by SIGTERM" if stopping else f"early-stopped (best step {state['best_step']})" if state["stopped"] else "done"
         print(f"{run_dir}: {why} at step {step}; best validation {state['best']}", flush=True)
-    if stop:
-        raise SystemExit(f"SIGTERM: checkpoint {ckpt_path} saved at step {step}; rerun the command to resume")
+    if stopping:                                                 # exit 0 as the other scripts; no further runs
+        if rank == 0:
+            print(f"SIGTERM: checkpoint {ckpt_path} saved at step {step}; rerun the command to resume", flush=True)
+        raise SystemExit(0)
     return load_best(raw, best_path)
 
 def load_best(raw, best_path):

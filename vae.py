@@ -727,8 +727,8 @@ def train(cfg):
               f"training images, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # SIGTERM: save at the next check, then exit
+    term, stopping = [], False
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
     val = CXRData(cfg.data, "", factor_of(cfg))                  # fixed grid images: the first 8 non-train rows
     grid_rows = [i for i, r in enumerate(val.rows) if r.get("split") != "train"][:8] or list(range(min(8, len(val))))
     grid_images = crop(val.load(grid_rows), cfg.image_size).to(device)
@@ -775,13 +775,15 @@ def train(cfg):
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([bad.float(), torch.tensor(float(bool(stop)), device=device)])
+            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
             if world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             if flags[0] >= 0:
+                signal.signal(signal.SIGTERM, old_handler)
                 raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
                                  f"{ckpt_path} is intact")
-            ckpt_now |= bool(flags[1])
+            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            ckpt_now |= stopping
         if log_now:
             if world > 1:
                 dist.all_reduce(acc)
@@ -807,14 +809,15 @@ def train(cfg):
             sample_grid(ema, grid_images, device, os.path.join(cfg.out, "grids", f"{step:07d}.png"))
         if ckpt_now and rank == 0:
             save_checkpoint(ckpt_path, raw, ema, opt, cfg, step)
-        if stop:
+        if stopping:                                             # the all-reduced flag: the one the save used
             break
     pool.shutdown()
+    signal.signal(signal.SIGTERM, old_handler)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        print(f"{'stopped by SIGTERM' if stop else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
+        print(f"{'stopped by SIGTERM' if stopping else 'done'} at step {step}; checkpoint {ckpt_path}", flush=True)
     return cfg
 
 
