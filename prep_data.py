@@ -100,6 +100,7 @@ def atomic_write(path, write_fn, mode="w"):
         else:
             with os.fdopen(fd, mode, newline="" if "b" not in mode else None) as f:
                 write_fn(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)            # again: a writer may replace the file (safetensors' save_file)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -1351,8 +1352,10 @@ def read_raster(path):
     return x, {}
 
 
-def load_source_image(paths):
-    """Read the first existing of the candidate paths; missing/unreadable files raise Skip (counted, not fatal)."""
+def load_source_image(paths, invert=False):
+    """Read the first existing of the candidate paths; missing/unreadable files raise Skip (counted, not fatal).
+    invert: a JPEG/PNG whose stored values are MONOCHROME1 (higher = darker; the source's metadata says so) is
+    negated, as read_dicom does from the DICOM header."""
     path = next((p for p in paths if p and os.path.isfile(p)), None)
     if path is None:
         raise Skip("missing image")
@@ -1361,7 +1364,8 @@ def load_source_image(paths):
             head = f.read(DICOM_MAGIC_OFFSET + 4)
         if head[DICOM_MAGIC_OFFSET:] == b"DICM" or path.lower().endswith((".dcm", ".dicom")):
             return read_dicom(path)
-        return read_raster(path)
+        x, header = read_raster(path)
+        return (-x if invert else x), header
     except Skip:
         raise
     except Exception:                                                # corrupt file, unsupported codec, truncation
@@ -1466,24 +1470,55 @@ def hash_split(key, val_frac, test_frac):
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
 
 
-def map_findings(found, table, nofinding_words=("no finding", "normal"), ignore=()):
-    """CheXpert-14 labels from a source's finding list and a {source finding: CheXpert label} table.
+# CheXpert's label hierarchy (Irvin et al. 2019, Fig. 2), the edges LABELS.md "Parent and child" applies: a parent
+# of a positive (or uncertain) child is never 0.
+LABEL_PARENTS = {"Consolidation": "Lung Opacity", "Atelectasis": "Lung Opacity", "Edema": "Lung Opacity",
+                 "Lung Lesion": "Lung Opacity", "Pneumonia": "Lung Opacity", "Cardiomegaly": "Enlarged Cardiomediastinum"}
+PATHOLOGIES = [lab for lab in LABELS if lab not in ("No Finding", "Support Devices")]   # what No Finding rules out
 
-    The source annotation is taken as exhaustive over its own vocabulary: a CheXpert label that some source finding
-    maps to is 1 when one of them is present and 0 otherwise; labels no source finding covers stay missing
-    (radit §3.1: unmatched -> NaN). No Finding is 1 when nothing but a no-finding word is listed, else 0.
-    """
-    found = {f.strip().lower() for f in found if f and f.strip()} - set(ignore)
-    table = {k.lower(): v for k, v in table.items()}
-    labels = {lab: "" for lab in LABELS}
-    for target in set(table.values()):
-        labels[target] = "0"
-    for f in found:
-        if f in table:
-            labels[table[f]] = "1"
-    if found:
-        labels["No Finding"] = "1" if found <= set(nofinding_words) else "0"
+
+def apply_parent_rule(labels):
+    """A parent label that is 0 while one of its children is 1 or -1 becomes blank (LABELS.md "Parent and child":
+    the source did not say the parent is absent, it said nothing about it). Returns `labels`, changed in place."""
+    for child, parent in LABEL_PARENTS.items():
+        if labels.get(child) in ("1", "-1") and labels.get(parent) == "0":
+            labels[parent] = ""
     return labels
+
+
+def _targets(value):
+    """A mapping table value -> [(CheXpert label, '1' or '-1')]: a name, or a tuple of names; 'Name?' is uncertain."""
+    return [(t[:-1], "-1") if t.endswith("?") else (t, "1") for t in ((value,) if isinstance(value, str) else value)]
+
+
+def map_findings(found, table, nofinding_words=("no finding", "normal"), ignore=(), blanks=None, hierarchy=True):
+    """CheXpert-14 labels from a source's finding list (LABELS.md has the table and the reasons per source).
+
+    table: {source finding: CheXpert label or a tuple of them ('Name?': uncertain)}. A label some table entry maps
+    to is 1 when such a finding is listed, -1 when only uncertain ones are, else 0: the source's protocol looked for
+    every finding of its vocabulary (LABELS.md "Which zeros"); labels no entry maps to stay blank (radit §3.1:
+    unmatched -> NaN). `blanks` {source finding: labels}: a listed finding that makes those labels unknown (a 0
+    becomes blank). No Finding is 1 when nothing but no-finding words are listed, else 0. A list that is empty once
+    `ignore` is removed is an unread study: every label blank. hierarchy: apply the parent rule (apply_parent_rule).
+    """
+    found = {f.strip().lower() for f in found if f and f.strip()} - {w.lower() for w in ignore}
+    labels = {lab: "" for lab in LABELS}
+    if not found:
+        return labels
+    table = {k.lower(): v for k, v in table.items()}
+    for value in table.values():
+        for target, _ in _targets(value):
+            labels[target] = "0"
+    for f in found:
+        for target, code in _targets(table.get(f, ())):
+            if labels[target] != "1":                                 # positive wins over uncertain (CheXpert)
+                labels[target] = code
+    for f in found:
+        for target in (blanks or {}).get(f, ()):
+            if labels[target] == "0":
+                labels[target] = ""
+    labels["No Finding"] = "1" if found <= set(nofinding_words) else "0"
+    return apply_parent_rule(labels) if hierarchy else labels
 
 
 def harmonise(raw, dataset, args, notes):
@@ -1509,7 +1544,7 @@ def harmonise(raw, dataset, args, notes):
            "sex": sex, "age": age,
            "race": norm_race(raw.get("race")), "report": " ".join(str(raw.get("report") or "").split()),
            "findings": " ".join(str(raw.get("findings") or "").split()), "source_path": raw.get("source_path", ""),
-           "_paths": list(raw["paths"])}
+           "_paths": list(raw["paths"]), **({"_invert": True} if raw.get("invert") else {})}
     row.update(labels)
     return row
 
@@ -1602,6 +1637,9 @@ def _mimic_demographics(path):
             for p in pats}
 
 
+MIMIC_OVER_89 = 91   # MIMIC-IV patients.anchor_age: every patient over 89 is grouped as 91 (LABELS.md "MIMIC-CXR")
+
+
 def _mimic(args, ext):
     root = args.root
     folders = [args.meta_dir, root]
@@ -1630,6 +1668,8 @@ def _mimic(args, ext):
                 age = float(anchor_age) + int(str(r["StudyDate"])[:4]) - int(anchor_year)
             except ValueError:
                 age = ""
+            if age != "" and (float(anchor_age) >= MIMIC_OVER_89 or age > 89):
+                age = float(MIMIC_OVER_89)       # "over 89": no years added to it, and later ages join it
         yield {"id": r["dicom_id"], "patient_id": sub, "study_id": stu, "split": split.get(r["dicom_id"], ""),
                "view": r["ViewPosition"], "sex": sex, "age": age, "race": race, "labels": labels.get(stu, {}),
                "report": imp, "findings": fnd, "paths": [path], "source_path": _rel(path, root)}
@@ -1644,7 +1684,8 @@ def src_mimic_cxr_jpg(args):
     Reports (MIMIC-CXR mimic-cxr-reports): files/pXX/pNNNNNNNN/sNNNNNNNN.txt under --reports, ROOT/mimic-cxr-reports
     or ROOT; IMPRESSION -> report, FINDINGS -> findings. --mimic-iv PATH (MIMIC-IV hosp/ folder or its parent):
     patients.csv(.gz) subject_id, gender, anchor_age, anchor_year; admissions.csv(.gz) subject_id, race
-    (ethnicity in v1); age = anchor_age + StudyDate year - anchor_year. Official split."""
+    (ethnicity in v1); age = anchor_age + StudyDate year - anchor_year, and 91 for every age over 89 (MIMIC-IV's
+    own code for "over 89": an anchor_age of 91 gets no years added). Official split."""
     return _mimic(args, ".jpg")
 
 
@@ -1667,7 +1708,9 @@ def src_chexpert(args):
     and the image folders train/, valid/ (Path resolved against ROOT, with or without its first component).
     CheXpert-Plus (--plus, default ROOT/df_chexpert_plus*.csv): path_to_image, section_impression -> report,
     section_findings -> findings, race, age, sex (these fill values the v1.0 CSV lacks). Official split
-    (train, valid -> val, test); no official test rows unless test.csv is given: use --split-mode hash."""
+    (train, valid -> val, test); no official test rows unless test.csv is given: use --split-mode hash. View:
+    LATERAL for Frontal/Lateral 'Lateral', else AP/PA; 'Frontal' with AP/PA 'LL' or 'RL' (the columns disagree)
+    -> missing."""
     root = args.root
     plus = {}
     plus_path = args.plus or next(iter(sorted(glob.glob(os.path.join(root, "df_chexpert_plus*.csv*")))), None)
@@ -1687,8 +1730,13 @@ def src_chexpert(args):
             study = next((p for p in parts if p.startswith("study")), "")
             p = plus.get(inner, {})
             age = r["Age"] if r["Age"] not in ("", "0") else p.get("age", "")
+            fl, view = r["Frontal/Lateral"].strip().lower(), norm_view(r["AP/PA"])
+            if fl == "lateral":
+                view = "LATERAL"
+            elif fl == "frontal" and view == "LATERAL":       # 'Frontal' with AP/PA 'LL' / 'RL': contradictory
+                view = ""
             yield {"id": os.path.splitext(inner)[0].replace("/", "_"), "patient_id": pid, "study_id": f"{pid}_{study}",
-                   "split": split, "view": "LATERAL" if r["Frontal/Lateral"].lower() == "lateral" else r["AP/PA"],
+                   "split": split, "view": view,
                    "sex": r["Sex"] if norm_sex(r["Sex"]) else p.get("sex", ""), "age": age, "race": p.get("race", ""),
                    "labels": r, "report": p.get("section_impression", ""), "findings": p.get("section_findings", ""),
                    "paths": [os.path.join(root, inner), os.path.join(root, r["Path"])], "source_path": r["Path"]}
@@ -1743,8 +1791,9 @@ def src_nih_cxr14(args):
 
 
 # PadChest's 193 findings (radiographic findings + differential diagnoses, lower case, as in its `Labels` column)
-# that have a CheXpert-14 counterpart; every other label is unmatched (radit §3.1: unmatched -> missing).
-PADCHEST_TO_CHEXPERT = {name: target for target, names in {
+# that have a CheXpert-14 counterpart; every other label is unmatched (radit §3.1: unmatched -> missing). The
+# table, the choices (heart insufficiency, devices, aortic findings, pseudonodule) and their reasons: LABELS.md.
+_PADCHEST_SINGLE = {name: target for target, names in {
     "Atelectasis": "atelectasis|laminar atelectasis|lobar atelectasis|segmental atelectasis|round atelectasis|"
                    "total atelectasis|atelectasis basal",
     "Cardiomegaly": "cardiomegaly",
@@ -1753,10 +1802,10 @@ PADCHEST_TO_CHEXPERT = {name: target for target, names in {
     "Enlarged Cardiomediastinum": "mediastinal enlargement|superior mediastinal enlargement|mediastinic lipomatosis",
     "Fracture": "fracture|rib fracture|clavicle fracture|humeral fracture|vertebral fracture|callus rib fracture|"
                 "vertebral compression|vertebral anterior compression",
-    "Lung Lesion": "nodule|multiple nodules|mass|pulmonary mass|lung metastasis|cavitation|cyst|pseudonodule",
+    "Lung Lesion": "nodule|multiple nodules|mass|pulmonary mass|lung metastasis|cavitation|cyst",
     "Lung Opacity": "infiltrates|alveolar pattern|interstitial pattern|ground glass pattern|reticular interstitial "
                     "pattern|reticulonodular interstitial pattern|increased density|miliary opacities",
-    "Pleural Effusion": "pleural effusion|loculated pleural effusion|loculated fissural effusion|hydropneumothorax",
+    "Pleural Effusion": "pleural effusion|loculated pleural effusion|loculated fissural effusion",
     "Pleural Other": "pleural thickening|apical pleural thickening|calcified pleural thickening|pleural plaques|"
                      "calcified pleural plaques|asbestosis signs",
     "Pneumonia": "pneumonia|atypical pneumonia",
@@ -1765,8 +1814,22 @@ PADCHEST_TO_CHEXPERT = {name: target for target, names in {
                        "tube|tracheostomy tube|chest drain tube|catheter|central venous catheter|central venous "
                        "catheter via jugular vein|central venous catheter via subclavian vein|central venous catheter "
                        "via umbilical vein|reservoir central venous catheter|ventriculoperitoneal drain tube|"
-                       "artificial heart valve|artificial aortic heart valve|artificial mitral heart valve",
+                       "artificial heart valve|artificial aortic heart valve|artificial mitral heart valve|dai|"
+                       "osteosynthesis material|endoprosthesis|aortic endoprosthesis|humeral prosthesis|"
+                       "gastrostomy tube|nephrostomy tube",
 }.items() for name in names.split("|")}
+PADCHEST_TO_CHEXPERT = {**_PADCHEST_SINGLE,
+                        "hydropneumothorax": ("Pleural Effusion", "Pneumothorax"),
+                        "heart insufficiency": ("Edema", "Cardiomegaly?")}   # as the CheXpert labeler's "heart failure"
+# Findings that leave a label unknown rather than absent (LABELS.md "PadChest"): the aorta is not the mediastinum
+# (VinDr's aortic enlargement is treated the same way), ambiguous hardware may or may not be a support device.
+AORTIC_FINDINGS = ["aortic elongation", "aortic button enlargement", "ascendent aortic elongation",
+                   "descendent aortic elongation", "supra aortic elongation", "aortic aneurysm"]
+PADCHEST_BLANKS = {**{f: ("Enlarged Cardiomediastinum",) for f in AORTIC_FINDINGS},
+                   **{f: ("Support Devices",) for f in ("prosthesis", "metal", "suture material", "sternotomy",
+                                                        "bone cement", "double j stent")},
+                   "costophrenic angle blunting": ("Pleural Effusion",)}
+PADCHEST_UNREAD = ("unchanged", "suboptimal study")    # nothing read: with nothing else listed, every label blank
 
 
 def src_padchest(args):
@@ -1774,8 +1837,11 @@ def src_padchest(args):
       ImageID, ImageDir, StudyDate_DICOM (YYYYMMDD), StudyID, PatientID, PatientBirth (year), PatientSex_DICOM,
       Projection (PA / L / AP / AP_horizontal / COSTAL / EXCLUDE / UNK), Labels (a Python list literal), ...
     and the 16-bit PNGs as ROOT/<ImageDir>/<ImageID>. Age = StudyDate year - PatientBirth (birth month unknown:
-    +-1 year). Labels mapped with PADCHEST_TO_CHEXPERT ('normal' -> No Finding); rows labelled 'exclude' or with
-    Projection EXCLUDE are skipped. No official split (patient hash); its Spanish report text is not kept."""
+    +-1 year). Labels mapped with PADCHEST_TO_CHEXPERT and PADCHEST_BLANKS ('normal' -> No Finding; a study
+    listing nothing but '', 'unchanged' or 'suboptimal study' was not read: all labels blank; LABELS.md); rows
+    labelled 'exclude' or with Projection EXCLUDE are skipped. PhotometricInterpretation_DICOM MONOCHROME1: the PNG
+    keeps the stored values (higher = darker), so it is inverted. No official split (patient hash); its Spanish
+    report text is not kept."""
     root = args.root
     path = find_file([root], ["PADCHEST_chest_x_ray_images_labels_160K*.csv"], "PadChest labels CSV")
     for r in read_table(path, ["ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
@@ -1789,30 +1855,48 @@ def src_padchest(args):
         if "exclude" in {f.strip().lower() for f in found} or r["Projection"].strip().upper() == "EXCLUDE":
             yield Skip("excluded by the source")
             continue
-        labels = map_findings(found, PADCHEST_TO_CHEXPERT, ignore=("unchanged", "suboptimal study"))
-        if not found:
-            labels = {}
+        labels = map_findings(found, PADCHEST_TO_CHEXPERT, ignore=PADCHEST_UNREAD, blanks=PADCHEST_BLANKS)
         img = os.path.join(root, str(r["ImageDir"]).split(".")[0], r["ImageID"])
         yield {"id": os.path.splitext(r["ImageID"])[0], "patient_id": r["PatientID"], "study_id": r["StudyID"],
                "view": r["Projection"], "sex": r["PatientSex_DICOM"],
                "age": years_between(r["PatientBirth"], r["StudyDate_DICOM"]), "labels": labels,
+               "invert": (r.get("PhotometricInterpretation_DICOM") or "").strip().upper() == "MONOCHROME1",
                "paths": [img, os.path.join(root, r["ImageID"])], "source_path": _rel(img, root)}
 
 
 VINDR_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
-                     "Edema": "Edema", "Aortic enlargement": "Enlarged Cardiomediastinum",
-                     "Rib fracture": "Fracture", "Clavicle fracture": "Fracture", "Nodule/Mass": "Lung Lesion",
+                     "Edema": "Edema", "Rib fracture": "Fracture", "Clavicle fracture": "Fracture", "Nodule/Mass": "Lung Lesion",
                      "Lung tumor": "Lung Lesion", "Lung cavity": "Lung Lesion", "Lung cyst": "Lung Lesion",
                      "Lung Opacity": "Lung Opacity", "Infiltration": "Lung Opacity", "ILD": "Lung Opacity",
                      "Pleural effusion": "Pleural Effusion", "Pleural thickening": "Pleural Other",
                      "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax"}
+# 'Aortic enlargement' is not Enlarged Cardiomediastinum (as PadChest's aortic findings, AORTIC_FINDINGS), and
+# VinDr has no other finding for it: Enlarged Cardiomediastinum is blank for VinDr-CXR (LABELS.md "VinDr-CXR").
+
+
+def vote_labels(per_reader):
+    """One image's CheXpert-14 labels from each reader's own mapped labels (LABELS.md "VinDr-CXR vote"): per label,
+    over the readers who read the image (non-blank), a strict majority positive -> 1, a positive minority -> -1
+    (uncertain: the readers disagree), none -> 0; all blank -> blank. No Finding then follows CheXpert's rule: 0 when
+    a pathology is 1, at most -1 when one is -1. Last, the parent rule (apply_parent_rule)."""
+    out = {}
+    for lab in LABELS:
+        vals = [r[lab] for r in per_reader if r[lab] != ""]
+        pos = sum(v == "1" for v in vals)
+        out[lab] = "" if not vals else "1" if 2 * pos > len(vals) else "-1" if pos or "-1" in vals else "0"
+    if any(out[lab] == "1" for lab in PATHOLOGIES):
+        out["No Finding"] = "0" if out["No Finding"] else ""
+    elif any(out[lab] == "-1" for lab in PATHOLOGIES) and out["No Finding"] == "1":
+        out["No Finding"] = "-1"
+    return apply_parent_rule(out)
 
 
 def src_vindr_cxr(args):
     """VinDr-CXR 1.0 (PhysioNet / VinBigData). --root holds train/<image_id>.dicom, test/<image_id>.dicom and
     annotations/ (or ROOT) image_labels_train.csv: image_id, rad_id, one 0/1 column per finding ('Aortic
-    enlargement', ..., 'No finding'), one row per radiologist (3 per image) -> majority vote; image_labels_test.csv:
-    image_id, the same columns (5-radiologist consensus). Findings mapped with VINDR_TO_CHEXPERT. Age and sex from
+    enlargement', ..., 'No finding'), one row per radiologist (3 per image); image_labels_test.csv: image_id, the
+    same columns (5-radiologist consensus, one row). Each radiologist's findings are mapped with VINDR_TO_CHEXPERT,
+    then the radiologists vote per CheXpert label (vote_labels: 2 of 3 -> 1, 1 of 3 -> -1). Age and sex from
     the DICOM header (PatientAge '058Y', PatientSex). View PA (the release is postero-anterior scans only). Split:
     train (val carved by hash, --val-frac) / test. No patient ids are released: one image = one patient. Needs
     pydicom."""
@@ -1825,15 +1909,15 @@ def src_vindr_cxr(args):
             votes.setdefault(r["image_id"], []).append(r)
         for image_id, rs in votes.items():
             names = [k for k in rs[0] if k not in ("image_id", "rad_id")]
-            found = []
-            for k in names:
-                vals = [norm_label(r.get(k, "")) for r in rs]
-                if sum(v == "1" for v in vals) * 2 > len(vals):     # strict majority of the radiologists
-                    found.append(k)
+            try:
+                per_reader = [map_findings([k for k in names if norm_label(r.get(k, "")) == "1"], VINDR_TO_CHEXPERT,
+                                           nofinding_words=("no finding",), hierarchy=False) for r in rs]
+            except Skip as e:
+                yield e
+                continue
             img = os.path.join(root, part, image_id)
             yield {"id": image_id, "patient_id": image_id, "study_id": image_id, "split": split, "carve_val": True,
-                   "view": "PA", "from_header": True,
-                   "labels": map_findings(found, VINDR_TO_CHEXPERT, nofinding_words=("no finding",)),
+                   "view": "PA", "from_header": True, "labels": vote_labels(per_reader),
                    "paths": [img + ".dicom", img + ".dcm", img], "source_path": f"{part}/{image_id}.dicom"}
 
 
@@ -1858,13 +1942,20 @@ def src_brax(args):
                "age": r["PatientAge"], "labels": r, "paths": paths, "source_path": rel}
 
 
+def _json_value(value):
+    """A JSON metadata value as text: null and NaN / Infinity (which Python's json reads as floats) are empty."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return str(value)
+
+
 def src_rexgradient(args):
     """ReXGradient-160K (Hugging Face rajpurkarlab/ReXGradient-160K). --root holds metadata/ with
     {train,valid,test}_metadata_view_position.json: {study key: {PatientID, StudyInstanceUid, AccessionNumber,
     PatientSex, PatientAge, StudyDate, Indication, Comparison, Findings, Impression, ImagePath [list, paths like
     '../deid_png/...png' relative to metadata/], ImageViewPosition [list]}} and the extracted deid_png/ tree.
     Layout from the public dataset card and loaders (not checked against the files here). Impression -> report,
-    Findings -> findings; CheXpert-14 labels are read from the study entry when it carries keys with the CheXpert
+    Findings -> findings (a JSON NaN / null is an empty text, not "nan"); CheXpert-14 labels are read from the study entry when it carries keys with the CheXpert
     names (e.g. merged CheXbert output), else missing; age from PatientAge, or PatientBirthDate and StudyDate.
     Official split."""
     root = args.root
@@ -1882,16 +1973,17 @@ def src_rexgradient(args):
         except (OSError, ValueError) as e:
             raise SystemExit(f"{path}: cannot read as JSON ({e})") from None
         for key, e in (entries.items() if isinstance(entries, dict) else enumerate(entries)):
-            if "ImagePath" not in e:
+            if not isinstance(e, dict) or not isinstance(e.get("ImagePath"), list):
                 raise SystemExit(f"{path}: entry {key!r} has no 'ImagePath' list")
-            views = list(e.get("ImageViewPosition") or [])
+            views = [_json_value(v) for v in (e.get("ImageViewPosition") or [])]
+            e = {k: (v if k in ("ImagePath", "ImageViewPosition") else _json_value(v)) for k, v in e.items()}
             age = e.get("PatientAge")
             if (age in (None, "") or parse_age(age) is None) and e.get("PatientBirthDate"):
                 age = years_between(e["PatientBirthDate"], e.get("StudyDate"))
             for i, p in enumerate(e["ImagePath"]):
                 full = os.path.normpath(os.path.join(meta, p))
                 yield {"id": os.path.splitext(os.path.basename(p))[0], "patient_id": e.get("PatientID", ""),
-                       "study_id": e.get("StudyInstanceUid", key), "split": split,
+                       "study_id": e.get("StudyInstanceUid") or str(key), "split": split,
                        "view": views[i] if i < len(views) else "", "sex": e.get("PatientSex", ""), "age": age,
                        "labels": {k: e[k] for k in LABELS if k in e}, "report": e.get("Impression") or "",
                        "findings": e.get("Findings") or "", "paths": [full, os.path.join(root, p.lstrip("./"))],
@@ -1956,7 +2048,7 @@ class RealShards:
         rows, images, skipped = [], [], Counter()
         for rec in self.records[lo:hi]:
             try:
-                x, header = load_source_image(rec["_paths"])
+                x, header = load_source_image(rec["_paths"], rec.get("_invert", False))
                 img = resize_pad(to_unit_range(x), self.size)
             except Skip as e:
                 skipped[e.reason] += 1
@@ -2068,23 +2160,43 @@ def merge_datasets(inputs, out):
     sizes = {int(i["size"]) for i in infos}
     if len(sizes) != 1:
         raise SystemExit(f"--inputs: image sizes differ ({[i['size'] for i in infos]}); prepare them with one --size")
-    datasets, columns, rows, seen, shard_no = [], list(META_COLUMNS), [], set(), 0
-    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    if os.path.exists(os.path.join(out, ".prep.json")):
+        raise SystemExit(f"{out}: holds an unfinished prepare run; choose another --out")
+    # Everything is read and checked before anything is written: a refused merge leaves nothing behind. A merge
+    # killed while linking leaves shards without meta.csv: the same command again relinks them and finishes.
+    datasets, columns, rows, seen, links = [], list(META_COLUMNS), [], set(), []
     for d, info in zip(inputs, infos):
         datasets += [n for n in info.get("datasets", []) if n not in datasets]
         part = read_meta(d)
         columns += [c for c in (part[0] if part else {}) if c not in columns]
         renumber = {}
         for s in sorted({int(r["shard"]) for r in part}):
-            renumber[s] = shard_no
-            _link_or_copy(shard_file(d, s), shard_file(out, shard_no))
-            shard_no += 1
+            if not os.path.isfile(shard_file(d, s)):
+                raise SystemExit(f"{shard_file(d, s)}: no such file (listed in {d}/meta.csv)")
+            renumber[s] = len(links)
+            links.append((shard_file(d, s), shard_file(out, len(links))))
         for r in part:
             if r["id"] in seen:
                 raise SystemExit(f"{d}/meta.csv: id {r['id']!r} is already in an earlier input (same images twice?)")
             seen.add(r["id"])
             r["shard"] = renumber[int(r["shard"])]
             rows.append(r)
+    made_out = not os.path.exists(out)
+    done = []
+    try:
+        os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+        for src, dst in links:
+            _link_or_copy(src, dst)
+            done.append(dst)
+        for name in os.listdir(os.path.join(out, "shards")):     # shards of an earlier, killed, larger merge
+            if re.fullmatch(r"\d{5}\.safetensors", name) and int(name[:5]) >= len(links):
+                os.remove(os.path.join(out, "shards", name))
+    except BaseException:
+        for dst in done:
+            os.remove(dst)
+        if made_out:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     moved = unify_patient_splits(rows)
     masks = infos[0].get("mask_names", [])
     masks = masks if all(i.get("mask_names", []) == masks for i in infos) else []
