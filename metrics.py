@@ -447,48 +447,145 @@ def _augment(x, center=0.0, bank=None):
     return q
 
 
-def _knn_pass(q, bank, k, visit=None, mem_mb=256):
-    """Squared distance of each row of q = _augment(x) to its k-th nearest other row of x (self excluded by index:
-    duplicates count at 0); bank[:len(q)] are x's bank rows. Chunk s meets bank[s:] only (each block of the
-    symmetric matrix once: a row top-k for its rows, a column top-k for later rows) and, in the same GEMM, the
-    extra rows bank[len(q):]: its radii are then final and visit(s, radii, distances to the extra rows) uses them."""
+_UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24,
+                  torch.float64: 2.0 ** -53}
+
+
+def _distance_tolerance(dtype, d):
+    """c such that a squared distance from _augment + one GEMM in `dtype` is within c (|a|^2 + |b|^2) of the
+    float64 difference-based value (|a|, |b| relative to the centre), for any summation order: the standard
+    bound gamma_n = n u / (1 - n u) on the GEMM (d + 2 terms) and on the norms, plus one rounding of the centred
+    inputs and the float64 reference's own gamma_d, times 2 as margin."""
+    u, u64 = _UNIT_ROUNDOFF[dtype], 2.0 ** -53
+    gamma = lambda n, v: n * v / (1 - n * v)  # noqa: E731
+    return 2 * (2 * gamma(d + 2, u) + gamma(d, u) + 5 * u + 2 * gamma(d, u64))
+
+
+def _exact_sqdist(a, b, ia, ib, chunk_bytes=2 ** 26):
+    """Squared distances of the row pairs (a[ia], b[ib]) from differences, in int64 for integer inputs (exact)
+    and float64 otherwise, summed row by row in numpy's fixed order: equal inputs give equal results."""
+    ia, ib = np.asarray(ia, np.int64), np.asarray(ib, np.int64)
+    integer = np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer)
+    out, step = np.empty(len(ia), np.float64), max(1, chunk_bytes // (8 * a.shape[1]))
+    for s in range(0, len(ia), step):
+        diff = a[ia[s:s + step]].astype(np.int64 if integer else np.float64) - b[ib[s:s + step]]
+        out[s:s + step] = np.add.reduce(diff * diff, axis=1)
+    return out
+
+
+def _rounded(x, dtype, up):
+    """float64 thresholds x as `dtype`, rounded outwards (up or down), so a comparison in `dtype` stays safe."""
+    y = x.to(dtype)
+    off = y.double() < x if up else y.double() > x
+    return torch.where(off, torch.nextafter(y, torch.full_like(y, float("inf") if up else -float("inf"))), y)
+
+
+def _centred(x, raw, center, rows=4096):
+    """x - center in x's dtype, computed in float64 from the raw values chunk by chunk (one rounding)."""
+    out = torch.empty_like(x)
+    for s in range(0, len(x), rows):
+        out[s:s + rows] = (torch.as_tensor(raw[s:s + rows], device=x.device).double() - center).to(x.dtype)
+    return out
+
+
+def _knn_pass(q, bank, k, tol, exact, visit=None, mem_mb=256):
+    """Exact squared distance of each row of q = _augment(x) to its k-th nearest other row of x (self excluded by
+    index: duplicates count at 0); bank[:len(q)] are x's bank rows. Chunk s meets bank[s:] only (each block of the
+    symmetric matrix once: a row top-k' for its rows, a column top-k' for later rows) and, in the same GEMM, the
+    extra rows bank[len(q):]. The GEMM's squared distances are within e_i = tol (|x_i|^2 + max_j |x_j|^2) of the
+    exact ones, so every row whose distance may reach the exact radius lies among the k' kept with d <= r~ + 2 e_i
+    (r~: the k-th smallest GEMM value): those are recomputed by exact(i, j), and a row whose k' kept values all
+    pass that test is recomputed in full. visit(s, exact radii, GEMM distances to the extra rows) then runs."""
     n, m, inf = len(q), len(bank) - len(q), float("inf")
-    step = max(1, min(n, 512, int(mem_mb * 2 ** 20 / (q.element_size() * (n + m + 2 * k)))))
-    buf, radii, best = q.new_empty(step * (n + m)), q.new_empty(n), q.new_full((n, k), inf)
+    kk = min(n - 1, 2 * k + 8)
+    step = max(1, min(n, 512, int(mem_mb * 2 ** 20 / (q.element_size() * (n + m + 2 * kk)))))
+    buf, radii = q.new_empty(step * (n + m)), torch.empty(n, dtype=torch.float64, device=q.device)
+    best_v, best_i = q.new_full((n, kk), inf), torch.full((n, kk), -1, dtype=torch.long, device=q.device)
+    norms = q[:, -2].double()
+    err = tol * (norms + norms.max())
     for s in range(0, n, step):
         b = min(step, n - s)
         d = torch.mm(q[s:s + b], bank[s:].T, out=buf[:b * (n + m - s)].view(b, n + m - s))
         d[:, :b].diagonal().fill_(inf)
-        top = torch.cat([best[s:s + b], d[:, :n - s].topk(min(k, n - s), 1, largest=False).values], 1)
-        radii[s:s + b] = top.topk(k, 1, largest=False).values[:, -1].clamp_min_(0)  # clamp commutes with top-k
-        if s + b < n:  # later rows: this block's columns, merged into their running k smallest
-            col = d[:, b:n - s].topk(min(k, b), 0, largest=False).values.T
-            best[s + b:] = torch.cat([best[s + b:], col], 1).topk(k, 1, largest=False).values
+        v, i = d[:, :n - s].topk(min(kk, n - s), 1, largest=False)
+        v, pos = torch.cat([best_v[s:s + b], v], 1).topk(kk, 1, largest=False)
+        radii[s:s + b] = _exact_radii(s, v, torch.cat([best_i[s:s + b], i + s], 1).gather(1, pos), k,
+                                      err[s:s + b], exact, n)
+        if s + b < n:  # later rows: this block's columns, merged into their running k' smallest
+            cv, ci = d[:, b:n - s].topk(min(kk, b), 0, largest=False)
+            best_v[s + b:], pos = torch.cat([best_v[s + b:], cv.T], 1).topk(kk, 1, largest=False)
+            best_i[s + b:] = torch.cat([best_i[s + b:], ci.T + s], 1).gather(1, pos)
         if visit is not None:
-            visit(s, radii[s:s + b], d[:, n - s:].clamp_min_(0))
+            visit(s, radii[s:s + b], d[:, n - s:])
     return radii
+
+
+def _exact_radii(s, v, idx, k, err, exact, n):
+    """k-th smallest exact distance of rows s.. from their k' nearest by GEMM value (v, idx), see _knn_pass."""
+    thr = v[:, k - 1].double() + 2 * err
+    cand = v.double() <= thr[:, None]
+    rows, cols = cand.nonzero(as_tuple=True)
+    ex = torch.full(v.shape, float("inf"), dtype=torch.float64, device=v.device)
+    if len(rows):
+        ex[rows, cols] = torch.as_tensor(exact((s + rows).cpu().numpy(), idx[rows, cols].cpu().numpy()),
+                                         device=v.device)
+    out = ex.kthvalue(k, 1).values
+    if v.shape[1] < n - 1:  # all k' kept values may lie within the radius: the candidate list may be cut short
+        for r in cand[:, -1].nonzero().view(-1).tolist():
+            others = np.delete(np.arange(n), s + r)
+            out[r] = float(np.partition(exact(np.full(n - 1, s + r), others), k - 1)[k - 1])
+    return out
 
 
 def prdc(real, fake, k=5, device=None, mem_mb=256):
     """Precision, recall, density, coverage (Naeem et al. 2020): k-NN balls with strict '<', real radii for
-    precision / density / coverage, fake radii for recall. Two passes, GEMMs in the input's precision: fake radii,
-    then one over real row chunks whose GEMM against [real; fake] gives the real radii and the real x fake block."""
+    precision / density / coverage, fake radii for recall. Two passes, GEMMs in the input's precision (integer
+    inputs: float32): fake radii, then one over real row chunks whose GEMM against [real; fake] gives the real
+    radii and the real x fake block. Exact on ties: every radius, and every comparison that the GEMM's error
+    bound leaves undecided, is recomputed from differences (int64 for integer features, else float64), so equal
+    inputs compare equal (duplicated images, quantised features) and integer features give the exact counts."""
+    raw_r, raw_f = (x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x) for x in (real, fake))
     real = _as_tensor(real, device)
-    fake, n, m = _as_tensor(fake, device).to(real.dtype), len(real), len(fake)
+    fake, n, m, dim = _as_tensor(fake, device).to(real.dtype), len(real), len(fake), real.shape[1]
     if n < k + 1 or m < k + 1:
         raise ValueError(f"PRDC with k={k} needs at least {k + 1} images per set, got {n} real and {m} fake")
-    center = real.mean(0)  # distances are shift-invariant; centring reduces cancellation
-    bank = real.new_empty(n + m, real.shape[1] + 2)
-    r_fake = _knn_pass(_augment(fake, center, bank[n:]), bank[n:], k, mem_mb=mem_mb)
-    balls_per_fake = torch.zeros(m, dtype=torch.int64, device=real.device)
-    covered, recalled = (torch.zeros(n, dtype=torch.bool, device=real.device) for _ in range(2))
+    tol = _distance_tolerance(real.dtype, dim)
+    center = torch.as_tensor(raw_r.mean(0, dtype=np.float64), device=real.device)  # distances are shift-invariant
+    cr, cf = (_centred(x, raw, center) for x, raw in ((real, raw_r), (fake, raw_f)))  # one rounding each
+    del real, fake
+    bank = cr.new_empty(n + m, dim + 2)
+    qf = _augment(cf, bank=bank[n:])
+    r_fake = _knn_pass(qf, bank[n:], k, tol, lambda i, j: _exact_sqdist(raw_f, raw_f, i, j), mem_mb=mem_mb)
+    norms_f = qf[:, -2].double()
+    del qf, cf
+    qr = _augment(cr, bank=bank[:n])
+    norms_r = qr[:, -2].double()
+    err_f = tol * (norms_f + norms_r.max())  # recall: per fake column
+    lo_f, hi_f = _rounded(r_fake - err_f, qr.dtype, False), _rounded(r_fake + err_f, qr.dtype, True)
+    balls_per_fake = torch.zeros(m, dtype=torch.int64, device=qr.device)
+    covered, recalled = (torch.zeros(n, dtype=torch.bool, device=qr.device) for _ in range(2))
 
-    def visit(s, r, d):  # d: [chunk, m] squared real-fake distances, r: the chunk's final real radii
-        balls_per_fake.add_((d < r[:, None]).view(torch.uint8).sum(0, dtype=torch.int32))
-        covered[s:s + len(r)] = d.amin(1) < r
-        recalled[s:s + len(r)] = (d < r_fake[None, :]).any(1)
+    def undecided(d, lo, hi, inside, ii, jj, radius):
+        """Comparisons d < radius within the error band (d >= lo and d <= hi), decided from exact distances."""
+        rows, cols = ((d <= hi) & ~inside).nonzero(as_tuple=True)
+        if len(rows):
+            ex = torch.as_tensor(_exact_sqdist(raw_r, raw_f, (ii(rows)).cpu().numpy(), jj(cols).cpu().numpy()),
+                                 device=d.device)
+            hit = ex < radius(rows, cols)
+            inside[rows[hit], cols[hit]] = True
+        return inside
 
-    _knn_pass(_augment(real, center, bank[:n]), bank, k, visit, mem_mb)
+    def visit(s, r, d):  # d: [chunk, m] GEMM squared real-fake distances, r: the chunk's exact real radii
+        err = tol * (norms_r[s:s + len(r)] + norms_f.max())
+        lo, hi = _rounded(r - err, d.dtype, False)[:, None], _rounded(r + err, d.dtype, True)[:, None]
+        inside = undecided(d, lo, hi, d < lo, lambda a: a + s, lambda c: c, lambda a, c: r[a])
+        balls_per_fake.add_(inside.view(torch.uint8).sum(0, dtype=torch.int32))
+        covered[s:s + len(r)] = inside.any(1)
+        inside = undecided(d, lo_f[None], hi_f[None], d < lo_f[None], lambda a: a + s, lambda c: c,
+                           lambda a, c: r_fake[c])
+        recalled[s:s + len(r)] = inside.any(1)
+
+    _knn_pass(qr, bank, k, tol, lambda i, j: _exact_sqdist(raw_r, raw_r, i, j), visit, mem_mb)
     return {"precision": float((balls_per_fake > 0).double().mean()), "recall": float(recalled.double().mean()),
             "density": int(balls_per_fake.sum()) / (k * m), "coverage": float(covered.double().mean())}
 

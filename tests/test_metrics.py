@@ -237,6 +237,31 @@ def test_prdc_float32_equals_full_matrix_baseline():
             assert M.prdc(r, f, k=k, mem_mb=mem) == want, (k, mem)
 
 
+def _prdc_counts_int64(r, f, k):
+    """Brute-force PRDC in exact integer arithmetic: int64 squared distances, strict '<', the four counts."""
+    r, f = np.asarray(r, np.int64), np.asarray(f, np.int64)
+    d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)  # noqa: E731
+    rr, ff, rf = d(r, r), d(f, f), d(r, f)
+    np.fill_diagonal(rr, np.iinfo(np.int64).max), np.fill_diagonal(ff, np.iinfo(np.int64).max)
+    r_r, r_f = np.sort(rr, 1)[:, k - 1], np.sort(ff, 1)[:, k - 1]
+    inside = rf < r_r[:, None]
+    return int(inside.any(0).sum()), int((rf < r_f[None]).any(1).sum()), int(inside.sum()), int(inside.any(1).sum())
+
+
+@pytest.mark.parametrize("levels,dim", [(3, 8), (16, 24)])
+def test_prdc_exact_on_integer_features_with_ties(levels, dim):
+    """Quantised features (few levels: many exact ties d = r) and duplicated images: the four numbers are the
+    exact integer counts, whatever the chunking, for int64 input and for the same values as float32."""
+    rng = np.random.default_rng(levels)
+    r, f = rng.integers(0, levels, (260, dim)), rng.integers(0, levels, (230, dim))
+    f[:25], r[40:50] = r[:25], r[50:60]  # copies across the sets and duplicates within the real set
+    for k in (1, 5):
+        p, rc, dn, cv = _prdc_counts_int64(r, f, k)
+        want = {"precision": p / len(f), "recall": rc / len(r), "density": dn / (k * len(f)), "coverage": cv / len(r)}
+        for x, y, mem in ((r, f, 256), (r, f, 0.004), (r.astype(np.float32), f.astype(np.float32), 0.05)):
+            assert M.prdc(x, y, k=k, mem_mb=mem) == want, (k, mem, x.dtype)  # ratios of the same integers
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SSIM, MS-SSIM, PSNR
 
