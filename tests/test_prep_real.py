@@ -4,6 +4,7 @@ JPEG/PNG 8/16-bit; two real NIH radiographs), meta.csv checked row by row, pixel
 references written here (DICOM PS3.3 grayscale pipeline), patient-level splits, merge, corrupt inputs, bad columns,
 resume."""
 import csv
+import glob
 import gzip
 import json
 import os
@@ -376,6 +377,10 @@ def test_chexpert_with_plus(tmp_path):
     assert_no_leak(m.values())
 
 
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+              "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
+
+
 def nih_tree(root):
     os.makedirs(os.path.join(root, "images_001", "images"))
     os.makedirs(os.path.join(root, "images_002", "images"))
@@ -389,9 +394,7 @@ def nih_tree(root):
         img = Image.fromarray(ramp(64, 64, 0, 255, seed=k).astype(np.uint8))
         img.save(os.path.join(root, "images_002", "images", f))
     (open(os.path.join(root, "images_002", "images", "00000005_000.png"), "wb")).write(b"\x89PNG\r\n\x1a\ntruncated")
-    head = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-            "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
-    write_csv(os.path.join(root, "Data_Entry_2017_v2020.csv"), head, [
+    write_csv(os.path.join(root, "Data_Entry_2017_v2020.csv"), NIH_HEADER, [
         ["00000001_000.png", "Cardiomegaly", "0", "1", "58", "M", "PA", "2682", "2749", "0.143", "0.143"],
         ["00027426_000.png", "No Finding", "0", "27426", "045Y", "F", "PA", "2048", "2500", "0.168", "0.168"],
         ["00000002_000.png", "Effusion|Mass|Emphysema", "0", "2", "81", "F", "AP", "2500", "2048", "0.168", "0.168"],
@@ -678,3 +681,267 @@ def test_workers_and_png16_give_the_same_dataset(tmp_path):
     for k, r in m1.items():
         png = np.asarray(Image.open(os.path.join(outs[1], "png", k + ".png")), np.float64)
         assert np.array_equal(pixels(outs[0], r), pixels(outs[1], m2[k])) and np.array_equal(png, pixels(outs[0], r))
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 22: votes per CheXpert label, "not mentioned" is not "negative", and the layout details (LABELS.md)
+
+LUNG_OPACITY_CHILDREN = ["Consolidation", "Atelectasis", "Edema", "Lung Lesion", "Pneumonia"]
+
+
+def assert_parent_rule(rows):
+    """No row says 'no lung opacity' (or 'no enlarged cardiomediastinum') while one of its children is present."""
+    for r in rows:
+        if any(r[k] in ("1", "-1") for k in LUNG_OPACITY_CHILDREN):
+            assert r["Lung Opacity"] != "0", (r["id"], labels(r))
+        if r["Cardiomegaly"] in ("1", "-1"):
+            assert r["Enlarged Cardiomediastinum"] != "0", (r["id"], labels(r))
+
+
+@needs_dicom
+def test_vindr_cxr_votes_per_chexpert_label_after_mapping(tmp_path):
+    root, out = str(tmp_path / "vindr"), str(tmp_path / "out")
+    readers = {   # image: the findings each of its 3 radiologists marked (VinDr column names)
+        "lesion": [["Nodule/Mass"], ["Lung tumor"], ["Pleural effusion"]],        # 2 of 3 report a lung lesion
+        "fracture": [["Rib fracture"], ["Clavicle fracture"], ["No finding"]],    # 2 of 3 report a fracture
+        "minority": [["Pleural effusion"], ["No finding"], ["No finding"]],      # 1 of 3: uncertain
+        "aorta": [["Aortic enlargement"], ["Aortic enlargement"], ["Aortic enlargement", "Cardiomegaly"]],
+        "cons": [["Consolidation"], ["Consolidation", "Infiltration"], ["Calcification"]],
+        "normal": [["No finding"], ["No finding"], ["Other lesion"]]}
+    rows = []
+    for k, (image, marks) in enumerate(readers.items()):
+        write_dicom(os.path.join(root, "train", image + ".dicom"), ramp(S, S, 0, 4095, seed=k), bits=12,
+                    age="040Y", sex="M")
+        rows += [[image, f"R{j + 1}"] + [int(f in m) for f in VINDR_FINDINGS] for j, m in enumerate(marks)]
+    write_csv(os.path.join(root, "annotations", "image_labels_train.csv"), ["image_id", "rad_id"] + VINDR_FINDINGS,
+              rows)
+    write_dicom(os.path.join(root, "test", "t1.dicom"), ramp(S, S, 0, 4095, seed=9), bits=12, age="040Y", sex="F")
+    write_csv(os.path.join(root, "annotations", "image_labels_test.csv"), ["image_id"] + VINDR_FINDINGS,
+              [["t1"] + [int(f == "Atelectasis") for f in VINDR_FINDINGS]])        # consensus: one row
+    run("vindr-cxr", "--root", root, "--out", out, "--size", S)
+    m = meta(out)
+    # VinDr's vocabulary covers these 11 labels; Enlarged Cardiomediastinum and Support Devices are never assessed
+    zeros = {k: "0" for k in ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Fracture", "Lung Lesion",
+                              "Lung Opacity", "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax"]}
+    no_opacity = {k: v for k, v in zeros.items() if k != "Lung Opacity"}      # parent of a positive child: blank
+    assert labels(m["lesion"]) == {**no_opacity, "Lung Lesion": "1", "Pleural Effusion": "-1", "No Finding": "0"}
+    assert labels(m["fracture"]) == {**zeros, "Fracture": "1", "No Finding": "0"}
+    assert labels(m["minority"]) == {**zeros, "Pleural Effusion": "-1", "No Finding": "-1"}
+    # aortic enlargement is not Enlarged Cardiomediastinum (as PadChest's aortic elongation); Cardiomegaly 1 of 3
+    assert labels(m["aorta"]) == {**zeros, "Cardiomegaly": "-1", "No Finding": "0"}
+    cons = labels(m["cons"])                          # Consolidation 2/3, Lung Opacity 1/3 (Infiltration)
+    assert cons == {**zeros, "Consolidation": "1", "Lung Opacity": "-1", "No Finding": "0"}
+    assert labels(m["normal"]) == {**zeros, "No Finding": "1"}
+    assert labels(m["t1"]) == {**no_opacity, "Atelectasis": "1", "No Finding": "0"}
+    assert all(r["Enlarged Cardiomediastinum"] == "" and r["Support Devices"] == "" for r in m.values())
+    assert_parent_rule(m.values())
+
+
+# the 20 most frequent 'Finding Labels' values of the real Data_Entry_2017.csv that hold a Lung Opacity child,
+# then common ones without (first 40,000 rows of the real file)
+NIH_REAL_COMBOS = ["Atelectasis", "Nodule", "Mass", "Atelectasis|Infiltration", "Consolidation", "Atelectasis|Effusion",
+                   "Infiltration|Nodule", "Atelectasis|Effusion|Infiltration", "Edema", "Consolidation|Infiltration",
+                   "Atelectasis|Consolidation", "Infiltration|Mass", "Edema|Infiltration", "Pneumonia", "Mass|Nodule",
+                   "Consolidation|Effusion", "Effusion|Mass", "Atelectasis|Pneumothorax", "Effusion|Nodule",
+                   "Infiltration|Pneumonia", "No Finding", "Infiltration", "Effusion", "Pneumothorax", "Cardiomegaly",
+                   "Cardiomegaly|Effusion", "Emphysema", "Hernia|Fibrosis"]
+
+
+def test_nih_parent_of_a_positive_child_is_never_zero(tmp_path):
+    root, out = str(tmp_path / "nih"), str(tmp_path / "out")
+    os.makedirs(os.path.join(root, "images_003", "images"))
+    rows = []
+    for k, combo in enumerate(NIH_REAL_COMBOS):
+        name = f"{k + 1:08d}_000.png"
+        Image.fromarray(ramp(S, S, 0, 255, seed=k).astype(np.uint8)).save(os.path.join(root, "images_003", "images",
+                                                                                        name))
+        rows.append([name, combo, "0", str(k + 1), "060Y", "F", "PA", "2500", "2048", "0.168", "0.168"])
+    write_csv(os.path.join(root, "Data_Entry_2017_v2020.csv"), NIH_HEADER, rows)
+    run("nih-cxr14", "--root", root, "--out", out, "--size", S)
+    m = meta(out)
+    assert len(m) == len(NIH_REAL_COMBOS)
+    assert_parent_rule(m.values())
+    kids = [r for r in m.values() if any(r[k] == "1" for k in LUNG_OPACITY_CHILDREN)]
+    assert len(kids) == 20 and sum(r["Lung Opacity"] == "0" for r in kids) == 0       # was 17 of 20
+    by_combo = {c: m[f"{k + 1:08d}_000"] for k, c in enumerate(NIH_REAL_COMBOS)}
+    assert by_combo["Atelectasis"]["Lung Opacity"] == "" and by_combo["Atelectasis|Infiltration"]["Lung Opacity"] == "1"
+    assert by_combo["Effusion"]["Lung Opacity"] == "0" and by_combo["No Finding"]["Lung Opacity"] == "0"
+    # NIH looks for its 14 findings in every report: an unnamed, mapped finding is 0, as before
+    assert by_combo["Atelectasis"]["Pneumothorax"] == "0" and by_combo["Emphysema"]["No Finding"] == "0"
+    assert all(r["Enlarged Cardiomediastinum"] == "" for r in m.values())            # never assessed by NIH
+
+
+PADCHEST_CASES = [   # (Labels as in the CSV, expected labels (only those stated), PhotometricInterpretation_DICOM)
+    ("['hydropneumothorax']", {"Pleural Effusion": "1", "Pneumothorax": "1", "No Finding": "0"}, "MONOCHROME2"),
+    ("['dai', 'cardiomegaly']", {"Support Devices": "1", "Cardiomegaly": "1"}, ""),
+    ("['osteosynthesis material']", {"Support Devices": "1", "No Finding": "0", "Fracture": "0"}, ""),
+    ("['endoprosthesis']", {"Support Devices": "1"}, ""),
+    ("['aortic endoprosthesis']", {"Support Devices": "1"}, ""),
+    ("['gastrostomy tube']", {"Support Devices": "1"}, ""),
+    ("['nephrostomy tube']", {"Support Devices": "1"}, ""),
+    ("['heart insufficiency']", {"Edema": "1", "Cardiomegaly": "-1", "Lung Opacity": "", "No Finding": "0"}, ""),
+    ("['heart insufficiency', 'cardiomegaly']", {"Edema": "1", "Cardiomegaly": "1"}, ""),
+    ("['pseudonodule']", {"Lung Lesion": "0", "No Finding": "0"}, ""),
+    ("['aortic elongation']", {"Enlarged Cardiomediastinum": "", "Cardiomegaly": "0", "No Finding": "0"}, ""),
+    ("['aortic button enlargement']", {"Enlarged Cardiomediastinum": "", "No Finding": "0"}, ""),
+    ("['cardiomegaly', 'nodule']", {"Enlarged Cardiomediastinum": "", "Lung Opacity": "", "Lung Lesion": "1"}, ""),
+    ("['sternotomy']", {"Support Devices": "", "No Finding": "0"}, ""),
+    ("['normal']", {"No Finding": "1", "Lung Opacity": "0", "Enlarged Cardiomediastinum": "0",
+                    "Support Devices": "0"}, "MONOCHROME1"),
+    ("['']", {}, ""),
+    ("['suboptimal study']", {}, ""),
+    ("['unchanged']", {}, ""),
+    ("[]", {}, ""),
+    ("['suboptimal study', 'pleural effusion']", {"Pleural Effusion": "1", "Pneumothorax": "0"}, "")]
+
+
+def test_padchest_mappings_unread_studies_and_monochrome1(tmp_path):
+    root, out = str(tmp_path / "padchest"), str(tmp_path / "out")
+    blank = {c: "" for c in PADCHEST_HEADER}
+    rows = []
+    for k, (text, _, photometric) in enumerate(PADCHEST_CASES):
+        image = f"{k:03d}_x.png"
+        os.makedirs(os.path.join(root, "7"), exist_ok=True)
+        Image.fromarray(ramp(S, S, 300, 4000, seed=k).astype(np.uint16)).save(os.path.join(root, "7", image))
+        rows.append([{**blank, "ImageID": image, "ImageDir": "7", "StudyDate_DICOM": "20150603", "StudyID": f"s{k}",
+                      "PatientID": f"p{k}", "PatientBirth": "1950.0", "PatientSex_DICOM": "F", "Projection": "PA",
+                      "PhotometricInterpretation_DICOM": photometric, "Labels": text}[c] for c in PADCHEST_HEADER])
+    write_csv(os.path.join(root, "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"), PADCHEST_HEADER, rows)
+    run("padchest", "--root", root, "--out", out, "--size", S)
+    m = meta(out)
+    for k, (text, expect, _) in enumerate(PADCHEST_CASES):
+        got = {lab: m[f"{k:03d}_x"][lab] for lab in P.LABELS}
+        assert {lab: got[lab] for lab in expect} == expect, (text, labels(m[f"{k:03d}_x"]))
+        if not expect:                                     # nothing was read: blank everywhere
+            assert labels(m[f"{k:03d}_x"]) == {}, text
+    assert_parent_rule(m.values())
+    # MONOCHROME1 (stored: higher = darker) is inverted; MONOCHROME2 and an empty column are kept
+    for k in (0, 1, 14):
+        photometric = PADCHEST_CASES[k][2]
+        src = ramp(S, S, 300, 4000, seed=k).astype(np.float64)
+        expect = ref_uint16(-src if photometric == "MONOCHROME1" else src)
+        assert np.abs(pixels(out, m[f"{k:03d}_x"]) - expect).max() <= 1, photometric
+
+
+def test_rexgradient_json_nan_is_an_empty_text(tmp_path):
+    root, out = str(tmp_path / "rex"), str(tmp_path / "out")
+    meta_dir = os.path.join(root, "metadata")
+    data = {}
+    for k, (imp, fnd) in enumerate([(float("nan"), float("nan")), ("No acute process.", None)]):
+        rel = f"../deid_png/GRDN{k}/studies/S{k}/series/X/instances/I{k}.png"
+        full = os.path.normpath(os.path.join(meta_dir, rel))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        Image.fromarray(ramp(S, S, 0, 255, seed=k).astype(np.uint8)).save(full)
+        data[f"GRDN{k}_S{k}"] = {"PatientID": f"GRDN{k}", "StudyInstanceUid": f"S{k}", "AccessionNumber": "x",
+                                 "PatientSex": float("nan") if k == 0 else "M", "PatientAge": float("nan"),
+                                 "StudyDate": "20200101", "Indication": float("nan"), "Comparison": "None",
+                                 "Findings": fnd, "Impression": imp, "ImagePath": [rel], "ImageViewPosition": ["PA"]}
+    os.makedirs(meta_dir, exist_ok=True)
+    with open(os.path.join(meta_dir, "train_metadata_view_position.json"), "w") as f:
+        json.dump(data, f)                              # Python writes NaN as the bare token NaN, as the release has
+    assert "NaN" in open(os.path.join(meta_dir, "train_metadata_view_position.json")).read()
+    run("rexgradient", "--root", root, "--out", out, "--size", S)
+    m = meta(out)
+    assert (m["I0"]["report"], m["I0"]["findings"], m["I0"]["sex"], m["I0"]["age"]) == ("", "", "", "")
+    assert (m["I1"]["report"], m["I1"]["findings"], m["I1"]["sex"]) == ("No acute process.", "", "M")
+    run("describe", "--data", out, "--only-missing")   # an empty report is missing: describe writes one
+    d = meta(out)
+    assert d["I0"]["report"] not in ("", "nan") and d["I1"]["report"] == "No acute process."
+
+
+def test_chexpert_frontal_with_a_lateral_ap_pa_has_no_view(tmp_path):
+    root, out = str(tmp_path / "CheXpert-v1.0"), str(tmp_path / "out")
+    cases = [("Frontal", "LL", ""), ("Frontal", "RL", ""), ("Frontal", "PA", "PA"), ("Frontal", "AP", "AP"),
+             ("Lateral", "", "LATERAL"), ("Frontal", "", "")]
+    rows = []
+    for k, (fl, ap, _) in enumerate(cases):
+        f = f"train/patient0000{k}/study1/view1_{fl.lower()}.jpg"
+        os.makedirs(os.path.dirname(os.path.join(root, f)), exist_ok=True)
+        Image.fromarray(ramp(S, S, 0, 255, seed=k).astype(np.uint8)).save(os.path.join(root, f))
+        rows.append([f"CheXpert-v1.0/{f}", "Female", "50", fl, ap] + [""] * 14)
+    write_csv(os.path.join(root, "train.csv"), CHEXPERT_HEADER, rows)
+    write_csv(os.path.join(root, "valid.csv"), CHEXPERT_HEADER, [])
+    run("chexpert", "--root", root, "--out", out, "--size", S)
+    m = meta(out)
+    got = [m[f"train_patient0000{k}_study1_view1_{fl.lower()}"]["view"] for k, (fl, _, _) in enumerate(cases)]
+    assert got == [view for _, _, view in cases]
+
+
+def test_mimic_iv_anchor_age_over_89_is_capped(tmp_path):
+    root, out = str(tmp_path / "mimic"), str(tmp_path / "out")
+    mimic_tree(root, ".jpg")
+    # d1's study is in 2180, d4's in 2145: anchor_age 91 ("over 89") gets no years added; 88 + 2 = 90 is over 89 too
+    write_csv(os.path.join(root, "mimiciv", "hosp", "patients.csv.gz"),
+              ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
+              [["10000032", "F", "91", "2175", "2014 - 2016", ""], ["10000764", "M", "86", "2132", "2014 - 2016", ""],
+               ["19999987", "F", "88", "2143", "2011 - 2013", ""]], gz=True)
+    run("mimic-cxr-jpg", "--root", root, "--out", out, "--size", S, "--mimic-iv", os.path.join(root, "mimiciv"))
+    m = meta(out)
+    assert (m["d1"]["age"], m["d2"]["age"], m["d4"]["age"]) == ("91", "91", "91")
+    assert P.MIMIC_OVER_89 == 91
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_shard_files_get_the_mode_of_the_csv(tmp_path, monkeypatch, umask):
+    monkeypatch.setattr(P, "_UMASK", umask)
+    old = os.umask(umask)
+    try:
+        for name in ("a", "b"):
+            generic_tree(str(tmp_path / ("r" + name)), [{"path": f"{name}/{i}.png", "id": f"{name}{i}"}
+                                                         for i in range(3)])
+            run("generic", "--root", tmp_path / ("r" + name), "--out", tmp_path / name, "--size", S,
+                "--shard-size", 2, "--png16")
+        run("merge", "--inputs", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m")     # hard links
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("cross-device")))
+        run("merge", "--inputs", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "c")     # copies
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for d in "abmc":
+        files = [os.path.join(tmp_path, d, f) for f in ("meta.csv", "info.json")]
+        files += glob.glob(os.path.join(tmp_path, d, "shards", "*")) + glob.glob(os.path.join(tmp_path, d, "png", "*"))
+        assert len(files) >= 4
+        assert {f: oct(os.stat(f).st_mode & 0o777) for f in files} == {f: oct(want) for f in files}
+    assert os.stat(os.path.join(tmp_path, "m", "shards", "00000.safetensors")).st_ino == \
+        os.stat(os.path.join(tmp_path, "a", "shards", "00000.safetensors")).st_ino
+
+
+def test_failed_merge_leaves_nothing_and_a_killed_one_finishes(tmp_path, monkeypatch):
+    names = ("a", "b")
+    for name in names:
+        generic_tree(str(tmp_path / ("r" + name)), [{"path": f"{name}/{i}.png", "id": f"{name}{i}"} for i in range(3)])
+        run("generic", "--root", tmp_path / ("r" + name), "--out", tmp_path / name, "--size", S, "--shard-size", 2)
+    run("generic", "--root", tmp_path / "rb", "--out", tmp_path / "b2", "--size", S, "--dataset-name", "Again")
+    a, b, b2 = (str(tmp_path / n) for n in ("a", "b", "b2"))
+    out = str(tmp_path / "m")
+    with pytest.raises(SystemExit, match=r"b2/meta\.csv: id 'b0' is already in an earlier input"):
+        run("merge", "--inputs", a, b, b2, "--out", out)
+    assert not os.path.exists(out)
+    os.makedirs(out)                                         # an existing empty folder stays empty
+    with pytest.raises(SystemExit, match="already in an earlier input"):
+        run("merge", "--inputs", a, b, b2, "--out", out)
+    assert os.listdir(out) == []
+    calls = []                                               # a failure while linking: what was linked is removed
+
+    def failing(src, dst, real=P._link_or_copy):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real(src, dst)
+    monkeypatch.setattr(P, "_link_or_copy", failing)
+    with pytest.raises(OSError, match="disk full"):
+        P.merge_datasets([a, b], out)
+    assert os.listdir(os.path.join(out, "shards")) == []
+    monkeypatch.undo()
+    # a merge killed while linking (shards, no meta.csv; here with a stale shard of a larger merge): rerun finishes
+    for s in (0, 1, 9):
+        os.link(os.path.join(b, "shards", "00000.safetensors"), os.path.join(out, "shards", f"{s:05d}.safetensors"))
+    run("merge", "--inputs", a, b, "--out", out)
+    m = meta(out)
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == [f"{s:05d}.safetensors" for s in range(4)]
+    for src in (a, b):
+        for k, r in meta(src).items():
+            assert np.array_equal(pixels(out, m[k]), pixels(src, r))
+    # an unfinished prepare run is never merged into
+    os.remove(os.path.join(b2, "meta.csv"))
+    with pytest.raises(SystemExit, match="unfinished prepare run"):
+        run("merge", "--inputs", a, b, "--out", b2)
