@@ -356,10 +356,12 @@ class SiameseReID(nn.Module):
 
 def feature_stats(x):
     """Mean and covariance (ddof=1, float64) of features [N, D]."""
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
+    x = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"features must be [N>=2, D], got shape {x.shape}")
-    mu, xc = x.mean(0), x - x.mean(0)
+    mu = x.mean(0, dtype=np.float64)
+    xc = np.subtract(x, mu, dtype=np.float64)  # one float64 pass over the features, no float64 copy beside it
     return mu, (xc.T @ xc) / (len(x) - 1)
 
 
@@ -367,12 +369,14 @@ def _trace_sqrt_product(s1, s2):
     """tr sqrt(S1 S2) and the size of its imaginary part, from symmetric eigenvalue problems only: with S1 = L L^T,
     L^T S2 L is similar to S1 S2 and symmetric PSD, so tr sqrt(S1 S2) = sum sqrt(eig(L^T S2 L)); one Cholesky and
     one eigvalsh instead of scipy.linalg.sqrtm's complex Schur form (5-15x faster at d=2048)."""
+    from scipy.linalg.blas import dtrmm
     try:
-        lo = np.linalg.cholesky(s1)
+        lo = np.linalg.cholesky(s1)  # triangular products: half the work of two general ones
+        m = dtrmm(1.0, lo, dtrmm(1.0, lo, s2, side=1, lower=1), side=0, lower=1, trans_a=1)  # L^T S2 L
     except np.linalg.LinAlgError:  # singular S1 (N <= D): symmetric square root via eigh, negative round-off clipped
         w, v = np.linalg.eigh(s1)
         lo = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = lo.T @ s2 @ lo
+        m = lo.T @ s2 @ lo
     ev = np.linalg.eigvalsh((m + m.T) / 2)
     if not np.all(np.isfinite(ev)):
         return float("nan"), float("inf")
@@ -411,27 +415,78 @@ def _as_tensor(x, device=None):
     return t if device is None else t.to(device)
 
 
-def kid(x, y, subsets=100, subset_size=1000, seed=0, device=None):
+KID_SAMPLERS = ("cxr-gen", "torch-fidelity")
+
+
+def kid_subsets(n1, n2, m, subsets=100, seed=None, sampler="cxr-gen"):
+    """Index pairs (ix, iy) of the KID subsets, each drawn without replacement. 'cxr-gen': numpy default_rng(seed,
+    default 0); 'torch-fidelity': its loop exactly, numpy RandomState(seed, default 2020 = its --rng-seed), per
+    subset choice(n1, m, replace=False) then choice(n2, m, replace=False)."""
+    if sampler not in KID_SAMPLERS:
+        raise ValueError(f"KID sampler {sampler!r}; expected one of {', '.join(KID_SAMPLERS)}")
+    if sampler == "torch-fidelity":
+        rng = np.random.RandomState(2020 if seed is None else seed)
+    else:
+        rng = np.random.default_rng(0 if seed is None else seed)
+    return [(rng.choice(n1, m, replace=False), rng.choice(n2, m, replace=False)) for _ in range(subsets)]
+
+
+def _kernel_sums(z, cols, mem_mb=256):
+    """C^T K C and diag(K) for the cubic kernel K = (z z^T / d + 1)^3 and weights C = cols [N, c] (float64), from
+    one Gram computation over the block upper triangle: row chunk s meets z[s:] only, its diagonal block counted
+    once and the rest twice (K is symmetric). Products in z's precision, kernel values and sums in float64."""
+    n, d = z.shape
+    q = torch.zeros(cols.shape[1], cols.shape[1], dtype=torch.float64, device=z.device)
+    diag = torch.empty(n, dtype=torch.float64, device=z.device)
+    step = max(1, min(n, int(mem_mb * 2 ** 20 / (12 * n))))
+    for s in range(0, n, step):
+        b = min(step, n - s)
+        kern = (z[s:s + b] @ z[s:].T).double().div_(d).add_(1).pow_(3)  # [b, n - s]
+        diag[s:s + b] = kern[:, :b].diagonal()
+        own = kern[:, :b] @ cols[s:s + b]
+        rest = kern[:, b:] @ cols[s + b:]
+        q += cols[s:s + b].T @ (own + rest) + rest.T @ cols[s:s + b]
+    return q, diag
+
+
+def kid(x, y, subsets=100, subset_size=1000, seed=None, device=None, sampler="cxr-gen", mem_mb=256):
     """Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2, kernel (x.y/d + 1)^3, mean and std over
-    `subsets` random subsets of min(subset_size, N) drawn without replacement (seeded). Matrix products run in the
-    input's precision on `device`; kernel sums in float64."""
+    `subsets` random subsets of min(subset_size, N) drawn without replacement (kid_subsets: seeded, or exactly
+    torch-fidelity's). The kernel sums of all subsets come from one Gram computation over the rows that any
+    subset uses (C^T K C with C the subsets' indicator columns) when that costs fewer products than one Gram per
+    subset (then each subset's block upper triangle only). Matrix products in the input's precision on `device`,
+    kernel values and sums in float64."""
     x, y = _as_tensor(x, device), _as_tensor(y, device)
+    y = y.to(x.dtype)
     n1, n2, d, m = len(x), len(y), x.shape[1], min(subset_size, len(x), len(y))
     if m < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {n1} and {n2}")
-    rng = np.random.default_rng(seed)
-    z = torch.cat([x, y])
-    gram = ((z @ z.T).double() / d + 1) ** 3 if n1 + n2 <= 4096 else None  # small sets: one Gram matrix, indexed
-    vals = []
-    for _ in range(subsets):
-        ix, iy = (torch.as_tensor(rng.choice(n, m, replace=False), device=x.device) for n in (n1, n2))
-        if gram is not None:
-            kxx, kyy, kxy = gram[ix][:, ix], gram[n1 + iy][:, n1 + iy], gram[ix][:, n1 + iy]
-        else:
-            a, b = x[ix], y[iy]
-            kxx, kyy, kxy = [((p @ q.T).double() / d + 1) ** 3 for p, q in ((a, a), (b, b), (a, b))]
-        mmd = ((kxx.sum() - kxx.diagonal().sum()) + (kyy.sum() - kyy.diagonal().sum())) / (m * (m - 1))
-        vals.append(float(mmd - 2 * kxy.mean()))
+    draws = kid_subsets(n1, n2, m, subsets, seed, sampler)
+    ux, uy = (np.unique(np.concatenate([dr[i] for dr in draws])) for i in (0, 1))
+    u = len(ux) + len(uy)
+    one_gram = u * u / 2 * (d + 8 * subsets) < subsets * 2 * m * m * (d + 8)  # float64 C products count double
+    sxx, syy, sxy, dx, dy = (np.empty(subsets) for _ in range(5))
+    if one_gram:
+        z = torch.cat([x[torch.as_tensor(ux, device=x.device)], y[torch.as_tensor(uy, device=x.device)]])
+        cols = torch.zeros(u, 2 * subsets, dtype=torch.float64, device=x.device)
+        for t, (ix, iy) in enumerate(draws):
+            cols[np.searchsorted(ux, ix), t] = 1
+            cols[len(ux) + np.searchsorted(uy, iy), subsets + t] = 1
+        q, diag = _kernel_sums(z, cols, mem_mb)
+        dsum = (cols.T @ diag).cpu().numpy()
+        q = q.cpu().numpy()
+        t = np.arange(subsets)
+        sxx, syy, sxy = q[t, t], q[subsets + t, subsets + t], q[t, subsets + t]
+        dx, dy = dsum[:subsets], dsum[subsets:]
+    else:
+        cols = torch.zeros(2 * m, 2, dtype=torch.float64, device=x.device)
+        cols[:m, 0], cols[m:, 1] = 1, 1
+        for t, (ix, iy) in enumerate(draws):
+            z = torch.cat([x[torch.as_tensor(ix, device=x.device)], y[torch.as_tensor(iy, device=x.device)]])
+            q, diag = _kernel_sums(z, cols, mem_mb)
+            sxx[t], syy[t], sxy[t] = float(q[0, 0]), float(q[1, 1]), float(q[0, 1])
+            dx[t], dy[t] = float(diag[:m].sum()), float(diag[m:].sum())
+    vals = ((sxx - dx) + (syy - dy)) / (m * (m - 1)) - 2 * sxy / (m * m)
     return float(np.mean(vals)), float(np.std(vals))
 
 
@@ -1533,13 +1588,26 @@ def _fid_sqrtm(x, y):
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
+def _kid_torch_fidelity(x, y, subsets=100, subset_size=1000, seed=2020):
+    """Baseline: torch-fidelity's KID loop (numpy, features' float32 throughout, RandomState(2020), per subset three
+    m x m kernel matrices)."""
+    rng, d, m, vals = np.random.RandomState(seed), x.shape[1], subset_size, []
+    for _ in range(subsets):
+        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
+        kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
+        vals.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    return float(np.mean(vals)), float(np.std(vals))
+
+
 def bench(argv):
-    """CPU ratios measured in one run: Frechet distance vs scipy sqrtm; PRDC vs full pairwise matrices. Wall and
-    process-CPU seconds are both recorded: on a machine shared with other jobs the CPU-time ratio is the fair one."""
+    """CPU ratios measured in one run: Frechet distance vs scipy sqrtm; PRDC vs full pairwise matrices; KID vs
+    torch-fidelity's loop on the same subsets. Wall and process-CPU seconds are both recorded: on a machine shared
+    with other jobs the CPU-time ratio is the fair one."""
     p = argparse.ArgumentParser(prog="metrics.py bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for flag, default, hlp in (("--n", 10000, "features per set"), ("--dim", 2048, "feature dimension"),
                                ("--k", 5, "PRDC k"), ("--seed", 0, "feature generator seed"),
-                               ("--device", "cpu", "device for prdc()"), ("--only", "fd,prdc", "what to time")):
+                               ("--device", "cpu", "device for prdc() and kid()"), ("--kid-n", 0, "features per set "
+                               "for KID (0 = --n)"), ("--only", "fd,prdc,kid", "what to time")):
         p.add_argument(flag, type=type(default), default=default, help=hlp)
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
@@ -1549,7 +1617,10 @@ def bench(argv):
     out = {"n": a.n, "dim": a.dim, "k": a.k, "torch_threads": torch.get_num_threads(), **_versions()}
     runs = {"fd": (lambda: frechet_distance(real, fake), "fd_sqrtm", lambda: _fid_sqrtm(real, fake)),
             "prdc": (lambda: prdc(real, fake, a.k, a.device), "prdc_full_matrix",
-                     lambda: _prdc_full_matrix(real, fake, a.k))}
+                     lambda: _prdc_full_matrix(real, fake, a.k)),
+            "kid": (lambda: kid(real[:kn], fake[:kn], device=a.device, sampler="torch-fidelity"), "kid_torch_fidelity",
+                    lambda: _kid_torch_fidelity(real[:kn], fake[:kn]))}
+    out["kid_n"] = kn = a.kid_n or a.n
     for m in a.only.split(","):
         ours, base, ref = runs[m]
         for name, fn in ((m, ours), (base, ref)):
@@ -1559,8 +1630,10 @@ def bench(argv):
             out.update({name + "_s": time.perf_counter() - t, name + "_cpu_s": time.process_time() - c,
                         name + "_peak_mb": _mem_mb("VmHWM") - mem})
         out.update({f"{m}_speedup{x}": out[f"{base}{x}_s"] / out[f"{m}{x}_s"] for x in ("", "_cpu")})
-        out["fd_rel_diff" if m == "fd" else "prdc_max_abs_diff"] = abs(out[m] - out[base]) / abs(out[base]) \
-            if m == "fd" else max(abs(out[m][q] - out[base][q]) for q in out[m])
+        if m == "prdc":
+            out["prdc_max_abs_diff"] = max(abs(out[m][q] - out[base][q]) for q in out[m])
+        else:  # fd: relative difference; kid: of the mean (same subsets; the baseline sums in float32)
+            out[f"{m}_rel_diff"] = abs(np.ravel(out[m])[0] - np.ravel(out[base])[0]) / abs(np.ravel(out[base])[0])
     print(json.dumps(out, indent=1))
     return out
 
