@@ -757,8 +757,8 @@ def train(cfg):
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    stop = {"sigterm": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
+    term, stopping = [], False
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
     use_bf16 = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -802,7 +802,7 @@ def train(cfg):
                 acc[23:27].index_add_(0, tb.flatten(), ok.flatten())
         gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         bad = ~torch.isfinite(acc[:19].sum() + gnorm)
-        first_bad = torch.where(bad & (first_bad < 0), torch.tensor(step, device=device), first_bad)
+        first_bad = torch.where(bad & (first_bad < 0), torch.tensor(step + 1, device=device), first_bad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         decay = min(cfg.ema, (1 + step) / (10 + step))               # EMA in fp32, with warm-up
@@ -811,12 +811,19 @@ def train(cfg):
                 ema[k].lerp_(v.float(), 1 - decay)
         acc[27] += gnorm.detach().float()
         step, since_log = step + 1, since_log + 1
-        sigterm = stop["sigterm"]                    # read once: a signal arriving later waits for the next step
-        last = step == cfg.max_steps or sigterm
-        if (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last) and first_bad.item() >= 0:
-            raise SystemExit(f"flow_scm: non-finite loss or gradient at step {first_bad.item()}; stopped, the last "
-                             f"good checkpoint in {out} is intact")
-        if step % cfg.log_every == 0 or last:
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
+            flags = torch.stack([first_bad.float(), torch.tensor(float(bool(term)), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            if flags[0] >= 0:
+                signal.signal(signal.SIGTERM, old_handler)
+                raise SystemExit(f"non-finite loss or gradient at step {int(flags[0])}; stopped, the last "
+                                 f"checkpoint in {out} is intact")
+            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            ckpt_now |= stopping
+        if log_now:
             if world > 1:
                 dist.all_reduce(acc)
                 acc[:19] /= world
@@ -844,12 +851,14 @@ def train(cfg):
             gap = np.mean([abs((s[v] == 2).float().mean().item() - (all_vals[v] == 2).float().sum().item() /
                                max(1, (all_vals[v] > 0).sum().item())) for v in LABELS])
             log_f.write(json.dumps({"step": step, "sample_positive_rate_gap": gap}) + "\n")
-        if master and not cfg.bench and (step % cfg.ckpt_every == 0 or last):
+        if master and not cfg.bench and ckpt_now:
             save_checkpoint(out, step, raw, ema, opt, cfg, meta)
-        if sigterm:
-            if master:
-                print(f"SIGTERM: checkpoint saved at step {step}; exiting", flush=True)
+        if stopping:                                             # the all-reduced flag: the one the save used
             break
+    signal.signal(signal.SIGTERM, old_handler)
+    if master and stopping:
+        print(f"stopped by SIGTERM at step {step}; checkpoint {checkpoint_path(out) if not cfg.bench else None}",
+              flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -370,7 +370,7 @@ def test_sigterm_saves_and_nan_stops(phantom, tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0 and "SIGTERM: checkpoint saved" in rest
+    assert proc.returncode == 0 and "stopped by SIGTERM at step" in rest
     step = json.load(open(out / "latest.json"))["step"]
     assert step >= 5 and fs.load_model(str(out))[2] == step
     bad = ["--size", "tiny", "--data", data, "--out", str(tmp_path / "nan"), "--lr", "1e8", "--warmup", "1",
