@@ -1470,10 +1470,11 @@ def hash_split(key, val_frac, test_frac):
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
 
 
-# CheXpert's label hierarchy (Irvin et al. 2019, Fig. 2), the edges LABELS.md "Parent and child" applies: a parent
-# of a positive (or uncertain) child is never 0.
+# The CheXpert observation hierarchy's edges that LABELS.md "Parent and child" applies (sources there): a parent of
+# a positive (or uncertain) child is never 0.
 LABEL_PARENTS = {"Consolidation": "Lung Opacity", "Atelectasis": "Lung Opacity", "Edema": "Lung Opacity",
-                 "Lung Lesion": "Lung Opacity", "Pneumonia": "Lung Opacity", "Cardiomegaly": "Enlarged Cardiomediastinum"}
+                 "Lung Lesion": "Lung Opacity", "Pneumonia": "Lung Opacity",
+                 "Cardiomegaly": "Enlarged Cardiomediastinum"}
 PATHOLOGIES = [lab for lab in LABELS if lab not in ("No Finding", "Support Devices")]   # what No Finding rules out
 
 
@@ -1865,7 +1866,8 @@ def src_padchest(args):
 
 
 VINDR_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
-                     "Edema": "Edema", "Rib fracture": "Fracture", "Clavicle fracture": "Fracture", "Nodule/Mass": "Lung Lesion",
+                     "Edema": "Edema", "Rib fracture": "Fracture", "Clavicle fracture": "Fracture",
+                     "Nodule/Mass": "Lung Lesion",
                      "Lung tumor": "Lung Lesion", "Lung cavity": "Lung Lesion", "Lung cyst": "Lung Lesion",
                      "Lung Opacity": "Lung Opacity", "Infiltration": "Lung Opacity", "ILD": "Lung Opacity",
                      "Pleural effusion": "Pleural Effusion", "Pleural thickening": "Pleural Other",
@@ -1955,9 +1957,9 @@ def src_rexgradient(args):
     PatientSex, PatientAge, StudyDate, Indication, Comparison, Findings, Impression, ImagePath [list, paths like
     '../deid_png/...png' relative to metadata/], ImageViewPosition [list]}} and the extracted deid_png/ tree.
     Layout from the public dataset card and loaders (not checked against the files here). Impression -> report,
-    Findings -> findings (a JSON NaN / null is an empty text, not "nan"); CheXpert-14 labels are read from the study entry when it carries keys with the CheXpert
-    names (e.g. merged CheXbert output), else missing; age from PatientAge, or PatientBirthDate and StudyDate.
-    Official split."""
+    Findings -> findings (a JSON NaN / null is an empty text, not "nan"); CheXpert-14 labels are read from the
+    study entry when it carries keys with the CheXpert names (e.g. merged CheXbert output), else missing; age from
+    PatientAge, or PatientBirthDate and StudyDate. Official split."""
     root = args.root
     meta = os.path.join(root, "metadata")
     parts = [(os.path.join(meta, f"{part}_metadata_view_position.json"), SPLIT_WORDS[part])
