@@ -1638,7 +1638,7 @@ def _mimic_demographics(path):
             for p in pats}
 
 
-MIMIC_OVER_89 = 91   # MIMIC-IV patients.anchor_age: every patient over 89 is grouped as 91 (LABELS.md "MIMIC-CXR")
+MIMIC_OVER_89 = 91   # MIMIC-IV anchor_age: all patients over 89 are grouped as 91 (LABELS.md "Other harmonisation")
 
 
 def _mimic(args, ext):
@@ -1867,8 +1867,8 @@ def src_padchest(args):
 
 VINDR_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
                      "Edema": "Edema", "Rib fracture": "Fracture", "Clavicle fracture": "Fracture",
-                     "Nodule/Mass": "Lung Lesion",
-                     "Lung tumor": "Lung Lesion", "Lung cavity": "Lung Lesion", "Lung cyst": "Lung Lesion",
+                     "Nodule/Mass": "Lung Lesion", "Lung tumor": "Lung Lesion", "Lung cavity": "Lung Lesion",
+                     "Lung cyst": "Lung Lesion",
                      "Lung Opacity": "Lung Opacity", "Infiltration": "Lung Opacity", "ILD": "Lung Opacity",
                      "Pleural effusion": "Pleural Effusion", "Pleural thickening": "Pleural Other",
                      "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax"}
@@ -1877,10 +1877,10 @@ VINDR_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly
 
 
 def vote_labels(per_reader):
-    """One image's CheXpert-14 labels from each reader's own mapped labels (LABELS.md "VinDr-CXR vote"): per label,
-    over the readers who read the image (non-blank), a strict majority positive -> 1, a positive minority -> -1
-    (uncertain: the readers disagree), none -> 0; all blank -> blank. No Finding then follows CheXpert's rule: 0 when
-    a pathology is 1, at most -1 when one is -1. Last, the parent rule (apply_parent_rule)."""
+    """One image's CheXpert-14 labels from each reader's own mapped labels (LABELS.md "VinDr-CXR", "Vote rule"):
+    per label, over the readers who read the image (non-blank), a strict majority positive -> 1, a positive minority
+    -> -1 (uncertain: the readers disagree), none -> 0; all blank -> blank. No Finding then follows CheXpert's rule:
+    0 when a pathology is 1, at most -1 when one is -1. Last, the parent rule (apply_parent_rule)."""
     out = {}
     for lab in LABELS:
         vals = [r[lab] for r in per_reader if r[lab] != ""]
