@@ -1766,7 +1766,9 @@ def src_nih_cxr14(args):
       '058Y'), Patient Gender (M/F), View Position (PA/AP), ...
     train_val_list.txt / test_list.txt (official patient-level split; val carved from train_val by patient hash,
     --val-frac), and the PNGs anywhere below ROOT (images/ or images_001/images/ ...). Labels mapped with
-    NIH_TO_CHEXPERT; Emphysema, Fibrosis, Hernia have no counterpart; an unknown finding name skips the row."""
+    NIH_TO_CHEXPERT; Emphysema, Fibrosis, Hernia have no counterpart; an unknown finding name skips the row. A
+    mapped label not listed is 0 (NIH mined every report for its 14 findings), except a parent of a listed child
+    (Lung Opacity over Atelectasis, Consolidation, Edema, Mass / Nodule, Pneumonia): blank (LABELS.md)."""
     root = args.root
     table = read_table(find_file([root], ["Data_Entry_2017_v2020.csv", "Data_Entry_2017*.csv"], "Data_Entry_2017 CSV"),
                        ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",

@@ -716,9 +716,11 @@ def test_vindr_cxr_votes_per_chexpert_label_after_mapping(tmp_path):
               rows)
     write_dicom(os.path.join(root, "test", "t1.dicom"), ramp(S, S, 0, 4095, seed=9), bits=12, age="040Y", sex="F")
     write_csv(os.path.join(root, "annotations", "image_labels_test.csv"), ["image_id"] + VINDR_FINDINGS,
-              [["t1"] + [int(f == "Atelectasis") for f in VINDR_FINDINGS]])        # consensus: one row
+              [["t1"] + [int(f == "Atelectasis") for f in VINDR_FINDINGS],           # consensus: one row
+               ["t2"] + [2 if f == "Atelectasis" else 0 for f in VINDR_FINDINGS]])     # not a 0/1 value
     run("vindr-cxr", "--root", root, "--out", out, "--size", S)
     m = meta(out)
+    assert "t2" not in m and summary(out)["skipped"] == {"unknown label value": 1}
     # VinDr's vocabulary covers these 11 labels; Enlarged Cardiomediastinum and Support Devices are never assessed
     zeros = {k: "0" for k in ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Fracture", "Lung Lesion",
                               "Lung Opacity", "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax"]}
