@@ -54,78 +54,88 @@ from safetensors.numpy import load_file as load_np, save_file as save_np
 from safetensors.torch import load_file as load_pt, save_file as save_pt
 
 VERSION = "1.0"
-PREP_VERSION = "1"  # bump when preprocessing changes: it is part of the feature-cache key
+PREP_VERSION = "2"  # bump when preprocessing changes: it is part of the feature-cache key
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
           "Pneumothorax", "Support Devices"]  # DESIGN.md §4, CheXpert names
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ALL_METRICS = ("fd", "kid", "prdc", "diversity", "paired", "conditions", "privacy", "factual")
+RESIZE_MODES = ("antialias", "pytorch-fid", "clean", "tf1")  # Inception input conventions (--resize)
+XRV_RESIZE_MODES = ("model", "skimage")  # XRV input conventions (--xrv-resize)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass; the CLI is generated from its fields
 
 
+def arg(default, help):
+    """A dataclass field with its CLI help string (the --help text is built from these, not from the source)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     """Every option of an evaluation run (CLI flags are these fields with dashes)."""
-    real: str = "data/phantom"  # folder of images, or a DESIGN.md §4 dataset folder (meta.csv + shards/)
-    fake: str = ""  # folder of synthetic images (optionally with meta.csv), or a dataset folder
-    train: str = ""  # training set for memorisation / privacy search (folder or dataset folder)
-    split: str = "test"  # rows of the real dataset's meta.csv to use (ignored for plain folders; '' = all)
-    fake_split: str = ""  # rows of the fake dataset's meta.csv ('' = all)
-    train_split: str = "train"  # rows of the train dataset's meta.csv ('' = all)
-    features: str = "inception,xrv,raddino,dinov2,clip"  # feature spaces; also any transformers model id / path
-    metrics: str = "all"  # comma list of: fd,kid,prdc,diversity,paired,conditions,privacy,factual
-    weights_dir: str = ""  # folder searched first for weights (files or transformers model folders)
-    allow_random_weights: bool = False  # run extractors whose weights are missing (numbers not comparable)
-    offline: bool = False  # never try to download weights (also implied by HF_HUB_OFFLINE=1)
-    chexgenbench_compat: bool = False  # squash every image to 299x299 first, as CheXGenBench's code does
-    fit: str = "crop"  # crop | pad: how a non-square image becomes square (aspect ratio is never squashed)
-    pixel_size: int = 256  # side for pixel-space metrics (SSIM, PSNR, MS-SSIM)
-    privacy_size: int = 128  # side for the pixel nearest-neighbour search
-    batch_size: int = 64  # images per extractor forward
-    workers: int = 4  # image decoding threads
-    device: str = "auto"  # auto | cpu | cuda
-    k: int = 5  # PRDC nearest neighbours (Naeem et al. 2020 default)
-    kid_subsets: int = 100  # KID random subsets (Binkowski et al. 2018)
-    kid_subset_size: int = 1000  # KID subset size; min(this, N) is used and reported
-    seed: int = 0  # KID subsets and MS-SSIM pair sampling
-    group_by: str = "auto"  # fake meta.csv column grouping images of one prompt/condition for MS-SSIM diversity
-    max_pairs: int = 50  # MS-SSIM pairs sampled per group at most
-    pix_threshold: float = 0.02  # per-pixel RMS distance under which a synthetic image counts as a near-copy
-    feat_threshold: float = 0.1  # distance between unit-normalised features under which it counts as a copy
-    privacy_features: str = ""  # feature space for the latent distance ('' = raddino if run, else the first one)
-    reid_weights: str = ""  # Packhaeuser Siamese ResNet-50 weights (safetensors) for the re-identification score
-    reid_threshold: float = 0.5  # re-id probability above which a synthetic image counts as re-identified
-    classifier: str = ""  # 'xrv' or an xrv-layout DenseNet safetensors, for factual correctness (Pearson)
-    grid: str = ""  # PNG of the closest (synthetic, training) pairs ('' = next to --out)
-    grid_pairs: int = 8  # closest pairs listed in results.json and drawn in the grid
-    out: str = ""  # results.json path
-    cache_dir: str = ""  # feature cache ('' = ~/.cache/cxr-gen/metrics)
-    no_cache: bool = False  # neither read nor write the feature cache
-    strict: bool = False  # an unreadable image is fatal instead of skipped and counted
-    paired: bool = False  # identity metrics only, for (original=--real, edited=--fake) images matched by id
-    lpips: str = ""  # feature spaces of the LPIPS-style paired distance (radit Eq. 13) ('' = raddino with --paired)
-    lpips_layers: str = ""  # hidden layers for LPIPS, e.g. 3,6,9,12 ('' = 4 evenly spaced, radit Table 15)
-    random_pairs: int = 256  # random pairs of distinct real images: the SSIM / LPIPS reference row (radit Eq. 14)
+    real: str = arg("data/phantom", "folder of images, or a DESIGN.md §4 dataset folder (meta.csv + shards/)")
+    fake: str = arg("", "folder of synthetic images (optionally with meta.csv), or a dataset folder")
+    train: str = arg("", "training set for memorisation / privacy search (folder or dataset folder)")
+    split: str = arg("test", "rows of the real dataset's meta.csv to use (ignored for plain folders; '' = all)")
+    fake_split: str = arg("", "rows of the fake dataset's meta.csv ('' = all)")
+    train_split: str = arg("train", "rows of the train dataset's meta.csv ('' = all)")
+    features: str = arg("inception,xrv,raddino,dinov2,clip", "feature spaces; also any transformers model id / path")
+    metrics: str = arg("all", "comma list of: fd,kid,prdc,diversity,paired,conditions,privacy,factual")
+    weights_dir: str = arg("", "folder searched first for weights (files or transformers model folders)")
+    allow_random_weights: bool = arg(False, "run extractors whose weights are missing (numbers not comparable)")
+    offline: bool = arg(False, "never try to download weights (also implied by HF_HUB_OFFLINE=1)")
+    chexgenbench_compat: bool = arg(False, "squash every image to 299x299 first, as CheXGenBench's code does")
+    fit: str = arg("crop", "crop | pad: how a non-square image becomes square (aspect ratio is never squashed)")
+    resize: str = arg("antialias", "Inception input convention: antialias (square by --fit, bilinear + antialias, "
+                                   "[-1,1]) | pytorch-fid (squash, bilinear without antialias, [-1,1]) | clean "
+                                   "(clean-fid: squash, PIL bicubic, (x-128)/128) | tf1 (torch-fidelity, torchmetrics: "
+                                   "squash, TF1 bilinear, (x-128)/128)")
+    xrv_resize: str = arg("model", "XRV input convention: model (square by --fit with xrv's crop offsets, bilinear + "
+                                   "antialias, as its in-model resize) | skimage (xrv's documented XRayCenterCrop + "
+                                   "XRayResizer)")
+    pixel_size: int = arg(256, "side for pixel-space metrics (SSIM, PSNR, MS-SSIM)")
+    privacy_size: int = arg(128, "side for the pixel nearest-neighbour search")
+    batch_size: int = arg(64, "images per extractor forward")
+    workers: int = arg(4, "image decoding threads")
+    device: str = arg("", "cpu | cuda ('' = cuda when available; 'auto' is accepted as '')")
+    k: int = arg(5, "PRDC nearest neighbours (Naeem et al. 2020 default)")
+    kid_subsets: int = arg(100, "KID random subsets (Binkowski et al. 2018)")
+    kid_subset_size: int = arg(1000, "KID subset size; min(this, N) is used and reported")
+    kid_sampler: str = arg("cxr-gen", "cxr-gen (numpy default_rng(--seed)) | torch-fidelity (its subsets exactly: "
+                                      "RandomState(2020), its loop)")
+    seed: int = arg(0, "KID subsets and MS-SSIM pair sampling")
+    group_by: str = arg("auto", "fake meta.csv column grouping images of one prompt/condition for MS-SSIM diversity")
+    max_pairs: int = arg(50, "MS-SSIM pairs sampled per group at most")
+    pix_threshold: float = arg(0.02, "per-pixel RMS distance under which a synthetic image counts as a near-copy")
+    feat_threshold: float = arg(0.1, "distance between unit-normalised features under which it counts as a copy")
+    privacy_features: str = arg("", "feature space for the latent distance ('' = raddino if run, else the first one)")
+    reid_weights: str = arg("", "Packhaeuser Siamese ResNet-50 weights (safetensors) for the re-identification score")
+    reid_threshold: float = arg(0.5, "re-id probability above which a synthetic image counts as re-identified")
+    classifier: str = arg("", "'xrv' or an xrv-layout DenseNet safetensors, for factual correctness (Pearson)")
+    grid: str = arg("", "PNG of the closest (synthetic, training) pairs ('' = next to --out)")
+    grid_pairs: int = arg(8, "closest pairs listed in results.json and drawn in the grid")
+    out: str = arg("", "results.json path")
+    cache_dir: str = arg("", "feature cache ('' = ~/.cache/cxr-gen/metrics)")
+    no_cache: bool = arg(False, "neither read nor write the feature cache")
+    strict: bool = arg(False, "an unreadable image is fatal instead of skipped and counted")
+    paired: bool = arg(False, "identity metrics only, for (original=--real, edited=--fake) images matched by id")
+    lpips: str = arg("", "feature spaces of the LPIPS-style paired distance (radit Eq. 13) "
+                         "('' = raddino with --paired)")
+    lpips_layers: str = arg("", "hidden layers for LPIPS, e.g. 3,6,9,12 ('' = 4 evenly spaced, radit Table 15)")
+    random_pairs: int = arg(256, "random pairs of distinct real images: the SSIM / LPIPS reference row (radit Eq. 14)")
 
 
 def build_parser(cls=Config, **kw):
-    """CLI from the dataclass; help strings are the fields' trailing comments (one source of truth)."""
+    """CLI from the dataclass: one flag per field (dashes), its help string from the field's metadata."""
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
-    try:
-        with open(__file__, encoding="utf-8") as fh:
-            src = fh.read().split(f"class {cls.__name__}", 1)[1].split("\n\n\n", 1)[0].splitlines()
-    except (OSError, IndexError):
-        src = []
-    helps = {ln.split(":", 1)[0].strip(): ln.split("#", 1)[1].strip().replace("%", "%%") for ln in src
-             if ":" in ln and "#" in ln and not ln.strip().startswith(("#", '"'))}
     for f in dataclasses.fields(cls):
-        flag, typ = "--" + f.name.replace("_", "-"), {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        if typ in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=helps.get(f.name, ""))
+        flag, hlp = "--" + f.name.replace("_", "-"), f.metadata.get("help", " ").replace("%", "%%")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", help=hlp)
         else:
-            p.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name, " "))
+            p.add_argument(flag, type=type(f.default), default=f.default, help=hlp)
     return p
 
 
@@ -687,7 +697,10 @@ def ms_ssim_scales(side):
 
 def ms_ssim(x, y, data_range=1.0, scales=None):
     """Multi-scale SSIM per image (Wang et al. 2003), standard weights; below 161 px fewer scales are used, their
-    weights renormalised to sum to 1 (returned value is then not comparable with 5-scale numbers, and stated)."""
+    weights renormalised to sum to 1 (returned value is then not comparable with 5-scale numbers, and stated).
+    Convention of pytorch-msssim (ms_ssim, 1.0): 11-tap Gaussian 1.5, 'valid' filtering, relu on cs and on the last
+    ssim, 2x2 average pooling between scales where an odd side is zero-padded by one on both ends and the padding
+    counts in the mean (avg_pool2d(padding=side % 2)); at 5 scales (sides >= 161) the values equal its ms_ssim."""
     x, y = _as_images(x), _as_images(y).to(_as_images(x).dtype)
     n = scales or ms_ssim_scales(min(x.shape[-2:]))
     if n < 1:
@@ -699,8 +712,8 @@ def ms_ssim(x, y, data_range=1.0, scales=None):
         s, cs = _ssim_cs(x, y, data_range)
         vals.append(torch.relu(cs if i < n - 1 else s).double())  # relu: negative cs has no real fractional power
         if i < n - 1:
-            pad = (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)
-            x, y = F.avg_pool2d(F.pad(x, pad, mode="replicate"), 2), F.avg_pool2d(F.pad(y, pad, mode="replicate"), 2)
+            pad = (x.shape[-2] % 2, x.shape[-1] % 2)  # pytorch-msssim: an odd side gets one zero on both ends,
+            x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)  # counted in the 2x2 mean
     out = torch.prod(torch.stack(vals, 0) ** w[:, None].to(x.device), 0)
     return out if len(out) > 1 else out[0]
 
@@ -837,7 +850,7 @@ class ImageSet:
             raise SystemExit(f"metrics: {root} is not a folder (expected images or a dataset with meta.csv)")
         meta_path = os.path.join(root, "meta.csv")
         self.is_dataset = os.path.isdir(os.path.join(root, "shards")) and os.path.isfile(meta_path)
-        self.meta, self._shards = None, {}
+        self.meta, self._shards, self.info = None, {}, {"high_bit": False}
         if self.is_dataset:
             rows = _read_meta(meta_path, ["id", "shard", "index"] + (["split"] if split else []))
             if not (rows := [r for r in rows if not split or r["split"] == split]):
@@ -887,29 +900,36 @@ class ImageSet:
                 path = os.path.join(self.root, "shards", f"{shard:05d}.safetensors")
                 if path not in self._shards:
                     self._shards[path] = safe_open(path, framework="np")
+                self.info["high_bit"] = True  # shards hold uint16
                 return np.asarray(self._shards[path].get_slice("images")[idx:idx + 1], np.float32)[0, 0] / 65535.0
-            return read_image(self.items[i])
+            return read_image(self.items[i], self.info)
         except Exception as e:  # noqa: BLE001 - an unreadable file is counted, or fatal under --strict
             self.last_error = f"{self.items[i]}: {e}"
             return None
 
 
-def read_image(path):
-    """PNG 8/16-bit, JPEG, TIFF; gray or RGB(A) -> float32 gray [H, W] in [0, 1]."""
+def read_image(path, info=None):
+    """PNG 8/16-bit, JPEG, TIFF; gray or RGB(A) -> float32 gray [H, W] in [0, 1]. info (a dict): 'high_bit' is set
+    to True for a 16-bit / integer / float file (peer tools read those through convert('RGB'), which clips)."""
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit PNGs open as I;16 (I in older Pillow)
+            if info is not None:
+                info["high_bit"] = True
             a = np.asarray(im, dtype=np.float32) / (1.0 if im.mode == "F" else 65535.0)
         else:
             a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0  # RGB -> ITU-R 601 luma
     return np.clip(a, 0.0, 1.0)
 
 
-def square(img, fit="crop"):
-    """Centre-crop (or zero-pad) to a square: the aspect ratio is never squashed."""
+def square(img, fit="crop", centre="floor"):
+    """Centre-crop (or zero-pad) to a square: the aspect ratio is never squashed. centre='xrv' places the crop as
+    torchxrayvision's XRayCenterCrop (start w // 2 - s // 2: one pixel later than (w - s) // 2 when w is even and
+    the side s odd)."""
     h, w = img.shape
     s = max(h, w) if fit == "pad" else min(h, w)
     if h == w or fit != "pad":
-        return img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        top, left = (h // 2 - s // 2, w // 2 - s // 2) if centre == "xrv" else ((h - s) // 2, (w - s) // 2)
+        return img[top:top + s, left:left + s]
     out = np.zeros((s, s), np.float32)
     out[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = img
     return out
@@ -923,11 +943,63 @@ def resize(img, size):
     return F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
 
 
-def prepare(img, size, fit="crop", compat=False):
-    """The one preprocessing path: [CheXGenBench 299 squash] -> square by crop/pad -> resize to `size`."""
+def _tf1_bilinear(img, size):
+    """TensorFlow 1.x resize_bilinear(align_corners=False), as torch-fidelity re-implements it: source coordinate
+    dst * (in / out) in float32 (no half-pixel offset), upper neighbour clamped to the last pixel, no antialiasing."""
+    def taps(n):
+        src = np.arange(size, dtype=np.float32) * np.float32(n / size)
+        lo = src.astype(np.int64)
+        return lo, np.minimum(lo + 1, n - 1), src - lo.astype(np.float32)
+    (y0, y1, dy), (x0, x1, dx) = taps(img.shape[0]), taps(img.shape[1])
+    top, bottom = img[y0], img[y1]
+    top, bottom = (r[:, x0] + (r[:, x1] - r[:, x0]) * dx for r in (top, bottom))
+    return (top + (bottom - top) * dy[:, None]).astype(np.float32)
+
+
+def resize_as(img, size, mode="antialias"):
+    """Float [H, W] in [0, 1] -> [size, size] by one tool's convention (RESIZE_MODES): 'antialias' (ours, bilinear
+    + antialias), 'pytorch-fid' (F.interpolate bilinear, align_corners=False, no antialias), 'clean' (clean-fid:
+    PIL bicubic on the float image in [0, 255], clipped), 'tf1' (torch-fidelity / torchmetrics: TF1 bilinear)."""
+    if mode == "antialias":
+        return resize(img, size)
+    if mode == "pytorch-fid":
+        t = torch.from_numpy(np.ascontiguousarray(img, np.float32))[None, None]
+        return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    if mode == "clean":
+        im = Image.fromarray(np.ascontiguousarray(img, np.float32) * 255, mode="F").resize((size, size),
+                                                                                         Image.BICUBIC)
+        return np.clip(np.asarray(im, np.float32), 0, 255) / 255
+    if mode == "tf1":
+        return _tf1_bilinear(np.asarray(img, np.float32) * 255, size) / 255
+    raise ValueError(f"resize mode {mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+
+
+def xrv_skimage_resize(img, size=224):
+    """torchxrayvision's documented XRayResizer: skimage.transform.resize(img, (1, size, size), mode='constant',
+    preserve_range=True) on xrv-normalised values [-1024, 1024], i.e. a Gaussian pre-filter of sigma
+    max(0, (factor - 1) / 2) per downsampled axis (zero padding), bilinear zoom on the pixel grid (half-pixel
+    centres, zero outside), clipped to the input's range. In float64 on [0, 1] input; returns [0, 1] float32."""
+    import scipy.ndimage as ndi
+    v = np.asarray(img, np.float64) * 2048 - 1024
+    factors = np.asarray(v.shape, np.float64) / size
+    if (factors > 1).any():
+        v_f = ndi.gaussian_filter(v, np.maximum(0, (factors - 1) / 2), mode="constant", cval=0.0)
+    else:
+        v_f = v
+    out = ndi.zoom(v_f, 1 / factors, order=1, mode="grid-constant", cval=0.0, grid_mode=True)
+    lo, hi = v.min(), v.max()
+    keep = (out == 0) if not lo <= 0 <= hi else None  # skimage keeps cval-valued pixels when cval is out of range
+    out = np.clip(out, lo, hi)
+    if keep is not None:
+        out[keep] = 0
+    return ((out + 1024) / 2048).astype(np.float32)
+
+
+def prepare(img, size, fit="crop", compat=False, centre="floor"):
+    """The default preprocessing path: [CheXGenBench 299 squash] -> square by crop/pad -> resize to `size`."""
     if compat:  # chexgenbench's code: PIL resize to (299, 299) regardless of aspect ratio
         img = np.asarray(Image.fromarray(img).resize((299, 299), Image.BILINEAR), np.float32)
-    return resize(square(img, fit), size) if size else square(img, fit)
+    return resize(square(img, fit, centre), size) if size else square(img, fit, centre)
 
 
 def _online(offline=False, host="github.com"):
@@ -1046,30 +1118,42 @@ def convert_xrv(src, dst):
 class Extractor:
     """A feature space: preprocessing, network, and the facts that go into results.json."""
 
-    def __init__(self, name, net, size, dim, preprocessing, weights, random_weights, device, processor=None):
+    def __init__(self, name, net, size, dim, preprocessing, weights, random_weights, device, processor=None,
+                 resize="antialias"):
         self.name, self.net, self.size, self.dim, self.processor, self.device = name, net, size, dim, processor, device
         self.preprocessing, self.weights, self.random_weights = preprocessing, weights, random_weights
+        self.resize = resize  # the input convention (RESIZE_MODES for inception, XRV_RESIZE_MODES for xrv)
         self.net.eval().requires_grad_(False).to(device)
 
     def prepare(self, img, fit="crop", compat=False):
         if self.processor is not None:  # transformers processors resize/crop themselves: hand over a square RGB
             return np.repeat((prepare(img, 0, fit, compat) * 255 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
-        return prepare(img, self.size, fit, compat)
+        if self.resize == "skimage":  # xrv's documented XRayCenterCrop + XRayResizer (always a crop)
+            return xrv_skimage_resize(square(img, "crop", "xrv"), self.size)
+        if self.resize in ("pytorch-fid", "clean", "tf1"):  # these tools squash the whole image to 299 x 299
+            return resize_as(img, self.size, self.resize)
+        return prepare(img, self.size, fit, compat, "xrv" if self.name == "xrv" else "floor")
 
     @torch.no_grad()
     def __call__(self, batch):
         """batch: list of prepare() outputs, or a float tensor [B, C, H, W] in [0, 1] -> float32 [B, dim]."""
         if torch.is_tensor(batch):
             x = batch.float().mean(1, keepdim=True)
-            batch = [np.repeat((im[0].cpu().numpy() * 255 + 0.5).astype(np.uint8)[:, :, None], 3, 2) for im in x] \
-                if self.processor is not None else F.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                                  antialias=True, align_corners=False)
+            if self.processor is not None:
+                batch = [np.repeat((im[0].cpu().numpy() * 255 + 0.5).astype(np.uint8)[:, :, None], 3, 2) for im in x]
+            elif self.resize in ("antialias", "model"):
+                batch = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                      align_corners=False)
+            else:
+                batch = [self.prepare(im[0].cpu().numpy()) for im in x]
         x = self.processor(images=list(batch), return_tensors="pt")["pixel_values"] if self.processor is not None \
             else batch if torch.is_tensor(batch) else torch.from_numpy(np.stack(batch))[:, None]
         x = x.to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):  # bf16 GPU, fp32 CPU
             if self.name == "inception":
-                f = self.net((2 * x - 1).expand(-1, 3, -1, -1))  # [0,1] -> [-1,1], gray replicated to RGB
+                # [0,1] -> [-1,1] (pytorch-fid) or (255 x - 128) / 128 (TF graph: torch-fidelity, clean-fid)
+                x = (x * 255 - 128) / 128 if self.resize in ("clean", "tf1") else 2 * x - 1
+                f = self.net(x.expand(-1, 3, -1, -1))  # gray replicated to RGB
             elif self.name == "xrv":
                 f = self.net.embed(x * 2048 - 1024)  # xrv.datasets.normalize: [0, 1] -> [-1024, 1024]
             else:
@@ -1077,10 +1161,15 @@ class Extractor:
         return f.float().cpu()
 
 
-def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu", offline=False):
+def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu", offline=False, resize="antialias",
+                  xrv_resize="model"):
     """Build a feature extractor by name ('inception', 'xrv', 'raddino', 'dinov2', 'clip', or a transformers
-    model id / local path). Missing weights raise WeightsMissing unless allow_random_weights."""
+    model id / local path). Missing weights raise WeightsMissing unless allow_random_weights. resize: the
+    Inception input convention (RESIZE_MODES), xrv_resize: the XRV one (XRV_RESIZE_MODES)."""
     device = torch.device(device)
+    if resize not in RESIZE_MODES or xrv_resize not in XRV_RESIZE_MODES:
+        raise ValueError(f"resize {resize!r} / xrv_resize {xrv_resize!r}; expected one of {', '.join(RESIZE_MODES)} "
+                         f"/ {', '.join(XRV_RESIZE_MODES)}")
     if name in ("inception", "xrv"):
         inc = name == "inception"
         net, src, rnd = (FIDInceptionV3() if inc else XRVDenseNet()), "random", False
@@ -1098,10 +1187,19 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
             rnd = True  # variance-preserving init below, so random features do not vanish with depth
             for m in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
                 nn.init.kaiming_normal_(m.weight)
-        prep = ("gray->RGB, square by crop/pad, bilinear+antialias to 299, [0,1] -> [-1,1] (pytorch-fid); pool3"
-                if inc else "1 channel, square by crop/pad, bilinear+antialias to 224, [0,1] -> [-1024,1024] "
-                "(xrv normalize); ReLU + global average pool")
-        return Extractor(name, net, 299 if inc else 224, 2048 if inc else 1024, prep, src, rnd, device)
+        mode = resize if inc else xrv_resize
+        prep = {"antialias": "gray->RGB, square by crop/pad, bilinear+antialias to 299, [0,1] -> [-1,1]; pool3",
+                "pytorch-fid": "gray->RGB, squashed to 299 by F.interpolate bilinear (no antialias), [0,1] -> [-1,1] "
+                "(pytorch-fid); pool3",
+                "clean": "gray->RGB, squashed to 299 by PIL bicubic on floats in [0,255], (x - 128) / 128 "
+                "(clean-fid); pool3",
+                "tf1": "gray->RGB, squashed to 299 by TF1 bilinear, (x - 128) / 128 (torch-fidelity, torchmetrics); "
+                "pool3",
+                "model": "1 channel, square by crop/pad (xrv crop offsets), bilinear+antialias to 224, [0,1] -> "
+                "[-1024,1024] (xrv normalize); ReLU + global average pool",
+                "skimage": "1 channel, XRayCenterCrop, XRayResizer (skimage resize, float64) to 224, [-1024,1024] "
+                "(xrv's documented pipeline); ReLU + global average pool"}[mode]
+        return Extractor(name, net, 299 if inc else 224, 2048 if inc else 1024, prep, src, rnd, device, resize=mode)
     return _hf_extractor(name, weights_dir, allow_random_weights, device, offline)
 
 
@@ -1234,8 +1332,10 @@ def distribution_metrics(fr, ff, cfg, chosen, device):
                 out["fd"] = frechet_distance(fr, ff)
             notes += [str(x.message) for x in w]
         elif name == "kid":
-            out["kid_mean"], out["kid_std"] = kid(fr, ff, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed, device)
-            out["kid_subset_size"] = m
+            seed = cfg.seed if cfg.kid_sampler == "cxr-gen" else None  # torch-fidelity: its RandomState(2020)
+            out["kid_mean"], out["kid_std"] = kid(fr, ff, cfg.kid_subsets, cfg.kid_subset_size, seed, device,
+                                                  cfg.kid_sampler)
+            out["kid_subset_size"], out["kid_sampler"] = m, cfg.kid_sampler
             notes += [f"kid subsets of {m} < {cfg.kid_subset_size} (fewer images than a subset)"] * (
                 m < cfg.kid_subset_size)
         else:
@@ -1453,9 +1553,16 @@ def evaluate(cfg):
     chosen = ("paired", "factual") if cfg.paired else chosen  # identity metrics only
     if bad := [m for m in chosen if m not in ALL_METRICS]:
         raise SystemExit(f"metrics: unknown --metrics {bad}; expected some of {','.join(ALL_METRICS)}")
-    if cfg.fit not in ("crop", "pad"):
-        raise SystemExit(f"metrics: --fit {cfg.fit!r}; expected crop or pad")
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    for flag, value, allowed in (("--fit", cfg.fit, ("crop", "pad")), ("--resize", cfg.resize, RESIZE_MODES),
+                                 ("--xrv-resize", cfg.xrv_resize, XRV_RESIZE_MODES),
+                                 ("--kid-sampler", cfg.kid_sampler, KID_SAMPLERS),
+                                 ("--device", cfg.device, ("", "auto", "cpu", "cuda"))):
+        if value not in allowed:
+            raise SystemExit(f"metrics: {flag} {value!r}; expected one of {', '.join(a for a in allowed if a)}")
+    device = torch.device(cfg.device if cfg.device in ("cpu", "cuda") else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))  # 'auto' (older flag) = ''
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("metrics: --device cuda but torch sees no CUDA device (expected cpu, or a GPU build)")
     real, fake = ImageSet(cfg.real, cfg.split), ImageSet(cfg.fake, cfg.fake_split)
     train = ImageSet(cfg.train, cfg.train_split) if cfg.train and "privacy" in chosen else None
     cache_dir = None if cfg.no_cache else (cfg.cache_dir or os.path.expanduser("~/.cache/cxr-gen/metrics"))
@@ -1468,14 +1575,16 @@ def evaluate(cfg):
               workers=cfg.workers, strict=cfg.strict, cache_dir=cache_dir)
     for name in spaces if set(chosen) & {"fd", "kid", "prdc", "conditions", "privacy"} else []:
         try:
-            ex = get_extractor(name, cfg.weights_dir, cfg.allow_random_weights, device, cfg.offline)
+            ex = get_extractor(name, cfg.weights_dir, cfg.allow_random_weights, device, cfg.offline, cfg.resize,
+                               cfg.xrv_resize)
         except WeightsMissing as e:
             print(f"metrics: skipping {name}: {e}", file=sys.stderr)
             res["skipped_features"][name] = str(e)
             continue
         (fr, kr, cr), (ff, kf, cf) = (extract_features(im, ex, **kw) for im in (real, fake))
         feats[name] = (ex, fr, kr, ff, kf)
-        res["features"][name] = dict(extractor=ex.name, dim=ex.dim, preprocessing=ex.preprocessing, weights=ex.weights,
+        res["features"][name] = dict(extractor=ex.name, dim=ex.dim, preprocessing=ex.preprocessing,
+                                     resize=ex.resize if ex.processor is None else "processor", weights=ex.weights,
                                      random_weights=ex.random_weights, cache={"real": cr, "fake": cf},
                                      **distribution_metrics(fr, ff, cfg, chosen, device))
         if "conditions" in chosen and rgroups and fgroups:
@@ -1503,6 +1612,11 @@ def evaluate(cfg):
         tr = extract_features(train, ex, **kw)[:2] if ex else None
         res["privacy"] = privacy(fake, train, cfg, (pf, (ff, kf)) if ex else None, tr, device)
         res["train"] = {"path": train.root, "n": len(train)}
+    if high := [key for key, s in (("real", real), ("fake", fake), ("train", train)) if s and s.info["high_bit"]]:
+        note = (f"{' and '.join(high)} images are 16-bit: read here at full precision; pytorch-fid, torch-fidelity "
+                "and clean-fid read them through PIL convert('RGB'), which clips them, so their numbers will disagree")
+        res["notes"] = res.get("notes", []) + [note]
+        print(f"metrics: note: {note}", file=sys.stderr)
     for key, s in (("real", real), ("fake", fake), ("train", train)):
         if getattr(s, "skipped", None):
             res[key]["unreadable_skipped"] = len(s.skipped)
