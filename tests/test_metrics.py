@@ -1,6 +1,7 @@
 """Tests of metrics.py against independent references: closed forms, scipy, float64 numpy re-implementations,
 hand-computed point sets, and the published checkpoint layouts (written out here). CPU only, offline."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import pytest
 import scipy.linalg
 import scipy.ndimage
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -338,6 +340,156 @@ def test_ssim_msssim_psnr_hand_checked():
     assert M.ms_ssim(small, small).shape == (2,)
 
 
+def _ms_ssim_pytorch_msssim(x, y):
+    """pytorch-msssim 1.0's ms_ssim re-implemented in float64: between scales, avg_pool2d(kernel 2, padding = side
+    % 2), i.e. an odd side gets one zero on both ends and the zeros count in the 2x2 mean."""
+    w, vals = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333], []
+    for i in range(5):
+        s, cs = _ssim_ref(x, y)
+        vals.append(max(cs if i < 4 else s, 0.0))
+        pads = [(a % 2, a % 2) for a in x.shape]
+        x, y = (np.pad(a, pads) for a in (x, y))
+        x, y = (a[:a.shape[0] // 2 * 2, :a.shape[1] // 2 * 2].reshape(a.shape[0] // 2, 2, -1, 2).mean((1, 3))
+                for a in (x, y))
+    return float(np.prod(np.array(vals) ** np.array(w)))
+
+
+def test_ms_ssim_odd_sizes_follow_pytorch_msssim_padding():
+    rng = np.random.default_rng(13)
+    for h, w in ((171, 171), (175, 193)):  # odd at several scales: 171 -> 86 -> 43 -> 22 -> 11
+        x = rng.random((h, w))
+        y = np.clip(x + 0.15 * rng.standard_normal(x.shape), 0, 1)
+        want = _ms_ssim_pytorch_msssim(x, y)
+        assert float(M.ms_ssim(torch.from_numpy(x), torch.from_numpy(y))) == pytest.approx(want, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resize conventions of the peer tools, re-implemented in float64
+
+
+def _bilinear_ref(img, size, half_pixel):
+    """Separable linear interpolation in float64: pixel-centre mapping (i + 0.5) s - 0.5 clamped at 0 (PyTorch,
+    align_corners=False) or TF1's i * s; upper neighbour clamped to the last pixel."""
+    def along(a, n_out):
+        n, s = a.shape[0], a.shape[0] / n_out
+        src = (np.arange(n_out) + 0.5) * s - 0.5 if half_pixel else np.arange(n_out) * s
+        src = np.maximum(src, 0)
+        lo = np.floor(src).astype(int)
+        f = (src - lo)[:, None]
+        return a[lo] * (1 - f) + a[np.minimum(lo + 1, n - 1)] * f
+    return along(along(img.astype(np.float64), size).T, size).T
+
+
+def _pil_bicubic_ref(img, size):
+    """PIL's antialiased bicubic resize (a = -0.5; support 2 x max(scale, 1); weights normalised per output pixel;
+    horizontal then vertical pass), float64."""
+    def cubic(t):
+        t = np.abs(t)
+        return np.where(t < 1, (1.5 * t - 2.5) * t * t + 1, np.where(t < 2, ((-0.5 * t + 2.5) * t - 4) * t + 2, 0))
+
+    def along(a, n_out):
+        n = a.shape[0]
+        scale = n / n_out
+        fs = max(scale, 1.0)
+        out = np.empty((n_out,) + a.shape[1:])
+        for i in range(n_out):
+            c = (i + 0.5) * scale
+            lo, hi = max(int(c - 2 * fs + 0.5), 0), min(int(c + 2 * fs + 0.5), n)
+            wts = cubic((np.arange(lo, hi) - c + 0.5) / fs)
+            out[i] = (wts / wts.sum()) @ a[lo:hi]
+        return out
+    return along(along(img.astype(np.float64).T, size).T, size)
+
+
+def test_resize_conventions_match_float64_references_torch_and_pil():
+    rng = np.random.default_rng(14)
+    img = rng.random((37, 52)).astype(np.float32)  # non-square: the peers squash, they do not crop
+    for size in (23, 80):  # down and up
+        t = torch.from_numpy(img.astype(np.float64))[None, None]
+        torch_ref = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+        np.testing.assert_allclose(_bilinear_ref(img, size, True), torch_ref, atol=1e-12)  # the reference itself
+        np.testing.assert_allclose(M.resize_as(img, size, "pytorch-fid"), torch_ref, atol=1e-5)  # float32
+        np.testing.assert_allclose(M.resize_as(img, size, "tf1"), _bilinear_ref(img, size, False), atol=1e-5)
+        pil = np.asarray(Image.fromarray(img * 255, mode="F").resize((size, size), Image.BICUBIC), np.float64)
+        np.testing.assert_allclose(_pil_bicubic_ref(img * 255, size), pil, atol=2e-3)  # the reference vs PIL
+        np.testing.assert_allclose(M.resize_as(img, size, "clean"), np.clip(_pil_bicubic_ref(img, size), 0, 1),
+                                   atol=1e-5)
+    even = rng.random((64, 64)).astype(np.float32)
+    np.testing.assert_allclose(M.resize_as(even, 32, "tf1"), even[::2, ::2], atol=1.2e-7)  # TF1: no half-pixel
+    # offset, so exactly 1/2 samples every other pixel (up to one rounding of x 255 and back)
+    np.testing.assert_allclose(M.resize_as(even, 32, "pytorch-fid"), even.reshape(32, 2, 32, 2).mean((1, 3)),
+                               atol=1e-6)  # half-pixel bilinear at exactly 1/2: the 2x2 mean
+    with pytest.raises(ValueError, match="resize mode 'lanczos'"):
+        M.resize_as(img, 8, "lanczos")
+
+
+class _Capture(torch.nn.Module):
+    def forward(self, x):
+        self.x = x
+        return x.mean((2, 3))
+
+    def embed(self, x):
+        return self.forward(x)
+
+
+def test_extractor_conventions_squash_normalise_and_xrv_crop():
+    img = np.random.default_rng(15).random((40, 61)).astype(np.float32)
+    for mode, lo in (("antialias", -1.0), ("pytorch-fid", -1.0), ("clean", -1.0), ("tf1", -1.0)):
+        ex = M.Extractor("inception", _Capture(), 299, 3, "p", "w", False, torch.device("cpu"), resize=mode)
+        prepared = ex.prepare(img)
+        want = M.resize(img[:, 10:50], 299) if mode == "antialias" else M.resize_as(img, 299, mode)  # crop vs squash
+        np.testing.assert_allclose(prepared, want, atol=1e-6)
+        ex([np.zeros((299, 299), np.float32)])
+        assert float(ex.net.x.min()) == (lo if mode in ("antialias", "pytorch-fid") else -1.0)
+        ex([np.ones((299, 299), np.float32)])  # 2x - 1 gives 1; (255 - 128) / 128 = 0.9921875 (TF graph)
+        assert float(ex.net.x.max()) == pytest.approx(1.0 if mode in ("antialias", "pytorch-fid") else 127 / 128)
+    # XRayCenterCrop starts at w // 2 - s // 2: one column later than (w - s) // 2 for w = 10, s = 7
+    a = np.arange(70, dtype=np.float32).reshape(7, 10)
+    np.testing.assert_array_equal(M.square(a, "crop", "xrv"), a[:, 2:9])
+    np.testing.assert_array_equal(M.square(a, "crop"), a[:, 1:8])
+    ex = M.Extractor("xrv", _Capture(), 224, 1, "p", "w", False, torch.device("cpu"), resize="model")
+    np.testing.assert_allclose(ex.prepare(a / 70), M.resize(a[:, 2:9] / 70, 224), atol=1e-6)
+
+
+def _xrv_resizer_ref(img, size):
+    """xrv's documented XRayCenterCrop + XRayResizer re-implemented in float64 on xrv-normalised values: per
+    downsampled axis a zero-padded Gaussian of sigma (factor - 1) / 2 truncated at 4 sigma, then linear
+    interpolation at (i + 0.5) f - 0.5 with zeros outside the image, clipped to the input's range."""
+    h, w = img.shape
+    s = min(h, w)
+    v = img[h // 2 - s // 2:h // 2 - s // 2 + s, w // 2 - s // 2:w // 2 - s // 2 + s].astype(np.float64) * 2048 - 1024
+
+    def along(a):
+        n, f = a.shape[0], a.shape[0] / size
+        if f > 1:
+            sigma = (f - 1) / 2
+            r = int(4 * sigma + 0.5)
+            g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+            pad = np.concatenate([np.zeros((r,) + a.shape[1:]), a, np.zeros((r,) + a.shape[1:])])
+            a = sum(g[j] / g.sum() * pad[j:j + n] for j in range(2 * r + 1))
+        src = (np.arange(size) + 0.5) * f - 0.5
+        lo = np.floor(src).astype(int)
+        t = (src - lo)[:, None]
+        get = lambda i: np.where(((i >= 0) & (i < n))[:, None], a[np.clip(i, 0, n - 1)], 0.0)  # noqa: E731
+        return get(lo) * (1 - t) + get(lo + 1) * t
+    out = np.clip(along(along(v).T).T, v.min(), v.max())
+    return (out + 1024) / 2048
+
+
+def test_xrv_documented_resizer_against_float64_reimplementation():
+    rng = np.random.default_rng(16)
+    for shape, size in (((90, 120), 32), ((12, 13), 30)):  # down (sigma 1.3) and up (zero outside, no filter)
+        img = (0.6 + 0.3 * rng.random(shape)).astype(np.float32)  # range excludes xrv's 0: the clip matters
+        h, w = shape
+        s = min(h, w)
+        cropped = M.square(img, "crop", "xrv")
+        assert cropped.shape == (s, s)
+        got = M.xrv_skimage_resize(cropped, size)
+        np.testing.assert_allclose(got, _xrv_resizer_ref(img, size), atol=1e-6)
+        ex = M.Extractor("xrv", _Capture(), size, 1, "p", "w", False, torch.device("cpu"), resize="skimage")
+        np.testing.assert_allclose(ex.prepare(img), got, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # data, privacy, per-condition, CLI
 
@@ -478,9 +630,12 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "res.json")
     M.main(["--real", str(tmp_path / "real"), "--fake", str(fake), "--train", str(tmp_path / "real"),
             "--train-split", "", "--features", f"inception,{hf}", "--offline", "--out", out, "--kid-subsets", "5",
-            "--pixel-size", "48", "--privacy-size", "24", "--cache-dir", str(tmp_path / "c"), "--workers", "1"])
+            "--pixel-size", "48", "--privacy-size", "24", "--cache-dir", str(tmp_path / "c"), "--workers", "1",
+            "--device", "cpu", "--kid-sampler", "torch-fidelity"])
     text = capsys.readouterr()
     res = json.load(open(out))
+    assert res["features"][hf]["kid_sampler"] == "torch-fidelity" and res["features"][hf]["resize"] == "processor"
+    assert "16-bit" in text.err and any("clips them" in s for s in res["notes"])  # peers clip 16-bit files
     assert "pt_inception-2015-12-05-6726825d.pth" in res["skipped_features"]["inception"]
     assert "skipping inception" in text.err and "paired: n 24" in text.out
     f = res["features"][hf]
@@ -496,6 +651,18 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert p["n_train"] == n and p["count_under_threshold"] == 12 and p["rms_min"] == 0.0
     assert res["privacy"]["latent"]["count_under_threshold"] >= 12 and os.path.isfile(p["grid"])
     assert {"torch", "numpy", "metrics.py"} <= set(res["versions"])
+
+
+def test_cli_vocabulary_help_and_bad_values(tmp_path):
+    assert all(f.metadata.get("help") for f in dataclasses.fields(M.Config))  # --help comes from the fields
+    text = M.build_parser().format_help()
+    assert "Inception input convention" in text and "cpu | cuda" in text and "torch-fidelity" in text
+    for flag, value, expected in (("--device", "gpu", "cpu, cuda"), ("--resize", "bicubic", "pytorch-fid, clean"),
+                                  ("--xrv-resize", "cv2", "model, skimage"), ("--kid-sampler", "tf", "cxr-gen")):
+        with pytest.raises(SystemExit, match=f"metrics: {flag} '{value}'; expected one of .*{expected}"):
+            M.main(["--fake", str(tmp_path), flag, value])
+    cfg = M.Config(**vars(M.build_parser().parse_args(["--device", "auto"])))  # the older spelling still parses
+    assert cfg.device == "auto" and M.Config().device == ""
 
 
 def test_cli_on_phantom(phantom64_dir, tmp_path, capsys):
