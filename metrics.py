@@ -23,9 +23,32 @@ Commands:
     python metrics.py --real data/phantom --fake samples/ --train data/phantom --out r.json   # + privacy
     python metrics.py --paired --real originals/ --fake edited/ --lpips raddino,dinov2 --out id.json  # Table 14
     python metrics.py convert-xrv ~/.torchxrayvision/models_data/<file>.pt --dst xrv.safetensors
-    python metrics.py bench --n 10000 --dim 2048      # CPU: FD vs scipy.linalg.sqrtm, PRDC vs full matrices
+    python metrics.py bench --n 10000 --dim 2048      # CPU: FD vs sqrtm, PRDC vs full matrices, KID vs torch-fidelity
 Offline, an extractor whose weights are not found is skipped with a message naming the file and --weights-dir;
 --allow-random-weights runs it anyway and labels every number it gives "random weights, not comparable".
+
+The default preprocessing (square by --fit, bilinear with antialiasing) is ours; other tools' numbers need their
+conventions. Each feature space's convention is recorded in results.json (features.<name>.resize, kid_sampler).
+To reproduce tool X's number on the same files and weights, use flags Y:
+
+  tool X                           flags Y                                         what they select
+  pytorch-fid (python -m           --features inception --metrics fd               squash to 299, bilinear without
+    pytorch_fid a b)                 --resize pytorch-fid                            antialias, 2x - 1
+  torch-fidelity (fidelity         --features inception --metrics fd,kid           squash, TF1 bilinear, (x-128)/128;
+    --fid --kid)                     --resize tf1 --kid-sampler torch-fidelity       KID subsets of RandomState(2020);
+                                                                                     it needs N >= --kid-subset-size
+  torchmetrics FID / KID           --features inception --metrics fd,kid           torch-fidelity's extractor; KID
+                                     --resize tf1                                    subsets its own: same expectation
+  clean-fid (mode="clean")         --features inception --metrics fd               squash, PIL bicubic on floats,
+                                     --resize clean                                  (x-128)/128; its own TF-graph port
+  CheXGenBench                     --chexgenbench-compat --resize tf1              PIL squash to 299, then tf1
+  prdc (Naeem et al. 2020)         --metrics prdc --k 5                            same; exact on ties
+  pytorch-msssim ms_ssim           --metrics diversity (--pixel-size >= 161)       same window, relu, odd-side padding
+  torchxrayvision, documented      --features xrv --xrv-resize skimage             XRayCenterCrop + XRayResizer
+  torchxrayvision, in-model        --features xrv (default --xrv-resize model)     bilinear + antialias, xrv's crop
+
+16-bit files: the peers read them through PIL convert('RGB'), which clips; metrics.py keeps the 16 bits and prints
+a note. To reproduce a peer's number on 16-bit data, give both tools the same 8-bit copies.
 """
 import argparse
 import csv
@@ -630,25 +653,24 @@ def prdc(real, fake, k=5, device=None, mem_mb=256):
     balls_per_fake = torch.zeros(m, dtype=torch.int64, device=qr.device)
     covered, recalled = (torch.zeros(n, dtype=torch.bool, device=qr.device) for _ in range(2))
 
-    def undecided(d, lo, hi, inside, ii, jj, radius):
-        """Comparisons d < radius within the error band (d >= lo and d <= hi), decided from exact distances."""
-        rows, cols = ((d <= hi) & ~inside).nonzero(as_tuple=True)
+    def inside(s, d, lo, hi, radius):
+        """d < radius for the real rows s.. x fake block d: sure below lo; between lo and hi (the GEMM's error band)
+        decided from exact distances; radius(rows, cols) gives the exact radii of the undecided entries."""
+        out = d < lo
+        rows, cols = ((d <= hi) & ~out).nonzero(as_tuple=True)
         if len(rows):
-            ex = torch.as_tensor(_exact_sqdist(raw_r, raw_f, (ii(rows)).cpu().numpy(), jj(cols).cpu().numpy()),
-                                 device=d.device)
-            hit = ex < radius(rows, cols)
-            inside[rows[hit], cols[hit]] = True
-        return inside
+            ex = _exact_sqdist(raw_r, raw_f, (rows + s).cpu().numpy(), cols.cpu().numpy())
+            hit = torch.as_tensor(ex, device=d.device) < radius(rows, cols)
+            out[rows[hit], cols[hit]] = True
+        return out
 
     def visit(s, r, d):  # d: [chunk, m] GEMM squared real-fake distances, r: the chunk's exact real radii
         err = tol * (norms_r[s:s + len(r)] + norms_f.max())
         lo, hi = _rounded(r - err, d.dtype, False)[:, None], _rounded(r + err, d.dtype, True)[:, None]
-        inside = undecided(d, lo, hi, d < lo, lambda a: a + s, lambda c: c, lambda a, c: r[a])
-        balls_per_fake.add_(inside.view(torch.uint8).sum(0, dtype=torch.int32))
-        covered[s:s + len(r)] = inside.any(1)
-        inside = undecided(d, lo_f[None], hi_f[None], d < lo_f[None], lambda a: a + s, lambda c: c,
-                           lambda a, c: r_fake[c])
-        recalled[s:s + len(r)] = inside.any(1)
+        in_real = inside(s, d, lo, hi, lambda a, c: r[a])
+        balls_per_fake.add_(in_real.view(torch.uint8).sum(0, dtype=torch.int32))
+        covered[s:s + len(r)] = in_real.any(1)
+        recalled[s:s + len(r)] = inside(s, d, lo_f[None], hi_f[None], lambda a, c: r_fake[c]).any(1)
 
     _knn_pass(qr, bank, k, tol, lambda i, j: _exact_sqdist(raw_r, raw_r, i, j), visit, mem_mb)
     return {"precision": float((balls_per_fake > 0).double().mean()), "recall": float(recalled.double().mean()),
@@ -1128,10 +1150,11 @@ class Extractor:
     def prepare(self, img, fit="crop", compat=False):
         if self.processor is not None:  # transformers processors resize/crop themselves: hand over a square RGB
             return np.repeat((prepare(img, 0, fit, compat) * 255 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
-        if self.resize == "skimage":  # xrv's documented XRayCenterCrop + XRayResizer (always a crop)
-            return xrv_skimage_resize(square(img, "crop", "xrv"), self.size)
-        if self.resize in ("pytorch-fid", "clean", "tf1"):  # these tools squash the whole image to 299 x 299
-            return resize_as(img, self.size, self.resize)
+        if self.resize in ("skimage", "pytorch-fid", "clean", "tf1"):
+            img = prepare(img, 0, "crop", compat) if compat and img.shape != (299, 299) else img  # CheXGenBench squash
+            if self.resize == "skimage":  # xrv's documented XRayCenterCrop + XRayResizer (always a crop)
+                return xrv_skimage_resize(square(img, "crop", "xrv"), self.size)
+            return resize_as(img, self.size, self.resize)  # these tools squash the whole image to 299 x 299
         return prepare(img, self.size, fit, compat, "xrv" if self.name == "xrv" else "floor")
 
     @torch.no_grad()
