@@ -3,9 +3,10 @@
     o = attention(q, k, v, key_lengths=None, scale=None)     # from kernels import attention
 
 q [B, H, Lq, D], k and v [B, H, Lk, D] -> o [B, H, Lq, D] in q's dtype. Non-causal; self-attention (Lq = Lk) and
-cross-attention (Lq != Lk); any lengths; D <= 128 (tiles are padded to a power of two >= 16 and masked);
+cross-attention (Lq != Lk); any lengths; any head dim 1 <= D <= 256 (MAX_HEAD_DIM, as FlashAttention-2);
 `key_lengths` [B] (int) marks keys j >= key_lengths[b] of batch row b as padding (text tokens); a row with
-key_length 0 attends to nothing and returns 0. `scale` defaults to 1/sqrt(D).
+key_length 0 attends to nothing and returns 0. `scale` defaults to 1/sqrt(D). q, k, v may be strided views (the
+permuted slices of a fused qkv projection): only the last dimension must be contiguous, nothing is copied.
 
 Math (per batch b, head h; s = scale):
     S = s * Q K^T,   S[i, j] = -inf for j >= key_lengths[b]
@@ -24,17 +25,31 @@ Paths (the dispatch lives in kernels/__init__.py):
   query blocks and accumulates dK, dV in registers; one kernel per query block walks all key blocks and
   accumulates dQ. Every output element has exactly one writer: no atomics, deterministic. All dot products
   accumulate in fp32 (fp32 inputs use TF32 when torch.backends.cuda.matmul.allow_tf32 is on, IEEE fp32 otherwise).
-  Block sizes / warps / stages are autotuned per (length buckets, D, dtype) on the GPU; under TRITON_INTERPRET=1
-  a fixed small configuration runs instead (the interpreter executes the same kernel source on CPU tensors; set
-  the variable before triton is first imported, since triton decorates its own helpers, tl.zeros etc., then).
+  Block sizes / warps / stages are autotuned per (length buckets, D, dtype, key mask, precision, alignment) on the
+  GPU; under TRITON_INTERPRET=1 a fixed small configuration runs instead (the interpreter executes the same kernel
+  source on CPU tensors; set the variable before triton is first imported, since triton decorates its own helpers,
+  tl.zeros etc., then).
 - Reference (`attention_reference`, CPU tensors or KERNELS_REFERENCE=1): torch's scaled_dot_product_attention
   with a boolean key mask; autograd gives the backward.
+
+Three implementation choices matter for speed and safety (each is a comment at its place below):
+- Head dims that are not a power of two are split into two power-of-two chunks, D = DA + tail with the tail padded
+  to DB (72 = 64 + 16 computing 80 columns, 40 = 32 + 16 -> 48, 80 = 64 + 16, 160 = 128 + 32): triton's tiles are
+  powers of two, and padding 72 to 128 wasted 44 % of every matmul. The row strides are passed in units of ALIGN
+  elements (16 bytes when the strides allow), so that the compiler can prove 16-byte alignment for rows of 72 or 40
+  elements, whose strides the JIT alone would not mark (it only marks multiples of 16 elements): that keeps
+  vector loads and cp.async pipelining.
+- Key blocks that hold only valid keys run without any key mask; only the one block that straddles the end of the
+  valid keys is masked. That masking is where the dQ kernel must zero P of padded keys: their score is 0, so
+  P = 2^(-LSE) overflows for a row whose valid scores are all strongly negative, and inf * 0 would be NaN.
+- The grid is one-dimensional (blocks x batch x heads), so B * H has no 65535 limit.
 
 Importing this file needs no GPU, nor triton (the reference path works everywhere).
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +69,9 @@ _jit = triton.jit if triton is not None else (lambda fn: fn)
 POISON_OUTPUTS = False
 
 LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256                    # as FlashAttention-2; one fp32 accumulator row of 256 per query stays feasible
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_PROGRAMS = 2 ** 31 - 1            # CUDA's limit on grid dimension x (the kernels use a 1-D grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,7 +79,10 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------------------
 
 def _check(q, k, v, key_lengths, scale):
-    """Validate shapes/dtypes; returns the softmax scale."""
+    """Validate shapes, dtypes and key lengths (one-line ValueErrors naming the argument); returns the scale."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be [B,H,L,D], got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -71,10 +92,25 @@ def _check(q, k, v, key_lengths, scale):
                          f"{tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v devices differ ({q.device}, {k.device}, {v.device})")
     if k.shape[2] == 0:
         raise ValueError("attention: k and v have no keys (Lk = 0)")
-    if key_lengths is not None and (key_lengths.dim() != 1 or key_lengths.shape[0] != B):
-        raise ValueError(f"attention: key_lengths must have shape [{B}], got {tuple(key_lengths.shape)}")
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor) or key_lengths.dim() != 1 or key_lengths.shape[0] != B:
+            got = tuple(key_lengths.shape) if isinstance(key_lengths, torch.Tensor) else type(key_lengths).__name__
+            raise ValueError(f"attention: key_lengths must be an integer tensor of shape [{B}], got {got}")
+        if key_lengths.dtype.is_floating_point or key_lengths.dtype.is_complex or key_lengths.dtype == torch.bool:
+            raise ValueError(f"attention: key_lengths must be an integer tensor, got {key_lengths.dtype}")
+        # The range is checked where it costs nothing (a CPU tensor). On a GPU the check would be a device sync per
+        # call, which stalls the launch queue of every layer: there the lengths are clamped to [0, Lk] instead.
+        if key_lengths.device.type == "cpu" and key_lengths.numel():
+            lo, hi = int(key_lengths.min()), int(key_lengths.max())
+            if lo < 0 or hi > k.shape[2]:
+                raise ValueError(f"attention: key_lengths must lie in [0, Lk={k.shape[2]}], got values in "
+                                 f"[{lo}, {hi}]")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     return 1.0 / math.sqrt(D) if scale is None else float(scale)
 
 
@@ -105,178 +141,337 @@ def attention_reference(q, k, v, key_lengths=None, scale=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels: tile helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+@_jit
+def _load_chunk(base, rows, row_mask, stride_row, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr,
+                MASK_ROWS: tl.constexpr):
+    """Load the [len(rows), WIDTH] tile of columns COL0 .. COL0+WIDTH-1 (zero past D, and past row_mask if
+    MASK_ROWS). The column mask is known at compile time, so a chunk inside D has none at all."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if COL0 + WIDTH > D:
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=row_mask[:, None] & (cols < D)[None, :], other=0.0)
+        return tl.load(ptrs, mask=(cols < D)[None, :], other=0.0)
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@_jit
+def _store_chunk(base, rows, row_mask, stride_row, value, COL0: tl.constexpr, WIDTH: tl.constexpr,
+                 D: tl.constexpr):
+    """Store a [len(rows), WIDTH] tile into columns COL0 .. (masked to rows in row_mask and columns < D)."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if COL0 + WIDTH > D:
+        tl.store(ptrs, value, mask=row_mask[:, None] & (cols < D)[None, :])
+    else:
+        tl.store(ptrs, value, mask=row_mask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels: forward
+# ----------------------------------------------------------------------------------------------------------------
+
+@_jit
+def _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, n_end, stride_kn, stride_vn, qk_scale,
+               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr,
+               PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the online softmax. MASKED: the block straddles n_end (the only one that needs a mask)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    valid = cols < n_end
+    k_a = _load_chunk(k_base, cols, valid, stride_kn, 0, DA, D, MASKED).to(DOT_DTYPE)
+    s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+    if DB > 0:
+        k_b = _load_chunk(k_base, cols, valid, stride_kn, DA, DB, D, MASKED).to(DOT_DTYPE)
+        s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
+    s = s * qk_scale                               # log2 units: the softmax scale and log2(e) in one multiply
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))          # finite: every visited block holds >= 1 valid key
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # P is rounded to the storage dtype for the second matmul, as a tensor-core kernel does.
+    p = p.to(v_base.dtype.element_ty).to(DOT_DTYPE)
+    v_a = _load_chunk(v_base, cols, valid, stride_vn, 0, DA, D, MASKED).to(DOT_DTYPE)
+    acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PRECISION)
+    if DB > 0:
+        v_b = _load_chunk(v_base, cols, valid, stride_vn, DA, DB, D, MASKED).to(DOT_DTYPE)
+        acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PRECISION)
+    return acc_a, acc_b, m_new, l_i
+
 
 @_jit
 def _attn_fwd(Q, K, V, O, LSE, KL, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              H, Lq, Lk, LQ_BUCKET, LK_BUCKET, D: tl.constexpr,
+              H, Lq, Lk, LQ_BUCKET, LK_BUCKET,
+              D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
               HAS_KL: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program = one block of BLOCK_M queries of one (batch, head); it streams all valid key blocks.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # Strides arrive in units of ALIGN elements (see the module docstring), hence the "* ALIGN" below.
+    n_blocks_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks_m
+    bh = pid // n_blocks_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid_m = rows < Lq
+    q_base = Q + (b * stride_qb + h * stride_qh) * ALIGN
+    q_a = _load_chunk(q_base, rows, valid_m, stride_qm * ALIGN, 0, DA, D, True).to(DOT_DTYPE)
+    q_b = q_a                                      # placeholder when D is a power of two (DB = 0): never read
+    if DB > 0:
+        q_b = _load_chunk(q_base, rows, valid_m, stride_qm * ALIGN, DA, DB, D, True).to(DOT_DTYPE)
+    k_base = K + (b * stride_kb + h * stride_kh) * ALIGN
+    v_base = V + (b * stride_vb + h * stride_vh) * ALIGN
     n_end = Lk
     if HAS_KL:
         n_end = tl.load(KL + b)          # already clamped to [0, Lk] on the host side
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < n_end
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        # S in log2 units: scale * log2(e) folded into one multiply so the softmax uses exp2.
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))       # finite: every visited block holds >= 1 valid key
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v, input_precision=PRECISION)
-        m_i = m_new
-    # key_length 0: nothing visited, l = 0 -> output 0 and LSE = +inf (so that a recomputed P would be 0).
+    acc_a = tl.zeros([BLOCK_M, DA], tl.float32)
+    acc_b = acc_a
+    if DB > 0:
+        acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):      # blocks of valid keys only: no mask
+        acc_a, acc_b, m_i, l_i = _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, n_end,
+                                            stride_kn * ALIGN, stride_vn * ALIGN, qk_scale, D, DA, DB, False,
+                                            PRECISION, DOT_DTYPE, BLOCK_N)
+    if n_full < n_end:                              # the block that straddles the end of the valid keys
+        acc_a, acc_b, m_i, l_i = _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, n_full, n_end,
+                                            stride_kn * ALIGN, stride_vn * ALIGN, qk_scale, D, DA, DB, True,
+                                            PRECISION, DOT_DTYPE, BLOCK_N)
+    # key_length 0: nothing visited, l = 0 -> output 0 and LSE = +inf (so that a recomputed P is 0).
     empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    inv_l = 1.0 / tl.where(empty, 1.0, l_i)
+    o_base = O + (b * stride_ob + h * stride_oh) * ALIGN
+    _store_chunk(o_base, rows, valid_m, stride_om * ALIGN, (acc_a * inv_l[:, None]).to(O.dtype.element_ty),
+                 0, DA, D)
+    if DB > 0:
+        _store_chunk(o_base, rows, valid_m, stride_om * ALIGN, (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
+                     DA, DB, D)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=mask_m)
+    tl.store(LSE + bh.to(tl.int64) * Lq + rows, lse, mask=valid_m)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels: backward
+# ----------------------------------------------------------------------------------------------------------------
 
 @_jit
 def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                         H, Lq, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Delta_i = sum_d dO_id * O_id (= rowsum(P * dP)), in fp32.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+                         H, Lq, D: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    # Delta_i = sum_d dO_id * O_id (= rowsum(P * dP)), in fp32. Bandwidth-bound: one padded tile is fine here.
+    n_blocks_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks_m
+    bh = pid // n_blocks_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid_m = rows < Lq
+    o = _load_chunk(O + (b * stride_ob + h * stride_oh) * ALIGN, rows, valid_m, stride_om * ALIGN, 0, BLOCK_D, D,
+                    True).to(tl.float32)
+    do = _load_chunk(DO + (b * stride_dob + h * stride_doh) * ALIGN, rows, valid_m, stride_dom * ALIGN, 0, BLOCK_D,
+                     D, True).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + rows, tl.sum(o * do, 1), mask=valid_m)
+
+
+@_jit
+def _dkdv_block(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, start_m, Lq,
+                stride_qm, stride_dom, qk_scale,
+                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr,
+                PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block of the dK/dV walk (transposed tiles: rows are keys). MASKED: the last, partial query block;
+    its rows past Lq load as q = dO = 0 with LSE = +inf, so their P is exactly 0."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    valid = rows < Lq
+    q_a = _load_chunk(q_base, rows, valid, stride_qm, 0, DA, D, MASKED).to(DOT_DTYPE)
+    do_a = _load_chunk(do_base, rows, valid, stride_dom, 0, DA, D, MASKED).to(DOT_DTYPE)
+    if MASKED:
+        lse = tl.load(lse_base + rows, mask=valid, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=valid, other=0.0)
+    else:
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    s_t = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)
+    dp_t = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
+    q_b = q_a
+    do_b = do_a
+    if DB > 0:
+        q_b = _load_chunk(q_base, rows, valid, stride_qm, DA, DB, D, MASKED).to(DOT_DTYPE)
+        do_b = _load_chunk(do_base, rows, valid, stride_dom, DA, DB, D, MASKED).to(DOT_DTYPE)
+        s_t = tl.dot(k_b, tl.trans(q_b), s_t, input_precision=PRECISION)
+        dp_t = tl.dot(v_b, tl.trans(do_b), dp_t, input_precision=PRECISION)
+    # Padded keys (k = v = 0) are not masked here: their rows of P, dS, dK and dV are independent of the valid
+    # rows and are zeroed once at the store.
+    p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+    p_lo = p_t.to(do_base.dtype.element_ty).to(DOT_DTYPE)
+    dv_a = tl.dot(p_lo, do_a, dv_a, input_precision=PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q_base.dtype.element_ty).to(DOT_DTYPE)
+    dk_a = tl.dot(ds_t, q_a, dk_a, input_precision=PRECISION)
+    if DB > 0:
+        dv_b = tl.dot(p_lo, do_b, dv_b, input_precision=PRECISION)
+        dk_b = tl.dot(ds_t, q_b, dk_b, input_precision=PRECISION)
+    return dk_a, dk_b, dv_a, dv_b
 
 
 @_jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KL, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                   H, Lq, Lk, LQ_BUCKET, LK_BUCKET, D: tl.constexpr,
+                   stride_dkb, stride_dkh, stride_dkn,
+                   H, Lq, Lk, LQ_BUCKET, LK_BUCKET,
+                   D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
                    HAS_KL: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program = one block of BLOCK_N keys of one (batch, head); it walks every query block and accumulates
-    # dK = s * dS^T Q and dV = P^T dO in fp32 registers (transposed tiles: rows are keys).
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    # dK = s * dS^T Q and dV = P^T dO in fp32 registers. DK and DV share one (contiguous) layout.
+    n_blocks_n = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_blocks_n
+    bh = pid // n_blocks_n
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_end = Lk
     if HAS_KL:
         n_end = tl.load(KL + b)
-    mask_n = offs_n < n_end                      # padded keys get dK = dV = 0
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0).to(DOT_DTYPE)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0).to(DOT_DTYPE)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    row_base = bh.to(tl.int64) * Lq
+    valid_n = cols < n_end                       # padded keys get dK = dV = 0
+    k_base = K + (b * stride_kb + h * stride_kh) * ALIGN
+    v_base = V + (b * stride_vb + h * stride_vh) * ALIGN
+    k_a = _load_chunk(k_base, cols, valid_n, stride_kn * ALIGN, 0, DA, D, True).to(DOT_DTYPE)
+    v_a = _load_chunk(v_base, cols, valid_n, stride_vn * ALIGN, 0, DA, D, True).to(DOT_DTYPE)
+    k_b = k_a
+    v_b = v_a
+    dk_a = tl.zeros([BLOCK_N, DA], tl.float32)
+    dv_a = tl.zeros([BLOCK_N, DA], tl.float32)
+    dk_b = dk_a
+    dv_b = dv_a
+    if DB > 0:
+        k_b = _load_chunk(k_base, cols, valid_n, stride_kn * ALIGN, DA, DB, D, True).to(DOT_DTYPE)
+        v_b = _load_chunk(v_base, cols, valid_n, stride_vn * ALIGN, DA, DB, D, True).to(DOT_DTYPE)
+        dk_b = tl.zeros([BLOCK_N, DB], tl.float32)
+        dv_b = tl.zeros([BLOCK_N, DB], tl.float32)
+    q_base = Q + (b * stride_qb + h * stride_qh) * ALIGN
+    do_base = DO + (b * stride_dob + h * stride_doh) * ALIGN
+    lse_base = LSE + bh.to(tl.int64) * Lq
+    delta_base = DELTA + bh.to(tl.int64) * Lq
     # A block made only of padded keys skips the walk and stores zeros.
-    m_stop = tl.where(pid_n * BLOCK_N < n_end, Lq, 0)
-    for start_m in range(0, m_stop, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < Lq
-        qd_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=qd_mask, other=0.0).to(DOT_DTYPE)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=qd_mask, other=0.0).to(DOT_DTYPE)
-        lse = tl.load(LSE + row_base + rows, mask=mask_m, other=float("inf"))   # +inf -> P = 0 off the end
-        delta = tl.load(DELTA + row_base + rows, mask=mask_m, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale     # S^T, log2 units
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        p_t = tl.where(mask_n[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT_DTYPE), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=PRECISION)
-    dk = dk * sm_scale
-    out_off = b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    out_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_mask)       # DK, DV share k's strides
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_mask)
+    m_full = tl.where(pid_n * BLOCK_N < n_end, (Lq // BLOCK_M) * BLOCK_M, 0)
+    for start_m in range(0, m_full, BLOCK_M):
+        dk_a, dk_b, dv_a, dv_b = _dkdv_block(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base,
+                                             lse_base, delta_base, start_m, Lq, stride_qm * ALIGN,
+                                             stride_dom * ALIGN, qk_scale, D, DA, DB, False, PRECISION, DOT_DTYPE,
+                                             BLOCK_M)
+    if (pid_n * BLOCK_N < n_end) & (Lq % BLOCK_M != 0):
+        dk_a, dk_b, dv_a, dv_b = _dkdv_block(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base,
+                                             lse_base, delta_base, (Lq // BLOCK_M) * BLOCK_M, Lq,
+                                             stride_qm * ALIGN, stride_dom * ALIGN, qk_scale, D, DA, DB, True,
+                                             PRECISION, DOT_DTYPE, BLOCK_M)
+    out_base = (b * stride_dkb + h * stride_dkh) * ALIGN
+    in_range = cols < Lk
+    keep = valid_n[:, None]
+    _store_chunk(DK + out_base, cols, in_range, stride_dkn * ALIGN,
+                 tl.where(keep, dk_a * sm_scale, 0.0).to(DK.dtype.element_ty), 0, DA, D)
+    _store_chunk(DV + out_base, cols, in_range, stride_dkn * ALIGN,
+                 tl.where(keep, dv_a, 0.0).to(DV.dtype.element_ty), 0, DA, D)
+    if DB > 0:
+        _store_chunk(DK + out_base, cols, in_range, stride_dkn * ALIGN,
+                     tl.where(keep, dk_b * sm_scale, 0.0).to(DK.dtype.element_ty), DA, DB, D)
+        _store_chunk(DV + out_base, cols, in_range, stride_dkn * ALIGN,
+                     tl.where(keep, dv_b, 0.0).to(DV.dtype.element_ty), DA, DB, D)
+
+
+@_jit
+def _dq_block(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, start_n, n_end, stride_kn, stride_vn,
+              qk_scale, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr,
+              PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the dQ walk. MASKED: the block straddling n_end, where P of padded keys must be zeroed."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    valid = cols < n_end
+    k_a = _load_chunk(k_base, cols, valid, stride_kn, 0, DA, D, MASKED).to(DOT_DTYPE)
+    v_a = _load_chunk(v_base, cols, valid, stride_vn, 0, DA, D, MASKED).to(DOT_DTYPE)
+    s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+    dp = tl.dot(do_a, tl.trans(v_a), input_precision=PRECISION)
+    k_b = k_a
+    if DB > 0:
+        k_b = _load_chunk(k_base, cols, valid, stride_kn, DA, DB, D, MASKED).to(DOT_DTYPE)
+        v_b = _load_chunk(v_base, cols, valid, stride_vn, DA, DB, D, MASKED).to(DOT_DTYPE)
+        s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
+        dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=PRECISION)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    if MASKED:
+        # A padded key was loaded as k = 0, so its score is 0 and P = 2^(-LSE): for a row whose valid scores are
+        # all strongly negative that overflows to inf, and inf * (k = 0) in the next dot would be NaN.
+        p = tl.where(valid[None, :], p, 0.0)
+    ds = (p * (dp - delta[:, None])).to(k_base.dtype.element_ty).to(DOT_DTYPE)
+    dq_a = tl.dot(ds, k_a, dq_a, input_precision=PRECISION)
+    if DB > 0:
+        dq_b = tl.dot(ds, k_b, dq_b, input_precision=PRECISION)
+    return dq_a, dq_b
 
 
 @_jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KL, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                 H, Lq, Lk, LQ_BUCKET, LK_BUCKET, D: tl.constexpr,
+                 stride_dqb, stride_dqh, stride_dqm,
+                 H, Lq, Lk, LQ_BUCKET, LK_BUCKET,
+                 D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
                  HAS_KL: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program = one block of BLOCK_M queries; it walks the valid key blocks and accumulates dQ = s * dS K.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_blocks_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks_m
+    bh = pid // n_blocks_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < D
-    qd_mask = mask_m[:, None] & mask_d[None, :]
-    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=qd_mask, other=0.0).to(DOT_DTYPE)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=qd_mask, other=0.0).to(DOT_DTYPE)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid_m = rows < Lq
+    q_base = Q + (b * stride_qb + h * stride_qh) * ALIGN
+    do_base = DO + (b * stride_dob + h * stride_doh) * ALIGN
+    q_a = _load_chunk(q_base, rows, valid_m, stride_qm * ALIGN, 0, DA, D, True).to(DOT_DTYPE)
+    do_a = _load_chunk(do_base, rows, valid_m, stride_dom * ALIGN, 0, DA, D, True).to(DOT_DTYPE)
+    q_b = q_a
+    do_b = do_a
+    dq_a = tl.zeros([BLOCK_M, DA], tl.float32)
+    dq_b = dq_a
+    if DB > 0:
+        q_b = _load_chunk(q_base, rows, valid_m, stride_qm * ALIGN, DA, DB, D, True).to(DOT_DTYPE)
+        do_b = _load_chunk(do_base, rows, valid_m, stride_dom * ALIGN, DA, DB, D, True).to(DOT_DTYPE)
+        dq_b = tl.zeros([BLOCK_M, DB], tl.float32)
     row_base = bh.to(tl.int64) * Lq
-    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
-    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    lse = tl.load(LSE + row_base + rows, mask=valid_m, other=float("inf"))
+    delta = tl.load(DELTA + row_base + rows, mask=valid_m, other=0.0)
+    k_base = K + (b * stride_kb + h * stride_kh) * ALIGN
+    v_base = V + (b * stride_vb + h * stride_vh) * ALIGN
     n_end = Lk
     if HAS_KL:
         n_end = tl.load(KL + b)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < n_end
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        # No key mask needed: padded keys were loaded as k = v = 0, so their dS * k terms add exactly 0 to dQ.
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_DTYPE), k, input_precision=PRECISION)
-    dq = dq * sm_scale
-    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=qd_mask)        # DQ shares q's strides
+    n_full = (n_end // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):      # blocks of valid keys only: no mask
+        dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, start_n, n_end,
+                               stride_kn * ALIGN, stride_vn * ALIGN, qk_scale, D, DA, DB, False, PRECISION,
+                               DOT_DTYPE, BLOCK_N)
+    if n_full < n_end:
+        dq_a, dq_b = _dq_block(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, n_full, n_end,
+                               stride_kn * ALIGN, stride_vn * ALIGN, qk_scale, D, DA, DB, True, PRECISION,
+                               DOT_DTYPE, BLOCK_N)
+    dq_base = DQ + (b * stride_dqb + h * stride_dqh) * ALIGN
+    _store_chunk(dq_base, rows, valid_m, stride_dqm * ALIGN, (dq_a * sm_scale).to(DQ.dtype.element_ty), 0, DA, D)
+    if DB > 0:
+        _store_chunk(dq_base, rows, valid_m, stride_dqm * ALIGN, (dq_b * sm_scale).to(DQ.dtype.element_ty),
+                     DA, DB, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,29 +482,72 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KL, qk_scale, sm_scale,
 _INTERPRET_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 
 
-def _fwd_configs():
-    """Forward configs: 128-query tiles with 64/128-key tiles suit Hopper (wgmma wants M=64*k, 4-8 warps);
-    the 64x64 two-stage ones fit Ampere's shared memory at D=128. Configs that exceed a device's resources are
-    dropped by the autotuner (OutOfResources)."""
-    cfgs = [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4),
-            (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
+def split_head_dim(D):
+    """(DA, DB): the head dim as a power-of-two chunk DA plus a tail padded to the power of two DB (0: no tail).
+    Two chunks are used only when they compute fewer columns than one padded tile (tl.dot needs K >= 16)."""
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"attention_triton: head dim D={D} is outside 1..{MAX_HEAD_DIM}")
+    whole = max(16, 1 << (D - 1).bit_length())            # next power of two >= D, at least 16
+    da = 1 << (D.bit_length() - 1)                        # largest power of two <= D
+    if da == D or da < 16:
+        return whole, 0
+    db = max(16, 1 << (D - da - 1).bit_length())
+    if da + db >= whole:
+        return whole, 0
+    return da, db
 
 
-def _bwd_configs():
-    """Backward configs (shared by the dK/dV and dQ kernels): five fp32 accumulator-sized tiles are live, so the
-    tiles are smaller than the forward's."""
-    cfgs = [(64, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (32, 128, 4, 2), (64, 64, 4, 2),
-            (32, 64, 4, 2), (32, 32, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfgs]
+# Autotune configurations, (BLOCK_M, BLOCK_N, warps, stages, head dims), chosen from the compile-only report
+# (`python kernels/bench.py --compile-only 90`, BENCHMARKS.md): on sm_90 each of them lowers its dots to wgmma,
+# fits in shared memory and does not spill at the head dims it is listed for (the head dims are DA + DB, the
+# columns computed). Where several remain, the autotuner times them on the device.
+_FWD_CONFIGS = [
+    (128, 128, 8, 3, (1, 128)), (128, 128, 8, 2, (1, 128)), (128, 64, 8, 3, (1, 128)), (128, 64, 8, 2, (1, 256)),
+    (128, 64, 4, 3, (1, 96)), (128, 64, 4, 4, (1, 96)), (128, 32, 8, 2, (129, 256)), (64, 64, 4, 3, (1, 128)),
+    (64, 64, 4, 2, (1, 256)), (64, 64, 8, 2, (129, 256)), (64, 32, 4, 2, (1, 256)),
+]
+# dK/dV: BLOCK_N keys are the rows of its dots (wgmma needs 64 of them); the dK, dV accumulators and the K, V
+# tiles all live in registers, so large head dims take short query blocks. At D = 256 the best tile still
+# spills 80 bytes per thread (no preset uses D > 160).
+_DKDV_CONFIGS = [
+    (64, 128, 8, 2, (1, 96)), (64, 64, 8, 2, (1, 128)), (64, 64, 4, 2, (1, 96)), (32, 128, 8, 2, (1, 128)),
+    (32, 64, 8, 3, (1, 128)), (32, 64, 8, 2, (1, 256)), (16, 64, 8, 2, (129, 256)),
+]
+# dQ: BLOCK_M queries are the rows of its dots, so no 32-row tiles (they lower to mma.sync instead of wgmma).
+_DQ_CONFIGS = [
+    (64, 128, 8, 2, (1, 128)), (64, 128, 8, 3, (1, 128)), (128, 64, 8, 2, (1, 128)), (64, 64, 4, 3, (1, 128)),
+    (64, 64, 4, 2, (1, 256)), (64, 64, 8, 2, (1, 256)), (64, 32, 4, 2, (1, 256)),
+]
+
+
+def _configs(table):
+    """triton.Config objects of a table above, each tagged with the head dims it is meant for."""
+    out = []
+    for m, n, w, st, dims in table:
+        cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        cfg.head_dims = dims
+        out.append(cfg)
+    return out
+
+
+def _prune(configs, named_args=None, **kwargs):
+    """Keep the configurations listed for this head dim (DA + DB columns)."""
+    d = kwargs.get("DA", 64) + kwargs.get("DB", 0)
+    kept = [c for c in configs if c.head_dims[0] <= d <= c.head_dims[1]]
+    return kept or configs[-1:]
 
 
 if triton is not None and not INTERPRET:
-    # Keyed on power-of-two length buckets (not exact lengths: text lengths vary per batch), D and the dtypes.
-    _KEY = ["LQ_BUCKET", "LK_BUCKET", "D"]
-    _attn_fwd_tuned = triton.autotune(configs=_fwd_configs(), key=_KEY)(_attn_fwd)
-    _attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY)(_attn_bwd_dkdv)
-    _attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs(), key=_KEY)(_attn_bwd_dq)
+    # Keyed on power-of-two length buckets (not exact lengths: text lengths vary per batch), the head dim split,
+    # the key mask (self- and cross-attention tune apart), the precision and the stride alignment; triton adds the
+    # tensors' dtypes to the key itself.
+    _KEY = ["LQ_BUCKET", "LK_BUCKET", "D", "HAS_KL", "PRECISION", "ALIGN"]
+    _PRUNE = {"early_config_prune": _prune}
+    _attn_fwd_tuned = triton.autotune(configs=_configs(_FWD_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(_attn_fwd)
+    _attn_bwd_dkdv_tuned = triton.autotune(configs=_configs(_DKDV_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(
+        _attn_bwd_dkdv)
+    _attn_bwd_dq_tuned = triton.autotune(configs=_configs(_DQ_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(
+        _attn_bwd_dq)
 else:
     _attn_fwd_tuned, _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned = _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq
 
@@ -321,71 +559,94 @@ def _tl_dtypes():
 _TL_DTYPE = _tl_dtypes()
 
 
+def stride_alignment(dtype, *tensors):
+    """The largest power of two ALIGN <= 16 bytes / element size that divides the batch, head and row strides of
+    every tensor: the kernels index in units of ALIGN elements, so the compiler knows each row start is
+    ALIGN * element-size bytes aligned (16 bytes for rows of 72 or 40 bf16 elements, which the JIT does not mark)."""
+    align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    strides = [s for t in tensors for s in t.stride()[:3]]
+    while align > 1 and any(s % align for s in strides):
+        align //= 2
+    return align
+
+
+def _units(t, align):
+    return [s // align for s in t.stride()[:3]]
+
+
 def _launch_args(q, k, key_lengths, scale):
-    """Common launch values: kl tensor (or a dummy), HAS_KL, qk_scale (log2 units), BLOCK_D, dot precision,
-    length buckets (autotune key), dot operand dtype."""
+    """Common launch values: kl tensor (or a dummy), HAS_KL, qk_scale (log2 units), dot precision, length buckets
+    (autotune key), dot operand dtype, head dim split."""
     Lq, D = q.shape[2:]
     Lk = k.shape[2]
     kl = key_lengths
     if kl is None:
         kl = torch.zeros(1, dtype=torch.int32, device=q.device)      # never read (HAS_KL=False)
-    # Only fp32 operands look at this: TF32 tensor cores when torch allows them (DESIGN.md: TF32 on), else IEEE.
+    # Only fp32 operands look at this: TF32 tensor cores when torch allows them, else IEEE.
     precision = "tf32"
     if q.dtype == torch.float32 and not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32):
         precision = "ieee"
-    block_d = max(16, triton.next_power_of_2(D))
     buckets = (triton.next_power_of_2(Lq), triton.next_power_of_2(Lk))
     # Under the interpreter, tl.dot on bf16 multiplies the uint16 storage (triton 3.9): dot operands are rounded
     # to bf16 and then widened to fp32 there, which is what tensor cores compute (exact products, fp32 sums).
     dot_dtype = _TL_DTYPE[q.dtype]
     if q.dtype == torch.bfloat16 and INTERPRET:
         dot_dtype = tl.float32
-    return kl, key_lengths is not None, scale * LOG2E, block_d, precision, buckets, dot_dtype
+    da, db = split_head_dim(D)
+    return kl, key_lengths is not None, scale * LOG2E, precision, buckets, dot_dtype, da, db
 
 
 def _flash_fwd(q, k, v, key_lengths, scale):
     """Launch the forward kernel; returns (o, lse2) with lse2 [B*H, Lq] fp32 in log2 units."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    kl, has_kl, qk_scale, block_d, precision, (lqb, lkb), dot_dtype = _launch_args(q, k, key_lengths, scale)
+    kl, has_kl, qk_scale, precision, (lqb, lkb), dot_dtype, da, db = _launch_args(q, k, key_lengths, scale)
     o = _empty(q.shape, q.dtype, q.device)
     lse = _empty((B * H, Lq), torch.float32, q.device)
+    align = stride_alignment(q.dtype, q, k, v, o)
     extra = dict(_INTERPRET_BLOCKS) if INTERPRET else {}
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_tuned[grid](q, k, v, o, lse, kl, qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                          *o.stride()[:3], H, Lq, Lk, lqb, lkb, D, HAS_KL=has_kl, PRECISION=precision,
-                          DOT_DTYPE=dot_dtype, BLOCK_D=block_d, **extra)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    _attn_fwd_tuned[grid](q, k, v, o, lse, kl, qk_scale, *_units(q, align), *_units(k, align), *_units(v, align),
+                          *_units(o, align), H, Lq, Lk, lqb, lkb, D=D, DA=da, DB=db, ALIGN=align, HAS_KL=has_kl,
+                          PRECISION=precision, DOT_DTYPE=dot_dtype, **extra)
     return o, lse
 
 
 def _flash_bwd(do, q, k, v, o, lse, key_lengths, scale):
-    """Launch preprocess, dK/dV and dQ kernels; returns (dq, dk, dv) in the input dtype."""
+    """Launch preprocess, dK/dV and dQ kernels; returns (dq, dk, dv) in the input dtype (contiguous)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    kl, has_kl, qk_scale, block_d, precision, (lqb, lkb), dot_dtype = _launch_args(q, k, key_lengths, scale)
+    kl, has_kl, qk_scale, precision, (lqb, lkb), dot_dtype, da, db = _launch_args(q, k, key_lengths, scale)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)       # dk and dv share one layout (contiguous)
+    align = stride_alignment(q.dtype, q, k, v, o, do, dq, dk)
     delta = _empty((B * H, Lq), torch.float32, q.device)
+    block_d = max(16, triton.next_power_of_2(D))
     pre_m = 64 if block_d <= 64 else 32
-    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Lq, D, BLOCK_M=pre_m, BLOCK_D=block_d)
-    dq = _empty(q.shape, q.dtype, q.device)       # same (contiguous) strides as q
-    dk = _empty(k.shape, k.dtype, k.device)       # same strides as k (k is contiguous here)
-    dv = _empty(v.shape, v.dtype, v.device)
-    assert dq.stride() == q.stride() and dk.stride() == k.stride() == dv.stride()
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m) * B * H,)](
+        o, do, delta, *_units(o, align), *_units(do, align), H, Lq, D=D, ALIGN=align, BLOCK_M=pre_m,
+        BLOCK_D=block_d)
     extra = dict(_INTERPRET_BLOCKS) if INTERPRET else {}
-    common = (qk_scale, scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-              H, Lq, Lk, lqb, lkb, D)
-    grid_n = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)  # noqa: E731
-    _attn_bwd_dkdv_tuned[grid_n](q, k, v, do, lse, delta, dk, dv, kl, *common, HAS_KL=has_kl,
-                                 PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_D=block_d, **extra)
-    grid_m = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_dq_tuned[grid_m](q, k, v, do, lse, delta, dq, kl, *common, HAS_KL=has_kl,
-                               PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_D=block_d, **extra)
+    strides = (*_units(q, align), *_units(k, align), *_units(v, align), *_units(do, align))
+    consts = dict(D=D, DA=da, DB=db, ALIGN=align, HAS_KL=has_kl, PRECISION=precision, DOT_DTYPE=dot_dtype, **extra)
+    grid_n = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)  # noqa: E731
+    _attn_bwd_dkdv_tuned[grid_n](q, k, v, do, lse, delta, dk, dv, kl, qk_scale, scale, *strides, *_units(dk, align),
+                                 H, Lq, Lk, lqb, lkb, **consts)
+    grid_m = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    _attn_bwd_dq_tuned[grid_m](q, k, v, do, lse, delta, dq, kl, qk_scale, scale, *strides, *_units(dq, align),
+                               H, Lq, Lk, lqb, lkb, **consts)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # autograd.Function and the Triton entry point
 # ----------------------------------------------------------------------------------------------------------------
+
+def _last_dim_contiguous(t):
+    """The kernels take any batch / head / row strides; only the head dim itself must be contiguous."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
 
 class _FlashAttention(torch.autograd.Function):
     """FlashAttention-2 forward/backward over the Triton kernels above."""
@@ -400,9 +661,20 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, key_lengths = ctx.saved_tensors
-        do = do.contiguous()
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, key_lengths, ctx.scale)
+        dq, dk, dv = _flash_bwd(_last_dim_contiguous(do), q, k, v, o, lse, key_lengths, ctx.scale)
         return dq, dk, dv, None, None
+
+
+_warned = set()
+
+
+def _fallback(reason, q, k, v, key_lengths, scale):
+    """Shapes the Triton path cannot take run on the reference path, with one warning per reason."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"kernels.attention: {reason}; using the PyTorch reference path (SDPA) for such calls",
+                      stacklevel=3)
+    return attention_reference(q, k, v, key_lengths, scale)
 
 
 def attention_triton(q, k, v, key_lengths=None, scale=None):
@@ -410,22 +682,27 @@ def attention_triton(q, k, v, key_lengths=None, scale=None):
     if triton is None:
         raise RuntimeError("attention_triton: triton is not installed (use attention_reference)")
     if q.is_cuda and torch.is_autocast_enabled("cuda"):
-        # Same contract as SDPA under autocast (DESIGN.md: bf16 autocast): run in the autocast dtype.
+        # Same contract as SDPA under autocast (bf16 autocast): run in the autocast dtype.
         dt = torch.get_autocast_dtype("cuda")
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     scale = _check(q, k, v, key_lengths, scale)
-    D = q.shape[-1]
-    if D > 128:
-        raise ValueError(f"attention_triton: head dim D={D} > 128 is not supported (use attention_reference)")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if not INTERPRET and not q.is_cuda:
+        raise ValueError(f"attention_triton: q, k, v must be CUDA tensors (got {q.device}); CPU tensors run the "
+                         f"Triton source only under TRITON_INTERPRET=1, otherwise use attention_reference")
+    if key_lengths is not None and key_lengths.device != q.device:
+        key_lengths = key_lengths.to(q.device, non_blocking=True)
+    if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"attention_triton: dtype {q.dtype} not supported (float32, float16, bfloat16)")
-    B, H = q.shape[:2]
+    B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    if B * H > 65535:
-        raise ValueError(f"attention_triton: B*H = {B * H} exceeds the 65535 grid limit (use attention_reference)")
+    if D > MAX_HEAD_DIM:
+        return _fallback(f"head dim D={D} > {MAX_HEAD_DIM}", q, k, v, key_lengths, scale)
     if q.numel() == 0:                      # nothing to launch
         return attention_reference(q, k, v, key_lengths, scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if triton.cdiv(max(Lq, Lk), 16) * B * H > MAX_PROGRAMS:
+        return _fallback(f"B*H*L = {B * H * max(Lq, Lk)} needs more than 2^31-1 programs", q, k, v, key_lengths,
+                         scale)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if key_lengths is not None:
-        key_lengths = key_lengths.to(device=q.device, dtype=torch.int32).clamp(0, Lk).contiguous()
+        key_lengths = key_lengths.to(dtype=torch.int32).clamp(0, Lk).contiguous()
     return _FlashAttention.apply(q, k, v, key_lengths, scale)

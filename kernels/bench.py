@@ -80,18 +80,45 @@ def cpu_self_check():
 # Max dynamic shared memory per block (bytes) by compute capability; configs above it are dropped by the autotuner.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 
+# Head dims of the compile-only report: every head dim a preset uses (kernels/model_calls.py lists the calls).
+REPORT_HEAD_DIMS = (40, 64, 72, 80, 96, 128, 160, 256)
 
-def _compile(fn, types, consts, target, num_warps, num_stages):
-    """Ahead-of-time compile of one kernel specialisation; returns (shared bytes, registers, spill bytes)."""
+
+def _jit_attrs(fn, values):
+    """The specialisation triton's JIT gives a call with these argument values: pointers (torch allocations are
+    16-byte aligned) and integers that are multiples of 16 get `tt.divisibility = 16`; other integers get nothing.
+    Compiling with these attributes (rather than marking every stride) is what makes the report match the run."""
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        v = values.get(name)
+        if isinstance(v, str) or (isinstance(v, int) and v % 16 == 0 and v != 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def _ptx_features(ptx):
+    """What the generated code does with memory and matmuls, read off the PTX: cp.async count and its widest copy
+    (bytes), TMA copies, widest plain global load (bytes), wgmma vs mma.sync instruction counts."""
+    import re
+    cp = [int(x, 0) for x in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+|\d+)\s*[,;]", ptx)]
+    loads = re.findall(r"ld\.global(?:\.[a-zA-Z0-9:_]+)*?(?:\.v(\d))?\.(?:b|u|s|f)(\d+)", ptx)
+    widest = max((int(v or 1) * int(bits) // 8 for v, bits in loads), default=0)
+    return dict(cp_async=len(cp), cp_bytes=max(cp, default=0), tma=ptx.count("cp.async.bulk.tensor"),
+                load_bytes=widest, wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"))
+
+
+def _compile(fn, types, consts, values, target, num_warps, num_stages):
+    """Ahead-of-time compile of one kernel specialisation; returns (shared bytes, registers, spill bytes, PTX
+    features). Spills: cuobjdump's STACK (the per-thread stack frame, where ptxas puts spilled registers) plus LOCAL
+    (explicit local memory); LOCAL alone reads 0 even when a kernel spills."""
     import subprocess
     import tempfile
 
     import triton
     from triton.compiler import ASTSource
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-    # What the JIT assumes at run time for 16-divisible pointers and strides (it is what enables cp.async / TMA).
-    aligned = [i for i, n in enumerate(fn.arg_names) if sig[n].startswith("*") or n.startswith("stride")]
-    src = ASTSource(fn, sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    pointers = {n: "ptr" for n in fn.arg_names if sig[n].startswith("*")}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=_jit_attrs(fn, {**values, **pointers}))
     k = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
     regs = spill = -1
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -101,14 +128,34 @@ def _compile(fn, types, consts, target, num_warps, num_stages):
             with open(path, "wb") as f:
                 f.write(k.asm["cubin"])
             out = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-        fields = dict(kv.split(":") for kv in out.split() if ":" in kv and kv.split(":")[0] in ("REG", "LOCAL"))
-        regs, spill = int(fields.get("REG", -1)), int(fields.get("LOCAL", -1))
-    return k.metadata.shared, regs, spill
+        fields = dict(kv.split(":", 1) for kv in out.split() if kv.split(":")[0] in ("REG", "STACK", "LOCAL"))
+        regs = int(fields.get("REG", -1))
+        spill = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+    return k.metadata.shared, regs, spill, _ptx_features(k.asm["ptx"])
+
+
+def _attention_call_values(D, dtype_bytes, L=1024, B=2, align=None):
+    """Argument values of a representative call (contiguous [B, H, L, D], H * D = 2048 where D divides it, else
+    H = 16), as the wrapper passes them: strides in units of ALIGN elements (kernels/attention.py)."""
+    A = sys.modules["kernels.attention"]
+    H = 2048 // D if 2048 % D == 0 else 16
+    if align is None:
+        align = 16 // dtype_bytes
+        while align > 1 and ((H * L * D) % align or (L * D) % align or D % align):
+            align //= 2
+    batch, head, row = H * L * D // align, L * D // align, D // align
+    values = dict(H=H, Lq=L, Lk=L, LQ_BUCKET=L, LK_BUCKET=L)
+    for t, row_name in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m"), ("do", "m"), ("dq", "m"), ("dk", "n")):
+        values.update({f"stride_{t}b": batch, f"stride_{t}h": head, f"stride_{t}{row_name}": row})
+    da, db = A.split_head_dim(D)
+    return values, dict(D=D, DA=da, DB=db, ALIGN=align)
 
 
 def compile_report(arch, dtype_name, quick):
-    """Compile the attention kernels (every autotune config, D in {64, 128}) and the RMSNorm kernels (hidden sizes of
-    the bench) for sm_<arch>; print resources; returns 1 if a kernel fails to build or has no config that fits."""
+    """Compile the attention kernels (every autotune config the pruning keeps, each head dim of REPORT_HEAD_DIMS)
+    and the RMSNorm kernels (hidden sizes of the bench) for sm_<arch>; print resources and what the code does
+    (spills, cp.async / TMA, vector load width, wgmma / mma.sync); returns 1 if a kernel fails to build or has no
+    config that fits in shared memory."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -123,39 +170,56 @@ def compile_report(arch, dtype_name, quick):
                  qk_scale="fp32", sm_scale="fp32", X=t, Y=t, DY=t, DX=t, W="*fp32", RSTD="*fp32", DW_PARTIAL="*fp32",
                  eps="fp32")
     print(f"compile-only report for sm_{arch} ({dtype_name}; shared-memory limit {limit // 1024} KiB per block), "
-          f"triton {triton.__version__}\n")
-    print("| kernel | shape | config | shared KiB | registers | spill bytes | fits |\n|---|---|---|---|---|---|---|")
+          f"triton {triton.__version__}")
+    print("Attention: a contiguous [2, H, 1024, D] call with the JIT's run-time specialisation (strides in units of "
+          "ALIGN elements). cp.async: count / widest copy in bytes; loads: widest plain global load in bytes; "
+          "spill: cuobjdump STACK + LOCAL bytes per thread.\n")
+    print("| kernel | shape | config | shared KiB | registers | spill bytes | cp.async | TMA | loads | wgmma | mma.sync "
+          "| fits |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     failed = 0
-    for D in ((64,) if quick else (64, 128)):
-        for name, fn, cfgs in (("attn fwd", A._attn_fwd, A._fwd_configs()), ("attn dK/dV", A._attn_bwd_dkdv,
-                               A._bwd_configs()), ("attn dQ", A._attn_bwd_dq, A._bwd_configs())):
+
+    def row(name, shape, config, result):
+        sh, regs, spill, f = result
+        print(f"| {name} | {shape} | {config} | {sh / 1024:.0f} | {regs} | {spill} | {f['cp_async']} / "
+              f"{f['cp_bytes']} B | {f['tma']} | {f['load_bytes']} B | {f['wgmma']} | {f['mma_sync']} | "
+              f"{'yes' if sh <= limit else 'no'} |")
+        return sh <= limit
+
+    dims = (64, 72) if quick else REPORT_HEAD_DIMS
+    for D in dims:
+        values, dconsts = _attention_call_values(D, 2)
+        for name, fn, table in (("attn fwd", A._attn_fwd, A._FWD_CONFIGS),
+                                ("attn dK/dV", A._attn_bwd_dkdv, A._DKDV_CONFIGS),
+                                ("attn dQ", A._attn_bwd_dq, A._DQ_CONFIGS)):
+            cfgs = A._prune(A._configs(table), **dconsts)
             fits = 0
             for cfg in (cfgs[:1] if quick else cfgs):
                 bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                consts = dict(D=D, HAS_KL=True, PRECISION="tf32", DOT_DTYPE=tl_dtype, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D)
-                desc = f"| {name} | D={D} | {bm}x{bn}, {cfg.num_warps} warps, {cfg.num_stages} stages |"
+                consts = dict(dconsts, HAS_KL=True, PRECISION="tf32", DOT_DTYPE=tl_dtype, BLOCK_M=bm, BLOCK_N=bn)
+                shape = f"D={D} ({dconsts['DA']}+{dconsts['DB']}, ALIGN {dconsts['ALIGN']})"
+                config = f"{bm}x{bn}, {cfg.num_warps} warps, {cfg.num_stages} stages"
                 try:
-                    sh, regs, spill = _compile(fn, types, consts, target, cfg.num_warps, cfg.num_stages)
+                    result = _compile(fn, types, consts, values, target, cfg.num_warps, cfg.num_stages)
                 except Exception as e:  # noqa: BLE001  (report every failing config, then fail)
-                    print(f"{desc} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | no |")
+                    print(f"| {name} | {shape} | {config} | FAILED: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]} | | | | | | | no |")
                     continue
-                fits += sh <= limit
-                print(f"{desc} {sh / 1024:.0f} | {regs} | {spill} | {'yes' if sh <= limit else 'no'} |")
+                fits += row(name, shape, config, result)
             if not fits:
                 print(f"no {name} config builds and fits for D={D}")
                 failed = 1
-    pre = (R._rms_fwd, R._rms_bwd)
-    for N in ((1536,) if quick else (16, 64, 1536, 4096, 8192, 16384)):
-        block_n, rows, warps = R._tile(N)
-        for name, fn in zip(("rmsnorm fwd", "rmsnorm bwd"), pre):
+    for N in ((1536,) if quick else (16, 64, 1536, 4096, 8192, 12288, 16384)):
+        for name, fn, (block_n, rows, warps) in (("rmsnorm fwd", R._rms_fwd, R._tile(N)),
+                                                 ("rmsnorm bwd", R._rms_bwd, R._tile(N, backward=True))):
+            values = dict(M=1 << 20, N=N)
             try:
-                sh, regs, spill = _compile(fn, types, dict(HAS_W=True, ROWS=rows, BLOCK_N=block_n), target, warps, 3)
+                result = _compile(fn, types, dict(HAS_W=True, ROWS=rows, BLOCK_N=block_n), values, target, warps, 3)
             except Exception as e:  # noqa: BLE001
-                print(f"| {name} | N={N} | FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | | no |")
+                print(f"| {name} | N={N} | FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]} "
+                      f"| | | | | | | | | no |")
                 failed = 1
                 continue
-            print(f"| {name} | N={N} | {rows} rows x {block_n}, {warps} warps | {sh / 1024:.0f} | {regs} | {spill} | "
-                  f"{'yes' if sh <= limit else 'no'} |")
+            row(name, f"N={N}", f"{rows} rows x {block_n}, {warps} warps", result)
     print("\ncompile-only: " + ("FAILED" if failed else "every kernel builds, with at least one fitting config"))
     return failed
 
@@ -168,26 +232,49 @@ def _rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
 
 
+def _fused_qkv_views(B, H, L, D, dtype):
+    """q, k, v as the models make them: [B, H, L, D] views of one [B, L, 3, H, D] projection (no copies)."""
+    qkv = torch.randn(B, L, 3, H, D, device="cuda", dtype=dtype)
+    return [t.permute(0, 2, 1, 3) for t in qkv.unbind(2)]
+
+
 def gpu_check(dtype):
-    """Triton vs the reference path on the GPU (forward and gradients); returns a list of failures."""
+    """Triton vs the reference path on the GPU (forward and gradients, all finite); returns a list of failures.
+    Includes the inputs of the dQ defect (kernels issue 18: one valid key, inputs scaled x3 in fp16 and x30 in
+    bf16), the head dims that are not powers of two (40, 72, 80, 160), D = 256, and strided fused-qkv views."""
     torch.manual_seed(0)
     failures = []
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-2
-    for B, H, Lq, Lk, D, kl in ((2, 4, 1000, 1000, 64, None), (2, 3, 257, 77, 128, [77, 9]),
-                                (1, 2, 1, 300, 80, None), (2, 2, 4096, 4096, 64, [4096, 1000])):
-        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dtype) for n in (Lq, Lk, Lk))
+    mult = 3.0 if dtype == torch.float16 else 30.0
+    # (B, H, Lq, Lk, D, key lengths, input scale, strided)
+    cases = [(2, 4, 1000, 1000, 64, None, 1.0, False), (2, 3, 257, 77, 128, [77, 9], 1.0, False),
+             (1, 2, 1, 300, 80, None, 1.0, False), (2, 2, 4096, 4096, 64, [4096, 1000], 1.0, False),
+             (2, 4, 333, 1, 64, None, mult, False), (3, 2, 129, 40, 64, [0, 1, 40], mult, False),
+             (2, 16, 256, 256, 72, None, 1.0, True), (2, 8, 1024, 130, 40, [130, 3], 1.0, False),
+             (2, 8, 256, 256, 160, None, 1.0, True), (1, 4, 300, 17, 256, [5], mult, False)]
+    for B, H, Lq, Lk, D, kl, scale_in, strided in cases:
+        if strided:
+            q, k, v = _fused_qkv_views(B, H, Lq, D, dtype)
+            q, k = q * scale_in, k * scale_in
+        else:
+            q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dtype) for n in (Lq, Lk, Lk))
+            q, k = q * scale_in, k * scale_in
         key_lengths = None if kl is None else torch.tensor(kl, device="cuda")
         do = torch.randn(B, H, Lq, D, device="cuda", dtype=dtype)
         outs = {}
         for name, fn in (("triton", attention_triton), ("reference", attention_reference)):
-            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
             o = fn(qq, kk, vv, key_lengths=key_lengths)
             o.backward(do)
             outs[name] = (o, qq.grad, kk.grad, vv.grad)
+        case = (B, H, Lq, Lk, D, kl, scale_in, "strided" if strided else "contiguous")
         for what, a, b in zip(("o", "dq", "dk", "dv"), outs["triton"], outs["reference"]):
+            if not torch.isfinite(a).all():
+                failures.append(f"attention {case} {what}: not finite")
+                continue
             err = _rel(a, b)
-            if not err < tol:
-                failures.append(f"attention {(B, H, Lq, Lk, D, kl)} {what}: relative error {err:.2e}")
+            if not err < tol * max(1.0, scale_in):
+                failures.append(f"attention {case} {what}: relative error {err:.2e}")
     for shape in ((4096, 64), (1000, 1536), (333, 4096), (77, 8192), (3, 16384)):
         x = torch.randn(shape, device="cuda", dtype=dtype)
         w = torch.randn(shape[-1], device="cuda")
@@ -225,7 +312,8 @@ def _time_attention(fn, q, k, v, ctx=None):
     """(fwd ms, bwd ms, fwd+bwd ms) of fn, or None if it does not run here."""
     import contextlib
     ctx = ctx or contextlib.nullcontext
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    # detach, not clone: a clone of a strided view would be contiguous, and the strides are part of the call.
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     try:
         with ctx():
             o = fn(q, k, v)
@@ -263,6 +351,53 @@ def bench_attention(dtype, quick):
             detail = ", ".join(f"{n} {p[0]:.0f}/{p[1]:.0f}/{p[2]:.0f}" for n, p in per.items())
             rows.append(f"| {D} | {L} | {B} x {H} | " + " | ".join(f"{x:.0f}" for x in mine + best) + " | "
                         + " | ".join(f"{a / b:.2f}x" for a, b in zip(mine, best)) + f" | {detail} |")
+    return rows
+
+
+def _strided_like(shape, stride, dtype):
+    """A random tensor with exactly these strides (a fresh buffer laid out like the model's view)."""
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    return torch.randn(size, device="cuda", dtype=dtype).as_strided(shape, stride)
+
+
+def bench_model_calls(dtype, quick, limit=None):
+    """The attention calls the presets make (kernels/model_calls.py: training forwards of every script, with
+    their B, H, Lq, Lk, D, key lengths and strides), timed forward and backward against every SDPA backend that
+    takes the call (with key lengths: a boolean mask, which the flash backend refuses)."""
+    from kernels.model_calls import attention_calls
+    calls, seen = [], set()
+    for c in attention_calls():
+        key = (c.B, c.H, c.Lq, c.Lk, c.D, c.key_lengths, c.q_stride, c.k_stride, c.v_stride)
+        if c.path == "kernels" and c.phase == "train" and key not in seen:
+            seen.add(key)
+            calls.append(c)
+    calls = calls[:limit or (6 if quick else None)]
+    rows = ["| script | preset | B x H | Lq | Lk | D | key lengths | strided | ours fwd ms | ours fwd+bwd ms "
+            "| best SDPA fwd ms | best SDPA fwd+bwd ms | ratio fwd | ratio fwd+bwd | SDPA per backend "
+            "(fwd / fwd+bwd ms) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    backends = _sdpa_backends()
+    for c in calls:
+        q = _strided_like((c.B, c.H, c.Lq, c.D), c.q_stride, dtype)
+        k = _strided_like((c.B, c.H, c.Lk, c.D), c.k_stride, dtype)
+        v = _strided_like((c.B, c.H, c.Lk, c.D), c.v_stride, dtype)
+        kl = mask = None
+        if c.key_lengths:                      # padded captions: about 60 % of the tokens are valid
+            kl = torch.full((c.B,), max(1, int(0.6 * c.Lk)), device="cuda", dtype=torch.int32)
+            mask = (torch.arange(c.Lk, device="cuda")[None, :] < kl[:, None])[:, None, None, :]
+        ours = _time_attention(lambda a, b, d: attention_triton(a, b, d, key_lengths=kl), q, k, v)
+        per = {}
+        for name, ctx in backends.items():
+            t = _time_attention(lambda a, b, d: F.scaled_dot_product_attention(a, b, d, attn_mask=mask), q, k, v,
+                                ctx)
+            if t is not None:
+                per[name] = t
+        best_f = min((t[0] for t in per.values()), default=float("nan"))
+        best_b = min((t[2] for t in per.values()), default=float("nan"))
+        detail = ", ".join(f"{n} {t[0]:.3f} / {t[2]:.3f}" for n, t in per.items())
+        rows.append(f"| {c.script} | {c.preset} | {c.B} x {c.H} | {c.Lq} | {c.Lk} | {c.D} | "
+                    f"{'yes' if c.key_lengths else 'no'} | {'yes' if c.strided else 'no'} | {ours[0]:.3f} | "
+                    f"{ours[2]:.3f} | {best_f:.3f} | {best_b:.3f} | {best_f / ours[0]:.2f}x | {best_b / ours[2]:.2f}x "
+                    f"| {detail} |")
     return rows
 
 
@@ -340,6 +475,8 @@ def main(argv=None):
     print(f"command: python kernels/bench.py{' --quick' if args.quick else ''} --dtype {args.dtype}\n")
     print("Attention, TFLOP/s (non-causal; fwd 4*B*H*L*L*D FLOPs, bwd 2.5x, fwd+bwd 3.5x)\n")
     print("\n".join(bench_attention(dtype, args.quick)))
+    print("\nAttention calls of the presets (training forwards; ratio = best SDPA time / ours, > 1 means faster)\n")
+    print("\n".join(bench_model_calls(dtype, args.quick)))
     print("\nRMSNorm, GB/s (fwd bytes 2*M*N*e, fwd+bwd 5*M*N*e; copy = device-to-device copy of x)\n")
     print("\n".join(bench_rms_norm(dtype, args.quick)))
     return 0

@@ -128,12 +128,15 @@ def _rms_bwd(X, W, DY, RSTD, DX, DW_PARTIAL, M, N,
 # Launch helpers (tile shapes, grid cap)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _tile(N):
+def _tile(N, backward=False):
     """(BLOCK_N, ROWS, num_warps): a whole row per tile; ~4K-element tiles for small N so that programs are not tiny;
-    more warps for long rows to keep per-thread registers bounded (~16-32 fp32 values of x per thread)."""
+    more warps for long rows to keep per-thread registers bounded (~16-32 fp32 values of x per thread in the
+    forward). The backward holds about three row-sized fp32 vectors per thread (x, dy and the dw partial sums), so
+    long rows get twice the warps there (up to 32): 16 warps spilled at N >= 12288 (bench.py --compile-only)."""
     block_n = max(16, triton.next_power_of_2(N))
     rows = max(1, min(64, 4096 // block_n))
-    warps = max(1, min(16, block_n * rows // 512))
+    per_warp = 256 if backward and block_n >= 8192 else 512
+    warps = max(1, min(32 if backward else 16, block_n * rows // per_warp))
     return block_n, rows, warps
 
 
@@ -182,7 +185,7 @@ class _RMSNorm(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         M, N = x2.shape
         dy = dy.reshape(M, N).contiguous()
-        block_n, rows, warps = _tile(N)
+        block_n, rows, warps = _tile(N, backward=True)
         n_prog = max(1, min(triton.cdiv(M, rows), _max_programs(x2)))
         dx = _empty(x2.shape, x2.dtype, x2.device)
         has_w = weight is not None
