@@ -476,19 +476,23 @@ def _matmul_t(a, b, out=None):
 
 def _kernel_sums(z, cols, mem_mb=256):
     """C^T K C and diag(K) for the cubic kernel K = (z z^T / d + 1)^3 and weights C = cols [N, c] (float64), from
-    one Gram computation over the block upper triangle: row chunk s meets z[s:] only, its diagonal block counted
+    one Gram computation: whole when it fits in mem_mb (numpy computes z @ z.T as a symmetric rank-k update, half
+    the products), else over the block upper triangle, row chunk s meeting z[s:] only, its diagonal block counted
     once and the rest twice (K is symmetric). Products in z's precision, kernel values and sums in float64."""
     n, d = z.shape
+    if n * n * 12 <= mem_mb * 2 ** 20:
+        kern = _matmul_t(z, z).double().div_(d).add_(1).pow_(3)
+        return cols.T @ (kern @ cols), kern.diagonal().clone()
     q = torch.zeros(cols.shape[1], cols.shape[1], dtype=torch.float64, device=z.device)
     diag = torch.empty(n, dtype=torch.float64, device=z.device)
-    step = max(1, min(n, int(mem_mb * 2 ** 20 / (12 * n)), max(128, -(-n // 8))))  # >= 8 chunks: half the Gram
+    step = max(1, min(n, int(mem_mb * 2 ** 20 / (12 * n))))
     for s in range(0, n, step):
         b = min(step, n - s)
         kern = _matmul_t(z[s:s + b], z[s:]).double().div_(d).add_(1).pow_(3)  # [b, n - s]
         diag[s:s + b] = kern[:, :b].diagonal()
-        own = kern[:, :b] @ cols[s:s + b]
-        rest = kern[:, b:] @ cols[s + b:]
-        q += cols[s:s + b].T @ (own + rest) + rest.T @ cols[s:s + b]
+        both = kern @ cols[s:]  # contiguous operands (a column slice of kern would take torch's slow path)
+        rest = both - kern[:, :b].contiguous() @ cols[s:s + b]
+        q += cols[s:s + b].T @ both + rest.T @ cols[s:s + b]
     return q, diag
 
 
@@ -507,7 +511,7 @@ def kid(x, y, subsets=100, subset_size=1000, seed=None, device=None, sampler="cx
     draws = kid_subsets(n1, n2, m, subsets, seed, sampler)
     ux, uy = (np.unique(np.concatenate([dr[i] for dr in draws])) for i in (0, 1))
     u = len(ux) + len(uy)
-    one_gram = u * u / 2 * (d + 8 * subsets) < subsets * 2 * m * m * (d + 8)  # float64 C products count double
+    one_gram = u * u / 2 * (d + 8 * subsets) < subsets * 2 * m * m * (d + 8)  # symmetric halves; float64 C x2
     sxx, syy, sxy, dx, dy = (np.empty(subsets) for _ in range(5))
     if one_gram:
         z = torch.cat([x[torch.as_tensor(ux, device=x.device)], y[torch.as_tensor(uy, device=x.device)]])
