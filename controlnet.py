@@ -60,7 +60,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kernels import attention
@@ -842,19 +842,26 @@ def draw_step(cfg, sched, step, shape, device):
     return eps, t, drop, keep
 
 
+# --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def atomic_save(path, save_fn):
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    """Write through a temporary file in the same folder, fsync, then os.replace: readers never see half a file and
+    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         save_fn(tmp)
-        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)                                  # read the umask (set and restored at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                            # mkstemp's 0600 is too strict for outputs
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+# --- end skeleton: atomic_save ---
 
 
 def write_json(path, obj):
@@ -907,27 +914,43 @@ def peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+# --- skeleton: setup_distributed (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def setup_distributed(device_flag):
-    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process.
+    The rank comes from RANK, the GPU from LOCAL_RANK; --device '' means cuda when available."""
+    if device_flag not in ("", "cpu", "cuda"):
+        raise SystemExit(f"--device {device_flag!r}: expected cpu or cuda")
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; expected --device cpu")
     cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def open_checkpoint(path, fmt, what, prefixes):
-    """-> (metadata, {prefix: {name: tensor}}) of a safetensors checkpoint whose metadata format is `fmt`."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint; expected {what}")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != fmt:
-            raise SystemExit(f"{path}: not {what} (metadata format {meta.get('format')!r})")
-        return meta, {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+# --- end skeleton: setup_distributed ---
+
+
+# --- skeleton: batch_split (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def batch_split(batch_size, micro_batch, world):
+    """The global batch, given once -> (micro-batch, accumulated micro-steps, rows per process); one-line error
+    when it does not divide (micro_batch 0: the whole per-process batch, no accumulation)."""
+    micro = micro_batch or batch_size // world
+    if micro < 1 or batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
+    return micro, batch_size // (world * micro), batch_size // world
+# --- end skeleton: batch_split ---
 
 
 def load_backbone(path, which="ema"):
@@ -949,18 +972,59 @@ def build_model(dcfg, cond_channels, n_blocks, base_state=None, where=""):
     return ControlDiT(base.eval(), cond_channels, n_blocks)
 
 
+# --- skeleton: checkpoint_io (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def optimizer_tensors(opt):
+    """An optimizer's state as tensors 'optim.<param index>.<name>', and its param_groups (for the metadata)."""
+    osd = opt.state_dict()
+    tensors = {}
+    for i, state in osd["state"].items():
+        for name, v in state.items():
+            tensors[f"optim.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, osd["param_groups"]
+
+
+def load_optimizer(opt, optim, groups):
+    """The inverse of optimizer_tensors: {'<param index>.<name>': tensor} and param_groups -> opt."""
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def write_checkpoint(path, tensors, meta, fmt):
+    """One safetensors file, written atomically: the tensors (on the CPU) and string metadata, tagged with `fmt`."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**meta, "format": fmt}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def open_checkpoint(path, fmt, what, prefixes):
+    """-> (metadata, {prefix: {name: tensor}}) of a checkpoint file tagged `fmt`; one-line errors otherwise
+    (`what` says what was expected, e.g. 'a vae.py run folder or checkpoint')."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected {what}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != fmt:
+                raise SystemExit(f"{path}: not {what} (metadata format {meta.get('format')!r})")
+            parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    except SafetensorError as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {what}") from None
+    return meta, parts
+# --- end skeleton: checkpoint_io ---
+
+
 def save_checkpoint(path, model, ema, opt, cfg, dcfg, step):
     """controlnet.*, ema.*, base.*, optim.* tensors + config / backbone config / step metadata, atomically."""
-    tensors = {f"controlnet.{k}": v for k, v in model.adapter.state_dict().items()}
+    tensors, groups = optimizer_tensors(opt)
+    tensors.update({f"controlnet.{k}": v for k, v in model.adapter.state_dict().items()})
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     tensors.update({f"base.{k}": v for k, v in model.base.state_dict().items()})
-    osd = opt.state_dict()
-    for i, st in osd["state"].items():
-        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"config": json.dumps(asdict(cfg)), "backbone_config": json.dumps(asdict(dcfg)), "step": str(step),
-            "param_groups": json.dumps(osd["param_groups"]), "format": "controlnet/1"}
-    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            "param_groups": json.dumps(groups)}
+    write_checkpoint(path, tensors, meta, "controlnet/1")
 
 
 def read_checkpoint(path, prefixes=("controlnet.", "ema.", "base.", "optim.")):
@@ -971,25 +1035,29 @@ def read_checkpoint(path, prefixes=("controlnet.", "ema.", "base.", "optim.")):
             int(meta["step"]), parts, json.loads(meta["param_groups"]), path)
 
 
-def load_optimizer(opt, optim, groups):
-    state = {}
-    for k, v in optim.items():
-        i, name = k.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
+# --- skeleton: log_line (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def log_line(rec, max_steps, fields=()):
+    """The printed line of a log record: 'step N/M | loss L | <fields> | gnorm G | lr R | X img/s [| Y tok/s]
+    [| MFU m] [| mem g GB] | eta E min'; `fields`: the script's own (label, text) pairs."""
+    parts = [f"step {rec['step']}/{max_steps}", f"loss {rec['loss']:.4f}"]
+    parts += [f"{label} {text}" for label, text in fields]
+    parts += [f"gnorm {rec['grad_norm']:.3f}", f"lr {rec['lr']:.1e}", f"{rec['img_s']:.1f} img/s"]
+    if rec.get("tok_s") is not None:
+        parts.append(f"{rec['tok_s']:.0f} tok/s")
+    if rec.get("mfu"):
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    if rec.get("mem_gb"):
+        parts.append(f"mem {rec['mem_gb']:.1f} GB")
+    parts.append(f"eta {rec['eta_s'] / 60:.1f} min")
+    return " | ".join(parts)
 
 
-def log_line(r, max_steps):
-    bins = "/".join("-" if v is None else f"{v:.3f}" for v in r["loss_t"])
-    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | t-bins {bins} | gnorm {r['grad_norm']:.3f} | "
-            f"lr {r['lr']:.1e} | {r['img_s']:.1f} img/s | {r['tok_s']:.0f} tok/s"
-            + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | mem {r['mem_gb']:.1f} GB" if r["mem_gb"] else "")
-            + f" | eta {r['eta_s'] / 60:.1f} min")
-
-
-def autocast(device):
-    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+def write_log(path, rec, line):
+    """Print the line and append the record to OUT/log.jsonl (rank 0 calls it)."""
+    print(line, flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+# --- end skeleton: log_line ---
 
 
 def sample_grid(model, dcfg, sched, noise, text, lengths, cond_maps, encode_cond, path, labels, decode=None):
@@ -999,6 +1067,59 @@ def sample_grid(model, dcfg, sched, noise, text, lengths, cond_maps, encode_cond
                        25, 0.0, 4.0, 0.0, dcfg.pred, clip=dcfg.space == "pixel")
     x = decode(x) if decode else x[:, :1]                        # no decoder: latent channel 0
     cond_grid(path, cond_maps, x, labels)
+
+
+# --- skeleton: health_check (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+class HealthCheck:
+    """SIGTERM and non-finite values, agreed by all ranks at each check. A signal is acted on at the next check
+    (the caller saves, then stops); a non-finite loss, or weights that an update made non-finite, stop the run
+    before the next save, so the checkpoint on disk is the last good one."""
+
+    def __init__(self, world, device, ckpt_path):
+        self.world = world
+        self.device = device
+        self.ckpt_path = ckpt_path
+        self.signalled = []
+        self.old_handler = signal.signal(signal.SIGTERM, lambda *_: self.signalled.append(1))
+
+    def __call__(self, step, bad, params):
+        """-> whether any rank got SIGTERM. `bad`: a tensor, the first step with a non-finite loss (-1: none);
+        `params`: the tensors the next checkpoint saves (weights, EMA)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in params]).all()
+        signalled = torch.tensor(float(bool(self.signalled)), device=self.device)
+        flags = torch.stack([bad.float(), (~finite).float(), signalled])
+        if self.world > 1:
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+        if flags[0] >= 0 or flags[1] > 0:
+            self.close()
+            what = f"loss at step {int(flags[0])}" if flags[0] >= 0 else f"weights after step {step}"
+            raise SystemExit(f"non-finite {what}; stopped, the last checkpoint {self.ckpt_path} is intact")
+        return bool(flags[2])
+
+    def close(self):
+        """Give SIGTERM back to the handler that was there before."""
+        signal.signal(signal.SIGTERM, self.old_handler)
+# --- end skeleton: health_check ---
+
+
+# --- skeleton: ema_decay (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def ema_decay(step, ema):
+    """EMA decay after optimizer step `step` (0-based), warmed up as min(ema, (1 + step) / (10 + step)): the
+    average does not stay near the initialisation for the first 1 / (1 - ema) steps."""
+    return min(ema, (1 + step) / (10 + step))
+# --- end skeleton: ema_decay ---
+
+
+# --- skeleton: environment (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def environment(device, world):
+    """What OUT/env.json records: versions, device, number of processes, command line."""
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("numpy", "safetensors", "triton", "transformers"):
+        env[package] = importlib.metadata.version(package) if importlib.util.find_spec(package) else None
+    env.update(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               world=world, argv=sys.argv)
+    return env
+# --- end skeleton: environment ---
 
 
 def train(cfg):
@@ -1018,10 +1139,7 @@ def train(cfg):
         if getattr(cfg, k) != getattr(saved[0], k):
             raise SystemExit(f"{ckpt_path}: checkpoint has {k}={getattr(saved[0], k)!r} but this run has "
                              f"{k}={getattr(cfg, k)!r}; use another --out, --no-resume or matching flags")
-    micro = cfg.micro_batch or cfg.batch_size // world
-    if cfg.batch_size % (world * micro):
-        raise SystemExit(f"--batch-size {cfg.batch_size}: expected a multiple of {world} process(es) x {micro}")
-    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+    micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     model = build_model(dcfg, data.cond_channels, cfg.control_blocks, base_state, where).to(device)
@@ -1051,10 +1169,7 @@ def train(cfg):
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), {**asdict(cfg), "backbone_config": asdict(dcfg)})
-        write_json(os.path.join(cfg.out, "env.json"), {
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"), "world": world,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "argv": sys.argv})
+        write_json(os.path.join(cfg.out, "env.json"), environment(device, world))
         print(json.dumps(asdict(cfg)))
         print(f"ControlNet on DiT-{dcfg.size}: {n_train / 1e6:.2f}M trainable adapter parameters ({cfg.control_blocks} "
               f"of {dcfg.depth} blocks copied), {(n_params - n_train) / 1e6:.2f}M frozen; {cfg.cond_type} condition "
@@ -1062,8 +1177,7 @@ def train(cfg):
               f"{len(data)} training rows, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if saved else ""), flush=True)
 
-    term, stopping = [], False
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
+    health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
     grid_rows = torch.randperm(len(data), generator=generator(cfg.seed, 3))[:4]
     grid_labels = [data.rows[int(i)]["report"][:40] for i in grid_rows]
     grid_text, grid_cond = data.load_text(grid_rows), data.load_cond(grid_rows)
@@ -1102,21 +1216,14 @@ def train(cfg):
         acc[2] += gnorm
         opt.step()
         opt.zero_grad(set_to_none=True)
-        decay = min(cfg.ema, (1 + step) / (10 + step))           # warm-up: early grids are not the init
+        decay = ema_decay(step, cfg.ema)                         # warm-up: early grids are not the init
         torch._foreach_lerp_(list(ema.parameters()), list(model.adapter.parameters()), 1 - decay)
         step += 1
 
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            if flags[0] >= 0:
-                signal.signal(signal.SIGTERM, old_handler)
-                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
-                                 f"{ckpt_path} is intact")
-            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            stopping = health(step, bad, [*model.adapter.parameters(), *ema.parameters()])
             ckpt_now |= stopping
         if log_now:
             if world > 1:
@@ -1133,9 +1240,8 @@ def train(cfg):
                    "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
             if rank == 0:
-                print(log_line(rec, cfg.max_steps), flush=True)
-                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                bins = "/".join("-" if v is None else f"{v:.3f}" for v in rec["loss_t"])    # t in quarters
+                write_log(os.path.join(cfg.out, "log.jsonl"), rec, log_line(rec, cfg.max_steps, [("t-bins", bins)]))
             acc.zero_()
             t_log = time.time()
         if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):
@@ -1146,7 +1252,7 @@ def train(cfg):
         if stopping:
             break
     pool.shutdown()
-    signal.signal(signal.SIGTERM, old_handler)
+    health.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

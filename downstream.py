@@ -44,6 +44,8 @@ import argparse
 import colorsys
 import copy
 import csv
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -66,7 +68,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from scipy.stats import pearsonr
 
@@ -828,18 +830,28 @@ def normalize(x):
     """[0, 1] grey -> ImageNet statistics averaged over RGB (matching the summed first convolution)."""
     return (x - 0.449) / 0.226
 
+
+# --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def atomic_save(path, save_fn):
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    """Write through a temporary file in the same folder, fsync, then os.replace: readers never see half a file and
+    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         save_fn(tmp)
-        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)                                  # read the umask (set and restored at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                            # mkstemp's 0600 is too strict for outputs
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+# --- end skeleton: atomic_save ---
+
 
 def write_text(path, text):
     atomic_save(path, lambda tmp: Path(tmp).write_text(text))
@@ -847,45 +859,107 @@ def write_text(path, text):
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop: DDP, bf16 autocast, grad accumulation, clipping, atomic checkpoints, resume, early stopping
 
+
+# --- skeleton: setup_distributed (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def setup_distributed(device_flag):
-    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process.
+    The rank comes from RANK, the GPU from LOCAL_RANK; --device '' means cuda when available."""
+    if device_flag not in ("", "cpu", "cuda"):
+        raise SystemExit(f"--device {device_flag!r}: expected cpu or cuda")
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; expected --device cpu")
     cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+# --- end skeleton: setup_distributed ---
+
+
+# --- skeleton: batch_split (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def batch_split(batch_size, micro_batch, world):
+    """The global batch, given once -> (micro-batch, accumulated micro-steps, rows per process); one-line error
+    when it does not divide (micro_batch 0: the whole per-process batch, no accumulation)."""
+    micro = micro_batch or batch_size // world
+    if micro < 1 or batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
+    return micro, batch_size // (world * micro), batch_size // world
+# --- end skeleton: batch_split ---
+
+
+# --- skeleton: checkpoint_io (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def optimizer_tensors(opt):
+    """An optimizer's state as tensors 'optim.<param index>.<name>', and its param_groups (for the metadata)."""
+    osd = opt.state_dict()
+    tensors = {}
+    for i, state in osd["state"].items():
+        for name, v in state.items():
+            tensors[f"optim.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, osd["param_groups"]
+
+
+def load_optimizer(opt, optim, groups):
+    """The inverse of optimizer_tensors: {'<param index>.<name>': tensor} and param_groups -> opt."""
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def write_checkpoint(path, tensors, meta, fmt):
+    """One safetensors file, written atomically: the tensors (on the CPU) and string metadata, tagged with `fmt`."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**meta, "format": fmt}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def open_checkpoint(path, fmt, what, prefixes):
+    """-> (metadata, {prefix: {name: tensor}}) of a checkpoint file tagged `fmt`; one-line errors otherwise
+    (`what` says what was expected, e.g. 'a vae.py run folder or checkpoint')."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected {what}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != fmt:
+                raise SystemExit(f"{path}: not {what} (metadata format {meta.get('format')!r})")
+            parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    except SafetensorError as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {what}") from None
+    return meta, parts
+# --- end skeleton: checkpoint_io ---
+
 
 def save_checkpoint(path, raw, opt, cfg, step, state):
     """model.* (+ optim.*) tensors and config / step / early-stopping state as metadata, written atomically."""
-    tensors, osd = {f"model.{k}": v for k, v in raw.state_dict().items()}, opt.state_dict() if opt else {}
-    for i, st in osd.get("state", {}).items():
-        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors, groups = optimizer_tensors(opt) if opt else ({}, [])
+    tensors.update({f"model.{k}": v for k, v in raw.state_dict().items()})
     meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "state": json.dumps(state),
-            "param_groups": json.dumps(osd.get("param_groups", [])), "format": "downstream/1"}
-    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            "param_groups": json.dumps(groups)}
+    write_checkpoint(path, tensors, meta, "downstream/1")
 
 def read_checkpoint(path, prefixes=("model.", "optim.")):
     """-> (metadata, {prefix: {name: tensor}}, path); a run folder means RUN/best.safetensors, else ckpt."""
     if os.path.isdir(path):
         path = next((os.path.join(path, f) for f in ("best.safetensors", "ckpt.safetensors")
                      if os.path.isfile(os.path.join(path, f))), os.path.join(path, "best.safetensors"))
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file of downstream.py")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "downstream/1":
-            raise SystemExit(f"{path}: not a downstream.py checkpoint (metadata format {meta.get('format')!r})")
-        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    what = "a downstream.py checkpoint (a run folder or a .safetensors file of downstream.py)"
+    meta, parts = open_checkpoint(path, "downstream/1", what, prefixes)
     meta = {k: json.loads(v) for k, v in meta.items() if k != "format"}     # config, step, state, param_groups
     return meta, parts, path
-
-def autocast(device):
-    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 @torch.no_grad()
 def predict(model, pool, cfg, device, batch=128, fn=None):
@@ -911,15 +985,84 @@ def val_score(model, pool, cfg, device):
                                  if k != "age" and v is not None] or [0.0]))
     return auroc_table(pool.y, p, n_boot=0)["macro"] or 0.0
 
+
+# --- skeleton: health_check (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+class HealthCheck:
+    """SIGTERM and non-finite values, agreed by all ranks at each check. A signal is acted on at the next check
+    (the caller saves, then stops); a non-finite loss, or weights that an update made non-finite, stop the run
+    before the next save, so the checkpoint on disk is the last good one."""
+
+    def __init__(self, world, device, ckpt_path):
+        self.world = world
+        self.device = device
+        self.ckpt_path = ckpt_path
+        self.signalled = []
+        self.old_handler = signal.signal(signal.SIGTERM, lambda *_: self.signalled.append(1))
+
+    def __call__(self, step, bad, params):
+        """-> whether any rank got SIGTERM. `bad`: a tensor, the first step with a non-finite loss (-1: none);
+        `params`: the tensors the next checkpoint saves (weights, EMA)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in params]).all()
+        signalled = torch.tensor(float(bool(self.signalled)), device=self.device)
+        flags = torch.stack([bad.float(), (~finite).float(), signalled])
+        if self.world > 1:
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+        if flags[0] >= 0 or flags[1] > 0:
+            self.close()
+            what = f"loss at step {int(flags[0])}" if flags[0] >= 0 else f"weights after step {step}"
+            raise SystemExit(f"non-finite {what}; stopped, the last checkpoint {self.ckpt_path} is intact")
+        return bool(flags[2])
+
+    def close(self):
+        """Give SIGTERM back to the handler that was there before."""
+        signal.signal(signal.SIGTERM, self.old_handler)
+# --- end skeleton: health_check ---
+
+
+# --- skeleton: environment (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def environment(device, world):
+    """What OUT/env.json records: versions, device, number of processes, command line."""
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("numpy", "safetensors", "triton", "transformers"):
+        env[package] = importlib.metadata.version(package) if importlib.util.find_spec(package) else None
+    env.update(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               world=world, argv=sys.argv)
+    return env
+# --- end skeleton: environment ---
+
+
+# --- skeleton: log_line (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def log_line(rec, max_steps, fields=()):
+    """The printed line of a log record: 'step N/M | loss L | <fields> | gnorm G | lr R | X img/s [| Y tok/s]
+    [| MFU m] [| mem g GB] | eta E min'; `fields`: the script's own (label, text) pairs."""
+    parts = [f"step {rec['step']}/{max_steps}", f"loss {rec['loss']:.4f}"]
+    parts += [f"{label} {text}" for label, text in fields]
+    parts += [f"gnorm {rec['grad_norm']:.3f}", f"lr {rec['lr']:.1e}", f"{rec['img_s']:.1f} img/s"]
+    if rec.get("tok_s") is not None:
+        parts.append(f"{rec['tok_s']:.0f} tok/s")
+    if rec.get("mfu"):
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    if rec.get("mem_gb"):
+        parts.append(f"mem {rec['mem_gb']:.1f} GB")
+    parts.append(f"eta {rec['eta_s'] / 60:.1f} min")
+    return " | ".join(parts)
+
+
+def write_log(path, rec, line):
+    """Print the line and append the record to OUT/log.jsonl (rank 0 calls it)."""
+    print(line, flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+# --- end skeleton: log_line ---
+
+
 def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None):
     """Train one model on a Pool (resuming RUN/ckpt.safetensors; a finished run is only loaded); best-val weights."""
     rank, world, device = setup_distributed(cfg.device)
     cfg = Config(**{**asdict(cfg), "max_steps": max_steps or cfg.max_steps, "lr": lr or cfg.lr, "seed": seed,
                     "init": init})
     ckpt_path, best_path = os.path.join(run_dir, "ckpt.safetensors"), os.path.join(run_dir, "best.safetensors")
-    micro = cfg.micro_batch or cfg.batch_size // world
-    assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
-    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+    micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
     torch.manual_seed(seed)                                      # the same initial weights on every rank
     raw = load_init(build_model(cfg, n_out), init).to(device)
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)   # chexgen Methods
@@ -927,10 +1070,8 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
     if cfg.resume and os.path.isfile(ckpt_path):
         meta, parts, _ = read_checkpoint(ckpt_path)
         raw.load_state_dict(parts["model."])
-        step, state, ost = meta["step"], meta["state"], {}
-        for k, v in parts["optim."].items():                     # 'optim.<param index>.<name>'
-            ost.setdefault(int(k.split(".", 1)[0]), {})[k.split(".", 1)[1]] = v
-        opt.load_state_dict({"state": ost, "param_groups": meta["param_groups"]})
+        step, state = meta["step"], meta["state"]
+        load_optimizer(opt, parts["optim."], meta["param_groups"])
     if step >= cfg.max_steps or state["stopped"]:                # a finished run: its best weights, no training
         print(f"{run_dir}: finished at step {step}", flush=True) if rank == 0 else None
         return load_best(raw, best_path)
@@ -939,17 +1080,14 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
         write_text(os.path.join(run_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
-        write_text(os.path.join(run_dir, "env.json"), json.dumps(env, indent=1))
+        write_text(os.path.join(run_dir, "env.json"), json.dumps(environment(device, world), indent=1))
         print(f"{run_dir}: {cfg.encoder or cfg.arch} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M trained "
               f"parameters, {len(pool)} training images ({', '.join(f'{s.name} {len(s)}' for s in pool.sources)}), "
               f"{len(val)} validation, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
     stream, lo, seg = TrainStream(pool, cfg, seed), rank * per_rank, cfg.task == "segment"
-    term, stopping = [], False
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
+    health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
     acc = torch.zeros(3, device=device)                          # loss sum, count, grad-norm sum
     bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
     t_log, t_start, step0 = time.time(), time.time(), step
@@ -981,14 +1119,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         log_now = step % cfg.log_every == 0 or eval_now
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            if flags[0] >= 0:
-                signal.signal(signal.SIGTERM, old_handler)
-                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
-                                 f"{ckpt_path} is intact")
-            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            stopping = health(step, bad, list(raw.parameters()))
             ckpt_now |= stopping
         rec = None
         if log_now:
@@ -1016,16 +1147,12 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
             rec["val"] = float(score[0])
             ckpt_now |= state["stopped"]
         if rec and rank == 0:
-            print(f"step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} | gnorm {rec['grad_norm']:.3f} | lr "
-                  f"{rec['lr']:.1e} | {rec['img_s']:.1f} img/s" + (f" | mem {rec['mem_gb']:.1f} GB" if rec["mem_gb"] else "")
-                  + (f" | val {'Dice' if seg else 'macro AUROC'} {rec['val']:.4f}" if "val" in rec else "")
-                  + f" | eta {rec['eta_s'] / 60:.1f} min", flush=True)
-            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            fields = [(f"val {'Dice' if seg else 'macro AUROC'}", f"{rec['val']:.4f}")] if "val" in rec else []
+            write_log(os.path.join(run_dir, "log.jsonl"), rec, log_line(rec, cfg.max_steps, fields))
         save_checkpoint(ckpt_path, raw, opt, cfg, step, state) if ckpt_now and rank == 0 else None
         if stopping or state["stopped"]:                         # the all-reduced flag: the one the save used
             break
-    signal.signal(signal.SIGTERM, old_handler)
+    health.close()
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -38,13 +38,17 @@ import argparse
 import csv
 import dataclasses
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -627,17 +631,26 @@ def batch_noise(dims, batch, seed, step):
 # Training loop: DDP, EMA, atomic checkpoints, resume, logging, SIGTERM, NaN stop (DESIGN.md §3)
 
 
+# --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def atomic_save(path, save_fn):
-    """Write through a temporary file in the same folder, then rename: a checkpoint is never half written."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    """Write through a temporary file in the same folder, fsync, then os.replace: readers never see half a file and
+    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         save_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)                                  # read the umask (set and restored at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                            # mkstemp's 0600 is too strict for outputs
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+# --- end skeleton: atomic_save ---
 
 
 def save_checkpoint(out, step, model, ema, opt, cfg, meta):
@@ -685,21 +698,100 @@ def load_model(ckpt, device="cpu", use_ema=True):
     return model.to(device).eval(), cfg, int(md["step"])
 
 
-def setup_ddp(cfg):
-    """torchrun sets RANK/WORLD_SIZE: nccl on CUDA, gloo on CPU; otherwise one process."""
-    dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if dev == "cuda":
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
-        return rank, world, torch.device(f"cuda:{local}" if dev == "cuda" else "cpu")
-    return 0, 1, torch.device(dev)
+# --- skeleton: setup_distributed (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def setup_distributed(device_flag):
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process.
+    The rank comes from RANK, the GPU from LOCAL_RANK; --device '' means cuda when available."""
+    if device_flag not in ("", "cpu", "cuda"):
+        raise SystemExit(f"--device {device_flag!r}: expected cpu or cuda")
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; expected --device cpu")
+    cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+# --- end skeleton: setup_distributed ---
+
+
+# --- skeleton: batch_split (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def batch_split(batch_size, micro_batch, world):
+    """The global batch, given once -> (micro-batch, accumulated micro-steps, rows per process); one-line error
+    when it does not divide (micro_batch 0: the whole per-process batch, no accumulation)."""
+    micro = micro_batch or batch_size // world
+    if micro < 1 or batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
+    return micro, batch_size // (world * micro), batch_size // world
+# --- end skeleton: batch_split ---
+
+
+# --- skeleton: health_check (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+class HealthCheck:
+    """SIGTERM and non-finite values, agreed by all ranks at each check. A signal is acted on at the next check
+    (the caller saves, then stops); a non-finite loss, or weights that an update made non-finite, stop the run
+    before the next save, so the checkpoint on disk is the last good one."""
+
+    def __init__(self, world, device, ckpt_path):
+        self.world = world
+        self.device = device
+        self.ckpt_path = ckpt_path
+        self.signalled = []
+        self.old_handler = signal.signal(signal.SIGTERM, lambda *_: self.signalled.append(1))
+
+    def __call__(self, step, bad, params):
+        """-> whether any rank got SIGTERM. `bad`: a tensor, the first step with a non-finite loss (-1: none);
+        `params`: the tensors the next checkpoint saves (weights, EMA)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in params]).all()
+        signalled = torch.tensor(float(bool(self.signalled)), device=self.device)
+        flags = torch.stack([bad.float(), (~finite).float(), signalled])
+        if self.world > 1:
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+        if flags[0] >= 0 or flags[1] > 0:
+            self.close()
+            what = f"loss at step {int(flags[0])}" if flags[0] >= 0 else f"weights after step {step}"
+            raise SystemExit(f"non-finite {what}; stopped, the last checkpoint {self.ckpt_path} is intact")
+        return bool(flags[2])
+
+    def close(self):
+        """Give SIGTERM back to the handler that was there before."""
+        signal.signal(signal.SIGTERM, self.old_handler)
+# --- end skeleton: health_check ---
+
+
+# --- skeleton: ema_decay (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def ema_decay(step, ema):
+    """EMA decay after optimizer step `step` (0-based), warmed up as min(ema, (1 + step) / (10 + step)): the
+    average does not stay near the initialisation for the first 1 / (1 - ema) steps."""
+    return min(ema, (1 + step) / (10 + step))
+# --- end skeleton: ema_decay ---
+
+
+# --- skeleton: environment (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def environment(device, world):
+    """What OUT/env.json records: versions, device, number of processes, command line."""
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("numpy", "safetensors", "triton", "transformers"):
+        env[package] = importlib.metadata.version(package) if importlib.util.find_spec(package) else None
+    env.update(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               world=world, argv=sys.argv)
+    return env
+# --- end skeleton: environment ---
 
 
 def train(cfg):
-    rank, world, device = setup_ddp(cfg)
+    rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     parents = resolve_graph(cfg.graph, cfg.cycle)
     if cfg.bench:
@@ -721,9 +813,7 @@ def train(cfg):
         print(f"flow_scm: {n_params / 1e6:.3f}M parameters, 19 flows, order {model.order}")
     if cfg.dry_run:
         return None
-    micro = cfg.micro_batch or cfg.batch_size // world
-    assert cfg.batch_size % (world * micro) == 0, "--batch-size must be divisible by world size x --micro-batch"
-    accum = cfg.batch_size // (world * micro)
+    micro, accum, _ = batch_split(cfg.batch_size, cfg.micro_batch, world)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     meta = {"parents": parents, "datasets": datasets}
@@ -733,6 +823,11 @@ def train(cfg):
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), **meta, "torch": torch.__version__,
                        "device": str(device), "world": world, "params": n_params}, f, indent=1)
+
+        def write_env(tmp):
+            with open(tmp, "w") as f:
+                json.dump(environment(device, world), f, indent=1)
+        atomic_save(os.path.join(out, "env.json"), write_env)
     if cfg.resume and os.path.isfile(os.path.join(out, "latest.json")):    # load, then compile, then wrap in DDP
         wpath = checkpoint_path(out)
         with safe_open(wpath, "pt") as f:
@@ -757,11 +852,7 @@ def train(cfg):
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    term, stopping = [], False
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
-    use_bf16 = device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    health, stopping = HealthCheck(world, device, out), False   # SIGTERM: save at the next check
     n_rows = len(codes["age"]) if codes is not None else cfg.batch_size
     all_vals = {v: torch.from_numpy(a).float() for v, a in codes.items()} if codes is not None else None
     # running sums, reduced only at log time (no .item() in the step): per-variable loss, loss and count per
@@ -790,7 +881,7 @@ def train(cfg):
             n_m = {v: a[sl].to(device) for v, a in noise.items()}
             t_m = tt[sl].to(device)
             with net.no_sync() if world > 1 and m < accum - 1 else torch.enable_grad():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                with autocast(device):
                     err, ok = net(v_m, n_m, t_m)
                 # per-variable mean over the observed rows of the whole global batch; DDP averages over ranks: x world
                 per_var = err.sum(0) / counts
@@ -805,7 +896,7 @@ def train(cfg):
         first_bad = torch.where(bad & (first_bad < 0), torch.tensor(step + 1, device=device), first_bad)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        decay = min(cfg.ema, (1 + step) / (10 + step))               # EMA in fp32, with warm-up
+        decay = ema_decay(step, cfg.ema)                             # EMA in fp32, with warm-up
         with torch.no_grad():
             for k, v in raw.state_dict().items():
                 ema[k].lerp_(v.float(), 1 - decay)
@@ -814,14 +905,7 @@ def train(cfg):
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([first_bad.float(), torch.tensor(float(bool(term)), device=device)])
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            if flags[0] >= 0:
-                signal.signal(signal.SIGTERM, old_handler)
-                raise SystemExit(f"non-finite loss or gradient at step {int(flags[0])}; stopped, the last "
-                                 f"checkpoint in {out} is intact")
-            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            stopping = health(step, first_bad, list(ema.values()) + list(raw.parameters()))
             ckpt_now |= stopping
         if log_now:
             if world > 1:
@@ -855,7 +939,7 @@ def train(cfg):
             save_checkpoint(out, step, raw, ema, opt, cfg, meta)
         if stopping:                                             # the all-reduced flag: the one the save used
             break
-    signal.signal(signal.SIGTERM, old_handler)
+    health.close()
     if master and stopping:
         print(f"stopped by SIGTERM at step {step}; checkpoint {checkpoint_path(out) if not cfg.bench else None}",
               flush=True)

@@ -72,7 +72,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kernels import attention, rms_norm
@@ -96,10 +96,19 @@ class Config:
     out: str = arg("runs/rf", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
     space: str = arg("auto", "pixel | latent | auto (latent when DATA/latents/<vae>/ exists)")
     vae: str = arg("", "latent folder DATA/latents/<vae> to train on (default: the only one)")
-    size: str = arg("tiny", "preset: tiny | S | B | L | XL (radit Table 5: B 0.3B, XL 1.3B)")
+    size: str = arg("tiny", "preset: tiny | S | B | L | XL (radit Table 5: B 0.3B, XL 1.3B) | unet-tiny | unet-pixel "
+                            "| unet-latent (radit Table 6: 0.3B, 0.5B)")
+    arch: str = arg("transformer", "backbone: transformer (RadiT, radit Table 5) | unet (RadUNet, the EDM2 U-Net, radit "
+                                   "Table 6); the unet-* presets set unet")
     hidden: int = arg(128, "transformer width")
     depth: int = arg(4, "number of transformer blocks")
     heads: int = arg(4, "attention heads (radit Table 5: head dim 64)")
+    channels: int = arg(32, "U-Net model channels (radit Table 6: 32 pixel, 256 latent)")
+    mults: str = arg("1,2,3,4", "U-Net channel multipliers, one per resolution level (radit Table 6)")
+    blocks: int = arg(3, "U-Net residual blocks per level (radit Table 6: 3)")
+    attn_res: str = arg("16,8", "U-Net resolutions with self-attention, besides the bottleneck's (radit Table 6)")
+    head_channels: int = arg(64, "U-Net channels per attention head (radit Table 6: 64)")
+    dropout: float = arg(0.0, "U-Net dropout in the residual branches (radit Table 6: 0 pixel, 0.1 latent)")
     patch: int = arg(0, "patch size; 0: 2 in latent space, 16 at 512 px, and at least an 8x8 token grid")
     in_channels: int = arg(0, "input channels; 0: from the data (32 without data, radit Table 5)")
     image_size: int = arg(0, "input side in pixels or latent cells; 0: from the data (64 without data)")
@@ -111,10 +120,14 @@ class Config:
     batch_size: int = arg(32, "global batch size (radit Table 11: 72 for B, 512 for XL)")
     micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
     max_steps: int = arg(1000, "optimizer steps")
-    lr: float = arg(1e-3, "Adam learning rate, constant, no warm-up (radit Table 11 and App. C.3: 1e-4)")
+    optimizer: str = arg("adam", "adam | adamw (decoupled weight decay; radit Table 12: AdamW for RadUNet pixel)")
+    lr: float = arg(1e-3, "learning rate (radit Table 11 and App. C.3: 1e-4, constant, no warm-up; Table 12: 1e-4 "
+                          "pixel, 1e-2 latent)")
+    warmup: int = arg(0, "linear learning-rate warm-up steps (radit Table 11: 0; Table 12: 4000 pixel, 50K latent)")
+    lr_decay: int = arg(0, "EDM2's inverse-square-root decay: lr / sqrt(max(step / N, 1)) for N > 0; 0: none")
     beta1: float = arg(0.9, "Adam beta1 (radit Table 11)")
-    beta2: float = arg(0.999, "Adam beta2 (radit Table 11)")
-    weight_decay: float = arg(0.0, "weight decay (radit Table 11: 0)")
+    beta2: float = arg(0.999, "Adam beta2 (radit Table 11; Table 12: 0.99)")
+    weight_decay: float = arg(0.0, "weight decay (radit Table 11: 0; Table 12: 1e-4 pixel with AdamW, 0 latent)")
     clip: float = arg(1.0, "gradient-norm clipping (radit Table 11)")
     ema: float = arg(0.999, "EMA decay (radit Table 11: 0.9999)")
     seed: int = arg(0, "seed of the initialisation, data order and noise")
@@ -140,7 +153,28 @@ PRESETS = {
 }
 for _p in ("S", "B", "L", "XL"):
     PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
-ARCH = ("hidden", "depth", "heads", "patch", "in_channels", "image_size", "datasets")   # must match to resume
+# RadUNet: architecture from radit Table 6, training recipe from Table 12. unet-pixel is the paper's 512 px model (a
+# dataset of another size needs --image-size 0). unet-latent follows "the EDM2-M setup" (radit App. C.3), so it keeps
+# EDM2-M's inverse-square-root decay with t_ref = 70K steps (EDM2's edm2-img512-m); Table 12 lists no decay, and
+# with forced weight normalisation a constant lr 1e-2 for 1M steps never anneals (Karras et al. 2024b, "controlling
+# effective learning rate"): our reading. The pixel model ("a more conservative training setup", App. C.3) keeps
+# lr 1e-4 after its warm-up (no decay: our reading of Table 12).
+PRESETS.update({
+    "unet-tiny": dict(arch="unet", channels=32, mults="1,2,2", blocks=1, attn_res="8", head_channels=32,
+                      batch_size=32, lr=1e-2, warmup=100, beta2=0.99, ema=0.999, max_steps=1000),
+    "unet-pixel": dict(arch="unet", space="pixel", image_size=512, channels=32, mults="1,2,4,8,16,32", blocks=3,
+                       attn_res="32,16", head_channels=64, dropout=0.0, optimizer="adamw", lr=1e-4, warmup=4000,
+                       batch_size=72, weight_decay=1e-4, beta2=0.99, clip=1.0, shift=3.0, ema=0.9999,
+                       max_steps=2_000_000),
+    "unet-latent": dict(arch="unet", space="latent", channels=256, mults="1,2,3,4", blocks=3, attn_res="16,8",
+                        head_channels=64, dropout=0.1, optimizer="adam", lr=1e-2, warmup=50_000, lr_decay=70_000,
+                        batch_size=72, weight_decay=0.0, beta2=0.99, clip=1.0, shift=1.0, ema=0.9999,
+                        max_steps=1_000_000),
+})
+for _p in ("unet-pixel", "unet-latent"):
+    PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
+ARCH = ("arch", "hidden", "depth", "heads", "channels", "mults", "blocks", "attn_res", "head_channels", "patch",
+        "in_channels", "image_size", "datasets")                                           # must match to resume
 
 
 @dataclass
@@ -194,9 +228,16 @@ def build_parser(cls, prog, doc, only=None):
 def parse_config(argv):
     """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
     given = vars(build_parser(Config, "rectified_flow.py [train]", __doc__).parse_args(argv))
-    size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
+    if given.get("arch", "transformer") not in ("transformer", "unet"):
+        raise SystemExit(f"--arch {given['arch']!r}: expected transformer or unet")
+    default = "unet-tiny" if given.get("arch") == "unet" else Config.size    # --arch unet alone: the tiny U-Net
+    size = {k.lower(): k for k in PRESETS}.get(given.get("size", default).lower())
     if size is None:
         raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
+    arch = PRESETS[size].get("arch", "transformer")
+    if given.get("arch", arch) != arch:
+        raise SystemExit(f"--arch {given['arch']} --size {size}: {size} is a {arch} preset; expected one of "
+                         f"{[k for k, v in PRESETS.items() if v.get('arch', 'transformer') == given['arch']]}")
     return Config(**{**PRESETS[size], **given, "size": size})
 
 
@@ -352,8 +393,292 @@ class RadiT(nn.Module):
         return h.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Model: RadUNet, the EDM2 magnitude-preserving U-Net (radit §4.2, App. B.2 Table 6; Karras et al. 2024b, Fig. 21)
+# "We adopt the EDM2 backbone without modification, except for extending the channel multiplier schedule from 4 to
+# 6 levels" (radit §4.2). Every layer keeps unit-magnitude activations under unit-magnitude inputs; the velocity
+# target and the conditioning interface (t, the 19 codes) are those of RadiT.
+
+
+def normalize(x, dim=None, eps=1e-4):
+    """x scaled to unit RMS over `dim` (all dimensions but the first by default), norms in fp32 (EDM2)."""
+    dim = list(range(1, x.ndim)) if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = torch.add(eps, norm, alpha=1 / math.sqrt(math.prod(x.shape[d] for d in dim)))   # RMS, not L2
+    return x / norm.to(x.dtype)
+
+
+def mp_silu(x):
+    """SiLU divided by its RMS under a unit Gaussian input, 0.596 (EDM2 Eq. 81)."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a, b, t=0.5):
+    """((1 - t) a + t b) / sqrt((1 - t)^2 + t^2): unit magnitude for independent unit inputs (EDM2 Eq. 88)."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, dim=1, t=0.5):
+    """Concatenation with a share t for b, scaled so that the result keeps unit magnitude (EDM2 Eq. 103)."""
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=dim)
+
+
+class MPFourier(nn.Module):
+    """Fixed random Fourier features sqrt(2) cos(f x + phase), f ~ N(0, (2 pi)^2): unit RMS (EDM2 Eq. 75)."""
+
+    def __init__(self, n, bandwidth=1.0):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(n) * bandwidth)   # buffers: saved, never trained
+        self.register_buffer("phases", 2 * math.pi * torch.rand(n))
+
+    def forward(self, x):
+        return (x.float()[:, None] * self.freqs.float() + self.phases.float()).cos() * math.sqrt(2)
+
+
+class MPConv(nn.Module):
+    """Magnitude-preserving convolution (kernel > 0) or linear layer (kernel 0): EDM2 Eq. 47, weight-normalised."""
+
+    def __init__(self, cin, cout, kernel):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn((cout, cin, kernel, kernel) if kernel else (cout, cin)))
+        self.renormalize_()
+
+    def effective_weight(self, gain=1.0):
+        """Unit-RMS rows (traditional weight normalisation) divided by sqrt(fan-in): unit output magnitude."""
+        w = normalize(self.weight.float())
+        return w * (gain / math.sqrt(w[0].numel()))
+
+    @torch.no_grad()
+    def renormalize_(self):
+        """Forced weight normalisation (EDM2 Eq. 66): the stored weights back to unit RMS rows. The optimizer
+        calls it after every step (make_optimizer), so the raw weights never grow and the effective learning
+        rate stays the one set (EDM2 does it inside a training forward; done here it keeps DDP and
+        activation checkpointing free of in-place writes to parameters)."""
+        self.weight.copy_(normalize(self.weight.float()))
+
+    def forward(self, x, gain=1.0):
+        w = self.effective_weight(gain).to(x.dtype)
+        if w.ndim == 2:
+            return x @ w.t()
+        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+class MPMetadataEmbedder(nn.Module):
+    """The 19 variables -> c = sum_i e_i(y_i) / sqrt(19) (radit Eq. 3), each e_i of unit RMS (MP layers)."""
+
+    def __init__(self, dim, n_datasets, fourier_dim):
+        super().__init__()
+        sizes = [4] * 14 + [3, 4, 4, n_datasets + 1]                 # class 0 of every table is null / missing
+        self.register_buffer("offsets", torch.tensor([0] + sizes[:-1]).cumsum(0), persistent=False)
+        # The 18 tables stacked, rows forced to unit RMS: the lookup EDM2's label MPConv makes of a one-hot.
+        self.table = nn.Parameter(torch.randn(sum(sizes), dim))
+        # Age / 100: the time embedding's Fourier features, then an MLP (radit §4.2), in MP layers.
+        self.age_fourier = MPFourier(fourier_dim)
+        self.age_in, self.age_out = MPConv(fourier_dim, dim, 0), MPConv(dim, dim, 0)
+        self.age_null = nn.Parameter(torch.randn(dim))               # learned embedding of a missing age
+        self.renormalize_()
+
+    @torch.no_grad()
+    def renormalize_(self):
+        """Forced weight normalisation of the table rows and of the null age (see MPConv.renormalize_)."""
+        self.table.copy_(normalize(self.table.float(), dim=-1))
+        self.age_null.copy_(normalize(self.age_null.float(), dim=-1))
+
+    def forward(self, cond):
+        cat = normalize(self.table, dim=-1)[cond[:, :18].long() + self.offsets]      # [B, 18, D]
+        age = cond[:, 18]
+        e_age = self.age_out(mp_silu(self.age_in(self.age_fourier(age.nan_to_num() / 100))))
+        e_age = torch.where(age.isnan()[:, None], normalize(self.age_null, dim=-1), e_age)
+        return (cat.sum(1) + e_age) / math.sqrt(19)
+
+
+class UNetBlock(nn.Module):
+    """EDM2 U-Net block (Fig. 21): resample, two MP 3x3 convs modulated by the embedding, mp_sum, cosine attention."""
+
+    def __init__(self, cin, cout, cemb, flavor, res, resample="keep", attention=False, head_channels=64,
+                 dropout=0.0, res_balance=0.3, attn_balance=0.3, clip_act=256):
+        super().__init__()
+        if attention and (cout < head_channels or cout % head_channels):
+            raise SystemExit(f"--head-channels {head_channels}: must divide the {cout} channels of the attention "
+                             f"level at resolution {res}")
+        self.flavor, self.res, self.resample, self.dropout = flavor, res, resample, dropout
+        self.heads, self.attn_impl = (cout // head_channels if attention else 0), "kernels"
+        self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
+        self.emb_gain = nn.Parameter(torch.zeros([]))                # learned gain: the block starts unmodulated
+        self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, 3)
+        self.emb_linear = MPConv(cemb, cout, 0)
+        self.conv_res1 = MPConv(cout, cout, 3)
+        self.conv_skip = MPConv(cin, cout, 1) if cin != cout else None
+        self.attn_qkv = MPConv(cout, 3 * cout, 1) if self.heads else None
+        self.attn_proj = MPConv(cout, cout, 1) if self.heads else None
+
+    def attend(self, x):
+        """Cosine attention: q, k, v normalised per head and position (EDM2), through kernels.attention."""
+        B, C, H, W = x.shape
+        qkv = self.attn_qkv(x).reshape(B, self.heads, C // self.heads, 3, H * W)
+        q, k, v = (t.contiguous() for t in normalize(qkv, dim=2).permute(3, 0, 1, 4, 2))   # 3 x [B, heads, L, D]
+        o = F.scaled_dot_product_attention(q, k, v) if self.attn_impl == "sdpa" else attention(q, k, v)
+        return self.attn_proj(o.transpose(-1, -2).reshape(B, C, H, W))
+
+    def forward(self, x, emb):
+        if self.resample == "down":                                  # EDM2's [1, 1] filter: a 2 x 2 box
+            x = F.avg_pool2d(x, 2)
+        elif self.resample == "up":                                  # ... and its transpose: nearest neighbour
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)                                  # pixel norm of the encoder's main branch
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1             # per-channel scale from t and the metadata
+        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        if self.training and self.dropout:
+            y = F.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, self.res_balance)
+        if self.heads:
+            x = mp_sum(x, self.attend(x), self.attn_balance)
+        return x.clamp(-self.clip_act, self.clip_act)                # EDM2's activation clipping
+
+    def flops(self):
+        """Forward multiply-adds x 2 of one image (convolutions at the output resolution, attention)."""
+        convs = [m for m in (self.conv_res0, self.conv_res1, self.conv_skip, self.attn_qkv, self.attn_proj) if m]
+        n = 2 * sum(m.weight.numel() for m in convs) * self.res ** 2 + 2 * self.emb_linear.weight.numel()
+        return n + (4 * self.res ** 4 * self.conv_res1.weight.shape[0] if self.heads else 0)   # q k^T and p v
+
+
+def int_list(text, flag):
+    """'1,2,4' -> [1, 2, 4]; a one-line error otherwise."""
+    try:
+        out = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        out = None
+    if out is None or any(v <= 0 for v in out):
+        raise SystemExit(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 1,2,4")
+    return out
+
+
+class RadUNet(nn.Module):
+    """EDM2 U-Net velocity field v(x_t, t, y) over pixels or latents (radit §4.2, App. B.2 Table 6)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        mults, attn_res = int_list(cfg.mults, "--mults"), set(int_list(cfg.attn_res, "--attn-res"))
+        S, C, levels = cfg.image_size, cfg.in_channels, len(mults)
+        if not mults or S % 2 ** (levels - 1):
+            raise SystemExit(f"--mults {cfg.mults}: {levels} levels need an input side divisible by "
+                             f"{2 ** max(levels - 1, 0)}; the input is {S}")
+        sides = [S >> level for level in range(levels)]
+        if attn_res and not attn_res & set(sides):
+            raise SystemExit(f"--attn-res {cfg.attn_res}: none is a resolution of this U-Net {sides}")
+        if not 0 <= cfg.dropout < 1:
+            raise SystemExit(f"--dropout {cfg.dropout}: expected a probability in [0, 1)")
+        cblock = [cfg.channels * m for m in mults]
+        cnoise, cemb = cblock[0], max(cblock)                        # EDM2's defaults for both widths
+        self.grad_ckpt, self.levels = cfg.grad_ckpt, levels
+        self.label_balance, self.concat_balance = 0.5, 0.5           # EDM2's defaults
+        kw = dict(head_channels=cfg.head_channels, dropout=cfg.dropout)
+        self.emb_fourier = MPFourier(cnoise)                         # the time t in [0, 1] directly (our choice)
+        self.emb_noise = MPConv(cnoise, cemb, 0)
+        self.emb_label = MPMetadataEmbedder(cemb, len(cfg.datasets.split(",")), cnoise)
+        self.enc, cout = nn.ModuleDict(), C + 1                      # + a constant channel (EDM2's bias stand-in)
+        self.conv_in = MPConv(cout, cblock[0], 3)
+        cout = cblock[0]
+        for level, ch in enumerate(cblock):
+            res = sides[level]
+            if level:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, cemb, "enc", res, "down", **kw)
+            for i in range(cfg.blocks):
+                self.enc[f"{res}x{res}_block{i}"] = UNetBlock(cout, ch, cemb, "enc", res, attention=res in attn_res,
+                                                             **kw)
+                cout = ch
+        skips = [cblock[0]] + [b.conv_res1.weight.shape[0] for b in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, ch in reversed(list(enumerate(cblock))):
+            res = sides[level]
+            if level == levels - 1:                                  # the bottleneck: attention always (EDM2)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, cemb, "dec", res, attention=True, **kw)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, cemb, "dec", res, **kw)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, cemb, "dec", res, "up", **kw)
+            for i in range(cfg.blocks + 1):
+                self.dec[f"{res}x{res}_block{i}"] = UNetBlock(cout + skips.pop(), ch, cemb, "dec", res,
+                                                             attention=res in attn_res, **kw)
+                cout = ch
+        self.conv_out = MPConv(cout, C, 3)
+        self.out_gain = nn.Parameter(torch.zeros([]))                # zero output at init, as EDM2
+        self.set_attention(cfg.attn)
+
+    def set_attention(self, impl):
+        if impl not in ("kernels", "sdpa"):
+            raise SystemExit(f"--attn {impl!r}: expected kernels or sdpa")
+        for m in self.modules():
+            if isinstance(m, UNetBlock):
+                m.attn_impl = impl
+
+    def renormalize_(self):
+        """Forced weight normalisation of every MP layer (after each optimizer step; EDM2 Eq. 66)."""
+        for m in self.modules():
+            if isinstance(m, (MPConv, MPMetadataEmbedder)):
+                m.renormalize_()
+
+    def block(self, blk, x, emb):
+        if self.grad_ckpt and self.training:
+            return torch.utils.checkpoint.checkpoint(blk, x, emb, use_reentrant=False)
+        return blk(x, emb)
+
+    def forward(self, x, t, cond):
+        """x [B, C, H, W], t [B] in [0, 1] (0 data, 1 noise), cond [B, 19] codes -> velocity [B, C, H, W]."""
+        f = 2 ** (self.levels - 1)
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"RadUNet: input {list(x.shape[-2:])} must divide by {f} ({self.levels} levels)")
+        with torch.autocast(x.device.type, enabled=False):           # time / metadata embeddings in fp32
+            emb = self.emb_noise(self.emb_fourier(t))
+            emb = mp_silu(mp_sum(emb, self.emb_label(cond), self.label_balance))
+        x = self.conv_in(torch.cat([x, torch.ones_like(x[:, :1])], dim=1))
+        skips = [x]
+        for blk in self.enc.values():
+            x = self.block(blk, x, emb)
+            skips.append(x)
+        for name, blk in self.dec.items():
+            if "block" in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = self.block(blk, x, emb)
+        return self.conv_out(x, gain=self.out_gain)
+
+    def flops(self, side):
+        """Forward FLOPs of one image at the training side (2 per multiply-add)."""
+        n = 2 * (self.conv_in.weight.numel() + self.conv_out.weight.numel()) * side ** 2
+        return n + sum(m.flops() for m in self.modules() if isinstance(m, UNetBlock))
+
+
+def build_model(cfg):
+    """The backbone of `cfg.arch`: RadiT (radit Table 5) or RadUNet (radit Table 6)."""
+    if cfg.arch not in ("transformer", "unet"):
+        raise SystemExit(f"--arch {cfg.arch!r}: expected transformer or unet")
+    return RadUNet(cfg) if cfg.arch == "unet" else RadiT(cfg)
+
+
+def model_name(cfg):
+    return f"{'RadUNet' if cfg.arch == 'unet' else 'RadiT'}-{cfg.size}"
+
+
+@lru_cache(maxsize=8)
+def _unet_flops(cfg_json):
+    cfg = Config(**json.loads(cfg_json))
+    with torch.device("meta"):
+        return RadUNet(cfg).flops(cfg.image_size)
+
+
 def train_flops(n_params, cfg, tokens_per_image, images):
-    """Analytic training FLOPs: 6 x params x tokens (matmuls, fwd + bwd) + attention scores (12 L^2 D per layer)."""
+    """Analytic training FLOPs. RadiT: 6 x params x tokens (matmuls, fwd + bwd) + attention scores (12 L^2 D per
+    layer); RadUNet: 3 x the forward FLOPs of its convolutions and attention."""
+    if cfg.arch == "unet":
+        return images * 3 * _unet_flops(json.dumps(asdict(cfg)))
     return images * (6 * n_params * tokens_per_image + 12 * cfg.depth * tokens_per_image ** 2 * cfg.hidden)
 
 
@@ -639,19 +964,26 @@ def to_uint16(x):
     return v.to(torch.int32).cpu().numpy().astype(np.uint16)
 
 
+# --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def atomic_save(path, save_fn):
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    """Write through a temporary file in the same folder, fsync, then os.replace: readers never see half a file and
+    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         save_fn(tmp)
-        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)                                  # read the umask (set and restored at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                            # mkstemp's 0600 is too strict for outputs
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+# --- end skeleton: atomic_save ---
 
 
 def write_csv(path, rows, columns=META_COLUMNS):
@@ -716,16 +1048,43 @@ def peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+# --- skeleton: setup_distributed (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def setup_distributed(device_flag):
-    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process.
+    The rank comes from RANK, the GPU from LOCAL_RANK; --device '' means cuda when available."""
+    if device_flag not in ("", "cpu", "cuda"):
+        raise SystemExit(f"--device {device_flag!r}: expected cpu or cuda")
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; expected --device cpu")
     cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+# --- end skeleton: setup_distributed ---
+
+
+# --- skeleton: batch_split (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def batch_split(batch_size, micro_batch, world):
+    """The global batch, given once -> (micro-batch, accumulated micro-steps, rows per process); one-line error
+    when it does not divide (micro_batch 0: the whole per-process batch, no accumulation)."""
+    micro = micro_batch or batch_size // world
+    if micro < 1 or batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
+    return micro, batch_size // (world * micro), batch_size // world
+# --- end skeleton: batch_split ---
 
 
 def resolve(cfg, data=None):
@@ -746,29 +1105,65 @@ def resolve(cfg, data=None):
                      "shift": cfg.shift or (3.0 if space == "pixel" else 1.0)})
 
 
-def save_checkpoint(path, raw, ema, opt, cfg, step):
-    """model.*, ema.*, optim.* tensors + config/step metadata in one safetensors file, written atomically."""
-    tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+# --- skeleton: checkpoint_io (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def optimizer_tensors(opt):
+    """An optimizer's state as tensors 'optim.<param index>.<name>', and its param_groups (for the metadata)."""
     osd = opt.state_dict()
-    for i, st in osd["state"].items():
-        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors = {}
+    for i, state in osd["state"].items():
+        for name, v in state.items():
+            tensors[f"optim.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, osd["param_groups"]
+
+
+def load_optimizer(opt, optim, groups):
+    """The inverse of optimizer_tensors: {'<param index>.<name>': tensor} and param_groups -> opt."""
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def write_checkpoint(path, tensors, meta, fmt):
+    """One safetensors file, written atomically: the tensors (on the CPU) and string metadata, tagged with `fmt`."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
-            "param_groups": json.dumps(osd["param_groups"]), "format": "rectified_flow/1"}
+    meta = {**meta, "format": fmt}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
-    """-> (config dict, step, {prefix: {name: tensor}}, param_groups); a run folder means RUN/ckpt.safetensors."""
-    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+def open_checkpoint(path, fmt, what, prefixes):
+    """-> (metadata, {prefix: {name: tensor}}) of a checkpoint file tagged `fmt`; one-line errors otherwise
+    (`what` says what was expected, e.g. 'a vae.py run folder or checkpoint')."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file from training")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "rectified_flow/1":
-            raise SystemExit(f"{path}: not a rectified_flow.py checkpoint (metadata format {meta.get('format')!r})")
-        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+        raise SystemExit(f"{path}: no such checkpoint; expected {what}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != fmt:
+                raise SystemExit(f"{path}: not {what} (metadata format {meta.get('format')!r})")
+            parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    except SafetensorError as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {what}") from None
+    return meta, parts
+# --- end skeleton: checkpoint_io ---
+
+
+def save_checkpoint(path, raw, ema, opt, cfg, step):
+    """model.*, ema.*, optim.* tensors + config/step metadata in one safetensors file, written atomically."""
+    tensors, groups = optimizer_tensors(opt)
+    tensors.update({f"model.{k}": v for k, v in raw.state_dict().items()})
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
+            "param_groups": json.dumps(groups)}
+    write_checkpoint(path, tensors, meta, "rectified_flow/1")
+
+
+def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
+    """-> (config dict, step, {prefix: {name: tensor}}, param_groups, path); a run folder means RUN/ckpt.safetensors."""
+    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    what = "a rectified_flow.py checkpoint (a run folder or a .safetensors file from training)"
+    meta, parts = open_checkpoint(path, "rectified_flow/1", what, prefixes)
     return json.loads(meta["config"]), int(meta["step"]), parts, json.loads(meta["param_groups"]), path
 
 
@@ -777,14 +1172,6 @@ def check_compatible(cfg, saved, path):
         if getattr(cfg, k) != saved.get(k):
             raise SystemExit(f"{path}: checkpoint has {k}={saved.get(k)!r} but this run has {k}={getattr(cfg, k)!r} "
                              f"(another preset or dataset); use another --out or --no-resume")
-
-
-def load_optimizer(opt, optim, groups):
-    state = {}
-    for k, v in optim.items():
-        i, name = k.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def sample_grid(ema, cfg, noise, conds, device, path, decode=None):
@@ -796,17 +1183,82 @@ def sample_grid(ema, cfg, noise, conds, device, path, decode=None):
     save_grid(path, x, ncol=len(GRID_CONDS), labels=[c or "unconditional" for c in GRID_CONDS])
 
 
-def autocast(device):
-    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+# --- skeleton: log_line (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def log_line(rec, max_steps, fields=()):
+    """The printed line of a log record: 'step N/M | loss L | <fields> | gnorm G | lr R | X img/s [| Y tok/s]
+    [| MFU m] [| mem g GB] | eta E min'; `fields`: the script's own (label, text) pairs."""
+    parts = [f"step {rec['step']}/{max_steps}", f"loss {rec['loss']:.4f}"]
+    parts += [f"{label} {text}" for label, text in fields]
+    parts += [f"gnorm {rec['grad_norm']:.3f}", f"lr {rec['lr']:.1e}", f"{rec['img_s']:.1f} img/s"]
+    if rec.get("tok_s") is not None:
+        parts.append(f"{rec['tok_s']:.0f} tok/s")
+    if rec.get("mfu"):
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    if rec.get("mem_gb"):
+        parts.append(f"mem {rec['mem_gb']:.1f} GB")
+    parts.append(f"eta {rec['eta_s'] / 60:.1f} min")
+    return " | ".join(parts)
 
 
-def log_line(r, max_steps):
-    bins = "/".join("-" if v is None else f"{v:.3f}" for v in r["loss_t"])
-    return (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | t-bins {bins} | gnorm {r['grad_norm']:.3f} | "
-            f"lr {r['lr']:.1e} | {r['img_s']:.1f} img/s | {r['tok_s']:.0f} tok/s"
-            + (f" | MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f" | mem {r['mem_gb']:.1f} GB" if r["mem_gb"] else "")
-            + f" | eta {r['eta_s'] / 60:.1f} min")
+def write_log(path, rec, line):
+    """Print the line and append the record to OUT/log.jsonl (rank 0 calls it)."""
+    print(line, flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+# --- end skeleton: log_line ---
+
+
+# --- skeleton: health_check (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+class HealthCheck:
+    """SIGTERM and non-finite values, agreed by all ranks at each check. A signal is acted on at the next check
+    (the caller saves, then stops); a non-finite loss, or weights that an update made non-finite, stop the run
+    before the next save, so the checkpoint on disk is the last good one."""
+
+    def __init__(self, world, device, ckpt_path):
+        self.world = world
+        self.device = device
+        self.ckpt_path = ckpt_path
+        self.signalled = []
+        self.old_handler = signal.signal(signal.SIGTERM, lambda *_: self.signalled.append(1))
+
+    def __call__(self, step, bad, params):
+        """-> whether any rank got SIGTERM. `bad`: a tensor, the first step with a non-finite loss (-1: none);
+        `params`: the tensors the next checkpoint saves (weights, EMA)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in params]).all()
+        signalled = torch.tensor(float(bool(self.signalled)), device=self.device)
+        flags = torch.stack([bad.float(), (~finite).float(), signalled])
+        if self.world > 1:
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+        if flags[0] >= 0 or flags[1] > 0:
+            self.close()
+            what = f"loss at step {int(flags[0])}" if flags[0] >= 0 else f"weights after step {step}"
+            raise SystemExit(f"non-finite {what}; stopped, the last checkpoint {self.ckpt_path} is intact")
+        return bool(flags[2])
+
+    def close(self):
+        """Give SIGTERM back to the handler that was there before."""
+        signal.signal(signal.SIGTERM, self.old_handler)
+# --- end skeleton: health_check ---
+
+
+# --- skeleton: ema_decay (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def ema_decay(step, ema):
+    """EMA decay after optimizer step `step` (0-based), warmed up as min(ema, (1 + step) / (10 + step)): the
+    average does not stay near the initialisation for the first 1 / (1 - ema) steps."""
+    return min(ema, (1 + step) / (10 + step))
+# --- end skeleton: ema_decay ---
+
+
+# --- skeleton: environment (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def environment(device, world):
+    """What OUT/env.json records: versions, device, number of processes, command line."""
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("numpy", "safetensors", "triton", "transformers"):
+        env[package] = importlib.metadata.version(package) if importlib.util.find_spec(package) else None
+    env.update(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               world=world, argv=sys.argv)
+    return env
+# --- end skeleton: environment ---
 
 
 def train(cfg):
@@ -817,11 +1269,7 @@ def train(cfg):
     saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
     if saved:
         check_compatible(cfg, saved[0], ckpt_path)
-    micro = cfg.micro_batch or cfg.batch_size // world
-    if cfg.batch_size % (world * micro):
-        raise SystemExit(f"--batch-size {cfg.batch_size}: expected a multiple of {world} process(es) x --micro-batch "
-                         f"{micro}")
-    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+    micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     raw = RadiT(cfg).to(device)
@@ -845,19 +1293,14 @@ def train(cfg):
     decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
-        env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-               "triton": importlib.util.find_spec("triton") and importlib.metadata.version("triton"),
-               "device": str(device), "world": world, "argv": sys.argv,
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
-        write_json(os.path.join(cfg.out, "env.json"), env)
+        write_json(os.path.join(cfg.out, "env.json"), environment(device, world))
         print(json.dumps(asdict(cfg)))
         print(f"RadiT-{cfg.size}: {n_params / 1e6:.2f}M parameters, {tokens} tokens/image, {cfg.space} space, "
               f"{len(data)} training images, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    term, stopping = [], False
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
+    health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
     noise_grid = torch.randn((4 * len(GRID_CONDS), *data.shape), generator=generator(cfg.seed, 3)).to(device)
     cond_grid = torch.tensor([encode_row(parse_assignments(c, "grid"), data.datasets, "grid") for c in GRID_CONDS])
     cond_grid = cond_grid.repeat(4, 1).to(device)
@@ -902,21 +1345,14 @@ def train(cfg):
         acc[2] += gnorm
         opt.step()
         opt.zero_grad(set_to_none=True)
-        decay = min(cfg.ema, (1 + step) / (10 + step))           # warm-up: early grids are not the init
+        decay = ema_decay(step, cfg.ema)                         # warm-up: early grids are not the init
         torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - decay)
         step += 1
 
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            if flags[0] >= 0:
-                signal.signal(signal.SIGTERM, old_handler)
-                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
-                                 f"{ckpt_path} is intact")
-            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            stopping = health(step, bad, [*raw.parameters(), *ema.parameters()])
             ckpt_now |= stopping
         if log_now:
             if world > 1:
@@ -932,9 +1368,8 @@ def train(cfg):
                    "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
             if rank == 0:
-                print(log_line(rec, cfg.max_steps), flush=True)
-                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                bins = "/".join("-" if v is None else f"{v:.3f}" for v in rec["loss_t"])    # t in quarters
+                write_log(os.path.join(cfg.out, "log.jsonl"), rec, log_line(rec, cfg.max_steps, [("t-bins", bins)]))
             acc.zero_()
             t_log = time.time()
         t_io = time.time()                                       # grids and checkpoints do not count in img/s
@@ -947,7 +1382,7 @@ def train(cfg):
         if stopping:
             break
     pool.shutdown()
-    signal.signal(signal.SIGTERM, old_handler)
+    health.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -45,6 +45,8 @@ import argparse
 import copy
 import csv
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -64,7 +66,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kernels import attention
@@ -545,18 +547,26 @@ def to_uint16(x):
     return ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
 
 
+# --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def atomic_save(path, save_fn):
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    """Write through a temporary file in the same folder, fsync, then os.replace: readers never see half a file and
+    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
         save_fn(tmp)
-        os.chmod(tmp, 0o644)                                     # mkstemp's 0600 is too strict for outputs
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)                                  # read the umask (set and restored at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                            # mkstemp's 0600 is too strict for outputs
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+# --- end skeleton: atomic_save ---
 
 
 def write_json(path, obj):
@@ -592,16 +602,43 @@ def save_grid(path, images, ncol, labels=()):
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
 
 
+# --- skeleton: setup_distributed (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def setup_distributed(device_flag):
-    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process."""
+    """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process.
+    The rank comes from RANK, the GPU from LOCAL_RANK; --device '' means cuda when available."""
+    if device_flag not in ("", "cpu", "cuda"):
+        raise SystemExit(f"--device {device_flag!r}: expected cpu or cuda")
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; expected --device cpu")
     cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+# --- end skeleton: setup_distributed ---
+
+
+# --- skeleton: batch_split (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def batch_split(batch_size, micro_batch, world):
+    """The global batch, given once -> (micro-batch, accumulated micro-steps, rows per process); one-line error
+    when it does not divide (micro_batch 0: the whole per-process batch, no accumulation)."""
+    micro = micro_batch or batch_size // world
+    if micro < 1 or batch_size % (world * micro):
+        raise SystemExit(f"--batch-size {batch_size}: expected a multiple of {world} process(es) x --micro-batch "
+                         f"{micro}")
+    return micro, batch_size // (world * micro), batch_size // world
+# --- end skeleton: batch_split ---
 
 
 def resolve(cfg, data=None):
@@ -614,29 +651,65 @@ def resolve(cfg, data=None):
     return Config(**{**asdict(cfg), "image_size": s})
 
 
-def save_checkpoint(path, raw, ema, opt, cfg, step):
-    """model.*, ema.*, optim.* tensors + config/step metadata in one safetensors file, written atomically."""
-    tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+# --- skeleton: checkpoint_io (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def optimizer_tensors(opt):
+    """An optimizer's state as tensors 'optim.<param index>.<name>', and its param_groups (for the metadata)."""
     osd = opt.state_dict()
-    for i, st in osd["state"].items():
-        tensors.update({f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()})
+    tensors = {}
+    for i, state in osd["state"].items():
+        for name, v in state.items():
+            tensors[f"optim.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, osd["param_groups"]
+
+
+def load_optimizer(opt, optim, groups):
+    """The inverse of optimizer_tensors: {'<param index>.<name>': tensor} and param_groups -> opt."""
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def write_checkpoint(path, tensors, meta, fmt):
+    """One safetensors file, written atomically: the tensors (on the CPU) and string metadata, tagged with `fmt`."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
-            "param_groups": json.dumps(osd["param_groups"]), "format": "vae/1"}
+    meta = {**meta, "format": fmt}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
-    """-> (config dict, step, {prefix: {name: tensor}}, param_groups); a run folder means RUN/ckpt.safetensors."""
-    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+def open_checkpoint(path, fmt, what, prefixes):
+    """-> (metadata, {prefix: {name: tensor}}) of a checkpoint file tagged `fmt`; one-line errors otherwise
+    (`what` says what was expected, e.g. 'a vae.py run folder or checkpoint')."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such checkpoint; expected a run folder or a .safetensors file from training")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "vae/1":
-            raise SystemExit(f"{path}: not a vae.py checkpoint (metadata format {meta.get('format')!r})")
-        parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+        raise SystemExit(f"{path}: no such checkpoint; expected {what}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != fmt:
+                raise SystemExit(f"{path}: not {what} (metadata format {meta.get('format')!r})")
+            parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    except SafetensorError as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {what}") from None
+    return meta, parts
+# --- end skeleton: checkpoint_io ---
+
+
+def save_checkpoint(path, raw, ema, opt, cfg, step):
+    """model.*, ema.*, optim.* tensors + config/step metadata in one safetensors file, written atomically."""
+    tensors, groups = optimizer_tensors(opt)
+    tensors.update({f"model.{k}": v for k, v in raw.state_dict().items()})
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
+            "param_groups": json.dumps(groups)}
+    write_checkpoint(path, tensors, meta, "vae/1")
+
+
+def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
+    """-> (config dict, step, {prefix: {name: tensor}}, param_groups, path); a run folder means RUN/ckpt.safetensors."""
+    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    what = "a vae.py checkpoint (a run folder or a .safetensors file from training)"
+    meta, parts = open_checkpoint(path, "vae/1", what, prefixes)
     return json.loads(meta["config"]), int(meta["step"]), parts, json.loads(meta["param_groups"]), path
 
 
@@ -647,25 +720,12 @@ def check_compatible(cfg, saved, path):
                              f"(another preset); use another --out or --no-resume")
 
 
-def load_optimizer(opt, optim, groups):
-    state = {}
-    for k, v in optim.items():
-        i, name = k.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
 def sample_grid(ema, images, device, path):
     """EMA reconstructions of fixed validation images: rows of original | reconstruction | |difference|."""
     with torch.no_grad(), autocast(device):
         rec = ema(images)[0].float().clamp(-1, 1)
     grid = torch.stack([images, rec, (rec - images).abs() * 2 - 1], 1).flatten(0, 1)
     save_grid(path, grid, ncol=3, labels=["original", "reconstruction", "|difference|"])
-
-
-def autocast(device):
-    """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def train_flops(model, image_size, device):
@@ -682,6 +742,84 @@ def lr_at(cfg, step):
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
 
+# --- skeleton: health_check (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+class HealthCheck:
+    """SIGTERM and non-finite values, agreed by all ranks at each check. A signal is acted on at the next check
+    (the caller saves, then stops); a non-finite loss, or weights that an update made non-finite, stop the run
+    before the next save, so the checkpoint on disk is the last good one."""
+
+    def __init__(self, world, device, ckpt_path):
+        self.world = world
+        self.device = device
+        self.ckpt_path = ckpt_path
+        self.signalled = []
+        self.old_handler = signal.signal(signal.SIGTERM, lambda *_: self.signalled.append(1))
+
+    def __call__(self, step, bad, params):
+        """-> whether any rank got SIGTERM. `bad`: a tensor, the first step with a non-finite loss (-1: none);
+        `params`: the tensors the next checkpoint saves (weights, EMA)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in params]).all()
+        signalled = torch.tensor(float(bool(self.signalled)), device=self.device)
+        flags = torch.stack([bad.float(), (~finite).float(), signalled])
+        if self.world > 1:
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+        if flags[0] >= 0 or flags[1] > 0:
+            self.close()
+            what = f"loss at step {int(flags[0])}" if flags[0] >= 0 else f"weights after step {step}"
+            raise SystemExit(f"non-finite {what}; stopped, the last checkpoint {self.ckpt_path} is intact")
+        return bool(flags[2])
+
+    def close(self):
+        """Give SIGTERM back to the handler that was there before."""
+        signal.signal(signal.SIGTERM, self.old_handler)
+# --- end skeleton: health_check ---
+
+
+# --- skeleton: ema_decay (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def ema_decay(step, ema):
+    """EMA decay after optimizer step `step` (0-based), warmed up as min(ema, (1 + step) / (10 + step)): the
+    average does not stay near the initialisation for the first 1 / (1 - ema) steps."""
+    return min(ema, (1 + step) / (10 + step))
+# --- end skeleton: ema_decay ---
+
+
+# --- skeleton: environment (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def environment(device, world):
+    """What OUT/env.json records: versions, device, number of processes, command line."""
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("numpy", "safetensors", "triton", "transformers"):
+        env[package] = importlib.metadata.version(package) if importlib.util.find_spec(package) else None
+    env.update(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               world=world, argv=sys.argv)
+    return env
+# --- end skeleton: environment ---
+
+
+# --- skeleton: log_line (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def log_line(rec, max_steps, fields=()):
+    """The printed line of a log record: 'step N/M | loss L | <fields> | gnorm G | lr R | X img/s [| Y tok/s]
+    [| MFU m] [| mem g GB] | eta E min'; `fields`: the script's own (label, text) pairs."""
+    parts = [f"step {rec['step']}/{max_steps}", f"loss {rec['loss']:.4f}"]
+    parts += [f"{label} {text}" for label, text in fields]
+    parts += [f"gnorm {rec['grad_norm']:.3f}", f"lr {rec['lr']:.1e}", f"{rec['img_s']:.1f} img/s"]
+    if rec.get("tok_s") is not None:
+        parts.append(f"{rec['tok_s']:.0f} tok/s")
+    if rec.get("mfu"):
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    if rec.get("mem_gb"):
+        parts.append(f"mem {rec['mem_gb']:.1f} GB")
+    parts.append(f"eta {rec['eta_s'] / 60:.1f} min")
+    return " | ".join(parts)
+
+
+def write_log(path, rec, line):
+    """Print the line and append the record to OUT/log.jsonl (rank 0 calls it)."""
+    print(line, flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+# --- end skeleton: log_line ---
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg.device)
     data = CXRData(cfg.data, "train", factor_of(cfg))
@@ -690,9 +828,7 @@ def train(cfg):
     saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
     if saved:
         check_compatible(cfg, saved[0], ckpt_path)
-    micro = cfg.micro_batch or cfg.batch_size // world
-    assert cfg.batch_size % (world * micro) == 0, f"--batch-size {cfg.batch_size} must divide by {world} x {micro}"
-    accum, per_rank = cfg.batch_size // (world * micro), cfg.batch_size // world
+    micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     raw = RadVAE(cfg).to(device)
@@ -717,18 +853,15 @@ def train(cfg):
     flops = train_flops(raw, cfg.image_size, device) if peak else None
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
-        env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "world": world,
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
-        write_json(os.path.join(cfg.out, "env.json"), env)
+        write_json(os.path.join(cfg.out, "env.json"), environment(device, world))
         print(json.dumps(asdict(cfg)))
         print(f"RadVAE-{cfg.size}: {n_params / 1e6:.2f}M parameters, f = {factor_of(cfg)}, {cfg.latent_channels} latent "
               f"channels, {cfg.image_size} px, perceptual {cfg.perceptual if perceptual else 'none'}, {len(data)} "
               f"training images, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
-    term, stopping = [], False
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: term.append(1))   # SIGTERM: save at the next check
+    health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
     val = CXRData(cfg.data, "", factor_of(cfg))                  # fixed grid images: the first 8 non-train rows
     grid_rows = [i for i, r in enumerate(val.rows) if r.get("split") != "train"][:8] or list(range(min(8, len(val))))
     grid_images = crop(val.load(grid_rows), cfg.image_size).to(device)
@@ -769,20 +902,14 @@ def train(cfg):
         opt.step()
         opt.zero_grad(set_to_none=True)
         raw.renormalize_()                                       # forced weight normalisation (EDM2 §2.3)
-        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - cfg.ema)
+        decay = ema_decay(step, cfg.ema)                         # warm-up: early grids are not the init
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - decay)
         step += 1
 
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            flags = torch.stack([bad.float(), torch.tensor(float(bool(term)), device=device)])
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            if flags[0] >= 0:
-                signal.signal(signal.SIGTERM, old_handler)
-                raise SystemExit(f"non-finite loss at step {int(flags[0])}; stopped, the last checkpoint "
-                                 f"{ckpt_path} is intact")
-            stopping = bool(flags[1])                            # any rank signalled: all ranks stop
+            stopping = health(step, bad, [*raw.parameters(), *ema.parameters()])
             ckpt_now |= stopping
         if log_now:
             if world > 1:
@@ -796,13 +923,9 @@ def train(cfg):
                    "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                    "eta_s": (cfg.max_steps - step) * (time.time() - t_start) / (step - step0)}
             if rank == 0:
-                print(f"step {step}/{cfg.max_steps} | loss {rec['loss']:.4f} | rec {rec['rec']:.4f} | perc "
-                      f"{rec['perceptual']:.5f} | kl {rec['kl']:.3f} | gnorm {rec['grad_norm']:.3f} | lr {rec['lr']:.1e} "
-                      f"| {rec['img_s']:.1f} img/s" + (f" | MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
-                      + (f" | mem {rec['mem_gb']:.1f} GB" if rec["mem_gb"] else "") + f" | eta {rec['eta_s'] / 60:.1f} min",
-                      flush=True)
-                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                fields = [("rec", f"{rec['rec']:.4f}"), ("perc", f"{rec['perceptual']:.5f}"),
+                          ("kl", f"{rec['kl']:.3f}")]
+                write_log(os.path.join(cfg.out, "log.jsonl"), rec, log_line(rec, cfg.max_steps, fields))
             acc.zero_()
             t_log = time.time()
         if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps):   # 0: never
@@ -812,7 +935,7 @@ def train(cfg):
         if stopping:                                             # the all-reduced flag: the one the save used
             break
     pool.shutdown()
-    signal.signal(signal.SIGTERM, old_handler)
+    health.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

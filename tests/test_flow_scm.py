@@ -375,7 +375,7 @@ def test_sigterm_saves_and_nan_stops(phantom, tmp_path):
     assert step >= 5 and fs.load_model(str(out))[2] == step
     bad = ["--size", "tiny", "--data", data, "--out", str(tmp_path / "nan"), "--lr", "1e8", "--warmup", "1",
            "--log-every", "2", "--ckpt-every", "2", "--max-steps", "8"]
-    with pytest.raises(SystemExit, match="non-finite loss or gradient at step"):
+    with pytest.raises(SystemExit, match="non-finite (loss at|weights after) step"):
         fs.main(bad)
     assert not os.path.exists(tmp_path / "nan" / "latest.json") or \
         all(torch.isfinite(w).all() for w in weights(str(tmp_path / "nan")).values())
