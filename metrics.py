@@ -614,7 +614,7 @@ def _knn_pass(q, bank, k, tol, exact, visit=None, mem_mb=256):
         v, i = d[:, :n - s].topk(min(kk, n - s), 1, largest=False)
         v, pos = torch.cat([best_v[s:s + b], v], 1).topk(kk, 1, largest=False)
         radii[s:s + b] = _exact_radii(s, v, torch.cat([best_i[s:s + b], i + s], 1).gather(1, pos), k,
-                                      err[s:s + b], exact, n)
+                                      err[s:s + b], exact, n, lambda j: _matmul_t(q[j:j + 1], bank[:n])[0])
         if s + b < n:  # later rows: this block's columns, merged into their running k' smallest
             cv, ci = d[:, b:n - s].topk(min(kk, b), 0, largest=False)
             best_v[s + b:], pos = torch.cat([best_v[s + b:], cv.T], 1).topk(kk, 1, largest=False)
@@ -624,7 +624,7 @@ def _knn_pass(q, bank, k, tol, exact, visit=None, mem_mb=256):
     return radii
 
 
-def _exact_radii(s, v, idx, k, err, exact, n):
+def _exact_radii(s, v, idx, k, err, exact, n, gemm_row):
     """k-th smallest exact distance of rows s.. from their k' nearest by GEMM value (v ascending, idx), see
     _knn_pass. The exact radius lies within err of the k-th GEMM value v_k; rows whose GEMM value is below
     v_k - 2 err are exactly below it and rows above v_k + 2 err exactly above, so only the band between is
@@ -637,10 +637,14 @@ def _exact_radii(s, v, idx, k, err, exact, n):
                                      device=v.device)
     rank = k - below.sum(1)  # >= 1: the k-th GEMM value itself is in the band
     out = ex.sort(1).values.gather(1, (rank - 1)[:, None]).squeeze(1)
-    if v.shape[1] < n - 1:  # the k'-th kept value is still in the band: the list may be cut short, use the full row
-        for r in band[:, -1].nonzero().view(-1).tolist():
-            others = np.delete(np.arange(n), s + r)
-            out[r] = float(np.partition(exact(np.full(n - 1, s + r), others), k - 1)[k - 1])
+    if v.shape[1] < n - 1:  # the k'-th kept value is still in the band: the list may be cut short, so the row's
+        for r in band[:, -1].nonzero().view(-1).tolist():  # GEMM values are recomputed and the same rule applied
+            row = gemm_row(s + r)
+            row[s + r] = float("inf")
+            lo_r, hi_r = vk[r, 0] - 2 * err[r], vk[r, 0] + 2 * err[r]
+            cols = ((row.double() >= lo_r) & (row.double() <= hi_r)).nonzero().view(-1)
+            ranked = np.sort(exact(np.full(len(cols), s + r), cols.cpu().numpy()))
+            out[r] = float(ranked[k - int((row.double() < lo_r).sum()) - 1])
     return out
 
 
