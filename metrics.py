@@ -1457,7 +1457,7 @@ def diversity(fake, cfg):
             npairs += len(a)
     scales = ms_ssim_scales(cfg.pixel_size)
     return {"ms_ssim_mean": float(np.mean(means)), "ms_ssim_std": float(np.std(means)), "groups": len(means),
-            "pairs": npairs, "group_by": col, "size": cfg.pixel_size, "scales": scales,
+            "pairs": npairs, "group_by": col, "size": cfg.pixel_size, "scales": scales, "convention": "pytorch-msssim",
             "note": "5 scales, standard weights" if scales == 5 else
             f"{scales} scales (images <= 160 px), weights renormalised: not comparable with 5-scale values"}
 

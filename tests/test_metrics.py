@@ -647,6 +647,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert "fd" not in cond["Pneumonia"]  # empty group: reported with N, metrics skipped
     assert res["paired"]["n_identical"] == 12 and res["diversity"]["groups"] == 6
     assert res["diversity"]["scales"] == 3 and "not comparable" in res["diversity"]["note"]
+    assert res["diversity"]["convention"] == "pytorch-msssim"
     p = res["privacy"]["pixel"]
     assert p["n_train"] == n and p["count_under_threshold"] == 12 and p["rms_min"] == 0.0
     assert res["privacy"]["latent"]["count_under_threshold"] >= 12 and os.path.isfile(p["grid"])
