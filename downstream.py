@@ -15,7 +15,7 @@ The papers' experiments, on any prepared dataset and any folder the samplers wri
   rLPIPS, attribute cosine (Table 14, App. C.1 Eq. 13-15); --truth: against the phantom's true counterfactuals.
 
 Commands (the first word may also be the task):
-    python downstream.py --train real=data/phantom:train --test data/phantom:test          # CPU, minutes (tiny)
+    python downstream.py --data data/phantom                # CPU, minutes (tiny): = --train real=data/phantom:train
     python downstream.py --train "real=data/mimic:train; syn=runs/rf/samples; real=data/mimic:train,syn=runs/rf/samples" \
         --mix 1:1 --test "mimic=data/mimic:test,chexpert=data/chexpert:test" --size densenet121 --runs 5 \
         --init imagenet:densenet121-a639ec97.pth --out runs/utility                        # multicond Tables 1, 3
@@ -85,7 +85,8 @@ PM, EE = "predict-metadata", "edit-eval"
 class Config:
     """Experiment, model and training configuration; stored in every checkpoint."""
     task: str = arg("classify", "classify | pretrain-finetune | fairness | segment | predict-metadata | edit-eval")
-    train: str = arg("real=data/phantom:train", "experiments separated by ';', each name=folder[:split] sources by ','")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md); without --train, the source real=DATA:train")
+    train: str = arg("", "experiments separated by ';', each name=folder[:split] sources by ','; '': real=DATA:train")
     val: str = arg("", "validation set (early stopping, thresholds); '': the first source's val split, or 10%% of it")
     test: str = arg("", "test sets name=folder[:split], ','-separated; '': the first source's test split")
     out: str = arg("runs/downstream", "output folder: one run folder per experiment and seed, results.json/.md")
@@ -186,6 +187,8 @@ def parse_config(argv):
                      ("head", ("linear", "mlp", "attn")), ("fair_metric", ("f1", "auroc"))):
         if getattr(cfg, flag) not in ok:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: expected one of {list(ok)}")
+    if not cfg.train:
+        cfg.train = f"real={cfg.data}:train"
     if cfg.task == "segment":
         cfg.arch = "unet"
     elif cfg.arch == "unet":

@@ -10,6 +10,7 @@ flows ancestrally in topological order with a dopri5 or Euler solver written bel
 Flow convention (the paper's equation bodies are missing from our copy; we use the standard rectified flow):
     x_t = (1 - t) x0 + t x1,  x0 ~ N(0, I) the exogenous noise (t = 0),  x1 the one-hot / scaled data (t = 1),
     target velocity v = x1 - x0; sampling integrates t: 0 -> 1, abduction integrates t: 1 -> 0 (radit Eq. 11).
+This is the opposite of rectified_flow.py, which follows radit Eq. 1 with the data at t = 0 and the noise at t = 1.
 
 Commands:
     python flow_scm.py --size small --max-steps 3000 --out runs/scm      # train on data/phantom (CPU: ~15-30 min)
@@ -194,36 +195,42 @@ def parse_set(text, datasets):
 # Config: one dataclass, size presets, CLI generated from the fields
 
 
+def arg(default, help):
+    """A dataclass field with its CLI help string."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    data: str = "data/phantom"      # dataset folder (meta.csv; info.json for the dataset names)
-    out: str = "runs/flow_scm"      # run folder: checkpoints, log.jsonl, config.json
-    size: str = "base"              # preset: tiny | small | base (radit App. B.3.2: width 512)
-    width: int = 512                # hidden width of each flow MLP (radit App. B.3.2)
-    depth: int = 3                  # residual blocks per flow MLP (radit App. B.3.2)
-    emb_dim: int = 128              # parent embedding dimension d (not stated in radit; our choice)
-    fourier: int = 64               # Fourier features of age (EDM2 MPFourier, radit App. B.3.2)
-    cycle: str = "ptx->sd"          # resolve the Pneumothorax <-> Support Devices cycle (radit App. B.3.1)
-    graph: str = ""                 # graph.json {child: [parents]} replacing radit Table 1
-    batch_size: int = 1024          # global batch (rows of meta.csv)
-    micro_batch: int = 0            # rows per process per micro-step (0: batch_size / world, no accumulation)
-    max_steps: int = 20000          # optimiser steps
-    lr: float = 1e-3                # AdamW learning rate (not stated in radit; our choice)
-    weight_decay: float = 0.0       # AdamW weight decay
-    warmup: int = 200               # linear learning-rate warm-up steps
-    grad_clip: float = 1.0          # gradient-norm clipping
-    ema: float = 0.999              # EMA decay (with the (1+s)/(10+s) warm-up)
-    seed: int = 0                   # seed of data order, noise and initialisation
-    split: str = "train"            # meta.csv split to train on ("all" for every row)
-    device: str = ""                # cpu | cuda ("" picks cuda when available)
-    compile: bool = False           # torch.compile the model
-    grad_ckpt: bool = False         # activation checkpointing in the residual blocks
-    resume: bool = True             # continue from the checkpoint in --out (--no-resume starts over)
-    log_every: int = 50             # steps between log lines
-    ckpt_every: int = 1000          # steps between checkpoints
-    sample_every: int = 0           # steps between sampled-cohort prevalence checks (0: off)
-    bench: bool = False             # time a few steps on random tensors and exit
-    dry_run: bool = False           # build the model, print config and parameter count, exit
+    """Model and training configuration; stored in every checkpoint."""
+    data: str = arg("data/phantom", "dataset folder (meta.csv; info.json for the dataset names)")
+    out: str = arg("runs/flow_scm", "run folder: checkpoints, log.jsonl, config.json")
+    size: str = arg("base", "preset: tiny | small | base (radit App. B.3.2: width 512)")
+    width: int = arg(512, "hidden width of each flow MLP (radit App. B.3.2)")
+    depth: int = arg(3, "residual blocks per flow MLP (radit App. B.3.2)")
+    emb_dim: int = arg(128, "parent embedding dimension d (not stated in radit; our choice)")
+    fourier: int = arg(64, "Fourier features of age (EDM2 MPFourier, radit App. B.3.2)")
+    cycle: str = arg("ptx->sd", "resolve the Pneumothorax <-> Support Devices cycle (radit App. B.3.1)")
+    graph: str = arg("", "graph.json {child: [parents]} replacing radit Table 1")
+    batch_size: int = arg(1024, "global batch (rows of meta.csv)")
+    micro_batch: int = arg(0, "rows per process per micro-step (0: batch_size / world, no accumulation)")
+    max_steps: int = arg(20000, "optimiser steps")
+    lr: float = arg(1e-3, "AdamW learning rate (not stated in radit; our choice)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    warmup: int = arg(200, "linear learning-rate warm-up steps")
+    clip: float = arg(1.0, "gradient-norm clipping (the old spelling grad-clip is still accepted)")
+    ema: float = arg(0.999, "EMA decay (with the (1+s)/(10+s) warm-up)")
+    seed: int = arg(0, "seed of data order, noise and initialisation")
+    split: str = arg("train", "meta.csv split to train on ('all' for every row)")
+    device: str = arg("", "cpu | cuda ('' picks cuda when available)")
+    compile: bool = arg(False, "torch.compile the model")
+    grad_ckpt: bool = arg(False, "activation checkpointing in the residual blocks")
+    resume: bool = arg(True, "continue from the checkpoint in --out (--no-resume starts over)")
+    log_every: int = arg(50, "steps between log lines")
+    ckpt_every: int = arg(1000, "steps between checkpoints")
+    sample_every: int = arg(0, "steps between sampled-cohort prevalence checks (0: off)")
+    bench: bool = arg(False, "time a few steps on random tensors and exit")
+    dry_run: bool = arg(False, "build the model, print config and parameter count, exit")
 
 
 PRESETS = {
@@ -234,16 +241,15 @@ PRESETS = {
 
 
 def add_config_args(p):
-    """One flag per dataclass field (dashes on the CLI), with the default and the field's comment as help."""
-    src = open(os.path.abspath(__file__)).read().split("class Config:")[1].split("\n\n\n")[0]
-    helps = {ln.split(":")[0].strip(): ln.split("#", 1)[1].strip() for ln in src.splitlines() if "#" in ln}
+    """One flag per dataclass field (dashes on the CLI), with its default and help string; --grad-clip is the
+    old spelling of --clip."""
     for f in dataclasses.fields(Config):
-        name, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
-        if f.type in (bool, "bool"):
+        name, h = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=f"{h} (default {f.default})")
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, default=None, help=f"{h} (default {f.default!r})")
+            p.add_argument(name, type=type(f.default), default=None, help=f"{h} (default {f.default!r})")
+    p.add_argument("--grad-clip", dest="clip", type=float, default=None, help=argparse.SUPPRESS)
 
 
 def config_from_args(args):
@@ -692,7 +698,10 @@ def load_model(ckpt, device="cpu", use_ema=True):
         prefix = "ema." if use_ema else "model."
         state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         buffers = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
-    cfg = Config(**json.loads(md["config"]))
+    saved = json.loads(md["config"])
+    if "grad_clip" in saved:                                         # checkpoints written before the rename
+        saved["clip"] = saved.pop("grad_clip")
+    cfg = Config(**saved)
     model = FlowSCM(json.loads(md["parents"]), json.loads(md["datasets"]), cfg)
     model.load_state_dict({**buffers, **state})
     return model.to(device).eval(), cfg, int(md["step"])
@@ -891,7 +900,7 @@ def train(cfg):
                 acc[:19] += per_var.detach()
                 acc[19:23].index_add_(0, tb.flatten(), err.detach().flatten())
                 acc[23:27].index_add_(0, tb.flatten(), ok.flatten())
-        gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip)
         bad = ~torch.isfinite(acc[:19].sum() + gnorm)
         first_bad = torch.where(bad & (first_bad < 0), torch.tensor(step + 1, device=device), first_bad)
         opt.step()

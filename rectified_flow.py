@@ -6,6 +6,9 @@ x_t = (1 - t) x_0 + t eps, target v = eps - x_0, logit-normal t with the shift o
 Euler, Heun or adaptive Dormand-Prince 5(4) ODE solvers with classifier-free guidance, and used for
 counterfactual editing by abduction (ODE to noise) / action (new metadata) / prediction (ODE back) (radit §5.3).
 
+Time convention: data at t = 0, noise at t = 1 (radit Eq. 1 as written); sampling integrates t from 1 to 0, abduction
+from 0 to 1. flow_scm.py runs the other way (noise at t = 0, data at t = 1), as its docstring says.
+
 Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jsonl, config.json, grids/):
     python rectified_flow.py --size tiny --max-steps 1000            # CPU, ~10 min, on data/phantom
     torchrun --nproc_per_node=8 rectified_flow.py --size xl --micro-batch 16 --data D --out runs/xl   # 1.3B
