@@ -43,12 +43,16 @@ Three implementation choices matter for speed and safety (each is a comment at i
   valid keys is masked. That masking is where the dQ kernel must zero P of padded keys: their score is 0, so
   P = 2^(-LSE) overflows for a row whose valid scores are all strongly negative, and inf * 0 would be NaN.
 - The grid is one-dimensional (blocks x batch x heads), so B * H has no 65535 limit.
+- On sm_90+ the forward moves q, k, v and o through TMA tensor descriptors made on the device (zero fill past the
+  ends stands in for the row and head-dim masks); the backward kernels and sm_80 use pointer loads with cp.async
+  pipelining. KERNELS_TMA=0 forces pointer loads everywhere (kernels/bench.py times both).
 
 Importing this file needs no GPU, nor triton (the reference path works everywhere).
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -161,6 +165,24 @@ def _load_chunk(base, rows, row_mask, stride_row, COL0: tl.constexpr, WIDTH: tl.
 
 
 @_jit
+def _load_rows(base, desc, b, h, row0, rows, row_mask, stride_row, COL0: tl.constexpr, WIDTH: tl.constexpr,
+               D: tl.constexpr, MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows row0 .. row0+BLOCK-1, columns COL0 .. COL0+WIDTH-1 of one (batch, head): through the TMA descriptor
+    `desc` (which zero-fills rows and columns past the tensor's ends) or through pointers (`_load_chunk`)."""
+    if USE_TMA:
+        return desc.load([b, h, row0, COL0]).reshape([BLOCK, WIDTH])
+    return _load_chunk(base, rows, row_mask, stride_row, COL0, WIDTH, D, MASK_ROWS)
+
+
+@_jit
+def _descriptor(base, B, H, L, D: tl.constexpr, stride_b, stride_h, stride_row, BLOCK: tl.constexpr,
+                WIDTH: tl.constexpr):
+    """A TMA descriptor of a [B, H, L, D] tensor with [1, 1, BLOCK, WIDTH] boxes (strides in elements)."""
+    return tl.make_tensor_descriptor(base, shape=[B, H, L, D], strides=[stride_b, stride_h, stride_row, 1],
+                                     block_shape=[1, 1, BLOCK, WIDTH])
+
+
+@_jit
 def _store_chunk(base, rows, row_mask, stride_row, value, COL0: tl.constexpr, WIDTH: tl.constexpr,
                  D: tl.constexpr):
     """Store a [len(rows), WIDTH] tile into columns COL0 .. (masked to rows in row_mask and columns < D)."""
@@ -177,16 +199,19 @@ def _store_chunk(base, rows, row_mask, stride_row, value, COL0: tl.constexpr, WI
 # ----------------------------------------------------------------------------------------------------------------
 
 @_jit
-def _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, n_end, stride_kn, stride_vn, qk_scale,
-               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr,
+def _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, k_desc_a, k_desc_b, v_desc_a, v_desc_b, b, h,
+               start_n, n_end, stride_kn, stride_vn, qk_scale,
+               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
                PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block of the online softmax. MASKED: the block straddles n_end (the only one that needs a mask)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     valid = cols < n_end
-    k_a = _load_chunk(k_base, cols, valid, stride_kn, 0, DA, D, MASKED).to(DOT_DTYPE)
+    k_a = _load_rows(k_base, k_desc_a, b, h, start_n, cols, valid, stride_kn, 0, DA, D, MASKED, USE_TMA,
+                     BLOCK_N).to(DOT_DTYPE)
     s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
     if DB > 0:
-        k_b = _load_chunk(k_base, cols, valid, stride_kn, DA, DB, D, MASKED).to(DOT_DTYPE)
+        k_b = _load_rows(k_base, k_desc_b, b, h, start_n, cols, valid, stride_kn, DA, DB, D, MASKED, USE_TMA,
+                         BLOCK_N).to(DOT_DTYPE)
         s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
     s = s * qk_scale                               # log2 units: the softmax scale and log2(e) in one multiply
     if MASKED:
@@ -197,10 +222,12 @@ def _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, n_end,
     l_i = l_i * alpha + tl.sum(p, 1)
     # P is rounded to the storage dtype for the second matmul, as a tensor-core kernel does.
     p = p.to(v_base.dtype.element_ty).to(DOT_DTYPE)
-    v_a = _load_chunk(v_base, cols, valid, stride_vn, 0, DA, D, MASKED).to(DOT_DTYPE)
+    v_a = _load_rows(v_base, v_desc_a, b, h, start_n, cols, valid, stride_vn, 0, DA, D, MASKED, USE_TMA,
+                     BLOCK_N).to(DOT_DTYPE)
     acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PRECISION)
     if DB > 0:
-        v_b = _load_chunk(v_base, cols, valid, stride_vn, DA, DB, D, MASKED).to(DOT_DTYPE)
+        v_b = _load_rows(v_base, v_desc_b, b, h, start_n, cols, valid, stride_vn, DA, DB, D, MASKED, USE_TMA,
+                         BLOCK_N).to(DOT_DTYPE)
         acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PRECISION)
     return acc_a, acc_b, m_new, l_i
 
@@ -209,12 +236,14 @@ def _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, n_end,
 def _attn_fwd(Q, K, V, O, LSE, KL, qk_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              H, Lq, Lk, LQ_BUCKET, LK_BUCKET,
+              B, H, Lq, Lk, LQ_BUCKET, LK_BUCKET,
               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, ALIGN: tl.constexpr,
-              HAS_KL: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              HAS_KL: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_TMA: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program = one block of BLOCK_M queries of one (batch, head); it streams all valid key blocks.
     # Strides arrive in units of ALIGN elements (see the module docstring), hence the "* ALIGN" below.
+    # USE_TMA (sm_90+): q, k, v and o move through TMA descriptors of the [B, H, L, D] tensors (made here, on the
+    # device), which zero-fill past the ends of the rows and of the head dim; otherwise through pointer loads.
     n_blocks_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % n_blocks_m
@@ -224,12 +253,40 @@ def _attn_fwd(Q, K, V, O, LSE, KL, qk_scale,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     valid_m = rows < Lq
     q_base = Q + (b * stride_qb + h * stride_qh) * ALIGN
-    q_a = _load_chunk(q_base, rows, valid_m, stride_qm * ALIGN, 0, DA, D, True).to(DOT_DTYPE)
-    q_b = q_a                                      # placeholder when D is a power of two (DB = 0): never read
-    if DB > 0:
-        q_b = _load_chunk(q_base, rows, valid_m, stride_qm * ALIGN, DA, DB, D, True).to(DOT_DTYPE)
     k_base = K + (b * stride_kb + h * stride_kh) * ALIGN
     v_base = V + (b * stride_vb + h * stride_vh) * ALIGN
+    # Descriptors (placeholders when USE_TMA is off or D is a power of two: never read then).
+    b32 = b.to(tl.int32)
+    h32 = h.to(tl.int32)
+    q_desc_a = Q
+    q_desc_b = Q
+    k_desc_a = Q
+    k_desc_b = Q
+    v_desc_a = Q
+    v_desc_b = Q
+    o_desc_a = Q
+    o_desc_b = Q
+    if USE_TMA:
+        q_desc_a = _descriptor(Q, B, H, Lq, D, stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN, BLOCK_M, DA)
+        k_desc_a = _descriptor(K, B, H, Lk, D, stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN, BLOCK_N, DA)
+        v_desc_a = _descriptor(V, B, H, Lk, D, stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN, BLOCK_N, DA)
+        o_desc_a = _descriptor(O, B, H, Lq, D, stride_ob * ALIGN, stride_oh * ALIGN, stride_om * ALIGN, BLOCK_M, DA)
+        if DB > 0:
+            q_desc_b = _descriptor(Q, B, H, Lq, D, stride_qb * ALIGN, stride_qh * ALIGN, stride_qm * ALIGN,
+                                   BLOCK_M, DB)
+            k_desc_b = _descriptor(K, B, H, Lk, D, stride_kb * ALIGN, stride_kh * ALIGN, stride_kn * ALIGN,
+                                   BLOCK_N, DB)
+            v_desc_b = _descriptor(V, B, H, Lk, D, stride_vb * ALIGN, stride_vh * ALIGN, stride_vn * ALIGN,
+                                   BLOCK_N, DB)
+            o_desc_b = _descriptor(O, B, H, Lq, D, stride_ob * ALIGN, stride_oh * ALIGN, stride_om * ALIGN,
+                                   BLOCK_M, DB)
+    row0 = (pid_m * BLOCK_M).to(tl.int32)
+    q_a = _load_rows(q_base, q_desc_a, b32, h32, row0, rows, valid_m, stride_qm * ALIGN, 0, DA, D, True, USE_TMA,
+                     BLOCK_M).to(DOT_DTYPE)
+    q_b = q_a                                      # placeholder when D is a power of two (DB = 0): never read
+    if DB > 0:
+        q_b = _load_rows(q_base, q_desc_b, b32, h32, row0, rows, valid_m, stride_qm * ALIGN, DA, DB, D, True,
+                         USE_TMA, BLOCK_M).to(DOT_DTYPE)
     n_end = Lk
     if HAS_KL:
         n_end = tl.load(KL + b)          # already clamped to [0, Lk] on the host side
@@ -241,22 +298,30 @@ def _attn_fwd(Q, K, V, O, LSE, KL, qk_scale,
         acc_b = tl.zeros([BLOCK_M, DB], tl.float32)
     n_full = (n_end // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):      # blocks of valid keys only: no mask
-        acc_a, acc_b, m_i, l_i = _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, start_n, n_end,
-                                            stride_kn * ALIGN, stride_vn * ALIGN, qk_scale, D, DA, DB, False,
-                                            PRECISION, DOT_DTYPE, BLOCK_N)
+        acc_a, acc_b, m_i, l_i = _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, k_desc_a, k_desc_b,
+                                            v_desc_a, v_desc_b, b32, h32, start_n, n_end, stride_kn * ALIGN,
+                                            stride_vn * ALIGN, qk_scale, D, DA, DB, False, USE_TMA, PRECISION,
+                                            DOT_DTYPE, BLOCK_N)
     if n_full < n_end:                              # the block that straddles the end of the valid keys
-        acc_a, acc_b, m_i, l_i = _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, n_full, n_end,
-                                            stride_kn * ALIGN, stride_vn * ALIGN, qk_scale, D, DA, DB, True,
-                                            PRECISION, DOT_DTYPE, BLOCK_N)
+        acc_a, acc_b, m_i, l_i = _fwd_block(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, k_desc_a, k_desc_b,
+                                            v_desc_a, v_desc_b, b32, h32, n_full, n_end, stride_kn * ALIGN,
+                                            stride_vn * ALIGN, qk_scale, D, DA, DB, True, USE_TMA, PRECISION,
+                                            DOT_DTYPE, BLOCK_N)
     # key_length 0: nothing visited, l = 0 -> output 0 and LSE = +inf (so that a recomputed P is 0).
     empty = l_i == 0.0
     inv_l = 1.0 / tl.where(empty, 1.0, l_i)
     o_base = O + (b * stride_ob + h * stride_oh) * ALIGN
-    _store_chunk(o_base, rows, valid_m, stride_om * ALIGN, (acc_a * inv_l[:, None]).to(O.dtype.element_ty),
-                 0, DA, D)
+    o_a = (acc_a * inv_l[:, None]).to(O.dtype.element_ty)
+    if USE_TMA:                                     # the descriptor drops the rows and columns past the ends
+        o_desc_a.store([b32, h32, row0, 0], o_a.reshape([1, 1, BLOCK_M, DA]))
+    else:
+        _store_chunk(o_base, rows, valid_m, stride_om * ALIGN, o_a, 0, DA, D)
     if DB > 0:
-        _store_chunk(o_base, rows, valid_m, stride_om * ALIGN, (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
-                     DA, DB, D)
+        o_b = (acc_b * inv_l[:, None]).to(O.dtype.element_ty)
+        if USE_TMA:
+            o_desc_b.store([b32, h32, row0, DA], o_b.reshape([1, 1, BLOCK_M, DB]))
+        else:
+            _store_chunk(o_base, rows, valid_m, stride_om * ALIGN, o_b, DA, DB, D)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + bh.to(tl.int64) * Lq + rows, lse, mask=valid_m)
 
@@ -539,11 +604,12 @@ def _prune(configs, named_args=None, **kwargs):
 
 if triton is not None and not INTERPRET:
     # Keyed on power-of-two length buckets (not exact lengths: text lengths vary per batch), the head dim split,
-    # the key mask (self- and cross-attention tune apart), the precision and the stride alignment; triton adds the
-    # tensors' dtypes to the key itself.
+    # the key mask (self- and cross-attention tune apart), the precision, the stride alignment and (forward) TMA or
+    # pointer loads; triton adds the tensors' dtypes to the key itself.
     _KEY = ["LQ_BUCKET", "LK_BUCKET", "D", "HAS_KL", "PRECISION", "ALIGN"]
     _PRUNE = {"early_config_prune": _prune}
-    _attn_fwd_tuned = triton.autotune(configs=_configs(_FWD_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(_attn_fwd)
+    _attn_fwd_tuned = triton.autotune(configs=_configs(_FWD_CONFIGS), key=_KEY + ["USE_TMA"],
+                                      prune_configs_by=_PRUNE)(_attn_fwd)
     _attn_bwd_dkdv_tuned = triton.autotune(configs=_configs(_DKDV_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(
         _attn_bwd_dkdv)
     _attn_bwd_dq_tuned = triton.autotune(configs=_configs(_DQ_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(
@@ -568,6 +634,43 @@ def stride_alignment(dtype, *tensors):
     while align > 1 and any(s % align for s in strides):
         align //= 2
     return align
+
+
+# TMA (tensor descriptors) for the forward kernel: on sm_90+ when the installed triton has them and every
+# tensor's strides and base are 16-byte aligned. KERNELS_TMA=0 forces the pointer path (for comparisons; the
+# bench times both), KERNELS_TMA=1 asks for it anywhere triton can build it (the interpreter tests use that).
+_HAS_DESCRIPTORS = tl is not None and hasattr(tl, "make_tensor_descriptor")
+_allocator_set = False
+
+
+def _tma_setting():
+    return os.environ.get("KERNELS_TMA", "auto").strip().lower()
+
+
+def tma_eligible(align, *tensors):
+    """True when the forward runs through TMA descriptors for these tensors (see the comment above)."""
+    setting = _tma_setting()
+    if not _HAS_DESCRIPTORS or setting in ("0", "off", "false"):
+        return False
+    t = tensors[0]
+    if align * t.element_size() != 16 or any(x.data_ptr() % 16 for x in tensors):
+        return False
+    if setting in ("1", "on", "true"):
+        wanted = True
+    else:
+        wanted = t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    if wanted and t.is_cuda:
+        _ensure_tma_allocator()
+    return wanted
+
+
+def _ensure_tma_allocator():
+    """Descriptors made on the device need a small global workspace per launch, which triton asks for through
+    the allocator set here (once per process, unless the user set one)."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
+        _allocator_set = True
 
 
 def _units(t, align):
@@ -604,11 +707,12 @@ def _flash_fwd(q, k, v, key_lengths, scale):
     o = _empty(q.shape, q.dtype, q.device)
     lse = _empty((B * H, Lq), torch.float32, q.device)
     align = stride_alignment(q.dtype, q, k, v, o)
+    use_tma = tma_eligible(align, q, k, v, o)
     extra = dict(_INTERPRET_BLOCKS) if INTERPRET else {}
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_fwd_tuned[grid](q, k, v, o, lse, kl, qk_scale, *_units(q, align), *_units(k, align), *_units(v, align),
-                          *_units(o, align), H, Lq, Lk, lqb, lkb, D=D, DA=da, DB=db, ALIGN=align, HAS_KL=has_kl,
-                          PRECISION=precision, DOT_DTYPE=dot_dtype, **extra)
+                          *_units(o, align), B, H, Lq, Lk, lqb, lkb, D=D, DA=da, DB=db, ALIGN=align, HAS_KL=has_kl,
+                          PRECISION=precision, DOT_DTYPE=dot_dtype, USE_TMA=use_tma, **extra)
     return o, lse
 
 

@@ -20,6 +20,7 @@ runs a CPU self-check of the reference path against float64 math, and exits 0 (1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -196,6 +197,8 @@ def compile_report(arch, dtype_name, quick):
             for cfg in (cfgs[:1] if quick else cfgs):
                 bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
                 consts = dict(dconsts, HAS_KL=True, PRECISION="tf32", DOT_DTYPE=tl_dtype, BLOCK_M=bm, BLOCK_N=bn)
+                if fn is A._attn_fwd:          # the forward takes TMA descriptors on sm_90+ (as at run time)
+                    consts["USE_TMA"] = arch >= 90 and A._HAS_DESCRIPTORS
                 shape = f"D={D} ({dconsts['DA']}+{dconsts['DB']}, ALIGN {dconsts['ALIGN']})"
                 config = f"{bm}x{bn}, {cfg.num_warps} warps, {cfg.num_stages} stages"
                 try:
@@ -262,19 +265,22 @@ def gpu_check(dtype):
         key_lengths = None if kl is None else torch.tensor(kl, device="cuda")
         do = torch.randn(B, H, Lq, D, device="cuda", dtype=dtype)
         outs = {}
-        for name, fn in (("triton", attention_triton), ("reference", attention_reference)):
-            qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-            o = fn(qq, kk, vv, key_lengths=key_lengths)
-            o.backward(do)
+        for name, fn, tma in (("triton", attention_triton, "auto"), ("triton, pointer loads", attention_triton, "0"),
+                              ("reference", attention_reference, "auto")):
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            with _tma(tma):
+                o = fn(qq, kk, vv, key_lengths=key_lengths)
+                o.backward(do)
             outs[name] = (o, qq.grad, kk.grad, vv.grad)
         case = (B, H, Lq, Lk, D, kl, scale_in, "strided" if strided else "contiguous")
-        for what, a, b in zip(("o", "dq", "dk", "dv"), outs["triton"], outs["reference"]):
-            if not torch.isfinite(a).all():
-                failures.append(f"attention {case} {what}: not finite")
-                continue
-            err = _rel(a, b)
-            if not err < tol * max(1.0, scale_in):
-                failures.append(f"attention {case} {what}: relative error {err:.2e}")
+        for path in ("triton", "triton, pointer loads"):
+            for what, a, b in zip(("o", "dq", "dk", "dv"), outs[path], outs["reference"]):
+                if not torch.isfinite(a).all():
+                    failures.append(f"attention ({path}) {case} {what}: not finite")
+                    continue
+                err = _rel(a, b)
+                if not err < tol * max(1.0, scale_in):
+                    failures.append(f"attention ({path}) {case} {what}: relative error {err:.2e}")
     for shape in ((4096, 64), (1000, 1536), (333, 4096), (77, 8192), (3, 16384)):
         x = torch.randn(shape, device="cuda", dtype=dtype)
         w = torch.randn(shape[-1], device="cuda")
@@ -329,6 +335,20 @@ def _time_attention(fn, q, k, v, ctx=None):
     return fwd, bwd, both
 
 
+@contextlib.contextmanager
+def _tma(value):
+    """KERNELS_TMA set to `value` inside the block (kernels/attention.py reads it per call)."""
+    old = os.environ.get("KERNELS_TMA")
+    os.environ["KERNELS_TMA"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KERNELS_TMA")
+        else:
+            os.environ["KERNELS_TMA"] = old
+
+
 def bench_attention(dtype, quick):
     rows = ["| D | L | B x H | ours fwd | ours bwd | ours fwd+bwd | best SDPA fwd | best SDPA bwd | best SDPA fwd+bwd"
             " | ratio fwd | ratio bwd | ratio fwd+bwd | SDPA per backend (fwd / bwd / fwd+bwd) |",
@@ -341,13 +361,17 @@ def bench_attention(dtype, quick):
             flops = 4.0 * B * H * L * L * D
             tf = lambda ms, mult: mult * flops / (ms * 1e-3) / 1e12  # noqa: E731
             ours = _time_attention(attention_triton, q, k, v)
+            with _tma("0"):                            # the forward's pointer path, for comparison with TMA
+                pointers = _time_attention(attention_triton, q, k, v)
             per = {}
             for name, ctx in backends.items():
                 t = _time_attention(F.scaled_dot_product_attention, q, k, v, ctx)
                 if t is not None:
                     per[name] = [tf(t[0], 1), tf(t[1], 2.5), tf(t[2], 3.5)]
             mine = [tf(ours[0], 1), tf(ours[1], 2.5), tf(ours[2], 3.5)]
-            best = [max((p[i] for p in per.values()), default=float("nan")) for i in range(3)]
+            per["ours, pointer loads"] = [tf(pointers[0], 1), tf(pointers[1], 2.5), tf(pointers[2], 3.5)]
+            best = [max((p[i] for n, p in per.items() if not n.startswith("ours")), default=float("nan"))
+                    for i in range(3)]
             detail = ", ".join(f"{n} {p[0]:.0f}/{p[1]:.0f}/{p[2]:.0f}" for n, p in per.items())
             rows.append(f"| {D} | {L} | {B} x {H} | " + " | ".join(f"{x:.0f}" for x in mine + best) + " | "
                         + " | ".join(f"{a / b:.2f}x" for a, b in zip(mine, best)) + f" | {detail} |")

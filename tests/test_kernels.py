@@ -276,6 +276,31 @@ def test_triton_attention_strided_views_of_a_fused_qkv(run_here, monkeypatch):
     assert not copies
 
 
+@pytest.mark.parametrize("D,dtype,masked,strided", [(16, torch.float32, False, False), (72, torch.bfloat16, True, True),
+                                                     (40, torch.float16, True, False), (160, torch.bfloat16, True, True)])
+def test_triton_attention_tma_forward_vs_float64(run_here, monkeypatch, D, dtype, masked, strided):
+    """The forward's TMA path (tensor descriptors, sm_90+ on a GPU; forced here with KERNELS_TMA=1, which the
+    interpreter runs): the same results as float64, with the descriptors' zero fill standing in for the masks."""
+    if not run_here():
+        return
+    monkeypatch.setenv("KERNELS_TMA", "1")
+    used = []
+    real = attn_mod.tma_eligible
+    monkeypatch.setattr(attn_mod, "tma_eligible", lambda *a: used.append(real(*a)) or used[-1])
+
+    def fused(q, k, v):
+        qkv = torch.stack([q, k, v], 2).permute(0, 3, 2, 1, 4).contiguous().requires_grad_(True)
+        views = [t.permute(0, 2, 1, 3) for t in qkv.unbind(2)]
+        return (*views, lambda: [g.permute(0, 2, 1, 3) for g in qkv.grad.unbind(2)])
+
+    Lk = 33 if strided else 70
+    key_lengths = torch.tensor([0, 1, Lk]) if masked else None
+    mult = 3.0 if dtype == torch.float16 else 30.0
+    _run_case(3 if masked else 2, 2, 33, Lk, D, dtype, key_lengths, None, mult, seed=D + 1,
+              make_qkv=fused if strided else None)
+    assert used and all(used)
+
+
 def test_triton_attention_rejects_bad_input(run_here):
     """Bad input to the Triton entry point: a one-line ValueError naming the argument and what was expected."""
     if not run_here():
@@ -444,8 +469,9 @@ def test_kernels_compile_for_hopper_without_gpu():
     """The interpreter cannot catch what only the GPU compiler decides: build each kernel for sm_90 (triton's
     ahead-of-time path with its bundled ptxas, no GPU needed) with the JIT's run-time specialisation, and check what
     the report reads off the binary: it fits in shared memory, does not spill (cuobjdump STACK + LOCAL), multiplies
-    with wgmma (no mma.sync), and loads 16 bytes at a time with cp.async pipelining, also for the head dim 72 that
-    is no power of two (its rows are 144 bytes: the JIT alone would give 4-byte loads and no cp.async)."""
+    with wgmma (no mma.sync); the forward moves q / k / v / o through TMA (cp.async.bulk.tensor), the backward
+    kernels load 16 bytes at a time with cp.async pipelining, also for the head dim 72 that is no power of two
+    (its rows are 144 bytes: the JIT alone would give 4-byte loads and no cp.async)."""
     pytest.importorskip("triton")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_DEFAULT_FP_FUSION="1")
     env.pop("TRITON_INTERPRET", None)
@@ -460,8 +486,12 @@ def test_kernels_compile_for_hopper_without_gpu():
     for kernel, shape, config, shared, regs, spill, cp_async, tma, loads, wgmma, mma_sync, fits in rows:
         where = f"{kernel} {shape} {config}"
         assert fits == "yes" and int(spill) == 0, where
-        assert loads == "16 B", where
+        if kernel == "attn fwd":
+            assert int(tma) > 0, where                  # (its only plain loads left are the key length and LSE)
+        else:
+            assert int(tma) == 0 and loads == "16 B", where
         if kernel.startswith("attn"):
             assert int(wgmma) > 0 and int(mma_sync) == 0, where
+        if kernel.startswith("attn d"):
             count, width = cp_async.split(" / ")
             assert int(count) > 0 and width == "16 B", where
