@@ -1,11 +1,16 @@
 """controlnet.py: spatial control of the ChexGen text-to-radiograph DiT with masks and bounding boxes (chexgen Methods
 "Annotation-to-Image Generation", Ext. Data Fig. 3b/3d, Ext. Data Figs. 8-10, Ext. Data Tables 2 and 4).
 
-A ControlNet adapter (Zhang et al. 2023; PixArt-alpha's transformer form) on a frozen dit_text2img.py backbone:
-trainable copies of its first N blocks (chexgen: 13 of 28), initialised from it; the condition map, patch-embedded,
-enters the first copy through a zero-initialised linear (`before_proj`); each copy's output goes through a
-zero-initialised linear (`after_proj`) into the hidden state of the matching backbone block, so at initialisation
-the output is the backbone's exactly. Only the adapter trains (AdamW 1e-4, wd 0.01, clip 1.0, bf16: chexgen Ext.
+A ControlNet adapter (Zhang et al. 2023) on a frozen dit_text2img.py backbone, wired as PixArt-alpha's
+ControlPixArtHalf and the released ChexGen code's ControlT2IDiT (radiffuser/models/dit_control.py, the same form):
+trainable copies of its first N blocks (released ChexGen: 13 of 28), initialised from it. Backbone block 0 runs
+first; copy 0 sees its output plus the patch-embedded condition map through a zero-initialised linear
+(`before_proj`); copy i feeds copy i + 1, and its output goes through a zero-initialised linear (`after_proj`) into
+the input of backbone block i + 1, so at initialisation the output is the backbone's exactly. One difference from
+the released code, on purpose: there the condition (one VAE-encoded mask, as many channels as the image latents)
+goes through the frozen backbone's own patch embedding and positions; here a trainable patch embedding of its own
+takes the K x C condition channels (several masks or box classes at once), and the positions come with block 0's
+output. Only the adapter trains (AdamW 1e-4, wd 0.01, clip 1.0, bf16: chexgen Ext.
 Data Table 4). Conditions (`--cond-type`): `mask`, any of the dataset's masks (info.json mask_names), one channel
 each; `box`, per-class boxes (meta.csv `boxes` JSON {class: [x0, y0, x1, y1] fractions or a list of them}) drawn as
 filled rectangles, one channel per class, class names kept in the checkpoint (the paper's box control, never
@@ -69,9 +74,29 @@ from kernels import attention
 # Config: one dataclass, size presets, CLI generated from the fields
 
 
-def arg(default, help, only=None):
-    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
-    return field(default=default, metadata={"help": help, "only": only})
+# --- skeleton: cli (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def arg(default, help, only=None, alias=None):
+    """A dataclass field with its CLI help string. `only`: the comma-separated subcommands that take it (None: all;
+    'none': no flag, the script resolves the value); `alias`: a second spelling of the flag."""
+    return field(default=default, metadata={"help": help, "only": only, "alias": alias})
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        scope = f.metadata["only"]
+        if scope is not None and only not in scope.split(","):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]", dest=f.name)
+        flags = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata["alias"] else [])
+        if isinstance(f.default, bool):
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(*flags, type=type(f.default), **kw)
+    return p
+# --- end skeleton: cli ---
 
 
 @dataclass
@@ -108,8 +133,9 @@ class Config:
     bench: bool = arg(False, "time adapter training steps on random tensors and exit")
     bench_steps: int = arg(10, "timed steps per --bench variant")
     dry_run: bool = arg(False, "build the model (meta device), print config and parameter counts, exit")
-    cond_names: str = arg("", "resolved condition channel names (set by training; stored in the checkpoint)")
-    cond_size: int = arg(0, "resolved pixel side of the condition maps (set by training)")
+    cond_names: str = arg("", "resolved condition channel names (set by training; stored in the checkpoint)",
+                          only="none")
+    cond_size: int = arg(0, "resolved pixel side of the condition maps (set by training)", only="none")
 
 
 # chexgen Ext. Data Table 4: AdamW 1e-4 for the adapter; the released code copies 13 of the 28 blocks, about half,
@@ -159,21 +185,6 @@ class InferConfig:
     batch_size: int = arg(16, "images per forward pass, per process")
     seed: int = arg(0, "noise seed: image (condition j, sample k) always gets the same noise")
     device: str = arg("", "cpu | cuda (default: cuda when available)")
-
-
-def build_parser(cls, prog, doc, only=None):
-    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        if f.metadata["only"] not in (None, only) or f.name in ("cond_names", "cond_size"):
-            continue
-        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]")
-        if isinstance(f.default, bool):
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
-    return p
 
 
 def backbone_path(path):
@@ -437,16 +448,17 @@ class ControlDiT(nn.Module):
         the condition dropped, the adapter's residuals zeroed)."""
         base, ad = self.base, self.adapter
         h, temb, t6, y, lengths = base.embed(x, t, text, lengths, drop)
-        c = scale = None
+        e = scale = None
         if cond is not None:
-            c = h + ad.controlnet[0].before_proj(ad.cond_embedder(cond.to(x.dtype)).float()).float()
+            e = ad.controlnet[0].before_proj(ad.cond_embedder(cond.to(x.dtype)).float()).float()
             scale = None if keep is None else keep.float().view(-1, 1, 1)
         for i, blk in enumerate(base.blocks):
             h = base.run_block(blk, h, y, lengths, t6)
-            if c is not None and i < len(ad.controlnet):
+            if e is not None and i < len(ad.controlnet):
+                c = h + e if i == 0 else c                  # released form: copy 0 sees backbone block 0's output
                 c = base.run_block(ad.controlnet[i].copied_block, c, y, lengths, t6)
                 r = ad.controlnet[i].after_proj(c).float()
-                h = h + (r if scale is None else r * scale)
+                h = h + (r if scale is None else r * scale)   # copy i's residual enters backbone block i + 1
         return base.unpatchify(h, temb, x.shape)
 
 

@@ -4,11 +4,9 @@ import csv
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -145,18 +143,52 @@ def test_zero_init_output_equals_backbone_and_residuals_enter_the_matching_block
         keep = torch.tensor([True, False, True])
         dropped = model(x, t, text, n, cond=cond, keep=keep)
         assert torch.equal(dropped[1], want[1]) and torch.allclose(dropped[0], out[0], atol=1e-6)   # ... unless dropped
-        # independent reference: the backbone's blocks by hand, adapter residual added after block 1 only
+        # independent reference: the backbone's blocks by hand, copy 0 on block 0's output, copy 1's residual
+        # added after block 1 only (into block 2's input)
         h = ref.x_embedder(x) + dt.sincos_2d(32, 4, 4, 4, "cpu")      # dit_text2img's own modules, by hand
         temb = ref.t_embedder(t)
         t6 = ref.t_block(temb)
         y, lens = ref.y_embedder(text, n)
         ad = model.adapter.controlnet
+        h = ref.blocks[0](h, y, lens, t6)
         c = h + ad[0].before_proj(model.adapter.cond_embedder(cond))
         c = ad[1].copied_block(ad[0].copied_block(c, y, lens, t6), y, lens, t6)
-        for i, blk in enumerate(ref.blocks):
-            h = blk(h, y, lens, t6) + (ad[1].after_proj(c) if i == 1 else 0)
+        h = ref.blocks[1](h, y, lens, t6) + ad[1].after_proj(c)
+        h = ref.blocks[2](h, y, lens, t6)
         h = ref.final_layer(h, temb).view(3, 4, 4, 4, 4, 1).permute(0, 5, 1, 3, 2, 4).reshape(x.shape)
         assert torch.allclose(h, out, atol=1e-5)
+
+
+def test_wiring_matches_the_released_pixart_controlnet_loop():
+    """The loop of PixArt-alpha's ControlPixArtHalf.forward / ChexGen's ControlT2IDiT.forward, restated: block 0
+    first; copy k-1 takes (x, c) (copy 0: x + before_proj(c)) and returns (c, after_proj(c)); block k runs on
+    x + that skip for k = 1..N; the remaining blocks plain. Every projection non-zero, so each wire shows."""
+    cfg, ref = small_backbone(seed=3)
+    model = as_backbone(cfg, ref)
+    ad = model.adapter
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for cb in ad.controlnet:
+            for lin in (cb.after_proj, cb.before_proj):
+                if lin is not None:
+                    torch.nn.init.normal_(lin.weight, std=0.2)
+                    torch.nn.init.normal_(lin.bias, std=0.2)
+        x, t, text, n, cond = inputs()
+        out = model(x, t, text, n, cond=cond)
+        xx = ref.x_embedder(x) + dt.sincos_2d(32, 4, 4, 4, "cpu")
+        temb = ref.t_embedder(t)
+        t6 = ref.t_block(temb)
+        y, lens = ref.y_embedder(text, n)
+        c = ad.cond_embedder(cond)
+        xx = ref.blocks[0](xx, y, lens, t6)
+        for k in range(1, len(ad.controlnet) + 1):
+            cb = ad.controlnet[k - 1]
+            c = cb.copied_block(xx + cb.before_proj(c) if k == 1 else c, y, lens, t6)
+            xx = ref.blocks[k](xx + cb.after_proj(c), y, lens, t6)
+        for k in range(len(ad.controlnet) + 1, len(ref.blocks)):
+            xx = ref.blocks[k](xx, y, lens, t6)
+        want = ref.final_layer(xx, temb).view(3, 4, 4, 4, 4, 1).permute(0, 5, 1, 3, 2, 4).reshape(x.shape)
+        assert torch.allclose(out, want, atol=1e-5)
 
 
 def test_only_adapter_parameters_get_gradients():
@@ -298,16 +330,6 @@ def test_trained_adapter_uses_the_condition(run, data32):
     assert len(diff) >= 90 and diff.mean() > 0 and stats.ttest_1samp(diff, 0).pvalue < 1e-3, (diff.mean(), len(diff))
 
 
-def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, data32, backbone):
-    out = str(tmp_path / "run")
-    with pytest.raises(SystemExit) as e:                         # lr 1e30: AdamW's first step overflows the adapter
-        train(data32, backbone, out, "--max-steps", "5", "--ckpt-every", "1", "--lr", "1e30", "--control-blocks", "1")
-    assert "non-finite loss at step 2" in str(e.value)
-    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
-        assert f.metadata()["step"] == "1"
-        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
-
-
 def test_resume_reproduces_straight_run(tmp_path, data32, backbone):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = ["--cond-type", "box", "--control-blocks", "2", "--ckpt-every", "100"]
@@ -322,34 +344,6 @@ def test_resume_reproduces_straight_run(tmp_path, data32, backbone):
     with pytest.raises(SystemExit, match="checkpoint has cond_names="):
         train(data32, backbone, b, "--cond-type", "box", "--box-classes", "Edema", "--max-steps", "9")
 
-
-
-def test_sigterm_saves_and_exits(tmp_path, data32, backbone):
-    out = str(tmp_path / "run")
-    common = ["--data", data32, "--backbone", backbone, "--out", out, *CN, "--control-blocks", "1",
-              "--ckpt-every", "100000"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "controlnet.py"), *common, "--max-steps", "100000"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        for _ in range(1200):                                    # wait for the third log line (or an early exit)
-            if proc.poll() is not None or (os.path.exists(os.path.join(out, "log.jsonl")) and len(log(out)) >= 3):
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        text = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0 and "stopped by SIGTERM" in text, text[-2000:]
-    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
-        step = int(f.metadata()["step"])
-    assert 3 <= step <= 12 and step == log(out)[-1]["step"], (step, log(out)[-1])   # saved at the next health check
-    cn.main([*common, "--max-steps", str(step + 2)])            # resumes from the saved step
-    assert [r["step"] for r in log(out)] == list(range(1, step + 3))
-    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
-        assert int(f.metadata()["step"]) == step + 2
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, data32, backbone):
