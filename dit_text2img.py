@@ -16,9 +16,9 @@ Text (run once; training then never runs the encoder):
     python dit_text2img.py embed-text --data D --text-encoder google/t5-v1_1-xxl --max-length 120   # as chexgen
 Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jsonl, config.json, grids/):
     python dit_text2img.py --size tiny --max-steps 3000                        # CPU demo on data/phantom
-    torchrun --nproc_per_node=8 dit_text2img.py --size XL --data D256 --out runs/s1        # stage I, 256 px
+    torchrun --nproc_per_node=8 dit_text2img.py --size XL --data D256 --out runs/s1   # stage I, 256 px, 800 epochs
     torchrun --nproc_per_node=8 dit_text2img.py --size XL --data D512 --out runs/s2 --init-from runs/s1 \
-        --resolution 512 --batch-size 2048                                       # stage II (--pos-embed reinit)
+        --resolution 512 --batch-size 2048                        # stage II: 300 epochs (--epochs / --max-steps)
     python dit_text2img.py --size tiny --train-text-encoder --text-encoder PATH   # RoentGen: fine-tune the encoder
     python dit_text2img.py --size chexgen --dry-run                              # parameter count, meta device
     python dit_text2img.py --size XL --bench --resolution 256 --batch-size 32    # tokens/s, MFU, peak memory
@@ -78,9 +78,29 @@ from kernels import attention
 # Config: one dataclass, size presets, CLI generated from the fields
 
 
-def arg(default, help, only=None):
-    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
-    return field(default=default, metadata={"help": help, "only": only})
+# --- skeleton: cli (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def arg(default, help, only=None, alias=None):
+    """A dataclass field with its CLI help string. `only`: the comma-separated subcommands that take it (None: all;
+    'none': no flag, the script resolves the value); `alias`: a second spelling of the flag."""
+    return field(default=default, metadata={"help": help, "only": only, "alias": alias})
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        scope = f.metadata["only"]
+        if scope is not None and only not in scope.split(","):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]", dest=f.name)
+        flags = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata["alias"] else [])
+        if isinstance(f.default, bool):
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(*flags, type=type(f.default), **kw)
+    return p
+# --- end skeleton: cli ---
 
 
 @dataclass
@@ -120,7 +140,9 @@ class Config:
     p_uncond: float = arg(0.1, "caption dropout to the learned null caption (released ChexGen code: 0.1)")
     batch_size: int = arg(32, "global batch size (chexgen Ext. Data Table 4: 192 x 32 GPUs stage I)")
     micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
-    max_steps: int = arg(3000, "optimizer steps")
+    max_steps: int = arg(3000, "optimizer steps (used when --epochs is 0)")
+    epochs: float = arg(0.0, "training length in passes over the training rows, max_steps = ceil(epochs x rows / "
+                             "batch-size) (chexgen Ext. Data Table 4: 800 stage I, 300 stage II); 0: --max-steps")
     lr: float = arg(1e-3, "AdamW learning rate, constant (chexgen Ext. Data Table 4: 1e-4)")
     weight_decay: float = arg(0.01, "AdamW weight decay (chexgen Ext. Data Table 4)")
     clip: float = arg(1.0, "gradient-norm clipping (chexgen Ext. Data Table 4)")
@@ -139,12 +161,17 @@ class Config:
 
 
 # DiT (Peebles & Xie 2023) B and XL widths; chexgen as its Methods text states (2048 wide, 28 blocks, 32 heads).
-# Stage I of chexgen Ext. Data Table 4: 192 per GPU x 32 A100, 800 epochs of 959,206 pairs = ~125k steps.
+# Training length is in epochs of the data, as chexgen Ext. Data Table 4 gives it: stage I 800 epochs at 192 per
+# GPU x 32 A100 = 6144 (of 959,206 pairs: ~125k steps, the max_steps shown without data); stage II (a run with
+# --init-from and no --epochs) 300 epochs at 64 x 32 = 2048 (of 45k pairs: ~6.6k steps). tiny (tests, CPU demo) and
+# B count steps: our choice.
+STAGE_II_EPOCHS = 300
 PRESETS = {
     "tiny": dict(hidden=128, depth=4, heads=4, batch_size=32, lr=1e-3, ema=0.999, max_steps=3000),
     "B": dict(hidden=768, depth=12, heads=12, batch_size=256, lr=1e-4, ema=0.9999, max_steps=400_000),
-    "XL": dict(hidden=1152, depth=28, heads=16, batch_size=6144, lr=1e-4, ema=0.9999, max_steps=125_000),
-    "chexgen": dict(hidden=2048, depth=28, heads=32, batch_size=6144, lr=1e-4, ema=0.9999, max_steps=125_000),
+    "XL": dict(hidden=1152, depth=28, heads=16, batch_size=6144, lr=1e-4, ema=0.9999, max_steps=125_000, epochs=800),
+    "chexgen": dict(hidden=2048, depth=28, heads=32, batch_size=6144, lr=1e-4, ema=0.9999, max_steps=125_000,
+                    epochs=800),
 }
 for _p in ("B", "XL", "chexgen"):
     PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
@@ -184,28 +211,22 @@ class EmbedConfig:
     device: str = arg("", "cpu | cuda (default: cuda when available)")
 
 
-def build_parser(cls, prog, doc, only=None):
-    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        if f.metadata["only"] not in (None, only):
-            continue
-        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]")
-        if isinstance(f.default, bool):
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
-    return p
-
-
 def parse_config(argv):
     """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
     given = vars(build_parser(Config, "dit_text2img.py [train]", __doc__).parse_args(argv))
     size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
     if size is None:
         raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
-    cfg = Config(**{**PRESETS[size], **given, "size": size})
+    if "epochs" in given and "max_steps" in given and given["epochs"] > 0:
+        raise SystemExit(f"--epochs {given['epochs']} and --max-steps {given['max_steps']}: expected one of them")
+    preset = dict(PRESETS[size])
+    if "max_steps" in given:                                     # an explicit step count wins over preset epochs
+        preset["epochs"] = 0.0
+    elif given.get("init_from") and preset.get("epochs"):        # stage II of a paper preset
+        preset["epochs"] = STAGE_II_EPOCHS
+    cfg = Config(**{**preset, **given, "size": size})
+    if not cfg.epochs >= 0:
+        raise SystemExit(f"--epochs {cfg.epochs}: expected a number of epochs >= 0")
     for flag, val, ok in (("--pred", cfg.pred, ("eps", "v")), ("--pos-embed", cfg.pos_embed, ("interp", "reinit")),
                           ("--space", cfg.space, ("auto", "pixel", "latent")),
                           ("--attn", cfg.attn, ("kernels", "sdpa"))):
@@ -1054,7 +1075,14 @@ def resolve(cfg, data=None, text_dim=0):
                      "vae": os.path.basename(data.folder) if data and space == "latent" else cfg.vae,
                      "text": os.path.basename(data.text) if data and data.text else cfg.text,
                      "text_encoder": data.encoder if data else cfg.text_encoder,
-                     "text_dim": text_dim or cfg.text_dim or 4096, "pe_base": cfg.pe_base or s // patch})
+                     "text_dim": text_dim or cfg.text_dim or 4096, "pe_base": cfg.pe_base or s // patch,
+                     "max_steps": epoch_steps(cfg, len(data)) if data else cfg.max_steps})
+
+
+def epoch_steps(cfg, n_rows):
+    """Optimizer steps of cfg.epochs passes over n_rows training rows at the global batch (chexgen Ext. Data
+    Table 4 counts epochs); cfg.max_steps when epochs is 0."""
+    return max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size)) if cfg.epochs > 0 else cfg.max_steps
 
 
 # --- skeleton: checkpoint_io (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
