@@ -2,6 +2,7 @@
 conftest.py, a tiny random BERT for the captions, a dit_text2img.py checkpoint as the frozen backbone."""
 import csv
 import json
+import math
 import os
 import shutil
 import socket
@@ -328,6 +329,24 @@ def test_trained_adapter_uses_the_condition(run, data32):
                         - cn.diffusion_loss(model, sched, x0, eps, tt, text, n, None, cond, None))
     diff = torch.cat(diff).numpy()
     assert len(diff) >= 90 and diff.mean() > 0 and stats.ttest_1samp(diff, 0).pvalue < 1e-3, (diff.mean(), len(diff))
+
+
+def test_presets_are_table_4_in_epochs_of_the_data(tmp_path, data32, backbone):
+    """chexgen Ext. Data Table 4 (Annotation-to-Image): batch 32 x 32 GPUs, 200 epochs, AdamW 1e-4, wd 0.01, clip
+    1.0; Ext. Data Fig. 3d: 21K pairs. With data, the steps come from its row count."""
+    for size in ("XL", "chexgen"):
+        cfg = cn.parse_config(["--size", size, "--backbone", str(tmp_path / "none")])
+        assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.clip) == (200, 32 * 32, 1e-4, 0.01, 1.0)
+        assert cn.epoch_steps(cfg, 21_000) == 4102 == cfg.max_steps              # ceil(200 x 21,000 / 1024)
+    assert cn.parse_config(["--size", "XL", "--max-steps", "9", "--backbone", "x"]).epochs == 0
+    with pytest.raises(SystemExit, match="--epochs 1.0 and --max-steps 9"):
+        cn.parse_config(["--epochs", "1", "--max-steps", "9", "--backbone", "x"])
+    n_train = sum(r["split"] == "train" for r in rows(os.path.join(data32, "meta.csv")))
+    out = str(tmp_path / "ep")
+    train(data32, backbone, out, "--cond-masks", MASKS, "--control-blocks", "1", "--epochs", "0.02")
+    want = math.ceil(0.02 * n_train / 8)
+    assert 1 < want < 20 and log(out)[-1]["step"] == want
+    assert json.load(open(os.path.join(out, "config.json")))["max_steps"] == want
 
 
 def test_resume_reproduces_straight_run(tmp_path, data32, backbone):
