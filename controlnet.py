@@ -567,7 +567,8 @@ def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None, clip=False):
 def sample_latents(model, sched, noise, text, lengths, cond, steps=100, eta=0.0, scale=4.0, cond_scale=0.0,
                    pred="eps", gens=None, clip=False):
     """Noise [B, C, H, W] -> samples under the captions and condition maps, with guidance (DDIM; eta = 1 is the
-    respaced ancestral DDPM the released ChexGen code runs, as dit_text2img.py's tests check)."""
+    respaced ancestral DDPM with fixed small variances, as dit_text2img.py's tests check; the released ChexGen
+    code's DDPM uses its DiT's learned variances instead)."""
     def eps_fn(x, t):
         with torch.no_grad(), autocast(x.device):
             return guided_eps(model, sched, x, t, text, lengths, cond, scale, cond_scale, pred)

