@@ -125,7 +125,9 @@ class Config:
     max_length: int = arg(120, "text tokens, padded / truncated (chexgen Methods: 120)")
     text_dim: int = arg(0, "text feature width; 0: from the encoder (4096, T5-XXL, without one)")
     min_chars: int = arg(7, "drop reports shorter than this many characters (roentgen §3)")
-    max_tokens: int = arg(0, "drop reports longer than this many tokens (roentgen §3: 77); 0: keep, truncated")
+    max_tokens: int = arg(0, "drop training reports longer than this many tokens instead of truncating them "
+                             "(roentgen §3 drops those over CLIP's 77); -1: over --max-length; 0 (default): keep "
+                             "them, truncated to --max-length (chexgen Methods: stage II impressions fit 120)")
     cap_no_finding: float = arg(0.0, "cap 'No Finding' rows at this fraction of the training rows (roentgen §3); "
                                      "0: no cap")
     size: str = arg("tiny", "preset: tiny | B | XL (DiT-XL/2, 1152 wide: the released ChexGen backbone) | "
@@ -242,6 +244,9 @@ def parse_config(argv):
                           ("--attn", cfg.attn, ("kernels", "sdpa"))):
         if val not in ok:
             raise SystemExit(f"{flag} {val!r}: expected one of {list(ok)}")
+    if not -1 <= cfg.max_tokens <= cfg.max_length:
+        raise SystemExit(f"--max-tokens {cfg.max_tokens}: expected -1, 0 or 1..--max-length {cfg.max_length} "
+                         f"(kept reports longer than the window would still be truncated)")
     if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.cap_no_finding <= 1:
         raise SystemExit(f"--p-uncond {cfg.p_uncond} / --cap-no-finding {cfg.cap_no_finding}: expected fractions "
                          f"in [0, 1)")
@@ -865,9 +870,11 @@ class TextImageData:
         else:
             self.text, self.encoder = None, encoder_key(cfg.text_encoder)
             n_tokens = tokenize(tokenizer, [r["report"] for r in rows], cfg.max_length)[2].tolist()
-        # roentgen §3: drop short impressions (< 7 characters) and, optionally, those over the token limit
+        # roentgen §3: drop short impressions (< 7 characters) and, optionally, those over the token limit (-1: the
+        # encoder window, as roentgen's 77 is CLIP's); by default longer ones are kept and truncated
+        limit = cfg.max_length if cfg.max_tokens < 0 else cfg.max_tokens
         keep = [i for i, r in enumerate(rows) if len(r["report"].strip()) >= cfg.min_chars
-                and (not cfg.max_tokens or n_tokens[i] <= cfg.max_tokens)]
+                and (not limit or n_tokens[i] <= limit)]
         dropped = len(rows) - len(keep)
         # roentgen §3: cap the 'No Finding' rows (a seeded choice) to limit the imbalance
         nf = [i for i in keep if rows[i].get("No Finding", "").strip() in ("1", "1.0")]

@@ -344,6 +344,27 @@ def test_report_filters_as_roentgen(data32, bert):
     assert sum(r["No Finding"] == "1" for r in train_rows) > 2 * nf
 
 
+def test_max_tokens_drops_over_the_limit_instead_of_truncating(data32, bert):
+    """roentgen §3 drops impressions over the tokenizer window (CLIP's 77) rather than truncating them: -1 drops
+    over --max-length, N over N (<= --max-length); the default 0 keeps them all, truncated."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(bert)
+    train_rows = [r for r in rows(os.path.join(data32, "meta.csv")) if r["split"] == "train"]
+    n_tok = [len(ids) for ids in tok([r["report"] for r in train_rows])["input_ids"]]
+    window = sorted(n_tok)[len(n_tok) // 2]                      # a window the longer half of the reports exceeds
+    base = dict(data=data32, max_length=window)
+    want = [r["id"] for r, n in zip(train_rows, n_tok) if n <= window]
+    assert 0 < len(want) < len(train_rows)
+    assert [r["id"] for r in dt.TextImageData(dt.Config(**base, max_tokens=-1), tok).rows] == want
+    assert [r["id"] for r in dt.TextImageData(dt.Config(**base, max_tokens=window), tok).rows] == want
+    kept = dt.TextImageData(dt.Config(**base), tok)              # default: all kept, the long ones truncated
+    assert len(kept) == len(train_rows) and kept.n_tokens.max() > window
+    assert dt.parse_config(["--max-tokens", "-1"]).max_tokens == -1 and dt.Config.max_tokens == 0
+    for bad in ("-2", "121"):
+        with pytest.raises(SystemExit, match=f"--max-tokens {bad}: expected -1, 0 or 1..--max-length 120"):
+            dt.parse_config(["--max-tokens", bad])
+
+
 def test_training_length_in_epochs_of_the_data(tmp_path, data32):
     """chexgen Ext. Data Table 4 counts epochs: stage I 800 at 192 x 32, stage II 300 at 64 x 32 (45k pairs)."""
     s1 = dt.parse_config(["--size", "XL"])
