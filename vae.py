@@ -75,9 +75,29 @@ from kernels import attention
 # Config: one dataclass, size presets, CLI generated from the fields
 
 
-def arg(default, help, only=None):
-    """A dataclass field with its CLI help string (`only`: the one subcommand that uses it)."""
-    return field(default=default, metadata={"help": help, "only": only})
+# --- skeleton: cli (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def arg(default, help, only=None, alias=None):
+    """A dataclass field with its CLI help string. `only`: the comma-separated subcommands that take it (None: all;
+    'none': no flag, the script resolves the value); `alias`: a second spelling of the flag."""
+    return field(default=default, metadata={"help": help, "only": only, "alias": alias})
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        scope = f.metadata["only"]
+        if scope is not None and only not in scope.split(","):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]", dest=f.name)
+        flags = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata["alias"] else [])
+        if isinstance(f.default, bool):
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(*flags, type=type(f.default), **kw)
+    return p
+# --- end skeleton: cli ---
 
 
 @dataclass
@@ -152,21 +172,6 @@ class InferConfig:
                    only="evaluate,decode")
     batch_size: int = arg(16, "images per forward pass, per process")
     device: str = arg("", "cpu | cuda (default: cuda when available)")
-
-
-def build_parser(cls, prog, doc, only=None):
-    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        if f.metadata["only"] is not None and only not in f.metadata["only"].split(","):
-            continue
-        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]")
-        if isinstance(f.default, bool):
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), **kw)
-    return p
 
 
 def parse_config(argv):

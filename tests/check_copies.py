@@ -71,6 +71,8 @@ def renamed(code, renames):
 def canonical(root):
     """{name: code} of the reference, and its PIECES table."""
     path = os.path.join(root, REFERENCE)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected --root to be a repository root holding {REFERENCE}")
     with open(path) as f:
         text = f.read()
     pieces = {}
@@ -89,6 +91,9 @@ def check(root, fix=False):
     problems = []
     for script, wanted in table.items():
         path = os.path.join(root, script)
+        if not os.path.isfile(path):
+            problems.append(f"{script}: no such file; {REFERENCE} lists it in PIECES")
+            continue
         with open(path) as f:
             text = f.read()
         found = blocks(text, script)

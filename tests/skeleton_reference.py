@@ -4,6 +4,7 @@ scripts import nothing from each other. tests/check_copies.py fails when a copy 
 `python tests/check_copies.py --fix` rewrites the copies from it: change a piece here, then run the fix.
 
 This module imports like a script does, so the pieces are also tested here directly (tests/test_skeleton.py)."""
+import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import signal
 import sys
 import tempfile
 from contextlib import nullcontext
+from dataclasses import field, fields
 
 import torch
 import torch.distributed as dist
@@ -22,14 +24,46 @@ from safetensors.torch import save_file
 # Which pieces each training script holds (a missing marker is an error, not a silent pass).
 ALL = ("atomic_save", "setup_distributed", "batch_split", "health_check", "environment")
 PIECES = {
-    "rectified_flow.py": ALL + ("ema_decay", "checkpoint_io", "log_line"),
+    "rectified_flow.py": ALL + ("ema_decay", "checkpoint_io", "log_line", "cli"),
     "flow_scm.py": ALL + ("ema_decay",),
-    "vae.py": ALL + ("ema_decay", "checkpoint_io", "log_line"),
-    "dit_text2img.py": ALL + ("ema_decay", "checkpoint_io", "log_line"),
-    "controlnet.py": ALL + ("ema_decay", "checkpoint_io", "log_line"),
-    "ldm_multicond.py": ALL + ("ema_decay", "checkpoint_io", "log_line"),
+    "vae.py": ALL + ("ema_decay", "checkpoint_io", "log_line", "cli"),
+    "dit_text2img.py": ALL + ("ema_decay", "checkpoint_io", "log_line", "cli"),
+    "controlnet.py": ALL + ("ema_decay", "checkpoint_io", "log_line", "cli"),
+    "ldm_multicond.py": ALL + ("ema_decay", "checkpoint_io", "log_line", "cli"),
     "downstream.py": ALL + ("checkpoint_io", "log_line"),
 }
+
+
+PRESETS = {}                                                     # each script's presets and Config
+
+
+class Config:
+    """Stands for each script's configuration dataclass (build_parser notes the fields its presets set)."""
+
+
+# --- skeleton: cli (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def arg(default, help, only=None, alias=None):
+    """A dataclass field with its CLI help string. `only`: the comma-separated subcommands that take it (None: all;
+    'none': no flag, the script resolves the value); `alias`: a second spelling of the flag."""
+    return field(default=default, metadata={"help": help, "only": only, "alias": alias})
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        scope = f.metadata["only"]
+        if scope is not None and only not in scope.split(","):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]", dest=f.name)
+        flags = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata["alias"] else [])
+        if isinstance(f.default, bool):
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(*flags, type=type(f.default), **kw)
+    return p
+# --- end skeleton: cli ---
 
 
 # --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
