@@ -6,11 +6,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -431,46 +429,6 @@ def test_latent_space_training_and_decoding(tmp_path, data32):
     assert png(os.path.join(fake, "000000.png")).shape == (32, 32)   # decoded to pixels
     with pytest.raises(SystemExit, match="image-size"):          # a latent shape that does not match
         train(str(lat), str(tmp_path / "bad"), "--image-size", "16", "--max-steps", "1")
-
-
-def test_resume_reproduces_straight_run(tmp_path, data32):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    train(data32, a, "--max-steps", "10", "--ckpt-every", "100")
-    train(data32, b, "--max-steps", "6", "--ckpt-every", "100")
-    train(data32, b, "--max-steps", "10", "--ckpt-every", "100")
-    la, lb = [r["loss"] for r in log(a)], [r["loss"] for r in log(b)]
-    assert [r["step"] for r in log(b)] == list(range(1, 11))
-    assert np.allclose(la, lb, rtol=1e-5, atol=0), (la[6:], lb[6:])
-    wa, wb = weights(a, ""), weights(b, "")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)   # model, EMA and AdamW state
-
-
-def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, data32):
-    out = str(tmp_path / "run")
-    with pytest.raises(SystemExit) as e:                         # lr 1e30: the first step overflows the weights
-        train(data32, out, "--max-steps", "5", "--ckpt-every", "1", "--lr", "1e30")
-    assert "non-finite loss at step 2" in str(e.value)
-    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
-        assert f.metadata()["step"] == "1"
-        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
-
-
-def test_sigterm_saves_and_exits(tmp_path, data32):
-    out = str(tmp_path / "run")
-    cmd = [sys.executable, os.path.join(ROOT, "ldm_multicond.py"), "--data", data32, "--out", out, *SMALL,
-           "--max-steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for _ in range(1200):
-        if os.path.exists(os.path.join(out, "log.jsonl")) and len(log(out)) >= 2:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    text = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0 and "stopped by SIGTERM" in text, text[-2000:]
-    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
-        step = int(f.metadata()["step"])
-    assert 2 <= step <= 20 and step == log(out)[-1]["step"]     # saved at the next health check
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, data32):

@@ -3,11 +3,9 @@ import csv
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -232,46 +230,6 @@ def test_loss_falls_on_phantom(tmp_path, phantom_dir):
     assert last < 0.5 * first, (first, last)
     assert os.path.exists(os.path.join(out, "grids", "0000150.png"))
     assert json.load(open(os.path.join(out, "config.json")))["shift"] == 3.0   # pixel space (radit Table 11)
-
-
-def test_resume_reproduces_straight_run(tmp_path, phantom_dir):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    train(phantom_dir, a, "--max-steps", "30", "--ckpt-every", "100")
-    train(phantom_dir, b, "--max-steps", "20", "--ckpt-every", "100")
-    train(phantom_dir, b, "--max-steps", "30", "--ckpt-every", "100")
-    la, lb = [r["loss"] for r in log(a)], [r["loss"] for r in log(b)]
-    assert [r["step"] for r in log(b)] == list(range(1, 31))
-    assert np.allclose(la, lb, rtol=1e-6, atol=0), (la[20:], lb[20:])
-    wa, wb = weights(a, ""), weights(b, "")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)   # model, EMA and Adam state
-
-
-def test_nan_stops_with_step_named_and_checkpoint_intact(tmp_path, phantom_dir):
-    out = str(tmp_path / "run")
-    with pytest.raises(SystemExit) as e:              # lr 1e30: Adam's first step makes the weights overflow
-        train(phantom_dir, out, "--max-steps", "5", "--ckpt-every", "1", "--lr", "1e30")
-    assert "non-finite loss at step 2" in str(e.value)
-    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
-        assert f.metadata()["step"] == "1"
-        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
-
-
-def test_sigterm_saves_and_exits(tmp_path, phantom_dir):
-    out = str(tmp_path / "run")
-    cmd = [sys.executable, os.path.join(ROOT, "rectified_flow.py"), "--data", phantom_dir, "--out", out, *SMALL,
-           "--max-steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for _ in range(600):
-        if os.path.exists(os.path.join(out, "log.jsonl")) and len(log(out)) >= 3:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    text = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0 and "stopped by SIGTERM" in text, text[-2000:]
-    with safe_open(os.path.join(out, "ckpt.safetensors"), "pt") as f:
-        step = int(f.metadata()["step"])
-    assert 3 <= step <= 12 and step == log(out)[-1]["step"]     # saved within 10 steps of the signal
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, phantom_dir):
