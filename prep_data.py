@@ -20,7 +20,8 @@ Commands:
     python prep_data.py counterfactual --data data/phantom --set "sex=F" --out data/phantom_sexF [--ids a,b]
     python prep_data.py counterfactual --data data/phantom --interventions E/meta.csv --out T/   # edit-table rows
 
-Reports from structured metadata (chexgen Methods "Dataset Curation"; rows rewritten in place):
+Reports from structured metadata (chexgen Methods "Dataset Curation"; rows rewritten in place; `report` is
+"Patient Information: ... Technique: ... Impression: ..." as chexgen Ext. Data Table 5, within --max-words 80):
     python prep_data.py describe --data data/nih [--only-missing] [--style impression|full] [--seed 0]
     python prep_data.py describe --data data/nih --llm /models/Qwen2.5-7B-Instruct [--qc-llm none] [--limit N]
     python prep_data.py extract-labels --csv data/nih/meta.csv --column report --out labels.csv
@@ -2216,6 +2217,17 @@ def merge_datasets(inputs, out):
 # describe: radiology-style descriptions from structured metadata (chexgen Methods "Dataset Curation", OpenChest):
 # a deterministic template generator, or a local transformers causal LM with the prompts of chexgen Ext. Data
 # Table 5 (generation, then quality control), every LLM output checked by a rule-based verifier before acceptance.
+#
+# Both paths write `report` in the structure of Ext. Data Table 5's response, "Patient Information: ...
+# Technique: ... Impression: ...", so a caption carries the demographics ChexGen's cohorts condition on (Fig. 5);
+# style `full` also writes `findings`, the whole report with its Findings section. Decision (ours): Patient
+# Information and Technique are always written from the row's metadata, the same sentences in both paths (an LLM's
+# paraphrase of age / sex / race / view is not something the label verifier can check), and the LLM supplies the
+# Impression (and Findings). Length control (Fig. 1a: "quality control for content and length"): `report` is kept
+# within --max-words words (default 80, ours: ~110 T5 tokens, inside the 120-token window of chexgen Methods); a
+# template report over it drops sampled negative sentences from its end (never a positive or hedged finding), an
+# LLM report over it is rejected like one that fails the verifier.
+DEFAULT_MAX_WORDS = 80
 
 GENERATION_PROMPT = (   # chexgen Ext. Data Table 5, "Curation Query", verbatim
     "Please generate a comprehensive radiology report based on the provided patient information. Your report should "
@@ -2249,36 +2261,64 @@ def _json_field(row, key):
     return value if isinstance(value, dict) else {}
 
 
-def technique_line(row, rng):
-    """Demographics and view as one sentence (chexgen Ext. Data Table 5, "Patient Information" / "Technique")."""
+def report_header(row, rng):
+    """(Patient Information, Technique) sentences of one row from its metadata (chexgen Ext. Data Table 5: "A white
+    male patient aged 65 years.", "Frontal chest radiograph was performed."); "Not recorded." where it has none."""
     age, race = parse_age(row.get("age", "")), (row.get("race") or "").lower().replace("asian", "Asian")
-    parts = [f"{age:g}-year-old" if age is not None else "", race]
-    noun = {"F": "female", "M": "male"}.get(row.get("sex")) or ("patient" if any(parts) else "")
-    who = " ".join(filter(None, parts + [noun]))
-    view = VIEW_NAMES.get(row.get("view", ""), "")
-    if rng.random() < 0.5:
-        text = f"{view} chest radiograph" if view else "chest radiograph"
-        text += f" of {'an' if who[:1] in 'aeiouAEIO8' or who.startswith(('11-', '18-')) else 'a'} {who}" if who else ""
+    noun = {"F": "female", "M": "male"}.get(row.get("sex")) or "patient"
+    if age is None and not race and noun == "patient":
+        who = "Not recorded."
+    elif rng.random() < 0.5:
+        who = " ".join(filter(None, [f"{age:g}-year-old" if age is not None else "", race, noun]))
+        who = f"{'An' if who[:1] in 'aeiouAEIO8' or who.startswith(('11-', '18-')) else 'A'} {who}."
     else:
-        text = (f"{view} view of the chest" if view else "view of the chest not recorded") + (
-            f"; patient: {who}" if who else "")
-    return _cap(" ".join(text.split())) + "."
+        who = _cap(" ".join(filter(None, [race, noun]))) + (f" aged {age:g} years." if age is not None else ".")
+    view = VIEW_NAMES.get(row.get("view", ""), "")
+    tech = (f"{view} chest radiograph." if rng.random() < 0.5 else f"{view} view of the chest.") if view else \
+        "Chest radiograph, view not recorded."
+    return " ".join(who.split()), tech
 
 
-def describe_row(row, rng, style="impression"):
-    """(report, findings or "") of one meta row from its 19 variables; severity and laterality only where the row
-    holds them (phantom rows: `severity`, `laterality`). A row without any label gets NO_LABELS."""
+def structured_report(patient, technique, impression, findings=""):
+    """The sections of chexgen Ext. Data Table 5's report, in its order (Findings only when given)."""
+    parts = [f"Patient Information: {patient}", f"Technique: {technique}"]
+    parts += [f"Findings: {findings}"] if findings else []
+    return " ".join(parts + [f"Impression: {impression}"])
+
+
+def n_words(text):
+    return len(text.split())
+
+
+def fit_length(patient, technique, sentences, max_words):
+    """The impression sentences, trailing ones without a positive / hedged finding dropped while the structured
+    report is over max_words (0: no limit); findings are never dropped, so a report can stay over."""
+    sentences = list(sentences)
+    while max_words and len(sentences) > 1 and \
+            n_words(structured_report(patient, technique, " ".join(sentences))) > max_words and \
+            not any(c in (POS, UNC) for c in extract_labels(sentences[-1]).values()):
+        sentences.pop()
+    return " ".join(sentences)
+
+
+def describe_row(row, rng, style="impression", max_words=DEFAULT_MAX_WORDS):
+    """(report, findings or "") of one meta row from its 19 variables, in the sections of chexgen Ext. Data Table 5
+    (see above); severity and laterality only where the row holds them (phantom rows: `severity`, `laterality`).
+    A row without any label gets NO_LABELS as its impression."""
     codes = row_codes(row)
-    tech = technique_line(row, rng)
+    patient, tech = report_header(row, rng)
     if not any(codes.values()):
-        return f"{tech} {NO_LABELS}", (f"{tech} {NO_LABELS}" if style == "full" else "")
+        report = structured_report(patient, tech, NO_LABELS)
+        return report, (structured_report(patient, tech, NO_LABELS, NO_LABELS) if style == "full" else "")
     sides, severity = _json_field(row, "laterality"), _json_field(row, "severity")
     state = rng.getstate()
-    report = " ".join([tech] + report_sentences(codes, sides, severity, rng))
+    impression = fit_length(patient, tech, report_sentences(codes, sides, severity, rng), max_words)
+    report = structured_report(patient, tech, impression)
     if style != "full":
         return report, ""
     rng.setstate(state)                                             # the same phrasing, with appearances added
-    return report, " ".join([tech] + report_sentences(codes, sides, severity, rng, appearance=True))
+    findings = " ".join(report_sentences(codes, sides, severity, rng, appearance=True))
+    return report, structured_report(patient, tech, impression, findings)
 
 
 # Rule-based CheXpert-14 mention extraction (after the CheXpert labeler, Irvin et al. 2019: mention, then
@@ -2417,14 +2457,16 @@ def load_llm(name, what="--llm", max_new_tokens=256, trust_remote_code=False):
 
 
 def llm_fields(text, style):
-    """(report, findings) from an LLM report: the Impression section as `report` when it has one."""
-    flat = " ".join(text.replace("*", " ").split())
+    """(impression, findings or "") from an LLM report: its Impression section (the whole text when it has none)
+    and, with style full, its Findings section (bullets and markdown removed)."""
+    flat = " ".join(re.sub(r"[*•#]", " ", text).split())
     m = re.search(r"impression\s*:\s*(.+)", flat, re.I)
-    return (m[1] if m else flat), (flat if style == "full" else "")
+    f = re.search(r"findings\s*:\s*(.+?)(?:\s*impression\s*:|$)", flat, re.I) if style == "full" else None
+    return (m[1] if m else flat), (f[1] if f else "")
 
 
 def describe_dataset(data, style="impression", seed=0, only_missing=False, generate=None, qc_generate=None,
-                     batch_size=8, limit=0, save_every=256):
+                     batch_size=8, limit=0, save_every=256, max_words=DEFAULT_MAX_WORDS):
     """Write `report` (and `findings` with style full) for the rows of DATA/meta.csv, in place and atomically.
 
     With `generate` (a batched LLM), rows go through the generation prompt, then `qc_generate` with the
@@ -2445,7 +2487,7 @@ def describe_dataset(data, style="impression", seed=0, only_missing=False, gener
         for start in range(0, len(todo), batch_size if generate else len(todo) or 1):
             batch = todo[start:start + (batch_size if generate else len(todo))]
             for r in batch:
-                r["report"], findings = describe_row(r, random.Random(f"{seed}:{r['id']}"), style)
+                r["report"], findings = describe_row(r, random.Random(f"{seed}:{r['id']}"), style, max_words)
                 r["findings"], r["report_source"] = findings if style == "full" else r.get("findings", ""), "template"
                 stats["no_labels"] += not any(row_codes(r).values())
             ask = [r for r in batch if generate and any(row_codes(r).values())]
@@ -2462,9 +2504,14 @@ def describe_dataset(data, style="impression", seed=0, only_missing=False, gener
                             continue
                         fields = llm_fields(text, style)
                         problems = [p for t in fields if t for p in verify_report(t, codes)] if fields[0] else ["empty"]
+                        patient, tech = report_header(r, random.Random(f"{seed}:{r['id']}"))   # the template's
+                        report = structured_report(patient, tech, fields[0])
+                        if not problems and max_words and n_words(report) > max_words:
+                            problems = [f"over {max_words} words"]
                         if not problems:
-                            r["report"], r["report_source"] = fields[0], source
-                            r["findings"] = fields[1] if style == "full" else r.get("findings", "")
+                            r["report"], r["report_source"] = report, source
+                            r["findings"] = structured_report(patient, tech, fields[0], fields[1]) if style == "full" \
+                                else r.get("findings", "")
                             break
                         stats.update(f"reject: {p}" for p in problems[:1])
                     stats[r["report_source"]] += 1
@@ -2534,6 +2581,8 @@ COMMANDS = {  # subcommand: (help, [(flag, default (a type: None of that type; F
         ("--qc-llm", str, "LM for the quality-control prompt (default: --llm; `none`: skip)"),
         ("--batch-size", 8, "rows per LLM batch"), ("--max-new-tokens", 256, "LLM output length"),
         ("--limit", 0, "describe at most N rows this run (0: all)"),
+        ("--max-words", DEFAULT_MAX_WORDS, "length control of `report`: a template drops trailing negatives, an LLM "
+                                           "output over it is rejected (0: none)"),
         ("--trust-remote-code", False, "let transformers run the model's own code")]),
     "extract-labels": ("CheXpert-14 labels from a text column (rule-based)", [
         ("--csv", str, "input csv (e.g. a dataset's meta.csv or a prompts file)", R),
@@ -2605,13 +2654,15 @@ def main(argv=None):
     elif args.cmd == "describe":
         if not os.path.isdir(args.data):
             raise SystemExit(f"--data {args.data}: no such folder")
+        if args.max_words < 0:
+            raise SystemExit(f"--max-words {args.max_words}: expected a word count >= 0 (0: no length control)")
         gen = load_llm(args.llm, "--llm", args.max_new_tokens, args.trust_remote_code) if args.llm else None
         qc = None if not gen or args.qc_llm in (None, args.llm) else False if args.qc_llm.lower() == "none" else \
             load_llm(args.qc_llm, "--qc-llm", args.max_new_tokens, args.trust_remote_code)
         t0 = time.time()
         try:
             st = describe_dataset(args.data, args.style, args.seed, args.only_missing, gen, qc, args.batch_size,
-                                  args.limit)
+                                  args.limit, max_words=args.max_words)
         except KeyboardInterrupt:
             raise SystemExit(f"interrupted: described rows are saved in {args.data}/meta.csv; rerun to resume")
         print(f"described {st['described']} of {st['rows']} rows in {time.time() - t0:.1f}s ({st['no_labels']} "

@@ -132,15 +132,46 @@ def test_template_never_invents_details():
             assert holders, (w, report, row)
 
 
-def test_template_technique_line_and_no_labels():
+SECTIONS = re.compile(r"Patient Information: (.*) Technique: (.*?)(?: Findings: (.*))? Impression: (.*)")
+
+
+def test_template_sections_of_table_5_and_no_labels():
+    """chexgen Ext. Data Table 5's report: Patient Information (demographics), Technique (view), Impression; style
+    full adds Findings (typical appearances) to the `findings` column."""
     row = {"id": "a", "age": "65", "sex": "M", "race": "WHITE", "view": "PA", **{lab: "" for lab in P.LABELS}}
     report, findings = P.describe_row(row, random.Random(0), "full")
-    assert P.NO_LABELS in report and P.NO_LABELS in findings and P.extract_labels(report) == {}
+    assert SECTIONS.fullmatch(report)[4] == P.NO_LABELS and SECTIONS.fullmatch(findings)[3] == P.NO_LABELS
+    assert P.extract_labels(report) == {}
     texts = {P.describe_row(row, random.Random(s), "impression")[0] for s in range(30)}
-    assert all("65-year-old white male" in t and "PA" in t for t in texts) and len(texts) > 1
-    row.update({"age": "", "sex": "", "race": "", "view": "", "Pneumonia": "1"})
-    assert all(not re.search(r"year|male|female|PA|AP|lateral", P.describe_row(row, random.Random(s))[0])
-               for s in range(30))
+    for t in texts:
+        who, tech, found, imp = SECTIONS.fullmatch(t).groups()
+        assert "65" in who and "white male" in who.lower() and "PA" in tech and found is None
+    assert len(texts) > 1
+    row.update({"Pneumonia": "1"})
+    report, findings = P.describe_row(row, random.Random(1), "full")
+    r, f = SECTIONS.fullmatch(report).groups(), SECTIONS.fullmatch(findings).groups()
+    assert r[:2] == f[:2] and r[3] == f[3] and "pneumonia" in f[2].lower() and "airspace" in f[2]
+    row.update({"age": "", "sex": "", "race": "", "view": ""})
+    for s_ in range(30):
+        who, tech, _, imp = SECTIONS.fullmatch(P.describe_row(row, random.Random(s_))[0]).groups()
+        assert who == "Not recorded." and "not recorded" in tech and "pneumonia" in imp.lower()
+        assert not re.search(r"year|male|female|PA|AP|lateral", who + tech)
+
+
+def test_length_control_keeps_every_finding():
+    """--max-words: the template drops trailing negative sentences, never a positive or hedged one."""
+    row = {"id": "b", "age": "70", "sex": "F", "race": "BLACK", "view": "AP", **{lab: "0" for lab in P.LABELS}}
+    row.update({"Edema": "1", "Pneumonia": "-1", "No Finding": ""})
+    for seed in range(40):
+        full, _ = P.describe_row(row, random.Random(seed), max_words=0)
+        short, _ = P.describe_row(row, random.Random(seed), max_words=25)
+        imp_full, imp_short = SECTIONS.fullmatch(full)[4], SECTIONS.fullmatch(short)[4]
+        assert imp_full.startswith(imp_short)                      # a prefix: trailing sentences dropped
+        got = P.extract_labels(short)
+        assert got.get("Edema") == POS and got.get("Pneumonia") == UNC
+        kept = [x for x in re.split(r"(?<=\.) ", imp_short)]
+        assert len(short.split()) <= 25 or not any(c == NEG for x in kept[-1:] for c in P.extract_labels(x).values())
+    assert any(len(P.describe_row(row, random.Random(s_), max_words=0)[0].split()) > 25 for s_ in range(40))
 
 
 def test_phantom_report_shares_the_phrasing():
@@ -251,8 +282,19 @@ def test_llm_outputs_verified_and_counted(small_data):
     assert st["llm-qc"] + st["llm-rejected"] == 27 and st["llm-qc"] > 20 and st["llm"] == 0
     assert all(r["report_source"] == "template" for r in done[:3])
     accepted = [r for r in done if r["report_source"] == "llm-qc"]
-    assert all(not r["report"].startswith("Patient") and not P.verify_report(r["report"], P.row_codes(r))
-               for r in accepted)                                   # the Impression section, verified
+    for r in accepted:                  # Table 5's sections: metadata header (as the template's), the LLM's Impression
+        who, tech, _, imp = SECTIONS.fullmatch(r["report"]).groups()
+        t_who, t_tech, _, _ = SECTIONS.fullmatch(P.describe_row(r, random.Random(f"0:{r['id']}"))[0]).groups()
+        assert (who, tech) == (t_who, t_tech) and "adult" not in who and not P.verify_report(imp, P.row_codes(r))
+    # length control: an LLM impression that makes the report run over --max-words is rejected like a wrong one
+    long_llm = lambda prompts: [t.replace("Impression: ", "Impression: " + "Stable appearance. " * 40)
+                                for t in fake_llm()(prompts)]
+    for r in done:
+        r["report_source"] = ""
+    P.write_csv(os.path.join(small_data, "meta.csv"), done, list(done[0]))
+    st = P.describe_dataset(small_data, generate=long_llm, qc_generate=False, batch_size=8)
+    assert st["llm-rejected"] == 27 and st["reject: over 80 words"] == len(accepted)   # the others fail the verifier
+    assert all(r["report"] == P.describe_row(r, random.Random(f"0:{r['id']}"))[0] for r in meta(small_data)[3:])
     # a generator that negates Pneumonia: every row with Pneumonia = 1 is rejected and keeps the template's report
     for r in done:
         r["report_source"] = ""
