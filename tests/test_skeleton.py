@@ -233,7 +233,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_to_the_uninterrupted_run(name, 
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     log_path = os.path.join(run_dir(name, out), "log.jsonl")
     try:
-        for _ in range(2400):                                    # wait for the first log line (or an early exit)
+        for _ in range(6000):                                    # the first log line (or an early exit), <= 2 min
             if proc.poll() is not None or complete_lines(log_path):
                 break
             time.sleep(0.02)
