@@ -5,6 +5,10 @@ metadata variables of DESIGN.md §4 (radit §4.2 Eq. 3), trained with the rectif
 x_t = (1 - t) x_0 + t eps, target v = eps - x_0, logit-normal t with the shift of radit Table 11), sampled with
 Euler, Heun or adaptive Dormand-Prince 5(4) ODE solvers with classifier-free guidance, and used for
 counterfactual editing by abduction (ODE to noise) / action (new metadata) / prediction (ODE back) (radit §5.3).
+`--arch unet` swaps the transformer for RadUNet, EDM2's magnitude-preserving U-Net (radit §4.2, App. B.2 Table 6;
+Karras et al. 2024b): MP convolutions with forced weight normalisation, mp_silu, mp_sum / mp_cat skips, cosine
+attention, learned gains, time through MP Fourier features, the 19 variables through radit Eq. 3 in MP layers;
+everything else (objective, time density, CFG, solvers, editing, checkpoints) is shared.
 
 Time convention: data at t = 0, noise at t = 1 (radit Eq. 1 as written); sampling integrates t from 1 to 0, abduction
 from 0 to 1. flow_scm.py runs the other way (noise at t = 0, data at t = 1), as its docstring says.
@@ -13,6 +17,9 @@ Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jso
     python rectified_flow.py --size tiny --max-steps 1000            # CPU, ~10 min, on data/phantom
     torchrun --nproc_per_node=8 rectified_flow.py --size xl --micro-batch 16 --data D --out runs/xl   # 1.3B
     python rectified_flow.py --size xl --dry-run                     # parameter count on the meta device
+    python rectified_flow.py --arch unet --size unet-tiny --max-steps 1000   # RadUNet on the phantom (CPU)
+    python rectified_flow.py --size unet-latent --dry-run            # 0.498B (radit Table 6: 0.5B)
+    python rectified_flow.py --size unet-pixel --dry-run             # 0.366B at 512 px (Table 6 says 0.3B, see PRESETS)
     python rectified_flow.py --size xl --bench --batch-size 16 --compile   # tokens/s, MFU, memory per GPU;
                                        # kernels.attention vs SDPA, eager and compiled (16 = 512 / 32 GPUs)
 Sample (EMA weights; PNGs + meta.csv in the DESIGN.md §4 schema; resumable; sharded under torchrun):
@@ -119,10 +126,19 @@ class Config:
     out: str = arg("runs/rf", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
     space: str = arg("auto", "pixel | latent | auto (latent when DATA/latents/<vae>/ exists)")
     vae: str = arg("", "latent folder DATA/latents/<vae> to train on (default: the only one)")
-    size: str = arg("tiny", "preset: tiny | S | B | L | XL (radit Table 5: B 0.3B, XL 1.3B)")
+    size: str = arg("tiny", "preset: tiny | S | B | L | XL (radit Table 5: B 0.3B, XL 1.3B) | unet-tiny | unet-pixel "
+                            "| unet-latent (radit Table 6: 0.3B, 0.5B)")
+    arch: str = arg("transformer", "backbone: transformer (RadiT, radit Table 5) | unet (RadUNet, the EDM2 U-Net, "
+                                   "radit Table 6); the unet-* presets set unet")
     hidden: int = arg(128, "transformer width")
     depth: int = arg(4, "number of transformer blocks")
     heads: int = arg(4, "attention heads (radit Table 5: head dim 64)")
+    channels: int = arg(32, "U-Net model channels (radit Table 6: 32 pixel, 256 latent)")
+    mults: str = arg("1,2,3,4", "U-Net channel multipliers, one per resolution level (radit Table 6)")
+    blocks: int = arg(3, "U-Net residual blocks per level (radit Table 6: 3)")
+    attn_res: str = arg("16,8", "U-Net resolutions with self-attention, besides the bottleneck's (radit Table 6)")
+    head_channels: int = arg(64, "U-Net channels per attention head (radit Table 6: 64)")
+    dropout: float = arg(0.0, "U-Net dropout in the residual branches (radit Table 6: 0 pixel, 0.1 latent)")
     patch: int = arg(0, "patch size; 0: 2 in latent space, 16 at 512 px, and at least an 8x8 token grid")
     in_channels: int = arg(0, "input channels; 0: from the data (32 without data, radit Table 5)")
     image_size: int = arg(0, "input side in pixels or latent cells; 0: from the data (64 without data)")
@@ -134,10 +150,14 @@ class Config:
     batch_size: int = arg(32, "global batch size (radit Table 11: 72 for B, 512 for XL)")
     micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
     max_steps: int = arg(1000, "optimizer steps")
-    lr: float = arg(1e-3, "Adam learning rate, constant, no warm-up (radit Table 11 and App. C.3: 1e-4)")
+    optimizer: str = arg("adam", "adam | adamw (decoupled weight decay; radit Table 12: AdamW for RadUNet pixel)")
+    lr: float = arg(1e-3, "learning rate (radit Table 11 and App. C.3: 1e-4, constant, no warm-up; Table 12: 1e-4 "
+                          "pixel, 1e-2 latent)")
+    warmup: int = arg(0, "linear learning-rate warm-up steps (radit Table 11: 0; Table 12: 4000 pixel, 50K latent)")
+    lr_decay: int = arg(0, "EDM2's inverse-square-root decay: lr / sqrt(max(step / N, 1)) for N > 0; 0: none")
     beta1: float = arg(0.9, "Adam beta1 (radit Table 11)")
-    beta2: float = arg(0.999, "Adam beta2 (radit Table 11)")
-    weight_decay: float = arg(0.0, "weight decay (radit Table 11: 0)")
+    beta2: float = arg(0.999, "Adam beta2 (radit Table 11; Table 12: 0.99)")
+    weight_decay: float = arg(0.0, "weight decay (radit Table 11: 0; Table 12: 1e-4 pixel with AdamW, 0 latent)")
     clip: float = arg(1.0, "gradient-norm clipping (radit Table 11)")
     ema: float = arg(0.999, "EMA decay (radit Table 11: 0.9999)")
     seed: int = arg(0, "seed of the initialisation, data order and noise")
@@ -163,7 +183,30 @@ PRESETS = {
 }
 for _p in ("S", "B", "L", "XL"):
     PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
-ARCH = ("hidden", "depth", "heads", "patch", "in_channels", "image_size", "datasets")   # must match to resume
+# RadUNet: architecture from radit Table 6, training recipe from Table 12. unet-pixel is the paper's 512 px model (a
+# dataset of another size needs --image-size 0). unet-latent follows "the EDM2-M setup" (radit App. C.3), so it keeps
+# EDM2-M's inverse-square-root decay with t_ref = 70K steps (EDM2's edm2-img512-m); Table 12 lists no decay, and
+# with forced weight normalisation a constant lr 1e-2 for 1M steps never anneals (Karras et al. 2024b, "controlling
+# effective learning rate"): our reading. The pixel model ("a more conservative training setup", App. C.3) keeps
+# lr 1e-4 after its warm-up (no decay: our reading of Table 12). Sizes: unet-latent is 0.498B (Table 6: 0.5B);
+# unet-pixel is 0.366B where Table 6 says 0.3B: its settings in EDM2's block design (the same count gives EDM2's
+# published XS-XL sizes) cannot give 0.3B; 2 blocks per level would (0.285B). We keep Table 6's settings.
+PRESETS.update({
+    "unet-tiny": dict(arch="unet", channels=32, mults="1,2,2", blocks=1, attn_res="16,8", head_channels=32,
+                      batch_size=32, lr=1e-2, warmup=100, beta2=0.99, ema=0.999, max_steps=1000),
+    "unet-pixel": dict(arch="unet", space="pixel", image_size=512, channels=32, mults="1,2,4,8,16,32", blocks=3,
+                       attn_res="32,16", head_channels=64, dropout=0.0, optimizer="adamw", lr=1e-4, warmup=4000,
+                       batch_size=72, weight_decay=1e-4, beta2=0.99, clip=1.0, shift=3.0, ema=0.9999,
+                       max_steps=2_000_000),
+    "unet-latent": dict(arch="unet", space="latent", channels=256, mults="1,2,3,4", blocks=3, attn_res="16,8",
+                        head_channels=64, dropout=0.1, optimizer="adam", lr=1e-2, warmup=50_000, lr_decay=70_000,
+                        batch_size=72, weight_decay=0.0, beta2=0.99, clip=1.0, shift=1.0, ema=0.9999,
+                        max_steps=1_000_000),
+})
+for _p in ("unet-pixel", "unet-latent"):
+    PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
+ARCH = ("arch", "hidden", "depth", "heads", "channels", "mults", "blocks", "attn_res", "head_channels", "patch",
+        "in_channels", "image_size", "datasets")                                           # must match to resume
 
 
 @dataclass
@@ -201,9 +244,16 @@ class InferConfig:
 def parse_config(argv):
     """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
     given = vars(build_parser(Config, "rectified_flow.py [train]", __doc__).parse_args(argv))
-    size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
+    if given.get("arch", "transformer") not in ("transformer", "unet"):
+        raise SystemExit(f"--arch {given['arch']!r}: expected transformer or unet")
+    default = "unet-tiny" if given.get("arch") == "unet" else Config.size    # --arch unet alone: the tiny U-Net
+    size = {k.lower(): k for k in PRESETS}.get(given.get("size", default).lower())
     if size is None:
         raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
+    arch = PRESETS[size].get("arch", "transformer")
+    if given.get("arch", arch) != arch:
+        raise SystemExit(f"--arch {given['arch']} --size {size}: {size} is a {arch} preset; expected one of "
+                         f"{[k for k, v in PRESETS.items() if v.get('arch', 'transformer') == given['arch']]}")
     return Config(**{**PRESETS[size], **given, "size": size})
 
 
@@ -359,8 +409,298 @@ class RadiT(nn.Module):
         return h.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Model: RadUNet, the EDM2 magnitude-preserving U-Net (radit §4.2, App. B.2 Table 6; Karras et al. 2024b, Fig. 21)
+# "We adopt the EDM2 backbone without modification, except for extending the channel multiplier schedule from 4 to
+# 6 levels" (radit §4.2). Every layer keeps unit-magnitude activations under unit-magnitude inputs; the velocity
+# target and the conditioning interface (t, the 19 codes) are those of RadiT.
+
+
+def normalize(x, dim=None, eps=1e-4):
+    """x scaled to unit RMS over `dim` (all dimensions but the first by default), norms in fp32 or wider (EDM2)."""
+    dim = list(range(1, x.ndim)) if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=wide(x.dtype))
+    norm = torch.add(eps, norm, alpha=1 / math.sqrt(math.prod(x.shape[d] for d in dim)))   # RMS, not L2
+    return x / norm.to(x.dtype)
+
+
+def wide(dtype):
+    """fp32, or the dtype itself when wider (the MP layers run in float64 for the tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def mp_silu(x):
+    """SiLU divided by its RMS under a unit Gaussian input, 0.596 (EDM2 Eq. 81)."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a, b, t=0.5):
+    """((1 - t) a + t b) / sqrt((1 - t)^2 + t^2): unit magnitude for independent unit inputs (EDM2 Eq. 88)."""
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, dim=1, t=0.5):
+    """Concatenation with a share t for b, scaled so that the result keeps unit magnitude (EDM2 Eq. 103)."""
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=dim)
+
+
+class MPFourier(nn.Module):
+    """Fixed random Fourier features sqrt(2) cos(f x + phase), f ~ N(0, (2 pi)^2): unit RMS (EDM2 Eq. 75)."""
+
+    def __init__(self, n, bandwidth=1.0):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(n) * bandwidth)   # buffers: saved, never trained
+        self.register_buffer("phases", 2 * math.pi * torch.rand(n))
+
+    def forward(self, x):
+        dt = wide(x.dtype)
+        return (x.to(dt)[:, None] * self.freqs.to(dt) + self.phases.to(dt)).cos() * math.sqrt(2)
+
+
+class MPConv(nn.Module):
+    """Magnitude-preserving convolution (kernel > 0) or linear layer (kernel 0): EDM2 Eq. 47, weight-normalised."""
+
+    def __init__(self, cin, cout, kernel):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn((cout, cin, kernel, kernel) if kernel else (cout, cin)))
+        self.renormalize_()
+
+    def effective_weight(self, gain=1.0):
+        """Unit-RMS rows (traditional weight normalisation) divided by sqrt(fan-in): unit output magnitude."""
+        w = normalize(self.weight.to(wide(self.weight.dtype)))
+        return w * (gain / math.sqrt(w[0].numel()))
+
+    @torch.no_grad()
+    def renormalize_(self):
+        """Forced weight normalisation (EDM2 Eq. 66): the stored weights back to unit RMS rows. The optimizer
+        calls it after every step (make_optimizer), so the raw weights never grow and the effective learning
+        rate stays the one set (EDM2 does it inside a training forward; done here it keeps DDP and
+        activation checkpointing free of in-place writes to parameters)."""
+        self.weight.copy_(normalize(self.weight.to(wide(self.weight.dtype))))
+
+    def forward(self, x, gain=1.0):
+        w = self.effective_weight(gain).to(x.dtype)
+        if w.ndim == 2:
+            return x @ w.t()
+        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+class MPMetadataEmbedder(nn.Module):
+    """The 19 variables -> c = sum_i e_i(y_i) / sqrt(19) (radit Eq. 3), each e_i of unit RMS (MP layers)."""
+
+    def __init__(self, dim, n_datasets, fourier_dim):
+        super().__init__()
+        sizes = [4] * 14 + [3, 4, 4, n_datasets + 1]                 # class 0 of every table is null / missing
+        self.register_buffer("offsets", torch.tensor([0] + sizes[:-1]).cumsum(0), persistent=False)
+        # The 18 tables stacked, rows forced to unit RMS: the lookup EDM2's label MPConv makes of a one-hot.
+        self.table = nn.Parameter(torch.randn(sum(sizes), dim))
+        # Age / 100: the time embedding's Fourier features, then an MLP (radit §4.2), in MP layers.
+        self.age_fourier = MPFourier(fourier_dim)
+        self.age_in, self.age_out = MPConv(fourier_dim, dim, 0), MPConv(dim, dim, 0)
+        self.age_null = nn.Parameter(torch.randn(dim))               # learned embedding of a missing age
+        self.renormalize_()
+
+    @torch.no_grad()
+    def renormalize_(self):
+        """Forced weight normalisation of the table rows and of the null age (see MPConv.renormalize_)."""
+        self.table.copy_(normalize(self.table.to(wide(self.table.dtype)), dim=-1))
+        self.age_null.copy_(normalize(self.age_null.to(wide(self.age_null.dtype)), dim=-1))
+
+    def forward(self, cond):
+        cat = normalize(self.table, dim=-1)[cond[:, :18].long() + self.offsets]      # [B, 18, D]
+        age = cond[:, 18]
+        e_age = self.age_out(mp_silu(self.age_in(self.age_fourier(age.nan_to_num() / 100))))
+        e_age = torch.where(age.isnan()[:, None], normalize(self.age_null, dim=-1), e_age)
+        return (cat.sum(1) + e_age) / math.sqrt(19)
+
+
+class UNetBlock(nn.Module):
+    """EDM2 U-Net block (Fig. 21): resample, two MP 3x3 convs modulated by the embedding, mp_sum, cosine attention."""
+
+    def __init__(self, cin, cout, cemb, flavor, res, resample="keep", attention=False, head_channels=64,
+                 dropout=0.0, res_balance=0.3, attn_balance=0.3, clip_act=256):
+        super().__init__()
+        if attention and (cout < head_channels or cout % head_channels):
+            raise SystemExit(f"--head-channels {head_channels}: must divide the {cout} channels of the attention "
+                             f"level at resolution {res}")
+        self.flavor, self.res, self.resample, self.dropout = flavor, res, resample, dropout
+        self.heads, self.attn_impl = (cout // head_channels if attention else 0), "kernels"
+        self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
+        self.emb_gain = nn.Parameter(torch.zeros([]))                # learned gain: the block starts unmodulated
+        self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, 3)
+        self.emb_linear = MPConv(cemb, cout, 0)
+        self.conv_res1 = MPConv(cout, cout, 3)
+        self.conv_skip = MPConv(cin, cout, 1) if cin != cout else None
+        self.attn_qkv = MPConv(cout, 3 * cout, 1) if self.heads else None
+        self.attn_proj = MPConv(cout, cout, 1) if self.heads else None
+
+    def attend(self, x):
+        """Cosine attention: q, k, v normalised per head and position (EDM2), through kernels.attention."""
+        B, C, H, W = x.shape
+        qkv = self.attn_qkv(x).reshape(B, self.heads, C // self.heads, 3, H * W)
+        q, k, v = (t.contiguous() for t in normalize(qkv, dim=2).permute(3, 0, 1, 4, 2))   # 3 x [B, heads, L, D]
+        o = F.scaled_dot_product_attention(q, k, v) if self.attn_impl == "sdpa" else attention(q, k, v)
+        return self.attn_proj(o.transpose(-1, -2).reshape(B, C, H, W))
+
+    def forward(self, x, emb):
+        if self.resample == "down":                                  # EDM2's [1, 1] filter: a 2 x 2 box
+            x = F.avg_pool2d(x, 2)
+        elif self.resample == "up":                                  # ... and its transpose: nearest neighbour
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)                                  # pixel norm of the encoder's main branch
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1             # per-channel scale from t and the metadata
+        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        if self.training and self.dropout:
+            y = F.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, self.res_balance)
+        if self.heads:
+            x = mp_sum(x, self.attend(x), self.attn_balance)
+        return x.clamp(-self.clip_act, self.clip_act)                # EDM2's activation clipping
+
+    def flops(self):
+        """Forward multiply-adds x 2 of one image (convolutions at the output resolution, attention)."""
+        convs = [m for m in (self.conv_res0, self.conv_res1, self.conv_skip, self.attn_qkv, self.attn_proj) if m]
+        n = 2 * sum(m.weight.numel() for m in convs) * self.res ** 2 + 2 * self.emb_linear.weight.numel()
+        return n + (4 * self.res ** 4 * self.conv_res1.weight.shape[0] if self.heads else 0)   # q k^T and p v
+
+
+def int_list(text, flag, empty=False):
+    """'1,2,4' -> [1, 2, 4]; a one-line error otherwise ('' is [] when `empty`)."""
+    try:
+        out = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        out = None
+    if out is None or any(v <= 0 for v in out) or not (out or empty):
+        raise SystemExit(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 1,2,4")
+    return out
+
+
+class RadUNet(nn.Module):
+    """EDM2 U-Net velocity field v(x_t, t, y) over pixels or latents (radit §4.2, App. B.2 Table 6)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        mults, attn_res = int_list(cfg.mults, "--mults"), set(int_list(cfg.attn_res, "--attn-res", empty=True))
+        S, C, levels = cfg.image_size, cfg.in_channels, len(mults)
+        if S % 2 ** (levels - 1):
+            raise SystemExit(f"--mults {cfg.mults}: {levels} levels need an input side divisible by "
+                             f"{2 ** (levels - 1)}; the input is {S}")
+        sides = [S >> level for level in range(levels)]
+        if attn_res and not attn_res & set(sides):
+            raise SystemExit(f"--attn-res {cfg.attn_res}: none is a resolution of this U-Net {sides}")
+        if not 0 <= cfg.dropout < 1:
+            raise SystemExit(f"--dropout {cfg.dropout}: expected a probability in [0, 1)")
+        cblock = [cfg.channels * m for m in mults]
+        cnoise, cemb = cblock[0], max(cblock)                        # EDM2's defaults for both widths
+        self.grad_ckpt, self.levels = cfg.grad_ckpt, levels
+        self.label_balance, self.concat_balance = 0.5, 0.5           # EDM2's defaults
+        kw = dict(head_channels=cfg.head_channels, dropout=cfg.dropout)
+        self.emb_fourier = MPFourier(cnoise)                         # the time t in [0, 1] directly (our choice)
+        self.emb_noise = MPConv(cnoise, cemb, 0)
+        self.emb_label = MPMetadataEmbedder(cemb, len(cfg.datasets.split(",")), cnoise)
+        self.enc, cout = nn.ModuleDict(), C + 1                      # + a constant channel (EDM2's bias stand-in)
+        self.conv_in = MPConv(cout, cblock[0], 3)
+        cout = cblock[0]
+        for level, ch in enumerate(cblock):
+            res = sides[level]
+            if level:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, cemb, "enc", res, "down", **kw)
+            for i in range(cfg.blocks):
+                self.enc[f"{res}x{res}_block{i}"] = UNetBlock(cout, ch, cemb, "enc", res, attention=res in attn_res,
+                                                             **kw)
+                cout = ch
+        skips = [cblock[0]] + [b.conv_res1.weight.shape[0] for b in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, ch in reversed(list(enumerate(cblock))):
+            res = sides[level]
+            if level == levels - 1:                                  # the bottleneck: attention always (EDM2)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, cemb, "dec", res, attention=True, **kw)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, cemb, "dec", res, **kw)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, cemb, "dec", res, "up", **kw)
+            for i in range(cfg.blocks + 1):
+                self.dec[f"{res}x{res}_block{i}"] = UNetBlock(cout + skips.pop(), ch, cemb, "dec", res,
+                                                             attention=res in attn_res, **kw)
+                cout = ch
+        self.conv_out = MPConv(cout, C, 3)
+        self.out_gain = nn.Parameter(torch.zeros([]))                # zero output at init, as EDM2
+        self.set_attention(cfg.attn)
+
+    def set_attention(self, impl):
+        if impl not in ("kernels", "sdpa"):
+            raise SystemExit(f"--attn {impl!r}: expected kernels or sdpa")
+        for m in self.modules():
+            if isinstance(m, UNetBlock):
+                m.attn_impl = impl
+
+    def renormalize_(self):
+        """Forced weight normalisation of every MP layer (after each optimizer step; EDM2 Eq. 66)."""
+        for m in self.modules():
+            if isinstance(m, (MPConv, MPMetadataEmbedder)):
+                m.renormalize_()
+
+    def block(self, blk, x, emb):
+        if self.grad_ckpt and self.training:
+            return torch.utils.checkpoint.checkpoint(blk, x, emb, use_reentrant=False)
+        return blk(x, emb)
+
+    def forward(self, x, t, cond):
+        """x [B, C, H, W], t [B] in [0, 1] (0 data, 1 noise), cond [B, 19] codes -> velocity [B, C, H, W]."""
+        f = 2 ** (self.levels - 1)
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"RadUNet: input {list(x.shape[-2:])} must divide by {f} ({self.levels} levels)")
+        with torch.autocast(x.device.type, enabled=False):           # time / metadata embeddings in fp32
+            emb = self.emb_noise(self.emb_fourier(t))
+            emb = mp_silu(mp_sum(emb, self.emb_label(cond), self.label_balance))
+        x = self.conv_in(torch.cat([x, torch.ones_like(x[:, :1])], dim=1))
+        skips = [x]
+        for blk in self.enc.values():
+            x = self.block(blk, x, emb)
+            skips.append(x)
+        for name, blk in self.dec.items():
+            if "block" in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = self.block(blk, x, emb)
+        return self.conv_out(x, gain=self.out_gain)
+
+    def flops(self, side):
+        """Forward FLOPs of one image at the training side (2 per multiply-add)."""
+        n = 2 * (self.conv_in.weight.numel() + self.conv_out.weight.numel()) * side ** 2
+        return n + sum(m.flops() for m in self.modules() if isinstance(m, UNetBlock))
+
+
+def build_model(cfg):
+    """The backbone of `cfg.arch`: RadiT (radit Table 5) or RadUNet (radit Table 6)."""
+    if cfg.arch not in ("transformer", "unet"):
+        raise SystemExit(f"--arch {cfg.arch!r}: expected transformer or unet")
+    return RadUNet(cfg) if cfg.arch == "unet" else RadiT(cfg)
+
+
+def model_name(cfg):
+    return f"{'RadUNet' if cfg.arch == 'unet' else 'RadiT'}-{cfg.size}"
+
+
+@lru_cache(maxsize=8)
+def _unet_flops(cfg_json):
+    cfg = Config(**json.loads(cfg_json))
+    with torch.device("meta"):
+        return RadUNet(cfg).flops(cfg.image_size)
+
+
 def train_flops(n_params, cfg, tokens_per_image, images):
-    """Analytic training FLOPs: 6 x params x tokens (matmuls, fwd + bwd) + attention scores (12 L^2 D per layer)."""
+    """Analytic training FLOPs. RadiT: 6 x params x tokens (matmuls, fwd + bwd) + attention scores (12 L^2 D per
+    layer); RadUNet: 3 x the forward FLOPs of its convolutions and attention."""
+    if cfg.arch == "unet":
+        return images * 3 * _unet_flops(json.dumps(asdict(cfg)))
     return images * (6 * n_params * tokens_per_image + 12 * cfg.depth * tokens_per_image ** 2 * cfg.hidden)
 
 
@@ -778,7 +1118,7 @@ def resolve(cfg, data=None):
         c, s = cfg.in_channels or (1 if space == "pixel" else 32), cfg.image_size or 64
     if data and cfg.image_size and cfg.image_size != s:
         raise SystemExit(f"{data.folder}: images are {s} x {s}; expected --image-size {cfg.image_size}")
-    patch = cfg.patch or (2 if space == "latent" else max(1, min(16, s // 8)))
+    patch = cfg.patch or (1 if cfg.arch == "unet" else 2 if space == "latent" else max(1, min(16, s // 8)))
     if s % patch:
         raise SystemExit(f"--patch {patch}: must divide the input size {s}")
     return Config(**{**asdict(cfg), "space": space, "in_channels": c, "image_size": s, "patch": patch,
@@ -850,8 +1190,8 @@ def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
 
 
 def check_compatible(cfg, saved, path):
-    for k in ARCH:
-        if getattr(cfg, k) != saved.get(k):
+    for k in ARCH:                               # a field missing in an older checkpoint had its default
+        if getattr(cfg, k) != saved.get(k, getattr(Config, k)):
             raise SystemExit(f"{path}: checkpoint has {k}={saved.get(k)!r} but this run has {k}={getattr(cfg, k)!r} "
                              f"(another preset or dataset); use another --out or --no-resume")
 
@@ -943,6 +1283,61 @@ def environment(device, world):
 # --- end skeleton: environment ---
 
 
+def lr_at(step, cfg):
+    """Learning rate of optimizer step `step` (0-based): cfg.lr, EDM2's inverse-square-root decay
+    lr / sqrt(max(step / lr_decay, 1)) when lr_decay > 0, times a linear warm-up min((step + 1) / warmup, 1)
+    (EDM2 training_loop.learning_rate_schedule; radit Table 12 warm-up steps)."""
+    lr = cfg.lr
+    if cfg.lr_decay:
+        lr /= math.sqrt(max(step / cfg.lr_decay, 1.0))
+    if cfg.warmup:
+        lr *= min((step + 1) / cfg.warmup, 1.0)
+    return lr
+
+
+def make_optimizer(raw, cfg, device):
+    """Adam or AdamW over raw's parameters (radit Tables 11, 12), with hooks: before each step the learning rate
+    of lr_at; after it EDM2's forced weight normalisation (RadUNet). The step count is the optimizer's own state,
+    so a resumed run continues the schedule. Dropout (RadUNet) draws from torch's global generator, reseeded
+    before each training forward from (seed, step, forward, rank): a resumed run draws the same masks."""
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise SystemExit(f"--optimizer {cfg.optimizer!r}: expected adam or adamw")
+    if cfg.warmup < 0 or cfg.lr_decay < 0:
+        raise SystemExit(f"--warmup {cfg.warmup} --lr-decay {cfg.lr_decay}: expected step counts >= 0")
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = cls(raw.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+              fused=device.type == "cuda")
+    steps = []                                   # [optimizer steps taken, forwards since the last step]
+
+    def count():
+        if not steps:                            # first use: the (possibly loaded) state's step count
+            steps.extend([max([int(s["step"]) for s in opt.state.values() if "step" in s] or [0]), 0])
+        return steps
+
+    def before_step(o, args, kwargs):
+        for g in o.param_groups:
+            g["lr"] = lr_at(count()[0], cfg)
+
+    def after_step(o, args, kwargs):
+        count()[0] += 1
+        steps[1] = 0
+        if hasattr(raw, "renormalize_"):
+            raw.renormalize_()
+
+    def seed_dropout(module, args):
+        if module.training:
+            s = count()
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, 5, s[0], s[1], int(os.environ.get("RANK", 0))])
+                                  .generate_state(1)[0]))
+            s[1] += 1
+
+    opt.register_step_pre_hook(before_step)
+    opt.register_step_post_hook(after_step)
+    if getattr(cfg, "dropout", 0) and cfg.arch == "unet":
+        raw.register_forward_pre_hook(seed_dropout)
+    return opt
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg.device)
     data = CXRData(cfg.data, cfg.space, cfg.vae)
@@ -954,10 +1349,9 @@ def train(cfg):
     micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
-    raw = RadiT(cfg).to(device)
+    raw = build_model(cfg).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()       # fp32 EMA (radit Table 11)
-    opt = torch.optim.Adam(raw.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                           weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = make_optimizer(raw, cfg, device)                       # lr schedule, forced weight normalisation
     step = 0
     if saved:
         _, step, parts, groups, _ = saved
@@ -978,7 +1372,7 @@ def train(cfg):
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         write_json(os.path.join(cfg.out, "env.json"), environment(device, world))
         print(json.dumps(asdict(cfg)))
-        print(f"RadiT-{cfg.size}: {n_params / 1e6:.2f}M parameters, {tokens} tokens/image, {cfg.space} space, "
+        print(f"{model_name(cfg)}: {n_params / 1e6:.2f}M parameters, {tokens} tokens/image, {cfg.space} space, "
               f"{len(data)} training images, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
@@ -1078,13 +1472,13 @@ def bench(cfg):
     each eager and (with --compile) compiled."""
     _, _, device = setup_distributed(cfg.device)
     cfg = resolve(cfg)
-    model = RadiT(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
+    model = build_model(cfg).to(device)
+    opt = make_optimizer(model, cfg, device)
     B, tokens = cfg.micro_batch or cfg.batch_size, (cfg.image_size // cfg.patch) ** 2
     n_params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device)
     x = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     cond = torch.cat([torch.randint(0, 3, (B, 18)).float(), 100 * torch.rand(B, 1)], 1).to(device)
-    print(f"bench RadiT-{cfg.size}: {n_params / 1e6:.1f}M params, batch {B}, {cfg.in_channels}x{cfg.image_size}^2 "
+    print(f"bench {model_name(cfg)}: {n_params / 1e6:.1f}M params, batch {B}, {cfg.in_channels}x{cfg.image_size}^2 "
           f"input, patch {cfg.patch}, {tokens} tokens/image, {device}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
     results, sync = {}, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -1129,7 +1523,7 @@ def load_for_inference(icfg):
     rank, world, device = setup_distributed(icfg.device)
     saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.",))
     cfg = Config(**saved)
-    model = RadiT(cfg)
+    model = build_model(cfg)
     try:
         model.load_state_dict(parts["ema."])
     except RuntimeError as e:
@@ -1358,10 +1752,12 @@ def main(argv=None):
         data = CXRData(cfg.data, cfg.space, cfg.vae) if os.path.isfile(os.path.join(cfg.data, "meta.csv")) else None
         cfg = resolve(cfg, data)
         with torch.device("meta"):
-            n = sum(p.numel() for p in RadiT(cfg).parameters())
+            n = sum(p.numel() for p in build_model(cfg).parameters())
         print(json.dumps(asdict(cfg)))
-        print(f"RadiT-{cfg.size}: {n:,} parameters ({n / 1e9:.3f}B) at {cfg.in_channels}x{cfg.image_size}x"
-              f"{cfg.image_size}, patch {cfg.patch}" + ("" if data else " (no dataset: radit Table 5 latents)"))
+        where = "" if cfg.arch == "unet" else f", patch {cfg.patch}"
+        print(f"{model_name(cfg)}: {n:,} parameters ({n / 1e9:.3f}B) at {cfg.in_channels}x{cfg.image_size}x"
+              f"{cfg.image_size}{where}" + ("" if data else f" (no dataset: radit Table {6 if where == '' else 5} "
+                                                           f"input size)"))
         return n
     return bench(cfg) if cfg.bench else train(cfg)
 

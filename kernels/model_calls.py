@@ -524,8 +524,9 @@ def _walk_controlnet(w, preset):
 
 def _walk_rectified_flow(w, preset):
     mod = w.mod
-    cfg = mod.resolve(_config(mod, preset, attn="kernels"))     # radit Table 5: 32 x 64 x 64 latents, patch 2
-    model = _build(lambda: mod.RadiT(cfg))
+    # radit Table 5: 32 x 64 x 64 latents, patch 2; the unet-* presets: radit Table 6's inputs (unet-pixel 512 px)
+    cfg = mod.resolve(_config(mod, preset, attn="kernels"))
+    model = _build(lambda: mod.build_model(cfg))               # RadiT or RadUNet (--arch)
     model.set_attention("kernels")
     S, C = cfg.image_size, cfg.in_channels
     setting = f"{cfg.space} {C}x{S}x{S} (patch {cfg.patch})"

@@ -100,7 +100,8 @@ def test_metadata_codes_and_null_age():
 
 def test_preset_parameter_counts():
     counts = {}
-    for size in rf.PRESETS:                           # radit Table 5 shape: 32 x 64 x 64 latents, patch 2
+    for size in [k for k, v in rf.PRESETS.items() if v.get("arch", "transformer") == "transformer"]:
+        # radit Table 5 shape: 32 x 64 x 64 latents, patch 2 (the unet-* presets: test_unet_parameter_counts_...)
         cfg = rf.resolve(rf.Config(**{**rf.PRESETS[size], "size": size, "space": "latent"}))
         assert (cfg.in_channels, cfg.image_size, cfg.patch) == (32, 64, 2)
         with torch.device("meta"):
@@ -497,3 +498,237 @@ def test_bench_runs_on_cpu(capsys):
                    "2", "--in-channels", "4", "--image-size", "8"])
     assert set(res) == {"kernels", "sdpa"} and all(v > 0 for v in res.values())
     assert "tokens/s" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------ RadUNet
+# --arch unet (radit Table 6): a reduced unet-tiny (8 channels, 3 levels, attention at 8 x 8) on the 32 px phantom.
+
+UNET = ["--size", "unet-tiny", "--channels", "8", "--mults", "1,2,2", "--attn-res", "8", "--head-channels", "16",
+        "--batch-size", "8", "--warmup", "10", "--ema", "0.9"]
+
+
+def train_unet(data, out, *extra):
+    return rf.main(["--data", data, "--out", out, *UNET, "--log-every", "1", "--sample-every", "0", *extra])
+
+
+def small_unet(channels=1, size=16, seed=0, dtype=torch.float32):
+    cfg = rf.Config(arch="unet", channels=8, mults="1,2", blocks=1, attn_res="8", head_channels=8,
+                    in_channels=channels, image_size=size, datasets="a,b,c")
+    torch.manual_seed(seed)
+    model = rf.RadUNet(cfg).to(dtype).eval()
+    with torch.no_grad():                             # zero gains make v = 0 and unmodulated blocks at init
+        for name, p in model.named_parameters():
+            if p.ndim == 0:
+                p.normal_(1.0, 0.3)
+    return model
+
+
+def edm2_unet_params(C, ch, mults, blocks, attn, side, label):
+    """Parameters of EDM2's U-Net (Karras et al. 2024b, Fig. 21), counted from its description (`label`: the
+    class embedding's count given (cemb, cnoise))."""
+    cb = [ch * m for m in mults]
+    cnoise, cemb = cb[0], max(cb)
+
+    def block(cin, cout, enc, a):
+        n = 1 + (cout if enc else cin) * cout * 9 + cemb * cout + cout * cout * 9   # gain, res0, emb, res1
+        n += cin * cout if cin != cout else 0                                         # 1x1 skip
+        return n + (4 * cout * cout if a else 0)                                      # qkv + proj
+
+    n = cnoise * cemb + label(cemb, cnoise) + (C + 1) * cb[0] * 9                    # embeddings, input conv
+    skips, cout = [cb[0]], cb[0]
+    for lvl, c in enumerate(cb):
+        if lvl:
+            n += block(cout, cout, True, False)
+            skips.append(cout)
+        for _ in range(blocks):
+            n += block(cout, c, True, side >> lvl in attn)
+            cout = c
+            skips.append(cout)
+    for lvl, c in reversed(list(enumerate(cb))):
+        if lvl == len(cb) - 1:                                                         # bottleneck: attention
+            n += block(cout, cout, False, True) + block(cout, cout, False, False)
+        else:
+            n += block(cout, cout, False, False)
+        for _ in range(blocks + 1):
+            n += block(cout + skips.pop(), c, False, side >> lvl in attn)
+            cout = c
+    return n + cout * C * 9 + 1                                                        # output conv, gain
+
+
+def test_unet_mp_layers_keep_unit_magnitude():
+    g = torch.Generator().manual_seed(0)
+    rms = lambda x: x.pow(2).mean().sqrt().item()
+    # mp_sum of orthogonal unit-RMS vectors, mp_cat of unit-RMS parts: RMS exactly 1 (EDM2 Eq. 88, 103)
+    a, b = torch.randn(2, 4096, generator=g, dtype=torch.float64)
+    b = b - (a @ b) / (a @ a) * a                                   # Gram-Schmidt: a . b = 0
+    a, b = a / a.pow(2).mean().sqrt(), b / b.pow(2).mean().sqrt()
+    for t in (0.3, 0.5, 0.9):
+        assert abs(rms(rf.mp_sum(a, b, t)) - 1) < 1e-12
+        a1, b1 = a[:1000] / a[:1000].pow(2).mean().sqrt(), b[:3000] / b[:3000].pow(2).mean().sqrt()
+        y = rf.mp_cat(a1[None], b1[None], dim=1, t=t)[0]
+        assert y.shape == (4000,) and abs(rms(y) - 1) < 1e-12
+        share = y[1000:].pow(2).sum() / y.pow(2).sum()               # b's share of the energy: t^2 / ((1-t)^2 + t^2)
+        assert abs(share.item() - t ** 2 / ((1 - t) ** 2 + t ** 2)) < 1e-12
+    # mp_silu: E[silu(z)^2] for z ~ N(0, 1) by quadrature, divided by 0.596^2 (EDM2 Eq. 81)
+    z = np.linspace(-12, 12, 200_001)
+    second = np.trapezoid((z / (1 + np.exp(-z))) ** 2 * np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi), z)
+    assert abs(second / 0.596 ** 2 - 1) < 2e-3
+    zz = torch.from_numpy(z)
+    assert torch.allclose(rf.mp_silu(zz), zz * torch.sigmoid(zz) / 0.596)
+    # MP conv / linear: under white unit-variance input each output's variance is the squared norm of its
+    # effective weights, which is 1; and an empirical check on Gaussian inputs
+    for conv in (rf.MPConv(12, 5, 3).double(), rf.MPConv(40, 7, 0).double()):
+        w = conv.effective_weight().flatten(1)
+        assert torch.allclose(w.pow(2).sum(1), torch.ones(len(w), dtype=torch.float64), atol=1e-3)   # eps 1e-4
+        x = torch.randn((20_000, 40) if w.shape[1] == 40 else (400, 12, 8, 8), generator=g, dtype=torch.float64)
+        y0 = conv(x)
+        y = y0 if y0.ndim == 2 else y0[:, :, 1:-1, 1:-1].transpose(0, 1).flatten(1).t()   # interior: no padding
+        assert ((y.pow(2).mean(0) - 1).abs() < 0.05).all() and abs(y.pow(2).mean().item() - 1) < 0.02
+        w0 = conv.weight.detach().clone()
+        with torch.no_grad():
+            conv.weight.mul_(3.0)                                   # a grown raw weight: the same layer ...
+        assert torch.allclose(conv(x[:4]), y0[:4], atol=1e-3)                # (up to normalize's eps)
+        conv.renormalize_()                                         # ... and forced WN brings it back
+        assert torch.allclose(conv.weight, w0, atol=1e-3)
+        assert torch.allclose(conv.weight.flatten(1).pow(2).mean(1), torch.ones(len(w), dtype=torch.float64), atol=1e-3)
+    # Fourier features: RMS sqrt(2) |cos|: 1 over uniform phases; the metadata embedding of radit Eq. 3 sums 19
+    # unit-RMS embeddings / sqrt(19)
+    f = rf.MPFourier(20_000).double()(torch.tensor([0.0, 0.37, 1.0], dtype=torch.float64))
+    assert ((f.pow(2).mean(1) - 1).abs() < 0.03).all()
+    emb = small_unet(dtype=torch.float64).emb_label
+    codes = torch.tensor([[1.0] * 18 + [float("nan")], [2.0] * 18 + [50.0]], dtype=torch.float64)
+    rows = rf.normalize(emb.table, dim=-1)[codes[:, :18].long() + emb.offsets]
+    age = torch.stack([rf.normalize(emb.age_null, dim=-1), emb(codes)[1] * 19 ** 0.5 - rows[1].sum(0)])
+    assert torch.allclose(rows.pow(2).mean(-1), torch.ones(2, 18, dtype=torch.float64), atol=1e-3)   # eps 1e-4
+    assert torch.allclose(emb(codes), (rows.sum(1) + age) / 19 ** 0.5)
+    assert abs(rms(age[0]) - 1) < 1e-3
+
+
+def test_unet_parameter_counts_match_edm2_and_table6(capsys):
+    # the counting formula reproduces EDM2's published sizes (ImageNet-512: 4 x 64 x 64 latents, 1000 classes):
+    # XS 125M, S 280M, M 498M (Karras et al. 2024b, Table 2)
+    imagenet = lambda cemb, cnoise: 1000 * cemb
+    for ch, want in ((128, 125e6), (192, 280e6), (256, 498e6)):
+        assert abs(edm2_unet_params(4, ch, [1, 2, 3, 4], 3, {16, 8}, 64, imagenet) / want - 1) < 3e-3
+    # the metadata embedding (radit Eq. 3): 75 table rows, age Fourier -> MLP, null age
+    meta = lambda cemb, cnoise: 75 * cemb + cnoise * cemb + cemb * cemb + cemb
+    pixel = edm2_unet_params(1, 32, [1, 2, 4, 8, 16, 32], 3, {32, 16}, 512, meta)
+    latent = edm2_unet_params(32, 256, [1, 2, 3, 4], 3, {16, 8}, 64, meta)
+    n_pixel = rf.main(["--size", "unet-pixel", "--dry-run", "--data", "/nonexistent"])
+    assert "1x512x512" in capsys.readouterr().out
+    n_latent = rf.main(["--size", "unet-latent", "--dry-run", "--data", "/nonexistent"])
+    assert "32x64x64" in capsys.readouterr().out
+    assert (n_pixel, n_latent) == (pixel, latent)
+    assert abs(n_latent / 0.5e9 - 1) < 0.05                          # radit Table 6: RadUNet latent 0.5B
+    # radit Table 6 gives 0.3B for the pixel model; its own settings give 0.366B in EDM2's block design (the
+    # formula above): within 5 % only if 1 of the 6 levels or a residual block per level were dropped
+    assert 0.36e9 < n_pixel < 0.37e9
+    cfg = rf.resolve(rf.Config(**{**rf.PRESETS["unet-latent"], "size": "unet-latent"}))
+    assert (cfg.optimizer, cfg.lr, cfg.warmup, cfg.batch_size, cfg.beta2, cfg.shift, cfg.dropout) == \
+        ("adam", 1e-2, 50_000, 72, 0.99, 1.0, 0.1)                   # radit Table 12, Table 6
+    cfg = rf.resolve(rf.Config(**{**rf.PRESETS["unet-pixel"], "size": "unet-pixel"}))
+    assert (cfg.optimizer, cfg.lr, cfg.warmup, cfg.weight_decay, cfg.beta2, cfg.shift, cfg.space) == \
+        ("adamw", 1e-4, 4000, 1e-4, 0.99, 3.0, "pixel")
+    for argv, text in ((["--arch", "unet", "--size", "B"], "transformer preset"), (["--arch", "vit"], "'vit'"),
+                       (["--size", "unet-tiny", "--mults", "1,x"], "--mults"),
+                       (["--size", "unet-tiny", "--mults", "1,2,2,2,2,2,2,2"], "divisible by 128")):
+        with pytest.raises(SystemExit) as e:
+            rf.main([*argv, "--dry-run", "--data", "/nonexistent"])
+        assert text in str(e.value)
+
+
+def test_unet_cfg_scale_one_is_conditional_and_guidance_hits_every_channel():
+    model = small_unet(channels=4)
+    x, t, cond = torch.randn(3, 4, 16, 16), 0.6, random_cond(3)
+    tt = torch.full((3,), t)
+    with torch.no_grad():
+        v_c = model(x, tt, cond)
+        v_u = model(x, tt, torch.tensor([0.0] * 18 + [float("nan")]).expand(3, 19))
+        assert torch.allclose(rf.guided_velocity(model, x, t, cond, 1.0), v_c, atol=1e-6)
+        assert torch.allclose(rf.guided_velocity(model, x, t, cond, 0.0), v_u, atol=1e-5)
+        g = rf.guided_velocity(model, x, t, cond, 3.0)
+        assert torch.allclose(g, v_u + 3.0 * (v_c - v_u), atol=1e-4)
+        for ch in range(4):
+            assert (g[:, ch] - v_c[:, ch]).abs().max() > 1e-3
+        # the time and every variable reach the output; sdpa and kernels.attention agree
+        assert (model(x, tt * 0.5, cond) - v_c).abs().max() > 1e-3
+        other = cond.clone()
+        other[:, rf.VARIABLES.index("sex")] = 3 - other[:, rf.VARIABLES.index("sex")].clamp(1, 2)
+        assert (model(x, tt, other) - v_c).abs().max() > 1e-4
+        model.set_attention("sdpa")
+        assert torch.allclose(model(x, tt, cond), v_c, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory, phantom_dir):
+    """The reduced unet-tiny trained 40 steps on the phantom."""
+    out = str(tmp_path_factory.mktemp("rfu") / "run")
+    train_unet(phantom_dir, out, "--max-steps", "40")
+    return out
+
+
+def test_unet_loss_falls_on_phantom(unet_run):
+    recs = log(unet_run)
+    losses = [r["loss"] for r in recs]
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    # linear warm-up over 10 steps, then the constant lr 1e-2 of the preset
+    assert np.allclose([r["lr"] for r in recs[:12]], [1e-2 * min(s / 10, 1) for s in range(1, 13)])
+    cfg = json.load(open(os.path.join(unet_run, "config.json")))
+    assert (cfg["arch"], cfg["space"], cfg["patch"], cfg["shift"]) == ("unet", "pixel", 1, 3.0)
+    # forced weight normalisation: every stored MP weight has unit-RMS rows (EDM2 Eq. 66)
+    w = weights(unet_run)
+    mp = [k for k in w if k.endswith("weight") and w[k].ndim >= 2]
+    assert len(mp) > 20
+    for k in mp:
+        r = w[k].double().flatten(1).pow(2).mean(1)
+        assert (r - 1).abs().max() < 1e-3, k
+
+
+def test_unet_resume_reproduces_straight_run(tmp_path, phantom_dir):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ["--ckpt-every", "100", "--dropout", "0.2", "--lr-decay", "8"]    # dropout and decay must resume too
+    train_unet(phantom_dir, a, "--max-steps", "16", *extra)
+    train_unet(phantom_dir, b, "--max-steps", "10", *extra)
+    train_unet(phantom_dir, b, "--max-steps", "16", *extra)
+    la, lb = [r["loss"] for r in log(a)], [r["loss"] for r in log(b)]
+    assert [r["step"] for r in log(b)] == list(range(1, 17))
+    assert np.allclose(la, lb, rtol=1e-6, atol=0), (la[10:], lb[10:])
+    assert np.isclose(log(b)[-1]["lr"], 1e-2 / np.sqrt(15 / 8))    # step 15 (0-based): decay past 8 steps
+    wa, wb = weights(a, ""), weights(b, "")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)   # model, EMA and Adam state
+
+
+def test_unet_edit_without_change_reconstructs_input(tmp_path, unet_run, phantom_dir):
+    meta = rows(os.path.join(phantom_dir, "meta.csv"))
+    ids = [r["id"] for r in meta if r["split"] == "test"][:2]
+    out = str(tmp_path / "edit")
+    rf.main(["edit", "--ckpt", unet_run, "--data", phantom_dir, "--ids", ",".join(ids), "--out", out,
+             "--solver", "dopri5", "--rtol", "1e-5", "--atol", "1e-5"])
+    data = rf.CXRData(phantom_dir, split=None)
+    idx = [next(i for i, r in enumerate(data.rows) if r["id"] == k) for k in ids]
+    x = data.load(idx)
+    y = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(out, f"{k}.png"))).astype(np.float32))
+                     for k in ids])[:, None] / 32768 - 1
+    assert ((x - y) ** 2).mean() < 1e-5                             # abduction then prediction is the identity
+    cfg, model = rf.load_for_inference(rf.InferConfig(ckpt=unet_run))[:2]
+    assert isinstance(model, rf.RadUNet)
+    f = lambda t, z: rf.guided_velocity(model, z, t, data.cond[idx], 1.0)
+    with torch.no_grad():
+        z, _ = rf.solve(f, x, 0.0, 1.0, "euler", steps=8, shift=cfg.shift)
+    assert ((z - x) ** 2).mean() > 0.1                              # ... and the trained flow is not
+
+
+def test_unet_presets_attention_calls_go_through_kernels():
+    """The preset walker (kernels/model_calls.py) records every RadUNet attention call on the meta device: per
+    radit Table 6, heads = level channels / 64 at each attention resolution, 3 encoder + 4 decoder blocks there,
+    and one more at the bottleneck (EDM2)."""
+    from kernels import model_calls
+    want = {"unet-pixel": {(8, 32 * 32, 7), (16, 16 * 16, 8)},          # 512 / 64 at 32 x 32, 1024 / 64 at 16 x 16
+            "unet-latent": {(12, 16 * 16, 7), (16, 8 * 8, 8)}}           # 768 / 64 at 16 x 16, 1024 / 64 at 8 x 8
+    for preset, kinds in want.items():
+        calls = model_calls.attention_calls(["rectified_flow"], [preset])
+        train = [c for c in calls if c.phase == "train"]
+        assert {(c.H, c.Lq, c.calls) for c in train} == kinds
+        assert all(c.path == "kernels" and c.D == 64 and c.Lk == c.Lq and c.dtype == "bf16" for c in calls)
+        assert {c.B for c in calls if c.phase == "sample"} == {rf.InferConfig().batch_size}   # cfg 1: one branch
