@@ -17,8 +17,16 @@ filled rectangles, one channel per class, class names kept in the checkpoint (th
 released). Maps are drawn at the image's pixel size in [-1, 1]; in latent space each channel is encoded as a
 1-channel image (0 -> -1, 1 -> +1) by the latent folder's encoder.pt2 (vae.py encode: the images' VAE, as released
 ChexGen encodes masks), normalised by the latents' mean / std: K x C channels. Captions drop to the null caption
-(p 0.1) and, independently, the condition drops (adapter residuals zeroed), for e = e(null, C) + w (e(text, C) -
-e(null, C)) + w_c (e(text, C) - e(text, no C)).
+(p 0.1, as released); guidance e = e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C)).
+
+"No condition" is the frozen backbone by construction (decision, issue 25): e(text, no C) is the backbone alone,
+the adapter's residuals left out, and there is no condition dropout. An earlier `--p-drop-cond` zeroed the residuals
+of 10 % of each batch, which gives those samples exactly zero gradient (the backbone is frozen), so it trained
+nothing and only discarded a tenth of every batch; the released ChexGen / PixArt-alpha ControlNet code has no
+condition dropout either. The alternative, a learned null condition map through the adapter, would make "no C" a
+trained output rather than the backbone that made the text-only images; it was not measured here (no time in this
+session, against ~10 CPU minutes for each run), and w_c guidance against the backbone already raises the positive
+Dice (RESULTS.md). Checkpoints that stored p_drop_cond still load (the value is ignored).
 
 Train (captions cached by `dit_text2img.py embed-text`; --backbone: a dit_text2img.py run or checkpoint):
     python dit_text2img.py --data data/phantom --out runs/dit --space pixel --max-steps 3000          # backbone
@@ -112,7 +120,6 @@ class Config:
     text: str = arg("", "cached text folder DATA/text/<text> (default: the only one); see dit_text2img.py embed-text")
     min_chars: int = arg(7, "drop reports shorter than this many characters (roentgen §3, as dit_text2img.py)")
     p_uncond: float = arg(0.1, "caption dropout to the backbone's learned null caption (released ChexGen code: 0.1)")
-    p_drop_cond: float = arg(0.1, "condition dropout (adapter residuals zeroed), for guidance on the condition")
     size: str = arg("", "preset: tiny | B | XL | chexgen; '': the backbone's (another one than the backbone's fails)")
     batch_size: int = arg(32, "global batch size")
     micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
@@ -221,8 +228,8 @@ def parse_config(argv):
     for flag, val, ok in (("--cond-type", cfg.cond_type, ("mask", "box")), ("--attn", cfg.attn, ("kernels", "sdpa"))):
         if val not in ok:
             raise SystemExit(f"{flag} {val!r}: expected one of {list(ok)}")
-    if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.p_drop_cond < 1:
-        raise SystemExit(f"--p-uncond {cfg.p_uncond} / --p-drop-cond {cfg.p_drop_cond}: expected fractions in [0, 1)")
+    if not 0 <= cfg.p_uncond < 1:
+        raise SystemExit(f"--p-uncond {cfg.p_uncond}: expected a fraction in [0, 1)")
     return cfg
 
 
@@ -861,14 +868,13 @@ def permutation(n, seed, epoch):
 
 
 def draw_step(cfg, sched, step, shape, device):
-    """One (seed, step) generator: noise, t ~ U{0..T-1} (chexgen Eq. 1), caption dropout, and independently condition
-    dropout (keep = not dropped), for the global batch; ranks slice it, so any world size gives one run."""
+    """One (seed, step) generator: noise, t ~ U{0..T-1} (chexgen Eq. 1) and caption dropout for the global batch
+    (no condition dropout: see the docstring); ranks slice it, so any world size gives one run."""
     g = generator(cfg.seed, 0, step, device=device)
     eps = torch.randn((cfg.batch_size, *shape), generator=g, device=device)
     t = torch.randint(0, sched.T, (cfg.batch_size,), generator=g, device=device)
     drop = torch.rand(cfg.batch_size, generator=g, device=device) < cfg.p_uncond
-    keep = torch.rand(cfg.batch_size, generator=g, device=device) >= cfg.p_drop_cond
-    return eps, t, drop, keep
+    return eps, t, drop
 
 
 # --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
@@ -1060,7 +1066,9 @@ def read_checkpoint(path, prefixes=("controlnet.", "ema.", "base.", "optim.")):
     """-> (config, DiTConfig, step, {prefix: {name: tensor}}, param_groups, path) of a run folder or file."""
     path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
     meta, parts = open_checkpoint(path, "controlnet/1", "a controlnet.py run folder or checkpoint", prefixes)
-    return (Config(**json.loads(meta["config"])), DiTConfig(**json.loads(meta["backbone_config"])),
+    saved = json.loads(meta["config"])
+    saved.pop("p_drop_cond", None)                     # removed (it trained nothing); runs that stored it still load
+    return (Config(**saved), DiTConfig(**json.loads(meta["backbone_config"])),
             int(meta["step"]), parts, json.loads(meta["param_groups"]), path)
 
 
@@ -1226,7 +1234,7 @@ def train(cfg):
         x0, text, lengths = x0.to(device), text.to(device), lengths.to(device)
         cond = encode_cond(maps)
         nxt = fetch(step + 1)
-        eps, t, drop, keep = (v[lo:lo + per_rank] for v in draw_step(cfg, sched, step, data.shape, device))
+        eps, t, drop = (v[lo:lo + per_rank] for v in draw_step(cfg, sched, step, data.shape, device))
         for m in range(accum):
             sl = slice(m * micro, (m + 1) * micro)
             with ExitStack() as stack:                           # no_sync on non-final micro-steps, fwd + bwd
@@ -1234,7 +1242,7 @@ def train(cfg):
                     stack.enter_context(fwd.no_sync())
                 with autocast(device):
                     losses = diffusion_loss(fwd, sched, x0[sl], eps[sl], t[sl], text[sl], lengths[sl], drop[sl],
-                                            cond[sl], keep[sl], dcfg.pred)
+                                            cond[sl], None, dcfg.pred)
                 (losses.mean() / accum).backward()
             b = (t[sl] * 4 // sched.T).clamp(max=3)
             acc[3:7].index_add_(0, b, losses.detach())

@@ -209,6 +209,34 @@ def test_only_adapter_parameters_get_gradients():
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.adapter.parameters(), grads))
 
 
+def test_no_condition_dropout_every_sample_trains_the_adapter(tmp_path):
+    """'No condition' is the frozen backbone by construction: the training draws drop no condition, so every sample's
+    loss has a non-zero gradient on the adapter; --p-drop-cond is gone, and a checkpoint that stored it loads."""
+    cfg, ref = small_backbone()
+    model = as_backbone(cfg, ref)
+    torch.nn.init.normal_(model.adapter.controlnet[1].after_proj.weight, std=0.1)
+    x, t, text, n, cond = inputs()
+    ccfg = cn.Config(batch_size=3, p_uncond=0.0)
+    draws = cn.draw_step(ccfg, cn.Schedule(), 5, x.shape[1:], torch.device("cpu"))
+    assert len(draws) == 3                                       # noise, timesteps, caption dropout: nothing else
+    eps, tt, drop = draws
+    losses = cn.diffusion_loss(model, cn.Schedule(), x, eps, tt, text, n, drop, cond, None)
+    w = model.adapter.controlnet[1].after_proj.weight
+    for i in range(3):
+        g, = torch.autograd.grad(losses[i], w, retain_graph=True)
+        assert g.abs().sum() > 0, i
+    with pytest.raises(SystemExit):
+        cn.parse_config(["--p-drop-cond", "0.1"])
+    dcfg = cn.DiTConfig(**{f.name: getattr(cfg, f.name) for f in cn.fields(cn.DiTConfig) if hasattr(cfg, f.name)})
+    path = str(tmp_path / "old.safetensors")
+    cn.write_checkpoint(path, {f"controlnet.{k}": v for k, v in model.adapter.state_dict().items()},
+                        {"config": json.dumps({**cn.asdict(cn.Config()), "p_drop_cond": 0.1}),
+                         "backbone_config": json.dumps(cn.asdict(dcfg)), "step": "7", "param_groups": "[]"},
+                        "controlnet/1")
+    old = cn.read_checkpoint(path, ("controlnet.",))
+    assert isinstance(old[0], cn.Config) and old[2] == 7 and not hasattr(old[0], "p_drop_cond")
+
+
 # ---------------------------------------------------------------------------------------------------- conditions
 
 
