@@ -10,6 +10,11 @@ Karras et al. 2024b): MP convolutions with forced weight normalisation, mp_silu,
 attention, learned gains, time through MP Fourier features, the 19 variables through radit Eq. 3 in MP layers;
 everything else (objective, time density, CFG, solvers, editing, checkpoints) is shared.
 
+This repository's additions, not in radit: condition dropout for classifier-free guidance (--p-drop-var 0.1,
+--p-drop-all 0.1), guidance itself (sample / edit --cfg, default 1 = none, as the paper; the training grids use 2),
+and the EMA warm-up min(ema, (1 + step) / (10 + step)). The paper states none of them: --p-drop-var 0 --p-drop-all 0
+trains as its Tables 11 and 12 say.
+
 Time convention: data at t = 0, noise at t = 1 (radit Eq. 1 as written); sampling integrates t from 1 to 0, abduction
 from 0 to 1. flow_scm.py runs the other way (noise at t = 0, data at t = 1), as its docstring says.
 
@@ -145,8 +150,10 @@ class Config:
     datasets: str = arg(CXR7, "dataset names for codes 1..K; replaced by the data's info.json when training")
     attn: str = arg("kernels", "attention: kernels (kernels.attention) | sdpa (PyTorch)")
     shift: float = arg(0.0, "timestep shift s; 0: 3.0 in pixel space, 1.0 in latent space (radit Table 11)")
-    p_drop_var: float = arg(0.1, "CFG training: probability of nulling each variable independently")
-    p_drop_all: float = arg(0.1, "CFG training: probability of nulling all 19 variables")
+    p_drop_var: float = arg(0.1, "CFG training: probability of nulling each variable independently (this "
+                                 "repository's addition: radit states no condition dropout; 0 trains as its tables)")
+    p_drop_all: float = arg(0.1, "CFG training: probability of nulling all 19 variables (this repository's addition, "
+                                 "as --p-drop-var)")
     batch_size: int = arg(32, "global batch size (radit Table 11: 72 for B, 512 for XL)")
     micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
     max_steps: int = arg(1000, "optimizer steps")
@@ -159,7 +166,8 @@ class Config:
     beta2: float = arg(0.999, "Adam beta2 (radit Table 11; Table 12: 0.99)")
     weight_decay: float = arg(0.0, "weight decay (radit Table 11: 0; Table 12: 1e-4 pixel with AdamW, 0 latent)")
     clip: float = arg(1.0, "gradient-norm clipping (radit Table 11)")
-    ema: float = arg(0.999, "EMA decay (radit Table 11: 0.9999)")
+    ema: float = arg(0.999, "EMA decay (radit Tables 11, 12: 0.9999), warmed up as min(ema, (1 + step) / (10 + "
+                            "step)): the warm-up is this repository's addition")
     seed: int = arg(0, "seed of the initialisation, data order and noise")
     device: str = arg("", "cpu | cuda (default: cuda when available)")
     compile: bool = arg(False, "torch.compile the model")
@@ -233,7 +241,8 @@ class InferConfig:
     steps: int = arg(50, "steps of euler / heun")
     rtol: float = arg(1e-5, "dopri5 relative tolerance")
     atol: float = arg(1e-5, "dopri5 absolute tolerance")
-    cfg: float = arg(1.0, "classifier-free guidance scale w: v_u + w (v_c - v_u); 1 = no guidance")
+    cfg: float = arg(1.0, "classifier-free guidance scale w: v_u + w (v_c - v_u); 1 = no guidance, as radit "
+                          "(guidance is this repository's addition)")
     guide: str = arg("", "comma-separated variables to guide on (the unconditional branch nulls only those); "
                          "'': all 19")
     batch_size: int = arg(16, "images per forward pass, per process")
