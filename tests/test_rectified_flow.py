@@ -732,3 +732,22 @@ def test_unet_presets_attention_calls_go_through_kernels():
         assert {(c.H, c.Lq, c.calls) for c in train} == kinds
         assert all(c.path == "kernels" and c.D == 64 and c.Lk == c.Lq and c.dtype == "bf16" for c in calls)
         assert {c.B for c in calls if c.phase == "sample"} == {rf.InferConfig().batch_size}   # cfg 1: one branch
+
+
+def test_unet_torchrun_two_processes_equal_one(tmp_path, phantom_dir):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--max-steps", "3", "--ckpt-every", "100", "--p-drop-var", "0.3"]
+    train_unet(phantom_dir, one, *args, "--micro-batch", "4")      # 1 process, 2 accumulated micro-batches
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           os.path.join(ROOT, "rectified_flow.py"), "--data", phantom_dir, "--out", two, *UNET,
+           "--log-every", "1", "--sample-every", "0", *args]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w1, w2 = weights(one), weights(two)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5   # forced weight normalisation on each rank
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(log(one), log(two))) < 1e-5
+    assert w1["model.out_gain"].abs() > 0                                # the output layer has moved off zero
