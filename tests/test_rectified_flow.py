@@ -751,3 +751,16 @@ def test_unet_torchrun_two_processes_equal_one(tmp_path, phantom_dir):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5   # forced weight normalisation on each rank
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(log(one), log(two))) < 1e-5
     assert w1["model.out_gain"].abs() > 0                                # the output layer has moved off zero
+
+
+def test_unet_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = small_unet()
+        model.grad_ckpt = ckpt
+        model.train()
+        x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        rf.flow_loss(model, x, torch.randn_like(x), torch.tensor([0.3, 0.8]), random_cond(2)).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert len(grads[0]) == sum(p.numel() for p in small_unet().parameters())           # every parameter
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().max() > 0
