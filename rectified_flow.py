@@ -1342,7 +1342,7 @@ def make_optimizer(raw, cfg, device):
 
     opt.register_step_pre_hook(before_step)
     opt.register_step_post_hook(after_step)
-    if getattr(cfg, "dropout", 0) and cfg.arch == "unet":
+    if cfg.dropout and cfg.arch == "unet":
         raw.register_forward_pre_hook(seed_dropout)
     return opt
 
