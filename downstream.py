@@ -31,7 +31,7 @@ Commands (the first word may also be the task):
     torchrun --nproc_per_node=8 downstream.py --size densenet121 ...                       # DDP, bf16
 
 Training data: `;` separates experiments (the rows of the table); within one, `,` joins sources `name=folder[:split]`.
-A source is a DESIGN.md §4 dataset folder (`:split` picks train / val / test / all) or a folder of generated images:
+A source is a FORMAT.md §1 dataset folder (`:split` picks train / val / test / all) or a folder of generated images:
 `<folder>/meta.csv` (id + the 14 labels + sex / age / race / view, as the samplers write) and one greyscale 8- or
 16-bit PNG per row, `<folder>/<id>.png` (segmentation: its mask `<folder>/<id>_mask.png`, non-zero = foreground).
 Sources named `syn...` are synthetic: --syn-ratio R keeps R x (real images) of each; --mix 1:1 fixes the share of
@@ -574,7 +574,7 @@ def roc_points(y, s):
     return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: labels and subgroups (DESIGN.md §4, chexgen Fig. 5), dataset and sampler folders, batches, augmentation
+# Data: labels and subgroups (FORMAT.md §5, chexgen Fig. 5), dataset and sampler folders, batches, augmentation
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -584,7 +584,7 @@ ABBR = dict(zip(LABELS, ["Atl", "Crm", "Cns", "Edm", "Ecm", "Frc", "Lls", "Lop",
 AGE_BINS = [("19-40", 41.0), ("41-65", 66.0), ("66+", math.inf)]   # chexgen Fig. 5 (ages < 19 join the first bin)
 ATTRIBUTES = ("sex", "race", "age")
 META = ["sex", "race", "view", "dataset", "age"]                 # + the 14 labels: the 19 variables (radit §4.2)
-CATS = {"sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}   # DESIGN.md §4
+CATS = {"sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}   # FORMAT.md §5
 
 def var_value(var, s, policy, where, datasets=()):
     """A meta.csv cell -> target, '' missing (NaN, masked): a label '1' 1.0, '0' 0.0, '-1' uncertain as --uncertain
@@ -625,7 +625,7 @@ def read_png(path, size):
     with Image.open(path) as im:
         wide, a = im.mode.startswith("I"), np.asarray(im)          # I;16 / I: 16-bit greyscale
     a = (a[..., :3].mean(-1) if a.ndim == 3 else a).astype(np.float32) / (65535.0 if wide else 255.0)
-    (h, w), s = a.shape, max(a.shape)                            # aspect-preserving pad to square, as DESIGN.md §4
+    (h, w), s = a.shape, max(a.shape)                            # aspect-preserving pad to square, as FORMAT.md §3
     a = np.pad(a, (((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)))
     return fit(torch.from_numpy(np.ascontiguousarray(a))[None, None], size)[0]
 

@@ -20,7 +20,7 @@ Commands:
     python flow_scm.py counterfactual --ckpt runs/scm --data data/phantom --set "sex=F" --out profiles.csv
     python flow_scm.py counterfactual --ckpt runs/scm --data data/phantom --interventions E/meta.csv --out cf.csv
     python flow_scm.py evaluate --ckpt runs/scm --data data/phantom                   # vs the phantom's true SCM
-The counterfactual CSV has the rows of meta.csv (same ids, DESIGN.md §4 schema) with the counterfactual profile, ready
+The counterfactual CSV has the rows of meta.csv (same ids, FORMAT.md §2 schema) with the counterfactual profile, ready
 for `rectified_flow.py edit --profile profiles.csv`. With --interventions (an edit plan: `id, source_id,
 intervention` per row, as `rectified_flow.py edit --random-edit sex --plan-only --out E/` writes E/meta.csv) each row
 gets the counterfactual of its own intervention, keyed by the plan's id, with `source_id` and `intervention` columns.
@@ -62,7 +62,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # ----------------------------------------------------------------------------------------------------------------
-# Variables, codes and the causal graph (DESIGN.md §4, radit Table 1, App. B.3.1) as data
+# Variables, codes and the causal graph (FORMAT.md §5-§6, radit Table 1, App. B.3.1) as data
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -147,7 +147,7 @@ def n_classes(var, datasets):
 
 
 def encode(var, text, datasets, where=""):
-    """meta.csv string -> code (0 missing; DESIGN.md §4) or age in years (NaN missing)."""
+    """meta.csv string -> code (0 missing; FORMAT.md §5) or age in years (NaN missing)."""
     text = (text or "").strip()
     if var == "age":
         try:
@@ -362,7 +362,7 @@ class FlowSCM(nn.Module):
             if v == "age":
                 self.emb[key(v)] = nn.Sequential(nn.Linear(cfg.fourier, cfg.emb_dim), nn.SiLU(),
                                                  nn.Linear(cfg.emb_dim, cfg.emb_dim))
-            else:       # row 0 is the null embedding of a missing value (DESIGN.md §4)
+            else:       # row 0 is the null embedding of a missing value (FORMAT.md §5)
                 self.emb[key(v)] = nn.Embedding(self.dims[v] + 1, cfg.emb_dim)
         if "age" in self.used:
             self.age_fourier = MPFourier(cfg.fourier)
@@ -578,7 +578,7 @@ def counterfactual_values(model, observed, intervention, solver):
     return cf
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: meta.csv rows -> codes (DESIGN.md §4); deterministic batches in (seed, step), sharded by rank
+# Data: meta.csv rows -> codes (FORMAT.md §5); deterministic batches in (seed, step), sharded by rank
 
 
 def read_rows(data_dir):
@@ -591,7 +591,7 @@ def read_rows(data_dir):
         rows, columns = list(reader), list(reader.fieldnames or [])
     missing = [c for c in VARIABLES + ["id"] if c not in columns]
     if missing:
-        raise SystemExit(f"{path}: missing column(s) {missing}; expected the DESIGN.md §4 schema")
+        raise SystemExit(f"{path}: missing column(s) {missing}; expected the FORMAT.md §2 schema")
     return rows, columns
 
 
@@ -634,7 +634,7 @@ def batch_noise(dims, batch, seed, step):
     return noise, torch.rand(batch, len(VARIABLES), generator=g)
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training loop: DDP, EMA, atomic checkpoints, resume, logging, SIGTERM, NaN stop (DESIGN.md §3)
+# Training loop: DDP, EMA, atomic checkpoints, resume, logging, SIGTERM, NaN stop (README.md, Common flags)
 
 
 # --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
@@ -1321,7 +1321,7 @@ def main(argv=None):
     add_config_args(sub.add_parser("train", help="train the flow SCM (default)"))
     p = inference_parser(sub, "sample", "ancestral samples (radit Eq. 9-10) -> cohort.csv")
     p.add_argument("--n", type=int, default=1000, help="rows")
-    p.add_argument("--out", default="cohort.csv", help="output CSV (DESIGN.md §4 columns)")
+    p.add_argument("--out", default="cohort.csv", help="output CSV (FORMAT.md §2 columns)")
     p = inference_parser(sub, "intervene", "samples under do(--set) -> cohort.csv")
     p.add_argument("--set", required=True, help='intervention, e.g. "age=80" or "sex=F,Pneumonia=1"')
     p.add_argument("--n", type=int, default=1000, help="rows")

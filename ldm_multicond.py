@@ -27,7 +27,7 @@ Sample (EMA weights; 16-bit PNGs + meta.csv with the subset used; resumable; sha
         --cfg 4 --steps 75 --out fake/                          # multicond Table 1: L,I,T | L | I | T | L,T | L,I
     python ldm_multicond.py sample --ckpt runs/ldm --cond D/meta.csv --use L,I,T --guide-against I --out fake/
 
-The 17-d label vector (App. A.1; this file's encoding): the 14 labels in DESIGN.md §4 order as 1 positive,
+The 17-d label vector (App. A.1; this file's encoding): the 14 labels in FORMAT.md §5 order as 1 positive,
 0 negative, -1 uncertain, a missing label 0 (as "absent", the paper's coding has no separate missing value);
 age / 100 (missing -> 0); sex F -1, M +1 (missing 0); race ASIAN 1/3, BLACK 2/3, WHITE 1 (missing 0).
 Conditioning image (App. A.1 leaves it open): `--cond-image same-study` takes another image of the same study,
@@ -108,7 +108,7 @@ RAD_DINO = "microsoft/rad-dino"                              # stands in for ELI
 @dataclass
 class Config:
     """Model and training configuration; stored in every checkpoint."""
-    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md §1)")
     out: str = arg("runs/ldm", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
     space: str = arg("auto", "pixel | latent | auto (latent when DATA/latents/<vae>/ exists)")
     vae: str = arg("", "latent folder DATA/latents/<vae> to train on (default: the only one)")
@@ -199,7 +199,7 @@ class InferConfig:
 @dataclass
 class EmbedConfig:
     """Options of `embed-text` and `embed-images`: cache frozen-encoder outputs for every meta.csv row."""
-    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md §1)")
     text_encoder: str = arg(BIOCLINICALBERT, "transformers text encoder: hub id or local folder", only="embed-text")
     image_encoder: str = arg(RAD_DINO, "transformers vision model: hub id or local folder", only="embed-images")
     name: str = arg("", "cache name under DATA/text/ or DATA/images/ (default: from the encoder)")
@@ -770,7 +770,7 @@ def embed(ecfg, kind):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: DESIGN.md §4 datasets (pixels or latents/<vae>/), the 17-d label vector, cached text and image features
+# Data: FORMAT.md §1 datasets (pixels or latents/<vae>/), the 17-d label vector, cached text and image features
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -925,7 +925,7 @@ class CondSource:
 
 
 class MultiCondData:
-    """The training split of a DESIGN.md §4 dataset: images or latents read on demand, and their conditions."""
+    """The training split of a FORMAT.md §1 dataset: images or latents read on demand, and their conditions."""
 
     def __init__(self, cfg, split="train"):
         root = cfg.data

@@ -80,7 +80,7 @@ VERSION = "1.0"
 PREP_VERSION = "2"  # bump when preprocessing changes: it is part of the feature-cache key
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-          "Pneumothorax", "Support Devices"]  # DESIGN.md §4, CheXpert names
+          "Pneumothorax", "Support Devices"]  # FORMAT.md §5, CheXpert names
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ALL_METRICS = ("fd", "kid", "prdc", "diversity", "paired", "conditions", "privacy", "factual")
 RESIZE_MODES = ("antialias", "pytorch-fid", "clean", "tf1")  # Inception input conventions (--resize)
@@ -98,7 +98,7 @@ def arg(default, help):
 @dataclass
 class Config:
     """Every option of an evaluation run (CLI flags are these fields with dashes)."""
-    real: str = arg("data/phantom", "folder of images, or a DESIGN.md §4 dataset folder (meta.csv + shards/)")
+    real: str = arg("data/phantom", "folder of images, or a FORMAT.md §1 dataset folder (meta.csv + shards/)")
     fake: str = arg("", "folder of synthetic images (optionally with meta.csv), or a dataset folder")
     train: str = arg("", "training set for memorisation / privacy search (folder or dataset folder)")
     split: str = arg("test", "rows of the real dataset's meta.csv to use (ignored for plain folders; '' = all)")
@@ -882,14 +882,14 @@ def relative_lpips(d, d_random):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: image folders and DESIGN.md §4 datasets, preprocessing, weights, feature extractors, cache
+# Data: image folders and FORMAT.md §1 datasets, preprocessing, weights, feature extractors, cache
 
 
 def _read_meta(path, need=()):
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if missing := [c for c in need if not rows or c not in rows[0]]:
-        raise SystemExit(f"metrics: {path} lacks the column(s) {missing} (expected the DESIGN.md §4 columns)")
+        raise SystemExit(f"metrics: {path} lacks the column(s) {missing} (expected the FORMAT.md §2 columns)")
     return rows
 
 

@@ -1,7 +1,7 @@
 """rectified_flow.py: RadiT, rectified-flow transformers for chest radiographs (radit §4, §4.2, App. B.2, C.3).
 
 A SiT/DiT transformer with adaLN-Zero, QK-RMSNorm and SwiGLU (radit App. B.2, Table 5), conditioned on the 19
-metadata variables of DESIGN.md §4 (radit §4.2 Eq. 3), trained with the rectified-flow objective (radit Eq. 1:
+metadata variables of FORMAT.md §5 (radit §4.2 Eq. 3), trained with the rectified-flow objective (radit Eq. 1:
 x_t = (1 - t) x_0 + t eps, target v = eps - x_0, logit-normal t with the shift of radit Table 11), sampled with
 Euler, Heun or adaptive Dormand-Prince 5(4) ODE solvers with classifier-free guidance, and used for
 counterfactual editing by abduction (ODE to noise) / action (new metadata) / prediction (ODE back) (radit §5.3).
@@ -27,7 +27,7 @@ Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jso
     python rectified_flow.py --size unet-pixel --dry-run             # 0.366B at 512 px (Table 6 says 0.3B, see PRESETS)
     python rectified_flow.py --size xl --bench --batch-size 16 --compile   # tokens/s, MFU, memory per GPU;
                                        # kernels.attention vs SDPA, eager and compiled (16 = 512 / 32 GPUs)
-Sample (EMA weights; PNGs + meta.csv in the DESIGN.md §4 schema; resumable; sharded under torchrun):
+Sample (EMA weights; PNGs + meta.csv in the FORMAT.md §2 schema; resumable; sharded under torchrun):
     python rectified_flow.py sample --ckpt runs/rf --n 1000 --cond "Cardiomegaly=1,sex=F,age=70,view=PA" \
         --solver euler --steps 50 --cfg 4.0 --out fake/ --seed 0
     python rectified_flow.py sample --ckpt runs/rf --cond data/phantom/meta.csv --out fake/   # one image a row
@@ -43,7 +43,7 @@ counterfactual depends on each row's intervention:
     python rectified_flow.py edit --ckpt runs/rf --data D --interventions E/meta.csv --profile cf.csv --out E/
 (`edit --random-edit sex --out E/` alone edits with the rest of the profile unchanged.) --random-edit is one of sex,
 race, age, view, dataset, finding (rules in `random_edit`); the N test rows and their edits are a function of --seed.
-E/ holds <id>.png (16-bit), <id>_grid.png and meta.csv: the DESIGN.md §4 columns with the full new profile, id = the
+E/ holds <id>.png (16-bit), <id>_grid.png and meta.csv: the FORMAT.md §2 columns with the full new profile, id = the
 source id, plus `source_id` and `intervention` ("sex=F", "Pleural Effusion=1": the --set syntax), which
 `prep_data.py counterfactual --interventions E/meta.csv` and `downstream.py --task edit-eval --edited E` read.
 
@@ -127,7 +127,7 @@ CXR7 = "MIMIC-CXR,CheXpert-Plus,ReXGradient-160K,PadChest,VinDr-CXR,ChestX-ray14
 @dataclass
 class Config:
     """Model and training configuration; stored in every checkpoint."""
-    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md §1)")
     out: str = arg("runs/rf", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
     space: str = arg("auto", "pixel | latent | auto (latent when DATA/latents/<vae>/ exists)")
     vae: str = arg("", "latent folder DATA/latents/<vae> to train on (default: the only one)")
@@ -815,7 +815,7 @@ def solve(f, x, t0, t1, solver="dopri5", steps=50, rtol=1e-5, atol=1e-5, shift=1
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: the 19 metadata codes (DESIGN.md §4, radit §4.2), pixel or latent datasets, per-rank batches
+# Data: the 19 metadata codes (FORMAT.md §5, radit §4.2), pixel or latent datasets, per-rank batches
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -829,7 +829,7 @@ META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "se
 
 
 def encode_row(row, datasets, where):
-    """A meta.csv-style dict (values as in DESIGN.md §4) -> the 19 codes; missing keys are missing values."""
+    """A meta.csv-style dict (values as in FORMAT.md §5) -> the 19 codes; missing keys are missing values."""
     out = []
     for var in VARIABLES:
         s = str(row.get(var) or "").strip()
@@ -923,7 +923,7 @@ def latent_info(folder):
 
 
 class CXRData:
-    """One split of a DESIGN.md §4 dataset: 19 codes per row in memory, pixels or latents read on demand."""
+    """One split of a FORMAT.md §1 dataset: 19 codes per row in memory, pixels or latents read on demand."""
 
     def __init__(self, root, space="auto", vae="", split="train"):
         if space not in ("auto", "pixel", "latent"):

@@ -18,7 +18,7 @@ Encode a whole dataset for the latent models, decode any latent file:
     python vae.py encode --ckpt runs/vae --data data/phantom --name radvae       # -> data/phantom/latents/radvae/
     python vae.py decode --latents samples.safetensors --decoder data/phantom/latents/radvae --out pngs/
 
-Latent folder (DESIGN.md §4), D/latents/<name>/, read by rectified_flow.py, dit_text2img.py, controlnet.py,
+Latent folder (FORMAT.md §7), D/latents/<name>/, read by rectified_flow.py, dit_text2img.py, controlnet.py,
 ldm_multicond.py:
     info.json   {"format_version": 1, "vae": name, "vae_id": fingerprint of the weights, "shape": [C, h, w],
                  "mean": [C], "std": [C] (per channel, over the train-split rows), "image_size": S,
@@ -103,7 +103,7 @@ def build_parser(cls, prog, doc, only=None):
 @dataclass
 class Config:
     """Model and training configuration; stored in every checkpoint."""
-    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md §1)")
     out: str = arg("runs/vae", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
     size: str = arg("tiny", "preset: tiny | radvae (radit Table 4: 128 x [1,2,3,4], 3 blocks, ~88M)")
     channels: int = arg(16, "model channels of the first stage (radit Table 4: 128)")
@@ -158,7 +158,7 @@ ARCH = ("channels", "mults", "blocks", "latent_channels", "head_channels", "res_
 class InferConfig:
     """Options of the `evaluate`, `encode` and `decode` subcommands (the model's config comes from the checkpoint)."""
     ckpt: str = arg("runs/vae", "run folder or checkpoint file (EMA weights are used)", only="evaluate,encode")
-    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)", only="evaluate,encode")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md §1)", only="evaluate,encode")
     split: str = arg("test", "meta.csv split to evaluate ('' = all rows)", only="evaluate")
     n: int = arg(0, "evaluate at most this many images (0: all of the split)", only="evaluate")
     fd_features: str = arg("raddino", "feature space of the reconstruction FD (metrics.py name; 'none' skips it)",
@@ -459,7 +459,7 @@ def bicubic_baseline(img, f):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: DESIGN.md §4 datasets (uint16 image shards); per-rank slices of a seeded permutation
+# Data: FORMAT.md §1 datasets (uint16 image shards); per-rank slices of a seeded permutation
 
 
 def generator(*keys, device="cpu"):
@@ -476,7 +476,7 @@ def read_json(path, what):
 
 
 class CXRData:
-    """One split of a DESIGN.md §4 dataset: meta.csv rows in memory, uint16 pixels read on demand."""
+    """One split of a FORMAT.md §1 dataset: meta.csv rows in memory, uint16 pixels read on demand."""
 
     def __init__(self, root, split="train", factor=8):
         path = os.path.join(root, "meta.csv")
@@ -1186,7 +1186,7 @@ def write_decoders(folder, cfg, model, name, side):
 
 
 def encode(icfg):
-    """Posterior means of every meta.csv row -> DATA/latents/<name>/ (DESIGN.md §4); resumable, shards per rank."""
+    """Posterior means of every meta.csv row -> DATA/latents/<name>/ (FORMAT.md §7); resumable, shards per rank."""
     cfg, model, rank, world, device, step = load_for_inference(icfg)
     f = factor_of(cfg)
     data = CXRData(icfg.data, "", f)

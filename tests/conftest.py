@@ -23,7 +23,7 @@ def _make_phantom(tmp_path_factory, name, n, size):
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
-    """A small phantom dataset (512 images, 32 px, with masks) in the DESIGN.md §4 format, made once per run."""
+    """A small phantom dataset (512 images, 32 px, with masks) in the FORMAT.md format, made once per run."""
     return _make_phantom(tmp_path_factory, "phantom32", 512, 32)
 
 

@@ -1,4 +1,4 @@
-"""The canonical training skeleton (DESIGN.md §2, §3): each piece between `# --- skeleton: NAME ---` and
+"""The canonical training skeleton (README.md, Common flags): each piece between `# --- skeleton: NAME ---` and
 `# --- end skeleton: NAME ---` is copied, marked the same way, into every training script that uses it, because the
 scripts import nothing from each other. tests/check_copies.py fails when a copy differs from this file, and
 `python tests/check_copies.py --fix` rewrites the copies from it: change a piece here, then run the fix.

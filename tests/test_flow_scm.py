@@ -1,4 +1,4 @@
-"""Tests of flow_scm.py (radit §4.3, App. B.3) against independent references: the graph of DESIGN.md §4 written out
+"""Tests of flow_scm.py (radit §4.3, App. B.3) against independent references: the graph of FORMAT.md §6 written out
 here by hand, closed-form ODE solutions, float64 re-computations, and the phantom's ground-truth SCM in prep_data.py
 (tests may import it; flow_scm.py may not). Tiny widths, a few hundred steps, CPU; about 1 minute on 2 idle cores."""
 import csv
@@ -30,7 +30,7 @@ def one_thread():
 
 
 def write_phantom_meta(out, seeds):
-    """meta.csv (DESIGN.md §4 schema + seed) and info.json of a phantom, straight from prep_data's SCM (no images)."""
+    """meta.csv (FORMAT.md §2 schema + seed) and info.json of a phantom, straight from prep_data's SCM (no images)."""
     vals = pd.sample_scm(seeds)
     obs, split = pd.observe(vals, seeds), pd.phantom_split(seeds)
     rows = []
@@ -70,7 +70,7 @@ def phantom(tmp_path_factory):
 
 # ---- graph ---------------------------------------------------------------------------------------------------------
 
-TABLE1 = {   # DESIGN.md §4 / radit Table 1, transcribed independently of flow_scm.GRAPH
+TABLE1 = {   # FORMAT.md §6 / radit Table 1, transcribed independently of flow_scm.GRAPH
     "Atelectasis": {"Pleural Effusion", "Pneumonia"}, "Cardiomegaly": {"age", "race", "sex"},
     "Consolidation": {"Pneumonia"}, "Edema": {"age", "race", "sex"}, "Enlarged Cardiomediastinum": {"Cardiomegaly"},
     "Fracture": {"age", "sex"}, "Lung Lesion": {"Lung Opacity"},

@@ -495,7 +495,7 @@ def test_xrv_documented_resizer_against_float64_reimplementation():
 
 
 def _write_dataset(root, imgs, rows):
-    """A DESIGN.md §4 dataset: meta.csv + shards/00000.safetensors (uint16 [N,1,S,S])."""
+    """A FORMAT.md §1 dataset: meta.csv + shards/00000.safetensors (uint16 [N,1,S,S])."""
     os.makedirs(os.path.join(root, "shards"), exist_ok=True)
     save_file({"images": imgs}, os.path.join(root, "shards", "00000.safetensors"))
     cols = ["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + M.LABELS + [

@@ -18,8 +18,8 @@ import prep_data as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The parents of each finding as DESIGN.md §4 lists them (radit Table 1), written out independently of prep_data.
-DESIGN_PARENTS = {
+# The parents of each finding as FORMAT.md §6 lists them (radit Table 1), written out independently of prep_data.
+FORMAT_PARENTS = {
     "Atelectasis": {"Pleural Effusion", "Pneumonia"}, "Cardiomegaly": {"age", "race", "sex"},
     "Consolidation": {"Pneumonia"}, "Edema": {"age", "race", "sex"},
     "Enlarged Cardiomediastinum": {"Cardiomegaly"}, "Fracture": {"age", "sex"}, "Lung Lesion": {"Lung Opacity"},
@@ -62,11 +62,11 @@ def stated_probability(var, values):
 
 def test_graph_matches_design():
     for var in P.VARIABLES:
-        assert set(P.scm_parents(var)) == DESIGN_PARENTS[var], var
+        assert set(P.scm_parents(var)) == FORMAT_PARENTS[var], var
     order = P.topological_order()
     assert sorted(order) == sorted(P.VARIABLES)
     for var in P.VARIABLES:
-        for parent in DESIGN_PARENTS[var]:
+        for parent in FORMAT_PARENTS[var]:
             assert order.index(parent) < order.index(var)
 
 
@@ -224,7 +224,7 @@ def test_true_counterfactual_identity_and_descendants(phantom64_dir):
     def descendants(var):
         out, frontier = set(), {var}
         while frontier:
-            frontier = {c for c, ps in DESIGN_PARENTS.items() if ps & frontier} - out
+            frontier = {c for c, ps in FORMAT_PARENTS.items() if ps & frontier} - out
             out |= frontier
         return out
 
@@ -261,7 +261,7 @@ def test_writer_reader_round_trip(tmp_path):
                                                                ("csv", "safetensors")]
     with open(os.path.join(out, "meta.csv"), newline="") as f:
         header = next(csv.reader(f))
-    assert header == P.META_COLUMNS + P.PHANTOM_COLUMNS               # DESIGN.md §4 columns, in order
+    assert header == P.META_COLUMNS + P.PHANTOM_COLUMNS               # FORMAT.md §2 columns, in order
     meta = P.read_meta(out)
     direct_rows, direct_images, direct_masks = P.phantom_rows_and_pixels(np.arange(50) + 30_000_000, 32)
     assert np.array_equal(P.load_pixels(out, meta), direct_images)
