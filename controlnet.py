@@ -518,8 +518,9 @@ def diffusion_loss(model, sched, x0, eps, t, text, lengths, drop, cond, keep, pr
 
 def guided_eps(model, sched, x, t, text, lengths, cond, scale=4.0, cond_scale=0.0, pred="eps"):
     """e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C)) on EVERY channel (README.md,
-    Common flags): the condition stays in both text branches (PixArt-alpha ControlNet sampling); the third branch, with the
-    adapter's residuals zeroed, exists only when w_c != 0. v-predictions are turned into eps (linear, so same)."""
+    Common flags): the condition stays in both text branches (PixArt-alpha ControlNet sampling); the third branch,
+    with the adapter's residuals zeroed, exists only when w_c != 0. v-predictions are turned into eps (linear, so
+    same)."""
     B = x.shape[0]
     tt = torch.full((B,), int(t), device=x.device, dtype=torch.long)
     n = 1 + (scale != 1.0) + (cond_scale != 0.0)

@@ -175,8 +175,8 @@ def compile_report(arch, dtype_name, quick):
     print("Attention: a contiguous [2, H, 1024, D] call with the JIT's run-time specialisation (strides in units of "
           "ALIGN elements). cp.async: count / widest copy in bytes; loads: widest plain global load in bytes; "
           "spill: cuobjdump STACK + LOCAL bytes per thread.\n")
-    print("| kernel | shape | config | shared KiB | registers | spill bytes | cp.async | TMA | loads | wgmma | mma.sync "
-          "| fits |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | shape | config | shared KiB | registers | spill bytes | cp.async | TMA | loads | wgmma "
+          "| mma.sync | fits |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     failed = 0
 
     def row(name, shape, config, result):

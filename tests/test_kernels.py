@@ -276,8 +276,11 @@ def test_triton_attention_strided_views_of_a_fused_qkv(run_here, monkeypatch):
     assert not copies
 
 
-@pytest.mark.parametrize("D,dtype,masked,strided", [(16, torch.float32, False, False), (72, torch.bfloat16, True, True),
-                                                     (40, torch.float16, True, False), (160, torch.bfloat16, True, True)])
+TMA_CASES = [(16, torch.float32, False, False), (72, torch.bfloat16, True, True), (40, torch.float16, True, False),
+             (160, torch.bfloat16, True, True)]
+
+
+@pytest.mark.parametrize("D,dtype,masked,strided", TMA_CASES)
 def test_triton_attention_tma_forward_vs_float64(run_here, monkeypatch, D, dtype, masked, strided):
     """The forward's TMA path (tensor descriptors, sm_90+ on a GPU; forced here with KERNELS_TMA=1, which the
     interpreter runs): the same results as float64, with the descriptors' zero fill standing in for the masks."""
