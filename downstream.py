@@ -13,6 +13,9 @@ The papers' experiments, on any prepared dataset and any folder the samplers wri
   DINOv2 with linear / MLP / attention-pooling heads), per-variable ROC-AUC and age MAE (radit §5.3, App. C.4).
 - edit-eval: counterfactual edits scored by that predictor (radit Table 16) and by identity metrics, SSIM, LPIPS,
   rLPIPS, attribute cosine (Table 14, App. C.1 Eq. 13-15); --truth: against the phantom's true counterfactuals.
+- cond-eval: does a conditional sampler draw what it is asked for? That predictor on the samples against their
+  requested conditions (AUROC per finding, accuracy per categorical variable, age MAE), beside real test images
+  (the ceiling) and unconditional samples (--floor). Mask Dice of ControlNet samples stays in controlnet.py evaluate.
 
 Commands (the first word may also be the task):
     python downstream.py --data data/phantom                # CPU, minutes (tiny): = --train real=data/phantom:train
@@ -28,6 +31,8 @@ Commands (the first word may also be the task):
     python downstream.py predict-metadata --train real=data/phantom:train --out runs/pred       # --encoder raddino
     python downstream.py edit-eval --original data/phantom --edited runs/rf/edits --truth data/cf \
         --predictor runs/pred/real/run0 --lpips raddino,dinov2 --out runs/edit-eval          # radit Tables 14, 16
+    python downstream.py cond-eval --samples runs/rf/samples --data data/phantom --predictor runs/pred/real/run0 \
+        --floor runs/rf/uncond --out runs/cond-eval                                         # issue 28
     torchrun --nproc_per_node=8 downstream.py --size densenet121 ...                       # DDP, bf16
 
 Training data: `;` separates experiments (the rows of the table); within one, `,` joins sources `name=folder[:split]`.
@@ -79,12 +84,13 @@ def arg(default, help, only=None):
     """A dataclass field with its CLI help string (`only`: the one task that uses it)."""
     return field(default=default, metadata={"help": help, "only": only})
 
-PM, EE = "predict-metadata", "edit-eval"
+PM, EE, CE = "predict-metadata", "edit-eval", "cond-eval"
 
 @dataclass
 class Config:
     """Experiment, model and training configuration; stored in every checkpoint."""
-    task: str = arg("classify", "classify | pretrain-finetune | fairness | segment | predict-metadata | edit-eval")
+    task: str = arg("classify", "classify | pretrain-finetune | fairness | segment | predict-metadata | edit-eval | "
+                    "cond-eval")
     data: str = arg("data/phantom", "dataset folder (FORMAT.md); without --train, the source real=DATA:train")
     train: str = arg("", "experiments separated by ';', each name=folder[:split] sources by ','; '': real=DATA:train")
     val: str = arg("", "validation set (early stopping, thresholds); '': the first source's val split, or 10%% of it")
@@ -136,7 +142,10 @@ class Config:
     original: str = arg("", "dataset of the source images (matched by id)", only=EE)
     edited: str = arg("", "folder of edited images: <id>.png, meta.csv with intervention + new profile", only=EE)
     truth: str = arg("", "dataset of the true counterfactuals (prep_data.py counterfactual)", only=EE)
-    predictor: str = arg("", "run folder of predict-metadata", only=EE)
+    predictor: str = arg("", "run folder of predict-metadata (edit-eval, cond-eval; cond-eval also takes --ckpt)")
+    samples: str = arg("", "folder of conditional samples: <id>.png, meta.csv with the requested conditions", only=CE)
+    floor: str = arg("", "folder of unconditional samples (the floor), paired with --samples' rows by order; '': none",
+                     only=CE)
     lpips: str = arg("raddino", "feature spaces of the LPIPS-style distance (radit Eq. 13); '': none", only=EE)
     weights_dir: str = arg("", "local folder of pretrained transformers weights (offline use)")
     allow_random_weights: bool = arg(False, "random encoder weights when none are found (smoke tests only)")
@@ -160,7 +169,7 @@ PRESETS = {"tiny": dict(arch="tiny", width=16, img_size=0, batch_size=64, lr=3e-
            "densenet121": dict(_BIG, arch="densenet121"), "resnet50": dict(_BIG, arch="resnet50"),
            "unet": dict(_BIG, arch="unet", width=32, img_size=256, batch_size=32, lr=1e-3, max_steps=10000)}
 SAFE = re.compile(r"[^A-Za-z0-9_.+-]")                          # run-folder names from row names
-TASKS = ("classify", "pretrain-finetune", "fairness", "segment", "predict-metadata", "edit-eval")
+TASKS = ("classify", "pretrain-finetune", "fairness", "segment", "predict-metadata", "edit-eval", "cond-eval")
 NO_AUG = dict(rotate=0.0, intensity=0.0, warmup=100)     # radit App. C.4: predictors trained without augmentation
 
 def build_parser(cls, prog, doc):
@@ -370,7 +379,7 @@ ARCHS = {"tiny": TinyCNN, "densenet121": DenseNet121, "resnet50": ResNet50, "une
 HEADS = ("classifier.", "fc.", "head.")                           # replaced when the label set differs
 
 def build_model(cfg, n_out):
-    return MetadataPredictor(cfg) if cfg.task in (PM, EE) else ARCHS[cfg.arch](
+    return MetadataPredictor(cfg) if cfg.task in (PM, EE, CE) else ARCHS[cfg.arch](
         n_out, **({"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}))
 
 # Old torchvision DenseNet checkpoints (densenet121-a639ec97.pth) spell 'norm.1' for 'norm1' (torchvision's remap).
@@ -1196,7 +1205,7 @@ def bench(cfg):
 
 def resolve_labels(cfg):
     """--labels: CheXpert labels; for predict-metadata any of the 19 variables ('': all, radit Table 16's order)."""
-    allowed = META + LABELS if cfg.task in ("predict-metadata", "edit-eval") else LABELS
+    allowed = META + LABELS if cfg.task in (PM, EE, CE) else LABELS
     by_lower, out = {lab.lower(): lab for lab in allowed}, []
     for name in (n.strip() for n in cfg.labels.split(",") if n.strip()):
         if name.lower() not in by_lower:
@@ -1612,11 +1621,92 @@ def task_edit_eval(cfg):
                                 "variable predicted as set (age: MAE)", effect, V, ("hit", "n"))
     return finish(cfg, rank, {"identity": ident, "effectiveness": effect}, md, {"variables": V, "predictor": path})
 
+def sample_source(spec, cfg, flag):
+    """A folder of samples as a Source; a PNG folder must hold <id>.png for every meta.csv id (one-line errors)."""
+    folder = spec.rstrip("/")
+    if os.path.isfile(meta := os.path.join(folder, "meta.csv")) and not os.path.isdir(os.path.join(folder, "shards")):
+        with open(meta, newline="") as f:
+            ids = [r.get("id") or "" for r in csv.DictReader(f)]
+        lacking = [i for i in ids if not os.path.isfile(os.path.join(folder, f"{i}.png"))]
+        if ids and len(lacking) == len(ids):
+            raise SystemExit(f"{flag} {folder}: no PNGs for its {len(ids)} meta.csv rows; expected <id>.png per row "
+                             f"(a sampler's output folder)")
+        if lacking:
+            raise SystemExit(f"{meta}: {len(lacking)} of {len(ids)} ids have no PNG (e.g. {lacking[:3]}); expected "
+                             f"<id>.png per row")
+    return Source(f"{flag[2:]}={spec}", cfg)
+
+def requested(src, variables, policy, datasets):
+    """[n, V] values requested in a folder's meta.csv; NaN where missing (or uncertain, under --uncertain ignore)."""
+    where = f"{src.folder}/meta.csv row"
+    return np.array([[var_value(v, r.get(v), policy, f"{where} {r['id']} {v}", datasets) if v in src.columns
+                      else math.nan for v in variables] for r in src.rows], np.float64).reshape(-1, len(variables))
+
+def cond_scores(y, p, variables, sizes):
+    """Per variable, the predictor's scores p (activate) against requested values y (NaN skipped): AUROC of
+    P(finding = 1) for the findings, accuracy of the predicted class for categorical variables, age MAE (years)."""
+    res, o = {}, 0
+    for j, (v, k) in enumerate(zip(variables, sizes)):
+        t, s, o = y[:, j], p[:, o:o + k], o + k
+        ok = ~np.isnan(t)
+        if not ok.any():
+            res[v] = None
+        elif v == "age":
+            res[v] = float(np.abs(s[ok, 0] - t[ok]).mean())
+        elif v in LABELS:
+            res[v] = a if (a := auroc(t[ok] == 1, s[ok, 1])) == a else None       # one class requested: None
+        else:
+            res[v] = float((s[ok].argmax(1) == t[ok]).mean())
+    return res
+
+def task_cond_eval(cfg):
+    """Issue 28: how often conditional samples show what they were asked for. The predict-metadata predictor on
+    --samples against their meta.csv conditions, beside real test images with their own labels (the ceiling) and
+    unconditional samples (--floor) paired row by row with the samples' requested conditions (the floor)."""
+    pred_run = cfg.predictor or cfg.ckpt
+    if not (cfg.samples and pred_run):
+        raise SystemExit("cond-eval: expected --samples S --predictor PRED_RUN (or --ckpt), optionally --data D "
+                         "(its test split: the ceiling; or --test) and --floor UNCOND")
+    rank, _, device = setup_distributed(cfg.device)
+    model, saved, path = load_classifier(pred_run, "predictor")
+    model, V = model.to(device), model.variables
+    cfg.labels, cfg.datasets, cfg.uncertain = saved.labels, saved.datasets, saved.uncertain
+    names = cfg.datasets.split(",")
+    S = sample_source(cfg.samples, cfg, "--samples")
+    y = requested(S, V, cfg.uncertain, names)
+    asked = [v for j, v in enumerate(V) if v in S.columns and (~np.isnan(y[:, j])).any()]
+    if not asked:
+        raise SystemExit(f"{S.folder}/meta.csv: no requested value of the predictor's variables {V}; expected "
+                         f"the conditions the sampler was given (FORMAT.md §2 columns)")
+    real = parse_sources(cfg.test or f"real={cfg.data}:test", cfg, "test", "--test")
+    sets = {"samples": (S, y), "real test (ceiling)": (real[0], requested(real[0], V, cfg.uncertain, names))}
+    if cfg.floor:
+        U = sample_source(cfg.floor, cfg, "--floor")
+        m = min(len(U), len(S))                                  # unconditional image i against request i
+        sets["unconditional (floor)"] = (U.subset(range(m)), y[:m])
+    scores = {k: cond_scores(t, predict(model, Pool([s], cfg, [], saved.img_size), cfg, device), V, model.sizes)
+              for k, (s, t) in sets.items()}
+    n = {v: int((~np.isnan(y[:, V.index(v)])).sum()) for v in asked}
+    results = {v: {"metric": "MAE (years)" if v == "age" else "AUROC" if v in LABELS else "accuracy",
+                   **{k: scores[k][v] for k in sets}, "n": n[v], "skipped": len(S) - n[v],
+                   **({"majority rate": float(Counter(y[~np.isnan(y[:, V.index(v)]), V.index(v)]).most_common(1)[0][1]
+                                              / n[v])} if v not in LABELS and v != "age" else {})} for v in asked}
+    rows = {k: {v: scores[k][v] for v in asked} for k in sets}
+    rows.update({"requested (n)": n, "skipped (missing, uncertain)": {v: len(S) - n[v] for v in asked},
+                 "majority rate": {v: r.get("majority rate") for v, r in results.items()}})
+    md = metadata_table(f"Conditioning: the predictor on {S.folder} against its requested conditions (AUROC for the "
+                        f"findings, accuracy for sex / race / view / dataset, age MAE in years)", rows, asked)
+    if S.kind == "png" and any(os.path.isfile(os.path.join(S.folder, f"{r['id']}_mask.png")) for r in S.rows[:8]):
+        md += "\n\nMask pairs found: their Dice against the requested masks is controlnet.py evaluate's (not here)."
+    return finish(cfg, rank, results, md, {"variables": asked, "predictor": path, "n_samples": len(S),
+                                           "sets": {k: s.folder for k, (s, _) in sets.items()}})
+
 # ----------------------------------------------------------------------------------------------------------------
 # main: task dispatch (classify is the default)
 
 RUNNERS = {"classify": task_classify, "pretrain-finetune": task_pretrain_finetune, "fairness": task_fairness,
-           "segment": task_segment, "predict-metadata": task_predict_metadata, "edit-eval": task_edit_eval}
+           "segment": task_segment, "predict-metadata": task_predict_metadata, "edit-eval": task_edit_eval,
+           "cond-eval": task_cond_eval}
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)

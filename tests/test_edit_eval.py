@@ -256,3 +256,117 @@ def test_frozen_encoder_predictor(setup, phantom_dir, tmp_path):
     e = model.embed(x)
     assert e.shape == (3, 3, 64)
     np.testing.assert_allclose(D.attribute_cosine(e.detach(), e.detach(), model.variables, [[]] * 3), 1.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cond-eval (issue 28): the predictor on samples against their requested conditions, beside real test images
+
+COND_VARS = "sex,view,dataset,age,Cardiomegaly,Pleural Effusion,Support Devices"
+
+
+def write_samples(phantom, folder, rows, meta_rows):
+    """A sampler-style folder: the phantom images of `rows` as 16-bit <id>.png, meta.csv = meta_rows."""
+    os.makedirs(folder)
+    for r, m in zip(rows, meta_rows):
+        with safe_open(os.path.join(phantom, "shards", f"{int(r['shard']):05d}.safetensors"), "numpy") as f:
+            Image.fromarray(f.get_tensor("images")[int(r["index"]), 0]).save(os.path.join(folder, f"{m['id']}.png"))
+    with open(os.path.join(folder, "meta.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(meta_rows[0]))
+        w.writeheader()
+        w.writerows(meta_rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cond(phantom_dir, tmp_path_factory):
+    """A predictor of 7 variables (200 tiny steps, ~5 s) and three folders: real val + test images with their own
+    rows (R), the same images with their rows shuffled (X), and train images with no conditions (U, the floor)."""
+    root = tmp_path_factory.mktemp("cond")
+    D.main(["predict-metadata", "--train", f"real={phantom_dir}:train", "--labels", COND_VARS, "--width", "8",
+            "--batch-size", "32", "--max-steps", "200", "--eval-every", "100", "--out", str(root / "pred")])
+    rows = list(csv.DictReader(open(os.path.join(phantom_dir, "meta.csv"))))
+    held, train = [r for r in rows if r["split"] != "train"], [r for r in rows if r["split"] == "train"]
+    perm = np.random.default_rng(0).permutation(len(held))
+    return {"pred": str(root / "pred" / "real" / "run0"), "rows": held,
+            "R": write_samples(phantom_dir, str(root / "R"), held, held),
+            "X": write_samples(phantom_dir, str(root / "X"), held,
+                               [{**held[int(p)], "id": r["id"]} for r, p in zip(held, perm)]),
+            "U": write_samples(phantom_dir, str(root / "U"), train[:len(held)],
+                               [{"id": f"u{k}"} for k in range(len(held))])}
+
+
+def pairwise_auroc(y, s):
+    """P(s_pos > s_neg) + P(tie) / 2 over all positive-negative pairs, float64."""
+    pos, neg = s[y == 1].astype(np.float64), s[y == 0].astype(np.float64)
+    d = pos[:, None] - neg[None, :]
+    return float(((d > 0) + 0.5 * (d == 0)).mean())
+
+
+def test_cond_eval_real_near_ceiling_shuffled_near_chance(cond, phantom_dir, tmp_path):
+    base = ["cond-eval", "--data", phantom_dir, "--predictor", cond["pred"], "--device", "cpu"]
+    real = D.main(base + ["--samples", cond["R"], "--floor", cond["U"], "--out", str(tmp_path / "r")])
+    shuf = D.main(base + ["--samples", cond["X"], "--out", str(tmp_path / "x")])
+    md = open(tmp_path / "r" / "results.md").read()
+    assert "| samples |" in md and "| real test (ceiling) |" in md and "| unconditional (floor) |" in md
+    assert "| skipped (missing, uncertain) |" in md and "|  | Sex | View | Dataset | Age MAE | Crm | Ple | Sdv |" in md
+    assert json.load(open(tmp_path / "r" / "results.json"))["results"] == json.loads(json.dumps(D.clean(real)))
+    ceil = {v: r["real test (ceiling)"] for v, r in real.items()}
+    assert ceil["dataset"] > 0.8 and ceil["Support Devices"] > 0.8 and ceil["Pleural Effusion"] > 0.7
+    for v in ("view", "dataset", "Cardiomegaly", "Pleural Effusion", "Support Devices"):   # what the predictor reads
+        assert abs(real[v]["samples"] - ceil[v]) < 0.12, v                # real images as samples: at the ceiling
+        assert shuf[v]["samples"] < ceil[v] - 0.15, v                     # shuffled requests: the metric fails them
+    for v in ("Cardiomegaly", "Pleural Effusion", "Support Devices"):
+        assert abs(shuf[v]["samples"] - 0.5) < 0.2 and abs(real[v]["unconditional (floor)"] - 0.5) < 0.2, v
+    for v in ("sex", "view", "dataset"):
+        assert shuf[v]["samples"] <= shuf[v]["majority rate"] + 0.1, v
+    assert shuf["age"]["samples"] > real["age"]["samples"] + 2
+    # skipped = empty cells in meta.csv; the metrics recomputed here from the PNGs and the checkpoint
+    rows, names = cond["rows"], ["phantom-a", "phantom-b", "phantom-c"]
+    model, saved, _ = D.load_classifier(cond["pred"], "predictor")
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(cond["R"], f"{r['id']}.png")), np.float64)
+                                      / 65535)[None].float() for r in rows])
+    with torch.no_grad():
+        out = model.eval()((x - 0.449) / 0.226).double().split(model.sizes, 1)
+    for j, v in enumerate(model.variables):
+        cells = [r[v] for r in rows]
+        assert real[v]["skipped"] == sum(c == "" for c in cells) + sum(c == "-1" for c in cells), v
+        keep = [i for i, c in enumerate(cells) if c not in ("", "-1")]
+        if v == "age":
+            mae = np.abs(out[j][keep, 0].numpy() * 20 + 60 - np.array([float(cells[i]) for i in keep])).mean()
+            assert real[v]["samples"] == pytest.approx(mae, abs=1e-4)
+        elif v in D.LABELS:
+            p1 = out[j].softmax(1)[keep, 1].numpy()
+            assert real[v]["samples"] == pytest.approx(pairwise_auroc(np.array([int(cells[i]) for i in keep]), p1),
+                                                       abs=1e-9), v
+        else:
+            classes = {"sex": ["F", "M"], "view": ["PA", "AP", "LATERAL"], "dataset": names}[v]
+            acc = np.mean([int(out[j][i].argmax()) == classes.index(cells[i]) for i in keep])
+            assert real[v]["samples"] == pytest.approx(acc, abs=1e-12), v
+
+
+def test_cond_eval_bad_input(cond, phantom_dir, tmp_path):
+    nometa, nopng, holes = tmp_path / "nometa", tmp_path / "nopng", tmp_path / "holes"
+    os.makedirs(nometa)
+    os.symlink(os.path.join(cond["R"], f"{cond['rows'][0]['id']}.png"), nometa / "a.png")
+    os.makedirs(nopng)
+    os.symlink(os.path.join(cond["R"], "meta.csv"), nopng / "meta.csv")
+    os.makedirs(holes)
+    os.symlink(os.path.join(cond["R"], "meta.csv"), holes / "meta.csv")
+    for r in cond["rows"][1:]:
+        os.symlink(os.path.join(cond["R"], f"{r['id']}.png"), holes / f"{r['id']}.png")
+    classifier = tmp_path / "clf"
+    D.main(["--train", f"real={phantom_dir}:val", "--labels", "Edema", "--width", "4", "--batch-size", "8",
+            "--max-steps", "1", "--eval-every", "1", "--out", str(classifier)])
+    base = ["cond-eval", "--data", phantom_dir, "--out", str(tmp_path / "o")]
+    ok = ["--predictor", cond["pred"]]
+    cases = [(["--samples", str(nometa)] + ok, "meta.csv: no such file"),
+             (["--samples", str(nopng)] + ok, "no PNGs for its"),
+             (["--samples", str(holes)] + ok, f"1 of {len(cond['rows'])} ids have no PNG"),
+             (["--samples", cond["R"], "--ckpt", str(classifier / "real" / "run0")], "expected a predict-metadata"),
+             (["--samples", cond["U"]] + ok, "no requested value of the predictor's variables"),
+             (["--samples", cond["R"], "--floor", str(nopng)] + ok, "--floor"),
+             (["--samples", cond["R"]], "expected --samples S --predictor")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            D.main(base + argv)
+        assert msg in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
