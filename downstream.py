@@ -19,7 +19,8 @@ The papers' experiments, on any prepared dataset and any folder the samplers wri
 
 Commands (the first word may also be the task):
     python downstream.py --data data/phantom                # CPU, minutes (tiny): = --train real=data/phantom:train
-    python downstream.py --train "real=data/mimic:train; syn=runs/rf/samples; real=data/mimic:train,syn=runs/rf/samples" \
+    python downstream.py \
+        --train "real=data/mimic:train; syn=runs/rf/samples; real=data/mimic:train,syn=runs/rf/samples" \
         --mix 1:1 --test "mimic=data/mimic:test,chexpert=data/chexpert:test" --size densenet121 --runs 5 \
         --init imagenet:densenet121-a639ec97.pth --out runs/utility                        # multicond Tables 1, 3
     python downstream.py pretrain-finetune --train syn=runs/rf/samples --finetune real=data/mimic:train \
@@ -123,7 +124,8 @@ class Config:
     seed: int = arg(0, "seed of the initialisation, data order and augmentation")
     n_boot: int = arg(1000, "bootstrap resamples of the test set for the 95%% CIs")
     finetune: str = arg("", "real data to finetune on", only="pretrain-finetune")
-    fractions: str = arg("0.01,0.1,0.3,0.5,1", "fractions of --finetune data (chexgen Fig. 4)", only="pretrain-finetune")
+    fractions: str = arg("0.01,0.1,0.3,0.5,1", "fractions of --finetune data (chexgen Fig. 4)",
+                         only="pretrain-finetune")
     finetune_lr: float = arg(0.0, "finetuning learning rate (chexgen: 1e-5); 0: --lr", only="pretrain-finetune")
     finetune_steps: int = arg(0, "finetuning steps; 0: --max-steps", only="pretrain-finetune")
     syn_test: str = arg("", "synthetic test cohort (matched to --test) for bias detection", only="fairness")
@@ -383,11 +385,14 @@ def build_model(cfg, n_out):
         n_out, **({"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}))
 
 # Old torchvision DenseNet checkpoints (densenet121-a639ec97.pth) spell 'norm.1' for 'norm1' (torchvision's remap).
-LEGACY_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+LEGACY_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                          r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
 
 def load_imagenet(model, path):
     """A torchvision ImageNet state_dict (.pth, weights_only=True, or .safetensors) into `model`: legacy DenseNet keys
-    remapped, the stem summed over RGB (same response to a grey image copied to 3 channels), the 1000-class head dropped."""
+    remapped, the stem summed over RGB (same response to a grey image copied to 3 channels), the 1000-class head
+    dropped."""
     if not os.path.isfile(path):
         raise SystemExit(f"--init imagenet:{path}: no such file; expected torchvision's ImageNet weights, e.g. "
                          f"https://download.pytorch.org/models/densenet121-a639ec97.pth or resnet50-0676ba61.pth")
@@ -506,7 +511,12 @@ def auroc_table(y, s, n_boot=1000, seed=0):
     with warnings.catch_warnings():                              # all-NaN slices (labels absent) are expected
         warnings.simplefilter("ignore", RuntimeWarning)
         macro_b = np.nanmean(np.where(np.isnan(point), np.nan, boots), 1)
-        ci = lambda v: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] if np.isfinite(v).any() else [None, None]
+
+        def ci(v):
+            if not np.isfinite(v).any():
+                return [None, None]
+            return [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+
         return {"auroc": [None if math.isnan(p) else p for p in point],
                 "auroc_ci": [ci(boots[:, j]) for j in range(len(point))],
                 "macro": float(np.nanmean(point)) if np.isfinite(point).any() else None, "macro_ci": ci(macro_b)}
@@ -532,8 +542,9 @@ def threshold_metrics(y, s, t):
             "weighted_f1": float((f1a[ok] * sup[ok]).sum() / sup[ok].sum()) if ok.any() else None}
 
 def dice_summary(pred, target):
-    """Per-image Dice of bool masks [N, H, W] (1 when both are empty, SIIM-ACR) averaged over all images, over those with
-    foreground (positive Dice) and without (negative Dice), as chexgen reports for pneumothorax (Fig. 3d, Methods)."""
+    """Per-image Dice of bool masks [N, H, W] (1 when both are empty, SIIM-ACR) averaged over all images, over those
+    with foreground (positive Dice) and without (negative Dice), as chexgen reports for pneumothorax (Fig. 3d,
+    Methods)."""
     p, g = pred.reshape(len(pred), -1).astype(bool), target.reshape(len(target), -1).astype(bool)
     inter, tot, has = (p & g).sum(1), p.sum(1) + g.sum(1), g.any(1)
     d = np.where(tot > 0, 2 * inter / np.maximum(tot, 1), 1.0)
@@ -563,7 +574,8 @@ def worst_and_gap(groups, metric):
 
 def pearson(ga, gb, metric):
     """Pearson r, two-sided p (scipy) of a metric over two cohorts' shared subgroups (chexgen Fig. 5c); < 3: None."""
-    common = [g for g in ga if g in gb and ga[g]["ranked"] and gb[g]["ranked"] and None not in (ga[g][metric], gb[g][metric])]
+    common = [g for g in ga if g in gb and ga[g]["ranked"] and gb[g]["ranked"]
+              and ga[g][metric] is not None and gb[g][metric] is not None]
     a, b = [ga[g][metric] for g in common], [gb[g][metric] for g in common]
     if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
         return {"r": None, "p": None, "n": len(a)}
@@ -714,7 +726,8 @@ class Source:
         if self._pix is not None:
             x = self._pix[torch.as_tensor(np.asarray(idx, np.int64))]
         elif self.kind == "png":
-            x = torch.stack([read_png(os.path.join(self.folder, f"{self.rows[int(i)]['id']}.png"), self.size) for i in idx])
+            paths = [os.path.join(self.folder, f"{self.rows[int(i)]['id']}.png") for i in idx]
+            x = torch.stack([read_png(path, self.size) for path in paths])
         else:
             x = self._read("images", idx).to(torch.int32)
         return x.float() / 65535.0 if x.dtype == torch.int32 else x
@@ -814,8 +827,10 @@ class TrainStream:
 
     def rows(self, step):
         """The global batch of a step, shuffled so that every rank's slice mixes the sources."""
-        out = [stream_rows(step, n, c, self.seed * 1000 + k, None if self.weights is None else self.weights[off:off + n])
-               + off for k, (off, n, c) in enumerate(self.parts)]
+        out = []
+        for k, (off, n, c) in enumerate(self.parts):
+            weights = None if self.weights is None else self.weights[off:off + n]
+            out.append(stream_rows(step, n, c, self.seed * 1000 + k, weights) + off)
         return torch.cat(out)[torch.randperm(self.B, generator=generator(self.seed, 5, step))]
 
 def augment(x, g, cfg, m=None):
@@ -1168,7 +1183,12 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
     if world > 1:
         dist.barrier()
     if rank == 0:
-        why = "stopped by SIGTERM" if stopping else f"early-stopped (best step {state['best_step']})" if state["stopped"] else "done"
+        if stopping:
+            why = "stopped by SIGTERM"
+        elif state["stopped"]:
+            why = f"early-stopped (best step {state['best_step']})"
+        else:
+            why = "done"
         print(f"{run_dir}: {why} at step {step}; best validation {state['best']}", flush=True)
     if stopping:                                                 # exit 0 as the other scripts; no further runs
         if rank == 0:
@@ -1195,9 +1215,13 @@ def bench(cfg):
         F.binary_cross_entropy_with_logits(out, torch.zeros_like(out)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
-    ips, mem = 10 * B / (time.time() - times[2]), torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
-    print(f"bench {cfg.arch} at {S} px, batch {B}, {device}: {ips:.1f} img/s" + (f", peak mem {mem:.2f} GB" if mem else ""))
+    mem = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        mem = torch.cuda.max_memory_allocated(device) / 2**30
+    ips = 10 * B / (time.time() - times[2])
+    peak = f", peak mem {mem:.2f} GB" if mem else ""
+    print(f"bench {cfg.arch} at {S} px, batch {B}, {device}: {ips:.1f} img/s{peak}")
     return ips
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1309,7 +1333,8 @@ def roc_plot(path, y, s, labels, title):
         ok, c = ~np.isnan(y[:, j]), tuple(int(255 * v) for v in colorsys.hsv_to_rgb(j / len(labels), 0.9, 0.75))
         fpr, tpr = roc_points(y[ok, j], s[ok, j])
         d.line([(pad + a * W, pad + W - b * W) for a, b in zip(fpr, tpr)], fill=c, width=2)
-        d.text((pad + W + 12, pad + 16 * k), f"{ABBR[labels[j]]} {labels[j][:14]} {auroc(y[ok, j], s[ok, j]):.3f}", fill=c)
+        legend = f"{ABBR[labels[j]]} {labels[j][:14]} {auroc(y[ok, j], s[ok, j]):.3f}"
+        d.text((pad + W + 12, pad + 16 * k), legend, fill=c)
     atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
 
 def write_predictions(path, pool, scores, labels):
@@ -1402,7 +1427,10 @@ def task_eval(cfg):
         raise SystemExit("--eval: expected --test name=folder[:split] and --val (F1 thresholds) besides --ckpt")
     rank, _, device = setup_distributed(cfg.device)
     model, saved, path = load_classifier(cfg.ckpt)
-    cfg.labels, cfg.uncertain, cfg.img_size, labels = saved.labels, saved.uncertain, saved.img_size, resolve_labels(saved)
+    cfg.labels = saved.labels
+    cfg.uncertain = saved.uncertain
+    cfg.img_size = saved.img_size
+    labels = resolve_labels(saved)
     val = Pool(parse_sources(cfg.val, cfg, "val", "--val"), cfg, labels, cfg.img_size)
     tests = {s.name: Pool([s], cfg, labels, cfg.img_size) for s in parse_sources(cfg.test, cfg, "test", "--test")}
     return report_classify(cfg, rank, {os.path.basename(os.path.dirname(os.path.abspath(path))): [
@@ -1410,7 +1438,10 @@ def task_eval(cfg):
 
 def task_pretrain_finetune(cfg):
     """Pretrain on --train, finetune on --fractions of --finetune; baseline: the same from --init (chexgen Fig. 4)."""
-    fractions = [float(f) if re.fullmatch(r"\d*\.?\d+([eE][-+]?\d+)?", f.strip()) else math.nan for f in cfg.fractions.split(",")]
+    number = re.compile(r"\d*\.?\d+([eE][-+]?\d+)?")
+    fractions = []
+    for f in cfg.fractions.split(","):
+        fractions.append(float(f) if number.fullmatch(f.strip()) else math.nan)
     for f in (f for f in fractions if not 0 < f <= 1):           # (NaN, from a non-number, fails the test too)
         raise SystemExit(f"--fractions {cfg.fractions!r}: {f} is outside (0, 1]; expected fractions of the real data")
     if not cfg.finetune:
@@ -1428,7 +1459,8 @@ def task_pretrain_finetune(cfg):
         pre_dir = os.path.join(cfg.out, "pretrain", f"run{k}")
         train(cfg, pool, val, pre_dir, cfg.seed + k, len(labels), init=cfg.init)
         for f, n_all in ((f, len(real_pool)) for f in fractions):
-            keep = np.sort(np.random.default_rng([cfg.seed + k, int(f * 1e6)]).permutation(n_all)[:max(1, round(f * n_all))])
+            order = np.random.default_rng([cfg.seed + k, int(f * 1e6)]).permutation(n_all)
+            keep = np.sort(order[:max(1, round(f * n_all))])
             sub = Pool(split_pool_sources(real_pool, keep), cfg, labels, size)
             for arm, init in (("pretrained", pre_dir), ("baseline", cfg.init)):
                 model = train(cfg, sub, rval_pool, os.path.join(cfg.out, f"{arm}-{f:g}", f"run{k}"), cfg.seed + k,
@@ -1493,7 +1525,8 @@ def task_fairness(cfg):
             if rank == 0:
                 write_predictions(os.path.join(cfg.out, "predictions", f"{arm}_{name}.csv"), pool, p, labels)
             groups = subgroup_metrics(pool.rows, pool.y, p, t, cfg.min_group)
-            overall = {"auroc": auroc_table(pool.y, p, n_boot=0)["macro"], "f1": threshold_metrics(pool.y, p, t)["weighted_f1"]}
+            overall = {"auroc": auroc_table(pool.y, p, n_boot=0)["macro"],
+                       "f1": threshold_metrics(pool.y, p, t)["weighted_f1"]}
             results[arm][name] = {"overall": overall, "groups": groups,
                                   "summary": {fam: worst_and_gap(g, cfg.fair_metric) for fam, g in groups.items()}}
         if "synthetic" in results[arm]:                          # bias detection: do both cohorts rank groups alike?

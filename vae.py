@@ -263,8 +263,12 @@ class Block(nn.Module):
         self.attn_proj = MPConv(cout, cout, 1) if heads else None
 
     def spec(self):
-        return dict(cin=self.conv_skip.weight.shape[1] if self.conv_skip is not None else self.conv_res1.weight.shape[0],
-                    cout=self.conv_res1.weight.shape[0], flavor=self.flavor, resample=self.resample, heads=self.heads)
+        if self.conv_skip is not None:
+            cin = self.conv_skip.weight.shape[1]
+        else:
+            cin = self.conv_res1.weight.shape[0]
+        return dict(cin=cin, cout=self.conv_res1.weight.shape[0], flavor=self.flavor, resample=self.resample,
+                    heads=self.heads)
 
     def forward(self, x):
         if self.resample == "down":                               # EDM2 resample filter [1, 1]: box / nearest
@@ -516,7 +520,9 @@ class CXRData:
         xs = []
         for i in idx:
             r = self.rows[int(i)]
-            xs.append(self._open(self.shard_path(int(r["shard"]))).get_slice(self.key)[int(r["index"]):int(r["index"]) + 1])
+            shard = self._open(self.shard_path(int(r["shard"])))
+            index = int(r["index"])
+            xs.append(shard.get_slice(self.key)[index:index + 1])
         return to_float(torch.cat(xs))
 
 
@@ -549,7 +555,8 @@ def crop(x, size, offsets=None):
 
 def to_uint16(x):
     """[-1, 1] -> uint16 numpy (the inverse of to_float)."""
-    return ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535).to(torch.int32).cpu().numpy().astype(np.uint16)
+    levels = ((x.float().clamp(-1, 1) + 1) * 32768).floor().clamp(0, 65535)
+    return levels.to(torch.int32).cpu().numpy().astype(np.uint16)
 
 
 # --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
@@ -607,6 +614,14 @@ def save_grid(path, images, ncol, labels=()):
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}   # bf16 dense
 
 
+def peak_flops(device):
+    """The device's dense bf16 peak (FLOP/s) from PEAK_FLOPS, or None (CPU, or a GPU not listed): MFU's denominator."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
 # --- skeleton: setup_distributed (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def setup_distributed(device_flag):
     """torchrun -> (rank, world, device) with nccl on CUDA, gloo on CPU; plain python -> one process.
@@ -650,7 +665,8 @@ def resolve(cfg, data=None):
     """Fill what the data decides (the training side) and check the shapes fit the down-sampling factor."""
     f, s = factor_of(cfg), cfg.image_size or (data.shape[-1] if data else 256)
     if s % f or (data and s > data.shape[-1]):
-        raise SystemExit(f"--image-size {s}: expected a multiple of {f}" + (f" of at most the data's {data.shape[-1]} px" if data else ""))
+        limit = f" of at most the data's {data.shape[-1]} px" if data else ""
+        raise SystemExit(f"--image-size {s}: expected a multiple of {f}{limit}")
     if cfg.rec not in ("l1", "l2"):
         raise SystemExit(f"--rec {cfg.rec!r}: expected l1 or l2")
     return Config(**{**asdict(cfg), "image_size": s})
@@ -854,16 +870,17 @@ def train(cfg):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in raw.parameters())
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = peak_flops(device)
     flops = train_flops(raw, cfg.image_size, device) if peak else None
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         write_json(os.path.join(cfg.out, "env.json"), environment(device, world))
         print(json.dumps(asdict(cfg)))
-        print(f"RadVAE-{cfg.size}: {n_params / 1e6:.2f}M parameters, f = {factor_of(cfg)}, {cfg.latent_channels} latent "
-              f"channels, {cfg.image_size} px, perceptual {cfg.perceptual if perceptual else 'none'}, {len(data)} "
-              f"training images, {world} process(es) x {accum} micro-batch(es) of {micro}"
+        print(f"RadVAE-{cfg.size}: {n_params / 1e6:.2f}M parameters, f = {factor_of(cfg)}, "
+              f"{cfg.latent_channels} latent channels, {cfg.image_size} px, "
+              f"perceptual {cfg.perceptual if perceptual else 'none'}, {len(data)} training images, "
+              f"{world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
 
     health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
@@ -957,7 +974,7 @@ def bench(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
     B, n_params, s = cfg.micro_batch or cfg.batch_size, sum(p.numel() for p in model.parameters()), cfg.image_size
     x = torch.rand(B, 1, s, s, device=device) * 2 - 1
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = peak_flops(device)
     flops = train_flops(model, s, device)
     fwd = torch.compile(model) if cfg.compile else model
     print(f"bench RadVAE-{cfg.size}: {n_params / 1e6:.1f}M params, batch {B}, {s} px, {device}"
@@ -975,11 +992,14 @@ def bench(cfg):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return (time.time() - t0) / cfg.bench_steps, (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+        peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        return (time.time() - t0) / cfg.bench_steps, peak_gb
 
     def step():
         with autocast(device):
-            loss = vae_loss(fwd, x, torch.randn(B, cfg.latent_channels, s // factor_of(cfg), s // factor_of(cfg), device=device), cfg)
+            side = s // factor_of(cfg)
+            noise = torch.randn(B, cfg.latent_channels, side, side, device=device)
+            loss = vae_loss(fwd, x, noise, cfg)
         loss[:, 0].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -1042,7 +1062,11 @@ def evaluate(icfg):
         for name, y in outs.items():                             # metrics on [0, 1] images, data_range 1
             y01 = (y + 1) / 2
             res[name]["psnr"].append(torch.atleast_1d(metrics.psnr(x01, y01)))
-            res[name]["ssim"].append(torch.atleast_1d(metrics.ssim(x01, y01)) if x.shape[-1] >= 11 else torch.full((len(x),), float("nan")))
+            if x.shape[-1] >= 11:                  # SSIM's 11-pixel window
+                ssim = torch.atleast_1d(metrics.ssim(x01, y01))
+            else:
+                ssim = torch.full((len(x),), float("nan"))
+            res[name]["ssim"].append(ssim)
             res[name]["fake"].append(y01)
     rows, fd_note = {}, ""
     ex = None
@@ -1056,12 +1080,15 @@ def evaluate(icfg):
     for name, r in res.items():
         fd = None
         if ex is not None:
-            fd = float(metrics.frechet_distance(fr, metrics.extract_features(torch.cat(r["fake"]), ex, batch_size=icfg.batch_size)))
-        rows[name] = {"psnr": float(torch.cat(r["psnr"]).double().mean()), "ssim": float(torch.cat(r["ssim"]).double().mean()),
+            fake = metrics.extract_features(torch.cat(r["fake"]), ex, batch_size=icfg.batch_size)
+            fd = float(metrics.frechet_distance(fr, fake))
+        rows[name] = {"psnr": float(torch.cat(r["psnr"]).double().mean()),
+                      "ssim": float(torch.cat(r["ssim"]).double().mean()),
                       "rfd": fd}
-    out = {"ckpt": icfg.ckpt, "step": step, "data": icfg.data, "split": icfg.split, "n": n, "image_size": data.shape[-1],
-           "fd_features": icfg.fd_features if ex is not None else None, "rows": rows}
-    print(f"| Model | rFD ({icfg.fd_features}) | PSNR | SSIM |   [{n} {icfg.split or 'all'} images, {data.shape[-1]} px, step {step}]")
+    out = {"ckpt": icfg.ckpt, "step": step, "data": icfg.data, "split": icfg.split, "n": n,
+           "image_size": data.shape[-1], "fd_features": icfg.fd_features if ex is not None else None, "rows": rows}
+    print(f"| Model | rFD ({icfg.fd_features}) | PSNR | SSIM |   "
+          f"[{n} {icfg.split or 'all'} images, {data.shape[-1]} px, step {step}]")
     print("|---|---|---|---|")
     for name, r in rows.items():
         label = f"RadVAE-{cfg.size}" if name == "model" else name
@@ -1112,7 +1139,8 @@ def load_radvae_decoder(path, device="cpu"):
             x = mp_sum(conv(x, p + "conv_skip") if b["cin"] != b["cout"] else x, y, spec["res_balance"])
             if b["heads"]:
                 B, C, H, W = x.shape
-                q, k, v = pixel_norm(conv(x, p + "attn_qkv").reshape(B, b["heads"], C // b["heads"], 3, H * W), 2).unbind(3)
+                qkv = conv(x, p + "attn_qkv").reshape(B, b["heads"], C // b["heads"], 3, H * W)
+                q, k, v = pixel_norm(qkv, 2).unbind(3)
                 o = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
                 x = mp_sum(x, conv(o.transpose(-1, -2).reshape(B, C, H, W), p + "attn_proj"), spec["attn_balance"])
             x = x.clamp(-spec["clip_act"], spec["clip_act"])
@@ -1221,7 +1249,8 @@ def encode(icfg):
         z = torch.cat(zs).contiguous()
         atomic_save(path, lambda tmp: save_file({"latents": z}, tmp, metadata=meta))
         done += n
-        print(f"rank {rank}: shard {shard:05d} ({n} images) -> {path}; {done / (time.time() - t0):.1f} img/s", flush=True)
+        rate = done / (time.time() - t0)
+        print(f"rank {rank}: shard {shard:05d} ({n} images) -> {path}; {rate:.1f} img/s", flush=True)
     if world > 1:
         dist.barrier()
     if rank == 0:                                                # stats from the shards themselves (float64)
@@ -1240,13 +1269,15 @@ def encode(icfg):
         mean = s1 / cnt
         std = (s2 / cnt - mean ** 2).clamp_min(0).sqrt()
         write_json(info_path, {"format_version": 1, "vae": icfg.name, "vae_id": vid, "shape": shape,
-                               "mean": mean.tolist(), "std": std.tolist(), "stats_rows": "train" if train_rows is not data.rows else "all",
+                               "mean": mean.tolist(), "std": std.tolist(),
+                               "stats_rows": "train" if train_rows is not data.rows else "all",
                                "image_size": s, "factor": f, "n": len(data), "decoder": "decoder.pt2",
                                "encoder": "encoder.pt2", "decoder_safetensors": "decoder.safetensors",
                                "ckpt": os.path.abspath(icfg.ckpt),
                                "step": step, "dtype": "float32", "posterior": "mean"})
-        print(f"wrote {folder}: {len(data)} latents of shape {shape}, per-channel mean/std over {cnt // (shape[1] * shape[2])} "
-              f"train rows, decoders decoder.safetensors + decoder.pt2, encoder encoder.pt2", flush=True)
+        print(f"wrote {folder}: {len(data)} latents of shape {shape}, per-channel mean/std over "
+              f"{cnt // (shape[1] * shape[2])} train rows, decoders decoder.safetensors + decoder.pt2, "
+              f"encoder encoder.pt2", flush=True)
     return folder
 
 
@@ -1265,7 +1296,8 @@ def find_decoder(icfg):
 def decode(icfg):
     """Latent file -> 16-bit PNGs through decoder.safetensors; rows split across ranks, existing PNGs skipped."""
     if not icfg.latents or not os.path.isfile(icfg.latents):
-        raise SystemExit(f"--latents {icfg.latents!r}: no such file; expected a safetensors file with `latents` [N, C, h, w]")
+        raise SystemExit(f"--latents {icfg.latents!r}: no such file; expected a safetensors file with `latents` "
+                         f"[N, C, h, w]")
     if not icfg.out:
         raise SystemExit("--out: expected the output folder for the PNGs")
     rank, world, device = setup_distributed(icfg.device)
@@ -1284,7 +1316,8 @@ def decode(icfg):
         raise SystemExit(f"{icfg.latents}: latents of another VAE (vae_id {meta['vae_id']}, {meta.get('vae')!r}); "
                          f"the decoder {path} is vae_id {spec['vae_id']} ({spec['vae']!r})")
     if z.ndim != 4 or z.shape[1] != spec["latent_channels"]:
-        raise SystemExit(f"{icfg.latents}: `{key}` has shape {list(z.shape)}; expected [N, {spec['latent_channels']}, h, w]")
+        raise SystemExit(f"{icfg.latents}: `{key}` has shape {list(z.shape)}; "
+                         f"expected [N, {spec['latent_channels']}, h, w]")
     if icfg.normalised:
         info = read_json(os.path.join(os.path.dirname(path), "info.json"), "the latent folder's info.json (mean, std)")
         z = z * torch.tensor(info["std"]).view(1, -1, 1, 1) + torch.tensor(info["mean"]).view(1, -1, 1, 1)
@@ -1321,8 +1354,10 @@ def main(argv=None):
             model = RadVAE(cfg)
         n = sum(p.numel() for p in model.parameters())
         print(json.dumps(asdict(cfg)))
-        print(f"RadVAE-{cfg.size}: {n:,} parameters ({n / 1e6:.1f}M: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f}M, "
-              f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M), f = {factor_of(cfg)}, "
+        n_encoder = sum(p.numel() for p in model.encoder.parameters())
+        n_decoder = sum(p.numel() for p in model.decoder.parameters())
+        print(f"RadVAE-{cfg.size}: {n:,} parameters ({n / 1e6:.1f}M: encoder {n_encoder / 1e6:.1f}M, "
+              f"decoder {n_decoder / 1e6:.1f}M), f = {factor_of(cfg)}, "
               f"{cfg.latent_channels} latent channels")
         return n
     return bench(cfg) if cfg.bench else train(cfg)
