@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -959,12 +960,15 @@ def to_uint16(x):
 # --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def atomic_save(path, save_fn):
     """Write through a temporary file in the same folder, fsync, then os.replace: readers never see half a file and
-    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask)."""
+    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask), set after
+    save_fn has written it. A write that fails (a full disk, a read-only folder, a file where a folder should be)
+    stops with one line naming the file; the previous version of the file is intact."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        os.close(fd)
         save_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -972,10 +976,237 @@ def atomic_save(path, save_fn):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)                            # mkstemp's 0600 is too strict for outputs
         os.replace(tmp, path)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot write ({e.strerror or e}); any previous version of it is intact") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 # --- end skeleton: atomic_save ---
+
+
+# --- skeleton: safe_names (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def file_in(folder, name, suffix="", where=None):
+    """The path of a file named from data (an id from meta.csv, a JSON key) inside `folder`; one-line error for a
+    name that could leave the folder or hide a file: empty, starting with '.', holding '/', '\\' or a NUL.
+    `where`: the table the name comes from, for the message (default: the folder)."""
+    name = str(name)
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise SystemExit(f"{where or folder}: id {name!r} is not usable as a file name (expected no '/', '\\', "
+                         f"NUL or leading '.': files are only written inside their output folder)")
+    return os.path.join(folder, name + suffix)
+
+
+def check_ids(ids, where):
+    """Ids that name output files: each a file name (file_in's rule) and each once; one line naming the first
+    duplicate otherwise. `where`: the table they come from, e.g. 'data/meta.csv'."""
+    seen = set()
+    for i in ids:
+        file_in("", i, where=where)
+        if i in seen:
+            raise SystemExit(f"{where}: id {i!r} appears more than once; expected unique ids")
+        seen.add(i)
+# --- end skeleton: safe_names ---
+
+# --- skeleton: output_folder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def check_counts(cfg, positive=(), non_negative=()):
+    """Integer options that count things: one line naming the flag when one is below 1 (`positive`) or below 0
+    (`non_negative`, where 0 means 'off' or 'all')."""
+    for names, low, what in ((positive, 1, "a positive integer"), (non_negative, 0, "an integer >= 0")):
+        for name in names:
+            value = getattr(cfg, name)
+            if value < low:
+                raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {what}")
+
+
+def file_sha256(path):
+    """sha256 of a file's bytes (read in 16 MB pieces), as hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 24), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def claim_output(out, record, mine=(), write=True):
+    """Make `out` this command's output folder, or refuse with one line. A new or empty folder is claimed by writing
+    out/output.json: `record`, what decides the outputs (command, checkpoint sha256, seed, condition, solver...). A
+    folder whose output.json holds the same record is resumed; a different record names the first difference. A
+    folder holding anything else (a dataset, another command's outputs) is refused and left as it is; `mine`: file
+    names that mark a folder this command wrote before output.json existed (e.g. its checkpoint), claimed too.
+    Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
+    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files."""
+    record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
+    if write:
+        clean_temporaries(out)
+    path = os.path.join(out, "output.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: a file; expected a folder (new, empty, or written by this command)")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: not readable JSON ({e}); expected the record this command wrote") from None
+        for key in sorted(set(old) | set(record), key=str):
+            if old.get(key) != record.get(key):
+                raise SystemExit(f"--out {out}: written with {key} = {old.get(key)!r}, this run has "
+                                 f"{record.get(key)!r}; use a new --out (or the same settings to resume)")
+        return
+    entries = [e for e in os.listdir(out) if not e.startswith(".tmp-")] if os.path.isdir(out) else []
+    if entries and not any(name in entries for name in mine):
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise SystemExit(f"--out {out}: holds files this command did not write ({shown}); expected a new or empty "
+                         f"folder, or one with this command's output.json")
+    if write:
+        atomic_save(path, lambda tmp: write_json_file(tmp, record))
+
+
+def write_json_file(path, obj):
+    """obj as indented JSON in a file (a plain write: atomic_save gives the temporary path)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def clean_temporaries(folder):
+    """Remove the temporary files that a killed atomic_save left in a run folder (.tmp-*; each can be a whole
+    checkpoint). Called by rank 0 at the start of a run, before anything is written there."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+# --- end skeleton: output_folder ---
+
+# --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours
+
+
+def read_meta(path, required=(), split=None, what="a dataset folder (meta.csv, shards/, info.json)"):
+    """-> (rows, columns) of a meta.csv (FORMAT.md §2), rows as dicts of strings, filtered to `split` unless it is
+    None or 'all'. One-line errors: no such file, not a table, a `required` column (or `split`) missing (all
+    missing ones named), an id that is not a file name or appears twice (check_ids)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
+    needed = ["id", *required] + (["split"] if split not in (None, "all") else [])
+    absent = [c for c in dict.fromkeys(needed) if c not in columns]
+    if absent:
+        raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+    if any(None in r or None in r.values() for r in rows):
+        bad = next(i for i, r in enumerate(rows) if None in r or None in r.values())
+        raise SystemExit(f"{path}: row {bad + 2} has {'more' if None in rows[bad] else 'fewer'} cells than the "
+                         f"header's {len(columns)}; expected one cell per column")
+    check_ids([r["id"] for r in rows], path)
+    if split not in (None, "all"):
+        rows = [r for r in rows if r["split"] == split]
+    return rows, columns
+
+
+def check_age(value, where):
+    """An age in years (a number or numeric text) -> float; NaN for missing ('' or nan); one line otherwise."""
+    if isinstance(value, str) and value.strip().lower() in ("", "nan"):
+        return float("nan")
+    try:
+        age = float(value)
+    except (TypeError, ValueError):
+        age = None
+    if age is None or not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+        raise SystemExit(f"{where}: age {value!r}; expected years in {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} or empty")
+    return age
+
+
+def check_shard_rows(rows, sizes, where):
+    """meta.csv rows against their shards: `sizes` maps a shard number to its row count. One line naming the first
+    row whose shard or index is not an integer, whose shard is absent, or whose index is outside 0..size-1."""
+    for r in rows:
+        try:
+            shard, index = int(r["shard"]), int(r["index"])
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"{where}: row {r.get('id')!r} has shard {r.get('shard')!r}, index "
+                             f"{r.get('index')!r}; expected integers (FORMAT.md §2)") from None
+        if shard not in sizes:
+            raise SystemExit(f"{where}: row {r['id']!r} names shard {shard}, which does not exist")
+        if not 0 <= index < sizes[shard]:
+            raise SystemExit(f"{where}: row {r['id']!r} has index {index}; shard {shard} holds rows "
+                             f"0..{sizes[shard] - 1}")
+
+
+def shard_tensor_shape(path, key, dtype):
+    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
+    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
+    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
+    try:
+        with safe_open(path, "numpy") as f:
+            keys = list(f.keys())
+            if key not in keys:
+                raise SystemExit(f"{path}: no tensor {key!r} (has {', '.join(sorted(keys)) or 'none'}); "
+                                 f"expected FORMAT.md's shard layout")
+            piece = f.get_slice(key)
+            shape, stored = list(piece.get_shape()), piece.get_dtype()
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
+    if stored != dtype:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    return shape
+# --- end skeleton: meta_table ---
+
+# --- skeleton: radvae_decoder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def load_radvae_decoder(path, device="cpu"):
+    """decoder.safetensors written by vae.py encode -> (decode, spec); decode(z): raw latents [B, C, h, w] ->
+    images [B, 1, f h, f w] in [-1, 1]. The weights have the magnitude-preserving normalisations baked in."""
+    import json
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt", device=str(device)) as fh:
+            spec = json.loads((fh.metadata() or {}).get("spec", "{}"))
+            w = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SystemExit(f"{path}: not a readable decoder.safetensors ({e}); expected vae.py encode's") from None
+    if spec.get("format") != "radvae-decoder/1":
+        raise SystemExit(f"{path}: decoder format {spec.get('format')!r}; expected 'radvae-decoder/1' (vae.py encode)")
+
+    def conv(x, name):
+        return F.conv2d(x, w[name], padding=w[name].shape[-1] // 2)
+
+    def mp_silu(x):
+        return F.silu(x) / 0.596
+
+    def mp_sum(a, b, t):
+        return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+    def pixel_norm(x, dim):
+        return x / (1e-4 + torch.linalg.vector_norm(x, dim=dim, keepdim=True) / math.sqrt(x.shape[dim]))
+
+    def decode(z):
+        x = conv(torch.cat([z.float(), torch.ones_like(z[:, :1], dtype=torch.float32)], 1), "conv_in")
+        for i, b in enumerate(spec["blocks"]):
+            p = f"blocks.{i}."
+            if b["resample"] == "up":
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            y = conv(mp_silu(conv(mp_silu(x), p + "conv_res0")), p + "conv_res1")
+            x = mp_sum(conv(x, p + "conv_skip") if b["cin"] != b["cout"] else x, y, spec["res_balance"])
+            if b["heads"]:
+                B, C, H, W = x.shape
+                qkv = conv(x, p + "attn_qkv").reshape(B, b["heads"], C // b["heads"], 3, H * W)
+                q, k, v = pixel_norm(qkv, 2).unbind(3)
+                o = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+                x = mp_sum(x, conv(o.transpose(-1, -2).reshape(B, C, H, W), p + "attn_proj"), spec["attn_balance"])
+            x = x.clamp(-spec["clip_act"], spec["clip_act"])
+        return conv(x, "conv_out").clamp(-1, 1)
+    return decode, spec
+# --- end skeleton: radvae_decoder ---
 
 
 def write_csv(path, rows, columns=META_COLUMNS):
@@ -1142,7 +1373,7 @@ def open_checkpoint(path, fmt, what, prefixes):
             if meta.get("format") != fmt:
                 raise SystemExit(f"{path}: not {what} (metadata format {meta.get('format')!r})")
             parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
-    except SafetensorError as e:
+    except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {what}") from None
     return meta, parts
 # --- end skeleton: checkpoint_io ---
@@ -1199,6 +1430,28 @@ def write_log(path, rec, line):
     print(line, flush=True)
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+def resume_log(path, step):
+    """On resume from step `step`: keep OUT/log.jsonl's whole records of steps up to `step` and drop the rest (the
+    records a killed run wrote after its last checkpoint, and a half-written last line), so the resumed run's
+    records follow without duplicates."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+    atomic_save(path, write)
 # --- end skeleton: log_line ---
 
 
@@ -1234,7 +1487,9 @@ class HealthCheck:
         if flags[0] >= 0 or flags[1] > 0:
             self.close()
             what = f"loss at step {int(flags[0])}" if flags[0] >= 0 else f"weights after step {step}"
-            raise SystemExit(f"non-finite {what}; stopped, the last checkpoint {self.ckpt_path} is intact")
+            if os.path.isfile(self.ckpt_path):
+                raise SystemExit(f"non-finite {what}; stopped, the last checkpoint {self.ckpt_path} is intact")
+            raise SystemExit(f"non-finite {what}; stopped before the first checkpoint ({self.ckpt_path} not written)")
         return bool(flags[2])
 
     def close(self):

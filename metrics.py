@@ -72,9 +72,114 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file as load_np, save_file as save_np
 from safetensors.torch import load_file as load_pt, save_file as save_pt
+
+
+# --- skeleton: safe_names (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def file_in(folder, name, suffix="", where=None):
+    """The path of a file named from data (an id from meta.csv, a JSON key) inside `folder`; one-line error for a
+    name that could leave the folder or hide a file: empty, starting with '.', holding '/', '\\' or a NUL.
+    `where`: the table the name comes from, for the message (default: the folder)."""
+    name = str(name)
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise SystemExit(f"{where or folder}: id {name!r} is not usable as a file name (expected no '/', '\\', "
+                         f"NUL or leading '.': files are only written inside their output folder)")
+    return os.path.join(folder, name + suffix)
+
+
+def check_ids(ids, where):
+    """Ids that name output files: each a file name (file_in's rule) and each once; one line naming the first
+    duplicate otherwise. `where`: the table they come from, e.g. 'data/meta.csv'."""
+    seen = set()
+    for i in ids:
+        file_in("", i, where=where)
+        if i in seen:
+            raise SystemExit(f"{where}: id {i!r} appears more than once; expected unique ids")
+        seen.add(i)
+# --- end skeleton: safe_names ---
+
+# --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours
+
+
+def read_meta(path, required=(), split=None, what="a dataset folder (meta.csv, shards/, info.json)"):
+    """-> (rows, columns) of a meta.csv (FORMAT.md §2), rows as dicts of strings, filtered to `split` unless it is
+    None or 'all'. One-line errors: no such file, not a table, a `required` column (or `split`) missing (all
+    missing ones named), an id that is not a file name or appears twice (check_ids)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
+    needed = ["id", *required] + (["split"] if split not in (None, "all") else [])
+    absent = [c for c in dict.fromkeys(needed) if c not in columns]
+    if absent:
+        raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+    if any(None in r or None in r.values() for r in rows):
+        bad = next(i for i, r in enumerate(rows) if None in r or None in r.values())
+        raise SystemExit(f"{path}: row {bad + 2} has {'more' if None in rows[bad] else 'fewer'} cells than the "
+                         f"header's {len(columns)}; expected one cell per column")
+    check_ids([r["id"] for r in rows], path)
+    if split not in (None, "all"):
+        rows = [r for r in rows if r["split"] == split]
+    return rows, columns
+
+
+def check_age(value, where):
+    """An age in years (a number or numeric text) -> float; NaN for missing ('' or nan); one line otherwise."""
+    if isinstance(value, str) and value.strip().lower() in ("", "nan"):
+        return float("nan")
+    try:
+        age = float(value)
+    except (TypeError, ValueError):
+        age = None
+    if age is None or not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+        raise SystemExit(f"{where}: age {value!r}; expected years in {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} or empty")
+    return age
+
+
+def check_shard_rows(rows, sizes, where):
+    """meta.csv rows against their shards: `sizes` maps a shard number to its row count. One line naming the first
+    row whose shard or index is not an integer, whose shard is absent, or whose index is outside 0..size-1."""
+    for r in rows:
+        try:
+            shard, index = int(r["shard"]), int(r["index"])
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"{where}: row {r.get('id')!r} has shard {r.get('shard')!r}, index "
+                             f"{r.get('index')!r}; expected integers (FORMAT.md §2)") from None
+        if shard not in sizes:
+            raise SystemExit(f"{where}: row {r['id']!r} names shard {shard}, which does not exist")
+        if not 0 <= index < sizes[shard]:
+            raise SystemExit(f"{where}: row {r['id']!r} has index {index}; shard {shard} holds rows "
+                             f"0..{sizes[shard] - 1}")
+
+
+def shard_tensor_shape(path, key, dtype):
+    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
+    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
+    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
+    try:
+        with safe_open(path, "numpy") as f:
+            keys = list(f.keys())
+            if key not in keys:
+                raise SystemExit(f"{path}: no tensor {key!r} (has {', '.join(sorted(keys)) or 'none'}); "
+                                 f"expected FORMAT.md's shard layout")
+            piece = f.get_slice(key)
+            shape, stored = list(piece.get_shape()), piece.get_dtype()
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
+    if stored != dtype:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    return shape
+# --- end skeleton: meta_table ---
 
 VERSION = "1.0"
 PREP_VERSION = "2"  # bump when preprocessing changes: it is part of the feature-cache key

@@ -58,8 +58,113 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+
+# --- skeleton: safe_names (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def file_in(folder, name, suffix="", where=None):
+    """The path of a file named from data (an id from meta.csv, a JSON key) inside `folder`; one-line error for a
+    name that could leave the folder or hide a file: empty, starting with '.', holding '/', '\\' or a NUL.
+    `where`: the table the name comes from, for the message (default: the folder)."""
+    name = str(name)
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise SystemExit(f"{where or folder}: id {name!r} is not usable as a file name (expected no '/', '\\', "
+                         f"NUL or leading '.': files are only written inside their output folder)")
+    return os.path.join(folder, name + suffix)
+
+
+def check_ids(ids, where):
+    """Ids that name output files: each a file name (file_in's rule) and each once; one line naming the first
+    duplicate otherwise. `where`: the table they come from, e.g. 'data/meta.csv'."""
+    seen = set()
+    for i in ids:
+        file_in("", i, where=where)
+        if i in seen:
+            raise SystemExit(f"{where}: id {i!r} appears more than once; expected unique ids")
+        seen.add(i)
+# --- end skeleton: safe_names ---
+
+# --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours
+
+
+def read_meta(path, required=(), split=None, what="a dataset folder (meta.csv, shards/, info.json)"):
+    """-> (rows, columns) of a meta.csv (FORMAT.md §2), rows as dicts of strings, filtered to `split` unless it is
+    None or 'all'. One-line errors: no such file, not a table, a `required` column (or `split`) missing (all
+    missing ones named), an id that is not a file name or appears twice (check_ids)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
+    needed = ["id", *required] + (["split"] if split not in (None, "all") else [])
+    absent = [c for c in dict.fromkeys(needed) if c not in columns]
+    if absent:
+        raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+    if any(None in r or None in r.values() for r in rows):
+        bad = next(i for i, r in enumerate(rows) if None in r or None in r.values())
+        raise SystemExit(f"{path}: row {bad + 2} has {'more' if None in rows[bad] else 'fewer'} cells than the "
+                         f"header's {len(columns)}; expected one cell per column")
+    check_ids([r["id"] for r in rows], path)
+    if split not in (None, "all"):
+        rows = [r for r in rows if r["split"] == split]
+    return rows, columns
+
+
+def check_age(value, where):
+    """An age in years (a number or numeric text) -> float; NaN for missing ('' or nan); one line otherwise."""
+    if isinstance(value, str) and value.strip().lower() in ("", "nan"):
+        return float("nan")
+    try:
+        age = float(value)
+    except (TypeError, ValueError):
+        age = None
+    if age is None or not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
+        raise SystemExit(f"{where}: age {value!r}; expected years in {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} or empty")
+    return age
+
+
+def check_shard_rows(rows, sizes, where):
+    """meta.csv rows against their shards: `sizes` maps a shard number to its row count. One line naming the first
+    row whose shard or index is not an integer, whose shard is absent, or whose index is outside 0..size-1."""
+    for r in rows:
+        try:
+            shard, index = int(r["shard"]), int(r["index"])
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"{where}: row {r.get('id')!r} has shard {r.get('shard')!r}, index "
+                             f"{r.get('index')!r}; expected integers (FORMAT.md §2)") from None
+        if shard not in sizes:
+            raise SystemExit(f"{where}: row {r['id']!r} names shard {shard}, which does not exist")
+        if not 0 <= index < sizes[shard]:
+            raise SystemExit(f"{where}: row {r['id']!r} has index {index}; shard {shard} holds rows "
+                             f"0..{sizes[shard] - 1}")
+
+
+def shard_tensor_shape(path, key, dtype):
+    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
+    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
+    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
+    try:
+        with safe_open(path, "numpy") as f:
+            keys = list(f.keys())
+            if key not in keys:
+                raise SystemExit(f"{path}: no tensor {key!r} (has {', '.join(sorted(keys)) or 'none'}); "
+                                 f"expected FORMAT.md's shard layout")
+            piece = f.get_slice(key)
+            shape, stored = list(piece.get_shape()), piece.get_dtype()
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
+    if stored != dtype:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    return shape
+# --- end skeleton: meta_table ---
 
 # ----------------------------------------------------------------------------------------------------------------
 # Schema (FORMAT.md §2, §5): columns, the 19 conditioning variables and their integer codes
@@ -142,18 +247,11 @@ def write_dataset(out, rows, columns, info):
     write_json(os.path.join(out, "info.json"), info)
 
 
-def read_meta(data_dir):
-    """Read DIR/meta.csv as a list of dicts (all values strings); a clear error when it is missing."""
-    path = os.path.join(data_dir, "meta.csv")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file; expected a dataset folder written by prep_data.py (meta.csv, "
-                         f"shards/, info.json)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in ("id", "shard", "index") if rows and c not in rows[0]]
-    if missing:
-        raise SystemExit(f"{path}: missing column(s) {missing}")
-    return rows
+def read_dataset_meta(data_dir):
+    """DIR/meta.csv as a list of dicts (all values strings); one-line errors from read_meta (no file, no id / shard /
+    index column, an id that is not a file name or appears twice)."""
+    return read_meta(os.path.join(data_dir, "meta.csv"), required=("shard", "index"),
+                     what="a dataset folder written by prep_data.py (meta.csv, shards/, info.json)")[0]
 
 
 def read_info(data_dir):
@@ -1190,7 +1288,7 @@ def counterfactual_pairs(data, edits, out, size=None, workers=1, masks=True, wha
     """The TRUE counterfactuals of the rows of an edit table (rectified_flow.py edit's E/meta.csv: `id`,
     `source_id` (a row of `data`), `intervention` ("sex=F", "Pleural Effusion=1")): do(intervention) on the
     phantom's SCM with the source row's exogenous noise; output ids are the edit table's ids."""
-    info, by_id = read_info(data), {r["id"]: r for r in read_meta(data)}
+    info, by_id = read_info(data), {r["id"]: r for r in read_dataset_meta(data)}
     if not edits or len({e["id"] for e in edits}) != len(edits):
         raise SystemExit(f"{what}: {'duplicate ids' if edits else 'no rows'}; expected one row per edit, unique ids")
     rows, ivs = [], []
@@ -1232,7 +1330,7 @@ MASK_COLOURS = [(255, 80, 80), (80, 200, 255), (255, 200, 60), (120, 255, 120), 
 
 def contact_sheet(data_dir, out, n=24, cols=6, tile=160, split=None, overlay_masks=False, ids=None):
     """Save a PNG grid of the first n images (of a split, or of the given ids), labelled under each image."""
-    rows = read_meta(data_dir)
+    rows = read_dataset_meta(data_dir)
     if ids:
         rows = [r for r in rows if r["id"] in set(ids)]
     elif split:
@@ -1397,7 +1495,6 @@ def resize_pad(unit, size):
 # ----------------------------------------------------------------------------------------------------------------
 # Real datasets: harmonisation to the schema (radit §3.1): CheXpert-14 labels, age, sex, race, view, split
 
-AGE_RANGE = (0.0, 120.0)          # radit §3.1 (i): implausible ages -> missing (bounds not given there; ours)
 VIEW_WORDS = {"PA": "PA", "POSTERO ANTERIOR": "PA", "POSTEROANTERIOR": "PA", "AP": "AP", "ANTERO POSTERIOR": "AP",
               "ANTEROPOSTERIOR": "AP", "AP AXIAL": "AP", "AP HORIZONTAL": "AP", "AP SUPINE": "AP", "LATERAL": "LATERAL",
               "LL": "LATERAL", "RL": "LATERAL", "L": "LATERAL", "LAT": "LATERAL", "XTABLE LATERAL": "LATERAL",
@@ -2172,7 +2269,7 @@ def merge_datasets(inputs, out):
     datasets, columns, rows, seen, links = [], list(META_COLUMNS), [], set(), []
     for d, info in zip(inputs, infos):
         datasets += [n for n in info.get("datasets", []) if n not in datasets]
-        part = read_meta(d)
+        part = read_dataset_meta(d)
         columns += [c for c in (part[0] if part else {}) if c not in columns]
         renumber = {}
         for s in sorted({int(r["shard"]) for r in part}):
@@ -2473,7 +2570,7 @@ def describe_dataset(data, style="impression", seed=0, only_missing=False, gener
     quality-control prompt; the first output that passes `verify_report` is kept, otherwise the template's
     description is (and counted). Rows the LLM has already seen (report_source) are skipped: a rerun resumes.
     """
-    rows = read_meta(data)
+    rows = read_dataset_meta(data)
     with open(os.path.join(data, "meta.csv"), newline="") as f:
         columns = next(csv.reader(f))
     columns += [c for c in ("report", "findings", "report_source") if c not in columns]
@@ -2677,7 +2774,7 @@ def main(argv=None):
         if args.interventions:
             edits = read_table(args.interventions, required=["id", "source_id", "intervention"])
         else:
-            rows = read_meta(args.data)
+            rows = read_dataset_meta(args.data)
             ids = args.ids.split(",") if args.ids else [r["id"] for r in rows if args.split in (None, r["split"])]
             edits = [{"id": i, "source_id": i, "intervention": args.set} for i in ids]
         rows = counterfactual_pairs(args.data, edits, args.out, args.size, args.workers, not args.no_masks,

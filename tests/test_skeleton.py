@@ -6,6 +6,7 @@ against tests/skeleton_reference.py, and the canonical pieces themselves.
 
 The reference is always an independent uninterrupted run of the same script and settings in this process (one
 thread, same CPU, same order): the losses and weights are bit-identical, so they are compared exactly."""
+import errno
 import json
 import math
 import os
@@ -315,7 +316,8 @@ def test_a_one_character_change_to_any_copy_is_caught_and_fix_restores_it(tmp_pa
         path = os.path.join(root, script)
         for name, _, _, start, end in check_copies.blocks(originals[script], script):
             lines = originals[script].split("\n")
-            i = (start + end) // 2                               # a line in the middle of the copy
+            i = next(k for k in range((start + end) // 2, end)   # a line in the middle of the copy (not blank)
+                     if any(c.isalnum() for c in lines[k]))
             j = next(k for k, c in enumerate(lines[i]) if c.isalnum())
             lines[i] = lines[i][:j] + ("x" if lines[i][j] != "x" else "y") + lines[i][j + 1:]
             with open(path, "w") as f:
@@ -374,11 +376,14 @@ def test_atomic_save_respects_the_umask_and_cleans_up(tmp_path, umask):
     def fails(tmp):
         with open(tmp, "wb") as f:
             f.write(b"half")
-        raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a full disk raises mid-write
+    with pytest.raises(SystemExit) as e:
         skeleton_reference.atomic_save(path, fails)
+    assert str(e.value) == f"{path}: cannot write (No space left on device); any previous version of it is intact"
     assert open(path, "rb").read() == b"one"                     # the old file is intact, the temporary file gone
     assert os.listdir(os.path.dirname(path)) == ["file.bin"]
+    with pytest.raises(SystemExit, match=r"^\S+/file.bin/x: cannot write \((File exists|Not a directory)\)"):
+        skeleton_reference.atomic_save(path + "/x", writes(b"two"))   # a file where a folder should be
 
 
 def test_bad_checkpoint_files_and_devices_are_one_line_errors(tmp_path):
