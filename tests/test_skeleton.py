@@ -399,6 +399,182 @@ def test_bad_checkpoint_files_and_devices_are_one_line_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The input and output rules every script shares (issue 19): names from data, output folders, meta.csv, shards
+
+R = skeleton_reference
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "a/b", "a\\b", ".hidden", "..", ".", "", "a\0b"])
+def test_file_in_refuses_every_name_that_could_leave_the_folder(tmp_path, name):
+    with pytest.raises(SystemExit) as e:
+        R.file_in(str(tmp_path), name, ".png", where="m.csv")
+    assert str(e.value).startswith(f"m.csv: id {name!r} is not usable as a file name") and "\n" not in str(e.value)
+
+
+def test_file_in_keeps_ordinary_ids_inside_the_folder(tmp_path):
+    for name in ["00000001_000", "p10_s5_d.2", "patient 7", "é-ü", "a..b"]:
+        path = R.file_in(str(tmp_path), name, ".png")
+        assert os.path.dirname(os.path.realpath(path)) == os.path.realpath(str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^t.csv: id 'b' appears more than once; expected unique ids$"):
+        R.check_ids(["a", "b", "c", "b", "a"], "t.csv")                  # the first repeat in reading order
+
+
+def test_check_counts_names_the_flag():
+    class C:
+        n, batch_size, sample_every = 4, 0, 0
+    R.check_counts(C, positive=("n",), non_negative=("sample_every",))
+    with pytest.raises(SystemExit, match=r"^--batch-size 0: expected a positive integer$"):
+        R.check_counts(C, positive=("n", "batch_size"))
+    C.sample_every = -1
+    with pytest.raises(SystemExit, match=r"^--sample-every -1: expected an integer >= 0$"):
+        R.check_counts(C, non_negative=("sample_every",))
+
+
+def snapshot_files(root):
+    """{relative path: bytes} of every file under root."""
+    found = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                found[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return found
+
+
+def test_claim_output_claims_resumes_and_refuses(tmp_path):
+    out = str(tmp_path / "fake")
+    record = {"command": "x.py sample", "seed": 0, "cond": ("sex=F",)}
+    R.claim_output(out, record)                                          # a new folder: claimed
+    assert json.load(open(os.path.join(out, "output.json"))) == {**record, "cond": ["sex=F"]}
+    open(os.path.join(out, "0.png"), "w").close()
+    R.claim_output(out, dict(record))                                    # the same record: resumed
+    with pytest.raises(SystemExit, match=r"^--out \S+fake: written with seed = 0, this run has 1; use a new --out"):
+        R.claim_output(out, {**record, "seed": 1})
+    with pytest.raises(SystemExit, match=r"written with extra = None, this run has 'x'"):
+        R.claim_output(out, {**record, "extra": "x"})                    # a key only one side has counts too
+    data = tmp_path / "dataset"                                          # a folder this command did not write
+    (data / "shards").mkdir(parents=True)
+    (data / "meta.csv").write_text("id\n")
+    before = snapshot_files(str(data))
+    with pytest.raises(SystemExit, match=r"holds files this command did not write \(meta.csv, shards\)"):
+        R.claim_output(str(data), record)
+    assert snapshot_files(str(data)) == before and not (data / "output.json").exists()   # refused, left as it was
+    (data / "ckpt.safetensors").write_bytes(b"")
+    R.claim_output(str(data), record, mine=("ckpt.safetensors",))        # a run folder from before output.json
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^--out \S+file: a file; expected a folder"):
+        R.claim_output(str(tmp_path / "file"), record)
+    (tmp_path / "quiet").mkdir()                                         # a rank other than 0 checks, never writes
+    R.claim_output(str(tmp_path / "quiet"), record, write=False)
+    assert os.listdir(str(tmp_path / "quiet")) == []
+    (tmp_path / "quiet" / ".tmp-output.json").write_text("{")          # rank 0's write in flight: not a file
+    R.claim_output(str(tmp_path / "quiet"), record, write=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "output.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"output.json: not readable JSON"):
+        R.claim_output(str(tmp_path / "bad"), record)
+
+
+def test_clean_temporaries_removes_only_atomic_save_leftovers(tmp_path):
+    for name in [".tmp-abc123ckpt.safetensors", ".tmp-x", "ckpt.safetensors", ".hidden", "log.jsonl"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".tmp-dir").mkdir()
+    R.clean_temporaries(str(tmp_path))
+    assert sorted(os.listdir(str(tmp_path))) == [".hidden", ".tmp-dir", "ckpt.safetensors", "log.jsonl"]
+    R.clean_temporaries(str(tmp_path / "absent"))                        # nothing to clean: no error
+
+
+def test_resume_log_keeps_whole_records_up_to_the_resumed_step(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    with open(path, "w") as f:          # steps 1-6 logged, the checkpoint at 4, then a kill mid-line
+        f.write("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    R.resume_log(path, 4)
+    assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3, 4]
+    R.resume_log(str(tmp_path / "none.jsonl"), 4)                        # no log yet: nothing to do
+    assert not os.path.exists(str(tmp_path / "none.jsonl"))
+
+
+def write_table(path, header, rows):
+    with open(path, "w", newline="") as f:
+        f.write(",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in rows))
+
+
+def test_read_meta_rules(tmp_path):
+    path = str(tmp_path / "meta.csv")
+    write_table(path, ["id", "split", "age"], [["a", "train", "60"], ["b", "test", ""], ["c", "train", "70"]])
+    rows, columns = R.read_meta(path, required=("age",), split="train")
+    assert [r["id"] for r in rows] == ["a", "c"] and columns == ["id", "split", "age"]
+    assert len(R.read_meta(path, split="all")[0]) == 3
+    with pytest.raises(SystemExit, match=r"^\S+meta.csv: no column\(s\) sex, race; expected FORMAT.md §2 columns$"):
+        R.read_meta(path, required=("sex", "age", "race"))
+    write_table(path, ["id", "age"], [["a", "60"]])
+    with pytest.raises(SystemExit, match=r"no column\(s\) split"):     # a split asked of a table without one
+        R.read_meta(path, split="train")
+    write_table(path, ["id", "split"], [["a", "train"], ["a", "test"]])
+    with pytest.raises(SystemExit, match=r"id 'a' appears more than once"):
+        R.read_meta(path)
+    write_table(path, ["id", "split"], [["../x", "train"]])
+    with pytest.raises(SystemExit, match=r"id '../x' is not usable as a file name"):
+        R.read_meta(path)
+    write_table(path, ["id", "split"], [["a", "train", "extra"]])
+    with pytest.raises(SystemExit, match=r"row 2 has more cells than the header's 2"):
+        R.read_meta(path)
+    write_table(path, ["id", "split"], [["a"]])
+    with pytest.raises(SystemExit, match=r"row 2 has fewer cells than the header's 2"):
+        R.read_meta(path)
+    with pytest.raises(SystemExit, match=r"none.csv: no such file; expected a dataset folder"):
+        R.read_meta(str(tmp_path / "none.csv"))
+    with open(path, "wb") as f:
+        f.write(b"id\n\xff\xfe\n")
+    with pytest.raises(SystemExit, match=r"not a readable CSV table"):
+        R.read_meta(path)
+
+
+def test_check_age_one_rule():
+    assert R.check_age("65", "x") == 65.0 and R.check_age(58.5, "x") == 58.5 and R.check_age(0, "x") == 0.0
+    assert math.isnan(R.check_age("", "x")) and math.isnan(R.check_age("nan", "x"))
+    for bad in ["-5", "1e9", "abc", "inf", float("nan"), 120.5]:
+        with pytest.raises(SystemExit, match=r"^--set: age .*; expected years in 0-120 or empty$"):
+            R.check_age(bad, "--set")
+
+
+def test_shard_rows_and_tensor_checks(tmp_path):
+    from safetensors.torch import save_file
+    path = str(tmp_path / "00000.safetensors")
+    save_file({"images": torch.zeros(3, 1, 4, 4, dtype=torch.uint16), "masks": torch.zeros(3, 2, 4, 4)}, path)
+    assert R.shard_tensor_shape(path, "images", "U16") == [3, 1, 4, 4]
+    with pytest.raises(SystemExit, match=r"'masks' stored as F32; expected U16"):
+        R.shard_tensor_shape(path, "masks", "U16")                       # a float shard is not images
+    with pytest.raises(SystemExit, match=r"no tensor 'latents' \(has images, masks\)"):
+        R.shard_tensor_shape(path, "latents", "F32")
+    with pytest.raises(SystemExit, match=r"no such shard"):
+        R.shard_tensor_shape(str(tmp_path / "00001.safetensors"), "images", "U16")
+    with open(str(tmp_path / "junk.safetensors"), "wb") as f:
+        f.write(b"\x10" * 20)
+    with pytest.raises(SystemExit, match=r"junk.safetensors: not a readable safetensors shard"):
+        R.shard_tensor_shape(str(tmp_path / "junk.safetensors"), "images", "U16")
+    rows = [{"id": "a", "shard": "0", "index": "2"}]
+    R.check_shard_rows(rows, {0: 3}, "m.csv")
+    for row, pattern in [({"index": "3"}, r"has index 3; shard 0 holds rows 0..2"), ({"index": "-1"}, r"has index -1"),
+                         ({"shard": "1"}, r"names shard 1, which does not exist"),
+                         ({"index": "x"}, r"has shard .* expected integers"),
+                         ({"shard": None}, r"has shard None, .* expected integers")]:
+        with pytest.raises(SystemExit, match=r"^m.csv: row 'a' " + pattern):
+            R.check_shard_rows([{**rows[0], **row}], {0: 3}, "m.csv")
+
+
+def test_radvae_decoder_reader_refuses_what_it_cannot_read(tmp_path):
+    from safetensors.torch import save_file
+    junk = str(tmp_path / "decoder.safetensors")
+    with open(junk, "wb"):
+        pass
+    with pytest.raises(SystemExit, match=r"decoder.safetensors: not a readable decoder.safetensors"):
+        R.load_radvae_decoder(junk)
+    save_file({"conv_in": torch.zeros(1)}, junk, metadata={"spec": json.dumps({"format": "other/1"})})
+    with pytest.raises(SystemExit, match=r"decoder format 'other/1'; expected 'radvae-decoder/1'"):
+        R.load_radvae_decoder(junk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # One vocabulary: the same flags for the same things in every training loop
 
 COMMON_FLAGS = {"--data", "--out", "--size", "--batch-size", "--micro-batch", "--max-steps", "--lr", "--clip", "--seed",
