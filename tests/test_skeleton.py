@@ -544,6 +544,9 @@ def test_shard_rows_and_tensor_checks(tmp_path):
     assert R.shard_tensor_shape(path, "images", "U16") == [3, 1, 4, 4]
     with pytest.raises(SystemExit, match=r"'masks' stored as F32; expected U16"):
         R.shard_tensor_shape(path, "masks", "U16")                       # a float shard is not images
+    assert R.shard_tensor_shape(path, "masks", ("F32", "F16", "BF16")) == [3, 2, 4, 4]   # any of the listed
+    with pytest.raises(SystemExit, match=r"'images' stored as U16; expected F32 or F16 \(FORMAT.md\)$"):
+        R.shard_tensor_shape(path, "images", ("F32", "F16"))
     with pytest.raises(SystemExit, match=r"no tensor 'latents' \(has images, masks\)"):
         R.shard_tensor_shape(path, "latents", "F32")
     with pytest.raises(SystemExit, match=r"no such shard"):
