@@ -16,7 +16,14 @@ each; `box`, per-class boxes (meta.csv `boxes` JSON {class: [x0, y0, x1, y1] fra
 filled rectangles, one channel per class, class names kept in the checkpoint (the paper's box control, never
 released). Maps are drawn at the image's pixel size in [-1, 1]; in latent space each channel is encoded as a
 1-channel image (0 -> -1, 1 -> +1) by the latent folder's encoder.pt2 (vae.py encode: the images' VAE, as released
-ChexGen encodes masks), normalised by the latents' mean / std: K x C channels. Captions drop to the null caption
+ChexGen encodes masks), normalised by the latents' mean / std: K x C channels. encoder.pt2 is a torch.export
+program, and a .pt2 program is code: loading it can run whatever it holds, so load only latent folders you made or
+trust. It has no safetensors form (vae.py writes none); it is loaded only in latent space, when condition maps are
+encoded (training, sample, evaluate), with a printed line saying so. Decoding (samples, and training grids when
+--sample-every is not 0) prefers the folder's decoder.safetensors (plain tensors: the radvae_decoder block) and
+falls back to decoder.pt2 only when there is none, also with a printed line; training with --sample-every 0 opens
+no decoder. Our choice: an encoder / decoder path in info.json that is absolute or leaves the latent folder is
+refused in one line, never followed. Captions drop to the null caption
 (p 0.1, as released); guidance e = e(null, C) + w (e(text, C) - e(null, C)) + w_c (e(text, C) - e(text, no C)).
 
 "No condition" is the frozen backbone by construction (decision, issue 25): e(text, no C) is the backbone alone,
@@ -45,6 +52,10 @@ non-zero = foreground; `--boxes FILE` is JSON {cid: {class: box or [boxes]}}. Ou
 <id>_mask.png (channel --mask-out; all: <id>_mask_<k>.png), <id>_boxes.json, meta.csv, grid.png. Checkpoint (one
 safetensors file, atomic): controlnet.* (adapter), ema.*, base.* (the frozen backbone: a run samples alone),
 optim.*, config / backbone config / step in its metadata. Draws are functions of (seed, step) / (seed, cond, k).
+Bad input stops with one line before anything is written: a sample / evaluate --out (or training --out) holding a
+dataset or another command's outputs is refused; --out records what decides its images (output.json: checkpoint
+sha256, seed, conditions, prompts, guidance, steps) and resumes only with the same record; condition ids (--boxes
+keys, --masks file names, meta.csv ids) name files only inside --out.
 """
 from __future__ import annotations
 
@@ -215,8 +226,12 @@ def parse_config(argv):
     given = vars(build_parser(Config, "controlnet.py [train]", __doc__).parse_args(argv))
     size, path = given.get("size", ""), backbone_path(given.get("backbone", Config.backbone))
     if not size and os.path.isfile(path):                        # the backbone's preset, read from its metadata
-        with safe_open(path, "pt") as f:
-            size = json.loads((f.metadata() or {}).get("config", "{}")).get("size", "")
+        try:
+            with safe_open(path, "pt") as f:
+                size = json.loads((f.metadata() or {}).get("config", "{}")).get("size", "")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SystemExit(f"--backbone {path}: not a readable safetensors file ({e}); expected a dit_text2img.py "
+                             f"run folder or checkpoint") from None
     size = {k.lower(): k for k in PRESETS}.get((size or "tiny").lower())
     if size is None:
         raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
@@ -226,6 +241,10 @@ def parse_config(argv):
     cfg = Config(**{**preset, **given, "size": size})
     if not cfg.epochs >= 0:
         raise SystemExit(f"--epochs {cfg.epochs}: expected a number of epochs >= 0")
+    # counts: 0 means 'off' only where the help says so (micro-batch, sample-every, min-chars); a zero step count
+    # or interval would divide by zero or train nothing
+    check_counts(cfg, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "bench_steps", "control_blocks"),
+                 non_negative=("micro_batch", "sample_every", "min_chars"))
     for flag, val, ok in (("--cond-type", cfg.cond_type, ("mask", "box")), ("--attn", cfg.attn, ("kernels", "sdpa"))):
         if val not in ok:
             raise SystemExit(f"{flag} {val!r}: expected one of {list(ok)}")
@@ -689,12 +708,73 @@ def latent_folder(root, vae):
 
 
 def latent_info(folder):
-    """The latent folder's info.json: shape, per-channel mean / std, decoder / encoder paths (made absolute)."""
+    """The latent folder's info.json: shape, per-channel mean / std, and the info itself (its encoder / decoder
+    names are resolved by latent_file, only when one is loaded)."""
     li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
-    path = lambda k: li.get(k) and os.path.join(folder, li[k])             # an absolute path is kept as it is
     return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
-                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1), decoder=path("decoder") or "",
-                encoder=path("encoder") or "")
+                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1), info=li)
+
+
+def latent_file(folder, key):
+    """The file that the latent folder's info.json `key` names inside the folder ('' when it names none). Our
+    choice: a path that is absolute or leaves the folder is refused in one line, never followed: info.json comes
+    with a shared dataset, and the file it names may be a program (encoder.pt2, decoder.pt2)."""
+    name = str(latent_info(folder)["info"].get(key) or "")
+    if not name:
+        return ""
+    path = os.path.normpath(os.path.join(folder, name))
+    if os.path.isabs(name) or os.path.relpath(path, os.path.normpath(folder)).split(os.sep)[0] == os.pardir:
+        raise SystemExit(f"{folder}/info.json: {key} {name!r} is outside the latent folder; expected a file in it "
+                         f"(encoder / decoder paths elsewhere are not followed)")
+    return path
+
+
+def load_program(path, what):
+    """A torch.export program (.pt2), said in one printed line first: torch.export.load can run code."""
+    print(f"{path}: {what}, a torch.export program (.pt2), which can run code when loaded: load only latent folders "
+          f"you made or trust", flush=True)
+    try:
+        return torch.export.load(path).module()
+    except Exception as e:                                      # torch.export.load raises many kinds on a bad file
+        raise SystemExit(f"{path}: not a loadable torch.export program ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected vae.py encode's") from None
+
+
+LATENT_DTYPES = ("F32", "F16", "BF16")                           # FORMAT.md §7: float32, also float16 / bfloat16
+TEXT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def shard_shape(path, key, dtypes):
+    """shard_tensor_shape with the first of `dtypes` the shard stores (several are allowed for latents): -> shape,
+    or one line naming the file."""
+    stored = None
+    try:
+        with safe_open(path, "numpy") as f:
+            if key in f.keys():
+                stored = f.get_slice(key).get_dtype()
+    except (SafetensorError, OSError):
+        pass                                                     # shard_tensor_shape names the problem
+    return shard_tensor_shape(path, key, stored if stored in dtypes else dtypes[0])
+
+
+def check_shards(folder, rows, key, dtypes, where, shape=None):
+    """`key` in folder/shards/ for the shards the rows name: each readable, of the format's dtype (and row shape
+    when given), with a row at every (shard, index); one line at start instead of a crash mid-training."""
+    shards = set()
+    for r in rows:
+        try:
+            shards.add(int(r["shard"]))
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"{where}: row {r.get('id')!r} has shard {r.get('shard')!r}; expected an integer "
+                             f"(FORMAT.md §2)") from None
+    sizes = {}
+    for s in sorted(shards):
+        path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+        got = shard_shape(path, key, dtypes)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: `{key}` rows have shape {got[1:]}; expected {list(shape)}")
+        sizes[s] = got[0]
+    check_shard_rows(rows, sizes, where)
 
 
 def warn(msg):
@@ -716,6 +796,15 @@ def parse_boxes(obj, where):
             raise SystemExit(f"{where}: box of {name!r} is {v!r}; expected [x0, y0, x1, y1] fractions or a list of "
                              f"them") from None
     return out
+
+
+def read_boxes_cell(text, where):
+    """A meta.csv `boxes` cell (JSON, empty: no boxes) -> its object; one line when it is not JSON."""
+    try:
+        return json.loads(text or "{}")
+    except ValueError as e:
+        raise SystemExit(f"{where}: boxes {text[:80]!r} are not JSON ({e}); expected {{class: [x0, y0, x1, y1]}}") \
+            from None
 
 
 def rasterize_boxes(boxes, classes, size, where="", strict=True):
@@ -758,10 +847,11 @@ def cond_encoder(folder, device):
     """-> fn: {0, 1} maps [n, K, S, S] -> 2 m - 1 (pixels), or [n, K C, h, w] (each map via encoder.pt2, normalised)."""
     if folder is None:
         return lambda m: (m.float() * 2 - 1).to(device)
-    li = latent_info(folder)
-    if not li["encoder"] or not os.path.isfile(li["encoder"]):
+    li, path = latent_info(folder), latent_file(folder, "encoder")
+    if not path or not os.path.isfile(path):
         raise SystemExit(f"{folder}: no encoder.pt2 for the condition maps; re-run vae.py encode to write encoder.pt2")
-    enc, mean, std = torch.export.load(li["encoder"]).module().to(device), li["mean"].to(device), li["std"].to(device)
+    enc = load_program(path, "the condition-map encoder").to(device)
+    mean, std = li["mean"].to(device), li["std"].to(device)
     def fn(m):
         z = torch.cat([enc(c.to(device).float() * 2 - 1).float() for c in m.reshape(-1, 1, *m.shape[2:]).split(64)])
         return ((z - mean) / std).reshape(len(m), -1, *z.shape[2:])
@@ -781,10 +871,10 @@ class ControlData:
     def __init__(self, cfg, dcfg, split="train"):
         root, path = cfg.data, os.path.join(cfg.data, "meta.csv")
         self.info = read_json(os.path.join(root, "info.json"), "a dataset folder (meta.csv, shards/, info.json)")
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("split", split) == split]
-        if not rows or "report" not in rows[0]:
-            raise SystemExit(f"{path}: no rows with split={split!r} or no 'report' column")
+        need = ("report", "shard", "index") + (("boxes",) if cfg.cond_type == "box" else ())
+        rows = read_meta(path, required=need, split=split)[0]   # ids checked: they name evaluate's output files
+        if not rows:
+            raise SystemExit(f"{path}: no rows with split={split!r}")
         self.root, self.cond_size, self.space = root, int(self.info["size"]), dcfg.space
         lat = latent_folder(root, dcfg.vae) if self.space == "latent" else None
         li = latent_info(lat) if lat else dict(shape=(1, self.cond_size, self.cond_size), mean=None, std=None)
@@ -803,6 +893,15 @@ class ControlData:
                              f"{ti['max_length']} tokens); the backbone reads {dcfg.text_encoder!r} "
                              f"({dcfg.text_dim} wide, {dcfg.max_length} tokens)")
         self.max_length, self.text_dim = dcfg.max_length, dcfg.text_dim
+        # every shard the rows read, checked now (dtype, row shape, a row at every index): not a crash mid-run
+        check_shards(self.folder, rows, self.key, LATENT_DTYPES if lat else ("U16",), path, self.shape)
+        if lat:                                                  # evaluate reads the real images too
+            check_shards(root, rows, "images", ("U16",), path)
+        text_where = f"{self.text} (text cache of {path}; re-run embed-text)"
+        check_shards(self.text, rows, "hidden", (TEXT_DTYPES.get(ti.get("dtype", "bfloat16"), "BF16"),), text_where)
+        check_shards(self.text, rows, "lengths", ("I32",), text_where)
+        if cfg.cond_type == "mask":
+            check_shards(root, rows, "masks", ("U8",), path)     # FORMAT.md §3: uint8 0 / 1
         rows = [r for r in rows if len(r["report"].strip()) >= cfg.min_chars]     # roentgen §3, as the backbone
         if cfg.cond_type == "mask":
             have = self.info.get("mask_names") or []
@@ -812,9 +911,8 @@ class ControlData:
                                  f"{[n for n in names if n not in have]}")
             self.channels = [have.index(n) for n in names]
         else:
-            if "boxes" not in rows[0]:
-                raise SystemExit(f"{path}: no 'boxes' column; expected JSON {{class: [x0, y0, x1, y1]}} per row")
-            self.boxes = [parse_boxes(json.loads(r["boxes"] or "{}"), f"{path} row {r['id']}") for r in rows]
+            self.boxes = [parse_boxes(read_boxes_cell(r["boxes"], f"{path} row {r['id']}"), f"{path} row {r['id']}")
+                          for r in rows]
             seen = sorted({c for b in self.boxes for c in b})
             names = [s.strip() for s in cfg.box_classes.split(",") if s.strip()] or seen
             if set(seen) - set(names):
@@ -1059,9 +1157,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -1074,8 +1173,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -1159,12 +1259,23 @@ def save_grid(path, images, ncol, labels=()):
     atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
+def has_decoder(folder):
+    return any(p and os.path.isfile(p) for p in (latent_file(folder, "decoder_safetensors"),
+                                                latent_file(folder, "decoder")))
+
+
 def load_decoder(folder, device):
-    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images."""
-    li = latent_info(folder)
-    if not li["decoder"] or not os.path.isfile(li["decoder"]):
-        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found (vae.py encode writes it)")
-    dec, mean, std = torch.export.load(li["decoder"]).module().to(device), li["mean"].to(device), li["std"].to(device)
+    """A latent folder's decoder as normalised latents -> [-1, 1] images: decoder.safetensors when there is one
+    (load_radvae_decoder: tensors only, nothing unpickled), else the torch.export decoder.pt2 (said in one line)."""
+    li, safe, prog = latent_info(folder), latent_file(folder, "decoder_safetensors"), latent_file(folder, "decoder")
+    if safe and os.path.isfile(safe):
+        dec = load_radvae_decoder(safe, device)[0]
+    elif prog and os.path.isfile(prog):
+        dec = load_program(prog, "the decoder (no decoder.safetensors here; vae.py encode writes one)").to(device)
+    else:
+        raise SystemExit(f"{folder}/info.json: no decoder found (decoder_safetensors {safe!r}, decoder {prog!r}); "
+                         f"expected the decoder files written by vae.py encode")
+    mean, std = li["mean"].to(device), li["std"].to(device)
     return torch.no_grad()(lambda z: dec(z.float() * std + mean).float())
 
 
@@ -1426,7 +1537,6 @@ def train(cfg):
                          f"{dcfg.depth}); this run has --size {cfg.size!r}: use --size {dcfg.size} or another backbone")
     dcfg = DiTConfig(**{**asdict(dcfg), "attn": cfg.attn, "grad_ckpt": cfg.grad_ckpt})
     data = ControlData(cfg, dcfg)
-    encode_cond = cond_encoder(data.folder if data.space == "latent" else None, device)   # latent: encoder.pt2
     cfg = Config(**{**asdict(cfg), "cond_names": ",".join(data.cond_names), "cond_size": data.cond_size,
                     "max_steps": epoch_steps(cfg, len(data))})
     for k in ("cond_type", "cond_names", "cond_size", "control_blocks") if saved else ():
@@ -1434,6 +1544,10 @@ def train(cfg):
             raise SystemExit(f"{ckpt_path}: checkpoint has {k}={getattr(saved[0], k)!r} but this run has "
                              f"{k}={getattr(cfg, k)!r}; use another --out, --no-resume or matching flags")
     micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
+    # The run folder: new, empty, or this command's (its checkpoint or output.json); a dataset is refused. Every
+    # rank checks (rank 0 writes output.json and removes stale .tmp-* of a killed checkpoint write).
+    claim_output(cfg.out, {"command": "controlnet.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
+    encode_cond = cond_encoder(data.folder if data.space == "latent" else None, device)   # latent: encoder.pt2
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     model = build_model(dcfg, data.cond_channels, cfg.control_blocks, base_state, where).to(device)
@@ -1458,8 +1572,13 @@ def train(cfg):
     sched, tokens, peak = Schedule(), (dcfg.image_size // dcfg.patch) ** 2, peak_flops(device)
     n_train = sum(p.numel() for p in params)
     n_params = n_train + sum(p.numel() for p in model.base.parameters())
-    decode = load_decoder(data.folder, device) if data.space == "latent" and os.path.isfile(
-        latent_info(data.folder)["decoder"]) else None                  # no decoder: grids of latent channel 0
+    if rank == 0:                                                # records past the starting step are from a killed
+        resume_log(os.path.join(cfg.out, "log.jsonl"), step)     # run (log steps count optimizer steps, as ckpts)
+    # The decoder only when grids are drawn (rank 0, --sample-every > 0): never opened otherwise (a .pt2 is code);
+    # no decoder: grids of latent channel 0
+    decode = None
+    if rank == 0 and cfg.sample_every and data.space == "latent" and has_decoder(data.folder):
+        decode = load_decoder(data.folder, device)
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), {**asdict(cfg), "backbone_config": asdict(dcfg)})
@@ -1651,16 +1770,37 @@ def read_png01(path):
         return torch.from_numpy(np.asarray(im).astype(np.float32) / 65535.0)[None]
 
 
-def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
+def check_generate(icfg):
+    """The options of generate, checked before anything is read or written."""
+    if icfg.cfg < 0 or icfg.eta < 0:
+        raise SystemExit(f"--cfg {icfg.cfg} / --eta {icfg.eta}: expected >= 0 / >= 0")
+    check_counts(icfg, positive=("n_per_cond", "batch_size", "steps"), non_negative=("n",))
+
+
+def output_record(command, icfg, path, **sources):
+    """What decides generate's images (output.json; not --n, --batch-size, --out, --device, nor --mask-out: the
+    annotations and meta.csv are rewritten from the current flags on every run, only images are kept)."""
+    return {"command": command, "ckpt_sha256": file_sha256(path), "seed": icfg.seed, **sources,
+            "n_per_cond": icfg.n_per_cond, "steps": icfg.steps, "eta": icfg.eta, "cfg": icfg.cfg,
+            "cfg_cond": icfg.cfg_cond, "text_encoder": icfg.text_encoder}
+
+
+def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1, record=None):
     """items: dicts (cid, maps uint8 [K, S, S], boxes or None, prompt, source_id) -> for each of n_per_cond samples
-    <id>.png, <id>_mask.png (+ <id>_mask_<k>.png, <id>_boxes.json), meta.csv and grid.png; existing images kept."""
-    if icfg.cfg < 0 or icfg.n_per_cond < 1 or icfg.eta < 0:
-        raise SystemExit(f"--cfg {icfg.cfg} / --n-per-cond {icfg.n_per_cond} / --eta {icfg.eta}: expected >=0/>=1/>=0")
+    <id>.png, <id>_mask.png (+ <id>_mask_<k>.png, <id>_boxes.json), meta.csv and grid.png; existing images kept
+    when `out` was claimed with the same `record` (claim_output: another record is refused)."""
+    check_generate(icfg)
     names, K = cfg.cond_names.split(","), icfg.n_per_cond
     if icfg.mask_out and icfg.mask_out not in names:
         raise SystemExit(f"--mask-out {icfg.mask_out!r}: expected one of the checkpoint's condition names {names}")
     ch = names.index(icfg.mask_out) if icfg.mask_out else 0
+    where = icfg.boxes or icfg.masks or os.path.join(getattr(icfg, "data", ""), "meta.csv")
+    check_ids([it["cid"] for it in items], where)               # condition ids name files: inside --out only
     ids = [it["cid"] if K == 1 else f"{it['cid']}_s{k}" for it in items for k in range(K)]
+    lat = latent_folder(cfg.data, dcfg.vae) if dcfg.space == "latent" else None
+    if lat:                                                      # paths outside the latent folder: refused now
+        latent_file(lat, "encoder"), latent_file(lat, "decoder"), latent_file(lat, "decoder_safetensors")
+    claim_output(out, record or {}, write=rank == 0)
     os.makedirs(out, exist_ok=True)
     def save_mask_png(path, m):
         atomic_save(path, lambda tmp: Image.fromarray((np.asarray(m) > 0).astype(np.uint8) * 255).save(tmp, "PNG"))
@@ -1668,11 +1808,11 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
         meta = []
         for i, name in enumerate(ids):
             it = items[i // K]
-            save_mask_png(os.path.join(out, f"{name}_mask.png"), it["maps"][ch])
+            save_mask_png(file_in(out, name, "_mask.png", where), it["maps"][ch])
             for k in range(len(names)) if len(names) > 1 and cfg.cond_type == "mask" else ():
-                save_mask_png(os.path.join(out, f"{name}_mask_{k}.png"), it["maps"][k])
+                save_mask_png(file_in(out, name, f"_mask_{k}.png", where), it["maps"][k])
             if it["boxes"] is not None:
-                write_json(os.path.join(out, f"{name}_boxes.json"), it["boxes"])
+                write_json(file_in(out, name, "_boxes.json", where), it["boxes"])
             meta.append({"id": name, "split": "test", "report": it["prompt"], "prompt": it["prompt"],
                          "cond_id": it["cid"], "sample": i % K, "mask": names[ch], "source_id": it.get("source_id", ""),
                          "boxes": json.dumps(it["boxes"]) if it["boxes"] is not None else ""})
@@ -1688,8 +1828,8 @@ def generate(model, cfg, dcfg, items, icfg, out, device, rank=0, world=1):
         raise SystemExit(f"--text-encoder {icfg.text_encoder or dcfg.text_encoder}: {width}-wide features; "
                          f"the backbone was trained on {dcfg.text_dim}-wide ones ({dcfg.text_encoder})")
     tids, tlen = tokenize(tok, [it["prompt"] for it in items], dcfg.max_length)
-    decode = load_decoder(latent_folder(cfg.data, dcfg.vae), device) if dcfg.space == "latent" else None
-    encode_cond = cond_encoder(latent_folder(cfg.data, dcfg.vae) if dcfg.space == "latent" else None, device)
+    decode = load_decoder(lat, device) if lat else None
+    encode_cond = cond_encoder(lat, device)
     todo = [i for i in range(rank, len(ids), world) if not os.path.exists(os.path.join(out, f"{ids[i]}.png"))]
     sched, shape, t0 = Schedule(), (dcfg.in_channels, dcfg.image_size, dcfg.image_size), time.time()
     for b in range(0, len(todo), icfg.batch_size):
@@ -1726,10 +1866,18 @@ def read_prompts(icfg, n):                                       # one prompt fo
     return lines * n if len(lines) == 1 else lines
 
 
+def masks_sha256(folder):
+    """sha256 over a mask folder's PNG names and contents (what decides the conditions of --masks)."""
+    pngs = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
+    listing = [[f, file_sha256(os.path.join(folder, f))] for f in pngs]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def sample(icfg):
     """Image / annotation pairs from mask PNGs or box JSON under text prompts (EMA adapter); resumable, sharded."""
     if bool(icfg.masks) == bool(icfg.boxes):
         raise SystemExit("sample: give exactly one of --masks DIR and --boxes FILE")
+    check_generate(icfg)
     rank, world, device = setup_distributed(icfg.device)
     cfg, dcfg, model = load_model(icfg.ckpt, device)
     if icfg.masks and cfg.cond_type != "mask" or icfg.boxes and cfg.cond_type != "box":
@@ -1739,7 +1887,10 @@ def sample(icfg):
     conds = conds[: icfg.n or None]
     prompts = read_prompts(icfg, len(conds))
     items = [{"cid": c, "maps": m, "boxes": b, "prompt": p} for (c, m, b), p in zip(conds, prompts)]
-    ids = generate(model, cfg, dcfg, items, icfg, icfg.out, device, rank, world)
+    source = {"masks_sha256": masks_sha256(icfg.masks)} if icfg.masks else {"boxes_sha256": file_sha256(icfg.boxes)}
+    prompt = {"prompts_sha256": file_sha256(icfg.prompts)} if icfg.prompts else {"prompt": icfg.prompt}
+    record = output_record("controlnet.py sample", icfg, backbone_path(icfg.ckpt), **source, **prompt)
+    ids = generate(model, cfg, dcfg, items, icfg, icfg.out, device, rank, world, record)
     if world > 1:
         dist.destroy_process_group()
     return ids
@@ -1830,6 +1981,7 @@ def fidelity(kind, names, mask, items, pred):
 def evaluate(icfg):
     """Control fidelity on a split: images from its conditions and captions, a downstream.py U-Net's masks scored
     against the conditions (the real images too: the segmenter's ceiling); FID against those real images."""
+    check_generate(icfg)
     rank, world, device = setup_distributed(icfg.device)
     cfg, dcfg, model = load_model(icfg.ckpt, device)
     net, scfg = load_segmenter(icfg.seg_ckpt or "(--seg-ckpt not given)", device)
@@ -1845,7 +1997,14 @@ def evaluate(icfg):
     items = [{"cid": data.rows[i]["id"], "maps": maps[j], "prompt": data.rows[i]["report"], "target": targets[j],
               "boxes": data.boxes[i] if cfg.cond_type == "box" else None, "source_id": data.rows[i]["id"]}
              for j, i in enumerate(rows)]
-    ids = generate(model, cfg, dcfg, items, icfg, os.path.join(icfg.out, "fake"), device, rank, world)
+    seg_path = next((os.path.join(icfg.seg_ckpt, f) for f in ("best.safetensors", "ckpt.safetensors")
+                     if os.path.isfile(os.path.join(icfg.seg_ckpt, f))), icfg.seg_ckpt)
+    record = output_record("controlnet.py evaluate", icfg, backbone_path(icfg.ckpt),
+                           data_sha256=file_sha256(os.path.join(icfg.data, "meta.csv")), split=icfg.split,
+                           seg_ckpt_sha256=file_sha256(seg_path), fid_features=icfg.fid_features,
+                           allow_random_weights=icfg.allow_random_weights)
+    claim_output(icfg.out, record, write=rank == 0)             # results.json beside fake/, claimed alike
+    ids = generate(model, cfg, dcfg, items, icfg, os.path.join(icfg.out, "fake"), device, rank, world, record)
     if rank:
         return None
     fake = torch.stack([read_png01(os.path.join(icfg.out, "fake", f"{i}.png")) for i in ids])

@@ -40,8 +40,16 @@ Text cache DATA/text/<name>/ (written by `embed-text`, rows aligned with meta.cs
                 padded tokens are masked anyway), `lengths` int32 [n] (valid tokens after truncation),
                 `n_tokens` int32 [n] (tokens before truncation, for --max-tokens).
 Latent folders DATA/latents/<vae>/ are the ones vae.py `encode` writes (info.json with shape, per-channel
-mean / std and a torch.export decoder program; shards/ with `latents` [N, C, h, w]); sampling decodes with that
-program, never importing vae.py. A .pt2 program is code: load only decoders you wrote or trust.
+mean / std, decoder.safetensors and a torch.export decoder program; shards/ with `latents` [N, C, h, w]). Decoding
+(sampling, and training grids when --sample-every is not 0) prefers decoder.safetensors (plain tensors, read by the
+radvae_decoder block: nothing is unpickled) and falls back to decoder.pt2 only when there is none, saying so in one
+line: a .pt2 program is code, load only decoders you wrote or trust. Training with --sample-every 0 opens no decoder.
+Our choice: a decoder path in info.json that is absolute or leaves the latent folder is refused, never followed.
+
+Bad input stops with one line before anything is written: a sample --out (or a training --out) that holds a dataset
+or another command's outputs is refused; sample --out records what decides its images (output.json: checkpoint
+sha256, seed, prompts, sampler, steps, guidance) and resumes only with the same record; ids from --cond name files
+only inside --out.
 
 Checkpoint: one safetensors file, written atomically: `model.*`, `ema.*`, `optim.*` (and `text_encoder.*` when
 it was fine-tuned), with the resolved config and step in its metadata. Every random draw is a function of
@@ -240,6 +248,12 @@ def parse_config(argv):
     cfg = Config(**{**preset, **given, "size": size})
     if not cfg.epochs >= 0:
         raise SystemExit(f"--epochs {cfg.epochs}: expected a number of epochs >= 0")
+    # counts: 0 means 'off' / 'from the data' only where the help says so (micro-batch, sample-every, min-chars and
+    # the sizes resolved from the data); a zero step count or interval would divide by zero or train nothing
+    check_counts(cfg, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "bench_steps", "max_length",
+                                "hidden", "depth", "heads"),
+                 non_negative=("micro_batch", "sample_every", "min_chars", "patch", "in_channels", "image_size",
+                               "resolution", "pe_base", "text_dim"))
     for flag, val, ok in (("--pred", cfg.pred, ("eps", "v")), ("--pos-embed", cfg.pos_embed, ("interp", "reinit")),
                           ("--space", cfg.space, ("auto", "pixel", "latent")),
                           ("--attn", cfg.attn, ("kernels", "sdpa"))):
@@ -699,16 +713,15 @@ def text_folder(root, name=""):
 def embed_text(ecfg):
     """Cache the encoder's outputs for every meta.csv row in DATA/text/<name>/, aligned by shard and index;
     resumable (finished shards are kept), sharded over processes under torchrun."""
+    check_counts(ecfg, positive=("max_length", "batch_size"))
     rank, world, device = setup_distributed(ecfg.device)
     if ecfg.dtype not in ("bfloat16", "float16", "float32"):
         raise SystemExit(f"--dtype {ecfg.dtype!r}: expected bfloat16, float16 or float32")
     path = os.path.join(ecfg.data, "meta.csv")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or ecfg.column not in rows[0]:
-        raise SystemExit(f"{path}: no rows or no {ecfg.column!r} column")
+    rows = read_meta(path, required=(ecfg.column, "shard", "index"))[0]
+    if not rows:
+        raise SystemExit(f"{path}: no rows; expected one a dataset image")
+    check_shard_rows(rows, shard_sizes(ecfg.data, row_shards(rows, path), "images", ("U16",)), path)
     name = ecfg.name or (MINILM if ecfg.text_encoder == MINILM else
                          os.path.basename(os.path.abspath(ecfg.text_encoder)) if os.path.isdir(ecfg.text_encoder)
                          else ecfg.text_encoder.replace("/", "--"))
@@ -802,12 +815,67 @@ def latent_folder(root, vae=""):
 
 
 def latent_info(folder):
-    """The latent folder's info.json: shape, per-channel mean / std, decoder path (made absolute)."""
+    """The latent folder's info.json: shape, per-channel mean / std, and the info itself (its decoder names are
+    resolved by latent_file, only when a decoder is loaded)."""
     li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
-    dec = li.get("decoder", "")
     return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
-                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1),
-                decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
+                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1), info=li)
+
+
+def latent_file(folder, info, key):
+    """The file that info.json's `key` names inside the latent folder ('' when it names none). Our choice: a path
+    that is absolute or leaves the folder is refused in one line, never followed: info.json comes with a shared
+    dataset, and the file it names may be a program (decoder.pt2)."""
+    name = str(info.get(key) or "")
+    if not name:
+        return ""
+    path = os.path.normpath(os.path.join(folder, name))
+    if os.path.isabs(name) or os.path.relpath(path, os.path.normpath(folder)).split(os.sep)[0] == os.pardir:
+        raise SystemExit(f"{folder}/info.json: {key} {name!r} is outside the latent folder; expected a file in it "
+                         f"(decoder paths elsewhere are not followed)")
+    return path
+
+
+LATENT_DTYPES = ("F32", "F16", "BF16")                           # FORMAT.md §7: float32, also float16 / bfloat16
+TEXT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def shard_shape(path, key, dtypes):
+    """shard_tensor_shape with the first of `dtypes` the shard stores (several are allowed for latents): -> shape,
+    or one line naming the file."""
+    stored = None
+    try:
+        with safe_open(path, "numpy") as f:
+            if key in f.keys():
+                stored = f.get_slice(key).get_dtype()
+    except (SafetensorError, OSError):
+        pass                                                     # shard_tensor_shape names the problem
+    return shard_tensor_shape(path, key, stored if stored in dtypes else dtypes[0])
+
+
+def shard_sizes(folder, shards, key, dtypes, shape=None):
+    """{shard: rows} of `key` in folder/shards/ for the shards meta.csv names, each checked (dtype, readable, and
+    the row shape when given) at start, so a bad shard stops the run before the first step."""
+    sizes = {}
+    for s in sorted(shards):
+        path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+        got = shard_shape(path, key, dtypes)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: `{key}` rows have shape {got[1:]}; expected {list(shape)}")
+        sizes[s] = got[0]
+    return sizes
+
+
+def row_shards(rows, where):
+    """The shard numbers meta.csv rows name (one line for a row whose shard is not an integer)."""
+    out = set()
+    for r in rows:
+        try:
+            out.add(int(r["shard"]))
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"{where}: row {r.get('id')!r} has shard {r.get('shard')!r}; expected an integer "
+                             f"(FORMAT.md §2)") from None
+    return out
 
 
 class TextImageData:
@@ -824,12 +892,9 @@ class TextImageData:
         if cfg.resolution and int(self.info.get("size", 0)) != cfg.resolution:
             raise SystemExit(f"{root}/info.json: images are {self.info.get('size')} px; --resolution {cfg.resolution} "
                              f"expects {cfg.resolution} px")
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("split", split) == split]
+        rows = read_meta(path, required=("report", "shard", "index"), split=split)[0]
         if not rows:
             raise SystemExit(f"{path}: no rows with split={split!r}")
-        if "report" not in rows[0]:
-            raise SystemExit(f"{path}: no 'report' column; expected the impression text of each image")
         lat = latent_folder(root, cfg.vae) if cfg.space in ("auto", "latent") else None
         if cfg.space == "latent" and lat is None:
             raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use "
@@ -837,16 +902,15 @@ class TextImageData:
         self.space, self.root, self.folder = ("latent" if lat else "pixel"), root, lat or root
         if self.space == "latent":
             li = latent_info(lat)
-            self.shape, self.mean, self.std, self.decoder = li["shape"], li["mean"], li["std"], li["decoder"]
+            self.shape, self.mean, self.std = li["shape"], li["mean"], li["std"]
         else:
-            self.shape, self.decoder = (1, int(self.info["size"]), int(self.info["size"])), None
+            self.shape = (1, int(self.info["size"]), int(self.info["size"]))
         self.key = "latents" if self.space == "latent" else "images"
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
-        first = self.shard_path(self.folder, int(rows[0]["shard"]))
-        got = tuple(self._open(first).get_slice(self.key).get_shape()[1:])
-        if got != self.shape:
-            raise SystemExit(f"{first}: `{self.key}` rows have shape {list(got)}; expected {list(self.shape)} "
-                             f"from {'its info.json' if lat else 'info.json size'}")
+        # every shard the rows name, checked now (dtype, row shape, row count): not a crash mid-training
+        shards = row_shards(rows, path)
+        sizes = shard_sizes(self.folder, shards, self.key, LATENT_DTYPES if lat else ("U16",), self.shape)
+        check_shard_rows(rows, sizes, path)
         # text: the cache (its encoder decides the text width), or the tokenizer when the encoder is trained
         self.max_length = cfg.max_length
         if tokenizer is None:
@@ -860,14 +924,15 @@ class TextImageData:
             if int(ti["max_length"]) != cfg.max_length:
                 raise SystemExit(f"{self.text}/info.json: cached with max length {ti['max_length']}; this run has "
                                  f"--max-length {cfg.max_length}")
+            dtype = TEXT_DTYPES.get(ti.get("dtype", "bfloat16"), "BF16")
+            for key, codes in (("hidden", (dtype,)), ("lengths", ("I32",)), ("n_tokens", ("I32",))):
+                sizes = shard_sizes(self.text, shards, key, codes)
+                check_shard_rows(rows, sizes, f"{self.text} (text cache of {path}; re-run embed-text)")
             stats = {}
-            for s in sorted({int(r["shard"]) for r in rows}):
+            for s in sorted(shards):
                 with safe_open(self.shard_path(self.text, s), "pt") as f:
                     stats[s] = (f.get_tensor("lengths"), f.get_tensor("n_tokens"))
-            try:
-                n_tokens = [int(stats[int(r["shard"])][1][int(r["index"])]) for r in rows]
-            except IndexError:
-                raise SystemExit(f"{self.text}: fewer cached rows than meta.csv; re-run embed-text") from None
+            n_tokens = [int(stats[int(r["shard"])][1][int(r["index"])]) for r in rows]
         else:
             self.text, self.encoder = None, encoder_key(cfg.text_encoder)
             n_tokens = tokenize(tokenizer, [r["report"] for r in rows], cfg.max_length)[2].tolist()
@@ -1137,9 +1202,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -1152,8 +1218,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -1243,17 +1310,39 @@ def save_grid(path, images, ncol, labels=()):
     atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
+def decoder_files(folder):
+    """-> (decoder.safetensors path, decoder.pt2 path) that the latent folder's info.json names, '' for none."""
+    info = latent_info(folder)["info"]
+    return latent_file(folder, info, "decoder_safetensors"), latent_file(folder, info, "decoder")
+
+
+def has_decoder(folder):
+    return any(p and os.path.isfile(p) for p in decoder_files(folder))
+
+
 def load_decoder(folder, device):
-    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space)."""
+    """A latent folder's decoder as normalised latents -> [-1, 1] images (None: pixel space). decoder.safetensors
+    when there is one (load_radvae_decoder: tensors only, nothing unpickled); else the torch.export decoder.pt2,
+    with one printed line saying that it is a program. Called only when images are decoded."""
     if folder is None:
         return None
     li = latent_info(folder)
-    if not li["decoder"] or not os.path.isfile(li["decoder"]):
-        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found; expected the torch.export "
-                         f"program written by vae.py encode")
-    dec = torch.export.load(li["decoder"]).module().to(device)
+    safe, prog = decoder_files(folder)
+    if safe and os.path.isfile(safe):
+        dec = load_radvae_decoder(safe, device)[0]
+    elif prog and os.path.isfile(prog):
+        print(f"{prog}: a torch.export program (.pt2), which can run code when loaded: load only decoders you made "
+              f"or trust (no decoder.safetensors in {folder}; vae.py encode writes one)", flush=True)
+        try:
+            dec = torch.export.load(prog).module().to(device)
+        except Exception as e:                                  # torch.export.load raises many kinds on a bad file
+            raise SystemExit(f"{prog}: not a loadable torch.export program ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected vae.py encode's") from None
+    else:
+        raise SystemExit(f"{folder}/info.json: no decoder found (decoder_safetensors {safe!r}, decoder {prog!r}); "
+                         f"expected the decoder files written by vae.py encode")
     mean, std = li["mean"].to(device), li["std"].to(device)
-    return lambda z: dec(z.float() * std + mean).float()
+    return torch.no_grad()(lambda z: dec(z.float() * std + mean).float())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1571,7 +1660,15 @@ def train(cfg):
     n_params = sum(p.numel() for p in raw.parameters())
     tokens = (cfg.image_size // cfg.patch) ** 2
     peak = peak_flops(device)
-    decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
+    # The run folder: new, empty, or this command's (its checkpoint or output.json); a dataset is refused. Every
+    # rank checks (rank 0 writes output.json and removes stale .tmp-* of a killed checkpoint write).
+    claim_output(cfg.out, {"command": "dit_text2img.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
+    if rank == 0:                                                # records past the starting step are from a killed
+        resume_log(os.path.join(cfg.out, "log.jsonl"), step)     # run (log steps count optimizer steps, as ckpts)
+    # The decoder only when grids are drawn (rank 0, --sample-every > 0): never opened otherwise (a .pt2 is code)
+    decode = None
+    if rank == 0 and cfg.sample_every and data.space == "latent" and has_decoder(data.folder):
+        decode = load_decoder(data.folder, device)
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
@@ -1745,12 +1842,9 @@ def read_prompts(icfg):
     if icfg.prompts:
         with open(src) as f:
             items = [(f"prompt{j:05d}", line.strip(), {}) for j, line in enumerate(x for x in f if x.strip())]
-    else:
-        with open(src, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows and "report" not in rows[0]:
-            raise SystemExit(f"--cond {src}: no 'report' column; expected a meta.csv with the impression text")
-        items = [(r.get("id") or f"row{j:05d}", (r["report"] or "").strip(), r) for j, r in enumerate(rows)]
+    else:                                                        # ids name the output files: checked (read_meta)
+        rows = read_meta(src, required=("report",), what="a meta.csv with the impression text (--cond)")[0]
+        items = [(r["id"], (r["report"] or "").strip(), r) for r in rows]
     items = items[: icfg.n or None]
     if not items:
         raise SystemExit(f"{src}: no prompts; expected {'one prompt a line' if icfg.prompts else 'rows'}")
@@ -1764,6 +1858,7 @@ def sample(icfg):
                          f"cfg >= 0, n-per-prompt >= 1, eta >= 0")
     if icfg.sampler not in ("ddim", "ddpm"):
         raise SystemExit(f"--sampler {icfg.sampler!r}: expected ddim or ddpm")
+    check_counts(icfg, positive=("n_per_prompt", "batch_size", "steps"), non_negative=("n",))
     items = read_prompts(icfg)
     rank, world, device = setup_distributed(icfg.device)
     saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.", "text_encoder."))
@@ -1783,17 +1878,27 @@ def sample(icfg):
     ids, lengths, n_tok = tokenize(tok, [p for _, p, _ in items], cfg.max_length)
     if rank == 0:
         warn_truncated(n_tok, cfg.max_length, "prompts")
-    decode = None
+    lat = None
     if cfg.space == "latent":                                    # the training data's decoder, for its latents only
         lat = latent_folder(cfg.data, cfg.vae)
         if lat is None or latent_info(lat)["shape"] != (cfg.in_channels, cfg.image_size, cfg.image_size):
             raise SystemExit(f"{lat or os.path.join(cfg.data, 'latents')}: latents of shape "
                              f"{list(latent_info(lat)['shape']) if lat else None}; the checkpoint generates "
                              f"{[cfg.in_channels, cfg.image_size, cfg.image_size]}")
-        decode = load_decoder(lat, device)
-    os.makedirs(icfg.out, exist_ok=True)
+        decoder_files(lat)                                       # a decoder path outside the folder: refused now
     K = icfg.n_per_prompt
-    names = [f"{pid}.png" if K == 1 else f"{pid}_s{k}.png" for pid, _, _ in items for k in range(K)]
+    where = icfg.cond or icfg.prompts
+    names = [os.path.basename(file_in(icfg.out, pid if K == 1 else f"{pid}_s{k}", ".png", where))
+             for pid, _, _ in items for k in range(K)]
+    # What decides the images (not --n, --batch-size, --out, --device): another checkpoint, seed, prompt file or
+    # sampler into the same --out is refused instead of keeping old images under new captions
+    record = {"command": "dit_text2img.py sample", "ckpt_sha256": file_sha256(path), "seed": icfg.seed,
+              "prompts": {"from": "--cond" if icfg.cond else "--prompts", "sha256": file_sha256(where)},
+              "n_per_prompt": K, "sampler": icfg.sampler, "steps": icfg.steps, "eta": icfg.eta, "cfg": icfg.cfg,
+              "text_encoder": icfg.text_encoder or cfg.text_encoder}
+    claim_output(icfg.out, record, write=rank == 0)
+    decode = load_decoder(lat, device)                           # None in pixel space
+    os.makedirs(icfg.out, exist_ok=True)
     if rank == 0:                                                # the caption and labels of every image, up front
         keep = [c for c in META_COLUMNS if c not in ("id", "split", "report", "findings", "shard", "index",
                                                       "source_path")]

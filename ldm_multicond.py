@@ -37,10 +37,16 @@ Caches, rows aligned with meta.csv by (shard, index):
     DATA/text/<name>/    info.json {encoder, max_length, hidden_size, column}; shards/*.safetensors `hidden`
                          [n, L_s, C] (zero beyond each text), `lengths` [n], `n_tokens` [n] (dit_text2img.py's layout)
     DATA/images/<name>/  info.json {encoder, dim, size}; shards/*.safetensors `features` float32 [n, F]
-Latents DATA/latents/<vae>/ are the ones vae.py `encode` writes; sampling decodes with their torch.export program
-(a .pt2 program is code: load only decoders you wrote or trust). Checkpoint: one safetensors file, written
-atomically: model.*, ema.*, optim.* and the config; every random draw is a function of (seed, step) in training
-and of (seed, image index) in sampling, so resumes and sharding change nothing.
+Latents DATA/latents/<vae>/ are the ones vae.py `encode` writes. Decoding (sampling, and training grids when
+--sample-every is not 0) prefers their decoder.safetensors (plain tensors, the radvae_decoder block: nothing is
+unpickled) and falls back to the torch.export decoder.pt2 only when there is none, saying so in one line (a .pt2
+program is code: load only decoders you wrote or trust); training with --sample-every 0 opens no decoder. Our
+choice: a decoder path in info.json that is absolute or leaves the latent folder is refused, never followed.
+Bad input stops with one line before anything is written: a sample --out (or training --out) holding a dataset or
+another command's outputs is refused; sample --out records what decides its images (output.json: checkpoint
+sha256, seed, --cond file, split, subsets, guidance, steps) and resumes only with the same record.
+Checkpoint: one safetensors file, written atomically: model.*, ema.*, optim.* and the config; every random draw is a
+function of (seed, step) in training and of (seed, image index) in sampling, so resumes and sharding change nothing.
 """
 import argparse
 import copy
@@ -216,7 +222,14 @@ def parse_config(argv):
     size = {k.lower(): k for k in PRESETS}.get(given.get("size", Config.size).lower())
     if size is None:
         raise SystemExit(f"--size {given['size']!r}: expected one of {list(PRESETS)}")
-    return Config(**{**PRESETS[size], **given, "size": size})
+    cfg = Config(**{**PRESETS[size], **given, "size": size})
+    # counts: 0 means 'off' / 'from the data' only where the help says so (micro-batch, sample-every, the sizes
+    # resolved from the data); a zero step count or interval would divide by zero or train nothing
+    check_counts(cfg, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "bench_steps", "max_length",
+                                "channels", "res_blocks", "heads", "dim", "tau_layers", "tau_heads", "tau_ff",
+                                "timesteps"),
+                 non_negative=("micro_batch", "sample_every", "in_channels", "image_size", "text_dim", "image_dim"))
+    return cfg
 
 
 def modality_mask(text, where, allowed="L,I,T"):
@@ -695,15 +708,14 @@ def cache_folder(root, kind, name="", encoder=""):
 def embed(ecfg, kind):
     """Cache a frozen encoder's outputs for every meta.csv row in DATA/<kind>/<name>/, aligned by shard and index;
     resumable (finished shards are kept), sharded over processes under torchrun."""
+    check_counts(ecfg, positive=("max_length", "batch_size"))
     rank, world, device = setup_distributed(ecfg.device)
     path = os.path.join(ecfg.data, "meta.csv")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
     vision = kind == "images"
-    if not rows or (not vision and ecfg.column not in rows[0]):
-        raise SystemExit(f"{path}: no rows or no {ecfg.column!r} column")
+    rows = read_meta(path, required=("shard", "index") + (() if vision else (ecfg.column,)))[0]
+    if not rows:
+        raise SystemExit(f"{path}: no rows; expected one a dataset image")
+    check_shard_rows(rows, shard_sizes(ecfg.data, row_shards(rows, path), "images", ("U16",)), path)
     name_in = ecfg.image_encoder if vision else ecfg.text_encoder
     key = os.path.abspath(name_in) if os.path.isdir(name_in) else name_in
     name = ecfg.name or (os.path.basename(key) if os.path.isdir(name_in) else name_in.replace("/", "--"))
@@ -780,6 +792,7 @@ META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "se
                 ["report", "findings", "shard", "index", "source_path"])
 SAMPLE_COLUMNS = META_COLUMNS + ["cond_use", "guide_against", "source_id"]
 SEX, RACE = {"F": -1.0, "M": 1.0}, {"ASIAN": 1 / 3, "BLACK": 2 / 3, "WHITE": 1.0}
+LABEL_COLUMNS = tuple(LABELS) + ("age", "sex", "race")          # what L reads: required columns when L is used
 
 
 def label_vector(row, where):
@@ -792,10 +805,8 @@ def label_vector(row, where):
             raise SystemExit(f"{where}: {lab}={s!r}; expected 1, 0, -1 or empty")
         out.append(float(s) if s else 0.0)
     age, sex, race = (str(row.get(k) or "").strip() for k in ("age", "sex", "race"))
-    try:
-        out.append(float(age) / 100 if age else 0.0)
-    except ValueError:
-        raise SystemExit(f"{where}: age={age!r}; expected years as a number or empty") from None
+    years = check_age(age, where)                                # the one age rule: 0-120 years, or empty
+    out.append(0.0 if math.isnan(years) else years / 100)
     for var, s, table in (("sex", sex, SEX), ("race", race, RACE)):
         if s and s not in table:
             raise SystemExit(f"{where}: {var}={s!r}; expected one of {list(table)} or empty")
@@ -817,12 +828,74 @@ def read_json(path, what):
 
 
 def latent_info(folder):
-    """The latent folder's info.json: shape, per-channel mean / std, decoder path (made absolute)."""
+    """The latent folder's info.json: shape, per-channel mean / std, and the info itself (its decoder names are
+    resolved by latent_file, only when a decoder is loaded)."""
     li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
-    dec = li.get("decoder", "")
     return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
-                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1),
-                decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
+                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1), info=li)
+
+
+def latent_file(folder, info, key):
+    """The file that info.json's `key` names inside the latent folder ('' when it names none). Our choice: a path
+    that is absolute or leaves the folder is refused in one line, never followed: info.json comes with a shared
+    dataset, and the file it names may be a program (decoder.pt2)."""
+    name = str(info.get(key) or "")
+    if not name:
+        return ""
+    path = os.path.normpath(os.path.join(folder, name))
+    if os.path.isabs(name) or os.path.relpath(path, os.path.normpath(folder)).split(os.sep)[0] == os.pardir:
+        raise SystemExit(f"{folder}/info.json: {key} {name!r} is outside the latent folder; expected a file in it "
+                         f"(decoder paths elsewhere are not followed)")
+    return path
+
+
+LATENT_DTYPES = ("F32", "F16", "BF16")                           # FORMAT.md §7: float32, also float16 / bfloat16
+
+
+def shard_shape(path, key, dtypes):
+    """shard_tensor_shape with the first of `dtypes` the shard stores (several are allowed for latents): -> shape,
+    or one line naming the file."""
+    stored = None
+    try:
+        with safe_open(path, "numpy") as f:
+            if key in f.keys():
+                stored = f.get_slice(key).get_dtype()
+    except (SafetensorError, OSError):
+        pass                                                     # shard_tensor_shape names the problem
+    return shard_tensor_shape(path, key, stored if stored in dtypes else dtypes[0])
+
+
+def shard_sizes(folder, shards, key, dtypes, shape=None):
+    """{shard: rows} of `key` in folder/shards/ for the shards meta.csv names, each checked (dtype, readable, and
+    the row shape when given) at start, so a bad shard stops the run before the first step."""
+    sizes = {}
+    for s in sorted(shards):
+        path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+        got = shard_shape(path, key, dtypes)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: `{key}` rows have shape {got[1:]}; expected {list(shape)}")
+        sizes[s] = got[0]
+    return sizes
+
+
+def row_shards(rows, where):
+    """The shard numbers meta.csv rows name (one line for a row whose shard is not an integer)."""
+    out = set()
+    for r in rows:
+        try:
+            out.add(int(r["shard"]))
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"{where}: row {r.get('id')!r} has shard {r.get('shard')!r}; expected an integer "
+                             f"(FORMAT.md §2)") from None
+    return out
+
+
+def check_cache(folder, rows, keys, where):
+    """A cache's shards (text/, images/) against the rows that read them: each key's dtype, and a row for every
+    (shard, index): one line at start instead of an IndexError mid-run."""
+    shards = row_shards(rows, where)
+    for key, dtype in keys:
+        check_shard_rows(rows, shard_sizes(folder, shards, key, (dtype,)), f"{where} (cache {folder}; re-run embed)")
 
 
 def shard_path(folder, shard):
@@ -865,7 +938,7 @@ class CondSource:
                 studies.setdefault(r["study_id"], []).append(r)
             if r.get("patient_id"):
                 patients.setdefault(r["patient_id"], []).append(r)
-        feats = []
+        chosen = []
         for r in self.rows:
             c = r
             if cond_image == "same-study":
@@ -874,6 +947,10 @@ class CondSource:
                     if others:
                         c = others[0]
                         break
+            chosen.append(c)
+        check_cache(folder, chosen, (("features", "F32"),), os.path.join(self.root, "meta.csv"))
+        feats = []
+        for c in chosen:
             f = self._open(shard_path(folder, int(c["shard"])))
             feats.append(f.get_slice("features")[int(c["index"]):int(c["index"]) + 1])
         return torch.cat(feats).float()
@@ -901,6 +978,7 @@ class CondSource:
             raise SystemExit(f"{folder}: states of {info['encoder']!r} ({info['hidden_size']} wide, "
                              f"{info['max_length']} tokens); expected {cfg.text_encoder!r} ({cfg.text_dim} wide, "
                              f"{cfg.max_length} tokens)")
+        check_cache(folder, self.rows, (("hidden", "BF16"), ("lengths", "I32")), os.path.join(self.root, "meta.csv"))
         self.text, self.text_folder, self.text_info = "cache", folder, info
         self.lengths = torch.tensor([int(self._open(shard_path(folder, int(r["shard"]))).get_slice("lengths")
                                          [int(r["index"]):int(r["index"]) + 1][0]) for r in self.rows])
@@ -935,9 +1013,10 @@ class MultiCondData:
             raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
                              f"e.g. from `python prep_data.py phantom --out {root}`")
         self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
-        with open(path, newline="") as f:
-            all_rows = list(csv.DictReader(f))
-        self.rows = [r for r in all_rows if r.get("split", split) == split]
+        use = modality_mask(cfg.modalities, "--modalities")
+        need = ("split", "shard", "index") + (LABEL_COLUMNS if use[0] else ())
+        all_rows = read_meta(path, required=need)[0]             # all splits: conditioning images of a study
+        self.rows = [r for r in all_rows if r["split"] == split]
         if not self.rows:
             raise SystemExit(f"{path}: no rows with split={split!r}")
         if cfg.space not in ("auto", "pixel", "latent"):
@@ -957,16 +1036,16 @@ class MultiCondData:
         self.space, self.root, self.folder = ("latent" if lat else "pixel"), root, lat or root
         if self.space == "latent":
             li = latent_info(lat)
-            self.shape, self.mean, self.std, self.decoder = li["shape"], li["mean"], li["std"], li["decoder"]
+            self.shape, self.mean, self.std = li["shape"], li["mean"], li["std"]
         else:
-            self.shape, self.decoder = (1, int(self.info["size"]), int(self.info["size"])), None
+            self.shape = (1, int(self.info["size"]), int(self.info["size"]))
         self.key = "latents" if self.space == "latent" else "images"
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
-        first = shard_path(self.folder, int(self.rows[0]["shard"]))
-        got = tuple(self._open(first).get_slice(self.key).get_shape()[1:])
-        if got != self.shape:
-            raise SystemExit(f"{first}: `{self.key}` rows have shape {list(got)}; expected {list(self.shape)}")
-        self.use = modality_mask(cfg.modalities, "--modalities")
+        # every shard the rows name, checked now (dtype, row shape, row count): not a crash mid-training
+        sizes = shard_sizes(self.folder, row_shards(self.rows, path), self.key,
+                            LATENT_DTYPES if lat else ("U16",), self.shape)
+        check_shard_rows(self.rows, sizes, path)
+        self.use = use
         self.cond = CondSource(root, self.rows, cfg, self.use, cfg.cond_image, all_rows)
 
     def __len__(self):
@@ -1181,9 +1260,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -1196,8 +1276,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -1287,17 +1368,39 @@ def save_grid(path, images, ncol, labels=()):
     atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
+def decoder_files(folder):
+    """-> (decoder.safetensors path, decoder.pt2 path) that the latent folder's info.json names, '' for none."""
+    info = latent_info(folder)["info"]
+    return latent_file(folder, info, "decoder_safetensors"), latent_file(folder, info, "decoder")
+
+
+def has_decoder(folder):
+    return any(p and os.path.isfile(p) for p in decoder_files(folder))
+
+
 def load_decoder(folder, device):
-    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space)."""
+    """A latent folder's decoder as normalised latents -> [-1, 1] images (None: pixel space). decoder.safetensors
+    when there is one (load_radvae_decoder: tensors only, nothing unpickled); else the torch.export decoder.pt2,
+    with one printed line saying that it is a program. Called only when images are decoded."""
     if folder is None:
         return None
     li = latent_info(folder)
-    if not li["decoder"] or not os.path.isfile(li["decoder"]):
-        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found; expected the torch.export "
-                         f"program written by vae.py encode")
-    dec = torch.export.load(li["decoder"]).module().to(device)
+    safe, prog = decoder_files(folder)
+    if safe and os.path.isfile(safe):
+        dec = load_radvae_decoder(safe, device)[0]
+    elif prog and os.path.isfile(prog):
+        print(f"{prog}: a torch.export program (.pt2), which can run code when loaded: load only decoders you made "
+              f"or trust (no decoder.safetensors in {folder}; vae.py encode writes one)", flush=True)
+        try:
+            dec = torch.export.load(prog).module().to(device)
+        except Exception as e:                                  # torch.export.load raises many kinds on a bad file
+            raise SystemExit(f"{prog}: not a loadable torch.export program ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected vae.py encode's") from None
+    else:
+        raise SystemExit(f"{folder}/info.json: no decoder found (decoder_safetensors {safe!r}, decoder {prog!r}); "
+                         f"expected the decoder files written by vae.py encode")
     mean, std = li["mean"].to(device), li["std"].to(device)
-    return lambda z: dec(z.float() * std + mean).float()
+    return torch.no_grad()(lambda z: dec(z.float() * std + mean).float())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1426,6 +1529,11 @@ def save_checkpoint(path, raw, ema, opt, cfg, step):
     meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
             "param_groups": json.dumps(groups)}
     write_checkpoint(path, tensors, meta, "ldm_multicond/1")
+
+
+def read_checkpoint_path(path):
+    """A run folder means RUN/ckpt.safetensors."""
+    return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
 
 
 def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
@@ -1566,6 +1674,9 @@ def train(cfg):
     if saved:
         check_compatible(cfg, saved[0], ckpt_path)
     micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
+    # The run folder: new, empty, or this command's (its checkpoint or output.json); a dataset is refused. Every
+    # rank checks (rank 0 writes output.json and removes stale .tmp-* of a killed checkpoint write).
+    claim_output(cfg.out, {"command": "ldm_multicond.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     raw = MultiCondLDM(cfg).to(device)
@@ -1575,8 +1686,11 @@ def train(cfg):
     step = 0
     if saved:
         _, step, parts, groups, _ = saved
-        raw.load_state_dict(parts["model."])
-        ema.load_state_dict(parts["ema."])
+        try:
+            raw.load_state_dict(parts["model."])
+            ema.load_state_dict(parts["ema."])
+        except RuntimeError as e:
+            raise SystemExit(f"{ckpt_path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
         load_optimizer(opt, parts["optim."], groups)
         for g in opt.param_groups:                               # the flags of this run win over the saved ones
             g.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -1585,7 +1699,12 @@ def train(cfg):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in raw.parameters())
     tokens, peak = cfg.image_size ** 2, peak_flops(device)      # tokens: input positions of one image
-    decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
+    if rank == 0:                                                # records past the starting step are from a killed
+        resume_log(os.path.join(cfg.out, "log.jsonl"), step)     # run (log steps count optimizer steps, as ckpts)
+    # The decoder only when grids are drawn (rank 0, --sample-every > 0): never opened otherwise (a .pt2 is code)
+    decode = None
+    if rank == 0 and cfg.sample_every and data.space == "latent" and has_decoder(data.folder):
+        decode = load_decoder(data.folder, device)
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
         env = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
@@ -1762,13 +1881,17 @@ def load_for_inference(icfg):
 def sample(icfg):
     """Images from noise under a subset of the conditions of --cond rows; PNG i from noise (seed, i); skips images
     already written. meta.csv copies each condition row's labels / demographics / report and records the subset."""
+    check_counts(icfg, positive=("steps", "batch_size"), non_negative=("n",))
+    if icfg.eta < 0:
+        raise SystemExit(f"--eta {icfg.eta}: expected >= 0")
     cfg, model, use, against, rank, world, device = load_for_inference(icfg)
     if icfg.cond:
-        if not os.path.isfile(icfg.cond):
-            raise SystemExit(f"--cond {icfg.cond}: no such file; expected a meta.csv")
-        with open(icfg.cond, newline="") as f:
-            all_rows = list(csv.DictReader(f))
-        rows = [r for r in all_rows if not icfg.split or r.get("split") == icfg.split]
+        # ids are checked (a file name each, unique), the label columns required when L is used, split when given
+        need = LABEL_COLUMNS if use[0] else ()
+        all_rows = read_meta(icfg.cond, required=need, what="a meta.csv of conditions (--cond)")[0]
+        if icfg.split:
+            read_meta(icfg.cond, split=icfg.split, what="a meta.csv with a split column (--split)")
+        rows = [r for r in all_rows if not icfg.split or r["split"] == icfg.split]
         if not rows:
             raise SystemExit(f"--cond {icfg.cond}: no rows" + (f" with split={icfg.split!r}" if icfg.split else ""))
         root = os.path.dirname(os.path.abspath(icfg.cond))
@@ -1781,9 +1904,19 @@ def sample(icfg):
     else:
         rows, src = [{}], None
     n = icfg.n or (len(rows) if icfg.cond else 16)
-    sched, decode = schedule_of(cfg), None
+    sched, lat = schedule_of(cfg), None
     if cfg.space == "latent":
-        decode = load_decoder(os.path.join(cfg.data, "latents", cfg.vae), device)
+        lat = os.path.join(cfg.data, "latents", cfg.vae)
+        decoder_files(lat)                                       # a decoder path outside the folder: refused now
+    # What decides the images (not --n, --batch-size, --out, --device): another checkpoint, seed, condition file
+    # or subset into the same --out is refused instead of keeping old images under new conditions
+    record = {"command": "ldm_multicond.py sample", "ckpt_sha256": file_sha256(read_checkpoint_path(icfg.ckpt)),
+              "seed": icfg.seed, "cond_sha256": file_sha256(icfg.cond) if icfg.cond else "", "split": icfg.split,
+              "use": ",".join(m for m, u in zip("LIT", use) if u),
+              "guide_against": ",".join(m for m, u in zip("LIT", against) if u), "cfg": icfg.cfg,
+              "steps": icfg.steps, "eta": icfg.eta}
+    claim_output(icfg.out, record, write=rank == 0)
+    decode = load_decoder(lat, device)                           # None in pixel space
     os.makedirs(icfg.out, exist_ok=True)
     names = [f"{i:06d}.png" for i in range(n)]
     tag_use = ",".join(m for m, u in zip("LIT", use) if u)
