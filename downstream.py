@@ -397,7 +397,16 @@ def load_imagenet(model, path):
     if not os.path.isfile(path):
         raise SystemExit(f"--init imagenet:{path}: no such file; expected torchvision's ImageNet weights, e.g. "
                          f"https://download.pytorch.org/models/densenet121-a639ec97.pth or resnet50-0676ba61.pth")
-    sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                             weights_only=True)
+    except Exception as e:                                       # torch.load / safetensors raise many kinds
+        raise SystemExit(f"--init imagenet:{path}: not a readable state_dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); expected torchvision's ImageNet weights "
+                         f"(.pth or .safetensors)") from None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise SystemExit(f"--init imagenet:{path}: not a state_dict of tensors; expected torchvision's ImageNet "
+                         f"weights")
     sd = {LEGACY_DENSE.sub(r"\1\2", k): v for k, v in sd.items()}
     own = model.state_dict()
     for k in ("features.conv0.weight", "conv1.weight"):
@@ -615,8 +624,8 @@ def var_value(var, s, policy, where, datasets=()):
     if var in LABELS:
         v = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0": -1.0, "": math.nan}.get(s, "?")
         v = {"ignore": math.nan, "ones": 1.0, "zeros": 0.0}[policy] if v == -1.0 else v
-    elif var == "age":
-        v = age_years(s) if not s or age_years(s) == age_years(s) else "?"
+    elif var == "age":                                           # one rule for ages (FORMAT.md §2 range)
+        v = check_age(s, where)
     else:
         v = float(cats.index(s.upper())) if s.upper() in cats else "?" if s else math.nan
     if v == "?":
@@ -661,20 +670,27 @@ class Source:
     def __init__(self, spec, cfg, default_split=""):
         name, _, rest = spec.strip().partition("=") if "=" in spec else ("", "", spec.strip())
         folder, _, split = rest.rpartition(":")                  # a split only when it is one of the four
-        if not (folder and split in ("train", "val", "test", "all")):
+        explicit = bool(folder and split in ("train", "val", "test", "all"))
+        if not explicit:
             folder, split = rest, default_split
         self.folder, self.split = folder.rstrip("/"), "" if split == "all" else split
         self.name = name.strip() or os.path.basename(self.folder) or self.folder
         self.synthetic = self.name.lower().startswith("syn")
-        if not os.path.isfile(meta := os.path.join(self.folder, "meta.csv")):
-            raise SystemExit(f"{meta}: no such file; expected a dataset folder (prep_data.py) or a folder of "
-                             f"generated images with a meta.csv (id, labels, sex, age, race, view)")
-        with open(meta, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or "id" not in rows[0]:
-            raise SystemExit(f"{meta}: {'no rows' if not rows else 'no id column'}; expected one row per image")
-        self.columns, self.kind = set(rows[0]), "dataset" if os.path.isdir(f"{self.folder}/shards") else "png"
-        if self.split and "split" in self.columns:
+        self.kind = "dataset" if os.path.isdir(f"{self.folder}/shards") else "png"
+        # Our rule for a split: a dataset folder must have the `split` column whenever a split is used, and so must
+        # a PNG folder when `:split` is written; a sampler's PNG folder without the column, under a default split
+        # (e.g. --val FOLDER), is used whole, as the samplers write no split.
+        strict = self.split and (explicit or self.kind == "dataset")
+        what = ("a dataset folder (prep_data.py) or a folder of generated images with a meta.csv (id, labels, sex, "
+                "age, race, view)")
+        meta = os.path.join(self.folder, "meta.csv")
+        rows, columns = read_meta(meta, required=("shard", "index") if self.kind == "dataset" else (),
+                                  split=self.split if strict else None, what=what)
+        if not rows:
+            raise SystemExit(f"{meta}: no rows{f' with split={self.split!r}' if strict else ''}; expected one row "
+                             f"per image")
+        self.columns = set(columns)
+        if self.split and not strict and "split" in self.columns:
             rows = [r for r in rows if r["split"] == self.split]
         views = [v.strip().upper() for v in cfg.views.split(",") if v.strip()]
         rows = [r for r in rows if (r.get("view") or "").upper() in views] if views else rows
@@ -682,12 +698,13 @@ class Source:
         if self.kind == "dataset":
             if not os.path.isfile(path := os.path.join(self.folder, "info.json")):
                 raise SystemExit(f"{path}: no such file; expected the dataset's info.json (prep_data.py)")
-            with open(path) as f:
-                self.info = json.load(f)
-            self.size = int(self.info["size"])
-            for shard in sorted({int(r["shard"]) for r in rows}):
-                if not os.path.isfile(p := os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")):
-                    raise SystemExit(f"{p}: no such shard; expected the shards/ named by meta.csv's shard column")
+            try:
+                with open(path) as f:
+                    self.info = json.load(f)
+                self.size = int(self.info["size"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"{path}: not a dataset's info.json with a size ({type(e).__name__}: {e})") from None
+            check_shards(self.folder, rows, "images", "U16", (1, self.size, self.size))
         elif rows:                                               # the samplers' folders: the first image's side
             self.size = read_png(os.path.join(self.folder, f"{rows[0]['id']}.png"), 0).shape[-1]
         self.cache_gb, self._pix = cfg.cache_gb, None
@@ -739,6 +756,7 @@ class Source:
             names = self.info.get("mask_names") or []
             if mask_name not in names:
                 raise SystemExit(f"{self.folder}/info.json: no mask {mask_name!r}; mask_names are {names}")
+            check_shards(self.folder, self.rows, "masks", "U8", (len(names), self.size, self.size))
             self.masks = self._read("masks", range(len(self.rows)), names.index(mask_name)).to(torch.uint8)
         else:
             self.masks = torch.stack([(read_png(os.path.join(self.folder, f"{r['id']}_mask.png"), self.size) > 0)
@@ -752,6 +770,26 @@ class Source:
         where = f"{self.folder}/meta.csv row"
         return np.array([[var_value(v, r.get(v), policy, f"{where} {r['id']} {v}", datasets) for v in labels]
                          for r in self.rows], np.float64).reshape(len(self.rows), len(labels))
+
+def check_shards(root, rows, key, dtype, shape):
+    """The shards that meta.csv rows name: each readable, holding `key` as `dtype` with rows of `shape`, and every
+    row's index inside its shard (the meta_table pieces do each check; this runs them over one dataset)."""
+    numbers = set()
+    for r in rows:                                               # (check_shard_rows names a non-integer cell)
+        try:
+            numbers.add(int(r["shard"]))
+        except (TypeError, ValueError):
+            pass
+    sizes = {}
+    for n in sorted(numbers):
+        path = os.path.join(root, "shards", f"{n:05d}.safetensors")
+        if os.path.isfile(path):
+            got = shard_tensor_shape(path, key, dtype)
+            if tuple(got[1:]) != tuple(shape):
+                raise SystemExit(f"{path}: `{key}` rows have shape {list(got[1:])}; expected {list(shape)} "
+                                 f"(info.json)")
+            sizes[n] = got[0]
+    check_shard_rows(rows, sizes, os.path.join(root, "meta.csv"))
 
 def parse_sources(text, cfg, default_split="", what="--train"):
     srcs = [Source(s, cfg, default_split) for s in text.split(",") if s.strip()]
@@ -1039,9 +1077,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -1054,8 +1093,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -1303,6 +1343,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         raw.load_state_dict(parts["model."])
         step, state = meta["step"], meta["state"]
         load_optimizer(opt, parts["optim."], meta["param_groups"])
+    claim_out(rank)                                              # inputs read; before DDP's first collective
     if step >= cfg.max_steps or state["stopped"]:                # a finished run: its best weights, no training
         print(f"{run_dir}: finished at step {step}", flush=True) if rank == 0 else None
         return load_best(raw, best_path)
@@ -1311,6 +1352,10 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
+        clean_temporaries(run_dir)                               # .tmp-* of a killed checkpoint write
+        # log.jsonl records are numbered like the checkpoint (the step after the update): keep those up to the
+        # step resumed from, drop what a killed run logged after its last checkpoint (all of it on a fresh start)
+        resume_log(os.path.join(run_dir, "log.jsonl"), step)
         write_text(os.path.join(run_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
         write_text(os.path.join(run_dir, "env.json"), json.dumps(environment(device, world), indent=1))
         print(f"{run_dir}: {cfg.encoder or cfg.arch} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M trained "
@@ -1562,6 +1607,7 @@ def finish(cfg, rank, results, md, extra=None):
     if rank != 0:
         return results
     print(md, flush=True)
+    claim_out(rank)
     write_text(os.path.join(cfg.out, "results.json"), json.dumps(clean({"config": asdict(cfg), **(extra or {}),
                                                                          "results": results}), indent=1))
     write_text(os.path.join(cfg.out, "results.md"), md.strip() + "\n")
@@ -1586,7 +1632,8 @@ def run_experiments(cfg, evaluate, masks=False):
         val_srcs, srcs = validation(cfg, srcs)
         pool, val = Pool(srcs, cfg, labels, size, masks), Pool(val_srcs, cfg, labels, size, masks)
         tests = {s.name: Pool([s], cfg, labels, size, masks) for s in test_sets(cfg, srcs)}
-        evals[row] = [evaluate(train(cfg, pool, val, os.path.join(cfg.out, SAFE.sub("_", row), f"run{k}"), cfg.seed + k,
+        row_dir = file_in(cfg.out, SAFE.sub("_", row), where="--train")     # names from the CLI: stay in --out
+        evals[row] = [evaluate(train(cfg, pool, val, os.path.join(row_dir, f"run{k}"), cfg.seed + k,
                                      len(labels) or 1, init=cfg.init).to(device), tests, val, device)
                       for k in range(cfg.runs)]
     return rank, labels, evals, tests
@@ -1604,8 +1651,10 @@ def report_classify(cfg, rank, evals, tests, labels):
             for t, r in ev.items():
                 scores = r.pop("_scores")
                 if rank == 0:
-                    write_predictions(os.path.join(cfg.out, "predictions", SAFE.sub("_", f"{row}_run{k}_{t}.csv")),
-                                      tests[t], scores, labels)
+                    claim_out(rank)
+                    name = file_in(os.path.join(cfg.out, "predictions"), SAFE.sub("_", f"{row}_run{k}_{t}"), ".csv",
+                                   where="--train / --test names")
+                    write_predictions(name, tests[t], scores, labels)
                     if cfg.roc_plot and not results and k == 0 and t == next(iter(tests)):
                         roc_plot(cfg.roc_plot, tests[t].y, scores, labels, f"{row} on {t}")
         results[row] = {"runs": runs, "summary": {t: summarize([r[t] for r in runs], labels) for t in tests}}
@@ -1622,7 +1671,10 @@ def load_classifier(ckpt, labels=None):
     if labels not in (None, "predictor") and labels != (have := resolve_labels(saved)):
         raise SystemExit(f"{path}: trained on labels {have}; --labels asks for {labels}")
     model = build_model(saved, len(resolve_labels(saved)))
-    model.load_state_dict(parts["model."])
+    try:
+        model.load_state_dict(parts["model."])
+    except RuntimeError as e:
+        raise SystemExit(f"{path}: weights do not fit its own config ({str(e).splitlines()[0]})") from None
     return model, saved, path
 
 def task_eval(cfg):
@@ -1715,6 +1767,10 @@ def task_fairness(cfg):
     cohorts = {"real": test_sets(cfg, srcs)}
     if cfg.syn_test:
         cohorts["synthetic"] = parse_sources(cfg.syn_test, cfg, "", "--syn-test")
+    for src in (s for c in cohorts.values() for s in c):         # subgroups need every attribute: one rule, an error
+        if lacking := [a for a in ATTRIBUTES if a not in src.columns]:
+            raise SystemExit(f"{src.folder}/meta.csv: no column(s) {', '.join(lacking)}; fairness needs "
+                             f"{', '.join(ATTRIBUTES)} in every test cohort")
     if cfg.balance:
         arms["balanced"], extra["balance"] = balance_sources(cfg, srcs)
     results = {}
@@ -1727,7 +1783,9 @@ def task_fairness(cfg):
             pool = Pool(src, cfg, labels, size)
             p = predict(model, pool, cfg, device)
             if rank == 0:
-                write_predictions(os.path.join(cfg.out, "predictions", f"{arm}_{name}.csv"), pool, p, labels)
+                claim_out(rank)
+                write_predictions(file_in(os.path.join(cfg.out, "predictions"), SAFE.sub("_", f"{arm}_{name}"),
+                                          ".csv", where="--test / --syn-test names"), pool, p, labels)
             groups = subgroup_metrics(pool.rows, pool.y, p, t, cfg.min_group)
             overall = {"auroc": auroc_table(pool.y, p, n_boot=0)["macro"],
                        "f1": threshold_metrics(pool.y, p, t)["weighted_f1"]}
@@ -1941,12 +1999,60 @@ def task_cond_eval(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # main: task dispatch (classify is the default)
 
+# What decides the outputs under --out (recorded in OUT/output.json; a rerun with other values is refused): every
+# option except these, our choice: where and how fast it runs (--device, --compile, --cache-gb), how often it logs
+# and saves, where the weights are looked up, the ROC plot's own path, and --max-steps / --finetune-steps, which a
+# rerun may raise to continue the same runs (the runs resume from their checkpoints).
+NOT_DECIDING = ("out", "device", "compile", "resume", "log_every", "ckpt_every", "cache_gb", "dry_run", "bench",
+                "roc_plot", "weights_dir", "max_steps", "finetune_steps")
+# Counting flags: 0 means none / all / off for these (--micro-batch 0: no accumulation, --img-size 0: the data's
+# side, --patience 0: never stop early, --n-boot 0: no CIs, --warmup 0: none, --finetune-steps 0: --max-steps);
+# every other count must be at least 1.
+POSITIVE = ("batch_size", "max_steps", "eval_every", "log_every", "ckpt_every", "runs", "width", "hidden", "n_pairs")
+NON_NEGATIVE = ("micro_batch", "img_size", "patience", "n_boot", "warmup", "finetune_steps", "min_group")
+CLAIM = {}                                                       # --out and its record, claimed at the first write
+
+
+def checkpoint_file(path):
+    """The file read_checkpoint reads for a run folder or checkpoint path (None when there is none)."""
+    if os.path.isdir(path):
+        path = next((os.path.join(path, f) for f in ("best.safetensors", "ckpt.safetensors")
+                     if os.path.isfile(os.path.join(path, f))), "")
+    return path if path and os.path.isfile(path) else None
+
+
+def output_record(cfg):
+    """What decides this command's outputs: the task and the options outside NOT_DECIDING, and the sha256 of the
+    checkpoints it reads (--ckpt, --predictor, --init), so that a rerun with other inputs is refused."""
+    record = {"command": f"downstream.py {'eval' if cfg.eval and cfg.task != 'fairness' else cfg.task}"}
+    record.update({k: v for k, v in asdict(cfg).items() if k not in NOT_DECIDING})
+    init = cfg.init[len("imagenet:"):] if cfg.init.startswith("imagenet:") else cfg.init
+    for flag, path in (("ckpt", cfg.ckpt), ("predictor", cfg.predictor), ("init", init)):
+        found = checkpoint_file(path) if path else None
+        if found:
+            record[f"{flag}_sha256"] = file_sha256(found)
+    return record
+
+
+def claim_out(rank):
+    """Claim --out (claim_output) before the first write into it, once: inputs are checked first, so a refused
+    command leaves no output.json behind. Every rank calls it in train (before DDP); rank 0 writes."""
+    if CLAIM and not CLAIM.get("done"):
+        claim_output(CLAIM["out"], CLAIM["record"], mine=("results.json",), write=rank == 0)
+        CLAIM["done"] = True
+
+
 RUNNERS = {"classify": task_classify, "pretrain-finetune": task_pretrain_finetune, "fairness": task_fairness,
            "segment": task_segment, "predict-metadata": task_predict_metadata, "edit-eval": task_edit_eval,
            "cond-eval": task_cond_eval}
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    check_counts(cfg, POSITIVE, NON_NEGATIVE)
+    for name in ("syn_ratio", "cache_gb"):
+        if not getattr(cfg, name) >= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a number >= 0")
+    CLAIM.clear()
     if cfg.dry_run:
         n_out = 1 if cfg.task == "segment" else len(resolve_labels(cfg))
         with torch.device("meta"):
@@ -1957,6 +2063,8 @@ def main(argv=None):
         return bench(cfg)
     if cfg.eval and not cfg.ckpt:
         raise SystemExit("--eval: expected --ckpt RUN (a run folder or checkpoint of downstream.py)")
+    CLAIM.update(out=cfg.out, record=output_record(cfg))
+    claim_output(cfg.out, CLAIM["record"], mine=("results.json",), write=False)   # refuse now, write at first use
     return (task_eval if cfg.eval and cfg.task != "fairness" else RUNNERS[cfg.task])(cfg)
 
 if __name__ == "__main__":

@@ -150,11 +150,8 @@ def n_classes(var, datasets):
 def encode(var, text, datasets, where=""):
     """meta.csv string -> code (0 missing; FORMAT.md §5) or age in years (NaN missing)."""
     text = (text or "").strip()
-    if var == "age":
-        try:
-            return float(text) if text else math.nan
-        except ValueError:
-            raise SystemExit(f"{where}: age={text!r} is not a number of years") from None
+    if var == "age":                                             # one rule for every age (meta.csv, --set, plans)
+        return check_age(text, where)
     if not text:
         return 0
     levels = LABEL_VALUES if var in LABELS else datasets if var == "dataset" else CATEGORIES[var]
@@ -185,9 +182,10 @@ def parse_set(text, datasets):
         match = [v for v in VARIABLES if v.lower() == name.lower()]
         if not eq or not match:
             raise SystemExit(f"--set: unknown variable {name!r} in {part!r}; expected one of {VARIABLES}")
-        if not value:
+        code = encode(match[0], value, datasets, where="--set") if value else math.nan
+        if not value or (match[0] == "age" and math.isnan(code)):
             raise SystemExit(f"--set: {part!r} has no value (an intervention cannot set a value to missing)")
-        out[match[0]] = encode(match[0], value, datasets, where="--set")
+        out[match[0]] = code
     if not out:
         raise SystemExit(f"--set: {text!r} names no intervention; expected e.g. \"age=80\" or \"sex=F,Pneumonia=1\"")
     return out
@@ -582,29 +580,36 @@ def counterfactual_values(model, observed, intervention, solver):
 # Data: meta.csv rows -> codes (FORMAT.md §5); deterministic batches in (seed, step), sharded by rank
 
 
-def read_rows(data_dir):
-    """meta.csv rows (dicts of strings) and its columns; one-line errors for a missing file or columns."""
-    path = os.path.join(data_dir, "meta.csv")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file; expected a dataset folder written by prep_data.py")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows, columns = list(reader), list(reader.fieldnames or [])
-    missing = [c for c in VARIABLES + ["id"] if c not in columns]
-    if missing:
-        raise SystemExit(f"{path}: missing column(s) {missing}; expected the FORMAT.md §2 schema")
-    return rows, columns
+def read_rows(data_dir, split=None):
+    """meta.csv rows (dicts of strings, of `split` unless it is None or 'all') and its columns; one-line errors
+    (read_meta) for a missing file, missing columns (the 19 variables; `split` when one is selected), ragged rows,
+    invalid or duplicate ids."""
+    return read_meta(os.path.join(data_dir, "meta.csv"), required=VARIABLES, split=split,
+                     what="a dataset folder written by prep_data.py")
 
 
 def dataset_names(data_dir, rows):
     """Dataset names in info.json["datasets"] order (codes 1..K); without info.json, sorted names in meta.csv."""
     path = os.path.join(data_dir, "info.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            names = json.load(f).get("datasets")
+        names = read_json(path, "the dataset's info.json").get("datasets")
         if names:
             return list(names)
     return sorted({r["dataset"] for r in rows if r["dataset"]}) or ["unknown"]
+
+
+def read_json(path, what):
+    """A JSON object from a file; one line naming the file when it is missing, unreadable or not an object."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"{path}: not readable JSON ({e}); expected {what}") from None
+    if not isinstance(obj, dict):
+        raise SystemExit(f"{path}: a JSON {type(obj).__name__}; expected {what} (an object)")
+    return obj
 
 
 def encode_rows(rows, datasets, where):
@@ -818,9 +823,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -833,8 +839,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -849,41 +856,83 @@ def save_checkpoint(out, step, model, ema, opt, cfg, meta):
     atomic_save(os.path.join(out, name + ".safetensors"), lambda p: save_file(tensors, p, metadata=md))
     state = {"step": step, "opt": opt.state_dict(), "rng": torch.get_rng_state()}
     atomic_save(os.path.join(out, name + ".pt"), lambda p: torch.save(state, p))
-    with open(os.path.join(out, "latest.json.tmp"), "w") as f:
-        json.dump({"step": step, "name": name}, f)
-    os.replace(os.path.join(out, "latest.json.tmp"), os.path.join(out, "latest.json"))
+    # latest.json last, through atomic_save too: fsynced, the mode open() gives, and a temporary that a kill
+    # leaves is a .tmp-* file that clean_temporaries removes at the next start
+    atomic_save(os.path.join(out, "latest.json"), lambda p: write_json_file(p, {"step": step, "name": name}))
     for fn in os.listdir(out):                                       # keep only the newest checkpoint
         if fn.startswith("ckpt-") and not fn.startswith(name) and fn.endswith((".safetensors", ".pt")):
             os.remove(os.path.join(out, fn))
 
 
+CKPT_WHAT = ("a flow_scm.py checkpoint (a run folder with latest.json, or a ckpt-*.safetensors file of flow_scm.py "
+             "train)")
+
+
 def checkpoint_path(ckpt):
-    """--ckpt RUN (folder with latest.json) or a .safetensors file -> the weights file."""
+    """--ckpt RUN (folder with latest.json) or a .safetensors file -> the weights file; one-line errors for a
+    missing, unreadable or incomplete latest.json and for a checkpoint file it names that is not there."""
     if os.path.isdir(ckpt):
         latest = os.path.join(ckpt, "latest.json")
         if not os.path.isfile(latest):
             raise SystemExit(f"--ckpt {ckpt}: no latest.json; expected a run folder written by flow_scm.py train")
-        with open(latest) as f:
-            return os.path.join(ckpt, json.load(f)["name"] + ".safetensors")
+        name = read_json(latest, "flow_scm.py's latest.json {step, name}").get("name")
+        if not isinstance(name, str) or not name.startswith("ckpt-") or os.sep in name or "/" in name:
+            raise SystemExit(f"{latest}: name {name!r}; expected the ckpt-STEP that flow_scm.py train wrote")
+        path = os.path.join(ckpt, name + ".safetensors")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{latest}: names {path}, which does not exist; expected {CKPT_WHAT}")
+        return path
     if not os.path.isfile(ckpt) or not ckpt.endswith(".safetensors"):
         raise SystemExit(f"--ckpt {ckpt}: expected a run folder or a ckpt-*.safetensors file")
     return ckpt
 
 
+def read_scm_checkpoint(path, prefixes):
+    """-> (metadata with config / parents / datasets decoded, {prefix: {name: tensor}}) of a ckpt-*.safetensors;
+    one line naming the file when it is truncated, empty, not safetensors, or another script's checkpoint (e.g. a
+    rectified_flow.py one, which has no causal graph)."""
+    try:
+        with safe_open(path, "pt") as f:
+            md = f.metadata() or {}
+            if not all(k in md for k in ("config", "parents", "datasets", "step")):
+                raise SystemExit(f"{path}: not {CKPT_WHAT} (no config / parents / datasets / step metadata)")
+            parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+        md = {**md, **{k: json.loads(md[k]) for k in ("config", "parents", "datasets", "step")}}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {CKPT_WHAT}") from None
+    if "grad_clip" in md["config"]:                                  # checkpoints written before the rename
+        md["config"]["clip"] = md["config"].pop("grad_clip")
+    return md, parts
+
+
+def read_train_state(path):
+    """ckpt-STEP.pt (optimizer and RNG state, read with weights_only=True: tensors and plain containers only);
+    one line naming the file when it is missing, truncated or something else."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected the optimizer state beside its .safetensors checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                       # torch.load raises many kinds on a bad file
+        raise SystemExit(f"{path}: not a readable optimizer state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); expected flow_scm.py train's ckpt-STEP.pt") \
+            from None
+    if not isinstance(state, dict) or not all(k in state for k in ("step", "opt", "rng")):
+        raise SystemExit(f"{path}: no step / opt / rng entries; expected flow_scm.py train's ckpt-STEP.pt")
+    return state
+
+
 def load_model(ckpt, device="cpu", use_ema=True):
     """Rebuild the FlowSCM from the config and graph stored in a checkpoint and load (EMA) weights."""
     path = checkpoint_path(ckpt)
-    with safe_open(path, "pt") as f:
-        md = f.metadata()
-        prefix = "ema." if use_ema else "model."
-        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        buffers = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
-    saved = json.loads(md["config"])
-    if "grad_clip" in saved:                                         # checkpoints written before the rename
-        saved["clip"] = saved.pop("grad_clip")
-    cfg = Config(**saved)
-    model = FlowSCM(json.loads(md["parents"]), json.loads(md["datasets"]), cfg)
-    model.load_state_dict({**buffers, **state})
+    prefix = "ema." if use_ema else "model."
+    md, parts = read_scm_checkpoint(path, ("model.", prefix))
+    try:
+        cfg = Config(**md["config"])
+        model = FlowSCM(md["parents"], md["datasets"], cfg)
+        model.load_state_dict({**parts["model."], **parts[prefix]})
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"{path}: weights or config do not fit this flow_scm.py ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return model.to(device).eval(), cfg, int(md["step"])
 
 
@@ -981,15 +1030,44 @@ def environment(device, world):
 # --- end skeleton: environment ---
 
 
+# Counting flags: --sample-every 0 means no prevalence checks, --micro-batch 0 the whole per-process batch, --warmup
+# 0 none; every other count must be at least 1 (a 0 would divide by zero or train nothing).
+POSITIVE = ("batch_size", "max_steps", "log_every", "ckpt_every", "width", "depth", "emb_dim", "fourier")
+NON_NEGATIVE = ("micro_batch", "warmup", "sample_every")
+
+
+def truncate_log(path, step):
+    """On resume from `step` (0: a fresh start): keep log.jsonl's whole records of steps up to `step`, drop the rest
+    (what a killed run logged after its last checkpoint, a half-written last line), so records do not repeat.
+    The records carry the step after the update, as the checkpoints do. (The log_line piece's resume_log, which
+    this script does not hold.)"""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+    atomic_save(path, write)
+
+
 def train(cfg):
+    check_counts(cfg, POSITIVE, NON_NEGATIVE)
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     parents = resolve_graph(cfg.graph, cfg.cycle)
     if cfg.bench:
         datasets, codes = ["a", "b", "c"], None
     else:
-        rows, _ = read_rows(cfg.data)
-        rows = [r for r in rows if cfg.split == "all" or r.get("split") == cfg.split]
+        rows, _ = read_rows(cfg.data, cfg.split)
         if not rows:
             raise SystemExit(f"{cfg.data}/meta.csv: no rows in split {cfg.split!r}")
         datasets = dataset_names(cfg.data, rows)
@@ -1009,35 +1087,39 @@ def train(cfg):
     ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     meta = {"parents": parents, "datasets": datasets}
     step, out = 0, cfg.out
-    if master:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), **meta, "torch": torch.__version__,
-                       "device": str(device), "world": world, "params": n_params}, f, indent=1)
-
-        def write_env(tmp):
-            with open(tmp, "w") as f:
-                json.dump(environment(device, world), f, indent=1)
-        atomic_save(os.path.join(out, "env.json"), write_env)
+    # A run folder holds this command's latest.json (or output.json); a dataset or another command's outputs are
+    # refused before anything is written. Every rank checks, rank 0 writes (and removes stale .tmp-* files).
+    claim_output(out, {"command": "flow_scm.py train"}, mine=("latest.json",), write=master)
     if cfg.resume and os.path.isfile(os.path.join(out, "latest.json")):    # load, then compile, then wrap in DDP
         wpath = checkpoint_path(out)
-        with safe_open(wpath, "pt") as f:
-            md, saved = f.metadata(), json.loads(f.metadata()["config"])
-            for k in ("width", "depth", "emb_dim", "fourier"):
-                if saved[k] != getattr(cfg, k):
-                    raise SystemExit(f"{wpath}: checkpoint has {k}={saved[k]} but this run has {k}={getattr(cfg, k)} "
-                                     f"(another preset); use another --out or --no-resume")
-            if json.loads(md["parents"]) != parents or json.loads(md["datasets"]) != datasets:
-                raise SystemExit(f"{wpath}: checkpoint was trained with another graph or dataset list; use another "
-                                 f"--out or --no-resume")
-            model.load_state_dict({k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})
-            ema = {k[4:]: f.get_tensor(k).to(device) for k in f.keys() if k.startswith("ema.")}
-        state = torch.load(wpath[:-len(".safetensors")] + ".pt", map_location="cpu", weights_only=True)
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+        md, parts = read_scm_checkpoint(wpath, ("model.", "ema."))
+        saved = md["config"]
+        for k in ("width", "depth", "emb_dim", "fourier"):
+            if saved.get(k) != getattr(cfg, k):
+                raise SystemExit(f"{wpath}: checkpoint has {k}={saved.get(k)} but this run has {k}={getattr(cfg, k)} "
+                                 f"(another preset); use another --out or --no-resume")
+        if md["parents"] != parents or md["datasets"] != datasets:
+            raise SystemExit(f"{wpath}: checkpoint was trained with another graph or dataset list; use another "
+                             f"--out or --no-resume")
+        state = read_train_state(wpath[:-len(".safetensors")] + ".pt")
+        try:
+            model.load_state_dict(parts["model."])
+            opt.load_state_dict(state["opt"])
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{wpath}: weights or optimizer state do not fit this model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); use another --out or --no-resume") from None
+        ema = {k: v.to(device) for k, v in parts["ema."].items()}
+        step = int(state["step"])
         if master:
             print(f"resumed from {wpath} at step {step}")
+    if master:
+        os.makedirs(out, exist_ok=True)
+        truncate_log(os.path.join(out, "log.jsonl"), step)
+        config = {"config": dataclasses.asdict(cfg), **meta, "torch": torch.__version__, "device": str(device),
+                  "world": world, "params": n_params}
+        atomic_save(os.path.join(out, "config.json"), lambda tmp: write_json_file(tmp, config))
+        atomic_save(os.path.join(out, "env.json"), lambda tmp: write_json_file(tmp, environment(device, world)))
     raw = model
     net = torch.compile(model) if cfg.compile else model
     if world > 1:
@@ -1145,6 +1227,24 @@ def train(cfg):
 # Inference subcommands: sample, intervene, counterfactual, evaluate
 
 
+def check_csv_out(path, inputs=(), flag="--out"):
+    """--out of sample / intervene / counterfactual (and evaluate's --json): one file. Our rule: it is written
+    atomically and may replace an earlier CSV the user names again (a CSV is one whole result, nothing to resume),
+    but it is refused, before any work, when it is a folder, when it is one of this run's own inputs (the
+    --interventions plan, an --ids file, the --data meta.csv), or when its folder holds a dataset (info.json or
+    shards/) or another command's outputs (output.json): a dataset's meta.csv is never replaced."""
+    if os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: a folder; expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    for marker in ("info.json", "shards", "output.json"):
+        if os.path.exists(os.path.join(folder, marker)):
+            raise SystemExit(f"{flag} {path}: its folder holds {marker} (a dataset or another command's outputs); "
+                             f"expected a file outside it")
+    for i in inputs:
+        if i and os.path.isfile(i) and os.path.isfile(path) and os.path.samefile(i, path):
+            raise SystemExit(f"{flag} {path}: is the input {i}; expected another file")
+
+
 def write_rows(path, rows, columns):
     """Write dict rows to a CSV atomically."""
     def fn(p):
@@ -1174,7 +1274,17 @@ def chunked(fn, n, chunk):
     return {v: torch.cat([p[v] for p in parts]) for v in parts[0]}
 
 
+def check_inference_counts(args):
+    """--n (rows), --chunk, --steps: positive integers (--n 0 wrote 16 rows, --n -3 none, both with exit 0)."""
+    check_counts(args, positive=[k for k in ("n", "chunk", "steps", "n_truth", "n_cf", "min_group", "max_groups",
+                                             "per_group") if hasattr(args, k)])
+    for name in ("rtol", "atol"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"--{name} {getattr(args, name)}: expected a positive tolerance")
+
+
 def cmd_sample(args, intervention=None):
+    check_csv_out(args.out)
     model, cfg, _ = load_model(args.ckpt, args.device, not args.no_ema)
     if intervention is None and getattr(args, "set", None):
         intervention = parse_set(args.set, model.datasets)
@@ -1187,30 +1297,33 @@ def cmd_sample(args, intervention=None):
 def select_rows(rows, ids, split):
     """Rows named by --ids (comma list or @file), else the rows of --split ("all": every row)."""
     if ids:
-        wanted = open(ids[1:]).read().split() if ids.startswith("@") else [s.strip() for s in ids.split(",") if s]
+        if ids.startswith("@"):
+            try:
+                with open(ids[1:]) as f:
+                    wanted = f.read().split()
+            except (OSError, UnicodeDecodeError) as e:
+                raise SystemExit(f"--ids {ids}: cannot read the id list ({e}); expected a file of ids") from None
+        else:
+            wanted = [s.strip() for s in ids.split(",") if s]
         by_id = {r["id"]: r for r in rows}
         unknown = [i for i in wanted if i not in by_id]
         if unknown:
             raise SystemExit(f"--ids: unknown id(s) {unknown[:5]} (not in meta.csv)")
         return [by_id[i] for i in wanted]
+    if split != "all" and rows and "split" not in rows[0]:
+        raise SystemExit(f"--split {split}: meta.csv has no split column; expected FORMAT.md §2 columns (or --ids, or "
+                         f"--split all)")
     return [r for r in rows if split == "all" or r.get("split") == split]
 
 
 def read_interventions(path, rows):
     """An edit plan (rectified_flow.py edit --plan-only writes it as E/meta.csv): one row per edit with `id`,
     `source_id` (a row of --data) and `intervention` ("sex=F", "Pleural Effusion=1"). -> [(id, source row, text)]."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"--interventions {path}: no such file; expected a CSV with id, source_id, intervention")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        plan, cols = list(reader), reader.fieldnames or []
-    missing = [c for c in ("id", "source_id", "intervention") if c not in cols]
-    if missing or not plan:
-        raise SystemExit(f"--interventions {path}: " + (f"missing column(s) {missing}" if missing else "no rows") +
-                         "; expected rectified_flow.py edit --plan-only's meta.csv")
+    what = "rectified_flow.py edit --plan-only's meta.csv (id, source_id, intervention)"
+    plan, _ = read_meta(path, required=("source_id", "intervention"), what=what)   # ids: file names, each once
+    if not plan:
+        raise SystemExit(f"--interventions {path}: no rows; expected {what}")
     by_id = {r["id"]: r for r in rows}
-    if len({e["id"] for e in plan}) != len(plan):
-        raise SystemExit(f"--interventions {path}: duplicate ids; each edit needs its own id")
     for e in plan:
         if e["source_id"] not in by_id:
             raise SystemExit(f"--interventions {path}: source_id {e['source_id']!r} (edit {e['id']!r}) is not in "
@@ -1221,11 +1334,13 @@ def read_interventions(path, rows):
 def cmd_counterfactual(args):
     """Counterfactual profiles under one do(--set) for every selected row, or under each row's own intervention
     of an edit plan (--interventions), grouped by intervention so that each group is one batched solve."""
-    model, cfg, _ = load_model(args.ckpt, args.device, not args.no_ema)
-    rows, columns = read_rows(args.data)
     if bool(args.set) == bool(args.interventions):
         raise SystemExit("counterfactual: give exactly one of --set (one intervention for all rows) and "
                          "--interventions (an edit plan, one intervention per row)")
+    check_csv_out(args.out, (args.interventions, args.ids[1:] if args.ids.startswith("@") else "",
+                             os.path.join(args.data, "meta.csv")))
+    model, cfg, _ = load_model(args.ckpt, args.device, not args.no_ema)
+    rows, columns = read_rows(args.data)
     if args.interventions:
         plan = read_interventions(args.interventions, rows)
         columns = columns + [c for c in ("source_id", "intervention") if c not in columns]
@@ -1340,9 +1455,11 @@ def parent_config(parents, values):
 
 
 def cmd_evaluate(args):
+    if args.json:
+        check_csv_out(args.json, flag="--json")
     model, cfg, step = load_model(args.ckpt, args.device, not args.no_ema)
     info_path = os.path.join(args.data, "info.json")
-    info = json.load(open(info_path)) if os.path.isfile(info_path) else {}
+    info = read_json(info_path, "the phantom's info.json") if os.path.isfile(info_path) else {}
     spec, streams = (info.get("scm") or {}).get("variables"), (info.get("scm") or {}).get("order")
     if not spec:
         raise SystemExit(f"{info_path}: no 'scm' with 'variables'; evaluate needs a phantom dataset from prep_data.py")
@@ -1448,7 +1565,7 @@ def cmd_evaluate(args):
     print_report(report)
     out = args.json or os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt),
                                     "evaluate.json")
-    atomic_save(out, lambda p: json.dump(report, open(p, "w"), indent=1))
+    atomic_save(out, lambda p: write_json_file(p, report))
     print(f"wrote {out}")
     return report
 
@@ -1535,6 +1652,7 @@ def main(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+    check_inference_counts(args)
     if args.cmd in ("sample", "intervene"):
         return cmd_sample(args)
     if args.cmd == "counterfactual":

@@ -475,35 +475,53 @@ def generator(*keys, device="cpu"):
 def read_json(path, what):
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file; expected {what}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"{path}: not readable JSON ({e}); expected {what}") from None
+
+
+def check_shards(root, rows, key, dtype, shape):
+    """The shards that meta.csv rows name: each readable, holding `key` as `dtype` with rows of `shape`, and every
+    row's index inside its shard (the meta_table pieces do each check; this runs them over one dataset)."""
+    numbers = set()
+    for r in rows:                                               # (check_shard_rows names a non-integer cell)
+        try:
+            numbers.add(int(r["shard"]))
+        except (TypeError, ValueError):
+            pass
+    sizes = {}
+    for n in sorted(numbers):
+        path = os.path.join(root, "shards", f"{n:05d}.safetensors")
+        if os.path.isfile(path):
+            got = shard_tensor_shape(path, key, dtype)
+            if tuple(got[1:]) != tuple(shape):
+                raise SystemExit(f"{path}: `{key}` rows have shape {list(got[1:])}; expected {list(shape)} "
+                                 f"from info.json size")
+            sizes[n] = got[0]
+    check_shard_rows(rows, sizes, os.path.join(root, "meta.csv"))
 
 
 class CXRData:
-    """One split of a FORMAT.md §1 dataset: meta.csv rows in memory, uint16 pixels read on demand."""
+    """One split of a FORMAT.md §1 dataset: meta.csv rows in memory, uint16 pixels read on demand. Every shard the
+    rows name is checked at start (dtype, side, that each row's index is inside it): bad data stops before training,
+    not with a size mismatch mid-run."""
 
     def __init__(self, root, split="train", factor=8):
         path = os.path.join(root, "meta.csv")
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
-                             f"e.g. from `python prep_data.py phantom --out {root}`")
-        self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
-        with open(path, newline="") as f:
-            self.rows = [r for r in csv.DictReader(f) if not split or r.get("split", split) == split]
+        what = f"a dataset folder (meta.csv, shards/, info.json), e.g. from `python prep_data.py phantom --out {root}`"
+        self.rows, _ = read_meta(path, required=("shard", "index"), split=split or None, what=what)
         if not self.rows:
             raise SystemExit(f"{path}: no rows with split={split!r}")
+        self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
         self.root, self.folder, self.key = root, root, "images"
         size = int(self.info.get("size", 0))
         if size <= 0 or size % factor:
             raise SystemExit(f"{root}/info.json: images are {size} px; expected a side divisible by {factor} "
                              f"(the VAE down-samples by {factor})")
         self.shape = (1, size, size)
-        first = self.shard_path(int(self.rows[0]["shard"]))
-        with safe_open(first, "pt") as f:
-            got = tuple(f.get_slice(self.key).get_shape()[1:])
-        if got != self.shape:
-            raise SystemExit(f"{first}: `{self.key}` rows have shape {list(got)}; expected {list(self.shape)} "
-                             f"from info.json size")
+        check_shards(root, self.rows, self.key, "U16", self.shape)
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
 
     def shard_path(self, shard):
@@ -739,9 +757,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -754,8 +773,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -905,9 +925,14 @@ def save_checkpoint(path, raw, ema, opt, cfg, step):
     write_checkpoint(path, tensors, meta, "vae/1")
 
 
+def ckpt_file(path):
+    """--ckpt: a run folder means RUN/ckpt.safetensors."""
+    return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+
+
 def read_checkpoint(path, prefixes=("model.", "ema.", "optim.")):
     """-> (config dict, step, {prefix: {name: tensor}}, param_groups, path); a run folder means RUN/ckpt.safetensors."""
-    path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+    path = ckpt_file(path)
     what = "a vae.py checkpoint (a run folder or a .safetensors file from training)"
     meta, parts = open_checkpoint(path, "vae/1", what, prefixes)
     return json.loads(meta["config"]), int(meta["step"]), parts, json.loads(meta["param_groups"]), path
@@ -1044,11 +1069,22 @@ def resume_log(path, step):
 # --- end skeleton: log_line ---
 
 
+# Counting flags: --sample-every 0 means no grids, --micro-batch 0 the whole per-process batch, --image-size 0 the
+# data's side, --warmup 0 none; every other count must be at least 1 (a 0 would divide by zero or do nothing).
+POSITIVE = ("batch_size", "max_steps", "log_every", "ckpt_every", "bench_steps", "channels", "blocks",
+            "latent_channels", "head_channels")
+NON_NEGATIVE = ("micro_batch", "sample_every", "image_size", "warmup")
+
+
 def train(cfg):
+    check_counts(cfg, POSITIVE, NON_NEGATIVE)
     rank, world, device = setup_distributed(cfg.device)
     data = CXRData(cfg.data, "train", factor_of(cfg))
     cfg = resolve(cfg, data)
     ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
+    # A run folder holds this command's checkpoint (or output.json); a dataset or another command's outputs are
+    # refused before anything is written. Every rank checks, rank 0 writes (and removes stale .tmp-* files).
+    claim_output(cfg.out, {"command": "vae.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
     saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
     if saved:
         check_compatible(cfg, saved[0], ckpt_path)
@@ -1077,6 +1113,9 @@ def train(cfg):
     flops = train_flops(raw, cfg.image_size, device) if peak else None
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+        # log.jsonl records are numbered like the checkpoint (the step after the update): keep those up to the
+        # step resumed from, drop what a killed run logged after its last checkpoint (all of it on a fresh start)
+        resume_log(os.path.join(cfg.out, "log.jsonl"), step)
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         write_json(os.path.join(cfg.out, "env.json"), environment(device, world))
         print(json.dumps(asdict(cfg)))
@@ -1171,6 +1210,7 @@ def train(cfg):
 
 def bench(cfg):
     """Training steps, encoding and decoding on random tensors: img/s, MFU, peak memory."""
+    check_counts(cfg, POSITIVE, NON_NEGATIVE)
     _, _, device = setup_distributed(cfg.device)
     cfg = resolve(cfg)
     model = RadVAE(cfg).to(device)
@@ -1228,6 +1268,7 @@ def bench(cfg):
 
 def load_for_inference(icfg):
     """EMA model and config from a checkpoint."""
+    check_counts(icfg, positive=("batch_size",), non_negative=("n",))          # --n 0: the whole split
     rank, world, device = setup_distributed(icfg.device)
     saved, step, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.",))
     cfg = Config(**saved)
@@ -1298,8 +1339,12 @@ def evaluate(icfg):
         print(f"| {label} | {fmt_fd(r['rfd'])} | {r['psnr']:.3f} | {r['ssim']:.4f} |")
     if fd_note:
         print(fd_note)
-    if icfg.out and rank == 0:
-        write_json(os.path.join(icfg.out, "vae_eval.json"), out)
+    if icfg.out:                                                 # a results folder: this command's, or new
+        record = {"command": "vae.py evaluate", "ckpt_sha256": file_sha256(ckpt_file(icfg.ckpt)), "data": icfg.data,
+                  "split": icfg.split, "n": icfg.n, "fd_features": icfg.fd_features}
+        claim_output(icfg.out, record, write=rank == 0)
+        if rank == 0:
+            write_json(os.path.join(icfg.out, "vae_eval.json"), out)
     return out
 
 
@@ -1421,10 +1466,11 @@ def write_decoders(folder, cfg, model, name, side):
 
 def encode(icfg):
     """Posterior means of every meta.csv row -> DATA/latents/<name>/ (FORMAT.md §7); resumable, shards per rank."""
+    # DATA/latents/<name>/ by design (FORMAT.md §7); the name must stay a folder name inside DATA/latents/
+    folder = file_in(os.path.join(icfg.data, "latents"), icfg.name, where="--name")
     cfg, model, rank, world, device, step = load_for_inference(icfg)
     f = factor_of(cfg)
     data = CXRData(icfg.data, "", f)
-    folder = os.path.join(icfg.data, "latents", icfg.name)
     vid = vae_id(model)
     info_path = os.path.join(folder, "info.json")
     if os.path.isfile(info_path) and read_json(info_path, "").get("vae_id") != vid:
@@ -1506,18 +1552,23 @@ def decode(icfg):
                          f"[N, C, h, w]")
     if not icfg.out:
         raise SystemExit("--out: expected the output folder for the PNGs")
+    check_counts(icfg, positive=("batch_size",))
     rank, world, device = setup_distributed(icfg.device)
     path = find_decoder(icfg)
     try:
         dec, spec = load_radvae_decoder(path, device)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    with safe_open(icfg.latents, "pt") as fh:
-        meta, keys = fh.metadata() or {}, list(fh.keys())
-        key = "latents" if "latents" in keys else (keys[0] if len(keys) == 1 else None)
-        if key is None:
-            raise SystemExit(f"{icfg.latents}: tensors {keys}; expected one named `latents`")
-        z = fh.get_tensor(key).float()
+    try:
+        with safe_open(icfg.latents, "pt") as fh:
+            meta, keys = fh.metadata() or {}, list(fh.keys())
+            key = "latents" if "latents" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise SystemExit(f"{icfg.latents}: tensors {keys}; expected one named `latents`")
+            z = fh.get_tensor(key).float()
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"{icfg.latents}: not a readable safetensors file ({e}); expected `latents` [N, C, h, w]") \
+            from None
     if meta.get("vae_id") and meta["vae_id"] != spec["vae_id"]:
         raise SystemExit(f"{icfg.latents}: latents of another VAE (vae_id {meta['vae_id']}, {meta.get('vae')!r}); "
                          f"the decoder {path} is vae_id {spec['vae_id']} ({spec['vae']!r})")
@@ -1527,6 +1578,11 @@ def decode(icfg):
     if icfg.normalised:
         info = read_json(os.path.join(os.path.dirname(path), "info.json"), "the latent folder's info.json (mean, std)")
         z = z * torch.tensor(info["std"]).view(1, -1, 1, 1) + torch.tensor(info["mean"]).view(1, -1, 1, 1)
+    # The PNG folder records what decides its images (the latents' and the decoder's bytes, --normalised): a rerun
+    # with other inputs is refused instead of keeping old PNGs beside new ones under the same names.
+    record = {"command": "vae.py decode", "latents_sha256": file_sha256(icfg.latents),
+              "decoder_sha256": file_sha256(path), "normalised": icfg.normalised}
+    claim_output(icfg.out, record, write=rank == 0)
     os.makedirs(icfg.out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(icfg.latents))[0]
     todo = [i for i in range(rank, len(z), world) if not os.path.exists(os.path.join(icfg.out, f"{stem}_{i:06d}.png"))]

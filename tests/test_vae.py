@@ -142,7 +142,9 @@ def test_resume_reproduces_the_same_run(data32, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     vae.main(base + ["--out", a, "--max-steps", "4"])
     vae.main(base + ["--out", b, "--max-steps", "2"])
-    vae.main(base + ["--out", b, "--max-steps", "4"])                 # resumes at step 2
+    with open(os.path.join(b, "log.jsonl"), "a") as f:           # a killed run: a record past its checkpoint, and
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')       # half a line (issue 19)
+    vae.main(base + ["--out", b, "--max-steps", "4"])                 # resumes at step 2, drops both
     la, lb = read_log(a), read_log(b)
     grids = os.path.join(a, "grids")
     assert not os.path.isdir(grids) or not any(f.endswith(".png") for f in os.listdir(grids))
