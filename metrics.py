@@ -58,8 +58,10 @@ import json
 import os
 import pickle
 import platform
+import re
 import socket
 import sys
+import tempfile
 import time
 import urllib.request
 import warnings
@@ -161,9 +163,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -176,8 +179,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -190,6 +194,35 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ALL_METRICS = ("fd", "kid", "prdc", "diversity", "paired", "conditions", "privacy", "factual")
 RESIZE_MODES = ("antialias", "pytorch-fid", "clean", "tf1")  # Inception input conventions (--resize)
 XRV_RESIZE_MODES = ("model", "skimage")  # XRV input conventions (--xrv-resize)
+# Our choice: --allow-random-weights builds every random network from this seed (torch's global RNG is forked and
+# restored around it), so two runs on the same images give the same numbers; results.json records it.
+RANDOM_WEIGHTS_SEED = 20240601
+
+
+def atomic_write(path, save_fn):
+    """Write `path` through a temporary file in its folder (save_fn gets the temporary path), fsync, then
+    os.replace: a reader never sees half a file and a failed run leaves the previous one. The file gets the mode
+    open() would give (0o666 less the umask), set after save_fn wrote it (safetensors replaces the file). A failure
+    (full disk, read-only folder, a file where a folder should be) stops with one line naming the file. The same
+    rule as the skeleton's atomic_save, which metrics.py does not hold."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        os.close(fd)
+        save_fn(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0o022)  # read the umask (set and restored at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SystemExit(f"metrics: {path}: cannot write ({e.strerror or e}); any previous version is intact") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass; the CLI is generated from its fields
@@ -527,6 +560,8 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2, eps=1e-6):
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):  # else a LinAlgError from the eigen solver
+        raise ValueError("Frechet distance: the statistics hold NaN or inf (non-finite features)")
     tr, imag = _trace_sqrt_product(s1, s2)
     if not np.isfinite(tr) or imag > 1e-3 * max(tr, 1.0):
         # pytorch-fid's fallback for a near-singular product: add eps to the diagonals and retry
@@ -990,12 +1025,28 @@ def relative_lpips(d, d_random):
 # Data: image folders and FORMAT.md §1 datasets, preprocessing, weights, feature extractors, cache
 
 
-def _read_meta(path, need=()):
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    if missing := [c for c in need if not rows or c not in rows[0]]:
-        raise SystemExit(f"metrics: {path} lacks the column(s) {missing} (expected the FORMAT.md §2 columns)")
-    return rows
+def _read_folder_meta(path):
+    """Rows of the optional meta.csv beside a folder of images (any columns; _match_meta picks the key)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"metrics: {path}: not a readable CSV table ({e}); expected a meta.csv") from None
+
+
+def _check_dataset_rows(root, rows, where):
+    """A dataset's rows against its shards, before any image is read: each shard a readable safetensors file with
+    uint16 `images` (shard_tensor_shape: a float or uint8 shard is refused, so no NaN pixels), each index inside it
+    (check_shard_rows). Without this a bad row was skipped as 'unreadable' and the metrics ran on fewer images."""
+    listed = set()
+    for r in rows:
+        try:
+            listed.add(int(r["shard"]))
+        except (TypeError, ValueError):
+            check_shard_rows([r], {}, where)            # names the row and its cell
+    sizes = {s: shard_tensor_shape(os.path.join(root, "shards", f"{s:05d}.safetensors"), "images", "U16")[0]
+             for s in sorted(listed)}
+    check_shard_rows(rows, sizes, where)
 
 
 class ImageSet:
@@ -1008,10 +1059,12 @@ class ImageSet:
         meta_path = os.path.join(root, "meta.csv")
         self.is_dataset = os.path.isdir(os.path.join(root, "shards")) and os.path.isfile(meta_path)
         self.meta, self._shards, self.info = None, {}, {"high_bit": False}
-        if self.is_dataset:
-            rows = _read_meta(meta_path, ["id", "shard", "index"] + (["split"] if split else []))
-            if not (rows := [r for r in rows if not split or r["split"] == split]):
+        if self.is_dataset:  # read_meta: the columns, ids valid and unique (one-line errors)
+            rows, _ = read_meta(meta_path, required=("shard", "index"), split=split or None,
+                                what="a dataset folder (meta.csv + shards/)")
+            if not rows:
                 raise SystemExit(f"metrics: {meta_path} has no rows with split={split!r}")
+            _check_dataset_rows(root, rows, meta_path)
             self.items, self.meta = [(int(r["shard"]), int(r["index"])) for r in rows], rows
             self.ids = [r["id"] for r in rows]
         else:
@@ -1021,13 +1074,17 @@ class ImageSet:
                 raise SystemExit(f"metrics: no images in {root} (looked recursively for {', '.join(IMAGE_EXTS)})")
             self.ids = [os.path.splitext(os.path.relpath(f, root))[0].replace(os.sep, "/") for f in self.items]
             if os.path.isfile(meta_path):
-                self.meta = self._match_meta(_read_meta(meta_path), meta_path)
+                self.meta = self._match_meta(_read_folder_meta(meta_path), meta_path)
 
     def _match_meta(self, rows, path):
         """Rows of a folder's meta.csv belong to images by `id` (relative path or file stem) or by `file`/`path`."""
         key, by = next((c for c in ("id", "file", "path", "filename") if rows and c in rows[0]), None), {}
+        seen = set()
         for r in rows if key else []:
-            v = os.path.splitext(r[key].replace("\\", "/"))[0]
+            if r[key] in seen:  # two rows for one image: which one labels it would be an accident of order
+                raise SystemExit(f"metrics: {path}: {key} {r[key]!r} appears more than once; expected unique ids")
+            seen.add(r[key])
+            v = os.path.splitext((r[key] or "").replace("\\", "/"))[0]
             by[v] = by[v.rsplit("/", 1)[-1]] = r
         if not any(meta := [by.get(i, by.get(i.rsplit("/", 1)[-1], {})) for i in self.ids]):
             warnings.warn(f"{path}: no row matches an image of {self.root} by id/file/path/filename; ignoring it")
@@ -1073,6 +1130,8 @@ def read_image(path, info=None):
             if info is not None:
                 info["high_bit"] = True
             a = np.asarray(im, dtype=np.float32) / (1.0 if im.mode == "F" else 65535.0)
+            if im.mode == "F" and not np.isfinite(a).all():  # np.clip below would keep a NaN, and FD would fail
+                raise SystemExit(f"metrics: {path}: NaN or infinite pixel values; expected finite intensities")
         else:
             a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0  # RGB -> ITU-R 601 luma
     return np.clip(a, 0.0, 1.0)
@@ -1184,9 +1243,14 @@ def find_weights(filenames, url, weights_dir="", extra_dirs=(), offline=False):
         try:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             print(f"metrics: downloading {url}", file=sys.stderr)
-            with urllib.request.urlopen(url, timeout=30) as r, open(dst + ".part", "wb") as fh:
-                fh.write(r.read())
-            return os.replace(dst + ".part", dst) or dst
+            with urllib.request.urlopen(url, timeout=30) as r:
+                data = r.read()
+
+            def write(tmp):
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+            atomic_write(dst, write)
+            return dst
         except OSError as e:
             raise WeightsMissing(f"could not download {filenames[-1]} from {url} ({e}); put it in a folder "
                                  f"given by --weights-dir") from e
@@ -1194,12 +1258,27 @@ def find_weights(filenames, url, weights_dir="", extra_dirs=(), offline=False):
                          f"--weights-dir DIR, or --allow-random-weights for a smoke test")
 
 
+def _first_line(e):
+    """An exception's message as one line (torch's and safetensors' errors can span several)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def load_state(path):
-    """State dict from safetensors, or from a tensor-only pickle with torch.load(weights_only=True)."""
-    if path.endswith(".safetensors"):
-        return load_pt(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    """State dict from safetensors, or from a tensor-only pickle with torch.load(weights_only=True); one line naming
+    the file when it is missing, truncated, empty or neither format."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"metrics: {path}: no such weights file")
+    try:
+        if path.endswith(".safetensors"):
+            return load_pt(path)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling foreign bytes fails in many ways (KeyError, EOFError ...)
+        raise SystemExit(f"metrics: {path}: not a readable weights file ({_first_line(e)}); expected safetensors "
+                         f"or a tensor-only PyTorch pickle") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise SystemExit(f"metrics: {path}: holds {type(sd).__name__}, not a state dict of tensors")
+    return sd
 
 
 def load_into(model, sd, name):
@@ -1208,7 +1287,10 @@ def load_into(model, sd, name):
     own = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     if (missing := sorted(own - set(sd))) + (extra := sorted(set(sd) - own)):
         raise SystemExit(f"metrics: {name} does not match the layout: missing {missing[:5]}, unexpected {extra[:5]}")
-    model.load_state_dict(sd, strict=False)
+    try:
+        model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise SystemExit(f"metrics: {name} does not match the layout ({_first_line(e)})") from None
     return model
 
 
@@ -1265,11 +1347,18 @@ HF_ALIASES = {"raddino": "microsoft/rad-dino", "dinov2": "facebook/dinov2-base",
 
 def convert_xrv(src, dst):
     """Pickled torchxrayvision model -> safetensors with the DenseNet's parameter names (atomic write)."""
-    sd = {k: v.contiguous() for k, v in safe_load_pickled_module(src).items() if k.startswith(("features.",
-                                                                                              "classifier."))}
+    try:
+        state = safe_load_pickled_module(src)
+    except Exception as e:  # noqa: BLE001 - as load_state: any failure to unpickle means 'not that file'
+        raise SystemExit(f"metrics: {src}: not a readable PyTorch pickle ({_first_line(e)}); expected the "
+                         f"torchxrayvision model file {XRV_FILE}") from None
+    sd = {k: v.contiguous() for k, v in state.items() if k.startswith(("features.", "classifier."))}
+    if "classifier.weight" not in sd:
+        raise SystemExit(f"metrics: {src}: no classifier.weight; expected a torchxrayvision DenseNet-121")
     load_into(XRVDenseNet(num_classes=sd["classifier.weight"].shape[0]), sd, src)  # validates the layout
-    save_pt(sd, dst + ".tmp", metadata={"source": os.path.basename(src), "converted_by": f"metrics.py {VERSION}"})
-    return os.replace(dst + ".tmp", dst) or dst
+    meta = {"source": os.path.basename(src), "converted_by": f"metrics.py {VERSION}"}
+    atomic_write(dst, lambda tmp: save_pt(sd, tmp, metadata=meta))
+    return dst
 
 
 class Extractor:
@@ -1281,6 +1370,21 @@ class Extractor:
         self.preprocessing, self.weights, self.random_weights = preprocessing, weights, random_weights
         self.resize = resize  # the input convention (RESIZE_MODES for inception, XRV_RESIZE_MODES for xrv)
         self.net.eval().requires_grad_(False).to(device)
+        self._digest = None
+
+    @property
+    def weights_sha256(self):
+        """sha256 of the weights this extractor holds (every state-dict tensor's name, dtype, shape and bytes):
+        the feature cache is keyed by it, so features of one weight set (random or pretrained, or two different
+        random inits) are never read for another, whatever `weights` says. Computed once (weights are frozen)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self.net.state_dict().items()):
+                v = v.detach().cpu().contiguous()
+                h.update(f"{k}\0{v.dtype}\0{tuple(v.shape)}\n".encode())
+                h.update(v.reshape(-1).view(torch.uint8).numpy())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def prepare(self, img, fit="crop", compat=False):
         if self.processor is not None:  # transformers processors resize/crop themselves: hand over a square RGB
@@ -1330,7 +1434,8 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
                          f"/ {', '.join(XRV_RESIZE_MODES)}")
     if name in ("inception", "xrv"):
         inc = name == "inception"
-        net, src, rnd = (FIDInceptionV3() if inc else XRVDenseNet()), "random", False
+        build = FIDInceptionV3 if inc else XRVDenseNet
+        net, src, rnd = build(), "random", False
         files, url, cache = ((["pt_inception-2015-12-05.safetensors", FID_FILE], FID_URL,
                               "~/.cache/torch/hub/checkpoints") if inc else
                              ([XRV_SAFE, XRV_FILE], XRV_URL, "~/.torchxrayvision/models_data"))
@@ -1342,9 +1447,12 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
         except WeightsMissing:
             if not allow_random_weights:
                 raise
-            rnd = True  # variance-preserving init below, so random features do not vanish with depth
-            for m in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
-                nn.init.kaiming_normal_(m.weight)
+            rnd = True
+            with torch.random.fork_rng(devices=[]):  # seeded (RANDOM_WEIGHTS_SEED); the caller's RNG is untouched
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                net = build()
+                for m in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+                    nn.init.kaiming_normal_(m.weight)  # variance-preserving: random features do not vanish
         mode = resize if inc else xrv_resize
         prep = {"antialias": "gray->RGB, square by crop/pad, bilinear+antialias to 299, [0,1] -> [-1,1]; pool3",
                 "pytorch-fid": "gray->RGB, squashed to 299 by F.interpolate bilinear (no antialias), [0,1] -> [-1,1] "
@@ -1378,17 +1486,21 @@ def _hf_extractor(name, weights_dir, allow_random_weights, device, offline):
             return Extractor(name, net, None, int(getattr(net.config, "hidden_size", 0)),
                              f"square by crop/pad, 8-bit RGB, then {type(proc).__name__} of {repo}; feature = "
                              "pooler_output (CLS)", c, False, device, proc)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # absent, or a truncated / foreign weights file
             err = e
     if not allow_random_weights or name not in HF_ALIASES:
-        raise WeightsMissing(f"transformers model {repo} not found locally ({type(err).__name__}); offline: "
+        raise WeightsMissing(f"transformers model {repo} not found or not readable locally ({type(err).__name__}: "
+                             f"{_first_line(err)}); offline: "
                              f"save it with save_pretrained into --weights-dir DIR/{repo.replace('/', '--')}")
     # Random weights with the published architecture defaults (ViT-B): smoke tests only.
     from transformers import BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, Dinov2Config, Dinov2Model
     sq = {"height": 224, "width": 224}
-    net, proc = ((CLIPVisionModel(CLIPVisionConfig()), CLIPImageProcessor()) if name == "clip" else (
-        Dinov2Model(Dinov2Config()), BitImageProcessor(size={"shortest_edge": 224}, crop_size=sq,
-                                                       image_mean=[.485, .456, .406], image_std=[.229, .224, .225])))
+    with torch.random.fork_rng(devices=[]):  # seeded as the CNNs' random weights (RANDOM_WEIGHTS_SEED)
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        net, proc = ((CLIPVisionModel(CLIPVisionConfig()), CLIPImageProcessor()) if name == "clip" else (
+            Dinov2Model(Dinov2Config()), BitImageProcessor(size={"shortest_edge": 224}, crop_size=sq,
+                                                           image_mean=[.485, .456, .406],
+                                                           image_std=[.229, .224, .225])))
     return Extractor(name, net, None, 768, f"random ViT-B, {type(proc).__name__} 224", "random", True, device, proc)
 
 
@@ -1433,10 +1545,14 @@ def extract_features(images, extractor="inception", batch_size=64, device=None, 
     if torch.is_tensor(images) or isinstance(images, np.ndarray):
         return torch.cat([ex(t) for t in torch.as_tensor(images).split(batch_size)]).numpy()
     images = ImageSet(images) if isinstance(images, str) else images
-    key = images.fingerprint(f"{ex.name}|{ex.weights}|{ex.preprocessing}|{fit}|{compat}|{PREP_VERSION}")
-    cache = os.path.join(cache_dir, f"{ex.name.replace('/', '--')}-{key[:24]}.safetensors") if cache_dir else None
+    cache = None
+    if cache_dir:  # keyed by the weights' own hash: ex.weights ('random', a path) does not say which weights
+        key = images.fingerprint(f"{ex.name}|{ex.weights_sha256}|{ex.preprocessing}|{fit}|{compat}|{PREP_VERSION}")
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "-", ex.name).lstrip(".") or "features"  # a plain file name in cache_dir
+        cache = os.path.join(cache_dir, f"{stem}-{key[:24]}.safetensors")
     if cache and os.path.isfile(cache):
-        return (d := load_np(cache))["features"], d["indices"].tolist(), "hit"
+        f, kept = _read_cache(cache, ex, len(images))
+        return _finite_features(f, images, ex), kept, "hit"
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     idx = list(range(rank, len(images), world))
@@ -1452,11 +1568,38 @@ def extract_features(images, extractor="inception", batch_size=64, device=None, 
         torch.distributed.all_gather_object(parts, (kept, f))
         kept, f = sum((p[0] for p in parts), []), np.concatenate([p[1] for p in parts])
         kept, f = sorted(kept), f[np.argsort(kept)]
+    if not kept:  # every image unreadable: the metrics would be skipped silently for want of images
+        raise SystemExit(f"metrics: no readable image in {images.root} ({len(images)} listed), e.g. "
+                         f"{getattr(images, 'last_error', '?')}")
+    _finite_features(f, images, ex)  # before caching: a NaN entry would be served again
     if cache and rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        save_np({"features": np.ascontiguousarray(f), "indices": np.asarray(kept, np.int64)}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        entry = {"features": np.ascontiguousarray(f), "indices": np.asarray(kept, np.int64)}
+        atomic_write(cache, lambda tmp: save_np(entry, tmp))
     return f, kept, ("miss" if cache else "off")
+
+
+def _read_cache(path, ex, n_images):
+    """(features, kept indices) of a cache entry; one line naming it when it is not one (truncated, foreign)."""
+    try:
+        d = load_np(path)
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"metrics: feature cache {path}: not readable ({_first_line(e)}); delete it or run with "
+                         f"--no-cache") from None
+    f, idx = d.get("features"), d.get("indices")
+    if f is None or idx is None or f.ndim != 2 or (ex.dim and f.shape[1] != ex.dim) or idx.shape != (len(f),) \
+            or (len(idx) and not 0 <= idx.min() <= idx.max() < n_images):
+        raise SystemExit(f"metrics: feature cache {path}: not {ex.name} features of these {n_images} images; delete "
+                         f"it or run with --no-cache")
+    return f, idx.tolist()
+
+
+def _finite_features(f, images, ex):
+    """f, or one line naming the input whose features hold NaN / inf (FD would stop with a LinAlgError)."""
+    if not np.isfinite(f).all():
+        bad = int((~np.isfinite(f)).any(1).sum())
+        raise SystemExit(f"metrics: {ex.name} features of {images.root} hold NaN or inf ({bad} of {len(f)} images); "
+                         f"expected finite features (non-finite pixels or weights?)")
+    return f
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1644,8 +1787,8 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
         rows = [np.concatenate([q[r], np.ones((cfg.privacy_size, 4), np.float32), prepare(
             train.load(bank_kept[j[r]]), cfg.privacy_size, cfg.fit, cfg.chexgenbench_compat)], 1)
             for r in np.argsort(d)[:cfg.grid_pairs]]
-        Image.fromarray((np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8)).save(grid + ".tmp.png")
-        os.replace(grid + ".tmp.png", grid)
+        sheet = Image.fromarray((np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8))
+        atomic_write(grid, lambda tmp: sheet.save(tmp, format="PNG"))
         out["pixel"]["grid"] = grid
     if fake_feats is not None and train_feats is not None:
         name, (ff, fkept), (tf, tkept) = fake_feats[0], fake_feats[1], train_feats
@@ -1717,6 +1860,7 @@ def evaluate(cfg):
                                  ("--device", cfg.device, ("", "auto", "cpu", "cuda"))):
         if value not in allowed:
             raise SystemExit(f"metrics: {flag} {value!r}; expected one of {', '.join(a for a in allowed if a)}")
+    check_options(cfg)
     device = torch.device(cfg.device if cfg.device in ("cpu", "cuda") else
                           ("cuda" if torch.cuda.is_available() else "cpu"))  # 'auto' (older flag) = ''
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -1743,7 +1887,9 @@ def evaluate(cfg):
         feats[name] = (ex, fr, kr, ff, kf)
         res["features"][name] = dict(extractor=ex.name, dim=ex.dim, preprocessing=ex.preprocessing,
                                      resize=ex.resize if ex.processor is None else "processor", weights=ex.weights,
-                                     random_weights=ex.random_weights, cache={"real": cr, "fake": cf},
+                                     weights_sha256=ex.weights_sha256, random_weights=ex.random_weights,
+                                     **({"random_weights_seed": RANDOM_WEIGHTS_SEED} if ex.random_weights else {}),
+                                     cache={"real": cr, "fake": cf},
                                      **distribution_metrics(fr, ff, cfg, chosen, device))
         if "conditions" in chosen and rgroups and fgroups:
             res.setdefault("conditions", {})[name] = {
@@ -1780,11 +1926,29 @@ def evaluate(cfg):
             res[key]["unreadable_skipped"] = len(s.skipped)
             print(f"metrics: skipped {len(s.skipped)} unreadable image(s), e.g. {s.last_error}", file=sys.stderr)
     if cfg.out and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        with open(cfg.out + ".tmp", "w") as fh:
-            json.dump(res, fh, indent=1, default=float)
-        os.replace(cfg.out + ".tmp", cfg.out)
+        def write(tmp):
+            with open(tmp, "w") as fh:
+                json.dump(res, fh, indent=1, default=float)
+        atomic_write(cfg.out, write)
     return res
+
+
+# Integer options that count things and their least value (0 allowed where it means 'none' or 'as few as needed').
+COUNT_OPTIONS = {"batch_size": 1, "pixel_size": 1, "privacy_size": 1, "k": 1, "kid_subsets": 1, "kid_subset_size": 2,
+                 "max_pairs": 1, "random_pairs": 1, "grid_pairs": 0, "workers": 0}
+
+
+def check_options(cfg):
+    """Counts and output paths, checked before any image is read: one line naming the flag (--batch-size 0 gave a
+    ZeroDivisionError or an empty loop, --out a folder an IsADirectoryError after all the work)."""
+    for name, low in COUNT_OPTIONS.items():
+        if getattr(cfg, name) < low:
+            raise SystemExit(f"metrics: --{name.replace('_', '-')} {getattr(cfg, name)}: expected an integer >= {low}")
+    for flag, path in (("--out", cfg.out), ("--grid", cfg.grid)):
+        if path and os.path.isdir(path):
+            raise SystemExit(f"metrics: {flag} {path}: a folder; expected a file path")
+    if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
+        raise SystemExit(f"metrics: --cache-dir {cfg.cache_dir}: a file; expected a folder")
 
 
 def format_table(res):

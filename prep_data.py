@@ -146,9 +146,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -161,8 +162,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -260,6 +262,24 @@ def read_info(data_dir):
         raise SystemExit(f"{path}: no such file; expected a dataset folder written by prep_data.py")
     with open(path) as f:
         return json.load(f)
+
+
+def inside(path, root):
+    """Whether `path` resolves (os.path.realpath: symlinks followed, '..' removed) to `root` or below it."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) == top
+
+
+def confine(path, root, where, allow_outside=False):
+    """`path` (read from a source's table) if it stays inside --root; one line naming the table row otherwise.
+
+    Our choice: the test is on the resolved path, so a symlink under --root that points elsewhere counts as outside
+    too (what is read is the target, not the name); a dataset laid out with such links needs --allow-outside-root.
+    """
+    if path and not allow_outside and not inside(path, root):
+        raise SystemExit(f"{where}: path {path!r} is outside --root {root} (resolves to {os.path.realpath(path)}); "
+                         f"expected files inside --root, or pass --allow-outside-root")
+    return path
 
 
 def load_pixels(data_dir, rows, key="images"):
@@ -557,11 +577,10 @@ def parse_assignment(text, sources=PHANTOM_SOURCES, what="--set"):
         name, value = name.strip(), value.strip()
         if not eq or name not in VARIABLES:
             raise SystemExit(f"{what}: unknown variable {name!r} in {part!r}; expected one of {VARIABLES}")
-        if name == "age":
-            try:
-                out[name] = float(value)
-            except ValueError:
-                raise SystemExit(f"{what}: age={value!r} is not a number of years") from None
+        if name == "age":                          # one rule for every age (check_age: AGE_RANGE)
+            if value.lower() in ("", "nan"):           # our choice: do(age = missing) is no intervention
+                raise SystemExit(f"{what}: age={value!r}; expected years in {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g}")
+            out[name] = check_age(value, what)
         elif name in LABELS:
             if value not in ("1", "0", "-1"):
                 raise SystemExit(f"{what}: {name}={value!r}; expected 1, 0 or -1")
@@ -1289,8 +1308,9 @@ def counterfactual_pairs(data, edits, out, size=None, workers=1, masks=True, wha
     `source_id` (a row of `data`), `intervention` ("sex=F", "Pleural Effusion=1")): do(intervention) on the
     phantom's SCM with the source row's exogenous noise; output ids are the edit table's ids."""
     info, by_id = read_info(data), {r["id"]: r for r in read_dataset_meta(data)}
-    if not edits or len({e["id"] for e in edits}) != len(edits):
-        raise SystemExit(f"{what}: {'duplicate ids' if edits else 'no rows'}; expected one row per edit, unique ids")
+    if not edits:
+        raise SystemExit(f"{what}: no rows; expected one row per edit, unique ids")
+    check_ids([e["id"] for e in edits], what)     # output ids: file names, each once (the first duplicate named)
     rows, ivs = [], []
     for e in edits:
         src = by_id.get(e["source_id"])
@@ -1742,21 +1762,23 @@ MIMIC_OVER_89 = 91   # MIMIC-IV anchor_age: all patients over 89 are grouped as 
 def _mimic(args, ext):
     root = args.root
     folders = [args.meta_dir, root]
-    meta = read_table(find_file(folders, ["mimic-cxr-2.0.0-metadata.csv"], "metadata CSV"),
-                      ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"])
+    meta_path = find_file(folders, ["mimic-cxr-2.0.0-metadata.csv"], "metadata CSV")
+    meta = read_table(meta_path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"])
     labels = {r["study_id"]: r for r in read_table(find_file(folders, ["mimic-cxr-2.0.0-chexpert.csv"], "chexpert CSV"),
                                                    ["subject_id", "study_id"] + LABELS)}
     split = {r["dicom_id"]: r["split"] for r in
              read_table(find_file(folders, ["mimic-cxr-2.0.0-split.csv"], "split CSV"), ["dicom_id", "split"])}
     demo = _mimic_demographics(args.mimic_iv) if args.mimic_iv else {}
     report_roots, reports = [args.reports, os.path.join(root, "mimic-cxr-reports"), root], {}
-    for r in meta:
-        sub, stu = r["subject_id"], r["study_id"]
+    for i, r in enumerate(meta):
+        sub, stu, where = r["subject_id"], r["study_id"], f"{meta_path} row {i + 2}"
         rel = os.path.join("files", f"p{sub[:2]}", f"p{sub}", f"s{stu}")
         path = os.path.join(root, rel, r["dicom_id"] + ext)
         if stu not in reports:                                      # one report per study, read once
             rp = next((p for p in (rr and os.path.join(rr, rel + ".txt") for rr in report_roots)
                        if p and os.path.isfile(p)), None)
+            root_of = next((rr for rr in report_roots if rr and rp and rp.startswith(os.path.join(rr, ""))), root)
+            confine(rp, root_of, where, args.allow_outside_root)      # ids from the CSV name the report file too
             with open(rp or os.devnull, errors="replace") as f:
                 reports[stu] = impression_findings(f.read())
         imp, fnd = reports[stu]
@@ -1771,7 +1793,7 @@ def _mimic(args, ext):
                 age = float(MIMIC_OVER_89)       # "over 89": no years added to it, and later ages join it
         yield {"id": r["dicom_id"], "patient_id": sub, "study_id": stu, "split": split.get(r["dicom_id"], ""),
                "view": r["ViewPosition"], "sex": sex, "age": age, "race": race, "labels": labels.get(stu, {}),
-               "report": imp, "findings": fnd, "paths": [path], "source_path": _rel(path, root)}
+               "report": imp, "findings": fnd, "paths": [path], "source_path": _rel(path, root), "where": where}
 
 
 def src_mimic_cxr_jpg(args):
@@ -1822,7 +1844,7 @@ def src_chexpert(args):
             if name == "test.csv":
                 continue
             raise SystemExit(f"{path}: no such file (expected CheXpert-v1.0 {name})")
-        for r in read_table(path, ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + LABELS):
+        for i, r in enumerate(read_table(path, ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + LABELS)):
             parts = r["Path"].replace("\\", "/").split("/")
             inner = "/".join(parts[1:]) if parts[0].lower().startswith("chexpert") else "/".join(parts)
             pid = next((p for p in parts if p.startswith("patient")), parts[-3] if len(parts) >= 3 else r["Path"])
@@ -1838,7 +1860,8 @@ def src_chexpert(args):
                    "split": split, "view": view,
                    "sex": r["Sex"] if norm_sex(r["Sex"]) else p.get("sex", ""), "age": age, "race": p.get("race", ""),
                    "labels": r, "report": p.get("section_impression", ""), "findings": p.get("section_findings", ""),
-                   "paths": [os.path.join(root, inner), os.path.join(root, r["Path"])], "source_path": r["Path"]}
+                   "paths": [os.path.join(root, inner), os.path.join(root, r["Path"])], "source_path": r["Path"],
+                   "where": f"{path} row {i + 2}"}
 
 
 NIH_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
@@ -1868,7 +1891,8 @@ def src_nih_cxr14(args):
     mapped label not listed is 0 (NIH mined every report for its 14 findings), except a parent of a listed child
     (Lung Opacity over Atelectasis, Consolidation, Edema, Mass / Nodule, Pneumonia): blank (LABELS.md)."""
     root = args.root
-    table = read_table(find_file([root], ["Data_Entry_2017_v2020.csv", "Data_Entry_2017*.csv"], "Data_Entry_2017 CSV"),
+    table_path = find_file([root], ["Data_Entry_2017_v2020.csv", "Data_Entry_2017*.csv"], "Data_Entry_2017 CSV")
+    table = read_table(table_path,
                        ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender",
                         "View Position"])
     split = {}
@@ -1878,7 +1902,7 @@ def src_nih_cxr14(args):
                 split.update({line.strip(): s for line in f if line.strip()})
     images = _index_images(root, (".png",))
     known = {k.lower() for k in list(NIH_TO_CHEXPERT) + NIH_UNMAPPED + ["No Finding"]}
-    for r in table:
+    for i, r in enumerate(table):
         found = [f for f in r["Finding Labels"].split("|") if f.strip()]
         if any(f.strip().lower() not in known for f in found):
             yield Skip("unknown label value")
@@ -1888,7 +1912,7 @@ def src_nih_cxr14(args):
                "study_id": os.path.splitext(name)[0], "split": split.get(name, ""), "carve_val": True,
                "view": r["View Position"], "sex": r["Patient Gender"], "age": r["Patient Age"],
                "labels": map_findings(found, NIH_TO_CHEXPERT), "paths": [images.get(name)],
-               "source_path": _rel(images.get(name), root) or name}
+               "source_path": _rel(images.get(name), root) or name, "where": f"{table_path} row {i + 2}"}
 
 
 # PadChest's 193 findings (radiographic findings + differential diagnoses, lower case, as in its `Labels` column)
@@ -1945,8 +1969,8 @@ def src_padchest(args):
     report text is not kept."""
     root = args.root
     path = find_file([root], ["PADCHEST_chest_x_ray_images_labels_160K*.csv"], "PadChest labels CSV")
-    for r in read_table(path, ["ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
-                               "PatientSex_DICOM", "Projection", "Labels"]):
+    for i, r in enumerate(read_table(path, ["ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID",
+                                            "PatientBirth", "PatientSex_DICOM", "Projection", "Labels"])):
         text = r["Labels"].strip()
         try:
             found = [str(x) for x in ast.literal_eval(text)] if text and text.lower() != "nan" else []
@@ -1962,7 +1986,8 @@ def src_padchest(args):
                "view": r["Projection"], "sex": r["PatientSex_DICOM"],
                "age": years_between(r["PatientBirth"], r["StudyDate_DICOM"]), "labels": labels,
                "invert": (r.get("PhotometricInterpretation_DICOM") or "").strip().upper() == "MONOCHROME1",
-               "paths": [img, os.path.join(root, r["ImageID"])], "source_path": _rel(img, root)}
+               "paths": [img, os.path.join(root, r["ImageID"])], "source_path": _rel(img, root),
+               "where": f"{path} row {i + 2}"}
 
 
 VINDR_TO_CHEXPERT = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
@@ -2020,7 +2045,8 @@ def src_vindr_cxr(args):
             img = os.path.join(root, part, image_id)
             yield {"id": image_id, "patient_id": image_id, "study_id": image_id, "split": split, "carve_val": True,
                    "view": "PA", "from_header": True, "labels": vote_labels(per_reader),
-                   "paths": [img + ".dicom", img + ".dcm", img], "source_path": f"{part}/{image_id}.dicom"}
+                   "paths": [img + ".dicom", img + ".dcm", img], "source_path": f"{part}/{image_id}.dicom",
+                   "where": f"{path} image_id {image_id!r}"}
 
 
 def src_brax(args):
@@ -2033,7 +2059,7 @@ def src_brax(args):
     No reports, no official split (patient hash)."""
     root = args.root
     path = find_file([root], ["master_spreadsheet_update.csv", "master_spreadsheet.csv"], "BRAX master spreadsheet")
-    for r in read_table(path, ["PatientID", "PatientSex", "PatientAge", "ViewPosition"] + LABELS):
+    for i, r in enumerate(read_table(path, ["PatientID", "PatientSex", "PatientAge", "ViewPosition"] + LABELS)):
         dcm, png = r.get("DicomPath", ""), r.get("PngPath", "")
         if not (dcm or png):
             raise SystemExit(f"{path}: missing column 'DicomPath' or 'PngPath'")
@@ -2041,7 +2067,7 @@ def src_brax(args):
         paths = [os.path.join(root, p) for p in (dcm, png) if p]
         yield {"id": os.path.splitext(os.path.basename(rel))[0], "patient_id": r["PatientID"],
                "study_id": r.get("AccessionNumber", ""), "view": r["ViewPosition"], "sex": r["PatientSex"],
-               "age": r["PatientAge"], "labels": r, "paths": paths, "source_path": rel}
+               "age": r["PatientAge"], "labels": r, "paths": paths, "source_path": rel, "where": f"{path} row {i + 2}"}
 
 
 def _json_value(value):
@@ -2089,7 +2115,7 @@ def src_rexgradient(args):
                        "view": views[i] if i < len(views) else "", "sex": e.get("PatientSex", ""), "age": age,
                        "labels": {k: e[k] for k in LABELS if k in e}, "report": e.get("Impression") or "",
                        "findings": e.get("Findings") or "", "paths": [full, os.path.join(root, p.lstrip("./"))],
-                       "source_path": _rel(full, root)}
+                       "source_path": _rel(full, root), "where": f"{path} entry {key!r} ImagePath {i}"}
 
 
 def src_generic(args):
@@ -2098,11 +2124,12 @@ def src_generic(args):
     the 14 CheXpert labels, report, findings); the same harmonisation applies. Missing id -> file name; missing
     patient_id -> id; missing split -> patient hash. Dataset name: --dataset-name (default: the folder name)."""
     path = args.csv or os.path.join(args.root, "meta.csv")
-    for r in read_table(path, ["path"]):
+    for i, r in enumerate(read_table(path, ["path"])):
         rid = r.get("id") or os.path.splitext(os.path.basename(r["path"]))[0]
         yield {**{k: r.get(k, "") for k in ("study_id", "split", "view", "race", "report", "findings")},
                "id": rid, "patient_id": r.get("patient_id") or rid, "sex": r.get("sex", ""), "age": r.get("age", ""),
-               "labels": r, "paths": [os.path.join(args.root, r["path"])], "source_path": r["path"]}
+               "labels": r, "paths": [os.path.join(args.root, r["path"])], "source_path": r["path"],
+               "where": f"{path} row {i + 2}"}
 
 
 SOURCES = {  # subcommand: (adapter, dataset name in meta.csv, extra flags)
@@ -2162,8 +2189,8 @@ class RealShards:
             if row["sex"] is None:
                 row["sex"] = norm_sex(header.get("sex"))
             row["shard"], row["index"] = shard, len(rows)
-            if self.png16:
-                png = os.path.join(out_dir, "png", f"{row['id']}.png")
+            if self.png16:                                           # ids were checked at ingestion (check_record)
+                png = file_in(os.path.join(out_dir, "png"), row["id"], ".png")
                 atomic_write(png, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"), None)
             rows.append(row)
             images.append(img[None])
@@ -2180,6 +2207,19 @@ def summary_table(read, written, skipped, notes):
     return "\n".join(lines)
 
 
+def check_record(rec, where, first_seen, root, allow_outside):
+    """A harmonised record at ingestion, before anything is written: its id is a file name (file_in's rule: other
+    scripts and --png16 name files after it) and not seen before (`first_seen`: id -> where), and each image path
+    it may read stays inside --root (confine). One line naming the table row otherwise."""
+    for path in rec["_paths"]:                        # first: an id made from a path that leaves is named as that
+        confine(path, root, where, allow_outside)
+    file_in("", rec["id"], where=where)
+    if rec["id"] in first_seen:
+        raise SystemExit(f"{where}: id {rec['id']!r} appears more than once (first at {first_seen[rec['id']]}); "
+                         f"expected unique ids")
+    first_seen[rec["id"]] = where
+
+
 def prepare_real(args):
     """List, harmonise and write one source (resumable); returns (rows, info)."""
     adapter, dataset, _ = SOURCES[args.cmd]
@@ -2193,7 +2233,7 @@ def prepare_real(args):
     views = [v.strip().upper() for v in args.views.split(",") if v.strip()] if args.views else []
     if any(v not in CATEGORIES["view"] for v in views):
         raise SystemExit(f"--views {args.views}: expected a comma-separated subset of {CATEGORIES['view']}")
-    records, skipped, notes, read = [], Counter(), Counter(), 0
+    records, skipped, notes, read, first_seen = [], Counter(), Counter(), 0, {}
     for raw in adapter(args):
         if args.limit and len(records) >= args.limit:
             break
@@ -2208,16 +2248,14 @@ def prepare_real(args):
         if views and rec["view"] not in views:
             skipped["view not selected"] += 1
             continue
+        where = raw.get("where") or f"{args.cmd} --root {args.root}: record {read}"
+        check_record(rec, where, first_seen, args.root, args.allow_outside_root)
         records.append(rec)
     moved = unify_patient_splits(records)
     if moved:
         notes["rows moved to keep a patient in one split"] += moved
     if not records:
         raise SystemExit(f"{args.root}: no usable rows for {args.cmd} ({dict(skipped)})")
-    ids = [r["id"] for r in records]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i, c in Counter(ids).items() if c > 1)
-        raise SystemExit(f"{args.root}: image id {dup!r} occurs twice; ids must be unique within a dataset")
     shard_size = args.shard_size or default_shard_size(args.size, 0)
     manifest = {"kind": "real", "source": args.cmd, "root": os.path.abspath(args.root), "size": args.size,
                 "views": views, "limit": args.limit, "split_mode": args.split_mode, "val_frac": args.val_frac,
@@ -2269,12 +2307,18 @@ def merge_datasets(inputs, out):
     datasets, columns, rows, seen, links = [], list(META_COLUMNS), [], set(), []
     for d, info in zip(inputs, infos):
         datasets += [n for n in info.get("datasets", []) if n not in datasets]
-        part = read_dataset_meta(d)
+        part = read_dataset_meta(d)                   # read_meta: ids valid and unique within the input
         columns += [c for c in (part[0] if part else {}) if c not in columns]
         renumber = {}
-        for s in sorted({int(r["shard"]) for r in part}):
-            if not os.path.isfile(shard_file(d, s)):
-                raise SystemExit(f"{shard_file(d, s)}: no such file (listed in {d}/meta.csv)")
+        listed = set()
+        for r in part:                                # integers first: a bad cell is named by check_shard_rows
+            try:
+                listed.add(int(r["shard"]))
+            except (TypeError, ValueError):
+                check_shard_rows([r], {}, f"{d}/meta.csv")
+        held = {s: shard_tensor_shape(shard_file(d, s), "images", "U16")[0] for s in sorted(listed)}
+        check_shard_rows(part, held, f"{d}/meta.csv")    # every row's index inside its shard
+        for s in sorted(listed):
             renumber[s] = len(links)
             links.append((shard_file(d, s), shard_file(out, len(links))))
         for r in part:
@@ -2695,6 +2739,8 @@ REAL_FLAGS = [
     ("--views", "", "keep only these views, e.g. PA,AP (default: all, incl. missing)"),
     ("--limit", 0, "stop after N usable rows (0: all)"), ("--workers", 1, "processes writing shards in parallel"),
     SHARDS, ("--png16", False, "also write OUT/png/<id>.png (16-bit)"),
+    ("--allow-outside-root", False, "read image paths that resolve outside --root (symlinks followed); without "
+                                    "it such a path in the source's table is an error"),
     ("--split-mode", "official", "official split where the source has one, else a patient-id hash; `hash` "
                                  "everywhere", dict(choices=["official", "hash"])),
     ("--val-frac", 0.05, "val fraction of patients for hashed splits"),
@@ -2712,7 +2758,35 @@ def _add_flags(parser, flags):
             parser.add_argument(name, type=typ, default=None if isinstance(default, type) else default, help=text, **kw)
 
 
+# The least value of each integer flag that counts something (0: 'off' / 'all' where it is allowed); a flag a
+# subcommand lacks is skipped. Checked before anything is read or written: --cols 0 or --batch-size 0 would
+# otherwise stop with a ZeroDivisionError or loop over nothing.
+COUNT_FLAGS = {"n": 1, "cols": 1, "tile": 1, "workers": 1, "batch_size": 1, "max_new_tokens": 1, "limit": 0,
+               "shard_size": 0, "max_words": 0}
+
+
+def check_count_flags(args):
+    for name, low in COUNT_FLAGS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < low:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}")
+
+
+def same_file(a, b):
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def main(argv=None):
+    """The CLI; a file that cannot be read or written (a full disk, a read-only folder, a file where a folder should
+    be) stops with one line naming it: what was written before stays (every file is written atomically)."""
+    try:
+        run_command(argv)
+    except OSError as e:
+        raise SystemExit(f"{e.filename or 'prep_data.py'}: {e.strerror or e}; files written before are intact") \
+            from None
+
+
+def run_command(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = _Parser(prog="prep_data.py", description=__doc__.split("\n")[0], formatter_class=fmt)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -2725,6 +2799,7 @@ def main(argv=None):
         _add_flags(rp, REAL_FLAGS + [("--out", f"data/{name}", "output dataset folder")]
                    + [("--" + e.replace("_", "-"), str, EXTRA_FLAGS[e]) for e in extras])
     args = p.parse_args(argv)
+    check_count_flags(args)
     if args.cmd in SOURCES:
         t0 = time.time()
         try:
@@ -2766,6 +2841,11 @@ def main(argv=None):
               f"without labels: '{NO_LABELS}')" + (f"; LLM accepted {st['llm-qc']} after QC, {st['llm']} before QC, "
                                                    f"rejected {st['llm-rejected']} (template kept)" if gen else ""))
     elif args.cmd == "extract-labels":
+        if same_file(args.csv, args.out) or (os.path.basename(args.out) == "meta.csv" and
+                                             os.path.isfile(os.path.join(os.path.dirname(args.out) or ".",
+                                                                         "info.json"))):
+            raise SystemExit(f"--out {args.out}: the input table or a dataset's meta.csv; expected a new file "
+                             f"(a dataset is never overwritten)")
         table = extract_labels_csv(args.csv, args.column, args.out)
         print(f"wrote labels of {len(table)} rows to {args.out}")
     elif args.cmd == "counterfactual" and bool(args.set) == bool(args.interventions):

@@ -163,7 +163,7 @@ def test_exogenous_uniform_is_uniform_and_stream_independent():
 
 def test_render_deterministic_shapes_and_range(phantom64_dir):
     info = P.read_info(phantom64_dir)
-    rows = P.read_meta(phantom64_dir)
+    rows = P.read_dataset_meta(phantom64_dir)
     images = P.load_pixels(phantom64_dir, rows)
     masks = P.load_pixels(phantom64_dir, rows, "masks")
     assert images.dtype == np.uint16 and images.shape == (len(rows), 1, 64, 64)
@@ -211,7 +211,7 @@ def test_masks_cover_the_rendered_finding(finding):
 
 
 def test_true_counterfactual_identity_and_descendants(phantom64_dir):
-    rows = P.read_meta(phantom64_dir)
+    rows = P.read_dataset_meta(phantom64_dir)
     images = P.load_pixels(phantom64_dir, rows[:20])
     for i in range(20):
         row, img, _ = P.true_counterfactual(rows[i], {}, size=64)
@@ -241,11 +241,11 @@ def test_true_counterfactual_identity_and_descendants(phantom64_dir):
 
 
 def test_counterfactual_cli_keeps_ids_and_seeds(phantom64_dir, tmp_path):
-    rows = P.read_meta(phantom64_dir)
+    rows = P.read_dataset_meta(phantom64_dir)
     ids = [r["id"] for r in rows[:6]]
     out = str(tmp_path / "cf")
     P.main(["counterfactual", "--data", phantom64_dir, "--set", "sex=F,age=80", "--ids", ",".join(ids), "--out", out])
-    cf_rows = P.read_meta(out)
+    cf_rows = P.read_dataset_meta(out)
     assert [r["id"] for r in cf_rows] == ids
     assert [r["seed"] for r in cf_rows] == [r["seed"] for r in rows[:6]]
     assert all(r["sex"] in ("F", "") and r["age"] in ("80", "") for r in cf_rows)
@@ -262,7 +262,7 @@ def test_writer_reader_round_trip(tmp_path):
     with open(os.path.join(out, "meta.csv"), newline="") as f:
         header = next(csv.reader(f))
     assert header == P.META_COLUMNS + P.PHANTOM_COLUMNS               # FORMAT.md §2 columns, in order
-    meta = P.read_meta(out)
+    meta = P.read_dataset_meta(out)
     direct_rows, direct_images, direct_masks = P.phantom_rows_and_pixels(np.arange(50) + 30_000_000, 32)
     assert np.array_equal(P.load_pixels(out, meta), direct_images)
     assert np.array_equal(P.load_pixels(out, meta, "masks"), direct_masks)
@@ -310,8 +310,8 @@ def test_resume_after_killed_run(tmp_path):
     subprocess.run(cmd + ["--out", out], check=True, capture_output=True)
     assert all(os.path.getmtime(os.path.join(shards, f)) == t for f, t in mtimes.items())   # not redone
     subprocess.run(cmd + ["--out", ref], check=True, capture_output=True)
-    assert P.read_meta(out) == P.read_meta(ref)
-    assert np.array_equal(P.load_pixels(out, P.read_meta(out)), P.load_pixels(ref, P.read_meta(ref)))
+    assert P.read_dataset_meta(out) == P.read_dataset_meta(ref)
+    assert np.array_equal(P.load_pixels(out, P.read_dataset_meta(out)), P.load_pixels(ref, P.read_dataset_meta(ref)))
 
 
 def _cli(*args):
@@ -327,7 +327,7 @@ def test_bad_input(tmp_path, phantom64_dir):
     assert r.returncode == 2 and "--bogus" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _cli("phantom", "--n", "30", "--size", "32", "--out", phantom64_dir)
     assert r.returncode != 0 and "different dataset" in r.stderr
-    assert len(P.read_meta(phantom64_dir)) == 256                    # the existing dataset is untouched
+    assert len(P.read_dataset_meta(phantom64_dir)) == 256                    # the existing dataset is untouched
     r = _cli("counterfactual", "--data", phantom64_dir, "--set", "smoker=1", "--out", out)
     assert r.returncode != 0 and "smoker" in r.stderr
     r = _cli("sheet", "--data", str(tmp_path / "nothing"))

@@ -359,7 +359,7 @@ def test_llm_that_cannot_be_loaded(small_data, tmp_path):
 def test_counterfactual_of_an_edit_table(tmp_path):
     data = str(tmp_path / "d")
     P.make_phantom(data, n=6, size=32, seed=4)
-    src = P.read_meta(data)
+    src = P.read_dataset_meta(data)
     edits = [("e0", src[0], "sex=F"), ("e1", src[1], "Pleural Effusion=1"), ("e2", src[2], ""),
              ("e3", src[0], "age=90"), ("e4", src[3], "view=LATERAL"), ("e5", src[4], "sex=F")]
     e_dir = tmp_path / "E"
@@ -367,7 +367,7 @@ def test_counterfactual_of_an_edit_table(tmp_path):
                                           for i, s, iv in edits], ["id", "source_id", "intervention", "sex"])
     out = str(tmp_path / "T")
     P.main(["counterfactual", "--data", data, "--interventions", str(e_dir / "meta.csv"), "--out", out])
-    t = P.read_meta(out)
+    t = P.read_dataset_meta(out)
     assert [r["id"] for r in t] == [e[0] for e in edits]
     assert [(r["source_id"], r["intervention"], r["seed"]) for r in t] == \
         [(s["id"], iv, s["seed"]) for _, s, iv in edits]
@@ -387,7 +387,7 @@ def test_counterfactual_of_an_edit_table(tmp_path):
     # the same rows through the single-intervention path give the same images
     cf = str(tmp_path / "cf")
     P.main(["counterfactual", "--data", data, "--set", "sex=F", "--ids", f"{src[0]['id']},{src[4]['id']}", "--out", cf])
-    assert np.array_equal(P.load_pixels(cf, P.read_meta(cf)), imgs[[0, 5]])
+    assert np.array_equal(P.load_pixels(cf, P.read_dataset_meta(cf)), imgs[[0, 5]])
     shutil.rmtree(out)
     with open(e_dir / "meta.csv", "a") as f:
         f.write("e6,nope,sex=F,?\n")
