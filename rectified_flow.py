@@ -51,13 +51,25 @@ Space. Pixel space reads DATA/shards/*.safetensors (`images` uint16 [N, 1, S, S]
 dequantised in training, radit Table 11). Latent space reads DATA/latents/<vae>/, the folder vae.py `encode`
 writes, laid out as:
     info.json   {"format_version": 1, "shape": [C, h, w], "mean": [C floats], "std": [C floats],
-                 "decoder": "decoder.pt2"}             (decoder path relative to this folder, or absolute)
+                 "decoder_safetensors": "decoder.safetensors", "decoder": "decoder.pt2"}   (paths in this folder)
     shards/{shard:05d}.safetensors   `latents` float32/float16/bfloat16 [N, C, h, w]: row `index` of shard
                  `shard` is the image of the meta.csv row with the same shard and index
-The model sees (latent - mean) / std per channel. The decoder is a `torch.export` program (torch.export.save)
-mapping raw latents [B, C, h, w] float32 (dynamic B) to images [B, 1, S, S] in [-1, 1]; sampling loads it with
-torch.export.load (no import of vae.py). A .pt2 program is code: load only decoders you wrote or trust.
+The model sees (latent - mean) / std per channel. Decoders map raw latents [B, C, h, w] to images [B, 1, S, S] in
+[-1, 1]. A decoder is loaded only when images are decoded (sample, edit; training grids with --sample-every > 0),
+never to train. decoder.safetensors (weights and a JSON spec, nothing unpickled, read by load_radvae_decoder) is
+preferred; sample and edit fall back to decoder.pt2, a `torch.export` program (torch.export.load), only when the
+folder has no decoder.safetensors, and say so in one line: a .pt2 program is code, load only decoders you wrote or
+trust. Training grids never run a .pt2 (without decoder.safetensors they show latent channel 0). Our choice: a
+decoder path in info.json that leaves the latent folder (absolute, or through '..') is refused, not followed: a
+shared dataset folder must not make your run load a file from elsewhere; copy the decoder into the folder instead.
 `--space auto` trains on latents when DATA/latents/ holds one (or --vae NAME), else on pixels.
+
+Output folders (FORMAT.md §8 for generated images): training, `sample` and `edit` claim --out with OUT/output.json,
+the record of what decides their outputs (training: the command; sample: checkpoint sha256, condition, seed, solver
+and its steps or tolerances, guidance, decoder; edit: checkpoint, data, profile, solver, guidance, decoder). A rerun
+with the same record resumes (images already written are kept); another record, a folder holding anything else (a
+dataset, another command's outputs) or a file is refused with one line, and nothing in it is touched. File names
+built from ids (edit's <id>.png) stay inside --out: an id with '/', '\\', a NUL or a leading '.' is refused.
 
 Checkpoint: one safetensors file, written atomically: `model.*`, `ema.*` and `optim.*` tensors, and in its
 metadata the resolved config, step and samples seen. There is no RNG state to store: every random draw is a
@@ -264,7 +276,31 @@ def parse_config(argv):
     if given.get("arch", arch) != arch:
         raise SystemExit(f"--arch {given['arch']} --size {size}: {size} is a {arch} preset; expected one of "
                          f"{[k for k, v in PRESETS.items() if v.get('arch', 'transformer') == given['arch']]}")
-    return Config(**{**PRESETS[size], **given, "size": size})
+    cfg = Config(**{**PRESETS[size], **given, "size": size})
+    check_counts(cfg, positive=TRAIN_POSITIVE, non_negative=TRAIN_NON_NEGATIVE)
+    return cfg
+
+
+# Counting flags of training (check_counts). Our choice of which may be 0: --sample-every 0 (no grids),
+# --micro-batch 0 (no accumulation), --warmup / --lr-decay 0 (none), --patch / --in-channels / --image-size 0 (from
+# the data); every other count needs at least 1 (--max-steps 0 would end before its first checkpoint).
+TRAIN_POSITIVE = ("batch_size", "max_steps", "log_every", "ckpt_every", "bench_steps", "hidden", "depth", "heads",
+                  "channels", "blocks", "head_channels")
+TRAIN_NON_NEGATIVE = ("micro_batch", "sample_every", "warmup", "lr_decay", "patch", "in_channels", "image_size")
+INFER_POSITIVE = ("steps", "batch_size")                         # --n: see parse_infer
+
+
+def parse_infer(cmd, argv):
+    """InferConfig of `sample` / `edit` from argv. --n left out means its default (one image per --cond row, else
+    16); given explicitly it must be at least 1 (our choice: `--n 0` is refused rather than read as 'the default')."""
+    parser = build_parser(InferConfig, f"rectified_flow.py {cmd}", (sample if cmd == "sample" else edit).__doc__, cmd)
+    given = vars(parser.parse_args(argv))
+    icfg = InferConfig(**given)
+    check_counts(icfg, positive=INFER_POSITIVE + (("n",) if "n" in given else ()))
+    for name in ("rtol", "atol"):
+        if not getattr(icfg, name) > 0:                          # also NaN: a zero tolerance never accepts a step
+            raise SystemExit(f"--{name} {getattr(icfg, name)}: expected a tolerance > 0")
+    return icfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -736,8 +772,12 @@ def flow_loss(model, x0, eps, t, cond):
 
 
 def guided_velocity(model, x, t, cond, scale=1.0, guide=None):
-    """Classifier-free guidance v_u + w (v_c - v_u) on every output channel; v_u nulls `guide` (default all 19)."""
-    tt = torch.full((x.shape[0],), float(t), device=x.device)
+    """Classifier-free guidance v_u + w (v_c - v_u) on every output channel; v_u nulls `guide` (default all 19).
+    t: one time for the batch, or a [B] tensor, a time per row (dopri5)."""
+    if torch.is_tensor(t) and t.ndim:
+        tt = t.to(x.device, torch.float32)
+    else:
+        tt = torch.full((x.shape[0],), float(t), device=x.device)
     if scale == 1.0:                                             # no guidance: skip the unconditional branch
         return model(x, tt, cond).float()
     v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null_cond(cond, guide)])).float()
@@ -770,38 +810,55 @@ DP_E = [b5 - b4 for b5, b4 in zip(DP_B + [0], DP_B4)]
 
 
 def dopri5(f, x, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100_000):
-    """Adaptive Dormand-Prince 5(4) from t0 to t1 (either direction): embedded error estimate, RMS error norm
-    over the whole batch with tolerance atol + rtol |x| (as torchdiffeq, which radit App. C.3 used), Hairer's
-    first-step heuristic, step factor 0.9 err^(-1/5) in [0.2, 10]. Returns (x, model evaluations)."""
-    def rms(v):
-        return float(v.double().pow(2).mean().sqrt())
+    """Adaptive Dormand-Prince 5(4) from t0 to t1 (either direction) with step control per row of x (per image):
+    each row has its own time, step size, embedded error estimate with RMS norm over the row and tolerance
+    atol + rtol |x| (as torchdiffeq, which radit App. C.3 used), Hairer's first step and accept / reject decisions,
+    so a row's solution does not depend on the other rows in the batch: an image is a function of its own noise and
+    condition (a norm over the whole batch let one stiff image set every image's steps). f(t, x) gets t as a [B]
+    float64 tensor, one time per row; a row that has reached t1 takes steps of size 0 and stays put while the others
+    finish. Step factor 0.9 err^(-1/5) in [0.2, 10]. Returns (x, evaluations of f, each on the whole batch)."""
+    B = x.shape[0]
+    rows = (B,) + (1,) * (x.ndim - 1)                          # a [B] vector broadcast over a row's elements
+
+    def rms(v):                                                  # per row, in float64
+        return v.double().reshape(B, -1).pow(2).mean(1).sqrt()
+
+    def per_row(v):
+        return v.view(rows).to(x.dtype)
 
     direction, span = (1.0 if t1 > t0 else -1.0), abs(t1 - t0)
-    k1, nfe = f(t0, x), 1
+    t = torch.full((B,), float(t0), dtype=torch.float64, device=x.device)
+    k1, nfe = f(t, x), 1
     scale = atol + rtol * x.abs()                    # first step: Hairer, Norsett & Wanner (1993) II.4
     d0, d1 = rms(x / scale), rms(k1 / scale)
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    d2 = rms((f(t0 + direction * h0, x + direction * h0 * k1) - k1) / scale) / h0
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+    d2 = rms((f(t + direction * h0, x + per_row(direction * h0) * k1) - k1) / scale) / h0
     nfe += 1
-    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
-    h, t, done = min(100 * h0, h1, span), t0, 0.0
+    d12 = torch.maximum(d1, d2)
+    h1 = torch.where(d12 <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / d12) ** 0.2)
+    h = torch.clamp(torch.minimum(100 * h0, h1), max=span)
+    done = torch.zeros(B, dtype=torch.float64, device=x.device)
     for _ in range(max_steps):
-        if span - done <= 1e-12 * max(1.0, span):
+        active = span - done > 1e-12 * max(1.0, span)
+        if not bool(active.any()):
             return x, nfe
         last = h >= span - done
-        h = min(h, span - done)
-        dt, ks = direction * h, [k1]
+        h = torch.where(active, torch.minimum(h, span - done), h)
+        dt = direction * torch.where(active, h, 0.0)           # finished rows: a step of size 0
+        ks = [k1]
         for c, a in zip(DP_C[1:], DP_A[1:]):
-            ks.append(f(t + c * dt, x + dt * sum(ai * ki for ai, ki in zip(a, ks) if ai)))
-        x5 = x + dt * sum(b * k for b, k in zip(DP_B, ks) if b)
+            ks.append(f(t + c * dt, x + per_row(dt) * sum(ai * ki for ai, ki in zip(a, ks) if ai)))
+        x5 = x + per_row(dt) * sum(b * k for b, k in zip(DP_B, ks) if b)
         k7 = f(t + dt, x5)
         nfe += 6
-        err = dt * sum(e * k for e, k in zip(DP_E, ks + [k7]) if e)
+        err = per_row(dt) * sum(e * k for e, k in zip(DP_E, ks + [k7]) if e)
         en = rms(err / (atol + rtol * torch.maximum(x.abs(), x5.abs())))
-        if en <= 1.0:                                # accept
-            done = span if last else done + h
-            t, x, k1 = (t1 if last else t + dt), x5, k7
-        h *= min(10.0, max(0.2, 0.9 * en ** -0.2)) if en > 0 else 10.0
+        accept = active & (en <= 1.0)
+        done = torch.where(accept, torch.where(last, span, done + h), done)
+        t = torch.where(accept, torch.where(last, float(t1), t + dt), t)
+        x, k1 = torch.where(accept.view(rows), x5, x), torch.where(accept.view(rows), k7, k1)
+        factor = torch.where(en > 0, torch.clamp(0.9 * en ** -0.2, 0.2, 10.0), 10.0)
+        h = torch.where(active, h * factor, h)
     raise RuntimeError(f"dopri5: no convergence in {max_steps} steps (rtol {rtol}, atol {atol})")
 
 
@@ -825,6 +882,7 @@ VARIABLES = LABELS + ["sex", "race", "view", "dataset", "age"]                # 
 VALUES = {**{lab: ["0", "1", "-1"] for lab in LABELS},                       # csv value -> code: index + 1
           "sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}
 NULL = [0.0] * 18 + [float("nan")]                                            # code 0 = missing; age NaN
+META_REQUIRED = VARIABLES + ["shard", "index"]                                 # the columns CXRData reads
 META_COLUMNS = (["id", "patient_id", "study_id", "split", "dataset", "view", "sex", "age", "race"] + LABELS +
                 ["report", "findings", "shard", "index", "source_path"])
 
@@ -834,11 +892,8 @@ def encode_row(row, datasets, where):
     out = []
     for var in VARIABLES:
         s = str(row.get(var) or "").strip()
-        if var == "age":
-            try:
-                out.append(float(s) if s else float("nan"))
-            except ValueError:
-                raise SystemExit(f"{where}: age={s!r}; expected years as a number or empty") from None
+        if var == "age":                                         # one rule everywhere: years in AGE_RANGE
+            out.append(check_age(s, where))
             continue
         choices = datasets if var == "dataset" else VALUES[var]
         if var in LABELS and s:
@@ -895,10 +950,17 @@ def generator(*keys, device="cpu"):
 
 
 def read_json(path, what):
+    """A JSON object from a file; one line when it is missing or not a JSON object."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file; expected {what}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"{path}: not readable JSON ({e}); expected {what}") from None
+    if not isinstance(obj, dict):
+        raise SystemExit(f"{path}: holds a {type(obj).__name__}; expected {what} (a JSON object)")
+    return obj
 
 
 def latent_folder(root, vae=""):
@@ -915,12 +977,36 @@ def latent_folder(root, vae=""):
 
 
 def latent_info(folder):
-    """The latent folder's info.json: shape, per-channel mean / std, decoder path (made absolute)."""
-    li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
-    dec = li.get("decoder", "")
-    return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
-                std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1),
-                decoder=dec if not dec or os.path.isabs(dec) else os.path.join(folder, dec))
+    """The latent folder's info.json: shape, per-channel mean / std, and the decoders' paths (None when absent):
+    decoder.safetensors (info.json's "decoder_safetensors", else that name when the file is there) and the .pt2
+    program ("decoder"). The paths are not checked here: only a decoder that is loaded must lie in the folder."""
+    path = os.path.join(folder, "info.json")
+    li = read_json(path, "the latent folder's info.json (written by vae.py encode)")
+    try:
+        shape = tuple(int(v) for v in li["shape"])
+        mean = torch.tensor([float(v) for v in li["mean"]]).view(-1, 1, 1)
+        std = torch.tensor([float(v) for v in li["std"]]).view(-1, 1, 1)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"{path}: no valid shape / mean / std ({type(e).__name__}: {e}); expected vae.py "
+                         f"encode's info.json (FORMAT.md §7)") from None
+    if len(shape) != 3 or not len(mean) == len(std) == shape[0] or not bool((std > 0).all()):
+        raise SystemExit(f"{path}: shape {list(shape)} with {len(mean)} means and {len(std)} stds; expected [C, h, "
+                         f"w] and C of each, stds > 0")
+    safe = li.get("decoder_safetensors") or ("decoder.safetensors" if os.path.isfile(
+        os.path.join(folder, "decoder.safetensors")) else "")
+    return dict(shape=shape, mean=mean, std=std, decoder_safetensors=safe or None, decoder=li.get("decoder") or None)
+
+
+def decoder_path(folder, name, key):
+    """The file `name` of info.json's `key`, inside the latent folder; one line when it leaves it. Our choice: a
+    path that resolves outside the folder (absolute, through '..' or a link) is refused, not followed, so that a
+    shared dataset folder cannot make a run load a decoder (code, for a .pt2) from elsewhere."""
+    path = os.path.realpath(os.path.join(folder, str(name)))
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, path]) != root:
+        raise SystemExit(f"{os.path.join(folder, 'info.json')}: {key} {name!r} is outside the latent folder; "
+                         f"expected a file in {folder} (copy the decoder there: decoders elsewhere are not followed)")
+    return path
 
 
 class CXRData:
@@ -930,13 +1016,12 @@ class CXRData:
         if space not in ("auto", "pixel", "latent"):
             raise SystemExit(f"--space {space!r}: expected auto, pixel or latent")
         path = os.path.join(root, "meta.csv")
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
-                             f"e.g. from `python prep_data.py phantom --out {root}`")
+        what = f"a dataset folder (meta.csv, shards/, info.json), e.g. from `python prep_data.py phantom --out {root}`"
+        # Every column the model reads is required (our choice, one rule with flow_scm.py): a missing sex or label
+        # column is an error naming the columns, never silently all-missing; `split` is required to select one.
+        self.rows, _ = read_meta(path, required=META_REQUIRED, split=split, what=what)
         self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
         self.datasets = list(self.info.get("datasets") or [])
-        with open(path, newline="") as f:
-            self.rows = [r for r in csv.DictReader(f) if split is None or r.get("split", split) == split]
         if not self.rows:
             raise SystemExit(f"{path}: no rows with split={split!r}")
         self.cond = torch.tensor([encode_row(r, self.datasets, f"{path} row id={r.get('id')}") for r in self.rows])
@@ -947,17 +1032,41 @@ class CXRData:
         self.space, self.root, self.folder = ("latent" if lat else "pixel"), root, lat or root
         if self.space == "latent":
             li = latent_info(lat)
-            self.shape, self.mean, self.std, self.decoder = li["shape"], li["mean"], li["std"], li["decoder"]
+            self.shape, self.mean, self.std = li["shape"], li["mean"], li["std"]
         else:
-            self.shape, self.decoder = (1, int(self.info["size"]), int(self.info["size"])), None
+            try:
+                side = int(self.info["size"])
+            except (KeyError, TypeError, ValueError):
+                raise SystemExit(f"{root}/info.json: size {self.info.get('size')!r}; expected the image side in "
+                                 f"pixels (FORMAT.md §4)") from None
+            self.shape = (1, side, side)
         self.key = "latents" if self.space == "latent" else "images"
-        first = self.shard_path(int(self.rows[0]["shard"]))
-        with safe_open(first, "pt") as f:
-            got = tuple(f.get_slice(self.key).get_shape()[1:])
-        if got != self.shape:
-            raise SystemExit(f"{first}: `{self.key}` rows have shape {list(got)}; expected {list(self.shape)} "
-                             f"from {'its info.json' if lat else 'info.json size'}")
+        self.check_shards()
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
+
+    def check_shards(self):
+        """At start, not mid-training: every shard the rows name exists, stores `images` uint16 (latents: float32,
+        float16 or bfloat16) rows of this shape, and holds each row's index (check_shard_rows)."""
+        where = os.path.join(self.root, "meta.csv")
+        dtypes = ("F32", "F16", "BF16") if self.space == "latent" else "U16"    # FORMAT.md §3, §7
+        sizes = {}
+        for r in self.rows:
+            try:
+                shard = int(r["shard"])
+            except ValueError:
+                break                                            # check_shard_rows names the row
+            if shard in sizes or shard < 0:
+                continue
+            path = os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")
+            if not os.path.isfile(path):
+                continue                                         # check_shard_rows: "names shard k, which ..."
+            shape = shard_tensor_shape(path, self.key, dtypes)
+            if tuple(shape[1:]) != self.shape:
+                source = "its info.json" if self.space == "latent" else "info.json size"
+                raise SystemExit(f"{path}: `{self.key}` rows have shape {list(shape[1:])}; expected "
+                                 f"{list(self.shape)} from {source}")
+            sizes[shard] = shape[0]
+        check_shard_rows(self.rows, sizes, where)
 
     def shard_path(self, shard):
         path = os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")
@@ -1176,9 +1285,10 @@ def check_shard_rows(rows, sizes, where):
 
 
 def shard_tensor_shape(path, key, dtype):
-    """The shape of tensor `key` in a shard, checked against the format's dtype (safetensors' code: 'U16' for
-    images, 'F32' for latents, 'BOOL' for masks): one line naming the file when it is missing, unreadable, lacks the
-    key or stores another dtype (a float or uint8 shard would otherwise train on near-black images)."""
+    """The shape of tensor `key` in a shard, checked against the format's dtypes (`dtype`: safetensors' code or a
+    tuple of them, e.g. 'U16' for images, ('F32', 'F16', 'BF16') for latents): one line naming the file when it is
+    missing, unreadable, lacks the key or stores another dtype (a float or uint8 shard of images would otherwise
+    train on near-black inputs)."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such shard; expected the shards/ that meta.csv names")
     try:
@@ -1191,8 +1301,9 @@ def shard_tensor_shape(path, key, dtype):
             shape, stored = list(piece.get_shape()), piece.get_dtype()
     except (SafetensorError, OSError) as e:
         raise SystemExit(f"{path}: not a readable safetensors shard ({e})") from None
-    if stored != dtype:
-        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {dtype} (FORMAT.md)")
+    wanted = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if stored not in wanted:
+        raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
 # --- end skeleton: meta_table ---
 
@@ -1282,16 +1393,34 @@ def save_grid(path, images, ncol, labels=()):
     atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
-def load_decoder(folder, device):
-    """The torch.export decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space)."""
+def load_decoder(folder, device, allow_program=True):
+    """The decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space, or no decoder
+    that may be loaded). decoder.safetensors first (load_radvae_decoder: weights only, nothing runs); else, when
+    `allow_program`, the torch.export program decoder.pt2, with one line saying that it is code (sample, edit);
+    training grids pass allow_program=False and show latent channel 0 instead."""
     if folder is None:
         return None
     li = latent_info(folder)
-    if not li["decoder"] or not os.path.isfile(li["decoder"]):
-        raise SystemExit(f"{folder}/info.json: decoder {li['decoder']!r} not found; expected the torch.export "
-                         f"program written by vae.py encode")
-    dec = torch.export.load(li["decoder"]).module().to(device)
     mean, std = li["mean"].to(device), li["std"].to(device)
+    if li["decoder_safetensors"]:
+        path = decoder_path(folder, li["decoder_safetensors"], "decoder_safetensors")
+        if os.path.isfile(path):
+            dec, _ = load_radvae_decoder(path, device)
+            return lambda z: dec(z.float() * std + mean).float()
+    if not allow_program:
+        print(f"{folder}: no decoder.safetensors; grids show latent channel 0 (training never runs decoder.pt2)")
+        return None
+    path = decoder_path(folder, li["decoder"], "decoder") if li["decoder"] else None
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"{folder}/info.json: no decoder.safetensors and decoder {li['decoder']!r} not found; "
+                         f"expected the decoders written by vae.py encode")
+    print(f"{path}: no decoder.safetensors in {folder}; loading this torch.export program, which is code that "
+          f"runs: only use decoders you wrote or trust", flush=True)
+    try:
+        dec = torch.export.load(path).module().to(device)
+    except Exception as e:                                       # any failure of a foreign program: one line
+        raise SystemExit(f"{path}: not a loadable torch.export program ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); expected vae.py encode's decoder.pt2") from None
     return lambda z: dec(z.float() * std + mean).float()
 
 
@@ -1611,6 +1740,10 @@ def train(cfg):
     if saved:
         check_compatible(cfg, saved[0], ckpt_path)
     micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
+    # Everything is checked; now claim the run folder (every rank checks, rank 0 writes output.json): a dataset or
+    # another command's folder is refused, a folder with our checkpoint (a run from before output.json) is ours.
+    # claim_output also removes the .tmp-* a killed checkpoint write left (clean_temporaries, rank 0).
+    claim_output(cfg.out, {"command": "rectified_flow.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     raw = build_model(cfg).to(device)
@@ -1630,8 +1763,13 @@ def train(cfg):
     n_params = sum(p.numel() for p in raw.parameters())
     tokens = (cfg.image_size // cfg.patch) ** 2
     peak = peak_flops(device)
-    decode = load_decoder(data.folder, device) if data.decoder and os.path.isfile(data.decoder) else None
+    # A decoder only for the grids, never a .pt2 program: training a shared dataset runs nobody's code.
+    grids = rank == 0 and cfg.sample_every > 0
+    decode = load_decoder(data.folder, device, allow_program=False) if grids and data.space == "latent" else None
     if rank == 0:
+        # Log records carry the step they end (1..max_steps), checkpoints the steps done: keep the records up to the
+        # checkpoint's step (0 for a fresh start) and drop what a killed run logged after it, or a half line.
+        resume_log(os.path.join(cfg.out, "log.jsonl"), step)
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         write_json(os.path.join(cfg.out, "env.json"), environment(device, world))
@@ -1784,15 +1922,38 @@ def load_for_inference(icfg):
         raise SystemExit(f"--cfg {icfg.cfg}: expected a guidance scale >= 0")
     if icfg.solver not in ("euler", "heun", "dopri5"):
         raise SystemExit(f"--solver {icfg.solver!r}: expected euler, heun or dopri5")
+    variable_mask(icfg.guide)                                    # --guide checked before anything is written
     rank, world, device = setup_distributed(icfg.device)
     saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.",))
-    cfg = Config(**saved)
+    try:
+        cfg = Config(**saved)
+    except TypeError as e:
+        raise SystemExit(f"{path}: its config does not fit this rectified_flow.py ({e})") from None
     model = build_model(cfg)
     try:
         model.load_state_dict(parts["ema."])
     except RuntimeError as e:
         raise SystemExit(f"{path}: EMA weights do not fit its own config ({str(e).splitlines()[0]})") from None
-    return cfg, model.to(device).eval().requires_grad_(False), rank, world, device
+    return cfg, model.to(device).eval().requires_grad_(False), rank, world, device, path
+
+
+def solver_record(icfg):
+    """What decides an image besides its condition and noise: the solver, its steps (euler, heun) or tolerances
+    (dopri5; the flag that does not apply is left out, so it cannot refuse a resume), and the guidance."""
+    knobs = {"rtol": icfg.rtol, "atol": icfg.atol} if icfg.solver == "dopri5" else {"steps": icfg.steps}
+    return {"solver": icfg.solver, **knobs, "cfg": icfg.cfg, "guide": icfg.guide}
+
+
+def decoder_record(folder):
+    """The sha256 of the decoder file a latent folder decodes with (None in pixel space): another decoder, other
+    images."""
+    if folder is None:
+        return None
+    li = latent_info(folder)
+    for key in ("decoder_safetensors", "decoder"):
+        if li[key] and os.path.isfile(os.path.join(folder, li[key])):
+            return file_sha256(decoder_path(folder, li[key], key))
+    return None
 
 
 def velocity_fn(model, cond, icfg, device):
@@ -1804,28 +1965,40 @@ def velocity_fn(model, cond, icfg, device):
 
 
 def sample(icfg):
-    """Images from noise under given conditions; PNG i from noise (seed, i); skips images already written."""
-    cfg, model, rank, world, device = load_for_inference(icfg)
+    """Images from noise under given conditions; PNG i from noise (seed, i); resumes into its own folder."""
+    cfg, model, rank, world, device, ckpt = load_for_inference(icfg)
     datasets = cfg.datasets.split(",")
     if icfg.cond.endswith(".csv"):
-        if not os.path.isfile(icfg.cond):
-            raise SystemExit(f"--cond {icfg.cond}: no such file; expected a meta.csv or 'Var=value,...'")
-        with open(icfg.cond, newline="") as f:
-            rows = list(csv.DictReader(f))
+        # a meta.csv of conditions (our choice: all 19 variable columns, as in FORMAT.md §2; empty = missing)
+        rows, _ = read_meta(icfg.cond, required=VARIABLES, what="a meta.csv of conditions (--cond)")
         if not rows:
             raise SystemExit(f"--cond {icfg.cond}: no rows")
         n = icfg.n or len(rows)
-        codes = [encode_row(rows[i % len(rows)], datasets, f"{icfg.cond} row {i % len(rows) + 2}") for i in range(n)]
+        condition = {"cond_csv_sha256": file_sha256(icfg.cond)}
+        def code(i):
+            return encode_row(rows[i % len(rows)], datasets, f"{icfg.cond} row {i % len(rows) + 2}")
     else:
         n = icfg.n or 16
-        codes = [encode_row(parse_assignments(icfg.cond, "--cond"), datasets, "--cond")] * n
-    decode = load_decoder(latent_folder(cfg.data, cfg.vae) if cfg.space == "latent" else None, device)
-    os.makedirs(icfg.out, exist_ok=True)
-    names = [f"{i:06d}.png" for i in range(n)]
-    if rank == 0:                                                # conditions of every image, known up front
+        one = encode_row(parse_assignments(icfg.cond, "--cond"), datasets, "--cond")
+        condition = {"cond": icfg.cond}
+        def code(i):
+            return one
+    codes = [code(i) for i in range(n)]
+    folder = latent_folder(cfg.data, cfg.vae) if cfg.space == "latent" else None
+    decode = load_decoder(folder, device)
+    # Image i is a function of (checkpoint, condition i, seed, i, solver, decoder): that is the record; --n is
+    # not in it (a larger --n adds images), nor --batch-size (per-row step control: an image ignores its batch).
+    record = {"command": "rectified_flow.py sample", "checkpoint_sha256": file_sha256(ckpt), **condition,
+              "seed": icfg.seed, **solver_record(icfg), "decoder_sha256": decoder_record(folder)}
+    claim_output(icfg.out, record, write=rank == 0)
+    meta_path = os.path.join(icfg.out, "meta.csv")
+    listed = len(read_meta(meta_path)[0]) if os.path.isfile(meta_path) else 0
+    names = [f"{i:06d}.png" for i in range(max(n, listed))]
+    if rank == 0:                # conditions of every image, known up front; a smaller --n keeps the rows listed
+        codes_all = codes + [code(i) for i in range(n, len(names))]
         meta = [{**{c: "" for c in META_COLUMNS}, **decode_row(c, datasets), "id": nm[:-4], "split": "test",
-                 "source_path": nm} for nm, c in zip(names, codes)]
-        atomic_save(os.path.join(icfg.out, "meta.csv"), lambda tmp: write_csv(tmp, meta))
+                 "source_path": nm} for nm, c in zip(names, codes_all)]
+        atomic_save(meta_path, lambda tmp: write_csv(tmp, meta))
     todo = [i for i in range(rank, n, world) if not os.path.exists(os.path.join(icfg.out, names[i]))]
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     t0, nfe = time.time(), 0
@@ -1873,23 +2046,27 @@ def random_edit(row, kind, rng, choices, ages):
     return f"{kind}={pool[int(rng.integers(len(pool)))]}"
 
 
+def test_rows(data):
+    """Positions of the test split's rows, the images `edit` picks without --ids; one line when there are none."""
+    test = [k for k, r in enumerate(data.rows) if r.get("split") == "test"]
+    if not test:
+        raise SystemExit(f"{data.root}/meta.csv: no rows with split 'test' (or no split column); expected test rows "
+                         f"to edit, or give --ids / --interventions")
+    return test
+
+
 def edit_plan(icfg, data, datasets):
     """[(output id, source row index, intervention text)]: from --interventions, or --random-edit, or --set."""
     by_id = {r["id"]: i for i, r in enumerate(data.rows)}
     if icfg.interventions:
         if icfg.random_edit or icfg.set or icfg.ids:
             raise SystemExit("--interventions: the plan names the edits; drop --random-edit, --set and --ids")
-        if not os.path.isfile(icfg.interventions):
-            raise SystemExit(f"--interventions {icfg.interventions}: no such file; expected an edit plan CSV (id, "
-                             f"source_id, intervention), e.g. from `edit --random-edit sex --plan-only`")
-        with open(icfg.interventions, newline="") as f:
-            plan = list(csv.DictReader(f))
-        missing = [c for c in ("id", "source_id", "intervention") if not plan or c not in plan[0]]
-        if missing:
-            raise SystemExit(f"--interventions {icfg.interventions}: no rows or missing column(s) {missing}; expected "
-                             f"id, source_id, intervention")
-        if len({e["id"] for e in plan}) != len(plan):
-            raise SystemExit(f"--interventions {icfg.interventions}: duplicate ids; each edit needs its own id")
+        # the ids name output files: read_meta refuses an id that is not a file name or appears twice
+        plan, _ = read_meta(icfg.interventions, required=("source_id", "intervention"),
+                            what="an edit plan CSV (id, source_id, intervention), e.g. from `edit --random-edit sex "
+                                 "--plan-only`")
+        if not plan:
+            raise SystemExit(f"--interventions {icfg.interventions}: no rows; expected one edit per row")
         for e in plan:
             if e["source_id"] not in by_id:
                 raise SystemExit(f"--interventions {icfg.interventions}: source_id {e['source_id']!r} (edit "
@@ -1901,12 +2078,11 @@ def edit_plan(icfg, data, datasets):
             raise SystemExit(f"{data.root}/meta.csv: no row with id {i!r}")
     if not icfg.random_edit:
         if not ids and icfg.profile:
-            with open(icfg.profile, newline="") as f:
-                ids = [r["id"] for r in csv.DictReader(f)]
+            ids = [r["id"] for r in read_meta(icfg.profile, what="a CSV of profiles (id + variable columns)")[0]]
             for i in ids:
                 if i not in by_id:
                     raise SystemExit(f"--profile {icfg.profile}: id {i!r} is not in {data.root}/meta.csv")
-        ids = ids or [r["id"] for r in data.rows if r.get("split") == "test"][: icfg.n or 16]
+        ids = ids or [data.rows[k]["id"] for k in test_rows(data)][: icfg.n or 16]
         return [(i, by_id[i], icfg.set) for i in ids]
     if icfg.random_edit not in EDITS:
         raise SystemExit(f"--random-edit {icfg.random_edit!r}: expected one of {', '.join(EDITS)}")
@@ -1914,7 +2090,7 @@ def edit_plan(icfg, data, datasets):
         raise SystemExit("--random-edit draws the intervention; drop --set")
     rows = [by_id[i] for i in ids]
     if not rows:                                  # a random subset of the test split (radit App. C.4), in file order
-        test = [k for k, r in enumerate(data.rows) if r.get("split") == "test"]
+        test = test_rows(data)
         n = icfg.n or 16
         if n > len(test):
             print(f"--n {n}: the test split holds {len(test)} rows; editing all of them")
@@ -1930,26 +2106,65 @@ def edit_plan(icfg, data, datasets):
             for k in rows]
 
 
+def claim_edit_output(out, record, write):
+    """claim_output for `edit`, with one addition for the pipeline of radit App. C.4 (--plan-only, then
+    --interventions OUT/meta.csv into the same OUT): a folder claimed by --plan-only (it holds a plan, no image) is
+    taken over by an edit of the same data, which writes its own record. Whether existing images agree with this
+    run's plan is checked row by row (check_edit_rows)."""
+    path = os.path.join(out, "output.json")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None                                               # absent or unreadable: claim_output decides
+    if (isinstance(old, dict) and old.get("plan_only") is True and not record["plan_only"]
+            and {k: old.get(k) for k in ("command", "data")} == {k: record[k] for k in ("command", "data")}):
+        if write:
+            atomic_save(path, lambda tmp: write_json_file(tmp, record))
+        return
+    claim_output(out, record, write=write)
+
+
+EDIT_KEYS = ["source_id", "intervention"] + VARIABLES            # what decides an edited image, besides the record
+
+
+def check_edit_rows(out, rows):
+    """Images already in OUT are kept only when OUT/meta.csv made them with this run's edit: per image id the
+    source, the intervention and the full new profile. -> OUT/meta.csv's rows (for the ones this run keeps listed);
+    one line naming the first image that another edit made."""
+    path = os.path.join(out, "meta.csv")
+    old = {r["id"]: r for r in read_meta(path)[0]} if os.path.isfile(path) else {}
+    for r in rows:
+        if not os.path.exists(file_in(out, r["id"], ".png")):
+            continue
+        if r["id"] not in old:
+            raise SystemExit(f"{file_in(out, r['id'], '.png')}: exists but {path} does not list it; use a new --out")
+        for k in EDIT_KEYS:
+            if (old[r["id"]].get(k) or "") != (r.get(k) or ""):
+                raise SystemExit(f"--out {out}: {r['id']}.png was edited with {k} = {old[r['id']].get(k)!r}, this "
+                                 f"run has {r.get(k)!r}; use a new --out (or the same edit to resume)")
+    return list(old.values())
+
+
 def edit(icfg):
     """Counterfactual editing (radit §5.3): abduction (ODE data -> noise under the observed metadata), action
     (set the intervened variables or the full --profile), prediction (ODE noise -> data under the new metadata).
-    OUT/meta.csv: per edit the full new profile, id, source_id and intervention; OUT/<id>.png, OUT/<id>_grid.png."""
-    cfg, model, rank, world, device = load_for_inference(icfg)
+    OUT/meta.csv: per edit the full new profile, id, source_id and intervention; OUT/<id>.png, OUT/<id>_grid.png.
+    Resumable: images already in OUT from the same edit are kept."""
+    cfg, model, rank, world, device, ckpt = load_for_inference(icfg)
     data = CXRData(icfg.data or cfg.data, cfg.space, cfg.vae, split=None)
     datasets = cfg.datasets.split(",")
     if data.datasets != datasets or data.shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise SystemExit(f"{data.folder}: data of shape {list(data.shape)} with datasets {data.datasets}; the "
                          f"checkpoint expects {[cfg.in_channels, cfg.image_size, cfg.image_size]} and {datasets}")
-    if icfg.profile and not os.path.isfile(icfg.profile):
-        raise SystemExit(f"--profile {icfg.profile}: no such file; expected a CSV with id + variable columns")
-    plan = edit_plan(icfg, data, datasets)
     profiles = {}
-    if icfg.profile:
-        with open(icfg.profile, newline="") as f:
-            profiles = {r["id"]: r for r in csv.DictReader(f)}
+    if icfg.profile:                                             # ids unique and file names (read_meta)
+        profiles = {r["id"]: r for r in read_meta(icfg.profile, what="a CSV of profiles (id + variable columns)")[0]}
+    plan = edit_plan(icfg, data, datasets)
+    check_ids([i for i, _, _ in plan], "the edit plan (--ids)")  # an id twice would overwrite its own image
     new = []
     for i, k, text in plan:                                      # all checked before any ODE is solved
-        src, change, where = data.rows[k], parse_assignments(text, f"intervention of {i}"), f"edit {i}"
+        src, change = data.rows[k], parse_assignments(text, f"intervention of {i}")
         prof = {v: p for v, p in profiles.get(i, {}).items() if v in VARIABLES}
         if icfg.profile and i not in profiles:
             raise SystemExit(f"--profile {icfg.profile}: no row with id {i!r}; expected one profile per edit")
@@ -1971,14 +2186,28 @@ def edit(icfg):
     out_rows = [{**{c: data.rows[k].get(c, "") for c in META_COLUMNS}, **decode_row(c, datasets), "id": i,
                  "shard": "", "index": "", "source_path": f"{i}.png", "source_id": data.rows[k]["id"],
                  "intervention": text} for (i, k, text), c in zip(plan, new)]
-    if rank == 0:
+    folder = data.folder if data.space == "latent" else None
+    decode = None if icfg.plan_only else load_decoder(folder, device)
+    # The record: what decides every image besides its own row (checked per image by check_edit_rows); --n, --ids,
+    # --seed and --profile only choose rows and profiles, so a larger --n or more profiles resume.
+    record = {"command": "rectified_flow.py edit", "data": os.path.realpath(data.folder), "plan_only": icfg.plan_only}
+    if not icfg.plan_only:
+        record.update({"checkpoint_sha256": file_sha256(ckpt), **solver_record(icfg),
+                       "decoder_sha256": decoder_record(folder)})
+    claim_edit_output(icfg.out, record, write=rank == 0)
+    old_rows = check_edit_rows(icfg.out, out_rows)
+    if rank == 0:                 # this plan's rows, then the rows of images kept from earlier runs of other --ids
+        planned = set(ids)
+        kept = [r for r in old_rows if r["id"] not in planned and os.path.exists(file_in(icfg.out, r["id"], ".png"))]
         atomic_save(os.path.join(icfg.out, "meta.csv"),
-                    lambda tmp: write_csv(tmp, out_rows, META_COLUMNS + ["source_id", "intervention"]))
+                    lambda tmp: write_csv(tmp, out_rows + kept, META_COLUMNS + ["source_id", "intervention"]))
         print(f"{len(plan)} edits planned in {os.path.join(icfg.out, 'meta.csv')}")
     if icfg.plan_only:
         return out_rows
-    decode = load_decoder(data.folder if data.space == "latent" else None, device)
-    mine = list(range(rank, len(ids), world))                    # under torchrun each rank edits its share
+
+    def done(j):
+        return all(os.path.exists(file_in(icfg.out, ids[j], end)) for end in (".png", "_grid.png"))
+    mine = [j for j in range(rank, len(ids), world) if not done(j)]    # under torchrun each rank edits its share
     for k in range(0, len(mine), icfg.batch_size):
         chunk = mine[k:k + icfg.batch_size]
         rows = [src_rows[j] for j in chunk]
@@ -1991,8 +2220,8 @@ def edit(icfg):
         with torch.no_grad():
             a, b = (decode(x0), decode(x1)) if decode else (x0, x1)
         for j, xa, xb in zip(chunk, a, b):
-            save_png16(os.path.join(icfg.out, f"{ids[j]}.png"), xb)
-            save_grid(os.path.join(icfg.out, f"{ids[j]}_grid.png"), torch.stack([xa, xb, (xb - xa).abs() * 2 - 1]),
+            save_png16(file_in(icfg.out, ids[j], ".png"), xb)     # file_in: never outside --out
+            save_grid(file_in(icfg.out, ids[j], "_grid.png"), torch.stack([xa, xb, (xb - xa).abs() * 2 - 1]),
                       ncol=3, labels=["original", "edit", "|difference|"])
         print(f"rank {rank}: edited {k + len(chunk)}/{len(mine)} ({n1} + {n2} model evaluations)", flush=True)
     if world > 1:
@@ -2008,9 +2237,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv and argv[0] in ("train", "sample", "edit") else "train"
     if cmd in ("sample", "edit"):
-        fn = sample if cmd == "sample" else edit
-        parser = build_parser(InferConfig, f"rectified_flow.py {cmd}", fn.__doc__, cmd)
-        return fn(InferConfig(**vars(parser.parse_args(argv))))
+        return (sample if cmd == "sample" else edit)(parse_infer(cmd, argv))
     cfg = parse_config(argv)
     if cfg.dry_run:
         data = CXRData(cfg.data, cfg.space, cfg.vae) if os.path.isfile(os.path.join(cfg.data, "meta.csv")) else None
