@@ -1334,6 +1334,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
                     "init": init})
     ckpt_path, best_path = os.path.join(run_dir, "ckpt.safetensors"), os.path.join(run_dir, "best.safetensors")
     micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
+    stream = TrainStream(pool, cfg, seed)                        # (checks --mix before anything is written)
     torch.manual_seed(seed)                                      # the same initial weights on every rank
     raw = load_init(build_model(cfg, n_out), init).to(device)
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)   # chexgen Methods
@@ -1362,7 +1363,7 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
               f"parameters, {len(pool)} training images ({', '.join(f'{s.name} {len(s)}' for s in pool.sources)}), "
               f"{len(val)} validation, {world} process(es) x {accum} micro-batch(es) of {micro}"
               + (f", resuming at step {step}" if step else ""), flush=True)
-    stream, lo, seg = TrainStream(pool, cfg, seed), rank * per_rank, cfg.task == "segment"
+    lo, seg = rank * per_rank, cfg.task == "segment"
     health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
     acc = torch.zeros(3, device=device)                          # loss sum, count, grad-norm sum
     bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss

@@ -1232,11 +1232,19 @@ def check_csv_out(path, inputs=(), flag="--out"):
     atomically and may replace an earlier CSV the user names again (a CSV is one whole result, nothing to resume),
     but it is refused, before any work, when it is a folder, when it is one of this run's own inputs (the
     --interventions plan, an --ids file, the --data meta.csv), or when its folder holds a dataset (info.json or
-    shards/) or another command's outputs (output.json): a dataset's meta.csv is never replaced."""
+    shards/) or another command's outputs (output.json; a flow_scm.py run folder is allowed): a dataset's meta.csv
+    is never replaced."""
     if os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: a folder; expected a file name")
     folder = os.path.dirname(os.path.abspath(path))
     for marker in ("info.json", "shards", "output.json"):
+        if marker == "output.json" and os.path.isfile(os.path.join(folder, marker)):
+            try:                                                 # a flow_scm.py run folder may hold its cohorts
+                with open(os.path.join(folder, marker)) as f:
+                    if str(json.load(f).get("command", "")).startswith("flow_scm.py"):
+                        continue
+            except (OSError, ValueError, AttributeError):
+                pass
         if os.path.exists(os.path.join(folder, marker)):
             raise SystemExit(f"{flag} {path}: its folder holds {marker} (a dataset or another command's outputs); "
                              f"expected a file outside it")

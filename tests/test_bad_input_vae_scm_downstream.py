@@ -88,7 +88,7 @@ def data(phantom_dir, tmp_path_factory):
         "no_sex": dict(drop=("sex",)),
         "index_past": dict(edit=set_cell("index", 3, "99999")),
         "index_neg": dict(edit=set_cell("index", 3, "-1")),
-        "bad_age": dict(edit=set_cell("age", 0, "-5")),
+        "bad_age": dict(edit=set_cell("age", 0, "999")),
         "float_shard": dict(shard=lambda t: {**t, "images": t["images"].float()}),
         "uint8_shard": dict(shard=lambda t: {**t, "images": (t["images"].to(torch.int32) // 256).to(torch.uint8)}),
         "wrong_key": dict(shard=lambda t: {"pixels": t["images"], "masks": t["masks"]}),
@@ -237,12 +237,15 @@ CASES = [
     ("vae-decode-out-dataset", "vae", lambda c: ["decode", "--latents", c["dec"] + "/a.safetensors", "--out",
                                                  c["data"]["bad_age"], "--device", "cpu"],
      r"holds files this command did not write", ["data:bad_age", "dec"]),
+    ("vae-decode-out-file", "vae", lambda c: ["decode", "--latents", c["dec"] + "/a.safetensors", "--out",
+                                              c["files"]["a_file"], "--device", "cpu"], r"a file; expected a folder",
+     ["a_file", "dec"]),
     # --- flow_scm.py: data (items 6, 7), counts, outputs ---
     ("scm-dup-ids", "scm", scm_train("dup_ids"), r"id '\w+' appears more than once", ["data:dup_ids"]),
     ("scm-no-split", "scm", scm_train("no_split"), r"no column\(s\) split", ["data:no_split"]),
     ("scm-no-label", "scm", scm_train("no_label"), r"no column\(s\) Pneumonia", ["data:no_label"]),
-    ("scm-meta-age-neg", "scm", scm_train("bad_age"), r"age '-5'; expected years in 0-120", ["data:bad_age"]),
-    ("scm-batch-0", "scm", scm_train("ok", "--batch-size", "0"), r"--batch-size 0: expected", ["data:ok"]),
+    ("scm-meta-age-999", "scm", scm_train("bad_age"), r"age '999'; expected years in 0-120", ["data:bad_age"]),
+    ("scm-batch-0", "scm", scm_train("ok", "--batch-size", "0"), r"--batch-size 0: expected a positive integer", ["data:ok"]),
     ("scm-max-steps-neg", "scm", scm_train("ok", "--max-steps", "-1"), r"--max-steps -1: expected", ["data:ok"]),
     ("scm-log-every-0", "scm", scm_train("ok", "--log-every", "0"), r"--log-every 0: expected", ["data:ok"]),
     ("scm-ckpt-every-0", "scm", scm_train("ok", "--ckpt-every", "0"), r"--ckpt-every 0: expected", ["data:ok"]),
@@ -258,6 +261,9 @@ CASES = [
     ("scm-sample-out-in-dataset", "scm", lambda c: scm("sample", "--n", "2", "--out",
                                                        c["data"]["bad_age"] + "/meta.csv")(c),
      r"its folder holds info.json", ["data:bad_age", "scm"]),
+    ("scm-sample-out-other-outputs", "scm", lambda c: scm("sample", "--n", "2", "--out",
+                                                          other_outputs(c) + "/x.csv")(c),
+     r"its folder holds output.json", ["tmp"]),
     ("scm-sample-out-folder", "scm", scm("sample", "--n", "2", "--out", "{tmp}"), r"a folder; expected a file",
      ["tmp"]),
     ("scm-intervene-age-neg", "scm", scm("intervene", "--set", "age=-5", "--n", "2", "--out", "{tmp}/x.csv"),
@@ -322,8 +328,8 @@ CASES = [
                                             f"t={c['data']['no_sex']}:test", "--out", c["tmp"] + "/out", *DS_TRAIN],
      r"no column\(s\) sex; fairness", ["tmp"]),
     ("ds-predictor-age", "ds", lambda c: ["predict-metadata", *ds_train("bad_age", "all")(c), "--labels", "sex,age"],
-     r"age '-5'; expected years in 0-120", ["tmp", "data:bad_age"]),
-    ("ds-batch-0", "ds", ds_train("ok", "train", "--batch-size", "0"), r"--batch-size 0: expected", ["tmp"]),
+     r"age '999'; expected years in 0-120", ["tmp", "data:bad_age"]),
+    ("ds-batch-0", "ds", ds_train("ok", "train", "--batch-size", "0"), r"--batch-size 0: expected a positive integer", ["tmp"]),
     ("ds-max-steps-0", "ds", ds_train("ok", "train", "--max-steps", "0"), r"--max-steps 0: expected", ["tmp"]),
     ("ds-eval-every-0", "ds", ds_train("ok", "train", "--eval-every", "0"), r"--eval-every 0: expected", ["tmp"]),
     ("ds-log-every-0", "ds", ds_train("ok", "train", "--log-every", "0"), r"--log-every 0: expected", ["tmp"]),
@@ -340,6 +346,15 @@ CASES = [
                                                 "--out", c["tmp"] + "/out", "--device", "cpu"],
      r"truncated\.safetensors: not a readable safetensors", ["tmp"]),
 ]
+
+
+def other_outputs(c):
+    """A folder holding another command's outputs (its output.json)."""
+    folder = c["tmp"] + "/decoded"
+    os.makedirs(folder)
+    with open(folder + "/output.json", "w") as f:
+        json.dump({"command": "vae.py decode"}, f)
+    return folder
 
 
 def broken_run(c, how):

@@ -202,7 +202,7 @@ FRESH = r"""
 import json, sys, torch
 from safetensors.torch import load_file, save_file
 src = open(sys.argv[1]).read()
-block = src[src.index("# >>> standalone decoder loader"):src.index("# <<< standalone decoder loader")]
+block = src[src.index("# --- skeleton: radvae_decoder"):src.index("# --- end skeleton: radvae_decoder ---")]
 ns = {}
 exec(block, ns)                                        # the documented copy-paste block, not an import of vae.py
 z = load_file(sys.argv[2])["z"]
