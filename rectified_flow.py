@@ -1743,7 +1743,7 @@ def train(cfg):
     # Everything is checked; now claim the run folder (every rank checks, rank 0 writes output.json): a dataset or
     # another command's folder is refused, a folder with our checkpoint (a run from before output.json) is ours.
     # claim_output also removes the .tmp-* a killed checkpoint write left (clean_temporaries, rank 0).
-    claim_output(cfg.out, {"command": "rectified_flow.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
+    claim(cfg.out, {"command": "rectified_flow.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     raw = build_model(cfg).to(device)
@@ -1990,7 +1990,7 @@ def sample(icfg):
     # not in it (a larger --n adds images), nor --batch-size (per-row step control: an image ignores its batch).
     record = {"command": "rectified_flow.py sample", "checkpoint_sha256": file_sha256(ckpt), **condition,
               "seed": icfg.seed, **solver_record(icfg), "decoder_sha256": decoder_record(folder)}
-    claim_output(icfg.out, record, write=rank == 0)
+    claim(icfg.out, record, write=rank == 0)
     meta_path = os.path.join(icfg.out, "meta.csv")
     listed = len(read_meta(meta_path)[0]) if os.path.isfile(meta_path) else 0
     names = [f"{i:06d}.png" for i in range(max(n, listed))]
@@ -2106,6 +2106,20 @@ def edit_plan(icfg, data, datasets):
             for k in rows]
 
 
+def claim(out, record, mine=(), write=True):
+    """claim_output, naming another command's folder as such first (claim_output names the first differing key in
+    sorted order, for another command an unrelated one such as cfg)."""
+    try:
+        with open(os.path.join(out, "output.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None                                               # absent or unreadable: claim_output decides
+    if isinstance(old, dict) and old.get("command") != record["command"]:
+        raise SystemExit(f"--out {out}: written by {old.get('command')!r}, this is {record['command']!r}; use a "
+                         f"new --out")
+    claim_output(out, record, mine=mine, write=write)
+
+
 def claim_edit_output(out, record, write):
     """claim_output for `edit`, with one addition for the pipeline of radit App. C.4 (--plan-only, then
     --interventions OUT/meta.csv into the same OUT): a folder claimed by --plan-only (it holds a plan, no image) is
@@ -2122,7 +2136,7 @@ def claim_edit_output(out, record, write):
         if write:
             atomic_save(path, lambda tmp: write_json_file(tmp, record))
         return
-    claim_output(out, record, write=write)
+    claim(out, record, write=write)
 
 
 EDIT_KEYS = ["source_id", "intervention"] + VARIABLES            # what decides an edited image, besides the record
