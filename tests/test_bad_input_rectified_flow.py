@@ -8,6 +8,7 @@ Below the table: the writers that name files from ids (confined), output folders
 with the same record, refuse another), the latent decoders (a .pt2 program is never opened to train;
 decoder.safetensors is preferred), dopri5's per-row step control (an image does not depend on its batch), and the
 housekeeping of a training run (stale temporaries, log records after a resume, a NaN before the first checkpoint)."""
+import copy
 import csv
 import json
 import os
@@ -551,21 +552,37 @@ def test_dopri5_row_ignores_a_stiff_batch_mate():
     assert ((both - exact).abs() / (1e-3 + 1e-3 * exact.abs())).max() < 10
 
 
-def test_sample_dopri5_image_does_not_depend_on_its_batch(world, tmp_path):
+@pytest.fixture(scope="module")
+def field_run(tmp_path_factory):
+    """A checkpoint of a RadiT with random adaLN and output layers (training starts them at zero): a non-trivial
+    velocity field, so that dopri5 takes steps that differ between images."""
+    cfg = rf.Config(hidden=32, depth=1, heads=2, in_channels=1, image_size=32, patch=4, space="pixel", shift=3.0,
+                    datasets="phantom-a,phantom-b,phantom-c")
+    torch.manual_seed(0)
+    model = rf.RadiT(cfg)
+    for lin in [b.ada for b in model.blocks] + [model.ada_out, model.out]:
+        torch.nn.init.normal_(lin.weight, std=0.05)
+    run = str(tmp_path_factory.mktemp("field") / "run")
+    os.makedirs(run)
+    rf.save_checkpoint(os.path.join(run, "ckpt.safetensors"), model, copy.deepcopy(model),
+                       torch.optim.Adam(model.parameters()), cfg, 1)
+    return run
+
+
+def test_sample_dopri5_image_does_not_depend_on_its_batch(field_run, tmp_path):
     """The same 3 images sampled in one batch and one by one (dopri5, rtol = atol = 1e-3). What may differ is the
     float32 rounding of the model's GEMMs at another batch shape (~1e-7 relative per evaluation); the controller is
     continuous in the error norm except at the accept threshold, which such rounding crosses with negligible
-    probability, so the images agree to ~1e-6, a small fraction of one 16-bit level (3e-5): floor() can still
-    split a value at a level boundary, hence <= 1 level. A shared step size moved them by O(tolerance), tens of
-    levels."""
-    c = Ctx(world, tmp_path)
-    a, b = os.path.join(c.tmp, "a"), os.path.join(c.tmp, "b")
-    common = ["sample", "--ckpt", c.run, "--n", "3", "--solver", "dopri5", "--rtol", "1e-3", "--atol", "1e-3"]
+    probability, so the images agree to ~1e-6, a small fraction of one 16-bit level (3e-5 in [-1, 1]); floor()
+    can still split a value at a level boundary: <= 2 levels leaves a margin. The step size shared by the batch
+    moved them by O(tolerance): 14 to 21 levels here."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["sample", "--ckpt", field_run, "--n", "3", "--solver", "dopri5", "--rtol", "1e-3", "--atol", "1e-3"]
     assert rf.main([*common, "--batch-size", "3", "--out", a]) == 3
     assert rf.main([*common, "--batch-size", "1", "--out", b]) == 3
     for i in range(3):
         pa, pb = (np.asarray(Image.open(os.path.join(d, f"{i:06d}.png"))).astype(np.int64) for d in (a, b))
-        assert np.abs(pa - pb).max() <= 1, (i, np.abs(pa - pb).max())
+        assert np.abs(pa - pb).max() <= 2, (i, np.abs(pa - pb).max())
 
 
 # ------------------------------------------------------------------------------------------------------------------
