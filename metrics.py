@@ -25,7 +25,9 @@ Commands:
     python metrics.py convert-xrv ~/.torchxrayvision/models_data/<file>.pt --dst xrv.safetensors
     python metrics.py bench --n 10000 --dim 2048      # CPU: FD vs sqrtm, PRDC vs full matrices, KID vs torch-fidelity
 Offline, an extractor whose weights are not found is skipped with a message naming the file and --weights-dir;
---allow-random-weights runs it anyway and labels every number it gives "random weights, not comparable".
+--allow-random-weights runs it anyway and labels every number it gives "random weights, not comparable"; those
+weights come from a fixed seed (RANDOM_WEIGHTS_SEED), so two runs agree. The feature cache is keyed by the sha256 of
+the weights actually used (recorded in results.json as features.<name>.weights_sha256), never by their name.
 
 The default preprocessing (square by --fit, bilinear with antialiasing) is ours; other tools' numbers need their
 conventions. Each feature space's convention is recorded in results.json (features.<name>.resize, kid_sampler).
@@ -1435,7 +1437,7 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
     if name in ("inception", "xrv"):
         inc = name == "inception"
         build = FIDInceptionV3 if inc else XRVDenseNet
-        net, src, rnd = build(), "random", False
+        src, rnd = "random", False
         files, url, cache = ((["pt_inception-2015-12-05.safetensors", FID_FILE], FID_URL,
                               "~/.cache/torch/hub/checkpoints") if inc else
                              ([XRV_SAFE, XRV_FILE], XRV_URL, "~/.torchxrayvision/models_data"))
@@ -1443,7 +1445,7 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
             src = find_weights(files, url, weights_dir, [cache], offline)
             if src.endswith(".pt"):  # torchxrayvision pickles the whole model: converted once, read without its code
                 src = convert_xrv(src, os.path.join(os.path.dirname(src), XRV_SAFE))
-            load_into(net, load_state(src), src)
+            net = load_into(build(), load_state(src), src)
         except WeightsMissing:
             if not allow_random_weights:
                 raise

@@ -32,6 +32,11 @@ Real datasets (as distributed; `python prep_data.py SOURCE --help` documents eac
                 rexgradient, generic [--csv FILE]
     python prep_data.py merge --inputs data/mimic data/chexpert data/nih --out data/cxr-merged
 
+Hostile or careless input is refused in one line before anything is written: every image path a source's table
+names must resolve (symlinks followed) inside --root unless --allow-outside-root is given; ids must be file names
+(no '/', '\\', NUL or leading '.': --png16 and the other scripts name files after them) and unique, the message
+naming the table row; merge checks every input's rows against its shards (index range, uint16 images).
+
 The exogenous noise of a phantom row is its integer `seed`: variable v's noise is U_v = splitmix64(seed*1024 + k)
 mapped to (0, 1) for a documented stream k (see `exogenous_uniform`), and the renderer draws from
 numpy.random.default_rng([seed, component]). The SCM's parameters are written to info.json["scm"], so other
@@ -2120,8 +2125,9 @@ def src_rexgradient(args):
 
 def src_generic(args):
     """Any other dataset: --root is the image folder, --csv (default ROOT/meta.csv) has a `path` column (relative
-    to ROOT) and any of the schema columns (FORMAT.md §2: id, patient_id, study_id, split, view, sex, age, race,
-    the 14 CheXpert labels, report, findings); the same harmonisation applies. Missing id -> file name; missing
+    to ROOT; a path that resolves outside ROOT is an error naming the row unless --allow-outside-root) and any of
+    the schema columns (FORMAT.md §2: id, patient_id, study_id, split, view, sex, age, race, the 14 CheXpert
+    labels, report, findings); the same harmonisation applies. Missing id -> file name; missing
     patient_id -> id; missing split -> patient hash. Dataset name: --dataset-name (default: the folder name)."""
     path = args.csv or os.path.join(args.root, "meta.csv")
     for i, r in enumerate(read_table(path, ["path"])):
@@ -2772,6 +2778,13 @@ def check_count_flags(args):
             raise SystemExit(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}")
 
 
+def is_png(path):
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def same_file(a, b):
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
@@ -2820,6 +2833,9 @@ def run_command(argv=None):
         print(f"wrote {len(rows)} images ({args.size}px) to {args.out} in {time.time() - t0:.1f}s"
               + (f" ({len(rows) / cpu:.0f} images per CPU-second)" if args.workers == 1 and cpu > 0.5 else ""))
     elif args.cmd == "sheet":
+        if os.path.exists(args.out) and not is_png(args.out):   # our choice: only an earlier sheet is replaced
+            raise SystemExit(f"--out {args.out}: exists and is not a PNG file; expected a new path or an earlier "
+                             f"sheet (a dataset's files are never overwritten)")
         contact_sheet(args.data, args.out, args.n, args.cols, args.tile, args.split, args.masks,
                       args.ids.split(",") if args.ids else None)
         print(f"wrote {args.out}")

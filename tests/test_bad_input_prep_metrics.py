@@ -337,6 +337,9 @@ CASES = [
     # a dataset is never overwritten; an --out that cannot be a folder is one line
     ("extract-labels-over-its-input", _extract_labels_over_input, r"the input table or a dataset's meta\.csv"),
     ("extract-labels-over-a-dataset", _extract_labels_over_dataset, r"a dataset is never overwritten"),
+    ("sheet-over-a-dataset", _prep_flags("sheet", "--data", lambda t, tmp: t["dataset"], "--out",
+                                         lambda t, tmp: os.path.join(t["dataset"], "meta.csv")),
+     r"meta\.csv: exists and is not a PNG file"),
     ("phantom-out-is-a-file", _prep_flags("phantom", "--n", "4", "--size", "32", "--out", _file_at),
      r"afile.*(Not a directory|File exists)"),
     # items 9/10: metrics.py inputs
