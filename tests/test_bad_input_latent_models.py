@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file as load_pt
@@ -40,7 +39,7 @@ CN = ["--control-blocks", "1", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.
 LDM = ["--channels", "16", "--dim", "32", "--heads", "2", "--tau-layers", "1", "--tau-heads", "2", "--tau-ff", "64",
        "--batch-size", "8", "--max-length", "24", "--lr", "2e-3", "--ema", "0.9", "--sample-every", "0",
        "--log-every", "1"]
-TRAVERSAL = ["../../X", "/abs/X", ".hidden", "a\\b"]
+TRAVERSAL = ["../../X", "/abs/X", ".hidden", "a\\b"]            # '/abs/X' is made absolute inside the watched tmp
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,7 +107,8 @@ def add_latents(data):
     with open(os.path.join(folder, "decoder.pt2"), "wb") as f:
         f.write(b"crafted: not a torch.export program")
     radvae_decoder_file(os.path.join(folder, "decoder.safetensors"))
-    ep = torch.export.export(ToyEncoder(), (torch.randn(2, 1, 32, 32),), dynamic_shapes={"x": {0: torch.export.Dim("b")}})
+    batch = {"x": {0: torch.export.Dim("b")}}
+    ep = torch.export.export(ToyEncoder(), (torch.randn(2, 1, 32, 32),), dynamic_shapes=batch)
     torch.export.save(ep, os.path.join(folder, "encoder.pt2"))
     info = {"format_version": 1, "shape": [4, 8, 8], "mean": z.mean((0, 2, 3)).tolist(),
             "std": z.std((0, 2, 3)).tolist(), "decoder": "decoder.pt2", "decoder_safetensors": "decoder.safetensors",
@@ -412,6 +412,34 @@ CASES += [
 ]
 
 
+def set_row0(**values):
+    """meta= editor: the first row (the one a 1-image sample reads) gets these values."""
+    return edit_rows(lambda rows: [{**rows[0], **values}] + rows[1:])
+
+
+def dit_cond(meta_edit):
+    """dit_text2img.py sample argv with --cond a meta.csv edited by meta_edit (instead of --prompts)."""
+    def fn(w, out):
+        cond = os.path.join(variant(w, w.text, meta=meta_edit), "meta.csv")
+        return swap(dit_sample(w, out), "--prompts=--cond", cond)
+    return fn
+
+
+def ldm_cond(meta_edit, *extra):
+    """ldm_multicond.py sample argv with --cond a meta.csv edited by meta_edit (its caches beside it)."""
+    def fn(w, out):
+        return ldm_sample(w, out, *extra, cond=os.path.join(variant(w, w.multi, meta=meta_edit), "meta.csv"))
+    return fn
+
+
+def embed(main, sub, base, meta_edit, *extra):
+    """An embed subcommand on a copy of dataset `base` whose meta.csv is edited (None: the dataset itself)."""
+    def build(w):
+        data = variant(w, getattr(w, base), meta=meta_edit) if meta_edit else getattr(w, base)
+        return main, [sub, "--data", data, *extra], [data]
+    return build
+
+
 def sampler(main, argv_fn, watch_fn=lambda w: []):
     """A sampler case: argv_fn(w, out) with a fresh --out (watched)."""
     def build(w):
@@ -470,15 +498,15 @@ CASES += [
     # resuming a sample folder with other settings: refused, naming the first difference
     ("dit-sample-resume-other-seed", into(dt.main, lambda w, o: dit_sample(w, o, "--seed", "1"),
                                           lambda w: w.dit_fake), r"written with seed = 0, this run has 1"),
-    ("dit-sample-resume-other-prompts", into(dt.main, lambda w, o: swap(dit_sample(w, o), "--prompts", w.prompts2), lambda w: w.dit_fake), r"written with prompts"),
+    ("dit-sample-resume-other-prompts", into(dt.main, lambda w, o: swap(dit_sample(w, o), "--prompts", w.prompts2),
+                                             lambda w: w.dit_fake), r"written with prompts"),
     ("dit-sample-resume-other-ckpt", into(dt.main, lambda w, o: bad_ckpt(dit_sample, "dit2")(w, o),
                                           lambda w: w.dit_fake), r"written with ckpt_sha256"),
     ("dit-sample-resume-other-sampler", into(dt.main, lambda w, o: dit_sample(w, o, "--sampler", "ddpm"),
                                              lambda w: w.dit_fake), r"written with sampler"),
     ("ldm-sample-resume-other-seed", into(lm.main, lambda w, o: ldm_sample(w, o, "--seed", "1"),
                                           lambda w: w.ldm_fake), r"written with seed = 0, this run has 1"),
-    ("ldm-sample-resume-other-cond", into(lm.main, lambda w, o: ldm_sample(w, o, cond=os.path.join(
-        variant(w, w.multi, meta=edit_rows(lambda r: r[::-1])), "meta.csv")), lambda w: w.ldm_fake),
+    ("ldm-sample-resume-other-cond", into(lm.main, ldm_cond(edit_rows(lambda r: r[::-1])), lambda w: w.ldm_fake),
      r"written with cond_sha256"),
     ("ldm-sample-resume-other-use", into(lm.main, lambda w, o: ldm_sample(w, o, "--use", "L"), lambda w: w.ldm_fake),
      r"written with use"),
@@ -486,40 +514,39 @@ CASES += [
                                           lambda w: w.ldm_fake), r"written with ckpt_sha256"),
     ("cn-sample-resume-other-seed", into(cn.main, lambda w, o: cn_sample(w, o, "--seed", "1"), lambda w: w.cn_fake),
      r"written with seed = 0, this run has 1"),
-    ("cn-sample-resume-other-boxes", into(cn.main, lambda w, o: swap(cn_sample(w, o), "--boxes", w.boxes2), lambda w: w.cn_fake), r"written with boxes_sha256"),
+    ("cn-sample-resume-other-boxes", into(cn.main, lambda w, o: swap(cn_sample(w, o), "--boxes", w.boxes2),
+                                          lambda w: w.cn_fake), r"written with boxes_sha256"),
     ("cn-sample-resume-other-prompt", into(cn.main, lambda w, o: cn_sample(w, o, "--prompt", "edema"),
                                            lambda w: w.cn_fake), r"written with prompt"),
     ("cn-sample-resume-other-ckpt", into(cn.main, lambda w, o: cn_sample(w, o, ckpt=w.box2), lambda w: w.cn_fake),
      r"written with ckpt_sha256"),
     # conditions from a meta.csv: duplicate ids, a split asked of a table without one, ages, label columns
-    ("dit-sample-cond-duplicate-id", sampler(dt.main, lambda w, o: swap(dit_sample(w, o), "--prompts=--cond", os.path.join(
-        variant(w, w.text, meta=edit_rows(duplicate_id)), "meta.csv"))),
-     "appears more than once"),
-    ("dit-sample-cond-no-report", sampler(dt.main, lambda w, o: swap(dit_sample(w, o), "--prompts=--cond", os.path.join(
-        variant(w, w.text, meta=drop_column("report")), "meta.csv"))), r"no column\(s\) report"),
-    ("ldm-sample-cond-duplicate-id", sampler(lm.main, lambda w, o: ldm_sample(w, o, cond=os.path.join(
-        variant(w, w.multi, meta=edit_rows(duplicate_id)), "meta.csv"))), "appears more than once"),
-    ("ldm-sample-split-without-column", sampler(lm.main, lambda w, o: ldm_sample(w, o, "--split", "test", cond=os.path
-        .join(variant(w, w.multi, meta=drop_column("split")), "meta.csv"))), r"no column\(s\) split"),
-    ("ldm-sample-cond-age-minus-5", sampler(lm.main, lambda w, o: ldm_sample(w, o, cond=os.path.join(
-        variant(w, w.multi, meta=edit_rows(lambda r: [{**r[0], "age": "-5"}] + r[1:])), "meta.csv"))), r"age '-5'"),
-    ("ldm-sample-cond-no-sex-column", sampler(lm.main, lambda w, o: ldm_sample(w, o, "--use", "L", cond=os.path.join(
-        variant(w, w.multi, meta=drop_column("sex")), "meta.csv"))), r"no column\(s\) sex"),
-    ("ldm-sample-cond-index-past-end", sampler(lm.main, lambda w, o: ldm_sample(w, o, "--use", "I", cond=os.path.join(
-        variant(w, w.multi, meta=edit_rows(lambda r: [{**r[0], "index": "99"}] + r[1:])), "meta.csv"))),
+    ("dit-sample-cond-duplicate-id", sampler(dt.main, dit_cond(edit_rows(duplicate_id))), "appears more than once"),
+    ("dit-sample-cond-no-report", sampler(dt.main, dit_cond(drop_column("report"))), r"no column\(s\) report"),
+    ("ldm-sample-cond-duplicate-id", sampler(lm.main, ldm_cond(edit_rows(duplicate_id))), "appears more than once"),
+    ("ldm-sample-split-without-column", sampler(lm.main, ldm_cond(drop_column("split"), "--split", "test")),
+     r"no column\(s\) split"),
+    ("ldm-sample-cond-age-minus-5", sampler(lm.main, ldm_cond(set_row0(age="-5"))), r"age '-5'"),
+    ("ldm-sample-cond-no-sex-column", sampler(lm.main, ldm_cond(drop_column("sex"), "--use", "L")),
+     r"no column\(s\) sex"),
+    ("ldm-sample-cond-index-past-end", sampler(lm.main, ldm_cond(set_row0(index="99"), "--use", "I")),
      r"has index 99"),
     ("cn-sample-masks-hidden-file", sampler(cn.main, lambda w, o: masks_argv(w, o)), r"'\.hidden' is not usable"),
     # embed subcommands
-    ("dit-embed-text--batch-size=0", lambda w: (dt.main, ["embed-text", "--data", w.text, "--text-encoder", w.bert,
-                                                          "--batch-size", "0"], [w.text]), "--batch-size 0"),
-    ("dit-embed-text-duplicate-id", lambda w: (lambda d: (dt.main, ["embed-text", "--data", d, "--text-encoder",
-                                                                    w.bert, "--name", "b2"], [d]))(
-        variant(w, w.text, meta=edit_rows(duplicate_id))), "appears more than once"),
-    ("ldm-embed-text--max-length=0", lambda w: (lm.main, ["embed-text", "--data", w.multi, "--text-encoder", w.bert,
-                                                          "--max-length", "0"], [w.multi]), "--max-length 0"),
-    ("ldm-embed-images-index-past-end", lambda w: (lambda d: (lm.main, ["embed-images", "--data", d,
-                                                                        "--image-encoder", "x", "--name", "v2"], [d]))(
-        variant(w, w.multi, meta=set_first(index="64"))), r"has index 64"),
+    ("dit-embed-text--batch-size=0", embed(dt.main, "embed-text", "text", None, "--text-encoder", "x",
+                                           "--batch-size", "0"), "--batch-size 0"),
+    ("dit-embed-text-duplicate-id", embed(dt.main, "embed-text", "text", edit_rows(duplicate_id), "--text-encoder",
+                                          "x", "--name", "b2"), "appears more than once"),
+    ("dit-embed-text-index-past-end", embed(dt.main, "embed-text", "text", set_first(index="64"), "--text-encoder",
+                                            "x", "--name", "b2"), r"has index 64"),
+    ("ldm-embed-text--max-length=0", embed(lm.main, "embed-text", "multi", None, "--text-encoder", "x",
+                                           "--max-length", "0"), "--max-length 0"),
+    ("ldm-embed-images--batch-size=0", embed(lm.main, "embed-images", "multi", None, "--image-encoder", "x",
+                                             "--batch-size", "0"), "--batch-size 0"),
+    ("ldm-embed-images-index-past-end", embed(lm.main, "embed-images", "multi", set_first(index="64"),
+                                              "--image-encoder", "x", "--name", "v2"), r"has index 64"),
+    ("ldm-embed-text-duplicate-id", embed(lm.main, "embed-text", "multi", edit_rows(duplicate_id), "--text-encoder",
+                                          "x", "--name", "t2"), "appears more than once"),
     ("cn-evaluate--n=-1", lambda w: (cn.main, ["evaluate", "--ckpt", w.cn, "--data", w.text, "--n", "-1", "--out",
                                                new_dir(w, "ev")], [w.text]), "--n -1: expected"),
 ]
@@ -551,11 +578,66 @@ def w2(w):
     return w
 
 
-@pytest.mark.parametrize("build,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_in_one_line_and_changes_nothing(w2, build, pattern):
+# Cases that were refused in one line already at commit ea9b5b8 (open_checkpoint and batch_split were in use, the
+# format tag of a checkpoint was checked): kept as guards of items 9 and 7, in their own test, since every case of
+# the main table failed on that commit (checked by running this file against `git archive ea9b5b8`).
+ALREADY_REFUSED = {
+    "dit-train-absent-shard",
+    "ldm-train-absent-shard",
+    "ldm-train-out-other-run",
+    "cn-train-out-other-run",
+    "dit-train--batch-size=0",
+    "ldm-train--batch-size=0",
+    "cn-train--batch-size=0",
+    "cn-train--control-blocks=0",
+    "dit-train-resume-truncated",
+    "ldm-train-resume-truncated",
+    "cn-train-resume-truncated",
+    "dit-train-init-from-truncated",
+    "dit-train-resume-empty",
+    "ldm-train-resume-empty",
+    "cn-train-resume-empty",
+    "dit-train-init-from-empty",
+    "dit-train-resume-text",
+    "ldm-train-resume-text",
+    "cn-train-resume-text",
+    "dit-train-init-from-text",
+    "dit-train-init-from-ldm-checkpoint",
+    "cn-train-backbone-ldm-checkpoint",
+    "ldm-train-resume-dit-checkpoint",
+    "dit-sample-ckpt-truncated",
+    "ldm-sample-ckpt-truncated",
+    "cn-sample-ckpt-truncated",
+    "dit-sample-ckpt-empty",
+    "ldm-sample-ckpt-empty",
+    "cn-sample-ckpt-empty",
+    "dit-sample-ckpt-text",
+    "ldm-sample-ckpt-text",
+    "cn-sample-ckpt-text",
+    "dit-sample-ckpt-of-ldm",
+    "ldm-sample-ckpt-of-dit",
+    "cn-sample-ckpt-of-dit",
+    "dit-sample--n-per-prompt=0",
+    "cn-sample--n-per-cond=0",
+}
+FIXED = [c for c in CASES if c[0] not in ALREADY_REFUSED]
+GUARDS = [c for c in CASES if c[0] in ALREADY_REFUSED]
+
+
+def run_case(w2, build, pattern):
     main, argv, watch = build(w2)
     argv = [(w2.bad.get(a[4:]) or getattr(w2, a[4:])) if a.startswith("BAD:") else a for a in argv]
     expect_refusal(main, argv, pattern, watch=[p for p in watch if p])
+
+
+@pytest.mark.parametrize("build,pattern", [c[1:] for c in FIXED], ids=[c[0] for c in FIXED])
+def test_bad_input_is_refused_in_one_line_and_changes_nothing(w2, build, pattern):
+    run_case(w2, build, pattern)
+
+
+@pytest.mark.parametrize("build,pattern", [c[1:] for c in GUARDS], ids=[c[0] for c in GUARDS])
+def test_bad_input_refused_before_issue_19_stays_refused(w2, build, pattern):
+    run_case(w2, build, pattern)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -582,6 +664,8 @@ def test_ids_from_data_write_nothing_outside_out(w2, bad_id, tmp_path):
     outside = tmp_path / "a" / "b"
     outside.mkdir(parents=True)
     out = outside / "out"
+    if bad_id.startswith("/"):                                   # an absolute id where `confined` can see it
+        bad_id = str(tmp_path / bad_id[1:])
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({bad_id: {"Pleural Effusion": [0.1, 0.1, 0.5, 0.5]}, "ok": {}}))
     argv = swap(cn_sample(w2, str(out)), "--boxes", str(boxes))
@@ -593,7 +677,7 @@ def test_ids_from_data_write_nothing_outside_out(w2, bad_id, tmp_path):
     cond = traversal_table(w2, bad_id, w2.multi)
     one_line_refusal(confined(lm.main, ldm_sample(w2, str(out), cond=cond), out, tmp_path),
                      "is not usable as a file name")
-    assert not os.path.exists(out) and not os.path.exists("/abs/X")
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "abs")
 
 
 # ----------------------------------------------------------------------------------------------------------------
