@@ -61,7 +61,8 @@ def test_mp_layers_keep_unit_magnitude():
     assert torch.allclose(rms, torch.ones(48, dtype=rms.dtype), atol=1e-3)
     # mp_silu: E[silu(x)^2] under N(0, 1) by quadrature -> RMS 1 after dividing by 0.596
     from scipy import integrate
-    m2 = integrate.quad(lambda t: (t / (1 + math.exp(-t))) ** 2 * math.exp(-t * t / 2) / math.sqrt(2 * math.pi), -40, 40)[0]
+    silu2_gauss = lambda t: (t / (1 + math.exp(-t))) ** 2 * math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    m2 = integrate.quad(silu2_gauss, -40, 40)[0]
     assert abs(math.sqrt(m2) / 0.596 - 1) < 2e-3
     assert abs(vae.mp_silu(x).pow(2).mean().sqrt().item() - 1) < 0.01
     # mp_sum of two independent unit-variance tensors keeps unit variance for any balance
@@ -69,7 +70,8 @@ def test_mp_layers_keep_unit_magnitude():
     for t in (0.3, 0.5, 0.9):
         assert abs(vae.mp_sum(x, b, t).std().item() - 1) < 0.01
     # mp_cat: unit magnitude overall, the two parts weighted (1 - t) : t in energy share
-    a, c = torch.randn(4096, 16, generator=g, dtype=torch.float64), torch.randn(4096, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(4096, 16, generator=g, dtype=torch.float64)
+    c = torch.randn(4096, 4, generator=g, dtype=torch.float64)
     out = vae.mp_cat(a, c, t=0.3)
     assert abs(out.pow(2).mean().item() - 1) < 0.02
     ea, ec = out[:, :16].pow(2).sum(1).mean(), out[:, 16:].pow(2).sum(1).mean()
@@ -183,7 +185,8 @@ def test_encode_writes_aligned_latents_and_correct_stats(trained, data32, encode
             n_img = f.get_slice("images").get_shape()[0]
         assert lat[sh].shape == (n_img, 16, 4, 4)
     # per-channel mean / std over the train rows, float64 numpy from the shards
-    z = np.stack([lat[int(r["shard"])][int(r["index"])].numpy() for r in rows if r["split"] == "train"]).astype(np.float64)
+    z = np.stack([lat[int(r["shard"])][int(r["index"])].numpy() for r in rows if r["split"] == "train"])
+    z = z.astype(np.float64)
     np.testing.assert_allclose(info["mean"], z.mean((0, 2, 3)), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(info["std"], z.std((0, 2, 3)), rtol=1e-5, atol=1e-9)
     assert np.all(np.array(info["std"]) > 1e-3)
@@ -296,7 +299,8 @@ def test_decode_cli_writes_pngs_and_rejects_bad_input(trained, encoded, tmp_path
     png = np.asarray(Image.open(str(tmp_path / "pn" / "n_000001.png"))).astype(np.int64)
     assert np.abs(png - np.floor((ref[1, 0].double().numpy() + 1) * 32768).clip(0, 65535)).max() <= 4
     # a latent file from another VAE
-    save_file({"latents": z[:2].contiguous()}, str(tmp_path / "other.safetensors"), metadata={"vae_id": "0123456789abcdef", "vae": "x"})
+    save_file({"latents": z[:2].contiguous()}, str(tmp_path / "other.safetensors"),
+              metadata={"vae_id": "0123456789abcdef", "vae": "x"})
     with pytest.raises(SystemExit, match="another VAE"):
         vae.main(["decode", "--latents", str(tmp_path / "other.safetensors"), "--decoder", encoded, "--out", out])
     # a decoder file of another version
