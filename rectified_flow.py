@@ -235,8 +235,9 @@ class InferConfig:
     """Options of the `sample` and `edit` subcommands (the model's own config comes from the checkpoint)."""
     ckpt: str = arg("runs/rf", "run folder or checkpoint file (EMA weights are used)")
     out: str = arg("fake", "output folder: PNGs and meta.csv")
-    n: int = arg(0, "number of images; 0: one per --cond CSV row, else 16 (edit: 16 test rows when no --ids); "
-                    "under torchrun spell it --num-images (torchrun's parser claims --n)", alias="--num-images")
+    n: int = arg(0, "number of images, at least 1; left out: one per --cond CSV row, else 16 (edit: 16 test rows "
+                    "when no --ids); under torchrun spell it --num-images (torchrun's parser claims --n)",
+                 alias="--num-images")
     cond: str = arg("", "conditions: a meta.csv, or 'Var=value,...' (e.g. 'Cardiomegaly=1,sex=F'); '': none",
                     only="sample")
     data: str = arg("", "dataset to edit (default: the checkpoint's training data)", only="edit")
@@ -1740,10 +1741,6 @@ def train(cfg):
     if saved:
         check_compatible(cfg, saved[0], ckpt_path)
     micro, accum, per_rank = batch_split(cfg.batch_size, cfg.micro_batch, world)
-    # Everything is checked; now claim the run folder (every rank checks, rank 0 writes output.json): a dataset or
-    # another command's folder is refused, a folder with our checkpoint (a run from before output.json) is ours.
-    # claim_output also removes the .tmp-* a killed checkpoint write left (clean_temporaries, rank 0).
-    claim(cfg.out, {"command": "rectified_flow.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
 
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     raw = build_model(cfg).to(device)
@@ -1752,11 +1749,20 @@ def train(cfg):
     step = 0
     if saved:
         _, step, parts, groups, _ = saved
-        raw.load_state_dict(parts["model."])
-        ema.load_state_dict(parts["ema."])
-        load_optimizer(opt, parts["optim."], groups)
+        try:
+            raw.load_state_dict(parts["model."])
+            ema.load_state_dict(parts["ema."])
+            load_optimizer(opt, parts["optim."], groups)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise SystemExit(f"{ckpt_path}: its tensors do not fit its config ({type(e).__name__}: {first}); use "
+                             f"another --out or --no-resume") from None
         for g in opt.param_groups:                               # the flags of this run win over the saved ones
             g.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    # Everything is checked; now claim the run folder (every rank checks, rank 0 writes output.json): a dataset or
+    # another command's folder is refused, a folder with our checkpoint (a run from before output.json) is ours.
+    # claim_output also removes the .tmp-* a killed checkpoint write left (clean_temporaries, rank 0).
+    claim(cfg.out, {"command": "rectified_flow.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
     model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -2114,10 +2120,20 @@ def claim(out, record, mine=(), write=True):
             old = json.load(f)
     except (OSError, ValueError):
         old = None                                               # absent or unreadable: claim_output decides
+    if old is not None and not isinstance(old, dict):
+        raise SystemExit(f"{os.path.join(out, 'output.json')}: holds a {type(old).__name__}; expected the record "
+                         f"this command wrote (a JSON object)")
     if isinstance(old, dict) and old.get("command") != record["command"]:
         raise SystemExit(f"--out {out}: written by {old.get('command')!r}, this is {record['command']!r}; use a "
                          f"new --out")
-    claim_output(out, record, mine=mine, write=write)
+    try:
+        claim_output(out, record, mine=mine, write=write)
+    except SystemExit:
+        # Under torchrun rank 0 may claim the new folder (output.json, then meta.csv ...) between this rank's look
+        # for output.json and its listing of the folder: then check the record rank 0 wrote.
+        if write or not os.path.isfile(os.path.join(out, "output.json")):
+            raise
+        claim_output(out, record, mine=mine, write=False)
 
 
 def claim_edit_output(out, record, write):
@@ -2208,8 +2224,9 @@ def edit(icfg):
     if not icfg.plan_only:
         record.update({"checkpoint_sha256": file_sha256(ckpt), **solver_record(icfg),
                        "decoder_sha256": decoder_record(folder)})
-    claim_edit_output(icfg.out, record, write=rank == 0)
+    claim_edit_output(icfg.out, record, write=False)             # check it is ours, then the images, then write
     old_rows = check_edit_rows(icfg.out, out_rows)
+    claim_edit_output(icfg.out, record, write=rank == 0)
     if rank == 0:                 # this plan's rows, then the rows of images kept from earlier runs of other --ids
         planned = set(ids)
         kept = [r for r in old_rows if r["id"] not in planned and os.path.exists(file_in(icfg.out, r["id"], ".png"))]

@@ -245,6 +245,8 @@ CASES = [
      r"written by 'rectified_flow.py train', this is"),
     ("train_out_sample", lambda c: (c.train(sampled(c)), [os.path.join(c.tmp, "A")]),
      r"written by 'rectified_flow.py sample', this is"),
+    ("output_json_not_a_record", lambda c: (c.sample(os.path.dirname(c.file("o/output.json", b"[1, 2]"))),
+                                            [c.tmp]), r"output.json: holds a list; expected the record"),
     # item 5: a rerun into the same folder with settings that make other images
     ("sample_other_cond", lambda c: (c.sample(sampled(c), "--cond", "sex=M"), [os.path.join(c.tmp, "A")]),
      r"written with cond = 'sex=F', this run has 'sex=M'"),

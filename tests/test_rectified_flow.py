@@ -125,7 +125,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------- method
+# --------------------------------------------------------------------------------------------------------------- method
 
 
 def test_dopri5_meets_tolerance_on_closed_form():
@@ -199,7 +199,7 @@ def test_time_density_and_shift():
     assert (rf.shift_time(s, 3.0) >= s).all()            # s > 1 moves time towards noise
 
 
-# ---------------------------------------------------------------------------------------------------------------- data, training
+# ------------------------------------------------------------------------------------------------------- data, training
 
 
 def test_data_order_is_a_permutation_split_across_ranks(tmp_path, phantom_dir):
@@ -294,7 +294,7 @@ def test_latent_space_training_and_decoding(tmp_path, phantom_dir):
     assert np.asarray(Image.open(os.path.join(fake, "000001.png"))).shape == (32, 32)
 
 
-# ---------------------------------------------------------------------------------------------------------------- inference
+# ------------------------------------------------------------------------------------------------------------ inference
 
 
 def test_sample_cli_writes_deterministic_resumable_images(tmp_path, run):
@@ -309,7 +309,8 @@ def test_sample_cli_writes_deterministic_resumable_images(tmp_path, run):
     assert np.asarray(img).max() > 255                            # uses the 16-bit range
     meta = rows(os.path.join(a, "meta.csv"))
     assert len(meta) == 5 and set(meta[0]) >= set(rf.META_COLUMNS)
-    assert all((m["Cardiomegaly"], m["sex"], m["age"], m["view"], m["Edema"]) == ("1", "F", "70", "PA", "") for m in meta)
+    want = ("1", "F", "70", "PA", "")
+    assert all((m["Cardiomegaly"], m["sex"], m["age"], m["view"], m["Edema"]) == want for m in meta)
     read = lambda d, n: open(os.path.join(d, n), "rb").read()
     pixels = lambda d, n: np.asarray(Image.open(os.path.join(d, n))).astype(np.int64)
     assert rf.main(args + ["--out", b]) == 5                       # deterministic by seed: the same bytes
@@ -460,7 +461,7 @@ def test_edit_plan_profile_and_edit_pipeline(tmp_path, run, phantom_dir):
     fails(["--random-edit", "sex", "--set", "sex=F"], "--set")
 
 
-# ---------------------------------------------------------------------------------------------------------------- bad input, bench
+# ----------------------------------------------------------------------------------------------------- bad input, bench
 
 
 def test_bad_input_is_one_line_error(tmp_path, run, phantom_dir):
