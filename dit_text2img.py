@@ -725,7 +725,7 @@ def embed_text(ecfg):
     name = ecfg.name or (MINILM if ecfg.text_encoder == MINILM else
                          os.path.basename(os.path.abspath(ecfg.text_encoder)) if os.path.isdir(ecfg.text_encoder)
                          else ecfg.text_encoder.replace("/", "--"))
-    folder = os.path.join(ecfg.data, "text", name)
+    folder = file_in(os.path.join(ecfg.data, "text"), name, where="--name")     # the cache stays under DATA/text
     key = encoder_key(ecfg.text_encoder)
     info_path = os.path.join(folder, "info.json")
     if os.path.isfile(info_path):

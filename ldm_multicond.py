@@ -719,7 +719,7 @@ def embed(ecfg, kind):
     name_in = ecfg.image_encoder if vision else ecfg.text_encoder
     key = os.path.abspath(name_in) if os.path.isdir(name_in) else name_in
     name = ecfg.name or (os.path.basename(key) if os.path.isdir(name_in) else name_in.replace("/", "--"))
-    folder = os.path.join(ecfg.data, kind, name)
+    folder = file_in(os.path.join(ecfg.data, kind), name, where="--name")      # the cache stays under DATA/<kind>
     info_path = os.path.join(folder, "info.json")
     want = {"encoder": key} if vision else {"encoder": key, "max_length": ecfg.max_length, "column": ecfg.column}
     if os.path.isfile(info_path):

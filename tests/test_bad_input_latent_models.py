@@ -207,6 +207,11 @@ def cn_sample(w, out, *extra, ckpt=None):
             "--steps", "2", "--out", out, "--text-encoder", w.bert, *extra]
 
 
+def evaluate_argv(w, out, *extra):
+    return ["evaluate", "--ckpt", w.cn, "--seg-ckpt", w.seg, "--data", w.text, "--n", "1", "--n-per-cond", "1",
+            "--steps", "2", "--fid-features", "none", "--text-encoder", w.bert, "--out", out, *extra]
+
+
 def ldm_sample(w, out, *extra, cond=None):
     return ["sample", "--ckpt", w.ldm, "--cond", cond or os.path.join(w.multi, "meta.csv"), "--n", "1", "--steps", "2",
             "--out", out, *extra]
@@ -545,10 +550,18 @@ CASES += [
                                              "--batch-size", "0"), "--batch-size 0"),
     ("ldm-embed-images-index-past-end", embed(lm.main, "embed-images", "multi", set_first(index="64"),
                                               "--image-encoder", "x", "--name", "v2"), r"has index 64"),
+    ("dit-embed-text-name-traversal", embed(dt.main, "embed-text", "text", None, "--text-encoder", "x", "--name",
+                                            "../../x"), r"'\.\./\.\./x' is not usable as a file name"),
+    ("ldm-embed-images-name-traversal", embed(lm.main, "embed-images", "multi", None, "--image-encoder", "x",
+                                              "--name", "../x"), r"'\.\./x' is not usable as a file name"),
     ("ldm-embed-text-duplicate-id", embed(lm.main, "embed-text", "multi", edit_rows(duplicate_id), "--text-encoder",
                                           "x", "--name", "t2"), "appears more than once"),
-    ("cn-evaluate--n=-1", lambda w: (cn.main, ["evaluate", "--ckpt", w.cn, "--data", w.text, "--n", "-1", "--out",
-                                               new_dir(w, "ev")], [w.text]), "--n -1: expected"),
+    ("cn-evaluate--n=-1", sampler(cn.main, lambda w, o: evaluate_argv(w, o, "--n", "-1")), "--n -1: expected"),
+    ("cn-evaluate-out-dataset", into(cn.main, evaluate_argv, lambda w: w.multi), r"holds files this command did not"),
+    ("cn-evaluate-resume-other-seed", into(cn.main, lambda w, o: evaluate_argv(w, o, "--seed", "3"), lambda w: w.ev),
+     r"written with seed = 0, this run has 3"),
+    ("cn-evaluate-resume-other-split", into(cn.main, lambda w, o: evaluate_argv(w, o, "--split", "val"),
+                                            lambda w: w.ev), r"written with split"),
 ]
 
 
@@ -575,7 +588,16 @@ def w2(w):
     train_ok(cn.main, ["--data", w.text, "--backbone", w.dit, "--out", w.box2, *CN[:-2], "--cond-type", "box",
                        "--max-steps", "1", "--seed", "1"])
     w.bad.update(dit2=w.dit2, ldm2=w.ldm2)
+    # a downstream.py segment checkpoint as that script writes it (random U-Net: evaluate's refusals come first),
+    # and one finished evaluate folder
+    w.seg = os.path.join(w.root, "seg.safetensors")
+    config = {"task": "segment", "width": 8, "mask": "Pleural Effusion", "img_size": 32}
+    unet = {f"model.{k}": v.contiguous() for k, v in cn.UNet(1, width=8).state_dict().items()}
+    save_pt(unet, w.seg, metadata={"format": "downstream/1", "config": json.dumps(config)})
+    w.ev = os.path.join(w.root, "ev")
+    train_ok(cn.main, evaluate_argv(w, w.ev))
     return w
+
 
 
 # Cases that were refused in one line already at commit ea9b5b8 (open_checkpoint and batch_split were in use, the
@@ -773,6 +795,7 @@ def test_sample_folders_resume_with_the_same_settings(w2):
         pngs = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
         assert main(argv) == 0 and sorted(f for f in os.listdir(folder) if f.endswith(".png")) == pngs
     assert cn.main(cn_sample(w2, w2.cn_fake)) == ["a"]
+    assert cn.main(evaluate_argv(w2, w2.ev))["n_conditions"] == 1
     record = json.load(open(os.path.join(w2.cn_fake, "output.json")))
     assert record["command"] == "controlnet.py sample" and len(record["ckpt_sha256"]) == 64
 
