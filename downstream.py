@@ -2064,6 +2064,9 @@ def main(argv=None):
         return bench(cfg)
     if cfg.eval and not cfg.ckpt:
         raise SystemExit("--eval: expected --ckpt RUN (a run folder or checkpoint of downstream.py)")
+    if cfg.roc_plot and (not cfg.roc_plot.lower().endswith(".png") or any(os.path.exists(os.path.join(
+            os.path.dirname(os.path.abspath(cfg.roc_plot)), m)) for m in ("info.json", "shards"))):
+        raise SystemExit(f"--roc-plot {cfg.roc_plot}: expected a .png file name outside any dataset folder")
     CLAIM.update(out=cfg.out, record=output_record(cfg))
     claim_output(cfg.out, CLAIM["record"], mine=("results.json",), write=False)   # refuse now, write at first use
     return (task_eval if cfg.eval and cfg.task != "fairness" else RUNNERS[cfg.task])(cfg)

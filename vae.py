@@ -1292,6 +1292,13 @@ def fmt_fd(v):
 def evaluate(icfg):
     """PSNR, SSIM and reconstruction FD of EMA reconstructions vs the originals, and the bicubic x f baseline."""
     import metrics                                               # evaluation only: psnr / ssim / FD from metrics.py
+    # --out: a results folder, this command's or new. Checked here, before the work; claimed (output.json written)
+    # at the end, so a refused input leaves nothing behind. (A missing checkpoint is load_for_inference's error.)
+    record = None
+    if icfg.out and os.path.isfile(ckpt_file(icfg.ckpt)):
+        record = {"command": "vae.py evaluate", "ckpt_sha256": file_sha256(ckpt_file(icfg.ckpt)), "data": icfg.data,
+                  "split": icfg.split, "n": icfg.n, "fd_features": icfg.fd_features}
+        claim_output(icfg.out, record, write=False)
     cfg, model, rank, world, device, step = load_for_inference(icfg)
     f = factor_of(cfg)
     data = CXRData(icfg.data, icfg.split, f)
@@ -1339,9 +1346,7 @@ def evaluate(icfg):
         print(f"| {label} | {fmt_fd(r['rfd'])} | {r['psnr']:.3f} | {r['ssim']:.4f} |")
     if fd_note:
         print(fd_note)
-    if icfg.out:                                                 # a results folder: this command's, or new
-        record = {"command": "vae.py evaluate", "ckpt_sha256": file_sha256(ckpt_file(icfg.ckpt)), "data": icfg.data,
-                  "split": icfg.split, "n": icfg.n, "fd_features": icfg.fd_features}
+    if record:
         claim_output(icfg.out, record, write=rank == 0)
         if rank == 0:
             write_json(os.path.join(icfg.out, "vae_eval.json"), out)

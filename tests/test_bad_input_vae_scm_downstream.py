@@ -219,6 +219,9 @@ CASES = [
      r"holds files this command did not write", ["data:dup_ids"]),
     ("vae-train-out-file", "vae", lambda c: ["--data", c["data"]["ok"], "--out", c["files"]["a_file"], *VAE_TRAIN],
      r"a file; expected a folder", ["a_file"]),
+    ("vae-evaluate-out-dataset", "vae", lambda c: ["evaluate", "--ckpt", c["files"]["truncated"], "--out",
+                                                   c["data"]["bad_age"], "--data", c["data"]["ok"]],
+     r"holds files this command did not write", ["data:bad_age"]),
     ("vae-evaluate-n-neg", "vae", lambda c: ["evaluate", "--ckpt", c["files"]["empty"], "--n", "-1"],
      r"--n -1: expected an integer >= 0", []),
     # --- vae.py: checkpoints and latents (item 9) ---
@@ -334,6 +337,8 @@ CASES = [
      r"holds files this command did not write", ["data:bad_age"]),
     ("ds-out-file", "ds", lambda c: ds_train("ok")(c)[:6] + ["--out", c["files"]["a_file"], *DS_TRAIN],
      r"a file; expected a folder", ["a_file"]),
+    ("ds-roc-plot-over-meta", "ds", lambda c: ds_train("ok")(c) + ["--roc-plot", c["data"]["bad_age"] + "/meta.csv"],
+     r"--roc-plot .*: expected a .png file name outside any dataset folder", ["data:bad_age", "tmp"]),
     ("ds-init-truncated-pth", "ds", ds_train("ok", "train", "--init", "imagenet:{pth}"),
      r"truncated\.pth: not a readable state_dict", ["tmp"]),
 ]
