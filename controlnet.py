@@ -695,8 +695,11 @@ def generator(*keys, device="cpu"):
 def read_json(path, what):
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file; expected {what}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"{path}: not readable JSON ({e}); expected {what or 'a JSON file'}") from None
 
 
 def latent_folder(root, vae):

@@ -766,7 +766,9 @@ def embed_text(ecfg):
     if rank == 0:
         n_tok = []
         for s in sorted(shards):
-            with safe_open(os.path.join(folder, "shards", f"{s:05d}.safetensors"), "pt") as f:
+            done_path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+            shard_tensor_shape(done_path, "n_tokens", "I32")     # a shard of an earlier run: one line if unreadable
+            with safe_open(done_path, "pt") as f:
                 n_tok.append(f.get_tensor("n_tokens")[[i for i, _ in shards[s]]])
         n_tok = torch.cat(n_tok)
         truncated = warn_truncated(n_tok, ecfg.max_length, folder)
@@ -797,8 +799,11 @@ def generator(*keys, device="cpu"):
 def read_json(path, what):
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file; expected {what}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"{path}: not readable JSON ({e}); expected {what or 'a JSON file'}") from None
 
 
 def latent_folder(root, vae=""):

@@ -772,8 +772,8 @@ def embed(ecfg, kind):
             meta = {"format_version": 1, **want, "dim": int(tensors["features"].shape[1]) if done else None,
                     "size": pre["size"], "n": len(rows)}
             if meta["dim"] is None:
-                with safe_open(os.path.join(folder, "shards", f"{min(shards):05d}.safetensors"), "pt") as f:
-                    meta["dim"] = int(f.get_slice("features").get_shape()[1])
+                done_path = os.path.join(folder, "shards", f"{min(shards):05d}.safetensors")
+                meta["dim"] = int(shard_tensor_shape(done_path, "features", "F32")[1])   # one line if unreadable
         else:
             meta = {"format_version": 1, **want, "hidden_size": encoder_width(enc), "dtype": "bfloat16",
                     "n": len(rows)}
@@ -823,8 +823,11 @@ def generator(*keys, device="cpu"):
 def read_json(path, what):
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file; expected {what}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"{path}: not readable JSON ({e}); expected {what or 'a JSON file'}") from None
 
 
 def latent_info(folder):

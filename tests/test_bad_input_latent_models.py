@@ -263,6 +263,14 @@ def variant(w, base, meta=None, shards=None, cache=None):
     return out
 
 
+def broken_info(data):
+    """The dataset's info.json cut in half (a careless edit)."""
+    text = open(os.path.join(data, "info.json")).read()
+    with open(os.path.join(data, "info.json"), "w") as f:
+        f.write(text[:len(text) // 2])
+    return data
+
+
 def edit_rows(fn):
     """meta= editor applying fn(rows) -> rows, columns unchanged."""
     return lambda rows, columns: (fn(rows), columns)
@@ -348,6 +356,9 @@ for name, edit, pattern in DATA_CASES:
     CASES.append((f"ldm-train-{name}", ldm_train(lambda w, e=edit: variant(w, w.multi, **e)), pattern))
     CASES.append((f"cn-train-{name}", cn_train(lambda w, e=edit: variant(w, w.text, **e)), pattern))
 CASES += [
+    ("dit-train-info-not-json", dit_train(lambda w: broken_info(variant(w, w.text))), r"info.json: not readable JSON"),
+    ("ldm-train-info-not-json", ldm_train(lambda w: broken_info(variant(w, w.multi))), r"info.json: not readable JSON"),
+    ("cn-train-info-not-json", cn_train(lambda w: broken_info(variant(w, w.text))), r"info.json: not readable JSON"),
     ("dit-train-no-report-column", dit_train(lambda w: variant(w, w.text, meta=drop_column("report"))),
      r"no column\(s\) report"),
     ("cn-train-no-report-column", cn_train(lambda w: variant(w, w.text, meta=drop_column("report"))),
