@@ -204,13 +204,20 @@ def sampled(c, *extra):
     return out
 
 
-def resumed_run(c):
-    """A copy of the shared run whose checkpoint is cut short: resuming it must refuse, leaving the run as it is."""
+def resumed_run(c, drop=None):
+    """A copy of the shared run whose checkpoint is cut short (or lacks the tensor `drop`): resuming it must
+    refuse, leaving the run as it is."""
     out = os.path.join(c.tmp, "run")
     shutil.copytree(c.run, out)
-    with open(os.path.join(out, "ckpt.safetensors"), "rb") as f:
+    path = os.path.join(out, "ckpt.safetensors")
+    if drop:
+        with safe_open(path, "numpy") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys() if k != drop}, f.metadata()
+        save_file(tensors, path, metadata=meta)
+        return out
+    with open(path, "rb") as f:
         head = f.read()[:5000]
-    with open(os.path.join(out, "ckpt.safetensors"), "wb") as f:
+    with open(path, "wb") as f:
         f.write(head)
     return out
 
@@ -335,22 +342,8 @@ CASES = [
     ("bench_steps_zero", lambda c: (["--bench", "--bench-steps", "0", "--hidden", "32", "--depth", "1", "--heads",
                                      "2", "--batch-size", "2", "--in-channels", "4", "--image-size", "8"], [c.tmp]),
      r"--bench-steps 0: expected a positive integer"),
-    # item 9: files that are not a rectified_flow.py checkpoint (sample, edit, a resumed run)
-    ("ckpt_truncated", lambda c: (c.sample(os.path.join(c.tmp, "o"), "--ckpt", truncated(c)), [c.tmp]),
-     r"trunc.safetensors: not a readable safetensors file"),
-    ("ckpt_empty", lambda c: (c.edit(os.path.join(c.tmp, "o"), "--ckpt", c.file("empty.safetensors")), [c.tmp]),
-     r"empty.safetensors: not a readable safetensors file"),
-    ("ckpt_text", lambda c: (c.sample(os.path.join(c.tmp, "o"), "--ckpt", c.file("x.safetensors", b"hello")),
-                             [c.tmp]), r"x.safetensors: not a readable safetensors file"),
-    ("ckpt_vae", lambda c: (c.sample(os.path.join(c.tmp, "o"), "--ckpt", c.ckpt_like("vae.safetensors", "vae/1")),
-                            [c.tmp]), r"not a rectified_flow.py checkpoint .*metadata format 'vae/1'"),
-    ("ckpt_flow_scm", lambda c: (c.edit(os.path.join(c.tmp, "o"), "--ckpt", c.ckpt_like("s.safetensors",
-                                                                                            "flow_scm/1")),
-                                 [c.tmp]), r"not a rectified_flow.py checkpoint .*'flow_scm/1'"),
-    ("ckpt_folder_empty", lambda c: (c.sample(os.path.join(c.tmp, "o"), "--ckpt", c.tmp), [c.tmp]),
-     r"ckpt.safetensors: no such checkpoint"),
-    ("resume_truncated", lambda c: (c.train(resumed_run(c)), [os.path.join(c.tmp, "run")]),
-     r"not a readable safetensors file"),
+    ("resume_tensors_missing", lambda c: (c.train(resumed_run(c, drop="model.out.weight")),
+                                          [os.path.join(c.tmp, "run")]), r"its tensors do not fit its config"),
     # item 10: --out a file; meta.csv rows and shards that do not match
     ("train_out_file", lambda c: (c.train(c.file("f")), [c.tmp]), r"--out \S+: a file; expected a folder"),
     ("sample_out_file", lambda c: (c.sample(c.file("f")), [c.tmp]), r"a file; expected a folder"),
@@ -376,6 +369,27 @@ CASES = [
     ("decoder_parent", lambda c: (c.edit(os.path.join(c.tmp, "o"), "--data", latent_copy(
         c, decoder_safetensors="../../../evil.safetensors"), "--ckpt", latent_run(c), "--ids", c.ids()[0]),
         [c.tmp]), r"decoder_safetensors '../../../evil.safetensors' is outside the latent folder"),
+
+]
+
+# Refused already at ea9b5b8 (read_checkpoint used open_checkpoint there): kept as guards, not counted as fixes.
+GUARDS = [
+    # item 9: files that are not a rectified_flow.py checkpoint (sample, edit, a resumed run)
+    ("ckpt_truncated", lambda c: (c.sample(os.path.join(c.tmp, "o"), "--ckpt", truncated(c)), [c.tmp]),
+     r"trunc.safetensors: not a readable safetensors file"),
+    ("ckpt_empty", lambda c: (c.edit(os.path.join(c.tmp, "o"), "--ckpt", c.file("empty.safetensors")), [c.tmp]),
+     r"empty.safetensors: not a readable safetensors file"),
+    ("ckpt_text", lambda c: (c.sample(os.path.join(c.tmp, "o"), "--ckpt", c.file("x.safetensors", b"hello")),
+                             [c.tmp]), r"x.safetensors: not a readable safetensors file"),
+    ("ckpt_vae", lambda c: (c.sample(os.path.join(c.tmp, "o"), "--ckpt", c.ckpt_like("vae.safetensors", "vae/1")),
+                            [c.tmp]), r"not a rectified_flow.py checkpoint .*metadata format 'vae/1'"),
+    ("ckpt_flow_scm", lambda c: (c.edit(os.path.join(c.tmp, "o"), "--ckpt", c.ckpt_like("s.safetensors",
+                                                                                            "flow_scm/1")),
+                                 [c.tmp]), r"not a rectified_flow.py checkpoint .*'flow_scm/1'"),
+    ("ckpt_folder_empty", lambda c: (c.sample(os.path.join(c.tmp, "o"), "--ckpt", c.tmp), [c.tmp]),
+     r"ckpt.safetensors: no such checkpoint"),
+    ("resume_truncated", lambda c: (c.train(resumed_run(c)), [os.path.join(c.tmp, "run")]),
+     r"not a readable safetensors file"),
 ]
 
 
@@ -395,7 +409,7 @@ def latent_copy(c, **info):
     return dst
 
 
-@pytest.mark.parametrize("name,build,pattern", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,build,pattern", CASES + GUARDS, ids=[c[0] for c in CASES + GUARDS])
 def test_refused_with_one_line(name, build, pattern, world, tmp_path):
     c = Ctx(world, tmp_path)
     argv, watch = build(c)
@@ -607,6 +621,7 @@ def test_stale_temporaries_and_log_records_after_a_resume(world, tmp_path):
 
 
 def test_nan_before_the_first_checkpoint_says_none_was_written(world, tmp_path):
+    """A guard: the health_check piece of ea9b5b8 already said so; this keeps rectified_flow.py on it."""
     c = Ctx(world, tmp_path)
     out = os.path.join(c.tmp, "run")
     code, _, _ = run_main(rf.main, c.train(out, "--max-steps", "4", "--ckpt-every", "100", "--lr", "1e30"))
