@@ -1999,11 +1999,11 @@ def sample(icfg):
     claim(icfg.out, record, write=rank == 0)
     meta_path = os.path.join(icfg.out, "meta.csv")
     listed = len(read_meta(meta_path)[0]) if os.path.isfile(meta_path) else 0
-    names = [f"{i:06d}.png" for i in range(max(n, listed))]
-    if rank == 0:                # conditions of every image, known up front; a smaller --n keeps the rows listed
-        codes_all = codes + [code(i) for i in range(n, len(names))]
-        meta = [{**{c: "" for c in META_COLUMNS}, **decode_row(c, datasets), "id": nm[:-4], "split": "test",
-                 "source_path": nm} for nm, c in zip(names, codes_all)]
+    names = [f"{i:06d}.png" for i in range(n)]
+    if rank == 0:                # conditions of every image, known up front; a smaller --n keeps the images listed
+        kept = [i for i in range(n, listed) if os.path.exists(os.path.join(icfg.out, f"{i:06d}.png"))]
+        meta = [{**{c: "" for c in META_COLUMNS}, **decode_row(code(i), datasets), "id": f"{i:06d}", "split": "test",
+                 "source_path": f"{i:06d}.png"} for i in list(range(n)) + kept]
         atomic_save(meta_path, lambda tmp: write_csv(tmp, meta))
     todo = [i for i in range(rank, n, world) if not os.path.exists(os.path.join(icfg.out, names[i]))]
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
