@@ -721,7 +721,7 @@ def embed_text(ecfg):
     rows = read_meta(path, required=(ecfg.column, "shard", "index"))[0]
     if not rows:
         raise SystemExit(f"{path}: no rows; expected one a dataset image")
-    check_shard_rows(rows, shard_sizes(ecfg.data, row_shards(rows, path), "images", ("U16",)), path)
+    check_shards(ecfg.data, rows, "images", "U16", where=path)
     name = ecfg.name or (MINILM if ecfg.text_encoder == MINILM else
                          os.path.basename(os.path.abspath(ecfg.text_encoder)) if os.path.isdir(ecfg.text_encoder)
                          else ecfg.text_encoder.replace("/", "--"))
@@ -845,44 +845,6 @@ LATENT_DTYPES = ("F32", "F16", "BF16")                           # FORMAT.md §7
 TEXT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def shard_shape(path, key, dtypes):
-    """shard_tensor_shape with the first of `dtypes` the shard stores (several are allowed for latents): -> shape,
-    or one line naming the file."""
-    stored = None
-    try:
-        with safe_open(path, "numpy") as f:
-            if key in f.keys():
-                stored = f.get_slice(key).get_dtype()
-    except (SafetensorError, OSError):
-        pass                                                     # shard_tensor_shape names the problem
-    return shard_tensor_shape(path, key, stored if stored in dtypes else dtypes[0])
-
-
-def shard_sizes(folder, shards, key, dtypes, shape=None):
-    """{shard: rows} of `key` in folder/shards/ for the shards meta.csv names, each checked (dtype, readable, and
-    the row shape when given) at start, so a bad shard stops the run before the first step."""
-    sizes = {}
-    for s in sorted(shards):
-        path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
-        got = shard_shape(path, key, dtypes)
-        if shape is not None and tuple(got[1:]) != tuple(shape):
-            raise SystemExit(f"{path}: `{key}` rows have shape {got[1:]}; expected {list(shape)}")
-        sizes[s] = got[0]
-    return sizes
-
-
-def row_shards(rows, where):
-    """The shard numbers meta.csv rows name (one line for a row whose shard is not an integer)."""
-    out = set()
-    for r in rows:
-        try:
-            out.add(int(r["shard"]))
-        except (KeyError, TypeError, ValueError):
-            raise SystemExit(f"{where}: row {r.get('id')!r} has shard {r.get('shard')!r}; expected an integer "
-                             f"(FORMAT.md §2)") from None
-    return out
-
-
 class TextImageData:
     """The training split of a FORMAT.md §1 dataset, filtered as roentgen §3: images or latents read on demand,
     and per row either the cached text features (DATA/text/<name>/) or the report (--train-text-encoder)."""
@@ -913,9 +875,8 @@ class TextImageData:
         self.key = "latents" if self.space == "latent" else "images"
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
         # every shard the rows name, checked now (dtype, row shape, row count): not a crash mid-training
-        shards = row_shards(rows, path)
-        sizes = shard_sizes(self.folder, shards, self.key, LATENT_DTYPES if lat else ("U16",), self.shape)
-        check_shard_rows(rows, sizes, path)
+        shards = sorted(check_shards(self.folder, rows, self.key, LATENT_DTYPES if lat else "U16", self.shape,
+                                     where=path))
         # text: the cache (its encoder decides the text width), or the tokenizer when the encoder is trained
         self.max_length = cfg.max_length
         if tokenizer is None:
@@ -931,8 +892,8 @@ class TextImageData:
                                  f"--max-length {cfg.max_length}")
             dtype = TEXT_DTYPES.get(ti.get("dtype", "bfloat16"), "BF16")
             for key, codes in (("hidden", (dtype,)), ("lengths", ("I32",)), ("n_tokens", ("I32",))):
-                sizes = shard_sizes(self.text, shards, key, codes)
-                check_shard_rows(rows, sizes, f"{self.text} (text cache of {path}; re-run embed-text)")
+                where = f"{self.text} (text cache of {path}; re-run embed-text)"
+                check_shards(self.text, rows, key, codes, where=where)
             stats = {}
             for s in sorted(shards):
                 with safe_open(self.shard_path(self.text, s), "pt") as f:
@@ -1100,35 +1061,37 @@ def file_sha256(path):
 def claim_output(out, record, mine=(), write=True):
     """Make `out` this command's output folder, or refuse with one line. A new or empty folder is claimed by writing
     out/output.json: `record`, what decides the outputs (command, checkpoint sha256, seed, condition, solver...). A
-    folder whose output.json holds the same record is resumed; a different record names the first difference. A
-    folder holding anything else (a dataset, another command's outputs) is refused and left as it is; `mine`: file
-    names that mark a folder this command wrote before output.json existed (e.g. its checkpoint), claimed too.
+    folder whose output.json holds the same record is resumed; a different record names the first difference (the
+    command first: another command's folder is named as such). A folder holding anything else (a dataset, another
+    command's outputs) is refused and left as it is; `mine`: file names that mark a folder this command wrote
+    before output.json existed (e.g. its checkpoint), claimed too.
     Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
     whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files."""
     record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
-    if write:
-        clean_temporaries(out)
     path = os.path.join(out, "output.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out {out}: a file; expected a folder (new, empty, or written by this command)")
-    if os.path.isfile(path):
+    entries = [e for e in os.listdir(out) if not e.startswith(".tmp-")] if os.path.isdir(out) else []
+    if "output.json" in entries:                                 # (rank 0 writes it before anything else)
         try:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"{path}: not readable JSON ({e}); expected the record this command wrote") from None
-        for key in sorted(set(old) | set(record), key=str):
+        if not isinstance(old, dict):
+            raise SystemExit(f"{path}: holds a JSON {type(old).__name__}; expected the record this command wrote")
+        for key in ["command"] + sorted(set(old) | set(record) - {"command"}, key=str):
             if old.get(key) != record.get(key):
                 raise SystemExit(f"--out {out}: written with {key} = {old.get(key)!r}, this run has "
                                  f"{record.get(key)!r}; use a new --out (or the same settings to resume)")
-        return
-    entries = [e for e in os.listdir(out) if not e.startswith(".tmp-")] if os.path.isdir(out) else []
-    if entries and not any(name in entries for name in mine):
+    elif entries and not any(name in entries for name in mine):
         shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
         raise SystemExit(f"--out {out}: holds files this command did not write ({shown}); expected a new or empty "
                          f"folder, or one with this command's output.json")
-    if write:
-        atomic_save(path, lambda tmp: write_json_file(tmp, record))
+    if write:                                                    # ours: a killed write's leftovers go
+        clean_temporaries(out)
+        if "output.json" not in entries:
+            atomic_save(path, lambda tmp: write_json_file(tmp, record))
 
 
 def write_json_file(path, obj):
@@ -1227,6 +1190,28 @@ def shard_tensor_shape(path, key, dtype):
     if stored not in wanted:
         raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
+
+
+def check_shards(folder, rows, key, dtype, shape=None, where=None):
+    """At start, not mid-training: every shard in folder/shards/ that the rows name is readable, stores `key` as
+    `dtype` (shard_tensor_shape) with rows of `shape` when given, and holds each row's index (check_shard_rows;
+    `where`: the table for the messages, default folder/meta.csv). -> {shard: rows}."""
+    where = where or os.path.join(folder, "meta.csv")
+    sizes = {}
+    for r in rows:
+        try:
+            shard = int(r["shard"])
+        except (KeyError, TypeError, ValueError):
+            break                                                # check_shard_rows names the row
+        path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
+        if shard in sizes or shard < 0 or not os.path.isfile(path):
+            continue                                             # check_shard_rows: "names shard k, which does not"
+        got = shard_tensor_shape(path, key, dtype)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: {key!r} rows have shape {got[1:]}; expected {list(shape)} (info.json)")
+        sizes[shard] = got[0]
+    check_shard_rows(rows, sizes, where)
+    return sizes
 # --- end skeleton: meta_table ---
 
 # --- skeleton: radvae_decoder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---

@@ -715,7 +715,7 @@ def embed(ecfg, kind):
     rows = read_meta(path, required=("shard", "index") + (() if vision else (ecfg.column,)))[0]
     if not rows:
         raise SystemExit(f"{path}: no rows; expected one a dataset image")
-    check_shard_rows(rows, shard_sizes(ecfg.data, row_shards(rows, path), "images", ("U16",)), path)
+    check_shards(ecfg.data, rows, "images", "U16", where=path)
     name_in = ecfg.image_encoder if vision else ecfg.text_encoder
     key = os.path.abspath(name_in) if os.path.isdir(name_in) else name_in
     name = ecfg.name or (os.path.basename(key) if os.path.isdir(name_in) else name_in.replace("/", "--"))
@@ -855,50 +855,11 @@ def latent_file(folder, info, key):
 LATENT_DTYPES = ("F32", "F16", "BF16")                           # FORMAT.md §7: float32, also float16 / bfloat16
 
 
-def shard_shape(path, key, dtypes):
-    """shard_tensor_shape with the first of `dtypes` the shard stores (several are allowed for latents): -> shape,
-    or one line naming the file."""
-    stored = None
-    try:
-        with safe_open(path, "numpy") as f:
-            if key in f.keys():
-                stored = f.get_slice(key).get_dtype()
-    except (SafetensorError, OSError):
-        pass                                                     # shard_tensor_shape names the problem
-    return shard_tensor_shape(path, key, stored if stored in dtypes else dtypes[0])
-
-
-def shard_sizes(folder, shards, key, dtypes, shape=None):
-    """{shard: rows} of `key` in folder/shards/ for the shards meta.csv names, each checked (dtype, readable, and
-    the row shape when given) at start, so a bad shard stops the run before the first step."""
-    sizes = {}
-    for s in sorted(shards):
-        path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
-        got = shard_shape(path, key, dtypes)
-        if shape is not None and tuple(got[1:]) != tuple(shape):
-            raise SystemExit(f"{path}: `{key}` rows have shape {got[1:]}; expected {list(shape)}")
-        sizes[s] = got[0]
-    return sizes
-
-
-def row_shards(rows, where):
-    """The shard numbers meta.csv rows name (one line for a row whose shard is not an integer)."""
-    out = set()
-    for r in rows:
-        try:
-            out.add(int(r["shard"]))
-        except (KeyError, TypeError, ValueError):
-            raise SystemExit(f"{where}: row {r.get('id')!r} has shard {r.get('shard')!r}; expected an integer "
-                             f"(FORMAT.md §2)") from None
-    return out
-
-
 def check_cache(folder, rows, keys, where):
     """A cache's shards (text/, images/) against the rows that read them: each key's dtype, and a row for every
     (shard, index): one line at start instead of an IndexError mid-run."""
-    shards = row_shards(rows, where)
     for key, dtype in keys:
-        check_shard_rows(rows, shard_sizes(folder, shards, key, (dtype,)), f"{where} (cache {folder}; re-run embed)")
+        check_shards(folder, rows, key, dtype, where=f"{where} (cache {folder}; re-run embed)")
 
 
 def shard_path(folder, shard):
@@ -1045,9 +1006,7 @@ class MultiCondData:
         self.key = "latents" if self.space == "latent" else "images"
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
         # every shard the rows name, checked now (dtype, row shape, row count): not a crash mid-training
-        sizes = shard_sizes(self.folder, row_shards(self.rows, path), self.key,
-                            LATENT_DTYPES if lat else ("U16",), self.shape)
-        check_shard_rows(self.rows, sizes, path)
+        check_shards(self.folder, self.rows, self.key, LATENT_DTYPES if lat else "U16", self.shape, where=path)
         self.use = use
         self.cond = CondSource(root, self.rows, cfg, self.use, cfg.cond_image, all_rows)
 
@@ -1156,35 +1115,37 @@ def file_sha256(path):
 def claim_output(out, record, mine=(), write=True):
     """Make `out` this command's output folder, or refuse with one line. A new or empty folder is claimed by writing
     out/output.json: `record`, what decides the outputs (command, checkpoint sha256, seed, condition, solver...). A
-    folder whose output.json holds the same record is resumed; a different record names the first difference. A
-    folder holding anything else (a dataset, another command's outputs) is refused and left as it is; `mine`: file
-    names that mark a folder this command wrote before output.json existed (e.g. its checkpoint), claimed too.
+    folder whose output.json holds the same record is resumed; a different record names the first difference (the
+    command first: another command's folder is named as such). A folder holding anything else (a dataset, another
+    command's outputs) is refused and left as it is; `mine`: file names that mark a folder this command wrote
+    before output.json existed (e.g. its checkpoint), claimed too.
     Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
     whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files."""
     record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
-    if write:
-        clean_temporaries(out)
     path = os.path.join(out, "output.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out {out}: a file; expected a folder (new, empty, or written by this command)")
-    if os.path.isfile(path):
+    entries = [e for e in os.listdir(out) if not e.startswith(".tmp-")] if os.path.isdir(out) else []
+    if "output.json" in entries:                                 # (rank 0 writes it before anything else)
         try:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"{path}: not readable JSON ({e}); expected the record this command wrote") from None
-        for key in sorted(set(old) | set(record), key=str):
+        if not isinstance(old, dict):
+            raise SystemExit(f"{path}: holds a JSON {type(old).__name__}; expected the record this command wrote")
+        for key in ["command"] + sorted(set(old) | set(record) - {"command"}, key=str):
             if old.get(key) != record.get(key):
                 raise SystemExit(f"--out {out}: written with {key} = {old.get(key)!r}, this run has "
                                  f"{record.get(key)!r}; use a new --out (or the same settings to resume)")
-        return
-    entries = [e for e in os.listdir(out) if not e.startswith(".tmp-")] if os.path.isdir(out) else []
-    if entries and not any(name in entries for name in mine):
+    elif entries and not any(name in entries for name in mine):
         shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
         raise SystemExit(f"--out {out}: holds files this command did not write ({shown}); expected a new or empty "
                          f"folder, or one with this command's output.json")
-    if write:
-        atomic_save(path, lambda tmp: write_json_file(tmp, record))
+    if write:                                                    # ours: a killed write's leftovers go
+        clean_temporaries(out)
+        if "output.json" not in entries:
+            atomic_save(path, lambda tmp: write_json_file(tmp, record))
 
 
 def write_json_file(path, obj):
@@ -1283,6 +1244,28 @@ def shard_tensor_shape(path, key, dtype):
     if stored not in wanted:
         raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
+
+
+def check_shards(folder, rows, key, dtype, shape=None, where=None):
+    """At start, not mid-training: every shard in folder/shards/ that the rows name is readable, stores `key` as
+    `dtype` (shard_tensor_shape) with rows of `shape` when given, and holds each row's index (check_shard_rows;
+    `where`: the table for the messages, default folder/meta.csv). -> {shard: rows}."""
+    where = where or os.path.join(folder, "meta.csv")
+    sizes = {}
+    for r in rows:
+        try:
+            shard = int(r["shard"])
+        except (KeyError, TypeError, ValueError):
+            break                                                # check_shard_rows names the row
+        path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
+        if shard in sizes or shard < 0 or not os.path.isfile(path):
+            continue                                             # check_shard_rows: "names shard k, which does not"
+        got = shard_tensor_shape(path, key, dtype)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: {key!r} rows have shape {got[1:]}; expected {list(shape)} (info.json)")
+        sizes[shard] = got[0]
+    check_shard_rows(rows, sizes, where)
+    return sizes
 # --- end skeleton: meta_table ---
 
 # --- skeleton: radvae_decoder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---

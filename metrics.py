@@ -185,6 +185,28 @@ def shard_tensor_shape(path, key, dtype):
     if stored not in wanted:
         raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
+
+
+def check_shards(folder, rows, key, dtype, shape=None, where=None):
+    """At start, not mid-training: every shard in folder/shards/ that the rows name is readable, stores `key` as
+    `dtype` (shard_tensor_shape) with rows of `shape` when given, and holds each row's index (check_shard_rows;
+    `where`: the table for the messages, default folder/meta.csv). -> {shard: rows}."""
+    where = where or os.path.join(folder, "meta.csv")
+    sizes = {}
+    for r in rows:
+        try:
+            shard = int(r["shard"])
+        except (KeyError, TypeError, ValueError):
+            break                                                # check_shard_rows names the row
+        path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
+        if shard in sizes or shard < 0 or not os.path.isfile(path):
+            continue                                             # check_shard_rows: "names shard k, which does not"
+        got = shard_tensor_shape(path, key, dtype)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: {key!r} rows have shape {got[1:]}; expected {list(shape)} (info.json)")
+        sizes[shard] = got[0]
+    check_shard_rows(rows, sizes, where)
+    return sizes
 # --- end skeleton: meta_table ---
 
 VERSION = "1.0"

@@ -1042,32 +1042,14 @@ class CXRData:
                                  f"pixels (FORMAT.md §4)") from None
             self.shape = (1, side, side)
         self.key = "latents" if self.space == "latent" else "images"
-        self.check_shards()
+        self.check_shard_files()
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
 
-    def check_shards(self):
+    def check_shard_files(self):
         """At start, not mid-training: every shard the rows name exists, stores `images` uint16 (latents: float32,
-        float16 or bfloat16) rows of this shape, and holds each row's index (check_shard_rows)."""
-        where = os.path.join(self.root, "meta.csv")
+        float16 or bfloat16) rows of this shape, and holds each row's index (check_shards)."""
         dtypes = ("F32", "F16", "BF16") if self.space == "latent" else "U16"    # FORMAT.md §3, §7
-        sizes = {}
-        for r in self.rows:
-            try:
-                shard = int(r["shard"])
-            except ValueError:
-                break                                            # check_shard_rows names the row
-            if shard in sizes or shard < 0:
-                continue
-            path = os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")
-            if not os.path.isfile(path):
-                continue                                         # check_shard_rows: "names shard k, which ..."
-            shape = shard_tensor_shape(path, self.key, dtypes)
-            if tuple(shape[1:]) != self.shape:
-                source = "its info.json" if self.space == "latent" else "info.json size"
-                raise SystemExit(f"{path}: `{self.key}` rows have shape {list(shape[1:])}; expected "
-                                 f"{list(self.shape)} from {source}")
-            sizes[shard] = shape[0]
-        check_shard_rows(self.rows, sizes, where)
+        check_shards(self.folder, self.rows, self.key, dtypes, self.shape, where=os.path.join(self.root, "meta.csv"))
 
     def shard_path(self, shard):
         path = os.path.join(self.folder, "shards", f"{shard:05d}.safetensors")
@@ -1179,35 +1161,37 @@ def file_sha256(path):
 def claim_output(out, record, mine=(), write=True):
     """Make `out` this command's output folder, or refuse with one line. A new or empty folder is claimed by writing
     out/output.json: `record`, what decides the outputs (command, checkpoint sha256, seed, condition, solver...). A
-    folder whose output.json holds the same record is resumed; a different record names the first difference. A
-    folder holding anything else (a dataset, another command's outputs) is refused and left as it is; `mine`: file
-    names that mark a folder this command wrote before output.json existed (e.g. its checkpoint), claimed too.
+    folder whose output.json holds the same record is resumed; a different record names the first difference (the
+    command first: another command's folder is named as such). A folder holding anything else (a dataset, another
+    command's outputs) is refused and left as it is; `mine`: file names that mark a folder this command wrote
+    before output.json existed (e.g. its checkpoint), claimed too.
     Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
     whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files."""
     record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
-    if write:
-        clean_temporaries(out)
     path = os.path.join(out, "output.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out {out}: a file; expected a folder (new, empty, or written by this command)")
-    if os.path.isfile(path):
+    entries = [e for e in os.listdir(out) if not e.startswith(".tmp-")] if os.path.isdir(out) else []
+    if "output.json" in entries:                                 # (rank 0 writes it before anything else)
         try:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"{path}: not readable JSON ({e}); expected the record this command wrote") from None
-        for key in sorted(set(old) | set(record), key=str):
+        if not isinstance(old, dict):
+            raise SystemExit(f"{path}: holds a JSON {type(old).__name__}; expected the record this command wrote")
+        for key in ["command"] + sorted(set(old) | set(record) - {"command"}, key=str):
             if old.get(key) != record.get(key):
                 raise SystemExit(f"--out {out}: written with {key} = {old.get(key)!r}, this run has "
                                  f"{record.get(key)!r}; use a new --out (or the same settings to resume)")
-        return
-    entries = [e for e in os.listdir(out) if not e.startswith(".tmp-")] if os.path.isdir(out) else []
-    if entries and not any(name in entries for name in mine):
+    elif entries and not any(name in entries for name in mine):
         shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
         raise SystemExit(f"--out {out}: holds files this command did not write ({shown}); expected a new or empty "
                          f"folder, or one with this command's output.json")
-    if write:
-        atomic_save(path, lambda tmp: write_json_file(tmp, record))
+    if write:                                                    # ours: a killed write's leftovers go
+        clean_temporaries(out)
+        if "output.json" not in entries:
+            atomic_save(path, lambda tmp: write_json_file(tmp, record))
 
 
 def write_json_file(path, obj):
@@ -1306,6 +1290,28 @@ def shard_tensor_shape(path, key, dtype):
     if stored not in wanted:
         raise SystemExit(f"{path}: {key!r} stored as {stored}; expected {' or '.join(wanted)} (FORMAT.md)")
     return shape
+
+
+def check_shards(folder, rows, key, dtype, shape=None, where=None):
+    """At start, not mid-training: every shard in folder/shards/ that the rows name is readable, stores `key` as
+    `dtype` (shard_tensor_shape) with rows of `shape` when given, and holds each row's index (check_shard_rows;
+    `where`: the table for the messages, default folder/meta.csv). -> {shard: rows}."""
+    where = where or os.path.join(folder, "meta.csv")
+    sizes = {}
+    for r in rows:
+        try:
+            shard = int(r["shard"])
+        except (KeyError, TypeError, ValueError):
+            break                                                # check_shard_rows names the row
+        path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
+        if shard in sizes or shard < 0 or not os.path.isfile(path):
+            continue                                             # check_shard_rows: "names shard k, which does not"
+        got = shard_tensor_shape(path, key, dtype)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: {key!r} rows have shape {got[1:]}; expected {list(shape)} (info.json)")
+        sizes[shard] = got[0]
+    check_shard_rows(rows, sizes, where)
+    return sizes
 # --- end skeleton: meta_table ---
 
 # --- skeleton: radvae_decoder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
@@ -1762,7 +1768,7 @@ def train(cfg):
     # Everything is checked; now claim the run folder (every rank checks, rank 0 writes output.json): a dataset or
     # another command's folder is refused, a folder with our checkpoint (a run from before output.json) is ours.
     # claim_output also removes the .tmp-* a killed checkpoint write left (clean_temporaries, rank 0).
-    claim(cfg.out, {"command": "rectified_flow.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
+    claim_output(cfg.out, {"command": "rectified_flow.py train"}, mine=("ckpt.safetensors",), write=rank == 0)
     model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -1994,9 +2000,9 @@ def sample(icfg):
     decode = load_decoder(folder, device)
     # Image i is a function of (checkpoint, condition i, seed, i, solver, decoder): that is the record; --n is
     # not in it (a larger --n adds images), nor --batch-size (per-row step control: an image ignores its batch).
-    record = {"command": "rectified_flow.py sample", "checkpoint_sha256": file_sha256(ckpt), **condition,
+    record = {"command": "rectified_flow.py sample", "ckpt_sha256": file_sha256(ckpt), **condition,
               "seed": icfg.seed, **solver_record(icfg), "decoder_sha256": decoder_record(folder)}
-    claim(icfg.out, record, write=rank == 0)
+    claim_output(icfg.out, record, write=rank == 0)
     meta_path = os.path.join(icfg.out, "meta.csv")
     listed = len(read_meta(meta_path)[0]) if os.path.isfile(meta_path) else 0
     names = [f"{i:06d}.png" for i in range(n)]
@@ -2112,30 +2118,6 @@ def edit_plan(icfg, data, datasets):
             for k in rows]
 
 
-def claim(out, record, mine=(), write=True):
-    """claim_output, naming another command's folder as such first (claim_output names the first differing key in
-    sorted order, for another command an unrelated one such as cfg)."""
-    try:
-        with open(os.path.join(out, "output.json")) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        old = None                                               # absent or unreadable: claim_output decides
-    if old is not None and not isinstance(old, dict):
-        raise SystemExit(f"{os.path.join(out, 'output.json')}: holds a {type(old).__name__}; expected the record "
-                         f"this command wrote (a JSON object)")
-    if isinstance(old, dict) and old.get("command") != record["command"]:
-        raise SystemExit(f"--out {out}: written by {old.get('command')!r}, this is {record['command']!r}; use a "
-                         f"new --out")
-    try:
-        claim_output(out, record, mine=mine, write=write)
-    except SystemExit:
-        # Under torchrun rank 0 may claim the new folder (output.json, then meta.csv ...) between this rank's look
-        # for output.json and its listing of the folder: then check the record rank 0 wrote.
-        if write or not os.path.isfile(os.path.join(out, "output.json")):
-            raise
-        claim_output(out, record, mine=mine, write=False)
-
-
 def claim_edit_output(out, record, write):
     """claim_output for `edit`, with one addition for the pipeline of radit App. C.4 (--plan-only, then
     --interventions OUT/meta.csv into the same OUT): a folder claimed by --plan-only (it holds a plan, no image) is
@@ -2152,7 +2134,7 @@ def claim_edit_output(out, record, write):
         if write:
             atomic_save(path, lambda tmp: write_json_file(tmp, record))
         return
-    claim(out, record, write=write)
+    claim_output(out, record, write=write)
 
 
 EDIT_KEYS = ["source_id", "intervention"] + VARIABLES            # what decides an edited image, besides the record
@@ -2222,7 +2204,7 @@ def edit(icfg):
     # --seed and --profile only choose rows and profiles, so a larger --n or more profiles resume.
     record = {"command": "rectified_flow.py edit", "data": os.path.realpath(data.folder), "plan_only": icfg.plan_only}
     if not icfg.plan_only:
-        record.update({"checkpoint_sha256": file_sha256(ckpt), **solver_record(icfg),
+        record.update({"ckpt_sha256": file_sha256(ckpt), **solver_record(icfg),
                        "decoder_sha256": decoder_record(folder)})
     claim_edit_output(icfg.out, record, write=False)             # check it is ours, then the images, then write
     old_rows = check_edit_rows(icfg.out, out_rows)

@@ -78,7 +78,8 @@ def test_layouts_match_torchvision(cls, expected, n_params):
     assert got == expected()
     assert sum(p.numel() for p in net.parameters()) == n_params
     small = cls(14)                                              # 1 channel, 14 labels: only the stem and head differ
-    diff = {k for (k, s), (_, s2) in zip(expected(), [(k, tuple(v.shape)) for k, v in small.state_dict().items()]) if s != s2}
+    shapes = [(k, tuple(v.shape)) for k, v in small.state_dict().items()]
+    diff = {k for (k, s), (_, s2) in zip(expected(), shapes) if s != s2}
     assert diff == ({"features.conv0.weight", "classifier.weight", "classifier.bias"} if cls is D.DenseNet121
                     else {"conv1.weight", "fc.weight", "fc.bias"})
 
@@ -125,7 +126,8 @@ def test_auroc_and_bootstrap_ci_match_scipy():
         assert D.auroc(y[k, j], s[k, j]) == pytest.approx(ref_auroc(y[k, j], s[k, j]), abs=1e-12)
     table = D.auroc_table(y, s, n_boot=200, seed=5)
     idx = np.random.default_rng(5).integers(0, n, (200, n))     # the documented resampling
-    boots = np.array([[ref_auroc(y[i, j][~np.isnan(y[i, j])], s[i, j][~np.isnan(y[i, j])]) for j in range(3)] for i in idx])
+    boots = np.array([[ref_auroc(y[i, j][~np.isnan(y[i, j])], s[i, j][~np.isnan(y[i, j])]) for j in range(3)]
+                      for i in idx])
     for j in range(3):
         assert table["auroc_ci"][j] == pytest.approx(list(np.percentile(boots[:, j], [2.5, 97.5])), abs=1e-12)
     assert table["macro"] == pytest.approx(np.mean(table["auroc"]), abs=1e-12)
@@ -222,7 +224,8 @@ def test_png_folder_source_equals_dataset_pixels(phantom_dir, tmp_path):
 
 def test_mix_shares_and_syn_ratio(phantom_dir, tmp_path):
     export_png_folder(phantom_dir, str(tmp_path / "syn"), "train")
-    cfg = D.parse_config(["--train", f"real={phantom_dir}:val,syn={tmp_path / 'syn'}", "--mix", "1:3", "--batch-size", "16"])
+    cfg = D.parse_config(["--train", f"real={phantom_dir}:val,syn={tmp_path / 'syn'}", "--mix", "1:3",
+                          "--batch-size", "16"])
     (row, srcs), = D.experiments(cfg)
     assert row == "real+syn" and len(srcs[1]) > 4 * len(srcs[0])
     pool = D.Pool(srcs, cfg, ["Cardiomegaly"], 32)
@@ -362,8 +365,8 @@ def test_predict_metadata_learns_sex_and_view(big_phantom, phantom_dir, tmp_path
 
 def test_eval_mode_reproduces_training_evaluation(classify_run, phantom_dir, tmp_path):
     out, results = classify_run
-    res = D.main(["--eval", "--ckpt", os.path.join(out, "real", "run0"), "--test", f"ph={phantom_dir}:all", "--views", "PA,AP",
-                  "--val", f"{phantom_dir}:val", "--n-boot", "200", "--out", str(tmp_path)])
+    res = D.main(["--eval", "--ckpt", os.path.join(out, "real", "run0"), "--test", f"ph={phantom_dir}:all",
+                  "--views", "PA,AP", "--val", f"{phantom_dir}:val", "--n-boot", "200", "--out", str(tmp_path)])
     a, b = res["run0"]["runs"][0]["ph"], results["real"]["runs"][0]["ph"]
     assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-9) and a["macro_ci"] == pytest.approx(b["macro_ci"], abs=1e-9)
     assert a["f1"] == pytest.approx(b["f1"], abs=1e-9)
@@ -465,5 +468,6 @@ def test_fairness_balance_trains_both_arms(phantom_dir, tmp_path):
 def test_dry_run_and_bench():
     """--dry-run counts DenseNet-121's parameters for 14 labels and one channel (torchvision's 7,978,856 minus the
     1000-class head and two of three stem input channels); --bench times training steps."""
-    assert D.main(["--dry-run", "--size", "densenet121"]) == 7_978_856 - (1024 * 1000 + 1000) + (1024 * 14 + 14) - 2 * 64 * 49
+    expected = 7_978_856 - (1024 * 1000 + 1000) + (1024 * 14 + 14) - 2 * 64 * 49
+    assert D.main(["--dry-run", "--size", "densenet121"]) == expected
     assert D.main(["--bench", "--img-size", "32", "--batch-size", "4", "--width", "8"]) > 0

@@ -126,7 +126,8 @@ def write_edits(phantom, out, noise=0.03):
     edits += [{"id": r["id"], "source_id": r["id"], "intervention": f"view={'AP' if r['view'] == 'PA' else 'PA'}"}
               for r in front[8:16]]
     edits += [{"id": r["id"], "source_id": r["id"],
-               "intervention": f"Pleural Effusion={'0' if r['Pleural Effusion'] == '1' else '1'}"} for r in front[16:24]]
+               "intervention": f"Pleural Effusion={'0' if r['Pleural Effusion'] == '1' else '1'}"}
+              for r in front[16:24]]
     truth = os.path.join(out, "T")
     prep_data.counterfactual_pairs(phantom, edits, truth, masks=False, what="--interventions")
     cf = list(csv.DictReader(open(os.path.join(truth, "meta.csv"))))
@@ -162,7 +163,8 @@ def setup(phantom_dir, tmp_path_factory):
     pred = os.path.join(root, "pred")
     D.main(["predict-metadata", "--train", f"real={phantom_dir}:train", "--width", "8", "--batch-size", "32",
             "--max-steps", "30", "--eval-every", "15", "--out", pred])
-    return {"E": E, "T": T, "cf": cf, "pred": os.path.join(pred, "real", "run0"), "vit": tiny_vit(os.path.join(root, "vit"))}
+    return {"E": E, "T": T, "cf": cf, "pred": os.path.join(pred, "real", "run0"),
+            "vit": tiny_vit(os.path.join(root, "vit"))}
 
 
 def test_edit_eval_end_to_end_with_truth(setup, phantom_dir, tmp_path):
@@ -226,7 +228,8 @@ def test_edit_eval_without_truth_and_bad_input(setup, phantom_dir, tmp_path):
              (["--edited", setup["E"], "--predictor", setup["pred"], "--original", setup["T"] + "x"], "no such file"),
              (["--edited", str(bad_e), "--predictor", setup["pred"]], "intervention 'mood=happy'"),
              (["--edited", setup["E"], "--predictor", str(narrow / "real" / "run0")], "the predictor lacks ['Pleural"),
-             (["--edited", setup["E"], "--predictor", str(classifier / "real" / "run0")], "expected a predict-metadata"),
+             (["--edited", setup["E"], "--predictor", str(classifier / "real" / "run0")],
+              "expected a predict-metadata"),
              (["--edited", setup["E"]], "expected --original D --edited E --predictor")]
     half = tmp_path / "half"                                     # a truth folder missing most ids
     prep_data.counterfactual_pairs(phantom_dir, [{"id": r["id"], "source_id": r["id"], "intervention": "sex=F"}

@@ -472,6 +472,22 @@ def test_claim_output_claims_resumes_and_refuses(tmp_path):
     (tmp_path / "bad" / "output.json").write_text("{not json")
     with pytest.raises(SystemExit, match=r"output.json: not readable JSON"):
         R.claim_output(str(tmp_path / "bad"), record)
+    (tmp_path / "bad" / "output.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"output.json: holds a JSON list; expected the record"):
+        R.claim_output(str(tmp_path / "bad"), record)
+
+
+def test_claim_output_names_another_command_first_and_cleans_only_its_own_folders(tmp_path):
+    other = str(tmp_path / "other")
+    R.claim_output(other, {"command": "a.py sample", "seed": 0})
+    with pytest.raises(SystemExit, match=r"written with command = 'a.py sample', this run has 'b.py edit'"):
+        R.claim_output(other, {"command": "b.py edit", "cfg": 1.0})    # not "cfg = None": the command first
+    (tmp_path / "other" / ".tmp-half").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        R.claim_output(other, {"command": "b.py edit"})
+    assert os.path.exists(os.path.join(other, ".tmp-half"))            # a refused folder is left as it is
+    R.claim_output(other, {"command": "a.py sample", "seed": 0})
+    assert not os.path.exists(os.path.join(other, ".tmp-half"))        # a resumed one loses a killed write's
 
 
 def test_clean_temporaries_removes_only_atomic_save_leftovers(tmp_path):
