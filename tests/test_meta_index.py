@@ -1,0 +1,218 @@
+"""Columnar metadata (issue 21 item 1): DIR/meta_index.safetensors that prep_data.py writes beside meta.csv, and
+rectified_flow.py's CXRData, which keeps arrays instead of a dict per row. The reference is the per-row path the
+scripts used before (read_meta's dicts coded by encode_row, shard and index read with int()): the index path and
+the meta.csv path must give exactly its codes, shards, indices and rows, hence the same batches and losses.
+Cheap: the 32 px phantom of conftest.py (512 rows), folders sharing its shards through a link, 2 training steps."""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import prep_data
+import rectified_flow as rf
+
+SMALL = ["--hidden", "32", "--depth", "1", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9",
+         "--log-every", "1", "--sample-every", "0", "--max-steps", "2"]
+
+
+def copy_folder(src, dst, index=True):
+    """meta.csv and info.json copied, shards/ linked (the pixels are never written), the index copied or not."""
+    os.makedirs(dst)
+    for name in ("meta.csv", "info.json") + ((rf.INDEX_FILE,) if index else ()):
+        shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    os.symlink(os.path.abspath(os.path.join(src, "shards")), os.path.join(dst, "shards"))
+    return dst
+
+
+def reference(folder, split):
+    """The per-row path: (codes [n, 19] float32, shard [n], index [n], ids) from read_meta and encode_row."""
+    rows, _ = rf.read_meta(os.path.join(folder, "meta.csv"), split=split)
+    with open(os.path.join(folder, "info.json")) as f:
+        datasets = json.load(f)["datasets"]
+    cond = torch.tensor([rf.encode_row(r, datasets, "ref") for r in rows])
+    return cond, np.array([int(r["shard"]) for r in rows]), np.array([int(r["index"]) for r in rows]), rows
+
+
+def same(a, b):
+    """Tensors equal value for value, NaN (a missing age) equal to NaN."""
+    return a.shape == b.shape and torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0)) and \
+        torch.equal(a.isnan(), b.isnan())
+
+
+def rewrite_meta(folder, change):
+    """meta.csv rewritten with change(rows) (a list of dicts); the index beside it is left as it was."""
+    rows, columns = rf.read_meta(os.path.join(folder, "meta.csv"))
+    rf.write_csv(os.path.join(folder, "meta.csv"), change(rows), columns)
+
+
+def test_index_and_meta_csv_paths_equal_the_per_row_path(tmp_path, phantom_dir, capsys):
+    assert os.path.isfile(os.path.join(phantom_dir, rf.INDEX_FILE))       # make_phantom wrote it
+    bare = copy_folder(phantom_dir, str(tmp_path / "bare"), index=False)
+    for split in ("train", "test", None):
+        cond, shard, index, rows = reference(phantom_dir, split)
+        a, b = rf.CXRData(phantom_dir, split=split), rf.CXRData(bare, split=split)
+        assert (a.source, b.source) == ("index", "meta.csv")
+        for d in (a, b):
+            assert same(d.cond, cond) and d.cond.dtype == torch.float32
+            assert np.array_equal(d.shard, shard) and np.array_equal(d.index, index) and len(d) == len(rows)
+            assert [r["id"] for r in d.rows] == [r["id"] for r in rows]  # edit's full rows, read on demand
+        assert bool(cond[:, 18].isnan().any()) or split == "test"          # the phantom has missing ages
+    assert capsys.readouterr().err == ""                                 # a fresh index is read without a note
+    # the arrays in the file are meta.csv's, split codes named in its metadata
+    cols = rf.meta_arrays(os.path.join(bare, "meta.csv"), rf.CXRData(bare).datasets)
+    got = rf.read_meta_index(phantom_dir, rf.CXRData(bare).datasets)
+    for k in ("codes", "age", "shard", "index", "split"):
+        assert got[k].dtype == cols[k].dtype and np.array_equal(got[k], cols[k], equal_nan=k == "age")
+    assert got["splits"] == cols["splits"] and set(got["splits"]) == {"train", "val", "test"}
+
+
+def test_training_batches_and_losses_equal_on_both_paths(tmp_path, phantom_dir):
+    bare = copy_folder(phantom_dir, str(tmp_path / "bare"), index=False)
+    a, b = rf.CXRData(phantom_dir), rf.CXRData(bare)
+    for step in (0, 1, 70):                                               # step 70: a later epoch's permutation
+        rows = rf.batch_rows(step, len(a), 8, 0, 8, seed=0)
+        assert torch.equal(a.load(rows), b.load(rows)) and torch.equal(a.cond[rows], b.cond[rows])
+    logs = []
+    for data, name in ((phantom_dir, "a"), (bare, "b")):
+        out = str(tmp_path / name)
+        rf.main(["--data", data, "--out", out, *SMALL])
+        with open(os.path.join(out, "log.jsonl")) as f:
+            logs.append([json.loads(line)["loss"] for line in f])
+    assert len(logs[0]) == 2 and logs[0] == logs[1]                       # the same computation: equal bits
+
+
+def test_stale_or_corrupt_index_is_ignored_and_rebuilt(tmp_path, phantom_dir, capsys):
+    d = copy_folder(phantom_dir, str(tmp_path / "d"))
+    first = rf.CXRData(d).rows[0]["id"]
+    rewrite_meta(d, lambda rows: [{**r, "sex": "M" if r["sex"] == "F" else "F"} if r["id"] == first else r
+                                  for r in rows])
+    data = rf.CXRData(d)                                                  # the edit is seen, not the stale index
+    assert data.source == "meta.csv" and same(data.cond, reference(d, "train")[0])
+    assert "another meta.csv (edited since); ignored, reading meta.csv" in capsys.readouterr().err
+    assert prep_data.main(["index", "--data", d]) is None                # the subcommand rebuilds it
+    data = rf.CXRData(d)
+    assert data.source == "index" and same(data.cond, reference(d, "train")[0])
+    # info.json's datasets reordered: the index's dataset codes are not these; meta.csv is coded again
+    with open(os.path.join(d, "info.json")) as f:
+        info = json.load(f)
+    info["datasets"] = info["datasets"][::-1]
+    with open(os.path.join(d, "info.json"), "w") as f:
+        json.dump(info, f)
+    data = rf.CXRData(d)
+    assert data.source == "meta.csv" and same(data.cond, reference(d, "train")[0])
+    assert "dataset codes of" in capsys.readouterr().err
+    prep_data.main(["index", "--data", d])
+    # a truncated file, and a whole file whose codes leave FORMAT.md §5: notes, and the meta.csv path
+    path = os.path.join(d, rf.INDEX_FILE)
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    assert rf.CXRData(d).source == "meta.csv" and "not a readable index" in capsys.readouterr().err
+    with open(path, "wb") as f:
+        f.write(whole)
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(path, "numpy") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    tensors["codes"][0, 15] = 9                                           # race code 9: no such race
+    save_file(tensors, path, metadata=meta)
+    data = rf.CXRData(d)
+    assert data.source == "meta.csv" and same(data.cond, reference(d, "train")[0])
+    assert "codes outside FORMAT.md §5" in capsys.readouterr().err
+
+
+def refused(fn, pattern):
+    """fn() stops with one line matching `pattern`. -> the line."""
+    with pytest.raises(SystemExit) as e:
+        fn()
+    message = str(e.value.code)
+    assert "\n" not in message and re.search(pattern, message), message
+    return message
+
+
+@pytest.mark.parametrize("row, change, message", [
+    (3, {"race": "OTHER"}, r"row id={id}: race='OTHER'; expected one of \['ASIAN', 'BLACK', 'WHITE'\]"),
+    (5, {"age": "130"}, r"row id={id}: age '130'; expected years in 0-120"),
+    (6, {"id": "../x"}, r"id '../x' is not usable as a file name"),
+    (7, {"shard": "2.5"}, r"row '{id}' has shard '2.5', index '\d+'; expected integers"),
+])
+def test_bad_values_are_refused_by_the_index_and_by_training(tmp_path, phantom_dir, row, change, message):
+    d = copy_folder(phantom_dir, str(tmp_path / "d"), index=False)
+    rewrite_meta(d, lambda rows: [{**r, **change} if k == row else r for k, r in enumerate(rows[:16])])
+    ident = rf.read_meta(os.path.join(phantom_dir, "meta.csv"))[0][row]["id"]
+    pattern = message.replace("{id}", ident)
+    refused(lambda: prep_data.main(["index", "--data", d]), pattern)
+    assert not os.path.exists(os.path.join(d, rf.INDEX_FILE))
+    refused(lambda: rf.CXRData(d, split=None), pattern)
+
+
+def test_duplicate_ids_and_shard_mismatches_stop_at_start_on_the_index_path(tmp_path, phantom_dir):
+    d = copy_folder(phantom_dir, str(tmp_path / "d"), index=False)
+    rewrite_meta(d, lambda rows: rows[:16] + rows[:1])
+    refused(lambda: prep_data.main(["index", "--data", d]), r"meta.csv: id '\w+' appears more than once")
+    first = rf.read_meta(os.path.join(phantom_dir, "meta.csv"))[0][:16]
+    k = next(k for k, r in enumerate(first) if r["split"] == "train" and k > 0)   # not the first row of its split
+    for n, (change, message) in enumerate((
+            ({"shard": "7"}, r"meta.csv: row '{id}' names shard 7, which does not exist"),
+            ({"index": "99999"}, r"meta.csv: row '{id}' has index 99999; shard 0 holds rows 0\.\."))):
+        columns = rf.read_meta(os.path.join(phantom_dir, "meta.csv"))[1]
+        rf.write_csv(os.path.join(d, "meta.csv"), [{**r, **change} if j == k else r for j, r in enumerate(first)],
+                     columns)
+        prep_data.main(["index", "--data", d])                             # the index holds rows, not shards
+        assert rf.read_meta_index(d, rf.read_json(os.path.join(d, "info.json"), "")["datasets"]) is not None
+        said = refused(lambda: rf.CXRData(d), message.replace("{id}", first[k]["id"]))
+        bare = copy_folder(d, str(tmp_path / f"bare{n}"), index=False)
+        assert refused(lambda: rf.CXRData(bare), ".") == said.replace(d, bare)   # the meta.csv path: same words
+
+
+# -------------------------------------------------------------------------------------------------------- benchmark
+
+BENCH = """import os, sys, time
+sys.path.insert(0, os.path.dirname(os.path.abspath({script!r})))
+import importlib.util
+spec = importlib.util.spec_from_file_location("script", {script!r})
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+rss, t0, c0 = status("VmRSS:"), time.time(), time.process_time()
+data = script.CXRData({data!r}, space="pixel")
+print(f"{{time.time() - t0:.1f}} {{time.process_time() - c0:.1f}} {{status('VmRSS:') - rss:.0f}} "
+      f"{{status('VmHWM:') - rss:.0f}} {{len(data)}} {{getattr(data, 'source', 'rows')}}")
+"""
+
+
+def bench(data, old_script):
+    """Load time (wall, CPU) and memory (resident after, peak) of CXRData(data, space='pixel'), each in a fresh
+    process, in one run: the script before issue 21 (`old_script`, a dict per row), the index, and meta.csv alone
+    (a folder beside `data` whose meta.csv, info.json and shards are links: no index)."""
+    import subprocess
+    import sys
+    bare = data.rstrip("/") + "-noindex"
+    if not os.path.isdir(bare):
+        os.makedirs(bare)
+        for name in ("meta.csv", "info.json", "shards"):
+            os.symlink(os.path.abspath(os.path.join(data, name)), os.path.join(bare, name))
+    new = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rectified_flow.py")
+    print("path            wall s  CPU s  +RSS MB  +peak MB  rows  source")
+    for name, script, folder in (("before (rows)", old_script, data), ("index", new, data),
+                                 ("meta.csv only", new, bare)):
+        out = subprocess.run([sys.executable, "-c", BENCH.format(script=script, data=folder)], capture_output=True,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if out.returncode:
+            raise SystemExit(f"{name}: {out.stderr.strip().splitlines()[-1]}")
+        wall, cpu, rss, peak, n, source = out.stdout.split()
+        print(f"{name:14s}  {float(wall):6.1f}  {float(cpu):5.1f}  {int(rss):7d}  {int(peak):8d}  {n}  {source}",
+              flush=True)
+
+
+if __name__ == "__main__":                    # python tests/test_meta_index.py DATA OLD_rectified_flow.py
+    import sys
+    bench(sys.argv[1], sys.argv[2])
