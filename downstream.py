@@ -86,13 +86,13 @@ def arg(default, help, only=None):
     """A dataclass field with its CLI help string (`only`: the one task that uses it)."""
     return field(default=default, metadata={"help": help, "only": only})
 
-PM, EE, CE = "predict-metadata", "edit-eval", "cond-eval"
+PM, EE, CE, RG = "predict-metadata", "edit-eval", "cond-eval", "report-gen"
 
 @dataclass
 class Config:
     """Experiment, model and training configuration; stored in every checkpoint."""
     task: str = arg("classify", "classify | pretrain-finetune | fairness | segment | predict-metadata | edit-eval | "
-                    "cond-eval")
+                    "cond-eval | report-gen")
     data: str = arg("data/phantom", "dataset folder (FORMAT.md); without --train, the source real=DATA:train")
     train: str = arg("", "experiments separated by ';', each name=folder[:split] sources by ','; '': real=DATA:train")
     val: str = arg("", "validation set (early stopping, thresholds); '': the first source's val split, or 10%% of it")
@@ -149,6 +149,11 @@ class Config:
     samples: str = arg("", "folder of conditional samples: <id>.png, meta.csv with the requested conditions", only=CE)
     floor: str = arg("", "folder of unconditional samples (the floor), paired with --samples' rows by order; '': none",
                      only=CE)
+    max_tokens: int = arg(64, "longest report in word tokens, end token included (longer ones are cut; greedy "
+                          "decoding stops there)", only=RG)
+    dec_dim: int = arg(128, "width of the report decoder (transformer, cross-attention to the image tokens)", only=RG)
+    dec_layers: int = arg(2, "decoder blocks", only=RG)
+    dec_heads: int = arg(4, "decoder attention heads", only=RG)
     lpips: str = arg("raddino", "feature spaces of the LPIPS-style distance (radit Eq. 13); '': none", only=EE)
     weights_dir: str = arg("", "local folder of pretrained transformers weights (offline use)")
     allow_random_weights: bool = arg(False, "random encoder weights when none are found (smoke tests only)")
@@ -172,7 +177,8 @@ PRESETS = {"tiny": dict(arch="tiny", width=16, img_size=0, batch_size=64, lr=3e-
            "densenet121": dict(_BIG, arch="densenet121"), "resnet50": dict(_BIG, arch="resnet50"),
            "unet": dict(_BIG, arch="unet", width=32, img_size=256, batch_size=32, lr=1e-3, max_steps=10000)}
 SAFE = re.compile(r"[^A-Za-z0-9_.+-]")                          # run-folder names from row names
-TASKS = ("classify", "pretrain-finetune", "fairness", "segment", "predict-metadata", "edit-eval", "cond-eval")
+TASKS = ("classify", "pretrain-finetune", "fairness", "segment", "predict-metadata", "edit-eval", "cond-eval",
+         "report-gen")
 NO_AUG = dict(rotate=0.0, intensity=0.0, warmup=100)     # radit App. C.4: predictors trained without augmentation
 
 def build_parser(cls, prog, doc):
@@ -378,10 +384,72 @@ class MetadataPredictor(nn.Module):
         e = self.embed(x)
         return torch.cat([h(e[:, i]) for i, h in enumerate(self.heads)], 1)
 
+PAD, BOS, EOS, UNK = 0, 1, 2, 3                                  # the report vocabulary's special tokens
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+class ReportModel(nn.Module):
+    """Image -> report (chexgenbench §2.4 trains LLaVA-Rad; this is the small stand-in of issue 24): the --arch CNN's
+    last feature map as image tokens (+ learned row / column positions), a causal transformer decoder (pre-norm,
+    self-attention, cross-attention to the image tokens, MLP) over word tokens, a linear head over the vocabulary."""
+    MAX_SIDE = 128                                               # feature-map rows / columns with a position
+
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        if cfg.dec_dim % cfg.dec_heads:
+            raise SystemExit(f"--dec-dim {cfg.dec_dim}: expected a multiple of --dec-heads {cfg.dec_heads}")
+        self.backbone = ARCHS[cfg.arch](1, **({"width": cfg.width} if cfg.arch == "tiny" else {}))
+        self.backbone.classifier = self.backbone.fc = nn.Identity()          # its classification head: unused
+        dim, D = {"tiny": 4 * cfg.width, "densenet121": 1024, "resnet50": 2048}[cfg.arch], cfg.dec_dim
+        self.proj = nn.Linear(dim, D)
+        self.row, self.col = (nn.Parameter(torch.randn(self.MAX_SIDE, D) * 0.02) for _ in range(2))
+        self.embed = nn.Embedding(vocab_size, D)
+        self.pos = nn.Parameter(torch.randn(cfg.max_tokens, D) * 0.02)   # bos + max_tokens - 1 words are fed
+        # our choice: dropout 0.1 (GPT-2's), pre-norm blocks (stable without warm-up at these sizes)
+        block = nn.TransformerDecoderLayer(D, cfg.dec_heads, 4 * D, dropout=0.1, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(block, cfg.dec_layers)
+        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, vocab_size)
+
+    def encode(self, x):
+        """[B, 1, S, S] -> image tokens [B, h*w, D]."""
+        b = self.backbone
+        f = b.trunk(x) if hasattr(b, "trunk") else F.relu(b.features(x))
+        h, w = f.shape[-2:]
+        if max(h, w) > self.MAX_SIDE:
+            raise SystemExit(f"--img-size {x.shape[-1]}: a {h}x{w} feature map; expected at most {self.MAX_SIDE} a side")
+        pos = (self.row[:h, None] + self.col[None, :w]).reshape(h * w, -1)
+        return self.proj(f.flatten(2).transpose(1, 2).float()) + pos
+
+    def decode(self, mem, tokens):
+        """Teacher forcing: logits [B, T, V] of the token after each of tokens [B, T] (T <= max_tokens)."""
+        T = tokens.shape[1]
+        causal = torch.triu(torch.full((T, T), float("-inf"), device=tokens.device), 1)
+        h = self.decoder(self.embed(tokens) + self.pos[:T], mem, tgt_mask=causal, tgt_is_causal=True)
+        return self.head(self.norm(h))
+
+    def forward(self, x, tokens):
+        return self.decode(self.encode(x), tokens)
+
+    @torch.no_grad()
+    def generate(self, x, max_tokens):
+        """Greedy decoding (our choice: deterministic, the usual RRG baseline) -> [B, <= max_tokens] token ids after
+        <bos>, <eos> included where it was reached; rows that ended are padded."""
+        mem = self.encode(x)
+        out = torch.full((x.shape[0], 1), BOS, dtype=torch.long, device=x.device)
+        done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(max_tokens):
+            nxt = self.decode(mem, out)[:, -1].float().argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+            out, done = torch.cat([out, nxt[:, None]], 1), done | (nxt == EOS)
+            if bool(done.all()):
+                break
+        return out[:, 1:]
+
 ARCHS = {"tiny": TinyCNN, "densenet121": DenseNet121, "resnet50": ResNet50, "unet": UNet}
 HEADS = ("classifier.", "fc.", "head.")                           # replaced when the label set differs
 
 def build_model(cfg, n_out):
+    if cfg.task == RG:                                           # n_out: the vocabulary size
+        return ReportModel(cfg, n_out)
     return MetadataPredictor(cfg) if cfg.task in (PM, EE, CE) else ARCHS[cfg.arch](
         n_out, **({"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}))
 
@@ -435,6 +503,10 @@ def load_init(model, init):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Method: losses, AUROC with bootstrap CIs, thresholds and F1, Dice, subgroup metrics
+
+def report_loss(logits, target):
+    """Next-token cross-entropy over the report tokens, padding ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD)
 
 def masked_bce(logits, target):
     """Binary cross-entropy over the known labels only: NaN targets (missing, ignored uncertain) add nothing."""
@@ -603,6 +675,137 @@ def roc_points(y, s):
     """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1)."""
     tp, fp, _ = cut_counts(y, s)
     return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+# Report generation (chexgenbench §2.4, Table 6, App. A.7.2): word tokens, corpus BLEU, ROUGE-L, label F1
+
+WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*|[^a-z0-9\s]")    # words (right-sided, o2) and punctuation marks
+
+def words(text):
+    """A report -> lowercase word and punctuation tokens: the unit of the vocabulary, BLEU and ROUGE-L. Our choice:
+    word-level, not characters: the phantom's and MIMIC's impressions use a few hundred to a few thousand words,
+    so a report is ~20 tokens instead of ~100 characters (a shorter sequence to learn and decode), and BLEU /
+    ROUGE-L count words anyway."""
+    return WORD.findall((text or "").lower())
+
+def detokenize(tokens):
+    """Tokens -> text, punctuation attached to the word before it ("no effusion ." -> "no effusion.")."""
+    return re.sub(r" ([.,;:?!)])", r"\1", " ".join(tokens))
+
+def build_vocab(reports):
+    """Training reports -> token list: the 4 special tokens, then every word by count (ties alphabetically)."""
+    counts = Counter(w for r in reports for w in words(r))
+    return SPECIAL + sorted(counts, key=lambda w: (-counts[w], w))
+
+def encode_reports(reports, vocab, max_tokens):
+    """Reports -> int64 [N, max_tokens + 1]: <bos> words <eos> <pad>...; words past max_tokens - 1 are cut (the
+    number cut is returned)."""
+    index, out, cut = {w: i for i, w in enumerate(vocab)}, np.full((len(reports), max_tokens + 1), PAD, np.int64), 0
+    for i, r in enumerate(reports):
+        ids = [index.get(w, UNK) for w in words(r)]
+        cut += len(ids) > max_tokens - 1
+        ids = [BOS] + ids[: max_tokens - 1] + [EOS]
+        out[i, : len(ids)] = ids
+    return out, cut
+
+def decode_reports(ids, vocab):
+    """Generated ids [N, T] -> text, up to the first <eos> (special tokens dropped)."""
+    out = []
+    for row in ids.tolist():
+        row = row[: row.index(EOS)] if EOS in row else row
+        out.append(detokenize([vocab[i] for i in row if i >= len(SPECIAL)]))
+    return out
+
+def ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+def corpus_bleu(candidates, references, max_n=4):
+    """Corpus BLEU-1..max_n (Papineni et al. 2002, one reference per candidate): p_n = clipped n-gram matches summed
+    over the corpus / candidate n-grams summed over the corpus (§2.1.1), BP = exp(1 - r / c) when c <= r (§2.2.2,
+    r and c the corpus reference and candidate lengths), BLEU-N = BP exp(mean_{n<=N} log p_n). No smoothing (our
+    choice, Papineni's definition): a zero p_n gives BLEU-N = 0. -> {"bleu1": ..., "bleu4": ..., "p": [p_n]}."""
+    match, total = np.zeros(max_n), np.zeros(max_n)
+    c = r = 0
+    for cand, ref in zip(candidates, references):
+        ct, rt = words(cand), words(ref)
+        c, r = c + len(ct), r + len(rt)
+        for n in range(1, max_n + 1):
+            cn, rn = ngrams(ct, n), ngrams(rt, n)
+            match[n - 1] += sum(min(k, rn[g]) for g, k in cn.items())
+            total[n - 1] += sum(cn.values())
+    p = np.divide(match, total, out=np.zeros(max_n), where=total > 0)
+    bp = 0.0 if c == 0 else 1.0 if c > r else math.exp(1 - r / c)
+    bleu = [bp * math.exp(np.log(p[:n]).mean()) if p[:n].min() > 0 else 0.0 for n in range(1, max_n + 1)]
+    return {**{f"bleu{n}": bleu[n - 1] for n in range(1, max_n + 1)}, "p": p.tolist(), "bp": bp, "c": c, "r": r}
+
+def lcs_length(a, b):
+    """Length of the longest common subsequence of two token lists (dynamic programming, O(len a x len b))."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+def rouge_l(candidates, references, beta=1.2):
+    """Mean sentence-level ROUGE-L F-measure (Lin 2004 §3.1): R = LCS / |ref|, P = LCS / |cand|,
+    F = (1 + beta^2) R P / (R + beta^2 P), 0 when LCS = 0. beta = 1.2: our choice, pycocoevalcap's (the
+    implementation report-generation papers score with); Lin leaves beta to the user."""
+    scores = []
+    for cand, ref in zip(candidates, references):
+        ct, rt = words(cand), words(ref)
+        lcs = lcs_length(ct, rt)
+        if lcs == 0:
+            scores.append(0.0)
+            continue
+        rec, prec = lcs / len(rt), lcs / len(ct)
+        scores.append((1 + beta ** 2) * rec * prec / (rec + beta ** 2 * prec))
+    return float(np.mean(scores)) if scores else 0.0
+
+COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]   # CheXpert's 5 tasks
+
+def label_f1(gen, ref, labels=None):
+    """CheXpert label F1 of generated vs reference reports from their labels (bool [N, 14], LABELS' order, positive
+    = True): per label F1 = 2 TP / (2 TP + FP + FN); micro over all (report, label) pairs, macro = the mean over
+    labels of the per-label F1, a label with TP + FP + FN = 0 (never mentioned as positive) left out of the mean
+    (our choice: its F1 is 0 / 0). Over the 14 labels and over the 5 competition labels (chexgenbench Table 6's
+    Micro F1-5 / F1-14)."""
+    gen, ref, labels = np.asarray(gen, bool), np.asarray(ref, bool), labels or LABELS
+    tp, fp, fn = (gen & ref).sum(0), (gen & ~ref).sum(0), (~gen & ref).sum(0)
+    per = [2 * a / d if (d := 2 * a + b + c) else None for a, b, c in zip(tp, fp, fn)]
+    out = {"per_label": dict(zip(labels, per))}
+    for name, keep in (("14", labels), ("5", COMPETITION)):
+        j = [labels.index(lab) for lab in keep]
+        d = 2 * tp[j].sum() + fp[j].sum() + fn[j].sum()
+        out[f"micro_f1_{name}"] = float(2 * tp[j].sum() / d) if d else None
+        vals = [per[k] for k in j if per[k] is not None]
+        out[f"macro_f1_{name}"] = float(np.mean(vals)) if vals else None
+    return out
+
+def report_labels(csv_path, column, out_path):
+    """CheXpert-14 positives of one text column, by prep_data.py's rule-based labeller run as a program (scripts
+    import nothing from each other): `prep_data.py extract-labels` writes 1 / 0 / -1 / empty; positive = '1' only
+    (our choice: uncertain '-1', e.g. "possible atelectasis", and unmentioned count as not positive, the U-Zeros
+    reading) -> bool [N, 14] in the CSV's row order."""
+    import subprocess
+    prep = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prep_data.py")
+    if not os.path.isfile(prep):
+        raise SystemExit(f"{prep}: no such file; report-gen labels reports with prep_data.py extract-labels, expected "
+                         f"next to downstream.py")
+    done = subprocess.run([sys.executable, prep, "extract-labels", "--csv", csv_path, "--column", column,
+                           "--out", out_path], capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SystemExit(f"prep_data.py extract-labels --csv {csv_path}: failed ({last})")
+    with open(out_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return np.array([[(r.get(lab) or "").strip() == "1" for lab in LABELS] for r in rows], bool).reshape(-1, 14)
+
+def report_metrics(gen, ref, gen_labels, ref_labels):
+    """Every report-generation number of one test set: BLEU-1..4, ROUGE-L, label F1 (micro / macro, 5 and 14)."""
+    bleu = corpus_bleu(gen, ref)
+    return {**{k: bleu[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "bp")}, "rouge_l": rouge_l(gen, ref),
+            **label_f1(gen_labels, ref_labels), "n": len(ref)}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: labels and subgroups (FORMAT.md §5, chexgen Fig. 5), dataset and sampler folders, batches, augmentation
@@ -1226,8 +1429,25 @@ def predict(model, pool, cfg, device, batch=128, fn=None):
     out = torch.cat(outs).numpy()
     return out.astype(np.float64) if out.ndim == 2 else out     # (segmentation maps stay float32)
 
+@torch.no_grad()
+def report_val_loss(model, pool, device, batch=128):
+    """Mean next-token cross-entropy of a pool's reports (pool.tokens) under teacher forcing, per token."""
+    was, total, count = model.training, 0.0, 0
+    model.eval()
+    for i in range(0, len(pool), batch):
+        tok = torch.as_tensor(pool.tokens[i:i + batch]).to(device)
+        with autocast(device):
+            logits = model(normalize(pool.fetch(range(i, min(i + batch, len(pool)))).to(device)), tok[:, :-1])
+        n = int((tok[:, 1:] != PAD).sum())
+        total, count = total + float(report_loss(logits, tok[:, 1:])) * n, count + n
+    model.train(was)
+    return total / max(count, 1)
+
 def val_score(model, pool, cfg, device):
-    """Early stopping: macro AUROC, or mean of positive and negative Dice (plain Dice favours predicting nothing)."""
+    """Early stopping: macro AUROC, or mean of positive and negative Dice (plain Dice favours predicting nothing),
+    or (report-gen) minus the validation cross-entropy."""
+    if cfg.task == RG:                                         # our choice: teacher-forced CE (cheap, smooth)
+        return -report_val_loss(model, pool, device)
     p = predict(model, pool, cfg, device)
     if cfg.task == "segment":
         d = dice_summary(p[:, 0] > 0.5, pool.mask_array())
@@ -1378,7 +1598,10 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         g = generator(seed, 2, step)
         x, m = pool.fetch(rows.numpy(), masks=True) if seg else (pool.fetch(rows.numpy()), None)
         x, target = augment(x, g, cfg, m)
-        target = target if seg else torch.as_tensor(pool.y[rows.numpy()], dtype=torch.float32)
+        if cfg.task == RG:                                       # token ids: <bos> words <eos> <pad>...
+            target = torch.as_tensor(pool.tokens[rows.numpy()])
+        elif not seg:
+            target = torch.as_tensor(pool.y[rows.numpy()], dtype=torch.float32)
         x, target = normalize(x).to(device), target.to(device)
         for gr in opt.param_groups:
             gr["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (       # warm-up, then cosine / constant
@@ -1387,8 +1610,8 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
             sl = slice(k * micro, (k + 1) * micro)
             with nullcontext() if world == 1 or k == accum - 1 else model.no_sync():
                 with autocast(device):
-                    out = model(x[sl])
-                loss = (seg_loss(out, target[sl], cfg.pos_weight) if seg else metadata_loss(out, target[sl], raw.sizes)
+                    out = model(x[sl], target[sl, :-1]) if cfg.task == RG else model(x[sl])
+                loss = (report_loss(out, target[sl, 1:]) if cfg.task == RG else seg_loss(out, target[sl], cfg.pos_weight) if seg else metadata_loss(out, target[sl], raw.sizes)
                         if cfg.task == "predict-metadata" else masked_bce(out, target[sl]))
                 (loss / accum).backward()
             acc[:2] += torch.stack([loss.detach(), torch.ones((), device=device)])
@@ -1429,7 +1652,8 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
             rec["val"] = float(score[0])
             ckpt_now |= state["stopped"]
         if rec and rank == 0:
-            fields = [(f"val {'Dice' if seg else 'macro AUROC'}", f"{rec['val']:.4f}")] if "val" in rec else []
+            what = "Dice" if seg else "-CE" if cfg.task == RG else "macro AUROC"
+            fields = [(f"val {what}", f"{rec['val']:.4f}")] if "val" in rec else []
             write_log(os.path.join(run_dir, "log.jsonl"), rec, log_line(rec, cfg.max_steps, fields))
         save_checkpoint(ckpt_path, raw, opt, cfg, step, state) if ckpt_now and rank == 0 else None
         if stopping or state["stopped"]:                         # the all-reduced flag: the one the save used
@@ -2002,6 +2226,135 @@ def task_cond_eval(cfg):
     return finish(cfg, rank, results, md, {"variables": asked, "predictor": path, "n_samples": len(S),
                                            "sets": {k: s.folder for k, (s, _) in sets.items()}})
 
+def check_reports(srcs, what):
+    """Every row of a report-gen source needs its report (FORMAT.md §2's `report`; dit_text2img.py sample copies
+    it from --cond): one line naming the folder otherwise."""
+    for s in srcs:
+        if "report" not in s.columns:
+            raise SystemExit(f"{s.folder}/meta.csv ({what}): no report column; expected each image's report text "
+                             f"(FORMAT.md §2, §8: dit_text2img.py sample --cond META.csv copies it)")
+        if empty := [r["id"] for r in s.rows if not words(r.get("report"))]:
+            raise SystemExit(f"{s.folder}/meta.csv ({what}): {len(empty)} row(s) with an empty report (first "
+                             f"{empty[0]!r}); expected a report in every row used")
+
+def pool_reports(pool):
+    return [r["report"].strip() for r in pool.rows]
+
+@torch.no_grad()
+def generate_reports(model, pool, vocab, cfg, device, batch=128):
+    """Greedy reports for every image of a pool, in order."""
+    was, out = model.training, []
+    model.eval()
+    for i in range(0, len(pool), batch):
+        with autocast(device):
+            ids = model.generate(normalize(pool.fetch(range(i, min(i + batch, len(pool)))).to(device)), cfg.max_tokens)
+        out += decode_reports(ids.cpu(), vocab)
+    model.train(was)
+    return out
+
+NN_SIDE = 32        # our choice: nearest neighbours between 32 px thumbnails (cost: 50k x 50k pairs stay cheap)
+
+def nearest_reports(pool, test, device, batch=512):
+    """Baseline: the report of the training image nearest to each test image in raw-pixel space (Euclidean distance
+    between [0, 1] thumbnails of NN_SIDE px; our choice of space: it does not depend on the model it is compared
+    with)."""
+    thumbs = lambda p: torch.cat([fit(p.fetch(range(i, min(i + batch, len(p)))), NN_SIDE).flatten(1)
+                                  for i in range(0, len(p), batch)]).to(device, torch.float64)
+    a, b, reports = thumbs(pool), thumbs(test), pool_reports(pool)
+    nearest = torch.cat([torch.cdist(b[i:i + batch], a).argmin(1) for i in range(0, len(b), batch)])
+    return [reports[int(k)] for k in nearest]
+
+def report_table(results, test_names):
+    """Per test set: one row per system (model runs, baselines); BLEU in percent as chexgenbench Tables 6 and 16."""
+    cols = ["BLEU-1", "BLEU-4", "ROUGE-L", "F1-5 micro", "F1-5 macro", "F1-14 micro", "F1-14 macro"]
+    keys = ["bleu1", "bleu4", "rouge_l", "micro_f1_5", "macro_f1_5", "micro_f1_14", "macro_f1_14"]
+    out = []
+    for t in test_names:
+        rows = {}
+        for name, res in results.items():
+            n = len(res["runs"])
+            rows[name] = {c: pm(*(v * 100 if v is not None and c.startswith("BLEU") else v for v in mean_std(
+                [r[t][k] for r in res["runs"]])), n) for c, k in zip(cols, keys)}
+        out.append(md_table(f"Report generation on {t} (BLEU-1/4 x 100, ROUGE-L, CheXpert label F1; greedy decoding)",
+                            rows, cols, corner="Training data / baseline"))
+    return "\n".join(out)
+
+def task_report_gen(cfg):
+    """Image -> report models trained on each experiment (chexgenbench §2.4, App. A.7.2), and two baselines of the
+    same training data: its most frequent report, and the report of the nearest training image (raw pixels). Each
+    scored on the test sets' reports: BLEU-1..4, ROUGE-L, CheXpert-14 label F1 (prep_data.py extract-labels)."""
+    rank, device, _, exps, size = setup(cfg)
+    systems, texts = {}, {}                                      # name -> runs -> {test: [report]}
+    refs, ids, test_names = {}, {}, []
+    for row, srcs in exps:
+        val_srcs, srcs = validation(cfg, srcs)
+        test_srcs = test_sets(cfg, srcs)
+        for group, what in ((srcs, "--train"), (val_srcs, "--val"), (test_srcs, "--test")):
+            check_reports(group, what)
+        pool, val = Pool(srcs, cfg, [], size), Pool(val_srcs, cfg, [], size)
+        tests = {s.name: Pool([s], cfg, [], size) for s in test_srcs}
+        if len(pool) < 2:
+            raise SystemExit(f"--train {row}: {len(pool)} training image(s) after the validation hold-out; expected "
+                             f"at least 2")
+        test_names = list(tests)
+        for t, tp in tests.items():
+            refs[t], ids[t] = pool_reports(tp), [r["id"] for r in tp.rows]
+        vocab = build_vocab(pool_reports(pool))                  # each experiment's own training reports
+        pool.tokens, cut = encode_reports(pool_reports(pool), vocab, cfg.max_tokens)
+        val.tokens, _ = encode_reports(pool_reports(val), vocab, cfg.max_tokens)
+        row_dir = file_in(cfg.out, SAFE.sub("_", row), where="--train")     # names from the CLI: stay in --out
+        if rank == 0:
+            print(f"{row}: vocabulary of {len(vocab)} tokens from {len(pool)} training reports ({cut} cut at "
+                  f"--max-tokens {cfg.max_tokens})", flush=True)
+        runs = []
+        for k in range(cfg.runs):
+            model = train(cfg, pool, val, os.path.join(row_dir, f"run{k}"), cfg.seed + k, len(vocab), init=cfg.init)
+            runs.append({t: generate_reports(model.to(device), tp, vocab, cfg, device) for t, tp in tests.items()}
+                        if rank == 0 else {})
+        if rank == 0:
+            if cfg.runs == 1:
+                write_text(os.path.join(row_dir, "vocab.json"), json.dumps(vocab, indent=0))
+            top = Counter(pool_reports(pool)).most_common(1)[0][0]  # ties: the first in the training order
+            texts[row] = runs
+            texts[f"{row}: most-frequent"] = [{t: [top] * len(tp) for t, tp in tests.items()}]
+            texts[f"{row}: nearest-neighbour"] = [{t: nearest_reports(pool, tp, device) for t, tp in tests.items()}]
+    if rank != 0:
+        return None
+    claim_out(rank)
+    # every report of every system through the labeller in one call: one table, row order = the order listed
+    stack = [(name, k, t, i, text) for name, runs in texts.items() for k, run in enumerate(runs)
+             for t in test_names for i, text in enumerate(run[t])]
+    stack += [("reference", 0, t, i, text) for t in test_names for i, text in enumerate(refs[t])]
+    folder = os.path.join(cfg.out, "reports")
+    os.makedirs(folder, exist_ok=True)
+    src, lab = os.path.join(folder, "all_reports.csv"), os.path.join(folder, "all_labels.csv")
+    table = [{"id": str(j), "system": name, "run": k, "test": t, "image_id": ids[t][i], "report": text}
+             for j, (name, k, t, i, text) in enumerate(stack)]
+    atomic_save(src, lambda tmp: write_dict_csv(tmp, table))
+    positives = report_labels(src, "report", lab)
+    where = {(name, k, t): [] for name, k, t, _, _ in stack}
+    for j, (name, k, t, _, _) in enumerate(stack):
+        where[(name, k, t)].append(j)
+    results = {}
+    for name, runs in texts.items():
+        results[name] = {"runs": [{t: report_metrics(run[t], refs[t], positives[where[(name, k, t)]],
+                                                     positives[where[("reference", 0, t)]]) for t in test_names}
+                                  for k, run in enumerate(runs)]}
+    for t in test_names:                                         # every report side by side, readable
+        cols = ["id", "reference"] + [f"{name} run{k}" for name, runs in texts.items() for k in range(len(runs))]
+        rows = [dict(zip(cols, [ids[t][i], refs[t][i]] + [run[t][i] for runs in texts.values() for run in runs]))
+                for i in range(len(refs[t]))]
+        path = file_in(folder, SAFE.sub("_", t), ".csv", where="--test names")
+        atomic_save(path, lambda tmp: write_dict_csv(tmp, rows))
+    return finish(cfg, rank, results, report_table(results, test_names),
+                  {"labeller": "prep_data.py extract-labels, positive = 1 (uncertain, negative, unmentioned: 0)"})
+
+def write_dict_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
+        w.writeheader()
+        w.writerows(rows)
+
 # ----------------------------------------------------------------------------------------------------------------
 # main: task dispatch (classify is the default)
 
@@ -2014,7 +2367,8 @@ NOT_DECIDING = ("out", "device", "compile", "resume", "log_every", "ckpt_every",
 # Counting flags: 0 means none / all / off for these (--micro-batch 0: no accumulation, --img-size 0: the data's
 # side, --patience 0: never stop early, --n-boot 0: no CIs, --warmup 0: none, --finetune-steps 0: --max-steps);
 # every other count must be at least 1.
-POSITIVE = ("batch_size", "max_steps", "eval_every", "log_every", "ckpt_every", "runs", "width", "hidden", "n_pairs")
+POSITIVE = ("batch_size", "max_steps", "eval_every", "log_every", "ckpt_every", "runs", "width", "hidden", "n_pairs",
+            "dec_dim", "dec_layers", "dec_heads", "max_tokens")
 NON_NEGATIVE = ("micro_batch", "img_size", "patience", "n_boot", "warmup", "finetune_steps", "min_group")
 CLAIM = {}                                                       # --out and its record, claimed at the first write
 
@@ -2050,7 +2404,7 @@ def claim_out(rank):
 
 RUNNERS = {"classify": task_classify, "pretrain-finetune": task_pretrain_finetune, "fairness": task_fairness,
            "segment": task_segment, "predict-metadata": task_predict_metadata, "edit-eval": task_edit_eval,
-           "cond-eval": task_cond_eval}
+           "cond-eval": task_cond_eval, "report-gen": task_report_gen}
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
