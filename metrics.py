@@ -13,18 +13,28 @@ What it computes (papers in ../shared/papers):
   sigma 1.5); paired SSIM / PSNR for reconstructions and edits, LPIPS-style distances in a transformers
   feature space and their relative version against random real pairs (radit App. C.1 Eq. 13-14);
 - every distribution metric per pathology and for Finding / No Finding (chexgenbench §2.2, multicond Table 2);
-- memorisation / privacy: nearest training image over the whole training set by pixel L2 and by feature
-  distance, and an optional Siamese re-identification score (chexgenbench §2.3, Packhaeuser et al. 2022);
+- privacy, two modes (--privacy): 'chexgenbench', the benchmark's protocol (§2.3, §3.2, Table 3): each synthetic
+  image against its own source training row (fake meta.csv source_id, or --privacy-pairs), per training sample the
+  max Siamese Re-ID score (Packhaeuser et al. 2022; 224 px, no normalisation, as its code) and the min pixel /
+  Rad-DINO latent distances, then Avg / Max Re-ID and Count[max > delta = 0.85]; 'nearest' (default), a different
+  question, "is any training image copied?": each synthetic image's nearest image over the whole training set by
+  pixel L2 and by unit-normalised feature distance, and its max Re-ID score over the training set;
 - factual correctness: Pearson correlation of a classifier's predictions on paired real / synthetic images (chexgen).
 
 Commands:
     python metrics.py --real data/phantom --split test --fake samples/ --out results.json
     python metrics.py --real real/ --fake fake/ --features inception,xrv --metrics fd,kid,prdc
     python metrics.py --real data/phantom --fake samples/ --train data/phantom --out r.json   # + privacy
+    python metrics.py --real data/phantom --fake samples/ --train data/phantom --privacy chexgenbench \
+        --reid-weights reid.safetensors --out r.json        # samples/meta.csv: source_id = the prompt's training row
+    python metrics.py fetch-weights --weights-dir W   # online: every feature network's weights into W (layout below)
     python metrics.py --paired --real originals/ --fake edited/ --lpips raddino,dinov2 --out id.json  # Table 14
     python metrics.py convert-xrv ~/.torchxrayvision/models_data/<file>.pt --dst xrv.safetensors
     python metrics.py bench --n 10000 --dim 2048      # CPU: FD vs sqrtm, PRDC vs full matrices, KID vs torch-fidelity
 Offline, an extractor whose weights are not found is skipped with a message naming the file and --weights-dir;
+when FD / KID / PRDC were asked for and no extractor could be loaded, the first lines of the output say so, list
+each network's file / folder in the --weights-dir layout and its source, and the exit status is 3
+(EXIT_NO_FIDELITY; results.json is written all the same, with "no_fidelity").
 --allow-random-weights runs it anyway and labels every number it gives "random weights, not comparable"; those
 weights come from a fixed seed (RANDOM_WEIGHTS_SEED), so two runs agree. The feature cache is keyed by the sha256 of
 the weights actually used (recorded in results.json as features.<name>.weights_sha256), never by their name.
@@ -218,6 +228,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ALL_METRICS = ("fd", "kid", "prdc", "diversity", "paired", "conditions", "privacy", "factual")
 RESIZE_MODES = ("antialias", "pytorch-fid", "clean", "tf1")  # Inception input conventions (--resize)
 XRV_RESIZE_MODES = ("model", "skimage")  # XRV input conventions (--xrv-resize)
+PRIVACY_MODES = ("nearest", "chexgenbench", "both")  # --privacy: whole-training-set search, the benchmark's protocol
 # Our choice: --allow-random-weights builds every random network from this seed (torch's global RNG is forked and
 # restored around it), so two runs on the same images give the same numbers; results.json records it.
 RANDOM_WEIGHTS_SEED = 20240601
@@ -296,8 +307,21 @@ class Config:
     pix_threshold: float = arg(0.02, "per-pixel RMS distance under which a synthetic image counts as a near-copy")
     feat_threshold: float = arg(0.1, "distance between unit-normalised features under which it counts as a copy")
     privacy_features: str = arg("", "feature space for the latent distance ('' = raddino if run, else the first one)")
-    reid_weights: str = arg("", "Packhaeuser Siamese ResNet-50 weights (safetensors) for the re-identification score")
-    reid_threshold: float = arg(0.5, "re-id probability above which a synthetic image counts as re-identified")
+    reid_weights: str = arg("", "Packhaeuser Siamese ResNet-50 weights (safetensors or tensor-only .pth) for the "
+                                "re-identification score")
+    reid_threshold: float = arg(0.85, "delta: re-id probability above which a synthetic image (nearest mode) or a "
+                                      "training sample (chexgenbench mode) counts as re-identified (chexgenbench "
+                                      "§3.2: 0.85)")
+    reid_size: int = arg(224, "Re-ID input side (chexgenbench's code: Resize((224, 224)), ToTensor, no "
+                              "normalisation)")
+    privacy: str = arg("nearest", "nearest (each synthetic image against the whole training set: is any training "
+                                  "image copied?) | chexgenbench (each synthetic image against its own source "
+                                  "training row, per training sample max Re-ID / min distances, chexgenbench "
+                                  "§2.3, §3.2, Table 3) | both")
+    privacy_pairs: str = arg("", "chexgenbench mode: CSV with columns id (synthetic image) and source_id (training "
+                                 "row id) ('' = the source_id column of the fake folder's meta.csv)")
+    privacy_pixel_size: int = arg(512, "chexgenbench mode: side of the pixel distance and of the latent-distance "
+                                       "input (its code resizes both images to 512 x 512)")
     classifier: str = arg("", "'xrv' or an xrv-layout DenseNet safetensors, for factual correctness (Pearson)")
     grid: str = arg("", "PNG of the closest (synthetic, training) pairs ('' = next to --out)")
     grid_pairs: int = arg(8, "closest pairs listed in results.json and drawn in the grid")
@@ -1367,6 +1391,71 @@ FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_FILE
 HF_ALIASES = {"raddino": "microsoft/rad-dino", "dinov2": "facebook/dinov2-base",
               "clip": "openai/clip-vit-base-patch32"}
+EXIT_NO_FIDELITY = 3  # exit status when FD / KID / PRDC were asked for and no feature network could be loaded
+CNN_WEIGHTS = {  # name: (file looked for in --weights-dir / the cache, where it comes from, the cache it goes to)
+    "inception": (FID_FILE, FID_URL, "~/.cache/torch/hub/checkpoints"),
+    "xrv": (XRV_FILE, XRV_URL, "~/.torchxrayvision/models_data")}
+
+
+def weights_guide(names, weights_dir=""):
+    """Lines saying, per feature network in `names`, which file or folder --weights-dir must hold and where it comes
+    from; plus fetch-weights, which downloads them on a machine that is online."""
+    d = weights_dir or "DIR"
+    lines = [f"get the weights onto this machine, then rerun with --weights-dir {d}:",
+             f"  online:  python metrics.py fetch-weights --weights-dir {d} --only {','.join(names)}   "
+             f"(on another machine if this one is offline, then copy {d} here)",
+             "  by hand, the layout --weights-dir expects:"]
+    for n in names:
+        if n in CNN_WEIGHTS:
+            f, url, cache = CNN_WEIGHTS[n]
+            extra = f" (converted once to {XRV_SAFE} beside it)" if n == "xrv" else ""
+            lines.append(f"    {n:<10} {d}/{f}{extra}  from {url}  (or in {cache})")
+        else:
+            repo = HF_ALIASES.get(n, n)
+            lines.append(f"    {n:<10} {d}/{repo.replace('/', '--')}/  a transformers save_pretrained folder "
+                         f"(config.json, model.safetensors, preprocessor_config.json) of https://huggingface.co/{repo}"
+                         "  (or in the Hugging Face cache)")
+    return lines
+
+
+def fetch_weights(argv):
+    """metrics.py fetch-weights: download each feature network's weights into --weights-dir (the layout
+    weights_guide describes) when the machine is online; offline, one message naming every file and its URL."""
+    p = argparse.ArgumentParser(prog="metrics.py fetch-weights", description=fetch_weights.__doc__.split(":")[1])
+    p.add_argument("--weights-dir", default="", help="destination ('' = each network's standard cache)")
+    p.add_argument("--only", default="inception,xrv,raddino,dinov2,clip", help="comma list of feature networks")
+    p.add_argument("--offline", action="store_true", help="never download (the message lists what to fetch)")
+    a = p.parse_args(argv)
+    names = [n.strip() for n in a.only.split(",") if n.strip()]
+    if bad := [n for n in names if n not in CNN_WEIGHTS and n not in HF_ALIASES]:
+        raise SystemExit(f"metrics: fetch-weights --only {bad[0]!r}; expected some of "
+                         f"{', '.join(list(CNN_WEIGHTS) + list(HF_ALIASES))}")
+    offline = [n for n in names if not _online(a.offline, "huggingface.co" if n in HF_ALIASES else "github.com")]
+    if offline:
+        raise SystemExit("metrics: fetch-weights: this machine is offline (or --offline / HF_HUB_OFFLINE=1 / "
+                         "CXR_OFFLINE=1); nothing was downloaded.\n" + "\n".join(weights_guide(offline, a.weights_dir)))
+    done = {}
+    for n in names:
+        if n in CNN_WEIGHTS:
+            f, url, cache = CNN_WEIGHTS[n]
+            try:
+                got = find_weights([f], url, a.weights_dir, [] if a.weights_dir else [cache])
+            except WeightsMissing as e:
+                raise SystemExit(f"metrics: fetch-weights {n}: {e}") from None
+            done[n] = convert_xrv(got, os.path.join(os.path.dirname(got), XRV_SAFE)) if n == "xrv" else got
+        else:
+            from transformers import AutoImageProcessor, AutoModel
+            repo = HF_ALIASES[n]
+            try:
+                model, proc = AutoModel.from_pretrained(repo), AutoImageProcessor.from_pretrained(repo)
+            except OSError as e:
+                raise SystemExit(f"metrics: fetch-weights {n}: {repo} could not be downloaded ({_first_line(e)})") \
+                    from None
+            done[n] = os.path.join(a.weights_dir, repo.replace("/", "--")) if a.weights_dir else f"HF cache ({repo})"
+            if a.weights_dir:
+                model.save_pretrained(done[n]), proc.save_pretrained(done[n])
+        print(f"{n}: {done[n]}")
+    return done
 
 
 def convert_xrv(src, dst):
@@ -1698,31 +1787,48 @@ def _group_column(meta, group_by):
         if not meta or group_by not in meta[0]:
             raise SystemExit(f"metrics: the fake meta.csv has no column {group_by!r} (--group-by)")
         return group_by
-    for c in ("group", "prompt_id", "prompt", "report"):
+    # cond_id (controlnet.py: one mask / box set) and source_id (dit_text2img.py, ldm_multicond.py: one training
+    # row's conditions) name the condition itself; prompt text can be shared by different masks or patients, so
+    # grouping by it would pair images of different conditions (our order: the most specific column first).
+    for c in ("group", "cond_id", "source_id", "prompt_id", "prompt", "report"):
         if meta and c in meta[0] and any(r.get(c) for r in meta):
             return c
     return "labels" if meta and any(lab in meta[0] for lab in LABELS) else None
 
 
+def diversity_groups(meta, col):
+    """Lists of image indices sharing the value of `col` (or the 14 labels for 'labels'); rows with an empty value
+    belong to no group (an image without a condition id is not one condition with the others); size >= 2 only."""
+    groups = {}
+    for i, r in ((i, r) for i, r in enumerate(meta) if r):
+        key = tuple(r.get(lab, "") for lab in LABELS) if col == "labels" else r.get(col, "")
+        if key != "":
+            groups.setdefault(key, []).append(i)
+    return [g for g in groups.values() if len(g) >= 2]
+
+
+def diversity_pairs(g, max_pairs, rng):
+    """Every pair of group g when there are at most max_pairs, else max_pairs random distinct pairs (at most)."""
+    if len(g) * (len(g) - 1) // 2 <= max_pairs:
+        return [(a, b) for ai, a in enumerate(g) for b in g[ai + 1:]]
+    return sorted({tuple(sorted(rng.choice(g, 2, replace=False).tolist())) for _ in range(max_pairs)})
+
+
 def diversity(fake, cfg):
     """Mean pairwise MS-SSIM among synthetic images of one prompt / condition (chexgen, roentgen §5): lower is
-    more diverse. Groups come from the fake meta.csv; at most cfg.max_pairs random pairs per group."""
+    more diverse. Groups come from the fake meta.csv (_group_column: cond_id / source_id before prompt text); at
+    most cfg.max_pairs random pairs per group."""
     col = _group_column(fake.meta, cfg.group_by)
     if col is None:
-        return {"skipped": "the fake folder has no meta.csv with a group/prompt/report or label column"}
-    groups = {}
-    for i, r in ((i, r) for i, r in enumerate(fake.meta) if r):
-        groups.setdefault(tuple(r.get(lab, "") for lab in LABELS) if col == "labels" else r.get(col, ""), []).append(i)
-    groups = [g for g in groups.values() if len(g) >= 2]
+        return {"skipped": "the fake folder has no meta.csv with a group/cond_id/source_id/prompt/report or label "
+                           "column"}
+    groups = diversity_groups(fake.meta, col)
     if not groups:
         return {"skipped": f"no group of >= 2 images by column {col!r}"}
     rng = np.random.default_rng(cfg.seed)
     means, npairs = [], 0
     for g in groups:
-        if len(g) * (len(g) - 1) // 2 <= cfg.max_pairs:
-            pairs = [(a, b) for ai, a in enumerate(g) for b in g[ai + 1:]]
-        else:  # large group: random distinct pairs, never the full list of n^2/2
-            pairs = sorted({tuple(sorted(rng.choice(g, 2, replace=False).tolist())) for _ in range(cfg.max_pairs)})
+        pairs = diversity_pairs(g, cfg.max_pairs, rng)
         a, b = _pair_pixels(fake, fake, pairs, cfg.pixel_size, cfg)
         if len(a):
             means.append(float(torch.atleast_1d(ms_ssim(a, b, 1.0)).mean()))
@@ -1826,21 +1932,153 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
     return out
 
 
+def reid_input(x, size=224):
+    """Re-ID network input as chexgenbench's code builds it (metrics/privacy_metrics.py): RGB, Resize((size, size)),
+    ToTensor, no mean / std normalisation. x: [B, 1, H, W] in [0, 1] -> [B, 3, size, size]. Our resize is bilinear
+    with antialiasing (torchvision's Resize on a PIL image is PIL bilinear, also antialiased: close, not bitwise)."""
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.expand(-1, 3, -1, -1)
+
+
+def load_reid(path, device):
+    """The Siamese Re-ID network (269 tensors, the benchmark's SiameseNetwork keys) from a weights file."""
+    return load_into(SiameseReID(), load_state(path), path).eval().to(device)
+
+
 def reid_scores(fake, train, cfg, device):
-    """Max Siamese re-identification probability of each synthetic image over the training set (Packhaeuser et
-    al. 2022; chexgenbench §2.3 Avg / Max Re-ID score, Count[s > delta]). Input assumed 256 px, gray replicated
-    to RGB, ImageNet mean/std (torchvision pretrained ResNet-50 convention)."""
-    net = load_into(SiameseReID(), load_state(cfg.reid_weights), cfg.reid_weights).eval().to(device)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in ([.485, .456, .406], [.229, .224, .225]))
-    ef, et = (torch.stack(list(_apply(lambda x: net.embed((x.expand(-1, 3, -1, -1) - mean) / std), im,
-                                      range(len(im)), 256, cfg, device).values())).to(device) for im in (fake, train))
+    """Nearest mode: max Siamese re-identification probability of each synthetic image over the whole training
+    set (Packhaeuser et al. 2022; chexgenbench §2.3 Avg / Max Re-ID score, Count[s > delta]). Input: the
+    benchmark's convention (reid_input: cfg.reid_size px, gray replicated to RGB, [0, 1], no normalisation)."""
+    net = load_reid(cfg.reid_weights, device)
+    ef, et = (torch.stack(list(_apply(lambda x: net.embed(reid_input(x, cfg.reid_size)), im, range(len(im)),
+                                      cfg.reid_size, cfg, device).values())).to(device) for im in (fake, train))
     best, step = [], max(1, 2 ** 22 // (len(et) * 128))
     with torch.no_grad():
         for s in range(0, len(ef), step):
             best.append(net.score(ef[s:s + step, None], et[None]).max(1).values)
     s = torch.cat(best).cpu().numpy()
     return {"mean": float(s.mean()), "max": float(s.max()), "threshold": cfg.reid_threshold,
-            "count_over_threshold": int((s > cfg.reid_threshold).sum()), "n_fake": len(ef), "n_train": len(et)}
+            "count_over_threshold": int((s > cfg.reid_threshold).sum()), "n_fake": len(ef), "n_train": len(et),
+            "input": f"{cfg.reid_size} px, gray -> RGB, [0, 1], no normalisation (chexgenbench's code)"}
+
+
+def privacy_pairs(fake, train, cfg):
+    """[(fake index, train index)] of the prompt-and-seed protocol (chexgenbench §3.2: every synthetic image was
+    generated from one training row's prompt), from --privacy-pairs (columns id, source_id) or the fake meta.csv's
+    source_id column (dit_text2img.py, ldm_multicond.py, controlnet.py sample write it). Synthetic images without a
+    source are left out (counted); a source id that is not in the training set stops with one line."""
+    if cfg.privacy_pairs:
+        rows, _ = read_meta(cfg.privacy_pairs, required=("id", "source_id"),
+                            what="a CSV pairing synthetic images with training rows (id, source_id)")
+        by_id = {r["id"]: r["source_id"] for r in rows}
+        where = cfg.privacy_pairs
+        src = [by_id.get(i, by_id.get(i.rsplit("/", 1)[-1], "")) for i in fake.ids]
+    else:
+        where = os.path.join(fake.root, "meta.csv")
+        if not fake.meta or not any((r or {}).get("source_id") for r in fake.meta):
+            raise SystemExit(f"metrics: --privacy chexgenbench: {where} has no source_id column; expected the "
+                             "synthetic images' training rows there or in --privacy-pairs CSV (id, source_id)")
+        src = [(r or {}).get("source_id", "") for r in fake.meta]
+    tid = {i: n for n, i in enumerate(train.ids)}
+    if missing := sorted({s for s in src if s and s not in tid}):
+        raise SystemExit(f"metrics: {where}: source_id {missing[0]!r} ({len(missing)} ids in all) is not a row of "
+                         f"the training set {train.root} (split {cfg.train_split!r}); expected training ids")
+    pairs = sorted(((n, tid[s]) for n, s in enumerate(src) if s), key=lambda p: (p[1], p[0]))
+    if not pairs:
+        raise SystemExit(f"metrics: {where}: no synthetic image of {fake.root} names a source_id")
+    return pairs, len(src) - len(pairs)
+
+
+def pixel_distance(a, b):
+    """chexgenbench §2.3 l_pix = ||x_hat - x||_2, divided by sqrt(number of values) as its code does (Table 3's
+    magnitudes), in 8-bit units [0, 255] and float64. Its code subtracts uint8 arrays (wrap-around: 111.6 instead
+    of 55.6 on one pair); here the difference is taken in float, as the paper defines it. a, b: [..., H, W] in
+    [0, 1]; gray replicated to RGB (as its code's convert('RGB')) gives the same value."""
+    d = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) * 255.0
+    return np.sqrt((d * d).reshape(len(d), -1).mean(1))
+
+
+def latent_distance(fa, fb):
+    """chexgenbench §2.3 l_lat, 'normalized Euclidean distance' as its code computes it: ||a - b|| / sqrt(D) on raw
+    Rad-DINO CLS features (pooler_output, not unit-normalised), float64. fa, fb: [n, D]."""
+    fa, fb = np.asarray(fa, np.float64), np.asarray(fb, np.float64)
+    return np.linalg.norm(fa - fb, axis=1) / np.sqrt(fa.shape[1])
+
+
+def chexgenbench_summary(src, reid=None, pix=None, lat=None, delta=0.85):
+    """Per training sample and dataset-level statistics of chexgenbench §3.2 / Table 3 from per-pair values.
+    src[p]: the training sample of pair p. Per sample: max Re-ID score, min pixel and latent distances over its
+    own generations (§3.2, 'the greatest privacy risk posed for each training sample'); the means over its
+    generations too (its code records them). Dataset: Avg Re-ID = mean over samples of their max (our reading
+    of §2.3's M values s^(j) together with §3.2's per-sample max), Max Re-ID, Count[max > delta] (§2.3 Eq.: strict
+    '>'), Avg latent / pixel distance = mean over samples of their min."""
+    src = np.asarray(src)
+    keys, inv = np.unique(src, return_inverse=True)
+    out, per = {"n_pairs": int(len(src)), "n_train_samples": int(len(keys))}, {"source": keys.tolist(),
+                                                                              "n": np.bincount(inv).tolist()}
+    for name, v, red in (("reid", reid, np.maximum), ("pixel", pix, np.minimum), ("latent", lat, np.minimum)):
+        if v is None:
+            continue
+        v = np.asarray(v, np.float64)
+        ext = np.full(len(keys), -np.inf if red is np.maximum else np.inf)
+        red.at(ext, inv, v)
+        mean = np.bincount(inv, v, len(keys)) / np.bincount(inv, minlength=len(keys))
+        word = "max" if red is np.maximum else "min"
+        per[f"{word}_{name}"], per[f"mean_{name}"] = ext.tolist(), mean.tolist()
+        if name == "reid":
+            out["reid"] = {"avg": float(ext.mean()), "max": float(ext.max()), "delta": delta,
+                           "count_over_delta": int((ext > delta).sum()), "avg_over_pairs": float(v.mean()),
+                           "pairs_over_delta": int((v > delta).sum())}
+        else:
+            out[name] = {"avg": float(ext.mean()), "min": float(ext.min()), "avg_over_pairs": float(v.mean())}
+    return out | {"per_sample": per}
+
+
+@torch.no_grad()
+def privacy_chexgenbench(fake, train, cfg, latent_ex=None, device="cpu", chunk=64):
+    """chexgenbench's privacy protocol (§2.3, §3.2, Table 3): each synthetic image against its own source training
+    image (prompt-and-seed protocol), pixel distance (pixel_distance), latent distance (latent_distance, with
+    latent_ex: the Rad-DINO extractor), Re-ID score (reid_input, with --reid-weights), then chexgenbench_summary.
+    Both images are brought to cfg.privacy_pixel_size (its code: 512) by --fit and bilinear + antialias (its code
+    squashes with PIL: our images are square by crop / pad, as everywhere in metrics.py). Streamed in chunks of
+    pairs sorted by training sample, so memory holds one chunk's images."""
+    pairs, unpaired = privacy_pairs(fake, train, cfg)
+    net = load_reid(cfg.reid_weights, device) if cfg.reid_weights else None
+    size, got = cfg.privacy_pixel_size, {"src": [], "fake": [], "reid": [], "pixel": [], "latent": []}
+    for c in range(0, len(pairs), chunk):
+        part = pairs[c:c + chunk]
+        (ka, xa), (kb, xb) = _pixels(fake, [p[0] for p in part], size, cfg), _pixels(train, sorted({
+            p[1] for p in part}), size, cfg)  # each training image of the chunk loaded once
+        ra, rb = {i: r for r, i in enumerate(ka)}, {i: r for r, i in enumerate(kb)}
+        part = [p for p in part if p[0] in ra and p[1] in rb]  # pairs whose two images both load
+        if not part:
+            continue
+        ia, ib = [ra[p[0]] for p in part], [rb[p[1]] for p in part]
+        got["src"] += [train.ids[p[1]] for p in part]
+        got["fake"] += [fake.ids[p[0]] for p in part]
+        got["pixel"].append(pixel_distance(xa[ia], xb[ib]))
+        ta, tb = (torch.from_numpy(x)[:, None] for x in (xa, xb))  # each image embedded once per chunk
+        if net is not None:
+            ea, eb = (net.embed(reid_input(x.to(device), cfg.reid_size)) for x in (ta, tb))
+            got["reid"].append(net.score(ea[ia], eb[ib]).double().cpu().numpy())
+        if latent_ex is not None:
+            fa, fb = latent_ex(ta).numpy(), latent_ex(tb).numpy()
+            got["latent"].append(latent_distance(fa[ia], fb[ib]))
+    cat = {k: np.concatenate(v) if v else None for k, v in got.items() if k not in ("src", "fake")}
+    out = chexgenbench_summary(got["src"], cat["reid"], cat["pixel"], cat["latent"], cfg.reid_threshold)
+    out["per_sample"]["fakes"] = {}
+    for f, s in zip(got["fake"], got["src"]):
+        out["per_sample"]["fakes"].setdefault(s, []).append(f)
+    out |= {"protocol": "chexgenbench §3.2: each synthetic image against its source training image; per training "
+                        "sample max Re-ID, min distances", "pixel_size": size, "pixel_units": "8-bit RMS [0, 255]",
+            "n_fake_unpaired": unpaired, "n_pairs_unreadable": len(pairs) - len(got["src"])}
+    out["latent_features"] = latent_ex.name if latent_ex is not None else None
+    if net is None:
+        out["reid_skipped"] = "no --reid-weights (Packhaeuser et al. 2022 Siamese ResNet-50; see fetch-weights)"
+    if latent_ex is None:
+        out["latent_skipped"] = "no feature space for the latent distance (raddino, or --privacy-features)"
+    return out
 
 
 def factual(real, fake, pairs, cfg, device):
@@ -1881,6 +2119,7 @@ def evaluate(cfg):
     for flag, value, allowed in (("--fit", cfg.fit, ("crop", "pad")), ("--resize", cfg.resize, RESIZE_MODES),
                                  ("--xrv-resize", cfg.xrv_resize, XRV_RESIZE_MODES),
                                  ("--kid-sampler", cfg.kid_sampler, KID_SAMPLERS),
+                                 ("--privacy", cfg.privacy, PRIVACY_MODES),
                                  ("--device", cfg.device, ("", "auto", "cpu", "cuda"))):
         if value not in allowed:
             raise SystemExit(f"metrics: {flag} {value!r}; expected one of {', '.join(a for a in allowed if a)}")
@@ -1919,6 +2158,14 @@ def evaluate(cfg):
             res.setdefault("conditions", {})[name] = {
                 g: distribution_metrics(fr[_rows(kr, rgroups[g])], ff[_rows(kf, fgroups[g])], cfg, chosen, device)
                 for g in rgroups}
+    if set(chosen) & {"fd", "kid", "prdc"} and not res["features"]:
+        names = list(res["skipped_features"])
+        res["no_fidelity"] = ("NO FIDELITY METRIC COMPUTED (FD, KID, PRDC): " + (
+            f"no weights found for {', '.join(names)}" if names else "no feature space given (--features)") +
+            f"; exit status {EXIT_NO_FIDELITY}")
+        res["weights_guide"] = weights_guide([n for n in names if n in CNN_WEIGHTS or n in HF_ALIASES],
+                                             cfg.weights_dir) if names else []
+        print("metrics: " + "\n".join([res["no_fidelity"]] + res["weights_guide"]), file=sys.stderr)
     if "conditions" in chosen and not (rgroups and fgroups):
         res["conditions_skipped"] = "per-condition metrics need label columns in the meta.csv of both real and fake"
     if "diversity" in chosen:
@@ -1937,9 +2184,15 @@ def evaluate(cfg):
     if train is not None:
         pf = cfg.privacy_features or ("raddino" if "raddino" in feats else next(iter(feats), ""))
         ex, _, _, ff, kf = feats.get(pf, (None,) * 5)
-        tr = extract_features(train, ex, **kw)[:2] if ex else None
-        res["privacy"] = privacy(fake, train, cfg, (pf, (ff, kf)) if ex else None, tr, device)
+        if cfg.privacy in ("nearest", "both"):
+            tr = extract_features(train, ex, **kw)[:2] if ex else None
+            res["privacy"] = privacy(fake, train, cfg, (pf, (ff, kf)) if ex else None, tr, device)
+        if cfg.privacy in ("chexgenbench", "both"):
+            res["privacy_chexgenbench"] = privacy_chexgenbench(fake, train, cfg, ex, device)
         res["train"] = {"path": train.root, "n": len(train)}
+    elif cfg.privacy != "nearest" and "privacy" in chosen:
+        raise SystemExit(f"metrics: --privacy {cfg.privacy} needs --train (the training set the synthetic images' "
+                         "source_id rows come from)")
     if high := [key for key, s in (("real", real), ("fake", fake), ("train", train)) if s and s.info["high_bit"]]:
         note = (f"{' and '.join(high)} images are 16-bit: read here at full precision; pytorch-fid, torch-fidelity "
                 "and clean-fid read them through PIL convert('RGB'), which clips them, so their numbers will disagree")
@@ -1958,8 +2211,10 @@ def evaluate(cfg):
 
 
 # Integer options that count things and their least value (0 allowed where it means 'none' or 'as few as needed').
-COUNT_OPTIONS = {"batch_size": 1, "pixel_size": 1, "privacy_size": 1, "k": 1, "kid_subsets": 1, "kid_subset_size": 2,
-                 "max_pairs": 1, "random_pairs": 1, "grid_pairs": 0, "workers": 0}
+# reid_size: ResNet-50 downsamples 32 times, so a smaller input leaves no spatial position.
+COUNT_OPTIONS = {"batch_size": 1, "pixel_size": 1, "privacy_size": 1, "privacy_pixel_size": 1, "reid_size": 32, "k": 1,
+                 "kid_subsets": 1, "kid_subset_size": 2, "max_pairs": 1, "random_pairs": 1, "grid_pairs": 0,
+                 "workers": 0}
 
 
 def check_options(cfg):
@@ -1977,16 +2232,26 @@ def check_options(cfg):
 
 def format_table(res):
     """The readable stdout summary of a results dict (every number is also in results.json)."""
-    lines = [f"real {res['real']['path']} (N={res['real']['n']})   fake {res['fake']['path']} (N={res['fake']['n']})"]
-    lines += [f"{'feature space':<16}{'FD':>11}{'KID x1e3':>17}{'prec':>7}{'rec':>7}{'dens':>7}{'cov':>7}{'N r/f':>10}"
-              ] if res["features"] or res["skipped_features"] else []
+    def count(key):  # images used: the listed ones less the unreadable (the table's N counts the same)
+        d = res.get(key) or {}
+        bad = d.get("unreadable_skipped", 0)
+        return f"N={d['n'] - bad}" + (f", {bad} of {d['n']} unreadable, skipped" if bad else "")
+
+    lines = [f"!! {res['no_fidelity']}"] + [f"!! {g}" for g in res.get("weights_guide", [])] \
+        if res.get("no_fidelity") else []
+    lines += [f"real {res['real']['path']} ({count('real')})   fake {res['fake']['path']} ({count('fake')})"]
+    widths = (10, 18, 6, 6, 6, 6, 11)  # each cell right-aligned and preceded by one space: never glued together
+    lines += ["feature space  " + "".join(" " + h.rjust(w) for h, w in zip(
+        ("FD", "KID x1e3", "prec", "rec", "dens", "cov", "N r/f"), widths))] \
+        if res["features"] or res["skipped_features"] else []
     rnd = "   random weights, not comparable"
 
     def row(label, d):
         f = lambda k: "-" if k not in d else f"{d[k]:.3f}" if abs(d[k]) < 1e4 else f"{d[k]:.3g}"  # noqa: E731
         kid_s = f"{d['kid_mean'] * 1e3:.3g}+-{d['kid_std'] * 1e3:.2g}" if "kid_mean" in d else "-"
-        return (f"{label[:15]:<16}{f('fd'):>11}{kid_s:>17}{f('precision'):>7}{f('recall'):>7}{f('density'):>7}"
-                f"{f('coverage'):>7}{str(d['n_real']) + '/' + str(d['n_fake']):>10}")
+        cells = (f("fd"), kid_s, f("precision"), f("recall"), f("density"), f("coverage"),
+                 f"{d['n_real']}/{d['n_fake']}")
+        return f"{label[:15]:<15}" + "".join(" " + c.rjust(w) for c, w in zip(cells, widths))
 
     for name, d in res["features"].items():
         lines += [row(name.rsplit("/", 1)[-1], d) + (rnd if d.get("random_weights") else "")] + [
@@ -2009,7 +2274,17 @@ def format_table(res):
                   f"| paired (real, fake) | {pr['n']} | {pr['ssim_mean']:.4f} | {pr['psnr_mean']:.2f} | " +
                   "".join(f"{v['mean']:.5f} | {v['rlpips_mean']:.4f} | " for v in lp.values())]
         lines += [f"LPIPS ({k}): {rnd.strip()}" for k, v in lp.items() if v["random_weights"]]
-    return "\n".join(lines + [f"privacy, {sec}: {flat(d)}" for sec, d in res.get("privacy", {}).items()])
+    lines += [f"privacy, {sec}: {flat(d)}" for sec, d in res.get("privacy", {}).items()]
+    if c := res.get("privacy_chexgenbench"):  # chexgenbench Table 3's rows, per training sample
+        r, lat, pix = c.get("reid"), c.get("latent"), c["pixel"]
+        lines += [f"privacy (chexgenbench §3.2: {c['n_train_samples']} training samples, {c['n_pairs']} synthetic "
+                  "images):",
+                  f"  Avg Re-ID {r['avg']:.3f}, Max Re-ID {r['max']:.3f}, Count > {r['delta']:g}: "
+                  f"{r['count_over_delta']}" if r else f"  Re-ID skipped: {c['reid_skipped']}",
+                  f"  Avg latent distance {lat['avg']:.3f} ({c['latent_features']})" if lat else
+                  f"  latent distance skipped: {c['latent_skipped']}",
+                  f"  Avg pixel distance {pix['avg']:.1f} (8-bit RMS at {c['pixel_size']} px)"]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2106,6 +2381,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         return bench(argv[1:])
+    if argv and argv[0] == "fetch-weights":
+        return fetch_weights(argv[1:])
     if argv and argv[0] == "convert-xrv":
         p = argparse.ArgumentParser(prog="metrics.py convert-xrv", description="torchxrayvision pickle -> safetensors")
         p.add_argument("src", help=f"the pickled model, e.g. ~/.torchxrayvision/models_data/{XRV_FILE}")
@@ -2115,13 +2392,17 @@ def main(argv=None):
             raise SystemExit(f"metrics: {a.src} not found (expected the pickled torchxrayvision model, {XRV_URL})")
         dst = convert_xrv(a.src, a.dst or os.path.join(os.path.dirname(os.path.abspath(a.src)), XRV_SAFE))
         return print(f"wrote {dst}") or dst
-    p = build_parser(description=__doc__.split("\n\n")[0], epilog="subcommands: convert-xrv SRC [--dst DST], bench")
+    p = build_parser(description=__doc__.split("\n\n")[0], epilog="subcommands: convert-xrv SRC [--dst DST], bench, "
+                     "fetch-weights [--weights-dir DIR] [--only NAMES]; exit status "
+                     f"{EXIT_NO_FIDELITY}: FD / KID / PRDC asked for, no feature network's weights found")
     cfg = Config(**vars(p.parse_args(argv)))
     if torch.distributed.is_available() and "RANK" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     res = evaluate(cfg)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(format_table(res))
+    if res.get("no_fidelity"):  # results.json holds what was computed; the status says what was not
+        raise SystemExit(EXIT_NO_FIDELITY)
     return res
 
 

@@ -838,3 +838,101 @@ def test_paired_cli_identity_table(tmp_path, capsys):
         other.mkdir()
         Image.fromarray(imgs[0]).save(other / "zzz.png")
         M.main(["--paired", "--real", str(orig), "--fake", str(other), "--lpips", root, "--workers", "1"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diversity groups (cond_id / source_id before prompt text); honest offline behaviour; the result table
+
+
+def test_diversity_groups_by_source_id_never_span_sources():
+    rng = np.random.default_rng(0)
+    src = [f"s{int(v)}" for v in rng.integers(0, 4, 40)]
+    meta = [{"id": f"{i}", "prompt": "one text shared by every patient", "source_id": s} for i, s in enumerate(src)]
+    meta[5]["source_id"] = ""  # no source: in no group (not one condition with the other empty rows)
+    meta[6]["source_id"] = ""
+    assert M._group_column(meta, "auto") == "source_id"
+    assert M._group_column([{"prompt": "p", "cond_id": "c0", "source_id": "s"}], "auto") == "cond_id"
+    groups = M.diversity_groups(meta, "source_id")
+    assert sorted(i for g in groups for i in g) == [i for i in range(40) if i not in (5, 6)]
+    assert len(groups) == len(set(src[i] for i in range(40) if i not in (5, 6)))
+    for max_pairs in (3, 1000):  # random pairs of large groups and every pair of small ones
+        for g in groups:
+            pairs = M.diversity_pairs(g, max_pairs, np.random.default_rng(1))
+            assert pairs and all(a != b and meta[a]["source_id"] == meta[b]["source_id"] != "" for a, b in pairs)
+            assert len(pairs) == min(max_pairs, len(g) * (len(g) - 1) // 2) or max_pairs == 3
+    by_prompt = M.diversity_groups(meta, "prompt")  # what the old default did: one group across all patients
+    assert len(by_prompt) == 1 and len({meta[i]["source_id"] for i in by_prompt[0]}) > 1
+
+
+def test_no_weights_says_so_at_the_top_and_exits_nonzero(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CXR_OFFLINE", "1")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / d / f"{i}.png")
+    out = str(tmp_path / "r.json")
+    with pytest.raises(SystemExit) as e:
+        M.main(["--real", str(tmp_path / "a"), "--fake", str(tmp_path / "b"), "--features", "inception,xrv,raddino",
+                "--metrics", "fd,kid,prdc", "--offline", "--no-cache", "--out", out, "--weights-dir", "W"])
+    assert e.value.code == M.EXIT_NO_FIDELITY == 3
+    text = capsys.readouterr()
+    first = text.out.splitlines()
+    assert first[0].startswith("!! NO FIDELITY METRIC COMPUTED") and "inception, xrv, raddino" in first[0]
+    guide = "\n".join(first[:8])
+    for needed in (M.FID_FILE, M.FID_URL, M.XRV_FILE, M.XRV_URL, "W/microsoft--rad-dino/", "fetch-weights",
+                   "https://huggingface.co/microsoft/rad-dino", "--weights-dir W"):
+        assert needed in guide, needed
+    assert "NO FIDELITY METRIC COMPUTED" in text.err
+    res = json.load(open(out))  # written all the same, saying what is missing
+    assert res["features"] == {} and "NO FIDELITY" in res["no_fidelity"]
+    res = M.evaluate(M.Config(real=str(tmp_path / "a"), fake=str(tmp_path / "b"), features="", metrics="diversity",
+                              no_cache=True))
+    assert "no_fidelity" not in res  # no fidelity metric asked for: nothing to warn about
+
+
+def test_fetch_weights_offline_names_files_and_urls(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_OFFLINE", "1")  # no network at test time: _online() is False before any lookup
+    with pytest.raises(SystemExit) as e:
+        M.main(["fetch-weights", "--weights-dir", str(tmp_path / "w"), "--only", "inception,xrv,raddino"])
+    msg = str(e.value)
+    assert "offline" in msg and "nothing was downloaded" in msg
+    for needed in (M.FID_FILE, M.FID_URL, M.XRV_FILE, M.XRV_URL, "microsoft--rad-dino", "huggingface.co/microsoft"):
+        assert needed in msg, needed
+    assert not os.path.exists(tmp_path / "w")
+    with pytest.raises(SystemExit, match="--only 'resnet'; expected some of inception"):
+        M.main(["fetch-weights", "--only", "resnet"])
+
+
+def test_table_columns_apart_for_any_magnitude():
+    base = {"n_real": 123456, "n_fake": 654321}
+    rows = {"huge": {"fd": 1184.369, "kid_mean": 3.02, "kid_std": 0.22, "precision": 0.5, "recall": 1.0,
+                     "density": 12345.678, "coverage": 0.25},
+            "tiny": {"fd": -1.5e-13, "kid_mean": -1.234e-9, "kid_std": 4.56e-9, "precision": 0.0, "recall": 0.0,
+                     "density": 0.0, "coverage": 1.0},
+            "vast": {"fd": 9.87e15, "kid_mean": -6.5e9, "kid_std": 1.2e10, "precision": 1.0, "recall": 1.0,
+                     "density": 1e12, "coverage": 1.0}}
+    res = {"real": {"path": "r", "n": 123456}, "fake": {"path": "f", "n": 654321}, "skipped_features": {},
+           "features": {k: base | v for k, v in rows.items()}}
+    lines = M.format_table(res).splitlines()
+    for name, d in rows.items():
+        cells = next(line for line in lines if line.startswith(name)).split()
+        assert len(cells) == 8 and float(cells[1]) == pytest.approx(d["fd"], rel=1e-3)  # 1 label + 7 columns
+        kid_mean, kid_std = cells[2].split("+-")
+        assert float(kid_mean) == pytest.approx(d["kid_mean"] * 1e3, rel=1e-2) and float(kid_std) > 0
+        assert cells[-1] == "123456/654321"
+
+
+def test_header_count_equals_table_count_when_files_are_skipped(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        for i in range(6):
+            Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(tmp_path / d / f"{i}.png")
+    (tmp_path / "b" / "broken.png").write_bytes(b"not a png")
+    hf = _tiny_hf(str(tmp_path / "dino"))
+    M.main(["--real", str(tmp_path / "a"), "--fake", str(tmp_path / "b"), "--features", hf, "--metrics", "fd",
+            "--offline", "--no-cache", "--workers", "1", "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    assert "fake " in out[0] and "(N=6, 1 of 7 unreadable, skipped)" in out[0] and "(N=6)" in out[0]
+    assert next(line for line in out if line.startswith("dino")).split()[-1] == "6/6"
