@@ -1,0 +1,148 @@
+"""The skeleton's memory_plan (issue 21 item 4): --dry-run's GPU memory per rank, planned on the meta device.
+
+Checked against hand-computed bytes (a two-layer MLP, fp32 and emulated bf16 autocast), against the same step run on
+real CPU tensors (saved-tensor hooks, an independent count of what autograd holds), and the truncated-and-extrapolated
+walk of repeated blocks against the full walk.
+
+    python tests/test_memory_plan.py --measure      # BENCHMARKS.md "Memory planning": estimate vs CPU peak RSS
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import skeleton_reference as S  # noqa: E402
+
+import rectified_flow as rf  # noqa: E402
+
+B = 5
+
+
+def mlp(device):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).to(device)
+
+
+def mlp_loss(model, device):
+    return lambda: model(torch.randn(B, 8, device=device)).pow(2).mean()
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_mlp_bytes_by_hand(device):
+    model = mlp(device)
+    saved, peak = S.step_bytes(model, mlp_loss(model, device), bf16=False)
+    # fp32: autograd holds x [B, 8] (for the first linear's weight gradient), the first linear's output and GELU's
+    # output [B, 16] each, the last output [B, 4] (pow's input), and the 4-byte loss; pow's output is freed.
+    assert saved == 4 * B * (8 + 16 + 16 + 4) + 4
+    assert saved < peak < saved + 4 * 2 * sum(p.numel() for p in model.parameters())  # + gradients, temporaries
+    saved16, _ = S.step_bytes(model, mlp_loss(model, device), bf16=True)
+    # emulated CUDA bf16 autocast: linear runs on bf16 casts of x, weights and biases (held, 2 bytes each); the
+    # fp32 x is freed; GELU runs in bf16; pow (autocast's fp32 list) on an fp32 copy of the bf16 output, which is
+    # then freed. Bytes: x 2*B*8, weights and biases 2*(16*8 + 16 + 4*16 + 4), hidden 2 * 2*B*16, fp32 out 4*B*4.
+    assert saved16 == 2 * B * 8 + 2 * (16 * 8 + 16 + 4 * 16 + 4) + 2 * 2 * B * 16 + 4 * B * 4 + 4
+
+
+def small_cfg(**kw):
+    return rf.Config(**{**dict(hidden=64, depth=4, heads=2, in_channels=4, image_size=16, patch=2,
+                               datasets="a,b,c", batch_size=4), **kw})
+
+
+def rf_step(cfg, device, micro=3):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = rf.build_model(cfg).train()
+
+    def loss_fn():
+        x0 = torch.randn(micro, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+        t, cond = torch.rand(micro, device=device), torch.zeros(micro, 19, device=device)
+        return rf.flow_loss(model, x0, torch.randn_like(x0), t, cond).mean()
+    return model, loss_fn
+
+
+def test_meta_walk_counts_what_autograd_holds_on_cpu():
+    """The meta walk's bytes are the real CPU step's, and those are what saved-tensor hooks see autograd keep."""
+    cfg = small_cfg()
+    meta = S.step_bytes(*rf_step(cfg, "meta"), bf16=False)
+    cpu = S.step_bytes(*rf_step(cfg, "cpu"), bf16=False)
+    assert meta == cpu
+    model, loss_fn = rf_step(cfg, "cpu")
+    held, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            held[s.data_ptr()] = s.nbytes()
+        return t
+    # attention as the walk runs it (_PlanFlash: the GPU kernel's saved tensors and contiguous output; CPU SDPA's
+    # output layout differs, its reshape would copy), every other op as is
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), S._PlanCasts():
+        loss = loss_fn()
+    # what the walk counts beyond the saved tensors: the loss and any output no backward needs (here none else)
+    assert sum(held.values()) <= meta[0] <= sum(held.values()) + loss.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_repeated_blocks_extrapolate_to_the_full_walk(bf16):
+    cfg = small_cfg()
+    model, _ = rf_step(cfg, "meta")
+    assert S._plan_repeats(model) == {"blocks": cfg.depth}
+    plan = S.memory_plan(lambda ckpt: rf_step(rf.replace(cfg, grad_ckpt=ckpt), "meta"), 3, bf16=bf16)
+    for ckpt, key in ((False, "no_ckpt"), (True, "ckpt")):
+        full = S.step_bytes(*rf_step(rf.replace(cfg, grad_ckpt=ckpt), "meta"), bf16=bf16)
+        assert plan[f"activations_{key}"] == full[0]
+        assert abs(plan[f"step_peak_{key}"] / full[1] - 1) < 0.02          # the peak: linear only nearly
+    # activation checkpointing keeps each block's input, not its insides
+    assert plan["activations_ckpt"] < plan["activations_no_ckpt"] / 2
+    n = sum(p.numel() for p in model.parameters())
+    assert (plan["parameters"], plan["gradients"], plan["adam"], plan["ema"]) == (4 * n, 4 * n, 8 * n, 4 * n)
+    assert plan["total_ckpt"] < plan["total_no_ckpt"]
+
+
+def test_dry_run_prints_the_plan(capsys):
+    n = rf.main(["--size", "tiny", "--dry-run", "--data", "/nonexistent", "--space", "latent", "--micro-batch", "4"])
+    out = capsys.readouterr().out
+    assert "GPU memory per rank" in out and "with --grad-ckpt" in out
+    plan = json.loads(out.strip().split("\n")[-1])["memory_plan"]
+    assert plan["micro_batch"] == 4 and plan["trainable"] == n and plan["ddp_buckets"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BENCHMARKS.md "Memory planning": the plan (fp32, as --bench runs on a CPU) vs the peak resident memory of real
+# CPU training steps, in a fresh process per preset.
+
+def measure(size, micro, image_size, steps=3):
+    """Child: -> (estimated bytes of optimizer + EMA-free training, measured peak RSS growth) of `steps` steps."""
+    cfg = rf.resolve(rf.Config(**{**rf.PRESETS[size], "size": size, "space": "latent", "image_size": image_size,
+                                  "in_channels": 4, "micro_batch": micro}))
+    plan = S.memory_plan(lambda ckpt: rf_step(rf.replace(cfg, grad_ckpt=ckpt), "meta", micro), micro, bf16=False)
+    model = rf.build_model(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(micro, cfg.in_channels, cfg.image_size, cfg.image_size)
+    cond = torch.zeros(micro, 19)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(steps):
+        rf.flow_loss(model, x, torch.randn_like(x), torch.rand(micro), cond).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    # what the steps add to a process that already holds the model: the step's peak and Adam's moments
+    return plan["step_peak_no_ckpt"] + plan["adam"], peak, plan
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        est, peak, plan = measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        print(json.dumps([est, peak]))
+    elif sys.argv[1:2] == ["--measure"]:
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, fp32 CPU steps (no autocast), latent 4 channels")
+        for size, micro, side in (("tiny", 8, 32), ("S", 8, 32), ("B", 4, 32)):
+            out = subprocess.run([sys.executable, __file__, "--child", size, str(micro), str(side)],
+                                 capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            est, peak = json.loads(out.stdout.strip().split("\n")[-1])
+            print(f"  {size:5s} micro-batch {micro} at {side}x{side}: estimate {est / 2**20:8.1f} MiB, "
+                  f"peak RSS growth {peak / 2**20:8.1f} MiB, ratio {peak / est:.2f}")
