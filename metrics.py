@@ -992,6 +992,53 @@ def pearson(a, b):
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
+def ranks(values, higher_is_better=False):
+    """1 = best; tied values share the mean of their ranks (our choice: the Spearman / scipy rankdata 'average'
+    convention; chexgenbench Table 10's tied ranks follow no stated rule). NaN values are not allowed."""
+    v = np.asarray(values, np.float64)
+    if not np.isfinite(v).all():
+        raise ValueError(f"ranks of non-finite values {v.tolist()}")
+    v = -v if higher_is_better else v
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    r[order] = np.arange(1, len(v) + 1)
+    for x in np.unique(v):  # ties: the mean rank of the group
+        r[v == x] = r[v == x].mean()
+    return r
+
+
+def rank_correlation(a, b):
+    """Pearson correlation of two rank vectors (chexgenbench App. A.3 / A.4 correlate ranks: Table 9's 0.947,
+    Table 10's 0.77 / 0.78); on ranks without ties this is Spearman's rho."""
+    return pearson(a, b)
+
+
+def prevalence_fidelity(counts, fd):
+    """chexgenbench App. A.3 / Table 9: per pathology its training count (prevalence rank 1 = most frequent) and
+    per-pathology FD (fidelity rank 1 = lowest FD), and the correlation of the two rankings. counts, fd: dicts by
+    pathology; only pathologies with both (and an FD) count."""
+    names = [n for n in counts if n in fd and fd[n] is not None and np.isfinite(fd[n])]
+    if len(names) < 3:
+        return {"skipped": f"per-pathology FD for {len(names)} pathologies with a count; need at least 3"}
+    pr = ranks([counts[n] for n in names], higher_is_better=True)
+    fr = ranks([fd[n] for n in names])
+    return {"correlation": rank_correlation(pr, fr), "n": len(names),
+            "table": [{"pathology": n, "count": int(counts[n]), "prevalence_rank": float(a), "fd": float(fd[n]),
+                       "fidelity_rank": float(b)} for n, a, b in zip(names, pr, fr)]}
+
+
+def fidelity_utility(fd, utility):
+    """chexgenbench App. A.4 / Table 10: across models (or pathologies), fidelity rank (1 = lowest FD) against
+    utility rank (1 = highest downstream score, e.g. AUROC), Pearson of the ranks. fd, utility: dicts by name."""
+    names = [n for n in fd if n in utility]
+    if len(names) < 3:
+        return {"skipped": f"{len(names)} names with both an FD and a utility value; need at least 3"}
+    fr, ur = ranks([fd[n] for n in names]), ranks([utility[n] for n in names], higher_is_better=True)
+    return {"correlation": rank_correlation(fr, ur), "n": len(names),
+            "table": [{"name": n, "fd": float(fd[n]), "fidelity_rank": float(a), "utility": float(utility[n]),
+                       "utility_rank": float(b)} for n, a, b in zip(names, fr, ur)]}
+
+
 class FeatureLPIPS:
     """LPIPS-style distance in a transformers ViT's feature space (radit App. C.1 Eq. 13; Zhang et al. 2018 without
     learned weights): patch-token hidden states at `layers` (1-based; default 4 evenly spaced, radit Table 15's
@@ -1416,6 +1463,61 @@ def weights_guide(names, weights_dir=""):
                          f"(config.json, model.safetensors, preprocessor_config.json) of https://huggingface.co/{repo}"
                          "  (or in the Hugging Face cache)")
     return lines
+
+
+def correlate(argv):
+    """metrics.py correlate: chexgenbench App. A.4's fidelity-utility rank correlation from metrics.py's own
+    results.json files. --utility CSV with columns results (a results.json) and utility (higher = better, e.g. a
+    downstream macro AUROC), one row per model: FD of --space in each file; or columns pathology and utility with
+    --results one results.json: per-pathology FD (its conditions section) against per-pathology utility."""
+    p = argparse.ArgumentParser(prog="metrics.py correlate", description=correlate.__doc__.split(":", 1)[1])
+    p.add_argument("--utility", required=True, help="CSV: results,utility (per model) or pathology,utility")
+    p.add_argument("--results", default="", help="the results.json of the per-pathology form")
+    p.add_argument("--space", default="raddino", help="feature space whose FD is the fidelity (Table 9: RadDino)")
+    p.add_argument("--out", default="", help="JSON of the table and the correlation")
+    a = p.parse_args(argv)
+    rows = _read_folder_meta(a.utility)
+
+    def fd_of(path, group=None):
+        try:
+            with open(path) as fh:
+                res = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"metrics: correlate: {path}: not a readable results.json ({e})") from None
+        d = res.get("conditions", {}).get(a.space, {}).get(group, {}) if group else \
+            res.get("features", {}).get(a.space, {})
+        if "fd" not in d:
+            raise SystemExit(f"metrics: correlate: {path} has no FD for feature space {a.space!r}"
+                             + (f", pathology {group!r}" if group else "") + "; expected metrics.py results")
+        return d["fd"]
+
+    def number(r, col):
+        try:
+            return float(r[col])
+        except (KeyError, TypeError, ValueError):
+            raise SystemExit(f"metrics: correlate: {a.utility}: {col} {r.get(col)!r}; expected a number") from None
+
+    if rows and "pathology" in rows[0]:
+        if not a.results:
+            raise SystemExit("metrics: correlate: a pathology,utility CSV needs --results RESULTS.json")
+        out = fidelity_utility({r["pathology"]: fd_of(a.results, r["pathology"]) for r in rows},
+                               {r["pathology"]: number(r, "utility") for r in rows})
+    elif rows and "results" in rows[0]:
+        out = fidelity_utility({r["results"]: fd_of(r["results"]) for r in rows},
+                               {r["results"]: number(r, "utility") for r in rows})
+    else:
+        raise SystemExit(f"metrics: correlate: {a.utility}: expected columns results,utility or pathology,utility")
+    out |= {"space": a.space, "section": "chexgenbench App. A.4 (Pearson of ranks)"}
+    for t in out.get("table", []):
+        print(f"{t['name'][-40:]:<40} FD {t['fd']:>10.3f} rank {t['fidelity_rank']:>5g}   utility "
+              f"{t['utility']:>8.4f} rank {t['utility_rank']:>5g}")
+    print(f"fidelity-utility rank correlation: {out.get('correlation', out.get('skipped'))}")
+    if a.out:
+        def write(tmp):
+            with open(tmp, "w") as fh:
+                json.dump(out, fh, indent=1)
+        atomic_write(a.out, write)
+    return out
 
 
 def fetch_weights(argv):
@@ -2166,6 +2268,12 @@ def evaluate(cfg):
         res["weights_guide"] = weights_guide([n for n in names if n in CNN_WEIGHTS or n in HF_ALIASES],
                                              cfg.weights_dir) if names else []
         print("metrics: " + "\n".join([res["no_fidelity"]] + res["weights_guide"]), file=sys.stderr)
+    if res.get("conditions"):  # App. A.3: counts of the training set's meta.csv (--train), else of the real set's
+        tmeta = ImageSet(cfg.train, cfg.train_split).meta if cfg.train else None
+        counts_of, meta = ("train", tmeta) if condition_groups(tmeta) else ("real", real.meta)
+        counts = {lab: len(g) for lab, g in condition_groups(meta).items() if lab in LABELS}
+        res["prevalence_fidelity"] = {name: prevalence_fidelity(counts, {g: d.get("fd") for g, d in groups.items()})
+                                      | {"counts_of": counts_of} for name, groups in res["conditions"].items()}
     if "conditions" in chosen and not (rgroups and fgroups):
         res["conditions_skipped"] = "per-condition metrics need label columns in the meta.csv of both real and fake"
     if "diversity" in chosen:
@@ -2274,6 +2382,10 @@ def format_table(res):
                   f"| paired (real, fake) | {pr['n']} | {pr['ssim_mean']:.4f} | {pr['psnr_mean']:.2f} | " +
                   "".join(f"{v['mean']:.5f} | {v['rlpips_mean']:.4f} | " for v in lp.values())]
         lines += [f"LPIPS ({k}): {rnd.strip()}" for k, v in lp.items() if v["random_weights"]]
+    for name, c in res.get("prevalence_fidelity", {}).items():  # App. A.3
+        lines.append(f"prevalence-fidelity rank correlation (chexgenbench App. A.3), {name}: " + (
+            f"{c['correlation']:.3f} over {c['n']} pathologies (counts of the {c['counts_of']} set)"
+            if "correlation" in c else c["skipped"]))
     lines += [f"privacy, {sec}: {flat(d)}" for sec, d in res.get("privacy", {}).items()]
     if c := res.get("privacy_chexgenbench"):  # chexgenbench Table 3's rows, per training sample
         r, lat, pix = c.get("reid"), c.get("latent"), c["pixel"]
@@ -2383,6 +2495,8 @@ def main(argv=None):
         return bench(argv[1:])
     if argv and argv[0] == "fetch-weights":
         return fetch_weights(argv[1:])
+    if argv and argv[0] == "correlate":
+        return correlate(argv[1:])
     if argv and argv[0] == "convert-xrv":
         p = argparse.ArgumentParser(prog="metrics.py convert-xrv", description="torchxrayvision pickle -> safetensors")
         p.add_argument("src", help=f"the pickled model, e.g. ~/.torchxrayvision/models_data/{XRV_FILE}")
@@ -2393,7 +2507,7 @@ def main(argv=None):
         dst = convert_xrv(a.src, a.dst or os.path.join(os.path.dirname(os.path.abspath(a.src)), XRV_SAFE))
         return print(f"wrote {dst}") or dst
     p = build_parser(description=__doc__.split("\n\n")[0], epilog="subcommands: convert-xrv SRC [--dst DST], bench, "
-                     "fetch-weights [--weights-dir DIR] [--only NAMES]; exit status "
+                     "fetch-weights [--weights-dir DIR] [--only NAMES], correlate --utility CSV; exit status "
                      f"{EXIT_NO_FIDELITY}: FD / KID / PRDC asked for, no feature network's weights found")
     cfg = Config(**vars(p.parse_args(argv)))
     if torch.distributed.is_available() and "RANK" in os.environ and not torch.distributed.is_initialized():

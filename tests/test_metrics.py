@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.ndimage
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -652,6 +653,15 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     assert p["n_train"] == n and p["count_under_threshold"] == 12 and p["rms_min"] == 0.0
     assert res["privacy"]["latent"]["count_under_threshold"] >= 12 and os.path.isfile(p["grid"])
     assert {"torch", "numpy", "metrics.py"} <= set(res["versions"])
+    pf = res["prevalence_fidelity"][hf]  # App. A.3 on the three pathologies with an FD; counts of the --train set
+    assert pf["counts_of"] == "train" and pf["n"] == 3
+    t = {r["pathology"]: r for r in pf["table"]}
+    assert {k: t[k]["count"] for k in t} == {"Edema": 16, "No Finding": 8, "Fracture": 8}
+    assert t["Edema"]["prevalence_rank"] == 1 and t["Fracture"]["prevalence_rank"] == 2.5  # a tie: mean rank
+    fd = {g: cond[g]["fd"] for g in t}
+    assert pf["correlation"] == pytest.approx(scipy.stats.spearmanr([-t[g]["count"] for g in t],
+                                                                    [fd[g] for g in t])[0], abs=1e-12)
+    assert "prevalence-fidelity rank correlation" in text.out
 
 
 def test_cli_vocabulary_help_and_bad_values(tmp_path):
@@ -936,3 +946,56 @@ def test_header_count_equals_table_count_when_files_are_skipped(tmp_path, capsys
     out = capsys.readouterr().out.splitlines()
     assert "fake " in out[0] and "(N=6, 1 of 7 unreadable, skipped)" in out[0] and "(N=6)" in out[0]
     assert next(line for line in out if line.startswith("dino")).split()[-1] == "6/6"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rank correlations of chexgenbench App. A.3 (Table 9) and A.4 (Table 10)
+
+TABLE9 = {"No Finding": (78939, 110.75), "Support Devices": (71537, 109.77), "Pleural Effusion": (56433, 130.45),
+          "Lung Opacity": (53513, 133.77), "Atelectasis": (47704, 114.28), "Cardiomegaly": (46602, 114.89),
+          "Edema": (28601, 130.75), "Pneumonia": (16832, 146.69), "Consolidation": (11290, 172.14),
+          "Pneumothorax": (10971, 172.15), "Enlarged Cardiomediastinum": (7454, 188.95),
+          "Lung Lesion": (6491, 194.99), "Fracture": (4671, 211.58), "Pleural Other": (2024, 227.43)}
+TABLE9_FIDELITY_RANK = [2, 1, 5, 7, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14]
+
+
+def test_prevalence_fidelity_reproduces_table9():
+    out = M.prevalence_fidelity({k: v[0] for k, v in TABLE9.items()}, {k: v[1] for k, v in TABLE9.items()})
+    assert [r["prevalence_rank"] for r in out["table"]] == list(range(1, 15))
+    assert [r["fidelity_rank"] for r in out["table"]] == TABLE9_FIDELITY_RANK
+    d2 = sum((a - b) ** 2 for a, b in zip(range(1, 15), TABLE9_FIDELITY_RANK))  # Spearman's closed form, no ties
+    assert d2 == 24 and out["correlation"] == pytest.approx(1 - 6 * d2 / (14 * (14 ** 2 - 1)), abs=1e-12)
+    assert round(out["correlation"], 3) == 0.947  # the paper's number
+    assert "skipped" in M.prevalence_fidelity({"Edema": 3, "Fracture": 1}, {"Edema": 1.0, "Fracture": 2.0})
+
+
+def test_fidelity_utility_reproduces_table10_and_scipy(tmp_path, capsys):
+    fid = [8, 6, 10, 11, 4, 2, 1, 5, 7, 9, 3]  # Table 10's ranks as printed (its tied ranks used as given)
+    cls, seg = [1, 1, 4, 4, 1, 1, 1, 2, 2, 2, 1], [6, 6, 9, 8, 2, 1, 1, 2, 2, 2, 1]
+    assert round(M.rank_correlation(fid, cls), 2) == 0.77 and round(M.rank_correlation(fid, seg), 2) == 0.78
+    assert M.rank_correlation(fid, cls) == pytest.approx(np.corrcoef(fid, cls)[0, 1], abs=1e-12)
+    rng = np.random.default_rng(0)
+    v = np.round(rng.random(12), 1)  # ties
+    assert np.array_equal(M.ranks(v), scipy.stats.rankdata(v)) and M.ranks(v, True)[np.argmax(v)] <= 1.5
+    fd, auc = rng.random(9) * 100, np.round(rng.random(9), 1)
+    names = [f"m{i}" for i in range(9)]
+    out = M.fidelity_utility(dict(zip(names, fd)), dict(zip(names, auc)))
+    assert out["correlation"] == pytest.approx(scipy.stats.spearmanr(fd, -auc)[0], abs=1e-12)
+    rows = []
+    for n, f in zip(names, fd):  # the CLI reads metrics.py's own results.json files
+        path = tmp_path / f"{n}.json"
+        path.write_text(json.dumps({"features": {"raddino": {"fd": float(f)}},
+                                    "conditions": {"raddino": {lab: {"fd": float(f) + k} for k, lab in
+                                                               enumerate(M.LABELS[:4])}}}))
+        rows.append(f"{path},{auc[names.index(n)]}")
+    (tmp_path / "u.csv").write_text("results,utility\n" + "\n".join(rows) + "\n")
+    got = M.main(["correlate", "--utility", str(tmp_path / "u.csv"), "--out", str(tmp_path / "c.json")])
+    assert got["correlation"] == pytest.approx(out["correlation"], abs=1e-12) and got["n"] == 9
+    assert json.load(open(tmp_path / "c.json"))["n"] == 9 and "rank correlation" in capsys.readouterr().out
+    (tmp_path / "p.csv").write_text("pathology,utility\n" + "\n".join(
+        f"{lab},{u}" for lab, u in zip(M.LABELS[:4], (0.9, 0.8, 0.85, 0.7))) + "\n")
+    per = M.main(["correlate", "--utility", str(tmp_path / "p.csv"), "--results", str(tmp_path / "m0.json")])
+    assert per["correlation"] == pytest.approx(scipy.stats.spearmanr([0, 1, 2, 3], [-0.9, -0.8, -0.85, -0.7])[0])
+    (tmp_path / "bad.csv").write_text("results,utility\n" + str(tmp_path / "m0.json") + ",high\n")
+    with pytest.raises(SystemExit, match="utility 'high'; expected a number"):
+        M.main(["correlate", "--utility", str(tmp_path / "bad.csv")])

@@ -188,3 +188,14 @@ def test_bad_pairing_is_one_line(case, tmp_path):
     with pytest.raises(SystemExit, match="--privacy chexgenbench needs --train"):
         M.main(["--fake", case["fake"], "--real", case["fake"], "--metrics", "privacy", "--privacy",
                 "chexgenbench", "--features", ""])
+
+
+def test_table_without_reid_weights_says_so():
+    c = M.chexgenbench_summary(["a", "a", "b"], pix=[3.0, 1.0, 2.0]) | {
+        "reid_skipped": "no --reid-weights", "latent_skipped": "no feature space", "latent_features": None,
+        "pixel_size": 512}
+    res = {"real": {"path": "r", "n": 3}, "fake": {"path": "f", "n": 3}, "features": {}, "skipped_features": {},
+           "privacy_chexgenbench": c}
+    text = M.format_table(res)
+    assert "Re-ID skipped: no --reid-weights" in text and "latent distance skipped" in text
+    assert "Avg pixel distance 1.5 (8-bit RMS at 512 px)" in text and "2 training samples, 3 synthetic" in text
