@@ -41,7 +41,7 @@ PIECES = {
     "metrics.py": ("safe_names", "meta_table"),
 }
 # memory_plan (issue 21 item 4): the training scripts whose --dry-run plans GPU memory per rank.
-PIECES = {k: v + ("memory_plan",) * (k in ("rectified_flow.py",)) for k, v in PIECES.items()}
+PIECES = {k: v + ("memory_plan",) * (k in ("rectified_flow.py", "dit_text2img.py")) for k, v in PIECES.items()}
 
 
 PRESETS = {}                                                     # each script's presets and Config
@@ -949,12 +949,17 @@ def _plan_repeats(model):
     return found
 
 
-def _plan_walk(build, ckpt, bf16, keep):
-    """step_bytes of build(ckpt)'s model with the repeated lists cut to keep[name] blocks."""
-    model, loss_fn = build(ckpt)
-    for name, k in keep.items():
-        del model.get_submodule(name)[k:]
-    return step_bytes(model, loss_fn, bf16)
+def _plan_walk(model, loss_fn, bf16, keep):
+    """step_bytes of `model` with its repeated lists cut to keep[name] blocks for the walk (then restored)."""
+    lists = {name: model.get_submodule(name) for name in keep}
+    cut = {name: list(m)[keep[name]:] for name, m in lists.items()}
+    for name, m in lists.items():
+        del m[keep[name]:]
+    try:
+        return step_bytes(model, loss_fn, bf16)
+    finally:
+        for name, m in lists.items():
+            m.extend(cut[name])
 
 
 def memory_plan(build, micro, world=1, ema=True, bf16=True):
@@ -968,18 +973,18 @@ def memory_plan(build, micro, world=1, ema=True, bf16=True):
     extrapolates linearly to its length (XL's 32 blocks walk as 2; exact for the activations, tested against the
     full walk in tests/test_memory_plan.py), so that --dry-run stays a few seconds."""
     plan = {"micro_batch": micro, "world": world, "precision": "bf16 autocast" if bf16 else "fp32"}
-    model, _ = build(False)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    repeats = _plan_repeats(model)
     for ckpt in (False, True):
+        model, loss_fn = build(ckpt)
+        repeats = _plan_repeats(model)
         one = {name: 1 for name in repeats}
-        saved, peak = base = _plan_walk(build, ckpt, bf16, one)
+        saved, peak = base = _plan_walk(model, loss_fn, bf16, one)
         for name, n in repeats.items():
-            two = _plan_walk(build, ckpt, bf16, {**one, name: 2})
+            two = _plan_walk(model, loss_fn, bf16, {**one, name: 2})
             saved, peak = saved + (n - 1) * (two[0] - base[0]), peak + (n - 1) * (two[1] - base[1])
         key = "ckpt" if ckpt else "no_ckpt"
         plan[f"activations_{key}"], plan[f"step_peak_{key}"] = saved, peak
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     plan.update(parameters=4 * (trainable + frozen), trainable=trainable, frozen=frozen, gradients=4 * trainable,
                 adam=8 * trainable, ema=4 * trainable if ema else 0, ddp_buckets=4 * trainable if world > 1 else 0,
                 context=int(PLAN_CONTEXT_GB * 2**30))
@@ -992,7 +997,7 @@ def memory_plan(build, micro, world=1, ema=True, bf16=True):
 def print_memory_plan(plan):
     """One readable block: per rank, GB = 2^30 bytes."""
     def gb(n):
-        return f"{n / 2**30:8.2f} GB"
+        return f"{n / 2**30:9.2f} GB"
     print(f"GPU memory per rank (planned on the meta device): micro-batch {plan['micro_batch']}, {plan['precision']}, "
           f"{plan['world']} process(es) (WORLD_SIZE=N plans N), GB = 2^30 bytes")
     print(f"  parameters (fp32)      {gb(plan['parameters'])}  ({plan['trainable']:,} trained, "

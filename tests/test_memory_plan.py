@@ -112,37 +112,49 @@ def test_dry_run_prints_the_plan(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# BENCHMARKS.md "Memory planning": the plan (fp32, as --bench runs on a CPU) vs the peak resident memory of real
-# CPU training steps, in a fresh process per preset.
+# BENCHMARKS.md "Memory planning": the plan's forward+backward peak (fp32, as --bench runs on a CPU) vs the growth
+# of resident memory over real CPU training steps, in a fresh process per case. Before the measured steps one
+# micro-batch-1 step allocates Adam's moments, thread pools and lazily loaded code, and its gradients are freed;
+# MALLOC_MMAP_THRESHOLD_ makes glibc map (and unmap) every block over 64 KiB itself, so resident memory follows the
+# live tensors instead of a heap that keeps freed memory.
 
-def measure(size, micro, image_size, steps=3):
-    """Child: -> (estimated bytes of optimizer + EMA-free training, measured peak RSS growth) of `steps` steps."""
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(size, micro, image_size, ckpt, steps=2):
+    """Child: -> (planned forward+backward peak bytes, measured peak resident growth) of `steps` training steps."""
     cfg = rf.resolve(rf.Config(**{**rf.PRESETS[size], "size": size, "space": "latent", "image_size": image_size,
-                                  "in_channels": 4, "micro_batch": micro}))
-    plan = S.memory_plan(lambda ckpt: rf_step(rf.replace(cfg, grad_ckpt=ckpt), "meta", micro), micro, bf16=False)
+                                  "in_channels": 4, "micro_batch": micro, "grad_ckpt": ckpt}))
+    plan = S.memory_plan(lambda c: rf_step(rf.replace(cfg, grad_ckpt=c), "meta", micro), micro, bf16=False)
     model = rf.build_model(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(micro, cfg.in_channels, cfg.image_size, cfg.image_size)
-    cond = torch.zeros(micro, 19)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for _ in range(steps):
-        rf.flow_loss(model, x, torch.randn_like(x), torch.rand(micro), cond).mean().backward()
+
+    def step(b):
+        x = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size)
+        rf.flow_loss(model, x, torch.randn_like(x), torch.rand(b), torch.zeros(b, 19)).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    step(1)
+    base = rss()
+    for _ in range(steps):
+        step(micro)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    # what the steps add to a process that already holds the model: the step's peak and Adam's moments
-    return plan["step_peak_no_ckpt"] + plan["adam"], peak, plan
+    return plan["step_peak_ckpt" if ckpt else "step_peak_no_ckpt"], peak
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        est, peak, plan = measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-        print(json.dumps([est, peak]))
+        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")))
     elif sys.argv[1:2] == ["--measure"]:
         print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, fp32 CPU steps (no autocast), latent 4 channels")
-        for size, micro, side in (("tiny", 8, 32), ("S", 8, 32), ("B", 4, 32)):
-            out = subprocess.run([sys.executable, __file__, "--child", size, str(micro), str(side)],
-                                 capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            est, peak = json.loads(out.stdout.strip().split("\n")[-1])
-            print(f"  {size:5s} micro-batch {micro} at {side}x{side}: estimate {est / 2**20:8.1f} MiB, "
-                  f"peak RSS growth {peak / 2**20:8.1f} MiB, ratio {peak / est:.2f}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        for size, micro, side in (("tiny", 16, 32), ("S", 8, 32), ("B", 2, 32)):
+            for ckpt in (0, 1):
+                out = subprocess.run([sys.executable, __file__, "--child", size, str(micro), str(side), str(ckpt)],
+                                     capture_output=True, text=True, check=True, env=env)
+                est, peak = json.loads(out.stdout.strip().split("\n")[-1])
+                print(f"  {size:5s} micro-batch {micro:2d} at {side}x{side} {'--grad-ckpt' if ckpt else '           '}: "
+                      f"planned {est / 2**20:7.1f} MiB, peak RSS growth {peak / 2**20:7.1f} MiB, "
+                      f"measured / planned {peak / est:.2f}", flush=True)
