@@ -218,24 +218,27 @@ def meta_sha256(path):
     return h.hexdigest()
 
 
-def absent_columns(path, columns, split):
-    """One line naming every column a data path needs (INDEX_NEEDS, and `split` when one is selected) that is not
-    among `columns`, in read_meta's words."""
-    needed = INDEX_NEEDS + (["split"] if split not in (None, "all") else [])
+def absent_columns(path, columns, split, codes=True):
+    """One line naming every column a data path needs (INDEX_NEEDS, without the 19 variables when `codes` is False,
+    and `split` when one is selected) that is not among `columns`, in read_meta's words."""
+    needed = [c for c in INDEX_NEEDS if codes or c in ("id", "shard", "index")]
+    needed += ["split"] if split not in (None, "all") else []
     absent = [c for c in needed if c not in columns]
     if absent:
         raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
 
 
-def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)"):
+def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
     """meta.csv parsed once into the columns training needs, as numpy arrays (never a dict per row):
     {"codes": uint8 [N, 18] (the 18 categorical codes of FORMAT.md §5, dataset codes in the order of `datasets`),
     "age": float32 [N] (NaN missing), "shard", "index": int32 [N], "split": uint8 [N] (code k = splits[k]),
     "splits": [names], "columns": meta.csv's header}. Every row is coded, whatever its split. One-line errors,
     read_meta's and encode_row's: no file, not a table, a column missing (`split` when one is to be selected), a
     row with more or fewer cells, an id that is not a file name or appears twice, a value outside §5 (naming the
-    row's id), a shard or index that is not an integer."""
+    row's id), a shard or index that is not an integer. codes=False (a script that reads pixels only, vae.py):
+    the 19 variables are neither required nor read ("codes" [N, 0], "age" NaN)."""
     from array import array
+    coded = codes
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file; expected {what}")
     maps = [{} for _ in INDEX_VARIABLES[:18]]                    # raw cell -> code, filled as values appear
@@ -247,9 +250,10 @@ def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, sh
         with open(path, newline="") as f:
             reader = csv.reader(f)
             columns = next(reader, [])
-            absent_columns(path, columns, split)
-            at = [columns.index(c) for c in INDEX_VARIABLES[:18]]
-            i_id, i_age, i_shard, i_index = (columns.index(c) for c in ("id", "age", "shard", "index"))
+            absent_columns(path, columns, split, coded)
+            at = [columns.index(c) for c in INDEX_VARIABLES[:18]] if coded else []
+            i_id, i_shard, i_index = (columns.index(c) for c in ("id", "shard", "index"))
+            i_age = columns.index("age") if coded else None
             i_split = columns.index("split") if "split" in columns else None
             for line, r in enumerate(reader, 2):
                 if not r:
@@ -273,7 +277,7 @@ def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, sh
                             c = m[r[j]] = choices[k].index(s) + 1 if s else 0
                     row.append(c)
                 codes.extend(row)
-                a = r[i_age].strip()
+                a = r[i_age].strip() if coded else ""
                 if a.lower() in ("", "nan"):
                     years = float("nan")
                 else:
@@ -309,7 +313,8 @@ def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, sh
     if first_error:
         raise SystemExit(first_error)
     n = len(age)
-    return {"codes": np.frombuffer(codes, np.uint8).reshape(n, 18).copy(), "age": np.frombuffer(age, np.float32).copy(),
+    return {"codes": np.frombuffer(codes, np.uint8).reshape(n, 18 if coded else 0).copy(),
+            "age": np.frombuffer(age, np.float32).copy(),
             "shard": np.frombuffer(shard, np.int32).copy(), "index": np.frombuffer(index, np.int32).copy(),
             "split": np.frombuffer(split_codes, np.uint8).copy(), "splits": list(splits), "columns": columns}
 
@@ -352,20 +357,20 @@ def read_meta_index(folder, datasets):
     return out
 
 
-def meta_columns(folder, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)"):
+def meta_columns(folder, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
     """The rows of `split` (None or 'all': every row) of DIR/meta.csv as arrays: from the index when it holds
-    meta.csv as it is (read_meta_index), else parsed from meta.csv (meta_arrays); the same arrays either way, plus
-    "position": each row's position in meta.csv (int64), and "source": 'index' or 'meta.csv'. One-line errors as
-    read_meta's (a column missing, split or not; no file)."""
+    meta.csv as it is (read_meta_index), else parsed from meta.csv (meta_arrays; `codes`: whether the 19 variables
+    are required and coded); the same arrays either way, plus "position": each row's position in meta.csv (int64),
+    and "source": 'index' or 'meta.csv'. One-line errors as read_meta's (a column missing, split or not; no file)."""
     path = os.path.join(folder, "meta.csv")
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file; expected {what}")
     cols = read_meta_index(folder, datasets)
     if cols is not None:
-        absent_columns(path, cols["columns"], split)
+        absent_columns(path, cols["columns"], split, codes)
         cols["source"] = "index"
     else:
-        cols = meta_arrays(path, datasets, split, what)
+        cols = meta_arrays(path, datasets, split, what, codes)
         cols["source"] = "meta.csv"
     keep = np.arange(len(cols["age"]))
     if split not in (None, "all"):
@@ -2940,7 +2945,8 @@ def describe_dataset(data, style="impression", seed=0, only_missing=False, gener
                 save()
     finally:
         save()
-        write_meta_index(data)                                   # meta.csv changed: the index follows it
+    if os.path.isfile(os.path.join(data, "info.json")):          # meta.csv changed: the index follows it (a run
+        write_meta_index(data)                                   # stopped early leaves it stale: readers ignore it)
     write_json(os.path.join(data, "describe.json"), {"style": style, "seed": seed, "stats": dict(stats)})
     return stats
 

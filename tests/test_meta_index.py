@@ -171,6 +171,25 @@ def test_duplicate_ids_and_shard_mismatches_stop_at_start_on_the_index_path(tmp_
         assert refused(lambda: rf.CXRData(bare), ".") == said.replace(d, bare)   # the meta.csv path: same words
 
 
+def test_vae_data_rows_on_both_paths_and_without_variable_columns(tmp_path, phantom_dir):
+    import vae
+    bare = copy_folder(phantom_dir, str(tmp_path / "bare"), index=False)
+    for split in ("train", ""):
+        _, shard, index, rows = reference(phantom_dir, split or None)
+        a, b = vae.CXRData(phantom_dir, split), vae.CXRData(bare, split)
+        assert (a.source, b.source) == ("index", "meta.csv")
+        for d in (a, b):
+            assert np.array_equal(d.shard, shard) and np.array_equal(d.index, index)
+            assert [r["id"] for r in d.rows] == [r["id"] for r in rows]
+            assert list(np.flatnonzero(d.in_split("test"))) == [k for k, r in enumerate(rows) if r["split"] == "test"]
+        assert torch.equal(a.load([0, 5]), b.load([0, 5]))
+    # the VAE reads pixels only: a meta.csv without the variable columns is still a VAE dataset (as before)
+    rows, columns = rf.read_meta(os.path.join(bare, "meta.csv"))
+    rf.write_csv(os.path.join(bare, "meta.csv"), rows, [c for c in columns if c not in ("sex", "age", "Edema")])
+    assert np.array_equal(vae.CXRData(bare, "train").index, reference(phantom_dir, "train")[2])
+    refused(lambda: rf.CXRData(bare), r"no column\(s\) Edema, sex, age;")     # the flow model needs them
+
+
 # -------------------------------------------------------------------------------------------------------- benchmark
 
 BENCH = """import os, sys, time
@@ -213,6 +232,52 @@ def bench(data, old_script):
               flush=True)
 
 
-if __name__ == "__main__":                    # python tests/test_meta_index.py DATA OLD_rectified_flow.py
+def loader(folder, n=512, seconds=5.0):
+    """Issue 21 item 2: images per second that one thread reads the way CXRData.load does (per-row get_slice on a
+    memory-mapped shard, then float32 in model units), at 512 px uint16 ([1, 512, 512]) and at its latent size
+    (vae.py f = 8, 16 channels: float32 [16, 64, 64]); cold (each shard's pages dropped from the page cache with
+    posix_fadvise DONTNEED before the pass: only these files, nothing else on the machine) and warm (read once
+    before). Random rows in batches of 32, as a training step draws them. Writes two shards of n rows in `folder`."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    cases = (("pixels 512 px uint16", "images", (1, 512, 512), np.uint16),
+             ("latents 16x64x64 float32", "latents", (16, 64, 64), np.float32))
+    print(f"{'data':26s}  {'MB/image':>8s}  {'cold img/s':>10s}  {'warm img/s':>10s}  img per CPU-s cold, warm "
+          f"(one thread, batches of 32)")
+    for name, key, shape, dtype in cases:
+        path = os.path.join(folder, f"{key}.safetensors")
+        if not os.path.isfile(path):
+            x = rng.integers(0, 65535, (n, *shape)).astype(dtype) if dtype == np.uint16 else \
+                rng.standard_normal((n, *shape), dtype=np.float32)
+            save_file({key: x}, path)
+            del x
+        rates = []
+        for cold in (True, False):
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd) if cold else None
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED) if cold else None
+            os.close(fd)
+            f = safe_open(path, "pt")
+            done, t0, c0 = 0, time.time(), time.process_time()
+            order = rng.permutation(n)
+            while done < n or (not cold and time.time() - t0 < seconds):   # cold: one pass; warm: `seconds`
+                idx = order[done % n:done % n + 32]
+                xs = [f.get_slice(key)[int(j):int(j) + 1] for j in idx]
+                x = torch.cat(xs).float()
+                x = (x + 0.5) / 32768 - 1 if dtype == np.uint16 else x
+                done += len(idx)
+            rates.append((done / (time.time() - t0), done / max(time.process_time() - c0, 1e-9)))
+        mb = np.prod(shape) * np.dtype(dtype).itemsize / 2 ** 20
+        print(f"{name:26s}  {mb:8.3f}  {rates[0][0]:10.0f}  {rates[1][0]:10.0f}  {rates[0][1]:.0f}, {rates[1][1]:.0f}",
+              flush=True)
+
+
+if __name__ == "__main__":       # python tests/test_meta_index.py DATA OLD_rectified_flow.py | loader FOLDER
     import sys
-    bench(sys.argv[1], sys.argv[2])
+    import time
+    if sys.argv[1] == "loader":
+        loader(sys.argv[2])
+    else:
+        bench(sys.argv[1], sys.argv[2])
