@@ -16,6 +16,10 @@ The papers' experiments, on any prepared dataset and any folder the samplers wri
 - cond-eval: does a conditional sampler draw what it is asked for? That predictor on the samples against their
   requested conditions (AUROC per finding, accuracy per categorical variable, age MAE), beside real test images
   (the ceiling) and unconditional samples (--floor). Mask Dice of ControlNet samples stays in controlnet.py evaluate.
+- report-gen: image -> report models (CNN image tokens + a small causal transformer decoder, greedy decoding) trained
+  on real, synthetic or mixed image-report pairs (the `report` column); corpus BLEU-1..4, ROUGE-L, CheXpert label
+  F1 (micro / macro over the 5 competition labels and the 14) by prep_data.py extract-labels, beside a
+  most-frequent-report and a nearest-neighbour-report baseline (chexgenbench §2.4, Table 6, App. A.7.2, Table 16).
 
 Commands (the first word may also be the task):
     python downstream.py --data data/phantom                # CPU, minutes (tiny): = --train real=data/phantom:train
@@ -34,6 +38,8 @@ Commands (the first word may also be the task):
         --predictor runs/pred/real/run0 --lpips raddino,dinov2 --out runs/edit-eval          # radit Tables 14, 16
     python downstream.py cond-eval --samples runs/rf/samples --data data/phantom --predictor runs/pred/real/run0 \
         --floor runs/rf/uncond --out runs/cond-eval                                         # issue 28
+    python downstream.py report-gen --train "real=data/phantom:train; syn=runs/dit/samples; \
+        real=data/phantom:train,syn=runs/dit/samples" --test ph=data/phantom:test --out runs/rrg   # chexgenbench Table 6
     torchrun --nproc_per_node=8 downstream.py --size densenet121 ...                       # DDP, bf16
 
 Training data: `;` separates experiments (the rows of the table); within one, `,` joins sources `name=folder[:split]`.
@@ -43,6 +49,8 @@ A source is a FORMAT.md §1 dataset folder (`:split` picks train / val / test / 
 Sources named `syn...` are synthetic: --syn-ratio R keeps R x (real images) of each; --mix 1:1 fixes the share of
 each source in every batch. --out gets one folder per experiment and run (ckpt.safetensors to resume,
 best.safetensors: early-stopped weights, log.jsonl), predictions/*.csv, results.json (every number), results.md.
+report-gen writes reports/<test>.csv (reference and every system's report side by side), reports/all_reports.csv and
+all_labels.csv (the labeller's input and output) and RUN/../vocab.json.
 """
 from __future__ import annotations
 
@@ -415,7 +423,8 @@ class ReportModel(nn.Module):
         f = b.trunk(x) if hasattr(b, "trunk") else F.relu(b.features(x))
         h, w = f.shape[-2:]
         if max(h, w) > self.MAX_SIDE:
-            raise SystemExit(f"--img-size {x.shape[-1]}: a {h}x{w} feature map; expected at most {self.MAX_SIDE} a side")
+            raise SystemExit(f"--img-size {x.shape[-1]}: a {h}x{w} feature map; expected at most {self.MAX_SIDE} "
+                             f"a side")
         pos = (self.row[:h, None] + self.col[None, :w]).reshape(h * w, -1)
         return self.proj(f.flatten(2).transpose(1, 2).float()) + pos
 
@@ -1611,8 +1620,14 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
             with nullcontext() if world == 1 or k == accum - 1 else model.no_sync():
                 with autocast(device):
                     out = model(x[sl], target[sl, :-1]) if cfg.task == RG else model(x[sl])
-                loss = (report_loss(out, target[sl, 1:]) if cfg.task == RG else seg_loss(out, target[sl], cfg.pos_weight) if seg else metadata_loss(out, target[sl], raw.sizes)
-                        if cfg.task == "predict-metadata" else masked_bce(out, target[sl]))
+                if cfg.task == RG:
+                    loss = report_loss(out, target[sl, 1:])
+                elif seg:
+                    loss = seg_loss(out, target[sl], cfg.pos_weight)
+                elif cfg.task == "predict-metadata":
+                    loss = metadata_loss(out, target[sl], raw.sizes)
+                else:
+                    loss = masked_bce(out, target[sl])
                 (loss / accum).backward()
             acc[:2] += torch.stack([loss.detach(), torch.ones((), device=device)])
             bad = torch.where((bad < 0) & ~loss.detach().isfinite(), step + 1, bad)

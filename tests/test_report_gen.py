@@ -7,6 +7,8 @@ import math
 import os
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 import downstream as D
@@ -88,7 +90,17 @@ def test_tokens_round_trip_and_labeller(tmp_path):
     assert (pos == want).all()
 
 
-def test_report_gen_on_phantom(phantom_dir, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Our choice: one intra-op thread for the tiny model. Its operations are so small that a second thread costs more
+    in synchronisation than it saves (measured on a loaded 2-core machine: 87 s of CPU with two, 15 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_report_gen_on_phantom(phantom_dir, tmp_path, one_thread):
     """Tiny model, 100 steps: the metrics are computed for the model and both baselines, and the real-trained model
     beats the most-frequent-report baseline where the phantom guarantees a gap: that baseline's report is the
     normal one ("No acute cardiopulmonary process. No pneumothorax. No pleural effusion. ..."), which names none of
