@@ -2111,7 +2111,7 @@ def _plan_walk(model, loss_fn, bf16, keep):
             m.extend(cut[name])
 
 
-def memory_plan(build, micro, world=1, ema=True, bf16=True):
+def memory_plan(build, micro, world=1, ema=True, bf16=True, cut=True):
     """GPU memory per rank, in bytes, of one training step at micro-batch `micro`. build(grad_ckpt) -> (model,
     loss_fn) on the meta device, model holding every parameter the process keeps on the GPU (frozen ones with
     requires_grad False). Trainable parameters carry an fp32 gradient and Adam's two fp32 moments; `ema` an fp32
@@ -2120,11 +2120,15 @@ def memory_plan(build, micro, world=1, ema=True, bf16=True):
     step is fused Adam (the scripts' fused=True on CUDA): no full-size temporaries.
     Repeated blocks (_plan_repeats) cost the same bytes each: the walk runs each list at 1 and 2 blocks and
     extrapolates linearly to its length (XL's 32 blocks walk as 2; exact for the activations, tested against the
-    full walk in tests/test_memory_plan.py), so that --dry-run stays a few seconds."""
+    full walk in tests/test_memory_plan.py), so that --dry-run stays a few seconds. cut=False walks every block:
+    for models whose lists are not independent (controlnet.py's copies run beside the backbone's first blocks).
+    MEMORY_PLAN=0 in the environment skips the walk (-> None): a U-Net's walk takes ~10 s of CPU."""
+    if os.environ.get("MEMORY_PLAN", "1") == "0":
+        return None
     plan = {"micro_batch": micro, "world": world, "precision": "bf16 autocast" if bf16 else "fp32"}
     for ckpt in (False, True):
         model, loss_fn = build(ckpt)
-        repeats = _plan_repeats(model)
+        repeats = _plan_repeats(model) if cut else {}
         one = {name: 1 for name in repeats}
         saved, peak = base = _plan_walk(model, loss_fn, bf16, one)
         for name, n in repeats.items():
@@ -2145,6 +2149,9 @@ def memory_plan(build, micro, world=1, ema=True, bf16=True):
 
 def print_memory_plan(plan):
     """One readable block: per rank, GB = 2^30 bytes."""
+    if plan is None:
+        print("GPU memory per rank: not planned (MEMORY_PLAN=0)")
+        return
     def gb(n):
         return f"{n / 2**30:9.2f} GB"
     print(f"GPU memory per rank (planned on the meta device): micro-batch {plan['micro_batch']}, {plan['precision']}, "
@@ -2160,9 +2167,10 @@ def print_memory_plan(plan):
           f"{plan['activations_ckpt'] / 2**30:.2f} GB with (held for backward)")
     print(f"  forward+backward peak  {gb(plan['step_peak_no_ckpt'])}  without --grad-ckpt, "
           f"{plan['step_peak_ckpt'] / 2**30:.2f} GB with (activations + gradients + temporaries)")
-    for key, name in (("no_ckpt", "without --grad-ckpt"), ("ckpt", "with --grad-ckpt")):
-        fits = "fits" if plan[f"total_{key}"] <= PLAN_GPU_GB * 2**30 else "does NOT fit"
-        print(f"  total {name:17s}{gb(plan[f'total_{key}'])}  {fits} on an {PLAN_GPU_GB:.0f} GB GPU")
+    fits = {key: "fits" if plan[f"total_{key}"] <= PLAN_GPU_GB * 2**30 else "does NOT fit"
+            for key in ("no_ckpt", "ckpt")}
+    print(f"  total per rank         {gb(plan['total_no_ckpt'])}  without --grad-ckpt ({fits['no_ckpt']}), "
+          f"{plan['total_ckpt'] / 2**30:.2f} GB with ({fits['ckpt']}) on an {PLAN_GPU_GB:.0f} GB GPU")
     print(json.dumps({"memory_plan": plan}))
 # --- end skeleton: memory_plan ---
 

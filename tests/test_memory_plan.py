@@ -103,10 +103,11 @@ def test_repeated_blocks_extrapolate_to_the_full_walk(bf16):
     assert plan["total_ckpt"] < plan["total_no_ckpt"]
 
 
-def test_dry_run_prints_the_plan(capsys):
+def test_dry_run_prints_the_plan(capsys, monkeypatch):
+    monkeypatch.delenv("MEMORY_PLAN", raising=False)
     n = rf.main(["--size", "tiny", "--dry-run", "--data", "/nonexistent", "--space", "latent", "--micro-batch", "4"])
     out = capsys.readouterr().out
-    assert "GPU memory per rank" in out and "with --grad-ckpt" in out
+    assert "GPU memory per rank" in out and "without --grad-ckpt (fits)" in out
     plan = json.loads(out.strip().split("\n")[-1])["memory_plan"]
     assert plan["micro_batch"] == 4 and plan["trainable"] == n and plan["ddp_buckets"] == 0
 
@@ -155,6 +156,7 @@ if __name__ == "__main__":
                 out = subprocess.run([sys.executable, __file__, "--child", size, str(micro), str(side), str(ckpt)],
                                      capture_output=True, text=True, check=True, env=env)
                 est, peak = json.loads(out.stdout.strip().split("\n")[-1])
-                print(f"  {size:5s} micro-batch {micro:2d} at {side}x{side} {'--grad-ckpt' if ckpt else '           '}: "
+                flag = "--grad-ckpt" if ckpt else ""
+                print(f"  {size:5s} micro-batch {micro:2d} at {side}x{side} {flag:11s}: "
                       f"planned {est / 2**20:7.1f} MiB, peak RSS growth {peak / 2**20:7.1f} MiB, "
                       f"measured / planned {peak / est:.2f}", flush=True)
