@@ -2144,7 +2144,11 @@ def privacy_chexgenbench(fake, train, cfg, latent_ex=None, device="cpu", chunk=6
     latent_ex: the Rad-DINO extractor), Re-ID score (reid_input, with --reid-weights), then chexgenbench_summary.
     Both images are brought to cfg.privacy_pixel_size (its code: 512) by --fit and bilinear + antialias (its code
     squashes with PIL: our images are square by crop / pad, as everywhere in metrics.py). Streamed in chunks of
-    pairs sorted by training sample, so memory holds one chunk's images."""
+    pairs sorted by training sample, so memory holds one chunk's images.
+    Where we follow the paper, not the benchmark's code (metrics/privacy_metrics.py): its pixel distance subtracts
+    uint8 arrays (wrap-around) and compares every seed against the last generated image (the loop variable
+    gen_image); here each synthetic image is compared, in float, against its own source image. Its 10 random seeds
+    per prompt are the sampler's business: any number of synthetic images per training sample is taken."""
     pairs, unpaired = privacy_pairs(fake, train, cfg)
     net = load_reid(cfg.reid_weights, device) if cfg.reid_weights else None
     size, got = cfg.privacy_pixel_size, {"src": [], "fake": [], "reid": [], "pixel": [], "latent": []}

@@ -28,7 +28,8 @@ def _train_pixels(root, rows):
     out = []
     for r in rows:
         s = int(r["shard"])
-        shards.setdefault(s, load_file(os.path.join(root, "shards", f"{s:05d}.safetensors"))["images"])
+        if s not in shards:
+            shards[s] = load_file(os.path.join(root, "shards", f"{s:05d}.safetensors"))["images"]
         out.append(shards[s][int(r["index"]), 0])
     return np.stack(out)
 
@@ -69,17 +70,23 @@ def _cfg(case, **kw):
     return M.Config(reid_weights=case["reid"], reid_size=32, privacy_pixel_size=32, workers=1, **kw)
 
 
-def _reference(case, lat=None):
-    """Per pair, in float64 from the uint16 pixels: pixel distance (||a - b|| / sqrt(n) in 8-bit units), the Re-ID
-    score of the float64 network (sigmoid(fc_end(|e1 - e2|)), gray replicated to RGB, no normalisation)."""
+REF = (0, 5, 9)  # training samples whose Re-ID scores the float64 network recomputes (two copies, none, the last)
+
+
+def _reference(case):
+    """Per pair, in float64 from the uint16 pixels: pixel distance (||a - b|| / sqrt(n) in 8-bit units) of every
+    pair; the Re-ID score of the float64 network (sigmoid(fc_end(|e1 - e2|)), gray replicated to RGB, no
+    normalisation) of the pairs of the REF samples (NaN elsewhere: a float64 ResNet-50 is slow on 2 cores)."""
     a = np.stack([p[0] for p in case["pairs"]]).astype(np.float64) / 65535
-    src = case["sources"].astype(np.float64) / 65535  # the 10 training images, each embedded once
-    k = [p[1] for p in case["pairs"]]
+    src = case["sources"].astype(np.float64) / 65535  # the 10 training images
+    k = np.array([p[1] for p in case["pairs"]])
     pix = np.sqrt((((a - src[k]) * 255) ** 2).mean((1, 2)))
-    net = copy.deepcopy(case["net"]).double()
+    net, sel = copy.deepcopy(case["net"]).double(), np.isin(k, REF)
+    reid = np.full(len(k), np.nan)
     with torch.no_grad():
-        ta, tb = (torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1) for x in (a, src))
-        reid = torch.sigmoid(net.fc_end((net.embed(ta) - net.embed(tb)[k]).abs())).squeeze(-1).numpy()
+        ta, tb = (torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1) for x in (a[sel], src[list(REF)]))
+        eb = net.embed(tb)[[REF.index(i) for i in k[sel]]]
+        reid[sel] = torch.sigmoid(net.fc_end((net.embed(ta) - eb).abs())).squeeze(-1).numpy()
     return pix, reid
 
 
@@ -92,18 +99,19 @@ def test_chexgenbench_protocol_against_float64_references(case):
     assert per["source"] == sorted(set(src)) and per["n"] == [SEEDS] * N_SOURCES and out["n_pairs"] == 50
     for i, s in enumerate(per["source"]):  # per training sample: max Re-ID, min pixel distance over its own seeds
         mine = [p for p, q in enumerate(src) if q == s]
-        assert per["max_reid"][i] == pytest.approx(reid[mine].max(), abs=1e-4)
-        assert per["mean_reid"][i] == pytest.approx(reid[mine].mean(), abs=1e-4)
+        if np.isfinite(reid[mine]).all():
+            assert per["max_reid"][i] == pytest.approx(reid[mine].max(), abs=1e-4)
+            assert per["mean_reid"][i] == pytest.approx(reid[mine].mean(), abs=1e-4)
         assert per["min_pixel"][i] == pytest.approx(pix[mine].min(), rel=1e-5, abs=1e-4)
+        assert per["mean_pixel"][i] == pytest.approx(pix[mine].mean(), rel=1e-5)
     top = 1 / (1 + math.exp(-BIAS))
     assert reid[[0, 1]].min() == pytest.approx(top, abs=1e-9)  # the reference itself: copies score sigmoid(bias)
     r = out["reid"]
     assert r["count_over_delta"] == len(COPIED) and r["delta"] == 0.85  # samples, not pairs: sample 0 has two copies
     assert r["pairs_over_delta"] == len(COPIED) + 1
     assert r["max"] == pytest.approx(top, abs=1e-4)
-    hand = [max(reid[p] for p, q in enumerate(src) if q == s) for s in per["source"]]
-    assert r["avg"] == pytest.approx(np.mean(hand), abs=1e-4) and r["avg_over_pairs"] == pytest.approx(reid.mean(),
-                                                                                                       abs=1e-4)
+    assert r["avg"] == pytest.approx(np.mean(per["max_reid"]), abs=1e-12)  # aggregation: test_summary_by_hand
+    assert r["avg_over_pairs"] == pytest.approx(np.average(per["mean_reid"], weights=per["n"]), abs=1e-12)
     assert sorted(np.asarray(per["max_reid"]) > 0.85) == sorted(i in COPIED for i in range(N_SOURCES))
     hand_pix = [min(pix[p] for p, q in enumerate(src) if q == s) for s in per["source"]]
     assert out["pixel"]["avg"] == pytest.approx(np.mean(hand_pix), rel=1e-5)
@@ -142,7 +150,7 @@ def _tiny_hf(root):
     return root
 
 
-def test_cli_pairs_file_and_latent(case, capsys):
+def test_cli_pairs_file_and_latent_without_reid(case, capsys):
     hf = _tiny_hf(str(case["tmp"] / "dino"))
     pairs_csv = case["tmp"] / "pairs.csv"  # the same pairing given as a separate file (one image left unpaired)
     with open(pairs_csv, "w", newline="") as fh:
@@ -153,12 +161,13 @@ def test_cli_pairs_file_and_latent(case, capsys):
     out = str(case["tmp"] / "r.json")
     M.main(["--real", case["train"], "--split", "test", "--fake", case["fake"], "--train", case["train"],
             "--features", hf, "--metrics", "privacy", "--privacy", "chexgenbench", "--privacy-pairs", str(pairs_csv),
-            "--reid-weights", case["reid"], "--reid-size", "32", "--privacy-pixel-size", "32",
+            "--privacy-pixel-size", "32",
             "--offline", "--no-cache", "--workers", "1", "--device", "cpu", "--out", out])
     res = json.load(open(out))
     c = res["privacy_chexgenbench"]
     assert c["n_pairs"] == 49 and c["n_fake_unpaired"] == 1 and c["latent_features"] == hf
-    assert c["reid"]["count_over_delta"] == len(COPIED) and c["latent"]["min"] == pytest.approx(0, abs=1e-6)
+    assert "reid" not in c and "--reid-weights" in c["reid_skipped"]  # Re-ID: test_chexgenbench_protocol_...
+    assert c["latent"]["min"] == pytest.approx(0, abs=1e-6) and c["pixel"]["min"] == 0
     # latent distance by hand: raw CLS features of the extractor, ||a - b|| / sqrt(D) in float64
     ex = M.get_extractor(hf, offline=True)
     fake, train = M.ImageSet(case["fake"]), M.ImageSet(case["train"], "train")
@@ -171,7 +180,7 @@ def test_cli_pairs_file_and_latent(case, capsys):
     assert c["per_sample"]["mean_latent"][i] == pytest.approx(d.mean(), rel=1e-4, abs=1e-6)
     assert "privacy" not in res  # the nearest mode only when asked (--privacy nearest | both)
     text = capsys.readouterr().out
-    assert "Count > 0.85: 5" in text and "privacy (chexgenbench" in text
+    assert "Re-ID skipped" in text and "privacy (chexgenbench §3.2: 10 training samples, 49 synthetic" in text
 
 
 def test_bad_pairing_is_one_line(case, tmp_path):
