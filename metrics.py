@@ -2171,6 +2171,10 @@ def privacy_chexgenbench(fake, train, cfg, latent_ex=None, device="cpu", chunk=6
         if latent_ex is not None:
             fa, fb = latent_ex(ta).numpy(), latent_ex(tb).numpy()
             got["latent"].append(latent_distance(fa[ia], fb[ib]))
+    if not got["src"]:
+        raise SystemExit(f"metrics: --privacy chexgenbench: none of the {len(pairs)} (synthetic, source) pairs has "
+                         "two readable images, e.g. "
+                         f"{getattr(fake, 'last_error', '') or getattr(train, 'last_error', '')}")
     cat = {k: np.concatenate(v) if v else None for k, v in got.items() if k not in ("src", "fake")}
     out = chexgenbench_summary(got["src"], cat["reid"], cat["pixel"], cat["latent"], cfg.reid_threshold)
     out["per_sample"]["fakes"] = {}
@@ -2181,7 +2185,8 @@ def privacy_chexgenbench(fake, train, cfg, latent_ex=None, device="cpu", chunk=6
             "n_fake_unpaired": unpaired, "n_pairs_unreadable": len(pairs) - len(got["src"])}
     out["latent_features"] = latent_ex.name if latent_ex is not None else None
     if net is None:
-        out["reid_skipped"] = "no --reid-weights (Packhaeuser et al. 2022 Siamese ResNet-50; see fetch-weights)"
+        out["reid_skipped"] = ("no --reid-weights: the Packhaeuser et al. 2022 Siamese ResNet-50 the benchmark loads "
+                               "(ResNet-50_epoch11_data_handling_RPN.pth, from its authors; fetch-weights cannot)")
     if latent_ex is None:
         out["latent_skipped"] = "no feature space for the latent distance (raddino, or --privacy-features)"
     return out

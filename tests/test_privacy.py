@@ -208,3 +208,17 @@ def test_table_without_reid_weights_says_so():
     text = M.format_table(res)
     assert "Re-ID skipped: no --reid-weights" in text and "latent distance skipped" in text
     assert "Avg pixel distance 1.5 (8-bit RMS at 512 px)" in text and "2 training samples, 3 synthetic" in text
+
+
+def test_unreadable_pairs_counted_or_refused(case, tmp_path):
+    train = M.ImageSet(case["train"], "train")
+    d = tmp_path / "f"
+    d.mkdir()
+    Image.fromarray(case["sources"][0]).save(d / "good.png")
+    (d / "broken.png").write_bytes(b"not a png")
+    (d / "meta.csv").write_text(f"id,source_id\ngood,{train.ids[0]}\nbroken,{train.ids[1]}\n")
+    out = M.privacy_chexgenbench(M.ImageSet(str(d)), train, M.Config(privacy_pixel_size=32, workers=1))
+    assert out["n_pairs"] == 1 and out["n_pairs_unreadable"] == 1 and out["pixel"]["min"] == 0
+    (d / "good.png").unlink()
+    with pytest.raises(SystemExit, match="none of the 1 .synthetic, source. pairs has two readable images"):
+        M.privacy_chexgenbench(M.ImageSet(str(d)), train, M.Config(privacy_pixel_size=32, workers=1))
