@@ -39,7 +39,7 @@ Commands (the first word may also be the task):
     python downstream.py cond-eval --samples runs/rf/samples --data data/phantom --predictor runs/pred/real/run0 \
         --floor runs/rf/uncond --out runs/cond-eval                                         # issue 28
     python downstream.py report-gen --train "real=data/phantom:train; syn=runs/dit/samples; \
-        real=data/phantom:train,syn=runs/dit/samples" --test ph=data/phantom:test --out runs/rrg   # chexgenbench Table 6
+        real=data/phantom:train,syn=runs/dit/samples" --test ph=data/phantom:test --out runs/rrg   # chexgenbench T6
     torchrun --nproc_per_node=8 downstream.py --size densenet121 ...                       # DDP, bf16
 
 Training data: `;` separates experiments (the rows of the table); within one, `,` joins sources `name=folder[:split]`.
