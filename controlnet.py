@@ -154,7 +154,8 @@ class Config:
     sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise, captions, conditions); 0: none")
     bench: bool = arg(False, "time adapter training steps on random tensors and exit")
     bench_steps: int = arg(10, "timed steps per --bench variant")
-    dry_run: bool = arg(False, "build the model (meta device), print config and parameter counts, exit")
+    dry_run: bool = arg(False, "build the model (meta device), print config, parameter counts and planned GPU "
+                        "memory per rank (WORLD_SIZE=N: N processes), exit")
     cond_names: str = arg("", "resolved condition channel names (set by training; stored in the checkpoint)",
                           only="none")
     cond_size: int = arg(0, "resolved pixel side of the condition maps (set by training)", only="none")

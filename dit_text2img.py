@@ -25,7 +25,7 @@ Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jso
     torchrun --nproc_per_node=8 dit_text2img.py --size XL --data D512 --out runs/s2 --init-from runs/s1 \
         --resolution 512 --batch-size 2048                        # stage II: 300 epochs (--epochs / --max-steps)
     python dit_text2img.py --size tiny --train-text-encoder --text-encoder PATH   # RoentGen: fine-tune the encoder
-    python dit_text2img.py --size chexgen --dry-run                              # parameter count, meta device
+    python dit_text2img.py --size chexgen --dry-run                              # parameters, GPU memory per rank
     python dit_text2img.py --size XL --bench --resolution 256 --batch-size 32    # tokens/s, MFU, peak memory
 Sample (EMA weights; PNGs + meta.csv; resumable; sharded under torchrun; deterministic by seed):
     python dit_text2img.py sample --ckpt runs/dit --prompts prompts.txt --n-per-prompt 4 --out fake/
@@ -177,7 +177,8 @@ class Config:
     sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise and prompts); 0: none")
     bench: bool = arg(False, "time training steps on random tensors (kernels.attention vs SDPA) and exit")
     bench_steps: int = arg(10, "timed steps per --bench variant")
-    dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
+    dry_run: bool = arg(False, "build the model (meta device), print config, parameter count and planned GPU "
+                        "memory per rank (WORLD_SIZE=N: N processes), exit")
 
 
 # DiT (Peebles & Xie 2023) B and XL widths; chexgen as its Methods text states (2048 wide, 28 blocks, 32 heads),

@@ -20,7 +20,7 @@ Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jso
     python ldm_multicond.py --size tiny --max-steps 2000                     # CPU demo on data/phantom
     torchrun --nproc_per_node=8 ldm_multicond.py --size paper --data D --out runs/ldm   # 64x64 latents of vae.py
     python ldm_multicond.py --size tiny --modalities L,T                      # a model without the image encoder
-    python ldm_multicond.py --size paper --dry-run                            # parameter count, meta device
+    python ldm_multicond.py --size paper --dry-run                            # parameters, GPU memory per rank
     python ldm_multicond.py --size paper --bench --batch-size 16              # img/s, tokens/s, MFU, peak memory
 Sample (EMA weights; 16-bit PNGs + meta.csv with the subset used; resumable; sharded under torchrun):
     python ldm_multicond.py sample --ckpt runs/ldm --cond data/phantom/meta.csv --split train --use L,I,T \
@@ -168,7 +168,8 @@ class Config:
     sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise and conditions); 0: none")
     bench: bool = arg(False, "time training steps on random tensors (kernels.attention vs SDPA) and exit")
     bench_steps: int = arg(10, "timed steps per --bench variant")
-    dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
+    dry_run: bool = arg(False, "build the model (meta device), print config, parameter count and planned GPU "
+                        "memory per rank (WORLD_SIZE=N: N processes), exit")
 
 
 # multicond App. A.1: "the same design as Rombach et al." -- the SD-1 / LDM text-to-image U-Net (320 channels,

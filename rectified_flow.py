@@ -22,6 +22,7 @@ Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jso
     python rectified_flow.py --size tiny --max-steps 1000            # CPU, ~10 min, on data/phantom
     torchrun --nproc_per_node=8 rectified_flow.py --size xl --micro-batch 16 --data D --out runs/xl   # 1.3B
     python rectified_flow.py --size xl --dry-run                     # parameter count on the meta device
+    WORLD_SIZE=32 python rectified_flow.py --size xl --micro-batch 16 --dry-run   # + GPU memory per rank
     python rectified_flow.py --arch unet --size unet-tiny --max-steps 1000   # RadUNet on the phantom (CPU)
     python rectified_flow.py --size unet-latent --dry-run            # 0.498B (radit Table 6: 0.5B)
     python rectified_flow.py --size unet-pixel --dry-run             # 0.366B at 512 px (Table 6 says 0.3B, see PRESETS)
@@ -192,7 +193,8 @@ class Config:
     sample_every: int = arg(500, "steps between sample grids (EMA, fixed noise and conditions); 0: none")
     bench: bool = arg(False, "time training steps on random tensors (kernels.attention vs SDPA) and exit")
     bench_steps: int = arg(10, "timed steps per --bench variant")
-    dry_run: bool = arg(False, "build the model (meta device), print config and parameter count, exit")
+    dry_run: bool = arg(False, "build the model (meta device), print config, parameter count and planned GPU "
+                        "memory per rank (WORLD_SIZE=N: N processes), exit")
 
 
 # radit Table 5 (B, XL) and Table 11; S and L follow DiT's widths. tiny is for tests and the CPU demo.
