@@ -2436,6 +2436,8 @@ def main(argv=None):
         return n
     if cfg.bench:
         return bench(cfg)
+    if cfg.eval and cfg.task == RG:
+        raise SystemExit("--eval: not for report-gen (it scores its test sets after training); expected no --eval")
     if cfg.eval and not cfg.ckpt:
         raise SystemExit("--eval: expected --ckpt RUN (a run folder or checkpoint of downstream.py)")
     if cfg.roc_plot and (not cfg.roc_plot.lower().endswith(".png") or any(os.path.exists(os.path.join(

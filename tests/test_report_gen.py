@@ -151,4 +151,7 @@ def test_bad_input(phantom_dir, tmp_path):
                    r"1 training image\(s\) after the validation hold-out; expected at least 2", watch)
     expect_refusal(D.main, base + ["--train", f"real={tmp_path / 'absent'}", "--test", f"t={phantom_dir}:test"],
                    r"absent/meta\.csv", watch)
+    expect_refusal(D.main, base + ["--train", f"real={phantom_dir}:train", "--dec-dim", 30],
+                   r"--dec-dim 30: expected a multiple of --dec-heads 4", watch)
+    expect_refusal(D.main, base + ["--eval", "--ckpt", phantom_dir], r"--eval: not for report-gen", watch)
     assert not (tmp_path / "out").exists()
