@@ -2299,9 +2299,8 @@ def task_report_gen(cfg):
     same training data: its most frequent report, and the report of the nearest training image (raw pixels). Each
     scored on the test sets' reports: BLEU-1..4, ROUGE-L, CheXpert-14 label F1 (prep_data.py extract-labels)."""
     rank, device, _, exps, size = setup(cfg)
-    systems, texts = {}, {}                                      # name -> runs -> {test: [report]}
-    refs, ids, test_names = {}, {}, []
-    for row, srcs in exps:
+    texts, refs, ids, test_names, prepared = {}, {}, {}, [], []  # texts: system -> runs -> {test: [report]}
+    for row, srcs in exps:                                       # every experiment's input checked before training
         val_srcs, srcs = validation(cfg, srcs)
         test_srcs = test_sets(cfg, srcs)
         for group, what in ((srcs, "--train"), (val_srcs, "--val"), (test_srcs, "--test")):
@@ -2311,12 +2310,17 @@ def task_report_gen(cfg):
         if len(pool) < 2:
             raise SystemExit(f"--train {row}: {len(pool)} training image(s) after the validation hold-out; expected "
                              f"at least 2")
+        if test_names and list(tests) != test_names:         # one table: every experiment on the same test sets
+            raise SystemExit(f"--train {row}: default test set(s) {list(tests)}, another experiment's are "
+                             f"{test_names}; expected one --test name=folder[:split] for all")
         test_names = list(tests)
         for t, tp in tests.items():
             refs[t], ids[t] = pool_reports(tp), [r["id"] for r in tp.rows]
         vocab = build_vocab(pool_reports(pool))                  # each experiment's own training reports
         pool.tokens, cut = encode_reports(pool_reports(pool), vocab, cfg.max_tokens)
         val.tokens, _ = encode_reports(pool_reports(val), vocab, cfg.max_tokens)
+        prepared.append((row, pool, val, tests, vocab, cut))
+    for row, pool, val, tests, vocab, cut in prepared:
         row_dir = file_in(cfg.out, SAFE.sub("_", row), where="--train")     # names from the CLI: stay in --out
         if rank == 0:
             print(f"{row}: vocabulary of {len(vocab)} tokens from {len(pool)} training reports ({cut} cut at "
@@ -2327,8 +2331,7 @@ def task_report_gen(cfg):
             runs.append({t: generate_reports(model.to(device), tp, vocab, cfg, device) for t, tp in tests.items()}
                         if rank == 0 else {})
         if rank == 0:
-            if cfg.runs == 1:
-                write_text(os.path.join(row_dir, "vocab.json"), json.dumps(vocab, indent=0))
+            write_text(os.path.join(row_dir, "vocab.json"), json.dumps(vocab, indent=0))
             top = Counter(pool_reports(pool)).most_common(1)[0][0]  # ties: the first in the training order
             texts[row] = runs
             texts[f"{row}: most-frequent"] = [{t: [top] * len(tp) for t, tp in tests.items()}]
