@@ -36,6 +36,33 @@ def test_corpus_bleu_by_hand():
     assert math.isclose(D.corpus_bleu(ref, ref)["bleu4"], 1.0, rel_tol=1e-14)
 
 
+def brute_bleu(cands, refs, n_max):
+    """Corpus BLEU-n_max by direct counting (list.count per distinct n-gram, a product instead of exp-mean-log)."""
+    match, total, c, r = [0] * n_max, [0] * n_max, 0, 0
+    for cand, ref in zip(cands, refs):
+        c, r = c + len(cand), r + len(ref)
+        for n in range(1, n_max + 1):
+            cg = [tuple(cand[i:i + n]) for i in range(len(cand) - n + 1)]
+            rg = [tuple(ref[i:i + n]) for i in range(len(ref) - n + 1)]
+            match[n - 1] += sum(min(cg.count(g), rg.count(g)) for g in set(cg))
+            total[n - 1] += len(cg)
+    if 0 in match:
+        return 0.0
+    bp = 1.0 if c > r else math.exp(1 - r / c)
+    return bp * math.prod(m / t for m, t in zip(match, total)) ** (1 / n_max)
+
+
+def test_corpus_bleu_against_direct_counting():
+    rng = np.random.default_rng(1)
+    vocab = ["no", "mild", "effusion", "pleural", "."]
+    for _ in range(100):
+        pairs = [[list(rng.choice(vocab, rng.integers(1, 9))) for _ in range(2)] for _ in range(rng.integers(1, 5))]
+        cands, refs = [p[0] for p in pairs], [p[1] for p in pairs]
+        got = D.corpus_bleu([" ".join(t) for t in cands], [" ".join(t) for t in refs])
+        for n in (1, 2, 4):
+            assert math.isclose(got[f"bleu{n}"], brute_bleu(cands, refs, n), rel_tol=1e-12, abs_tol=0), (pairs, n)
+
+
 def brute_lcs(a, b):
     """Longest common subsequence by enumerating every subsequence of a (float64-free: exact integers)."""
     for k in range(len(a), 0, -1):
