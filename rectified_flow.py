@@ -2552,6 +2552,48 @@ class _PlanFlash(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+class _PlanRMSNorm(torch.autograd.Function):
+    """kernels.rms_norm as the GPU runs it (kernels/rmsnorm.py: saves x, the weight and one fp32 rstd per row); the
+    reference math on a meta tensor would keep fp32 copies of q and k (12 GB of RadiT-XL's activations at 16)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        x = x.contiguous()
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, _ = ctx.saved_tensors
+        return torch.empty_like(x), None if weight is None else torch.empty_like(weight)
+
+
+def _plan_attention(q, k, v, key_lengths=None, scale=None):
+    """kernels.attention on the GPU: q, k, v in the autocast dtype (attention_triton), then the flash kernel."""
+    enabled, dtype = _PlanAutocast.state[-1]
+    if enabled:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return _PlanFlash.apply(q, k.to(q.dtype), v.to(q.dtype))
+
+
+class _PlanKernels:
+    """During the walk the scripts' kernels (kernels/ on a meta or CPU tensor takes its reference path) run as the
+    Triton kernels do on a GPU, memory-wise: kernels.attention -> _plan_attention, kernels.rms_norm -> _PlanRMSNorm."""
+
+    def __enter__(self):
+        self.kernels = sys.modules.get("kernels")
+        if self.kernels is not None:
+            self.real = self.kernels.attention_reference, self.kernels.rms_norm_reference
+            self.kernels.attention_reference = _plan_attention
+            self.kernels.rms_norm_reference = lambda x, weight=None, eps=1e-6: _PlanRMSNorm.apply(x, weight)
+
+    def __exit__(self, *exc):
+        if self.kernels is not None:
+            self.kernels.attention_reference, self.kernels.rms_norm_reference = self.real
+        return False
+
+
 class _PlanCasts(torch.overrides.TorchFunctionMode):
     """Emulated CUDA bf16 autocast: inputs of autocast's lower-precision ops cast to bf16 (a parameter once per
     forward, as autocast's weight cache does), of its fp32 ops to fp32; attention through _PlanFlash."""
@@ -2637,16 +2679,18 @@ class _PlanBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def step_bytes(model, loss_fn, bf16=True):
+def step_bytes(model, loss_fn, bf16=True, gpu_kernels=True):
     """-> (bytes held for backward when the forward ends, peak bytes over forward + backward) of one training step:
     loss_fn() runs the forward of `model` (on any device; meta for planning) and returns the loss. Counted: every
     tensor the step creates (inputs made inside loss_fn, activations, autocast's bf16 weight copies, gradients);
     not counted: parameters, buffers and tensors made before. bf16 emulates CUDA bf16 autocast (as `with
-    autocast(device)` on a GPU); the model's own `torch.autocast(..., enabled=False)` regions stay fp32."""
+    autocast(device)` on a GPU); the model's own `torch.autocast(..., enabled=False)` regions stay fp32.
+    gpu_kernels: kernels/ as on a GPU (_PlanKernels), else its reference path as on a CPU."""
     real, real_checkpoint = torch.autocast, torch.utils.checkpoint.checkpoint
     torch.autocast, torch.utils.checkpoint.checkpoint = _PlanAutocast, _plan_checkpoint(real_checkpoint)
     try:
-        with _PlanCasts(), _PlanBytes([*model.parameters(), *model.buffers()]) as count, \
+        existing = [*model.parameters(), *model.buffers()]
+        with _PlanKernels() if gpu_kernels else nullcontext(), _PlanCasts(), _PlanBytes(existing) as count, \
                 _PlanAutocast("cuda", torch.bfloat16, bf16):
             loss = loss_fn()
             saved = count.live
@@ -2671,20 +2715,20 @@ def _plan_repeats(model):
     return found
 
 
-def _plan_walk(model, loss_fn, bf16, keep):
+def _plan_walk(model, loss_fn, bf16, keep, gpu_kernels=True):
     """step_bytes of `model` with its repeated lists cut to keep[name] blocks for the walk (then restored)."""
     lists = {name: model.get_submodule(name) for name in keep}
     cut = {name: list(m)[keep[name]:] for name, m in lists.items()}
     for name, m in lists.items():
         del m[keep[name]:]
     try:
-        return step_bytes(model, loss_fn, bf16)
+        return step_bytes(model, loss_fn, bf16, gpu_kernels)
     finally:
         for name, m in lists.items():
             m.extend(cut[name])
 
 
-def memory_plan(build, micro, world=1, ema=True, bf16=True, cut=True):
+def memory_plan(build, micro, world=1, ema=True, bf16=True, cut=True, gpu_kernels=True):
     """GPU memory per rank, in bytes, of one training step at micro-batch `micro`. build(grad_ckpt) -> (model,
     loss_fn) on the meta device, model holding every parameter the process keeps on the GPU (frozen ones with
     requires_grad False). Trainable parameters carry an fp32 gradient and Adam's two fp32 moments; `ema` an fp32
@@ -2703,9 +2747,9 @@ def memory_plan(build, micro, world=1, ema=True, bf16=True, cut=True):
         model, loss_fn = build(ckpt)
         repeats = _plan_repeats(model) if cut else {}
         one = {name: 1 for name in repeats}
-        saved, peak = base = _plan_walk(model, loss_fn, bf16, one)
+        saved, peak = base = _plan_walk(model, loss_fn, bf16, one, gpu_kernels)
         for name, n in repeats.items():
-            two = _plan_walk(model, loss_fn, bf16, {**one, name: 2})
+            two = _plan_walk(model, loss_fn, bf16, {**one, name: 2}, gpu_kernels)
             saved, peak = saved + (n - 1) * (two[0] - base[0]), peak + (n - 1) * (two[1] - base[1])
         key = "ckpt" if ckpt else "no_ckpt"
         plan[f"activations_{key}"], plan[f"step_peak_{key}"] = saved, peak

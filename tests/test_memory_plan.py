@@ -78,9 +78,9 @@ def test_meta_walk_counts_what_autograd_holds_on_cpu():
         if s.data_ptr() not in params:
             held[s.data_ptr()] = s.nbytes()
         return t
-    # attention as the walk runs it (_PlanFlash: the GPU kernel's saved tensors and contiguous output; CPU SDPA's
-    # output layout differs, its reshape would copy), every other op as is
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), S._PlanCasts():
+    # attention and RMSNorm as the walk runs them (_PlanKernels: the GPU kernels' saved tensors and contiguous
+    # outputs; CPU SDPA's output layout differs, its reshape would copy), every other op as is
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), S._PlanKernels(), S._PlanCasts():
         loss = loss_fn()
     # what the walk counts beyond the saved tensors: the loss and any output no backward needs (here none else)
     assert sum(held.values()) <= meta[0] <= sum(held.values()) + loss.untyped_storage().nbytes()
@@ -128,7 +128,8 @@ def measure(size, micro, image_size, ckpt, steps=2):
     """Child: -> (planned forward+backward peak bytes, measured peak resident growth) of `steps` training steps."""
     cfg = rf.resolve(rf.Config(**{**rf.PRESETS[size], "size": size, "space": "latent", "image_size": image_size,
                                   "in_channels": 4, "micro_batch": micro, "grad_ckpt": ckpt}))
-    plan = S.memory_plan(lambda c: rf_step(rf.replace(cfg, grad_ckpt=c), "meta", micro), micro, bf16=False)
+    plan = S.memory_plan(lambda c: rf_step(rf.replace(cfg, grad_ckpt=c), "meta", micro), micro, bf16=False,
+                         gpu_kernels=False)                      # the CPU steps run kernels/' reference path
     model = rf.build_model(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
