@@ -47,6 +47,24 @@ def test_mlp_bytes_by_hand(device):
     assert saved16 == 2 * B * 8 + 2 * (16 * 8 + 16 + 4 * 16 + 4) + 2 * 2 * B * 16 + 4 * B * 4 + 4
 
 
+def test_kernels_walk_as_the_gpu_runs_them():
+    """kernels.attention and kernels.rms_norm keep what the Triton kernels save (kernels/attention.py: q, k, v, o,
+    an fp32 log-sum-exp per row; kernels/rmsnorm.py: x, weight, an fp32 rstd per row), not the reference math's."""
+    import kernels
+    shape = (2, 3, 40, 16)
+    N, M = 2 * 3 * 40 * 16, 2 * 3 * 40
+
+    def loss_fn():
+        q = torch.randn(shape, device="meta", requires_grad=True)
+        return (kernels.attention(q, q, q) + kernels.rms_norm(q)).sum()
+    saved, _ = S.step_bytes(torch.nn.Module(), loss_fn, bf16=False)
+    # q and the attention output (N fp32 each; the flash kernel saves its output), the two fp32 row statistics
+    # (M each), the loss; the RMSNorm output is freed after the add (Triton RMSNorm's backward does not need it)
+    assert saved == 4 * (2 * N + 2 * M) + 4
+    assert kernels.rms_norm_reference.__module__ == "kernels.rmsnorm"          # restored after the walk
+    assert kernels.attention_reference.__module__ == "kernels.attention"
+
+
 def small_cfg(**kw):
     return rf.Config(**{**dict(hidden=64, depth=4, heads=2, in_channels=4, image_size=16, patch=2,
                                datasets="a,b,c", batch_size=4), **kw})
