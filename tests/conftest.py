@@ -3,6 +3,7 @@ import os
 import sys
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("MEMORY_PLAN", "0")     # --dry-run skips the memory walk (tests/test_memory_plan.py runs it)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
