@@ -197,21 +197,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath({script!r})))
 import importlib.util
 spec = importlib.util.spec_from_file_location("script", {script!r})
 script = importlib.util.module_from_spec(spec)
+sys.modules["script"] = script                         # vae.py's dataclasses (postponed annotations) look it up
 spec.loader.exec_module(script)
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
 rss, t0, c0 = status("VmRSS:"), time.time(), time.process_time()
-data = script.CXRData({data!r}, space="pixel")
+data = script.CXRData({data!r}, {args})
 print(f"{{time.time() - t0:.1f}} {{time.process_time() - c0:.1f}} {{status('VmRSS:') - rss:.0f}} "
       f"{{status('VmHWM:') - rss:.0f}} {{len(data)}} {{getattr(data, 'source', 'rows')}}")
 """
 
 
-def bench(data, old_script):
-    """Load time (wall, CPU) and memory (resident after, peak) of CXRData(data, space='pixel'), each in a fresh
-    process, in one run: the script before issue 21 (`old_script`, a dict per row), the index, and meta.csv alone
-    (a folder beside `data` whose meta.csv, info.json and shards are links: no index)."""
+def bench(data, old_script, name="rectified_flow"):
+    """Load time (wall, CPU) and memory (resident after, peak) of `name`.py's CXRData of the train split
+    (rectified_flow: space='pixel'), each in a fresh process, in one run: the script before issue 21 (`old_script`,
+    a dict per row), the index, and meta.csv alone (a folder beside `data` whose meta.csv, info.json and shards are
+    links: no index)."""
     import subprocess
     import sys
     bare = data.rstrip("/") + "-noindex"
@@ -219,12 +221,14 @@ def bench(data, old_script):
         os.makedirs(bare)
         for name in ("meta.csv", "info.json", "shards"):
             os.symlink(os.path.abspath(os.path.join(data, name)), os.path.join(bare, name))
-    new = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rectified_flow.py")
+    new = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"{name}.py")
+    args = '"train"' if name == "vae" else 'space="pixel"'
     print("path            wall s  CPU s  +RSS MB  +peak MB  rows  source")
     for name, script, folder in (("before (rows)", old_script, data), ("index", new, data),
                                  ("meta.csv only", new, bare)):
-        out = subprocess.run([sys.executable, "-c", BENCH.format(script=script, data=folder)], capture_output=True,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        code = BENCH.format(script=script, data=folder, args=args)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
             raise SystemExit(f"{name}: {out.stderr.strip().splitlines()[-1]}")
         wall, cpu, rss, peak, n, source = out.stdout.split()
@@ -274,10 +278,10 @@ def loader(folder, n=512, seconds=5.0):
               flush=True)
 
 
-if __name__ == "__main__":       # python tests/test_meta_index.py DATA OLD_rectified_flow.py | loader FOLDER
+if __name__ == "__main__":  # python tests/test_meta_index.py DATA OLD_SCRIPT [rectified_flow|vae] | loader FOLDER
     import sys
     import time
     if sys.argv[1] == "loader":
         loader(sys.argv[2])
     else:
-        bench(sys.argv[1], sys.argv[2])
+        bench(*sys.argv[1:4])
