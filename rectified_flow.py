@@ -2242,12 +2242,19 @@ def sample(icfg):
         condition = {"cond_csv_sha256": file_sha256(icfg.cond)}
         def code(i):
             return encode_row(rows[i % len(rows)], datasets, f"{icfg.cond} row {i % len(rows) + 2}")
+
+        def source(i):                 # the row image i was conditioned on (FORMAT.md §8; metrics.py --privacy)
+            return rows[i % len(rows)]["id"]
     else:
         n = icfg.n or 16
         one = encode_row(parse_assignments(icfg.cond, "--cond"), datasets, "--cond")
         condition = {"cond": icfg.cond}
+
         def code(i):
             return one
+
+        def source(i):
+            return ""
     codes = [code(i) for i in range(n)]
     folder = latent_folder(cfg.data, cfg.vae) if cfg.space == "latent" else None
     decode = load_decoder(folder, device)
@@ -2262,8 +2269,8 @@ def sample(icfg):
     if rank == 0:                # conditions of every image, known up front; a smaller --n keeps the images listed
         kept = [i for i in range(n, listed) if os.path.exists(os.path.join(icfg.out, f"{i:06d}.png"))]
         meta = [{**{c: "" for c in META_COLUMNS}, **decode_row(code(i), datasets), "id": f"{i:06d}", "split": "test",
-                 "source_path": f"{i:06d}.png"} for i in list(range(n)) + kept]
-        atomic_save(meta_path, lambda tmp: write_csv(tmp, meta))
+                 "source_path": f"{i:06d}.png", "source_id": source(i)} for i in list(range(n)) + kept]
+        atomic_save(meta_path, lambda tmp: write_csv(tmp, meta, META_COLUMNS + ["source_id"]))
     todo = [i for i in range(rank, n, world) if not os.path.exists(os.path.join(icfg.out, names[i]))]
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     t0, nfe = time.time(), 0

@@ -336,6 +336,7 @@ def test_sample_conditions_from_meta_csv(tmp_path, run, phantom_dir):
     for want, got in zip(cond, rows(os.path.join(out, "meta.csv"))):
         assert all(want[v] == got[v] for v in rf.VARIABLES if v != "age")
         assert (want["age"] == got["age"] == "") or float(want["age"]) == float(got["age"])
+        assert got["source_id"] == want["id"]          # the pairing metrics.py --privacy chexgenbench reads
 
 
 def test_edit_without_change_reconstructs_input(tmp_path, run, phantom_dir):
