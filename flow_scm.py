@@ -50,6 +50,7 @@ import signal
 import sys
 import tempfile
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -868,6 +869,300 @@ def check_shards(folder, rows, key, dtype, shape=None, where=None):
     check_shard_rows(rows, sizes, where)
     return sizes
 # --- end skeleton: meta_table ---
+
+
+# --- skeleton: memory_plan (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+# GPU memory per rank, planned before launch (--dry-run): the model is built on the meta device and one training
+# micro-batch runs forward and backward there, with CUDA's bf16 autocast emulated (meta tensors get no autocast),
+# while every storage the step creates is counted, alive or freed. Nothing is allocated and no arithmetic is done,
+# so XL plans in seconds on a laptop. The idea is kernels/model_calls.py's; it is re-written here because the
+# scripts import nothing but kernels/ and metrics.py.
+_PLAN_LOWER = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "matmul",
+               "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "einsum")   # CUDA autocast -> bf16
+_PLAN_FP32 = ("layer_norm", "group_norm", "softmax", "log_softmax", "mse_loss", "l1_loss", "cross_entropy",
+              "binary_cross_entropy_with_logits", "exp", "log", "pow", "__pow__", "rsqrt", "sum", "norm",
+              "cumsum", "normalize", "cosine_similarity")                               # CUDA autocast -> fp32
+PLAN_CONTEXT_GB = 1.0      # our choice: CUDA context + cuBLAS / cuDNN workspaces, ~0.5-1 GB per process on H100
+PLAN_GPU_GB = 80.0         # the A100 / H100 80 GB the papers train on (radit Table 11)
+
+
+def _plan_funcs(names):
+    import torch.nn.functional as F
+    return frozenset(getattr(owner, n) for owner in (torch, torch.Tensor, F) for n in names if hasattr(owner, n))
+
+
+class _PlanAutocast:
+    """Stands in for torch.autocast during the walk: any device type means the (emulated) GPU."""
+    state = [(False, torch.bfloat16)]
+
+    def __init__(self, device_type="cuda", dtype=None, enabled=True, cache_enabled=None):
+        self.enabled, self.dtype = bool(enabled), dtype
+
+    def __enter__(self):
+        self.state.append((self.enabled, self.dtype or self.state[-1][1]))
+        return self
+
+    def __exit__(self, *exc):
+        self.state.pop()
+        return False
+
+
+class _PlanFlash(torch.autograd.Function):
+    """Attention as the GPU runs it (FlashAttention-2 in kernels/, SDPA's flash / efficient backends): saves q, k,
+    v, the output and one fp32 log-sum-exp per query row, never the [Lq, Lk] probabilities that the reference math
+    on a meta tensor would keep (they would overstate XL's activations several times)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class _PlanRMSNorm(torch.autograd.Function):
+    """kernels.rms_norm as the GPU runs it (kernels/rmsnorm.py: saves x, the weight and one fp32 rstd per row); the
+    reference math on a meta tensor would keep fp32 copies of q and k (12 GB of RadiT-XL's activations at 16)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        x = x.contiguous()
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, _ = ctx.saved_tensors
+        return torch.empty_like(x), None if weight is None else torch.empty_like(weight)
+
+
+def _plan_attention(q, k, v, key_lengths=None, scale=None):
+    """kernels.attention on the GPU: q, k, v in the autocast dtype (attention_triton), then the flash kernel."""
+    enabled, dtype = _PlanAutocast.state[-1]
+    if enabled:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return _PlanFlash.apply(q, k.to(q.dtype), v.to(q.dtype))
+
+
+class _PlanKernels:
+    """During the walk the scripts' kernels (kernels/ on a meta or CPU tensor takes its reference path) run as the
+    Triton kernels do on a GPU, memory-wise: kernels.attention -> _plan_attention, kernels.rms_norm -> _PlanRMSNorm."""
+
+    def __enter__(self):
+        self.kernels = sys.modules.get("kernels")
+        if self.kernels is not None:
+            self.real = self.kernels.attention_reference, self.kernels.rms_norm_reference
+            self.kernels.attention_reference = _plan_attention
+            self.kernels.rms_norm_reference = lambda x, weight=None, eps=1e-6: _PlanRMSNorm.apply(x, weight)
+
+    def __exit__(self, *exc):
+        if self.kernels is not None:
+            self.kernels.attention_reference, self.kernels.rms_norm_reference = self.real
+        return False
+
+
+class _PlanCasts(torch.overrides.TorchFunctionMode):
+    """Emulated CUDA bf16 autocast: inputs of autocast's lower-precision ops cast to bf16 (a parameter once per
+    forward, as autocast's weight cache does), of its fp32 ops to fp32; attention through _PlanFlash."""
+
+    def __init__(self):
+        super().__init__()
+        self.lower, self.fp32, self.cache = _plan_funcs(_PLAN_LOWER), _plan_funcs(_PLAN_FP32), {}
+        import torch.nn.functional as F
+        self.sdpa = F.scaled_dot_product_attention
+
+    def cast(self, x, dtype):
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.cast(y, dtype) for y in x)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype in (dtype, torch.float64):
+            return x
+        if isinstance(x, torch.nn.Parameter):
+            if (id(x), dtype) not in self.cache:
+                self.cache[id(x), dtype] = x.to(dtype)
+            return self.cache[id(x), dtype]
+        return x.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        enabled, dtype = _PlanAutocast.state[-1]
+        if func is self.sdpa:
+            q, k, v = (self.cast(t, dtype) if enabled else t for t in args[:3])
+            return _PlanFlash.apply(q, k.to(q.dtype), v.to(q.dtype))
+        if enabled and func in self.lower:
+            args, kwargs = self.cast(args, dtype), {n: self.cast(a, dtype) for n, a in kwargs.items()}
+        elif enabled and func in self.fp32:
+            args, kwargs = self.cast(args, torch.float32), {n: self.cast(a, torch.float32) for n, a in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+class _PlanRecompute:
+    """The context in which activation checkpointing recomputes a block during backward: the autocast state of
+    its forward and the casts (torch-function modes do not reach the recomputation, dispatch modes do)."""
+
+    def __init__(self, state):
+        self.state, self.casts = state, _PlanCasts()
+
+    def __enter__(self):
+        _PlanAutocast.state.append(self.state)
+        self.casts.__enter__()
+
+    def __exit__(self, *exc):
+        self.casts.__exit__(*exc)
+        _PlanAutocast.state.pop()
+        return False
+
+
+def _plan_checkpoint(real):
+    """torch.utils.checkpoint.checkpoint (use_reentrant=False, as every script calls it) that recomputes under
+    _PlanRecompute."""
+    def checkpoint(fn, *args, **kwargs):
+        state = _PlanAutocast.state[-1]
+        return real(fn, *args, context_fn=lambda: (nullcontext(), _PlanRecompute(state)), **kwargs)
+    return checkpoint
+
+
+class _PlanBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the storages created while it is on (views share their base's storage: counted once), now alive
+    (`live`) and at most (`peak`); a storage is uncounted when it is freed."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live, self.peak = 0, 0
+        self.keys = {t.untyped_storage()._cdata for t in existing}     # e.g. parameters: a view of one is no new byte
+
+    def _free(self, key, n):
+        self.keys.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.keys:
+                s = t.untyped_storage()
+                self.keys.add(s._cdata)
+                self.live += s.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(s, self._free, s._cdata, s.nbytes())
+        return out
+
+
+def step_bytes(model, loss_fn, bf16=True, gpu_kernels=True):
+    """-> (bytes held for backward when the forward ends, peak bytes over forward + backward) of one training step:
+    loss_fn() runs the forward of `model` (on any device; meta for planning) and returns the loss. Counted: every
+    tensor the step creates (inputs made inside loss_fn, activations, autocast's bf16 weight copies, gradients);
+    not counted: parameters, buffers and tensors made before. bf16 emulates CUDA bf16 autocast (as `with
+    autocast(device)` on a GPU); the model's own `torch.autocast(..., enabled=False)` regions stay fp32.
+    gpu_kernels: kernels/ as on a GPU (_PlanKernels), else its reference path as on a CPU."""
+    real, real_checkpoint = torch.autocast, torch.utils.checkpoint.checkpoint
+    torch.autocast, torch.utils.checkpoint.checkpoint = _PlanAutocast, _plan_checkpoint(real_checkpoint)
+    try:
+        existing = [*model.parameters(), *model.buffers()]
+        with _PlanKernels() if gpu_kernels else nullcontext(), _PlanCasts(), _PlanBytes(existing) as count, \
+                _PlanAutocast("cuda", torch.bfloat16, bf16):
+            loss = loss_fn()
+            saved = count.live
+            loss.backward()
+            peak = count.peak
+        for p in model.parameters():
+            p.grad = None
+    finally:
+        torch.autocast, torch.utils.checkpoint.checkpoint = real, real_checkpoint
+    return saved, peak
+
+
+def _plan_repeats(model):
+    """-> {name: length} of the ModuleLists of `model` holding 3 or more blocks of one structure (a transformer's
+    blocks), outermost only: the walk runs them truncated and extrapolates."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) >= 3 and not any(name.startswith(f + ".") for f in found):
+            kinds = {(type(c), tuple((n, tuple(p.shape)) for n, p in c.named_parameters())) for c in m}
+            if len(kinds) == 1:
+                found[name] = len(m)
+    return found
+
+
+def _plan_walk(model, loss_fn, bf16, keep, gpu_kernels=True):
+    """step_bytes of `model` with its repeated lists cut to keep[name] blocks for the walk (then restored)."""
+    lists = {name: model.get_submodule(name) for name in keep}
+    cut = {name: list(m)[keep[name]:] for name, m in lists.items()}
+    for name, m in lists.items():
+        del m[keep[name]:]
+    try:
+        return step_bytes(model, loss_fn, bf16, gpu_kernels)
+    finally:
+        for name, m in lists.items():
+            m.extend(cut[name])
+
+
+def memory_plan(build, micro, world=1, ema=True, bf16=True, cut=True, gpu_kernels=True):
+    """GPU memory per rank, in bytes, of one training step at micro-batch `micro`. build(grad_ckpt) -> (model,
+    loss_fn) on the meta device, model holding every parameter the process keeps on the GPU (frozen ones with
+    requires_grad False). Trainable parameters carry an fp32 gradient and Adam's two fp32 moments; `ema` an fp32
+    copy of them (the scripts' EMA is a deepcopy of the trained model). DDP's gradient buckets (world > 1): one
+    more fp32 copy of the gradients (our assumption: DDP's default gradient_as_bucket_view=False). The optimizer
+    step is fused Adam (the scripts' fused=True on CUDA): no full-size temporaries.
+    Repeated blocks (_plan_repeats) cost the same bytes each: the walk runs each list at 1 and 2 blocks and
+    extrapolates linearly to its length (XL's 32 blocks walk as 2; exact for the activations, tested against the
+    full walk in tests/test_memory_plan.py), so that --dry-run stays a few seconds. cut=False walks every block:
+    for models whose lists are not independent (controlnet.py's copies run beside the backbone's first blocks).
+    MEMORY_PLAN=0 in the environment skips the walk (-> None): a U-Net's walk takes ~10 s of CPU."""
+    if os.environ.get("MEMORY_PLAN", "1") == "0":
+        return None
+    plan = {"micro_batch": micro, "world": world, "precision": "bf16 autocast" if bf16 else "fp32"}
+    for ckpt in (False, True):
+        model, loss_fn = build(ckpt)
+        repeats = _plan_repeats(model) if cut else {}
+        one = {name: 1 for name in repeats}
+        saved, peak = base = _plan_walk(model, loss_fn, bf16, one, gpu_kernels)
+        for name, n in repeats.items():
+            two = _plan_walk(model, loss_fn, bf16, {**one, name: 2}, gpu_kernels)
+            saved, peak = saved + (n - 1) * (two[0] - base[0]), peak + (n - 1) * (two[1] - base[1])
+        key = "ckpt" if ckpt else "no_ckpt"
+        plan[f"activations_{key}"], plan[f"step_peak_{key}"] = saved, peak
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    plan.update(parameters=4 * (trainable + frozen), trainable=trainable, frozen=frozen, gradients=4 * trainable,
+                adam=8 * trainable, ema=4 * trainable if ema else 0, ddp_buckets=4 * trainable if world > 1 else 0,
+                context=int(PLAN_CONTEXT_GB * 2**30))
+    static = sum(plan[k] for k in ("parameters", "adam", "ema", "ddp_buckets", "context"))
+    for key in ("no_ckpt", "ckpt"):             # the step's peak holds its activations and the gradients it makes
+        plan[f"total_{key}"] = static + plan[f"step_peak_{key}"]
+    return plan
+
+
+def print_memory_plan(plan):
+    """One readable block: per rank, GB = 2^30 bytes."""
+    if plan is None:
+        print("GPU memory per rank: not planned (MEMORY_PLAN=0)")
+        return
+    def gb(n):
+        return f"{n / 2**30:9.2f} GB"
+    print(f"GPU memory per rank (planned on the meta device): micro-batch {plan['micro_batch']}, {plan['precision']}, "
+          f"{plan['world']} process(es) (WORLD_SIZE=N plans N), GB = 2^30 bytes")
+    print(f"  parameters (fp32)      {gb(plan['parameters'])}  ({plan['trainable']:,} trained, "
+          f"{plan['frozen']:,} frozen)")
+    print(f"  gradients (fp32)       {gb(plan['gradients'])}  (made during backward: inside the peak below)")
+    print(f"  Adam moments (2 fp32)  {gb(plan['adam'])}")
+    print(f"  EMA (fp32)             {gb(plan['ema'])}")
+    print(f"  DDP buckets            {gb(plan['ddp_buckets'])}  (one gradient copy under torchrun; our assumption)")
+    print(f"  CUDA context           {gb(plan['context'])}  (our allowance)")
+    print(f"  activations            {gb(plan['activations_no_ckpt'])}  without --grad-ckpt, "
+          f"{plan['activations_ckpt'] / 2**30:.2f} GB with (held for backward)")
+    print(f"  forward+backward peak  {gb(plan['step_peak_no_ckpt'])}  without --grad-ckpt, "
+          f"{plan['step_peak_ckpt'] / 2**30:.2f} GB with (activations + gradients + temporaries)")
+    fits = {key: "fits" if plan[f"total_{key}"] <= PLAN_GPU_GB * 2**30 else "does NOT fit"
+            for key in ("no_ckpt", "ckpt")}
+    print(f"  total per rank         {gb(plan['total_no_ckpt'])}  without --grad-ckpt ({fits['no_ckpt']}), "
+          f"{plan['total_ckpt'] / 2**30:.2f} GB with ({fits['ckpt']}) on an {PLAN_GPU_GB:.0f} GB GPU")
+    print(json.dumps({"memory_plan": plan}))
+# --- end skeleton: memory_plan ---
 
 
 def save_checkpoint(out, step, model, ema, opt, cfg, meta):

@@ -80,7 +80,7 @@ def canonical(root):
         pieces[name] = body(text, start, end)
     namespace = {}                                               # ALL and PIECES, evaluated without importing torch
     for node in ast.parse(text).body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in ("ALL", "LATENT", "PIECES"):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in ("ALL", "LATENT", "PLAN", "PIECES"):
             exec(compile(ast.Module([node], []), REFERENCE, "exec"), namespace)
     return pieces, namespace["PIECES"]
 

@@ -29,20 +29,18 @@ from safetensors.torch import save_file
 ALL = ("atomic_save", "setup_distributed", "batch_split", "health_check", "environment", "safe_names",
        "output_folder", "meta_table")
 LATENT = ("radvae_decoder",)                                     # scripts that decode latents of vae.py
+PLAN = ("memory_plan",)                                          # --dry-run plans GPU memory per rank
 PIECES = {
-    "rectified_flow.py": ALL + LATENT + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
-    "flow_scm.py": ALL + ("ema_decay",),
-    "vae.py": ALL + LATENT + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
-    "dit_text2img.py": ALL + LATENT + ("ema_decay", "checkpoint_io", "log_line", "cli"),
-    "controlnet.py": ALL + LATENT + ("ema_decay", "checkpoint_io", "log_line", "cli"),
-    "ldm_multicond.py": ALL + LATENT + ("ema_decay", "checkpoint_io", "log_line", "cli"),
-    "downstream.py": ALL + ("checkpoint_io", "log_line"),
+    "rectified_flow.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
+    "flow_scm.py": ALL + PLAN + ("ema_decay",),
+    "vae.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
+    "dit_text2img.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli"),
+    "controlnet.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli"),
+    "ldm_multicond.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli"),
+    "downstream.py": ALL + PLAN + ("checkpoint_io", "log_line"),
     "prep_data.py": ("safe_names", "meta_table", "meta_index"),   # not training scripts: the pieces they need
     "metrics.py": ("safe_names", "meta_table"),
 }
-# memory_plan (issue 21 item 4): the training scripts whose --dry-run plans GPU memory per rank.
-PIECES = {k: v + ("memory_plan",) * (k in ("rectified_flow.py", "dit_text2img.py", "ldm_multicond.py",
-                                          "controlnet.py")) for k, v in PIECES.items()}
 
 
 PRESETS = {}                                                     # each script's presets and Config
