@@ -2719,6 +2719,30 @@ RUNNERS = {"classify": task_classify, "pretrain-finetune": task_pretrain_finetun
            "segment": task_segment, "predict-metadata": task_predict_metadata, "edit-eval": task_edit_eval,
            "cond-eval": task_cond_eval, "report-gen": task_report_gen}
 
+def plan_memory(cfg, n_out):
+    """The memory_plan of one training micro-batch of `cfg` as train() runs it on a GPU: bf16 autocast, AdamW, no
+    EMA (train() keeps the best-validation weights on disk, not a second copy), the task's loss. The micro-batch is
+    train()'s for WORLD_SIZE processes (1 unless set); the side is --img-size, else 224 (as bench(): without data
+    the first source's size is unknown). None where the walk does not apply: the CNN tasks only (the metadata
+    predictor's frozen encoder comes from metrics.py's weights, the report model is not planned; our choice)."""
+    if cfg.task not in ("classify", "pretrain-finetune", "fairness", "segment"):
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro, S, seg = batch_split(cfg.batch_size, cfg.micro_batch, world)[0], cfg.img_size or 224, cfg.task == "segment"
+
+    def build(grad_ckpt):                                        # the CNNs have no activation checkpointing
+        with torch.device("meta"):
+            model = build_model(cfg, n_out).train()
+
+        def loss_fn():                                           # a micro-batch on the meta device (see train())
+            x = torch.randn(micro, 1, S, S, device="meta")
+            if seg:
+                return seg_loss(model(x), torch.zeros(micro, 1, S, S, device="meta"), cfg.pos_weight)
+            return masked_bce(model(x), torch.zeros(micro, n_out, device="meta"))
+        return model, loss_fn
+    return memory_plan(build, micro, world, ema=False)
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     check_counts(cfg, POSITIVE, NON_NEGATIVE)
@@ -2731,6 +2755,12 @@ def main(argv=None):
         with torch.device("meta"):
             n = sum(p.numel() for p in build_model(cfg, n_out).parameters())
         print(json.dumps(asdict(cfg)) + f"\n{cfg.arch}: {n:,} parameters, {n_out} output(s)")
+        if cfg.task in ("classify", "pretrain-finetune", "fairness", "segment"):
+            print(f"{cfg.arch} at {cfg.img_size or 224} px (--img-size; 224 without it), no EMA, no --grad-ckpt in "
+                  f"downstream.py: the two activation columns below are the same")
+            print_memory_plan(plan_memory(cfg, n_out))
+        else:
+            print(f"GPU memory per rank: not planned for --task {cfg.task} (the CNN tasks only)")
         return n
     if cfg.bench:
         return bench(cfg)

@@ -1378,6 +1378,27 @@ def truncate_log(path, step):
     atomic_save(path, write)
 
 
+def plan_memory(cfg, parents, datasets, world):
+    """The memory_plan of one training micro-batch of `cfg` as train() runs it on a GPU: bf16 autocast, AdamW, an
+    fp32 EMA of the state (train()'s dict; its buffers, a few hundred numbers, are left out), random codes of the
+    right shapes for the values (as --bench)."""
+    micro = batch_split(cfg.batch_size, cfg.micro_batch, world)[0]
+
+    def build(grad_ckpt):
+        with torch.device("meta"):
+            model = FlowSCM(parents, datasets, dataclasses.replace(cfg, grad_ckpt=grad_ckpt)).train()
+
+        def loss_fn():                                           # a micro-batch on the meta device (see train())
+            vals = {v: (torch.randn(micro, device="meta") if v == "age" else
+                        torch.randint(0, n_classes(v, datasets) + 1, (micro,), device="meta").float())
+                    for v in VARIABLES}
+            noise = {v: torch.randn(micro, model.dims[v], device="meta") for v in VARIABLES}
+            err, _ = model(vals, noise, torch.rand(micro, len(VARIABLES), device="meta"))
+            return (err.sum(0) / micro).mean()                  # train(): over the observed counts, ~micro
+        return model, loss_fn
+    return memory_plan(build, micro, world)
+
+
 def train(cfg):
     check_counts(cfg, POSITIVE, NON_NEGATIVE)
     rank, world, device = setup_distributed(cfg.device)
@@ -1400,6 +1421,7 @@ def train(cfg):
         print(json.dumps(dataclasses.asdict(cfg)))
         print(f"flow_scm: {n_params / 1e6:.3f}M parameters, 19 flows, order {model.order}")
     if cfg.dry_run:
+        print_memory_plan(plan_memory(cfg, parents, datasets, world))
         return None
     micro, accum, _ = batch_split(cfg.batch_size, cfg.micro_batch, world)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
