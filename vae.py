@@ -2154,6 +2154,81 @@ def decode(icfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --dry-run's memory plan (issue 21 item 4)
+
+# The input side of the two aliased perceptual networks when their processor is not here: the crop_size of their
+# preprocessor_config.json on the Hub (our reading; load_perceptual takes it from the processor when it is local).
+PLAN_PERCEPTUAL_SIDE = {"raddino": 518, "dinov2": 224}
+
+
+def plan_perceptual(cfg):
+    """-> (the frozen perceptual network built from its config on the meta device, or None; a line saying what was
+    planned). Offline the weights are not needed, only the config: a local one (as load_perceptual reads it), else
+    for the aliases transformers' Dinov2Config defaults (ViT-B/14, 768 wide, 12 blocks: the shape of DINOv2-B and
+    of Rad-DINO, whose CLS embedding is 768-dimensional, radit §5)."""
+    if cfg.perceptual == "none" or cfg.perceptual_weight == 0:
+        return None, "perceptual network: none (--perceptual none)"
+    repo = HF_ALIASES.get(cfg.perceptual, cfg.perceptual)
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, Dinov2Config
+    transformers.logging.set_verbosity_error()
+    try:
+        config, where = AutoConfig.from_pretrained(repo, local_files_only=True), "its local config"
+    except (OSError, ValueError):
+        if cfg.perceptual not in HF_ALIASES:
+            return None, f"perceptual network {repo}: NOT planned (no local config; the total below lacks it)"
+        config, where = Dinov2Config(), "transformers' Dinov2Config defaults (not found locally)"
+    size = PLAN_PERCEPTUAL_SIDE.get(cfg.perceptual, 224)
+    try:                                                          # as load_perceptual: the processor's crop size
+        crop = getattr(AutoImageProcessor.from_pretrained(repo, local_files_only=True), "crop_size", None) or {}
+        size = int(crop.get("height", size)) if isinstance(crop, dict) else size
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    size = cfg.perceptual_size or size
+    n = config.num_hidden_layers
+    layers = [int(s) for s in cfg.perceptual_layers.split(",")] if cfg.perceptual_layers else list(range(1, n + 1))
+    if not all(0 <= i <= n for i in layers):
+        raise SystemExit(f"--perceptual-layers {cfg.perceptual_layers!r}: expected indices in 0..{n} for {repo}")
+    with torch.device("meta"):
+        net = AutoModel.from_config(config)
+        perceptual = Perceptual(net, *IMAGENET, size, layers)
+    return perceptual, f"perceptual network {repo}: frozen, from {where}, at {size} px, {len(layers)} layer(s)"
+
+
+class _PlanVAE(nn.Module):
+    """What a rank keeps on the GPU in train(): the trained VAE and the frozen perceptual network (no
+    discriminator: radit Eq. 2 has no adversarial term)."""
+
+    def __init__(self, vae, perceptual):
+        super().__init__()
+        self.vae, self.perceptual = vae, perceptual
+
+
+def plan_memory(cfg, perceptual):
+    """The memory_plan of one training micro-batch of `cfg` as train() runs it on a GPU: bf16 autocast, AdamW, an
+    fp32 EMA of the VAE, the frozen `perceptual` network (plan_perceptual) in the loss. The micro-batch is train()'s
+    for WORLD_SIZE processes (1 unless set). Every block is walked (cut=False): the perceptual loss reads the
+    network's hidden states by index, which a truncated list would not have."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro, f = batch_split(cfg.batch_size, cfg.micro_batch, world)[0], factor_of(cfg)
+
+    def build(grad_ckpt):
+        c = Config(**{**asdict(cfg), "grad_ckpt": grad_ckpt})
+        with torch.device("meta"):
+            model = _PlanVAE(RadVAE(c), perceptual).train()
+        if perceptual is not None:
+            perceptual.eval()                                      # as load_perceptual: frozen, in eval mode
+
+        def loss_fn():                                            # a micro-batch on the meta device (see train())
+            img = torch.randn(micro, 1, cfg.image_size, cfg.image_size, device="meta")
+            side = cfg.image_size // f
+            noise = torch.randn(micro, cfg.latent_channels, side, side, device="meta")
+            return vae_loss(model.vae, img, noise, cfg, perceptual)[:, 0].mean()
+        return model, loss_fn
+    return memory_plan(build, micro, world, cut=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main: subcommand dispatch (train is the default)
 
 
@@ -2176,6 +2251,12 @@ def main(argv=None):
         print(f"RadVAE-{cfg.size}: {n:,} parameters ({n / 1e6:.1f}M: encoder {n_encoder / 1e6:.1f}M, "
               f"decoder {n_decoder / 1e6:.1f}M), f = {factor_of(cfg)}, "
               f"{cfg.latent_channels} latent channels")
+        if os.environ.get("MEMORY_PLAN", "1") != "0":             # (the perceptual config is read for the plan only)
+            perceptual, line = plan_perceptual(cfg)
+            print(f"{line}; VAE at {cfg.image_size} px, no discriminator")
+            print_memory_plan(plan_memory(cfg, perceptual))
+        else:
+            print_memory_plan(None)
         return n
     return bench(cfg) if cfg.bench else train(cfg)
 

@@ -131,6 +131,69 @@ def test_dry_run_prints_the_plan(capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# vae.py, flow_scm.py, downstream.py: --dry-run prints the plan of what each keeps per rank. The closed-form parts
+# (fp32 parameters, AdamW's two moments, the fp32 EMA or none) are checked against parameter counts made here.
+
+def printed_plan(out):
+    assert "GPU memory per rank (planned on the meta device)" in out
+    return json.loads(out.strip().split("\n")[-1])["memory_plan"]
+
+
+def check_static(plan, trained, frozen=0, ema=True):
+    assert (plan["trainable"], plan["frozen"]) == (trained, frozen)
+    assert plan["parameters"] == 4 * (trained + frozen) and plan["gradients"] == 4 * trained
+    assert plan["adam"] == 8 * trained and plan["ema"] == (4 * trained if ema else 0) and plan["ddp_buckets"] == 0
+    for key in ("no_ckpt", "ckpt"):
+        assert plan[f"total_{key}"] == (plan["parameters"] + plan["adam"] + plan["ema"] + plan["context"]
+                                        + plan[f"step_peak_{key}"])
+        assert 0 < plan[f"activations_{key}"] < plan[f"step_peak_{key}"]
+
+
+def test_vae_dry_run_plans_the_vae_its_ema_and_the_frozen_perceptual_network(capsys, monkeypatch, tmp_path):
+    """A tiny Dinov2 config saved locally stands in for Rad-DINO (offline: built from its config, no weights)."""
+    import vae
+    from transformers import Dinov2Config, Dinov2Model
+    monkeypatch.delenv("MEMORY_PLAN", raising=False)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        frozen = sum(p.numel() for p in Dinov2Model(config).parameters())
+    argv = ["--size", "tiny", "--dry-run", "--image-size", "32", "--batch-size", "2", "--perceptual-size", "28"]
+    n = vae.main(argv + ["--perceptual", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "frozen, from its local config, at 28 px, 2 layer(s)" in out
+    plan = printed_plan(out)
+    check_static(plan, n, frozen)
+    assert plan["micro_batch"] == 2 and plan["activations_ckpt"] < plan["activations_no_ckpt"]
+    assert vae.main(argv + ["--perceptual", "none"]) == n
+    bare = printed_plan(capsys.readouterr().out)
+    check_static(bare, n)
+    # the perceptual loss back-propagates through the frozen network into the reconstruction: more is held
+    assert bare["activations_no_ckpt"] < plan["activations_no_ckpt"]
+
+
+def test_flow_scm_dry_run_plans_the_mlps_and_their_ema(capsys, monkeypatch):
+    import flow_scm as fs
+    monkeypatch.delenv("MEMORY_PLAN", raising=False)
+    assert fs.main(["--size", "tiny", "--bench", "--dry-run", "--batch-size", "8"]) is None
+    plan = printed_plan(capsys.readouterr().out)
+    model = fs.FlowSCM(fs.resolve_graph(), ["a", "b", "c"], fs.Config(**fs.PRESETS["tiny"]))
+    check_static(plan, sum(p.numel() for p in model.parameters()))
+    assert plan["micro_batch"] == 8
+
+
+def test_downstream_dry_run_plans_the_cnn_without_ema(capsys, monkeypatch):
+    import downstream as D
+    monkeypatch.delenv("MEMORY_PLAN", raising=False)
+    n = D.main(["--dry-run", "--size", "tiny", "--img-size", "32", "--batch-size", "4"])
+    plan = printed_plan(capsys.readouterr().out)
+    check_static(plan, n, ema=False)
+    # no activation checkpointing in downstream.py: both walks are the same step
+    assert plan["micro_batch"] == 4 and plan["activations_ckpt"] == plan["activations_no_ckpt"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # BENCHMARKS.md "Memory planning": the plan's forward+backward peak (fp32, as --bench runs on a CPU) vs the growth
 # of resident memory over real CPU training steps, in a fresh process per case. Before the measured steps one
 # micro-batch-1 step allocates Adam's moments, thread pools and lazily loaded code, and its gradients are freed;
