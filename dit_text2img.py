@@ -823,24 +823,10 @@ def latent_folder(root, vae=""):
 
 def latent_info(folder):
     """The latent folder's info.json: shape, per-channel mean / std, and the info itself (its decoder names are
-    resolved by latent_file, only when a decoder is loaded)."""
+    resolved by the latent_decoder block, only when a decoder is loaded)."""
     li = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (written by vae.py encode)")
     return dict(shape=tuple(li["shape"]), mean=torch.tensor(li["mean"], dtype=torch.float32).view(-1, 1, 1),
                 std=torch.tensor(li["std"], dtype=torch.float32).view(-1, 1, 1), info=li)
-
-
-def latent_file(folder, info, key):
-    """The file that info.json's `key` names inside the latent folder ('' when it names none). Our choice: a path
-    that is absolute or leaves the folder is refused in one line, never followed: info.json comes with a shared
-    dataset, and the file it names may be a program (decoder.pt2)."""
-    name = str(info.get(key) or "")
-    if not name:
-        return ""
-    path = os.path.normpath(os.path.join(folder, name))
-    if os.path.isabs(name) or os.path.relpath(path, os.path.normpath(folder)).split(os.sep)[0] == os.pardir:
-        raise SystemExit(f"{folder}/info.json: {key} {name!r} is outside the latent folder; expected a file in it "
-                         f"(decoder paths elsewhere are not followed)")
-    return path
 
 
 LATENT_DTYPES = ("F32", "F16", "BF16")                           # FORMAT.md §7: float32, also float16 / bfloat16
@@ -1268,6 +1254,59 @@ def load_radvae_decoder(path, device="cpu"):
 # --- end skeleton: radvae_decoder ---
 
 
+# --- skeleton: latent_decoder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def latent_folder_file(folder, info, key):
+    """The file that a latent folder's info.json `key` names, inside the folder ('' when it names none). Our
+    choice: a path that resolves outside the folder (absolute, through '..' or a link) is refused in one line, never
+    followed: info.json comes with a shared dataset, and the file it names may be a program (a .pt2)."""
+    name = str(info.get(key) or "")
+    if not name:
+        return ""
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(folder, name))
+    if os.path.commonpath([root, path]) != root:
+        raise SystemExit(f"{os.path.join(folder, 'info.json')}: {key} {name!r} is outside the latent folder; "
+                         f"expected a file in {folder} (files elsewhere are not followed)")
+    return path
+
+
+def decoder_files(folder, info):
+    """-> (decoder.safetensors path, decoder.pt2 path) that the latent folder's info.json names ("decoder_safetensors",
+    "decoder"; FORMAT.md §7), each inside the folder; '' for none."""
+    return latent_folder_file(folder, info, "decoder_safetensors"), latent_folder_file(folder, info, "decoder")
+
+
+def has_decoder(folder, info):
+    return any(p and os.path.isfile(p) for p in decoder_files(folder, info))
+
+
+def load_latent_decoder(folder, info, mean, std, device, allow_program=True):
+    """A latent folder's decoder as normalised latents [B, C, h, w] -> images [B, 1, S, S] in [-1, 1]: the latents
+    are denormalised by the per-channel `mean` / `std` [C, 1, 1] first (the decoders take raw latents, FORMAT.md §7).
+    decoder.safetensors when there is one (load_radvae_decoder: tensors only, nothing unpickled); else, only when
+    `allow_program`, the torch.export decoder.pt2, said in one printed line first because loading a .pt2 can run
+    code. None when there is no decoder.safetensors and programs are not allowed; one line when there is neither."""
+    safe, prog = decoder_files(folder, info)
+    if safe and os.path.isfile(safe):
+        dec = load_radvae_decoder(safe, device)[0]
+    elif not allow_program:
+        return None
+    elif prog and os.path.isfile(prog):
+        print(f"{prog}: the decoder, a torch.export program (.pt2), which can run code when loaded: load only latent "
+              f"folders you made or trust (no decoder.safetensors in {folder}; vae.py encode writes one)", flush=True)
+        try:
+            dec = torch.export.load(prog).module().to(device)
+        except Exception as e:                                  # torch.export.load raises many kinds on a bad file
+            raise SystemExit(f"{prog}: not a loadable torch.export program ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected vae.py encode's") from None
+    else:
+        raise SystemExit(f"{os.path.join(folder, 'info.json')}: no decoder found (decoder_safetensors {safe!r}, "
+                         f"decoder {prog!r}); expected the decoder files written by vae.py encode")
+    mean, std = mean.to(device), std.to(device)
+    return torch.no_grad()(lambda z: dec(z.float() * std + mean).float())
+# --- end skeleton: latent_decoder ---
+
+
 def write_csv(path, rows, columns=META_COLUMNS):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -1302,39 +1341,13 @@ def save_grid(path, images, ncol, labels=()):
     atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
-def decoder_files(folder):
-    """-> (decoder.safetensors path, decoder.pt2 path) that the latent folder's info.json names, '' for none."""
-    info = latent_info(folder)["info"]
-    return latent_file(folder, info, "decoder_safetensors"), latent_file(folder, info, "decoder")
-
-
-def has_decoder(folder):
-    return any(p and os.path.isfile(p) for p in decoder_files(folder))
-
-
 def load_decoder(folder, device):
-    """A latent folder's decoder as normalised latents -> [-1, 1] images (None: pixel space). decoder.safetensors
-    when there is one (load_radvae_decoder: tensors only, nothing unpickled); else the torch.export decoder.pt2,
-    with one printed line saying that it is a program. Called only when images are decoded."""
+    """A latent folder's decoder as normalised latents -> [-1, 1] images (None: pixel space): the latent_decoder
+    block (decoder.safetensors, else decoder.pt2 said in one line). Called only when images are decoded."""
     if folder is None:
         return None
     li = latent_info(folder)
-    safe, prog = decoder_files(folder)
-    if safe and os.path.isfile(safe):
-        dec = load_radvae_decoder(safe, device)[0]
-    elif prog and os.path.isfile(prog):
-        print(f"{prog}: a torch.export program (.pt2), which can run code when loaded: load only decoders you made "
-              f"or trust (no decoder.safetensors in {folder}; vae.py encode writes one)", flush=True)
-        try:
-            dec = torch.export.load(prog).module().to(device)
-        except Exception as e:                                  # torch.export.load raises many kinds on a bad file
-            raise SystemExit(f"{prog}: not a loadable torch.export program ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected vae.py encode's") from None
-    else:
-        raise SystemExit(f"{folder}/info.json: no decoder found (decoder_safetensors {safe!r}, decoder {prog!r}); "
-                         f"expected the decoder files written by vae.py encode")
-    mean, std = li["mean"].to(device), li["std"].to(device)
-    return torch.no_grad()(lambda z: dec(z.float() * std + mean).float())
+    return load_latent_decoder(folder, li["info"], li["mean"], li["std"], device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1659,8 +1672,9 @@ def train(cfg):
         resume_log(os.path.join(cfg.out, "log.jsonl"), step)     # run (log steps count optimizer steps, as ckpts)
     # The decoder only when grids are drawn (rank 0, --sample-every > 0): never opened otherwise (a .pt2 is code)
     decode = None
-    if rank == 0 and cfg.sample_every and data.space == "latent" and has_decoder(data.folder):
-        decode = load_decoder(data.folder, device)
+    if rank == 0 and cfg.sample_every and data.space == "latent":
+        if has_decoder(data.folder, latent_info(data.folder)["info"]):
+            decode = load_decoder(data.folder, device)
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
@@ -1877,7 +1891,7 @@ def sample(icfg):
             raise SystemExit(f"{lat or os.path.join(cfg.data, 'latents')}: latents of shape "
                              f"{list(latent_info(lat)['shape']) if lat else None}; the checkpoint generates "
                              f"{[cfg.in_channels, cfg.image_size, cfg.image_size]}")
-        decoder_files(lat)                                       # a decoder path outside the folder: refused now
+        decoder_files(lat, latent_info(lat)["info"])             # a decoder path outside the folder: refused now
     K = icfg.n_per_prompt
     where = icfg.cond or icfg.prompts
     names = [os.path.basename(file_in(icfg.out, pid if K == 1 else f"{pid}_s{k}", ".png", where))

@@ -1001,18 +1001,6 @@ def latent_info(folder):
     return dict(shape=shape, mean=mean, std=std, decoder_safetensors=safe or None, decoder=li.get("decoder") or None)
 
 
-def decoder_path(folder, name, key):
-    """The file `name` of info.json's `key`, inside the latent folder; one line when it leaves it. Our choice: a
-    path that resolves outside the folder (absolute, through '..' or a link) is refused, not followed, so that a
-    shared dataset folder cannot make a run load a decoder (code, for a .pt2) from elsewhere."""
-    path = os.path.realpath(os.path.join(folder, str(name)))
-    root = os.path.realpath(folder)
-    if os.path.commonpath([root, path]) != root:
-        raise SystemExit(f"{os.path.join(folder, 'info.json')}: {key} {name!r} is outside the latent folder; "
-                         f"expected a file in {folder} (copy the decoder there: decoders elsewhere are not followed)")
-    return path
-
-
 class CXRData:
     """One split of a FORMAT.md §1 dataset: 19 codes per row in memory, pixels or latents read on demand. The rows
     are arrays (meta_columns: from DIR/meta_index.safetensors when it is fresh, else parsed from meta.csv), never a
@@ -1619,6 +1607,59 @@ def load_radvae_decoder(path, device="cpu"):
 # --- end skeleton: radvae_decoder ---
 
 
+# --- skeleton: latent_decoder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def latent_folder_file(folder, info, key):
+    """The file that a latent folder's info.json `key` names, inside the folder ('' when it names none). Our
+    choice: a path that resolves outside the folder (absolute, through '..' or a link) is refused in one line, never
+    followed: info.json comes with a shared dataset, and the file it names may be a program (a .pt2)."""
+    name = str(info.get(key) or "")
+    if not name:
+        return ""
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(folder, name))
+    if os.path.commonpath([root, path]) != root:
+        raise SystemExit(f"{os.path.join(folder, 'info.json')}: {key} {name!r} is outside the latent folder; "
+                         f"expected a file in {folder} (files elsewhere are not followed)")
+    return path
+
+
+def decoder_files(folder, info):
+    """-> (decoder.safetensors path, decoder.pt2 path) that the latent folder's info.json names ("decoder_safetensors",
+    "decoder"; FORMAT.md §7), each inside the folder; '' for none."""
+    return latent_folder_file(folder, info, "decoder_safetensors"), latent_folder_file(folder, info, "decoder")
+
+
+def has_decoder(folder, info):
+    return any(p and os.path.isfile(p) for p in decoder_files(folder, info))
+
+
+def load_latent_decoder(folder, info, mean, std, device, allow_program=True):
+    """A latent folder's decoder as normalised latents [B, C, h, w] -> images [B, 1, S, S] in [-1, 1]: the latents
+    are denormalised by the per-channel `mean` / `std` [C, 1, 1] first (the decoders take raw latents, FORMAT.md §7).
+    decoder.safetensors when there is one (load_radvae_decoder: tensors only, nothing unpickled); else, only when
+    `allow_program`, the torch.export decoder.pt2, said in one printed line first because loading a .pt2 can run
+    code. None when there is no decoder.safetensors and programs are not allowed; one line when there is neither."""
+    safe, prog = decoder_files(folder, info)
+    if safe and os.path.isfile(safe):
+        dec = load_radvae_decoder(safe, device)[0]
+    elif not allow_program:
+        return None
+    elif prog and os.path.isfile(prog):
+        print(f"{prog}: the decoder, a torch.export program (.pt2), which can run code when loaded: load only latent "
+              f"folders you made or trust (no decoder.safetensors in {folder}; vae.py encode writes one)", flush=True)
+        try:
+            dec = torch.export.load(prog).module().to(device)
+        except Exception as e:                                  # torch.export.load raises many kinds on a bad file
+            raise SystemExit(f"{prog}: not a loadable torch.export program ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected vae.py encode's") from None
+    else:
+        raise SystemExit(f"{os.path.join(folder, 'info.json')}: no decoder found (decoder_safetensors {safe!r}, "
+                         f"decoder {prog!r}); expected the decoder files written by vae.py encode")
+    mean, std = mean.to(device), std.to(device)
+    return torch.no_grad()(lambda z: dec(z.float() * std + mean).float())
+# --- end skeleton: latent_decoder ---
+
+
 def write_csv(path, rows, columns=META_COLUMNS):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -1655,33 +1696,16 @@ def save_grid(path, images, ncol, labels=()):
 
 def load_decoder(folder, device, allow_program=True):
     """The decoder of a latent folder as normalised latents -> [-1, 1] images (None: pixel space, or no decoder
-    that may be loaded). decoder.safetensors first (load_radvae_decoder: weights only, nothing runs); else, when
-    `allow_program`, the torch.export program decoder.pt2, with one line saying that it is code (sample, edit);
-    training grids pass allow_program=False and show latent channel 0 instead."""
+    that may be loaded): the latent_decoder block, decoder.safetensors first, else decoder.pt2 only when
+    `allow_program` (sample, edit). Training grids pass allow_program=False and show latent channel 0 instead."""
     if folder is None:
         return None
-    li = latent_info(folder)
-    mean, std = li["mean"].to(device), li["std"].to(device)
-    if li["decoder_safetensors"]:
-        path = decoder_path(folder, li["decoder_safetensors"], "decoder_safetensors")
-        if os.path.isfile(path):
-            dec, _ = load_radvae_decoder(path, device)
-            return lambda z: dec(z.float() * std + mean).float()
-    if not allow_program:
+    li = latent_info(folder)                                     # decoder names: info.json's (decoder.safetensors
+                                                                 # by default, latent_info), as the block reads them
+    decode = load_latent_decoder(folder, li, li["mean"], li["std"], device, allow_program)
+    if decode is None:
         print(f"{folder}: no decoder.safetensors; grids show latent channel 0 (training never runs decoder.pt2)")
-        return None
-    path = decoder_path(folder, li["decoder"], "decoder") if li["decoder"] else None
-    if not path or not os.path.isfile(path):
-        raise SystemExit(f"{folder}/info.json: no decoder.safetensors and decoder {li['decoder']!r} not found; "
-                         f"expected the decoders written by vae.py encode")
-    print(f"{path}: no decoder.safetensors in {folder}; loading this torch.export program, which is code that "
-          f"runs: only use decoders you wrote or trust", flush=True)
-    try:
-        dec = torch.export.load(path).module().to(device)
-    except Exception as e:                                       # any failure of a foreign program: one line
-        raise SystemExit(f"{path}: not a loadable torch.export program ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); expected vae.py encode's decoder.pt2") from None
-    return lambda z: dec(z.float() * std + mean).float()
+    return decode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2215,9 +2239,9 @@ def decoder_record(folder):
     if folder is None:
         return None
     li = latent_info(folder)
-    for key in ("decoder_safetensors", "decoder"):
-        if li[key] and os.path.isfile(os.path.join(folder, li[key])):
-            return file_sha256(decoder_path(folder, li[key], key))
+    for path in decoder_files(folder, li):
+        if path and os.path.isfile(path):
+            return file_sha256(path)
     return None
 
 

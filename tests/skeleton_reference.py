@@ -29,14 +29,17 @@ from safetensors.torch import save_file
 ALL = ("atomic_save", "setup_distributed", "batch_split", "health_check", "environment", "safe_names",
        "output_folder", "meta_table")
 LATENT = ("radvae_decoder",)                                     # scripts that decode latents of vae.py
+# "latent_decoder" (a latent folder's decoder file, inside it; .pt2 only as a fallback): the four latent models.
+# vae.py reads decoder.safetensors itself (decode), with load_radvae_decoder alone.
 PLAN = ("memory_plan",)                                          # --dry-run plans GPU memory per rank
 PIECES = {
-    "rectified_flow.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
+    "rectified_flow.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli",
+                                                "meta_index"),
     "flow_scm.py": ALL + PLAN + ("ema_decay",),
     "vae.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
-    "dit_text2img.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli"),
-    "controlnet.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli"),
-    "ldm_multicond.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli"),
+    "dit_text2img.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli"),
+    "controlnet.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli"),
+    "ldm_multicond.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli"),
     "downstream.py": ALL + PLAN + ("checkpoint_io", "log_line"),
     "prep_data.py": ("safe_names", "meta_table", "meta_index"),   # not training scripts: the pieces they need
     "metrics.py": ("safe_names", "meta_table"),
@@ -773,6 +776,59 @@ def load_radvae_decoder(path, device="cpu"):
         return conv(x, "conv_out").clamp(-1, 1)
     return decode, spec
 # --- end skeleton: radvae_decoder ---
+
+
+# --- skeleton: latent_decoder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def latent_folder_file(folder, info, key):
+    """The file that a latent folder's info.json `key` names, inside the folder ('' when it names none). Our
+    choice: a path that resolves outside the folder (absolute, through '..' or a link) is refused in one line, never
+    followed: info.json comes with a shared dataset, and the file it names may be a program (a .pt2)."""
+    name = str(info.get(key) or "")
+    if not name:
+        return ""
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(folder, name))
+    if os.path.commonpath([root, path]) != root:
+        raise SystemExit(f"{os.path.join(folder, 'info.json')}: {key} {name!r} is outside the latent folder; "
+                         f"expected a file in {folder} (files elsewhere are not followed)")
+    return path
+
+
+def decoder_files(folder, info):
+    """-> (decoder.safetensors path, decoder.pt2 path) that the latent folder's info.json names ("decoder_safetensors",
+    "decoder"; FORMAT.md §7), each inside the folder; '' for none."""
+    return latent_folder_file(folder, info, "decoder_safetensors"), latent_folder_file(folder, info, "decoder")
+
+
+def has_decoder(folder, info):
+    return any(p and os.path.isfile(p) for p in decoder_files(folder, info))
+
+
+def load_latent_decoder(folder, info, mean, std, device, allow_program=True):
+    """A latent folder's decoder as normalised latents [B, C, h, w] -> images [B, 1, S, S] in [-1, 1]: the latents
+    are denormalised by the per-channel `mean` / `std` [C, 1, 1] first (the decoders take raw latents, FORMAT.md §7).
+    decoder.safetensors when there is one (load_radvae_decoder: tensors only, nothing unpickled); else, only when
+    `allow_program`, the torch.export decoder.pt2, said in one printed line first because loading a .pt2 can run
+    code. None when there is no decoder.safetensors and programs are not allowed; one line when there is neither."""
+    safe, prog = decoder_files(folder, info)
+    if safe and os.path.isfile(safe):
+        dec = load_radvae_decoder(safe, device)[0]
+    elif not allow_program:
+        return None
+    elif prog and os.path.isfile(prog):
+        print(f"{prog}: the decoder, a torch.export program (.pt2), which can run code when loaded: load only latent "
+              f"folders you made or trust (no decoder.safetensors in {folder}; vae.py encode writes one)", flush=True)
+        try:
+            dec = torch.export.load(prog).module().to(device)
+        except Exception as e:                                  # torch.export.load raises many kinds on a bad file
+            raise SystemExit(f"{prog}: not a loadable torch.export program ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected vae.py encode's") from None
+    else:
+        raise SystemExit(f"{os.path.join(folder, 'info.json')}: no decoder found (decoder_safetensors {safe!r}, "
+                         f"decoder {prog!r}); expected the decoder files written by vae.py encode")
+    mean, std = mean.to(device), std.to(device)
+    return torch.no_grad()(lambda z: dec(z.float() * std + mean).float())
+# --- end skeleton: latent_decoder ---
 
 
 # --- skeleton: memory_plan (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---

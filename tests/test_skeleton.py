@@ -593,6 +593,86 @@ def test_radvae_decoder_reader_refuses_what_it_cannot_read(tmp_path):
         R.load_radvae_decoder(junk)
 
 
+def latent_folder(tmp_path, safetensors=True, program=True):
+    """A latent folder with C = 2 channels: a decoder.safetensors of one 1x1 convolution (no blocks: images are
+    clamp(a . raw + b), a closed form) and/or a decoder.pt2 that is no program (it must not be opened unless the
+    test's fake torch.export.load stands in)."""
+    from safetensors.torch import save_file
+    folder = tmp_path / "lat"
+    folder.mkdir()
+    info = {}
+    if safetensors:
+        a, b = torch.tensor([0.25, -0.5]), 0.125
+        conv_in = torch.cat([a, torch.tensor([b])]).view(1, 3, 1, 1)   # input: raw latents and a ones channel
+        spec = {"format": "radvae-decoder/1", "res_balance": 0.3, "attn_balance": 0.3, "clip_act": 256, "blocks": []}
+        save_file({"conv_in": conv_in, "conv_out": torch.ones(1, 1, 1, 1)}, str(folder / "decoder.safetensors"),
+                  metadata={"spec": json.dumps(spec)})
+        info["decoder_safetensors"] = "decoder.safetensors"
+    if program:
+        (folder / "decoder.pt2").write_bytes(b"crafted: not a torch.export program")
+        info["decoder"] = "decoder.pt2"
+    return str(folder), info
+
+
+MEAN, STD = torch.tensor([0.5, -1.0]).view(-1, 1, 1), torch.tensor([2.0, 0.25]).view(-1, 1, 1)
+
+
+def test_latent_decoder_refuses_a_decoder_outside_the_folder(tmp_path):
+    folder, _ = latent_folder(tmp_path)
+    (tmp_path / "evil.pt2").write_bytes(b"x")
+    os.symlink(tmp_path / "evil.pt2", os.path.join(folder, "link.pt2"))     # inside by name, outside in fact
+    for name in (str(tmp_path / "evil.pt2"), "../evil.pt2", "sub/../../evil.pt2", "link.pt2"):
+        for key in ("decoder", "decoder_safetensors"):
+            with pytest.raises(SystemExit, match=rf"info.json: {key} '{re.escape(name)}' is outside the latent "
+                                                 rf"folder; expected a file in "):
+                R.load_latent_decoder(folder, {key: name}, MEAN, STD, "cpu")
+    assert R.latent_folder_file(folder, {"decoder": "./decoder.pt2"}, "decoder") == \
+        os.path.realpath(os.path.join(folder, "decoder.pt2"))
+    assert R.decoder_files(folder, {}) == ("", "")
+
+
+def test_latent_decoder_prefers_safetensors_and_denormalises(tmp_path, monkeypatch, capsys):
+    folder, info = latent_folder(tmp_path)
+    opened = []
+    monkeypatch.setattr(torch.export, "load", lambda path: opened.append(path))
+    decode = R.load_latent_decoder(folder, info, MEAN, STD, "cpu")
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    raw = z.double() * STD.double() + MEAN.double()               # FORMAT.md §7: decoders take raw latents
+    want = (0.25 * raw[:, 0:1] - 0.5 * raw[:, 1:2] + 0.125).clamp(-1, 1)
+    got = decode(z)
+    assert got.shape == (3, 1, 4, 4) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    assert not got.requires_grad and opened == [] and capsys.readouterr().out == ""
+    assert R.has_decoder(folder, info) and R.has_decoder(folder, {"decoder": "decoder.pt2"})
+    assert not R.has_decoder(folder, {"decoder": "absent.pt2"})
+
+
+def test_latent_decoder_runs_a_program_only_when_allowed_and_says_so_first(tmp_path, monkeypatch, capsys):
+    folder, info = latent_folder(tmp_path, safetensors=False)
+    said_before = []
+
+    class Program:                                               # what torch.export.load returns: .module()
+        def module(self):
+            return torch.nn.Identity()
+
+    monkeypatch.setattr(torch.export, "load", lambda path: said_before.append((path, capsys.readouterr().out))
+                        or Program())
+    assert R.load_latent_decoder(folder, info, MEAN, STD, "cpu", allow_program=False) is None
+    assert said_before == [] and capsys.readouterr().out == ""    # not opened, nothing said
+    decode = R.load_latent_decoder(folder, info, MEAN, STD, "cpu")
+    [(path, out)] = said_before
+    assert path == os.path.realpath(os.path.join(folder, "decoder.pt2"))
+    assert out.count("\n") == 1 and out.startswith(path + ": the decoder, a torch.export program (.pt2), which can "
+                                                       "run code when loaded") and "no decoder.safetensors" in out
+    z = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(decode(z).double(), z.double() * STD.double() + MEAN.double(), atol=1e-6)
+    monkeypatch.undo()                                           # the real loader: the crafted file is no program
+    with pytest.raises(SystemExit, match=r"decoder.pt2: not a loadable torch.export program"):
+        R.load_latent_decoder(folder, info, MEAN, STD, "cpu")
+    with pytest.raises(SystemExit, match=r"info.json: no decoder found \(decoder_safetensors '', decoder ''\)"):
+        R.load_latent_decoder(folder, {}, MEAN, STD, "cpu")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One vocabulary: the same flags for the same things in every training loop
 
