@@ -5,6 +5,7 @@ real CPU tensors (saved-tensor hooks, an independent count of what autograd hold
 walk of repeated blocks against the full walk.
 
     python tests/test_memory_plan.py --measure      # BENCHMARKS.md "Memory planning": estimate vs CPU peak RSS
+    python tests/test_memory_plan.py --measure-vae  # the same for vae.py's RadVAE
 """
 import json
 import os
@@ -227,9 +228,54 @@ def measure(size, micro, image_size, ckpt, steps=2):
     return plan["step_peak_ckpt" if ckpt else "step_peak_no_ckpt"], peak
 
 
+def measure_vae(size, micro, image_size, ckpt, steps=2):
+    """Child: measure() for vae.py's RadVAE (--perceptual none: no weights offline), every block walked."""
+    import vae
+    cfg = vae.resolve(vae.Config(**{**vae.PRESETS[size], "size": size, "image_size": image_size,
+                                    "perceptual": "none", "batch_size": micro}))
+
+    def build(grad_ckpt, device):
+        with torch.device(device):
+            model = vae.RadVAE(vae.Config(**{**vae.asdict(cfg), "grad_ckpt": grad_ckpt})).train()
+        side = image_size // vae.factor_of(cfg)
+
+        def loss_fn(b=micro):
+            img = torch.randn(b, 1, image_size, image_size, device=device)
+            noise = torch.randn(b, cfg.latent_channels, side, side, device=device)
+            return vae.vae_loss(model, img, noise, cfg)[:, 0].mean()
+        return model, loss_fn
+    plan = S.memory_plan(lambda c: build(c, "meta"), micro, bf16=False, cut=False, gpu_kernels=False)
+    model, loss_fn = build(ckpt, "cpu")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(b):
+        loss_fn(b).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step(1)
+    base = rss()
+    for _ in range(steps):
+        step(micro)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return plan["step_peak_ckpt" if ckpt else "step_peak_no_ckpt"], peak
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:
-        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")))
+    if sys.argv[1:2] in (["--child"], ["--child-vae"]):
+        fn = measure_vae if sys.argv[1] == "--child-vae" else measure
+        print(json.dumps(fn(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1")))
+    elif sys.argv[1:2] == ["--measure-vae"]:
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, fp32 CPU steps (no autocast), vae.py RadVAE")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        for size, micro, side in (("tiny", 8, 128),):
+            for ckpt in (0, 1):
+                out = subprocess.run([sys.executable, __file__, "--child-vae", size, str(micro), str(side),
+                                      str(ckpt)], capture_output=True, text=True, check=True, env=env)
+                est, peak = json.loads(out.stdout.strip().split("\n")[-1])
+                flag = "--grad-ckpt" if ckpt else ""
+                print(f"  vae {size:5s} micro-batch {micro:2d} at {side}x{side} {flag:11s}: "
+                      f"planned {est / 2**20:7.1f} MiB, peak RSS growth {peak / 2**20:7.1f} MiB, "
+                      f"measured / planned {peak / est:.2f}", flush=True)
     elif sys.argv[1:2] == ["--measure"]:
         print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, fp32 CPU steps (no autocast), latent 4 channels")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
