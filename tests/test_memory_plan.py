@@ -106,7 +106,8 @@ def test_meta_walk_counts_what_autograd_holds_on_cpu():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_repeated_blocks_extrapolate_to_the_full_walk(bf16):
+def test_repeated_blocks_extrapolate_to_the_full_walk(bf16, monkeypatch):
+    monkeypatch.delenv("MEMORY_PLAN", raising=False)            # tests/conftest.py skips the walk by default
     cfg = small_cfg()
     model, _ = rf_step(cfg, "meta")
     assert S._plan_repeats(model) == {"blocks": cfg.depth}
