@@ -722,7 +722,9 @@ def claim_output(out, record, mine=(), write=True):
     command's outputs) is refused and left as it is; `mine`: file names that mark a folder this command wrote
     before output.json existed (e.g. its checkpoint), claimed too.
     Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
-    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files."""
+    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files. A sampler then
+    holds every rank at a barrier before any of them writes into `out`, or rank 0 could find another rank's images
+    in a folder it has not yet claimed."""
     record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
     path = os.path.join(out, "output.json")
     if os.path.exists(out) and not os.path.isdir(out):

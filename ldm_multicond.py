@@ -1108,7 +1108,9 @@ def claim_output(out, record, mine=(), write=True):
     command's outputs) is refused and left as it is; `mine`: file names that mark a folder this command wrote
     before output.json existed (e.g. its checkpoint), claimed too.
     Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
-    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files."""
+    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files. A sampler then
+    holds every rank at a barrier before any of them writes into `out`, or rank 0 could find another rank's images
+    in a folder it has not yet claimed."""
     record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
     path = os.path.join(out, "output.json")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -1918,6 +1920,8 @@ def sample(icfg):
               "guide_against": ",".join(m for m, u in zip("LIT", against) if u), "cfg": icfg.cfg,
               "steps": icfg.steps, "eta": icfg.eta}
     claim_output(icfg.out, record, write=rank == 0)
+    if world > 1:                # every rank has checked --out (rank 0 claimed it) before any writes there
+        dist.barrier()
     decode = load_decoder(lat, device)                           # None in pixel space
     os.makedirs(icfg.out, exist_ok=True)
     names = [f"{i:06d}.png" for i in range(n)]

@@ -1173,7 +1173,9 @@ def claim_output(out, record, mine=(), write=True):
     command's outputs) is refused and left as it is; `mine`: file names that mark a folder this command wrote
     before output.json existed (e.g. its checkpoint), claimed too.
     Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
-    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files."""
+    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files. A sampler then
+    holds every rank at a barrier before any of them writes into `out`, or rank 0 could find another rank's images
+    in a folder it has not yet claimed."""
     record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
     path = os.path.join(out, "output.json")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -2287,6 +2289,8 @@ def sample(icfg):
     record = {"command": "rectified_flow.py sample", "ckpt_sha256": file_sha256(ckpt), **condition,
               "seed": icfg.seed, **solver_record(icfg), "decoder_sha256": decoder_record(folder)}
     claim_output(icfg.out, record, write=rank == 0)
+    if world > 1:                # every rank has checked --out (rank 0 claimed it) before any writes there
+        dist.barrier()
     meta_path = os.path.join(icfg.out, "meta.csv")
     listed = len(read_meta(meta_path)[0]) if os.path.isfile(meta_path) else 0
     names = [f"{i:06d}.png" for i in range(n)]
@@ -2493,6 +2497,8 @@ def edit(icfg):
     claim_edit_output(icfg.out, record, write=False)             # check it is ours, then the images, then write
     old_rows = check_edit_rows(icfg.out, out_rows)
     claim_edit_output(icfg.out, record, write=rank == 0)
+    if world > 1:                # every rank has checked --out (rank 0 claimed it) before any writes there
+        dist.barrier()
     if rank == 0:                 # this plan's rows, then the rows of images kept from earlier runs of other --ids
         planned = set(ids)
         kept = [r for r in old_rows if r["id"] not in planned and os.path.exists(file_in(icfg.out, r["id"], ".png"))]

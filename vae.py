@@ -652,7 +652,9 @@ def claim_output(out, record, mine=(), write=True):
     command's outputs) is refused and left as it is; `mine`: file names that mark a folder this command wrote
     before output.json existed (e.g. its checkpoint), claimed too.
     Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
-    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files."""
+    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files. A sampler then
+    holds every rank at a barrier before any of them writes into `out`, or rank 0 could find another rank's images
+    in a folder it has not yet claimed."""
     record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
     path = os.path.join(out, "output.json")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -2138,6 +2140,8 @@ def decode(icfg):
     record = {"command": "vae.py decode", "latents_sha256": file_sha256(icfg.latents),
               "decoder_sha256": file_sha256(path), "normalised": icfg.normalised}
     claim_output(icfg.out, record, write=rank == 0)
+    if world > 1:                # every rank has checked --out (rank 0 claimed it) before any writes there
+        dist.barrier()
     os.makedirs(icfg.out, exist_ok=True)
     stem = os.path.splitext(os.path.basename(icfg.latents))[0]
     todo = [i for i in range(rank, len(z), world) if not os.path.exists(os.path.join(icfg.out, f"{stem}_{i:06d}.png"))]
