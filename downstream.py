@@ -476,8 +476,10 @@ def load_imagenet(model, path):
         raise SystemExit(f"--init imagenet:{path}: no such file; expected torchvision's ImageNet weights, e.g. "
                          f"https://download.pytorch.org/models/densenet121-a639ec97.pth or resnet50-0676ba61.pth")
     try:
-        sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                             weights_only=True)
+        if path.endswith(".safetensors"):
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)       # tensors only: nothing executed
     except Exception as e:                                       # torch.load / safetensors raise many kinds
         raise SystemExit(f"--init imagenet:{path}: not a readable state_dict ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); expected torchvision's ImageNet weights "
