@@ -221,12 +221,17 @@ def measure(size, micro, image_size, ckpt, steps=2):
         rf.flow_loss(model, x, torch.randn_like(x), torch.rand(b), torch.zeros(b, 19)).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return plan["step_peak_ckpt" if ckpt else "step_peak_no_ckpt"], peak_growth(step, micro, steps)
+
+
+def peak_growth(step, micro, steps):
+    """Peak resident-memory growth (bytes) over `steps` optimizer steps of `micro` images, after one warm-up step of
+    one image (allocator pools, lazy state) as the baseline."""
     step(1)
     base = rss()
     for _ in range(steps):
         step(micro)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return plan["step_peak_ckpt" if ckpt else "step_peak_no_ckpt"], peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 
 
 def measure_vae(size, micro, image_size, ckpt, steps=2):
@@ -253,12 +258,7 @@ def measure_vae(size, micro, image_size, ckpt, steps=2):
         loss_fn(b).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    step(1)
-    base = rss()
-    for _ in range(steps):
-        step(micro)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return plan["step_peak_ckpt" if ckpt else "step_peak_no_ckpt"], peak
+    return plan["step_peak_ckpt" if ckpt else "step_peak_no_ckpt"], peak_growth(step, micro, steps)
 
 
 if __name__ == "__main__":
