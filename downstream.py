@@ -745,7 +745,12 @@ def corpus_bleu(candidates, references, max_n=4):
             match[n - 1] += sum(min(k, rn[g]) for g, k in cn.items())
             total[n - 1] += sum(cn.values())
     p = np.divide(match, total, out=np.zeros(max_n), where=total > 0)
-    bp = 0.0 if c == 0 else 1.0 if c > r else math.exp(1 - r / c)
+    if c == 0:
+        bp = 0.0                                                 # no candidate words: nothing to score
+    elif c > r:
+        bp = 1.0
+    else:
+        bp = math.exp(1 - r / c)                                 # the brevity penalty (Papineni et al. 2002)
     bleu = [bp * math.exp(np.log(p[:n]).mean()) if p[:n].min() > 0 else 0.0 for n in range(1, max_n + 1)]
     return {**{f"bleu{n}": bleu[n - 1] for n in range(1, max_n + 1)}, "p": p.tolist(), "bp": bp, "c": c, "r": r}
 
@@ -1966,7 +1971,12 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
             rec["val"] = float(score[0])
             ckpt_now |= state["stopped"]
         if rec and rank == 0:
-            what = "Dice" if seg else "-CE" if cfg.task == RG else "macro AUROC"
+            if seg:
+                what = "Dice"
+            elif cfg.task == RG:
+                what = "-CE"
+            else:
+                what = "macro AUROC"
             fields = [(f"val {what}", f"{rec['val']:.4f}")] if "val" in rec else []
             write_log(os.path.join(run_dir, "log.jsonl"), rec, log_line(rec, cfg.max_steps, fields))
         save_checkpoint(ckpt_path, raw, opt, cfg, step, state) if ckpt_now and rank == 0 else None
@@ -2526,10 +2536,18 @@ def task_cond_eval(cfg):
     scores = {k: cond_scores(t, predict(model, Pool([s], cfg, [], saved.img_size), cfg, device), V, model.sizes)
               for k, (s, t) in sets.items()}
     n = {v: int((~np.isnan(y[:, V.index(v)])).sum()) for v in asked}
-    results = {v: {"metric": "MAE (years)" if v == "age" else "AUROC" if v in LABELS else "accuracy",
-                   **{k: scores[k][v] for k in sets}, "n": n[v], "skipped": len(S) - n[v],
-                   **({"majority rate": float(Counter(y[~np.isnan(y[:, V.index(v)]), V.index(v)]).most_common(1)[0][1]
-                                              / n[v])} if v not in LABELS and v != "age" else {})} for v in asked}
+    results = {}
+    for v in asked:
+        if v == "age":
+            metric = "MAE (years)"
+        elif v in LABELS:
+            metric = "AUROC"
+        else:
+            metric = "accuracy"
+        results[v] = {"metric": metric, **{k: scores[k][v] for k in sets}, "n": n[v], "skipped": len(S) - n[v]}
+        if metric == "accuracy":                                 # what always answering the commonest value scores
+            known = y[~np.isnan(y[:, V.index(v)]), V.index(v)]
+            results[v]["majority rate"] = float(Counter(known).most_common(1)[0][1] / n[v])
     rows = {k: {v: scores[k][v] for v in asked} for k in sets}
     rows.update({"requested (n)": n, "skipped (missing, uncertain)": {v: len(S) - n[v] for v in asked},
                  "majority rate": {v: r.get("majority rate") for v, r in results.items()}})
@@ -2598,7 +2616,9 @@ def task_report_gen(cfg):
     same training data: its most frequent report, and the report of the nearest training image (raw pixels). Each
     scored on the test sets' reports: BLEU-1..4, ROUGE-L, CheXpert-14 label F1 (prep_data.py extract-labels)."""
     rank, device, _, exps, size = setup(cfg)
-    texts, refs, ids, test_names, prepared = {}, {}, {}, [], []  # texts: system -> runs -> {test: [report]}
+    texts = {}                                                   # system -> runs -> {test: [report]}
+    refs, ids = {}, {}
+    test_names, prepared = [], []
     for row, srcs in exps:                                       # every experiment's input checked before training
         val_srcs, srcs = validation(cfg, srcs)
         test_srcs = test_sets(cfg, srcs)
