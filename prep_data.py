@@ -243,8 +243,11 @@ def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, sh
         raise SystemExit(f"{path}: no such file; expected {what}")
     maps = [{} for _ in INDEX_VARIABLES[:18]]                    # raw cell -> code, filled as values appear
     choices = [datasets if v == "dataset" else INDEX_VALUES[v] for v in INDEX_VARIABLES[:18]]
-    codes, split_codes, splits = bytearray(), bytearray(), {}
-    age, shard, index, ids = array("f"), array("i"), array("i"), []
+    codes = bytearray()                                          # 18 uint8 codes a row, appended as read
+    split_codes, splits = bytearray(), {}                        # a code a row; split name -> code
+    age = array("f")
+    shard, index = array("i"), array("i")
+    ids = []
     first_error = None                                           # raised after the ids are checked, as read_meta
     try:
         with open(path, newline="") as f:
@@ -2516,7 +2519,10 @@ def prepare_real(args):
     views = [v.strip().upper() for v in args.views.split(",") if v.strip()] if args.views else []
     if any(v not in CATEGORIES["view"] for v in views):
         raise SystemExit(f"--views {args.views}: expected a comma-separated subset of {CATEGORIES['view']}")
-    records, skipped, notes, read, first_seen = [], Counter(), Counter(), 0, {}
+    records = []                                                 # the harmonised rows, in reading order
+    skipped, notes = Counter(), Counter()                        # rows dropped / values changed, by reason
+    read = 0
+    first_seen = {}                                              # id -> the table row it was first seen in
     for raw in adapter(args):
         if args.limit and len(records) >= args.limit:
             break

@@ -1143,8 +1143,11 @@ def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, sh
         raise SystemExit(f"{path}: no such file; expected {what}")
     maps = [{} for _ in INDEX_VARIABLES[:18]]                    # raw cell -> code, filled as values appear
     choices = [datasets if v == "dataset" else INDEX_VALUES[v] for v in INDEX_VARIABLES[:18]]
-    codes, split_codes, splits = bytearray(), bytearray(), {}
-    age, shard, index, ids = array("f"), array("i"), array("i"), []
+    codes = bytearray()                                          # 18 uint8 codes a row, appended as read
+    split_codes, splits = bytearray(), {}                        # a code a row; split name -> code
+    age = array("f")
+    shard, index = array("i"), array("i")
+    ids = []
     first_error = None                                           # raised after the ids are checked, as read_meta
     try:
         with open(path, newline="") as f:
