@@ -27,7 +27,8 @@ Train (no subcommand means train; the run folder holds ckpt.safetensors, log.jso
     python dit_text2img.py --size tiny --train-text-encoder --text-encoder PATH   # RoentGen: fine-tune the encoder
     python dit_text2img.py --size chexgen --dry-run                              # parameters, GPU memory per rank
     python dit_text2img.py --size XL --bench --resolution 256 --batch-size 32    # tokens/s, MFU, peak memory
-Sample (EMA weights; PNGs + meta.csv; resumable; sharded under torchrun; deterministic by seed):
+Sample (EMA weights, the text encoder's too when it was fine-tuned; PNGs + meta.csv; resumable; sharded under
+torchrun; deterministic by seed):
     python dit_text2img.py sample --ckpt runs/dit --prompts prompts.txt --n-per-prompt 4 --out fake/
     python dit_text2img.py sample --ckpt runs/dit --cond data/phantom/meta.csv --n-per-prompt 1 --out fake/ \
         --sampler ddpm --steps 100 --cfg 4.0
@@ -51,9 +52,18 @@ or another command's outputs is refused; sample --out records what decides its i
 sha256, seed, prompts, sampler, steps, guidance) and resumes only with the same record; ids from --cond name files
 only inside --out.
 
-Checkpoint: one safetensors file, written atomically: `model.*`, `ema.*`, `optim.*` (and `text_encoder.*` when
-it was fine-tuned), with the resolved config and step in its metadata. Every random draw is a function of
-(seed, step) in training and of (seed, prompt, sample) in sampling, so resumes and sharding change nothing.
+Text-encoder fine-tuning (`--train-text-encoder`; roentgen §5 trains U-Net and encoder jointly at one learning
+rate, 5e-5: `--text-lr`): the encoder gets an EMA too, with the DiT's decay schedule (ema_decay), saved as
+`text_ema.*` and resumed with the run, so that sampling and the training grids pair the EMA DiT with the encoder
+averaged alongside it, never with the raw encoder (a pair never trained together). Our choice: roentgen does not say
+whether it averages weights. A checkpoint written before the encoder had an EMA (`text_encoder.*` alone) samples
+with its raw encoder after a one-line note, seeds a stage II's encoder EMA from its raw encoder (a note), and is
+refused for resume (its encoder EMA cannot be recovered).
+
+Checkpoint: one safetensors file, written atomically: `model.*`, `ema.*`, `optim.*` (and `text_encoder.*`,
+`text_ema.*` when it was fine-tuned), with the resolved config and step in its metadata. Every random draw is a
+function of (seed, step) in training and of (seed, prompt, sample) in sampling, so resumes and sharding change
+nothing.
 """
 from __future__ import annotations
 
@@ -132,6 +142,8 @@ class Config:
     train_text_encoder: bool = arg(False, "fine-tune the text encoder jointly instead of reading the cache "
                                           "(roentgen §4.3; joint U-Net + encoder training is roentgen §5's best "
                                           "setting)")
+    text_lr: float = arg(5e-5, "learning rate of the fine-tuned text encoder (--train-text-encoder): roentgen §5 "
+                               "trains U-Net and encoder jointly at 5e-5 (better than 1e-4, Tab. 2)")
     max_length: int = arg(120, "text tokens, padded / truncated (chexgen Methods: 120)")
     text_dim: int = arg(0, "text feature width; 0: from the encoder (4096, T5-XXL, without one)")
     min_chars: int = arg(7, "drop reports shorter than this many characters (roentgen §3)")
@@ -1475,19 +1487,21 @@ def open_checkpoint(path, fmt, what, prefixes):
 # --- end skeleton: checkpoint_io ---
 
 
-def save_checkpoint(path, raw, ema, opt, cfg, step, text_enc=None):
-    """model.*, ema.*, optim.* (text_encoder.*) tensors + config/step metadata in one safetensors file, atomically."""
+def save_checkpoint(path, raw, ema, opt, cfg, step, text_enc=None, text_ema=None):
+    """model.*, ema.*, optim.* (text_encoder.*, text_ema.*) tensors + config/step metadata in one safetensors file,
+    atomically."""
     tensors, groups = optimizer_tensors(opt)
     tensors.update({f"model.{k}": v for k, v in raw.state_dict().items()})
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     if text_enc is not None:
         tensors.update({f"text_encoder.{k}": v for k, v in text_enc.state_dict().items()})
+        tensors.update({f"text_ema.{k}": v for k, v in text_ema.state_dict().items()})
     meta = {"config": json.dumps(asdict(cfg)), "step": str(step), "samples": str(step * cfg.batch_size),
             "param_groups": json.dumps(groups)}
     write_checkpoint(path, tensors, meta, "dit_text2img/1")
 
 
-def read_checkpoint(path, prefixes=("model.", "ema.", "optim.", "text_encoder.")):
+def read_checkpoint(path, prefixes=("model.", "ema.", "optim.", "text_encoder.", "text_ema.")):
     """-> (config dict, step, {prefix: {name: tensor}}, param_groups, path); a run folder means RUN/ckpt.safetensors."""
     path = os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
     what = "a dit_text2img.py checkpoint (a run folder or a .safetensors file from training)"
@@ -1618,7 +1632,8 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg.device)
     ckpt_path = os.path.join(cfg.out, "ckpt.safetensors")
     saved = read_checkpoint(ckpt_path) if cfg.resume and os.path.isfile(ckpt_path) else None
-    init = read_checkpoint(cfg.init_from, ("model.", "ema.", "text_encoder.")) if cfg.init_from and not saved else None
+    init = read_checkpoint(cfg.init_from, ("model.", "ema.", "text_encoder.", "text_ema.")) if cfg.init_from and \
+        not saved else None
     if saved and not cfg.pe_base:                                # a resumed stage II keeps its position grid
         cfg = Config(**{**asdict(cfg), "pe_base": saved[0]["pe_base"]})
     if init and cfg.pos_embed == "interp":                       # keep stage I's position grid, stretched
@@ -1638,8 +1653,13 @@ def train(cfg):
     torch.manual_seed(cfg.seed)                                  # the same initial weights on every rank
     raw = DiT(cfg).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()       # fp32 EMA
-    params = list(raw.parameters()) + (list(text_enc.parameters()) if text_enc is not None else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    groups = [{"params": list(raw.parameters()), "lr": cfg.lr}]
+    text_ema = None
+    if text_enc is not None:                                     # the encoder's own rate and EMA (module docstring)
+        text_ema = copy.deepcopy(text_enc).requires_grad_(False).eval()
+        groups.append({"params": list(text_enc.parameters()), "lr": cfg.text_lr})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     step = 0
     if saved or init:
         _, step, parts, groups, path = saved or init
@@ -1648,12 +1668,20 @@ def train(cfg):
             ema.load_state_dict(parts["ema."])
             if text_enc is not None and parts["text_encoder."]:
                 text_enc.load_state_dict(parts["text_encoder."])
+                if not parts["text_ema."] and saved:
+                    raise SystemExit(f"{path}: a fine-tuned text encoder without its EMA (text_ema.*: written "
+                                     f"before the encoder had one), which resume needs; start over (--no-resume) or "
+                                     f"start from it (--init-from)")
+                if not parts["text_ema."]:
+                    print(f"note: {path} has no text_ema.* (written before the text encoder had an EMA); the "
+                          f"encoder's EMA starts from its fine-tuned weights", file=sys.stderr, flush=True)
+                text_ema.load_state_dict(parts["text_ema."] or parts["text_encoder."])
         except RuntimeError as e:
             raise SystemExit(f"{path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
         if saved:
             load_optimizer(opt, parts["optim."], groups)
-            for g in opt.param_groups:                           # the flags of this run win over the saved ones
-                g.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+            for g, lr in zip(opt.param_groups, (cfg.lr, cfg.text_lr)):   # this run's flags win over the saved
+                g.update(lr=lr, weight_decay=cfg.weight_decay)
         else:
             step = 0                                             # stage II starts its own step count and optimizer
     model = torch.compile(raw) if cfg.compile else raw          # load, then compile, then wrap in DDP
@@ -1695,8 +1723,8 @@ def train(cfg):
             h, n = data.load_text(rows)
             return h.to(device), n.to(device)
         ids, n, _ = tokenize(tok, data.reports(rows), cfg.max_length)
-        with nullcontext() if train else torch.no_grad():
-            return encode_text(enc if train else text_enc, ids, n), n.to(device)
+        with nullcontext() if train else torch.no_grad():                # grids: the EMA pair
+            return encode_text(enc if train else text_ema, ids, n), n.to(device)
 
     health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
     grid_rows = torch.randperm(len(data), generator=generator(cfg.seed, 3))[:GRID_PROMPTS]
@@ -1744,12 +1772,15 @@ def train(cfg):
         opt.zero_grad(set_to_none=True)
         decay = ema_decay(step, cfg.ema)                         # warm-up: early grids are not the init
         torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - decay)
+        if text_ema is not None:                                 # the same decay: the pair averaged together
+            torch._foreach_lerp_(list(text_ema.parameters()), list(text_enc.parameters()), 1 - decay)
         step += 1
 
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps
         ckpt_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if log_now or ckpt_now or step % 10 == 0:                # health check: NaN and SIGTERM, all ranks agree
-            stopping = health(step, bad, [*raw.parameters(), *ema.parameters()])
+            saves = [*params, *ema.parameters(), *(text_ema.parameters() if text_ema is not None else ())]
+            stopping = health(step, bad, saves)
             ckpt_now |= stopping
         if log_now:
             if world > 1:
@@ -1775,7 +1806,7 @@ def train(cfg):
             sample_grid(ema, cfg, sched, noise_grid, text.repeat(2, 1, 1), lengths.repeat(2), device, grid_path,
                         [s[:40] for s in grid_labels], decode)
         if ckpt_now and rank == 0:
-            save_checkpoint(ckpt_path, raw, ema, opt, cfg, step, text_enc)
+            save_checkpoint(ckpt_path, raw, ema, opt, cfg, step, text_enc, text_ema)
         if stopping:
             break
     pool.shutdown()
@@ -1869,7 +1900,7 @@ def sample(icfg):
     check_counts(icfg, positive=("n_per_prompt", "batch_size", "steps"), non_negative=("n",))
     items = read_prompts(icfg)
     rank, world, device = setup_distributed(icfg.device)
-    saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.", "text_encoder."))
+    saved, _, parts, _, path = read_checkpoint(icfg.ckpt, prefixes=("ema.", "text_encoder.", "text_ema."))
     cfg = Config(**saved)
     model = DiT(cfg)
     try:
@@ -1878,8 +1909,13 @@ def sample(icfg):
         raise SystemExit(f"{path}: EMA weights do not fit its own config ({str(e).splitlines()[0]})") from None
     model = model.to(device).eval().requires_grad_(False)
     tok, enc = load_text_encoder(icfg.text_encoder or cfg.text_encoder, device)
-    if parts["text_encoder."]:
-        enc.load_state_dict(parts["text_encoder."])              # the fine-tuned encoder (roentgen §4.3)
+    if parts["text_ema."]:                                       # the EMA encoder, averaged with the EMA DiT
+        enc.load_state_dict(parts["text_ema."])
+    elif parts["text_encoder."]:                                 # a checkpoint from before the encoder's EMA
+        if rank == 0:
+            print(f"note: {path} has no text_ema.* (written before the text encoder had an EMA); sampling with "
+                  f"its raw fine-tuned encoder beside the EMA DiT", file=sys.stderr, flush=True)
+        enc.load_state_dict(parts["text_encoder."])
     if text_width(enc) != cfg.text_dim:
         raise SystemExit(f"--text-encoder {icfg.text_encoder or cfg.text_encoder}: {text_width(enc)}-wide features; "
                          f"the checkpoint was trained on {cfg.text_dim}-wide ones ({cfg.text_encoder})")

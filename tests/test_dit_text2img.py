@@ -509,6 +509,80 @@ def test_train_text_encoder_fine_tunes_it(tmp_path, data32, bert):
     assert json.load(open(os.path.join(out, "config.json")))["train_text_encoder"] is True
 
 
+def edited_checkpoint(src, dst, change):
+    """A copy of run src's checkpoint, its tensors {name: tensor} rewritten by change(tensors), metadata kept."""
+    from safetensors.torch import load_file, save_file as save_torch
+    with safe_open(os.path.join(src, "ckpt.safetensors"), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(os.path.join(src, "ckpt.safetensors"))
+    save_torch(change(tensors), dst, metadata=meta)
+    return dst
+
+
+def test_text_encoder_ema_lr_resume_and_sampling_pair(tmp_path, data32, bert, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["--train-text-encoder", "--text-encoder", bert, "--p-uncond", "0", "--text-lr", "1e-3"]
+    train(data32, a, *args, "--max-steps", "1")
+    one = weights(a, "")
+    train(data32, a, *args, "--max-steps", "2")                  # resumed from step 1
+    train(data32, b, *args, "--max-steps", "2", "--ckpt-every", "100")    # uninterrupted
+    wa, wb = weights(a, ""), weights(b, "")
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)    # resume: the same bits
+    from transformers import AutoModel
+    init = {k: v.double() for k, v in AutoModel.from_pretrained(bert).state_dict().items()}
+    names = [k for k in init if init[k].is_floating_point() and not k.startswith("pooler")]   # (pooler: unused)
+    # step 1: the DiT's cross-attention output projections start at zero, so the encoder's gradient is exactly 0 and
+    # its update is AdamW's decoupled decay alone, w (1 - lr wd): lr is --text-lr (1e-3), not the DiT's --lr (2e-3)
+    for k in names:
+        assert torch.allclose(one["text_encoder." + k].double(), init[k] * (1 - 1e-3 * 0.01), rtol=1e-6, atol=0), k
+    # the encoder's EMA after step 1: decay min(0.9, 1 / 10) = 0.1 of the pretrained weights (ema_decay, float64)
+    for k in names:
+        ref = 0.1 * init[k] + 0.9 * one["text_encoder." + k].double()
+        assert torch.allclose(one["text_ema." + k].double(), ref, rtol=0, atol=1e-6), k
+    assert not torch.equal(wa["text_ema.embeddings.word_embeddings.weight"],
+                           wa["text_encoder.embeddings.word_embeddings.weight"])
+    # sampling: the EMA encoder with the EMA DiT. A visible text path (random cross-attention outputs, as
+    # small_model), then the EMA encoder perturbed (other images) or the raw one perturbed (the same images)
+    def visible(t):
+        g = torch.Generator().manual_seed(0)
+        for k in [k for k in t if k.startswith("ema.") and (".cross_attn.proj.weight" in k or "final_layer.linear.w"
+                                                            in k)]:
+            t[k] = torch.randn(t[k].shape, generator=g) * 0.1
+        return t
+    def noisy(prefix):
+        def change(t):
+            t = visible(t)
+            w = prefix + "embeddings.word_embeddings.weight"
+            t[w] = t[w] + torch.randn(t[w].shape, generator=torch.Generator().manual_seed(1))
+            return t
+        return change
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Moderate left pleural effusion.\n")
+    def images(ckpt, name):
+        dt.main(["sample", "--ckpt", ckpt, "--prompts", str(prompts), "--n-per-prompt", "1", "--steps", "2",
+                 "--out", str(tmp_path / name)])
+        return np.asarray(Image.open(str(tmp_path / name / "prompt00000.png"))).astype(np.int64)
+    base = images(edited_checkpoint(a, str(tmp_path / "c0.safetensors"), visible), "s0")
+    ema_changed = images(edited_checkpoint(a, str(tmp_path / "c1.safetensors"), noisy("text_ema.")), "s1")
+    raw_changed = images(edited_checkpoint(a, str(tmp_path / "c2.safetensors"), noisy("text_encoder.")), "s2")
+    assert np.array_equal(base, raw_changed) and np.abs(base - ema_changed).max() > 1000
+    assert "no text_ema" not in capsys.readouterr().err
+    # a checkpoint from before the encoder's EMA: samples with its raw encoder (a note); resume is refused
+    def old(t):
+        return {k: v for k, v in visible(t).items() if not k.startswith("text_ema.")}
+    def raw_as_ema(t):
+        t = visible(t)
+        return {**t, **{"text_ema." + k[len("text_encoder."):]: v.clone() for k, v in t.items()
+                        if k.startswith("text_encoder.")}}
+    legacy = images(edited_checkpoint(a, str(tmp_path / "c3.safetensors"), old), "s3")
+    assert "no text_ema.* (written before the text encoder had an EMA); sampling with its raw" in \
+        capsys.readouterr().err
+    assert np.array_equal(legacy, images(edited_checkpoint(a, str(tmp_path / "c4.safetensors"), raw_as_ema), "s4"))
+    edited_checkpoint(a, os.path.join(a, "ckpt.safetensors"), old)
+    with pytest.raises(SystemExit, match="without its EMA .*--no-resume"):
+        train(data32, a, *args, "--max-steps", "3")
+
+
 # ---------------------------------------------------------------------------------------------------- inference
 
 
