@@ -455,43 +455,124 @@ NEG, POS, UNC = 1, 2, 3
 # Dataset I/O: atomic writes, resumable shard writer, reader
 
 
+# The umask at import. Unused here: atomic_save reads the umask at each write (tests/test_prep_real.py sets both).
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path, write_fn, mode="w"):
-    """Write `path` through a temporary file in the same folder and an atomic rename: never half a file.
-    mode=None: write_fn gets the temporary path (for writers that open files themselves: safetensors, PIL)."""
+# --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def atomic_save(path, save_fn):
+    """Write through a temporary file in the same folder, fsync, then os.replace: readers never see half a file and
+    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask), set after
+    save_fn has written it. A write that fails (a full disk, a read-only folder, a file where a folder should be)
+    stops with one line naming the file; the previous version of the file is intact."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)                # mkstemp makes 0600; give the file the usual permissions
+    tmp = None
     try:
-        if mode is None:
-            os.close(fd)
-            write_fn(tmp)
-        else:
-            with os.fdopen(fd, mode, newline="" if "b" not in mode else None) as f:
-                write_fn(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)            # again: a writer may replace the file (safetensors' save_file)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        os.close(fd)
+        save_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)                                  # read the umask (set and restored at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                            # mkstemp's 0600 is too strict for outputs
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot write ({e.strerror or e}); any previous version of it is intact") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+# --- end skeleton: atomic_save ---
+
+
+# --- skeleton: output_folder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def check_counts(cfg, positive=(), non_negative=()):
+    """Integer options that count things: one line naming the flag when one is below 1 (`positive`) or below 0
+    (`non_negative`, where 0 means 'off' or 'all')."""
+    for names, low, what in ((positive, 1, "a positive integer"), (non_negative, 0, "an integer >= 0")):
+        for name in names:
+            value = getattr(cfg, name)
+            if value < low:
+                raise SystemExit(f"--{name.replace('_', '-')} {value}: expected {what}")
+
+
+def file_sha256(path):
+    """sha256 of a file's bytes (read in 16 MB pieces), as hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 24), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def claim_output(out, record, mine=(), write=True):
+    """Make `out` this command's output folder, or refuse with one line. A new or empty folder is claimed by writing
+    out/output.json: `record`, what decides the outputs (command, checkpoint sha256, seed, condition, solver...). A
+    folder whose output.json holds the same record is resumed; a different record names the first difference (the
+    command first: another command's folder is named as such). A folder holding anything else (a dataset, another
+    command's outputs) is refused and left as it is; `mine`: file names that mark a folder this command wrote
+    before output.json existed (e.g. its checkpoint), claimed too.
+    Under torchrun rank 0 passes write=True and the others False: they check, and see either no output.json or a
+    whole one (atomic_save), never a half-written one; temporaries (.tmp-*) do not count as files. A sampler then
+    holds every rank at a barrier before any of them writes into `out`, or rank 0 could find another rank's images
+    in a folder it has not yet claimed."""
+    record = json.loads(json.dumps(record))                      # compare in JSON terms (tuples read back as lists)
+    path = os.path.join(out, "output.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out}: a file; expected a folder (new, empty, or written by this command)")
+    entries = [e for e in os.listdir(out) if not e.startswith(".tmp-")] if os.path.isdir(out) else []
+    if "output.json" in entries:                                 # (rank 0 writes it before anything else)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: not readable JSON ({e}); expected the record this command wrote") from None
+        if not isinstance(old, dict):
+            raise SystemExit(f"{path}: holds a JSON {type(old).__name__}; expected the record this command wrote")
+        for key in ["command"] + sorted(set(old) | set(record) - {"command"}, key=str):
+            if old.get(key) != record.get(key):
+                raise SystemExit(f"--out {out}: written with {key} = {old.get(key)!r}, this run has "
+                                 f"{record.get(key)!r}; use a new --out (or the same settings to resume)")
+    elif entries and not any(name in entries for name in mine):
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise SystemExit(f"--out {out}: holds files this command did not write ({shown}); expected a new or empty "
+                         f"folder, or one with this command's output.json")
+    if write:                                                    # ours: a killed write's leftovers go
+        clean_temporaries(out)
+        if "output.json" not in entries:
+            atomic_save(path, lambda tmp: write_json_file(tmp, record))
+
+
+def write_json_file(path, obj):
+    """obj as indented JSON in a file (a plain write: atomic_save gives the temporary path)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def clean_temporaries(folder):
+    """Remove the temporary files that a killed atomic_save left in a run folder (.tmp-*; each can be a whole
+    checkpoint). Called by rank 0 at the start of a run, before anything is written there."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+# --- end skeleton: output_folder ---
 
 
 def write_csv(path, rows, columns):
-    """Write dict rows to a csv atomically, in a fixed column order."""
-    def fn(f):
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    atomic_write(path, fn)
+    """Write dict rows to a csv atomically (atomic_save: fsynced, never half a file), in a fixed column order."""
+    def fn(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    atomic_save(path, fn)
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1))
+    atomic_save(path, lambda tmp: write_json_file(tmp, obj))
 
 
 def shard_file(folder, shard, ext="safetensors"):
@@ -502,7 +583,7 @@ def shard_file(folder, shard, ext="safetensors"):
 def write_shard(out_dir, shard, tensors, rows, columns, skipped=None):
     """One shard: pixels, then the skip counts (real data), then the rows, each atomically; a shard whose rows file
     exists is finished (see write_sharded)."""
-    atomic_write(shard_file(out_dir, shard), lambda tmp: save_file(tensors, tmp), None)
+    atomic_save(shard_file(out_dir, shard), lambda tmp: save_file(tensors, tmp))
     if skipped is not None:
         write_json(shard_file(out_dir, shard, "skips.json"), dict(skipped))
     write_csv(shard_file(out_dir, shard, "csv"), rows, columns)
@@ -530,7 +611,7 @@ def write_meta_index(folder):
     meta = {"format": INDEX_FORMAT, "meta_sha256": sha, "datasets": json.dumps(datasets),
             "splits": json.dumps(cols["splits"]), "columns": json.dumps(cols["columns"]),
             "variables": json.dumps(INDEX_VARIABLES), "rows": str(len(cols["age"]))}
-    atomic_write(os.path.join(folder, INDEX_FILE), lambda tmp: save_file(tensors, tmp, metadata=meta), None)
+    atomic_save(os.path.join(folder, INDEX_FILE), lambda tmp: save_file(tensors, tmp, metadata=meta))
     return len(cols["age"])
 
 
@@ -641,6 +722,8 @@ def write_sharded(out_dir, n_items, shard_size, render_shard, manifest, workers=
         raise SystemExit(f"{out_dir}: holds a dataset not written by this command; choose another --out")
     else:
         write_json(man_path, manifest)
+    for folder in (out_dir, os.path.join(out_dir, "shards")):     # a killed run's half-written temporaries (.tmp-*)
+        clean_temporaries(folder)
     n_shards = max(1, math.ceil(n_items / shard_size))
     todo = [s for s in range(n_shards) if not (os.path.exists(shard_file(out_dir, s))
                                                and os.path.exists(shard_file(out_dir, s, "csv")))]
@@ -1666,7 +1749,7 @@ def contact_sheet(data_dir, out, n=24, cols=6, tile=160, split=None, overlay_mas
         line2 = " ".join(pos) if pos else ("No Finding" if r["No Finding"] == "1" else "-")
         draw.text((x + 3, y + tile + 2), line1[:tile // 6], fill=(200, 200, 200))
         draw.text((x + 3, y + tile + 15), line2[:tile // 6], fill=(255, 220, 120) if pos else (150, 220, 150))
-    atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"), None)
+    atomic_save(out, lambda tmp: sheet.save(tmp, format="PNG"))
     return out
 
 
@@ -2477,7 +2560,7 @@ class RealShards:
             row["shard"], row["index"] = shard, len(rows)
             if self.png16:                                           # ids were checked at ingestion (check_record)
                 png = file_in(os.path.join(out_dir, "png"), row["id"], ".png")
-                atomic_write(png, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"), None)
+                atomic_save(png, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"))
             rows.append(row)
             images.append(img[None])
         arr = np.stack(images) if images else np.zeros((0, 1, self.size, self.size), np.uint16)
@@ -2575,7 +2658,7 @@ def _link_or_copy(src, dst):
     try:
         os.link(src, dst)
     except OSError:
-        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp), None)
+        atomic_save(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def merge_datasets(inputs, out):

@@ -275,7 +275,8 @@ def test_writer_reader_round_trip(tmp_path):
     assert eff["pos"] == sum(r["Pleural Effusion"] == "1" for r in train)
     assert eff["pos"] + eff["neg"] + eff["unc"] + eff["missing"] == len(train)
     assert info["mask_names"] == P.MASK_NAMES and info["datasets"] == P.PHANTOM_SOURCES
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    for folder in (out, os.path.join(out, "shards")):            # atomic_save's temporaries: .tmp-<name>
+        assert not [f for f in os.listdir(folder) if f.startswith(".tmp-") or f.endswith(".tmp")]
     # Patient-level split: a patient never appears in two splits.
     splits = {}
     for r in meta:
@@ -307,11 +308,32 @@ def test_resume_after_killed_run(tmp_path):
     assert not os.path.exists(os.path.join(out, "meta.csv")), "the run finished before it could be killed"
     finished = sorted(f for f in os.listdir(shards) if f.endswith(".csv"))
     mtimes = {f: os.path.getmtime(os.path.join(shards, f)) for f in finished}
+    stale = os.path.join(shards, ".tmp-abc00099.safetensors")    # what a kill inside atomic_save leaves
+    with open(stale, "wb") as f:
+        f.write(b"x" * 1000)
     subprocess.run(cmd + ["--out", out], check=True, capture_output=True)
     assert all(os.path.getmtime(os.path.join(shards, f)) == t for f, t in mtimes.items())   # not redone
+    assert not os.path.exists(stale)
     subprocess.run(cmd + ["--out", ref], check=True, capture_output=True)
     assert P.read_dataset_meta(out) == P.read_dataset_meta(ref)
     assert np.array_equal(P.load_pixels(out, P.read_dataset_meta(out)), P.load_pixels(ref, P.read_dataset_meta(ref)))
+
+
+def test_every_file_is_fsynced_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """prep_data.py writes through the atomic_save piece: the temporary is fsynced, then renamed over the file (before
+    its own atomic_write renamed without fsync: a power cut could leave an empty meta.csv in place)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", a, b)), real_replace(a, b))[1])
+    path = str(tmp_path / "d" / "info.json")
+    P.write_json(path, {"n": 1})
+    P.write_csv(str(tmp_path / "d" / "meta.csv"), [{"id": "a"}], ["id"])
+    assert [e[0] for e in events] == ["fsync", "replace"] * 2
+    assert events[0][1] == events[1][1] and os.path.basename(events[1][1]).startswith(".tmp-")
+    assert events[1][2] == path and json.load(open(path)) == {"n": 1}
+    assert sorted(os.listdir(tmp_path / "d")) == ["info.json", "meta.csv"]          # no temporary left
 
 
 def _cli(*args):
