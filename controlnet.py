@@ -1169,6 +1169,243 @@ def check_shards(folder, rows, key, dtype, shape=None, where=None):
     return sizes
 # --- end skeleton: meta_table ---
 
+
+# --- skeleton: meta_index (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+INDEX_FILE = "meta_index.safetensors"                            # FORMAT.md §2.1, beside meta.csv
+INDEX_FORMAT = "meta-index/1"
+INDEX_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+                "Pneumothorax", "Support Devices"]
+INDEX_VARIABLES = INDEX_LABELS + ["sex", "race", "view", "dataset", "age"]  # FORMAT.md §5 order; age last
+INDEX_VALUES = {**{lab: ["0", "1", "-1"] for lab in INDEX_LABELS},           # csv value -> code: position + 1
+                "sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}
+INDEX_NEEDS = ["id", *INDEX_VARIABLES, "shard", "index"]         # the columns a data path reads (split: to select)
+
+
+def meta_sha256(path):
+    """sha256 of meta.csv's bytes: the index's freshness key (about 1 s for a million rows)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 24), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def absent_columns(path, columns, split, codes=True):
+    """One line naming every column a data path needs (INDEX_NEEDS, without the 19 variables when `codes` is False,
+    and `split` when one is selected) that is not among `columns`, in read_meta's words."""
+    needed = [c for c in INDEX_NEEDS if codes or c in ("id", "shard", "index")]
+    needed += ["split"] if split not in (None, "all") else []
+    absent = [c for c in needed if c not in columns]
+    if absent:
+        raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+
+
+def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
+    """meta.csv parsed once into the columns training needs, as numpy arrays (never a dict per row):
+    {"codes": uint8 [N, 18] (the 18 categorical codes of FORMAT.md §5, dataset codes in the order of `datasets`),
+    "age": float32 [N] (NaN missing), "shard", "index": int32 [N], "split": uint8 [N] (code k = splits[k]),
+    "splits": [names], "columns": meta.csv's header}. Every row is coded, whatever its split. One-line errors,
+    read_meta's and encode_row's: no file, not a table, a column missing (`split` when one is to be selected), a
+    row with more or fewer cells, an id that is not a file name or appears twice, a value outside §5 (naming the
+    row's id), a shard or index that is not an integer. codes=False (a script that reads pixels only, vae.py):
+    the 19 variables are neither required nor read ("codes" [N, 0], "age" NaN)."""
+    from array import array
+    coded = codes
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    maps = [{} for _ in INDEX_VARIABLES[:18]]                    # raw cell -> code, filled as values appear
+    choices = [datasets if v == "dataset" else INDEX_VALUES[v] for v in INDEX_VARIABLES[:18]]
+    codes = bytearray()                                          # 18 uint8 codes a row, appended as read
+    split_codes, splits = bytearray(), {}                        # a code a row; split name -> code
+    age = array("f")
+    shard, index = array("i"), array("i")
+    ids = []
+    first_error = None                                           # raised after the ids are checked, as read_meta
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            columns = next(reader, [])
+            absent_columns(path, columns, split, coded)
+            at = [columns.index(c) for c in INDEX_VARIABLES[:18]] if coded else []
+            i_id, i_shard, i_index = (columns.index(c) for c in ("id", "shard", "index"))
+            i_age = columns.index("age") if coded else None
+            i_split = columns.index("split") if "split" in columns else None
+            for line, r in enumerate(reader, 2):
+                if not r:
+                    continue                                     # csv.DictReader skips blank lines too
+                if len(r) != len(columns):
+                    raise SystemExit(f"{path}: row {line} has {'more' if len(r) > len(columns) else 'fewer'} cells "
+                                     f"than the header's {len(columns)}; expected one cell per column")
+                ids.append(r[i_id])
+                row = []
+                for k, (m, j) in enumerate(zip(maps, at)):
+                    c = m.get(r[j])
+                    if c is None:
+                        s = r[j].strip()
+                        if k < 14:                               # labels written as floats by some tools
+                            s = {"1.0": "1", "0.0": "0", "-1.0": "-1"}.get(s, s)
+                        if s and s not in choices[k]:
+                            first_error = first_error or (f"{path} row id={r[i_id]}: {INDEX_VARIABLES[k]}={s!r}; "
+                                                          f"expected one of {choices[k]} or empty")
+                            c = 0
+                        else:
+                            c = m[r[j]] = choices[k].index(s) + 1 if s else 0
+                    row.append(c)
+                codes.extend(row)
+                a = r[i_age].strip() if coded else ""
+                if a.lower() in ("", "nan"):
+                    years = float("nan")
+                else:
+                    try:
+                        years = float(a)
+                    except ValueError:
+                        years = None
+                    if years is None or not AGE_RANGE[0] <= years <= AGE_RANGE[1]:
+                        try:                                     # check_age's words for the error
+                            check_age(a, f"{path} row id={r[i_id]}")
+                        except SystemExit as e:
+                            first_error, years = first_error or str(e), float("nan")
+                age.append(years)
+                try:
+                    shard.append(int(r[i_shard]))
+                    index.append(int(r[i_index]))
+                except (ValueError, OverflowError):
+                    first_error = first_error or (f"{path}: row {r[i_id]!r} has shard {r[i_shard]!r}, index "
+                                                  f"{r[i_index]!r}; expected integers (FORMAT.md §2)")
+                    del shard[len(index):]
+                    shard.append(-1)
+                    index.append(-1)
+                name = r[i_split] if i_split is not None else ""
+                if name not in splits:
+                    if len(splits) == 255:
+                        raise SystemExit(f"{path}: over 255 different split values; expected train, val, test")
+                    splits[name] = len(splits)
+                split_codes.append(splits[name])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
+    check_ids(ids, path)
+    del ids
+    if first_error:
+        raise SystemExit(first_error)
+    n = len(age)
+    return {"codes": np.frombuffer(codes, np.uint8).reshape(n, 18 if coded else 0).copy(),
+            "age": np.frombuffer(age, np.float32).copy(),
+            "shard": np.frombuffer(shard, np.int32).copy(), "index": np.frombuffer(index, np.int32).copy(),
+            "split": np.frombuffer(split_codes, np.uint8).copy(), "splits": list(splits), "columns": columns}
+
+
+def read_meta_index(folder, datasets):
+    """DIR/meta_index.safetensors (prep_data.py writes it beside meta.csv; FORMAT.md §2.1) as meta_arrays' dict,
+    or None when there is none or it does not hold meta.csv as it is now: another meta.csv sha256 (edited since),
+    other info.json datasets, or a file that is not a whole index. Our choice: such an index is ignored with a
+    note, not refused: it is a cache of meta.csv, which stays the truth and gives the same arrays (slower)."""
+    path, meta_path = os.path.join(folder, INDEX_FILE), os.path.join(folder, "meta.csv")
+    if not os.path.isfile(path) or not os.path.isfile(meta_path):
+        return None
+    why = None
+    try:
+        with safe_open(path, "numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != INDEX_FORMAT:
+                why = f"format {meta.get('format')!r}, expected {INDEX_FORMAT!r}"
+            elif meta.get("meta_sha256") != meta_sha256(meta_path):
+                why = "written for another meta.csv (edited since)"
+            elif json.loads(meta["datasets"]) != list(datasets):
+                why = f"dataset codes of {json.loads(meta['datasets'])}, info.json has {list(datasets)}"
+            else:
+                out = {k: f.get_tensor(k) for k in ("codes", "age", "shard", "index", "split")}
+                out.update(splits=json.loads(meta["splits"]), columns=json.loads(meta["columns"]))
+                n = len(out["age"])
+                kinds = {"codes": (np.uint8, (n, 18)), "age": (np.float32, (n,)), "shard": (np.int32, (n,)),
+                         "index": (np.int32, (n,)), "split": (np.uint8, (n,))}
+                top = np.array([len(v) for v in INDEX_VALUES.values()][:17] + [len(datasets)])
+                if any(out[k].dtype != d or out[k].shape != s for k, (d, s) in kinds.items()):
+                    why = "tensors of other dtypes or shapes than FORMAT.md §2.1's"
+                elif n and ((out["codes"] > top).any() or int(out["split"].max()) >= len(out["splits"])):
+                    why = "codes outside FORMAT.md §5"
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        why = f"not a readable index ({type(e).__name__}: {e})"
+    if why:
+        print(f"{path}: {why}; ignored, reading meta.csv instead (rebuild: python prep_data.py index --data "
+              f"{folder})", file=sys.stderr, flush=True)
+        return None
+    return out
+
+
+def meta_columns(folder, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
+    """The rows of `split` (None or 'all': every row) of DIR/meta.csv as arrays: from the index when it holds
+    meta.csv as it is (read_meta_index), else parsed from meta.csv (meta_arrays; `codes`: whether the 19 variables
+    are required and coded); the same arrays either way, plus "position": each row's position in meta.csv (int64),
+    and "source": 'index' or 'meta.csv'. One-line errors as read_meta's (a column missing, split or not; no file)."""
+    path = os.path.join(folder, "meta.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    cols = read_meta_index(folder, datasets)
+    if cols is not None:
+        absent_columns(path, cols["columns"], split, codes)
+        cols["source"] = "index"
+    else:
+        cols = meta_arrays(path, datasets, split, what, codes)
+        cols["source"] = "meta.csv"
+    keep = np.arange(len(cols["age"]))
+    if split not in (None, "all"):
+        code = cols["splits"].index(split) if split in cols["splits"] else -1
+        keep = np.flatnonzero(cols["split"] == code)
+        for k in ("codes", "age", "shard", "index", "split"):
+            cols[k] = cols[k][keep]
+    cols["position"] = keep
+    return cols
+
+
+def meta_ids(path, positions):
+    """The ids of meta.csv rows at `positions` (0-based, blank lines skipped), read on demand: only an error message
+    or a sampled row needs one, so no process holds a million id strings."""
+    want, out = {int(p): None for p in positions}, {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        at = next(reader).index("id")
+        k = 0
+        for r in reader:
+            if r:
+                if k in want:
+                    out[k] = r[at]
+                k += 1
+    return [out.get(int(p)) for p in positions]
+
+
+def check_shard_arrays(folder, cols, key, dtype, shape=None, where=None):
+    """check_shards for meta_columns' arrays, at start: every shard the rows name is readable and stores `key` as
+    `dtype` with rows of `shape` (shard_tensor_shape), and holds each row's index; one line naming the first bad row
+    (its id read from `where`, check_shard_rows' words). `where`: the meta.csv of the rows (default
+    folder/meta.csv; a latent folder's rows are its dataset's). -> {shard: rows}."""
+    where = where or os.path.join(folder, "meta.csv")
+    shard, index = cols["shard"], cols["index"]
+    found, first = np.unique(shard, return_index=True)
+    sizes = {}
+    for s in found[np.argsort(first)].tolist():                  # in the order rows name them, as check_shards
+        path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+        if s < 0 or not os.path.isfile(path):
+            continue
+        got = shard_tensor_shape(path, key, dtype)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: {key!r} rows have shape {got[1:]}; expected {list(shape)} (info.json)")
+        sizes[s] = got[0]
+    table = np.full(len(found), -1, np.int64)                    # rows held per shard, -1 for an absent one
+    for j, s in enumerate(found.tolist()):
+        table[j] = sizes.get(s, -1)
+    held = table[np.searchsorted(found, shard)] if len(shard) else table[:0]
+    bad = np.flatnonzero((held < 0) | (index < 0) | (index >= held))
+    if len(bad):
+        k = int(bad[0])
+        s, i = int(shard[k]), int(index[k])
+        name = meta_ids(where, [cols["position"][k]])[0]
+        if held[k] < 0:
+            raise SystemExit(f"{where}: row {name!r} names shard {s}, which does not exist")
+        raise SystemExit(f"{where}: row {name!r} has index {i}; shard {s} holds rows 0..{held[k] - 1}")
+    return sizes
+# --- end skeleton: meta_index ---
+
 # --- skeleton: radvae_decoder (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 def load_radvae_decoder(path, device="cpu"):
     """decoder.safetensors written by vae.py encode -> (decode, spec); decode(z): raw latents [B, C, h, w] ->
