@@ -37,9 +37,12 @@ PIECES = {
                                                 "meta_index"),
     "flow_scm.py": ALL + PLAN + ("ema_decay",),
     "vae.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
-    "dit_text2img.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli"),
-    "controlnet.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli"),
-    "ldm_multicond.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli"),
+    "dit_text2img.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli",
+                                              "meta_index"),
+    "controlnet.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli",
+                                            "meta_index"),
+    "ldm_multicond.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli",
+                                               "meta_index"),
     "downstream.py": ALL + PLAN + ("checkpoint_io", "log_line"),
     "prep_data.py": ("atomic_save", "safe_names", "output_folder", "meta_table", "meta_index"),   # not training
     "metrics.py": ("safe_names", "meta_table"),                  # scripts: the pieces they need
