@@ -165,9 +165,16 @@ class InferConfig:
     fd_features: str = arg("raddino", "feature space of the reconstruction FD (metrics.py name; 'none' skips it)",
                            only="evaluate")
     weights_dir: str = arg("", "folder searched first for feature-network weights (metrics.py)", only="evaluate")
-    name: str = arg("radvae", "latent folder name: DATA/latents/<name>/", only="encode")
+    name: str = arg("", "latent folder name: DATA/latents/<name>/ ('': the --vae's name)", only="encode")
+    vae: str = arg("radvae", "autoencoder: radvae (a vae.py run, --ckpt) | flux2 (the released FLUX.2 autoencoder, "
+                   "--weights; radit §5.1)", only="encode,decode")
+    weights: str = arg("", "--vae flux2: folder holding ae.safetensors of huggingface.co/black-forest-labs/FLUX.2-dev "
+                       "(or the file)", only="encode,decode")
+    to_gray: str = arg("mean", "--vae flux2: decoder RGB -> grey: mean (radit §5.1) | luma (radit Table 8's "
+                       "ablation)", only="encode,decode")
     latents: str = arg("", "safetensors file with `latents` [N, C, h, w] to decode", only="decode")
-    decoder: str = arg("", "latent folder or decoder.safetensors (default: found next to --latents)", only="decode")
+    decoder: str = arg("", "latent folder or decoder.safetensors (default: found next to --latents); --vae flux2: "
+                       "the latent folder whose mean / std --normalised uses", only="decode")
     normalised: bool = arg(False, "the latents are (z - mean) / std (as the latent models sample them)", only="decode")
     out: str = arg("", "output: evaluate -> results JSON folder ('' = none); decode -> PNG folder",
                    only="evaluate,decode")
@@ -382,6 +389,242 @@ def vae_id(model):
         h.update(k.encode())
         h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The FLUX.2 autoencoder (issue 26 item 4): radit's latent space (radit §5.1, App. B.2 Tables 5-6: 32 x 64 x 64
+# latents of a FLUX.2 VAE at 512 px). Written here from the architecture of BFL's reference code
+# (github.com/black-forest-labs/flux2, src/flux2/autoencoder.py; diffusers' AutoencoderKLFlux2 agrees), with the
+# module names of the released checkpoint (ae.safetensors of huggingface.co/black-forest-labs/FLUX.2-dev), so that
+# checkpoint loads unchanged (strict names and shapes). A GroupNorm / SiLU / 3x3-convolution autoencoder with
+# single-head attention at the bottleneck of the encoder and of the decoder, f = 8, a diagonal-Gaussian posterior
+# of 32 channels, and a BatchNorm2d (no affine) whose running statistics normalise 2x2-patchified latents.
+
+FLUX2_WEIGHTS = "ae.safetensors"                       # the file name in the release and in BFL's loader
+FLUX2_REPO = "black-forest-labs/FLUX.2-dev"
+FLUX2_GROUPS = 32                                      # GroupNorm groups everywhere (BFL autoencoder.py)
+FLUX2_GN_EPS = 1e-6                                    # GroupNorm eps (BFL autoencoder.py)
+FLUX2_BN_EPS = 1e-4                                    # the latent BatchNorm's eps (BFL: bn_eps)
+FLUX2_PATCH = 2                                        # 2x2 patches before the BatchNorm (BFL: ps = [2, 2])
+# radit §5.1: "we repeat the input 3 times and average the decoder's RGB predictions" (equal weights, the paper's
+# setting); App. C / Table 8 ablates Luma coefficients (0.29894, 0.58704, 0.11402) instead.
+GRAY_WEIGHTS = {"mean": (1 / 3, 1 / 3, 1 / 3), "luma": (0.29894, 0.58704, 0.11402)}
+
+
+@dataclass(frozen=True)
+class Flux2Config:
+    """The autoencoder's shape; the defaults are the published configuration (BFL AutoEncoderParams)."""
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 32
+    in_channels: int = 3
+    out_ch: int = 3
+
+
+def flux2_norm(c):
+    return nn.GroupNorm(FLUX2_GROUPS, c, eps=FLUX2_GN_EPS, affine=True)
+
+
+class Flux2ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, twice, plus the input (through a 1x1 `nin_shortcut` when the width changes)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = flux2_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = flux2_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class Flux2Attn(nn.Module):
+    """One attention head over all positions, the full width per head (1x1 q, k, v, proj_out), plus the input.
+    Through torch's scaled_dot_product_attention, not kernels.attention: the head is 512 wide at the published
+    width, beyond the Triton kernel's 256 (our choice)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = flux2_norm(c)
+        self.q = nn.Conv2d(c, c, 1)
+        self.k = nn.Conv2d(c, c, 1)
+        self.v = nn.Conv2d(c, c, 1)
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(-1, -2) for m in (self.q, self.k, self.v))
+        o = F.scaled_dot_product_attention(q, k, v)                  # scale 1 / sqrt(C)
+        return x + self.proj_out(o.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Flux2Down(nn.Module):
+    """A stride-2 3x3 conv after zero padding right and bottom only (BFL pads (0, 1, 0, 1) by hand)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Flux2Up(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Flux2Mid(nn.Module):
+    """The bottleneck: residual block, attention, residual block (`mid.block_1`, `mid.attn_1`, `mid.block_2`)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.block_1 = Flux2ResBlock(c, c)
+        self.attn_1 = Flux2Attn(c)
+        self.block_2 = Flux2ResBlock(c, c)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Flux2Level(nn.Module):
+    """One resolution: `block` (residual blocks) and, except at the last level, `downsample` / `upsample`. The
+    release's empty `attn` lists hold no tensors and are left out."""
+
+    def __init__(self, widths, resample=None):
+        super().__init__()
+        self.block = nn.ModuleList([Flux2ResBlock(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        if resample is not None:
+            setattr(self, resample[0], resample[1])
+
+    def forward(self, x):
+        for b in self.block:
+            x = b(x)
+        return x
+
+
+class Flux2Encoder(nn.Module):
+    """RGB [B, 3, S, S] in [-1, 1] -> moments [B, 2 z, S/f, S/f] (mean, then log-variance), after `quant_conv`."""
+
+    def __init__(self, c: Flux2Config):
+        super().__init__()
+        widths = [c.ch * m for m in c.ch_mult]
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.down, cin = nn.ModuleList(), c.ch
+        for i, w in enumerate(widths):
+            down = ("downsample", Flux2Down(w)) if i < len(widths) - 1 else None      # none after the last level
+            self.down.append(Flux2Level([cin] + [w] * c.num_res_blocks, down))
+            cin = w
+        self.mid = Flux2Mid(cin)
+        self.norm_out = flux2_norm(cin)
+        self.conv_out = nn.Conv2d(cin, 2 * c.z_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.z_channels, 1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+            if hasattr(level, "downsample"):
+                x = level.downsample(x)
+        x = self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.quant_conv(x)
+
+
+class Flux2Decoder(nn.Module):
+    """Raw latents [B, z, h, w] -> RGB [B, 3, f h, f w] (`post_quant_conv` first). `up[i]` is level i counted from
+    the full resolution, so the decoder runs up[L-1] ... up[0], each with num_res_blocks + 1 residual blocks."""
+
+    def __init__(self, c: Flux2Config):
+        super().__init__()
+        widths = [c.ch * m for m in c.ch_mult]
+        self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+        cin = widths[-1]
+        self.conv_in = nn.Conv2d(c.z_channels, cin, 3, padding=1)
+        self.mid = Flux2Mid(cin)
+        levels = {}
+        for i in reversed(range(len(widths))):
+            w = widths[i]
+            levels[i] = Flux2Level([cin] + [w] * (c.num_res_blocks + 1), ("upsample", Flux2Up(w)) if i else None)
+            cin = w
+        self.up = nn.ModuleList([levels[i] for i in range(len(widths))])
+        self.norm_out = flux2_norm(cin)
+        self.conv_out = nn.Conv2d(cin, c.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid(self.conv_in(self.post_quant_conv(z)))
+        for level in reversed(self.up):
+            x = level(x)
+            if hasattr(level, "upsample"):
+                x = level.upsample(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def patchify(z, p=FLUX2_PATCH):
+    """[B, C, h, w] -> [B, C p p, h/p, w/p]; channel c p^2 + i p + j holds z[c, p y + i, p x + j] (BFL's order)."""
+    B, C, H, W = z.shape
+    return z.reshape(B, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C * p * p, H // p, W // p)
+
+
+def unpatchify(z, p=FLUX2_PATCH):
+    B, C, H, W = z.shape
+    return z.reshape(B, C // (p * p), p, p, H, W).permute(0, 1, 4, 2, 5, 3).reshape(B, C // (p * p), H * p, W * p)
+
+
+class Flux2AE(nn.Module):
+    """encoder, decoder and `bn` (BatchNorm2d over z p^2 channels, no affine; only its running statistics are
+    used). `encode` / `decode` give and take RAW latents [B, z, S/8, S/8] (what the latent folder stores, radit
+    §5.1: 32 x 64 x 64); `normalize` / `inv_normalize` are BFL's own latent normalisation (2x2 patches, then the
+    BatchNorm statistics), which FLUX.2's transformer was trained on."""
+
+    def __init__(self, c: Flux2Config = Flux2Config()):
+        super().__init__()
+        self.config = c
+        self.encoder, self.decoder = Flux2Encoder(c), Flux2Decoder(c)
+        self.bn = nn.BatchNorm2d(c.z_channels * FLUX2_PATCH ** 2, eps=FLUX2_BN_EPS, affine=False)
+
+    @property
+    def factor(self):
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    def encode(self, rgb):
+        """RGB in [-1, 1] -> the posterior mean (BFL's encode keeps only the mean: no sampling)."""
+        return self.encoder(rgb)[:, :self.config.z_channels]
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def normalize(self, z):
+        """Raw latents [B, z, h, w] -> [B, 4 z, h/2, w/2]: (patchify(z) - running_mean) / sqrt(running_var + eps)."""
+        m, v = self.bn.running_mean.view(1, -1, 1, 1), self.bn.running_var.view(1, -1, 1, 1)
+        return (patchify(z) - m) / torch.sqrt(v + FLUX2_BN_EPS)
+
+    def inv_normalize(self, zn):
+        m, v = self.bn.running_mean.view(1, -1, 1, 1), self.bn.running_var.view(1, -1, 1, 1)
+        return unpatchify(zn * torch.sqrt(v + FLUX2_BN_EPS) + m)
+
+
+def gray_to_rgb(x):
+    """CXR [B, 1, S, S] -> [B, 3, S, S]: the grey value in each channel (radit §5.1: "repeat the input 3 times")."""
+    return x.expand(-1, 3, -1, -1)
+
+
+def rgb_to_gray(rgb, weights):
+    """[B, 3, S, S] -> [B, 1, S, S] in [-1, 1]: each channel clamped to [-1, 1] (the range FLUX.2's images are
+    written in) and then averaged with `weights` (3 numbers, GRAY_WEIGHTS; our choice of order: the average of the
+    RGB images FLUX.2 would output)."""
+    w = torch.as_tensor(weights, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return (rgb.clamp(-1, 1) * w).sum(1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2023,25 +2266,192 @@ def write_decoders(folder, cfg, model, name, side):
     return spec
 
 
-def encode(icfg):
-    """Posterior means of every meta.csv row -> DATA/latents/<name>/ (FORMAT.md §7); resumable, shards per rank."""
-    # DATA/latents/<name>/ by design (FORMAT.md §7); the name must stay a folder name inside DATA/latents/
-    folder = file_in(os.path.join(icfg.data, "latents"), icfg.name, where="--name")
+# ----------------------------------------------------------------------------------------------------------------
+# The released FLUX.2 autoencoder from a local folder (issue 26 item 4): names and shapes checked, nothing renamed
+
+FLUX2_GET = (f"the FLUX.2 autoencoder weights {FLUX2_WEIGHTS} of huggingface.co/{FLUX2_REPO} (a gated repository: "
+             f"accept its licence there, then `hf download {FLUX2_REPO} {FLUX2_WEIGHTS} --local-dir DIR` and pass "
+             f"--weights DIR)")
+
+
+def flux2_weights_file(weights):
+    """--weights: a folder holding ae.safetensors, or a .safetensors file itself."""
+    if not weights:
+        raise SystemExit(f"--weights: not given; expected the folder holding {FLUX2_GET}")
+    if weights.endswith((".safetensors", ".sft")) and not os.path.isdir(weights):
+        return weights
+    return os.path.join(weights, FLUX2_WEIGHTS)
+
+
+def flux2_layout(c):
+    """{name: shape} of every tensor of the autoencoder at config `c` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Flux2AE(c)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def flux2_config_of(shapes, path):
+    """The Flux2Config a checkpoint's tensor shapes imply (the release: the published config; tests: tiny ones)."""
+    try:
+        ch, cin = shapes["encoder.conv_in.weight"][:2]
+        levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down."))
+        blocks = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block."))
+        mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
+        return Flux2Config(ch=ch, ch_mult=mult, num_res_blocks=blocks, z_channels=shapes["decoder.conv_in.weight"][1],
+                           in_channels=cin, out_ch=shapes["decoder.conv_out.weight"][0])
+    except (KeyError, ValueError, IndexError) as e:
+        raise SystemExit(f"{path}: not the FLUX.2 autoencoder's layout ({type(e).__name__}: {e}); expected "
+                         f"{FLUX2_GET}") from None
+
+
+def load_flux2(weights, device="cpu"):
+    """-> (Flux2AE in eval mode, fp32, on `device`; the weights file; its sha256). The file's tensors must be exactly
+    the model's names and shapes (the release's; `bn.num_batches_tracked` may be absent: it is never read)."""
+    path = flux2_weights_file(weights)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {FLUX2_GET}")
+    try:
+        with safe_open(path, "pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            cfg = flux2_config_of(shapes, path)
+            want = flux2_layout(cfg)
+            want_names = set(want) - ({"bn.num_batches_tracked"} - set(shapes))
+            missing, extra = sorted(want_names - set(shapes)), sorted(set(shapes) - want_names)
+            wrong = [k for k in sorted(want_names & set(shapes)) if want[k] != shapes[k]]
+            if missing or extra or wrong:
+                raise SystemExit(f"{path}: not the FLUX.2 autoencoder's layout ({len(missing)} missing, e.g. "
+                                 f"{missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}; {len(wrong)} of another "
+                                 f"shape, e.g. {wrong[:2]}); expected {FLUX2_GET}")
+            sd = {k: fh.get_tensor(k) for k in shapes}
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {FLUX2_GET}") from None
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}   # released dtype -> fp32 (ours)
+    sd.setdefault("bn.num_batches_tracked", torch.tensor(0))
+    with torch.device("meta"):
+        model = Flux2AE(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False), path, file_sha256(path)
+
+
+def gray_weights_of(name):
+    if name not in GRAY_WEIGHTS:
+        raise SystemExit(f"--to-gray {name!r}: expected one of {list(GRAY_WEIGHTS)} (radit §5.1, Table 8)")
+    return GRAY_WEIGHTS[name]
+
+
+class Flux2ExportDecoder(nn.Module):
+    """decoder.pt2 of a FLUX.2 latent folder: raw latents [B, 32, h, w] -> grey images [B, 1, 8h, 8w] in [-1, 1]."""
+
+    def __init__(self, ae, weights):
+        super().__init__()
+        self.decoder = ae.decoder
+        self.register_buffer("gray", torch.tensor(weights, dtype=torch.float32))
+
+    def forward(self, z):
+        return rgb_to_gray(self.decoder(z.float()), self.gray)
+
+
+class Flux2ExportEncoder(nn.Module):
+    """encoder.pt2 of a FLUX.2 latent folder: grey images [B, 1, S, S] in [-1, 1] -> raw posterior means."""
+
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, img):
+        return self.ae.encode(gray_to_rgb(img.float()))
+
+
+def write_flux2_programs(folder, ae, weights, side):
+    """decoder.pt2 and encoder.pt2 (torch.export, dynamic batch) of the FLUX.2 autoencoder, at `side` px: the
+    readers of a latent folder (rectified_flow.py sample / edit, controlnet.py) run them unchanged."""
+    ae = copy.deepcopy(ae).cpu().float().eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    z = torch.zeros(2, ae.config.z_channels, side // ae.factor, side // ae.factor)
+    prog = torch.export.export(Flux2ExportDecoder(ae, weights), (z,), dynamic_shapes=({0: batch},))
+    atomic_save(os.path.join(folder, "decoder.pt2"), lambda tmp: torch.export.save(prog, tmp))
+    x = torch.zeros(2, 1, side, side)
+    prog = torch.export.export(Flux2ExportEncoder(ae), (x,), dynamic_shapes=({0: batch},))
+    atomic_save(os.path.join(folder, "encoder.pt2"), lambda tmp: torch.export.save(prog, tmp))
+
+
+@dataclass
+class LatentSource:
+    """What `encode` needs of an autoencoder (a vae.py run or the released FLUX.2 one)."""
+    encode: object          # images [B, 1, S, S] in [-1, 1] -> raw posterior means [B, C, S/f, S/f]
+    vid: str                # the fingerprint written into info.json and every latent shard
+    channels: int
+    factor: int
+    write_files: object     # (folder, name, image side) -> writes the decoder / encoder files of the folder
+    info: dict              # this autoencoder's info.json entries (decoder file names, where the weights are)
+    files: str              # the files write_files writes, for the closing line
+    rank: int
+    world: int
+    device: object
+
+
+def radvae_source(icfg):
+    """A vae.py checkpoint (EMA weights): decoder.safetensors, decoder.pt2 and encoder.pt2 in the folder."""
     cfg, model, rank, world, device, step = load_for_inference(icfg)
     f = factor_of(cfg)
+
+    def write_files(folder, name, side):
+        write_decoders(folder, cfg, model, name, side // f)
+        write_encoder(folder, cfg, model, side)
+    info = {"decoder": "decoder.pt2", "encoder": "encoder.pt2", "decoder_safetensors": "decoder.safetensors",
+            "ckpt": os.path.abspath(icfg.ckpt), "step": step}
+    return LatentSource(lambda x: model.encoder(x)[0], vae_id(model), cfg.latent_channels, f, write_files, info,
+                        "decoders decoder.safetensors + decoder.pt2, encoder encoder.pt2", rank, world, device)
+
+
+def flux2_source(icfg):
+    """The released FLUX.2 autoencoder (--weights): grey repeated to RGB on the way in (radit §5.1); the folder gets
+    decoder.pt2 (RGB prediction -> grey by --to-gray) and encoder.pt2, and no decoder.safetensors: its format is
+    RadVAE's decoder. The readers then take decoder.pt2 (said in one line), and info.json names the weights file
+    and its sha256, from which `vae.py decode --vae flux2 --weights DIR` decodes with nothing unpickled."""
+    check_counts(icfg, positive=("batch_size",))
+    gray = gray_weights_of(icfg.to_gray)
+    rank, world, device = setup_distributed(icfg.device)
+    ae, path, sha = load_flux2(icfg.weights, device)
+    info = {"decoder": "decoder.pt2", "encoder": "encoder.pt2", "decoder_safetensors": None,
+            "ckpt": os.path.abspath(path), "step": None, "vae_type": "flux2", "weights": os.path.abspath(path),
+            "weights_sha256": sha, "flux2_config": asdict(ae.config), "to_gray": icfg.to_gray,
+            "gray_weights": list(gray), "input": "grey repeated to RGB (radit §5.1)"}
+    return LatentSource(lambda x: ae.encode(gray_to_rgb(x)), flux2_id(sha), ae.config.z_channels, ae.factor,
+                        lambda folder, name, side: write_flux2_programs(folder, ae, gray, side), info,
+                        f"decoder decoder.pt2 (FLUX.2, RGB {icfg.to_gray} -> grey), encoder encoder.pt2", rank, world,
+                        device)
+
+
+def flux2_id(sha):
+    """The vae_id of FLUX.2 latents: from the weights file's sha256 (the latents depend on nothing else)."""
+    return "flux2-" + sha[:16]
+
+
+def encode(icfg):
+    """Posterior means of every meta.csv row -> DATA/latents/<name>/ (FORMAT.md §7); resumable, shards per rank."""
+    if icfg.vae not in ("radvae", "flux2"):
+        raise SystemExit(f"--vae {icfg.vae!r}: expected radvae (a vae.py run, --ckpt) or flux2 (--weights)")
+    name = icfg.name or icfg.vae
+    # DATA/latents/<name>/ by design (FORMAT.md §7); the name must stay a folder name inside DATA/latents/
+    folder = file_in(os.path.join(icfg.data, "latents"), name, where="--name")
+    src = radvae_source(icfg) if icfg.vae == "radvae" else flux2_source(icfg)
+    rank = src.rank
+    world = src.world
+    device = src.device
+    f = src.factor
+    vid = src.vid
     data = CXRData(icfg.data, "", f)
-    vid = vae_id(model)
     info_path = os.path.join(folder, "info.json")
     if os.path.isfile(info_path) and read_json(info_path, "").get("vae_id") != vid:
         raise SystemExit(f"{info_path}: holds latents of another VAE (vae_id {read_json(info_path, '').get('vae_id')}, "
                          f"this checkpoint {vid}); use another --name or delete the folder")
     s = data.shape[-1]
-    shape = [cfg.latent_channels, s // f, s // f]
+    shape = [src.channels, s // f, s // f]
     if rank == 0:
-        write_decoders(folder, cfg, model, icfg.name, shape[-1])
-        write_encoder(folder, cfg, model, s)
+        src.write_files(folder, name, s)
     shards = sorted(set(data.shard.tolist()))
-    meta = {"format": "vae.py-latents/1", "vae": icfg.name, "vae_id": vid}
+    meta = {"format": "vae.py-latents/1", "vae": name, "vae_id": vid}
     t0, done = time.time(), 0
     for shard in shards[rank::world]:
         path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
@@ -2056,7 +2466,7 @@ def encode(icfg):
             for k in range(0, n, icfg.batch_size):
                 x = to_float(imgs[k:min(n, k + icfg.batch_size)]).to(device)
                 with torch.no_grad(), autocast(device):
-                    zs.append(model.encoder(x)[0].float().cpu())
+                    zs.append(src.encode(x).float().cpu())
         z = torch.cat(zs).contiguous()
         atomic_save(path, lambda tmp: save_file({"latents": z}, tmp, metadata=meta))
         done += n
@@ -2080,16 +2490,13 @@ def encode(icfg):
             cnt += z.shape[0] * z.shape[2] * z.shape[3]
         mean = s1 / cnt
         std = (s2 / cnt - mean ** 2).clamp_min(0).sqrt()
-        write_json(info_path, {"format_version": 1, "vae": icfg.name, "vae_id": vid, "shape": shape,
+        write_json(info_path, {"format_version": 1, "vae": name, "vae_id": vid, "shape": shape,
                                "mean": mean.tolist(), "std": std.tolist(),
                                "stats_rows": "all" if stats_all else "train",
-                               "image_size": s, "factor": f, "n": len(data), "decoder": "decoder.pt2",
-                               "encoder": "encoder.pt2", "decoder_safetensors": "decoder.safetensors",
-                               "ckpt": os.path.abspath(icfg.ckpt),
-                               "step": step, "dtype": "float32", "posterior": "mean"})
+                               "image_size": s, "factor": f, "n": len(data), **src.info,
+                               "dtype": "float32", "posterior": "mean"})
         print(f"wrote {folder}: {len(data)} latents of shape {shape}, per-channel mean/std over "
-              f"{cnt // (shape[1] * shape[2])} train rows, decoders decoder.safetensors + decoder.pt2, "
-              f"encoder encoder.pt2", flush=True)
+              f"{cnt // (shape[1] * shape[2])} train rows, {src.files}", flush=True)
     return folder
 
 
@@ -2105,8 +2512,29 @@ def find_decoder(icfg):
                      f"expected a latent folder written by vae.py encode")
 
 
+def flux2_decoder(icfg, device):
+    """--vae flux2: the decoder read from the --weights safetensors (nothing unpickled) -> (decode, spec, weights
+    file); decode(z): raw latents [B, 32, h, w] -> grey images [B, 1, 8h, 8w] in [-1, 1] (RGB by --to-gray)."""
+    gray = gray_weights_of(icfg.to_gray)
+    ae, path, sha = load_flux2(icfg.weights, device)
+    spec = {"vae": "flux2", "vae_id": flux2_id(sha), "latent_channels": ae.config.z_channels}
+    return (lambda z: rgb_to_gray(ae.decode(z), gray)), spec, path
+
+
+def flux2_latent_folder(icfg):
+    """The latent folder whose info.json holds the mean / std of --normalised FLUX.2 latents: --decoder (a folder),
+    else the folder of --latents or the one above it (as find_decoder looks)."""
+    cands = [icfg.decoder] if icfg.decoder else [os.path.dirname(os.path.abspath(icfg.latents)),
+                                                  os.path.dirname(os.path.dirname(os.path.abspath(icfg.latents)))]
+    for c in cands:
+        if os.path.isfile(os.path.join(c, "info.json")):
+            return c
+    raise SystemExit(f"--normalised: no latent folder info.json (mean, std) in {cands}; pass --decoder LATENT_FOLDER")
+
+
 def decode(icfg):
-    """Latent file -> 16-bit PNGs through decoder.safetensors; rows split across ranks, existing PNGs skipped."""
+    """Latent file -> 16-bit PNGs through decoder.safetensors (--vae flux2: the FLUX.2 weights); rows split across
+    ranks, existing PNGs skipped."""
     if not icfg.latents or not os.path.isfile(icfg.latents):
         raise SystemExit(f"--latents {icfg.latents!r}: no such file; expected a safetensors file with `latents` "
                          f"[N, C, h, w]")
@@ -2114,15 +2542,24 @@ def decode(icfg):
         raise SystemExit("--out: expected the output folder for the PNGs")
     check_counts(icfg, positive=("batch_size",))
     rank, world, device = setup_distributed(icfg.device)
-    path = find_decoder(icfg)
-    try:
-        dec, spec = load_radvae_decoder(path, device)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    if icfg.vae == "flux2":
+        dec, spec, path = flux2_decoder(icfg, device)
+    elif icfg.vae == "radvae":
+        path = find_decoder(icfg)
+        try:
+            dec, spec = load_radvae_decoder(path, device)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    else:
+        raise SystemExit(f"--vae {icfg.vae!r}: expected radvae (decoder.safetensors) or flux2 (--weights)")
     try:
         with safe_open(icfg.latents, "pt") as fh:
             meta, keys = fh.metadata() or {}, list(fh.keys())
-            key = "latents" if "latents" in keys else (keys[0] if len(keys) == 1 else None)
+            key = None                                           # `latents`, else the file's only tensor
+            if "latents" in keys:
+                key = "latents"
+            elif len(keys) == 1:
+                key = keys[0]
             if key is None:
                 raise SystemExit(f"{icfg.latents}: tensors {keys}; expected one named `latents`")
             z = fh.get_tensor(key).float()
@@ -2136,12 +2573,15 @@ def decode(icfg):
         raise SystemExit(f"{icfg.latents}: `{key}` has shape {list(z.shape)}; "
                          f"expected [N, {spec['latent_channels']}, h, w]")
     if icfg.normalised:
-        info = read_json(os.path.join(os.path.dirname(path), "info.json"), "the latent folder's info.json (mean, std)")
+        folder = os.path.dirname(path) if icfg.vae == "radvae" else flux2_latent_folder(icfg)
+        info = read_json(os.path.join(folder, "info.json"), "the latent folder's info.json (mean, std)")
         z = z * torch.tensor(info["std"]).view(1, -1, 1, 1) + torch.tensor(info["mean"]).view(1, -1, 1, 1)
     # The PNG folder records what decides its images (the latents' and the decoder's bytes, --normalised): a rerun
     # with other inputs is refused instead of keeping old PNGs beside new ones under the same names.
     record = {"command": "vae.py decode", "latents_sha256": file_sha256(icfg.latents),
               "decoder_sha256": file_sha256(path), "normalised": icfg.normalised}
+    if icfg.vae == "flux2":
+        record["to_gray"] = icfg.to_gray                         # the grey conversion decides the images too
     claim_output(icfg.out, record, write=rank == 0)
     if world > 1:                # every rank has checked --out (rank 0 claimed it) before any writes there
         dist.barrier()
