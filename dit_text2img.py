@@ -86,7 +86,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -845,23 +845,62 @@ LATENT_DTYPES = ("F32", "F16", "BF16")                           # FORMAT.md §7
 TEXT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
+def meta_cells(path, columns, positions):
+    """Yield the cells of `columns` ('' where meta.csv has no such column) of the meta.csv rows at `positions`
+    (ascending, 0-based, blank lines skipped: meta_columns' "position"), one row at a time: a streaming read, so that
+    the report strings of a million rows are never held at once."""
+    want = iter(np.asarray(positions, np.int64).tolist())
+    nxt = next(want, None)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        at = [header.index(c) if c in header else None for c in columns]
+        k = 0
+        for r in reader:
+            if not r:
+                continue
+            if k == nxt:
+                yield tuple("" if j is None else r[j] for j in at)
+                nxt = next(want, None)
+                if nxt is None:
+                    return
+            k += 1
+
+
+def ragged_subset(flat, lengths, keep):
+    """Rows `keep` of a ragged array (row i: `lengths[i]` entries of `flat`, rows back to back) -> (flat, lengths)."""
+    starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    out_len = lengths[keep]
+    out_starts = np.concatenate([[0], np.cumsum(out_len, dtype=np.int64)])[:-1]
+    pick = np.repeat(starts[keep] - out_starts, out_len) + np.arange(int(out_len.sum()))
+    return flat[pick], out_len
+
+
 class TextImageData:
     """The training split of a FORMAT.md §1 dataset, filtered as roentgen §3: images or latents read on demand,
-    and per row either the cached text features (DATA/text/<name>/) or the report (--train-text-encoder)."""
+    and per row either the cached text features (DATA/text/<name>/, read on demand) or the report's token ids
+    (--train-text-encoder). The rows are arrays (meta_columns: DIR/meta_index.safetensors when fresh, else meta.csv),
+    never a dict per row; the reports are read once, streamed, into what training needs (their lengths, token ids),
+    and not kept: a million rows take tens of MB per process (BENCHMARKS.md). `rows` (every column, as dicts) and
+    `reports` are read from meta.csv on demand (tests, grid labels); training never reads `rows`."""
 
     def __init__(self, cfg, tokenizer=None, split="train"):
         root = cfg.data
         path = os.path.join(root, "meta.csv")
+        what = f"a dataset folder (meta.csv, shards/, info.json), e.g. from `python prep_data.py phantom --out {root}`"
         if not os.path.isfile(path):
-            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
-                             f"e.g. from `python prep_data.py phantom --out {root}`")
+            raise SystemExit(f"{path}: no such file; expected {what}")
         self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
         if cfg.resolution and int(self.info.get("size", 0)) != cfg.resolution:
             raise SystemExit(f"{root}/info.json: images are {self.info.get('size')} px; --resolution {cfg.resolution} "
                              f"expects {cfg.resolution} px")
-        rows = read_meta(path, required=("report", "shard", "index"), split=split)[0]
-        if not rows:
+        # the columns read_meta required before (report, shard, index; split to select one): not the 19 variables
+        cols = meta_columns(root, list(self.info.get("datasets") or []), split, what, codes=False)
+        if "report" not in cols["columns"]:
+            raise SystemExit(f"{path}: no column(s) report; expected FORMAT.md §2 columns")
+        if not len(cols["shard"]):
             raise SystemExit(f"{path}: no rows with split={split!r}")
+        self.meta_path, self.source, n_rows = path, cols["source"], len(cols["shard"])
         lat = latent_folder(root, cfg.vae) if cfg.space in ("auto", "latent") else None
         if cfg.space == "latent" and lat is None:
             raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use "
@@ -875,8 +914,28 @@ class TextImageData:
         self.key = "latents" if self.space == "latent" else "images"
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
         # every shard the rows name, checked now (dtype, row shape, row count): not a crash mid-training
-        shards = sorted(check_shards(self.folder, rows, self.key, LATENT_DTYPES if lat else "U16", self.shape,
-                                     where=path))
+        check_shard_arrays(self.folder, cols, self.key, LATENT_DTYPES if lat else "U16", self.shape, where=path)
+        # the reports, streamed once: stripped length (roentgen §3's filter), No Finding (the cap) and, when the
+        # encoder is trained, the token ids of each report (tokenized in chunks, kept ragged: no strings kept)
+        chars = np.zeros(n_rows, np.int32)
+        no_finding = np.zeros(n_rows, bool)
+        chunk, pieces = [], []
+        def tokenize_chunk():
+            ids, lengths, n_tok = tokenize(tokenizer, chunk, cfg.max_length)
+            keep = torch.arange(ids.shape[1])[None] < lengths[:, None]
+            pieces.append((ids[keep].numpy().astype(token_dtype), lengths.numpy().astype(np.int32),
+                           n_tok.numpy().astype(np.int32)))
+            chunk.clear()
+        if tokenizer is not None:
+            token_dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.int32   # ids of a BERT / T5 vocabulary
+        cells = meta_cells(path, ("report", "No Finding"), cols["position"])
+        for k, (report, nf) in enumerate(cells):
+            chars[k] = len(report.strip())
+            no_finding[k] = nf.strip() in ("1", "1.0")
+            if tokenizer is not None:
+                chunk.append(report)
+                if len(chunk) == 4096:
+                    tokenize_chunk()
         # text: the cache (its encoder decides the text width), or the tokenizer when the encoder is trained
         self.max_length = cfg.max_length
         if tokenizer is None:
@@ -892,37 +951,48 @@ class TextImageData:
                                  f"--max-length {cfg.max_length}")
             dtype = TEXT_DTYPES.get(ti.get("dtype", "bfloat16"), "BF16")
             for key, codes in (("hidden", (dtype,)), ("lengths", ("I32",)), ("n_tokens", ("I32",))):
-                where = f"{self.text} (text cache of {path}; re-run embed-text)"
-                check_shards(self.text, rows, key, codes, where=where)
-            stats = {}
-            for s in sorted(shards):
-                with safe_open(self.shard_path(self.text, s), "pt") as f:
-                    stats[s] = (f.get_tensor("lengths"), f.get_tensor("n_tokens"))
-            n_tokens = [int(stats[int(r["shard"])][1][int(r["index"])]) for r in rows]
+                try:
+                    check_shard_arrays(self.text, cols, key, codes, where=path)
+                except SystemExit as e:
+                    raise SystemExit(f"{self.text} (text cache of {path}; re-run embed-text): {e}") from None
+            n_tokens = np.zeros(n_rows, np.int32)
+            for s in np.unique(cols["shard"]).tolist():
+                at = np.flatnonzero(cols["shard"] == s)
+                with safe_open(self.shard_path(self.text, s), "np") as f:
+                    n_tokens[at] = f.get_tensor("n_tokens")[cols["index"][at]]
         else:
             self.text, self.encoder = None, encoder_key(cfg.text_encoder)
-            n_tokens = tokenize(tokenizer, [r["report"] for r in rows], cfg.max_length)[2].tolist()
+            if chunk:
+                tokenize_chunk()
+            tokens = np.concatenate([p[0] for p in pieces])
+            lengths = np.concatenate([p[1] for p in pieces])
+            n_tokens = np.concatenate([p[2] for p in pieces])
+            self.pad_id = tokenizer.pad_token_id
         # roentgen §3: drop short impressions (< 7 characters) and, optionally, those over the token limit (-1: the
         # encoder window, as roentgen's 77 is CLIP's); by default longer ones are kept and truncated
         limit = cfg.max_length if cfg.max_tokens < 0 else cfg.max_tokens
-        keep = [i for i, r in enumerate(rows) if len(r["report"].strip()) >= cfg.min_chars
-                and (not limit or n_tokens[i] <= limit)]
-        dropped = len(rows) - len(keep)
+        keep = np.flatnonzero((chars >= cfg.min_chars) & ((n_tokens <= limit) if limit else True))
+        dropped = n_rows - len(keep)
         # roentgen §3: cap the 'No Finding' rows (a seeded choice) to limit the imbalance
-        nf = [i for i in keep if rows[i].get("No Finding", "").strip() in ("1", "1.0")]
         if cfg.cap_no_finding:
+            nf = keep[no_finding[keep]]
             other = len(keep) - len(nf)
             frac = cfg.cap_no_finding                            # NF / (NF + other) = frac
             cap = min(len(nf), int(frac * other / (1 - frac)) if frac < 1 else len(nf))
-            chosen = set(nf[j] for j in torch.randperm(len(nf), generator=generator(cfg.seed, 4))[:cap].tolist())
-            keep = [i for i in keep if i not in set(nf) or i in chosen]
-        if not keep:
+            chosen = nf[torch.randperm(len(nf), generator=generator(cfg.seed, 4))[:cap].numpy()]
+            kept = ~no_finding
+            kept[chosen] = True
+            keep = keep[kept[keep]]
+        if not len(keep):
             raise SystemExit(f"{path}: no training rows left after --min-chars {cfg.min_chars} / --max-tokens "
                              f"{cfg.max_tokens} / --cap-no-finding {cfg.cap_no_finding}")
-        self.rows = [rows[i] for i in keep]
-        self.n_tokens = torch.tensor([n_tokens[i] for i in keep])
-        self.summary = (f"{len(self.rows)} of {len(rows)} {split} rows ({dropped} dropped by --min-chars/--max-tokens, "
-                        f"{len(rows) - dropped - len(keep)} No Finding rows capped)")
+        self.shard, self.index, self.position = cols["shard"][keep], cols["index"][keep], cols["position"][keep]
+        self.n_tokens = torch.from_numpy(n_tokens[keep]).long()
+        if tokenizer is not None:                                # token ids of the kept rows, back to back
+            self.tokens, self.token_lengths = ragged_subset(tokens, lengths, keep)
+            self.token_starts = np.concatenate([[0], np.cumsum(self.token_lengths, dtype=np.int64)])
+        self.summary = (f"{len(keep)} of {n_rows} {split} rows ({dropped} dropped by --min-chars/--max-tokens, "
+                        f"{n_rows - dropped - len(keep)} No Finding rows capped)")
 
     @staticmethod
     def shard_path(folder, shard):
@@ -932,15 +1002,37 @@ class TextImageData:
         return path
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.shard)
+
+    @cached_property
+    def rows(self):
+        """The kept rows of meta.csv as dicts of strings (every column), in the order of the arrays; read on first
+        use (tests and tools), so that training holds no per-row strings."""
+        rows, _ = read_meta(self.meta_path)
+        return [rows[int(k)] for k in self.position]
+
+    def reports(self, idx):
+        """The report strings of rows idx, read from meta.csv on demand (the training grid's labels)."""
+        pos = [int(self.position[int(i)]) for i in idx]
+        found = dict(zip(sorted(set(pos)), meta_cells(self.meta_path, ("report",), sorted(set(pos)))))
+        return [found[p][0] for p in pos]
+
+    def token_ids(self, idx):
+        """Rows idx -> token ids [n, max_length] (padded with the tokenizer's pad id, as tokenize pads) and valid
+        lengths [n]: what tokenize gives for the rows' reports, without the strings."""
+        lengths = torch.from_numpy(self.token_lengths[np.asarray(idx, np.int64)]).long()
+        ids = torch.full((len(idx), self.max_length), self.pad_id, dtype=torch.long)
+        for j, i in enumerate(idx):
+            a, b = self.token_starts[int(i)], self.token_starts[int(i) + 1]
+            ids[j, :b - a] = torch.from_numpy(self.tokens[a:b].astype(np.int64))
+        return ids, lengths
 
     def load(self, idx):
         """Rows idx -> float32 [n, C, S, S]: pixels (v + 0.5) / 2^15 - 1 in [-1, 1], or normalised latents."""
         xs = []
         for i in idx:
-            r = self.rows[int(i)]
-            f = self._open(self.shard_path(self.folder, int(r["shard"])))
-            xs.append(f.get_slice(self.key)[int(r["index"]):int(r["index"]) + 1])
+            shard, k = int(self.shard[int(i)]), int(self.index[int(i)])
+            xs.append(self._open(self.shard_path(self.folder, shard)).get_slice(self.key)[k:k + 1])
         x = torch.cat(xs).float()
         return (x + 0.5) / 32768 - 1 if self.space == "pixel" else (x - self.mean) / self.std
 
@@ -949,15 +1041,12 @@ class TextImageData:
         out = torch.zeros(len(idx), self.max_length, self.text_dim)
         lengths = torch.zeros(len(idx), dtype=torch.long)
         for j, i in enumerate(idx):
-            r = self.rows[int(i)]
-            f, k = self._open(self.shard_path(self.text, int(r["shard"]))), int(r["index"])
+            shard, k = int(self.shard[int(i)]), int(self.index[int(i)])
+            f = self._open(self.shard_path(self.text, shard))
             h = f.get_slice("hidden")[k:k + 1][0]
             lengths[j] = int(f.get_slice("lengths")[k:k + 1][0])
             out[j, :h.shape[0]] = h.float()
         return out, lengths
-
-    def reports(self, idx):
-        return [self.rows[int(i)]["report"] for i in idx]
 
 
 def batch_rows(step, n, batch, lo, hi, seed):
@@ -1959,13 +2048,13 @@ def train(cfg):
         if text_enc is None:
             h, n = data.load_text(rows)
             return h.to(device), n.to(device)
-        ids, n, _ = tokenize(tok, data.reports(rows), cfg.max_length)
+        ids, n = data.token_ids(rows)
         with nullcontext() if train else torch.no_grad():                # grids: the EMA pair
             return encode_text(enc if train else text_ema, ids, n), n.to(device)
 
     health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
     grid_rows = torch.randperm(len(data), generator=generator(cfg.seed, 3))[:GRID_PROMPTS]
-    grid_labels = [data.rows[int(i)]["report"] for i in grid_rows]
+    grid_labels = data.reports(grid_rows) if rank == 0 and cfg.sample_every else [""] * len(grid_rows)
     grid_text = text_of(grid_rows, train=False) if text_enc is None else None   # read now, not beside the loader
     noise_grid = torch.randn((2 * len(grid_labels), *data.shape), generator=generator(cfg.seed, 3)).to(device)
     lo = rank * per_rank
