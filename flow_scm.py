@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 import weakref
+from array import array
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -614,9 +615,115 @@ def read_json(path, what):
 
 
 def encode_rows(rows, datasets, where):
-    """{var: float64 array of codes / ages} for a list of meta.csv rows."""
+    """{var: float64 array of codes / ages} for a list of meta.csv rows (the inference commands' rows)."""
     return {v: np.array([encode(v, r[v], datasets, f"{where} row id={r.get('id', i)!r}") for i, r in enumerate(rows)],
                         np.float64) for v in VARIABLES}
+
+
+def read_codes(data_dir, split=None):
+    """What training reads of DIR/meta.csv, as one array (issue 21: never a dict per row; a million rows take 76 MB):
+    -> (datasets, codes, source) with codes float32 [n, 19] of the rows of `split` (None or 'all': every row), in
+    VARIABLES order: 18 integer codes (0 missing), then age in years (NaN missing); source 'index' or 'meta.csv'.
+    From DIR/meta_index.safetensors when it holds meta.csv as it is and info.json names the datasets
+    (read_meta_index), else parsed from meta.csv once (scm_columns). Either way the codes, the rows and their order
+    are those that encode_rows gives for read_rows' rows (tests/test_meta_index.py), and so are the errors."""
+    path = os.path.join(data_dir, "meta.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected a dataset folder written by prep_data.py")
+    info = os.path.join(data_dir, "info.json")
+    datasets = list(read_json(info, "the dataset's info.json").get("datasets") or []) if os.path.isfile(info) else []
+    cols = read_meta_index(data_dir, datasets) if datasets else None
+    if cols is None:
+        datasets, codes = scm_columns(data_dir, datasets or None, split)
+        return datasets, codes, "meta.csv"
+    absent_columns(path, cols["columns"], split)                 # read_meta's words: the split column
+    keep = slice(None)
+    if split not in (None, "all"):
+        keep = cols["split"] == (cols["splits"].index(split) if split in cols["splits"] else -1)
+    codes = np.concatenate([cols["codes"][keep].astype(np.float32), cols["age"][keep, None]], 1)
+    return datasets, codes, "index"
+
+
+def scm_columns(data_dir, datasets, split):
+    """DIR/meta.csv parsed once into read_codes' [n, 19] array, with read_rows' checks (the columns; a row with more
+    or fewer cells; ids, each a file name and once, over every row) and encode's rules for the rows of `split` only
+    (case-insensitive, labels written as floats; the first error of the first variable in VARIABLES order, at its
+    first row, as encode_rows stops). Each distinct cell of a column is encoded once. datasets None (no info.json):
+    the sorted dataset names of those rows (dataset_names). -> (datasets, codes). The meta_index piece's meta_arrays
+    does not serve here: it is case-sensitive, needs the datasets up front and the shard / index columns, which
+    flow_scm.py does not read."""
+    path, where = os.path.join(data_dir, "meta.csv"), f"{data_dir}/meta.csv"
+    what = "a dataset folder written by prep_data.py"
+    memo = [{} for _ in VARIABLES]                               # per variable: raw cell -> code or age
+    errors = [None] * len(VARIABLES)                             # per variable: its first bad row's message
+    names, first_id = {}, {}                                     # raw dataset cell -> provisional code, its first id
+    codes = bytearray()                                          # 18 codes a kept row (dataset: provisional)
+    ages = array("f")                                            # (float32: what training reads)
+    ids = []
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            columns = next(reader, [])
+            needed = ["id", *VARIABLES] + (["split"] if split not in (None, "all") else [])
+            absent = [c for c in dict.fromkeys(needed) if c not in columns]
+            if absent:
+                raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+            at = [columns.index(v) for v in VARIABLES]
+            i_id = columns.index("id")
+            i_split = columns.index("split") if split not in (None, "all") else None
+            for line, r in enumerate(reader, 2):
+                if not r:
+                    continue                                     # csv.DictReader skips blank lines too
+                if len(r) != len(columns):
+                    raise SystemExit(f"{path}: row {line} has {'more' if len(r) > len(columns) else 'fewer'} cells "
+                                     f"than the header's {len(columns)}; expected one cell per column")
+                ids.append(r[i_id])
+                if i_split is not None and r[i_split] != split:
+                    continue
+                for k, j in enumerate(at[:17]):
+                    code = memo[k].get(r[j])
+                    if code is None:
+                        try:
+                            code = encode(VARIABLES[k], r[j], datasets, f"{where} row id={r[i_id]!r}")
+                        except SystemExit as e:
+                            errors[k] = errors[k] or str(e)
+                            code = 0
+                        else:
+                            memo[k][r[j]] = code
+                    codes.append(code)
+                cell = r[at[17]]
+                if cell not in names:                            # datasets are coded once all names are known
+                    names[cell] = len(names)
+                    first_id[cell] = r[i_id]
+                    if len(names) > 255:
+                        raise SystemExit(f"{path}: over 255 different dataset values; expected FORMAT.md §5 names")
+                codes.append(names[cell])
+                age = memo[18].get(r[at[18]])
+                if age is None:
+                    try:
+                        age = memo[18][r[at[18]]] = encode("age", r[at[18]], datasets, f"{where} row id={r[i_id]!r}")
+                    except SystemExit as e:
+                        errors[18] = errors[18] or str(e)
+                        age = math.nan
+                ages.append(age)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
+    check_ids(ids, path)
+    del ids
+    if datasets is None:                                         # dataset_names' rule, over the kept rows
+        datasets = sorted(cell for cell in names if cell) or ["unknown"]
+    final = np.zeros(max(1, len(names)), np.uint8)               # provisional -> final dataset code
+    for cell, k in names.items():
+        try:
+            final[k] = encode("dataset", cell, datasets, f"{where} row id={first_id[cell]!r}")
+        except SystemExit as e:
+            errors[17] = errors[17] or str(e)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise SystemExit(first)
+    table = np.frombuffer(codes, np.uint8).reshape(len(ages), 18).copy()
+    table[:, 17] = final[table[:, 17]]
+    return datasets, np.concatenate([table.astype(np.float32), np.frombuffer(ages, np.float32)[:, None]], 1)
 
 
 @functools.lru_cache(maxsize=2)
@@ -871,6 +978,243 @@ def check_shards(folder, rows, key, dtype, shape=None, where=None):
     check_shard_rows(rows, sizes, where)
     return sizes
 # --- end skeleton: meta_table ---
+
+
+# --- skeleton: meta_index (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+INDEX_FILE = "meta_index.safetensors"                            # FORMAT.md §2.1, beside meta.csv
+INDEX_FORMAT = "meta-index/1"
+INDEX_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+                "Pneumothorax", "Support Devices"]
+INDEX_VARIABLES = INDEX_LABELS + ["sex", "race", "view", "dataset", "age"]  # FORMAT.md §5 order; age last
+INDEX_VALUES = {**{lab: ["0", "1", "-1"] for lab in INDEX_LABELS},           # csv value -> code: position + 1
+                "sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}
+INDEX_NEEDS = ["id", *INDEX_VARIABLES, "shard", "index"]         # the columns a data path reads (split: to select)
+
+
+def meta_sha256(path):
+    """sha256 of meta.csv's bytes: the index's freshness key (about 1 s for a million rows)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 24), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def absent_columns(path, columns, split, codes=True):
+    """One line naming every column a data path needs (INDEX_NEEDS, without the 19 variables when `codes` is False,
+    and `split` when one is selected) that is not among `columns`, in read_meta's words."""
+    needed = [c for c in INDEX_NEEDS if codes or c in ("id", "shard", "index")]
+    needed += ["split"] if split not in (None, "all") else []
+    absent = [c for c in needed if c not in columns]
+    if absent:
+        raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+
+
+def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
+    """meta.csv parsed once into the columns training needs, as numpy arrays (never a dict per row):
+    {"codes": uint8 [N, 18] (the 18 categorical codes of FORMAT.md §5, dataset codes in the order of `datasets`),
+    "age": float32 [N] (NaN missing), "shard", "index": int32 [N], "split": uint8 [N] (code k = splits[k]),
+    "splits": [names], "columns": meta.csv's header}. Every row is coded, whatever its split. One-line errors,
+    read_meta's and encode_row's: no file, not a table, a column missing (`split` when one is to be selected), a
+    row with more or fewer cells, an id that is not a file name or appears twice, a value outside §5 (naming the
+    row's id), a shard or index that is not an integer. codes=False (a script that reads pixels only, vae.py):
+    the 19 variables are neither required nor read ("codes" [N, 0], "age" NaN)."""
+    from array import array
+    coded = codes
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    maps = [{} for _ in INDEX_VARIABLES[:18]]                    # raw cell -> code, filled as values appear
+    choices = [datasets if v == "dataset" else INDEX_VALUES[v] for v in INDEX_VARIABLES[:18]]
+    codes = bytearray()                                          # 18 uint8 codes a row, appended as read
+    split_codes, splits = bytearray(), {}                        # a code a row; split name -> code
+    age = array("f")
+    shard, index = array("i"), array("i")
+    ids = []
+    first_error = None                                           # raised after the ids are checked, as read_meta
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            columns = next(reader, [])
+            absent_columns(path, columns, split, coded)
+            at = [columns.index(c) for c in INDEX_VARIABLES[:18]] if coded else []
+            i_id, i_shard, i_index = (columns.index(c) for c in ("id", "shard", "index"))
+            i_age = columns.index("age") if coded else None
+            i_split = columns.index("split") if "split" in columns else None
+            for line, r in enumerate(reader, 2):
+                if not r:
+                    continue                                     # csv.DictReader skips blank lines too
+                if len(r) != len(columns):
+                    raise SystemExit(f"{path}: row {line} has {'more' if len(r) > len(columns) else 'fewer'} cells "
+                                     f"than the header's {len(columns)}; expected one cell per column")
+                ids.append(r[i_id])
+                row = []
+                for k, (m, j) in enumerate(zip(maps, at)):
+                    c = m.get(r[j])
+                    if c is None:
+                        s = r[j].strip()
+                        if k < 14:                               # labels written as floats by some tools
+                            s = {"1.0": "1", "0.0": "0", "-1.0": "-1"}.get(s, s)
+                        if s and s not in choices[k]:
+                            first_error = first_error or (f"{path} row id={r[i_id]}: {INDEX_VARIABLES[k]}={s!r}; "
+                                                          f"expected one of {choices[k]} or empty")
+                            c = 0
+                        else:
+                            c = m[r[j]] = choices[k].index(s) + 1 if s else 0
+                    row.append(c)
+                codes.extend(row)
+                a = r[i_age].strip() if coded else ""
+                if a.lower() in ("", "nan"):
+                    years = float("nan")
+                else:
+                    try:
+                        years = float(a)
+                    except ValueError:
+                        years = None
+                    if years is None or not AGE_RANGE[0] <= years <= AGE_RANGE[1]:
+                        try:                                     # check_age's words for the error
+                            check_age(a, f"{path} row id={r[i_id]}")
+                        except SystemExit as e:
+                            first_error, years = first_error or str(e), float("nan")
+                age.append(years)
+                try:
+                    shard.append(int(r[i_shard]))
+                    index.append(int(r[i_index]))
+                except (ValueError, OverflowError):
+                    first_error = first_error or (f"{path}: row {r[i_id]!r} has shard {r[i_shard]!r}, index "
+                                                  f"{r[i_index]!r}; expected integers (FORMAT.md §2)")
+                    del shard[len(index):]
+                    shard.append(-1)
+                    index.append(-1)
+                name = r[i_split] if i_split is not None else ""
+                if name not in splits:
+                    if len(splits) == 255:
+                        raise SystemExit(f"{path}: over 255 different split values; expected train, val, test")
+                    splits[name] = len(splits)
+                split_codes.append(splits[name])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
+    check_ids(ids, path)
+    del ids
+    if first_error:
+        raise SystemExit(first_error)
+    n = len(age)
+    return {"codes": np.frombuffer(codes, np.uint8).reshape(n, 18 if coded else 0).copy(),
+            "age": np.frombuffer(age, np.float32).copy(),
+            "shard": np.frombuffer(shard, np.int32).copy(), "index": np.frombuffer(index, np.int32).copy(),
+            "split": np.frombuffer(split_codes, np.uint8).copy(), "splits": list(splits), "columns": columns}
+
+
+def read_meta_index(folder, datasets):
+    """DIR/meta_index.safetensors (prep_data.py writes it beside meta.csv; FORMAT.md §2.1) as meta_arrays' dict,
+    or None when there is none or it does not hold meta.csv as it is now: another meta.csv sha256 (edited since),
+    other info.json datasets, or a file that is not a whole index. Our choice: such an index is ignored with a
+    note, not refused: it is a cache of meta.csv, which stays the truth and gives the same arrays (slower)."""
+    path, meta_path = os.path.join(folder, INDEX_FILE), os.path.join(folder, "meta.csv")
+    if not os.path.isfile(path) or not os.path.isfile(meta_path):
+        return None
+    why = None
+    try:
+        with safe_open(path, "numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != INDEX_FORMAT:
+                why = f"format {meta.get('format')!r}, expected {INDEX_FORMAT!r}"
+            elif meta.get("meta_sha256") != meta_sha256(meta_path):
+                why = "written for another meta.csv (edited since)"
+            elif json.loads(meta["datasets"]) != list(datasets):
+                why = f"dataset codes of {json.loads(meta['datasets'])}, info.json has {list(datasets)}"
+            else:
+                out = {k: f.get_tensor(k) for k in ("codes", "age", "shard", "index", "split")}
+                out.update(splits=json.loads(meta["splits"]), columns=json.loads(meta["columns"]))
+                n = len(out["age"])
+                kinds = {"codes": (np.uint8, (n, 18)), "age": (np.float32, (n,)), "shard": (np.int32, (n,)),
+                         "index": (np.int32, (n,)), "split": (np.uint8, (n,))}
+                top = np.array([len(v) for v in INDEX_VALUES.values()][:17] + [len(datasets)])
+                if any(out[k].dtype != d or out[k].shape != s for k, (d, s) in kinds.items()):
+                    why = "tensors of other dtypes or shapes than FORMAT.md §2.1's"
+                elif n and ((out["codes"] > top).any() or int(out["split"].max()) >= len(out["splits"])):
+                    why = "codes outside FORMAT.md §5"
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        why = f"not a readable index ({type(e).__name__}: {e})"
+    if why:
+        print(f"{path}: {why}; ignored, reading meta.csv instead (rebuild: python prep_data.py index --data "
+              f"{folder})", file=sys.stderr, flush=True)
+        return None
+    return out
+
+
+def meta_columns(folder, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
+    """The rows of `split` (None or 'all': every row) of DIR/meta.csv as arrays: from the index when it holds
+    meta.csv as it is (read_meta_index), else parsed from meta.csv (meta_arrays; `codes`: whether the 19 variables
+    are required and coded); the same arrays either way, plus "position": each row's position in meta.csv (int64),
+    and "source": 'index' or 'meta.csv'. One-line errors as read_meta's (a column missing, split or not; no file)."""
+    path = os.path.join(folder, "meta.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    cols = read_meta_index(folder, datasets)
+    if cols is not None:
+        absent_columns(path, cols["columns"], split, codes)
+        cols["source"] = "index"
+    else:
+        cols = meta_arrays(path, datasets, split, what, codes)
+        cols["source"] = "meta.csv"
+    keep = np.arange(len(cols["age"]))
+    if split not in (None, "all"):
+        code = cols["splits"].index(split) if split in cols["splits"] else -1
+        keep = np.flatnonzero(cols["split"] == code)
+        for k in ("codes", "age", "shard", "index", "split"):
+            cols[k] = cols[k][keep]
+    cols["position"] = keep
+    return cols
+
+
+def meta_ids(path, positions):
+    """The ids of meta.csv rows at `positions` (0-based, blank lines skipped), read on demand: only an error message
+    or a sampled row needs one, so no process holds a million id strings."""
+    want, out = {int(p): None for p in positions}, {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        at = next(reader).index("id")
+        k = 0
+        for r in reader:
+            if r:
+                if k in want:
+                    out[k] = r[at]
+                k += 1
+    return [out.get(int(p)) for p in positions]
+
+
+def check_shard_arrays(folder, cols, key, dtype, shape=None, where=None):
+    """check_shards for meta_columns' arrays, at start: every shard the rows name is readable and stores `key` as
+    `dtype` with rows of `shape` (shard_tensor_shape), and holds each row's index; one line naming the first bad row
+    (its id read from `where`, check_shard_rows' words). `where`: the meta.csv of the rows (default
+    folder/meta.csv; a latent folder's rows are its dataset's). -> {shard: rows}."""
+    where = where or os.path.join(folder, "meta.csv")
+    shard, index = cols["shard"], cols["index"]
+    found, first = np.unique(shard, return_index=True)
+    sizes = {}
+    for s in found[np.argsort(first)].tolist():                  # in the order rows name them, as check_shards
+        path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+        if s < 0 or not os.path.isfile(path):
+            continue
+        got = shard_tensor_shape(path, key, dtype)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: {key!r} rows have shape {got[1:]}; expected {list(shape)} (info.json)")
+        sizes[s] = got[0]
+    table = np.full(len(found), -1, np.int64)                    # rows held per shard, -1 for an absent one
+    for j, s in enumerate(found.tolist()):
+        table[j] = sizes.get(s, -1)
+    held = table[np.searchsorted(found, shard)] if len(shard) else table[:0]
+    bad = np.flatnonzero((held < 0) | (index < 0) | (index >= held))
+    if len(bad):
+        k = int(bad[0])
+        s, i = int(shard[k]), int(index[k])
+        name = meta_ids(where, [cols["position"][k]])[0]
+        if held[k] < 0:
+            raise SystemExit(f"{where}: row {name!r} names shard {s}, which does not exist")
+        raise SystemExit(f"{where}: row {name!r} has index {i}; shard {s} holds rows 0..{held[k] - 1}")
+    return sizes
+# --- end skeleton: meta_index ---
 
 
 # --- skeleton: memory_plan (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
@@ -1167,14 +1511,65 @@ def print_memory_plan(plan):
 # --- end skeleton: memory_plan ---
 
 
+# --- skeleton: checkpoint_io (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def optimizer_tensors(opt):
+    """An optimizer's state as tensors 'optim.<param index>.<name>', and its param_groups (for the metadata)."""
+    osd = opt.state_dict()
+    tensors = {}
+    for i, state in osd["state"].items():
+        for name, v in state.items():
+            tensors[f"optim.{i}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, osd["param_groups"]
+
+
+def load_optimizer(opt, optim, groups):
+    """The inverse of optimizer_tensors: {'<param index>.<name>': tensor} and param_groups -> opt."""
+    state = {}
+    for k, v in optim.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def write_checkpoint(path, tensors, meta, fmt):
+    """One safetensors file, written atomically: the tensors (on the CPU) and string metadata, tagged with `fmt`."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**meta, "format": fmt}
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def open_checkpoint(path, fmt, what, prefixes):
+    """-> (metadata, {prefix: {name: tensor}}) of a checkpoint file tagged `fmt`; one-line errors otherwise
+    (`what` says what was expected, e.g. 'a vae.py run folder or checkpoint')."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such checkpoint; expected {what}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != fmt:
+                raise SystemExit(f"{path}: not {what} (metadata format {meta.get('format')!r})")
+            parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+    except (SafetensorError, OSError) as e:
+        raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {what}") from None
+    return meta, parts
+# --- end skeleton: checkpoint_io ---
+
+
+CKPT_FORMAT = "flow_scm/1"
+CKPT_WHAT = ("a flow_scm.py checkpoint (a run folder with latest.json, or a ckpt-*.safetensors file of flow_scm.py "
+             "train)")
+
+
 def save_checkpoint(out, step, model, ema, opt, cfg, meta):
-    """ckpt-STEP.safetensors (weights, EMA, config) + ckpt-STEP.pt (optimizer, RNG), then latest.json points at them."""
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()})
+    """ckpt-STEP.safetensors (weights, EMA, config; the checkpoint_io piece's write_checkpoint, tagged flow_scm/1) +
+    ckpt-STEP.pt (optimizer, RNG), then latest.json points at them. Our choice: this script keeps its three-file
+    layout (the tests and the bad-input table read latest.json and the .pt) rather than the other scripts' one file."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
     md = {"config": json.dumps(dataclasses.asdict(cfg)), "step": str(step),
           **{k: json.dumps(v) for k, v in meta.items()}}
     name = f"ckpt-{step:07d}"
-    atomic_save(os.path.join(out, name + ".safetensors"), lambda p: save_file(tensors, p, metadata=md))
+    write_checkpoint(os.path.join(out, name + ".safetensors"), tensors, md, CKPT_FORMAT)
     state = {"step": step, "opt": opt.state_dict(), "rng": torch.get_rng_state()}
     atomic_save(os.path.join(out, name + ".pt"), lambda p: torch.save(state, p))
     # latest.json last, through atomic_save too: fsynced, the mode open() gives, and a temporary that a kill
@@ -1183,10 +1578,6 @@ def save_checkpoint(out, step, model, ema, opt, cfg, meta):
     for fn in os.listdir(out):                                       # keep only the newest checkpoint
         if fn.startswith("ckpt-") and not fn.startswith(name) and fn.endswith((".safetensors", ".pt")):
             os.remove(os.path.join(out, fn))
-
-
-CKPT_WHAT = ("a flow_scm.py checkpoint (a run folder with latest.json, or a ckpt-*.safetensors file of flow_scm.py "
-             "train)")
 
 
 def checkpoint_path(ckpt):
@@ -1209,18 +1600,22 @@ def checkpoint_path(ckpt):
 
 
 def read_scm_checkpoint(path, prefixes):
-    """-> (metadata with config / parents / datasets decoded, {prefix: {name: tensor}}) of a ckpt-*.safetensors;
-    one line naming the file when it is truncated, empty, not safetensors, or another script's checkpoint (e.g. a
-    rectified_flow.py one, which has no causal graph)."""
+    """-> (metadata with config / parents / datasets decoded, {prefix: {name: tensor}}) of a ckpt-*.safetensors
+    (the checkpoint_io piece's open_checkpoint); one line naming the file when it is truncated, empty, not
+    safetensors, or another script's checkpoint (e.g. a rectified_flow.py one, which has no causal graph).
+    A checkpoint written before the flow_scm/1 tag (no "format" in its metadata) is read by its keys."""
     try:
         with safe_open(path, "pt") as f:
-            md = f.metadata() or {}
-            if not all(k in md for k in ("config", "parents", "datasets", "step")):
-                raise SystemExit(f"{path}: not {CKPT_WHAT} (no config / parents / datasets / step metadata)")
-            parts = {p: {k[len(p):]: f.get_tensor(k) for k in f.keys() if k.startswith(p)} for p in prefixes}
+            tagged = "format" in (f.metadata() or {})
+    except (SafetensorError, OSError):
+        tagged = True                                            # open_checkpoint names the unreadable file
+    md, parts = open_checkpoint(path, CKPT_FORMAT if tagged else None, CKPT_WHAT, prefixes)
+    if not all(k in md for k in ("config", "parents", "datasets", "step")):
+        raise SystemExit(f"{path}: not {CKPT_WHAT} (no config / parents / datasets / step metadata)")
+    try:
         md = {**md, **{k: json.loads(md[k]) for k in ("config", "parents", "datasets", "step")}}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SystemExit(f"{path}: not a readable safetensors file ({e}); expected {CKPT_WHAT}") from None
+    except ValueError as e:
+        raise SystemExit(f"{path}: metadata that is not JSON ({e}); expected {CKPT_WHAT}") from None
     if "grad_clip" in md["config"]:                                  # checkpoints written before the rename
         md["config"]["clip"] = md["config"].pop("grad_clip")
     return md, parts
@@ -1357,11 +1752,34 @@ POSITIVE = ("batch_size", "max_steps", "log_every", "ckpt_every", "width", "dept
 NON_NEGATIVE = ("micro_batch", "warmup", "sample_every")
 
 
-def truncate_log(path, step):
-    """On resume from `step` (0: a fresh start): keep log.jsonl's whole records of steps up to `step`, drop the rest
-    (what a killed run logged after its last checkpoint, a half-written last line), so records do not repeat.
-    The records carry the step after the update, as the checkpoints do. (The log_line piece's resume_log, which
-    this script does not hold.)"""
+# --- skeleton: log_line (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def log_line(rec, max_steps, fields=()):
+    """The printed line of a log record: 'step N/M | loss L | <fields> | gnorm G | lr R | X img/s [| Y tok/s]
+    [| MFU m] [| mem g GB] | eta E min'; `fields`: the script's own (label, text) pairs."""
+    parts = [f"step {rec['step']}/{max_steps}", f"loss {rec['loss']:.4f}"]
+    parts += [f"{label} {text}" for label, text in fields]
+    parts += [f"gnorm {rec['grad_norm']:.3f}", f"lr {rec['lr']:.1e}", f"{rec['img_s']:.1f} img/s"]
+    if rec.get("tok_s") is not None:
+        parts.append(f"{rec['tok_s']:.0f} tok/s")
+    if rec.get("mfu"):
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    if rec.get("mem_gb"):
+        parts.append(f"mem {rec['mem_gb']:.1f} GB")
+    parts.append(f"eta {rec['eta_s'] / 60:.1f} min")
+    return " | ".join(parts)
+
+
+def write_log(path, rec, line):
+    """Print the line and append the record to OUT/log.jsonl (rank 0 calls it)."""
+    print(line, flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def resume_log(path, step):
+    """On resume from step `step`: keep OUT/log.jsonl's whole records of steps up to `step` and drop the rest (the
+    records a killed run wrote after its last checkpoint, and a half-written last line), so the resumed run's
+    records follow without duplicates."""
     if not os.path.isfile(path):
         return
     kept = []
@@ -1378,6 +1796,7 @@ def truncate_log(path, step):
         with open(tmp, "w") as f:
             f.writelines(kept)
     atomic_save(path, write)
+# --- end skeleton: log_line ---
 
 
 def plan_memory(cfg, parents, datasets, world):
@@ -1409,12 +1828,11 @@ def train(cfg):
     if cfg.bench:
         datasets, codes = ["a", "b", "c"], None
     else:
-        rows, _ = read_rows(cfg.data, cfg.split)
-        if not rows:
+        datasets, codes, _ = read_codes(cfg.data, cfg.split)     # [n, 19] float32, VARIABLES order
+        if not len(codes):
             raise SystemExit(f"{cfg.data}/meta.csv: no rows in split {cfg.split!r}")
-        datasets = dataset_names(cfg.data, rows)
-        codes = encode_rows(rows, datasets, f"{cfg.data}/meta.csv")
-    ages = codes["age"][np.isfinite(codes["age"])] if codes is not None else np.array([60.0, 80.0])
+    # the float32 ages, as the index stores them, in float64 (whole years, as the phantom's: the float64 parse's sum)
+    ages = codes[:, 18][np.isfinite(codes[:, 18])].astype(np.float64) if codes is not None else np.array([60.0, 80.0])
     age_mean, age_std = (float(ages.mean()), float(ages.std() + 1e-6)) if len(ages) > 1 else (60.0, 20.0)
     torch.manual_seed(cfg.seed)
     model = FlowSCM(parents, datasets, cfg, age_mean, age_std).to(device)
@@ -1458,7 +1876,8 @@ def train(cfg):
             print(f"resumed from {wpath} at step {step}")
     if master:
         os.makedirs(out, exist_ok=True)
-        truncate_log(os.path.join(out, "log.jsonl"), step)
+        # records carry the step after the update, as the checkpoints do: keep those up to the step resumed from
+        resume_log(os.path.join(out, "log.jsonl"), step)
         config = {"config": dataclasses.asdict(cfg), **meta, "torch": torch.__version__, "device": str(device),
                   "world": world, "params": n_params}
         atomic_save(os.path.join(out, "config.json"), lambda tmp: write_json_file(tmp, config))
@@ -1469,13 +1888,13 @@ def train(cfg):
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     health, stopping = HealthCheck(world, device, os.path.join(out, "latest.json")), False   # SIGTERM: save next check
-    n_rows = len(codes["age"]) if codes is not None else cfg.batch_size
-    all_vals = {v: torch.from_numpy(a).float() for v, a in codes.items()} if codes is not None else None
+    n_rows = len(codes) if codes is not None else cfg.batch_size
+    all_vals = torch.from_numpy(codes) if codes is not None else None          # [n, 19] float32
     # running sums, reduced only at log time (no .item() in the step): per-variable loss, loss and count per
     # timestep bin (4 bins of t), gradient norm
     acc = torch.zeros(19 + 8 + 1, device=device)
     first_bad, since_log = torch.tensor(-1, device=device), 0
-    t_log, log_f = time.time(), open(os.path.join(out, "log.jsonl"), "a") if master else None
+    t_log, log_path = time.time(), os.path.join(out, "log.jsonl")
     history = []
     while step < cfg.max_steps:
         idx = batch_positions(step, cfg.batch_size, n_rows, cfg.seed)
@@ -1485,7 +1904,8 @@ def train(cfg):
                         torch.randint(0, n_classes(v, datasets) + 1, (cfg.batch_size,), generator=g).float())
                     for v in VARIABLES}
         else:
-            vals = {v: a[idx] for v, a in all_vals.items()}
+            picked = all_vals[idx].t().contiguous()                  # [19, batch]: one contiguous row a variable
+            vals = {v: picked[k] for k, v in enumerate(VARIABLES)}
         noise, tt = batch_noise(raw.dims, cfg.batch_size, cfg.seed, step)
         counts = torch.stack([raw.observed(v, vals[v]).float().sum() for v in VARIABLES]).clamp(min=1).to(device)
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
@@ -1530,27 +1950,27 @@ def train(cfg):
                 acc[27] /= world
             per = (acc[:19] / since_log).tolist()
             dt = time.time() - t_log
+            # the log_line piece's record: img_s counts meta.csv rows (each one image's 19 variables) per second
             rec = {"step": step, "loss": sum(per) / 19, "grad_norm": acc[27].item() / since_log, "lr": lr,
-                   "samples_per_s": since_log * cfg.batch_size / max(dt, 1e-9),
+                   "img_s": since_log * cfg.batch_size / max(dt, 1e-9),
                    "eta_s": (cfg.max_steps - step) * dt / since_log,
                    "loss_by_t": [round(x, 5) for x in (acc[19:23] / acc[23:27].clamp(min=1)).tolist()],
                    "loss_by_var": {v: round(x, 5) for v, x in zip(VARIABLES, per)},
-                   "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+                   "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
             history.append(rec)
             if master:
-                print(json.dumps({k: (round(x, 5) if isinstance(x, float) else x) for k, x in rec.items()
-                                  if k != "loss_by_var"}), flush=True)
-                log_f.write(json.dumps(rec) + "\n")
-                log_f.flush()
+                bins = "/".join(f"{x:.3f}" for x in rec["loss_by_t"])           # t in quarters of [0, 1]
+                write_log(log_path, rec, log_line(rec, cfg.max_steps, [("t-bins", bins)]))
             acc.zero_()
             t_log, since_log = time.time(), 0
         if master and cfg.sample_every and step % cfg.sample_every == 0 and all_vals is not None:
             ema_model = FlowSCM(parents, datasets, cfg).to(device)   # fixed noise: the same cohort seed every time
             ema_model.load_state_dict(ema)
             s = sample_values(ema_model.eval(), 512, Solver("euler", steps=16), seed=cfg.seed, device=device)
-            gap = np.mean([abs((s[v] == 2).float().mean().item() - (all_vals[v] == 2).float().sum().item() /
-                               max(1, (all_vals[v] > 0).sum().item())) for v in LABELS])
-            log_f.write(json.dumps({"step": step, "sample_positive_rate_gap": gap}) + "\n")
+            gap = np.mean([abs((s[v] == 2).float().mean().item() - (all_vals[:, k] == 2).float().sum().item() /
+                               max(1, (all_vals[:, k] > 0).sum().item())) for k, v in enumerate(LABELS)])
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "sample_positive_rate_gap": gap}) + "\n")
         if master and not cfg.bench and ckpt_now:
             save_checkpoint(out, step, raw, ema, opt, cfg, meta)
         if stopping:                                             # the all-reduced flag: the one the save used
@@ -1562,8 +1982,6 @@ def train(cfg):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if log_f:
-        log_f.close()
     return history
 
 # ----------------------------------------------------------------------------------------------------------------
