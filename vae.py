@@ -17,6 +17,11 @@ Evaluate (EMA weights; PSNR, SSIM, reconstruction FD as in radit Table 2, with t
 Encode a whole dataset for the latent models, decode any latent file:
     python vae.py encode --ckpt runs/vae --data data/phantom --name radvae       # -> data/phantom/latents/radvae/
     python vae.py decode --latents samples.safetensors --decoder data/phantom/latents/radvae --out pngs/
+The paper's latent space, the released FLUX.2 autoencoder (radit §5.1; ae.safetensors of
+huggingface.co/black-forest-labs/FLUX.2-dev in DIR, read here without diffusers; grey repeated to RGB in, the RGB
+prediction averaged out, --to-gray luma for radit Table 8's weights):
+    python vae.py encode --vae flux2 --weights DIR --data data/phantom          # -> data/phantom/latents/flux2/
+    python vae.py decode --vae flux2 --weights DIR --latents samples.safetensors --out pngs/
 
 Latent folder (FORMAT.md §7), D/latents/<name>/, read by rectified_flow.py, dit_text2img.py, controlnet.py,
 ldm_multicond.py:
