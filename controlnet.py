@@ -828,17 +828,47 @@ def cond_grid(path, maps, x, labels):
     save_grid(path, torch.cat([c.to(x.device), x.float()]), ncol=len(labels), labels=labels)
 
 
+def meta_cells(path, columns, positions):
+    """Yield the cells of `columns` ('' where meta.csv has no such column) of the meta.csv rows at `positions`
+    (ascending, 0-based, blank lines skipped: meta_columns' "position"), one row at a time: a streaming read, so that
+    the reports and boxes of a million rows are never held at once as strings."""
+    want = iter(np.asarray(positions, np.int64).tolist())
+    nxt = next(want, None)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        at = [header.index(c) if c in header else None for c in columns]
+        k = 0
+        for r in reader:
+            if not r:
+                continue
+            if k == nxt:
+                yield tuple("" if j is None else r[j] for j in at)
+                nxt = next(want, None)
+                if nxt is None:
+                    return
+            k += 1
+
+
 class ControlData:
     """A split of a FORMAT.md §1 dataset in the backbone's space (pixels, or latents/<vae>/), its cached captions
-    (text/<name>/ of the backbone's encoder), and one condition map a row (dataset masks or meta.csv boxes)."""
+    (text/<name>/ of the backbone's encoder), and one condition map a row (dataset masks or meta.csv boxes). The rows
+    are arrays (meta_columns: DIR/meta_index.safetensors when fresh, else meta.csv), never a dict per row: the reports
+    are streamed once for roentgen §3's length filter, the boxes parsed once into flat arrays (box_xyxy, box_class,
+    box_start); ids and reports are read from meta.csv on demand (grid labels, evaluate)."""
 
     def __init__(self, cfg, dcfg, split="train"):
         root, path = cfg.data, os.path.join(cfg.data, "meta.csv")
-        self.info = read_json(os.path.join(root, "info.json"), "a dataset folder (meta.csv, shards/, info.json)")
-        need = ("report", "shard", "index") + (("boxes",) if cfg.cond_type == "box" else ())
-        rows = read_meta(path, required=need, split=split)[0]   # ids checked: they name evaluate's output files
-        if not rows:
+        what = "a dataset folder (meta.csv, shards/, info.json)"
+        self.info = read_json(os.path.join(root, "info.json"), what)
+        # the columns read_meta required before (report, shard, index, boxes for a box model): not the 19 variables
+        cols = meta_columns(root, list(self.info.get("datasets") or []), split, what, codes=False)
+        absent = [c for c in ("report",) + (("boxes",) if cfg.cond_type == "box" else ()) if c not in cols["columns"]]
+        if absent:
+            raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+        if not len(cols["shard"]):
             raise SystemExit(f"{path}: no rows with split={split!r}")
+        self.meta_path, self.source = path, cols["source"]
         self.root, self.cond_size, self.space = root, int(self.info["size"]), dcfg.space
         lat = latent_folder(root, dcfg.vae) if self.space == "latent" else None
         li = latent_info(lat) if lat else dict(shape=(1, self.cond_size, self.cond_size), mean=None, std=None)
@@ -858,15 +888,37 @@ class ControlData:
                              f"({dcfg.text_dim} wide, {dcfg.max_length} tokens)")
         self.max_length, self.text_dim = dcfg.max_length, dcfg.text_dim
         # every shard the rows read, checked now (dtype, row shape, a row at every index): not a crash mid-run
-        check_shards(self.folder, rows, self.key, LATENT_DTYPES if lat else "U16", self.shape, where=path)
+        check_shard_arrays(self.folder, cols, self.key, LATENT_DTYPES if lat else "U16", self.shape, where=path)
         if lat:                                                  # evaluate reads the real images too
-            check_shards(root, rows, "images", "U16", where=path)
-        text_where = f"{self.text} (text cache of {path}; re-run embed-text)"
-        check_shards(self.text, rows, "hidden", TEXT_DTYPES.get(ti.get("dtype", "bfloat16"), "BF16"), where=text_where)
-        check_shards(self.text, rows, "lengths", "I32", where=text_where)
+            check_shard_arrays(root, cols, "images", "U16", where=path)
+        for key, dtype in (("hidden", TEXT_DTYPES.get(ti.get("dtype", "bfloat16"), "BF16")), ("lengths", "I32")):
+            try:
+                check_shard_arrays(self.text, cols, key, dtype, where=path)
+            except SystemExit as e:
+                raise SystemExit(f"{self.text} (text cache of {path}; re-run embed-text): {e}") from None
         if cfg.cond_type == "mask":
-            check_shards(root, rows, "masks", "U8", where=path)     # FORMAT.md §3: uint8 0 / 1
-        rows = [r for r in rows if len(r["report"].strip()) >= cfg.min_chars]     # roentgen §3, as the backbone
+            check_shard_arrays(root, cols, "masks", "U8", where=path)     # FORMAT.md §3: uint8 0 / 1
+        # one streamed pass over the reports (and boxes): roentgen §3's length filter, as the backbone; the boxes of
+        # the rows kept, parsed into flat arrays (a class index and [x0, y0, x1, y1] a box, box_start a row)
+        from array import array
+        keep = array("q")                                        # positions in cols of the rows kept
+        classes = {}                                             # box class -> its index, in order of appearance
+        box_class, box_xyxy, box_start = array("h"), array("d"), array("q", [0])
+        columns = ("id", "report") + (("boxes",) if cfg.cond_type == "box" else ())
+        for k, cells in enumerate(meta_cells(path, columns, cols["position"])):
+            if len(cells[1].strip()) < cfg.min_chars:
+                continue
+            keep.append(k)
+            if cfg.cond_type == "box":
+                where = f"{path} row {cells[0]}"
+                for name, bs in parse_boxes(read_boxes_cell(cells[2], where), where).items():
+                    c = classes.setdefault(name, len(classes))
+                    for b in bs:
+                        box_class.append(c)
+                        box_xyxy.extend(b)
+                box_start.append(len(box_class))
+        keep = np.frombuffer(keep, np.int64)
+        self.shard, self.index, self.position = cols["shard"][keep], cols["index"][keep], cols["position"][keep]
         if cfg.cond_type == "mask":
             have = self.info.get("mask_names") or []
             names = [s.strip() for s in cfg.cond_masks.split(",") if s.strip()] or have
@@ -875,28 +927,43 @@ class ControlData:
                                  f"{[n for n in names if n not in have]}")
             self.channels = [have.index(n) for n in names]
         else:
-            self.boxes = [parse_boxes(read_boxes_cell(r["boxes"], f"{path} row {r['id']}"), f"{path} row {r['id']}")
-                          for r in rows]
-            seen = sorted({c for b in self.boxes for c in b})
+            self.box_names = list(classes)                       # box_class k names box_names[k]
+            self.box_class = np.frombuffer(box_class, np.int16).copy()
+            self.box_xyxy = np.frombuffer(box_xyxy, np.float64).reshape(-1, 4).copy()   # parse_boxes' floats
+            self.box_start = np.frombuffer(box_start, np.int64).copy()
+            seen = sorted(classes)
             names = [s.strip() for s in cfg.box_classes.split(",") if s.strip()] or seen
             if set(seen) - set(names):
                 warn(f"{path}: boxes of classes {sorted(set(seen) - set(names))} are ignored (not in --box-classes)")
         if not names:
             raise SystemExit(f"{path}: no condition channels (no masks / boxes)")
-        self.rows, self.cond_names, self.cond_channels = rows, names, len(names) * dcfg.in_channels   # latent: K C
+        self.cond_names, self.cond_channels = names, len(names) * dcfg.in_channels   # latent: K C
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.shard)
+
+    def boxes(self, i):
+        """Row i's boxes as parse_boxes gives them: {class: [[x0, y0, x1, y1], ...]} (classes with boxes)."""
+        out = {}
+        for j in range(int(self.box_start[i]), int(self.box_start[i + 1])):
+            out.setdefault(self.box_names[self.box_class[j]], []).append(self.box_xyxy[j].tolist())
+        return out
+
+    def read_column(self, column, idx):
+        """A meta.csv column's cells of rows idx, read on demand (ids, reports: grid labels and evaluate)."""
+        pos = [int(self.position[int(i)]) for i in idx]
+        found = dict(zip(sorted(set(pos)), meta_cells(self.meta_path, (column,), sorted(set(pos)))))
+        return [found[p][0] for p in pos]
 
     def _rows(self, folder, key, idx):
         """Rows idx of `key` in folder/shards/, one slice a row (safetensors reads only those bytes)."""
         xs = []
         for i in idx:
-            r = self.rows[int(i)]
-            path = os.path.join(folder, "shards", f"{int(r['shard']):05d}.safetensors")
+            shard, k = int(self.shard[int(i)]), int(self.index[int(i)])
+            path = os.path.join(folder, "shards", f"{shard:05d}.safetensors")
             if not os.path.isfile(path):
-                raise SystemExit(f"{path}: no such shard (meta.csv row {r['id']})")
-            xs.append(self._open(path).get_slice(key)[int(r["index"]):int(r["index"]) + 1])
+                raise SystemExit(f"{path}: no such shard (meta.csv row {self.read_column('id', [i])[0]})")
+            xs.append(self._open(path).get_slice(key)[k:k + 1])
         return xs
 
     def load(self, idx):
@@ -915,7 +982,7 @@ class ControlData:
         """Rows idx -> {0, 1} condition maps uint8 [n, K, S, S] at the image's pixel size."""
         if hasattr(self, "channels"):
             return (torch.cat(self._rows(self.root, "masks", idx))[:, self.channels] > 0).to(torch.uint8)
-        return torch.from_numpy(np.stack([rasterize_boxes(self.boxes[int(i)], self.cond_names, self.cond_size,
+        return torch.from_numpy(np.stack([rasterize_boxes(self.boxes(int(i)), self.cond_names, self.cond_size,
                                                           strict=False) for i in idx]))
 
 
@@ -1860,7 +1927,8 @@ def train(cfg):
 
     health, stopping = HealthCheck(world, device, ckpt_path), False   # SIGTERM: save at the next check
     grid_rows = torch.randperm(len(data), generator=generator(cfg.seed, 3))[:4]
-    grid_labels = [data.rows[int(i)]["report"][:40] for i in grid_rows]
+    grid_labels = [r[:40] for r in data.read_column("report", grid_rows)] if rank == 0 and cfg.sample_every else \
+        [""] * len(grid_rows)
     grid_text, grid_cond = data.load_text(grid_rows), data.load_cond(grid_rows)
     noise_grid = torch.randn((2 * len(grid_labels), *data.shape), generator=generator(cfg.seed, 3)).to(device)
     lo = rank * per_rank
@@ -2264,8 +2332,9 @@ def evaluate(icfg):
     data.cond_names, rows = names, list(range(len(data)))[: icfg.n or None]
     maps = data.load_cond(rows).numpy()
     targets = F.interpolate(torch.from_numpy(maps).float(), size=(size, size), mode="nearest").numpy() > 0.5
-    items = [{"cid": data.rows[i]["id"], "maps": maps[j], "prompt": data.rows[i]["report"], "target": targets[j],
-              "boxes": data.boxes[i] if cfg.cond_type == "box" else None, "source_id": data.rows[i]["id"]}
+    ids, reports = data.read_column("id", rows), data.read_column("report", rows)
+    items = [{"cid": ids[j], "maps": maps[j], "prompt": reports[j], "target": targets[j],
+              "boxes": data.boxes(i) if cfg.cond_type == "box" else None, "source_id": ids[j]}
              for j, i in enumerate(rows)]
     seg_path = next((os.path.join(icfg.seg_ckpt, f) for f in ("best.safetensors", "ckpt.safetensors")
                      if os.path.isfile(os.path.join(icfg.seg_ckpt, f))), icfg.seg_ckpt)

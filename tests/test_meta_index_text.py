@@ -1,6 +1,7 @@
-"""Columnar metadata in the text-conditioned scripts (issue 21 item 1): dit_text2img.py's TextImageData keeps arrays
-(meta_columns: the index or meta.csv) and what training needs of the reports (lengths, token ids, the text cache's
-token counts), never a dict per row. The reference is the per-row path the script used before (read_meta's dicts,
+"""Columnar metadata in the text-conditioned scripts (issue 21 item 1): dit_text2img.py's TextImageData,
+controlnet.py's ControlData and ldm_multicond.py's MultiCondData keep arrays (meta_columns: the index or meta.csv)
+and what training needs of the reports and boxes (lengths, token ids, the text cache's token counts, flat box arrays,
+17-d labels), never a dict per row. The reference is the per-row path the script used before (read_meta's dicts,
 the filters of roentgen §3 and the No Finding cap applied row by row): both new paths must give exactly its rows,
 token counts, token ids and text features, hence the same batches and losses. Cheap: the 32 px phantom of
 conftest.py (512 rows), folders sharing its shards and text cache through links, a tiny BERT, 2 training steps."""
@@ -13,7 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import controlnet as cn
 import dit_text2img as dt
+import ldm_multicond as lm
 from test_dit_text2img import bert  # noqa: F401  (the tiny random BERT fixture, a vocabulary of the phantom words)
 
 SMALL = ["--hidden", "32", "--depth", "1", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9",
@@ -104,3 +107,40 @@ def test_dit_training_losses_equal_on_both_paths(tmp_path, texts):
         with open(os.path.join(out, "log.jsonl")) as f:
             logs.append([json.loads(line)["loss"] for line in f])
     assert len(logs[0]) == 2 and logs[0] == logs[1]                       # the same computation: equal bits
+
+
+def test_controlnet_rows_boxes_masks_and_text_equal_the_per_row_path(texts, bert):  # noqa: F811
+    indexed, bare = texts
+    dcfg = dt.Config(space="pixel", in_channels=1, image_size=32, text_encoder=os.path.abspath(bert), max_length=120,
+                     text_dim=32)
+    for cond_type, min_chars, split in (("box", 60, "train"), ("mask", 7, "test")):
+        cfg = cn.Config(data=indexed, cond_type=cond_type, min_chars=min_chars)
+        # the per-row path (ControlData before issue 21): read_meta's dicts, the length filter, boxes parsed a row
+        need = ("report", "shard", "index") + (("boxes",) if cond_type == "box" else ())
+        ref = [r for r in cn.read_meta(os.path.join(indexed, "meta.csv"), required=need, split=split)[0]
+               if len(r["report"].strip()) >= min_chars]
+        boxes = [cn.parse_boxes(cn.read_boxes_cell(r["boxes"], "ref"), "ref") for r in ref]
+        assert 0 < len(ref) < (407 if split == "train" else 512) and sum(map(len, boxes)) > 0
+        loaded = []
+        for folder, source in ((indexed, "index"), (bare, "meta.csv")):
+            data = cn.ControlData(cn.Config(**{**cn.asdict(cfg), "data": folder}), dcfg, split)
+            assert data.source == source and len(data) == len(ref)
+            assert dt.meta_ids(os.path.join(folder, "meta.csv"), data.position) == [r["id"] for r in ref]
+            assert np.array_equal(data.shard, [int(r["shard"]) for r in ref])
+            assert np.array_equal(data.index, [int(r["index"]) for r in ref])
+            batch = dt.batch_rows(2, len(data), 8, 0, 8, seed=0)
+            maps = data.load_cond(batch)
+            if cond_type == "box":
+                assert data.cond_names == sorted({c for b in boxes for c in b})
+                assert [data.boxes(i) for i in range(len(data))] == [{c: v for c, v in b.items() if v} for b in boxes]
+                want = np.stack([cn.rasterize_boxes(boxes[int(i)], data.cond_names, 32, strict=False) for i in batch])
+                assert np.array_equal(maps.numpy(), want) and maps.sum() > 0
+            else:                                                 # the masks at each row's (shard, index)
+                with safe_open(os.path.join(folder, "shards", "00000.safetensors"), "np") as f:
+                    want = np.stack([f.get_slice("masks")[int(ref[int(i)]["index"])] for i in batch]) > 0
+                assert all(r["shard"] == "0" for r in ref) and np.array_equal(maps.numpy(), want.astype(np.uint8))
+            assert data.read_column("report", batch[:3]) == [ref[int(i)]["report"] for i in batch[:3]]
+            per_row = [k for k, v in vars(data).items() if isinstance(v, (list, tuple, dict)) and len(v) >= len(data)]
+            assert per_row == []
+            loaded.append((data.load(batch), *data.load_text(batch), maps))
+        assert all(torch.equal(a, b) for a, b in zip(*loaded))        # the same batch on both paths
