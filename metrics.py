@@ -67,6 +67,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
@@ -225,7 +226,7 @@ LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Car
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
           "Pneumothorax", "Support Devices"]  # FORMAT.md §5, CheXpert names
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-ALL_METRICS = ("fd", "kid", "prdc", "diversity", "paired", "conditions", "privacy", "factual")
+ALL_METRICS = ("fd", "kid", "prdc", "diversity", "paired", "conditions", "privacy", "factual", "alignment")
 RESIZE_MODES = ("antialias", "pytorch-fid", "clean", "tf1")  # Inception input conventions (--resize)
 XRV_RESIZE_MODES = ("model", "skimage")  # XRV input conventions (--xrv-resize)
 PRIVACY_MODES = ("nearest", "chexgenbench", "both")  # --privacy: whole-training-set search, the benchmark's protocol
@@ -278,7 +279,8 @@ class Config:
     fake_split: str = arg("", "rows of the fake dataset's meta.csv ('' = all)")
     train_split: str = arg("train", "rows of the train dataset's meta.csv ('' = all)")
     features: str = arg("inception,xrv,raddino,dinov2,clip", "feature spaces; also any transformers model id / path")
-    metrics: str = arg("all", "comma list of: fd,kid,prdc,diversity,paired,conditions,privacy,factual")
+    metrics: str = arg("all", "comma list of: fd,kid,prdc,diversity,paired,conditions,privacy,factual,"
+                              "alignment")
     weights_dir: str = arg("", "folder searched first for weights (files or transformers model folders)")
     allow_random_weights: bool = arg(False, "run extractors whose weights are missing (numbers not comparable)")
     offline: bool = arg(False, "never try to download weights (also implied by HF_HUB_OFFLINE=1)")
@@ -323,6 +325,8 @@ class Config:
     privacy_pixel_size: int = arg(512, "chexgenbench mode: side of the pixel distance and of the latent-distance "
                                        "input (its code resizes both images to 512 x 512)")
     classifier: str = arg("", "'xrv' or an xrv-layout DenseNet safetensors, for factual correctness (Pearson)")
+    alignment_text: str = arg("report", "fake meta.csv column holding each image's prompt for the "
+                                        "alignment score (chexgenbench: BioViL-T cosine)")
     grid: str = arg("", "PNG of the closest (synthetic, training) pairs ('' = next to --out)")
     grid_pairs: int = arg(8, "closest pairs listed in results.json and drawn in the grid")
     out: str = arg("", "results.json path")
@@ -545,9 +549,13 @@ class ResNet50(nn.Module):
                                                            for j in range(n)]))
         self.fc = nn.Linear(2048, num_classes)
 
-    def forward(self, x):
+    def trunk(self, x):
+        """The feature map before pooling, [B, 2048, H / 32, W / 32] (hi-ml's ResNetHIML.forward)."""
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        return self.fc(self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x):
+        return self.fc(self.trunk(x).mean((2, 3)))
 
 
 class SiameseReID(nn.Module):
@@ -567,6 +575,161 @@ class SiameseReID(nn.Module):
 
     def forward(self, x1, x2):
         return self.score(self.embed(x1), self.embed(x2))
+
+
+# BioViL-T (Bannur et al. 2023) and CXR-BERT (Boecking et al. 2022): the image-text model of chexgenbench's
+# alignment score. Parameter names are those of the released files in huggingface.co/microsoft/BiomedVLP-BioViL-T
+# as hi-ml-multimodal builds and strictly loads them (health_multimodal/image/model: ImageModel with a
+# "resnet50_multi_image" encoder; text/model/modelling_cxrbert.py: CXRBertModel).
+BIOVIL_T_JOINT = 128      # hi-ml pretrained.py JOINT_FEATURE_SIZE: the joint image-text space
+BIOVIL_T_PATCH = 256      # MultiImageEncoder output_dim: [f_static, f_diff] are 2 x 256 channels
+BIOVIL_T_BLOCKS = 3       # VisionTransformerPooler num_blocks (8 heads, mlp_ratio 1)
+
+
+class _PoolerAttention(nn.Module):
+    """hi-ml's MultiHeadAttentionLayer: separate q / k / v projections without bias, output projection with."""
+
+    def __init__(self, dim, heads=8):
+        super().__init__()
+        self.heads = heads
+        self.proj_q = nn.Linear(dim, dim, bias=False)
+        self.proj_k = nn.Linear(dim, dim, bias=False)
+        self.proj_v = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        shape = (*x.shape[:2], self.heads, x.shape[2] // self.heads)  # [B, N, heads, head dim]
+        qkv = [p(x).view(shape).transpose(1, 2) for p in (self.proj_q, self.proj_k, self.proj_v)]
+        return self.proj(F.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(x.shape))
+
+
+class _PoolerMlp(nn.Module):
+    """timm's Mlp as the pooler uses it: fc1, GELU, fc2 (hidden = dim, mlp_ratio 1.0)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class _PoolerBlock(nn.Module):
+    """hi-ml transformer.py Block: pre-norm; the positional + type embedding is added to the normed tokens that
+    feed q, k and v (its forward_as_mhsa on x_with_emb), not to the residual stream. Dropout / drop-path: eval."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn, self.mlp = _PoolerAttention(dim), _PoolerMlp(dim)
+
+    def forward(self, x, emb):
+        x = x + self.attn(self.norm1(x) + emb)
+        return x + self.mlp(self.norm2(x))
+
+
+def sine_position_embedding(h, w, dim):
+    """hi-ml's SinePositionEmbedding(embedding_dim=dim // 2, normalize=True) on an all-ones h x w mask -> [1, h*w,
+    dim]: DETR's 2-D sine embedding, y half then x half, coordinates (1..n) / (n + 1e-6) * 2 pi."""
+    half = dim // 2
+    y = torch.arange(1, h + 1, dtype=torch.float32)[:, None].expand(h, w) / (h + 1e-6) * 2 * math.pi
+    x = torch.arange(1, w + 1, dtype=torch.float32)[None, :].expand(h, w) / (w + 1e-6) * 2 * math.pi
+    t = 10000 ** (2 * torch.div(torch.arange(half), 2, rounding_mode="floor") / half)
+
+    def enc(c):  # interleaved sin (even channels) / cos (odd channels)
+        a = c[..., None] / t
+        return torch.stack((a[..., 0::2].sin(), a[..., 1::2].cos()), dim=-1).flatten(-2)
+    return torch.cat((enc(y), enc(x)), dim=-1).view(1, h * w, dim)
+
+
+class _VisionTransformerPooler(nn.Module):
+    """BioViL-T's temporal pooler (hi-ml VisionTransformerPooler, 14 x 14 grid): attends over the current and the
+    prior image's patch tokens and returns the current image's, [B, C, H, W]. Only reached with a prior image;
+    the alignment score has none (see BioViLTImageModel)."""
+
+    def __init__(self, dim=BIOVIL_T_PATCH, grid=(14, 14)):
+        super().__init__()
+        self.blocks = nn.ModuleList([_PoolerBlock(dim) for _ in range(BIOVIL_T_BLOCKS)])
+        self.norm_post = nn.LayerNorm(dim, eps=1e-6)
+        self.type_embed = nn.Parameter(torch.zeros(2, 1, dim))  # [current, prior]
+        self.register_buffer("pos_embed", sine_position_embedding(*grid, dim), persistent=False)  # not in the file
+
+    def forward(self, current, previous):
+        x = torch.cat([current.flatten(2).transpose(1, 2), previous.flatten(2).transpose(1, 2)], 1)
+        pos = self.pos_embed.expand(len(x), -1, -1)
+        emb = torch.cat([pos + self.type_embed[0], pos + self.type_embed[1]], 1)
+        for blk in self.blocks:
+            x = blk(x, emb)
+        n = current.shape[2] * current.shape[3]  # the current image's tokens come first
+        return self.norm_post(x)[:, :n].transpose(1, 2).reshape(current.shape)
+
+
+class _BioViLTEncoder(nn.Module):
+    """hi-ml MultiImageEncoder: ResNet-50 trunk (torchvision names, its unused fc included, as the file holds it),
+    1x1 conv to 256 channels, the temporal pooler, and the learned 'missing prior image' embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = ResNet50(num_classes=1000)
+        self.backbone_to_vit = nn.Conv2d(2048, BIOVIL_T_PATCH, 1, bias=False)
+        self.vit_pooler = _VisionTransformerPooler()
+        self.missing_previous_emb = nn.Parameter(torch.zeros(1, BIOVIL_T_PATCH, 1, 1))
+
+    def forward(self, current, previous=None):
+        """-> fused patch embeddings [B, 512, H / 32, W / 32]: [static features, difference features]."""
+        x = self.backbone_to_vit(self.encoder.trunk(current if previous is None else torch.cat([current, previous])))
+        if previous is None:  # single image: the difference half is the learned missing-prior embedding
+            return torch.cat([x, self.missing_previous_emb.expand(len(x), -1, *x.shape[2:])], 1)
+        cur, prev = x[:len(current)], x[len(current):]
+        return torch.cat([cur, self.vit_pooler(cur, prev)], 1)
+
+
+class BioViLTImageModel(nn.Module):
+    """BioViL-T image model (hi-ml ImageModel, 'resnet50_multi_image', joint_feature_size 128), the layout of
+    biovil_t_image_model_proj_size_128.pt: encoder.* and projector.model.{0,1,3} (1x1 conv, BatchNorm, ReLU,
+    1x1 conv). Global embedding = mean over positions of the projected patch embeddings, L2-normalised
+    (hi-ml ImageInferenceEngine.get_projected_global_embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = _BioViLTEncoder()
+        self.projector = nn.Module()
+        self.projector.model = nn.Sequential(nn.Conv2d(2 * BIOVIL_T_PATCH, BIOVIL_T_JOINT, 1, bias=False),
+                                             nn.BatchNorm2d(BIOVIL_T_JOINT), nn.ReLU(),
+                                             nn.Conv2d(BIOVIL_T_JOINT, BIOVIL_T_JOINT, 1))
+
+    def forward(self, x, previous=None):
+        """x: [B, 3, H, W] in [0, 1] (biovil_prepare; no mean / std) -> unit embeddings [B, 128]."""
+        return F.normalize(self.projector.model(self.encoder(x, previous)).mean((2, 3)), dim=-1)
+
+
+class _BertProjectionHead(nn.Module):
+    """CXR-BERT's cls_projection_head: dense_to_hidden, GELU (erf), LayerNorm(eps=1e-12), dense_to_output."""
+
+    def __init__(self, hidden, proj):
+        super().__init__()
+        self.dense_to_hidden = nn.Linear(hidden, proj)
+        self.LayerNorm = nn.LayerNorm(proj, eps=1e-12)
+        self.dense_to_output = nn.Linear(proj, proj)
+
+    def forward(self, h):
+        return self.dense_to_output(self.LayerNorm(F.gelu(self.dense_to_hidden(h))))
+
+
+class CXRBertTextModel(nn.Module):
+    """CXR-BERT as BioViL-T's text encoder: transformers' BertModel under `bert` (no pooler, as in
+    BertForMaskedLM) + cls_projection_head on the last layer's [CLS] state, L2-normalised (hi-ml
+    CXRBertModel.get_projected_text_embeddings). The MLM head (cls.predictions.*) of the file is not needed."""
+
+    def __init__(self, config, projection_size=BIOVIL_T_JOINT):
+        super().__init__()
+        from transformers import BertModel
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls_projection_head = _BertProjectionHead(config.hidden_size, projection_size)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.cls_projection_head(h[:, 0]), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1443,6 +1606,136 @@ CNN_WEIGHTS = {  # name: (file looked for in --weights-dir / the cache, where it
     "inception": (FID_FILE, FID_URL, "~/.cache/torch/hub/checkpoints"),
     "xrv": (XRV_FILE, XRV_URL, "~/.torchxrayvision/models_data")}
 
+BIOVIL_T_REPO = "microsoft/BiomedVLP-BioViL-T"
+BIOVIL_T_REVISION = "v1.0"  # hi-ml pretrained.py BIOVIL_T_COMMIT_TAG
+BIOVIL_T_IMAGE_FILE = "biovil_t_image_model_proj_size_128.pt"  # hi-ml pretrained.py BIOVIL_T_IMAGE_WEIGHTS_NAME
+BIOVIL_T_TEXT_FILES = ("model.safetensors", "pytorch_model.bin")  # the CXR-BERT weights, either format
+BIOVIL_T_FILES = ("config.json", "vocab.txt", "tokenizer_config.json", "pytorch_model.bin", BIOVIL_T_IMAGE_FILE)
+BIOVIL_T_RESIZE, BIOVIL_T_CROP = 512, 448  # hi-ml image/utils.py: Resize(512), CenterCrop(448) for BioViL-T
+
+
+def biovil_t_folder_name(weights_dir):
+    return os.path.join(weights_dir or "DIR", BIOVIL_T_REPO.replace("/", "--"))
+
+
+def find_biovil_t(weights_dir="", offline=False):
+    """The folder holding BioViL-T's released files: --weights-dir/microsoft--BiomedVLP-BioViL-T (or
+    --weights-dir itself), else the Hugging Face cache (what fetch-weights without --weights-dir fills). A folder
+    that lacks a file is named with that file; no folder: WeightsMissing naming the folder, files and fetch-weights.
+    Never downloads here (our choice: about 1 GB, fetched only on request by fetch-weights)."""
+    cands = [biovil_t_folder_name(weights_dir), weights_dir] if weights_dir else []
+    try:
+        from huggingface_hub import snapshot_download
+        cands.append(snapshot_download(BIOVIL_T_REPO, revision=BIOVIL_T_REVISION, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache (LocalEntryNotFoundError, or no huggingface_hub)
+        pass
+    get = (f"online: python metrics.py fetch-weights --only biovil_t --weights-dir {weights_dir or 'DIR'}, "
+           f"or copy the files of https://huggingface.co/{BIOVIL_T_REPO} (revision {BIOVIL_T_REVISION})")
+    for c in (c for c in cands if os.path.isfile(os.path.join(c, "config.json"))):
+        need = [("image weights", (BIOVIL_T_IMAGE_FILE, BIOVIL_T_IMAGE_FILE.replace(".pt", ".safetensors"))),
+                ("text weights", BIOVIL_T_TEXT_FILES), ("vocabulary", ("vocab.txt",))]
+        for what, names in need:
+            if not any(os.path.isfile(os.path.join(c, n)) for n in names):
+                raise WeightsMissing(f"BioViL-T {what} {names[0]} missing from {c}; {get}")
+        return c
+    raise WeightsMissing(f"BioViL-T not found: expected {biovil_t_folder_name(weights_dir)}/ holding "
+                         f"{', '.join(BIOVIL_T_FILES)}; {get}")
+
+
+def _state_as_safetensors(path, keep=lambda k: True):
+    """State dict of a released weights file, read once with torch.load(weights_only=True) and kept beside it as
+    safetensors (later runs read that; as convert_xrv does). `keep` selects the keys this file uses. A folder that
+    is not writable is used as it is, reading the pickle each time."""
+    safe = os.path.splitext(path)[0] + ".safetensors"
+    if os.path.isfile(safe):
+        return load_pt(safe), safe
+    sd = {k: v.contiguous() for k, v in load_state(path).items() if keep(k)}
+    if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        meta = {"source": os.path.basename(path), "converted_by": f"metrics.py {VERSION}"}
+        atomic_write(safe, lambda tmp: save_pt(sd, tmp, metadata=meta))
+        return sd, safe
+    return sd, path
+
+
+def _cxr_bert_key(k):
+    """Keys of CXR-BERT's file that the text embedding uses: bert.* and cls_projection_head.*; not the MLM head
+    (cls.predictions.*, BertForMaskedLM's), nor bert.embeddings.position_ids (a buffer older transformers saved)."""
+    return k.startswith(("bert.", "cls_projection_head.")) and k != "bert.embeddings.position_ids"
+
+
+@dataclass
+class BioViLT:
+    """The alignment score's networks as load_biovil_t returns them."""
+    image: nn.Module      # BioViLTImageModel
+    text: nn.Module       # CXRBertTextModel
+    tokenizer: object     # transformers BertTokenizer of the folder's vocab.txt
+    files: dict           # the weights files read: {"image": path, "text": path}
+
+
+def load_biovil_t(folder, device="cpu"):
+    """BioViLT (image model, text model, tokenizer, weights files) from a folder of BioViL-T's released files, read
+    without trust_remote_code: config.json -> transformers.BertConfig (its CXR-BERT fields: BertConfig's plus
+    projection_size), vocab.txt (+ tokenizer_config.json's do_lower_case) -> BertTokenizer, the .pt image state dict
+    and the CXR-BERT state dict loaded unchanged by name into BioViLTImageModel / CXRBertTextModel (strict)."""
+    from transformers import BertConfig, BertTokenizer
+    try:
+        with open(os.path.join(folder, "config.json")) as fh:
+            cfg = json.load(fh)
+        tok_cfg = {}
+        if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            with open(os.path.join(folder, "tokenizer_config.json")) as fh:
+                tok_cfg = json.load(fh)
+        with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as fh:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(fh)}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"metrics: {folder}: BioViL-T config.json / tokenizer_config.json / vocab.txt not readable "
+                         f"({_first_line(e)})") from None
+    proj = int(cfg.get("projection_size", BIOVIL_T_JOINT))
+    drop = ("architectures", "auto_map", "model_type", "transformers_version", "projection_size")
+    bert_cfg = BertConfig(**{k: v for k, v in cfg.items() if k not in drop})
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=bool(tok_cfg.get("do_lower_case", True)))
+    image_src = os.path.join(folder, BIOVIL_T_IMAGE_FILE)
+    if os.path.isfile(image_src):
+        sd, image_src = _state_as_safetensors(image_src)
+    else:  # only the converted file was copied here
+        image_src = image_src.replace(".pt", ".safetensors")
+        sd = load_pt(image_src)
+    image = load_into(BioViLTImageModel(), sd, image_src).eval().requires_grad_(False).to(device)
+    text_src = next(os.path.join(folder, n) for n in BIOVIL_T_TEXT_FILES if os.path.isfile(os.path.join(folder, n)))
+    if text_src.endswith(".bin"):
+        sd, text_src = _state_as_safetensors(text_src, _cxr_bert_key)
+    else:
+        sd = {k: v for k, v in load_state(text_src).items() if _cxr_bert_key(k)}
+    text = load_into(CXRBertTextModel(bert_cfg, proj), sd, text_src).eval().requires_grad_(False).to(device)
+    return BioViLT(image, text, tokenizer, {"image": image_src, "text": text_src})
+
+
+def biovil_prepare(img):
+    """hi-ml's BioViL-T input for a float image [H, W] in [0, 1] -> float32 [448, 448] in [0, 1]: remap_to_uint8
+    (min-max to 0..255, truncated to uint8; a constant image gives 0, where hi-ml divides by zero: our choice),
+    torchvision Resize(512) on the PIL image (shorter side 512, longer int(512 * long / short), PIL bilinear),
+    CenterCrop(448) (offsets int(round((side - 448) / 2))), ToTensor (/ 255). No mean / std normalisation."""
+    a = np.asarray(img, np.float64) - np.min(img)
+    a = a / a.max() * 255 if a.max() > 0 else a
+    im = Image.fromarray(a.astype(np.uint8))
+    w, h = im.size
+    s, c = BIOVIL_T_RESIZE, BIOVIL_T_CROP
+    size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    im = im.resize(size, Image.BILINEAR) if size != (w, h) else im
+    left, top = int(round((im.size[0] - c) / 2.0)), int(round((im.size[1] - c) / 2.0))
+    return np.asarray(im.crop((left, top, left + c, top + c)), np.float32) / 255.0
+
+
+def cxr_bert_inputs(tokenizer, texts, max_length=512):
+    """hi-ml TextInput.tokenize_input_prompts: trailing '!', '?', '.' stripped, [CLS] ... [SEP], padded to the
+    longest. hi-ml refuses a prompt over max_position_embeddings tokens; here it is truncated and counted (our
+    choice: one long report does not stop a 50k-image run). -> ({input_ids, attention_mask}, n truncated)."""
+    texts = [t.rstrip("!?.") for t in texts]
+    n_long = sum(len(ids) > max_length for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+    enc = tokenizer(texts, add_special_tokens=True, padding="longest", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, n_long
+
 
 def weights_guide(names, weights_dir=""):
     """Lines saying, per feature network in `names`, which file or folder --weights-dir must hold and where it comes
@@ -1457,6 +1750,10 @@ def weights_guide(names, weights_dir=""):
             f, url, cache = CNN_WEIGHTS[n]
             extra = f" (converted once to {XRV_SAFE} beside it)" if n == "xrv" else ""
             lines.append(f"    {n:<10} {d}/{f}{extra}  from {url}  (or in {cache})")
+        elif n == "biovil_t":
+            lines.append(f"    {n:<10} {biovil_t_folder_name(d)}/  {', '.join(BIOVIL_T_FILES)} of "
+                         f"https://huggingface.co/{BIOVIL_T_REPO} (revision {BIOVIL_T_REVISION}; or in the Hugging "
+                         "Face cache); the .pt / .bin are converted once to .safetensors beside them")
         else:
             repo = HF_ALIASES.get(n, n)
             lines.append(f"    {n:<10} {d}/{repo.replace('/', '--')}/  a transformers save_pretrained folder "
@@ -1525,14 +1822,16 @@ def fetch_weights(argv):
     weights_guide describes) when the machine is online; offline, one message naming every file and its URL."""
     p = argparse.ArgumentParser(prog="metrics.py fetch-weights", description=fetch_weights.__doc__.split(":")[1])
     p.add_argument("--weights-dir", default="", help="destination ('' = each network's standard cache)")
-    p.add_argument("--only", default="inception,xrv,raddino,dinov2,clip", help="comma list of feature networks")
+    p.add_argument("--only", default="inception,xrv,raddino,dinov2,clip,biovil_t",
+                   help="comma list of networks (biovil_t: the alignment score's)")
     p.add_argument("--offline", action="store_true", help="never download (the message lists what to fetch)")
     a = p.parse_args(argv)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
-    if bad := [n for n in names if n not in CNN_WEIGHTS and n not in HF_ALIASES]:
+    hf = (*HF_ALIASES, "biovil_t")
+    if bad := [n for n in names if n not in CNN_WEIGHTS and n not in hf]:
         raise SystemExit(f"metrics: fetch-weights --only {bad[0]!r}; expected some of "
-                         f"{', '.join(list(CNN_WEIGHTS) + list(HF_ALIASES))}")
-    offline = [n for n in names if not _online(a.offline, "huggingface.co" if n in HF_ALIASES else "github.com")]
+                         f"{', '.join(list(CNN_WEIGHTS) + list(hf))}")
+    offline = [n for n in names if not _online(a.offline, "huggingface.co" if n in hf else "github.com")]
     if offline:
         raise SystemExit("metrics: fetch-weights: this machine is offline (or --offline / HF_HUB_OFFLINE=1 / "
                          "CXR_OFFLINE=1); nothing was downloaded.\n" + "\n".join(weights_guide(offline, a.weights_dir)))
@@ -1545,6 +1844,15 @@ def fetch_weights(argv):
             except WeightsMissing as e:
                 raise SystemExit(f"metrics: fetch-weights {n}: {e}") from None
             done[n] = convert_xrv(got, os.path.join(os.path.dirname(got), XRV_SAFE)) if n == "xrv" else got
+        elif n == "biovil_t":
+            from huggingface_hub import snapshot_download
+            dst = biovil_t_folder_name(a.weights_dir) if a.weights_dir else None
+            try:
+                done[n] = snapshot_download(BIOVIL_T_REPO, revision=BIOVIL_T_REVISION, local_dir=dst,
+                                            allow_patterns=list(BIOVIL_T_FILES))
+            except Exception as e:  # noqa: BLE001 - network and hub errors come in many classes
+                raise SystemExit(f"metrics: fetch-weights {n}: {BIOVIL_T_REPO} could not be downloaded "
+                                 f"({_first_line(e)})") from None
         else:
             from transformers import AutoImageProcessor, AutoModel
             repo = HF_ALIASES[n]
@@ -2213,6 +2521,54 @@ def factual(real, fake, pairs, cfg, device):
             "classifier": src, "random_weights": rnd}
 
 
+@torch.no_grad()
+def alignment(fake, cfg, device="cpu", models=None):
+    """chexgenbench's image-text alignment score (README 'Image-Text Alignment'; its code
+    metrics/img_text_alignment_scores.py through hi-ml's ImageTextInferenceEngine.get_similarity_score_from_raw_data):
+    per synthetic image, the cosine between BioViL-T's L2-normalised global image embedding and CXR-BERT's
+    L2-normalised projected [CLS] embedding of the image's prompt (the fake meta.csv's cfg.alignment_text column);
+    the mean over images, and per CheXpert pathology the mean over images whose label is 1 (its conditional mode:
+    prompts of real rows with that label = 1, NaN counted as 0). Its code rounds each score to 3 decimals before
+    averaging; here scores are kept in full (the means differ by < 5e-4). Images stream in batches; each distinct
+    prompt is embedded once. models: a BioViLT to reuse, else load_biovil_t."""
+    col = cfg.alignment_text
+    if not fake.meta or not any(col in (r or {}) for r in fake.meta):
+        return {"skipped": f"the fake folder has no meta.csv with a {col!r} column (--alignment-text)"}
+    nets = models or load_biovil_t(find_biovil_t(cfg.weights_dir, cfg.offline), device)
+    texts = [((r or {}).get(col) or "").strip() for r in fake.meta]
+    todo = [i for i, t in enumerate(texts) if t]
+    scores, kept = [], []  # per batch: cosines, and the image indices they belong to
+    emb, n_long = {}, 0    # prompt -> its unit text embedding; prompts truncated to max_len tokens
+    max_len = nets.text.bert.config.max_position_embeddings
+    for keep, batch in iter_images(fake, todo, None, workers=cfg.workers, batch_size=cfg.batch_size,
+                                   strict=cfg.strict, fn=biovil_prepare):
+        if not batch:
+            continue
+        new = list(dict.fromkeys(texts[i] for i in keep if texts[i] not in emb))
+        if new:
+            enc, n = cxr_bert_inputs(nets.tokenizer, new, max_len)
+            emb.update(zip(new, nets.text(**{k: v.to(device) for k, v in enc.items()}).double().cpu()))
+            n_long += n
+        x = torch.from_numpy(np.stack(batch))[:, None].expand(-1, 3, -1, -1).to(device)  # gray -> 3 channels
+        img = nets.image(x).double().cpu()
+        scores.append((img * torch.stack([emb[texts[i]] for i in keep])).sum(-1).numpy())
+        kept += keep
+    if not kept:
+        return {"skipped": f"no readable image with a {col!r} text in {fake.root}"}
+    s = np.concatenate(scores)
+    per = {}
+    for lab in LABELS:
+        rows = [r for r, i in enumerate(kept) if _pos(fake.meta[i], lab)]
+        if rows:
+            per[lab] = {"mean": float(s[rows].mean()), "n": len(rows)}
+    return {"mean": float(s.mean()), "std": float(s.std()), "n": len(s), "n_without_text": len(texts) - len(todo),
+            "n_prompts": len(emb), "n_truncated": n_long, "text_column": col, "per_pathology": per,
+            "weights": nets.files, "model": f"BioViL-T ({BIOVIL_T_REPO} {BIOVIL_T_REVISION}): image ResNet-50 + "
+            "projector, text CXR-BERT + cls_projection_head",
+            "preprocessing": f"min-max to uint8, shorter side {BIOVIL_T_RESIZE} (PIL bilinear), centre crop "
+            f"{BIOVIL_T_CROP}, [0, 1], gray x 3 (hi-ml BioViL-T transform)"}
+
+
 def _versions():
     import scipy, transformers  # noqa: E401
     return {"metrics.py": VERSION, "python": platform.python_version(), "torch": torch.__version__,
@@ -2298,6 +2654,14 @@ def evaluate(cfg):
         res["paired"] = paired(real, fake, pairs, cfg, device)
     if "factual" in chosen and cfg.classifier:
         res["factual"] = factual(real, fake, pairs, cfg, device) if pairs else {"skipped": "no paired ids"}
+    if "alignment" in chosen:
+        try:
+            res["alignment"] = alignment(fake, cfg, device)
+        except WeightsMissing as e:
+            print(f"metrics: skipping the alignment score: {e}", file=sys.stderr)
+            res["alignment"] = {"skipped": str(e), "weights_guide": weights_guide(["biovil_t"], cfg.weights_dir)}
+            if cfg.metrics != "all":  # asked for by name: the first lines and the exit status say it is missing
+                res["no_alignment"] = f"NO ALIGNMENT SCORE COMPUTED: {e}; exit status {EXIT_NO_FIDELITY}"
     if train is not None:
         pf = cfg.privacy_features or ("raddino" if "raddino" in feats else next(iter(feats), ""))
         ex, _, _, ff, kf = feats.get(pf, (None,) * 5)
@@ -2356,6 +2720,8 @@ def format_table(res):
 
     lines = [f"!! {res['no_fidelity']}"] + [f"!! {g}" for g in res.get("weights_guide", [])] \
         if res.get("no_fidelity") else []
+    if res.get("no_alignment"):
+        lines += [f"!! {res['no_alignment']}"] + [f"!! {g}" for g in res["alignment"].get("weights_guide", [])]
     lines += [f"real {res['real']['path']} ({count('real')})   fake {res['fake']['path']} ({count('fake')})"]
     widths = (10, 18, 6, 6, 6, 6, 11)  # each cell right-aligned and preceded by one space: never glued together
     lines += ["feature space  " + "".join(" " + h.rjust(w) for h, w in zip(
@@ -2391,6 +2757,12 @@ def format_table(res):
                   f"| paired (real, fake) | {pr['n']} | {pr['ssim_mean']:.4f} | {pr['psnr_mean']:.2f} | " +
                   "".join(f"{v['mean']:.5f} | {v['rlpips_mean']:.4f} | " for v in lp.values())]
         lines += [f"LPIPS ({k}): {rnd.strip()}" for k, v in lp.items() if v["random_weights"]]
+    if "mean" in (al := res.get("alignment", {})):  # chexgenbench's alignment score
+        lines.append(f"alignment (BioViL-T image-text cosine): {al['mean']:.4f} +- {al['std']:.4f} over {al['n']} "
+                     f"images, {al['n_prompts']} prompts")
+        lines += [f"  {lab:<27} {d['mean']:.4f}  N={d['n']}" for lab, d in al["per_pathology"].items()]
+    elif al:
+        lines.append(f"alignment: skipped: {al['skipped']}")
     for name, c in res.get("prevalence_fidelity", {}).items():  # App. A.3
         lines.append(f"prevalence-fidelity rank correlation (chexgenbench App. A.3), {name}: " + (
             f"{c['correlation']:.3f} over {c['n']} pathologies (counts of the {c['counts_of']} set)"
@@ -2524,7 +2896,8 @@ def main(argv=None):
     res = evaluate(cfg)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(format_table(res))
-    if res.get("no_fidelity"):  # results.json holds what was computed; the status says what was not
+    # results.json holds what was computed; the exit status says what was not
+    if res.get("no_fidelity") or res.get("no_alignment"):
         raise SystemExit(EXIT_NO_FIDELITY)
     return res
 
