@@ -212,6 +212,28 @@ def test_training_reduces_loss(phantom):
     assert all(math.isfinite(h["grad_norm"]) for h in hist)
 
 
+def test_checkpoint_is_tagged_and_an_untagged_older_one_still_loads(phantom, tmp_path):
+    """ckpt-STEP.safetensors is the checkpoint_io piece's (metadata format flow_scm/1); one written before the tag
+    (the same tensors and metadata without "format") loads to the same weights; a file of another format is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    _, run, _ = phantom
+    path = fs.checkpoint_path(run)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == "flow_scm/1"
+    old = str(tmp_path / "ckpt-0000300.safetensors")
+    save_file(tensors, old, metadata={k: v for k, v in meta.items() if k != "format"})
+    new_model, _, step = fs.load_model(run)
+    old_model, _, old_step = fs.load_model(old)
+    assert step == old_step == 300
+    assert all(torch.equal(a, b) for a, b in zip(new_model.state_dict().values(), old_model.state_dict().values()))
+    save_file(tensors, old, metadata={**meta, "format": "vae/1"})
+    with pytest.raises(SystemExit, match=r"not a flow_scm.py checkpoint .*metadata format 'vae/1'"):
+        fs.load_model(old)
+
+
 def test_do_leaves_non_descendants_unchanged(phantom):
     _, run, _ = phantom
     model, _, _ = fs.load_model(run)

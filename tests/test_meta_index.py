@@ -190,6 +190,64 @@ def test_vae_data_rows_on_both_paths_and_without_variable_columns(tmp_path, phan
     refused(lambda: rf.CXRData(bare), r"no column\(s\) Edema, sex, age;")     # the flow model needs them
 
 
+# ------------------------------------------------------------------------------------------------------ flow_scm.py
+
+
+def scm_reference(folder, split):
+    """flow_scm.py's per-row path before issue 21: read_rows' dicts, dataset_names, encode_rows -> (datasets,
+    float32 [n, 19] in VARIABLES order)."""
+    import flow_scm as fs
+    rows, _ = fs.read_rows(folder, split)
+    datasets = fs.dataset_names(folder, rows)
+    codes = fs.encode_rows(rows, datasets, f"{folder}/meta.csv")
+    return datasets, torch.stack([torch.from_numpy(codes[v]).float() for v in fs.VARIABLES], 1)
+
+
+def test_flow_scm_codes_and_batches_equal_the_per_row_path(tmp_path, phantom_dir):
+    import flow_scm as fs
+    bare = copy_folder(phantom_dir, str(tmp_path / "bare"), index=False)
+    nameless = copy_folder(phantom_dir, str(tmp_path / "nameless"), index=False)     # no info.json: names sorted
+    os.remove(os.path.join(nameless, "info.json"))
+    shutil.copy(os.path.join(phantom_dir, rf.INDEX_FILE), nameless)                  # an index it cannot check
+    for split in ("train", "test", None):
+        datasets, want = scm_reference(phantom_dir, split)
+        for folder, source in ((phantom_dir, "index"), (bare, "meta.csv"), (nameless, "meta.csv")):
+            got_datasets, codes, got_source = fs.read_codes(folder, split)
+            assert (got_source, got_datasets) == (source, datasets) and codes.dtype == np.float32
+            assert same(torch.from_numpy(codes), want)
+        assert bool(want[:, 18].isnan().any()) or split == "test"          # missing ages are in it
+    # case-insensitive values, labels written as floats, a dataset name in another case: encode's rules
+    rewrite_meta(bare, lambda rows: [{**r, "sex": r["sex"].lower(), "view": r["view"].lower(),
+                                      "dataset": r["dataset"].upper(),
+                                      "Edema": {"1": "1.0", "0": "0.0"}.get(r["Edema"], r["Edema"])} for r in rows])
+    assert same(torch.from_numpy(fs.read_codes(bare, "train")[1]), scm_reference(phantom_dir, "train")[1])
+    # the training batches: the same rows at every step, so the same losses (2 steps, both paths)
+    logs = []
+    for folder, name in ((phantom_dir, "a"), (copy_folder(phantom_dir, str(tmp_path / "b"), index=False), "b")):
+        out = str(tmp_path / ("run-" + name))
+        fs.main(["--size", "tiny", "--data", folder, "--out", out, "--max-steps", "2", "--batch-size", "16",
+                 "--log-every", "1", "--device", "cpu"])
+        with open(os.path.join(out, "log.jsonl")) as f:
+            logs.append([json.loads(line)["loss_by_var"] for line in f])
+    assert len(logs[0]) == 2 and logs[0] == logs[1]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"race": "other"}, r"meta.csv row id='{id}': race='other'; expected one of \['ASIAN', 'BLACK', 'WHITE'\]"),
+    ({"age": "130"}, r"meta.csv row id='{id}': age '130'; expected years in 0-120"),
+    ({"dataset": "nowhere"}, r"meta.csv row id='{id}': dataset='nowhere'; expected one of \['phantom-a'"),
+    ({"id": "../x"}, r"id '../x' is not usable as a file name"),
+])
+def test_flow_scm_bad_values_are_refused_in_the_words_of_the_per_row_path(tmp_path, phantom_dir, change, message):
+    import flow_scm as fs
+    d = copy_folder(phantom_dir, str(tmp_path / "d"), index=False)
+    rows = rf.read_meta(os.path.join(phantom_dir, "meta.csv"))[0][:16]
+    k = next(k for k, r in enumerate(rows) if r["split"] == "train" and k > 2)
+    rewrite_meta(d, lambda rows: [{**r, **change} if j in (k, k + 1) else r for j, r in enumerate(rows[:16])])
+    old = refused(lambda: scm_reference(d, "train"), message.replace("{id}", rows[k]["id"]))
+    assert refused(lambda: fs.read_codes(d, "train"), ".") == old
+
+
 # -------------------------------------------------------------------------------------------------------- benchmark
 
 BENCH = """import os, sys, time
