@@ -843,11 +843,15 @@ def latent_info(folder):
 LATENT_DTYPES = ("F32", "F16", "BF16")                           # FORMAT.md §7: float32, also float16 / bfloat16
 
 
-def check_cache(folder, rows, keys, where):
-    """A cache's shards (text/, images/) against the rows that read them: each key's dtype, and a row for every
-    (shard, index): one line at start instead of an IndexError mid-run."""
+def check_cache(folder, cols, keys, where):
+    """A cache's shards (text/, images/) against the rows that read them (`cols`: their shard, index, position
+    arrays; `where`: the meta.csv they come from): each key's dtype, and a row for every (shard, index): one line at
+    start instead of an IndexError mid-run."""
     for key, dtype in keys:
-        check_shards(folder, rows, key, dtype, where=f"{where} (cache {folder}; re-run embed)")
+        try:
+            check_shard_arrays(folder, cols, key, dtype, where=where)
+        except SystemExit as e:
+            raise SystemExit(f"{folder} (a cache of {where}; re-run embed): {e}") from None
 
 
 def shard_path(folder, shard):
@@ -857,22 +861,105 @@ def shard_path(folder, shard):
     return path
 
 
+def meta_cells(path, columns, positions):
+    """Yield the cells of `columns` ('' where meta.csv has no such column) of the meta.csv rows at `positions`
+    (ascending, 0-based, blank lines skipped: meta_columns' "position"), one row at a time: a streaming read, so that
+    the strings of a million rows are never held at once."""
+    want = iter(np.asarray(positions, np.int64).tolist())
+    nxt = next(want, None)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        at = [header.index(c) if c in header else None for c in columns]
+        k = 0
+        for r in reader:
+            if not r:
+                continue
+            if k == nxt:
+                yield tuple("" if j is None else r[j] for j in at)
+                nxt = next(want, None)
+                if nxt is None:
+                    return
+            k += 1
+
+
+def other_in_group(group, rank):
+    """For each row, the row of least `rank` among the other rows of its group (group -1: none), else -1."""
+    order = np.lexsort((rank, group))                            # by group, then rank
+    g = group[order]
+    start = np.concatenate([[0], np.flatnonzero(g[1:] != g[:-1]) + 1]).astype(np.int64)
+    size = np.diff(np.concatenate([start, [len(g)]]))
+    first, second = order[start], np.where(size > 1, order[np.minimum(start + 1, len(g) - 1)], -1)
+    at = np.repeat(np.arange(len(start)), size)                  # each sorted row's group
+    out = np.empty(len(group), np.int64)
+    out[order] = np.where(first[at] == order, second[at], first[at])
+    out[group < 0] = -1
+    return out
+
+
+def conditioning_rows(ids, studies, patients, cond_image):
+    """Each row's conditioning image (multicond App. A.1), as a row number: 'same-study' the other image of its
+    study with the least id, else of its patient, else itself; 'same-image' itself. ids, studies, patients: one
+    string a row, '' for no study / patient."""
+    if cond_image not in ("same-study", "same-image"):
+        raise SystemExit(f"--cond-image {cond_image!r}: expected same-study or same-image")
+    own = np.arange(len(ids), dtype=np.int64)
+    if cond_image == "same-image" or not len(ids):
+        return own
+    rank = np.empty(len(ids), np.int64)
+    rank[np.argsort(np.asarray(ids), kind="stable")] = own
+    out = own.copy()
+    for names in (patients, studies):                            # the study wins: applied last
+        names = np.asarray(names)
+        uniq, group = np.unique(names, return_inverse=True)
+        group = np.where(names == "", -1, group.reshape(-1))
+        other = other_in_group(group, rank)
+        out = np.where(other >= 0, other, out)
+    return out
+
+
+def dict_columns(rows, all_rows, cond_image, where):
+    """Rows as dicts (sampling's --cond rows, tests) -> the arrays CondSource reads (see CondSource)."""
+    def number(r, key):
+        try:
+            return int(r.get(key))
+        except (TypeError, ValueError):
+            return -1                                            # check_cache names the row when it is read
+    position = {id(r): k for k, r in enumerate(all_rows)}
+    def arrays(rs):
+        return {"shard": np.array([number(r, "shard") for r in rs], np.int64),
+                "index": np.array([number(r, "index") for r in rs], np.int64),
+                "position": np.array([position.get(id(r), k) for k, r in enumerate(rs)], np.int64)}
+    choice = conditioning_rows([r.get("id", "") for r in all_rows], [r.get("study_id") or "" for r in all_rows],
+                               [r.get("patient_id") or "" for r in all_rows], cond_image)
+    return {"labels": torch.tensor([label_vector(r, f"{where} row id={r.get('id')}") for r in rows]),
+            "rows": arrays(rows), "images": arrays([all_rows[choice[position.get(id(r), k)]]
+                                                    for k, r in enumerate(rows)]),
+            "ids": lambda ks: [rows[k].get("id") for k in ks],
+            "reports": (lambda: [r["report"] for r in rows]) if rows and "report" in rows[0] else None}
+
+
 class CondSource:
     """The conditions of meta.csv rows: 17-d labels, cached image features of each row's conditioning image and
-    cached (or freshly encoded) report states, checked against the encoders a model expects."""
+    cached (or freshly encoded) report states, checked against the encoders a model expects. `rows` are dicts
+    (sampling's --cond), or `columns` holds their arrays (MultiCondData): "labels" [n, 17], "rows" and "images"
+    ({shard, index, position} of the rows and of their conditioning images), "ids" (row numbers -> ids) and
+    "reports" (a function giving the reports, read only to encode them without a cache; None: no such column)."""
 
-    def __init__(self, root, rows, cfg, need, cond_image="same-study", all_rows=None):
-        self.root, self.rows, self.max_length = root, rows, cfg.max_length
-        where = os.path.join(root, "meta.csv")
-        self.labels = torch.tensor([label_vector(r, f"{where} row id={r.get('id')}") for r in rows])
+    def __init__(self, root, rows, cfg, need, cond_image="same-study", all_rows=None, columns=None):
+        self.root, self.max_length = root, cfg.max_length
+        self.meta = os.path.join(root, "meta.csv")
+        if columns is None:
+            columns = dict_columns(rows, all_rows or rows, cond_image if need[1] else "same-image", self.meta)
+        self.labels, self.cols, self.columns = columns["labels"], columns["rows"], columns
         self.img = self.text = None
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
         if need[1]:
-            self.img = self.image_features(cfg, cond_image, all_rows or rows)
+            self.img = self.image_features(cfg, columns["images"])
         if need[2]:
             self.text_setup(cfg)
 
-    def image_features(self, cfg, cond_image, all_rows):
+    def image_features(self, cfg, chosen):
         folder = cache_folder(self.root, "images", cfg.images, cfg.image_encoder)
         if folder is None:
             raise SystemExit(f"{os.path.join(self.root, 'images')}: no cached image features; run `python "
@@ -882,44 +969,28 @@ class CondSource:
             raise SystemExit(f"{folder}: features of {info['encoder']!r} ({info['dim']} wide); expected "
                              f"{cfg.image_encoder!r} ({cfg.image_dim} wide): embed with that encoder")
         self.image_info = info
-        if cond_image not in ("same-study", "same-image"):
-            raise SystemExit(f"--cond-image {cond_image!r}: expected same-study or same-image")
-        studies, patients = {}, {}
-        for r in all_rows:                                       # another image of the study, else of the patient
-            if r.get("study_id"):
-                studies.setdefault(r["study_id"], []).append(r)
-            if r.get("patient_id"):
-                patients.setdefault(r["patient_id"], []).append(r)
-        chosen = []
-        for r in self.rows:
-            c = r
-            if cond_image == "same-study":
-                for g in (studies.get(r.get("study_id"), []), patients.get(r.get("patient_id"), [])):
-                    others = sorted((o for o in g if o["id"] != r["id"]), key=lambda o: o["id"])
-                    if others:
-                        c = others[0]
-                        break
-            chosen.append(c)
-        check_cache(folder, chosen, (("features", "F32"),), os.path.join(self.root, "meta.csv"))
+        check_cache(folder, chosen, (("features", "F32"),), self.meta)
         feats = []
-        for c in chosen:
-            f = self._open(shard_path(folder, int(c["shard"])))
-            feats.append(f.get_slice("features")[int(c["index"]):int(c["index"]) + 1])
+        for s, k in zip(chosen["shard"].tolist(), chosen["index"].tolist()):
+            feats.append(self._open(shard_path(folder, s)).get_slice("features")[k:k + 1])
         return torch.cat(feats).float()
 
     def text_setup(self, cfg):
         folder = cache_folder(self.root, "text", cfg.text, cfg.text_encoder)
         if folder is None:                                       # no cache: encode the reports now
-            if not self.rows or "report" not in self.rows[0]:
+            if not len(self.labels) or self.columns["reports"] is None:
                 raise SystemExit(f"{self.root}/meta.csv: no 'report' column, and T (the report) was requested")
-            empty = [r.get("id") for r in self.rows if not (r.get("report") or "").strip()]
+            reports = self.columns["reports"]()
+            empty = [k for k, r in enumerate(reports) if not (r or "").strip()]
             if empty:
-                raise SystemExit(f"{self.root}/meta.csv: row id={empty[0]} has no report text, and T was requested "
-                                 f"({len(empty)} such rows); leave T out (--use) or fill the report column")
+                raise SystemExit(f"{self.root}/meta.csv: row id={self.columns['ids'](empty[:1])[0]} has no report "
+                                 f"text, and T was requested ({len(empty)} such rows); leave T out (--use) or fill "
+                                 f"the report column")
             if not cfg.text_encoder:
                 raise SystemExit(f"{self.root}: no text cache and no --text-encoder to encode the reports with")
             tok, enc = load_encoder(cfg.text_encoder, "--text-encoder")
-            ids, lengths, _ = tokenize(tok, [r["report"] for r in self.rows], cfg.max_length)
+            ids, lengths, _ = tokenize(tok, reports, cfg.max_length)
+            del reports
             with torch.no_grad():
                 self.text = encode_text(enc, ids, lengths)
             self.lengths, self.text_info = lengths, {"encoder": cfg.text_encoder, "hidden_size": encoder_width(enc)}
@@ -930,10 +1001,14 @@ class CondSource:
             raise SystemExit(f"{folder}: states of {info['encoder']!r} ({info['hidden_size']} wide, "
                              f"{info['max_length']} tokens); expected {cfg.text_encoder!r} ({cfg.text_dim} wide, "
                              f"{cfg.max_length} tokens)")
-        check_cache(folder, self.rows, (("hidden", "BF16"), ("lengths", "I32")), os.path.join(self.root, "meta.csv"))
+        check_cache(folder, self.cols, (("hidden", "BF16"), ("lengths", "I32")), self.meta)
         self.text, self.text_folder, self.text_info = "cache", folder, info
-        self.lengths = torch.tensor([int(self._open(shard_path(folder, int(r["shard"]))).get_slice("lengths")
-                                         [int(r["index"]):int(r["index"]) + 1][0]) for r in self.rows])
+        lengths = np.zeros(len(self.cols["shard"]), np.int64)
+        for s in np.unique(self.cols["shard"]).tolist():         # a shard's lengths at once, not a read a row
+            at = np.flatnonzero(self.cols["shard"] == s)
+            with safe_open(shard_path(folder, s), "np") as f:
+                lengths[at] = f.get_tensor("lengths")[self.cols["index"][at]]
+        self.lengths = torch.from_numpy(lengths)
 
     def inputs(self, idx, device):
         """Rows idx -> (labels [n, 17], image features [n, F] | None, text [n, max_length, C] | None, lengths [n])."""
@@ -945,9 +1020,8 @@ class CondSource:
         elif self.text == "cache":
             text = torch.zeros(len(idx), self.max_length, int(self.text_info["hidden_size"]))
             for j, i in enumerate(idx):
-                r = self.rows[i]
-                h = self._open(shard_path(self.text_folder, int(r["shard"]))).get_slice("hidden")
-                h = h[int(r["index"]):int(r["index"]) + 1][0][:self.max_length]
+                s, k = int(self.cols["shard"][i]), int(self.cols["index"][i])
+                h = self._open(shard_path(self.text_folder, s)).get_slice("hidden")[k:k + 1][0][:self.max_length]
                 text[j, :h.shape[0]] = h.float()
             lengths = self.lengths[idx]
         if text is None:
@@ -956,21 +1030,32 @@ class CondSource:
 
 
 class MultiCondData:
-    """The training split of a FORMAT.md §1 dataset: images or latents read on demand, and their conditions."""
+    """The training split of a FORMAT.md §1 dataset: images or latents read on demand, and their conditions. The rows
+    are arrays (meta_columns: DIR/meta_index.safetensors when fresh, else meta.csv), never a dict per row: one
+    streamed pass over meta.csv gives the 17-d labels (label_vector, row by row as before), each row's conditioning
+    image (ids, studies and patients of every split, held only for that pass) and, only when T has no cache, the
+    reports to encode."""
 
     def __init__(self, cfg, split="train"):
         root = cfg.data
         path = os.path.join(root, "meta.csv")
+        what = f"a dataset folder (meta.csv, shards/, info.json), e.g. from `python prep_data.py phantom --out {root}`"
         if not os.path.isfile(path):
-            raise SystemExit(f"{path}: no such file; expected a dataset folder (meta.csv, shards/, info.json), "
-                             f"e.g. from `python prep_data.py phantom --out {root}`")
+            raise SystemExit(f"{path}: no such file; expected {what}")
         self.info = read_json(os.path.join(root, "info.json"), "the dataset's info.json")
         use = modality_mask(cfg.modalities, "--modalities")
-        need = ("split", "shard", "index") + (LABEL_COLUMNS if use[0] else ())
-        all_rows = read_meta(path, required=need)[0]             # all splits: conditioning images of a study
-        self.rows = [r for r in all_rows if r["split"] == split]
-        if not self.rows:
+        # all splits (conditioning images of a study); the columns read_meta required before: split, shard, index,
+        # and what L reads when L is used (not every variable of FORMAT.md §5)
+        cols = meta_columns(root, list(self.info.get("datasets") or []), "all", what, codes=False)
+        absent = [c for c in ("split",) + (LABEL_COLUMNS if use[0] else ()) if c not in cols["columns"]]
+        if absent:
+            raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+        code = cols["splits"].index(split) if split in cols["splits"] else -1
+        chosen = np.flatnonzero(cols["split"] == code)
+        if not len(chosen):
             raise SystemExit(f"{path}: no rows with split={split!r}")
+        self.meta_path, self.source = path, cols["source"]
+        self.shard, self.index, self.position = cols["shard"][chosen], cols["index"][chosen], cols["position"][chosen]
         if cfg.space not in ("auto", "pixel", "latent"):
             raise SystemExit(f"--space {cfg.space!r}: expected auto, pixel or latent")
         lat = None
@@ -994,20 +1079,54 @@ class MultiCondData:
         self.key = "latents" if self.space == "latent" else "images"
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
         # every shard the rows name, checked now (dtype, row shape, row count): not a crash mid-training
-        check_shards(self.folder, self.rows, self.key, LATENT_DTYPES if lat else "U16", self.shape, where=path)
+        mine = {"shard": self.shard, "index": self.index, "position": self.position}
+        check_shard_arrays(self.folder, mine, self.key, LATENT_DTYPES if lat else "U16", self.shape, where=path)
         self.use = use
-        self.cond = CondSource(root, self.rows, cfg, self.use, cfg.cond_image, all_rows)
+        self.cond = CondSource(root, None, cfg, self.use, cfg.cond_image, columns=self.conditions(cfg, cols, chosen))
+
+    def conditions(self, cfg, cols, chosen):
+        """CondSource's arrays for the split rows `chosen` (of cols: every row), from one streamed meta.csv pass."""
+        from array import array
+        image = bool(self.use[1])
+        reports_needed = self.use[2] and cache_folder(self.root, "text", cfg.text, cfg.text_encoder) is None
+        if image:                                                # checked before the pass, not after it
+            conditioning_rows([], [], [], cfg.cond_image)
+        in_split = np.zeros(len(cols["shard"]), bool)
+        in_split[chosen] = True
+        columns = LABEL_COLUMNS + ("id", "study_id", "patient_id", "report")
+        labels, reports = array("f"), []
+        ids, studies, patients = [], [], []                      # every row's, for the conditioning images only
+        positions = cols["position"] if image else cols["position"][chosen]
+        for k, cells in zip(np.arange(len(cols["shard"])) if image else chosen,
+                            meta_cells(self.meta_path, columns, positions)):
+            if image:
+                ids.append(cells[17])
+                studies.append(cells[18])
+                patients.append(cells[19])
+            if in_split[k]:
+                labels.extend(label_vector(dict(zip(LABEL_COLUMNS, cells)), f"{self.meta_path} row id={cells[17]}"))
+                if reports_needed:
+                    reports.append(cells[20])
+        mine = {"shard": self.shard, "index": self.index, "position": self.position}
+        images = mine                                            # same-image, or I unused
+        if image:
+            pick = conditioning_rows(ids, studies, patients, cfg.cond_image)[chosen]
+            del ids, studies, patients
+            images = {k: cols[k][pick] for k in ("shard", "index", "position")}
+        n = len(chosen)
+        return {"labels": torch.from_numpy(np.frombuffer(labels, np.float32).reshape(n, 17).copy()), "rows": mine,
+                "images": images, "ids": lambda ks: meta_ids(self.meta_path, self.position[np.asarray(ks, np.int64)]),
+                "reports": (lambda: reports) if "report" in cols["columns"] else None}
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.shard)
 
     def load(self, idx):
         """Rows idx -> float32 [n, C, S, S]: pixels (v + 0.5) / 2^15 - 1 in [-1, 1], or normalised latents."""
         xs = []
         for i in idx:
-            r = self.rows[int(i)]
-            f = self._open(shard_path(self.folder, int(r["shard"])))
-            xs.append(f.get_slice(self.key)[int(r["index"]):int(r["index"]) + 1])
+            shard, k = int(self.shard[int(i)]), int(self.index[int(i)])
+            xs.append(self._open(shard_path(self.folder, shard)).get_slice(self.key)[k:k + 1])
         x = torch.cat(xs).float()
         return (x + 0.5) / 32768 - 1 if self.space == "pixel" else (x - self.mean) / self.std
 

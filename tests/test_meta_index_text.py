@@ -144,3 +144,176 @@ def test_controlnet_rows_boxes_masks_and_text_equal_the_per_row_path(texts, bert
             assert per_row == []
             loaded.append((data.load(batch), *data.load_text(batch), maps))
         assert all(torch.equal(a, b) for a, b in zip(*loaded))        # the same batch on both paths
+
+
+@pytest.fixture(scope="module")
+def ldm_texts(tmp_path_factory, phantom_dir, bert):  # noqa: F811
+    """(a folder whose rows share studies and patients, with its index and ldm_multicond.py's text and image caches,
+    the same folder without the index)."""
+    import prep_data
+    from transformers import ViTConfig, ViTModel
+    d = str(tmp_path_factory.mktemp("ldm") / "indexed")
+    os.makedirs(d)
+    shutil.copy(os.path.join(phantom_dir, "info.json"), os.path.join(d, "info.json"))
+    os.symlink(os.path.abspath(os.path.join(phantom_dir, "shards")), os.path.join(d, "shards"))
+    rows, columns = lm.read_meta(os.path.join(phantom_dir, "meta.csv"))
+    for k in range(0, 120, 2):                                    # pairs of one study, across splits too
+        rows[k + 1]["study_id"] = rows[k]["study_id"]
+    for k in range(120, 240, 3):                                  # triples of one patient, studies their own
+        rows[k + 1]["patient_id"] = rows[k + 2]["patient_id"] = rows[k]["patient_id"]
+    rows[241]["study_id"] = rows[242]["study_id"] = ""            # no study: the patient's, else itself
+    rows[241]["patient_id"] = rows[243]["patient_id"]
+    lm.write_csv(os.path.join(d, "meta.csv"), rows, columns)
+    prep_data.main(["index", "--data", d])
+    vit = str(tmp_path_factory.mktemp("vit"))
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=24, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=48)).save_pretrained(vit)
+    lm.main(["embed-text", "--data", d, "--text-encoder", bert, "--name", "bert", "--max-length", "24"])
+    lm.main(["embed-images", "--data", d, "--image-encoder", vit, "--name", "vit"])
+    bare = d + "-bare"
+    os.makedirs(bare)
+    for name in ("meta.csv", "info.json", "shards", "text", "images"):
+        os.symlink(os.path.join(d, name), os.path.join(bare, name))
+    return d, bare
+
+
+def ldm_reference(folder, split, cond_image):
+    """The per-row path (MultiCondData and CondSource before issue 21): (split rows as dicts, labels [n, 17], each
+    row's conditioning row as a dict)."""
+    all_rows = lm.read_meta(os.path.join(folder, "meta.csv"), required=("split", "shard", "index"))[0]
+    rows = [r for r in all_rows if r["split"] == split]
+    labels = torch.tensor([lm.label_vector(r, "ref") for r in rows])
+    studies, patients = {}, {}
+    for r in all_rows:
+        if r.get("study_id"):
+            studies.setdefault(r["study_id"], []).append(r)
+        if r.get("patient_id"):
+            patients.setdefault(r["patient_id"], []).append(r)
+    chosen = []
+    for r in rows:
+        c = r
+        if cond_image == "same-study":
+            for g in (studies.get(r.get("study_id"), []), patients.get(r.get("patient_id"), [])):
+                others = sorted((o for o in g if o["id"] != r["id"]), key=lambda o: o["id"])
+                if others:
+                    c = others[0]
+                    break
+        chosen.append(c)
+    return rows, labels, chosen
+
+
+def test_ldm_rows_labels_conditioning_images_and_text_equal_the_per_row_path(ldm_texts, bert):  # noqa: F811
+    indexed, bare = ldm_texts
+    for split, cond_image in (("train", "same-study"), ("val", "same-image")):
+        rows, labels, chosen = ldm_reference(indexed, split, cond_image)
+        assert sum(c is not r for c, r in zip(rows, chosen)) > (20 if cond_image == "same-study" else -1)
+        feats = []
+        for c in chosen:                                          # the cache rows of each conditioning image
+            with safe_open(os.path.join(indexed, "images", "vit", "shards", f"{int(c['shard']):05d}.safetensors"),
+                           "pt") as f:
+                feats.append(f.get_tensor("features")[int(c["index"])])
+        feats = torch.stack(feats)
+        loaded = []
+        for folder, source in ((indexed, "index"), (bare, "meta.csv")):
+            cfg = lm.Config(data=folder, modalities="L,I,T", max_length=24, cond_image=cond_image)
+            data = lm.MultiCondData(cfg, split)
+            assert data.source == source and len(data) == len(rows)
+            assert dt.meta_ids(os.path.join(folder, "meta.csv"), data.position) == [r["id"] for r in rows]
+            assert np.array_equal(data.shard, [int(r["shard"]) for r in rows])
+            assert np.array_equal(data.index, [int(r["index"]) for r in rows])
+            assert torch.equal(data.cond.labels, labels) and torch.equal(data.cond.img, feats)
+            batch = lm.batch_rows(1, len(data), 8, 0, 8, seed=0)
+            lab, img, text, lengths = data.cond.inputs(batch, "cpu")
+            for j, i in enumerate(batch.tolist()):
+                path = os.path.join(folder, "text", "bert", "shards", f"{int(rows[i]['shard']):05d}.safetensors")
+                with safe_open(path, "pt") as f:
+                    h = f.get_tensor("hidden")[int(rows[i]["index"])]
+                    n = int(f.get_tensor("lengths")[int(rows[i]["index"])])
+                assert int(lengths[j]) == n and torch.equal(text[j, :h.shape[0]], h.float())
+            per_row = [k for k, v in vars(data).items() if isinstance(v, (list, tuple, dict)) and len(v) >= len(data)]
+            assert per_row == []
+            loaded.append((data.load(batch), lab, img, text, lengths))
+        assert all(torch.equal(a, b) for a, b in zip(*loaded))        # the same batch on both paths
+
+
+# -------------------------------------------------------------------------------------------------------- benchmark
+
+BENCH = """import os, sys, time
+sys.path.insert(0, {repo!r})
+import importlib.util
+spec = importlib.util.spec_from_file_location("script", {script!r})
+script = importlib.util.module_from_spec(spec)
+sys.modules["script"] = script                         # dataclasses with postponed annotations look it up
+spec.loader.exec_module(script)
+import dit_text2img
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+rss, t0, c0 = status("VmRSS:"), time.time(), time.process_time()
+if {kind!r} == "controlnet":
+    dcfg = dit_text2img.Config(space="pixel", in_channels=1, image_size={size}, text_encoder={encoder!r},
+                               max_length=120, text_dim={width})
+    data = script.ControlData(script.Config(data={data!r}, cond_type="box"), dcfg)
+else:
+    data = script.TextImageData(script.Config(data={data!r}))
+print(f"{{time.time() - t0:.1f}} {{time.process_time() - c0:.1f}} {{status('VmRSS:') - rss:.0f}} "
+      f"{{status('VmHWM:') - rss:.0f}} {{len(data)}} {{getattr(data, 'source', 'rows')}}")
+"""
+
+
+def bench(big, old_script, kind="controlnet", work="/tmp/meta-index-text"):
+    """Load time (wall, CPU) and memory (resident after, peak) of controlnet.py's ControlData (box conditions, the
+    train split) or dit_text2img.py's TextImageData (cached text, the train split) on the folder `big`, each in a
+    fresh process, in one run: the script before issue 21 (`old_script`, a dict per row), the index, and meta.csv
+    alone. The text cache: dit_text2img.py embed-text with a tiny random BERT of the folder whose rows `big` repeats
+    (`big`/../src: the same shards, so every (shard, index) has its row), linked into folders under `work` beside
+    links to `big`'s meta.csv, info.json, shards (and index): encoding a million reports is not what is measured."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(os.path.dirname(os.path.abspath(big)), "src")
+    encoder, cache = os.path.join(work, "bert"), os.path.join(work, "src")
+    if not os.path.isdir(cache):                                 # the text cache of the source rows, once
+        from transformers import BertConfig, BertModel, BertTokenizerFast
+        from test_dit_text2img import WORDS
+        os.makedirs(encoder)
+        with open(os.path.join(encoder, "vocab.txt"), "w") as f:
+            f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+        BertTokenizerFast(vocab_file=os.path.join(encoder, "vocab.txt"), do_lower_case=True).save_pretrained(encoder)
+        torch.manual_seed(0)
+        BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=128)).save_pretrained(encoder)
+        os.makedirs(cache)
+        for name in ("meta.csv", "info.json", "shards"):
+            os.symlink(os.path.join(src, name), os.path.join(cache, name))
+        dt.main(["embed-text", "--data", cache, "--text-encoder", encoder, "--name", "bert"])
+    folders = {}
+    for name, index in (("m1", True), ("m1-noindex", False)):
+        folders[name] = os.path.join(work, name)
+        if not os.path.isdir(folders[name]):
+            os.makedirs(folders[name])
+            for f in ("meta.csv", "info.json", "shards") + ((dt.INDEX_FILE,) if index else ()):
+                os.symlink(os.path.abspath(os.path.join(big, f)), os.path.join(folders[name], f))
+            os.symlink(os.path.join(cache, "text"), os.path.join(folders[name], "text"))
+    with open(os.path.join(big, "info.json")) as f:
+        size = json.load(f)["size"]
+    new = os.path.join(repo, f"{kind if kind == 'controlnet' else 'dit_text2img'}.py")
+    print(f"{kind}: path  wall s  CPU s  +RSS MB  +peak MB  rows  source")
+    for name, script, folder in (("before (rows)", old_script, folders["m1"]), ("index", new, folders["m1"]),
+                                 ("meta.csv only", new, folders["m1-noindex"])):
+        code = BENCH.format(repo=repo, script=os.path.abspath(script), kind=kind, data=folder, size=size,
+                            encoder=os.path.abspath(encoder), width=32)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if out.returncode:
+            raise SystemExit(f"{name}: {out.stderr.strip().splitlines()[-1]}")
+        wall, cpu, rss, peak, n, source = out.stdout.split()[-6:]
+        print(f"{name:14s}  {float(wall):6.1f}  {float(cpu):5.1f}  {int(rss):7d}  {int(peak):8d}  {n}  {source}",
+              flush=True)
+
+
+if __name__ == "__main__":  # python tests/test_meta_index_text.py BIG OLD_SCRIPT [controlnet|dit]
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    bench(*sys.argv[1:4])
