@@ -2505,10 +2505,17 @@ def encode(icfg):
     return folder
 
 
+def decoder_candidates(icfg):
+    """--decoder, else the folder of the --latents file and the one above it (where a latent folder would be)."""
+    if icfg.decoder:
+        return [icfg.decoder]
+    here = os.path.dirname(os.path.abspath(icfg.latents))
+    return [here, os.path.dirname(here)]
+
+
 def find_decoder(icfg):
     """--decoder (a latent folder or decoder.safetensors), else the latent folder the --latents file lives in."""
-    cands = [icfg.decoder] if icfg.decoder else [os.path.dirname(os.path.abspath(icfg.latents)),
-                                                  os.path.dirname(os.path.dirname(os.path.abspath(icfg.latents)))]
+    cands = decoder_candidates(icfg)
     for c in cands:
         p = os.path.join(c, "decoder.safetensors") if os.path.isdir(c) else c
         if os.path.isfile(p):
@@ -2529,8 +2536,7 @@ def flux2_decoder(icfg, device):
 def flux2_latent_folder(icfg):
     """The latent folder whose info.json holds the mean / std of --normalised FLUX.2 latents: --decoder (a folder),
     else the folder of --latents or the one above it (as find_decoder looks)."""
-    cands = [icfg.decoder] if icfg.decoder else [os.path.dirname(os.path.abspath(icfg.latents)),
-                                                  os.path.dirname(os.path.dirname(os.path.abspath(icfg.latents)))]
+    cands = decoder_candidates(icfg)
     for c in cands:
         if os.path.isfile(os.path.join(c, "info.json")):
             return c

@@ -342,6 +342,15 @@ def test_decode_from_the_weights_writes_the_rgb_average(weights, encoded, tmp_pa
     want = 0.29894 * rgb[:, 0] + 0.58704 * rgb[:, 1] + 0.11402 * rgb[:, 2]
     png = np.asarray(Image.open(os.path.join(out, "z_000001.png"))).astype(np.float64)
     np.testing.assert_allclose((png + 0.5) / 32768 - 1, want[1].numpy(), atol=1 / 32768 + 1e-5)   # to_float
+    # --normalised: the mean / std of the latent folder (--decoder) are undone first: the same images
+    info = json.load(open(os.path.join(folder, "info.json")))
+    mean = torch.tensor(info["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(info["std"]).view(1, -1, 1, 1)
+    save_file({"latents": ((z - mean) / std).contiguous()}, lat, metadata={"vae_id": info["vae_id"]})
+    vae.main(["decode", "--vae", "flux2", "--weights", weights, "--latents", lat, "--out", str(tmp_path / "n"),
+              "--to-gray", "luma", "--normalised", "--decoder", folder, "--device", "cpu"])
+    png_n = np.asarray(Image.open(os.path.join(str(tmp_path / "n"), "z_000001.png"))).astype(np.float64)
+    assert np.abs(png_n - png).max() <= 2                                  # float32 round trip: a level or two
     # latents of another VAE are refused
     save_file({"latents": z}, lat, metadata={"vae_id": "flux2-0000000000000000"})
     with pytest.raises(SystemExit, match="another VAE"):
