@@ -19,7 +19,12 @@ What it computes (papers in ../shared/papers):
   Rad-DINO latent distances, then Avg / Max Re-ID and Count[max > delta = 0.85]; 'nearest' (default), a different
   question, "is any training image copied?": each synthetic image's nearest image over the whole training set by
   pixel L2 and by unit-normalised feature distance, and its max Re-ID score over the training set;
-- factual correctness: Pearson correlation of a classifier's predictions on paired real / synthetic images (chexgen).
+- factual correctness: Pearson correlation of a classifier's predictions on paired real / synthetic images (chexgen:
+  --classifier xrv_mimic, torchxrayvision's densenet121-res224-mimic_ch, its 11 named outputs);
+- alignment score (chexgenbench, its code metrics/img_text_alignment_scores.py): per synthetic image the cosine between
+  BioViL-T's image embedding and CXR-BERT's embedding of the image's prompt (fake meta.csv `report`), overall and per
+  pathology (label = 1 in the fake meta.csv); both encoders written here with the released parameter names, loaded
+  unchanged from a folder of the Hub files (no trust_remote_code).
 
 Commands:
     python metrics.py --real data/phantom --split test --fake samples/ --out results.json
@@ -28,13 +33,16 @@ Commands:
     python metrics.py --real data/phantom --fake samples/ --train data/phantom --privacy chexgenbench \
         --reid-weights reid.safetensors --out r.json        # samples/meta.csv: source_id = the prompt's training row
     python metrics.py fetch-weights --weights-dir W   # online: every feature network's weights into W (layout below)
+    python metrics.py --real data/phantom --fake samples/ --metrics alignment --weights-dir W   # W/microsoft--Biomed...
+    python metrics.py --real data/phantom --fake samples/ --metrics factual --classifier xrv_mimic --weights-dir W
     python metrics.py --paired --real originals/ --fake edited/ --lpips raddino,dinov2 --out id.json  # Table 14
     python metrics.py convert-xrv ~/.torchxrayvision/models_data/<file>.pt --dst xrv.safetensors
     python metrics.py bench --n 10000 --dim 2048      # CPU: FD vs sqrtm, PRDC vs full matrices, KID vs torch-fidelity
 Offline, an extractor whose weights are not found is skipped with a message naming the file and --weights-dir;
 when FD / KID / PRDC were asked for and no extractor could be loaded, the first lines of the output say so, list
 each network's file / folder in the --weights-dir layout and its source, and the exit status is 3
-(EXIT_NO_FIDELITY; results.json is written all the same, with "no_fidelity").
+(EXIT_NO_FIDELITY; results.json is written all the same, with "no_fidelity"). `--metrics alignment` named without
+its BioViL-T folder: the same, with "no_alignment" (under --metrics all it is skipped with the message).
 --allow-random-weights runs it anyway and labels every number it gives "random weights, not comparable"; those
 weights come from a fixed seed (RANDOM_WEIGHTS_SEED), so two runs agree. The feature cache is keyed by the sha256 of
 the weights actually used (recorded in results.json as features.<name>.weights_sha256), never by their name.
@@ -324,7 +332,9 @@ class Config:
                                  "row id) ('' = the source_id column of the fake folder's meta.csv)")
     privacy_pixel_size: int = arg(512, "chexgenbench mode: side of the pixel distance and of the latent-distance "
                                        "input (its code resizes both images to 512 x 512)")
-    classifier: str = arg("", "'xrv' or an xrv-layout DenseNet safetensors, for factual correctness (Pearson)")
+    classifier: str = arg("", "factual correctness (Pearson): xrv_mimic (chexgen's: densenet121-res224-mimic_ch, "
+                              "its 11 named outputs) | xrv (the 'all' model, 18) | an xrv-layout DenseNet "
+                              "safetensors")
     alignment_text: str = arg("report", "fake meta.csv column holding each image's prompt for the "
                                         "alignment score (chexgenbench: BioViL-T cosine)")
     grid: str = arg("", "PNG of the closest (synthetic, training) pairs ('' = next to --out)")
@@ -1597,6 +1607,27 @@ def safe_load_pickled_module(path, max_rounds=200):
 XRV_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
 XRV_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + XRV_FILE
 XRV_SAFE = "xrv-densenet121-res224-all.safetensors"
+XRV_MIMIC_FILE = "mimic_ch-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"  # densenet121-res224-mimic_ch
+XRV_MIMIC_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + XRV_MIMIC_FILE
+XRV_MIMIC_SAFE = "xrv-densenet121-res224-mimic_ch.safetensors"
+# torchxrayvision models.py model_urls[...]: each model's output order ("labels"; '' = an output that model was
+# not trained for) and its operating points ("op_threshs", NaN for those outputs), as its DenseNet.forward uses them.
+XRV_LABELS = {
+    "all": ["Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
+            "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia", "Lung Lesion",
+            "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum"],
+    "mimic_ch": ["Atelectasis", "Consolidation", "", "Pneumothorax", "Edema", "", "", "Effusion", "Pneumonia", "",
+                 "Cardiomegaly", "", "", "", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum"]}
+XRV_OP_THRESHS = {
+    "all": [0.07422872, 0.038290843, 0.09814756, 0.0098118475, 0.023601074, 0.0022490358, 0.010060724, 0.103246614,
+            0.056810737, 0.026791653, 0.050318155, 0.023985857, 0.01939503, 0.042889766, 0.053369623, 0.035975814,
+            0.20204692, 0.05015312],
+    "mimic_ch": [0.09121389, 0.010573786, math.nan, 0.005023008, 0.003698257, math.nan, math.nan, 0.08001232,
+                 0.037242252, math.nan, 0.05006329, math.nan, math.nan, math.nan, 0.019866971, 0.03823637,
+                 0.11303808, 0.0069147074]}
+XRV_MODELS = {  # --classifier / fetch-weights name: the xrv model, its released file and URL, the converted file
+    "xrv": {"kind": "all", "file": XRV_FILE, "url": XRV_URL, "safe": XRV_SAFE},
+    "xrv_mimic": {"kind": "mimic_ch", "file": XRV_MIMIC_FILE, "url": XRV_MIMIC_URL, "safe": XRV_MIMIC_SAFE}}
 FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_FILE
 HF_ALIASES = {"raddino": "microsoft/rad-dino", "dinov2": "facebook/dinov2-base",
@@ -1604,7 +1635,8 @@ HF_ALIASES = {"raddino": "microsoft/rad-dino", "dinov2": "facebook/dinov2-base",
 EXIT_NO_FIDELITY = 3  # exit status when FD / KID / PRDC were asked for and no feature network could be loaded
 CNN_WEIGHTS = {  # name: (file looked for in --weights-dir / the cache, where it comes from, the cache it goes to)
     "inception": (FID_FILE, FID_URL, "~/.cache/torch/hub/checkpoints"),
-    "xrv": (XRV_FILE, XRV_URL, "~/.torchxrayvision/models_data")}
+    "xrv": (XRV_FILE, XRV_URL, "~/.torchxrayvision/models_data"),
+    "xrv_mimic": (XRV_MIMIC_FILE, XRV_MIMIC_URL, "~/.torchxrayvision/models_data")}
 
 BIOVIL_T_REPO = "microsoft/BiomedVLP-BioViL-T"
 BIOVIL_T_REVISION = "v1.0"  # hi-ml pretrained.py BIOVIL_T_COMMIT_TAG
@@ -1748,7 +1780,7 @@ def weights_guide(names, weights_dir=""):
     for n in names:
         if n in CNN_WEIGHTS:
             f, url, cache = CNN_WEIGHTS[n]
-            extra = f" (converted once to {XRV_SAFE} beside it)" if n == "xrv" else ""
+            extra = f" (converted once to {XRV_MODELS[n]['safe']} beside it)" if n in XRV_MODELS else ""
             lines.append(f"    {n:<10} {d}/{f}{extra}  from {url}  (or in {cache})")
         elif n == "biovil_t":
             lines.append(f"    {n:<10} {biovil_t_folder_name(d)}/  {', '.join(BIOVIL_T_FILES)} of "
@@ -1822,8 +1854,8 @@ def fetch_weights(argv):
     weights_guide describes) when the machine is online; offline, one message naming every file and its URL."""
     p = argparse.ArgumentParser(prog="metrics.py fetch-weights", description=fetch_weights.__doc__.split(":")[1])
     p.add_argument("--weights-dir", default="", help="destination ('' = each network's standard cache)")
-    p.add_argument("--only", default="inception,xrv,raddino,dinov2,clip,biovil_t",
-                   help="comma list of networks (biovil_t: the alignment score's)")
+    p.add_argument("--only", default="inception,xrv,raddino,dinov2,clip,biovil_t,xrv_mimic",
+                   help="comma list of networks (biovil_t: the alignment score's; xrv_mimic: factual correctness')")
     p.add_argument("--offline", action="store_true", help="never download (the message lists what to fetch)")
     a = p.parse_args(argv)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
@@ -1843,7 +1875,8 @@ def fetch_weights(argv):
                 got = find_weights([f], url, a.weights_dir, [] if a.weights_dir else [cache])
             except WeightsMissing as e:
                 raise SystemExit(f"metrics: fetch-weights {n}: {e}") from None
-            done[n] = convert_xrv(got, os.path.join(os.path.dirname(got), XRV_SAFE)) if n == "xrv" else got
+            done[n] = convert_xrv(got, os.path.join(os.path.dirname(got), xrv_safe_name(got))) if n in XRV_MODELS \
+                else got
         elif n == "biovil_t":
             from huggingface_hub import snapshot_download
             dst = biovil_t_folder_name(a.weights_dir) if a.weights_dir else None
@@ -1866,6 +1899,14 @@ def fetch_weights(argv):
                 model.save_pretrained(done[n]), proc.save_pretrained(done[n])
         print(f"{n}: {done[n]}")
     return done
+
+
+def xrv_safe_name(src):
+    """The converted file's name for a torchxrayvision pickle: its own model's (the mimic_ch file never becomes
+    the file the 'all' feature space looks for); other xrv files keep their stem."""
+    base = os.path.basename(src)
+    known = {m["file"]: m["safe"] for m in XRV_MODELS.values()}
+    return known.get(base, os.path.splitext(base)[0] + ".safetensors")
 
 
 def convert_xrv(src, dst):
@@ -1946,6 +1987,35 @@ class Extractor:
         return f.float().cpu()
 
 
+def load_cnn(name, weights_dir="", allow_random_weights=False, offline=False):
+    """(network, weights file or 'random') of 'inception', 'xrv' or 'xrv_mimic' (XRV_MODELS): the file
+    by name in --weights-dir and the standard cache, downloaded when online (find_weights); a torchxrayvision pickle
+    is converted once to its own safetensors (xrv_safe_name). Missing: WeightsMissing, or with
+    allow_random_weights a network seeded by RANDOM_WEIGHTS_SEED (the caller's RNG untouched)."""
+    if name == "inception":
+        build = FIDInceptionV3
+        spec = {"files": ["pt_inception-2015-12-05.safetensors", FID_FILE], "url": FID_URL,
+                "cache": "~/.cache/torch/hub/checkpoints"}
+    else:
+        m = XRV_MODELS[name]
+        build = lambda: XRVDenseNet(len(XRV_LABELS[m["kind"]]))  # noqa: E731
+        spec = {"files": [m["safe"], m["file"]], "url": m["url"], "cache": "~/.torchxrayvision/models_data"}
+    try:
+        src = find_weights(spec["files"], spec["url"], weights_dir, [spec["cache"]], offline)
+        if src.endswith(".pt"):  # torchxrayvision pickles the whole model: converted once, read without its code
+            src = convert_xrv(src, os.path.join(os.path.dirname(src), xrv_safe_name(src)))
+        return load_into(build(), load_state(src), src), src
+    except WeightsMissing:
+        if not allow_random_weights:
+            raise
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        net = build()
+        for c in (c for c in net.modules() if isinstance(c, nn.Conv2d)):
+            nn.init.kaiming_normal_(c.weight)  # variance-preserving: random features do not vanish
+    return net, "random"
+
+
 def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu", offline=False, resize="antialias",
                   xrv_resize="model"):
     """Build a feature extractor by name ('inception', 'xrv', 'raddino', 'dinov2', 'clip', or a transformers
@@ -1957,25 +2027,8 @@ def get_extractor(name, weights_dir="", allow_random_weights=False, device="cpu"
                          f"/ {', '.join(XRV_RESIZE_MODES)}")
     if name in ("inception", "xrv"):
         inc = name == "inception"
-        build = FIDInceptionV3 if inc else XRVDenseNet
-        src, rnd = "random", False
-        files, url, cache = ((["pt_inception-2015-12-05.safetensors", FID_FILE], FID_URL,
-                              "~/.cache/torch/hub/checkpoints") if inc else
-                             ([XRV_SAFE, XRV_FILE], XRV_URL, "~/.torchxrayvision/models_data"))
-        try:
-            src = find_weights(files, url, weights_dir, [cache], offline)
-            if src.endswith(".pt"):  # torchxrayvision pickles the whole model: converted once, read without its code
-                src = convert_xrv(src, os.path.join(os.path.dirname(src), XRV_SAFE))
-            net = load_into(build(), load_state(src), src)
-        except WeightsMissing:
-            if not allow_random_weights:
-                raise
-            rnd = True
-            with torch.random.fork_rng(devices=[]):  # seeded (RANDOM_WEIGHTS_SEED); the caller's RNG is untouched
-                torch.manual_seed(RANDOM_WEIGHTS_SEED)
-                net = build()
-                for m in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
-                    nn.init.kaiming_normal_(m.weight)  # variance-preserving: random features do not vanish
+        net, src = load_cnn(name, weights_dir, allow_random_weights, offline)
+        rnd = src == "random"
         mode = resize if inc else xrv_resize
         prep = {"antialias": "gray->RGB, square by crop/pad, bilinear+antialias to 299, [0,1] -> [-1,1]; pool3",
                 "pytorch-fid": "gray->RGB, squashed to 299 by F.interpolate bilinear (no antialias), [0,1] -> [-1,1] "
@@ -2500,25 +2553,50 @@ def privacy_chexgenbench(fake, train, cfg, latent_ex=None, device="cpu", chunk=6
     return out
 
 
+def xrv_predict(logits, op_threshs=None):
+    """torchxrayvision DenseNet.forward's output for a pretrained model: sigmoid, then op_norm with its operating
+    points t (p < t: p / (2 t); else 1 - (1 - p) / (2 (1 - t)); 0.5 where t is NaN). Without t: the sigmoid."""
+    p = torch.sigmoid(logits)
+    if op_threshs is None:
+        return p
+    t = torch.as_tensor(op_threshs, dtype=p.dtype, device=p.device).expand_as(p)
+    out = torch.where(p < t, p / (t * 2), 1 - (1 - p) / ((1 - t) * 2))
+    return torch.where(torch.isnan(t), torch.full_like(p, 0.5), out)
+
+
 def factual(real, fake, pairs, cfg, device):
-    """Pearson correlation between a classifier's predictions on real and paired synthetic images (chexgen:
-    XRV DenseNet-121, N x C prediction matrix flattened), plus the mean of the per-class correlations."""
-    if cfg.classifier == "xrv":
-        ex = get_extractor("xrv", cfg.weights_dir, cfg.allow_random_weights, device, cfg.offline)
-        net, rnd, src = ex.net, ex.random_weights, ex.weights
+    """Factual correctness (chexgen Results, Methods 'Quality Assessment'): Pearson correlation between a
+    classifier's predictions on real images and on their paired synthetic images, the N x C prediction matrix
+    flattened, plus the mean of the per-class correlations. chexgen's classifier is xrv's mimic-trained
+    DenseNet-121 (--classifier xrv_mimic: densenet121-res224-mimic_ch, its own weights file); its outputs are
+    xrv's (xrv_predict: sigmoid + op_norm with the model's published operating points) and only the outputs its
+    pathology list names are used. chexgen says '14 common chest pathologies'; the released mimic_ch model names 11
+    of its 18 outputs (the other 7 were not trained: op_norm makes them a constant 0.5), so C = 11 here.
+    --classifier xrv: the 'all' model, its 18 outputs; a safetensors path: an xrv-layout DenseNet, every output
+    after a sigmoid."""
+    if cfg.classifier in XRV_MODELS:
+        net, src = load_cnn(cfg.classifier, cfg.weights_dir, cfg.allow_random_weights, cfg.offline)
+        kind = XRV_MODELS[cfg.classifier]["kind"]
+        thr, names = XRV_OP_THRESHS[kind], XRV_LABELS[kind]
     else:
-        sd, rnd, src = load_state(cfg.classifier), False, cfg.classifier
+        sd, src = load_state(cfg.classifier), cfg.classifier
         if "classifier.weight" not in sd:
             raise SystemExit(f"metrics: {src} is not an xrv-layout DenseNet-121 (no classifier.weight)")
-        net = load_into(XRVDenseNet(sd["classifier.weight"].shape[0]), sd, src).eval().to(device)
+        net = load_into(XRVDenseNet(sd["classifier.weight"].shape[0]), sd, src)
+        thr, names = None, [f"output {c}" for c in range(sd["classifier.weight"].shape[0])]
+    net = net.eval().to(device)
+    cols = [c for c, n in enumerate(names) if n]
 
-    pr, pf = (_apply(lambda x: torch.sigmoid(net(x * 2048 - 1024)), im, [p[i] for p in pairs], 224, cfg, device)
-              for i, im in ((0, real), (1, fake)))
+    def predict(x):
+        return xrv_predict(net(x * 2048 - 1024), thr)[:, cols]  # xrv normalize: [0, 1] -> [-1024, 1024]
+
+    pr, pf = (_apply(predict, im, [p[i] for p in pairs], 224, cfg, device) for i, im in ((0, real), (1, fake)))
     ok = [(pr[a], pf[b]) for a, b in pairs if a in pr and b in pf]
     a, b = np.stack([o[0].numpy() for o in ok]), np.stack([o[1].numpy() for o in ok])
     per = [pearson(a[:, c], b[:, c]) for c in range(a.shape[1])]
     return {"n": len(ok), "pearson": pearson(a, b), "pearson_per_class_mean": float(np.nanmean(per)),
-            "classifier": src, "random_weights": rnd}
+            "outputs": [names[c] for c in cols], "prediction": "sigmoid + xrv op_norm" if thr else "sigmoid",
+            "classifier": src, "random_weights": src == "random"}
 
 
 @torch.no_grad()
@@ -2881,11 +2959,12 @@ def main(argv=None):
     if argv and argv[0] == "convert-xrv":
         p = argparse.ArgumentParser(prog="metrics.py convert-xrv", description="torchxrayvision pickle -> safetensors")
         p.add_argument("src", help=f"the pickled model, e.g. ~/.torchxrayvision/models_data/{XRV_FILE}")
-        p.add_argument("--dst", default="", help=f"output ('' = {XRV_SAFE} beside src)")
+        p.add_argument("--dst", default="", help=f"output ('' = beside src: {XRV_SAFE} for the 'all' model, "
+                       f"{XRV_MIMIC_SAFE} for mimic_ch, else the source's stem)")
         a = p.parse_args(argv[1:])
         if not os.path.isfile(a.src):
             raise SystemExit(f"metrics: {a.src} not found (expected the pickled torchxrayvision model, {XRV_URL})")
-        dst = convert_xrv(a.src, a.dst or os.path.join(os.path.dirname(os.path.abspath(a.src)), XRV_SAFE))
+        dst = convert_xrv(a.src, a.dst or os.path.join(os.path.dirname(os.path.abspath(a.src)), xrv_safe_name(a.src)))
         return print(f"wrote {dst}") or dst
     p = build_parser(description=__doc__.split("\n\n")[0], epilog="subcommands: convert-xrv SRC [--dst DST], bench, "
                      "fetch-weights [--weights-dir DIR] [--only NAMES], correlate --utility CSV; exit status "

@@ -715,6 +715,53 @@ def test_reid_and_factual_correctness(tmp_path):
     assert f["n"] == 3 and f["random_weights"] and f["pearson"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_factual_mimic_classifier_named_outputs_and_pearson_vs_numpy(tmp_path):
+    """--classifier xrv_mimic (chexgen's factual correctness): torchxrayvision's densenet121-res224-mimic_ch file,
+    converted to its own safetensors (not the 'all' model's), its 11 named outputs of 18 after sigmoid + op_norm;
+    Pearson of the flattened N x 11 matrices equals numpy's corrcoef on predictions made here by hand."""
+    assert M.XRV_MIMIC_FILE == "mimic_ch-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
+    named = [0, 1, 3, 4, 7, 8, 10, 14, 15, 16, 17]  # torchxrayvision model_urls['mimic_ch']['labels'] != ''
+    rng = np.random.default_rng(5)
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    real.mkdir(), fake.mkdir()
+    for i in range(2):
+        a = rng.random((40, 32))
+        Image.fromarray((a * 255).astype(np.uint8)).save(real / f"{i}.png")
+        b = np.clip(a + 0.3 * rng.standard_normal(a.shape), 0, 1)  # related, not identical
+        Image.fromarray((b * 255).astype(np.uint8)).save(fake / f"{i}.png")
+    torch.manual_seed(3)
+    net = M.XRVDenseNet().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    x = torch.from_numpy(np.stack([M.prepare(M.read_image(str(d / f"{i}.png")), 224) for d in (real, fake)
+                                   for i in range(2)]))[:, None]
+    with torch.no_grad():  # a classifier whose logits spread around -2 on these images (no saturated sigmoid)
+        e = net.embed(x * 2048 - 1024)
+        net.classifier.weight.copy_(torch.randn(18, 1024) / (e.std(0, keepdim=True) + 1e-6) / 32)
+        net.classifier.bias.copy_(-2.0 - net.classifier.weight @ e.mean(0))
+        logits = net.classifier(e).double().numpy()
+    wd = tmp_path / "w"
+    wd.mkdir()
+    torch.save(net.state_dict(), wd / M.XRV_MIMIC_FILE)  # a tensor-only pickle under the released name
+    rs, fs = M.ImageSet(str(real)), M.ImageSet(str(fake))
+    cfg = M.Config(classifier="xrv_mimic", weights_dir=str(wd), offline=True, workers=1)
+    f = M.factual(rs, fs, M.paired_ids(rs, fs), cfg, torch.device("cpu"))
+    assert os.path.isfile(wd / M.XRV_MIMIC_SAFE) and not os.path.exists(wd / M.XRV_SAFE)
+    assert f["outputs"] == ["Atelectasis", "Consolidation", "Pneumothorax", "Edema", "Effusion", "Pneumonia",
+                            "Cardiomegaly", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum"]
+    thr = np.array(M.XRV_OP_THRESHS["mimic_ch"], np.float64)
+    p = 1 / (1 + np.exp(-logits))
+    out = np.full_like(p, 0.5)  # xrv op_norm, element by element
+    for r, c in np.ndindex(p.shape):
+        if not np.isnan(thr[c]):
+            out[r, c] = p[r, c] / (2 * thr[c]) if p[r, c] < thr[c] else 1 - (1 - p[r, c]) / (2 * (1 - thr[c]))
+    ra, fa = out[:2, named], out[2:, named]
+    assert ra.std() > 0.05 and fa.std() > 0.05  # predictions that vary: the correlation is not degenerate
+    assert f["pearson"] == pytest.approx(np.corrcoef(ra.ravel(), fa.ravel())[0, 1], abs=1e-5)
+    assert f["n"] == 2 and f["prediction"] == "sigmoid + xrv op_norm"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LPIPS-style feature distance (radit App. C.1 Eq. 13-14), --paired identity metrics
 
