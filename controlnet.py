@@ -909,13 +909,14 @@ class ControlData:
             if len(cells[1].strip()) < cfg.min_chars:
                 continue
             keep.append(k)
-            if cfg.cond_type == "box":
+            if cfg.cond_type == "box" and cells[2] not in ("", "{}"):   # (those two: no boxes, nothing to parse)
                 where = f"{path} row {cells[0]}"
                 for name, bs in parse_boxes(read_boxes_cell(cells[2], where), where).items():
                     c = classes.setdefault(name, len(classes))
                     for b in bs:
                         box_class.append(c)
                         box_xyxy.extend(b)
+            if cfg.cond_type == "box":
                 box_start.append(len(box_class))
         keep = np.frombuffer(keep, np.int64)
         self.shard, self.index, self.position = cols["shard"][keep], cols["index"][keep], cols["position"][keep]
