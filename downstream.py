@@ -72,10 +72,11 @@ import tempfile
 import time
 import warnings
 import weakref
+from array import array
 from collections import Counter, OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -885,8 +886,89 @@ def fit(x, size, mode="bilinear"):
     kw = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
     return x if not size or x.shape[-1] == size else F.interpolate(x, size=(size, size), mode=mode, **kw)
 
+COLUMN_CODES = LABELS + META + ["split", "shard", "index"]      # meta.csv columns a Source keeps, as codes
+
+
+def factorised(ids, values):
+    """A column kept as (int32 code a row, its distinct cells in code order)."""
+    return np.asarray(ids, np.int32), list(values)
+
+
+def read_columns(path, required, what):
+    """meta.csv in one pass, without a dict per row (issue 21): -> {"columns": the header, "position": each row's
+    position (blank lines skipped), "vars": {column: factorised codes} for the COLUMN_CODES present}, every cell
+    kept as written (the tasks' rules, var_value's, read them later). read_meta's one-line errors: no file, not a
+    table, a `required` column missing, a row with more or fewer cells than the header, an id that is not a file
+    name or appears twice (every row, whatever its split)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            columns = next(reader, [])
+            absent = [c for c in dict.fromkeys(["id", *required]) if c not in columns]
+            if absent:
+                raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+            kept = [c for c in COLUMN_CODES if c in columns]
+            at = [columns.index(c) for c in kept]
+            memos = [{} for _ in kept]                           # cell -> code, in order of appearance
+            codes = [array("i") for _ in kept]
+            i_id, ids = columns.index("id"), []
+            for line, r in enumerate(reader, 2):
+                if not r:
+                    continue                                     # csv.DictReader skips blank lines too
+                if len(r) != len(columns):
+                    raise SystemExit(f"{path}: row {line} has {'more' if len(r) > len(columns) else 'fewer'} cells "
+                                     f"than the header's {len(columns)}; expected one cell per column")
+                ids.append(r[i_id])
+                for memo, out, j in zip(memos, codes, at):
+                    code = memo.get(r[j])
+                    if code is None:
+                        code = memo[r[j]] = len(memo)
+                    out.append(code)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
+    check_ids(ids, path)
+    return {"columns": columns, "position": np.arange(len(ids)),
+            "vars": {c: factorised(np.frombuffer(out, np.int32), memo) for c, memo, out in zip(kept, memos, codes)}}
+
+
+def index_columns(folder, datasets):
+    """read_columns' dict from DIR/meta_index.safetensors when it holds meta.csv as it is (read_meta_index; None
+    otherwise): the codes of FORMAT.md §5 as the cells they stand for (a code's canonical value, an age as the
+    shortest text of its float32, which reads back as the age meta.csv holds), shard and index as integers."""
+    cols = read_meta_index(folder, datasets) if datasets else None
+    if cols is None:
+        return None
+    out = {"columns": cols["columns"], "position": np.arange(len(cols["age"])), "vars": {}}
+    for k, v in enumerate(INDEX_VARIABLES[:18]):
+        out["vars"][v] = factorised(cols["codes"][:, k], ["", *(datasets if v == "dataset" else INDEX_VALUES[v])])
+    ages, inverse = np.unique(cols["age"], return_inverse=True)   # NaN (missing) sorts last, as one value
+    out["vars"]["age"] = factorised(inverse.reshape(-1), ["" if a != a else str(a) for a in ages])
+    out["vars"]["split"] = factorised(cols["split"], cols["splits"])
+    for k in ("shard", "index"):
+        values, inverse = np.unique(cols[k], return_inverse=True)
+        out["vars"][k] = factorised(inverse.reshape(-1), [str(x) for x in values.tolist()])
+    return out
+
+
+def info_datasets(folder):
+    """info.json's dataset names, for the index's freshness check only ([] when there is none: meta.csv is read;
+    a broken info.json is reported later, where the folder's info.json is read)."""
+    try:
+        with open(os.path.join(folder, "info.json")) as f:
+            names = json.load(f).get("datasets")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return list(names) if isinstance(names, list) else []
+
+
 class Source:
-    """One `name=folder[:split]` source: its meta rows in memory, pixels (and masks) in memory or read per batch."""
+    """One `name=folder[:split]` source: its meta.csv as columns, pixels (and masks) in memory or read per batch.
+    The columns (issue 21: a million rows take ~100 MB, never a dict per row) come from DIR/meta_index.safetensors
+    when it is fresh (index_columns), else from meta.csv (read_columns); the 19 variables, split, shard and index
+    are a code a row and the distinct cells, which targets() reads with var_value's rules. `rows`, every column as
+    dicts, is read on first use by the tasks that need ids, reports or subgroups (mostly of a test set)."""
     def __init__(self, spec, cfg, default_split=""):
         name, _, rest = spec.strip().partition("=") if "=" in spec else ("", "", spec.strip())
         folder, _, split = rest.rpartition(":")                  # a split only when it is one of the four
@@ -904,17 +986,31 @@ class Source:
         what = ("a dataset folder (prep_data.py) or a folder of generated images with a meta.csv (id, labels, sex, "
                 "age, race, view)")
         meta = os.path.join(self.folder, "meta.csv")
-        rows, columns = read_meta(meta, required=("shard", "index") if self.kind == "dataset" else (),
-                                  split=self.split if strict else None, what=what)
-        if not rows:
+        required = ["shard", "index"] if self.kind == "dataset" else []
+        required += ["split"] if strict else []
+        cols = index_columns(self.folder, info_datasets(self.folder)) if self.kind == "dataset" else None
+        if cols is not None:
+            absent = [c for c in dict.fromkeys(["id", *required]) if c not in cols["columns"]]
+            if absent:
+                raise SystemExit(f"{meta}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+            self.source = "index"
+        else:
+            cols = read_columns(meta, required, what)
+            self.source = "meta.csv"
+        self.meta_path, self.columns, self.vars = meta, set(cols["columns"]), cols["vars"]
+        self.position, self._rows = cols["position"], None
+        if strict:
+            self.keep(self.cells_in("split", [self.split]))
+        if not len(self):
             raise SystemExit(f"{meta}: no rows{f' with split={self.split!r}' if strict else ''}; expected one row "
                              f"per image")
-        self.columns = set(columns)
         if self.split and not strict and "split" in self.columns:
-            rows = [r for r in rows if r["split"] == self.split]
+            self.keep(self.cells_in("split", [self.split]))
         views = [v.strip().upper() for v in cfg.views.split(",") if v.strip()]
-        rows = [r for r in rows if (r.get("view") or "").upper() in views] if views else rows
-        self.rows, self.masks, self.info, self.size = rows, None, {}, 0
+        if views:
+            self.keep(self.cells_in("view", views, str.upper))
+        self.masks, self.info, self.size = None, {}, 0
+        self.shard = self.index = None
         if self.kind == "dataset":
             if not os.path.isfile(path := os.path.join(self.folder, "info.json")):
                 raise SystemExit(f"{path}: no such file; expected the dataset's info.json (prep_data.py)")
@@ -924,18 +1020,64 @@ class Source:
                 self.size = int(self.info["size"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise SystemExit(f"{path}: not a dataset's info.json with a size ({type(e).__name__}: {e})") from None
-            check_shards(self.folder, rows, "images", "U16", (1, self.size, self.size))
-        elif rows:                                               # the samplers' folders: the first image's side
-            self.size = read_png(os.path.join(self.folder, f"{rows[0]['id']}.png"), 0).shape[-1]
+            shard, bad_shard = self.as_integers("shard")
+            index, bad_index = self.as_integers("index")
+            bad = np.flatnonzero(bad_shard | bad_index)
+            if len(bad):                                         # check_shard_rows' words, at the first such row
+                k = int(bad[0])
+                cells = [self.vars[c][1][self.vars[c][0][k]] for c in ("shard", "index")]
+                raise SystemExit(f"{meta}: row {meta_ids(meta, [self.position[k]])[0]!r} has shard {cells[0]!r}, "
+                                 f"index {cells[1]!r}; expected integers (FORMAT.md §2)")
+            self.shard, self.index = shard, index
+            check_shard_arrays(self.folder, self.shard_columns(), "images", "U16", (1, self.size, self.size))
+        elif len(self):                                          # the samplers' folders: the first image's side
+            self.size = read_png(os.path.join(self.folder, f"{self.rows[0]['id']}.png"), 0).shape[-1]
         self.cache_gb, self._pix = cfg.cache_gb, None
         self._open = lru_cache(maxsize=16)(lambda p: safe_open(p, "pt"))
 
+    def cells_in(self, column, wanted, fold=str):
+        """Rows whose `column` cell, fold()ed, is among `wanted` (bool [n]; an absent column reads as '')."""
+        if column not in self.vars:
+            return np.full(len(self), "" in wanted)
+        codes, values = self.vars[column]
+        return np.array([fold(v) in wanted for v in values] + [False], bool)[codes]
+
+    def keep(self, mask):
+        """Keep the rows where `mask` holds (every column, in order)."""
+        self.position = self.position[mask]
+        self.vars = {c: (codes[mask], values) for c, (codes, values) in self.vars.items()}
+
+    def as_integers(self, column):
+        """The shard or index column as int64 [n], and where a cell is not an integer (bool [n])."""
+        codes, values = self.vars[column]
+        ints, bad = np.zeros(len(values) + 1, np.int64), np.zeros(len(values) + 1, bool)
+        for k, v in enumerate(values):
+            try:
+                ints[k] = int(v)
+            except (ValueError, OverflowError):
+                bad[k] = True
+        return ints[codes], bad[codes]
+
+    def shard_columns(self):
+        return {"shard": self.shard, "index": self.index, "position": self.position}
+
+    @property
+    def rows(self):
+        """This source's meta.csv rows as dicts of strings (every column), in its order; read on first use."""
+        if self._rows is None:
+            rows, _ = read_meta(self.meta_path)
+            self._rows = [rows[int(p)] for p in self.position]
+        return self._rows
+
     def __len__(self):
-        return len(self.rows)
+        return len(self.position)
 
     def subset(self, idx):
         new, t = copy.copy(self), torch.as_tensor(np.asarray(idx, np.int64))
-        new.rows = [self.rows[int(i)] for i in idx]
+        new.keep(np.asarray(idx, np.int64))
+        if self.shard is not None:
+            new.shard, new.index = self.shard[t.numpy()], self.index[t.numpy()]
+        new._rows = None if self._rows is None else [self._rows[int(i)] for i in idx]
         new._pix, new.masks = (v if v is None else v[t] for v in (self._pix, self.masks))
         return new
 
@@ -944,19 +1086,19 @@ class Source:
 
     def _read(self, key, idx, channel=None):
         """Rows idx of a shard tensor (`images` or one channel of `masks`), grouped by shard."""
-        rows = [self.rows[int(j)] for j in idx]
-        sl = [(self._shard(r["shard"]).get_slice(key), int(r["index"])) for r in rows]
+        sl = [(self._shard(self.shard[int(j)]).get_slice(key), int(self.index[int(j)])) for j in idx]
         return torch.cat([s[k:k + 1] if channel is None else s[k:k + 1, channel:channel + 1] for s, k in sl])
 
     def preload(self, size):
         """Hold all pixels in memory (uint16 for datasets, float for PNGs) when they fit in --cache-gb."""
-        n, png = len(self.rows), self.kind == "png"
+        n, png = len(self), self.kind == "png"
         if self._pix is not None or not n or n * self.size ** 2 * (4 if png else 2) > self.cache_gb * 2**30:
             return
         pix = self.images(range(n)) if png else torch.zeros((n, 1, self.size, self.size), dtype=torch.int32)
-        for shard in [] if png else {r["shard"] for r in self.rows}:             # datasets: one read per shard
-            i = [k for k, r in enumerate(self.rows) if r["shard"] == shard]
-            pix[i] = self._shard(shard).get_tensor("images")[[int(self.rows[k]["index"]) for k in i]].to(torch.int32)
+        for shard in [] if png else np.unique(self.shard).tolist():     # datasets: one read per shard
+            i = np.flatnonzero(self.shard == shard)
+            pix[torch.as_tensor(i)] = self._shard(shard).get_tensor("images")[torch.as_tensor(self.index[i])] \
+                .to(torch.int32)
         self._pix = pix
 
     def images(self, idx):
@@ -976,20 +1118,39 @@ class Source:
             names = self.info.get("mask_names") or []
             if mask_name not in names:
                 raise SystemExit(f"{self.folder}/info.json: no mask {mask_name!r}; mask_names are {names}")
-            check_shards(self.folder, self.rows, "masks", "U8", (len(names), self.size, self.size))
-            self.masks = self._read("masks", range(len(self.rows)), names.index(mask_name)).to(torch.uint8)
+            check_shard_arrays(self.folder, self.shard_columns(), "masks", "U8", (len(names), self.size, self.size))
+            self.masks = self._read("masks", range(len(self)), names.index(mask_name)).to(torch.uint8)
         else:
             self.masks = torch.stack([(read_png(os.path.join(self.folder, f"{r['id']}_mask.png"), self.size) > 0)
                                       .to(torch.uint8) for r in self.rows])
 
     def targets(self, labels, policy, datasets=()):
-        """[n, L] float targets with NaN for unknown; a clear error when the folder lacks a requested label."""
+        """[n, L] float targets with NaN for unknown (var_value of each distinct cell, once); a clear error when the
+        folder lacks a requested label, and var_value's for the first row (then its first label) holding a bad
+        cell, as a row-by-row reading stops."""
         if absent := [lab for lab in labels if lab not in self.columns]:
             raise SystemExit(f"{self.folder}/meta.csv: no column(s) {absent}; the requested labels must be in "
                              f"every training and test set (choose others with --labels)")
         where = f"{self.folder}/meta.csv row"
-        return np.array([[var_value(v, r.get(v), policy, f"{where} {r['id']} {v}", datasets) for v in labels]
-                         for r in self.rows], np.float64).reshape(len(self.rows), len(labels))
+        out = np.zeros((len(self), len(labels)), np.float64)
+        bad = np.zeros((len(self), len(labels)), bool)
+        for j, v in enumerate(labels):
+            codes, values = self.vars[v]
+            table = np.zeros(len(values) + 1, np.float64)
+            wrong = np.zeros(len(values) + 1, bool)
+            for k, cell in enumerate(values):
+                try:
+                    table[k] = var_value(v, cell, policy, where, datasets)
+                except SystemExit:
+                    wrong[k] = True
+            out[:, j] = table[codes]
+            bad[:, j] = wrong[codes]
+        if bad.any():
+            k = int(np.flatnonzero(bad.any(1))[0])
+            v = labels[int(np.flatnonzero(bad[k])[0])]
+            row = meta_ids(self.meta_path, [self.position[k]])[0]
+            var_value(v, self.vars[v][1][self.vars[v][0][k]], policy, f"{where} {row} {v}", datasets)   # raises
+        return out
 
 
 def parse_sources(text, cfg, default_split="", what="--train"):
@@ -1009,7 +1170,12 @@ class Pool:
             s.preload(size)
             if masks and s.masks is None:
                 s.load_masks(cfg.mask)
-        self.offsets, self.rows = np.cumsum([0] + [len(s) for s in sources]), [r for s in sources for r in s.rows]
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+
+    @cached_property
+    def rows(self):
+        """Every source's rows as dicts, in pool order: read on first use (predictions, subgroups, reports)."""
+        return [r for s in self.sources for r in s.rows]
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -1325,6 +1491,243 @@ def check_shards(folder, rows, key, dtype, shape=None, where=None):
     check_shard_rows(rows, sizes, where)
     return sizes
 # --- end skeleton: meta_table ---
+
+
+# --- skeleton: meta_index (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+INDEX_FILE = "meta_index.safetensors"                            # FORMAT.md §2.1, beside meta.csv
+INDEX_FORMAT = "meta-index/1"
+INDEX_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+                "Pneumothorax", "Support Devices"]
+INDEX_VARIABLES = INDEX_LABELS + ["sex", "race", "view", "dataset", "age"]  # FORMAT.md §5 order; age last
+INDEX_VALUES = {**{lab: ["0", "1", "-1"] for lab in INDEX_LABELS},           # csv value -> code: position + 1
+                "sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}
+INDEX_NEEDS = ["id", *INDEX_VARIABLES, "shard", "index"]         # the columns a data path reads (split: to select)
+
+
+def meta_sha256(path):
+    """sha256 of meta.csv's bytes: the index's freshness key (about 1 s for a million rows)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 24), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def absent_columns(path, columns, split, codes=True):
+    """One line naming every column a data path needs (INDEX_NEEDS, without the 19 variables when `codes` is False,
+    and `split` when one is selected) that is not among `columns`, in read_meta's words."""
+    needed = [c for c in INDEX_NEEDS if codes or c in ("id", "shard", "index")]
+    needed += ["split"] if split not in (None, "all") else []
+    absent = [c for c in needed if c not in columns]
+    if absent:
+        raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
+
+
+def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
+    """meta.csv parsed once into the columns training needs, as numpy arrays (never a dict per row):
+    {"codes": uint8 [N, 18] (the 18 categorical codes of FORMAT.md §5, dataset codes in the order of `datasets`),
+    "age": float32 [N] (NaN missing), "shard", "index": int32 [N], "split": uint8 [N] (code k = splits[k]),
+    "splits": [names], "columns": meta.csv's header}. Every row is coded, whatever its split. One-line errors,
+    read_meta's and encode_row's: no file, not a table, a column missing (`split` when one is to be selected), a
+    row with more or fewer cells, an id that is not a file name or appears twice, a value outside §5 (naming the
+    row's id), a shard or index that is not an integer. codes=False (a script that reads pixels only, vae.py):
+    the 19 variables are neither required nor read ("codes" [N, 0], "age" NaN)."""
+    from array import array
+    coded = codes
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    maps = [{} for _ in INDEX_VARIABLES[:18]]                    # raw cell -> code, filled as values appear
+    choices = [datasets if v == "dataset" else INDEX_VALUES[v] for v in INDEX_VARIABLES[:18]]
+    codes = bytearray()                                          # 18 uint8 codes a row, appended as read
+    split_codes, splits = bytearray(), {}                        # a code a row; split name -> code
+    age = array("f")
+    shard, index = array("i"), array("i")
+    ids = []
+    first_error = None                                           # raised after the ids are checked, as read_meta
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            columns = next(reader, [])
+            absent_columns(path, columns, split, coded)
+            at = [columns.index(c) for c in INDEX_VARIABLES[:18]] if coded else []
+            i_id, i_shard, i_index = (columns.index(c) for c in ("id", "shard", "index"))
+            i_age = columns.index("age") if coded else None
+            i_split = columns.index("split") if "split" in columns else None
+            for line, r in enumerate(reader, 2):
+                if not r:
+                    continue                                     # csv.DictReader skips blank lines too
+                if len(r) != len(columns):
+                    raise SystemExit(f"{path}: row {line} has {'more' if len(r) > len(columns) else 'fewer'} cells "
+                                     f"than the header's {len(columns)}; expected one cell per column")
+                ids.append(r[i_id])
+                row = []
+                for k, (m, j) in enumerate(zip(maps, at)):
+                    c = m.get(r[j])
+                    if c is None:
+                        s = r[j].strip()
+                        if k < 14:                               # labels written as floats by some tools
+                            s = {"1.0": "1", "0.0": "0", "-1.0": "-1"}.get(s, s)
+                        if s and s not in choices[k]:
+                            first_error = first_error or (f"{path} row id={r[i_id]}: {INDEX_VARIABLES[k]}={s!r}; "
+                                                          f"expected one of {choices[k]} or empty")
+                            c = 0
+                        else:
+                            c = m[r[j]] = choices[k].index(s) + 1 if s else 0
+                    row.append(c)
+                codes.extend(row)
+                a = r[i_age].strip() if coded else ""
+                if a.lower() in ("", "nan"):
+                    years = float("nan")
+                else:
+                    try:
+                        years = float(a)
+                    except ValueError:
+                        years = None
+                    if years is None or not AGE_RANGE[0] <= years <= AGE_RANGE[1]:
+                        try:                                     # check_age's words for the error
+                            check_age(a, f"{path} row id={r[i_id]}")
+                        except SystemExit as e:
+                            first_error, years = first_error or str(e), float("nan")
+                age.append(years)
+                try:
+                    shard.append(int(r[i_shard]))
+                    index.append(int(r[i_index]))
+                except (ValueError, OverflowError):
+                    first_error = first_error or (f"{path}: row {r[i_id]!r} has shard {r[i_shard]!r}, index "
+                                                  f"{r[i_index]!r}; expected integers (FORMAT.md §2)")
+                    del shard[len(index):]
+                    shard.append(-1)
+                    index.append(-1)
+                name = r[i_split] if i_split is not None else ""
+                if name not in splits:
+                    if len(splits) == 255:
+                        raise SystemExit(f"{path}: over 255 different split values; expected train, val, test")
+                    splits[name] = len(splits)
+                split_codes.append(splits[name])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
+    check_ids(ids, path)
+    del ids
+    if first_error:
+        raise SystemExit(first_error)
+    n = len(age)
+    return {"codes": np.frombuffer(codes, np.uint8).reshape(n, 18 if coded else 0).copy(),
+            "age": np.frombuffer(age, np.float32).copy(),
+            "shard": np.frombuffer(shard, np.int32).copy(), "index": np.frombuffer(index, np.int32).copy(),
+            "split": np.frombuffer(split_codes, np.uint8).copy(), "splits": list(splits), "columns": columns}
+
+
+def read_meta_index(folder, datasets):
+    """DIR/meta_index.safetensors (prep_data.py writes it beside meta.csv; FORMAT.md §2.1) as meta_arrays' dict,
+    or None when there is none or it does not hold meta.csv as it is now: another meta.csv sha256 (edited since),
+    other info.json datasets, or a file that is not a whole index. Our choice: such an index is ignored with a
+    note, not refused: it is a cache of meta.csv, which stays the truth and gives the same arrays (slower)."""
+    path, meta_path = os.path.join(folder, INDEX_FILE), os.path.join(folder, "meta.csv")
+    if not os.path.isfile(path) or not os.path.isfile(meta_path):
+        return None
+    why = None
+    try:
+        with safe_open(path, "numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != INDEX_FORMAT:
+                why = f"format {meta.get('format')!r}, expected {INDEX_FORMAT!r}"
+            elif meta.get("meta_sha256") != meta_sha256(meta_path):
+                why = "written for another meta.csv (edited since)"
+            elif json.loads(meta["datasets"]) != list(datasets):
+                why = f"dataset codes of {json.loads(meta['datasets'])}, info.json has {list(datasets)}"
+            else:
+                out = {k: f.get_tensor(k) for k in ("codes", "age", "shard", "index", "split")}
+                out.update(splits=json.loads(meta["splits"]), columns=json.loads(meta["columns"]))
+                n = len(out["age"])
+                kinds = {"codes": (np.uint8, (n, 18)), "age": (np.float32, (n,)), "shard": (np.int32, (n,)),
+                         "index": (np.int32, (n,)), "split": (np.uint8, (n,))}
+                top = np.array([len(v) for v in INDEX_VALUES.values()][:17] + [len(datasets)])
+                if any(out[k].dtype != d or out[k].shape != s for k, (d, s) in kinds.items()):
+                    why = "tensors of other dtypes or shapes than FORMAT.md §2.1's"
+                elif n and ((out["codes"] > top).any() or int(out["split"].max()) >= len(out["splits"])):
+                    why = "codes outside FORMAT.md §5"
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        why = f"not a readable index ({type(e).__name__}: {e})"
+    if why:
+        print(f"{path}: {why}; ignored, reading meta.csv instead (rebuild: python prep_data.py index --data "
+              f"{folder})", file=sys.stderr, flush=True)
+        return None
+    return out
+
+
+def meta_columns(folder, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
+    """The rows of `split` (None or 'all': every row) of DIR/meta.csv as arrays: from the index when it holds
+    meta.csv as it is (read_meta_index), else parsed from meta.csv (meta_arrays; `codes`: whether the 19 variables
+    are required and coded); the same arrays either way, plus "position": each row's position in meta.csv (int64),
+    and "source": 'index' or 'meta.csv'. One-line errors as read_meta's (a column missing, split or not; no file)."""
+    path = os.path.join(folder, "meta.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file; expected {what}")
+    cols = read_meta_index(folder, datasets)
+    if cols is not None:
+        absent_columns(path, cols["columns"], split, codes)
+        cols["source"] = "index"
+    else:
+        cols = meta_arrays(path, datasets, split, what, codes)
+        cols["source"] = "meta.csv"
+    keep = np.arange(len(cols["age"]))
+    if split not in (None, "all"):
+        code = cols["splits"].index(split) if split in cols["splits"] else -1
+        keep = np.flatnonzero(cols["split"] == code)
+        for k in ("codes", "age", "shard", "index", "split"):
+            cols[k] = cols[k][keep]
+    cols["position"] = keep
+    return cols
+
+
+def meta_ids(path, positions):
+    """The ids of meta.csv rows at `positions` (0-based, blank lines skipped), read on demand: only an error message
+    or a sampled row needs one, so no process holds a million id strings."""
+    want, out = {int(p): None for p in positions}, {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        at = next(reader).index("id")
+        k = 0
+        for r in reader:
+            if r:
+                if k in want:
+                    out[k] = r[at]
+                k += 1
+    return [out.get(int(p)) for p in positions]
+
+
+def check_shard_arrays(folder, cols, key, dtype, shape=None, where=None):
+    """check_shards for meta_columns' arrays, at start: every shard the rows name is readable and stores `key` as
+    `dtype` with rows of `shape` (shard_tensor_shape), and holds each row's index; one line naming the first bad row
+    (its id read from `where`, check_shard_rows' words). `where`: the meta.csv of the rows (default
+    folder/meta.csv; a latent folder's rows are its dataset's). -> {shard: rows}."""
+    where = where or os.path.join(folder, "meta.csv")
+    shard, index = cols["shard"], cols["index"]
+    found, first = np.unique(shard, return_index=True)
+    sizes = {}
+    for s in found[np.argsort(first)].tolist():                  # in the order rows name them, as check_shards
+        path = os.path.join(folder, "shards", f"{s:05d}.safetensors")
+        if s < 0 or not os.path.isfile(path):
+            continue
+        got = shard_tensor_shape(path, key, dtype)
+        if shape is not None and tuple(got[1:]) != tuple(shape):
+            raise SystemExit(f"{path}: {key!r} rows have shape {got[1:]}; expected {list(shape)} (info.json)")
+        sizes[s] = got[0]
+    table = np.full(len(found), -1, np.int64)                    # rows held per shard, -1 for an absent one
+    for j, s in enumerate(found.tolist()):
+        table[j] = sizes.get(s, -1)
+    held = table[np.searchsorted(found, shard)] if len(shard) else table[:0]
+    bad = np.flatnonzero((held < 0) | (index < 0) | (index >= held))
+    if len(bad):
+        k = int(bad[0])
+        s, i = int(shard[k]), int(index[k])
+        name = meta_ids(where, [cols["position"][k]])[0]
+        if held[k] < 0:
+            raise SystemExit(f"{where}: row {name!r} names shard {s}, which does not exist")
+        raise SystemExit(f"{where}: row {name!r} has index {i}; shard {s} holds rows 0..{held[k] - 1}")
+    return sizes
+# --- end skeleton: meta_index ---
 
 
 # --- skeleton: memory_plan (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---

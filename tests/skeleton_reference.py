@@ -43,7 +43,7 @@ PIECES = {
                                             "meta_index"),
     "ldm_multicond.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli",
                                                "meta_index"),
-    "downstream.py": ALL + PLAN + ("checkpoint_io", "log_line"),
+    "downstream.py": ALL + PLAN + ("checkpoint_io", "log_line", "meta_index"),
     "prep_data.py": ("atomic_save", "safe_names", "output_folder", "meta_table", "meta_index"),   # not training
     "metrics.py": ("safe_names", "meta_table"),                  # scripts: the pieces they need
 }
