@@ -303,6 +303,8 @@ class Config:
                                    "XRayResizer)")
     pixel_size: int = arg(256, "side for pixel-space metrics (SSIM, PSNR, MS-SSIM)")
     privacy_size: int = arg(128, "side for the pixel nearest-neighbour search")
+    privacy_block: int = arg(4096, "synthetic images searched per pass over the training set (nearest mode): "
+                                   "memory ~ 3 x block x privacy_size^2 x 4 bytes, independent of N (our choice)")
     batch_size: int = arg(64, "images per extractor forward")
     workers: int = arg(4, "image decoding threads")
     device: str = arg("", "cpu | cuda ('' = cuda when available; 'auto' is accepted as '')")
@@ -2362,12 +2364,25 @@ def paired(real, fake, pairs, cfg, device="cpu"):
 
 def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
     """Memorisation (chexgenbench §2.3, done over the whole training set): each synthetic image's nearest
-    training image by pixel L2 (same crop/resize, float) and by distance of unit-normalised features."""
-    (fk, q), bank_kept = _pixels(fake, list(range(len(fake))), cfg.privacy_size, cfg), []
-
-    batches = _iter(train, list(range(len(train))), cfg.privacy_size, cfg, 256)  # streamed; kept indices recorded
-    bank = (np.stack(b).reshape(len(b), -1) for k, b in batches if bank_kept.extend(k) or b)
-    d, j = nearest_neighbours(q.reshape(len(q), -1), bank, device)
+    training image by pixel L2 (same crop/resize, float) and by distance of unit-normalised features. The synthetic
+    images are searched in blocks of cfg.privacy_block, the training set streamed once per block, so memory holds
+    one block of pixels (about 3 x block x privacy_size^2 x 4 bytes) whatever the number of images."""
+    fk, bank_kept = [], []  # synthetic / training indices that loaded
+    d, j = [], []           # per block: nearest distances and the rows of bank_kept they point to
+    for s in range(0, len(fake), cfg.privacy_block):
+        kq, q = _pixels(fake, list(range(s, min(s + cfg.privacy_block, len(fake)))), cfg.privacy_size, cfg)
+        if not kq:
+            continue
+        bank_kept = []  # the same training rows each pass (the same images load)
+        batches = _iter(train, list(range(len(train))), cfg.privacy_size, cfg, 256)  # streamed
+        bank = (np.stack(b).reshape(len(b), -1) for k, b in batches if bank_kept.extend(k) or b)
+        db, jb = nearest_neighbours(q.reshape(len(q), -1), bank, device)
+        fk += kq
+        d.append(db)
+        j.append(jb)
+    if not fk:
+        raise SystemExit(f"metrics: no readable image in {fake.root} for the privacy search")
+    d, j = np.concatenate(d), np.concatenate(j)
     rms, out = d / cfg.privacy_size, {}
     out["pixel"] = {"n_fake": len(fk), "n_train": len(bank_kept), "size": cfg.privacy_size,
                     "l2_mean": float(d.mean()), "l2_min": float(d.min()), "rms_mean": float(rms.mean()),
@@ -2377,9 +2392,10 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
                                 for r in np.argsort(d)[:cfg.grid_pairs]]}
     grid = cfg.grid or (os.path.splitext(cfg.out)[0] + "_closest_pairs.png" if cfg.out else "")
     if grid:
-        rows = [np.concatenate([q[r], np.ones((cfg.privacy_size, 4), np.float32), prepare(
-            train.load(bank_kept[j[r]]), cfg.privacy_size, cfg.fit, cfg.chexgenbench_compat)], 1)
-            for r in np.argsort(d)[:cfg.grid_pairs]]
+        pair = [(fake.load(fk[r]), train.load(bank_kept[j[r]])) for r in np.argsort(d)[:cfg.grid_pairs]]
+        rows = [np.concatenate([prepare(a, cfg.privacy_size, cfg.fit, cfg.chexgenbench_compat),
+                                np.ones((cfg.privacy_size, 4), np.float32),
+                                prepare(b, cfg.privacy_size, cfg.fit, cfg.chexgenbench_compat)], 1) for a, b in pair]
         sheet = Image.fromarray((np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8))
         atomic_write(grid, lambda tmp: sheet.save(tmp, format="PNG"))
         out["pixel"]["grid"] = grid
@@ -2771,9 +2787,9 @@ def evaluate(cfg):
 
 # Integer options that count things and their least value (0 allowed where it means 'none' or 'as few as needed').
 # reid_size: ResNet-50 downsamples 32 times, so a smaller input leaves no spatial position.
-COUNT_OPTIONS = {"batch_size": 1, "pixel_size": 1, "privacy_size": 1, "privacy_pixel_size": 1, "reid_size": 32, "k": 1,
-                 "kid_subsets": 1, "kid_subset_size": 2, "max_pairs": 1, "random_pairs": 1, "grid_pairs": 0,
-                 "workers": 0}
+COUNT_OPTIONS = {"batch_size": 1, "pixel_size": 1, "privacy_size": 1, "privacy_block": 1, "privacy_pixel_size": 1,
+                 "reid_size": 32, "k": 1, "kid_subsets": 1, "kid_subset_size": 2, "max_pairs": 1, "random_pairs": 1,
+                 "grid_pairs": 0, "workers": 0}
 
 
 def check_options(cfg):

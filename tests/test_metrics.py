@@ -576,6 +576,8 @@ def test_nearest_neighbours_and_planted_duplicate(tmp_path):
     assert res["closest"][0]["fake"] == "f9_copy" and res["closest"][0]["train"] == "t17"
     assert res["count_under_threshold"] == 1 and res["rms_min"] < 0.005 < 0.1 < res["closest"][1]["rms"]
     assert Image.open(tmp_path / "grid.png").size == (68, 96)
+    blocks = M.privacy(M.ImageSet(str(fake)), M.ImageSet(str(train)), dataclasses.replace(cfg, privacy_block=2))
+    assert blocks["pixel"] == res  # synthetic images searched 2 at a time (3 passes over the training set): the same
 
 
 def _tiny_hf(root):
