@@ -248,6 +248,61 @@ def test_flow_scm_bad_values_are_refused_in_the_words_of_the_per_row_path(tmp_pa
     assert refused(lambda: fs.read_codes(d, "train"), ".") == old
 
 
+# ---------------------------------------------------------------------------------------------------- downstream.py
+
+
+def ds_reference(folder, split, labels, policy, views=(), datasets=()):
+    """downstream.py's per-row Source before issue 21: read_meta's dicts of `split`, the --views filter, targets
+    by var_value row by row, shard and index by int(). -> (rows, targets, shard, index)."""
+    import downstream as D
+    rows, _ = D.read_meta(os.path.join(folder, "meta.csv"), split=split)
+    rows = [r for r in rows if (r.get("view") or "").upper() in views] if views else rows
+    y = np.array([[D.var_value(v, r.get(v), policy, "ref", datasets) for v in labels] for r in rows], np.float64)
+    return rows, y.reshape(len(rows), len(labels)), [int(r["shard"]) for r in rows], [int(r["index"]) for r in rows]
+
+
+def test_downstream_columns_and_targets_equal_the_per_row_path(tmp_path, phantom_dir):
+    import downstream as D
+    bare = copy_folder(phantom_dir, str(tmp_path / "bare"), index=False)
+    names = json.load(open(os.path.join(phantom_dir, "info.json")))["datasets"]
+    variables = D.LABELS + D.META
+    for split, views, policy in (("train", "", "ignore"), ("test", "PA,ap", "ones"), ("all", "", "zeros")):
+        cfg = D.Config(task="predict-metadata", views=views, uncertain=policy)
+        rows, y, shard, index = ds_reference(phantom_dir, None if split == "all" else split, variables, policy,
+                                             views.upper().split(",") if views else (), names)
+        for folder, source in ((phantom_dir, "index"), (bare, "meta.csv")):
+            s = D.Source(f"x={folder}:{split}", cfg)
+            assert s.source == source and len(s) == len(rows)
+            assert [r["id"] for r in s.rows] == [r["id"] for r in rows]              # the dicts, on demand
+            assert list(s.shard) == shard and list(s.index) == index
+            assert np.array_equal(s.targets(variables, policy, names), y, equal_nan=True)
+            half = s.subset(np.arange(0, len(s), 2))
+            assert [r["id"] for r in half.rows] == [r["id"] for r in rows[::2]]
+            assert np.array_equal(half.targets(variables, policy, names), y[::2], equal_nan=True)
+            assert torch.equal(half.images([0, 1]), s.images([0, 2]))
+    # cells in another case, labels written as floats: var_value's rules, as before
+    rewrite_meta(bare, lambda rows: [{**r, "sex": r["sex"].lower(), "view": r["view"].lower(),
+                                      "Edema": {"1": "1.0", "0": "0.0"}.get(r["Edema"], r["Edema"])} for r in rows])
+    cfg = D.Config(task="predict-metadata", views="PA")
+    want = ds_reference(phantom_dir, "train", variables, "ignore", ["PA"], names)[1]
+    assert np.array_equal(D.Source(f"x={bare}:train", cfg).targets(variables, "ignore", names), want, equal_nan=True)
+    # a bad cell: the per-row path's words, at its first row
+    rewrite_meta(bare, lambda rows: [{**r, "Edema": "2"} if k in (5, 9) else r for k, r in enumerate(rows)])
+    ident = rf.read_meta(os.path.join(bare, "meta.csv"))[0][5]["id"]
+    refused(lambda: D.Source(f"x={bare}:all", D.Config()).targets(["Edema"], "ignore"),
+            rf"meta.csv row {ident} Edema: Edema '2'; expected 1, 0, -1 or empty")
+    # the training batches on both paths: the same rows of the stream, images and targets at each step
+    cfg = D.Config(task="classify", batch_size=8)
+    labels = ["Cardiomegaly", "Pleural Effusion"]
+    pools = [D.Pool([D.Source(f"real={folder}:train", cfg)], cfg, labels, 32) for folder in (phantom_dir, bare)]
+    streams = [D.TrainStream(pool, cfg, 0) for pool in pools]
+    for step in (0, 1, 60):                                               # step 60: a later epoch's permutation
+        rows = [stream.rows(step).numpy() for stream in streams]
+        assert np.array_equal(rows[0], rows[1])
+        assert torch.equal(pools[0].fetch(rows[0]), pools[1].fetch(rows[1]))
+        assert np.array_equal(pools[0].y[rows[0]], pools[1].y[rows[1]], equal_nan=True)
+
+
 # -------------------------------------------------------------------------------------------------------- benchmark
 
 BENCH = """import os, sys, time
@@ -257,40 +312,60 @@ spec = importlib.util.spec_from_file_location("script", {script!r})
 script = importlib.util.module_from_spec(spec)
 sys.modules["script"] = script                         # vae.py's dataclasses (postponed annotations) look it up
 spec.loader.exec_module(script)
+import torch
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+D = {data!r}
 rss, t0, c0 = status("VmRSS:"), time.time(), time.process_time()
-data = script.CXRData({data!r}, {args})
+{load}
 print(f"{{time.time() - t0:.1f}} {{time.process_time() - c0:.1f}} {{status('VmRSS:') - rss:.0f}} "
-      f"{{status('VmHWM:') - rss:.0f}} {{len(data)}} {{getattr(data, 'source', 'rows')}}")
+      f"{{status('VmHWM:') - rss:.0f}} {{n}} {{source}}")
 """
+# What each script's training keeps of the train split: `data` (held until the numbers are printed), its row count
+# `n` and `source`. Before (old): flow_scm.py's train() kept read_rows' dicts, encode_rows' float64 arrays and
+# their float32 copies; after: read_codes' one float32 array. downstream.py: the Source of its --train folder.
+LOADS = {
+    "rectified_flow": ("data = script.CXRData(D, space='pixel')\n"
+                       "n, source = len(data), getattr(data, 'source', 'rows')", None),
+    "vae": ("data = script.CXRData(D, 'train')\nn, source = len(data), getattr(data, 'source', 'rows')", None),
+    "flow_scm": ("rows = script.read_rows(D, 'train')[0]\n"
+                 "codes = script.encode_rows(rows, script.dataset_names(D, rows), D + '/meta.csv')\n"
+                 "data = rows, codes, {v: torch.from_numpy(a).float() for v, a in codes.items()}\n"
+                 "n, source = len(rows), 'rows'",
+                 "datasets, codes, source = script.read_codes(D, 'train')\n"
+                 "data = torch.from_numpy(codes)\nn = len(codes)"),
+    "downstream": ("cfg = script.Config(task='classify')\n"
+                   "data = script.Source('real=' + D + ':train', cfg)\n"
+                   "data.y = data.targets(script.resolve_labels(cfg), cfg.uncertain)\n"
+                   "n, source = len(data), getattr(data, 'source', 'rows')", None),
+}
 
 
 def bench(data, old_script, name="rectified_flow"):
-    """Load time (wall, CPU) and memory (resident after, peak) of `name`.py's CXRData of the train split
-    (rectified_flow: space='pixel'), each in a fresh process, in one run: the script before issue 21 (`old_script`,
-    a dict per row), the index, and meta.csv alone (a folder beside `data` whose meta.csv, info.json and shards are
-    links: no index)."""
+    """Load time (wall, CPU) and memory (resident after, peak) of what `name`.py's training keeps of the train split
+    (LOADS; rectified_flow: CXRData with space='pixel'), each in a fresh process, in one run: the script before
+    issue 21 (`old_script`, a dict per row), the index, and meta.csv alone (a folder beside `data` whose meta.csv,
+    info.json and shards are links: no index)."""
     import subprocess
     import sys
     bare = data.rstrip("/") + "-noindex"
     if not os.path.isdir(bare):
         os.makedirs(bare)
-        for name in ("meta.csv", "info.json", "shards"):
-            os.symlink(os.path.abspath(os.path.join(data, name)), os.path.join(bare, name))
+        for entry in ("meta.csv", "info.json", "shards"):
+            os.symlink(os.path.abspath(os.path.join(data, entry)), os.path.join(bare, entry))
     new = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"{name}.py")
-    args = '"train"' if name == "vae" else 'space="pixel"'
+    old_load, new_load = LOADS[name]
     print("path            wall s  CPU s  +RSS MB  +peak MB  rows  source")
-    for name, script, folder in (("before (rows)", old_script, data), ("index", new, data),
-                                 ("meta.csv only", new, bare)):
-        code = BENCH.format(script=script, data=folder, args=args)
+    for label, script, folder, load in (("before (rows)", old_script, data, old_load), ("index", new, data, new_load),
+                                        ("meta.csv only", new, bare, new_load)):
+        code = BENCH.format(script=script, data=folder, load=load or old_load)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         if out.returncode:
-            raise SystemExit(f"{name}: {out.stderr.strip().splitlines()[-1]}")
+            raise SystemExit(f"{label}: {out.stderr.strip().splitlines()[-1]}")
         wall, cpu, rss, peak, n, source = out.stdout.split()
-        print(f"{name:14s}  {float(wall):6.1f}  {float(cpu):5.1f}  {int(rss):7d}  {int(peak):8d}  {n}  {source}",
+        print(f"{label:14s}  {float(wall):6.1f}  {float(cpu):5.1f}  {int(rss):7d}  {int(peak):8d}  {n}  {source}",
               flush=True)
 
 
@@ -336,7 +411,7 @@ def loader(folder, n=512, seconds=5.0):
               flush=True)
 
 
-if __name__ == "__main__":  # python tests/test_meta_index.py DATA OLD_SCRIPT [rectified_flow|vae] | loader FOLDER
+if __name__ == "__main__":  # python tests/test_meta_index.py DATA OLD_SCRIPT [NAME: a key of LOADS] | loader FOLDER
     import sys
     import time
     if sys.argv[1] == "loader":
