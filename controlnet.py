@@ -903,7 +903,9 @@ class ControlData:
         from array import array
         keep = array("q")                                        # positions in cols of the rows kept
         classes = {}                                             # box class -> its index, in order of appearance
-        box_class, box_xyxy, box_start = array("h"), array("d"), array("q", [0])
+        box_class = array("h")                                   # a box: its class index,
+        box_xyxy = array("d")                                    # its 4 coordinates;
+        box_start = array("q", [0])                              # a row: where its boxes start
         columns = ("id", "report") + (("boxes",) if cfg.cond_type == "box" else ())
         for k, cells in enumerate(meta_cells(path, columns, cols["position"])):
             if len(cells[1].strip()) < cfg.min_chars:
@@ -919,7 +921,9 @@ class ControlData:
             if cfg.cond_type == "box":
                 box_start.append(len(box_class))
         keep = np.frombuffer(keep, np.int64)
-        self.shard, self.index, self.position = cols["shard"][keep], cols["index"][keep], cols["position"][keep]
+        self.shard = cols["shard"][keep]                         # the kept rows' shard, index, meta.csv position
+        self.index = cols["index"][keep]
+        self.position = cols["position"][keep]
         if cfg.cond_type == "mask":
             have = self.info.get("mask_names") or []
             names = [s.strip() for s in cfg.cond_masks.split(",") if s.strip()] or have

@@ -900,7 +900,8 @@ class TextImageData:
             raise SystemExit(f"{path}: no column(s) report; expected FORMAT.md §2 columns")
         if not len(cols["shard"]):
             raise SystemExit(f"{path}: no rows with split={split!r}")
-        self.meta_path, self.source, n_rows = path, cols["source"], len(cols["shard"])
+        self.meta_path, self.source = path, cols["source"]
+        n_rows = len(cols["shard"])
         lat = latent_folder(root, cfg.vae) if cfg.space in ("auto", "latent") else None
         if cfg.space == "latent" and lat is None:
             raise SystemExit(f"{os.path.join(root, 'latents')}: no latent folder; run vae.py encode or use "
@@ -986,7 +987,9 @@ class TextImageData:
         if not len(keep):
             raise SystemExit(f"{path}: no training rows left after --min-chars {cfg.min_chars} / --max-tokens "
                              f"{cfg.max_tokens} / --cap-no-finding {cfg.cap_no_finding}")
-        self.shard, self.index, self.position = cols["shard"][keep], cols["index"][keep], cols["position"][keep]
+        self.shard = cols["shard"][keep]                         # the kept rows' shard, index, meta.csv position
+        self.index = cols["index"][keep]
+        self.position = cols["position"][keep]
         self.n_tokens = torch.from_numpy(n_tokens[keep]).long()
         if tokenizer is not None:                                # token ids of the kept rows, back to back
             self.tokens, self.token_lengths = ragged_subset(tokens, lengths, keep)

@@ -951,7 +951,8 @@ class CondSource:
         self.meta = os.path.join(root, "meta.csv")
         if columns is None:
             columns = dict_columns(rows, all_rows or rows, cond_image if need[1] else "same-image", self.meta)
-        self.labels, self.cols, self.columns = columns["labels"], columns["rows"], columns
+        self.labels, self.cols = columns["labels"], columns["rows"]
+        self.columns = columns
         self.img = self.text = None
         self._open = lru_cache(maxsize=64)(lambda p: safe_open(p, "pt"))
         if need[1]:
@@ -1055,7 +1056,9 @@ class MultiCondData:
         if not len(chosen):
             raise SystemExit(f"{path}: no rows with split={split!r}")
         self.meta_path, self.source = path, cols["source"]
-        self.shard, self.index, self.position = cols["shard"][chosen], cols["index"][chosen], cols["position"][chosen]
+        self.shard = cols["shard"][chosen]                       # the split's shard, index, meta.csv position
+        self.index = cols["index"][chosen]
+        self.position = cols["position"][chosen]
         if cfg.space not in ("auto", "pixel", "latent"):
             raise SystemExit(f"--space {cfg.space!r}: expected auto, pixel or latent")
         lat = None
@@ -1095,7 +1098,9 @@ class MultiCondData:
         in_split[chosen] = True
         columns = LABEL_COLUMNS + ("id", "study_id", "patient_id", "report")
         labels, reports = array("f"), []
-        ids, studies, patients = [], [], []                      # every row's, for the conditioning images only
+        ids = []                                                 # every row's id, study and patient: for the
+        studies = []                                             # conditioning images only, this pass only
+        patients = []
         positions = cols["position"] if image else cols["position"][chosen]
         for k, cells in zip(np.arange(len(cols["shard"])) if image else chosen,
                             meta_cells(self.meta_path, columns, positions)):
