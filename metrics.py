@@ -1986,7 +1986,9 @@ class Extractor:
                 f = self.net.embed(x * 2048 - 1024)  # xrv.datasets.normalize: [0, 1] -> [-1024, 1024]
             else:
                 f = self.net(pixel_values=x).pooler_output  # CLS after the final norm (CLIP: pre-projection)
-        return f.float().cpu()
+        # a copy of its own: pooler_output is a view of the whole [B, tokens, D] hidden state on the CPU (float()
+        # and cpu() return it as it is), and keeping the views kept every batch's hidden states (memory grew ~ N)
+        return f.float().cpu().clone()
 
 
 def load_cnn(name, weights_dir="", allow_random_weights=False, offline=False):
@@ -2138,7 +2140,9 @@ def extract_features(images, extractor="inception", batch_size=64, device=None, 
     feats, kept = [], []
     for keep, batch in iter_images(images, idx, None, workers=workers, batch_size=batch_size, strict=strict,
                                    fn=lambda a: ex.prepare(a, fit, compat)):
-        feats, kept = feats + ([ex(batch)] if batch else []), kept + keep
+        if batch:  # only features [B, D] are kept: the images of a batch are dropped after its forward
+            feats.append(ex(batch))
+        kept.extend(keep)
         prog(len(keep))
     f = torch.cat(feats).numpy() if feats else np.zeros((0, ex.dim), np.float32)
     if world > 1:  # gather every rank's share, restore file order

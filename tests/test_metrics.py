@@ -590,6 +590,15 @@ def _tiny_hf(root):
     return root
 
 
+def test_extractor_features_own_their_memory(tmp_path):
+    """A transformers feature is pooler_output, a view of the [B, tokens, D] hidden state: stored as it was, every
+    batch's hidden states stayed alive and memory grew with N (issue 21 item 5). Each batch's features must own
+    exactly their own bytes."""
+    ex = M.get_extractor(_tiny_hf(str(tmp_path / "hf")), device="cpu")
+    f = ex(torch.rand(3, 1, 32, 32))
+    assert f.shape == (3, 32) and f.untyped_storage().nbytes() == f.numel() * f.element_size()
+
+
 def test_hf_extractor_clip_and_cache(tmp_path):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
     clip = str(tmp_path / "clip")
