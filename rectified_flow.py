@@ -11,9 +11,16 @@ attention, learned gains, time through MP Fourier features, the 19 variables thr
 everything else (objective, time density, CFG, solvers, editing, checkpoints) is shared.
 
 This repository's additions, not in radit: condition dropout for classifier-free guidance (--p-drop-var 0.1,
---p-drop-all 0.1), guidance itself (sample / edit --cfg, default 1 = none, as the paper; the training grids use 2),
-and the EMA warm-up min(ema, (1 + step) / (10 + step)). The paper states none of them: --p-drop-var 0 --p-drop-all 0
-trains as its Tables 11 and 12 say.
+--p-drop-all 0.1), guidance itself (sample / edit --cfg, default 1 = none, as the paper; the training grids of a
+model trained with condition dropout use 2), and the EMA warm-up min(ema, (1 + step) / (10 + step)) (--ema-warmup).
+The paper states none of them: its recipes (radit Table 11 for RadiT, Table 12 for RadUNet) list optimizer, lr,
+warm-up, batch, weight decay, betas, clipping, EMA rate, shift, dequantisation and steps, and no condition dropout,
+no guidance scale and no EMA warm-up; §4.2 conditions on the 19 variables (Eq. 3) without a null condition, and
+§5.3 / App. C.4 edit and sample without guidance. Our decision: the paper presets (B, XL, unet-pixel, unet-latent)
+train exactly as those tables say, so they set --p-drop-var 0 --p-drop-all 0 --no-ema-warmup (a model trained so
+has no unconditional branch: --cfg other than 1 then extrapolates towards an input it never saw). The other
+presets (tiny, S, L, unet-tiny: not in the paper) keep the additions, which make the CPU demos' guided grids and
+--cfg experiments possible; any preset takes them back with the flags.
 
 Time convention: data at t = 0, noise at t = 1 (radit Eq. 1 as written); sampling integrates t from 1 to 0, abduction
 from 0 to 1. flow_scm.py runs the other way (noise at t = 0, data at t = 1), as its docstring says.
@@ -43,7 +50,13 @@ counterfactual depends on each row's intervention:
     python flow_scm.py counterfactual --ckpt runs/scm --data D --interventions E/meta.csv --out cf.csv
     python rectified_flow.py edit --ckpt runs/rf --data D --interventions E/meta.csv --profile cf.csv --out E/
 (`edit --random-edit sex --out E/` alone edits with the rest of the profile unchanged.) --random-edit is one of sex,
-race, age, view, dataset, finding (rules in `random_edit`); the N test rows and their edits are a function of --seed.
+race, age, view, dataset, finding (rules in `random_edit`); the N test patients (one image each: patient_subset) and
+their edits are a function of --seed. Targeted edits of random samples (radit §5.3, Fig. 12): the same plan and
+profiles, no image read; per source id one fixed noise sampled under its observed profile (F/original/) and under the
+edit's (F/), scored with the samples as the originals:
+    python rectified_flow.py edit --ckpt runs/rf --data D --interventions E/meta.csv --profile cf.csv --from-noise \
+        --out F/
+    python downstream.py edit-eval --original F/original --edited F --predictor PRED/real/run0 --out eval_F
 E/ holds <id>.png (16-bit), <id>_grid.png and meta.csv: the FORMAT.md §2 columns with the full new profile, id = the
 source id, plus `source_id` and `intervention` ("sex=F", "Pleural Effusion=1": the --set syntax), which
 `prep_data.py counterfactual --interventions E/meta.csv` and `downstream.py --task edit-eval --edited E` read.
@@ -166,9 +179,10 @@ class Config:
     attn: str = arg("kernels", "attention: kernels (kernels.attention) | sdpa (PyTorch)")
     shift: float = arg(0.0, "timestep shift s; 0: 3.0 in pixel space, 1.0 in latent space (radit Table 11)")
     p_drop_var: float = arg(0.1, "CFG training: probability of nulling each variable independently (this "
-                                 "repository's addition: radit states no condition dropout; 0 trains as its tables)")
+                                 "repository's addition: radit states no condition dropout; 0 trains as its tables, "
+                                 "and the paper presets B, XL, unet-pixel, unet-latent set 0)")
     p_drop_all: float = arg(0.1, "CFG training: probability of nulling all 19 variables (this repository's addition, "
-                                 "as --p-drop-var)")
+                                 "as --p-drop-var; the paper presets set 0)")
     batch_size: int = arg(32, "global batch size (radit Table 11: 72 for B, 512 for XL)")
     micro_batch: int = arg(0, "per-process micro-batch; 0: the whole per-process batch (no accumulation)")
     max_steps: int = arg(1000, "optimizer steps")
@@ -181,8 +195,9 @@ class Config:
     beta2: float = arg(0.999, "Adam beta2 (radit Table 11; Table 12: 0.99)")
     weight_decay: float = arg(0.0, "weight decay (radit Table 11: 0; Table 12: 1e-4 pixel with AdamW, 0 latent)")
     clip: float = arg(1.0, "gradient-norm clipping (radit Table 11)")
-    ema: float = arg(0.999, "EMA decay (radit Tables 11, 12: 0.9999), warmed up as min(ema, (1 + step) / (10 + "
-                            "step)): the warm-up is this repository's addition")
+    ema: float = arg(0.999, "EMA decay (radit Tables 11, 12: 0.9999)")
+    ema_warmup: bool = arg(True, "EMA decay warmed up as min(ema, (1 + step) / (10 + step)) (this repository's "
+                                 "addition: radit states none; the paper presets turn it off)")
     seed: int = arg(0, "seed of the initialisation, data order and noise")
     device: str = arg("", "cpu | cuda (default: cuda when available)")
     compile: bool = arg(False, "torch.compile the model")
@@ -229,6 +244,11 @@ PRESETS.update({
 })
 for _p in ("unet-pixel", "unet-latent"):
     PRESETS[_p].update(log_every=100, ckpt_every=5000, sample_every=5000)
+# The paper's own presets train as radit Tables 11 and 12 say: no condition dropout, no EMA warm-up (this
+# repository's additions; the module docstring gives the decision and its reading of the paper).
+PAPER_PRESETS = ("B", "XL", "unet-pixel", "unet-latent")
+for _p in PAPER_PRESETS:
+    PRESETS[_p].update(p_drop_var=0.0, p_drop_all=0.0, ema_warmup=False)
 ARCH = ("arch", "hidden", "depth", "heads", "channels", "mults", "blocks", "attn_res", "head_channels", "patch",
         "in_channels", "image_size", "datasets")                                           # must match to resume
 
@@ -254,6 +274,9 @@ class InferConfig:
                                   "edit exactly those", only="edit")
     plan_only: bool = arg(False, "write OUT/meta.csv (edits and new profiles) and stop before any ODE solve",
                           only="edit")
+    from_noise: bool = arg(False, "targeted edits of random samples (radit §5.3, Fig. 12): per source id one fixed "
+                                  "noise (the identity, from --seed) sampled under the source's profile "
+                                  "(OUT/original/) and under the edit's; no abduction", only="edit")
     solver: str = arg("dopri5", "euler | heun | dopri5 (radit App. C.3: dopri5, rtol = atol = 1e-5)")
     steps: int = arg(50, "steps of euler / heun")
     rtol: float = arg(1e-5, "dopri5 relative tolerance")
@@ -262,7 +285,9 @@ class InferConfig:
                           "(guidance is this repository's addition)")
     guide: str = arg("", "comma-separated variables to guide on (the unconditional branch nulls only those); "
                          "'': all 19")
-    batch_size: int = arg(16, "images per forward pass, per process")
+    batch_size: int = arg(0, "images per forward pass, per process, at least 1; left out: sample 16, edit 32 for "
+                             "the RadiT XL, unet-pixel and unet-latent checkpoints (radit App. C.4), else 16 (App. "
+                             "C.4: RadiT B)")
     seed: int = arg(0, "noise seed: image i always gets the same noise (edit: seed of --random-edit)")
     device: str = arg("", "cpu | cuda (default: cuda when available)")
 
@@ -291,16 +316,17 @@ def parse_config(argv):
 TRAIN_POSITIVE = ("batch_size", "max_steps", "log_every", "ckpt_every", "bench_steps", "hidden", "depth", "heads",
                   "channels", "blocks", "head_channels")
 TRAIN_NON_NEGATIVE = ("micro_batch", "sample_every", "warmup", "lr_decay", "patch", "in_channels", "image_size")
-INFER_POSITIVE = ("steps", "batch_size")                         # --n: see parse_infer
+INFER_POSITIVE = ("steps",)                                      # --n, --batch-size: see parse_infer
 
 
 def parse_infer(cmd, argv):
     """InferConfig of `sample` / `edit` from argv. --n left out means its default (one image per --cond row, else
-    16); given explicitly it must be at least 1 (our choice: `--n 0` is refused rather than read as 'the default')."""
+    16), --batch-size left out the subcommand's (batch_of); given explicitly each must be at least 1 (our choice:
+    `--n 0` is refused rather than read as 'the default')."""
     parser = build_parser(InferConfig, f"rectified_flow.py {cmd}", (sample if cmd == "sample" else edit).__doc__, cmd)
     given = vars(parser.parse_args(argv))
     icfg = InferConfig(**given)
-    check_counts(icfg, positive=INFER_POSITIVE + (("n",) if "n" in given else ()))
+    check_counts(icfg, positive=INFER_POSITIVE + tuple(k for k in ("n", "batch_size") if k in given))
     for name in ("rtol", "atol"):
         if not getattr(icfg, name) > 0:                          # also NaN: a zero tolerance never accepts a step
             raise SystemExit(f"--{name} {getattr(icfg, name)}: expected a tolerance > 0")
@@ -1855,8 +1881,10 @@ def check_compatible(cfg, saved, path):
 
 
 def sample_grid(ema, cfg, noise, conds, device, path, decode=None):
-    """EMA samples of the fixed grid noise and conditions (Euler, 16 steps, CFG 2), one column per condition."""
-    f = lambda t, x: guided_velocity(ema, x, t, conds, GRID_CFG)
+    """EMA samples of the fixed grid noise and conditions (Euler, 16 steps, CFG 2; CFG 1 for a model trained
+    without condition dropout, which has no unconditional branch to guide with), one column per condition."""
+    scale = GRID_CFG if cfg.p_drop_var > 0 or cfg.p_drop_all > 0 else 1.0
+    f = lambda t, x: guided_velocity(ema, x, t, conds, scale)
     with torch.no_grad(), autocast(device):
         x, _ = solve(f, noise, 1.0, 0.0, "euler", steps=16, shift=cfg.shift)
         x = decode(x) if decode else x[:, :1]                    # no decoder: latent channel 0
@@ -2117,7 +2145,7 @@ def train(cfg):
         acc[2] += gnorm
         opt.step()
         opt.zero_grad(set_to_none=True)
-        decay = ema_decay(step, cfg.ema)                         # warm-up: early grids are not the init
+        decay = ema_decay(step, cfg.ema) if cfg.ema_warmup else cfg.ema   # warm-up: early grids are not the init
         torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - decay)
         step += 1
 
@@ -2250,6 +2278,19 @@ def decoder_record(folder):
     return None
 
 
+EDIT_BATCH = {"XL": 32, "unet-pixel": 32, "unet-latent": 32}    # radit App. C.4; every other checkpoint: 16
+
+
+def batch_of(icfg, cfg, cmd):
+    """Images per forward pass: --batch-size, or for 0 the subcommand's default: `edit` as radit App. C.4 ("a batch
+    size of 32 for RadiT XL, RadUNet [pixel and latent], and a batch size of 16 for RadiT B"; the other presets: 16,
+    our choice), `sample` 16 (our choice; the paper gives none). Only speed and memory depend on it: the solvers
+    control steps per row, so an image does not depend on its batch beyond float rounding."""
+    if icfg.batch_size:
+        return icfg.batch_size
+    return EDIT_BATCH.get(cfg.size, 16) if cmd == "edit" else 16
+
+
 def velocity_fn(model, cond, icfg, device):
     guide = variable_mask(icfg.guide, device)
     def f(t, x):
@@ -2305,8 +2346,9 @@ def sample(icfg):
     todo = [i for i in range(rank, n, world) if not os.path.exists(os.path.join(icfg.out, names[i]))]
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     t0, nfe = time.time(), 0
-    for k in range(0, len(todo), icfg.batch_size):
-        idx = todo[k:k + icfg.batch_size]
+    batch = batch_of(icfg, cfg, "sample")
+    for k in range(0, len(todo), batch):
+        idx = todo[k:k + batch]
         x = torch.stack([torch.randn(shape, generator=generator(icfg.seed, 2, i)) for i in idx]).to(device)
         cond = torch.tensor([codes[i] for i in idx], device=device)
         x, used = solve(velocity_fn(model, cond, icfg, device), x, 1.0, 0.0, icfg.solver, icfg.steps,
@@ -2358,6 +2400,25 @@ def test_rows(data):
     return test
 
 
+def patient_subset(data, test, n, seed):
+    """The random test subset of the editing protocol, drawn by patients (radit App. C.4: "a randomly selected
+    subset of 5K patients from the test split"): n patients uniformly without replacement, then one image of each,
+    uniform over that patient's test images (our choice: the paper edits each patient's profile once, and does not
+    say which image). A patient is (dataset, patient_id), the key of prep_data.py's patient-level split;
+    an empty patient_id is the row's own id (FORMAT.md §2). Deterministic in the seed, and per patient: a patient's
+    image is drawn from its own stream (seed, its first row), so a larger n keeps every earlier pick. -> row
+    positions in file order."""
+    patients = {}
+    for k in test:
+        r = data.rows[k]
+        patients.setdefault((r.get("dataset") or "", (r.get("patient_id") or "").strip() or r["id"]), []).append(k)
+    groups = list(patients.values())                             # in order of each patient's first row
+    if n > len(groups):
+        print(f"--n {n}: the test split holds {len(groups)} patients ({len(test)} rows); editing one image of each")
+    pick = np.random.default_rng([seed, 15]).permutation(len(groups))[:n]
+    return sorted(g[int(np.random.default_rng([seed, 16, g[0]]).integers(len(g)))] for g in (groups[p] for p in pick))
+
+
 def edit_plan(icfg, data, datasets):
     """[(output id, source row index, intervention text)]: from --interventions, or --random-edit, or --set."""
     by_id = {r["id"]: i for i, r in enumerate(data.rows)}
@@ -2391,14 +2452,7 @@ def edit_plan(icfg, data, datasets):
         raise SystemExit(f"--random-edit {icfg.random_edit!r}: expected one of {', '.join(EDITS)}")
     if icfg.set:
         raise SystemExit("--random-edit draws the intervention; drop --set")
-    rows = [by_id[i] for i in ids]
-    if not rows:                                  # a random subset of the test split (radit App. C.4), in file order
-        test = test_rows(data)
-        n = icfg.n or 16
-        if n > len(test):
-            print(f"--n {n}: the test split holds {len(test)} rows; editing all of them")
-        pick = np.random.default_rng([icfg.seed, 15]).permutation(len(test))[:n]
-        rows = [test[k] for k in sorted(pick)]
+    rows = [by_id[i] for i in ids] or patient_subset(data, test_rows(data), icfg.n or 16, icfg.seed)
     choices = {v: [c for c in (datasets if v == "dataset" else VALUES[v]) if any(r.get(v) == c for r in data.rows)]
                for v in ("sex", "race", "view", "dataset")}
     years = [float(r["age"]) for r in data.rows if str(r.get("age") or "").strip()]
@@ -2431,6 +2485,14 @@ def claim_edit_output(out, record, write):
 EDIT_KEYS = ["source_id", "intervention"] + VARIABLES            # what decides an edited image, besides the record
 
 
+def identity_noise(seed, source_id, shape):
+    """The exogenous noise of one identity for `edit --from-noise` (radit §5.3: "we fix an exogenous noise vector
+    representing a distinct identity"): a function of (seed, source id) only, so every edit of one source row, in
+    any plan, any --n and any batch, starts from the same noise (purpose 4: the other draws use 0-3)."""
+    words = np.frombuffer(hashlib.sha256(source_id.encode()).digest()[:16], np.uint32)
+    return torch.randn(shape, generator=generator(seed, 4, *words))
+
+
 def check_edit_rows(out, rows):
     """Images already in OUT are kept only when OUT/meta.csv made them with this run's edit: per image id the
     source, the intervention and the full new profile. -> OUT/meta.csv's rows (for the ones this run keeps listed);
@@ -2449,11 +2511,32 @@ def check_edit_rows(out, rows):
     return list(old.values())
 
 
+def write_originals_meta(folder, out_rows, observed, datasets, kept):
+    """OUT/original/meta.csv of `edit --from-noise`: per edit id its original sample's profile (the source row's,
+    decoded from the codes it was sampled with), rows of originals kept from earlier runs (`kept` ids) listed too.
+    The folder of PNGs + meta.csv that downstream.py reads as a sampler's output (its --original)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "meta.csv")
+    old = {r["id"]: r for r in read_meta(path)[0]} if os.path.isfile(path) else {}
+    rows = [{**r, **decode_row(o, datasets), "intervention": ""} for r, o in zip(out_rows, observed)]
+    rows += [r for i, r in old.items() if i in kept]
+    atomic_save(path, lambda tmp: write_csv(tmp, rows, META_COLUMNS + ["source_id", "intervention"]))
+
+
 def edit(icfg):
     """Counterfactual editing (radit §5.3): abduction (ODE data -> noise under the observed metadata), action
     (set the intervened variables or the full --profile), prediction (ODE noise -> data under the new metadata).
     OUT/meta.csv: per edit the full new profile, id, source_id and intervention; OUT/<id>.png, OUT/<id>_grid.png.
-    Resumable: images already in OUT from the same edit are kept."""
+    Resumable: images already in OUT from the same edit are kept.
+
+    --from-noise: targeted edits of random samples (radit §5.3, Fig. 12). The plan and the profiles are the same
+    (--ids / --random-edit / --interventions, --profile from flow_scm.py counterfactual), but no image is read: the
+    identity is a fixed noise per source id (identity_noise; --seed), sampled noise -> data under the source row's
+    observed profile (the original, OUT/original/<id>.png with OUT/original/meta.csv, the folder
+    `downstream.py edit-eval --original OUT/original --edited OUT` pairs by id) and under the edit's new profile
+    (OUT/<id>.png). No abduction: each pair costs two sampling solves and none data -> noise, "half the ODE solving
+    time" of the paper's pairs. A null intervention gives the same profile, so the same computation: the edit is
+    the original bit for bit."""
     cfg, model, rank, world, device, ckpt = load_for_inference(icfg)
     data = CXRData(icfg.data or cfg.data, cfg.space, cfg.vae, split=None)
     datasets = cfg.datasets.split(",")
@@ -2485,6 +2568,9 @@ def edit(icfg):
                                      f"{v}={change[v]!r}; compute the profiles of this plan with flow_scm.py "
                                      f"counterfactual --interventions OUT/meta.csv")
         new.append(codes)
+    # --from-noise: the originals' profiles, encoded like the edits' (the same code path, so a null edit is equal)
+    observed = [encode_row(data.rows[k], datasets, f"{data.root}/meta.csv row {data.rows[k]['id']}")
+                for _, k, _ in plan] if icfg.from_noise else []
     ids, src_rows = [i for i, _, _ in plan], [k for _, k, _ in plan]
     out_rows = [{**{c: data.rows[k].get(c, "") for c in META_COLUMNS}, **decode_row(c, datasets), "id": i,
                  "shard": "", "index": "", "source_path": f"{i}.png", "source_id": data.rows[k]["id"],
@@ -2497,8 +2583,13 @@ def edit(icfg):
     if not icfg.plan_only:
         record.update({"ckpt_sha256": file_sha256(ckpt), **solver_record(icfg),
                        "decoder_sha256": decoder_record(folder)})
+        if icfg.from_noise:                   # (keys only when set: the records of real-image edits stay as they were)
+            record.update({"from_noise": True, "seed": icfg.seed})
     claim_edit_output(icfg.out, record, write=False)             # check it is ours, then the images, then write
     old_rows = check_edit_rows(icfg.out, out_rows)
+    originals = os.path.join(icfg.out, "original")
+    if icfg.from_noise and os.path.exists(originals) and not os.path.isdir(originals):
+        raise SystemExit(f"--from-noise: {originals} is a file; expected the folder of original samples (or none)")
     claim_edit_output(icfg.out, record, write=rank == 0)
     if world > 1:                # every rank has checked --out (rank 0 claimed it) before any writes there
         dist.barrier()
@@ -2508,27 +2599,39 @@ def edit(icfg):
         atomic_save(os.path.join(icfg.out, "meta.csv"),
                     lambda tmp: write_csv(tmp, out_rows + kept, META_COLUMNS + ["source_id", "intervention"]))
         print(f"{len(plan)} edits planned in {os.path.join(icfg.out, 'meta.csv')}")
+        if icfg.from_noise and not icfg.plan_only:
+            write_originals_meta(originals, out_rows, observed, datasets, {r["id"] for r in kept})
     if icfg.plan_only:
         return out_rows
 
     def done(j):
-        return all(os.path.exists(file_in(icfg.out, ids[j], end)) for end in (".png", "_grid.png"))
+        made = [file_in(icfg.out, ids[j], end) for end in (".png", "_grid.png")]
+        return all(map(os.path.exists, made + [file_in(originals, ids[j], ".png")] * icfg.from_noise))
     mine = [j for j in range(rank, len(ids), world) if not done(j)]    # under torchrun each rank edits its share
-    for k in range(0, len(mine), icfg.batch_size):
-        chunk = mine[k:k + icfg.batch_size]
+    batch = batch_of(icfg, cfg, "edit")
+    for k in range(0, len(mine), batch):
+        chunk = mine[k:k + batch]
         rows = [src_rows[j] for j in chunk]
-        x0, obs = data.load(rows).to(device), data.cond[rows].to(device)
-        z, n1 = solve(velocity_fn(model, obs, icfg, device), x0, 0.0, 1.0, icfg.solver, icfg.steps, icfg.rtol,
-                      icfg.atol, cfg.shift)              # abduction: the sampling grid, reversed
         cf = torch.tensor([new[j] for j in chunk], device=device)
+        if icfg.from_noise:                              # the original: a sample of the identity's noise
+            z = torch.stack([identity_noise(icfg.seed, data.rows[k]["id"], data.shape) for k in rows]).to(device)
+            obs = torch.tensor([observed[j] for j in chunk], device=device)
+            x0, n1 = solve(velocity_fn(model, obs, icfg, device), z, 1.0, 0.0, icfg.solver, icfg.steps, icfg.rtol,
+                           icfg.atol, cfg.shift)
+        else:
+            x0, obs = data.load(rows).to(device), data.cond[rows].to(device)
+            z, n1 = solve(velocity_fn(model, obs, icfg, device), x0, 0.0, 1.0, icfg.solver, icfg.steps, icfg.rtol,
+                          icfg.atol, cfg.shift)          # abduction: the sampling grid, reversed
         x1, n2 = solve(velocity_fn(model, cf, icfg, device), z, 1.0, 0.0, icfg.solver, icfg.steps, icfg.rtol,
                        icfg.atol, cfg.shift)             # prediction under the intervened metadata
         with torch.no_grad():
             a, b = (decode(x0), decode(x1)) if decode else (x0, x1)
         for j, xa, xb in zip(chunk, a, b):
+            if icfg.from_noise:                          # before the edit: done() needs both
+                save_png16(file_in(originals, ids[j], ".png"), xa)
             save_png16(file_in(icfg.out, ids[j], ".png"), xb)     # file_in: never outside --out
             save_grid(file_in(icfg.out, ids[j], "_grid.png"), torch.stack([xa, xb, (xb - xa).abs() * 2 - 1]),
-                      ncol=3, labels=["original", "edit", "|difference|"])
+                      ncol=3, labels=["original sample" if icfg.from_noise else "original", "edit", "|difference|"])
         print(f"rank {rank}: edited {k + len(chunk)}/{len(mine)} ({n1} + {n2} model evaluations)", flush=True)
     if world > 1:
         dist.barrier()

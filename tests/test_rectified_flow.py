@@ -113,6 +113,47 @@ def test_preset_parameter_counts():
     assert n == counts["XL"]
 
 
+def test_paper_presets_train_as_the_paper_tables():
+    """radit Tables 11 and 12 list no condition dropout and no EMA warm-up (this repository's additions): the paper
+    presets turn both off and keep the tables' recipes; the other presets keep the additions."""
+    tables = {"B": dict(lr=1e-4, batch_size=72, ema=0.9999, warmup=0),                         # Table 11
+              "XL": dict(lr=1e-4, batch_size=512, ema=0.9999, warmup=0),
+              "unet-pixel": dict(optimizer="adamw", lr=1e-4, warmup=4000, batch_size=72, weight_decay=1e-4,
+                                 beta2=0.99, ema=0.9999, shift=3.0, max_steps=2_000_000, dropout=0.0),   # Table 12
+              "unet-latent": dict(optimizer="adam", lr=1e-2, warmup=50_000, batch_size=72, weight_decay=0.0,
+                                  beta2=0.99, ema=0.9999, shift=1.0, max_steps=1_000_000, dropout=0.1)}
+    for size, want in tables.items():
+        cfg = rf.parse_config(["--size", size])
+        assert (cfg.p_drop_var, cfg.p_drop_all, cfg.ema_warmup) == (0.0, 0.0, False), size
+        assert {k: getattr(cfg, k) for k in want} == want, size
+    for size in ("tiny", "S", "L", "unet-tiny"):
+        cfg = rf.parse_config(["--size", size])
+        assert (cfg.p_drop_var, cfg.p_drop_all, cfg.ema_warmup) == (0.1, 0.1, True), size
+    assert rf.parse_config(["--size", "B", "--p-drop-var", "0.1", "--ema-warmup"]).ema_warmup is True
+    # edit's batch (radit App. C.4: 32 for RadiT XL and RadUNet, 16 for RadiT B); --batch-size wins
+    edit_batch = {s: rf.batch_of(rf.InferConfig(), rf.Config(size=s), "edit") for s in rf.PRESETS}
+    assert edit_batch == {**{s: 16 for s in rf.PRESETS}, "XL": 32, "unet-pixel": 32, "unet-latent": 32}
+    assert rf.batch_of(rf.InferConfig(), rf.Config(size="XL"), "sample") == 16
+    assert rf.batch_of(rf.InferConfig(batch_size=3), rf.Config(size="XL"), "edit") == 3
+
+
+def test_ema_warmup_flag(tmp_path, phantom_dir):
+    """One step from the same init: with the warm-up the EMA decay is min(0.5, 1 / 10) = 0.1, without it 0.5, so
+    ema_warm = 0.1 init + 0.9 raw and ema_plain = 0.5 init + 0.5 raw give ema_warm = 0.2 ema_plain + 0.8 raw."""
+    out = {}
+    for name, flag in (("warm", "--ema-warmup"), ("plain", "--no-ema-warmup")):
+        train(phantom_dir, str(tmp_path / name), "--max-steps", "1", "--ema", "0.5", flag)
+        out[name] = weights(str(tmp_path / name), "")
+    raw = {k[len("model."):]: v for k, v in out["warm"].items() if k.startswith("model.")}
+    assert all(torch.equal(v, out["plain"]["model." + k]) for k, v in raw.items())    # the EMA does not feed back
+    gap = 0.0
+    for k, v in raw.items():
+        warm, plain = out["warm"]["ema." + k].double(), out["plain"]["ema." + k].double()
+        assert torch.allclose(warm, 0.2 * plain + 0.8 * v.double(), atol=1e-6), k
+        gap = max(gap, float((warm - plain).abs().max()))
+    assert gap > 1e-4                                  # (adaLN-Zero: one step moves the zero-initialised layers)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
@@ -460,6 +501,102 @@ def test_edit_plan_profile_and_edit_pipeline(tmp_path, run, phantom_dir):
     fails(["--interventions", bad], "source_id 'nope'")
     fails(["--interventions", plan_csv, "--random-edit", "sex"], "--interventions")
     fails(["--random-edit", "sex", "--set", "sex=F"], "--set")
+
+
+def test_edit_subset_is_drawn_by_patients(tmp_path, run, phantom_dir):
+    """radit App. C.4: "a randomly selected subset of 5K patients": --random-edit without --ids draws patients
+    ((dataset, patient_id)), one image each, deterministic in --seed, a larger --n keeping the smaller one's picks."""
+    root = tmp_path / "patients"
+    os.makedirs(root)
+    for name in ("info.json", "shards"):
+        os.symlink(os.path.join(phantom_dir, name), root / name)
+    meta = rows(os.path.join(phantom_dir, "meta.csv"))
+    test = [r for r in meta if r["split"] == "test"]
+    for j, r in enumerate(test):                       # three test images per patient (one site each)
+        r.update(patient_id=f"p{j // 3}", dataset=test[j - j % 3]["dataset"])
+    rf.write_csv(str(root / "meta.csv"), meta, list(meta[0]))
+    patient = {r["id"]: r["patient_id"] for r in test}
+
+    def plan(n, seed=0, out="E"):
+        rf.main(["edit", "--ckpt", run, "--data", str(root), "--random-edit", "sex", "--n", str(n), "--seed",
+                 str(seed), "--plan-only", "--out", str(tmp_path / f"{out}{n}_{seed}")])
+        return [r["source_id"] for r in rows(str(tmp_path / f"{out}{n}_{seed}" / "meta.csv"))]
+    every = plan(1000)                                 # more than there are: one image of every patient
+    assert sorted(patient[i] for i in every) == sorted(set(patient.values()))
+    five, eight = plan(5), plan(8)
+    assert len({patient[i] for i in five}) == 5 and set(five) <= set(eight) <= set(every)
+    assert [i for i in every if i in five] == five     # file order
+    other = plan(1000, seed=1)                         # another seed, another image of some patients
+    assert sorted(patient[i] for i in other) == sorted(patient[i] for i in every) and other != every
+
+
+def test_edit_from_noise_null_edit_is_the_original_and_edit_eval_reads_it(tmp_path, run, phantom_dir):
+    """edit --from-noise (radit §5.3, Fig. 12): one noise per identity, sampled under the source profile and under
+    the edit's. A null edit in a batch with real edits (dopri5, rows finishing at different times) is the original
+    bit for bit; the original is the ODE solution from identity_noise; downstream.py edit-eval's reader pairs E/
+    with E/original/ by id."""
+    import downstream as D
+    test = [r for r in rows(os.path.join(phantom_dir, "meta.csv")) if r["split"] == "test"][:2]
+    a, b = test
+    plan = [{"id": "a_null", "source_id": a["id"], "intervention": f"sex={a['sex']}"},
+            {"id": "a_sex", "source_id": a["id"], "intervention": f"sex={'M' if a['sex'] == 'F' else 'F'}"},
+            {"id": "b_view", "source_id": b["id"],
+             "intervention": "view=" + ("PA" if b["view"] == "LATERAL" else "LATERAL")}]
+    plan_csv, E = str(tmp_path / "plan.csv"), str(tmp_path / "E")
+    rf.write_csv(plan_csv, plan, ["id", "source_id", "intervention"])
+    argv = ["edit", "--ckpt", run, "--data", phantom_dir, "--interventions", plan_csv, "--from-noise", "--seed", "5",
+            "--solver", "dopri5", "--rtol", "1e-3", "--atol", "1e-3", "--batch-size", "3"]
+    rf.main(argv + ["--out", E])
+    pixels = lambda *p: np.asarray(Image.open(os.path.join(*p))).astype(np.int64)
+    assert np.array_equal(pixels(E, "a_null.png"), pixels(E, "original", "a_null.png"))     # the same computation
+    assert np.abs(pixels(E, "a_sex.png") - pixels(E, "original", "a_sex.png")).max() > 0    # a real edit changes it
+    # one identity, one noise: both edits of row a start from the same original (other row, other rounding at most)
+    assert np.abs(pixels(E, "original", "a_null.png") - pixels(E, "original", "a_sex.png")).max() <= 8
+    assert np.abs(pixels(E, "original", "a_null.png") - pixels(E, "original", "b_view.png")).mean() > 300
+    # the original of b: noise -> data under b's observed profile, solved here alone
+    cfg, model = rf.load_for_inference(rf.InferConfig(ckpt=run))[:2]
+    data = rf.CXRData(phantom_dir, split=None)
+    z = rf.identity_noise(5, b["id"], data.shape)[None]
+    cond = torch.tensor([rf.encode_row(b, data.datasets, "b")])
+    f = lambda t, x: rf.guided_velocity(model, x, t, cond, 1.0)
+    with torch.no_grad():
+        ref, _ = rf.solve(f, z, 1.0, 0.0, "dopri5", rtol=1e-3, atol=1e-3)
+    got = torch.from_numpy(pixels(E, "original", "b_view.png")).float() / 32768 - 1
+    assert ((got - ref[0, 0].clamp(-1, 1)) ** 2).mean() < 1e-6 and (ref - z).abs().mean() > 0.1   # (PNG: clipped)
+    # the E/ layout of `edit`, originals beside it
+    assert sorted(os.listdir(E)) == sorted(["meta.csv", "output.json", "original"] + [f"{p['id']}{end}" for p in plan
+                                                                                      for end in (".png", "_grid.png")])
+    rec = json.load(open(os.path.join(E, "output.json")))
+    assert rec["from_noise"] is True and rec["seed"] == 5 and rec["command"] == "rectified_flow.py edit"
+    edited, orig = rows(os.path.join(E, "meta.csv")), rows(os.path.join(E, "original", "meta.csv"))
+    assert [r["id"] for r in edited] == [r["id"] for r in orig] == [p["id"] for p in plan]
+    assert [r["intervention"] for r in edited] == [p["intervention"] for p in plan]
+    assert [r["sex"] for r in orig] == [a["sex"], a["sex"], b["sex"]] and edited[1]["sex"] != a["sex"]
+    assert edited[2]["view"] != b["view"] == orig[2]["view"]
+    # downstream.py edit-eval's reader: E and --original E/original, paired by id, the PNGs as written
+    dcfg = D.Config()
+    E_src = D.Source(f"edited={E}", dcfg)
+    O_src = D.matched(os.path.join(E, "original"), [r["id"] for r in E_src.rows], dcfg, "--original")
+    pe, po = (D.Pool([s], dcfg, ["sex"], E_src.size) for s in (E_src, O_src))
+    xe, xo = pe.fetch(range(3)), po.fetch(range(3))
+    assert torch.equal(xe[0], xo[0]) and not torch.equal(xe[1], xo[1])
+    assert np.allclose(xo[2, 0].double().numpy(), pixels(E, "original", "b_view.png") / 65535, atol=1e-6)
+    assert pe.y[1, 0] != po.y[1, 0] and pe.y[0, 0] == po.y[0, 0]             # the sex labels: edited vs original
+    # resume: nothing left to do, nothing rewritten
+    before = os.path.getmtime(os.path.join(E, "original", "b_view.png"))
+    rf.main(argv + ["--out", E])
+    assert os.path.getmtime(os.path.join(E, "original", "b_view.png")) == before
+
+    def fails(args, *words):
+        with pytest.raises(SystemExit) as e:
+            rf.main(args)
+        assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+    fails([*argv[:-6], "--seed", "6", *argv[-6:], "--out", E], "seed", "5", "6")        # another identity's noise
+    fails([x for x in argv if x != "--from-noise"] + ["--out", E], "from_noise")        # a real-image edit
+    clash = str(tmp_path / "clash")                  # a --plan-only folder (taken over) with a file named original
+    rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--interventions", plan_csv, "--plan-only", "--out", clash])
+    open(os.path.join(clash, "original"), "w").close()
+    fails(argv + ["--out", clash], "original", "is a file")
 
 
 # ----------------------------------------------------------------------------------------------------- bad input, bench
