@@ -935,8 +935,9 @@ def read_columns(path, required, what):
 
 def index_columns(folder, datasets):
     """read_columns' dict from DIR/meta_index.safetensors when it holds meta.csv as it is (read_meta_index; None
-    otherwise): the codes of FORMAT.md §5 as the cells they stand for (a code's canonical value, an age as the
-    shortest text of its float32, which reads back as the age meta.csv holds), shard and index as integers."""
+    otherwise): the codes of FORMAT.md §5 as the cells they stand for (a code's canonical value; an age as the
+    shortest text of its float32, which reads back as meta.csv's float64 for ages of up to 7 significant digits,
+    e.g. '63.7'), shard and index as their decimal text."""
     cols = read_meta_index(folder, datasets) if datasets else None
     if cols is None:
         return None
@@ -997,8 +998,11 @@ class Source:
         else:
             cols = read_columns(meta, required, what)
             self.source = "meta.csv"
-        self.meta_path, self.columns, self.vars = meta, set(cols["columns"]), cols["vars"]
-        self.position, self._rows = cols["position"], None
+        self.meta_path = meta
+        self.columns = set(cols["columns"])                      # the header, for the tasks' column checks
+        self.vars = cols["vars"]                                 # column -> (a code a row, the distinct cells)
+        self.position = cols["position"]                         # each row's position in meta.csv
+        self._rows = None                                        # the dicts, read on first use (rows)
         if strict:
             self.keep(self.cells_in("split", [self.split]))
         if not len(self):
@@ -1009,8 +1013,11 @@ class Source:
         views = [v.strip().upper() for v in cfg.views.split(",") if v.strip()]
         if views:
             self.keep(self.cells_in("view", views, str.upper))
-        self.masks, self.info, self.size = None, {}, 0
-        self.shard = self.index = None
+        self.masks = None                                        # uint8 [n, 1, S, S] once load_masks ran
+        self.info = {}                                           # a dataset's info.json
+        self.size = 0                                            # the images' side
+        self.shard = None                                        # a dataset's shard and index per row (int64)
+        self.index = None
         if self.kind == "dataset":
             if not os.path.isfile(path := os.path.join(self.folder, "info.json")):
                 raise SystemExit(f"{path}: no such file; expected the dataset's info.json (prep_data.py)")

@@ -268,13 +268,14 @@ def test_downstream_columns_and_targets_equal_the_per_row_path(tmp_path, phantom
     variables = D.LABELS + D.META
     for split, views, policy in (("train", "", "ignore"), ("test", "PA,ap", "ones"), ("all", "", "zeros")):
         cfg = D.Config(task="predict-metadata", views=views, uncertain=policy)
-        rows, y, shard, index = ds_reference(phantom_dir, None if split == "all" else split, variables, policy,
-                                             views.upper().split(",") if views else (), names)
+        want = ds_reference(phantom_dir, None if split == "all" else split, variables, policy,
+                            views.upper().split(",") if views else (), names)
+        rows, y = want[:2]
         for folder, source in ((phantom_dir, "index"), (bare, "meta.csv")):
             s = D.Source(f"x={folder}:{split}", cfg)
             assert s.source == source and len(s) == len(rows)
             assert [r["id"] for r in s.rows] == [r["id"] for r in rows]              # the dicts, on demand
-            assert list(s.shard) == shard and list(s.index) == index
+            assert list(s.shard) == want[2] and list(s.index) == want[3]
             assert np.array_equal(s.targets(variables, policy, names), y, equal_nan=True)
             half = s.subset(np.arange(0, len(s), 2))
             assert [r["id"] for r in half.rows] == [r["id"] for r in rows[::2]]
