@@ -53,7 +53,7 @@ import time
 import weakref
 from array import array
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -196,9 +196,29 @@ def parse_set(text, datasets):
 # Config: one dataclass, size presets, CLI generated from the fields
 
 
-def arg(default, help):
-    """A dataclass field with its CLI help string."""
-    return dataclasses.field(default=default, metadata={"help": help})
+# --- skeleton: cli (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def arg(default, help, only=None, alias=None):
+    """A dataclass field with its CLI help string. `only`: the comma-separated subcommands that take it (None: all;
+    'none': no flag, the script resolves the value); `alias`: a second spelling of the flag."""
+    return field(default=default, metadata={"help": help, "only": only, "alias": alias})
+
+
+def build_parser(cls, prog, doc, only=None):
+    """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        scope = f.metadata["only"]
+        if scope is not None and only not in scope.split(","):
+            continue
+        preset = " (set by --size)" if any(f.name in v for v in PRESETS.values()) and cls is Config else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default}{preset}]", dest=f.name)
+        flags = ["--" + f.name.replace("_", "-")] + ([f.metadata["alias"]] if f.metadata["alias"] else [])
+        if isinstance(f.default, bool):
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(*flags, type=type(f.default), **kw)
+    return p
+# --- end skeleton: cli ---
 
 
 @dataclass
@@ -241,28 +261,16 @@ PRESETS = {
 }
 
 
-def add_config_args(p):
-    """One flag per dataclass field (dashes on the CLI), with its default and help string; --grad-clip is the
-    old spelling of --clip."""
-    for f in dataclasses.fields(Config):
-        name, h = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=f"{h} (default {f.default})")
-        else:
-            p.add_argument(name, type=type(f.default), default=None, help=f"{h} (default {f.default!r})")
-    p.add_argument("--grad-clip", dest="clip", type=float, default=None, help=argparse.SUPPRESS)
-
-
-def config_from_args(args):
-    """Dataclass defaults < size preset < flags given on the command line."""
-    size = args.size or Config.size
+def parse_config(argv):
+    """Config = dataclass defaults, then the --size preset, then the flags given explicitly (the cli piece's
+    parser); --grad-clip, the old spelling of --clip, is still read and not listed."""
+    parser = build_parser(Config, "flow_scm.py [train]", __doc__)
+    parser.add_argument("--grad-clip", dest="clip", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    given = vars(parser.parse_args(argv))
+    size = given.get("size", Config.size)
     if size not in PRESETS:
         raise SystemExit(f"--size {size!r}; expected one of {list(PRESETS)}")
-    cfg = Config(**{**PRESETS[size], "size": size})
-    for f in dataclasses.fields(Config):
-        if getattr(args, f.name, None) is not None:
-            setattr(cfg, f.name, getattr(args, f.name))
-    return cfg
+    return Config(**{**PRESETS[size], **given, "size": size})
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: 19 flow MLPs with parent-embedding conditioning (radit App. B.3.2, Eq. 6-8)
@@ -2386,7 +2394,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd")
-    add_config_args(sub.add_parser("train", help="train the flow SCM (default)"))
+    sub.add_parser("train", help="train the flow SCM (default; `flow_scm.py train --help` lists its flags)")
     p = inference_parser(sub, "sample", "ancestral samples (radit Eq. 9-10) -> cohort.csv")
     p.add_argument("--n", type=int, default=1000, help="rows")
     p.add_argument("--out", default="cohort.csv", help="output CSV (FORMAT.md §2 columns)")
@@ -2414,10 +2422,9 @@ def main(argv=None):
     p.add_argument("--interventions", default="age=80;sex=F;Pneumonia=1;Cardiomegaly=1",
                    help="';'-separated do() settings")
     p.add_argument("--json", default="", help="output JSON (default RUN/evaluate.json)")
+    if argv[0] == "train":                                       # the cli piece's parser of Config
+        return train(parse_config(argv[1:]))
     args = parser.parse_args(argv)
-    if args.cmd in (None, "train"):
-        cfg = config_from_args(args)
-        return train(cfg)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")

@@ -35,7 +35,7 @@ PLAN = ("memory_plan",)                                          # --dry-run pla
 PIECES = {
     "rectified_flow.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli",
                                                 "meta_index"),
-    "flow_scm.py": ALL + PLAN + ("ema_decay", "checkpoint_io", "log_line", "meta_index"),
+    "flow_scm.py": ALL + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
     "vae.py": ALL + LATENT + PLAN + ("ema_decay", "checkpoint_io", "log_line", "cli", "meta_index"),
     "dit_text2img.py": ALL + LATENT + PLAN + ("latent_decoder", "ema_decay", "checkpoint_io", "log_line", "cli",
                                               "meta_index"),
