@@ -255,6 +255,8 @@ if {kind!r} == "controlnet":
     dcfg = dit_text2img.Config(space="pixel", in_channels=1, image_size={size}, text_encoder={encoder!r},
                                max_length=120, text_dim={width})
     data = script.ControlData(script.Config(data={data!r}, cond_type="box"), dcfg)
+elif {kind!r} == "ldm":
+    data = script.MultiCondData(script.Config(data={data!r}, modalities="L"))
 else:
     data = script.TextImageData(script.Config(data={data!r}))
 print(f"{{time.time() - t0:.1f}} {{time.process_time() - c0:.1f}} {{status('VmRSS:') - rss:.0f}} "
@@ -264,7 +266,8 @@ print(f"{{time.time() - t0:.1f}} {{time.process_time() - c0:.1f}} {{status('VmRS
 
 def bench(big, old_script, kind="controlnet", work="/tmp/meta-index-text"):
     """Load time (wall, CPU) and memory (resident after, peak) of controlnet.py's ControlData (box conditions, the
-    train split) or dit_text2img.py's TextImageData (cached text, the train split) on the folder `big`, each in a
+    train split), dit_text2img.py's TextImageData (cached text, the train split) or ldm_multicond.py's MultiCondData
+    (the labels alone, --modalities L: no caches; the train split) on the folder `big`, each in a
     fresh process, in one run: the script before issue 21 (`old_script`, a dict per row), the index, and meta.csv
     alone. The text cache: dit_text2img.py embed-text with a tiny random BERT of the folder whose rows `big` repeats
     (`big`/../src: the same shards, so every (shard, index) has its row), linked into folders under `work` beside
@@ -298,7 +301,7 @@ def bench(big, old_script, kind="controlnet", work="/tmp/meta-index-text"):
             os.symlink(os.path.join(cache, "text"), os.path.join(folders[name], "text"))
     with open(os.path.join(big, "info.json")) as f:
         size = json.load(f)["size"]
-    new = os.path.join(repo, f"{kind if kind == 'controlnet' else 'dit_text2img'}.py")
+    new = os.path.join(repo, {"controlnet": "controlnet.py", "dit": "dit_text2img.py", "ldm": "ldm_multicond.py"}[kind])
     print(f"{kind}: path  wall s  CPU s  +RSS MB  +peak MB  rows  source")
     for name, script, folder in (("before (rows)", old_script, folders["m1"]), ("index", new, folders["m1"]),
                                  ("meta.csv only", new, folders["m1-noindex"])):
@@ -313,7 +316,7 @@ def bench(big, old_script, kind="controlnet", work="/tmp/meta-index-text"):
               flush=True)
 
 
-if __name__ == "__main__":  # python tests/test_meta_index_text.py BIG OLD_SCRIPT [controlnet|dit]
+if __name__ == "__main__":  # python tests/test_meta_index_text.py BIG OLD_SCRIPT [controlnet|dit|ldm]
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     bench(*sys.argv[1:4])
