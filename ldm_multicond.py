@@ -797,23 +797,26 @@ SEX, RACE = {"F": -1.0, "M": 1.0}, {"ASIAN": 1 / 3, "BLACK": 2 / 3, "WHITE": 1.0
 LABEL_COLUMNS = tuple(LABELS) + ("age", "sex", "race")          # what L reads: required columns when L is used
 
 
-def label_vector(row, where):
-    """A meta.csv row -> the 17-d vector of multicond App. A.1 (encoding in the module docstring)."""
-    out = []
-    for lab in LABELS:
-        s = str(row.get(lab) or "").strip()
+def label_cell(k, cell, where):
+    """The k-th entry of the 17-d vector (LABEL_COLUMNS[k]) from its meta.csv cell (None or '': missing)."""
+    var, s = LABEL_COLUMNS[k], str(cell or "").strip()
+    if k < len(LABELS):
         s = {"1.0": "1", "0.0": "0", "-1.0": "-1"}.get(s, s)
         if s not in ("", "0", "1", "-1"):
-            raise SystemExit(f"{where}: {lab}={s!r}; expected 1, 0, -1 or empty")
-        out.append(float(s) if s else 0.0)
-    age, sex, race = (str(row.get(k) or "").strip() for k in ("age", "sex", "race"))
-    years = check_age(age, where)                                # the one age rule: 0-120 years, or empty
-    out.append(0.0 if math.isnan(years) else years / 100)
-    for var, s, table in (("sex", sex, SEX), ("race", race, RACE)):
-        if s and s not in table:
-            raise SystemExit(f"{where}: {var}={s!r}; expected one of {list(table)} or empty")
-        out.append(table.get(s, 0.0))
-    return out
+            raise SystemExit(f"{where}: {var}={s!r}; expected 1, 0, -1 or empty")
+        return float(s) if s else 0.0
+    if var == "age":
+        years = check_age(s, where)                              # the one age rule: 0-120 years, or empty
+        return 0.0 if math.isnan(years) else years / 100
+    table = SEX if var == "sex" else RACE
+    if s and s not in table:
+        raise SystemExit(f"{where}: {var}={s!r}; expected one of {list(table)} or empty")
+    return table.get(s, 0.0)
+
+
+def label_vector(row, where):
+    """A meta.csv row -> the 17-d vector of multicond App. A.1 (encoding in the module docstring)."""
+    return [label_cell(k, row.get(c), where) for k, c in enumerate(LABEL_COLUMNS)]
 
 
 def generator(*keys, device="cpu"):
@@ -1098,6 +1101,7 @@ class MultiCondData:
         in_split[chosen] = True
         columns = LABEL_COLUMNS + ("id", "study_id", "patient_id", "report")
         labels, reports = array("f"), []
+        values = [{} for _ in LABEL_COLUMNS]                     # each column's distinct cells -> label_cell's value
         ids = []                                                 # every row's id, study and patient: for the
         studies = []                                             # conditioning images only, this pass only
         patients = []
@@ -1108,8 +1112,12 @@ class MultiCondData:
                 ids.append(cells[17])
                 studies.append(cells[18])
                 patients.append(cells[19])
-            if in_split[k]:
-                labels.extend(label_vector(dict(zip(LABEL_COLUMNS, cells)), f"{self.meta_path} row id={cells[17]}"))
+            if in_split[k]:                                      # label_vector, a cell at a time, in its order
+                for j, cell in enumerate(cells[:len(LABEL_COLUMNS)]):
+                    v = values[j].get(cell)
+                    if v is None:
+                        v = values[j][cell] = label_cell(j, cell, f"{self.meta_path} row id={cells[17]}")
+                    labels.append(v)
                 if reports_needed:
                     reports.append(cells[20])
         mine = {"shard": self.shard, "index": self.index, "position": self.position}

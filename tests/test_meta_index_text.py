@@ -237,6 +237,23 @@ def test_ldm_rows_labels_conditioning_images_and_text_equal_the_per_row_path(ldm
         assert all(torch.equal(a, b) for a, b in zip(*loaded))        # the same batch on both paths
 
 
+def test_ldm_bad_label_stops_with_label_vectors_words(tmp_path, phantom_dir):
+    d = str(tmp_path / "d")
+    os.makedirs(d)
+    shutil.copy(os.path.join(phantom_dir, "info.json"), os.path.join(d, "info.json"))
+    os.symlink(os.path.abspath(os.path.join(phantom_dir, "shards")), os.path.join(d, "shards"))
+    rows, columns = lm.read_meta(os.path.join(phantom_dir, "meta.csv"))
+    k = next(k for k, r in enumerate(rows) if r["split"] == "train" and k > 5)
+    rows[k]["race"] = "OTHER"                                     # the first bad row: its id and words
+    rows[k + 40]["Edema"] = "2"
+    lm.write_csv(os.path.join(d, "meta.csv"), rows, columns)
+    with pytest.raises(SystemExit) as want:
+        lm.label_vector(rows[k], f"{os.path.join(d, 'meta.csv')} row id={rows[k]['id']}")
+    with pytest.raises(SystemExit) as got:
+        lm.MultiCondData(lm.Config(data=d, modalities="L"))
+    assert str(got.value) == str(want.value) and "race='OTHER'" in str(got.value)
+
+
 # -------------------------------------------------------------------------------------------------------- benchmark
 
 BENCH = """import os, sys, time
