@@ -688,32 +688,28 @@ def scm_columns(data_dir, datasets, split):
                 ids.append(r[i_id])
                 if i_split is not None and r[i_split] != split:
                     continue
-                for k, j in enumerate(at[:17]):
-                    code = memo[k].get(r[j])
-                    if code is None:
+                for k, j in enumerate(at):
+                    cell = r[j]
+                    if k == 17:                                  # datasets are coded once all names are known
+                        if cell not in names:
+                            names[cell] = len(names)
+                            first_id[cell] = r[i_id]
+                            if len(names) > 255:
+                                raise SystemExit(f"{path}: over 255 different dataset values; expected FORMAT.md §5 "
+                                                 f"names")
+                        codes.append(names[cell])
+                        continue
+                    value = memo[k].get(cell)
+                    if value is None:
                         try:
-                            code = encode(VARIABLES[k], r[j], datasets, f"{where} row id={r[i_id]!r}")
+                            value = memo[k][cell] = encode(VARIABLES[k], cell, datasets, f"{where} row id={r[i_id]!r}")
                         except SystemExit as e:
                             errors[k] = errors[k] or str(e)
-                            code = 0
-                        else:
-                            memo[k][r[j]] = code
-                    codes.append(code)
-                cell = r[at[17]]
-                if cell not in names:                            # datasets are coded once all names are known
-                    names[cell] = len(names)
-                    first_id[cell] = r[i_id]
-                    if len(names) > 255:
-                        raise SystemExit(f"{path}: over 255 different dataset values; expected FORMAT.md §5 names")
-                codes.append(names[cell])
-                age = memo[18].get(r[at[18]])
-                if age is None:
-                    try:
-                        age = memo[18][r[at[18]]] = encode("age", r[at[18]], datasets, f"{where} row id={r[i_id]!r}")
-                    except SystemExit as e:
-                        errors[18] = errors[18] or str(e)
-                        age = math.nan
-                ages.append(age)
+                            value = math.nan if k == 18 else 0
+                    if k == 18:
+                        ages.append(value)
+                    else:
+                        codes.append(value)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise SystemExit(f"{path}: not a readable CSV table ({e}); expected {what}") from None
     check_ids(ids, path)
