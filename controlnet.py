@@ -500,7 +500,8 @@ class ControlDiT(nn.Module):
         for i, blk in enumerate(base.blocks):
             h = base.run_block(blk, h, y, lengths, t6)
             if e is not None and i < len(ad.controlnet):
-                c = h + e if i == 0 else c                  # released form: copy 0 sees backbone block 0's output
+                if i == 0:                                  # released form: copy 0 sees backbone block 0's output
+                    c = h + e
                 c = base.run_block(ad.controlnet[i].copied_block, c, y, lengths, t6)
                 r = ad.controlnet[i].after_proj(c).float()
                 h = h + (r if scale is None else r * scale)   # copy i's residual enters backbone block i + 1
