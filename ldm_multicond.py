@@ -2107,7 +2107,7 @@ def train(cfg):
     bad = torch.full((), -1, dtype=torch.long, device=device)    # first step with a non-finite loss
     t_log, t_start, step0, last_log = time.time(), time.time(), step, step
     while step < cfg.max_steps:
-        rows, (x0, inputs) = nxt[0], nxt[1].result()
+        x0, inputs = nxt[1].result()
         nxt = fetch(step + 1)
         # Every rank draws the whole global batch's randomness from one (seed, step) generator and keeps its
         # slice: the run is the same for any number of processes and any accumulation.

@@ -1945,7 +1945,7 @@ def train(cfg):
     zshape = (cfg.latent_channels, cfg.image_size // factor_of(cfg), cfg.image_size // factor_of(cfg))
     t_log, t_start, step0, last_log = time.time(), time.time(), step, step
     while step < cfg.max_steps:
-        rows, x0 = nxt[0], nxt[1].result()
+        x0 = nxt[1].result()
         nxt = fetch(step + 1)
         # Every rank draws the whole global batch's posterior noise from one (seed, step) generator and keeps its
         # slice: the run is the same for any number of processes and any accumulation.
