@@ -868,14 +868,20 @@ def kid(x, y, subsets=100, subset_size=1000, seed=None, device=None, sampler="cx
     kernel values and sums in float64."""
     x, y = _as_tensor(x, device), _as_tensor(y, device)
     y = y.to(x.dtype)
-    n1, n2, d, m = len(x), len(y), x.shape[1], min(subset_size, len(x), len(y))
+    n1, n2 = len(x), len(y)
+    d = x.shape[1]
+    m = min(subset_size, n1, n2)  # subset size actually used
     if m < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {n1} and {n2}")
     draws = kid_subsets(n1, n2, m, subsets, seed, sampler)
     ux, uy = (np.unique(np.concatenate([dr[i] for dr in draws])) for i in (0, 1))
     u = len(ux) + len(uy)
     one_gram = u * u / 2 * (d + 8 * subsets) < subsets * 2 * m * m * (d + 8)  # symmetric halves; float64 C x2
-    sxx, syy, sxy, dx, dy = (np.empty(subsets) for _ in range(5))
+    sxx = np.empty(subsets)  # per subset: sum of k(x, x'), k(y, y'), k(x, y); diagonals of the first two
+    syy = np.empty(subsets)
+    sxy = np.empty(subsets)
+    dx = np.empty(subsets)
+    dy = np.empty(subsets)
     if one_gram:
         z = torch.cat([x[torch.as_tensor(ux, device=x.device)], y[torch.as_tensor(uy, device=x.device)]])
         cols = torch.zeros(u, 2 * subsets, dtype=torch.float64, device=x.device)
@@ -886,7 +892,9 @@ def kid(x, y, subsets=100, subset_size=1000, seed=None, device=None, sampler="cx
         dsum = (cols.T @ diag).cpu().numpy()
         q = q.cpu().numpy()
         t = np.arange(subsets)
-        sxx, syy, sxy = q[t, t], q[subsets + t, subsets + t], q[t, subsets + t]
+        sxx = q[t, t]
+        syy = q[subsets + t, subsets + t]
+        sxy = q[t, subsets + t]
         dx, dy = dsum[:subsets], dsum[subsets:]
     else:
         cols = torch.zeros(2 * m, 2, dtype=torch.float64, device=x.device)
@@ -894,7 +902,9 @@ def kid(x, y, subsets=100, subset_size=1000, seed=None, device=None, sampler="cx
         for t, (ix, iy) in enumerate(draws):
             z = torch.cat([x[torch.as_tensor(ix, device=x.device)], y[torch.as_tensor(iy, device=x.device)]])
             q, diag = _kernel_sums(z, cols, mem_mb)
-            sxx[t], syy[t], sxy[t] = float(q[0, 0]), float(q[1, 1]), float(q[0, 1])
+            sxx[t] = float(q[0, 0])
+            syy[t] = float(q[1, 1])
+            sxy[t] = float(q[0, 1])
             dx[t], dy[t] = float(diag[:m].sum()), float(diag[m:].sum())
     vals = ((sxx - dx) + (syy - dy)) / (m * (m - 1)) - 2 * sxy / (m * m)
     return float(np.mean(vals)), float(np.std(vals))
@@ -963,7 +973,8 @@ def _knn_pass(q, bank, k, tol, exact, visit=None, mem_mb=256):
     exact ones, so every row whose distance may reach the exact radius lies among the k' kept with d <= r~ + 2 e_i
     (r~: the k-th smallest GEMM value): those are recomputed by exact(i, j), and a row whose k' kept values all
     pass that test is recomputed in full. visit(s, exact radii, GEMM distances to the extra rows) then runs."""
-    n, m, inf = len(q), len(bank) - len(q), float("inf")
+    n, m = len(q), len(bank) - len(q)  # own rows, extra rows
+    inf = float("inf")
     kk = min(n - 1, 2 * k + 8)
     step = max(1, min(n, 512, int(mem_mb * 2 ** 20 / (q.element_size() * (n + m + 2 * kk)))))
     buf, radii = q.new_empty(step * (n + m)), torch.empty(n, dtype=torch.float64, device=q.device)
@@ -1020,7 +1031,9 @@ def prdc(real, fake, k=5, device=None, mem_mb=256):
     inputs compare equal (duplicated images, quantised features) and integer features give the exact counts."""
     raw_r, raw_f = (x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x) for x in (real, fake))
     real = _as_tensor(real, device)
-    fake, n, m, dim = _as_tensor(fake, device).to(real.dtype), len(real), len(fake), real.shape[1]
+    fake = _as_tensor(fake, device).to(real.dtype)
+    n, m = len(real), len(fake)
+    dim = real.shape[1]
     if n < k + 1 or m < k + 1:
         raise ValueError(f"PRDC with k={k} needs at least {k + 1} images per set, got {n} real and {m} fake")
     tol = _distance_tolerance(real.dtype, dim)
@@ -1072,7 +1085,9 @@ def prdc(real, fake, k=5, device=None, mem_mb=256):
 
 def _as_images(x):
     x = _as_tensor(x)
-    return x.reshape(1, 1, *x.shape) if x.ndim == 2 else (x[None] if x.ndim == 3 else x)
+    if x.ndim == 2:
+        return x.reshape(1, 1, *x.shape)
+    return x[None] if x.ndim == 3 else x
 
 
 def _ssim_cs(x, y, data_range, win=11, sigma=1.5):
@@ -1084,7 +1099,9 @@ def _ssim_cs(x, y, data_range, win=11, sigma=1.5):
     filt = lambda t: F.conv2d(F.conv2d(t, wh, groups=c), ww, groups=c)  # noqa: E731 - separable, 'valid'
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = filt(x), filt(y)
-    sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    sxx = filt(x * x) - mx * mx  # local variances and covariance
+    syy = filt(y * y) - my * my
+    sxy = filt(x * y) - mx * my
     cs = (2 * sxy + c2) / (sxx + syy + c2)
     lum = (2 * mx * my + c1) / (mx * mx + my * my + c1)
     return (lum * cs).mean((1, 2, 3)), cs.mean((1, 2, 3))
@@ -1145,7 +1162,9 @@ def nearest_neighbours(queries, bank_batches, device=None):
     in float64, so a near-copy's reported distance carries no cancellation error."""
     q = _as_tensor(queries, device)
     qa, best = _augment(q), torch.full((len(q),), float("inf"), dtype=q.dtype, device=q.device)
-    arg, win, offset = torch.full((len(q),), -1, dtype=torch.long, device=q.device), torch.zeros_like(q), 0
+    arg = torch.full((len(q),), -1, dtype=torch.long, device=q.device)  # the nearest bank row so far
+    win = torch.zeros_like(q)                                            # and its values
+    offset = 0                                                           # bank rows seen before this batch
     for b in bank_batches:
         b = _as_tensor(b, q.device).to(q.dtype)
         _augment(b, bank=(bb := b.new_empty(len(b), b.shape[1] + 2)))
@@ -1224,7 +1243,9 @@ class FeatureLPIPS:
     def __init__(self, name, layers=None, weights_dir="", allow_random_weights=False, device="cpu", offline=False,
                  batch_size=16):
         self.ex = ex = _hf_extractor(name, weights_dir, allow_random_weights, torch.device(device), offline)
-        self.name, self.weights, self.random_weights, self.batch_size = name, ex.weights, ex.random_weights, batch_size
+        self.name = name
+        self.weights, self.random_weights = ex.weights, ex.random_weights
+        self.batch_size = batch_size
         c, p = getattr(ex.net.config, "vision_config", ex.net.config), ex.processor
         n = c.num_hidden_layers  # radit Table 15 (attention pooling over [3, 6, 9, 12] of Rad-DINO's 12)
         self.layers = tuple(int(v) for v in layers or sorted({max(1, round(n * q / 4)) for q in (1, 2, 3, 4)}))
@@ -1328,7 +1349,9 @@ class ImageSet:
             raise SystemExit(f"metrics: {root} is not a folder (expected images or a dataset with meta.csv)")
         meta_path = os.path.join(root, "meta.csv")
         self.is_dataset = os.path.isdir(os.path.join(root, "shards")) and os.path.isfile(meta_path)
-        self.meta, self._shards, self.info = None, {}, {"high_bit": False}
+        self.meta = None                   # rows of meta.csv, one per image, when there is one
+        self._shards = {}                  # open shard files
+        self.info = {"high_bit": False}    # set when a 16-bit / float file is read
         if self.is_dataset:  # read_meta: the columns, ids valid and unique (one-line errors)
             rows, _ = read_meta(meta_path, required=("shard", "index"), split=split or None,
                                 what="a dataset folder (meta.csv + shards/)")
@@ -1588,7 +1611,7 @@ def safe_load_pickled_module(path, max_rounds=200):
             name = str(e).split("GLOBAL ", 1)[1].split()[0].rstrip(".,") if "GLOBAL " in str(e) else ""
             if not name or any(f"{s.__module__}.{s.__qualname__}" == name for s in stubs):
                 raise
-            mod, _, cls = name.rpartition(".")
+            mod, cls = name.rpartition(".")[::2]
             stubs.append(type(cls, (_Stub,), {"__module__": mod, "__qualname__": cls}))
     if isinstance(obj, dict) and all(torch.is_tensor(v) for v in obj.values()):
         return dict(obj)
@@ -1781,7 +1804,8 @@ def weights_guide(names, weights_dir=""):
              "  by hand, the layout --weights-dir expects:"]
     for n in names:
         if n in CNN_WEIGHTS:
-            f, url, cache = CNN_WEIGHTS[n]
+            f, url = CNN_WEIGHTS[n][:2]
+            cache = CNN_WEIGHTS[n][2]
             extra = f" (converted once to {XRV_MODELS[n]['safe']} beside it)" if n in XRV_MODELS else ""
             lines.append(f"    {n:<10} {d}/{f}{extra}  from {url}  (or in {cache})")
         elif n == "biovil_t":
@@ -1872,7 +1896,8 @@ def fetch_weights(argv):
     done = {}
     for n in names:
         if n in CNN_WEIGHTS:
-            f, url, cache = CNN_WEIGHTS[n]
+            f, url = CNN_WEIGHTS[n][:2]
+            cache = CNN_WEIGHTS[n][2]
             try:
                 got = find_weights([f], url, a.weights_dir, [] if a.weights_dir else [cache])
             except WeightsMissing as e:
@@ -1932,8 +1957,11 @@ class Extractor:
 
     def __init__(self, name, net, size, dim, preprocessing, weights, random_weights, device, processor=None,
                  resize="antialias"):
-        self.name, self.net, self.size, self.dim, self.processor, self.device = name, net, size, dim, processor, device
-        self.preprocessing, self.weights, self.random_weights = preprocessing, weights, random_weights
+        self.name, self.net = name, net
+        self.size, self.dim = size, dim            # input side (None: the processor's), feature dimension
+        self.processor, self.device = processor, device
+        self.preprocessing = preprocessing         # its description, recorded in results.json
+        self.weights, self.random_weights = weights, random_weights
         self.resize = resize  # the input convention (RESIZE_MODES for inception, XRV_RESIZE_MODES for xrv)
         self.net.eval().requires_grad_(False).to(device)
         self._digest = None
@@ -1974,8 +2002,10 @@ class Extractor:
                                       align_corners=False)
             else:
                 batch = [self.prepare(im[0].cpu().numpy()) for im in x]
-        x = self.processor(images=list(batch), return_tensors="pt")["pixel_values"] if self.processor is not None \
-            else batch if torch.is_tensor(batch) else torch.from_numpy(np.stack(batch))[:, None]
+        if self.processor is not None:
+            x = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+        else:
+            x = batch if torch.is_tensor(batch) else torch.from_numpy(np.stack(batch))[:, None]
         x = x.to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):  # bf16 GPU, fp32 CPU
             if self.name == "inception":
@@ -2342,7 +2372,8 @@ def paired(real, fake, pairs, cfg, device="cpu"):
     """Paired identity metrics (reconstructions, edits; radit App. C.1): SSIM / PSNR and, for the --lpips feature
     spaces, the LPIPS-style distance (Eq. 13) and rLPIPS (Eq. 14) against random pairs of distinct real images,
     whose SSIM and distances form the 'Random Pairs' reference row of radit Table 14."""
-    lps, skipped, layers = {}, {}, [int(v) for v in cfg.lpips_layers.split(",") if v.strip()] or None
+    lps, skipped = {}, {}  # FeatureLPIPS per feature space; the ones whose weights are missing
+    layers = [int(v) for v in cfg.lpips_layers.split(",") if v.strip()] or None
     for name in [v.strip() for v in (cfg.lpips or ("raddino" if cfg.paired else "")).split(",") if v.strip()]:
         try:
             lps[name] = FeatureLPIPS(name, layers, cfg.weights_dir, cfg.allow_random_weights, device, cfg.offline)
@@ -2404,7 +2435,9 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
         atomic_write(grid, lambda tmp: sheet.save(tmp, format="PNG"))
         out["pixel"]["grid"] = grid
     if fake_feats is not None and train_feats is not None:
-        name, (ff, fkept), (tf, tkept) = fake_feats[0], fake_feats[1], train_feats
+        name = fake_feats[0]
+        ff, fkept = fake_feats[1]
+        tf, tkept = train_feats
         unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
         dl, _ = nearest_neighbours(unit(ff), torch.from_numpy(unit(tf)).split(4096), device)
         out["latent"] = {"features": name, "n_fake": len(fkept), "n_train": len(tkept), "mean": float(dl.mean()),
@@ -2689,8 +2722,10 @@ def evaluate(cfg):
         if value not in allowed:
             raise SystemExit(f"metrics: {flag} {value!r}; expected one of {', '.join(a for a in allowed if a)}")
     check_options(cfg)
-    device = torch.device(cfg.device if cfg.device in ("cpu", "cuda") else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))  # 'auto' (older flag) = ''
+    if cfg.device in ("cpu", "cuda"):
+        device = torch.device(cfg.device)
+    else:  # '' or 'auto' (the older flag)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("metrics: --device cuda but torch sees no CUDA device (expected cpu, or a GPU build)")
     real, fake = ImageSet(cfg.real, cfg.split), ImageSet(cfg.fake, cfg.fake_split)
@@ -2762,7 +2797,8 @@ def evaluate(cfg):
                 res["no_alignment"] = f"NO ALIGNMENT SCORE COMPUTED: {e}; exit status {EXIT_NO_FIDELITY}"
     if train is not None:
         pf = cfg.privacy_features or ("raddino" if "raddino" in feats else next(iter(feats), ""))
-        ex, _, _, ff, kf = feats.get(pf, (None,) * 5)
+        ex = feats[pf][0] if pf in feats else None
+        ff, kf = feats[pf][3:] if pf in feats else (None, None)
         if cfg.privacy in ("nearest", "both"):
             tr = extract_features(train, ex, **kw)[:2] if ex else None
             res["privacy"] = privacy(fake, train, cfg, (pf, (ff, kf)) if ex else None, tr, device)
@@ -2828,7 +2864,10 @@ def format_table(res):
     rnd = "   random weights, not comparable"
 
     def row(label, d):
-        f = lambda k: "-" if k not in d else f"{d[k]:.3f}" if abs(d[k]) < 1e4 else f"{d[k]:.3g}"  # noqa: E731
+        def f(k):
+            if k not in d:
+                return "-"
+            return f"{d[k]:.3f}" if abs(d[k]) < 1e4 else f"{d[k]:.3g}"
         kid_s = f"{d['kid_mean'] * 1e3:.3g}+-{d['kid_std'] * 1e3:.2g}" if "kid_mean" in d else "-"
         cells = (f("fd"), kid_s, f("precision"), f("recall"), f("density"), f("coverage"),
                  f"{d['n_real']}/{d['n_fake']}")
@@ -2867,7 +2906,8 @@ def format_table(res):
             if "correlation" in c else c["skipped"]))
     lines += [f"privacy, {sec}: {flat(d)}" for sec, d in res.get("privacy", {}).items()]
     if c := res.get("privacy_chexgenbench"):  # chexgenbench Table 3's rows, per training sample
-        r, lat, pix = c.get("reid"), c.get("latent"), c["pixel"]
+        r, lat = c.get("reid"), c.get("latent")
+        pix = c["pixel"]
         lines += [f"privacy (chexgenbench §3.2: {c['n_train_samples']} training samples, {c['n_pairs']} synthetic "
                   "images):",
                   f"  Avg Re-ID {r['avg']:.3f}, Max Re-ID {r['max']:.3f}, Count > {r['delta']:g}: "
@@ -2917,10 +2957,12 @@ def _fid_sqrtm(x, y):
 def _kid_torch_fidelity(x, y, subsets=100, subset_size=1000, seed=2020):
     """Baseline: torch-fidelity's KID loop (numpy, features' float32 throughout, RandomState(2020), per subset three
     m x m kernel matrices)."""
-    rng, d, m, vals = np.random.RandomState(seed), x.shape[1], subset_size, []
+    rng, vals = np.random.RandomState(seed), []
+    d, m = x.shape[1], subset_size
     for _ in range(subsets):
         a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
-        kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
+        kxx, kyy = ((p @ p.T / d + 1) ** 3 for p in (a, b))
+        kxy = (a @ b.T / d + 1) ** 3
         vals.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
     return float(np.mean(vals)), float(np.std(vals))
 
@@ -2948,10 +2990,12 @@ def bench(argv):
                     lambda: _kid_torch_fidelity(real[:kn], fake[:kn]))}
     out["kid_n"] = kn = a.kid_n or a.n
     for m in a.only.split(","):
-        ours, base, ref = runs[m]
+        ours, base = runs[m][:2]
+        ref = runs[m][2]
         for name, fn in ((m, ours), (base, ref)):
             _mem_mb("reset")
-            mem, t, c = _mem_mb("VmRSS"), time.perf_counter(), time.process_time()
+            mem = _mem_mb("VmRSS")
+            t, c = time.perf_counter(), time.process_time()
             out[name] = fn()
             out.update({name + "_s": time.perf_counter() - t, name + "_cpu_s": time.process_time() - c,
                         name + "_peak_mb": _mem_mb("VmHWM") - mem})

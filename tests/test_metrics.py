@@ -180,7 +180,8 @@ def test_frechet_vs_scipy_sqrtm_and_identity():
 def _kid_numpy(x, y):
     d, m = x.shape[1], len(x)
     k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    kxx, kyy = k(x, x), k(y, y)
+    kxy = k(x, y)
     return ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
 
 
@@ -224,7 +225,8 @@ def test_kid_torch_fidelity_sampler_one_gram_and_per_subset():
 
 def _prdc_numpy(r, f, k):
     d = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))  # noqa: E731
-    rr, ff, rf = d(r, r), d(f, f), d(r, f)
+    rr, ff = d(r, r), d(f, f)
+    rf = d(r, f)
     np.fill_diagonal(rr, np.inf), np.fill_diagonal(ff, np.inf)
     r_r, r_f = np.sort(rr, 1)[:, k - 1], np.sort(ff, 1)[:, k - 1]
     return {"precision": (rf < r_r[:, None]).any(0).mean(), "recall": (rf < r_f[None]).any(1).mean(),
@@ -270,7 +272,8 @@ def _prdc_counts_int64(r, f, k):
     """Brute-force PRDC in exact integer arithmetic: int64 squared distances, strict '<', the four counts."""
     r, f = np.asarray(r, np.int64), np.asarray(f, np.int64)
     d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)  # noqa: E731
-    rr, ff, rf = d(r, r), d(f, f), d(r, f)
+    rr, ff = d(r, r), d(f, f)
+    rf = d(r, f)
     np.fill_diagonal(rr, np.iinfo(np.int64).max), np.fill_diagonal(ff, np.iinfo(np.int64).max)
     r_r, r_f = np.sort(rr, 1)[:, k - 1], np.sort(ff, 1)[:, k - 1]
     inside = rf < r_r[:, None]
@@ -285,8 +288,9 @@ def test_prdc_exact_on_integer_features_with_ties(levels, dim):
     r, f = rng.integers(0, levels, (260, dim)), rng.integers(0, levels, (230, dim))
     f[:25], r[40:50] = r[:25], r[50:60]  # copies across the sets and duplicates within the real set
     for k in (1, 5):
-        p, rc, dn, cv = _prdc_counts_int64(r, f, k)
-        want = {"precision": p / len(f), "recall": rc / len(r), "density": dn / (k * len(f)), "coverage": cv / len(r)}
+        c = dict(zip(("precision", "recall", "density", "coverage"), _prdc_counts_int64(r, f, k)))
+        want = {"precision": c["precision"] / len(f), "recall": c["recall"] / len(r),
+                "density": c["density"] / (k * len(f)), "coverage": c["coverage"] / len(r)}
         for x, y, mem in ((r, f, 256), (r, f, 0.03), (r.astype(np.float32), f.astype(np.float32), 0.1)):
             assert M.prdc(x, y, k=k, mem_mb=mem) == want, (k, mem, x.dtype)  # ratios of the same integers
 
@@ -305,7 +309,8 @@ def _ssim_ref(x, y, L=1.0):
         return a[5:-5, 5:-5]
     c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
     mx, my = filt(x), filt(y)
-    vx, vy, cxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
+    vx, vy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2
+    cxy = filt(x * y) - mx * my
     cs = (2 * cxy + c2) / (vx + vy + c2)
     return ((2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1) * cs).mean(), cs.mean()
 
@@ -612,9 +617,10 @@ def test_hf_extractor_clip_and_cache(tmp_path):
     for i in range(4):
         Image.fromarray((np.random.default_rng(i).random((36, 36)) * 255).astype(np.uint8)).save(d / f"{i}.png")
     cache = str(tmp_path / "cache")
-    f1, k1, s1 = M.extract_features(M.ImageSet(str(d)), ex, cache_dir=cache, progress=False)
-    f2, k2, s2 = M.extract_features(M.ImageSet(str(d)), ex, cache_dir=cache, progress=False)
-    assert (s1, s2) == ("miss", "hit") and np.array_equal(f1, f2) and k1 == k2 == [0, 1, 2, 3]
+    first = M.extract_features(M.ImageSet(str(d)), ex, cache_dir=cache, progress=False)  # (features, kept, cache)
+    again = M.extract_features(M.ImageSet(str(d)), ex, cache_dir=cache, progress=False)
+    assert (first[2], again[2]) == ("miss", "hit") and np.array_equal(first[0], again[0])
+    assert first[1] == again[1] == [0, 1, 2, 3]
     os.utime(d / "2.png", (1, 1))  # a changed mtime invalidates the entry
     assert M.extract_features(M.ImageSet(str(d)), ex, cache_dir=cache, progress=False)[2] == "miss"
 
@@ -624,7 +630,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(6)
     n = 24
     imgs = (rng.random((n, 1, 48, 48)) * 65535).astype(np.uint16)
-    pos = [["Edema"] if i % 3 == 0 else (["No Finding"] if i % 3 == 1 else ["Edema", "Fracture"]) for i in range(n)]
+    pos = [[["Edema"], ["No Finding"], ["Edema", "Fracture"]][i % 3] for i in range(n)]
     _write_dataset(str(tmp_path / "real"), imgs, [{"id": f"x{i:02d}", "split": "test", **_labels(pos[i])}
                                                   for i in range(n)])
     fake = tmp_path / "fake"

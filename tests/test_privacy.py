@@ -41,7 +41,8 @@ def case(phantom_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("privacy")
     rows = [r for r in csv.DictReader(open(os.path.join(phantom_dir, "meta.csv"))) if r["split"] == "train"]
     pix = _train_pixels(phantom_dir, rows)
-    fake, meta, pairs = tmp / "fake", [], []
+    fake = tmp / "fake"
+    meta, pairs = [], []  # rows of the fake meta.csv; (fake id, source id)
     fake.mkdir()
     other = 100
     for k in range(N_SOURCES):
