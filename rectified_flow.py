@@ -285,9 +285,9 @@ class InferConfig:
                           "(guidance is this repository's addition)")
     guide: str = arg("", "comma-separated variables to guide on (the unconditional branch nulls only those); "
                          "'': all 19")
-    batch_size: int = arg(0, "images per forward pass, per process, at least 1; left out: sample 16, edit 32 for "
-                             "the RadiT XL, unet-pixel and unet-latent checkpoints (radit App. C.4), else 16 (App. "
-                             "C.4: RadiT B)")
+    batch_size: int = arg(16, "images per forward pass, per process, at least 1; left out: sample 16, edit 32 for "
+                              "the RadiT XL, unet-pixel and unet-latent checkpoints (radit App. C.4), else 16 (App. "
+                              "C.4: RadiT B)")
     seed: int = arg(0, "noise seed: image i always gets the same noise (edit: seed of --random-edit)")
     device: str = arg("", "cpu | cuda (default: cuda when available)")
 
@@ -326,6 +326,8 @@ def parse_infer(cmd, argv):
     parser = build_parser(InferConfig, f"rectified_flow.py {cmd}", (sample if cmd == "sample" else edit).__doc__, cmd)
     given = vars(parser.parse_args(argv))
     icfg = InferConfig(**given)
+    if cmd == "edit" and "batch_size" not in given:
+        icfg.batch_size = 0                                      # edit's default depends on the checkpoint (batch_of)
     check_counts(icfg, positive=INFER_POSITIVE + tuple(k for k in ("n", "batch_size") if k in given))
     for name in ("rtol", "atol"):
         if not getattr(icfg, name) > 0:                          # also NaN: a zero tolerance never accepts a step
@@ -2282,10 +2284,12 @@ EDIT_BATCH = {"XL": 32, "unet-pixel": 32, "unet-latent": 32}    # radit App. C.4
 
 
 def batch_of(icfg, cfg, cmd):
-    """Images per forward pass: --batch-size, or for 0 the subcommand's default: `edit` as radit App. C.4 ("a batch
-    size of 32 for RadiT XL, RadUNet [pixel and latent], and a batch size of 16 for RadiT B"; the other presets: 16,
-    our choice), `sample` 16 (our choice; the paper gives none). Only speed and memory depend on it: the solvers
-    control steps per row, so an image does not depend on its batch beyond float rounding."""
+    """Images per forward pass: --batch-size, or for 0 (edit without --batch-size, parse_infer; InferConfig's own
+    default stays 16, the sampling batch kernels/model_calls.py plans with) the subcommand's default: `edit` as
+    radit App. C.4 ("a batch size of 32 for RadiT XL, RadUNet [pixel and latent], and a batch size of 16 for RadiT
+    B"; the other presets: 16, our choice), `sample` 16 (our choice; the paper gives none). Only speed and memory
+    depend on it: the solvers control steps per row, so an image does not depend on its batch beyond float
+    rounding."""
     if icfg.batch_size:
         return icfg.batch_size
     return EDIT_BATCH.get(cfg.size, 16) if cmd == "edit" else 16

@@ -131,10 +131,11 @@ def test_paper_presets_train_as_the_paper_tables():
         assert (cfg.p_drop_var, cfg.p_drop_all, cfg.ema_warmup) == (0.1, 0.1, True), size
     assert rf.parse_config(["--size", "B", "--p-drop-var", "0.1", "--ema-warmup"]).ema_warmup is True
     # edit's batch (radit App. C.4: 32 for RadiT XL and RadUNet, 16 for RadiT B); --batch-size wins
-    edit_batch = {s: rf.batch_of(rf.InferConfig(), rf.Config(size=s), "edit") for s in rf.PRESETS}
+    left_out, given = rf.parse_infer("edit", []), rf.parse_infer("edit", ["--batch-size", "3"])
+    edit_batch = {s: rf.batch_of(left_out, rf.Config(size=s), "edit") for s in rf.PRESETS}
     assert edit_batch == {**{s: 16 for s in rf.PRESETS}, "XL": 32, "unet-pixel": 32, "unet-latent": 32}
-    assert rf.batch_of(rf.InferConfig(), rf.Config(size="XL"), "sample") == 16
-    assert rf.batch_of(rf.InferConfig(batch_size=3), rf.Config(size="XL"), "edit") == 3
+    assert rf.batch_of(rf.parse_infer("sample", []), rf.Config(size="XL"), "sample") == 16
+    assert rf.batch_of(given, rf.Config(size="XL"), "edit") == 3
 
 
 def test_ema_warmup_flag(tmp_path, phantom_dir):
