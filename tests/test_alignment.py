@@ -303,3 +303,19 @@ def test_cli_alignment_per_image_and_per_pathology(released, tmp_path, monkeypat
     assert e.value.code == M.EXIT_NO_FIDELITY
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("!! NO ALIGNMENT SCORE COMPUTED") and any("fetch-weights" in p for p in printed[:4])
+
+
+def test_alignment_on_the_phantom_test_split(released, phantom_dir, monkeypatch):
+    """End to end on the phantom's test rows (a dataset folder: reports and CheXpert labels in its meta.csv): every
+    row scored, each pathology's N the number of its label-1 rows, reports longer than the tiny BERT's 24 positions
+    truncated and counted, cosines in [-1, 1]."""
+    monkeypatch.setattr(M, "BIOVIL_T_RESIZE", 64)
+    monkeypatch.setattr(M, "BIOVIL_T_CROP", 56)
+    with open(os.path.join(phantom_dir, "meta.csv"), newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    cfg = M.Config(workers=1, batch_size=16)
+    res = M.alignment(M.ImageSet(phantom_dir, "test"), cfg, "cpu", models=released["nets"])
+    assert res["n"] == len(rows) and res["n_without_text"] == 0 and res["n_truncated"] > 0
+    want = {lab: sum(r[lab] in ("1", "1.0") for r in rows) for lab in M.LABELS}
+    assert {lab: d["n"] for lab, d in res["per_pathology"].items()} == {k: v for k, v in want.items() if v}
+    assert -1 <= res["mean"] <= 1 and all(-1 <= d["mean"] <= 1 for d in res["per_pathology"].values())
