@@ -1635,6 +1635,7 @@ XRV_SAFE = "xrv-densenet121-res224-all.safetensors"
 XRV_MIMIC_FILE = "mimic_ch-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"  # densenet121-res224-mimic_ch
 XRV_MIMIC_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + XRV_MIMIC_FILE
 XRV_MIMIC_SAFE = "xrv-densenet121-res224-mimic_ch.safetensors"
+XRV_SIZE = 224  # the xrv models' input side (model_urls[...]['input_resolution'])
 # torchxrayvision models.py model_urls[...]: each model's output order ("labels"; '' = an output that model was
 # not trained for) and its operating points ("op_threshs", NaN for those outputs), as its DenseNet.forward uses them.
 XRV_LABELS = {
@@ -2643,7 +2644,7 @@ def factual(real, fake, pairs, cfg, device):
     def predict(x):
         return xrv_predict(net(x * 2048 - 1024), thr)[:, cols]  # xrv normalize: [0, 1] -> [-1024, 1024]
 
-    pr, pf = (_apply(predict, im, [p[i] for p in pairs], 224, cfg, device) for i, im in ((0, real), (1, fake)))
+    pr, pf = (_apply(predict, im, [p[i] for p in pairs], XRV_SIZE, cfg, device) for i, im in ((0, real), (1, fake)))
     ok = [(pr[a], pf[b]) for a, b in pairs if a in pr and b in pf]
     a, b = np.stack([o[0].numpy() for o in ok]), np.stack([o[1].numpy() for o in ok])
     per = [pearson(a[:, c], b[:, c]) for c in range(a.shape[1])]

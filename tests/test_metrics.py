@@ -732,10 +732,12 @@ def test_reid_and_factual_correctness(tmp_path):
     assert f["n"] == 3 and f["random_weights"] and f["pearson"] == pytest.approx(1.0, abs=1e-9)
 
 
-def test_factual_mimic_classifier_named_outputs_and_pearson_vs_numpy(tmp_path):
+def test_factual_mimic_classifier_named_outputs_and_pearson_vs_numpy(tmp_path, monkeypatch):
     """--classifier xrv_mimic (chexgen's factual correctness): torchxrayvision's densenet121-res224-mimic_ch file,
     converted to its own safetensors (not the 'all' model's), its 11 named outputs of 18 after sigmoid + op_norm;
-    Pearson of the flattened N x 11 matrices equals numpy's corrcoef on predictions made here by hand."""
+    Pearson of the flattened N x 11 matrices equals numpy's corrcoef on predictions made here by hand. The input
+    side is shrunk to 64 px for speed (the DenseNet is fully convolutional up to its global pool)."""
+    monkeypatch.setattr(M, "XRV_SIZE", 64)
     assert M.XRV_MIMIC_FILE == "mimic_ch-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
     named = [0, 1, 3, 4, 7, 8, 10, 14, 15, 16, 17]  # torchxrayvision model_urls['mimic_ch']['labels'] != ''
     rng = np.random.default_rng(5)
@@ -751,7 +753,7 @@ def test_factual_mimic_classifier_named_outputs_and_pearson_vs_numpy(tmp_path):
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight)
-    x = torch.from_numpy(np.stack([M.prepare(M.read_image(str(d / f"{i}.png")), 224) for d in (real, fake)
+    x = torch.from_numpy(np.stack([M.prepare(M.read_image(str(d / f"{i}.png")), 64) for d in (real, fake)
                                    for i in range(2)]))[:, None]
     with torch.no_grad():  # a classifier whose logits spread around -2 on these images (no saturated sigmoid)
         e = net.embed(x * 2048 - 1024)
