@@ -1910,7 +1910,7 @@ def fetch_weights(argv):
             dst = biovil_t_folder_name(a.weights_dir) if a.weights_dir else None
             try:
                 done[n] = snapshot_download(BIOVIL_T_REPO, revision=BIOVIL_T_REVISION, local_dir=dst,
-                                            allow_patterns=list(BIOVIL_T_FILES))
+                                            allow_patterns=[*BIOVIL_T_FILES, "model.safetensors"])
             except Exception as e:  # noqa: BLE001 - network and hub errors come in many classes
                 raise SystemExit(f"metrics: fetch-weights {n}: {BIOVIL_T_REPO} could not be downloaded "
                                  f"({_first_line(e)})") from None
