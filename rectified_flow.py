@@ -288,7 +288,8 @@ class InferConfig:
     batch_size: int = arg(16, "images per forward pass, per process, at least 1; left out: sample 16, edit 32 for "
                               "the RadiT XL, unet-pixel and unet-latent checkpoints (radit App. C.4), else 16 (App. "
                               "C.4: RadiT B)")
-    seed: int = arg(0, "noise seed: image i always gets the same noise (edit: seed of --random-edit)")
+    seed: int = arg(0, "noise seed: image i always gets the same noise (edit: seed of --random-edit's draws and of "
+                       "--from-noise's identities)")
     device: str = arg("", "cpu | cuda (default: cuda when available)")
 
 
