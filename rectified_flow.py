@@ -15,12 +15,13 @@ This repository's additions, not in radit: condition dropout for classifier-free
 model trained with condition dropout use 2), and the EMA warm-up min(ema, (1 + step) / (10 + step)) (--ema-warmup).
 The paper states none of them: its recipes (radit Table 11 for RadiT, Table 12 for RadUNet) list optimizer, lr,
 warm-up, batch, weight decay, betas, clipping, EMA rate, shift, dequantisation and steps, and no condition dropout,
-no guidance scale and no EMA warm-up; §4.2 conditions on the 19 variables (Eq. 3) without a null condition, and
-§5.3 / App. C.4 edit and sample without guidance. Our decision: the paper presets (B, XL, unet-pixel, unet-latent)
-train exactly as those tables say, so they set --p-drop-var 0 --p-drop-all 0 --no-ema-warmup (a model trained so
-has no unconditional branch: --cfg other than 1 then extrapolates towards an input it never saw). The other
-presets (tiny, S, L, unet-tiny: not in the paper) keep the additions, which make the CPU demos' guided grids and
---cfg experiments possible; any preset takes them back with the flags.
+no guidance scale and no EMA warm-up; §4.2 conditions on the 19 variables (Eq. 3) and names no null condition, and
+§5.3 / App. C.4 describe sampling and editing with no guidance (the paper's text never mentions either). Our
+decision: the paper presets (B, XL, unet-pixel, unet-latent) train exactly as those tables say, so they set
+--p-drop-var 0 --p-drop-all 0 --no-ema-warmup (a model trained so has no unconditional branch: --cfg other than 1
+then extrapolates towards an input it never saw). The other presets (tiny, S, L, unet-tiny: not in the paper)
+keep the additions, which make the CPU demos' guided grids and --cfg experiments possible; any preset takes them
+back with the flags.
 
 Time convention: data at t = 0, noise at t = 1 (radit Eq. 1 as written); sampling integrates t from 1 to 0, abduction
 from 0 to 1. flow_scm.py runs the other way (noise at t = 0, data at t = 1), as its docstring says.
