@@ -177,6 +177,29 @@ def test_frechet_vs_scipy_sqrtm_and_identity():
     assert got == pytest.approx(_fid_scipy(x, y), rel=1e-6)
 
 
+@pytest.mark.parametrize("n_x, n_y", [(40, 60), (40, 400)])   # both sets N <= D, and only one
+def test_frechet_exact_when_a_set_has_fewer_rows_than_dimensions(n_x, n_y):
+    """Closed forms at N <= D, where the covariances are singular: y = c x gives S_y = c^2 S_x, so
+    tr sqrt(S_x S_y) = c tr S_x and FD = (1 - c)^2 (|mu_x|^2 + tr S_x); and an independent y checked against
+    the nuclear norm of A B^T / sqrt((n_x - 1)(n_y - 1)) in float64. The symmetric-square-root path was 2e-7 to
+    7e-6 off here (round-off eigenvalues of the singular covariance, each ~ sqrt(eps))."""
+    rng = np.random.default_rng(7)
+    d, c = 200, 0.7
+    x = rng.standard_normal((n_x, d)) * rng.uniform(0.1, 2.0, d) + rng.standard_normal(d)
+    a = x - x.mean(0)
+    want = (1 - c) ** 2 * ((x.mean(0) ** 2).sum() + (a * a).sum() / (n_x - 1))
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        assert M.frechet_distance(x, c * x) == pytest.approx(want, rel=1e-11)
+        assert M.frechet_distance(x.astype(np.float32), (c * x).astype(np.float32)) == pytest.approx(want, rel=1e-6)
+        y = rng.standard_normal((n_y, d)) * 1.5 + 0.3
+        got = M.frechet_distance(x, y)
+    b = y - y.mean(0)
+    nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((n_x - 1) * (n_y - 1))
+    want = ((x.mean(0) - y.mean(0)) ** 2).sum() + (a * a).sum() / (n_x - 1) + (b * b).sum() / (n_y - 1) - 2 * nuclear
+    assert got == pytest.approx(want, rel=1e-11)
+    assert got == pytest.approx(M.frechet_distance(y, x), rel=1e-12)   # symmetric
+
+
 def _kid_numpy(x, y):
     d, m = x.shape[1], len(x)
     k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
