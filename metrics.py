@@ -243,12 +243,12 @@ PRIVACY_MODES = ("nearest", "chexgenbench", "both")  # --privacy: whole-training
 RANDOM_WEIGHTS_SEED = 20240601
 
 
-def atomic_write(path, save_fn):
-    """Write `path` through a temporary file in its folder (save_fn gets the temporary path), fsync, then
-    os.replace: a reader never sees half a file and a failed run leaves the previous one. The file gets the mode
-    open() would give (0o666 less the umask), set after save_fn wrote it (safetensors replaces the file). A failure
-    (full disk, read-only folder, a file where a folder should be) stops with one line naming the file. The same
-    rule as the skeleton's atomic_save, which metrics.py does not hold."""
+# --- skeleton: atomic_save (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
+def atomic_save(path, save_fn):
+    """Write through a temporary file in the same folder, fsync, then os.replace: readers never see half a file and
+    a crash leaves the old one. The file gets the mode that open() would give it (0o666 less the umask), set after
+    save_fn has written it. A write that fails (a full disk, a read-only folder, a file where a folder should be)
+    stops with one line naming the file; the previous version of the file is intact."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -256,17 +256,18 @@ def atomic_write(path, save_fn):
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
         os.close(fd)
         save_fn(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0o022)  # read the umask (set and restored at once)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0o022)                                  # read the umask (set and restored at once)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~umask)                            # mkstemp's 0600 is too strict for outputs
         os.replace(tmp, path)
     except OSError as e:
-        raise SystemExit(f"metrics: {path}: cannot write ({e.strerror or e}); any previous version is intact") from None
+        raise SystemExit(f"{path}: cannot write ({e.strerror or e}); any previous version of it is intact") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+# --- end skeleton: atomic_save ---
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass; the CLI is generated from its fields
@@ -1579,7 +1580,7 @@ def find_weights(filenames, url, weights_dir="", extra_dirs=(), offline=False):
             def write(tmp):
                 with open(tmp, "wb") as fh:
                     fh.write(data)
-            atomic_write(dst, write)
+            atomic_save(dst, write)
             return dst
         except OSError as e:
             raise WeightsMissing(f"could not download {filenames[-1]} from {url} ({e}); put it in a folder "
@@ -1747,7 +1748,7 @@ def _state_as_safetensors(path, keep=lambda k: True):
     sd = {k: v.contiguous() for k, v in load_state(path).items() if keep(k)}
     if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         meta = {"source": os.path.basename(path), "converted_by": f"metrics.py {VERSION}"}
-        atomic_write(safe, lambda tmp: save_pt(sd, tmp, metadata=meta))
+        atomic_save(safe, lambda tmp: save_pt(sd, tmp, metadata=meta))
         return sd, safe
     return sd, path
 
@@ -1909,7 +1910,7 @@ def correlate(argv):
         def write(tmp):
             with open(tmp, "w") as fh:
                 json.dump(out, fh, indent=1)
-        atomic_write(a.out, write)
+        atomic_save(a.out, write)
     return out
 
 
@@ -1986,7 +1987,7 @@ def convert_xrv(src, dst):
         raise SystemExit(f"metrics: {src}: no classifier.weight; expected a torchxrayvision DenseNet-121")
     load_into(XRVDenseNet(num_classes=sd["classifier.weight"].shape[0]), sd, src)  # validates the layout
     meta = {"source": os.path.basename(src), "converted_by": f"metrics.py {VERSION}"}
-    atomic_write(dst, lambda tmp: save_pt(sd, tmp, metadata=meta))
+    atomic_save(dst, lambda tmp: save_pt(sd, tmp, metadata=meta))
     return dst
 
 
@@ -2224,7 +2225,7 @@ def extract_features(images, extractor="inception", batch_size=64, device=None, 
     _finite_features(f, images, ex)  # before caching: a NaN entry would be served again
     if cache and rank == 0:
         entry = {"features": np.ascontiguousarray(f), "indices": np.asarray(kept, np.int64)}
-        atomic_write(cache, lambda tmp: save_np(entry, tmp))
+        atomic_save(cache, lambda tmp: save_np(entry, tmp))
     return f, kept, ("miss" if cache else "off")
 
 
@@ -2470,7 +2471,7 @@ def privacy(fake, train, cfg, fake_feats=None, train_feats=None, device="cpu"):
                                 np.ones((cfg.privacy_size, 4), np.float32),
                                 prepare(b, cfg.privacy_size, cfg.fit, cfg.chexgenbench_compat)], 1) for a, b in pair]
         sheet = Image.fromarray((np.clip(np.concatenate(rows, 0), 0, 1) * 255 + 0.5).astype(np.uint8))
-        atomic_write(grid, lambda tmp: sheet.save(tmp, format="PNG"))
+        atomic_save(grid, lambda tmp: sheet.save(tmp, format="PNG"))
         out["pixel"]["grid"] = grid
     if fake_feats is not None and train_feats is not None:
         name = fake_feats[0]
@@ -2859,7 +2860,7 @@ def evaluate(cfg):
         def write(tmp):
             with open(tmp, "w") as fh:
                 json.dump(res, fh, indent=1, default=float)
-        atomic_write(cfg.out, write)
+        atomic_save(cfg.out, write)
     return res
 
 

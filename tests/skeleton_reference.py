@@ -45,7 +45,7 @@ PIECES = {
                                                "meta_index"),
     "downstream.py": ALL + PLAN + ("checkpoint_io", "log_line", "meta_index"),
     "prep_data.py": ("atomic_save", "safe_names", "output_folder", "meta_table", "meta_index"),   # not training
-    "metrics.py": ("safe_names", "meta_table"),                  # scripts: the pieces they need
+    "metrics.py": ("atomic_save", "safe_names", "meta_table"),   # scripts: the pieces they need
 }
 
 
