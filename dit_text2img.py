@@ -1340,6 +1340,18 @@ def absent_columns(path, columns, split, codes=True):
         raise SystemExit(f"{path}: no column(s) {', '.join(absent)}; expected FORMAT.md §2 columns")
 
 
+def meta_csv_rows(path, reader, columns):
+    """The data rows of meta.csv's csv.reader after its header `columns`, as lists of cells: blank lines skipped
+    (csv.DictReader skips them too), a row with more or fewer cells than the header stopped in one line."""
+    for line, r in enumerate(reader, 2):
+        if not r:
+            continue
+        if len(r) != len(columns):
+            raise SystemExit(f"{path}: row {line} has {'more' if len(r) > len(columns) else 'fewer'} cells "
+                             f"than the header's {len(columns)}; expected one cell per column")
+        yield r
+
+
 def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, shards/, info.json)", codes=True):
     """meta.csv parsed once into the columns training needs, as numpy arrays (never a dict per row):
     {"codes": uint8 [N, 18] (the 18 categorical codes of FORMAT.md §5, dataset codes in the order of `datasets`),
@@ -1370,12 +1382,7 @@ def meta_arrays(path, datasets, split=None, what="a dataset folder (meta.csv, sh
             i_id, i_shard, i_index = (columns.index(c) for c in ("id", "shard", "index"))
             i_age = columns.index("age") if coded else None
             i_split = columns.index("split") if "split" in columns else None
-            for line, r in enumerate(reader, 2):
-                if not r:
-                    continue                                     # csv.DictReader skips blank lines too
-                if len(r) != len(columns):
-                    raise SystemExit(f"{path}: row {line} has {'more' if len(r) > len(columns) else 'fewer'} cells "
-                                     f"than the header's {len(columns)}; expected one cell per column")
+            for r in meta_csv_rows(path, reader, columns):
                 ids.append(r[i_id])
                 row = []
                 for k, (m, j) in enumerate(zip(maps, at)):
