@@ -34,7 +34,10 @@ def published_layout():
     """{name: shape} of the released ae.safetensors, enumerated here from BFL's src/flux2/autoencoder.py
     (AutoEncoderParams: ch 128, ch_mult [1, 2, 4, 4], num_res_blocks 2, z_channels 32, 3 in / out channels;
     Encoder, Decoder, ResnetBlock, AttnBlock, Downsample, Upsample; bn = BatchNorm2d(4 * 32, affine=False))."""
-    ch, mult, nres, z = 128, [1, 2, 4, 4], 2, 32
+    ch = 128              # base channels
+    mult = [1, 2, 4, 4]   # channel multiplier per level
+    nres = 2              # residual blocks per level
+    z = 32                # latent channels
     out = {}
 
     def conv(name, cin, cout, k):
