@@ -39,6 +39,14 @@ def texts(tmp_path_factory, phantom_dir, bert):  # noqa: F811
     return d, bare
 
 
+def cached_text(folder, row):
+    """(hidden states, token count) of a meta.csv row in the folder's text cache, read straight from its shard file
+    (FORMAT.md text caches: text/<name>/shards/NNNNN.safetensors, `hidden` and `lengths` at the row's index)."""
+    path = os.path.join(folder, "text", "bert", "shards", f"{int(row['shard']):05d}.safetensors")
+    with safe_open(path, "pt") as f:
+        return f.get_tensor("hidden")[int(row["index"])], int(f.get_tensor("lengths")[int(row["index"])])
+
+
 def dit_reference(folder, cfg, tok=None):
     """The per-row path (TextImageData before issue 21): -> (kept rows as dicts, their token counts)."""
     rows = dt.read_meta(os.path.join(folder, "meta.csv"), required=("report", "shard", "index"), split="train")[0]
@@ -90,10 +98,7 @@ def test_dit_rows_token_counts_and_text_equal_the_per_row_path(texts, bert):  # 
             else:                                                 # the cache rows of the same (shard, index)
                 feats, lengths = data.load_text(batch)
                 for j, i in enumerate(batch.tolist()):
-                    path = os.path.join(folder, "text", "bert", "shards", f"{int(ref[i]['shard']):05d}.safetensors")
-                    with safe_open(path, "pt") as f:
-                        h = f.get_tensor("hidden")[int(ref[i]["index"])]
-                        n = int(f.get_tensor("lengths")[int(ref[i]["index"])])
+                    h, n = cached_text(folder, ref[i])
                     assert int(lengths[j]) == n and torch.equal(feats[j, :h.shape[0]], h.float())
             assert data.reports(batch[:3]) == [ref[int(i)]["report"] for i in batch[:3]]   # grid labels
             assert [r["id"] for r in data.rows] == [r["id"] for r in ref]                  # read on demand
@@ -226,10 +231,7 @@ def test_ldm_rows_labels_conditioning_images_and_text_equal_the_per_row_path(ldm
             batch = lm.batch_rows(1, len(data), 8, 0, 8, seed=0)
             lab, img, text, lengths = data.cond.inputs(batch, "cpu")
             for j, i in enumerate(batch.tolist()):
-                path = os.path.join(folder, "text", "bert", "shards", f"{int(rows[i]['shard']):05d}.safetensors")
-                with safe_open(path, "pt") as f:
-                    h = f.get_tensor("hidden")[int(rows[i]["index"])]
-                    n = int(f.get_tensor("lengths")[int(rows[i]["index"])])
+                h, n = cached_text(folder, rows[i])
                 assert int(lengths[j]) == n and torch.equal(text[j, :h.shape[0]], h.float())
             per_row = [k for k, v in vars(data).items() if isinstance(v, (list, tuple, dict)) and len(v) >= len(data)]
             assert per_row == []
