@@ -108,7 +108,9 @@ def test_global_embedding_and_cosine_against_float64(image_net):
     miss = np.broadcast_to(sd["encoder.missing_previous_emb"].numpy(), z.shape)
     fused = np.concatenate([z, miss], 1)
     p = np.einsum("oc,bchw->bohw", sd["projector.model.0.weight"][:, :, 0, 0].numpy(), fused)
-    p = np.maximum([_np_bn(q, {s: sd[f"projector.model.1.{s}"] for s in BN[:4]}) for q in p], 0)
+    bn = {s: sd[f"projector.model.1.{s}"] for s in BN[:4]}      # the projector's BatchNorm (eval statistics)
+    p = np.stack([_np_bn(q, bn) for q in p])                     # image by image
+    p = np.maximum(p, 0)                                         # ReLU
     p = np.einsum("oc,bchw->bohw", sd["projector.model.3.weight"][:, :, 0, 0].numpy(), p)
     p = p + sd["projector.model.3.bias"].numpy()[:, None, None]
     g = p.mean((2, 3))
