@@ -32,3 +32,12 @@ def phantom_dir(tmp_path_factory):
 def phantom64_dir(tmp_path_factory):
     """A small phantom dataset (256 images, 64 px, with masks), made once per run."""
     return _make_phantom(tmp_path_factory, "phantom64", 256, 64)
+
+
+@pytest.fixture(scope="session")
+def toy2_dir(tmp_path_factory):
+    """The 2-class toy dataset of tests/toy_cond.py (256 images, 32 px): the condition fully determines the image."""
+    import toy_cond
+    out = str(tmp_path_factory.mktemp("toy2") / "toy2")
+    toy_cond.make_toy2(out, n=256, size=32, seed=0)
+    return out
