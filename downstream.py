@@ -92,11 +92,14 @@ from scipy.stats import pearsonr
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass, size presets, CLI generated from the fields
 
+
 def arg(default, help, only=None):
     """A dataclass field with its CLI help string (`only`: the one task that uses it)."""
     return field(default=default, metadata={"help": help, "only": only})
 
+
 PM, EE, CE, RG = "predict-metadata", "edit-eval", "cond-eval", "report-gen"
+
 
 @dataclass
 class Config:
@@ -180,6 +183,7 @@ class Config:
     dry_run: bool = arg(False, "build the model, print config and parameter count, exit")
     bench: bool = arg(False, "time 10 training steps of the network on random --img-size images (img/s, memory)")
 
+
 # chexgen Methods: DenseNet-121, batch 128, AdamW, 256 px; chexgenbench Table 12: ResNet-50 lr 1e-4, U-Net lr 5e-5;
 # chexgen segmentation: batch 32, lr 1e-3. tiny is for tests and the CPU demo.
 _BIG = dict(img_size=224, batch_size=128, lr=1e-4, max_steps=20000, eval_every=1000, log_every=100, ckpt_every=1000)
@@ -191,6 +195,7 @@ TASKS = ("classify", "pretrain-finetune", "fairness", "segment", "predict-metada
          "report-gen")
 NO_AUG = dict(rotate=0.0, intensity=0.0, warmup=100)     # radit App. C.4: predictors trained without augmentation
 
+
 def build_parser(cls, prog, doc):
     """argparse from dataclass fields: dashes on the CLI, defaults and help shown, booleans get --no-X."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +206,7 @@ def build_parser(cls, prog, doc):
         p.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kind,
                        help=f"{f.metadata['help']}{task} [default: {f.default}{preset}]")
     return p
+
 
 def parse_config(argv):
     """Config = dataclass defaults, then the --size preset, then the flags given explicitly."""
@@ -226,8 +232,10 @@ def parse_config(argv):
 # ----------------------------------------------------------------------------------------------------------------
 # Model: DenseNet-121 and ResNet-50 with torchvision's parameter names, a tiny CNN, a U-Net
 
+
 class DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1 (4k channels) - BN-ReLU-Conv3x3 (k channels), concatenated to its input (DenseNet-BC)."""
+
     def __init__(self, cin, growth, bn_size):
         super().__init__()
         self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU(inplace=True)
@@ -238,9 +246,11 @@ class DenseLayer(nn.Module):
     def forward(self, x):
         return torch.cat([x, self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))], 1)
 
+
 class DenseNet121(nn.Module):
     """DenseNet-121 (Huang et al. 2017), torchvision layout: features.{conv0,norm0,denseblockN,transitionN,norm5},
     classifier; growth 32, blocks (6, 12, 24, 16), 64 initial features, bottleneck 4 (multicond §4, chexgen)."""
+
     def __init__(self, n_out, in_ch=1, growth=32, blocks=(6, 12, 24, 16), init=64, bn_size=4):
         super().__init__()
         f = nn.Sequential(OrderedDict(conv0=nn.Conv2d(in_ch, init, 7, stride=2, padding=3, bias=False),
@@ -263,8 +273,10 @@ class DenseNet121(nn.Module):
     def forward(self, x):
         return self.classifier(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1))
 
+
 class Bottleneck(nn.Module):
     """ResNet-50 bottleneck, stride on the 3x3 convolution (torchvision's 'v1.5')."""
+
     def __init__(self, cin, width, stride):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
@@ -277,8 +289,10 @@ class Bottleneck(nn.Module):
         h = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))))
         return F.relu(h + (x if self.downsample is None else self.downsample(x)))
 
+
 class ResNet50(nn.Module):
     """ResNet-50 (chexgenbench §2.4), torchvision layout: conv1, bn1, layer1..4 ([3, 4, 6, 3] bottlenecks), fc."""
+
     def __init__(self, n_out, in_ch=1, layers=(3, 4, 6, 3)):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(in_ch, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
@@ -296,11 +310,14 @@ class ResNet50(nn.Module):
     def forward(self, x):
         return self.fc(F.adaptive_avg_pool2d(self.trunk(x), 1).flatten(1))
 
+
 def conv_bn(cin, cout):
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
+
 class TinyCNN(nn.Module):
     """Conv-BN-ReLU stages, head on [mean, max] pooled features (max keeps a thin pneumothorax rim): tests, CPU demo."""
+
     def __init__(self, n_out, in_ch=1, width=16):
         super().__init__()
         self.features = nn.Sequential(*conv_bn(in_ch, w := width), nn.MaxPool2d(2), *conv_bn(w, 2 * w), nn.MaxPool2d(2),
@@ -311,8 +328,10 @@ class TinyCNN(nn.Module):
     def forward(self, x):
         return self.classifier(torch.cat([(h := self.features(x)).mean((2, 3)), h.amax((2, 3))], 1))
 
+
 class UNet(nn.Module):
     """U-Net (chexgenbench §2.4, chexgen Methods): 4 levels of double conv-BN-ReLU, transposed-conv up, skips."""
+
     def __init__(self, n_out, in_ch=1, width=32, levels=4):
         super().__init__()
         ws = [width * 2 ** i for i in range(levels)]
@@ -332,6 +351,7 @@ class UNet(nn.Module):
             x = dec(torch.cat([up(x), skip], 1))
         return self.head(x)
 
+
 def init_weights(model):
     """torchvision's initialisation: Kaiming-normal convolutions, BN weight 1 / bias 0, zero linear bias."""
     for m in model.modules():
@@ -342,12 +362,15 @@ def init_weights(model):
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
+
 AGE_MU, AGE_SD = 60.0, 20.0                                      # age regressed as (years - 60) / 20
+
 
 class MetadataPredictor(nn.Module):
     """radit §5.3, App. C.4: one head per variable on a shared backbone (a CNN of --arch, or a frozen transformers
     encoder whose layers' tokens are concatenated: Table 15's layers 3, 6, 9, 12 -> 4 x 768); linear / MLP heads on
     mean-pooled tokens, or attention pooling with a learned query per variable. embed(): the heads' inputs (Eq. 15)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.variables, names = resolve_labels(cfg), [v for v in cfg.datasets.split(",") if v]
@@ -394,8 +417,10 @@ class MetadataPredictor(nn.Module):
         e = self.embed(x)
         return torch.cat([h(e[:, i]) for i, h in enumerate(self.heads)], 1)
 
+
 PAD, BOS, EOS, UNK = 0, 1, 2, 3                                  # the report vocabulary's special tokens
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
 
 class ReportModel(nn.Module):
     """Image -> report (chexgenbench §2.4 trains LLaVA-Rad; this is the small stand-in of issue 24): the --arch CNN's
@@ -455,14 +480,17 @@ class ReportModel(nn.Module):
                 break
         return out[:, 1:]
 
+
 ARCHS = {"tiny": TinyCNN, "densenet121": DenseNet121, "resnet50": ResNet50, "unet": UNet}
 HEADS = ("classifier.", "fc.", "head.")                           # replaced when the label set differs
+
 
 def build_model(cfg, n_out):
     if cfg.task == RG:                                           # n_out: the vocabulary size
         return ReportModel(cfg, n_out)
     return MetadataPredictor(cfg) if cfg.task in (PM, EE, CE) else ARCHS[cfg.arch](
         n_out, **({"width": cfg.width} if cfg.arch in ("tiny", "unet") else {}))
+
 
 # Old torchvision DenseNet checkpoints (densenet121-a639ec97.pth) spell 'norm.1' for 'norm1' (torchvision's remap).
 LEGACY_DENSE = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
@@ -501,6 +529,7 @@ def load_imagenet(model, path):
                          f"unexpected {unexpected[:3]})")
     return model
 
+
 def load_init(model, init):
     """--init: imagenet:FILE, or a run folder / checkpoint of this script (the head is kept when it fits)."""
     if not init or init.startswith("imagenet:"):
@@ -517,9 +546,11 @@ def load_init(model, init):
 # ----------------------------------------------------------------------------------------------------------------
 # Method: losses, AUROC with bootstrap CIs, thresholds and F1, Dice, subgroup metrics
 
+
 def report_loss(logits, target):
     """Next-token cross-entropy over the report tokens, padding ignored."""
     return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD)
+
 
 def masked_bce(logits, target):
     """Binary cross-entropy over the known labels only: NaN targets (missing, ignored uncertain) add nothing."""
@@ -527,12 +558,14 @@ def masked_bce(logits, target):
     loss = F.binary_cross_entropy_with_logits(logits.float(), target.nan_to_num(0.0), reduction="none")
     return (loss * known).sum() / known.sum().clamp(min=1)
 
+
 def seg_loss(logits, target, pos_weight=10.0):
     """Foreground-weighted BCE + soft Dice over the batch: without the weight, a small U-Net learns to predict
     nothing first (findings cover ~2% of the pixels) and stays there for hundreds of steps."""
     p, w = torch.sigmoid(logits.float()), torch.tensor(pos_weight, device=logits.device)
     dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
     return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=w) + dice
+
 
 def metadata_loss(out, target, sizes):
     """radit App. C.4: cross-entropy per categorical variable, MSE for age, missing (NaN) targets skipped; the mean
@@ -546,12 +579,14 @@ def metadata_loss(out, target, sizes):
         losses.append((per * known).sum() / known.sum().clamp(min=1))
     return torch.stack(losses).mean()
 
+
 def activate(model, out):
     """Outputs -> scores: sigmoid per label; predictor heads: softmax per variable, age in years."""
     if not isinstance(model, MetadataPredictor):
         return torch.sigmoid(out.float())
     return torch.cat([z * AGE_SD + AGE_MU if k == 1 else z.softmax(1)
                       for z, k in zip(out.float().split(model.sizes, 1), model.sizes)], 1)
+
 
 def metadata_metrics(y, p, variables, sizes):
     """Per variable: ROC-AUC (multi-class: one-vs-rest, the mean over classes present) or age MAE in years; and the
@@ -565,6 +600,7 @@ def metadata_metrics(y, p, variables, sizes):
         res[v] = float(np.abs(s[ok, 0] - t[ok]).mean()) if k == 1 and ok.any() else np.mean(aucs) if aucs else None
     return res, pred
 
+
 def attribute_cosine(ea, eb, variables, edited):
     """radit Eq. 15: per image pair, the mean over the attributes (sex, race, age, view, dataset) that its edit left
     unchanged of the cosine similarity of the two images' embeddings from that attribute's head. ea, eb [N, V, E]."""
@@ -572,6 +608,7 @@ def attribute_cosine(ea, eb, variables, edited):
     keep = np.array([[v in META and v not in e for v in variables] for e in edited], bool).reshape(cos.shape)
     with np.errstate(invalid="ignore"):
         return (cos * keep).sum(1) / keep.sum(1)                 # NaN where nothing stayed unchanged
+
 
 def weighted_auroc(y, s, w):
     """AUROC of scores s for binary y under row weights w [B, N] (bootstrap counts; ones: the plain AUROC).
@@ -588,8 +625,10 @@ def weighted_auroc(y, s, w):
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (pos * (below + 0.5 * neg)).sum(1) / denom, np.nan)
 
+
 def auroc(y, s):
     return float(weighted_auroc(y, s, np.ones(len(y)))[0])
+
 
 def auroc_table(y, s, n_boot=1000, seed=0):
     """Per-label and macro AUROC with 95% percentile-bootstrap CIs. y [N, L] with NaN unknown, s [N, L]. The
@@ -616,6 +655,7 @@ def auroc_table(y, s, n_boot=1000, seed=0):
                 "auroc_ci": [ci(boots[:, j]) for j in range(len(point))],
                 "macro": float(np.nanmean(point)) if np.isfinite(point).any() else None, "macro_ci": ci(macro_b)}
 
+
 def best_thresholds(y, s):
     """Per label, the score threshold that maximises F1 on validation (predict positive when s >= t)."""
     ts = []
@@ -624,6 +664,7 @@ def best_thresholds(y, s):
         tp, fp, cut = cut_counts(y[k, j], s[k, j]) if 0 < (y[k, j] == 1).sum() < k.sum() else (None, None, None)
         ts.append(0.5 if tp is None else float(cut[np.argmax(2 * tp / (tp + fp + tp[-1]))]))   # F1 at each cut
     return np.array(ts)
+
 
 def threshold_metrics(y, s, t):
     """Accuracy and F1 per label at thresholds t; macro F1 and support-weighted F1 (chexgen's fairness metric)."""
@@ -636,6 +677,7 @@ def threshold_metrics(y, s, t):
     return {"accuracy": acc.tolist(), "f1": f1a.tolist(), "macro_f1": float(np.nanmean(f1a)) if ok.any() else None,
             "weighted_f1": float((f1a[ok] * sup[ok]).sum() / sup[ok].sum()) if ok.any() else None}
 
+
 def dice_summary(pred, target):
     """Per-image Dice of bool masks [N, H, W] (1 when both are empty, SIIM-ACR) averaged over all images, over those
     with foreground (positive Dice) and without (negative Dice), as chexgen reports for pneumothorax (Fig. 3d,
@@ -646,6 +688,7 @@ def dice_summary(pred, target):
     mean = lambda v: float(v.mean()) if len(v) else None
     return {"dice": mean(d), "positive_dice": mean(d[has]), "negative_dice": mean(d[~has]),
             "n_positive": int(has.sum()), "n_negative": int((~has).sum())}
+
 
 def subgroup_metrics(rows, y, s, t, min_group):
     """Macro AUROC and weighted F1 per subgroup of sex, race, age bins and their intersections (chexgen Fig. 5c)."""
@@ -659,6 +702,7 @@ def subgroup_metrics(rows, y, s, t, min_group):
                     for g, idx in ((g, np.flatnonzero(keys == g)) for g in sorted(set(keys) - {""}))}
     return out
 
+
 def worst_and_gap(groups, metric):
     """Worst subgroup and best-minus-worst gap over the ranked groups with a defined metric."""
     vals = {g: v[metric] for g, v in groups.items() if v["ranked"] and v[metric] is not None}
@@ -666,6 +710,7 @@ def worst_and_gap(groups, metric):
         return {"worst": None, "worst_value": None, "best": None, "gap": None}
     worst, best = min(vals, key=vals.get), max(vals, key=vals.get)
     return {"worst": worst, "worst_value": vals[worst], "best": best, "gap": vals[best] - vals[worst]}
+
 
 def pearson(ga, gb, metric):
     """Pearson r, two-sided p (scipy) of a metric over two cohorts' shared subgroups (chexgen Fig. 5c); < 3: None."""
@@ -677,12 +722,14 @@ def pearson(ga, gb, metric):
     r = pearsonr(a, b)
     return {"r": float(r.statistic), "p": float(r.pvalue), "n": len(a)}
 
+
 def cut_counts(y, s):
     """True and false positives when predicting s >= t, at every distinct score t (descending), and those t."""
     order = np.argsort(-s, kind="stable")
     yy, ss = y[order] == 1, s[order]
     last = np.r_[ss[1:] != ss[:-1], True]
     return np.cumsum(yy)[last], np.cumsum(~yy)[last], ss[last]
+
 
 def roc_points(y, s):
     """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1)."""
@@ -691,7 +738,9 @@ def roc_points(y, s):
 
 # Report generation (chexgenbench §2.4, Table 6, App. A.7.2): word tokens, corpus BLEU, ROUGE-L, label F1
 
+
 WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*|[^a-z0-9\s]")    # words (right-sided, o2) and punctuation marks
+
 
 def words(text):
     """A report -> lowercase word and punctuation tokens: the unit of the vocabulary, BLEU and ROUGE-L. Our choice:
@@ -700,14 +749,17 @@ def words(text):
     ROUGE-L count words anyway."""
     return WORD.findall((text or "").lower())
 
+
 def detokenize(tokens):
     """Tokens -> text, punctuation attached to the word before it ("no effusion ." -> "no effusion.")."""
     return re.sub(r" ([.,;:?!)])", r"\1", " ".join(tokens))
+
 
 def build_vocab(reports):
     """Training reports -> token list: the 4 special tokens, then every word by count (ties alphabetically)."""
     counts = Counter(w for r in reports for w in words(r))
     return SPECIAL + sorted(counts, key=lambda w: (-counts[w], w))
+
 
 def encode_reports(reports, vocab, max_tokens):
     """Reports -> int64 [N, max_tokens + 1]: <bos> words <eos> <pad>...; words past max_tokens - 1 are cut (the
@@ -720,6 +772,7 @@ def encode_reports(reports, vocab, max_tokens):
         out[i, : len(ids)] = ids
     return out, cut
 
+
 def decode_reports(ids, vocab):
     """Generated ids [N, T] -> text, up to the first <eos> (special tokens dropped)."""
     out = []
@@ -728,8 +781,10 @@ def decode_reports(ids, vocab):
         out.append(detokenize([vocab[i] for i in row if i >= len(SPECIAL)]))
     return out
 
+
 def ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
 
 def corpus_bleu(candidates, references, max_n=4):
     """Corpus BLEU-1..max_n (Papineni et al. 2002, one reference per candidate): p_n = clipped n-gram matches summed
@@ -755,6 +810,7 @@ def corpus_bleu(candidates, references, max_n=4):
     bleu = [bp * math.exp(np.log(p[:n]).mean()) if p[:n].min() > 0 else 0.0 for n in range(1, max_n + 1)]
     return {**{f"bleu{n}": bleu[n - 1] for n in range(1, max_n + 1)}, "p": p.tolist(), "bp": bp, "c": c, "r": r}
 
+
 def lcs_length(a, b):
     """Length of the longest common subsequence of two token lists (dynamic programming, O(len a x len b))."""
     prev = [0] * (len(b) + 1)
@@ -764,6 +820,7 @@ def lcs_length(a, b):
             cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
         prev = cur
     return prev[-1]
+
 
 def rouge_l(candidates, references, beta=1.2):
     """Mean sentence-level ROUGE-L F-measure (Lin 2004 §3.1): R = LCS / |ref|, P = LCS / |cand|,
@@ -780,7 +837,9 @@ def rouge_l(candidates, references, beta=1.2):
         scores.append((1 + beta ** 2) * rec * prec / (rec + beta ** 2 * prec))
     return float(np.mean(scores)) if scores else 0.0
 
+
 COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]   # CheXpert's 5 tasks
+
 
 def label_f1(gen, ref, labels=None):
     """CheXpert label F1 of generated vs reference reports from their labels (bool [N, 14], LABELS' order, positive
@@ -799,6 +858,7 @@ def label_f1(gen, ref, labels=None):
         vals = [per[k] for k in j if per[k] is not None]
         out[f"macro_f1_{name}"] = float(np.mean(vals)) if vals else None
     return out
+
 
 def report_labels(csv_path, column, out_path):
     """CheXpert-14 positives of one text column, by prep_data.py's rule-based labeller run as a program (scripts
@@ -819,6 +879,7 @@ def report_labels(csv_path, column, out_path):
         rows = list(csv.DictReader(f))
     return np.array([[(r.get(lab) or "").strip() == "1" for lab in LABELS] for r in rows], bool).reshape(-1, 14)
 
+
 def report_metrics(gen, ref, gen_labels, ref_labels):
     """Every report-generation number of one test set: BLEU-1..4, ROUGE-L, label F1 (micro / macro, 5 and 14)."""
     bleu = corpus_bleu(gen, ref)
@@ -827,6 +888,7 @@ def report_metrics(gen, ref, gen_labels, ref_labels):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: labels and subgroups (FORMAT.md §5, chexgen Fig. 5), dataset and sampler folders, batches, augmentation
+
 
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -837,6 +899,7 @@ AGE_BINS = [("19-40", 41.0), ("41-65", 66.0), ("66+", math.inf)]   # chexgen Fig
 ATTRIBUTES = ("sex", "race", "age")
 META = ["sex", "race", "view", "dataset", "age"]                 # + the 14 labels: the 19 variables (radit §4.2)
 CATS = {"sex": ["F", "M"], "race": ["ASIAN", "BLACK", "WHITE"], "view": ["PA", "AP", "LATERAL"]}   # FORMAT.md §5
+
 
 def var_value(var, s, policy, where, datasets=()):
     """A meta.csv cell -> target, '' missing (NaN, masked): a label '1' 1.0, '0' 0.0, '-1' uncertain as --uncertain
@@ -854,21 +917,26 @@ def var_value(var, s, policy, where, datasets=()):
                          else f"one of {cats}" + " (--datasets names them)" * (var == "dataset")) + " or empty")
     return v
 
+
 def age_years(s):
     return float(s) if re.fullmatch(r"\s*\d+(\.\d*)?\s*", str(s or "")) else math.nan      # '' / junk: NaN
 
+
 def age_bin(s):
     return next(name for name, hi in AGE_BINS if a < hi) if (a := age_years(s)) == a else ""
+
 
 def group_of(row, attrs):
     """The subgroup of a row under attributes like ('sex', 'race'): 'F/BLACK'; '' when any value is missing."""
     vals = [age_bin(row.get("age")) if a == "age" else (row.get(a) or "").strip() for a in attrs]
     return "/".join(vals) if all(vals) else ""
 
+
 def generator(*keys, device="cpu"):
     """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
 
 def read_png(path, size):
     """A greyscale PNG (8- or 16-bit) -> float32 [1, size, size] in [0, 1]; centre-padded to square first."""
@@ -881,10 +949,12 @@ def read_png(path, size):
     a = np.pad(a, (((s - h) // 2, s - h - (s - h) // 2), ((s - w) // 2, s - w - (s - w) // 2)))
     return fit(torch.from_numpy(np.ascontiguousarray(a))[None, None], size)[0]
 
+
 def fit(x, size, mode="bilinear"):
     """[n, C, s, s] -> [n, C, size, size] (antialiased when shrinking; masks: nearest); size 0 keeps s."""
     kw = {"antialias": True, "align_corners": False} if mode == "bilinear" else {}
     return x if not size or x.shape[-1] == size else F.interpolate(x, size=(size, size), mode=mode, **kw)
+
 
 COLUMN_CODES = LABELS + META + ["split", "shard", "index"]      # meta.csv columns a Source keeps, as codes
 
@@ -965,6 +1035,7 @@ class Source:
     when it is fresh (index_columns), else from meta.csv (read_columns); the 19 variables, split, shard and index
     are a code a row and the distinct cells, which targets() reads with var_value's rules. `rows`, every column as
     dicts, is read on first use by the tasks that need ids, reports or subgroups (mostly of a test set)."""
+
     def __init__(self, spec, cfg, default_split=""):
         name, _, rest = spec.strip().partition("=") if "=" in spec else ("", "", spec.strip())
         folder, _, split = rest.rpartition(":")                  # a split only when it is one of the four
@@ -1163,8 +1234,10 @@ def parse_sources(text, cfg, default_split="", what="--train"):
         raise SystemExit(f"{s.name}: no rows (check the split and --views)")
     return srcs
 
+
 class Pool:
     """Sources resized to one side, with targets: what training and evaluation draw from."""
+
     def __init__(self, sources, cfg, labels, size, masks=False):
         self.sources, self.size, names = sources, size, cfg.datasets.split(",")
         self.y = np.concatenate([s.targets(labels, cfg.uncertain, names) for s in sources]) if labels else None
@@ -1198,9 +1271,11 @@ class Pool:
                 m[sel] = fit(self.sources[k].masks[local].float(), self.size, "nearest")
         return (x, m) if masks else x
 
+
 @lru_cache(maxsize=16)
 def permutation(n, seed, epoch):
     return torch.randperm(n, generator=generator(seed, 1, epoch))
+
 
 def stream_rows(step, n, count, seed, weights=None):
     """`count` rows of step `step`: seeded permutations epoch after epoch (resume-exact), or weighted draws."""
@@ -1209,8 +1284,10 @@ def stream_rows(step, n, count, seed, weights=None):
     pos = torch.arange(step * count, (step + 1) * count)
     return torch.stack([permutation(n, seed, int(e))[o] for e, o in zip(pos // n, pos % n)])
 
+
 class TrainStream:
     """Global batches over a Pool: one stream over all rows, or one per source with --mix shares per batch."""
+
     def __init__(self, pool, cfg, seed):
         self.pool, self.seed, self.B = pool, seed, cfg.batch_size
         sizes = [len(s) for s in pool.sources]
@@ -1241,6 +1318,7 @@ class TrainStream:
             out.append(stream_rows(step, n, c, self.seed * 1000 + k, weights) + off)
         return torch.cat(out)[torch.randperm(self.B, generator=generator(self.seed, 5, step))]
 
+
 def augment(x, g, cfg, m=None):
     """Rotation (masks too), optional flip, brightness / contrast / gamma jitter; draws from g = f(seed, step)."""
     B, a = x.shape[0], cfg.intensity
@@ -1260,6 +1338,7 @@ def augment(x, g, cfg, m=None):
         x = x.clamp(0, 1) ** torch.exp(v(gamma))
         x = ((x - 0.5) * (1 + v(contrast)) + 0.5 + v(bright)).clamp(0, 1)
     return x, m
+
 
 def normalize(x):
     """[0, 1] grey -> ImageNet statistics averaged over RGB (matching the summed first convolution)."""
@@ -1388,6 +1467,7 @@ def clean_temporaries(folder):
             if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
 # --- end skeleton: output_folder ---
+
 
 # --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours
@@ -2131,6 +2211,7 @@ def save_checkpoint(path, raw, opt, cfg, step, state):
             "param_groups": json.dumps(groups)}
     write_checkpoint(path, tensors, meta, "downstream/1")
 
+
 def read_checkpoint(path, prefixes=("model.", "optim.")):
     """-> (metadata, {prefix: {name: tensor}}, path); a run folder means RUN/best.safetensors, else ckpt."""
     if os.path.isdir(path):
@@ -2140,6 +2221,7 @@ def read_checkpoint(path, prefixes=("model.", "optim.")):
     meta, parts = open_checkpoint(path, "downstream/1", what, prefixes)
     meta = {k: json.loads(v) for k, v in meta.items() if k != "format"}     # config, step, state, param_groups
     return meta, parts, path
+
 
 @torch.no_grad()
 def predict(model, pool, cfg, device, batch=128, fn=None):
@@ -2154,6 +2236,7 @@ def predict(model, pool, cfg, device, batch=128, fn=None):
     out = torch.cat(outs).numpy()
     return out.astype(np.float64) if out.ndim == 2 else out     # (segmentation maps stay float32)
 
+
 @torch.no_grad()
 def report_val_loss(model, pool, device, batch=128):
     """Mean next-token cross-entropy of a pool's reports (pool.tokens) under teacher forcing, per token."""
@@ -2167,6 +2250,7 @@ def report_val_loss(model, pool, device, batch=128):
         total, count = total + float(report_loss(logits, tok[:, 1:])) * n, count + n
     model.train(was)
     return total / max(count, 1)
+
 
 def val_score(model, pool, cfg, device):
     """Early stopping: macro AUROC, or mean of positive and negative Dice (plain Dice favours predicting nothing),
@@ -2411,10 +2495,12 @@ def train(cfg, pool, val, run_dir, seed, n_out, init="", lr=None, max_steps=None
         raise SystemExit(0)
     return load_best(raw, best_path)
 
+
 def load_best(raw, best_path):
     if os.path.isfile(best_path):                                # the early-stopped weights
         raw.load_state_dict(read_checkpoint(best_path, ("model.",))[1]["model."])
     return raw
+
 
 def bench(cfg):
     """10 training steps (after 2 warm-up steps) on random --img-size images: images/s and peak memory."""
@@ -2442,6 +2528,7 @@ def bench(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks: classify, pretrain-finetune, fairness, segment (evaluation, tables, ROC plot)
 
+
 def resolve_labels(cfg):
     """--labels: CheXpert labels; for predict-metadata any of the 19 variables ('': all, radit Table 16's order)."""
     allowed = META + LABELS if cfg.task in (PM, EE, CE) else LABELS
@@ -2452,6 +2539,7 @@ def resolve_labels(cfg):
                              f"expected some of {allowed}")
         out.append(by_lower[name.lower()])
     return out or list(allowed)
+
 
 def experiments(cfg):
     """--train -> [(row name, [Source])]: ';' separates experiments, ',' the sources of one."""
@@ -2467,6 +2555,7 @@ def experiments(cfg):
         exps.append(("+".join(s.name for s in srcs), srcs))
     return exps
 
+
 def validation(cfg, srcs):
     """--val, or the first dataset source's val split, or 10% of the first source's rows held out (seeded)."""
     if cfg.val:
@@ -2477,12 +2566,14 @@ def validation(cfg, srcs):
     perm, k = np.random.default_rng(cfg.seed).permutation(len(first)), max(1, len(first) // 10)
     return [first.subset(np.sort(perm[:k]))], [first.subset(np.sort(perm[k:]))] + srcs[1:]
 
+
 def test_sets(cfg, srcs):
     if cfg.test:
         return parse_sources(cfg.test, cfg, "test", "--test")
     if (ds := next((s for s in srcs if s.kind == "dataset"), None)) is None:
         raise SystemExit("--test: no default (no training source is a dataset folder); give name=folder[:split]")
     return [Source(f"{os.path.basename(ds.folder)}={ds.folder}:test", cfg)]
+
 
 def evaluate_classifier(model, pools, val_pool, cfg, device):
     """Per test set: AUROC table with CIs, accuracy / F1 at validation thresholds; predictions kept for plots."""
@@ -2493,16 +2584,20 @@ def evaluate_classifier(model, pools, val_pool, cfg, device):
                      "thresholds": t.tolist(), "n": len(pool), "positives": (pool.y == 1).sum(0).tolist()}
     return res
 
+
 def mean_std(values):
     v = np.array([x for x in values if x is not None], float)
     return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (None, None)
 
+
 def fmt(v, nd=3):
     return "-" if v is None or v != v else str(v) if isinstance(v, (int, str)) else f"{v:.{nd}f}"
+
 
 def pm(mean, std, runs):
     """'mean +- std' over several runs, the mean alone for one."""
     return fmt(mean) + (f" +- {fmt(std)}" if runs > 1 else "")
+
 
 def summarize(runs, labels):
     """Runs of one experiment on one test set -> per-label and macro mean / std (and the CI of one run)."""
@@ -2512,6 +2607,7 @@ def summarize(runs, labels):
             "macro_std": macro[1], "macro_ci": runs[0]["macro_ci"] if len(runs) == 1 else None,
             "macro_f1_mean": mean_std([r["macro_f1"] for r in runs])[0],
             "accuracy_mean": mean_std([float(np.nanmean(np.array(r["accuracy"], float))) for r in runs])[0]}
+
 
 def classify_tables(results, labels, test_names, n_runs):
     """Per test set: rows = training data, columns = labels + Avg (multicond Table 1, chexgenbench Table 4); then Avg by
@@ -2531,6 +2627,7 @@ def classify_tables(results, labels, test_names, n_runs):
                 for k, (row, res) in enumerate(results.items())}
         out.append(md_table("Average AUROC by test set (difference to the first row)", rows, test_names, corner="Data"))
     return "\n".join(out)
+
 
 def roc_plot(path, y, s, labels, title):
     """ROC curves, one per label with its AUROC in the legend, drawn with pillow (500 x 500 axes)."""
@@ -2552,12 +2649,14 @@ def roc_plot(path, y, s, labels, title):
         d.text((pad + W + 12, pad + 16 * k), legend, fill=c)
     atomic_save(path, lambda tmp: img.save(tmp, format="PNG"))
 
+
 def write_predictions(path, pool, scores, labels):
     """id, demographics, the targets as used (1 / 0 / empty) and one score column per label: every number."""
     cols = ["id", "sex", "age", "race", "view"] + labels + [f"score:{lab}" for lab in labels]
     lines = [cols] + [[r.get(c, "") for c in cols[:5]] + ["" if np.isnan(v) else str(int(v)) for v in y] +
                       [f"{v:.6g}" for v in p] for r, y, p in zip(pool.rows, pool.y, scores)]
     write_text(path, "".join(",".join(f'"{c}"' if "," in c else c for c in line) + "\n" for line in lines))
+
 
 def clean(o):
     """numpy -> Python, NaN -> null (strict JSON), recursively."""
@@ -2567,6 +2666,7 @@ def clean(o):
     if isinstance(o, (list, tuple, np.ndarray)):
         return [clean(v) for v in o]
     return None if isinstance(o, float) and o != o else o
+
 
 def finish(cfg, rank, results, md, extra=None):
     """Print the tables; write results.json (every number) and results.md."""
@@ -2579,6 +2679,7 @@ def finish(cfg, rank, results, md, extra=None):
     write_text(os.path.join(cfg.out, "results.md"), md.strip() + "\n")
     return results
 
+
 def setup(cfg, masks=False):
     """Common set-up: devices, labels, experiments, validation and test pools at one input size."""
     rank, world, device = setup_distributed(cfg.device)
@@ -2589,6 +2690,7 @@ def setup(cfg, masks=False):
         if not cfg.datasets:
             raise SystemExit("--datasets: no info.json lists the datasets; expected their names, e.g. mimic,chexpert")
     return rank, device, labels, exps, size
+
 
 def run_experiments(cfg, evaluate, masks=False):
     """Each --train experiment x --runs seeds: train (or resume), then evaluate(model, test pools, val pool, device)."""
@@ -2604,10 +2706,12 @@ def run_experiments(cfg, evaluate, masks=False):
                       for k in range(cfg.runs)]
     return rank, labels, evals, tests
 
+
 def task_classify(cfg):
     """Train on each experiment (--runs seeds), evaluate on every test set; tables in the papers' layout."""
     rank, labels, evals, tests = run_experiments(cfg, lambda m, ts, val, dev: evaluate_classifier(m, ts, val, cfg, dev))
     return report_classify(cfg, rank, evals, tests, labels)
+
 
 def report_classify(cfg, rank, evals, tests, labels):
     """Predictions CSVs, the ROC plot of the first run on the first test set, tables, results.json."""
@@ -2626,6 +2730,7 @@ def report_classify(cfg, rank, evals, tests, labels):
         results[row] = {"runs": runs, "summary": {t: summarize([r[t] for r in runs], labels) for t in tests}}
     return finish(cfg, rank, results, classify_tables(results, labels, list(tests), len(runs)), {"labels": labels})
 
+
 def load_classifier(ckpt, labels=None):
     """A trained model and its config from a run folder or checkpoint: a classifier (trained on `labels` when they
     are given), or with labels='predictor' a predict-metadata run."""
@@ -2643,6 +2748,7 @@ def load_classifier(ckpt, labels=None):
         raise SystemExit(f"{path}: weights do not fit its own config ({str(e).splitlines()[0]})") from None
     return model, saved, path
 
+
 def task_eval(cfg):
     """--eval --ckpt: a trained classifier on --test, F1 thresholds from --val; labels and size from the checkpoint."""
     if not (cfg.test and cfg.val):
@@ -2657,6 +2763,7 @@ def task_eval(cfg):
     tests = {s.name: Pool([s], cfg, labels, cfg.img_size) for s in parse_sources(cfg.test, cfg, "test", "--test")}
     return report_classify(cfg, rank, {os.path.basename(os.path.dirname(os.path.abspath(path))): [
         evaluate_classifier(model.to(device), tests, val, cfg, device)]}, tests, labels)
+
 
 def task_pretrain_finetune(cfg):
     """Pretrain on --train, finetune on --fractions of --finetune; baseline: the same from --init (chexgen Fig. 4)."""
@@ -2696,11 +2803,13 @@ def task_pretrain_finetune(cfg):
                    cols, corner="Initialisation") for t in tests]
     return finish(cfg, rank, results, "\n".join(md), {"labels": labels, "fractions": fractions})
 
+
 def split_pool_sources(pool, keep):
     """The sources of a pool restricted to global rows `keep`."""
     parts = [(s, [int(i - pool.offsets[k]) for i in keep if pool.offsets[k] <= i < pool.offsets[k + 1]])
              for k, s in enumerate(pool.sources)]
     return [s.subset(local) for s, local in parts if local]
+
 
 def balance_sources(cfg, srcs):
     """Top up each --balance-by group with its --balance images to the largest group's size (chexgen Fig. 5d)."""
@@ -2716,6 +2825,7 @@ def balance_sources(cfg, srcs):
     pick = sorted(i for t in take.values() for i in t)
     return (srcs + [syn.subset(pick)] if pick else srcs), {"target": target, "real": dict(count),
                                                           "added": {g: len(t) for g, t in take.items()}}
+
 
 def task_fairness(cfg):
     """Subgroup metrics on real and synthetic cohorts, their Pearson r; --balance: a second, debiased model."""
@@ -2762,6 +2872,7 @@ def task_fairness(cfg):
             results[arm]["pearson"] = {fam: pearson(real[fam], syn[fam], cfg.fair_metric) for fam in real}
     return finish(cfg, rank, results, fairness_tables(results, cfg.fair_metric), {"labels": labels, **extra})
 
+
 def fairness_tables(results, metric):
     """Per arm: every subgroup's n / AUROC / F1 in each cohort, then worst group, gap and Pearson r by attribute."""
     out, ms = [], ("n", "auroc", "f1")
@@ -2780,6 +2891,7 @@ def fairness_tables(results, metric):
         out.append(md_table(f"Worst group and best-worst gap by attribute ({arm})", summary, cols, corner="Attribute"))
     return "\n".join(out)
 
+
 def task_segment(cfg):
     """U-Net on one mask per experiment; Dice, positive and negative Dice on every test set (chexgen Fig. 3d)."""
     rank, _, evals, tests = run_experiments(cfg, lambda m, tests, val, dev: {
@@ -2792,16 +2904,19 @@ def task_segment(cfg):
                    ["Dice", "positive Dice", "negative Dice"], corner="Training data") for t in tests]
     return finish(cfg, rank, results, "\n".join(md), {"mask": cfg.mask})
 
+
 def md_table(title, rows, cols, head=None, nd=3, corner=""):
     """A markdown table, one line per {name: {column: value}} (numbers to nd decimals, counts and text as they are)."""
     return "\n".join([f"\n{title}\n\n| {corner} | " + " | ".join(head or cols) + " |", "|---" * (len(cols) + 1) + "|"] +
                      [f"| {name} | " + " | ".join(fmt(r.get(c), nd) for c in cols) + " |" for name, r in rows.items()])
+
 
 def metadata_table(title, rows, variables, extra=()):
     """radit Table 16's layout: metadata ROC-AUC, age MAE, then the findings."""
     cols = [v for v in META if v in variables] + [v for v in variables if v in LABELS] + list(extra)
     return md_table(title, rows, cols, [c.capitalize() if c in META[:4] else "Age MAE" if c == "age" else ABBR.get(c, c)
                                         for c in cols])
+
 
 def task_predict_metadata(cfg):
     """radit App. C.4: the multi-task predictor of the 19 variables; per-variable ROC-AUC / age MAE per test set."""
@@ -2813,6 +2928,7 @@ def task_predict_metadata(cfg):
         "Predictor ROC-AUC / age MAE (years) by training data and test set", summary, labels),
         {"variables": labels, "datasets": cfg.datasets})
 
+
 def matched(spec, ids, cfg, flag):
     """The rows of a folder in the order of `ids` (the edited images' ids); every id must be there."""
     src = Source(f"{flag[2:]}={spec}", cfg)
@@ -2821,6 +2937,7 @@ def matched(spec, ids, cfg, flag):
         raise SystemExit(f"{src.folder}/meta.csv: no rows with ids {missing[:3]} ({len(missing)} of --edited's "
                          f"{len(ids)}); expected {flag} and --edited to share ids (one edit per source image)")
     return src.subset([where[i] for i in ids])
+
 
 def task_edit_eval(cfg):
     """radit App. C.4, Tables 14 and 16: edit effectiveness (the predictor on the edited images against their new
@@ -2882,6 +2999,7 @@ def task_edit_eval(cfg):
                                 "variable predicted as set (age: MAE)", effect, V, ("hit", "n"))
     return finish(cfg, rank, {"identity": ident, "effectiveness": effect}, md, {"variables": V, "predictor": path})
 
+
 def sample_source(spec, cfg, flag):
     """A folder of samples as a Source; a PNG folder must hold <id>.png for every meta.csv id (one-line errors)."""
     folder = spec.rstrip("/")
@@ -2897,11 +3015,13 @@ def sample_source(spec, cfg, flag):
                              f"<id>.png per row")
     return Source(f"{flag[2:]}={spec}", cfg)
 
+
 def requested(src, variables, policy, datasets):
     """[n, V] values requested in a folder's meta.csv; NaN where missing (or uncertain, under --uncertain ignore)."""
     where = f"{src.folder}/meta.csv row"
     return np.array([[var_value(v, r.get(v), policy, f"{where} {r['id']} {v}", datasets) if v in src.columns
                       else math.nan for v in variables] for r in src.rows], np.float64).reshape(-1, len(variables))
+
 
 def cond_scores(y, p, variables, sizes):
     """Per variable, the predictor's scores p (activate) against requested values y (NaN skipped): AUROC of
@@ -2919,6 +3039,7 @@ def cond_scores(y, p, variables, sizes):
         else:
             res[v] = float((s[ok].argmax(1) == t[ok]).mean())
     return res
+
 
 def task_cond_eval(cfg):
     """Issue 28: how often conditional samples show what they were asked for. The predict-metadata predictor on
@@ -2970,6 +3091,7 @@ def task_cond_eval(cfg):
     return finish(cfg, rank, results, md, {"variables": asked, "predictor": path, "n_samples": len(S),
                                            "sets": {k: s.folder for k, (s, _) in sets.items()}})
 
+
 def check_reports(srcs, what):
     """Every row of a report-gen source needs its report (FORMAT.md §2's `report`; dit_text2img.py sample copies
     it from --cond): one line naming the folder otherwise."""
@@ -2981,8 +3103,10 @@ def check_reports(srcs, what):
             raise SystemExit(f"{s.folder}/meta.csv ({what}): {len(empty)} row(s) with an empty report (first "
                              f"{empty[0]!r}); expected a report in every row used")
 
+
 def pool_reports(pool):
     return [r["report"].strip() for r in pool.rows]
+
 
 @torch.no_grad()
 def generate_reports(model, pool, vocab, cfg, device, batch=128):
@@ -2996,7 +3120,9 @@ def generate_reports(model, pool, vocab, cfg, device, batch=128):
     model.train(was)
     return out
 
+
 NN_SIDE = 32        # our choice: nearest neighbours between 32 px thumbnails (cost: 50k x 50k pairs stay cheap)
+
 
 def nearest_reports(pool, test, device, batch=512):
     """Baseline: the report of the training image nearest to each test image in raw-pixel space (Euclidean distance
@@ -3007,6 +3133,7 @@ def nearest_reports(pool, test, device, batch=512):
     a, b, reports = thumbs(pool), thumbs(test), pool_reports(pool)
     nearest = torch.cat([torch.cdist(b[i:i + batch], a).argmin(1) for i in range(0, len(b), batch)])
     return [reports[int(k)] for k in nearest]
+
 
 def report_table(results, test_names):
     """Per test set: one row per system (model runs, baselines); BLEU in percent as chexgenbench Tables 6 and 16."""
@@ -3022,6 +3149,7 @@ def report_table(results, test_names):
         out.append(md_table(f"Report generation on {t} (BLEU-1/4 x 100, ROUGE-L, CheXpert label F1; greedy decoding)",
                             rows, cols, corner="Training data / baseline"))
     return "\n".join(out)
+
 
 def task_report_gen(cfg):
     """Image -> report models trained on each experiment (chexgenbench §2.4, App. A.7.2), and two baselines of the
@@ -3098,6 +3226,7 @@ def task_report_gen(cfg):
     return finish(cfg, rank, results, report_table(results, test_names),
                   {"labeller": "prep_data.py extract-labels, positive = 1 (uncertain, negative, unmentioned: 0)"})
 
+
 def write_dict_csv(path, rows):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
@@ -3106,6 +3235,7 @@ def write_dict_csv(path, rows):
 
 # ----------------------------------------------------------------------------------------------------------------
 # main: task dispatch (classify is the default)
+
 
 # What decides the outputs under --out (recorded in OUT/output.json; a rerun with other values is refused): every
 # option except these, our choice: where and how fast it runs (--device, --compile, --cache-gb), how often it logs
@@ -3154,6 +3284,7 @@ def claim_out(rank):
 RUNNERS = {"classify": task_classify, "pretrain-finetune": task_pretrain_finetune, "fairness": task_fairness,
            "segment": task_segment, "predict-metadata": task_predict_metadata, "edit-eval": task_edit_eval,
            "cond-eval": task_cond_eval, "report-gen": task_report_gen}
+
 
 def plan_memory(cfg, n_out):
     """The memory_plan of one training micro-batch of `cfg` as train() runs it on a GPU: bf16 autocast, AdamW, no
@@ -3210,6 +3341,7 @@ def main(argv=None):
     CLAIM.update(out=cfg.out, record=output_record(cfg))
     claim_output(cfg.out, CLAIM["record"], mine=("results.json",), write=False)   # refuse now, write at first use
     return (task_eval if cfg.eval and cfg.task != "fairness" else RUNNERS[cfg.task])(cfg)
+
 
 if __name__ == "__main__":
     main()
