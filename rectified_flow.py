@@ -819,6 +819,20 @@ def guided_velocity(model, x, t, cond, scale=1.0, guide=None):
     return v_u + scale * (v_c - v_u)
 
 
+@torch.no_grad()
+def condition_gap(model, x0, eps, t, cond, other):
+    """v(x_t, t, cond) - v(x_t, t, other) [B, C, H, W] on x_t = (1 - t) x_0 + t eps: how far a change of condition
+    moves the velocity (the conditioning probe of issue 28; `other` = null_cond(cond, mask) gives the signal that
+    guidance on those variables amplifies). Reference at t = 1: x_1 = eps, so the ideal field v = eps - E[x_0 | y]
+    (radit Eq. 1's regression target, averaged) gives a gap of E[x_0 | other] - E[x_0 | cond] whatever eps is:
+    averaged over rows it is a difference of the data's class means, a closed form to hold a model against."""
+    tt = torch.full((x0.shape[0],), float(t), device=x0.device)
+    xt = (1 - t) * x0 + t * eps
+    v = model(torch.cat([xt, xt]), torch.cat([tt, tt]), torch.cat([cond, other])).float()
+    v_c, v_o = v.chunk(2)
+    return v_c - v_o
+
+
 def fixed_step(f, x, ts, heun=False):
     """Euler (first order) or Heun (second order) along the time grid ts; returns (x, model evaluations)."""
     nfe = 0
