@@ -9,23 +9,21 @@ kernels.attention receives. Here:
 - a handful of the distinct (head dim, dtype, key lengths, layout) kinds run through attention_triton in triton's
   interpreter at small B, H, L, forward and gradients against float64 math.
 The interpreter tests (test_triton_*) run as in tests/test_kernels.py: in this process when it was started with
-TRITON_INTERPRET=1, else in one TRITON_INTERPRET=1 subprocess running `-k test_triton_` on this file, whose
-verdicts the tests here report. The subprocess gets the chosen cases through KERNEL_PRESET_CASES, so it does not
-walk the models again.
+TRITON_INTERPRET=1, else in TRITON_INTERPRET=1 subprocesses (tests/interpreter_runs.py: the selected ones, two at a
+time on the 2 CI cores), whose verdicts the tests here report. The subprocesses get the chosen cases through
+KERNEL_PRESET_CASES, so they do not walk the models again.
 """
 import functools
 import importlib
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
+import interpreter_runs
 import kernels
 import kernels.attention  # noqa: F401  (the module; `kernels.attention` the attribute is the function)
 from kernels import model_calls
@@ -252,23 +250,10 @@ def _interpreter_live():
 
 
 @functools.lru_cache(maxsize=None)
-def _subprocess_verdicts():
-    """Run every test_triton_* test of this file in a TRITON_INTERPRET=1 subprocess once; {name: None or why}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "report.xml")
-        env = dict(os.environ, TRITON_INTERPRET="1", **{CASES_ENV: json.dumps(CASES)})
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_triton_",
-                            f"--junitxml={report}", os.path.abspath(__file__)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
-        if not os.path.exists(report):
-            return {"": f"interpreter subprocess wrote no report (rc {r.returncode}):\n"
-                        f"{r.stdout[-3000:]}{r.stderr[-3000:]}"}
-        verdicts = {}
-        for case in ET.parse(report).getroot().iter("testcase"):
-            bad = [c for c in case if c.tag in ("failure", "error", "skipped")]
-            verdicts[case.get("name")] = (f"in the TRITON_INTERPRET=1 subprocess: {bad[0].get('message')}\n"
-                                          f"{(bad[0].text or '')[-3000:]}" if bad else None)
-        return verdicts
+def _subprocess_verdicts(names):
+    """Run the test_triton_* tests `names` of this file in TRITON_INTERPRET=1 subprocesses once; {name: None or
+    why}."""
+    return interpreter_runs.verdicts(__file__, names, extra_env={CASES_ENV: json.dumps(CASES)}, timeout=600)
 
 
 @pytest.fixture
@@ -281,7 +266,7 @@ def run_here(request, monkeypatch):
         if _interpreter_live():
             monkeypatch.setattr(attn_mod, "POISON_OUTPUTS", True)
             return True
-        verdicts = _subprocess_verdicts()
+        verdicts = _subprocess_verdicts(interpreter_runs.selected_names(request.session, __file__))
         name = request.node.name
         if name not in verdicts:
             pytest.fail(verdicts.get("", f"{name} missing from the interpreter subprocess' report"))

@@ -4,8 +4,9 @@ against float64 math written here; plus the dispatch and the bench's CPU self-ch
 TRITON_INTERPRET=1 only takes effect if it is set before triton is first imported (triton decorates its own
 helpers, tl.zeros etc., at import), and in a full pytest run another test file, or torch itself, may import triton
 first. So the `test_triton_*` tests run where the interpreter is live: in this process when it was started with
-TRITON_INTERPRET=1, otherwise in one subprocess (started by the first such test) that runs them all with the
-variable set; each test here then reports the subprocess' verdict for itself.
+TRITON_INTERPRET=1, otherwise in subprocesses with the variable set (tests/interpreter_runs.py: started by the first
+such test, they run every selected one, two at a time on the 2 CI cores); each test here then reports its own
+verdict from there.
 Every kernel output is allocated NaN-filled (POISON_OUTPUTS) so an element a kernel never writes fails the test.
 
 Tolerances (max |got - want| / max(max |want|, 1) over each tensor; inputs are rounded to the dtype first and the
@@ -19,13 +20,12 @@ import functools
 import os
 import subprocess
 import sys
-import tempfile
 import types
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
+import interpreter_runs
 import kernels
 import kernels.attention  # noqa: F401  (the module; `kernels.attention` the attribute is the function)
 import kernels.rmsnorm  # noqa: F401
@@ -48,23 +48,9 @@ def _interpreter_live():
 
 
 @functools.lru_cache(maxsize=None)
-def _subprocess_verdicts():
-    """Run every test_triton_* test in a TRITON_INTERPRET=1 subprocess once; {test name: None if passed, else why}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "report.xml")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_triton_",
-                            f"--junitxml={report}", os.path.abspath(__file__)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=900)
-        if not os.path.exists(report):
-            return {"": f"interpreter subprocess wrote no report (rc {r.returncode}):\n"
-                        f"{r.stdout[-3000:]}{r.stderr[-3000:]}"}
-        verdicts = {}
-        for case in ET.parse(report).getroot().iter("testcase"):
-            bad = [c for c in case if c.tag in ("failure", "error", "skipped")]
-            verdicts[case.get("name")] = (f"in the TRITON_INTERPRET=1 subprocess: {bad[0].get('message')}\n"
-                                          f"{(bad[0].text or '')[-3000:]}" if bad else None)
-        return verdicts
+def _subprocess_verdicts(names):
+    """Run the test_triton_* tests `names` in TRITON_INTERPRET=1 subprocesses once; {test name: None or why}."""
+    return interpreter_runs.verdicts(__file__, names, timeout=900)
 
 
 @pytest.fixture
@@ -78,7 +64,7 @@ def run_here(request, monkeypatch):
             monkeypatch.setattr(attn_mod, "POISON_OUTPUTS", True)
             monkeypatch.setattr(rms_mod, "POISON_OUTPUTS", True)
             return True
-        verdicts = _subprocess_verdicts()
+        verdicts = _subprocess_verdicts(interpreter_runs.selected_names(request.session, __file__))
         name = request.node.name
         if name not in verdicts:
             pytest.fail(verdicts.get("", f"{name} missing from the interpreter subprocess' report"))
