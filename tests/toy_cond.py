@@ -14,10 +14,12 @@ Rows alternate class 1, 0, 1, 0, ...; splits are the phantom's (`prep_data.phant
 """
 import json
 import os
+import sys
 
 import numpy as np
 
-import prep_data
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))     # the repository root: prep_data
+import prep_data  # noqa: E402
 
 REPORTS = {1: "The heart is enlarged. Cardiomegaly.", 0: "No acute cardiopulmonary abnormality. No finding."}
 
@@ -76,6 +78,4 @@ def make_toy2(out, n=128, size=32, seed=0):
 
 
 if __name__ == "__main__":          # python tests/toy_cond.py OUT [N] [SIZE]: the dataset for a look or a run
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     make_toy2(sys.argv[1], *(int(a) for a in sys.argv[2:4]))
