@@ -3,8 +3,11 @@ DiT trained a few hundred CPU steps on the toy's reports draws, under each class
 scale, the image that report stands for (the disk on the left for "The heart is enlarged...", on the right for
 "No acute..."), read exactly by toy_cond.toy_class. CPU, one thread; the captions come from a tiny random BERT whose
 WordPiece vocabulary is the toy reports' words."""
+import math
 import os
 import shutil
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -99,3 +102,76 @@ def test_samples_follow_the_report_on_the_2class_toy(tmp_path, toy_run):
     samples = toy_samples(tmp_path, toy_run, 4.0)
     follow = {j: float((toy_cond.toy_class(x) == j).mean()) for j, x in samples.items()}
     assert follow[0] > 0.9 and follow[1] > 0.9, follow
+
+
+# ---------------------------------------------------------------------------------------------------- probe
+# python tests/test_cond_dit.py OUT: the toy run of the test with the caption MLP at xavier (the script's init) and at
+# PixArt-alpha's N(0, 0.02) (the init before the fix), each probed and sampled; the figures of RESULTS.md
+
+
+def eps_gap(run, ts=(50, 250, 500, 750, 950), n=16, seed=0):
+    """{t: (RMS eps(report 0) - eps(null), RMS eps(report 1) - eps(null), RMS eps(report 1) - eps(report 0), RMS eps)}
+    of the run's EMA model at x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, x0 the toy's noise-free images of both classes."""
+    saved, _, parts, _, _ = dt.read_checkpoint(run, prefixes=("ema.",))
+    cfg = dt.Config(**saved)
+    model = dt.DiT(cfg).eval()
+    model.load_state_dict(parts["ema."])
+    tok, enc = dt.load_text_encoder(cfg.text_encoder)
+    ids, lengths, _ = dt.tokenize(tok, [toy_cond.REPORTS[0], toy_cond.REPORTS[1]], cfg.max_length)
+    sched, g, out = dt.Schedule(), torch.Generator().manual_seed(seed), {}
+    x0 = torch.tensor(np.stack([np.where(toy_cond.toy_disk(cfg.image_size, j), 0.9, 0.2) * 2 - 1 for j in (0, 1)]),
+                      dtype=torch.float32)[:, None].repeat(n // 2, 1, 1, 1)
+    with torch.no_grad():
+        text = dt.encode_text(enc, ids, lengths)
+        for t in ts:
+            ab = float(sched.alphas_cumprod[t])
+            xt = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g)
+            tt = torch.full((n,), t)
+            e0, e1 = (model(xt, tt, text[j:j + 1].expand(n, -1, -1), lengths[j:j + 1].expand(n)) for j in (0, 1))
+            en = model(xt, tt, text[:1].expand(n, -1, -1), lengths[:1].expand(n), torch.ones(n, dtype=torch.bool))
+            out[t] = tuple(float(v.pow(2).mean().sqrt()) for v in (e0 - en, e1 - en, e1 - e0, e0))
+    return out
+
+
+def pixart_caption_init(init):
+    """DiT.init_weights with the caption MLP drawn from N(0, 0.02), as PixArt-alpha (and this script before the fix)."""
+    def init_weights(self):
+        init(self)
+        for lin in (self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+            torch.nn.init.normal_(lin.weight, std=0.02)
+    return init_weights
+
+
+def main(root):
+    import pathlib
+    torch.set_num_threads(1)
+    root = pathlib.Path(root)
+    toy_cond.make_toy2(str(root / "toy2_src"), n=256, size=32, seed=0)   # the toy2_dir fixture's dataset
+
+    class Factory:                                               # tmp_path_factory for the fixtures, under root
+        def mktemp(self, name):
+            (root / name).mkdir(exist_ok=True)
+            return root / name
+    bert = toy_bert.__wrapped__(Factory())
+    xavier_init = dt.DiT.init_weights
+    for name, init in (("xavier", xavier_init), ("pixart", pixart_caption_init(xavier_init))):
+        dt.DiT.init_weights = init
+        t0 = time.process_time()
+        run = toy_run.__wrapped__(Factory(), str(root / "toy2_src"), bert)
+        cpu = time.process_time() - t0
+        dt.DiT.init_weights = xavier_init
+        os.rename(run, str(root / f"run_{name}"))
+        shutil.rmtree(os.path.dirname(run) + "/toy2")
+        run = str(root / f"run_{name}")
+        for t, (g0, g1, g10, e) in eps_gap(run).items():
+            print(f"{name}: t {t:3d}  |e(c0) - e(null)| {g0:.2e}  |e(c1) - e(null)| {g1:.2e}  "
+                  f"|e(c1) - e(c0)| {g10:.2e}  |e| {e:.3f}")
+        for w in (1.0, 4.0):
+            (root / f"s_{name}_{w}").mkdir()
+            samples = toy_samples(root / f"s_{name}_{w}", run, w)
+            follow = {j: float((toy_cond.toy_class(x) == j).mean()) for j, x in samples.items()}
+            print(f"{name}: {TOY_STEPS} steps, {cpu:.1f} CPU s (embed + train); w = {w}: follow {follow}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
