@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import rectified_flow as rf
-import toy_cond
+if __name__ == "__main__":      # run as a script: the repository root importable (tests/conftest.py does it in pytest)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rectified_flow as rf  # noqa: E402
+import toy_cond  # noqa: E402
 
 # A reduced tiny RadiT (the SMALL of tests/test_rectified_flow.py) at patch 4 (8 x 8 tokens on 32 px; patch 8's
 # 4 x 4 tokens had not learned the disk's side after 300 steps) and lr 4e-3: 200 steps follow the condition in
@@ -66,3 +68,74 @@ def test_radit_samples_follow_the_condition_on_the_toy(tmp_path, toy2_dir):
     gap = rf.condition_gap(model, x0[:32].float(), eps, 1.0, c1, c0).mean(0)
     cosine = float((gap * ref).sum() / (gap.norm() * ref.norm()))
     assert cosine > 0.9 and 0.7 < rms(gap) / rms(ref) < 1.3, (cosine, rms(gap), rms(ref))
+
+
+# ---------------------------------------------------------------------------------------------------- the probe (CLI)
+
+FLIPS = {"Support Devices": ("1", "0"), "sex": ("M", "F"), "Cardiomegaly": ("1", "0"), "view": ("LATERAL", "PA")}
+
+
+def probe(ckpt, data, variables, n=64, ts=(0.5, 0.75, 0.9, 1.0), seed=0):
+    """Per variable V with values (a, b) (FLIPS) on the first n test rows of a phantom dataset: the TRUE
+    counterfactual images of do(V = a) and do(V = b) (prep_data.phantom_rows_and_pixels, the row's own exogenous
+    noise, descendants recomputed) and their recorded rows as the two conditions. At t = 1 the ideal gap
+    v(cond_a) - v(cond_b) averaged over rows is E[x0 | b] - E[x0 | a] = -mean(true_a - true_b) (rf.condition_gap),
+    so `ratio` = RMS(model's mean gap) / RMS(true mean effect) and `cos` (their cosine) say how much of the effect
+    the model has learned (1 / 1: all of it; 0: none); `alone` is the same with the other 18 variables null (what
+    `sample --cond "V=a"` asks; its ideal is the marginal effect, close to the truth for a leaf such as Support
+    Devices). Over t, the per-row RMS of the flip gap and of the guidance
+    signal v(y) - v(y with V nulled), on x_t of the observed image; `effect` is the per-row RMS of true_a - true_b
+    (what an edit of V should change). Pixel-space checkpoints only (model units: [-1, 1])."""
+    import prep_data
+    _, model, *_ = rf.load_for_inference(rf.parse_infer("sample", ["--ckpt", ckpt]))
+    cfg = rf.Config(**rf.read_checkpoint(rf.parse_infer("sample", ["--ckpt", ckpt]).ckpt, prefixes=("ema.",))[0])
+    with open(os.path.join(data, "meta.csv"), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test" and r.get("seed")][:n]
+    datasets, size = cfg.datasets.split(","), cfg.image_size
+    seeds = [int(r["seed"]) for r in rows]
+
+    def units(images):
+        return torch.from_numpy(images.astype(np.float32) + 0.5) / 32768 - 1
+
+    def codes(rs):
+        return torch.tensor([rf.encode_row(r, datasets, "probe") for r in rs])
+
+    x0, cond = units(prep_data.phantom_rows_and_pixels(seeds, size, with_masks=False)[1]), codes(rows)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    print(f"{ckpt}: {len(rows)} test rows of {data}, {size} px; ideal at t = 1: ratio 1, cos 1")
+    for var in variables:
+        pair = []
+        for value in FLIPS[var]:
+            iv = [prep_data.parse_assignment(f"{var}={value}", datasets)] * len(seeds)
+            r, images, _ = prep_data.phantom_rows_and_pixels(seeds, size, iv, with_masks=False)
+            pair.append((codes(r), units(images)))
+        (ca, xa), (cb, xb) = pair
+        truth = (xa - xb).mean(0)
+        gap1 = rf.condition_gap(model, x0, eps, 1.0, ca, cb).mean(0)
+        cos = float((-gap1 * truth).sum() / (gap1.norm() * truth.norm()))
+        print(f"{var} {FLIPS[var][0]} vs {FLIPS[var][1]}: true mean effect RMS {rms(truth):.4f}, model "
+              f"{rms(gap1):.4f} (ratio {rms(gap1) / rms(truth):.2f}, cos {cos:.2f}); per-row effect RMS "
+              f"{float((xa - xb).pow(2).mean((1, 2, 3)).sqrt().mean()):.4f}")
+        mask = torch.tensor([v == var for v in rf.VARIABLES])
+        # `sample --cond "V=a"`: V set, the other 18 null (a condition training shows with probability ~0.1^18)
+        alone = rf.condition_gap(model, x0, eps, 1.0, rf.null_cond(ca, ~mask), rf.null_cond(cb, ~mask)).mean(0)
+        cos = float((-alone * truth).sum() / (alone.norm() * truth.norm()))
+        print(f"  {var} alone (the other 18 null): model {rms(alone):.4f} (ratio {rms(alone) / rms(truth):.2f}, "
+              f"cos {cos:.2f})")
+        for t in ts:
+            flip = rf.condition_gap(model, x0, eps, t, ca, cb)
+            guide = rf.condition_gap(model, x0, eps, t, cond, rf.null_cond(cond, mask))
+            everything = rf.condition_gap(model, x0, eps, t, cond, rf.null_cond(cond))
+            print(f"  t {t:.2f}: per-row RMS flip gap {rms(flip):.4f}, v(y) - v(y, {var} null) {rms(guide):.4f}, "
+                  f"v(y) - v(all null) {rms(everything):.4f}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=probe.__doc__)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--vars", default="Support Devices,sex")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    probe(args.ckpt, args.data, [v.strip() for v in args.vars.split(",")], args.n)
