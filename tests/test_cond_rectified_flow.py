@@ -34,6 +34,10 @@ def rms(v):
     return float(v.double().pow(2).mean().sqrt())
 
 
+def cosine(a, b):
+    return float((a.double() * b.double()).sum() / (a.double().norm() * b.double().norm()))
+
+
 def sample_classes(run, data, out, scale, n=64):
     """`sample` conditioned on the toy's own meta.csv rows (alternating classes) -> (requested, drawn) classes."""
     rf.main(["sample", "--ckpt", run, "--cond", os.path.join(data, "meta.csv"), "--n", str(n), "--solver", "euler",
@@ -57,7 +61,7 @@ def test_radit_samples_follow_the_condition_on_the_toy(tmp_path, toy2_dir):
             assert follow > 0.9, (scale, cls, follow)
     # The probe against its closed form at t = 1 (rf.condition_gap): class 1 vs class 0 should move v by
     # E[x0 | class 0] - E[x0 | class 1], the difference of the training images' class means (float64).
-    _, model, *_ = rf.load_for_inference(rf.parse_infer("sample", ["--ckpt", run]))
+    model = rf.load_for_inference(rf.parse_infer("sample", ["--ckpt", run]))[1]
     data = rf.CXRData(toy2_dir, "pixel")
     x0 = data.load(range(len(data))).double()
     cls1 = data.cond[:, rf.VARIABLES.index("Cardiomegaly")] == 2                 # code 2 = "1"
@@ -66,8 +70,7 @@ def test_radit_samples_follow_the_condition_on_the_toy(tmp_path, toy2_dir):
     c0 = data.cond[~cls1][:1].expand(32, 19)
     eps = torch.randn(32, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     gap = rf.condition_gap(model, x0[:32].float(), eps, 1.0, c1, c0).mean(0)
-    cosine = float((gap * ref).sum() / (gap.norm() * ref.norm()))
-    assert cosine > 0.9 and 0.7 < rms(gap) / rms(ref) < 1.3, (cosine, rms(gap), rms(ref))
+    assert cosine(gap, ref) > 0.9 and 0.7 < rms(gap) / rms(ref) < 1.3, (cosine(gap, ref), rms(gap), rms(ref))
 
 
 # ---------------------------------------------------------------------------------------------------- the probe (CLI)
@@ -83,12 +86,11 @@ def probe(ckpt, data, variables, n=64, ts=(0.5, 0.75, 0.9, 1.0), seed=0):
     so `ratio` = RMS(model's mean gap) / RMS(true mean effect) and `cos` (their cosine) say how much of the effect
     the model has learned (1 / 1: all of it; 0: none); `alone` is the same with the other 18 variables null (what
     `sample --cond "V=a"` asks; its ideal is the marginal effect, close to the truth for a leaf such as Support
-    Devices). Over t, the per-row RMS of the flip gap and of the guidance
-    signal v(y) - v(y with V nulled), on x_t of the observed image; `effect` is the per-row RMS of true_a - true_b
-    (what an edit of V should change). Pixel-space checkpoints only (model units: [-1, 1])."""
+    Devices). Over t: the per-row RMS of the flip gap and of the guidance signal v(y) - v(y with V nulled), on x_t
+    of the observed image; `per-row effect` is the per-row RMS of true_a - true_b (what an edit of V should
+    change). Pixel-space checkpoints only (model units: [-1, 1])."""
     import prep_data
-    _, model, *_ = rf.load_for_inference(rf.parse_infer("sample", ["--ckpt", ckpt]))
-    cfg = rf.Config(**rf.read_checkpoint(rf.parse_infer("sample", ["--ckpt", ckpt]).ckpt, prefixes=("ema.",))[0])
+    cfg, model = rf.load_for_inference(rf.parse_infer("sample", ["--ckpt", ckpt]))[:2]
     with open(os.path.join(data, "meta.csv"), newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test" and r.get("seed")][:n]
     datasets, size = cfg.datasets.split(","), cfg.image_size
@@ -100,28 +102,30 @@ def probe(ckpt, data, variables, n=64, ts=(0.5, 0.75, 0.9, 1.0), seed=0):
     def codes(rs):
         return torch.tensor([rf.encode_row(r, datasets, "probe") for r in rs])
 
-    x0, cond = units(prep_data.phantom_rows_and_pixels(seeds, size, with_masks=False)[1]), codes(rows)
+    def under(var, value):
+        """The rows' conditions and TRUE images under do(var = value)."""
+        iv = [prep_data.parse_assignment(f"{var}={value}", datasets)] * len(seeds)
+        cf_rows, images, _ = prep_data.phantom_rows_and_pixels(seeds, size, iv, with_masks=False)
+        return codes(cf_rows), units(images)
+
+    x0 = units(prep_data.phantom_rows_and_pixels(seeds, size, with_masks=False)[1])
+    cond = codes(rows)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     print(f"{ckpt}: {len(rows)} test rows of {data}, {size} px; ideal at t = 1: ratio 1, cos 1")
     for var in variables:
-        pair = []
-        for value in FLIPS[var]:
-            iv = [prep_data.parse_assignment(f"{var}={value}", datasets)] * len(seeds)
-            r, images, _ = prep_data.phantom_rows_and_pixels(seeds, size, iv, with_masks=False)
-            pair.append((codes(r), units(images)))
-        (ca, xa), (cb, xb) = pair
+        ca, xa = under(var, FLIPS[var][0])
+        cb, xb = under(var, FLIPS[var][1])
         truth = (xa - xb).mean(0)
         gap1 = rf.condition_gap(model, x0, eps, 1.0, ca, cb).mean(0)
-        cos = float((-gap1 * truth).sum() / (gap1.norm() * truth.norm()))
+        per_row = float((xa - xb).pow(2).mean((1, 2, 3)).sqrt().mean())
         print(f"{var} {FLIPS[var][0]} vs {FLIPS[var][1]}: true mean effect RMS {rms(truth):.4f}, model "
-              f"{rms(gap1):.4f} (ratio {rms(gap1) / rms(truth):.2f}, cos {cos:.2f}); per-row effect RMS "
-              f"{float((xa - xb).pow(2).mean((1, 2, 3)).sqrt().mean()):.4f}")
+              f"{rms(gap1):.4f} (ratio {rms(gap1) / rms(truth):.2f}, cos {cosine(-gap1, truth):.2f}); per-row "
+              f"effect RMS {per_row:.4f}")
         mask = torch.tensor([v == var for v in rf.VARIABLES])
         # `sample --cond "V=a"`: V set, the other 18 null (a condition training shows with probability ~0.1^18)
         alone = rf.condition_gap(model, x0, eps, 1.0, rf.null_cond(ca, ~mask), rf.null_cond(cb, ~mask)).mean(0)
-        cos = float((-alone * truth).sum() / (alone.norm() * truth.norm()))
         print(f"  {var} alone (the other 18 null): model {rms(alone):.4f} (ratio {rms(alone) / rms(truth):.2f}, "
-              f"cos {cos:.2f})")
+              f"cos {cosine(-alone, truth):.2f})")
         for t in ts:
             flip = rf.condition_gap(model, x0, eps, t, ca, cb)
             guide = rf.condition_gap(model, x0, eps, t, cond, rf.null_cond(cond, mask))
