@@ -8,6 +8,7 @@ sample with each class's mask at the paper's guidance (chexgen: w = 4, DDIM; no 
 default). CPU only, one thread (tiny models run faster on one thread than on two contended ones).
 
 `PYTHONPATH=. python tests/test_cond_controlnet.py OUT` runs the measurements of RESULTS.md (floor, probe, budget)."""
+import contextlib
 import csv
 import os
 import shutil
@@ -72,9 +73,9 @@ def train_backbone(data, out, steps=STEPS):
     return out
 
 
-def train_adapter(data, backbone, out, steps=STEPS):
+def train_adapter(data, backbone, out, steps=STEPS, extra=()):
     cn.main(["--data", data, "--backbone", backbone, "--out", out, *SMALL, "--cond-masks", "Heart",
-             "--control-blocks", "1", "--max-steps", str(steps), "--log-every", str(steps)])
+             "--control-blocks", "1", "--max-steps", str(steps), "--log-every", str(steps), *extra])
     return out
 
 
@@ -86,12 +87,12 @@ def write_masks(folder):
     return folder
 
 
-def sample_args(run, masks, bert, out, steps=25, n=16):
+def sample_args(run, masks, bert, out, steps=25, n=16, extra=()):
     """controlnet.py sample with each class's mask under one prompt, n samples a class. chexgen's guidance w = 4
     (the script's default, given here to be seen); 25 DDIM steps instead of chexgen's 100: our choice, for time
     (100 steps follow the mask as well: RESULTS.md)."""
     return ["sample", "--ckpt", run, "--masks", masks, "--prompt", TEXT, "--n-per-cond", str(n), "--cfg", "4",
-            "--steps", str(steps), "--batch-size", str(2 * n), "--out", out, "--text-encoder", bert]
+            "--steps", str(steps), "--batch-size", str(2 * n), "--out", out, "--text-encoder", bert, *extra]
 
 
 def follow_rates(out, ids):
@@ -227,6 +228,103 @@ def measure(root, long_steps=1000, seg_steps=150):
     return res
 
 
-if __name__ == "__main__":              # PYTHONPATH=. python tests/test_cond_controlnet.py OUT (a new folder)
+# Issue 25 item 1, measured: controlnet.py's "no C" is the frozen backbone (arm A, the shipped design) against
+# condition dropout to a LEARNED null condition map fed through the adapter (arm B, built here and not shipped).
+
+
+class NullCondDiT(cn.ControlDiT):
+    """Arm B: where keep is False the sample's condition map is replaced by the adapter's learned null map
+    (adapter.null_cond, [K C, H, W], the shape of an encoded condition) and goes through the adapter like any map;
+    the residuals are never zeroed. So guided_eps's third branch (keep False, --cfg-cond) is e(text, null C)."""
+
+    def forward(self, x, t, text, lengths, drop=None, cond=None, keep=None):
+        if cond is not None and keep is not None:
+            null = self.adapter.null_cond.to(cond.dtype).expand_as(cond)
+            cond = torch.where(keep.view(-1, 1, 1, 1), cond, null)
+        return super().forward(x, t, text, lengths, drop, cond, None)
+
+
+@contextlib.contextmanager
+def learned_null(p_drop=0.1, seed=0):
+    """controlnet.py with arm B patched in for the runs inside: build_model adds adapter.null_cond (zeros: our
+    choice, halfway between an empty map, -1, and a full one, +1; it is a parameter of the adapter, so AdamW, the
+    EMA, the checkpoint and load_model carry it), and the training loss drops each sample's condition with
+    probability p_drop (0.1, the flag issue 25 removed; a generator of its own, seeded per run, so both the
+    caption draws of draw_step and the adapter's initial weights stay the same as arm A's)."""
+    build, loss = cn.build_model, cn.diffusion_loss
+    g = torch.Generator().manual_seed(seed)
+
+    def build_b(dcfg, cond_channels, n_blocks, base_state=None, where=""):
+        m = build(dcfg, cond_channels, n_blocks, base_state, where)
+        m = NullCondDiT(m.base, adapter=m.adapter)
+        m.adapter.null_cond = torch.nn.Parameter(torch.zeros(cond_channels, dcfg.image_size, dcfg.image_size))
+        return m
+
+    def loss_b(model, sched, x0, eps, t, text, lengths, drop, cond, keep, pred="eps"):
+        if keep is None and torch.is_grad_enabled():               # training (sampling runs under no_grad)
+            keep = (torch.rand(len(x0), generator=g) >= p_drop).to(x0.device)
+        return loss(model, sched, x0, eps, t, text, lengths, drop, cond, keep, pred)
+    cn.build_model, cn.diffusion_loss = build_b, loss_b
+    try:
+        yield
+    finally:
+        cn.build_model, cn.diffusion_loss = build, loss
+
+
+def measure_null(root, backbone_steps=1000, budgets=(100, 300, 1000), seeds=(0, 1), seg_steps=150):
+    """Arms A and B on one backbone (backbone_steps; 1000 is where the test budget's noisy samples are gone:
+    RESULTS.md), the same data, adapter seed, steps and sampler: at each adapter budget, follow rates (16 samples
+    a class) and evaluate's Dice on the 29 test conditions, with --cfg 4 and with --cfg 4 --cfg-cond 2."""
+    import json
+    import time
+    import downstream as ds
+    torch.set_num_threads(1)
+    os.makedirs(os.path.join(root, "bert"))
+    t0 = time.process_time()
+    bert = make_bert(os.path.join(root, "bert"))
+    toy = os.path.join(root, "toy2")
+    toy_cond.make_toy2(toy, n=256, size=32, seed=0)                    # as the toy2_dir fixture
+    data = toy_data(toy, bert, os.path.join(root, "data"))
+    dit = train_backbone(data, os.path.join(root, "dit"), backbone_steps)
+    seg = os.path.join(root, "seg")
+    ds.main(["segment", "--train", f"real={data}:train", "--mask", "Heart", "--width", "8", "--batch-size", "16",
+             "--max-steps", str(seg_steps), "--eval-every", str(seg_steps), "--lr", "5e-3", "--out", seg])
+    masks = write_masks(os.path.join(root, "masks"))
+    res = {"backbone_steps": backbone_steps, "rows": [], "cpu_s_setup": time.process_time() - t0}
+    for seed in seeds:
+        for steps in budgets:
+            for arm in ("A", "B"):
+                t1, name = time.process_time(), f"{arm}_{steps}_s{seed}"
+                with learned_null(seed=seed) if arm == "B" else contextlib.nullcontext():
+                    run = train_adapter(data, dit, os.path.join(root, f"cn_{name}"), steps, ["--seed", str(seed)])
+                    row = {"arm": arm, "adapter_steps": steps, "seed": seed}
+                    for tag, extra in (("cfg4", []), ("cfg4_c2", ["--cfg-cond", "2"])):
+                        out = os.path.join(root, f"fake_{name}_{tag}")
+                        row[f"follow_{tag}"] = follow_rates(out, cn.main(sample_args(run, masks, bert, out,
+                                                                                     extra=extra)))
+                        ev = cn.main(["evaluate", "--ckpt", run, "--seg-ckpt", os.path.join(seg, "real", "run0"),
+                                      "--data", data, "--n-per-cond", "1", "--cfg", "4", "--steps", "25",
+                                      "--fid-features", "none", "--text-encoder", bert,
+                                      "--out", os.path.join(root, f"eval_{name}_{tag}"), *extra])
+                        row[f"dice_{tag}"] = ev["generated"]["dice"]
+                        res["real_dice"] = ev["real"]["dice"]
+                    if arm == "B":                                 # how far the learned null moved from 0
+                        _, _, m = cn.load_model(run, "cpu")
+                        nc = m.adapter.null_cond
+                        row["null_mean_sd"] = [float(nc.mean()), float(nc.std())]
+                row["cpu_s"] = time.process_time() - t1
+                res["rows"].append(row)
+                print(json.dumps(row), flush=True)
+    res["cpu_s_total"] = time.process_time() - t0
+    print(json.dumps(res, indent=1))
+    with open(os.path.join(root, "measure_null.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":  # PYTHONPATH=. python tests/test_cond_controlnet.py OUT [null] (OUT: a new folder)
     import sys
-    measure(sys.argv[1])
+    if sys.argv[2:] == ["null"]:
+        measure_null(sys.argv[1])
+    else:
+        measure(sys.argv[1])
