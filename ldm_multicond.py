@@ -304,9 +304,14 @@ class MultiCondUnit(nn.Module):
         super().__init__()
         D, self.n_text = cfg.dim, cfg.max_length
         self.use = modality_mask(cfg.modalities, "--modalities")
-        self.label = nn.Sequential(nn.Linear(17, D), nn.SiLU(), nn.Linear(D, D))          # L_theta, 17-d -> 1 token
-        self.image = nn.Sequential(nn.Linear(cfg.image_dim or 1, D), nn.SiLU(), nn.Linear(D, D)) if self.use[1] \
-            else None                                                                      # MLP after frozen I
+        # L_theta (17-d -> 1 token) and the MLP after the frozen I, each ending in a LayerNorm (our choice; App. A.1
+        # says only "MLP"): the token enters tau at the scale of the text encoder's states (BERT's last LayerNorm,
+        # ~1 per element). A default-initialised MLP's token is ~0.15 per element, which tau's residual stream washed
+        # out: on the 2-class toy, label-only conditioning moved eps by < 1e-5 RMS after 300 steps (RESULTS.md,
+        # "Conditioning on the 2-class toy").
+        self.label = nn.Sequential(nn.Linear(17, D), nn.SiLU(), nn.Linear(D, D), nn.LayerNorm(D))
+        self.image = nn.Sequential(nn.Linear(cfg.image_dim or 1, D), nn.SiLU(), nn.Linear(D, D), nn.LayerNorm(D)) \
+            if self.use[1] else None
         # the frozen T's states enter tau as they are when they are dim wide (Bio_ClinicalBERT: 768); another
         # encoder's width gets a trainable linear map (not in the paper, which has no width mismatch)
         self.text = (nn.Identity() if cfg.text_dim == D else nn.Linear(cfg.text_dim, D)) if self.use[2] else None
@@ -320,10 +325,13 @@ class MultiCondUnit(nn.Module):
 
     def forward(self, labels, img, text, lengths, drop):
         """labels [B, 17], img [B, F] or None, text [B, n_T, C] or None, lengths [B], drop [B, 3] bool (True: null).
-        -> C [B, 2 + n_T, dim] fp32 and its valid key count [B] (text padding masked, a null text all valid)."""
+        -> C [B, 2 + n_T, dim] fp32 and its valid key count [B]: 2 + the report's length, or 2 + 1 for a null
+        report. multicond §3.2 replaces T(r) by "a fixed null token": one valid key (our reading). n_T valid null
+        keys outweighed the single label token n_T:1 in every cross-attention, where a real report counts only its
+        own tokens (issue 28)."""
         B, n = drop.shape[0], self.n_text
         drop = drop | ~torch.tensor(self.use, device=drop.device)       # a modality the model lacks is always null
-        tokens, valid = [], torch.full((B,), n, device=drop.device, dtype=torch.long)
+        tokens, valid = [], torch.ones((B,), device=drop.device, dtype=torch.long)
         for j, (enc, null, x) in enumerate(((self.label, self.null_l, labels), (self.image, self.null_i, img))):
             e = null.expand(B, 1, -1) if enc is None or x is None else enc(x.float())[:, None]
             tokens.append(torch.where(drop[:, j, None, None], null, e))
