@@ -266,9 +266,12 @@ def test_balance_tops_up_minority_groups(phantom_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def big_phantom(tmp_path_factory):
+    """The training phantom of the classifier and metadata-predictor tests. 1200 images (our choice; 2400 before):
+    rendering them was a third of the classify set-up's time; the 300-step runs of 32 now see each frontal image
+    ~10 times instead of ~5. Measured with 1200: test AUROCs 0.995 / 1.000 / 0.911 (2400: 0.996 / 1.000 / 0.870)."""
     import prep_data
     out = str(tmp_path_factory.mktemp("ds") / "ph")
-    prep_data.make_phantom(out, n=2400, size=32, seed=7, masks=False)
+    prep_data.make_phantom(out, n=1200, size=32, seed=7, masks=False)
     return out
 
 
