@@ -119,7 +119,8 @@ def eps_gap(run, ts=(50, 250, 500, 750, 950), n=16, seed=0):
     model.load_state_dict(parts["ema."])
     tok, enc = dt.load_text_encoder(cfg.text_encoder)
     ids, lengths, _ = dt.tokenize(tok, [toy_cond.REPORTS[0], toy_cond.REPORTS[1]], cfg.max_length)
-    sched, g, out = dt.Schedule(), torch.Generator().manual_seed(seed), {}
+    sched, out = dt.Schedule(), {}
+    g = torch.Generator().manual_seed(seed)
     x0 = torch.tensor(np.stack([np.where(toy_cond.toy_disk(cfg.image_size, j), 0.9, 0.2) * 2 - 1 for j in (0, 1)]),
                       dtype=torch.float32)[:, None].repeat(n // 2, 1, 1, 1)
     with torch.no_grad():
@@ -164,9 +165,9 @@ def main(root):
         os.rename(run, str(root / f"run_{name}"))
         shutil.rmtree(os.path.dirname(run) + "/toy2")
         run = str(root / f"run_{name}")
-        for t, (g0, g1, g10, e) in eps_gap(run).items():
-            print(f"{name}: t {t:3d}  |e(c0) - e(null)| {g0:.2e}  |e(c1) - e(null)| {g1:.2e}  "
-                  f"|e(c1) - e(c0)| {g10:.2e}  |e| {e:.3f}")
+        for t, gap in eps_gap(run).items():
+            print(f"{name}: t {t:3d}  |e(c0) - e(null)| {gap[0]:.2e}  |e(c1) - e(null)| {gap[1]:.2e}  "
+                  f"|e(c1) - e(c0)| {gap[2]:.2e}  |e| {gap[3]:.3f}")
         for w in (1.0, 4.0):
             (root / f"s_{name}_{w}").mkdir()
             samples = toy_samples(root / f"s_{name}_{w}", run, w)
