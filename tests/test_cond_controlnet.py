@@ -271,10 +271,11 @@ def learned_null(p_drop=0.1, seed=0):
         cn.build_model, cn.diffusion_loss = build, loss
 
 
-def measure_null(root, backbone_steps=1000, budgets=(100, 300, 1000), seeds=(0, 1), seg_steps=150):
+def measure_null(root, backbone_steps=1000, budgets=(100, 300, 1000), seeds=(0, 1), seg_steps=150, arms="AB"):
     """Arms A and B on one backbone (backbone_steps; 1000 is where the test budget's noisy samples are gone:
     RESULTS.md), the same data, adapter seed, steps and sampler: at each adapter budget, follow rates (16 samples
-    a class) and evaluate's Dice on the 29 test conditions, with --cfg 4 and with --cfg 4 --cfg-cond 2."""
+    a class) and evaluate's Dice on the 29 test conditions, with --cfg 4 and with --cfg 4 --cfg-cond 2. (arms="A",
+    budgets=(90, 270, 900): arm A given arm B's number of conditioned samples, RESULTS.md's control row.)"""
     import json
     import time
     import downstream as ds
@@ -293,7 +294,7 @@ def measure_null(root, backbone_steps=1000, budgets=(100, 300, 1000), seeds=(0, 
     res = {"backbone_steps": backbone_steps, "rows": [], "cpu_s_setup": time.process_time() - t0}
     for seed in seeds:
         for steps in budgets:
-            for arm in ("A", "B"):
+            for arm in arms:
                 t1, name = time.process_time(), f"{arm}_{steps}_s{seed}"
                 with learned_null(seed=seed) if arm == "B" else contextlib.nullcontext():
                     run = train_adapter(data, dit, os.path.join(root, f"cn_{name}"), steps, ["--seed", str(seed)])
