@@ -56,12 +56,17 @@ def verdicts(path, names, extra_env=None, timeout=900):
             run["proc"] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=run["log"], stderr=subprocess.STDOUT)
             runs.append(run)
         deadline = time.monotonic() + timeout
-        for run in runs:
-            try:
+        try:
+            for run in runs:
                 run["proc"].wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                run["proc"].kill()
-                run["proc"].wait()
+        except subprocess.TimeoutExpired:
+            pass                                 # past the deadline: killed below; no report, so its tests fail
+        finally:                                 # also when the parent is interrupted (Ctrl-C)
+            for run in runs:
+                if run["proc"].poll() is None:
+                    run["proc"].kill()
+                    run["proc"].wait()
+        for run in runs:
             run["log"].seek(0)
             tail = run["log"].read()[-3000:]
             run["log"].close()
