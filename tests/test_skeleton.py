@@ -322,7 +322,8 @@ def test_a_one_character_change_to_any_copy_is_caught_and_fix_restores_it(tmp_pa
         for script, found in copies.items():
             if k >= len(found):
                 continue
-            name, _, _, start, end = found[k]
+            name = found[k][0]
+            start, end = found[k][3:5]                           # (name, source, renames, start, end)
             lines = originals[script].split("\n")
             i = next(m for m in range((start + end) // 2, end)   # a line in the middle of the copy (not blank)
                      if any(c.isalnum() for c in lines[m]))
