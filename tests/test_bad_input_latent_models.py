@@ -26,12 +26,8 @@ import dit_text2img as dt
 import ldm_multicond as lm
 import prep_data
 from bad_input import confined, expect_refusal, one_line_refusal
+from tiny_text import phantom_texts, write_tiny_bert
 
-WORDS = ["-", ".", ",", "acute", "atelectasis", "basilar", "bilateral", "cardiomediastinal", "cardiomegaly",
-         "cardiopulmonary", "consolidation", "devices", "edema", "effusion", "focal", "fracture", "in", "left", "lung",
-         "mild", "moderate", "no", "nodule", "of", "opacity", "place", "pleural", "pneumonia", "pneumothorax",
-         "possible", "process", "pulmonary", "rib", "right", "severe", "sided", "silhouette", "support", "the",
-         "thickening", "widening"]
 DIT = ["--hidden", "32", "--depth", "2", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9",
        "--sample-every", "0", "--log-every", "1"]
 CN = ["--control-blocks", "1", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9", "--sample-every", "0",
@@ -127,17 +123,11 @@ def train_ok(main, argv):
 def w(tmp_path_factory):
     """Datasets (text: reports cached for dit / controlnet; multi: text and image caches for ldm; latent copies),
     runs of each script (2 steps), a sample folder of each sampler, and a folder of bad checkpoint files."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, ViTModel
+    from transformers import ViTConfig, ViTModel
     root = tmp_path_factory.mktemp("badlat")
     ns = SimpleNamespace(root=str(root))
     bert, vit = str(root / "bert"), str(root / "vit")
-    os.makedirs(bert)
-    with open(os.path.join(bert, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=os.path.join(bert, "vocab.txt"), do_lower_case=True).save_pretrained(bert)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=160)).save_pretrained(bert)
+    write_tiny_bert(bert, phantom_texts(), layers=1, max_positions=160)
     ViTModel(ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=24, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=48)).save_pretrained(vit)
     ns.bert = bert

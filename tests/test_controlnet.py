@@ -18,16 +18,12 @@ from safetensors.numpy import save_file as save_np
 
 import controlnet as cn
 import dit_text2img as dt
+from tiny_text import phantom_texts, write_tiny_bert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = ["--hidden", "32", "--depth", "2", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9"]
 CN = ["--batch-size", "8", "--lr", "2e-3", "--ema", "0.9", "--log-every", "1", "--sample-every", "0"]
-WORDS = ["-", ".", ",", "acute", "atelectasis", "basilar", "bilateral", "cardiomediastinal", "cardiomegaly",
-         "cardiopulmonary", "consolidation", "devices", "edema", "effusion", "focal", "fracture", "in", "left", "lung",
-         "mild", "moderate", "no", "nodule", "of", "opacity", "place", "pleural", "pneumonia", "pneumothorax",
-         "possible", "process", "pulmonary", "rib", "right", "severe", "sided", "silhouette", "support", "the",
-         "thickening", "widening"]
 MASKS = "Lungs,Pleural Effusion"
 
 
@@ -43,15 +39,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """A tiny random BERT (2 layers, 32 wide) with a WordPiece vocabulary of the phantom's report words."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    d = str(tmp_path_factory.mktemp("bert"))
-    with open(os.path.join(d, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt"), do_lower_case=True).save_pretrained(d)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(d)
-    return d
+    return write_tiny_bert(str(tmp_path_factory.mktemp("bert")), phantom_texts(), layers=2, max_positions=128)
 
 
 @pytest.fixture(scope="module")

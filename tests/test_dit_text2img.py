@@ -18,14 +18,10 @@ from safetensors.numpy import save_file
 from scipy import stats
 
 import dit_text2img as dt
+from tiny_text import SPECIALS, phantom_texts, words_of, write_tiny_bert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--hidden", "32", "--depth", "2", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9"]
-WORDS = ["-", ".", ",", "acute", "atelectasis", "basilar", "bilateral", "cardiomediastinal", "cardiomegaly",
-         "cardiopulmonary", "consolidation", "devices", "edema", "effusion", "focal", "fracture", "in", "left", "lung",
-         "mild", "moderate", "no", "nodule", "of", "opacity", "place", "pleural", "pneumonia", "pneumothorax",
-         "possible", "process", "pulmonary", "rib", "right", "severe", "sided", "silhouette", "support", "the",
-         "thickening", "widening"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,15 +36,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """A tiny random BERT (2 layers, 32 wide) with a WordPiece vocabulary of the phantom's report words."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    d = str(tmp_path_factory.mktemp("bert"))
-    with open(os.path.join(d, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt"), do_lower_case=True).save_pretrained(d)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(d)
-    return d
+    return write_tiny_bert(str(tmp_path_factory.mktemp("bert")), phantom_texts(), layers=2, max_positions=128)
 
 
 def with_text(src, dst, bert):
@@ -314,8 +302,9 @@ def test_embed_text_cache_matches_the_encoder(data32, bert):
 def test_t5_checkpoint_loads_its_encoder_stack(tmp_path, bert):
     from transformers import T5Config, T5ForConditionalGeneration
     d = str(tmp_path / "t5")
+    vocab = len(SPECIALS) + len(words_of(phantom_texts()))                # the BERT's vocabulary, copied below
     torch.manual_seed(0)
-    T5ForConditionalGeneration(T5Config(vocab_size=len(WORDS) + 5, d_model=24, d_kv=12, d_ff=48, num_layers=2,
+    T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=24, d_kv=12, d_ff=48, num_layers=2,
                                         num_heads=2, decoder_start_token_id=0)).save_pretrained(d)
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):   # a WordPiece tokenizer for the test
         shutil.copy(os.path.join(bert, f), d)

@@ -297,15 +297,8 @@ def bench(big, old_script, kind="controlnet", work="/tmp/meta-index-text"):
     src = os.path.join(os.path.dirname(os.path.abspath(big)), "src")
     encoder, cache = os.path.join(work, "bert"), os.path.join(work, "src")
     if not os.path.isdir(cache):                                 # the text cache of the source rows, once
-        from transformers import BertConfig, BertModel, BertTokenizerFast
-        from test_dit_text2img import WORDS
-        os.makedirs(encoder)
-        with open(os.path.join(encoder, "vocab.txt"), "w") as f:
-            f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-        BertTokenizerFast(vocab_file=os.path.join(encoder, "vocab.txt"), do_lower_case=True).save_pretrained(encoder)
-        torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=128)).save_pretrained(encoder)
+        from tiny_text import phantom_texts, write_tiny_bert
+        write_tiny_bert(encoder, phantom_texts(), layers=2, max_positions=128)
         os.makedirs(cache)
         for name in ("meta.csv", "info.json", "shards"):
             os.symlink(os.path.join(src, name), os.path.join(cache, name))
