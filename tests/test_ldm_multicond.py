@@ -18,16 +18,11 @@ from safetensors import safe_open
 from scipy import stats
 
 import ldm_multicond as lm
+from tiny_text import phantom_texts, write_tiny_bert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--channels", "16", "--dim", "32", "--heads", "2", "--tau-layers", "1", "--tau-heads", "2", "--tau-ff", "64",
          "--batch-size", "8", "--max-length", "24", "--lr", "2e-3", "--ema", "0.9"]
-WORDS = ["-", ".", ",", "acute", "atelectasis", "basilar", "bilateral", "cardiomediastinal", "cardiomegaly",
-         "cardiopulmonary", "consolidation", "devices", "edema", "effusion", "focal", "fracture", "in", "left", "lung",
-         "mild", "moderate", "no", "nodule", "of", "opacity", "place", "pleural", "pneumonia", "pneumothorax",
-         "possible", "process", "pulmonary", "rib", "right", "severe", "sided", "silhouette", "support", "the",
-         "thickening", "widening"]
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -40,17 +35,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    """A tiny random BERT (1 layer, 32 wide) and a tiny random ViT (1 layer, 24 wide) saved as transformers folders."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, ViTModel
+    """A tiny random BERT (1 layer, 32 wide; a vocabulary of every phantom report word, tests/tiny_text.py) and a
+    tiny random ViT (1 layer, 24 wide) saved as transformers folders."""
+    from transformers import ViTConfig, ViTModel
     d = tmp_path_factory.mktemp("enc")
-    bert, vit = str(d / "bert"), str(d / "vit")
-    os.makedirs(bert)
-    with open(os.path.join(bert, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=os.path.join(bert, "vocab.txt"), do_lower_case=True).save_pretrained(bert)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=160)).save_pretrained(bert)
+    bert = write_tiny_bert(str(d / "bert"), phantom_texts(), layers=1, max_positions=160)
+    vit = str(d / "vit")
     ViTModel(ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=24, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=48)).save_pretrained(vit)
     return bert, vit
