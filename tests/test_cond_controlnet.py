@@ -21,9 +21,9 @@ from PIL import Image
 import controlnet as cn
 import dit_text2img as dt
 import toy_cond
+from tiny_text import write_tiny_bert
 
 TEXT = "PA view of the chest."          # the toy's findings start with it; at least --min-chars 7 characters
-WORDS = ["pa", "view", "of", "the", "chest", "."]
 # Our choice: TEXT is 8 tokens with [CLS] and [SEP], so --max-length 8 holds it and keeps the cross-attention cheap;
 # hidden 32, 2 blocks, patch 4 (an 8 x 8 token grid: patch 8 did not learn the disk in 100 steps); batch 8, lr 2e-3,
 # EMA 0.9 as tests/test_controlnet.py's reduced tiny models.
@@ -40,15 +40,8 @@ def one_thread():
 
 
 def make_bert(d):
-    """A tiny random BERT (2 layers, 32 wide) in folder d, with a WordPiece vocabulary of the toy's words."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    with open(os.path.join(d, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt"), do_lower_case=True).save_pretrained(d)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=16)).save_pretrained(d)
-    return d
+    """A tiny random BERT (2 layers, 32 wide) in folder d, with a WordPiece vocabulary of TEXT's words."""
+    return write_tiny_bert(d, [TEXT], layers=2, max_positions=16)
 
 
 def toy_data(toy_dir, bert, data):

@@ -30,14 +30,10 @@ import ldm_multicond
 import rectified_flow
 import skeleton_reference
 import vae
+from tiny_text import phantom_texts, write_tiny_bert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS3 = "Cardiomegaly,Pleural Effusion,Pneumothorax"
-WORDS = ["-", ".", ",", "acute", "atelectasis", "basilar", "bilateral", "cardiomediastinal", "cardiomegaly",
-         "cardiopulmonary", "consolidation", "devices", "edema", "effusion", "focal", "fracture", "in", "left", "lung",
-         "mild", "moderate", "no", "nodule", "of", "opacity", "place", "pleural", "pneumonia", "pneumothorax",
-         "possible", "process", "pulmonary", "rib", "right", "severe", "sided", "silhouette", "support", "the",
-         "thickening", "widening"]
 DIT = ["--hidden", "32", "--depth", "2", "--heads", "2", "--batch-size", "8", "--lr", "2e-3", "--ema", "0.9",
        "--sample-every", "0"]
 
@@ -58,16 +54,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """A tiny random BERT (1 layer, 32 wide) and a tiny random ViT (1 layer, 24 wide) saved as transformers folders."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast, ViTConfig, ViTModel
+    from transformers import ViTConfig, ViTModel
     d = tmp_path_factory.mktemp("enc")
     bert, vit = str(d / "bert"), str(d / "vit")
-    os.makedirs(bert)
-    with open(os.path.join(bert, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=os.path.join(bert, "vocab.txt"), do_lower_case=True).save_pretrained(bert)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=160)).save_pretrained(bert)
+    write_tiny_bert(bert, phantom_texts(), layers=1, max_positions=160)
     ViTModel(ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=24, num_hidden_layers=1,
                        num_attention_heads=2, intermediate_size=48)).save_pretrained(vit)
     return bert, vit
