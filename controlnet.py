@@ -689,7 +689,6 @@ def text_folder(root, name=""):
     return os.path.join(base, names[0]) if names else None
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data: FORMAT.md §1 datasets (pixels or latents/<vae>/) with cached text and masks / boxes; condition maps
 
@@ -1140,6 +1139,7 @@ def clean_temporaries(folder):
             if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
 # --- end skeleton: output_folder ---
+
 
 # --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours

@@ -123,6 +123,7 @@ def check_ids(ids, where):
         seen.add(i)
 # --- end skeleton: safe_names ---
 
+
 # --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours
 
@@ -227,6 +228,7 @@ def check_shards(folder, rows, key, dtype, shape=None, where=None):
     check_shard_rows(rows, sizes, where)
     return sizes
 # --- end skeleton: meta_table ---
+
 
 VERSION = "1.0"
 PREP_VERSION = "2"  # bump when preprocessing changes: it is part of the feature-cache key

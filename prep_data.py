@@ -91,6 +91,7 @@ def check_ids(ids, where):
         seen.add(i)
 # --- end skeleton: safe_names ---
 
+
 # --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours
 
@@ -443,6 +444,7 @@ def check_shard_arrays(folder, cols, key, dtype, shape=None, where=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Schema (FORMAT.md §2, §5): columns, the 19 conditioning variables and their integer codes
 
+
 FORMAT_VERSION = 1
 LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
           "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
@@ -767,6 +769,7 @@ def write_sharded(out_dir, n_items, shard_size, render_shard, manifest, workers=
 # Observation: each recorded value is blanked (missing) independently with MISSING_RATE[v]; the image always
 # shows the true value, as a real radiograph shows what the report failed to record.
 
+
 PHANTOM_SOURCES = ["phantom-a", "phantom-b", "phantom-c"]
 PHANTOM_SCM = {
     "age": {"type": "age", "mean": 61.0, "sd": 17.0, "min": 18.0, "max": 95.0},
@@ -976,6 +979,7 @@ def parse_assignment(text, sources=PHANTOM_SOURCES, what="--set"):
 # fixed-size grids and fixed draw counts per component, so turning a finding on or off never shifts the random
 # numbers of anything else: that is what makes `true_counterfactual` a counterfactual. A site-specific detector
 # curve, collimation border, side marker and quantum noise (per `dataset`) turn mu into the radiograph.
+
 
 MASK_NAMES = ["Lungs", "Heart", "Atelectasis", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
               "Lung Lesion", "Lung Opacity", "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax",
@@ -1442,6 +1446,7 @@ def _lateral(X, Y, P, values, present, sev, sides, masks, edge, age, male):
 # ----------------------------------------------------------------------------------------------------------------
 # Reports, rows and the phantom / counterfactual generators
 
+
 # Phrasing shared by the phantom's report generator and `describe` (chexgen Methods "Dataset Curation", Ext. Data
 # Table 5: positives with their typical radiographic appearance, uncertain findings hedged, negatives for common
 # findings). Per label: positive phrasings with {sev}/{side} slots (the first is the phantom's; {site} is filled
@@ -1715,6 +1720,7 @@ def true_counterfactual(row, intervention, size=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Contact sheet: a grid of images with their key labels underneath, masks optionally overlaid
 
+
 ABBREV = {"Atelectasis": "Atel", "Cardiomegaly": "CM", "Consolidation": "Cons", "Edema": "Edema",
           "Enlarged Cardiomediastinum": "ECM", "Fracture": "Fx", "Lung Lesion": "Lesion", "Lung Opacity": "Opac",
           "No Finding": "NoF", "Pleural Effusion": "Eff", "Pleural Other": "PlOth", "Pneumonia": "Pna",
@@ -1889,6 +1895,7 @@ def resize_pad(unit, size):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Real datasets: harmonisation to the schema (radit §3.1): CheXpert-14 labels, age, sex, race, view, split
+
 
 VIEW_WORDS = {"PA": "PA", "POSTERO ANTERIOR": "PA", "POSTEROANTERIOR": "PA", "AP": "AP", "ANTERO POSTERIOR": "AP",
               "ANTEROPOSTERIOR": "AP", "AP AXIAL": "AP", "AP HORIZONTAL": "AP", "AP SUPINE": "AP", "LATERAL": "LATERAL",

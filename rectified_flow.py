@@ -989,8 +989,6 @@ def variable_mask(names, device="cpu"):
     return torch.tensor([v in picked for v in VARIABLES], device=device)
 
 
-
-
 def generator(*keys, device="cpu"):
     """A torch.Generator seeded by a tuple of integers, e.g. (seed, purpose, step)."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
@@ -1261,6 +1259,7 @@ def clean_temporaries(folder):
             if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
 # --- end skeleton: output_folder ---
+
 
 # --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours

@@ -945,6 +945,7 @@ def clean_temporaries(folder):
                 os.remove(os.path.join(folder, name))
 # --- end skeleton: output_folder ---
 
+
 # --- skeleton: meta_table (copied from tests/skeleton_reference.py; check: python tests/check_copies.py) ---
 AGE_RANGE = (0.0, 120.0)               # FORMAT.md §2; radit §3.1 (i) drops implausible ages, the bounds are ours
 

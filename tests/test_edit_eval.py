@@ -169,8 +169,8 @@ def setup(phantom_dir, tmp_path_factory):
 
 def test_edit_eval_end_to_end_with_truth(setup, phantom_dir, tmp_path):
     out = str(tmp_path / "ee")
-    res = D.main(["edit-eval", "--original", phantom_dir, "--edited", setup["E"], "--truth", setup["T"], "--predictor",
-                  setup["pred"], "--lpips", setup["vit"], "--n-pairs", "64", "--out", out])
+    D.main(["edit-eval", "--original", phantom_dir, "--edited", setup["E"], "--truth", setup["T"], "--predictor",
+          setup["pred"], "--lpips", setup["vit"], "--n-pairs", "64", "--out", out])
     md = open(os.path.join(out, "results.md")).read()
     assert "Identity preservation (radit Table 14" in md and "Edit effectiveness" in md
     assert "|  | n | SSIM | cosine | LPIPS vit | rLPIPS vit |" in md

@@ -447,8 +447,8 @@ def test_edit_plan_profile_and_edit_pipeline(tmp_path, run, phantom_dir):
     test_ids = [r["id"] for r in meta if r["split"] == "test"]
     views = {r["view"] for r in meta} - {""}
     E = str(tmp_path / "E")
-    plan = rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--random-edit", "view", "--n", "10", "--seed",
-                    "3", "--plan-only", "--out", E])
+    rf.main(["edit", "--ckpt", run, "--data", phantom_dir, "--random-edit", "view", "--n", "10", "--seed",
+             "3", "--plan-only", "--out", E])
     got = rows(os.path.join(E, "meta.csv"))
     assert sorted(os.listdir(E)) == ["meta.csv", "output.json"] and len(got) == 10 and len({g["id"] for g in got}) == 10
     assert list(got[0]) == rf.META_COLUMNS + ["source_id", "intervention"]
