@@ -16,6 +16,7 @@ from PIL import Image
 
 import dit_text2img as dt
 import toy_cond
+from tiny_text import write_tiny_bert
 
 # The toy's run: 64 wide (32 wide learns the condition too slowly for a few hundred steps: RESULTS.md), 2 blocks,
 # batch 16, 200 steps; a window of 16 text tokens (the toy reports have at most 10 with [CLS] and [SEP])
@@ -35,22 +36,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def toy_bert(tmp_path_factory):
-    """A tiny random BERT (2 layers, 32 wide) whose WordPiece vocabulary is the toy reports' words. The tokenizer is
-    read from vocab.txt by from_pretrained: transformers 5 ignores BertTokenizerFast(vocab_file=...) and leaves only
-    the 5 special tokens, so every word would be [UNK] and the two reports would differ by their length alone."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    d = str(tmp_path_factory.mktemp("toy_bert"))
-    words = sorted(set(" ".join(toy_cond.REPORTS.values()).lower().replace(".", " . ").split()))
-    with open(os.path.join(d, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    tok = BertTokenizerFast.from_pretrained(d)
-    for report in toy_cond.REPORTS.values():                    # every word of both reports is in the vocabulary
-        assert "[UNK]" not in tok.tokenize(report), tok.tokenize(report)
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(d)
-    return d
+    """A tiny random BERT (2 layers, 32 wide) whose WordPiece vocabulary is the toy reports' words (tests/tiny_text.py:
+    read by from_pretrained, no [UNK], so the two reports differ in their words and not only in their length)."""
+    return write_tiny_bert(str(tmp_path_factory.mktemp("toy_bert")), list(toy_cond.REPORTS.values()), layers=2,
+                           max_positions=32)
 
 
 @pytest.fixture(scope="module")
