@@ -22,6 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import prep_data  # noqa: E402
 
 REPORTS = {1: "The heart is enlarged. Cardiomegaly.", 0: "No acute cardiopulmonary abnormality. No finding."}
+CLASS_VALUES = {1: {"Cardiomegaly": "1", "No Finding": "0", "sex": "M"},        # what each class is asked as
+                0: {"Cardiomegaly": "0", "No Finding": "1", "sex": "F"}}
+CONSTANT = {"view": "PA", "age": "60", "race": "WHITE", "dataset": prep_data.PHANTOM_SOURCES[0]}
 
 
 def toy_disk(size, cls):
@@ -41,9 +44,9 @@ def toy_class(images):
 def toy_row(cls):
     """The meta.csv values (FORMAT.md §2) that class `cls` stands for; other variables constant."""
     row = {lab: "0" for lab in prep_data.LABELS}
-    row.update({"Cardiomegaly": "1" if cls else "0", "No Finding": "0" if cls else "1", "sex": "M" if cls else "F",
-                "view": "PA", "age": "60", "race": "WHITE", "dataset": prep_data.PHANTOM_SOURCES[0],
-                "report": REPORTS[cls]})
+    row.update(CONSTANT)
+    row.update(CLASS_VALUES[cls])
+    row["report"] = REPORTS[cls]
     row["findings"] = "PA view of the chest. " + row["report"]
     return row
 
